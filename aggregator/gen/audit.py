@@ -1,0 +1,59 @@
+"""Compare published snapshots with a generator's ground truth."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def audit(truth: dict[str, Any], snapshots: list[dict]) -> list[str]:
+    """Return a list of mismatches (empty: the published numbers are exact).
+
+    Checks per (region, window): expected vs published count, windows
+    missing or unexpected, re-published snapshots whose content differs;
+    and late counts per region and reason."""
+    problems: list[str] = []
+    published: dict[tuple[str, int], dict] = {}
+    late: dict[str, dict[str, int]] = {}
+    for s in snapshots:
+        key = (s["region"], int(s["window_start"]))
+        prev = published.get(key)
+        if prev is not None:
+            if prev != s:
+                problems.append(f"{key[0]} window {key[1]}: re-published with different content "
+                                f"({prev['count']} vs {s['count']})")
+            continue
+        published[key] = s
+        for reason, n in s.get("late_by_reason", {}).items():
+            if n:
+                per = late.setdefault(s["region"], {})
+                per[reason] = per.get(reason, 0) + n
+    expected = {(r, int(w)): n for r, per in truth["counts"].items() for w, n in per.items()}
+    for key, n in sorted(expected.items()):
+        snap = published.get(key)
+        if snap is None:
+            problems.append(f"{key[0]} window {key[1]}: missing (expected {n})")
+        elif snap["count"] != n:
+            problems.append(f"{key[0]} window {key[1]}: count {snap['count']} != expected {n}")
+    for key, snap in sorted(published.items()):
+        if key not in expected and snap["count"] != 0:
+            problems.append(f"{key[0]} window {key[1]}: unexpected count {snap['count']}")
+    exp_late = truth.get("late", {})
+    for region in sorted(set(exp_late) | set(late)):
+        for reason in sorted(set(exp_late.get(region, {})) | set(late.get(region, {}))):
+            e = exp_late.get(region, {}).get(reason, 0)
+            g = late.get(region, {}).get(reason, 0)
+            if e != g:
+                problems.append(f"{region} late {reason}: {g} != expected {e}")
+    return problems
+
+
+def table(truth: dict[str, Any], snapshots: list[dict]) -> str:
+    rows = {}
+    for s in snapshots:
+        rows[(s["region"], s["window_start"])] = s["count"]
+    lines = [f"{'region':<16}{'window_start':>16}{'expected':>10}{'published':>10}"]
+    for r, per in sorted(truth["counts"].items()):
+        for w, n in sorted(per.items()):
+            got = rows.get((r, int(w)))
+            mark = "" if got == n else "  <-- mismatch"
+            lines.append(f"{r:<16}{w:>16}{n:>10}{'-' if got is None else got:>10}{mark}")
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""Synthetic click-stream over HTTP, with exact ground truth.
+
+Each ingest answer carries the request's ``ingest_ts``; with it the
+generator knows the window of every accepted event and writes expected
+counts per (region, window) as JSON.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+
+def region_names(n: int) -> list[str]:
+    base = ["eu-west", "eu-north", "us-east", "us-west", "ap-south", "ap-east", "sa-east", "af-south",
+            "me-central", "ca-central", "eu-south", "ap-north"]
+    return [base[i] if i < len(base) else f"region-{i}" for i in range(n)]
+
+
+class Truth:
+    def __init__(self, window_ms: int) -> None:
+        self.window_ms = window_ms
+        self.counts: dict[str, dict[str, int]] = {}   # region -> window_start -> n
+        self.late: dict[str, dict[str, int]] = {}     # region -> reason -> n
+        self.accepted = 0
+        self.rejected = 0
+
+    def add(self, regions: list[str], ingest_ts: int) -> None:
+        ws = str(ingest_ts - ingest_ts % self.window_ms)
+        for r in regions:
+            per = self.counts.setdefault(r, {})
+            per[ws] = per.get(ws, 0) + 1
+
+    def add_late(self, region: str, reason: str) -> None:
+        per = self.late.setdefault(region, {})
+        per[reason] = per.get(reason, 0) + 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"window_ms": self.window_ms, "accepted": self.accepted, "rejected": self.rejected,
+                "counts": self.counts, "late": self.late}
+
+
+async def generate(url: str, rate: float, count: int, regions: int, seed: int, batch: int,
+                   window_ms: int, skew: float = 1.1, bad_fraction: float = 0.0,
+                   delayed_fraction: float = 0.0, late_after_ms: int = 300_000,
+                   token: str = "", concurrency: int = 4, progress: bool = True) -> Truth:
+    rng = random.Random(seed)
+    names = region_names(regions)
+    weights = [1.0 / (i + 1) ** skew for i in range(regions)]
+    truth = Truth(window_ms)
+    headers = {"Content-Type": "application/x-ndjson"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    sem = asyncio.Semaphore(concurrency)
+    start = time.monotonic()
+    sent = 0
+    last_report = start
+
+    async def post(session: aiohttp.ClientSession, lines: list[bytes], regs: list[str | None],
+                   delayed: list[bool]) -> None:
+        body = b"\n".join(lines)
+        for attempt in range(20):
+            try:
+                async with session.post(url + "/v1/events", data=body, headers=headers) as resp:
+                    if resp.status == 503:
+                        await asyncio.sleep(0.5)
+                        continue
+                    resp.raise_for_status()
+                    ans = await resp.json()
+                    break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.5)
+        else:
+            raise RuntimeError("ingest kept failing; giving up")
+        bad = {e["index"] for e in ans["errors"]}
+        truth.accepted += ans["accepted"]
+        truth.rejected += ans["rejected"]
+        ok_regions = []
+        for i, r in enumerate(regs):
+            if i in bad or r is None:
+                continue
+            if delayed[i]:
+                truth.add_late(r, "client_delay")
+            else:
+                ok_regions.append(r)
+        truth.add(ok_regions, ans["ingest_ts"])
+
+    async with aiohttp.ClientSession() as session:
+        tasks: set[asyncio.Task] = set()
+        while sent < count:
+            n = min(batch, count - sent)
+            lines, regs, delayed = [], [], []
+            now_ms = int(time.time() * 1000)
+            for _ in range(n):
+                if rng.random() < bad_fraction:
+                    lines.append(orjson.dumps({"region": "bad region/" + str(rng.randrange(9))}))
+                    regs.append(None)
+                    delayed.append(False)
+                    continue
+                r = rng.choices(names, weights)[0]
+                d = rng.random() < delayed_fraction
+                ts = now_ms - (late_after_ms + 60_000 if d else rng.randrange(0, 2000))
+                lines.append(orjson.dumps({"region": r, "user_id": f"u{rng.randrange(10**6)}",
+                                           "url": f"/p/{rng.randrange(1000)}", "ts": ts}))
+                regs.append(r)
+                delayed.append(d)
+            await sem.acquire()
+            t = asyncio.create_task(post(session, lines, regs, delayed))
+            t.add_done_callback(lambda _t: sem.release())
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+            sent += n
+            target = start + sent / rate if rate > 0 else 0
+            delay = target - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if progress and time.monotonic() - last_report >= 5:
+                last_report = time.monotonic()
+                el = last_report - start
+                print(f"gen: sent {sent} events in {el:.0f}s ({sent / el:.0f}/s achieved, target {rate:.0f}/s)",
+                      file=sys.stderr, flush=True)
+        if tasks:
+            await asyncio.gather(*tasks)
+    el = max(1e-9, time.monotonic() - start)
+    if progress:
+        print(f"gen: done: {sent} sent, {truth.accepted} accepted, {truth.rejected} rejected "
+              f"in {el:.1f}s ({sent / el:.0f}/s achieved)", file=sys.stderr, flush=True)
+    return truth

@@ -1,0 +1,13 @@
+"""Durable on-disk spill of rate-limited events (CONTRACT §6)."""
+
+from .segment import encode_record, encode_records, read_segment
+from .store import SpillStore, escape_region, unescape_region
+
+__all__ = [
+    "SpillStore",
+    "encode_record",
+    "encode_records",
+    "read_segment",
+    "escape_region",
+    "unescape_region",
+]

@@ -1,0 +1,88 @@
+"""Parsing of ``POST /v1/events`` bodies (CONTRACT §3).  No aiohttp here.
+
+``decode_body`` turns raw bytes into a list of candidate records or raises
+``BodyError`` with the HTTP status and a message that says why;
+``validate_records`` splits them into accepted events and per-index errors.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import orjson
+
+from aggregator.core.events import EventError, validate
+
+MAX_ERRORS = 100
+
+
+class BodyError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Decompress gzip without ever holding more than ``limit`` bytes."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise BodyError(400, f"body is not valid gzip: {exc}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise BodyError(413, f"body exceeds {limit} bytes after decompression")
+    if not d.eof:
+        raise BodyError(400, "gzip body is truncated")
+    return out
+
+
+def decode_body(body: bytes, content_type: str) -> list[Any]:
+    ct = content_type.split(";", 1)[0].strip().lower()
+    if ct in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
+        items: list[Any] = []
+        for lineno, line in enumerate(body.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                items.append(_BadLine(f"line {lineno}: invalid JSON: {exc}"))
+        return items
+    if ct in ("application/json", ""):
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BodyError(400, f"body is not valid JSON: {exc}") from None
+        if isinstance(obj, list):
+            return obj
+        if isinstance(obj, dict):
+            return [obj]
+        raise BodyError(400, "body must be a JSON array of events or one JSON object")
+    raise BodyError(415, f"unsupported content type {ct!r}: use application/json or application/x-ndjson")
+
+
+class _BadLine:
+    """An NDJSON line that is not JSON: rejected by index, the rest goes on."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def validate_records(items: list[Any]) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """-> (valid events, first 100 errors, rejected counts by reason)."""
+    good: list[dict] = []
+    errors: list[dict] = []
+    reasons: dict[str, int] = {}
+    for i, obj in enumerate(items):
+        try:
+            if isinstance(obj, _BadLine):
+                raise EventError("bad_json", obj.message)
+            good.append(validate(obj))
+        except EventError as exc:
+            reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
+            if len(errors) < MAX_ERRORS:
+                errors.append({"index": i, "error": str(exc)})
+    return good, errors, reasons

@@ -1,0 +1,166 @@
+"""aiohttp routes: ingest, metrics, snapshots, health (CONTRACT §3)."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import logging
+import time
+from typing import Any, Callable
+
+import orjson
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
+
+from aggregator.broker import CLICKS
+from aggregator.config import Settings
+from aggregator.core.windows import OTHER_REGION
+from aggregator.web.ingest import BodyError, decode_body, gunzip_bounded, validate_records
+from aggregator.web.metrics import Metrics
+
+log = logging.getLogger("aggregator.web")
+
+
+class SnapshotStore:
+    """The most recent final snapshots, bounded."""
+
+    def __init__(self, maxlen: int = 20000) -> None:
+        self.items: collections.deque = collections.deque(maxlen=maxlen)
+
+    def add(self, snaps: list[dict]) -> None:
+        self.items.extend(snaps)
+
+    def query(self, region: str | None, since: int | None) -> list[dict]:
+        return [s for s in self.items
+                if (region is None or s["region"] == region)
+                and (since is None or s["window_end"] > since)]
+
+
+class WebService:
+    def __init__(self, settings: Settings, metrics: Metrics, snapshots: SnapshotStore,
+                 ready: Callable[[], bool], producer: Any | None) -> None:
+        self.s = settings
+        self.m = metrics
+        self.snapshots = snapshots
+        self.ready = ready
+        self.producer = producer  # aiokafka producer, or None (no ingest)
+        self.regions: set[str] = set()
+        self.runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.s.max_body_bytes + 1)
+        app.add_routes([
+            web.post("/v1/events", self.post_events),
+            web.get("/metrics", self.get_metrics),
+            web.get("/v1/snapshots", self.get_snapshots),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+        ])
+        return app
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(self.app(), access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.s.web_host, self.s.web_port)
+        await site.start()
+        log.info("HTTP listening on http://%s:%s", self.s.web_host, self.s.web_port)
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+
+    # ---------------------------------------------------------------- routes
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "starting"}, status=503)
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        accept = request.headers.get("Accept", "")
+        if "application/openmetrics-text" in accept:
+            body, ctype = om_generate_latest(self.m.registry), OM_CONTENT_TYPE
+        else:
+            body, ctype = generate_latest(self.m.registry), "text/plain; version=0.0.4; charset=utf-8"
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    async def get_snapshots(self, request: web.Request) -> web.Response:
+        region = request.query.get("region")
+        since_raw = request.query.get("since")
+        try:
+            since = int(since_raw) if since_raw is not None else None
+        except ValueError:
+            return _error(400, "since must be epoch milliseconds")
+        snaps = self.snapshots.query(region, since)
+        return web.Response(body=orjson.dumps({"snapshots": snaps}), content_type="application/json")
+
+    async def post_events(self, request: web.Request) -> web.Response:
+        ingest_ts = int(time.time() * 1000)
+        t0 = time.perf_counter()
+        m = self.m
+        if self.s.ingest_token:
+            auth = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(auth.encode(), f"Bearer {self.s.ingest_token}".encode()):
+                return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        if self.producer is None:
+            return _error(503, "ingest is not available on this process", {"Retry-After": "5"})
+        limit = self.s.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return _error(413, f"body exceeds {limit} bytes")
+        try:
+            body = await request.content.read(limit + 1)
+            if len(body) > limit:
+                raise BodyError(413, f"body exceeds {limit} bytes")
+            enc = request.headers.get("Content-Encoding", "").lower()
+            if enc == "gzip":
+                body = gunzip_bounded(body, limit)
+            elif enc not in ("", "identity"):
+                raise BodyError(415, f"unsupported content encoding {enc!r}: use gzip or none")
+            items = decode_body(body, request.headers.get("Content-Type", "application/json"))
+        except BodyError as exc:
+            m.stage_errors.labels("ingest").inc()
+            return _error(exc.status, exc.message)
+        good, errors, reasons = validate_records(items)
+        if reasons:
+            Metrics.add_counts(m.rejected, reasons)
+        per_region: dict[str, int] = {}
+        if good:
+            try:
+                await asyncio.wait_for(self._produce(good, ingest_ts, per_region), timeout=10)
+            except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
+                log.warning("ingest: broker did not take %d records: %r", len(good), exc)
+                m.stage_errors.labels("ingest").inc(len(good))
+                return _error(503, "the broker cannot take the records now; nothing was accepted",
+                              {"Retry-After": "2"})
+        Metrics.add_counts(m.ingested, per_region)
+        m.stage_processed.labels("ingest").inc(len(items))
+        m.stage_duration.labels("ingest").observe(time.perf_counter() - t0)
+        return web.Response(body=orjson.dumps({
+            "accepted": len(good), "rejected": len(items) - len(good),
+            "ingest_ts": ingest_ts, "errors": errors}), content_type="application/json")
+
+    async def _produce(self, events: list[dict], ingest_ts: int, per_region: dict[str, int]) -> None:
+        send = self.producer.send
+        futs = []
+        regions = self.regions
+        cap = self.s.max_regions
+        for ev in events:
+            region = ev["region"]
+            if region not in regions:
+                if len(regions) >= cap:
+                    region = ev["region"] = OTHER_REGION
+                else:
+                    regions.add(region)
+            ev["ingest_ts"] = ingest_ts
+            per_region[region] = per_region.get(region, 0) + 1
+            futs.append(await send(CLICKS, orjson.dumps(ev), key=region.encode()))
+        await asyncio.gather(*futs)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps({"error": message}),
+                        content_type="application/json", headers=headers)
