@@ -54,7 +54,7 @@ class WindowBook:
     __slots__ = (
         "window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions",
         "next_offset", "stream_time", "first_open", "close_at",
-        "counts", "late", "first_seen", "last_seen", "outbox", "dirty",
+        "counts", "late", "first_seen", "last_seen", "outbox", "dirty", "tally",
     )
 
     def __init__(self, window_ms: int, grace_ms: int, late_after_ms: int,
@@ -76,6 +76,8 @@ class WindowBook:
         self.last_seen: dict[str, int] = {}
         self.outbox: list[dict[str, Any]] = []
         self.dirty = False
+        # region -> events counted into a window since the shell last took it (metrics)
+        self.tally: dict[str, int] = {}
 
     # ------------------------------------------------------------------ input
     def canonical_region(self, region: str) -> str:
@@ -94,6 +96,7 @@ class WindowBook:
         W = self.window_ms
         late_after = self.late_after_ms
         counts = self.counts
+        tally = self.tally
         last_seen = self.last_seen
         st = self.stream_time
         close_at = self.close_at
@@ -124,6 +127,7 @@ class WindowBook:
             if per_window is None:
                 per_window = counts[ws] = {}
             per_window[region] = per_window.get(region, 0) + 1
+            tally[region] = tally.get(region, 0) + 1
         self.stream_time = st
         self.next_offset = next_offset
         self.dirty = True
@@ -201,6 +205,11 @@ class WindowBook:
         for region in [r for r, seen in self.last_seen.items() if seen < horizon]:
             del self.last_seen[region]
             self.first_seen.pop(region, None)
+
+    def take_tally(self) -> dict[str, int]:
+        """Events counted per region since the last call (for metrics)."""
+        t, self.tally = self.tally, {}
+        return t
 
     # ---------------------------------------------------------------- outbox
     def published(self, n: int) -> None:

@@ -51,7 +51,6 @@ class Worker:
         self.last_record_ms: dict[int, int] = {}
         self.valid_regions: dict[str, str] = {}
         self.dlq: list[tuple[bytes | None, bytes]] = []
-        self.tally_counted: dict[str, int] = {}
         self.started = False
         self.producer: AIOKafkaProducer | None = None
         self.app = _App(
@@ -123,7 +122,6 @@ class Worker:
         valid = self.valid_regions
         events = []
         append = events.append
-        tally = self.tally_counted
         rejected: dict[str, int] = {}
         for rec in records:
             if rec.offset < start:
@@ -149,7 +147,6 @@ class Worker:
                     "offset": rec.offset, "raw": (rec.value or b"")[:65536].decode("utf-8", "replace")})))
                 continue
             append((region, its, cts))
-            tally[region] = tally.get(region, 0) + 1
         if records[-1].offset + 1 > start:
             book.apply(events, records[-1].offset + 1, now_ms)
         if rejected:
@@ -181,6 +178,8 @@ class Worker:
             book = self.books.get(partition)
             if book is None:
                 continue
+            if book.tally:
+                Metrics.add_counts(self.metrics.counted, book.take_tally())
             last = self.last_record_ms.get(partition, 0)
             if now_ms - last >= CAUGHT_UP_IDLE_MS and not self._lagging(partition, book):
                 book.advance_to(now_ms)
@@ -212,8 +211,6 @@ class Worker:
             self._published([s for _, snaps in published for s in snaps], t0)
             for book, snaps in published:
                 book.published(len(snaps))
-        Metrics.add_counts(self.metrics.counted, self.tally_counted)
-        self.tally_counted = {}
 
     def _lagging(self, partition: int, book: WindowBook) -> bool:
         try:
