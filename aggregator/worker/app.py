@@ -98,11 +98,12 @@ class Worker:
     def _book(self, partition: int) -> WindowBook:
         s = self.s
         book = WindowBook(s.window_ms, s.grace_ms, s.late_after_ms, s.idle_ms, s.max_regions)
-        raw = self.table.data.get(str(partition).encode())
-        if raw is None:
-            raw = self.table.data.get(str(partition))
+        # Faust hands recovered keys back decoded (b"3" -> 3): accept every spelling
+        data = self.table.data
+        raw = data.get(partition) or data.get(str(partition).encode()) or data.get(str(partition))
         if raw:
-            book.load(orjson.loads(raw))
+            # recovered values come back JSON-decoded; live ones are our bytes
+            book.load(raw if isinstance(raw, dict) else orjson.loads(raw))
             log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished snapshots)",
                      partition, book.next_offset, len(book.counts), len(book.outbox))
         self.books[partition] = book
@@ -187,7 +188,7 @@ class Worker:
                 continue
             value = orjson.dumps(book.to_dict())
             book.dirty = False
-            self.table.data[str(partition).encode()] = value
+            self.table.data[partition] = value
             self.table.send_changelog(partition, str(partition).encode(), value)
             sent.append((partition, book, book.next_offset, len(book.outbox)))
         if not sent and not self.dlq:

@@ -1,0 +1,32 @@
+# Every target creates its own virtual environment and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv run test test-unit test-integration bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## make run: embedded broker + service + a modest synthetic stream; snapshots print as windows close
+run: $(STAMP)
+	PY=$(PY) bash scripts/demo.sh
+
+## make test: the whole suite (unit, integration against the embedded broker, crash tests)
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not integration"
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m integration
+
+clean:
+	rm -rf $(VENV) var *.egg-info
