@@ -5,9 +5,10 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 import urllib.request
 
-from aggregator.gen.audit import audit, table
+from aggregator.gen.audit import audit, missing_windows, table
 from aggregator.gen.generator import generate
 
 
@@ -28,9 +29,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--token", default="", help="bearer token (AGG_INGEST_TOKEN)")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--truth", default="", help="write ground truth JSON here")
+    g.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     a = sub.add_parser("audit", help="compare published snapshots with ground truth")
     a.add_argument("--truth", required=True)
     a.add_argument("--url", default="http://127.0.0.1:8080", help="service base URL (/v1/snapshots)")
+    a.add_argument("--wait", type=float, default=0.0,
+                   help="seconds to wait for every window of the truth to be published (default: don't)")
 
 
 def fetch_snapshots(url: str) -> list[dict]:
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             args.url, args.rate, count, args.regions, args.seed, args.batch,
             int(args.window_seconds * 1000), skew=args.skew, bad_fraction=args.bad_fraction,
             delayed_fraction=args.delayed_fraction, late_after_ms=int(args.late_after_seconds * 1000),
-            token=args.token, concurrency=args.concurrency))
+            token=args.token, concurrency=args.concurrency, progress_interval=args.progress_interval))
         if args.truth:
             with open(args.truth, "w") as f:
                 json.dump(truth.to_json(), f)
@@ -53,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     with open(args.truth) as f:
         truth = json.load(f)
     snaps = fetch_snapshots(args.url)
+    deadline = time.monotonic() + args.wait
+    while missing_windows(truth, snaps) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        snaps = fetch_snapshots(args.url)
     problems = audit(truth, snaps)
     print(table(truth, snaps))
     if problems:

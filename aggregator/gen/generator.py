@@ -29,6 +29,9 @@ class Truth:
         self.late: dict[str, dict[str, int]] = {}     # region -> reason -> n
         self.accepted = 0
         self.rejected = 0
+        self.sent = 0
+        self.elapsed_s = 0.0
+        self.target_rate = 0.0
 
     def add(self, regions: list[str], ingest_ts: int) -> None:
         ws = str(ingest_ts - ingest_ts % self.window_ms)
@@ -42,17 +45,78 @@ class Truth:
 
     def to_json(self) -> dict[str, Any]:
         return {"window_ms": self.window_ms, "accepted": self.accepted, "rejected": self.rejected,
+                "sent": self.sent, "elapsed_s": round(self.elapsed_s, 3),
+                "achieved_rate": round(self.achieved_rate, 1), "target_rate": self.target_rate,
                 "counts": self.counts, "late": self.late}
+
+    @property
+    def achieved_rate(self) -> float:
+        return self.sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def rate_summary(sent: int, elapsed_s: float, target_rate: float) -> list[str]:
+    """The final summary lines; says plainly when the target rate was not sustained
+    (achieved below 90% of the target)."""
+    achieved = sent / elapsed_s if elapsed_s > 0 else 0.0
+    target = f" (target {target_rate:.0f}/s)" if target_rate > 0 else " (target: as fast as possible)"
+    lines = [f"gen: achieved {achieved:.0f}/s over {elapsed_s:.1f}s{target}"]
+    if target_rate > 0 and achieved < 0.9 * target_rate:
+        lines.append(f"gen: WARNING: could not sustain target rate: achieved {achieved:.0f}/s "
+                     f"of {target_rate:.0f}/s")
+    return lines
+
+
+class EventSource:
+    """The synthetic stream, a pure function of the seed: the same seed gives the same
+    sequence of records (regions, users, urls, bad and delayed records); only the
+    client ``ts`` depends on the wall clock."""
+
+    def __init__(self, seed: int, regions: int, skew: float = 1.1, bad_fraction: float = 0.0,
+                 delayed_fraction: float = 0.0, late_after_ms: int = 300_000) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.names = region_names(regions)
+        self.weights = [1.0 / (i + 1) ** skew for i in range(regions)]
+        self.bad_fraction = bad_fraction
+        self.delayed_fraction = delayed_fraction
+        self.late_after_ms = late_after_ms
+        self.n = 0
+
+    def batch(self, n: int, now_ms: int) -> tuple[list[bytes], list[str | None], list[bool]]:
+        """``n`` NDJSON lines, the region of each (None: malformed) and whether it is
+        client-delayed (older than the late threshold)."""
+        rng = self.rng
+        lines: list[bytes] = []
+        regs: list[str | None] = []
+        delayed: list[bool] = []
+        for _ in range(n):
+            self.n += 1
+            if rng.random() < self.bad_fraction:
+                lines.append(orjson.dumps({"region": "bad region/" + str(rng.randrange(9)),
+                                           "event_id": f"{self.seed}-{self.n}"}))
+                regs.append(None)
+                delayed.append(False)
+                continue
+            r = rng.choices(self.names, self.weights)[0]
+            d = rng.random() < self.delayed_fraction
+            ts = now_ms - (self.late_after_ms + 60_000 if d else rng.randrange(0, 2000))
+            lines.append(orjson.dumps({"region": r, "event_id": f"{self.seed}-{self.n}",
+                                       "user_id": f"u{rng.randrange(10**6)}",
+                                       "url": f"/p/{rng.randrange(1000)}", "ts": ts}))
+            regs.append(r)
+            delayed.append(d)
+        return lines, regs, delayed
 
 
 async def generate(url: str, rate: float, count: int, regions: int, seed: int, batch: int,
                    window_ms: int, skew: float = 1.1, bad_fraction: float = 0.0,
                    delayed_fraction: float = 0.0, late_after_ms: int = 300_000,
-                   token: str = "", concurrency: int = 4, progress: bool = True) -> Truth:
-    rng = random.Random(seed)
-    names = region_names(regions)
-    weights = [1.0 / (i + 1) ** skew for i in range(regions)]
+                   token: str = "", concurrency: int = 4, progress: bool = True,
+                   progress_interval: float = 5.0) -> Truth:
+    source = EventSource(seed, regions, skew=skew, bad_fraction=bad_fraction,
+                         delayed_fraction=delayed_fraction, late_after_ms=late_after_ms)
     truth = Truth(window_ms)
+    truth.target_rate = rate
     headers = {"Content-Type": "application/x-ndjson"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -94,21 +158,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
         tasks: set[asyncio.Task] = set()
         while sent < count:
             n = min(batch, count - sent)
-            lines, regs, delayed = [], [], []
-            now_ms = int(time.time() * 1000)
-            for _ in range(n):
-                if rng.random() < bad_fraction:
-                    lines.append(orjson.dumps({"region": "bad region/" + str(rng.randrange(9))}))
-                    regs.append(None)
-                    delayed.append(False)
-                    continue
-                r = rng.choices(names, weights)[0]
-                d = rng.random() < delayed_fraction
-                ts = now_ms - (late_after_ms + 60_000 if d else rng.randrange(0, 2000))
-                lines.append(orjson.dumps({"region": r, "user_id": f"u{rng.randrange(10**6)}",
-                                           "url": f"/p/{rng.randrange(1000)}", "ts": ts}))
-                regs.append(r)
-                delayed.append(d)
+            lines, regs, delayed = source.batch(n, int(time.time() * 1000))
             await sem.acquire()
             t = asyncio.create_task(post(session, lines, regs, delayed))
             t.add_done_callback(lambda _t: sem.release())
@@ -119,7 +169,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             delay = target - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if progress and time.monotonic() - last_report >= 5:
+            if progress and time.monotonic() - last_report >= progress_interval:
                 last_report = time.monotonic()
                 el = last_report - start
                 print(f"gen: sent {sent} events in {el:.0f}s ({sent / el:.0f}/s achieved, target {rate:.0f}/s)",
@@ -127,7 +177,12 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
         if tasks:
             await asyncio.gather(*tasks)
     el = max(1e-9, time.monotonic() - start)
+    truth.sent = sent
+    truth.elapsed_s = el
     if progress:
-        print(f"gen: done: {sent} sent, {truth.accepted} accepted, {truth.rejected} rejected "
-              f"in {el:.1f}s ({sent / el:.0f}/s achieved)", file=sys.stderr, flush=True)
+        late = sum(n for per in truth.late.values() for n in per.values())
+        print(f"gen: done: {sent} sent, {truth.accepted} accepted, {truth.rejected} rejected, "
+              f"{late} client-delayed, in {el:.1f}s", file=sys.stderr, flush=True)
+        for line in rate_summary(sent, el, rate):
+            print(line, file=sys.stderr, flush=True)
     return truth
