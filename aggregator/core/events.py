@@ -51,8 +51,8 @@ def validate(obj: Any) -> dict[str, Any]:
     region = obj.get("region")
     if not isinstance(region, str):
         raise EventError("bad_region", "region is required and must be a string")
-    region = region.lower()
-    if not REGION_RE.match(region):
+    # ASCII only, checked before lower-casing: str.lower() maps KELVIN SIGN (U+212A) to "k"
+    if not region.isascii() or not REGION_RE.match(region := region.lower()):
         raise EventError("bad_region", "region must be 1-64 characters of [a-z0-9._-]")
     out: dict[str, Any] = {"region": region}
     for field, limit in LIMITS.items():

@@ -29,6 +29,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--token", default="", help="bearer token (AGG_INGEST_TOKEN)")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--truth", default="", help="write ground truth JSON here")
+    g.add_argument("--kafka", default="", metavar="BOOTSTRAP",
+                   help="produce straight to topic clicks at this Kafka bootstrap (host:port) instead of HTTP")
     g.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     a = sub.add_parser("audit", help="compare published snapshots with ground truth")
     a.add_argument("--truth", required=True)
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
             args.url, args.rate, count, args.regions, args.seed, args.batch,
             int(args.window_seconds * 1000), skew=args.skew, bad_fraction=args.bad_fraction,
             delayed_fraction=args.delayed_fraction, late_after_ms=int(args.late_after_seconds * 1000),
-            token=args.token, concurrency=args.concurrency, progress_interval=args.progress_interval))
+            token=args.token, concurrency=args.concurrency, progress_interval=args.progress_interval,
+            kafka=args.kafka))
         if args.truth:
             with open(args.truth, "w") as f:
                 json.dump(truth.to_json(), f)

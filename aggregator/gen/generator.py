@@ -7,6 +7,7 @@ counts per (region, window) as JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
 import time
@@ -14,6 +15,8 @@ from typing import Any
 
 import aiohttp
 import orjson
+
+CLICKS_TOPIC = "clicks"  # CONTRACT §4
 
 
 def region_names(n: int) -> list[str]:
@@ -112,7 +115,10 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                    window_ms: int, skew: float = 1.1, bad_fraction: float = 0.0,
                    delayed_fraction: float = 0.0, late_after_ms: int = 300_000,
                    token: str = "", concurrency: int = 4, progress: bool = True,
-                   progress_interval: float = 5.0) -> Truth:
+                   progress_interval: float = 5.0, kafka: str = "") -> Truth:
+    """Send ``count`` events at ``rate``/s over HTTP to ``url`` (or, with ``kafka`` a
+    bootstrap address, produce them straight to topic ``clicks`` with value = event plus
+    ``ingest_ts`` = now ms) and return the exact ground truth."""
     source = EventSource(seed, regions, skew=skew, bad_fraction=bad_fraction,
                          delayed_fraction=delayed_fraction, late_after_ms=late_after_ms)
     truth = Truth(window_ms)
@@ -154,13 +160,47 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                 ok_regions.append(r)
         truth.add(ok_regions, ans["ingest_ts"])
 
-    async with aiohttp.ClientSession() as session:
+    async def produce(producer: Any, lines: list[bytes], regs: list[str | None],
+                      delayed: list[bool]) -> None:
+        ingest_ts = int(time.time() * 1000)  # one per batch, like an HTTP request
+        futs = []
+        for line, r in zip(lines, regs):
+            d = orjson.loads(line)
+            d["ingest_ts"] = ingest_ts
+            key = (r if r is not None else str(d.get("region", ""))).encode()
+            futs.append(await producer.send(CLICKS_TOPIC, orjson.dumps(d), key=key))
+        await asyncio.gather(*futs)  # acknowledged by the broker
+        ok_regions = []
+        for r, d in zip(regs, delayed):
+            if r is None:
+                truth.rejected += 1  # the worker sends it to clicks-dlq
+                continue
+            truth.accepted += 1
+            if d:
+                truth.add_late(r, "client_delay")
+            else:
+                ok_regions.append(r)
+        truth.add(ok_regions, ingest_ts)
+
+    async with contextlib.AsyncExitStack() as stack:
+        if kafka:
+            from aiokafka import AIOKafkaProducer
+
+            bootstrap = ",".join(h.split("://", 1)[-1] for h in kafka.split(","))
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                        enable_idempotence=True, linger_ms=5)
+            await producer.start()
+            stack.push_async_callback(producer.stop)
+            sink = lambda *a: produce(producer, *a)  # noqa: E731
+        else:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            sink = lambda *a: post(session, *a)  # noqa: E731
         tasks: set[asyncio.Task] = set()
         while sent < count:
             n = min(batch, count - sent)
             lines, regs, delayed = source.batch(n, int(time.time() * 1000))
             await sem.acquire()
-            t = asyncio.create_task(post(session, lines, regs, delayed))
+            t = asyncio.create_task(sink(lines, regs, delayed))
             t.add_done_callback(lambda _t: sem.release())
             tasks.add(t)
             t.add_done_callback(tasks.discard)

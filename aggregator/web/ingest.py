@@ -24,17 +24,27 @@ class BodyError(Exception):
 
 
 def gunzip_bounded(data: bytes, limit: int) -> bytes:
-    """Decompress gzip without ever holding more than ``limit`` bytes."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise BodyError(400, f"body is not valid gzip: {exc}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise BodyError(413, f"body exceeds {limit} bytes after decompression")
-    if not d.eof:
-        raise BodyError(400, "gzip body is truncated")
-    return out
+    """Decompress gzip without ever holding more than ``limit`` bytes.
+
+    Every member of a multi-member gzip body is decompressed (RFC 1952; what
+    ``gzip.decompress`` does), so nothing after the first member is silently
+    dropped; bytes that are not a further gzip member are a 400."""
+    out = bytearray()
+    rest = data
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            # max_length is never 0 here (0 would mean "unbounded")
+            out += d.decompress(rest, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise BodyError(400, f"body is not valid gzip: {exc}") from None
+        if len(out) > limit or d.unconsumed_tail:
+            raise BodyError(413, f"body exceeds {limit} bytes after decompression")
+        if not d.eof:
+            raise BodyError(400, "gzip body is truncated")
+        rest = d.unused_data
+        if not rest:
+            return bytes(out)
 
 
 def decode_body(body: bytes, content_type: str) -> list[Any]:
@@ -85,4 +95,8 @@ def validate_records(items: list[Any]) -> tuple[list[dict], list[dict], dict[str
             reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
             if len(errors) < MAX_ERRORS:
                 errors.append({"index": i, "error": str(exc)})
+        except Exception:  # noqa: BLE001 - a client's record never makes a 500
+            reasons["invalid"] = reasons.get("invalid", 0) + 1
+            if len(errors) < MAX_ERRORS:
+                errors.append({"index": i, "error": "invalid record"})
     return good, errors, reasons

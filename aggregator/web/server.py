@@ -104,7 +104,9 @@ class WebService:
         m = self.m
         if self.s.ingest_token:
             auth = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(auth.encode(), f"Bearer {self.s.ingest_token}".encode()):
+            # headers arrive as surrogate-escaped UTF-8: a non-ASCII header must be a 401, not a 500
+            if not hmac.compare_digest(auth.encode("utf-8", "surrogateescape"),
+                                       f"Bearer {self.s.ingest_token}".encode("utf-8", "surrogateescape")):
                 return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         if self.producer is None:
             return _error(503, "ingest is not available on this process", {"Retry-After": "5"})
@@ -112,11 +114,20 @@ class WebService:
         if request.content_length is not None and request.content_length > limit:
             return _error(413, f"body exceeds {limit} bytes")
         try:
-            body = await request.content.read(limit + 1)
-            if len(body) > limit:
-                raise BodyError(413, f"body exceeds {limit} bytes")
-            enc = request.headers.get("Content-Encoding", "").lower()
-            if enc == "gzip":
+            # StreamReader.read(n) returns what is buffered, not n bytes: read to EOF
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                chunk = await request.content.read(1 << 16)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise BodyError(413, f"body exceeds {limit} bytes")
+                chunks.append(chunk)
+            body = b"".join(chunks)
+            enc = request.headers.get("Content-Encoding", "").strip().lower()
+            if enc in ("gzip", "x-gzip"):
                 body = gunzip_bounded(body, limit)
             elif enc not in ("", "identity"):
                 raise BodyError(415, f"unsupported content encoding {enc!r}: use gzip or none")
