@@ -28,5 +28,9 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m integration
 
+## make bench: worker throughput vs a bare aiokafka consumer in the same run (medians of 3)
+bench: $(STAMP)
+	$(PY) scripts/bench_worker.py --n 1000000 --runs 3
+
 clean:
 	rm -rf $(VENV) var *.egg-info
