@@ -187,10 +187,10 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             from aiokafka import AIOKafkaProducer
 
             bootstrap = ",".join(h.split("://", 1)[-1] for h in kafka.split(","))
-            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                        enable_idempotence=True, linger_ms=5)
-            await producer.start()
+            # no idempotence: the embedded broker does not grant producer ids
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
             stack.push_async_callback(producer.stop)
+            await producer.start()
             sink = lambda *a: produce(producer, *a)  # noqa: E731
         else:
             session = await stack.enter_async_context(aiohttp.ClientSession())
