@@ -61,7 +61,10 @@ class WebService:
         return app
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(self.app(), access_log=None)
+        # auto_decompress=False: aiohttp would otherwise inflate Content-Encoding bodies itself
+        # (gzip then failed in gunzip_bounded as "not valid gzip", and the raw-size limit did not
+        # apply to the compressed bytes); ingest decompresses with its own bound instead.
+        self.runner = web.AppRunner(self.app(), access_log=None, auto_decompress=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.s.web_host, self.s.web_port)
         await site.start()
