@@ -54,6 +54,11 @@ def test_ndjson_bad_line_is_rejected_by_index_and_the_rest_accepted():
     assert reasons == {"bad_json": 1, "not_an_object": 1}
 
 
+def test_json_seq_record_separators():
+    items = decode_body(b'\x1e{"region": "eu"}\n\x1e{"region": "us"}\n', "application/json-seq")
+    assert items == [{"region": "eu"}, {"region": "us"}]
+
+
 def test_gzip_body():
     raw = orjson.dumps([{"region": "eu"}] * 10)
     assert decode_body(gunzip_bounded(gzip.compress(raw), 1 << 20), JSON) == [{"region": "eu"}] * 10

@@ -52,6 +52,7 @@ def decode_body(body: bytes, content_type: str) -> list[Any]:
     if ct in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
         items: list[Any] = []
         for lineno, line in enumerate(body.split(b"\n"), 1):
+            line = line.lstrip(b"\x1e")  # application/json-seq (RFC 7464) starts records with RS
             if not line.strip():
                 continue
             try:
