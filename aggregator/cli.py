@@ -51,12 +51,18 @@ def print_snapshot_table(snaps: list[dict]) -> None:
         print("\n".join(lines), flush=True)
 
 
-def cmd_broker(settings: config.Settings, args: argparse.Namespace) -> int:
-    broker = EmbeddedBroker(settings.broker_port)
+def start_embedded_broker(settings: config.Settings) -> EmbeddedBroker | None:
+    """The embedded broker on AGG_BROKER_PORT, or None after a clear error."""
     try:
-        broker.start()
+        return EmbeddedBroker(settings.broker_port).start()
     except BrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_broker(settings: config.Settings, args: argparse.Namespace) -> int:
+    broker = start_embedded_broker(settings)
+    if broker is None:
         return 2
     print(f"embedded broker on {broker.url} (Ctrl-C to stop)", flush=True)
     stop = {"flag": False}
@@ -77,11 +83,8 @@ def cmd_broker(settings: config.Settings, args: argparse.Namespace) -> int:
 def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
     broker = None
     if not settings.broker:
-        broker = EmbeddedBroker(settings.broker_port)
-        try:
-            broker.start()
-        except BrokerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        broker = start_embedded_broker(settings)
+        if broker is None:
             return 2
         settings.broker = broker.url
         print(f"embedded broker on {broker.url}", flush=True)

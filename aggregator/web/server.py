@@ -144,7 +144,7 @@ class WebService:
         per_region: dict[str, int] = {}
         if good:
             try:
-                await asyncio.wait_for(self._produce(good, ingest_ts, per_region), timeout=10)
+                await asyncio.wait_for(self._produce(good, ingest_ts, per_region), timeout=6)
             except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
                 log.warning("ingest: broker did not take %d records: %r", len(good), exc)
                 m.stage_errors.labels("ingest").inc(len(good))

@@ -260,7 +260,7 @@ class Worker:
     async def _run(self) -> None:
         self.producer = AIOKafkaProducer(bootstrap_servers=self.s.bootstrap(), acks="all",
                                          linger_ms=5, max_batch_size=1 << 20,
-                                         request_timeout_ms=8000, enable_idempotence=False)
+                                         request_timeout_ms=5000, enable_idempotence=False)
         web_service = WebService(self.s, self.metrics, self.snapshots, self.ready, self.producer)
         await web_service.start()
         try:
