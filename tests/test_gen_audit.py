@@ -129,10 +129,23 @@ def test_same_seed_same_stream():
     assert regions_of(8) != a
     regs = [r for r, _, _ in a]
     assert None in regs                     # some malformed records
-    assert any(d for _, d, _ in a)          # some client-delayed records
+    now = 1_700_000_000_000
+    assert any(r and now - ts > 300_000 for r, ts, _ in a)   # some client-delayed records
+    assert sum(1 for r, ts, _ in a if r and now - ts > 300_000) < len(a) / 10
     # skewed: the first region is the most popular
     named = [r for r in regs if r]
     assert named.count("eu-west") > named.count("ca-central")
+
+
+def test_hot_region_burst_and_clock_skew():
+    src = EventSource(1, 10, skew=1.1, hot_region="eu-west", burst_multiplier=1000.0, clock_skew_ms=-5000)
+    now = 1_700_000_000_000
+    _, calm, ts_calm = src.batch(2000, now)
+    _, hot, _ = src.batch(2000, now, burst=True)
+    assert calm.count("eu-west") < 800            # about a third of the traffic normally
+    assert hot.count("eu-west") > 1950            # nearly all of it during a 1000x burst
+    assert src.burst_rate_factor > 100            # and the total rate grows with it
+    assert all(now - 5000 - 2000 < ts <= now - 5000 for ts in ts_calm)  # skewed producer clock
 
 
 def test_rate_summary_says_when_target_not_sustained():
@@ -156,7 +169,9 @@ def test_generator_stream_audits_exactly(service_factory, tmp_path, capsys):
     rate, seconds = 500.0, 7.0
     truth = asyncio.run(generate(
         svc.url, rate, int(rate * seconds), regions=10, seed=3, batch=25, window_ms=W, skew=1.1,
-        bad_fraction=0.02, delayed_fraction=0.02, concurrency=4, progress_interval=2.0))
+        bad_fraction=0.02, delayed_fraction=0.02, concurrency=4, progress_interval=2.0,
+        hot_region="hot-zone", burst_multiplier=10.0, burst_start=2.0, burst_duration=2.0,
+        clock_skew_ms=-20_000))
     gen_done = time.monotonic()
     err = capsys.readouterr().err
     assert "gen: sent" in err and "gen: achieved" in err, err
@@ -164,7 +179,9 @@ def test_generator_stream_audits_exactly(service_factory, tmp_path, capsys):
     assert t["accepted"] + t["rejected"] == t["sent"] == int(rate * seconds)
     assert t["rejected"] > 0
     assert sum(n for per in t["late"].values() for n in per.values()) > 0
-    assert len(t["counts"]) == 10
+    assert len(t["counts"]) == 11  # 10 regions + the hot one
+    hot = sum(t["counts"]["hot-zone"].values())
+    assert hot > 0.05 * t["accepted"]  # over twice its calm share (~2.4 %): the burst happened
     windows = {int(w) for per in t["counts"].values() for w in per}
     assert len(windows) >= 3
     truth_path = tmp_path / "truth.json"

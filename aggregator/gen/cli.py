@@ -31,6 +31,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--truth", default="", help="write ground truth JSON here")
     g.add_argument("--kafka", default="", metavar="BOOTSTRAP",
                    help="produce straight to topic clicks at this Kafka bootstrap (host:port) instead of HTTP")
+    g.add_argument("--hot-region", default="", help="a region that bursts (added if not among --regions)")
+    g.add_argument("--burst-multiplier", type=float, default=1000.0, help="hot region's traffic x this during the burst")
+    g.add_argument("--burst-start", type=float, default=0.0, help="seconds after start the burst begins")
+    g.add_argument("--burst-duration", type=float, default=0.0, help="burst length in seconds (0: no burst)")
+    g.add_argument("--clock-skew-ms", type=int, default=0, help="producer clock skew added to client ts")
     g.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     a = sub.add_parser("audit", help="compare published snapshots with ground truth")
     a.add_argument("--truth", required=True)
@@ -52,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
             int(args.window_seconds * 1000), skew=args.skew, bad_fraction=args.bad_fraction,
             delayed_fraction=args.delayed_fraction, late_after_ms=int(args.late_after_seconds * 1000),
             token=args.token, concurrency=args.concurrency, progress_interval=args.progress_interval,
-            kafka=args.kafka))
+            kafka=args.kafka, hot_region=args.hot_region, burst_multiplier=args.burst_multiplier,
+            burst_start=args.burst_start, burst_duration=args.burst_duration, clock_skew_ms=args.clock_skew_ms))
         if args.truth:
             with open(args.truth, "w") as f:
                 json.dump(truth.to_json(), f)

@@ -75,39 +75,49 @@ class EventSource:
     client ``ts`` depends on the wall clock."""
 
     def __init__(self, seed: int, regions: int, skew: float = 1.1, bad_fraction: float = 0.0,
-                 delayed_fraction: float = 0.0, late_after_ms: int = 300_000) -> None:
+                 delayed_fraction: float = 0.0, late_after_ms: int = 300_000,
+                 hot_region: str = "", burst_multiplier: float = 1.0, clock_skew_ms: int = 0) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.names = region_names(regions)
-        self.weights = [1.0 / (i + 1) ** skew for i in range(regions)]
+        if hot_region and hot_region not in self.names:
+            self.names.append(hot_region)
+        self.weights = [1.0 / (i + 1) ** skew for i in range(len(self.names))]
+        # during a burst the hot region sends burst_multiplier times its normal share
+        self.burst_weights = [w * burst_multiplier if n == hot_region else w
+                              for n, w in zip(self.names, self.weights)]
+        self.burst_rate_factor = sum(self.burst_weights) / sum(self.weights)
+        self.clock_skew_ms = clock_skew_ms
         self.bad_fraction = bad_fraction
         self.delayed_fraction = delayed_fraction
         self.late_after_ms = late_after_ms
         self.n = 0
 
-    def batch(self, n: int, now_ms: int) -> tuple[list[bytes], list[str | None], list[bool]]:
-        """``n`` NDJSON lines, the region of each (None: malformed) and whether it is
-        client-delayed (older than the late threshold)."""
+    def batch(self, n: int, now_ms: int, burst: bool = False
+              ) -> tuple[list[bytes], list[str | None], list[int]]:
+        """``n`` NDJSON lines, the region of each (None: malformed) and its client ``ts``
+        (the producer's clock, skewed by ``clock_skew_ms``)."""
+        weights = self.burst_weights if burst else self.weights
         rng = self.rng
         lines: list[bytes] = []
         regs: list[str | None] = []
-        delayed: list[bool] = []
+        delayed: list[int] = []
         for _ in range(n):
             self.n += 1
             if rng.random() < self.bad_fraction:
                 lines.append(orjson.dumps({"region": "bad region/" + str(rng.randrange(9)),
                                            "event_id": f"{self.seed}-{self.n}"}))
                 regs.append(None)
-                delayed.append(False)
+                delayed.append(0)
                 continue
-            r = rng.choices(self.names, self.weights)[0]
+            r = rng.choices(self.names, weights)[0]
             d = rng.random() < self.delayed_fraction
-            ts = now_ms - (self.late_after_ms + 60_000 if d else rng.randrange(0, 2000))
+            ts = now_ms + self.clock_skew_ms - (self.late_after_ms + 60_000 if d else rng.randrange(0, 2000))
             lines.append(orjson.dumps({"region": r, "event_id": f"{self.seed}-{self.n}",
                                        "user_id": f"u{rng.randrange(10**6)}",
                                        "url": f"/p/{rng.randrange(1000)}", "ts": ts}))
             regs.append(r)
-            delayed.append(d)
+            delayed.append(ts)
         return lines, regs, delayed
 
 
@@ -115,12 +125,16 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                    window_ms: int, skew: float = 1.1, bad_fraction: float = 0.0,
                    delayed_fraction: float = 0.0, late_after_ms: int = 300_000,
                    token: str = "", concurrency: int = 4, progress: bool = True,
-                   progress_interval: float = 5.0, kafka: str = "") -> Truth:
+                   progress_interval: float = 5.0, kafka: str = "", hot_region: str = "",
+                   burst_multiplier: float = 1.0, burst_start: float = 0.0, burst_duration: float = 0.0,
+                   clock_skew_ms: int = 0) -> Truth:
     """Send ``count`` events at ``rate``/s over HTTP to ``url`` (or, with ``kafka`` a
     bootstrap address, produce them straight to topic ``clicks`` with value = event plus
     ``ingest_ts`` = now ms) and return the exact ground truth."""
     source = EventSource(seed, regions, skew=skew, bad_fraction=bad_fraction,
-                         delayed_fraction=delayed_fraction, late_after_ms=late_after_ms)
+                         delayed_fraction=delayed_fraction, late_after_ms=late_after_ms,
+                         hot_region=hot_region, burst_multiplier=burst_multiplier,
+                         clock_skew_ms=clock_skew_ms)
     truth = Truth(window_ms)
     truth.target_rate = rate
     headers = {"Content-Type": "application/x-ndjson"}
@@ -131,8 +145,11 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
     sent = 0
     last_report = start
 
+    def is_late(cts: int, ingest_ts: int) -> bool:
+        return ingest_ts - cts > late_after_ms
+
     async def post(session: aiohttp.ClientSession, lines: list[bytes], regs: list[str | None],
-                   delayed: list[bool]) -> None:
+                   delayed: list[int]) -> None:
         body = b"\n".join(lines)
         for attempt in range(20):
             try:
@@ -154,14 +171,14 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
         for i, r in enumerate(regs):
             if i in bad or r is None:
                 continue
-            if delayed[i]:
+            if is_late(delayed[i], ans["ingest_ts"]):
                 truth.add_late(r, "client_delay")
             else:
                 ok_regions.append(r)
         truth.add(ok_regions, ans["ingest_ts"])
 
     async def produce(producer: Any, lines: list[bytes], regs: list[str | None],
-                      delayed: list[bool]) -> None:
+                      delayed: list[int]) -> None:
         ingest_ts = int(time.time() * 1000)  # one per batch, like an HTTP request
         futs = []
         for line, r in zip(lines, regs):
@@ -176,7 +193,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                 truth.rejected += 1  # the worker sends it to clicks-dlq
                 continue
             truth.accepted += 1
-            if d:
+            if is_late(d, ingest_ts):
                 truth.add_late(r, "client_delay")
             else:
                 ok_regions.append(r)
@@ -196,17 +213,21 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             session = await stack.enter_async_context(aiohttp.ClientSession())
             sink = lambda *a: post(session, *a)  # noqa: E731
         tasks: set[asyncio.Task] = set()
+        next_at = start
         while sent < count:
             n = min(batch, count - sent)
-            lines, regs, delayed = source.batch(n, int(time.time() * 1000))
+            elapsed = time.monotonic() - start
+            burst = burst_duration > 0 and burst_start <= elapsed < burst_start + burst_duration
+            lines, regs, delayed = source.batch(n, int(time.time() * 1000), burst=burst)
             await sem.acquire()
             t = asyncio.create_task(sink(lines, regs, delayed))
             t.add_done_callback(lambda _t: sem.release())
             tasks.add(t)
             t.add_done_callback(tasks.discard)
             sent += n
-            target = start + sent / rate if rate > 0 else 0
-            delay = target - time.monotonic()
+            if rate > 0:  # the hot region's burst adds to the base rate
+                next_at += n / (rate * (source.burst_rate_factor if burst else 1.0))
+            delay = next_at - time.monotonic() if rate > 0 else 0
             if delay > 0:
                 await asyncio.sleep(delay)
             if progress and time.monotonic() - last_report >= progress_interval:
