@@ -57,6 +57,8 @@ PROMETHEUS_OWN = {"up"}  # synthesized by Prometheus per target, always has samp
 def _prometheus_binary() -> str:
     path = shutil.which("prometheus")
     if path is None:
+        if __import__("os").environ.get("CI"):  # CI installs it (.ci/run): missing there is a failure
+            pytest.fail("prometheus/promtool missing in CI")
         pytest.skip("the prometheus server binary is not installed (Debian: apt-get install prometheus)")
     return path
 
