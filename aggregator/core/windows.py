@@ -90,6 +90,10 @@ class WindowBook:
               next_offset: int, now_ms: int) -> None:
         """Count a batch of ``(region, ingest_ts, client_ts_or_None)``.
 
+        An event with region ``None`` was spilled: it moves stream time as if
+        seen (so window closing does not depend on the rate limit) but is
+        counted later, when drained.
+
         ``next_offset`` is the source offset after the batch; ``now_ms`` is
         the emission time stamped on snapshots that this batch closes.
         """
@@ -101,7 +105,7 @@ class WindowBook:
         st = self.stream_time
         close_at = self.close_at
         for region, its, cts in events:
-            if region not in last_seen:
+            if region not in last_seen and region is not None:
                 region = self.canonical_region(region)
                 if region not in last_seen:
                     self.first_seen[region] = its
@@ -114,6 +118,8 @@ class WindowBook:
                     self.stream_time = st
                     self._close_through(st, now_ms)
                     close_at = self.close_at
+            if region is None:
+                continue  # spilled: seen (moves stream time), counted when drained
             if its > last_seen.get(region, -1):
                 last_seen[region] = its
             if cts is not None and its - cts > late_after:

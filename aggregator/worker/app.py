@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
+from operator import attrgetter
 from typing import Any
 
 import faust
@@ -25,7 +27,10 @@ from aiokafka import AIOKafkaProducer
 from aggregator.broker import CLICKS, DLQ, SNAPSHOTS
 from aggregator.config import Settings
 from aggregator.core.events import REGION_RE, EventError, parse_client_ts
+from aggregator.core.ratelimit import RateLimits
 from aggregator.core.windows import WindowBook
+from aggregator.spill.ledger import SpillLedger
+from aggregator.spill.partition import PartitionSpill
 from aggregator.web.metrics import Metrics
 from aggregator.web.server import SnapshotStore, WebService
 from aggregator.worker.consumer import BatchConsumer, BatchTransport
@@ -34,6 +39,7 @@ log = logging.getLogger("aggregator.worker")
 
 LOG_APPEND_TIME = 1
 CAUGHT_UP_IDLE_MS = 1000  # no record for this long + no known lag => caught up
+_offset = attrgetter("offset")
 
 
 class _App(faust.App):
@@ -48,6 +54,13 @@ class Worker:
         self.snapshots = SnapshotStore()
         self.on_snapshots = on_snapshots  # callback(list[dict]) e.g. console table
         self.books: dict[int, WindowBook] = {}
+        self.spills: dict[int, PartitionSpill] = {}
+        self.limits = RateLimits(settings.rate_limit, settings.rate_limits)
+        self.limiting = settings.rate_limit > 0 or any(r > 0 for r in self.limits.per_region.values())
+        self.spill_root = settings.spill_path
+        self.hold = False  # spill over AGG_SPILL_MAX_BYTES: stop fetching until it drains
+        self.spill_tally: dict[str, int] = {}
+        self.limited_tally: dict[str, int] = {}
         self.last_record_ms: dict[int, int] = {}
         self.valid_regions: dict[str, str] = {}
         self.dlq: list[tuple[bytes | None, bytes]] = []
@@ -76,6 +89,7 @@ class Worker:
         self.table = self.app.Table("window-state", partitions=settings.partitions)
         BatchConsumer.batch_topics = frozenset({CLICKS})
         BatchConsumer.batch_handler = self.handle_batch
+        BatchConsumer.hold = self._holding
 
         @self.app.agent(self.clicks)
         async def _clicks(stream):  # subscribes the topic; batches bypass it
@@ -101,11 +115,21 @@ class Worker:
         # Faust hands recovered keys back decoded (b"3" -> 3): accept every spelling
         data = self.table.data
         raw = data.get(partition) or data.get(str(partition).encode()) or data.get(str(partition))
+        ledger = SpillLedger()
         if raw:
             # recovered values come back JSON-decoded; live ones are our bytes
-            book.load(raw if isinstance(raw, dict) else orjson.loads(raw))
-            log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished snapshots)",
-                     partition, book.next_offset, len(book.counts), len(book.outbox))
+            state = raw if isinstance(raw, dict) else orjson.loads(raw)
+            book.load(state)
+            ledger.load(state.get("spill"))
+            log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished "
+                     "snapshots, %d spilled events to drain)", partition, book.next_offset, len(book.counts),
+                     len(book.outbox), ledger.total_backlog())
+        spill = PartitionSpill(self.spill_root, partition, ledger)
+        spill.reconcile()
+        faults = self.metrics.spill_faults
+        faults.labels("corrupt").inc(sum(spill.store.corrupt_records.values()))
+        faults.labels("torn").inc(sum(spill.store.torn_tails.values()))
+        self.spills[partition] = spill
         self.books[partition] = book
         return book
 
@@ -116,17 +140,26 @@ class Worker:
         book = self.books.get(partition)
         if book is None:
             book = self._book(partition)
+        spill = self.spills[partition]
         now_ms = int(time.time() * 1000)
         self.last_record_ms[partition] = now_ms
         start = book.next_offset
+        last = records[-1].offset
+        if records[0].offset < start:
+            # already applied (counted or spilled) before a crash: never count twice
+            if spill.ledger.rebuild:
+                self._rebuild(spill, records, start, now_ms)
+            records = records[bisect_left(records, start, key=_offset):]
+            if not records:
+                return
         loads = orjson.loads
         valid = self.valid_regions
         events = []
         append = events.append
+        limiting = self.limiting
+        offsets: list[int] = []
         rejected: dict[str, int] = {}
         for rec in records:
-            if rec.offset < start:
-                continue  # already applied before a crash: never count twice
             try:
                 d = loads(rec.value)
                 region = valid.get(d["region"])
@@ -148,8 +181,14 @@ class Worker:
                     "offset": rec.offset, "raw": (rec.value or b"")[:65536].decode("utf-8", "replace")})))
                 continue
             append((region, its, cts))
-        if records[-1].offset + 1 > start:
-            book.apply(events, records[-1].offset + 1, now_ms)
+            if limiting:
+                offsets.append(rec.offset)
+        if limiting and events:
+            split = spill.ledger.split(events, offsets, self.limits, time.monotonic())
+            if split is not None:
+                self._spill(spill, split, book)
+                events = split.events
+        book.apply(events, last + 1, now_ms)
         if rejected:
             Metrics.add_counts(self.metrics.rejected, rejected)
             self.metrics.stage_errors.labels("decode").inc(sum(rejected.values()))
@@ -157,6 +196,56 @@ class Worker:
         m.stage_processed.labels("decode").inc(len(records))
         m.stage_processed.labels("window").inc(len(events))
         m.stage_duration.labels("window").observe(time.perf_counter() - t0)
+
+    def _spill(self, spill: PartitionSpill, split: Any, book: WindowBook) -> None:
+        t0 = time.perf_counter()
+        spill.write(split)  # fsynced before the batch counts; a disk error stops the worker
+        label = book.canonical_region
+        for region, lst in split.spills.items():
+            r = label(region)
+            self.spill_tally[r] = self.spill_tally.get(r, 0) + len(lst)
+        for region, n in split.limited.items():
+            r = label(region)
+            self.limited_tally[r] = self.limited_tally.get(r, 0) + n
+        m = self.metrics
+        m.stage_processed.labels("spill").inc(sum(len(x) for x in split.spills.values()))
+        m.stage_duration.labels("spill").observe(time.perf_counter() - t0)
+        if self.s.spill_max_bytes > 0 and not self.hold and self._spill_bytes() >= self.s.spill_max_bytes:
+            self.hold = True
+            log.warning("spill reached AGG_SPILL_MAX_BYTES (%d bytes): consumption paused until it drains",
+                        self.s.spill_max_bytes)
+
+    def _rebuild(self, spill: PartitionSpill, records: list, start: int, now_ms: int) -> None:
+        """Replay of records before the state's offset while spill files are lost:
+        re-spill the undrained events of the regions being rebuilt."""
+        rebuild = spill.ledger.rebuild
+        lows = {r: spill.ledger.regions[r][2] for r in rebuild}
+        for rec in records:
+            if rec.offset >= start:
+                break
+            try:
+                d = orjson.loads(rec.value)
+                region = self.valid_regions.get(d["region"]) or self._valid_region(d["region"])
+                if region not in rebuild or rec.offset < lows[region]:
+                    continue
+                its = d.get("ingest_ts")
+                if type(its) is not int:
+                    if its is not None:
+                        continue
+                    its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
+                cts = d.get("ts")
+                if cts is not None and type(cts) is not int:
+                    cts = parse_client_ts(cts)
+            except Exception:  # noqa: BLE001 - it went to the dead-letter topic the first time
+                continue
+            spill.rebuild_add(region, rec.offset, its, cts)
+        spill.rebuild_flush(done=records[-1].offset + 1 >= start)
+
+    def _spill_bytes(self) -> int:
+        return sum(sp.total_bytes() for sp in self.spills.values())
+
+    def _holding(self) -> bool:
+        return self.hold and not self.app.rebalancing
 
     def _valid_region(self, raw: Any) -> str:
         if not isinstance(raw, str):
@@ -179,6 +268,12 @@ class Worker:
             book = self.books.get(partition)
             if book is None:
                 continue
+            spill = self.spills[partition]
+            if spill.ledger.total_backlog():
+                drained = spill.drain(self.limits, time.monotonic())
+                if drained:
+                    book.apply(drained, book.next_offset, now_ms)
+                    self.metrics.stage_processed.labels("spill").inc(len(drained))
             if book.tally:
                 Metrics.add_counts(self.metrics.counted, book.take_tally())
             last = self.last_record_ms.get(partition, 0)
@@ -186,11 +281,14 @@ class Worker:
                 book.advance_to(now_ms)
             if not book.dirty:
                 continue
-            value = orjson.dumps(book.to_dict())
+            state = book.to_dict()
+            state["spill"] = spill.ledger.to_dict()
+            value = orjson.dumps(state)
             book.dirty = False
             self.table.data[partition] = value
             self.table.send_changelog(partition, str(partition).encode(), value)
-            sent.append((partition, book, book.next_offset, len(book.outbox)))
+            sent.append((partition, book, spill.ledger.low_offset(book.next_offset), len(book.outbox)))
+        self._spill_metrics()
         if not sent and not self.dlq:
             return
         dlq, self.dlq = self.dlq, []
@@ -200,6 +298,7 @@ class Worker:
         published: list[dict] = []
         t0 = time.perf_counter()
         for partition, book, offset, n_out in sent:
+            self.spills[partition].acked()  # drained records are counted in durable state
             if n_out:
                 snaps = book.outbox[:n_out]
                 for snap in snaps:
@@ -212,6 +311,27 @@ class Worker:
             self._published([s for _, snaps in published for s in snaps], t0)
             for book, snaps in published:
                 book.published(len(snaps))
+
+    def _spill_metrics(self) -> None:
+        m = self.metrics
+        if self.spill_tally:
+            Metrics.add_counts(m.spilled, self.spill_tally)
+            self.spill_tally = {}
+        if self.limited_tally:
+            Metrics.add_counts(m.rate_limited, self.limited_tally)
+            self.limited_tally = {}
+        total_backlog = 0
+        for partition, spill in self.spills.items():
+            label = self.books[partition].canonical_region
+            for region, (backlog, nbytes) in spill.backlog_by_region().items():
+                m.spill_backlog.labels(label(region)).set(backlog)
+                m.spill_bytes.labels(label(region)).set(nbytes)
+                total_backlog += backlog
+        m.stage_pending.labels("spill").set(total_backlog)
+        if self.hold and self._spill_bytes() < self.s.spill_max_bytes * 0.9:
+            self.hold = False
+            log.info("spill below 90%% of AGG_SPILL_MAX_BYTES: consumption resumed")
+        m.backpressure.set(1 if self.hold else 0)
 
     def _lagging(self, partition: int, book: WindowBook) -> bool:
         try:
@@ -255,6 +375,9 @@ class Worker:
         for p in parts:
             self.books.pop(p, None)
             self.last_record_ms.pop(p, None)
+            spill = self.spills.pop(p, None)
+            if spill is not None:
+                spill.close()  # stays on disk; the next owner reconciles or re-reads it
 
     # ----------------------------------------------------------- lifecycle
     async def _run(self) -> None:

@@ -25,6 +25,7 @@ BatchHandler = Callable[[TP, list], None]
 class BatchConsumer(_Consumer):
     batch_topics: frozenset = frozenset()
     batch_handler: Optional[BatchHandler] = None
+    hold: Optional[Callable[[], bool]] = None  # True: fetch nothing for now (backpressure)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -53,8 +54,12 @@ class BatchConsumer(_Consumer):
         batch_topics = self.batch_topics
         handler = self.batch_handler
         to_message = self._to_message
+        hold = self.hold
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
+                if hold is not None and hold():
+                    await asyncio.sleep(0.05)  # heartbeats go on in the background
+                    continue
                 records, active = await self._wait_next_records(1.0)
                 await asyncio.sleep(0)
                 if not records or self.should_stop or not self.flow_active:

@@ -1,0 +1,183 @@
+"""Spill accounting for one partition (pure: no I/O, no Faust).
+
+Per region the ledger keeps three numbers, stored with the partition's window
+state in the same changelog record (so they always agree with the counts):
+
+* ``spilled``  events ever written to the region's spill (the next spill sequence number)
+* ``drained``  events drained back and counted (spill records with seq < drained are done)
+* ``low``      source offset of the oldest undrained spilled event (-1: backlog empty)
+
+Order rule: while a region's backlog is not empty, *every* new event of that
+region goes to the spill, so the region's events are counted in source order.
+It also means the undrained backlog of region R is exactly the events of R
+with a source offset in ``[low, next_offset)``.  The consumer therefore never
+commits past the smallest ``low``: if the spill files are lost (another host
+took the partition over, a disk was replaced, a record was corrupt), the
+backlog is rebuilt by replaying that range from Kafka.  Nothing is lost and,
+because every spill record carries its sequence number, nothing is drained
+twice.
+
+Splitting a batch is a pure function of the ledger, the token buckets and the
+batch, so the shell can write the spill first and commit the split after.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from aggregator.core.ratelimit import RateLimits
+
+# An event whose region is None only moves stream time: it was spilled.
+SPILLED = None
+
+Event = tuple  # (region, ingest_ts, client_ts | None)
+
+
+class Split:
+    """The outcome of :meth:`SpillLedger.split` for one batch."""
+
+    __slots__ = ("events", "spills", "limited")
+
+    def __init__(self, events: list, spills: dict[str, list[tuple[int, int, int, int | None]]],
+                 limited: dict[str, int]) -> None:
+        self.events = events      # what the window book applies (spilled ones as (None, its, None))
+        self.spills = spills      # region -> [(seq, offset, its, cts)] to append, in order
+        self.limited = limited    # region -> events over the token bucket (metric)
+
+
+class SpillLedger:
+    def __init__(self) -> None:
+        # region -> [spilled, drained, low]
+        self.regions: dict[str, list[int]] = {}
+        # region -> events still to re-spill from the source log (spill files lost)
+        self.rebuild: dict[str, int] = {}
+
+    # --------------------------------------------------------------- queries
+    def backlog(self, region: str) -> int:
+        e = self.regions.get(region)
+        return e[0] - e[1] if e else 0
+
+    def total_backlog(self) -> int:
+        return sum(e[0] - e[1] for e in self.regions.values())
+
+    def backlogged(self) -> list[str]:
+        return [r for r, e in self.regions.items() if e[0] > e[1]]
+
+    def low_offset(self, next_offset: int) -> int:
+        """The offset it is safe to commit: no undrained spilled event before it."""
+        low = next_offset
+        for e in self.regions.values():
+            if e[0] > e[1] and 0 <= e[2] < low:
+                low = e[2]
+        return low
+
+    # ----------------------------------------------------------------- input
+    def split(self, events: list, offsets: list[int], limits: RateLimits, now: float) -> Split | None:
+        """Decide which events of a batch are counted now and which are spilled.
+
+        Returns None when everything is counted now (the common case)."""
+        per: dict[str, int] = {}
+        for e in events:
+            r = e[0]
+            per[r] = per.get(r, 0) + 1
+        allow: dict[str, int] = {}
+        limited: dict[str, int] = {}
+        for region, n in per.items():
+            if self.backlog(region) > 0:
+                allow[region] = 0  # keep order: the backlog drains first
+                continue
+            granted = limits.take(region, n, now)
+            if granted < n:
+                allow[region] = granted
+                limited[region] = n - granted
+        if not allow:
+            return None
+        out: list = []
+        spills: dict[str, list] = {}
+        append = out.append
+        for i, e in enumerate(events):
+            region = e[0]
+            a = allow.get(region)
+            if a is None:
+                append(e)
+            elif a > 0:
+                allow[region] = a - 1
+                append(e)
+            else:
+                lst = spills.get(region)
+                if lst is None:
+                    lst = spills[region] = []
+                lst.append([0, offsets[i], e[1], e[2]])
+                append((SPILLED, e[1], None))
+        for region, lst in spills.items():
+            seq = self.regions.get(region, (0,))[0]
+            for rec in lst:
+                rec[0] = seq
+                seq += 1
+        return Split(out, spills, limited)
+
+    def commit_split(self, split: Split) -> None:
+        """The spill records of ``split`` are durably written."""
+        for region, lst in split.spills.items():
+            self.spilled(region, lst)
+
+    def spilled(self, region: str, records: list) -> None:
+        e = self.regions.get(region)
+        if e is None:
+            e = self.regions[region] = [0, 0, -1]
+        if e[0] == e[1]:
+            e[2] = records[0][1]
+        e[0] += len(records)
+
+    def drained(self, region: str, n: int, next_low: int) -> None:
+        """``n`` records drained and counted; ``next_low`` is the source offset of
+        the next undrained one (ignored when the backlog is now empty)."""
+        e = self.regions[region]
+        e[1] += n
+        if e[1] > e[0]:
+            raise ValueError(f"spill ledger: region {region!r} drained past its spill")
+        # the entry stays (low -1): sequence numbers never restart, so a record
+        # left on disk by a crash before its ack can never pass for a new one
+        e[2] = -1 if e[0] == e[1] else next_low
+
+    # ------------------------------------------------------------ recovery
+    def reconcile(self, region: str, first_seq: int | None, on_disk: int) -> tuple[int, int]:
+        """Compare the ledger with a region's spill on disk after a restart.
+
+        ``first_seq`` is the sequence number of the oldest record on disk
+        (None if none), ``on_disk`` how many records are there.  Returns
+        ``(ack, keep)``: acknowledge the first ``ack`` records (already
+        drained and counted), then keep the next ``keep`` and truncate the
+        rest (spilled by a batch whose state was never written; the source
+        replays them).  When the disk holds fewer than the backlog, keep is 0
+        and the region is marked for rebuild from the source log."""
+        e = self.regions.get(region)
+        spilled, drained = (e[0], e[1]) if e else (0, 0)
+        need = spilled - drained
+        ack = 0
+        if first_seq is not None and first_seq < drained:
+            ack = min(on_disk, drained - first_seq)
+            first_seq += ack
+            on_disk -= ack
+        if need == 0:
+            return ack, 0
+        if on_disk > 0 and first_seq == drained and on_disk >= need:
+            return ack, need
+        self.rebuild[region] = need
+        return ack, 0
+
+    def rebuilt(self, region: str, records: list) -> None:
+        """Records re-spilled from the source log during a rebuild."""
+        self.rebuild[region] -= len(records)
+
+    # ---------------------------------------------------------- persistence
+    def to_dict(self) -> dict[str, Any]:
+        return {r: list(e) for r, e in self.regions.items()}
+
+    def load(self, d: dict[str, Any] | None) -> None:
+        self.regions = {str(r): [int(x) for x in e] for r, e in (d or {}).items()}
+        self.rebuild = {}
+
+    def rebuild_seq(self, region: str) -> int:
+        """Sequence number of the next record a rebuild writes."""
+        e = self.regions[region]
+        return e[0] - self.rebuild[region]

@@ -1,0 +1,142 @@
+"""One partition's spill: the ledger (pure accounting) over a SpillStore (disk).
+
+No Faust here; the worker calls these from its batch handler and flush tick:
+
+* ``write(split)``       before the batch is applied: spill records are fsynced first
+* ``drain(limits, now)`` at each tick: oldest records of each backlogged region, at its rate
+* ``acked()``            after the window state holding the drain is durable
+* ``reconcile()``        when the partition is (re)assigned: disk vs ledger
+
+Spill record payload: ``[seq, source_offset, ingest_ts, client_ts_or_null]``
+(orjson), in the region's directory under ``<spill dir>/p<partition>/``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import orjson
+
+from aggregator.core.ratelimit import RateLimits
+from aggregator.spill.ledger import SpillLedger, Split
+from aggregator.spill.store import SpillStore
+
+log = logging.getLogger("aggregator.spill")
+
+DRAIN_MAX = 50_000  # records per region per tick (bounds memory of one drain)
+
+
+class PartitionSpill:
+    def __init__(self, root: str | os.PathLike, partition: int, ledger: SpillLedger,
+                 fsync: bool = True) -> None:
+        self.partition = partition
+        self.ledger = ledger
+        self.store = SpillStore(os.path.join(os.fspath(root), f"p{partition}"), max_bytes=0, fsync=fsync)
+        self.pending_acks: list[tuple[str, int]] = []
+        self.rebuilding: dict[str, list] = {}
+
+    # ------------------------------------------------------------ recovery
+    def reconcile(self) -> dict[str, int]:
+        """Make the disk agree with the ledger; returns regions to rebuild -> events."""
+        store, ledger = self.store, self.ledger
+        for region in sorted(set(ledger.regions) | set(store.regions())):
+            on_disk = store.backlog(region)
+            first = store.read_batch(region, 1)
+            first_seq = orjson.loads(first[0])[0] if first else None
+            ack, keep = ledger.reconcile(region, first_seq, on_disk)
+            if ack:
+                store.ack(region, ack)
+            if store.backlog(region) > keep:
+                store.truncate_after(region, keep)
+        if store.corrupt_records and any(store.corrupt_records.values()):
+            log.error("spill p%d: corrupt records quarantined on recovery: %s; their regions are "
+                      "rebuilt from the source log", self.partition, store.corrupt_records)
+        for region, n in ledger.rebuild.items():
+            log.warning("spill p%d: region %r: %d spilled events are not on this disk; re-reading "
+                        "them from the source log", self.partition, region, n)
+        return dict(ledger.rebuild)
+
+    def rebuild_add(self, region: str, offset: int, its: int, cts: int | None) -> None:
+        lst = self.rebuilding.get(region)
+        if lst is None:
+            lst = self.rebuilding[region] = []
+        lst.append([0, offset, its, cts])
+
+    def rebuild_flush(self, done: bool) -> None:
+        """Write what a replayed batch re-spilled; ``done``: the replay reached the state's offset."""
+        ledger = self.ledger
+        for region, lst in self.rebuilding.items():
+            seq = ledger.rebuild_seq(region)
+            for rec in lst:
+                rec[0] = seq
+                seq += 1
+            self.store.append(region, [orjson.dumps(r) for r in lst])
+            ledger.rebuilt(region, lst)
+        self.rebuilding = {}
+        if done:
+            for region, left in ledger.rebuild.items():
+                if left:
+                    log.error("spill p%d: region %r: rebuild from the source log is %d events short",
+                              self.partition, region, left)
+            ledger.rebuild = {}
+
+    # ---------------------------------------------------------------- input
+    def write(self, split: Split) -> int:
+        """Durably append the spilled part of a batch; returns how many were spilled."""
+        n = 0
+        dumps = orjson.dumps
+        for region, lst in split.spills.items():
+            self.store.append(region, [dumps(r) for r in lst])
+            n += len(lst)
+        self.ledger.commit_split(split)
+        return n
+
+    # ---------------------------------------------------------------- drain
+    def drain(self, limits: RateLimits, now: float, unlimited: bool = False) -> list[tuple[str, int, int | None]]:
+        """Take the oldest records of each backlogged region at its rate.
+
+        The ledger moves on now; the store acknowledges them in :meth:`acked`."""
+        events: list = []
+        ledger, store = self.ledger, self.store
+        loads = orjson.loads
+        for region in ledger.backlogged():
+            if region in ledger.rebuild:
+                continue  # still being re-read from the source log
+            backlog = ledger.backlog(region)
+            pending = sum(n for r, n in self.pending_acks if r == region)
+            want = min(backlog, DRAIN_MAX)
+            n = want if unlimited else limits.take(region, want, now)
+            if n <= 0:
+                continue
+            recs = store.read_batch(region, pending + n + 1)[pending:]
+            if len(recs) < n:
+                log.error("spill p%d: region %r: %d records expected on disk, %d found",
+                          self.partition, region, n, len(recs))
+                n = len(recs)
+                if n == 0:
+                    continue
+            for raw in recs[:n]:
+                _seq, _off, its, cts = loads(raw)
+                events.append((region, its, cts))
+            next_low = loads(recs[n])[1] if len(recs) > n else -1
+            ledger.drained(region, n, next_low)
+            self.pending_acks.append((region, n))
+        return events
+
+    def acked(self) -> None:
+        """The state that counts the drained records is durable: drop them from disk."""
+        for region, n in self.pending_acks:
+            self.store.ack(region, n)
+        self.pending_acks = []
+
+    # ------------------------------------------------------------- figures
+    def backlog_by_region(self) -> dict[str, tuple[int, int]]:
+        """region -> (undrained events, bytes on disk)."""
+        return {r: (self.ledger.backlog(r), self.store.bytes(r))
+                for r in set(self.ledger.regions) | set(self.store.regions())}
+
+    def total_bytes(self) -> int:
+        return self.store.total_bytes()
+
+    def close(self) -> None:
+        self.store.close()
