@@ -78,6 +78,8 @@ class PartitionSpill:
                 if left:
                     log.error("spill p%d: region %r: rebuild from the source log is %d events short",
                               self.partition, region, left)
+            if not any(ledger.rebuild.values()):
+                log.info("spill p%d: spill re-read from the source log", self.partition)
             ledger.rebuild = {}
 
     # ---------------------------------------------------------------- input

@@ -38,7 +38,11 @@ from aggregator.worker.consumer import BatchConsumer, BatchTransport
 log = logging.getLogger("aggregator.worker")
 
 LOG_APPEND_TIME = 1
-CAUGHT_UP_IDLE_MS = 1000  # no record for this long + no known lag => caught up
+CAUGHT_UP_IDLE_MS = 1000  # highwater unknown: no record for this long => caught up
+# A caught-up partition's stream time follows the wall clock minus this slack
+# (records still in flight from the broker), so a quiet partition's windows close
+# grace + slack + one tick after their end instead of waiting for its next record.
+ADVANCE_SLACK_MS = 200
 _offset = attrgetter("offset")
 
 
@@ -58,6 +62,7 @@ class Worker:
         self.limits = RateLimits(settings.rate_limit, settings.rate_limits)
         self.limiting = settings.rate_limit > 0 or any(r > 0 for r in self.limits.per_region.values())
         self.spill_root = settings.spill_path
+        self.wake = asyncio.Event()  # set when snapshots wait to be published
         self.hold = False  # spill over AGG_SPILL_MAX_BYTES: stop fetching until it drains
         self.spill_tally: dict[str, int] = {}
         self.limited_tally: dict[str, int] = {}
@@ -189,6 +194,8 @@ class Worker:
                 self._spill(spill, split, book)
                 events = split.events
         book.apply(events, last + 1, now_ms)
+        if book.outbox:
+            self.wake.set()
         if rejected:
             Metrics.add_counts(self.metrics.rejected, rejected)
             self.metrics.stage_errors.labels("decode").inc(sum(rejected.values()))
@@ -220,6 +227,8 @@ class Worker:
         re-spill the undrained events of the regions being rebuilt."""
         rebuild = spill.ledger.rebuild
         lows = {r: spill.ledger.regions[r][2] for r in rebuild}
+        log.info("partition %d: rebuild replay %d..%d (state at %d, lows %s, left %s)", spill.partition,
+                 records[0].offset, records[-1].offset, start, lows, rebuild)
         for rec in records:
             if rec.offset >= start:
                 break
@@ -277,8 +286,8 @@ class Worker:
             if book.tally:
                 Metrics.add_counts(self.metrics.counted, book.take_tally())
             last = self.last_record_ms.get(partition, 0)
-            if now_ms - last >= CAUGHT_UP_IDLE_MS and not self._lagging(partition, book):
-                book.advance_to(now_ms)
+            if self._caught_up(partition, book, now_ms - last >= CAUGHT_UP_IDLE_MS):
+                book.advance_to(now_ms - ADVANCE_SLACK_MS)
             if not book.dirty:
                 continue
             state = book.to_dict()
@@ -333,15 +342,16 @@ class Worker:
             log.info("spill below 90%% of AGG_SPILL_MAX_BYTES: consumption resumed")
         m.backpressure.set(1 if self.hold else 0)
 
-    def _lagging(self, partition: int, book: WindowBook) -> bool:
+    def _caught_up(self, partition: int, book: WindowBook, idle: bool) -> bool:
+        """No known record beyond the book (highwater of the last fetch); unknown: ``idle``."""
         try:
             hw = self.app.consumer.highwater(faust.types.TP(CLICKS, partition))
         except Exception:  # noqa: BLE001
-            return False
+            hw = None
         if hw is not None and hw >= 0:
             self.metrics.consumer_lag.labels(str(partition)).set(max(0, hw - book.next_offset))
-            return hw > book.next_offset
-        return False
+            return hw <= book.next_offset
+        return idle
 
     def _published(self, snaps: list[dict], t0: float) -> None:
         m = self.metrics
@@ -394,7 +404,11 @@ class Worker:
         interval = self.s.state_flush_seconds
         try:
             while True:
-                await asyncio.sleep(interval)
+                try:  # a tick, or at once when a batch closed windows (snapshot delay)
+                    await asyncio.wait_for(self.wake.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
+                self.wake.clear()
                 if self.app.rebalancing:
                     continue
                 try:
