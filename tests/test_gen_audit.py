@@ -91,6 +91,22 @@ def test_identical_duplicate_does_not_double_late_counts():
     assert audit(TRUTH, snaps + [copy.deepcopy(snaps[1])]) == []
 
 
+def test_spilled_region_is_checked_by_the_identity():
+    # eu-west was rate limited: 2 of window 10000's events were drained after it closed
+    moved = [snap("eu-west", 10000, 3), snap("eu-west", 12000, 3, client_delay=2, closed_window=2),
+             snap("us-east", 10000, 2)]
+    assert audit(TRUTH, moved, {"eu-west"}) == []
+    assert len(audit(TRUTH, moved)) == 2  # without the flag: window count and late both wrong
+    lost = [snap("eu-west", 10000, 3), snap("eu-west", 12000, 3, client_delay=2, closed_window=1),
+            snap("us-east", 10000, 2)]
+    assert audit(TRUTH, lost, {"eu-west"}) == ["eu-west: counted + late closed_window = 7 != accepted on time 8"]
+    over = [snap("eu-west", 10000, 6), snap("eu-west", 12000, 2, client_delay=2), snap("us-east", 10000, 2)]
+    assert "eu-west window 10000: count 6 over expected 5" in audit(TRUTH, over, {"eu-west"})
+    # the other regions stay exact per window
+    assert audit(TRUTH, moved[:2] + [snap("us-east", 10000, 1)], {"eu-west"}) == [
+        "us-east window 10000: count 1 != expected 2"]
+
+
 def test_wrong_late_counts_are_caught():
     snaps = good_snaps()
     snaps[1] = snap("eu-west", 12000, 3, client_delay=1)

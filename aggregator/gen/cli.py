@@ -39,6 +39,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     a = sub.add_parser("audit", help="compare published snapshots with ground truth")
     a.add_argument("--truth", required=True)
+    a.add_argument("--spilled-regions", default="", metavar="R1,R2",
+                   help="regions over their rate limit: checked by the identity counted + late == accepted")
     a.add_argument("--url", default="http://127.0.0.1:8080", help="service base URL (/v1/snapshots)")
     a.add_argument("--wait", type=float, default=0.0,
                    help="seconds to wait for every window of the truth to be published (default: don't)")
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     while missing_windows(truth, snaps) and time.monotonic() < deadline:
         time.sleep(0.5)
         snaps = fetch_snapshots(args.url)
-    problems = audit(truth, snaps)
+    spilled = frozenset(r.strip().lower() for r in args.spilled_regions.split(",") if r.strip())
+    problems = audit(truth, snaps, spilled)
     print(table(truth, snaps))
     if problems:
         print(f"\nAUDIT FAILED: {len(problems)} mismatches", file=sys.stderr)
