@@ -106,3 +106,8 @@ def test_sigkill_mid_stream_leaves_counts_exact(broker, service_factory):
         assert late_pub.get(r, 0) <= n
     assert sum(truth.values()) + sum(late.values()) == total
     assert len(windows) >= 6
+    # the restarted worker says it recovered its partitions' window state from the changelog
+    text = svc.metrics_text()
+    recovered = [ln for ln in text.splitlines() if ln.startswith("clickstream_state_recovered_partitions_total ")]
+    assert recovered and float(recovered[0].split()[1]) >= 1, recovered
+    assert "clickstream_assigned_partitions 4.0" in text

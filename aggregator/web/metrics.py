@@ -36,6 +36,9 @@ class Metrics:
         self.spill_faults = Counter("clickstream_spill_faults", "Spill records found damaged on recovery (quarantined, re-read from Kafka), by kind", ["kind"], registry=r)
         for kind in ("corrupt", "torn"):
             self.spill_faults.labels(kind)
+        self.rebalances = Counter("clickstream_rebalances", "Consumer-group rebalances this worker took part in", registry=r)
+        self.recovered = Counter("clickstream_state_recovered_partitions", "Partitions whose window state was recovered from the changelog", registry=r)
+        self.assigned = Gauge("clickstream_assigned_partitions", "Partitions of clicks this worker counts", registry=r)
         self.snapshots_published = Counter("clickstream_snapshots_published", "Final snapshots published", registry=r)
         for stage in STAGES:
             self.stage_pending.labels(stage)

@@ -59,6 +59,7 @@ class Worker:
         self.on_snapshots = on_snapshots  # callback(list[dict]) e.g. console table
         self.books: dict[int, WindowBook] = {}
         self.spills: dict[int, PartitionSpill] = {}
+        self.lags: dict[int, int] = {}
         self.limits = RateLimits(settings.rate_limit, settings.rate_limits)
         self.limiting = settings.rate_limit > 0 or any(r > 0 for r in self.limits.per_region.values())
         self.spill_root = settings.spill_path
@@ -126,6 +127,7 @@ class Worker:
             state = raw if isinstance(raw, dict) else orjson.loads(raw)
             book.load(state)
             ledger.load(state.get("spill"))
+            self.metrics.recovered.inc()
             log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished "
                      "snapshots, %d spilled events to drain)", partition, book.next_offset, len(book.counts),
                      len(book.outbox), ledger.total_backlog())
@@ -188,25 +190,29 @@ class Worker:
             append((region, its, cts))
             if limiting:
                 offsets.append(rec.offset)
+        t1 = time.perf_counter()
+        n_window = len(events)
         if limiting and events:
             split = spill.ledger.split(events, offsets, self.limits, time.monotonic())
             if split is not None:
-                self._spill(spill, split, book)
+                n_window -= self._spill(spill, split, book)
                 events = split.events
+        t2 = time.perf_counter()
         book.apply(events, last + 1, now_ms)
         if book.outbox:
             self.wake.set()
-        if rejected:
-            Metrics.add_counts(self.metrics.rejected, rejected)
-            self.metrics.stage_errors.labels("decode").inc(sum(rejected.values()))
         m = self.metrics
+        if rejected:
+            Metrics.add_counts(m.rejected, rejected)
+            m.stage_errors.labels("decode").inc(sum(rejected.values()))
         m.stage_processed.labels("decode").inc(len(records))
-        m.stage_processed.labels("window").inc(len(events))
-        m.stage_duration.labels("window").observe(time.perf_counter() - t0)
+        m.stage_duration.labels("decode").observe(t1 - t0)
+        m.stage_processed.labels("window").inc(n_window)
+        m.stage_duration.labels("window").observe(time.perf_counter() - t2)
 
-    def _spill(self, spill: PartitionSpill, split: Any, book: WindowBook) -> None:
+    def _spill(self, spill: PartitionSpill, split: Any, book: WindowBook) -> int:
         t0 = time.perf_counter()
-        spill.write(split)  # fsynced before the batch counts; a disk error stops the worker
+        n = spill.write(split)  # fsynced before the batch counts; a disk error stops the worker
         label = book.canonical_region
         for region, lst in split.spills.items():
             r = label(region)
@@ -215,12 +221,13 @@ class Worker:
             r = label(region)
             self.limited_tally[r] = self.limited_tally.get(r, 0) + n
         m = self.metrics
-        m.stage_processed.labels("spill").inc(sum(len(x) for x in split.spills.values()))
+        m.stage_processed.labels("spill").inc(n)
         m.stage_duration.labels("spill").observe(time.perf_counter() - t0)
         if self.s.spill_max_bytes > 0 and not self.hold and self._spill_bytes() >= self.s.spill_max_bytes:
             self.hold = True
             log.warning("spill reached AGG_SPILL_MAX_BYTES (%d bytes): consumption paused until it drains",
                         self.s.spill_max_bytes)
+        return n
 
     def _rebuild(self, spill: PartitionSpill, records: list, start: int, now_ms: int) -> None:
         """Replay of records before the state's offset while spill files are lost:
@@ -273,6 +280,12 @@ class Worker:
         consumer = app.consumer
         now_ms = int(time.time() * 1000)
         sent: list[tuple[int, WindowBook, int, int]] = []
+        if partitions is None and self.ready():
+            # load the state of assigned partitions that have no new record (after a restart
+            # with nothing new to read, their open windows must still close and publish)
+            for tp in consumer.assignment():
+                if tp.topic == CLICKS and tp.partition not in self.books:
+                    self._book(tp.partition)
         for partition in (partitions if partitions is not None else list(self.books)):
             book = self.books.get(partition)
             if book is None:
@@ -285,8 +298,9 @@ class Worker:
                     self.metrics.stage_processed.labels("spill").inc(len(drained))
             if book.tally:
                 Metrics.add_counts(self.metrics.counted, book.take_tally())
-            last = self.last_record_ms.get(partition, 0)
-            if self._caught_up(partition, book, now_ms - last >= CAUGHT_UP_IDLE_MS):
+            last = self.last_record_ms.get(partition)
+            idle = last is not None and now_ms - last >= CAUGHT_UP_IDLE_MS
+            if self._caught_up(partition, book, idle):
                 book.advance_to(now_ms - ADVANCE_SLACK_MS)
             if not book.dirty:
                 continue
@@ -337,6 +351,9 @@ class Worker:
                 m.spill_bytes.labels(label(region)).set(nbytes)
                 total_backlog += backlog
         m.stage_pending.labels("spill").set(total_backlog)
+        m.stage_pending.labels("publish").set(sum(len(b.outbox) for b in self.books.values()))
+        m.assigned.set(len(self.books))
+        m.stage_pending.labels("decode").set(sum(self.lags.get(p, 0) for p in self.books))
         if self.hold and self._spill_bytes() < self.s.spill_max_bytes * 0.9:
             self.hold = False
             log.info("spill below 90%% of AGG_SPILL_MAX_BYTES: consumption resumed")
@@ -349,7 +366,8 @@ class Worker:
         except Exception:  # noqa: BLE001
             hw = None
         if hw is not None and hw >= 0:
-            self.metrics.consumer_lag.labels(str(partition)).set(max(0, hw - book.next_offset))
+            lag = self.lags[partition] = max(0, hw - book.next_offset)
+            self.metrics.consumer_lag.labels(str(partition)).set(lag)
             return hw <= book.next_offset
         return idle
 
@@ -375,6 +393,7 @@ class Worker:
                 log.exception("snapshot callback failed")
 
     async def _on_revoked(self, app: Any, revoked: set, **kwargs: Any) -> None:
+        self.metrics.rebalances.inc()
         parts = [tp.partition for tp in revoked if tp.topic == CLICKS]
         if not parts:
             return
