@@ -104,6 +104,7 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
               f"(POST /v1/events, GET /metrics, /v1/snapshots, /healthz, /readyz)", flush=True)
         fw = faust.Worker(worker.app, loglevel=settings.log_level.lower(), quiet=True,
                           redirect_stdouts=False, override_logging=False)
+        fw.spinner = None  # a terminal spinner would print escape codes into our log lines
         fw.execute_from_commandline()
         return 0
     finally:

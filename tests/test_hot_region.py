@@ -12,6 +12,7 @@ only with identical content), and memory within budget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import threading
@@ -97,6 +98,31 @@ def metric(text: str, name: str, region: str | None = None, label: str = "region
     return total
 
 
+@contextlib.contextmanager
+def peaks(svc, **series: tuple[str, str | None]):
+    """Poll /metrics in the background; yields the peak of each ``name=(metric, region)``."""
+    seen = {k: 0.0 for k in series}
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                text = svc.metrics_text()
+                for k, (name, region) in series.items():
+                    seen[k] = max(seen[k], metric(text, name, region))
+            except Exception:  # noqa: BLE001 - the worker may be restarting
+                pass
+            time.sleep(0.2)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        w.join()
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -145,24 +171,8 @@ def test_hot_region_is_spilled_and_drained_and_others_stay_on_time(broker, servi
     asyncio.run(ensure_topics(bootstrap, 4))
     svc = service_factory("hot", AGG_RATE_LIMITS=f"{HOT}=1000").start()
     truth = Truth()
-    peak = {"backlog": 0.0}
-
-    def watch():
-        while not stop.is_set():
-            try:
-                peak["backlog"] = max(peak["backlog"], metric(svc.metrics_text(), "clickstream_spill_backlog_events", HOT))
-            except Exception:  # noqa: BLE001
-                pass
-            time.sleep(0.3)
-
-    stop = threading.Event()
-    w = threading.Thread(target=watch)
-    w.start()
-    try:
+    with peaks(svc, backlog=("clickstream_spill_backlog_events", HOT)) as peak:
         asyncio.run(produce(bootstrap, seconds=12.0, hot_seconds=6.0, truth=truth))
-    finally:
-        stop.set()
-        w.join()
     assert truth.total[HOT] >= 1000 * truth.total[COLD[0]] * 0.4  # 1000x while it bursts
     snaps = settle(svc, truth, bootstrap)
     published = check_exact(truth, snaps)
@@ -234,28 +244,10 @@ def test_disk_budget_slows_consumption_and_drops_nothing(broker, service_factory
     asyncio.run(ensure_topics(bootstrap, 4))
     svc = service_factory("budget", AGG_RATE_LIMITS=f"{HOT}=1500", AGG_SPILL_MAX_BYTES="65536").start()
     truth = Truth()
-    seen = {"backpressure": 0.0, "bytes": 0.0, "lag": 0.0}
-
-    def watch():
-        while not stop.is_set():
-            try:
-                text = svc.metrics_text()
-                seen["backpressure"] = max(seen["backpressure"], metric(text, "clickstream_backpressure"))
-                seen["bytes"] = max(seen["bytes"], metric(text, "clickstream_spill_bytes"))
-                seen["lag"] = max(seen["lag"], metric(text, "clickstream_consumer_lag"))
-            except Exception:  # noqa: BLE001
-                pass
-            time.sleep(0.2)
-
-    stop = threading.Event()
-    w = threading.Thread(target=watch)
-    w.start()
-    try:
+    with peaks(svc, backpressure=("clickstream_backpressure", None), bytes=("clickstream_spill_bytes", None),
+               lag=("clickstream_consumer_lag", None)) as seen:
         asyncio.run(produce(bootstrap, seconds=8.0, hot_seconds=3.0, truth=truth, seed=3))
         snaps = settle(svc, truth, bootstrap)
-    finally:
-        stop.set()
-        w.join()
     check_exact(truth, snaps)
     assert seen["backpressure"] == 1, seen
     assert seen["lag"] > 0, seen
