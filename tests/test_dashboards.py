@@ -44,12 +44,19 @@ CONTRACT_METRICS = {
     "pipeline_stage_errors_total": "counter",
     "pipeline_stage_duration_seconds": "histogram",
 }
-EXTRA_METRICS = {"clickstream_consumer_lag": "gauge"}
+EXTRA_METRICS = {
+    "clickstream_consumer_lag": "gauge",
+    "clickstream_backpressure": "gauge",
+    "clickstream_spill_faults_total": "counter",
+    "clickstream_rebalances_total": "counter",
+    "clickstream_state_recovered_partitions_total": "counter",
+    "clickstream_assigned_partitions": "gauge",
+}
 KNOWN_METRICS = {**CONTRACT_METRICS, **EXTRA_METRICS}
 HISTOGRAMS = {n for n, t in KNOWN_METRICS.items() if t == "histogram"}
 
 # Labels the service exports (plus Prometheus' own); all bounded.
-ALLOWED_LABELS = {"region", "reason", "stage", "partition", "topic", "le", "job", "instance"}
+ALLOWED_LABELS = {"region", "reason", "stage", "partition", "topic", "kind", "le", "job", "instance"}
 UNBOUNDED_LABELS = {"user_id", "url", "event_id", "ts", "ingest_ts", "timestamp", "session_id", "ip"}
 
 EXPECTED_ALERTS = {
@@ -59,6 +66,7 @@ EXPECTED_ALERTS = {
     "ClickstreamDeadLetterRate",
     "ClickstreamConsumerLagHigh",
     "ClickstreamWorkerDown",
+    "ClickstreamSpillBackpressure",
 }
 
 METRIC_RE = re.compile(r"\b(?:clickstream|pipeline_stage)_\w+")

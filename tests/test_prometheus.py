@@ -40,7 +40,7 @@ PROM_DIR = ROOT / "dashboards" / "prometheus"
 REGIONS = ["eu-west", "us-east", "ap-south", "sa-east", "af-south"]
 W_MS = 2000
 STREAM_SECONDS = 12.0
-EXPECTED_RULES = 6
+EXPECTED_RULES = 7
 
 # Grafana variables -> values for a direct PromQL query (the dashboard's "All" is ".*").
 SUBSTITUTIONS = [
