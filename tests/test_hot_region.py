@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import random
 import re
+import struct
 import threading
 import time
 from pathlib import Path
@@ -223,6 +224,9 @@ def test_sigkill_while_spilling_and_while_draining_and_a_corrupt_spill_record(br
         data = bytearray(segs[0].read_bytes())
         data[len(data) // 2] ^= 0xFF
         segs[0].write_bytes(bytes(data))
+        # and a torn last record: a header promising more bytes than the file has
+        with open(segs[-1], "ab") as f:
+            f.write(struct.pack(">II", 1000, 0) + b'{"torn')
         svc.start()
 
     t = threading.Thread(target=killer)
@@ -234,6 +238,7 @@ def test_sigkill_while_spilling_and_while_draining_and_a_corrupt_spill_record(br
     check_exact(truth, snaps)
     text = svc.metrics_text()
     assert metric(text, "clickstream_spill_faults_total", "corrupt", label="kind") >= 1
+    assert metric(text, "clickstream_spill_faults_total", "torn", label="kind") >= 1
     log = svc.tail(200_000)
     assert re.search(r"corrupt records quarantined on recovery", log), log[-3000:]
     assert "re-reading them from the source log" in log
