@@ -193,3 +193,23 @@ def test_every_event_counted_once_in_order_through_crashes(tmp_path, chunk):
         root = tmp_path / str(seed)
         root.mkdir()
         run_sim(root, random.Random(seed))
+
+
+def test_spill_missing_from_disk_and_source_is_counted_lost_and_spilling_goes_on(tmp_path):
+    limits = RateLimits(0, {"hot": 1})
+    led = SpillLedger()
+    sp = PartitionSpill(tmp_path, 0, led, fsync=False)
+    sp.write(led.split([ev("hot", i) for i in range(6)], list(range(6)), limits, now=0.0))
+    state = orjson.dumps(led.to_dict())
+    sp.close()
+    shutil.rmtree(tmp_path / "p0")
+    led_b = SpillLedger()
+    led_b.load(orjson.loads(state))
+    sp_b = PartitionSpill(tmp_path, 0, led_b, fsync=False)
+    assert sp_b.reconcile() == {"hot": 5}
+    sp_b.rebuild_flush(done=True)  # the replay had nothing before the state's offset
+    assert sp_b.lost == 5 and led_b.backlog("hot") == 0 and not led_b.rebuild
+    split = led_b.split([ev("hot", 9)] * 3, [9, 10, 11], limits, now=5.0)
+    sp_b.write(split)
+    assert led_b.backlog("hot") == 2
+    assert sp_b.drain(limits, now=9.0, unlimited=True) == [ev("hot", 9)] * 2

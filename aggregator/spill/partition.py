@@ -34,6 +34,7 @@ class PartitionSpill:
         self.store = SpillStore(os.path.join(os.fspath(root), f"p{partition}"), max_bytes=0, fsync=fsync)
         self.pending_acks: list[tuple[str, int]] = []
         self.rebuilding: dict[str, list] = {}
+        self.lost = 0  # spilled events neither on disk nor in the source log any more
 
     # ------------------------------------------------------------ recovery
     def reconcile(self) -> dict[str, int]:
@@ -76,8 +77,12 @@ class PartitionSpill:
         if done:
             for region, left in ledger.rebuild.items():
                 if left:
-                    log.error("spill p%d: region %r: rebuild from the source log is %d events short",
-                              self.partition, region, left)
+                    # the source no longer has them (retention, or the offset was committed
+                    # past them by an older version): count them as lost, loudly, and go on
+                    log.error("spill p%d: region %r: rebuild from the source log is %d events short; "
+                              "they are lost", self.partition, region, left)
+                    ledger.regions[region][0] -= left
+                    self.lost += left
             if not any(ledger.rebuild.values()):
                 log.info("spill p%d: spill re-read from the source log", self.partition)
             ledger.rebuild = {}

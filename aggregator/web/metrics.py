@@ -33,8 +33,8 @@ class Metrics:
                                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
         self.consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"], registry=r)
         self.backpressure = Gauge("clickstream_backpressure", "1 while consumption is paused because the spill reached AGG_SPILL_MAX_BYTES", registry=r)
-        self.spill_faults = Counter("clickstream_spill_faults", "Spill records found damaged on recovery (quarantined, re-read from Kafka), by kind", ["kind"], registry=r)
-        for kind in ("corrupt", "torn"):
+        self.spill_faults = Counter("clickstream_spill_faults", "Spill records found damaged on recovery (quarantined, re-read from Kafka), or lost (not in Kafka any more), by kind", ["kind"], registry=r)
+        for kind in ("corrupt", "torn", "lost"):
             self.spill_faults.labels(kind)
         self.rebalances = Counter("clickstream_rebalances", "Consumer-group rebalances this worker took part in", registry=r)
         self.recovered = Counter("clickstream_state_recovered_partitions", "Partitions whose window state was recovered from the changelog", registry=r)

@@ -152,6 +152,8 @@ class Worker:
         self.last_record_ms[partition] = now_ms
         start = book.next_offset
         last = records[-1].offset
+        if spill.ledger.rebuild and records[0].offset >= start:
+            spill.rebuild_flush(done=True)  # the source starts past the lost spill: nothing to re-read
         if records[0].offset < start:
             # already applied (counted or spilled) before a crash: never count twice
             if spill.ledger.rebuild:
@@ -351,6 +353,10 @@ class Worker:
                 m.spill_bytes.labels(label(region)).set(nbytes)
                 total_backlog += backlog
         m.stage_pending.labels("spill").set(total_backlog)
+        for spill in self.spills.values():
+            if spill.lost:
+                m.spill_faults.labels("lost").inc(spill.lost)
+                spill.lost = 0
         m.stage_pending.labels("publish").set(sum(len(b.outbox) for b in self.books.values()))
         m.assigned.set(len(self.books))
         m.stage_pending.labels("decode").set(sum(self.lags.get(p, 0) for p in self.books))
