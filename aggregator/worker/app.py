@@ -39,10 +39,13 @@ log = logging.getLogger("aggregator.worker")
 
 LOG_APPEND_TIME = 1
 CAUGHT_UP_IDLE_MS = 1000  # highwater unknown: no record for this long => caught up
-# A caught-up partition's stream time follows the wall clock minus this slack
-# (records still in flight from the broker), so a quiet partition's windows close
-# grace + slack + one tick after their end instead of waiting for its next record.
-ADVANCE_SLACK_MS = 200
+# A quiet, caught-up partition's stream time follows the wall clock minus a slack
+# (records still in flight), so its windows close about grace + slack + one tick
+# after their end instead of waiting for its next record.  A partition that
+# receives records keeps pure stream time; nothing advances while the consumer
+# is not fetching (backpressure, rebalance): the highwater it knows is stale then.
+ADVANCE_SLACK_MS = 300
+ADVANCE_IDLE_MS = 300
 _offset = attrgetter("offset")
 
 
@@ -288,6 +291,7 @@ class Worker:
             for tp in consumer.assignment():
                 if tp.topic == CLICKS and tp.partition not in self.books:
                     self._book(tp.partition)
+        fetching = not self.hold and not app.rebalancing
         for partition in (partitions if partitions is not None else list(self.books)):
             book = self.books.get(partition)
             if book is None:
@@ -301,8 +305,10 @@ class Worker:
             if book.tally:
                 Metrics.add_counts(self.metrics.counted, book.take_tally())
             last = self.last_record_ms.get(partition)
+            quiet = last is None or now_ms - last >= ADVANCE_IDLE_MS
             idle = last is not None and now_ms - last >= CAUGHT_UP_IDLE_MS
-            if self._caught_up(partition, book, idle):
+            hw = self._highwater(partition, book)
+            if quiet and fetching and (hw <= book.next_offset if hw is not None else idle):
                 book.advance_to(now_ms - ADVANCE_SLACK_MS)
             if not book.dirty:
                 continue
@@ -365,17 +371,17 @@ class Worker:
             log.info("spill below 90%% of AGG_SPILL_MAX_BYTES: consumption resumed")
         m.backpressure.set(1 if self.hold else 0)
 
-    def _caught_up(self, partition: int, book: WindowBook, idle: bool) -> bool:
-        """No known record beyond the book (highwater of the last fetch); unknown: ``idle``."""
+    def _highwater(self, partition: int, book: WindowBook) -> int | None:
+        """The partition's end offset as of the last fetch (None: not known yet); sets the lag."""
         try:
             hw = self.app.consumer.highwater(faust.types.TP(CLICKS, partition))
         except Exception:  # noqa: BLE001
-            hw = None
-        if hw is not None and hw >= 0:
-            lag = self.lags[partition] = max(0, hw - book.next_offset)
-            self.metrics.consumer_lag.labels(str(partition)).set(lag)
-            return hw <= book.next_offset
-        return idle
+            return None
+        if hw is None or hw < 0:
+            return None
+        lag = self.lags[partition] = max(0, hw - book.next_offset)
+        self.metrics.consumer_lag.labels(str(partition)).set(lag)
+        return hw
 
     def _published(self, snaps: list[dict], t0: float) -> None:
         m = self.metrics
