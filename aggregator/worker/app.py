@@ -53,6 +53,8 @@ class Worker:
         self.dlq: list[tuple[bytes | None, bytes]] = []
         self.started = False
         self.producer: AIOKafkaProducer | None = None
+        # one flush at a time: the tick and a rebalance's revoke must not publish one outbox twice
+        self.flush_lock = asyncio.Lock()
         self.app = _App(
             "clickstream-aggregator",
             broker=settings.faust_broker(),
@@ -249,7 +251,8 @@ class Worker:
         if not parts:
             return
         try:
-            await self.flush(parts)
+            async with self.flush_lock:
+                await self.flush(parts)
         except Exception:  # noqa: BLE001
             log.exception("flush on revoke failed; the next owner replays from the last state")
         for p in parts:
@@ -275,7 +278,8 @@ class Worker:
                 if self.app.rebalancing:
                     continue
                 try:
-                    await self.flush()
+                    async with self.flush_lock:
+                        await self.flush()
                 except Exception:  # noqa: BLE001 - retried on the next tick
                     log.exception("state flush failed; will retry")
         finally:
