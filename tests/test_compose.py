@@ -134,7 +134,7 @@ def test_dockerfile_copies_what_exists_and_runs_the_cli():
     assert "aggregator" not in ignored and "pyproject.toml" not in ignored
 
 
-def test_dockerfile_lints_clean():
+def test_dockerfile_lints_clean(tmp_path):
     lint = shutil.which("dockerfile-utils")
     if lint is None:
         if os.environ.get("CI"):  # .ci/run installs it: missing there is a failure
@@ -142,11 +142,9 @@ def test_dockerfile_lints_clean():
         pytest.skip("dockerfile-utils not installed (npm install -g dockerfile-utils)")
     res = subprocess.run([lint, "lint", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "", res.stdout + res.stderr
-    bad = REPO / "var" / "lint-probe.Dockerfile"
-    bad.parent.mkdir(exist_ok=True)
+    bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:3.11-slim\nHEALTHCHECK --intervalx=1s CMD true\n")
     res = subprocess.run([lint, "lint", str(bad)], capture_output=True, text=True, timeout=60)
-    bad.unlink()
     assert res.returncode != 0 and "intervalx" in res.stdout  # the linter does find errors
 
 
