@@ -177,6 +177,8 @@ class Worker:
         consumer = app.consumer
         now_ms = int(time.time() * 1000)
         sent: list[tuple[int, WindowBook, int, int]] = []
+        if partitions is None:
+            self._drop_unowned(consumer)
         for partition in (partitions if partitions is not None else list(self.books)):
             book = self.books.get(partition)
             if book is None:
@@ -214,6 +216,19 @@ class Worker:
             self._published([s for _, snaps in published for s in snaps], t0)
             for book, snaps in published:
                 book.published(len(snaps))
+
+    def _drop_unowned(self, consumer: Any) -> None:
+        """A batch fetched before a rebalance can arrive after the revoke: the book it
+        re-creates belongs to a partition another worker owns now. Never write its state
+        or publish from it (a stale changelog record would be recovered by a later owner)."""
+        try:
+            owned = {tp.partition for tp in consumer.assignment() if tp.topic == CLICKS}
+        except Exception:  # noqa: BLE001 - unknown: keep everything
+            return
+        for p in [p for p in self.books if p not in owned]:
+            log.warning("partition %d is not assigned here (any more): dropping its window book", p)
+            self.books.pop(p, None)
+            self.last_record_ms.pop(p, None)
 
     def _lagging(self, partition: int, book: WindowBook) -> bool:
         try:
