@@ -4,7 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv run test test-unit test-integration bench clean
+KAFKA_PORT ?= 19092
+KAFKA_DIR  ?= var/kafka
+
+.PHONY: venv run test test-unit test-integration test-kafka kafka kafka-stop bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +31,23 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m integration
 
+## make kafka: a single-node Apache Kafka 4.x (KRaft) on 127.0.0.1:$(KAFKA_PORT), jars from Maven Central
+## (fetched once into ~/.cache/aggregator-kafka); prints the bootstrap address. Idempotent.
+kafka:
+	@bash scripts/kafka.sh start --port $(KAFKA_PORT) --dir $(KAFKA_DIR)
+
+kafka-stop:
+	@bash scripts/kafka.sh stop --dir $(KAFKA_DIR)
+
+## make test-kafka: the integration suite against that real Kafka (started if needed, left running)
+test-kafka: $(STAMP)
+	@bash scripts/kafka.sh start --port $(KAFKA_PORT) --dir $(KAFKA_DIR) >/dev/null
+	AGG_TEST_BROKER=kafka AGG_TEST_KAFKA=127.0.0.1:$(KAFKA_PORT) $(PY) -m pytest -q -p no:cacheprovider -m integration -rs
+
 ## make bench: worker throughput vs a bare aiokafka consumer in the same run (medians of 3)
 bench: $(STAMP)
 	$(PY) scripts/bench_worker.py --n 1000000 --runs 3
 
 clean:
+	-bash scripts/kafka.sh stop --dir $(KAFKA_DIR)
 	rm -rf $(VENV) var *.egg-info

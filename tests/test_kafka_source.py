@@ -74,3 +74,78 @@ def test_bad_kafka_records_go_to_dlq_and_good_ones_are_counted(broker, service_f
                    if s.name == "clickstream_rejected_events_total")
     assert rejected == len(bad)
     assert svc.proc.poll() is None  # the worker is still running
+
+
+def _consume_all(bootstrap: str, topic: str, n: int, timeout: float = 20.0) -> list:
+    from aiokafka import AIOKafkaConsumer
+
+    async def run():
+        c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             group_id=None, enable_auto_commit=False)
+        await c.start()
+        out: list = []
+        try:
+            deadline = time.monotonic() + timeout
+            while len(out) < n and time.monotonic() < deadline:
+                for recs in (await c.getmany(timeout_ms=1000)).values():
+                    out.extend(recs)
+        finally:
+            await c.stop()
+        return out
+
+    return asyncio.run(run())
+
+
+def test_records_without_ingest_ts_are_placed_at_log_append_time(broker, service_factory):
+    """CONTRACT §1: records produced straight to Kafka without ``ingest_ts`` are placed by the
+    broker's log-append time (``clicks`` is created with LogAppendTime); where the broker
+    ignores that (the embedded one), by the time the worker first reads them.  The records are
+    produced with an hour-old producer timestamp while no worker runs; the worker starts
+    a few windows later, so the two clocks put them in different windows."""
+    from tests.conftest import ON_REAL_KAFKA
+
+    bootstrap = broker.bootstrap
+    asyncio.run(ensure_topics(bootstrap, 4))
+    n = 20
+    old = int(time.time() * 1000) - 3_600_000
+    t0 = int(time.time() * 1000)
+
+    async def produce():
+        from aiokafka import AIOKafkaProducer
+        p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await p.start()
+        try:
+            return [await p.send_and_wait(CLICKS, orjson.dumps({"region": "lat", "user_id": f"u{i}"}),
+                                          key=b"lat", timestamp_ms=old) for i in range(n)]
+        finally:
+            await p.stop()
+
+    acks = asyncio.run(produce())
+    t1 = int(time.time() * 1000)
+    recs = _consume_all(bootstrap, CLICKS, n)
+    assert len(recs) == n
+    log_append = all(r.timestamp_type == 1 for r in recs)
+    print(f"timestamp_type seen by consumers: {sorted({r.timestamp_type for r in recs})}")
+    if ON_REAL_KAFKA:
+        assert log_append, [(r.timestamp_type, r.timestamp) for r in recs]
+    if log_append:
+        # the broker stamped them: its clock, not the producer's
+        assert all(t0 - 1000 <= r.timestamp <= t1 + 1000 for r in recs), [r.timestamp for r in recs]
+        assert all(a.timestamp_type == 1 for a in acks)
+    time.sleep(4.0)  # > window (2 s) + grace (1 s): the read time falls in a later window
+    started = int(time.time() * 1000)
+    svc = service_factory("lat").start()
+
+    def counted():
+        snaps = [s for s in svc.snapshots() if s["region"] == "lat"]
+        return snaps if sum(s["count"] for s in snaps) == n else None
+
+    snaps = wait_for(counted, 40, what="the records counted")
+    windows = sorted(s["window_start"] for s in snaps if s["count"])
+    if log_append:
+        # in the windows of their append time, before the worker even started
+        assert all(t0 - t0 % 2000 <= ws <= t1 for ws in windows), (t0, t1, windows)
+        assert windows[-1] + 2000 <= started
+    else:
+        assert all(ws + 2000 > started for ws in windows), (started, windows)
+    assert all(s["late"] == 0 for s in snaps)

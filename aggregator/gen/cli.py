@@ -42,6 +42,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--spilled-regions", default="", metavar="R1,R2",
                    help="regions over their rate limit: checked by the identity counted + late == accepted")
     a.add_argument("--url", default="http://127.0.0.1:8080", help="service base URL (/v1/snapshots)")
+    a.add_argument("--kafka", default="", metavar="BOOTSTRAP",
+                   help="read every snapshot from topic click-snapshots at this Kafka bootstrap (host:port) "
+                        "instead of one service's /v1/snapshots: with several workers each lists only its own")
     a.add_argument("--wait", type=float, default=0.0,
                    help="seconds to wait for every window of the truth to be published (default: don't)")
 
@@ -49,6 +52,45 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def fetch_snapshots(url: str) -> list[dict]:
     with urllib.request.urlopen(url + "/v1/snapshots", timeout=10) as resp:
         return json.loads(resp.read())["snapshots"]
+
+
+def fetch_topic_snapshots(bootstrap: str, idle: float = 2.0) -> list[dict]:
+    """Every snapshot on ``click-snapshots``, read up to the end offsets seen at the start
+    (or until nothing arrives for ``idle`` seconds)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from aggregator.broker import SNAPSHOTS
+
+    async def read() -> list[dict]:
+        c = AIOKafkaConsumer(bootstrap_servers=bootstrap.split("://", 1)[-1], group_id=None,
+                             enable_auto_commit=False, auto_offset_reset="earliest")
+        await c.start()
+        out: list[dict] = []
+        try:
+            parts = c.partitions_for_topic(SNAPSHOTS) or set()
+            if not parts:
+                await c._client.force_metadata_update()
+                parts = c.partitions_for_topic(SNAPSHOTS) or set()
+            tps = [TopicPartition(SNAPSHOTS, p) for p in sorted(parts)]
+            if not tps:
+                return out
+            c.assign(tps)
+            await c.seek_to_beginning(*tps)
+            end = await c.end_offsets(tps)
+            while True:
+                batch = await c.getmany(timeout_ms=int(idle * 1000))
+                if not batch:
+                    break
+                for recs in batch.values():
+                    out.extend(json.loads(r.value) for r in recs)
+                positions = {tp: await c.position(tp) for tp in tps}
+                if all(positions[tp] >= end[tp] for tp in tps):
+                    break
+        finally:
+            await c.stop()
+        return out
+
+    return asyncio.run(read())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,11 +109,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with open(args.truth) as f:
         truth = json.load(f)
-    snaps = fetch_snapshots(args.url)
+    def fetch() -> list[dict]:
+        return fetch_topic_snapshots(args.kafka) if args.kafka else fetch_snapshots(args.url)
+
+    snaps = fetch()
     deadline = time.monotonic() + args.wait
     while missing_windows(truth, snaps) and time.monotonic() < deadline:
         time.sleep(0.5)
-        snaps = fetch_snapshots(args.url)
+        snaps = fetch()
     spilled = frozenset(r.strip().lower() for r in args.spilled_regions.split(",") if r.strip())
     problems = audit(truth, snaps, spilled)
     print(table(truth, snaps))

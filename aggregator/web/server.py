@@ -28,9 +28,28 @@ class SnapshotStore:
 
     def __init__(self, maxlen: int = 20000) -> None:
         self.items: collections.deque = collections.deque(maxlen=maxlen)
+        self.latest: dict[tuple[str, int], dict] = {}
+
+    @staticmethod
+    def _same(a: dict, b: dict) -> bool:
+        return all(a.get(k) == b.get(k) for k in a.keys() | b.keys() if k != "emitted_at")
 
     def add(self, snaps: list[dict]) -> None:
-        self.items.extend(snaps)
+        """A snapshot re-published after a rebalance or restart with identical content
+        (CONTRACT §1) is listed once."""
+        items, latest = self.items, self.latest
+        for s in snaps:
+            key = (s["region"], s["window_start"])
+            prev = latest.get(key)
+            if prev is not None and self._same(prev, s):
+                continue
+            if len(items) == items.maxlen:
+                old = items[0]
+                okey = (old["region"], old["window_start"])
+                if latest.get(okey) is old:
+                    del latest[okey]
+            items.append(s)
+            latest[key] = s
 
     def query(self, region: str | None, since: int | None) -> list[dict]:
         return [s for s in self.items

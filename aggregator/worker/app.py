@@ -75,6 +75,8 @@ class Worker:
         self.dlq: list[tuple[bytes | None, bytes]] = []
         self.started = False
         self.producer: AIOKafkaProducer | None = None
+        # one flush at a time: the tick and a rebalance's revoke must not publish one outbox twice
+        self.flush_lock = asyncio.Lock()
         self.app = _App(
             "clickstream-aggregator",
             broker=settings.faust_broker(),
@@ -149,6 +151,8 @@ class Worker:
         partition = tp.partition
         book = self.books.get(partition)
         if book is None:
+            if tp not in self.app.consumer.assignment():
+                return  # fetched before a rebalance moved it: the new owner reads it
             book = self._book(partition)
         spill = self.spills[partition]
         now_ms = int(time.time() * 1000)
@@ -285,6 +289,8 @@ class Worker:
         consumer = app.consumer
         now_ms = int(time.time() * 1000)
         sent: list[tuple[int, WindowBook, int, int]] = []
+        if partitions is None:
+            self._drop_unowned(consumer)
         if partitions is None and self.ready():
             # load the state of assigned partitions that have no new record (after a restart
             # with nothing new to read, their open windows must still close and publish)
@@ -342,6 +348,18 @@ class Worker:
             self._published([s for _, snaps in published for s in snaps], t0)
             for book, snaps in published:
                 book.published(len(snaps))
+
+    def _drop_unowned(self, consumer: Any) -> None:
+        """A batch fetched before a rebalance can arrive after the revoke: the book it
+        re-creates belongs to a partition another worker owns now. Never write its state
+        or publish from it (a stale changelog record would be recovered by a later owner)."""
+        try:
+            owned = {tp.partition for tp in consumer.assignment() if tp.topic == CLICKS}
+        except Exception:  # noqa: BLE001 - unknown: keep everything
+            return
+        for p in [p for p in self.books if p not in owned]:
+            log.warning("partition %d is not assigned here (any more): dropping its window book", p)
+            self._forget(p)
 
     def _spill_metrics(self) -> None:
         m = self.metrics
@@ -410,15 +428,20 @@ class Worker:
         if not parts:
             return
         try:
-            await self.flush(parts)
+            async with self.flush_lock:
+                await self.flush(parts)
         except Exception:  # noqa: BLE001
             log.exception("flush on revoke failed; the next owner replays from the last state")
         for p in parts:
-            self.books.pop(p, None)
-            self.last_record_ms.pop(p, None)
-            spill = self.spills.pop(p, None)
-            if spill is not None:
-                spill.close()  # stays on disk; the next owner reconciles or re-reads it
+            self._forget(p)
+
+    def _forget(self, p: int) -> None:
+        self.books.pop(p, None)
+        self.last_record_ms.pop(p, None)
+        self.lags.pop(p, None)
+        spill = self.spills.pop(p, None)
+        if spill is not None:
+            spill.close()  # stays on disk; the next owner reconciles or re-reads it
 
     # ----------------------------------------------------------- lifecycle
     async def _run(self) -> None:
@@ -443,7 +466,8 @@ class Worker:
                 if self.app.rebalancing:
                     continue
                 try:
-                    await self.flush()
+                    async with self.flush_lock:
+                        await self.flush()
                 except Exception:  # noqa: BLE001 - retried on the next tick
                     log.exception("state flush failed; will retry")
         finally:

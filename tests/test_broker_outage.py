@@ -1,0 +1,171 @@
+"""Issue #3: broker down -> ingest answers 503 promptly; after the broker is back,
+every record that was acknowledged is counted.
+
+Needs a real Kafka (the embedded broker keeps everything in memory, so a
+restarted one has lost every record): the test starts a Kafka of its own on a
+free port and data directory with scripts/kafka.sh (so the shared one of the
+other tests is left alone), SIGKILLs the broker process mid-stream and starts
+it again on the same data.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import orjson
+import pytest
+
+from aggregator.broker import SNAPSHOTS
+from tests.conftest import ON_REAL_KAFKA, REPO, free_port, http, read_topic, wait_for
+
+pytestmark = [
+    pytest.mark.integration, pytest.mark.slow,
+    pytest.mark.skipif(not ON_REAL_KAFKA, reason="needs real Kafka (AGG_TEST_BROKER=kafka, make test-kafka)"),
+]
+
+W_MS = 2000
+REGIONS = ["out-a", "out-b", "out-c"]
+
+
+class OwnKafka:
+    def __init__(self, data_dir) -> None:
+        self.port = free_port()
+        self.dir = data_dir
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.url = f"kafka://{self.bootstrap}"
+
+    def _script(self, *args: str, timeout: float = 240) -> str:
+        res = subprocess.run(["bash", str(REPO / "scripts" / "kafka.sh"), *args, "--dir", str(self.dir)],
+                             capture_output=True, text=True, timeout=timeout)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    def start(self) -> float:
+        t0 = time.monotonic()
+        out = self._script("start", "--port", str(self.port))
+        assert out.strip().splitlines()[-1] == self.bootstrap
+        return time.monotonic() - t0
+
+    def kill(self) -> None:
+        """SIGKILL the broker process: no controlled shutdown, no flush."""
+        pid = int((self.dir / "kafka.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), 20, what="the broker to die")
+
+    def stop(self) -> None:
+        self._script("stop", "--kill", timeout=90)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def own_kafka(tmp_path):
+    k = OwnKafka(tmp_path / "kafka")
+    k.start()
+    yield k
+    k.stop()
+
+
+def test_broker_down_503_then_every_acknowledged_record_counted(own_kafka, tmp_path):
+    from tests.conftest import Service
+
+    svc = Service(own_kafka.url, tmp_path / "svc")
+    try:
+        svc.start(wait_ready=90)
+        acked: dict[str, int] = {}
+        windows: set[tuple[str, int]] = set()
+        seq = 0
+
+        def post_round() -> tuple[int, dict, dict]:
+            nonlocal seq
+            events = []
+            for i, r in enumerate(REGIONS):
+                events += [{"region": r, "event_id": f"e{seq}-{r}-{j}"} for j in range(i + 1)]
+            events.append({"region": "bad region"})
+            seq += 1
+            status, hdrs, ans = svc.post(events)
+            if status == 200:
+                assert ans["accepted"] == len(events) - 1 and ans["rejected"] == 1, ans
+                ws = ans["ingest_ts"] - ans["ingest_ts"] % W_MS
+                for i, r in enumerate(REGIONS):
+                    acked[r] = acked.get(r, 0) + i + 1
+                    windows.add((r, ws))
+            return status, hdrs, ans
+
+        # 1. traffic with the broker up
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            status, _, ans = post_round()
+            assert status == 200, ans
+            time.sleep(0.1)
+        before = dict(acked)
+
+        # 2. the broker dies: 503 with Retry-After, promptly, and nothing acknowledged
+        own_kafka.kill()
+        t0 = time.monotonic()
+        status, hdrs, ans = post_round()
+        took = time.monotonic() - t0
+        print(f"first request after the kill: {status} after {took:.1f}s")
+        assert status == 503, ans
+        assert int(hdrs["Retry-After"]) > 0 and "broker" in ans["error"]
+        assert took < 12.5, took
+        t0 = time.monotonic()
+        status, hdrs, ans = post_round()
+        print(f"second request while down: {status} after {time.monotonic() - t0:.1f}s")
+        assert status == 503 and "Retry-After" in hdrs
+        assert http("GET", svc.url + "/healthz")[0] == 200
+        assert acked == before
+
+        # 3. the broker is back on the same data: ingest recovers by itself, more traffic
+        took = own_kafka.start()
+        print(f"broker restarted in {took:.1f}s")
+        t_back = time.monotonic()
+        wait_for(lambda: post_round()[0] == 200, 60, interval=0.5, what="ingest to accept again")
+        print(f"ingest accepted again {time.monotonic() - t_back:.1f}s after the restart")
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            status, _, ans = post_round()
+            assert status == 200, ans
+            time.sleep(0.1)
+        assert all(acked[r] > before[r] for r in REGIONS)
+
+        # 4. every acknowledged record is counted: in its window, or (when its window had
+        #    already closed at stream time before it was read) in the late bucket
+        def all_closed():
+            snaps = [s for s in svc.snapshots() if s["region"] in REGIONS]
+            got = {(s["region"], s["window_start"]) for s in snaps}
+            return snaps if windows <= got else None
+
+        snaps = wait_for(all_closed, 90, what="snapshots of every window with acknowledged records")
+        time.sleep(3 * W_MS / 1000)  # the window open when the last records were read closes too
+        snaps = [s for s in svc.snapshots() if s["region"] in REGIONS]
+        seen: dict[tuple[str, int], dict] = {}
+        for s in snaps:
+            k = (s["region"], s["window_start"])
+            assert k not in seen, f"published twice: {seen[k]} and {s}"
+            seen[k] = s
+        counted = {r: sum(s["count"] for s in snaps if s["region"] == r) for r in REGIONS}
+        late = {r: sum(s["late"] for s in snaps if s["region"] == r) for r in REGIONS}
+        print(f"acknowledged {acked}, counted in windows {counted}, late {late}")
+        assert {r: counted[r] + late[r] for r in REGIONS} == acked
+        # on the topic a snapshot may be re-published after the rebalance, only identically
+        on_topic: dict[tuple[str, int], dict] = {}
+        for _, v in read_topic(own_kafka.bootstrap, SNAPSHOTS, idle=1.0):
+            s = orjson.loads(v)
+            k = (s["region"], s["window_start"])
+            if k in on_topic:
+                assert {**on_topic[k], "emitted_at": 0} == {**s, "emitted_at": 0}, (on_topic[k], s)
+            on_topic[k] = s
+        for k, s in seen.items():
+            assert {**on_topic[k], "emitted_at": 0} == {**s, "emitted_at": 0}
+        assert svc.proc.poll() is None
+    finally:
+        svc.kill()
