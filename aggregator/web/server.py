@@ -14,6 +14,8 @@ from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
 
+from aiokafka.partitioner import DefaultPartitioner
+
 from aggregator.broker import CLICKS
 from aggregator.config import Settings
 from aggregator.core.windows import OTHER_REGION
@@ -21,6 +23,8 @@ from aggregator.web.ingest import BodyError, decode_body, gunzip_bounded, valida
 from aggregator.web.metrics import Metrics
 
 log = logging.getLogger("aggregator.web")
+
+_PARTITIONER = DefaultPartitioner()
 
 
 class SnapshotStore:
@@ -47,6 +51,8 @@ class WebService:
         self.ready = ready
         self.producer = producer  # aiokafka producer, or None (no ingest)
         self.regions: set[str] = set()
+        self._part_list: list[int] = []
+        self._part_of: dict[str, tuple[bytes, int]] = {}  # region -> (key, partition)
         self.runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -157,21 +163,78 @@ class WebService:
             "accepted": len(good), "rejected": len(items) - len(good),
             "ingest_ts": ingest_ts, "errors": errors}), content_type="application/json")
 
+    def _partitions(self) -> list[int] | None:
+        """Sorted partitions of ``clicks`` from the producer's cached metadata (no await),
+        or None when the producer has none yet."""
+        parts = self.producer.client.cluster.partitions_for_topic(CLICKS)
+        if not parts:
+            return None
+        if len(parts) != len(self._part_list):
+            self._part_list = sorted(parts)
+            self._part_of.clear()  # partition count changed: look every region up again
+        return self._part_list
+
+    def _route(self, region: str) -> tuple[bytes, int]:
+        """(key bytes, partition) of a region: what aiokafka's ``DefaultPartitioner`` picks
+        for key=region (murmur2, like the Java client), computed once per region."""
+        key = region.encode()
+        parts = self._part_list
+        route = self._part_of[region] = (key, _PARTITIONER(key, parts, parts))
+        return route
+
     async def _produce(self, events: list[dict], ingest_ts: int, per_region: dict[str, int]) -> None:
-        send = self.producer.send
-        futs = []
+        """Send ``events`` to ``clicks`` as one record batch per partition and wait for the
+        broker's acknowledgement of every batch.
+
+        One ``send()`` per record costs an await, a future and a trip through aiokafka's
+        accumulator each; here records are grouped by region (order within a region is
+        kept), each region's key and partition are looked up once, and each partition
+        gets ``create_batch()`` / ``append()`` / ``send_batch()``."""
+        producer = self.producer
+        if self._partitions() is None:
+            await producer.partitions_for(CLICKS)  # waits for metadata (bounded by the caller)
+            if self._partitions() is None:
+                raise RuntimeError(f"no partitions known for {CLICKS}")
         regions = self.regions
         cap = self.s.max_regions
+        dumps = orjson.dumps
+        by_region: dict[str, list[bytes]] = {}
         for ev in events:
             region = ev["region"]
-            if region not in regions:
-                if len(regions) >= cap:
-                    region = ev["region"] = OTHER_REGION
-                else:
-                    regions.add(region)
+            values = by_region.get(region)
+            if values is None:
+                if region not in regions:
+                    if len(regions) >= cap:
+                        region = ev["region"] = OTHER_REGION
+                    else:
+                        regions.add(region)
+                values = by_region.get(region)
+                if values is None:
+                    values = by_region[region] = []
             ev["ingest_ts"] = ingest_ts
-            per_region[region] = per_region.get(region, 0) + 1
-            futs.append(await send(CLICKS, orjson.dumps(ev), key=region.encode()))
+            values.append(dumps(ev))
+        part_of = self._part_of
+        by_part: dict[int, list[tuple[bytes, list[bytes]]]] = {}
+        for region, values in by_region.items():
+            per_region[region] = len(values)
+            route = part_of.get(region) or self._route(region)
+            by_part.setdefault(route[1], []).append((route[0], values))
+        futs = []
+        send_batch = producer.send_batch
+        for partition, groups in by_part.items():
+            batch = producer.create_batch()
+            append = batch.append
+            for key, values in groups:
+                for value in values:
+                    if append(timestamp=ingest_ts, key=key, value=value) is None:
+                        # full: send it, go on in a new one
+                        futs.append(await send_batch(batch, CLICKS, partition=partition))
+                        batch = producer.create_batch()
+                        append = batch.append
+                        if append(timestamp=ingest_ts, key=key, value=value) is None:
+                            raise ValueError("a record is larger than the producer's batch size")
+            batch.close()
+            futs.append(await send_batch(batch, CLICKS, partition=partition))
         await asyncio.gather(*futs)
 
 
