@@ -14,17 +14,15 @@ from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
 
-from aiokafka.partitioner import DefaultPartitioner
-
 from aggregator.broker import CLICKS
 from aggregator.config import Settings
 from aggregator.core.windows import OTHER_REGION
 from aggregator.web.ingest import BodyError, decode_body, gunzip_bounded, validate_records
 from aggregator.web.metrics import Metrics
+from aggregator.web.produce import BatchProducer
 
 log = logging.getLogger("aggregator.web")
-
-_PARTITIONER = DefaultPartitioner()
+INGEST_TIMEOUT_S = 5.0  # then 503 + Retry-After: the broker cannot take the records now
 
 
 class SnapshotStore:
@@ -51,8 +49,7 @@ class WebService:
         self.ready = ready
         self.producer = producer  # aiokafka producer, or None (no ingest)
         self.regions: set[str] = set()
-        self._part_list: list[int] = []
-        self._part_of: dict[str, tuple[bytes, int]] = {}  # region -> (key, partition)
+        self.batcher: BatchProducer | None = None
         self.runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -150,7 +147,7 @@ class WebService:
         per_region: dict[str, int] = {}
         if good:
             try:
-                await asyncio.wait_for(self._produce(good, ingest_ts, per_region), timeout=6)
+                await asyncio.wait_for(self._produce(good, ingest_ts, per_region), timeout=INGEST_TIMEOUT_S + 1)
             except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
                 log.warning("ingest: broker did not take %d records: %r", len(good), exc)
                 m.stage_errors.labels("ingest").inc(len(good))
@@ -163,38 +160,15 @@ class WebService:
             "accepted": len(good), "rejected": len(items) - len(good),
             "ingest_ts": ingest_ts, "errors": errors}), content_type="application/json")
 
-    def _partitions(self) -> list[int] | None:
-        """Sorted partitions of ``clicks`` from the producer's cached metadata (no await),
-        or None when the producer has none yet."""
-        parts = self.producer.client.cluster.partitions_for_topic(CLICKS)
-        if not parts:
-            return None
-        if len(parts) != len(self._part_list):
-            self._part_list = sorted(parts)
-            self._part_of.clear()  # partition count changed: look every region up again
-        return self._part_list
-
-    def _route(self, region: str) -> tuple[bytes, int]:
-        """(key bytes, partition) of a region: what aiokafka's ``DefaultPartitioner`` picks
-        for key=region (murmur2, like the Java client), computed once per region."""
-        key = region.encode()
-        parts = self._part_list
-        route = self._part_of[region] = (key, _PARTITIONER(key, parts, parts))
-        return route
-
     async def _produce(self, events: list[dict], ingest_ts: int, per_region: dict[str, int]) -> None:
-        """Send ``events`` to ``clicks`` as one record batch per partition and wait for the
-        broker's acknowledgement of every batch.
-
-        One ``send()`` per record costs an await, a future and a trip through aiokafka's
-        accumulator each; here records are grouped by region (order within a region is
-        kept), each region's key and partition are looked up once, and each partition
-        gets ``create_batch()`` / ``append()`` / ``send_batch()``."""
-        producer = self.producer
-        if self._partitions() is None:
-            await producer.partitions_for(CLICKS)  # waits for metadata (bounded by the caller)
-            if self._partitions() is None:
-                raise RuntimeError(f"no partitions known for {CLICKS}")
+        """Send ``events`` to ``clicks`` and return once the broker has acknowledged all of
+        them (raises otherwise).  Records are grouped by region (order within a region is
+        kept) and appended, without an await per record, to the shared per-partition record
+        batches of ``BatchProducer`` (aggregator/web/produce.py)."""
+        batcher = self.batcher
+        if batcher is None or batcher.producer is not self.producer:
+            batcher = self.batcher = BatchProducer(self.producer, CLICKS)
+        await batcher.ensure_metadata()
         regions = self.regions
         cap = self.s.max_regions
         dumps = orjson.dumps
@@ -213,29 +187,16 @@ class WebService:
                     values = by_region[region] = []
             ev["ingest_ts"] = ingest_ts
             values.append(dumps(ev))
-        part_of = self._part_of
-        by_part: dict[int, list[tuple[bytes, list[bytes]]]] = {}
+        waits = batcher.submit(by_region, ingest_ts)
+        # asyncio.wait, not gather: a request that gives up must not cancel the futures
+        # other requests' records share
+        done, pending = await asyncio.wait(waits, timeout=INGEST_TIMEOUT_S)
+        if pending:
+            raise TimeoutError(f"the broker did not acknowledge within {INGEST_TIMEOUT_S} s")
+        for fut in done:
+            fut.result()  # raises the broker's error
         for region, values in by_region.items():
             per_region[region] = len(values)
-            route = part_of.get(region) or self._route(region)
-            by_part.setdefault(route[1], []).append((route[0], values))
-        futs = []
-        send_batch = producer.send_batch
-        for partition, groups in by_part.items():
-            batch = producer.create_batch()
-            append = batch.append
-            for key, values in groups:
-                for value in values:
-                    if append(timestamp=ingest_ts, key=key, value=value) is None:
-                        # full: send it, go on in a new one
-                        futs.append(await send_batch(batch, CLICKS, partition=partition))
-                        batch = producer.create_batch()
-                        append = batch.append
-                        if append(timestamp=ingest_ts, key=key, value=value) is None:
-                            raise ValueError("a record is larger than the producer's batch size")
-            batch.close()
-            futs.append(await send_batch(batch, CLICKS, partition=partition))
-        await asyncio.gather(*futs)
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
