@@ -28,9 +28,11 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m integration
 
-## make bench: worker throughput vs a bare aiokafka consumer in the same run (medians of 3)
+## make bench: worker throughput vs a bare consumer, HTTP ingest, snapshot delay, memory (medians of 3);
+## prints a table and writes docs/benchmarks.md.  Smaller: make bench BENCH_ARGS="--n 200000 --memory-n 0"
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) scripts/bench_worker.py --n 1000000 --runs 3
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var *.egg-info
