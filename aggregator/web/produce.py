@@ -127,6 +127,10 @@ class BatchProducer:
             self.route.clear()  # partition count changed: look every region up again
         return self.parts
 
+    def has_metadata(self) -> bool:
+        """The partitions of the topic are known (refreshes the cached list; no await)."""
+        return self._partitions() is not None
+
     async def ensure_metadata(self) -> None:
         if self._partitions() is None:
             await self.producer.partitions_for(self.topic)

@@ -50,6 +50,10 @@ class WebService:
         self.producer = producer  # aiokafka producer, or None (no ingest)
         self.regions: set[str] = set()
         self.batcher: BatchProducer | None = None
+        # labelled metric children looked up once, not per request
+        self._ingested: dict[str, Any] = {}
+        self._processed = metrics.stage_processed.labels("ingest")
+        self._duration = metrics.stage_duration.labels("ingest")
         self.runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -147,15 +151,20 @@ class WebService:
         per_region: dict[str, int] = {}
         if good:
             try:
-                await asyncio.wait_for(self._produce(good, ingest_ts, per_region), timeout=INGEST_TIMEOUT_S + 1)
+                await self._produce(good, ingest_ts, per_region)  # bounded by INGEST_TIMEOUT_S
             except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
                 log.warning("ingest: broker did not take %d records: %r", len(good), exc)
                 m.stage_errors.labels("ingest").inc(len(good))
                 return _error(503, "the broker cannot take the records now; nothing was accepted",
                               {"Retry-After": "2"})
-        Metrics.add_counts(m.ingested, per_region)
-        m.stage_processed.labels("ingest").inc(len(items))
-        m.stage_duration.labels("ingest").observe(time.perf_counter() - t0)
+        children = self._ingested
+        for region, n in per_region.items():
+            child = children.get(region)
+            if child is None:  # at most max_regions + 1 of them (the cap of _produce)
+                child = children[region] = m.ingested.labels(region)
+            child.inc(n)
+        self._processed.inc(len(items))
+        self._duration.observe(time.perf_counter() - t0)
         return web.Response(body=orjson.dumps({
             "accepted": len(good), "rejected": len(items) - len(good),
             "ingest_ts": ingest_ts, "errors": errors}), content_type="application/json")
@@ -168,7 +177,8 @@ class WebService:
         batcher = self.batcher
         if batcher is None or batcher.producer is not self.producer:
             batcher = self.batcher = BatchProducer(self.producer, CLICKS)
-        await batcher.ensure_metadata()
+        if not batcher.has_metadata():
+            await asyncio.wait_for(batcher.ensure_metadata(), timeout=INGEST_TIMEOUT_S)
         regions = self.regions
         cap = self.s.max_regions
         dumps = orjson.dumps
