@@ -129,7 +129,7 @@ def markdown(r: dict[str, Any]) -> str:
             "(aiokafka `getmany`, `orjson.loads` of each value, a count per region in a dict), and "
             "**the worker** (`aggregator run`, default settings) started against it. Rates run from the first "
             "event counted to the last one applied to a window or the late bucket "
-            "(`pipeline_stage_processed_total{stage=\"window\"}`, polled every 50 ms), so the consumer-group "
+            "(`pipeline_stage_processed_total{stage=\"window\"}`, polled every 100 ms), so the consumer-group "
             "join is left out of both alike; the worker's rate from process start is shown too. "
             "Counts are checked exact per region against what was produced "
             "(`clickstream_events_total`, and the bare consumer's dict).",

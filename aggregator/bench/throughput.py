@@ -76,7 +76,7 @@ class WorkerResult:
     profile: str = ""
 
 
-def worker(broker_url: str, n: int, poll: float = 0.05, timeout: float = 600.0,
+def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
            profile_dir: str | None = None, env: dict[str, str] | None = None) -> WorkerResult:
     """Start ``aggregator run`` on the backlog; done when ``pipeline_stage_processed_total``
     of stage ``window`` (events applied to a window or the late bucket) reaches ``n``."""
@@ -86,7 +86,7 @@ def worker(broker_url: str, n: int, poll: float = 0.05, timeout: float = 600.0,
     try:
         if profile_dir and shutil.which("py-spy"):
             profile = os.path.join(profile_dir, f"worker-{n}.txt")
-            spy = subprocess.Popen(["py-spy", "record", "--nonblocking", "-r", "50", "-f", "raw",
+            spy = subprocess.Popen(["py-spy", "record", "--nonblocking", "-r", "200", "-f", "raw",
                                     "-o", profile, "--pid", str(svc.proc.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t_first = c_first = None
