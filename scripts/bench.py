@@ -117,6 +117,20 @@ def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
                       "offered": p.offered, "requests": p.requests, "server_cpu": p.server_cpu,
                       "loadgen_cpu": p.loadgen_cpu} for name, p in r.phases.items()}
         run["exact"] = r.exact
+        if a.alone:
+            b, _ = fresh_broker(a.partitions)
+            try:
+                alone = ingest.ingest_alone_run(b.url, duration=a.ingest_duration, big_concurrency=a.big_concurrency)
+            finally:
+                b.stop()
+            for name, p in alone.items():
+                run["alone_" + name] = {"rate": p.rate, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms,
+                                        "offered": p.offered, "requests": p.requests, "server_cpu": p.server_cpu,
+                                        "loadgen_cpu": p.loadgen_cpu}
+            log(f"ingest run {k + 1}, ingest alone (no worker in the process): batch 1000 "
+                f"{alone['max_1000'].rate:,.0f}/s (p99 {alone['max_1000'].p99_ms:.0f} ms); half rate "
+                f"{alone['half_1000'].offered:,.0f}/s: p50 {alone['half_1000'].p50_ms:.1f} ms "
+                f"p99 {alone['half_1000'].p99_ms:.1f} ms")
         runs.append(run)
         exact &= r.exact
         metrics_d += r.snapshots.metrics_s
@@ -139,6 +153,10 @@ def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
            "max_10_rate": m("max_10", "rate"), "max_10_p50": m("max_10", "p50_ms"), "max_10_p99": m("max_10", "p99_ms"),
            "half_offered": m("half_1000", "offered"), "half_rate": m("half_1000", "rate"),
            "half_p50": m("half_1000", "p50_ms"), "half_p99": m("half_1000", "p99_ms")}
+    if a.alone:
+        res.update(alone_max_rate=m("alone_max_1000", "rate"), alone_max_p99=m("alone_max_1000", "p99_ms"),
+                   alone_half_offered=m("alone_half_1000", "offered"), alone_half_p50=m("alone_half_1000", "p50_ms"),
+                   alone_half_p99=m("alone_half_1000", "p99_ms"), alone_cpu=m("alone_max_1000", "server_cpu"))
     pct = common.percentile
     snaps = {"poll_s": poll, "metrics_n": len(metrics_d), "topic_n": len(topic_d),
              "metrics_p50": pct(metrics_d, 50), "metrics_p99": pct(metrics_d, 99),
@@ -159,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace-s", type=float, default=1.0, help="grace during the ingest runs")
     ap.add_argument("--big-concurrency", type=int, default=8, help="connections at batch 1000")
     ap.add_argument("--small-concurrency", type=int, default=32, help="connections at batch 10")
+    ap.add_argument("--no-alone", dest="alone", action="store_false",
+                    help="skip the ingest routes measured without the worker in their process")
     ap.add_argument("--skip-worker", action="store_true")
     ap.add_argument("--profile-dir", default=None, help="record py-spy profiles of the worker here")
     ap.add_argument("--out", default=os.path.join(common.REPO, "docs", "benchmarks.md"),

@@ -213,3 +213,51 @@ def _get(url: str) -> bytes:
     if status != 200:
         raise OSError(f"{url} answered {status}")
     return raw
+
+
+def ingest_alone_run(broker_url: str, duration: float = 10.0, big_concurrency: int = 8) -> dict[str, Phase]:
+    """Batch 1000 at its maximum and at half of it against the ingest routes without the
+    worker (aggregator/bench/ingest_alone.py); every accepted event must be counted in
+    ``clickstream_events_ingested_total``."""
+    import signal
+
+    from aggregator.bench.common import free_port, http_get
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "aggregator.bench.ingest_alone", broker_url, str(port)],
+                            cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ingest_alone exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
+            try:
+                if http_get(url + "/healthz", 1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("ingest_alone did not listen in 30 s")
+            time.sleep(0.1)
+        phases = {"max_1000": loadgen(url, 1000, duration, big_concurrency, pid=proc.pid, name="alone, batch 1000, max")}
+        phases["half_1000"] = loadgen(url, 1000, duration, rate=phases["max_1000"].rate / 2, pid=proc.pid,
+                                      name="alone, batch 1000, half rate")
+        expected: dict[str, int] = {}
+        for p in phases.values():
+            for r, n in p.raw["per_region"].items():
+                expected[r] = expected.get(r, 0) + n
+        m = metrics(url)
+        ingested = {k: int(v) for k, v in by_label(m.get("clickstream_events_ingested_total", {}), "region").items()}
+        if ingested != expected:
+            raise RuntimeError(f"ingest alone: ingested {ingested} != accepted {expected}")
+        return phases
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
