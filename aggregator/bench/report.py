@@ -1,0 +1,220 @@
+"""The table ``make bench`` prints and ``docs/benchmarks.md``, both from one results dict."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _num(x: float, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if unit == "ev/s":
+        return f"{x:,.0f} ev/s"
+    if unit == "ms":
+        return f"{x:,.1f} ms"
+    if unit == "s":
+        return f"{x:.3f} s"
+    if unit == "MB":
+        return f"{x:,.0f} MB"
+    return f"{x:,.2f}"
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(figure, value, baseline or goal, ratio, verdict) for every figure present."""
+    out: list[tuple[str, str, str, str, str]] = []
+    w = r.get("worker")
+    if w:
+        n = f"{w['n']:,}"
+        out.append((f"1. worker throughput, N={n}", _num(w["worker_rate"], "ev/s"),
+                    f"bare consumer {_num(w['bare_rate'], 'ev/s')}; goal >= 90%",
+                    f"{w['ratio']:.0%}", "PASS" if w["ratio"] >= 0.9 else "FAIL"))
+        out.append((f"   worker incl. start-up and group join", _num(w["worker_rate_from_start"], "ev/s"),
+                    f"bare consumer {_num(w['bare_rate'], 'ev/s')}", f"{w['ratio_from_start']:.0%}", "info"))
+        if w.get("faust_rate"):
+            out.append((f"   plain Faust agent + tumbling table, N={w['faust_n']:,}", _num(w["faust_rate"], "ev/s"),
+                        f"bare consumer {_num(w['bare_rate'], 'ev/s')}", f"{w['faust_ratio']:.1%}", "reference"))
+        out.append(("   counts exact (bare and worker, every run)", "yes" if w["exact"] else "NO", "per region = produced", "",
+                    "PASS" if w["exact"] else "FAIL"))
+    i = r.get("ingest")
+    if i:
+        out.append(("2. HTTP ingest, NDJSON batch 1000, max", _num(i["max_1000_rate"], "ev/s"), "goal >= 100,000 ev/s",
+                    f"{i['max_1000_rate'] / 100000:.0%}", "PASS" if i["max_1000_rate"] >= 100000 else "FAIL"))
+        out.append(("   latency at that rate p50 / p99", f"{_num(i['max_1000_p50'], 'ms')} / {_num(i['max_1000_p99'], 'ms')}",
+                    "", "", "info"))
+        out.append(("   batch 10, max", _num(i["max_10_rate"], "ev/s"), f"batch 1000: {_num(i['max_1000_rate'], 'ev/s')}",
+                    f"{i['max_10_rate'] / i['max_1000_rate']:.0%}" if i["max_1000_rate"] else "-", "info"))
+        out.append(("   batch 10 latency p50 / p99", f"{_num(i['max_10_p50'], 'ms')} / {_num(i['max_10_p99'], 'ms')}",
+                    "", "", "info"))
+        out.append((f"   batch 1000 at half the max ({_num(i['half_offered'], 'ev/s')} offered) p50",
+                    _num(i["half_p50"], "ms"), "", "", "info"))
+        out.append(("   ... p99", _num(i["half_p99"], "ms"), "goal < 50 ms", f"{i['half_p99'] / 50:.0%}",
+                    "PASS" if i["half_p99"] < 50 else "FAIL"))
+        out.append(("   ... achieved", _num(i["half_rate"], "ev/s"), f"offered {_num(i['half_offered'], 'ev/s')}",
+                    f"{i['half_rate'] / i['half_offered']:.0%}" if i["half_offered"] else "-", "info"))
+        if "alone_max_rate" in i:
+            out.append(("   ingest alone (no worker in its process), batch 1000, max", _num(i["alone_max_rate"], "ev/s"),
+                        "goal >= 100,000 ev/s", f"{i['alone_max_rate'] / 100000:.0%}",
+                        "PASS" if i["alone_max_rate"] >= 100000 else "FAIL"))
+            out.append((f"   ingest alone at half its max ({_num(i['alone_half_offered'], 'ev/s')}) p50 / p99",
+                        f"{_num(i['alone_half_p50'], 'ms')} / {_num(i['alone_half_p99'], 'ms')}", "goal p99 < 50 ms",
+                        f"{i['alone_half_p99'] / 50:.0%}", "PASS" if i["alone_half_p99"] < 50 else "FAIL"))
+        out.append(("   counts exact (ingested, and in closed windows)", "yes" if i["exact"] else "NO",
+                    "= accepted per region", "", "PASS" if i["exact"] else "FAIL"))
+        s = r.get("snapshots")
+        if s:
+            for where in ("metrics", "topic"):
+                label = "/metrics" if where == "metrics" else "click-snapshots"
+                out.append((f"3. snapshot delay after grace, {label}, p50", _num(s[f"{where}_p50"], "s"), "", "", "info"))
+                out.append((f"   ... p99 ({s[f'{where}_n']} snapshots)", _num(s[f"{where}_p99"], "s"), "goal < 1 s",
+                            f"{s[f'{where}_p99']:.0%}", "PASS" if s[f"{where}_p99"] < 1 else "FAIL"))
+    m = r.get("memory")
+    if m:
+        for n, mb in m["peak_rss"]:
+            out.append((f"4. worker peak RSS, N={n:,}", _num(mb, "MB"), "goal < 300 MB", f"{mb / 300:.0%}",
+                        "PASS" if mb < 300 else "FAIL"))
+        if len(m["peak_rss"]) >= 2:
+            (n1, a), (n2, b) = m["peak_rss"][0], m["peak_rss"][-1]
+            out.append((f"   growth N={n1:,} -> {n2:,}", f"{b - a:+,.0f} MB", "must not grow with N", f"{b / a:.2f}x",
+                        "PASS" if b < a * 1.2 else "FAIL"))
+    return out
+
+
+def table(r: dict[str, Any]) -> str:
+    rs = [("figure", "value (median)", "baseline / goal", "ratio", "")] + rows(r)
+    widths = [max(len(x[k]) for x in rs) for k in range(5)]
+    lines = []
+    for j, row in enumerate(rs):
+        lines.append("  ".join(c.ljust(widths[k]) for k, c in enumerate(row)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * wd for wd in widths))
+    return "\n".join(lines)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    mach = r["machine"]
+    cfg = r["config"]
+    md = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`scripts/bench.py`) from its own output; do not edit by hand.",
+        f"Run started {r['started']} and took {r['elapsed_s'] / 60:.1f} min. "
+        f"Command: `{r['command']}`.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| CPU | {mach['cpu']} |",
+        f"| nproc | {mach['nproc']} |",
+        f"| memory | {mach['memory']} |",
+        f"| OS | {mach['os']} |",
+        f"| Python | {mach['python']} |",
+        f"| git | {mach['commit']} |",
+        f"| packages | {mach['packages']} |",
+        f"| load average at start | {mach['loadavg']} |",
+        "",
+        "A shared two-core machine: other test suites may run at the same time, so absolute numbers",
+        "move from run to run; each figure is the median of the runs below, and every ratio is to a",
+        "baseline measured in the same run on the same broker (the embedded Tansu broker, in memory,",
+        "on loopback, sharing the two cores with the service and the load generator).",
+        "",
+        "## Results",
+        "",
+        "| figure | value (median) | baseline / goal | ratio | |",
+        "|---|---|---|---|---|",
+    ]
+    for f, v, b, ratio, verdict in rows(r):
+        md.append(f"| {f.strip()} | {v} | {b} | {ratio} | {verdict} |")
+    md += ["", "## How each figure is measured", ""]
+    w = r.get("worker")
+    if w:
+        md += [
+            f"**1. Worker throughput.** {w['n']:,} compact JSON click events "
+            f"(`{{\"region\",\"user_id\",\"ingest_ts\"}}`, 16 regions, Zipf s={cfg['zipf_s']}, the first region "
+            f"{cfg['top_share']:.0%} of the events) are produced to `clicks` ({cfg['partitions']} partitions, "
+            "key = region) before anything reads them. Then, on that backlog: the **bare consumer** "
+            "(aiokafka `getmany`, `orjson.loads` of each value, a count per region in a dict), and "
+            "**the worker** (`aggregator run`, default settings) started against it. Rates run from the first "
+            "event counted to the last one applied to a window or the late bucket "
+            "(`pipeline_stage_processed_total{stage=\"window\"}`, polled every 100 ms), so the consumer-group "
+            "join is left out of both alike; the worker's rate from process start is shown too. "
+            "Counts are checked exact per region against what was produced "
+            "(`clickstream_events_total`, and the bare consumer's dict).",
+            "",
+            f"The **plain-Faust** reference (`aggregator/bench/plain_faust.py`: an agent over `clicks`, "
+            f"`orjson.loads`, a tumbling 60 s windowed table `table[region] += 1` per event) reads only the first "
+            f"{w.get('faust_n', 0):,} events of the same topic in the same run, because it manages only about a "
+            "thousand events a second; its rate is first event to last.",
+            "",
+            "| run | bare ev/s | worker ev/s | worker/bare | worker from start ev/s | start-up s | plain Faust ev/s | worker peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for k, run in enumerate(w["runs"], 1):
+            md.append(f"| {k} | {run['bare']:,.0f} | {run['worker']:,.0f} | {run['worker'] / run['bare']:.0%} | "
+                      f"{run['worker_from_start']:,.0f} | {run['startup_s']:.1f} | "
+                      f"{run.get('faust', float('nan')):,.0f} | {run['rss']:.0f} |")
+        md.append("")
+    i = r.get("ingest")
+    if i:
+        md += [
+            f"**2. HTTP ingest.** `aggregator run` (ingest and worker in one process, so the worker counts "
+            f"everything ingested while it is measured) with {cfg['window_s']:g} s windows and "
+            f"{cfg['grace_s']:g} s grace, on a fresh broker per run. The load generator "
+            "(`aggregator/bench/loadgen.py`) is a second process sending pre-built NDJSON bodies "
+            "(`{\"region\",\"user_id\",\"url\",\"ts\"}`, same region mix) over keep-alive connections. "
+            f"Maximum rate: closed loop, {cfg['big_concurrency']} connections at batch 1000 and "
+            f"{cfg['small_concurrency']} at batch 10, {cfg['ingest_duration']:g} s after 1 s warm-up. "
+            "Half rate: open loop at half of the same run's batch-1000 maximum, requests started on a fixed "
+            "schedule and latency measured from the scheduled start (no coordinated omission). "
+            "Every request must answer 200; afterwards the events accepted per region must equal "
+            "`clickstream_events_ingested_total` and the counts in the closed windows' snapshots.",
+            "",
+            "| run | b1000 max ev/s | p50 ms | p99 ms | b10 max ev/s | p50 ms | p99 ms | half offered ev/s | p50 ms | p99 ms | service CPU (cores) at b1000 max | loadgen CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for k, run in enumerate(i["runs"], 1):
+            a, b, c = run["max_1000"], run["max_10"], run["half_1000"]
+            md.append(f"| {k} | {a['rate']:,.0f} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | {b['rate']:,.0f} | "
+                      f"{b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {c['offered']:,.0f} | {c['p50_ms']:.1f} | "
+                      f"{c['p99_ms']:.1f} | {a['server_cpu']:.2f} | {a['loadgen_cpu']:.2f} |")
+        md.append("")
+        if "alone_max_rate" in i:
+            md += [
+                "**Ingest alone.** `aggregator run` serves ingest and runs the worker in one process: one event "
+                "loop and one GIL for both, so at batch 1000 the process ingests *and* consumes every event. To "
+                "show what the ingest path itself does, each run also measures the same batch-1000 maximum and "
+                "half-rate latency against `aggregator/bench/ingest_alone.py`: the same `WebService` and a producer "
+                "configured like the worker's, without the worker (fresh broker; accepted counts checked against "
+                "`clickstream_events_ingested_total`).",
+                "",
+                "| run | alone b1000 max ev/s | p99 ms | half offered ev/s | p50 ms | p99 ms | service CPU (cores) at max |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for k, run in enumerate(i["runs"], 1):
+                a, c = run["alone_max_1000"], run["alone_half_1000"]
+                md.append(f"| {k} | {a['rate']:,.0f} | {a['p99_ms']:.1f} | {c['offered']:,.0f} | {c['p50_ms']:.1f} | "
+                          f"{c['p99_ms']:.1f} | {a['server_cpu']:.2f} |")
+            md.append("")
+        s = r.get("snapshots")
+        if s:
+            md += [
+                "**3. Snapshot delay.** During the half-rate phase, a watcher in the benchmark process polls "
+                f"`/metrics` every {s['poll_s'] * 1000:.0f} ms (`clickstream_window_end_timestamp_seconds` per region) "
+                "and reads `click-snapshots` with a consumer; delay = when a (region, window) snapshot is first seen "
+                f"minus window end minus grace ({cfg['grace_s']:g} s), for the windows that ended while the load ran, "
+                "all runs pooled. The /metrics figure includes up to one polling interval.",
+                "",
+            ]
+    m = r.get("memory")
+    if m:
+        md += [
+            "**4. Memory.** Peak RSS (`VmHWM` of `/proc/PID/status`) of the worker process of (1), read when it "
+            f"has counted the whole backlog: at N={m['peak_rss'][0][0]:,} the median of the runs of (1), at the "
+            f"larger N {m['large_runs']} run(s) on a backlog produced the same way "
+            f"(worker rate there {m['large_rate']:,.0f} ev/s, bare {m['large_bare']:,.0f} ev/s).",
+            "",
+        ]
+    if r.get("notes"):
+        md += ["## Notes", ""] + [f"- {x}" for x in r["notes"]] + [""]
+    md += ["## Raw results", "", "```json", r["json"], "```", ""]
+    return "\n".join(md)

@@ -1,0 +1,179 @@
+"""(1) Worker throughput on a backlog, against a bare aiokafka consumer, and (4) its peak RSS.
+
+Every measurement reads the same backlog of ``clicks`` on the same broker:
+  * ``bare``   an aiokafka consumer that decodes each value with orjson and counts it per
+               region in a dict;
+  * ``worker`` ``aggregator run`` started against the backlog;
+  * ``plain_faust`` the way a user would write it with Faust (aggregator/bench/plain_faust.py),
+               on the first ``n`` records only, because it is slow.
+Rates are from the first record counted to the last, so the consumer-group join (a few
+seconds on the embedded broker) is left out of all three alike; the worker's time from
+process start is reported too.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from aggregator.bench.common import REPO, ServiceProc, by_label, metrics, proc_status
+from aggregator.broker import CLICKS
+
+
+@dataclass
+class BareResult:
+    rate: float
+    seconds: float
+    counts: dict[str, int]
+
+
+async def bare(bootstrap: str, n: int, timeout: float = 300.0) -> BareResult:
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(CLICKS, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                         group_id=None, enable_auto_commit=False, max_partition_fetch_bytes=4 << 20)
+    await c.start()
+    counts: dict[str, int] = {}
+    seen = 0
+    loads = orjson.loads
+    t0 = None
+    deadline = time.monotonic() + timeout
+    try:
+        while seen < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bare consumer read {seen} of {n} records in {timeout}s")
+            batch = await c.getmany(timeout_ms=1000, max_records=20000)
+            if t0 is None and batch:
+                t0 = time.perf_counter()
+            for recs in batch.values():
+                for rec in recs:
+                    r = loads(rec.value)["region"]
+                    counts[r] = counts.get(r, 0) + 1
+                seen += len(recs)
+        dt = time.perf_counter() - t0
+    finally:
+        await c.stop()
+    return BareResult(n / dt, dt, counts)
+
+
+@dataclass
+class WorkerResult:
+    rate: float               # events/s, first event counted -> last
+    rate_from_start: float    # events/s, process start -> last
+    seconds: float
+    startup_s: float          # process start -> first event counted
+    peak_rss_mb: float        # VmHWM of the worker process
+    counts: dict[str, int] = field(default_factory=dict)  # clickstream_events_total per region
+    late: float = 0.0
+    profile: str = ""
+
+
+def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
+           profile_dir: str | None = None, env: dict[str, str] | None = None) -> WorkerResult:
+    """Start ``aggregator run`` on the backlog; done when ``pipeline_stage_processed_total``
+    of stage ``window`` (events applied to a window or the late bucket) reaches ``n``."""
+    svc = ServiceProc(broker_url, env=dict(env or {})).start()
+    spy = None
+    profile = ""
+    try:
+        if profile_dir and shutil.which("py-spy"):
+            profile = os.path.join(profile_dir, f"worker-{n}.txt")
+            spy = subprocess.Popen(["py-spy", "record", "--nonblocking", "-r", "200", "-f", "raw",
+                                    "-o", profile, "--pid", str(svc.proc.pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t_first = c_first = None
+        t_prev = svc.started_at  # the last poll that saw nothing counted
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not count {n} events in {timeout}s:\n{svc.tail()}")
+            svc.check_alive()
+            time.sleep(poll)
+            try:
+                m = metrics(svc.url)
+            except OSError:
+                continue
+            now = time.perf_counter()
+            done = by_label(m.get("pipeline_stage_processed_total", {}), "stage").get("window", 0)
+            if done == 0:
+                t_prev = now
+            elif t_first is None:
+                t_first, c_first = now, done
+            if done >= n:
+                t_last = now
+                break
+        # exact counts: the per-region counter is taken from the books at each state flush
+        counts: dict[str, float] = {}
+        late = 0.0
+        for _ in range(100):
+            m = metrics(svc.url)
+            counts = by_label(m.get("clickstream_events_total", {}), "region")
+            late = sum(m.get("clickstream_late_events_total", {}).values())
+            if sum(counts.values()) + late >= n:
+                break
+            time.sleep(0.1)
+        peak = proc_status(svc.proc.pid, "VmHWM")
+        dt = t_last - t_first
+        if c_first < n / 2 and dt > 0:
+            rate = (n - c_first) / dt
+        else:  # a backlog counted within a poll or two (tiny N): a lower bound
+            dt = t_last - t_prev
+            rate = n / dt
+        return WorkerResult(rate=rate, rate_from_start=n / (t_last - svc.started_at), seconds=dt,
+                            startup_s=t_first - svc.started_at, peak_rss_mb=peak,
+                            counts={k: int(v) for k, v in counts.items()}, late=late, profile=profile)
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+        svc.stop()
+
+
+@dataclass
+class FaustResult:
+    rate: float
+    seconds: float
+    n: int
+
+
+def plain_faust(broker_url: str, n: int, timeout: float = 300.0) -> FaustResult:
+    """The plain-Faust reference on the first ``n`` records of the same topic."""
+    data = tempfile.mkdtemp(prefix="bench-faust-")
+    out = os.path.join(data, "result.json")
+    env = dict(os.environ, BENCH_BROKER=broker_url, BENCH_N=str(n), BENCH_OUT=out, BENCH_DATA=data)
+    with open(os.path.join(data, "faust.log"), "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "aggregator.bench.plain_faust", "worker", "-l", "warn"],
+                                env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(out):
+            if proc.poll() is not None:
+                raise RuntimeError("plain Faust exited early: "
+                                   + open(os.path.join(data, "faust.log"), errors="replace").read()[-3000:])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"plain Faust did not count {n} events in {timeout}s")
+            time.sleep(0.1)
+        time.sleep(0.05)
+        res = orjson.loads(open(out, "rb").read())
+        return FaustResult(rate=res["n"] / res["seconds"], seconds=res["seconds"], n=res["n"])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(data, ignore_errors=True)

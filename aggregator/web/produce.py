@@ -1,0 +1,164 @@
+"""Group commit of ingest records into Kafka record batches, one pump per partition.
+
+Concurrent ``POST /v1/events`` requests append their records (synchronously, no await per
+record) to the open record batch of each partition they touch and wait for that batch's
+delivery future.  A pump task per partition hands the open batch to aiokafka
+(``send_batch``) as soon as aiokafka can take another batch for the partition; records
+arriving meanwhile go into the next open batch.  So under load one produce request carries
+the records of every request that arrived during the previous round trip, instead of one
+batch per request and partition (aiokafka keeps at most one pending batch per partition,
+so per-request batches queue behind each other, one round trip each).
+
+aiokafka's ``DefaultPartitioner`` picks the partition of each region (murmur2 of the key,
+like the Java client), computed once per region: the same region lands in the same
+partition as it would from any other producer with default settings.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+from aiokafka.partitioner import DefaultPartitioner
+
+_PARTITIONER = DefaultPartitioner()
+
+
+class ProducerBusy(Exception):
+    """Too many batches wait for the broker: refuse new records instead of queueing them."""
+
+
+class _Pump:
+    __slots__ = ("producer", "topic", "partition", "batch", "done", "sealed", "task", "max_sealed")
+
+    def __init__(self, producer: Any, topic: str, partition: int, max_sealed: int) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partition = partition
+        self.batch: Any = None              # open BatchBuilder, being filled
+        self.done: asyncio.Future | None = None  # resolved when the open batch is delivered
+        self.sealed: collections.deque = collections.deque()  # full batches waiting: (batch, done)
+        self.task: asyncio.Task | None = None
+        self.max_sealed = max_sealed
+
+    def _open(self) -> None:
+        self.batch = self.producer.create_batch()
+        self.done = asyncio.get_running_loop().create_future()
+
+    def append(self, key: bytes, values: list[bytes], timestamp: int, waits: set) -> None:
+        if self.batch is None:
+            self._open()
+        append = self.batch.append
+        for value in values:
+            if append(timestamp=timestamp, key=key, value=value) is None:
+                # full: queue it for the pump, go on in a new batch
+                waits.add(self.done)
+                self.sealed.append((self.batch, self.done))
+                self._open()
+                append = self.batch.append
+                if append(timestamp=timestamp, key=key, value=value) is None:
+                    raise ValueError("a record is larger than the producer's batch size")
+        waits.add(self.done)
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if self.sealed:
+                    batch, done = self.sealed.popleft()
+                elif self.batch is not None:
+                    batch, done = self.batch, self.done
+                    self.batch = self.done = None
+                else:
+                    return
+                batch.close()
+                try:
+                    # waits (bounded by the producer's request timeout) until aiokafka can
+                    # take another batch for this partition; meanwhile records gather in
+                    # the next open batch
+                    delivery = await self.producer.send_batch(batch, self.topic, partition=self.partition)
+                except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                    _settle(done, exc)
+                    continue
+                delivery.add_done_callback(lambda f, done=done: _settle(done, f))
+        finally:
+            self.task = None
+
+    @property
+    def busy(self) -> bool:
+        return len(self.sealed) >= self.max_sealed
+
+
+def _settle(done: asyncio.Future, outcome: Any) -> None:
+    if done.done():
+        return
+    if isinstance(outcome, BaseException):
+        done.set_exception(outcome)
+    elif outcome.cancelled():
+        done.set_exception(asyncio.CancelledError())
+    elif outcome.exception() is not None:
+        done.set_exception(outcome.exception())
+    else:
+        done.set_result(None)
+        return
+    # the requests that waited may have timed out already: mark the exception as retrieved
+    # so asyncio does not log "exception was never retrieved" for it
+    done.exception()
+
+
+class BatchProducer:
+    """Routes records of a topic to per-partition pumps; see the module doc."""
+
+    def __init__(self, producer: Any, topic: str, max_sealed: int = 32) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.max_sealed = max_sealed
+        self.parts: list[int] = []
+        self.route: dict[str, tuple[bytes, _Pump]] = {}  # region -> (key, pump of its partition)
+        self.pumps: dict[int, _Pump] = {}
+
+    def _partitions(self) -> list[int] | None:
+        parts = self.producer.client.cluster.partitions_for_topic(self.topic)
+        if not parts:
+            return None
+        if len(parts) != len(self.parts):
+            self.parts = sorted(parts)
+            self.route.clear()  # partition count changed: look every region up again
+        return self.parts
+
+    def has_metadata(self) -> bool:
+        """The partitions of the topic are known (refreshes the cached list; no await)."""
+        return self._partitions() is not None
+
+    async def ensure_metadata(self) -> None:
+        if self._partitions() is None:
+            await self.producer.partitions_for(self.topic)
+            if self._partitions() is None:
+                raise RuntimeError(f"no partitions known for {self.topic}")
+
+    def _route(self, region: str) -> tuple[bytes, _Pump]:
+        key = region.encode()
+        partition = _PARTITIONER(key, self.parts, self.parts)
+        pump = self.pumps.get(partition)
+        if pump is None:
+            pump = self.pumps[partition] = _Pump(self.producer, self.topic, partition, self.max_sealed)
+        route = self.route[region] = (key, pump)
+        return route
+
+    def partition_of(self, region: str) -> int:
+        return (self.route.get(region) or self._route(region))[1].partition
+
+    def submit(self, by_region: dict[str, list[bytes]], timestamp: int) -> set[asyncio.Future]:
+        """Append every region's values (already ``ensure_metadata``); returns the delivery
+        futures to wait for.  Raises ``ProducerBusy`` before appending anything when a
+        partition has too many batches waiting."""
+        route = self.route
+        routes = [(route.get(region) or self._route(region), values) for region, values in by_region.items()]
+        for (_, pump), _ in routes:
+            if pump.busy:
+                raise ProducerBusy(f"partition {pump.partition} has {len(pump.sealed)} batches waiting")
+        waits: set[asyncio.Future] = set()
+        for (key, pump), values in routes:
+            pump.append(key, values, timestamp, waits)
+        return waits

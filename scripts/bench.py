@@ -1,0 +1,233 @@
+"""``make bench``: worker throughput vs a bare consumer, HTTP ingest rate and latency, snapshot
+delay and memory (issue 7).  Prints a table and writes docs/benchmarks.md from this run.
+
+    .venv/bin/python scripts/bench.py                          # the full run (make bench)
+    .venv/bin/python scripts/bench.py --n 100000 --runs 1 --memory-n 0 --faust-n 2000 \\
+        --ingest-duration 3 --out -                            # a quick look, writes nothing
+
+Every run starts its own embedded broker (loopback only).  See aggregator/bench/ for what
+each figure means; docs/benchmarks.md says it again next to the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import orjson
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aggregator.bench import common, ingest, report, throughput  # noqa: E402
+from aggregator.broker import EmbeddedBroker, ensure_topics  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def fresh_broker(partitions: int) -> tuple[EmbeddedBroker, str]:
+    b = EmbeddedBroker().start()
+    bootstrap = b.url.split("://", 1)[1]
+    asyncio.run(ensure_topics(bootstrap, partitions))
+    return b, bootstrap
+
+
+def worker_section(a: argparse.Namespace) -> tuple[dict, list[tuple[int, float]], bool]:
+    runs = []
+    exact = True
+    for k in range(a.runs):
+        b, bootstrap = fresh_broker(a.partitions)
+        try:
+            t = time.perf_counter()
+            truth = asyncio.run(common.produce_backlog(bootstrap, a.n, seed=k + 1))
+            log(f"run {k + 1}: produced {a.n:,} events in {time.perf_counter() - t:.1f}s")
+            bare = asyncio.run(throughput.bare(bootstrap, a.n))
+            w = throughput.worker(b.url, a.n, profile_dir=a.profile_dir)
+            run = {"bare": bare.rate, "worker": w.rate, "worker_from_start": w.rate_from_start,
+                   "startup_s": w.startup_s, "rss": w.peak_rss_mb,
+                   "exact": bare.counts == truth and w.counts == truth and w.late == 0}
+            exact &= run["exact"]
+            if not run["exact"]:
+                log(f"run {k + 1}: COUNTS DIFFER: produced {truth}, bare {bare.counts}, worker {w.counts} late {w.late}")
+            if a.faust_n:
+                f = throughput.plain_faust(b.url, min(a.faust_n, a.n))
+                run["faust"] = f.rate
+            runs.append(run)
+            log(f"run {k + 1}: bare {bare.rate:,.0f}/s  worker {w.rate:,.0f}/s ({w.rate / bare.rate:.0%}; "
+                f"from start {w.rate_from_start:,.0f}/s)  peak RSS {w.peak_rss_mb:.0f} MB"
+                + (f"  plain Faust {run['faust']:,.0f}/s" if "faust" in run else "")
+                + ("" if run["exact"] else "  COUNTS NOT EXACT"))
+        finally:
+            b.stop()
+    med = common.median
+    res = {
+        "n": a.n, "runs": runs, "exact": exact,
+        "bare_rate": med([r["bare"] for r in runs]), "worker_rate": med([r["worker"] for r in runs]),
+        "worker_rate_from_start": med([r["worker_from_start"] for r in runs]),
+        "ratio": med([r["worker"] / r["bare"] for r in runs]),
+        "ratio_from_start": med([r["worker_from_start"] / r["bare"] for r in runs]),
+    }
+    if a.faust_n:
+        res.update(faust_n=min(a.faust_n, a.n), faust_rate=med([r["faust"] for r in runs]),
+                   faust_ratio=med([r["faust"] / r["bare"] for r in runs]))
+    rss = [(a.n, med([r["rss"] for r in runs]))]
+    return res, rss, exact
+
+
+def memory_section(a: argparse.Namespace, rss: list[tuple[int, float]]) -> dict:
+    rates, bares, peaks = [], [], []
+    for k in range(a.memory_runs):
+        b, bootstrap = fresh_broker(a.partitions)
+        try:
+            t = time.perf_counter()
+            truth = asyncio.run(common.produce_backlog(bootstrap, a.memory_n, seed=100 + k))
+            log(f"memory run {k + 1}: produced {a.memory_n:,} events in {time.perf_counter() - t:.1f}s")
+            bare = asyncio.run(throughput.bare(bootstrap, a.memory_n))
+            w = throughput.worker(b.url, a.memory_n)
+            if w.counts != truth or bare.counts != truth:
+                raise RuntimeError(f"memory run: counts differ: produced {truth}, worker {w.counts}")
+            rates.append(w.rate)
+            bares.append(bare.rate)
+            peaks.append(w.peak_rss_mb)
+            log(f"memory run {k + 1}: N={a.memory_n:,} worker {w.rate:,.0f}/s bare {bare.rate:,.0f}/s "
+                f"peak RSS {w.peak_rss_mb:.0f} MB")
+        finally:
+            b.stop()
+    return {"peak_rss": rss + [(a.memory_n, common.median(peaks))], "large_runs": a.memory_runs,
+            "large_rate": common.median(rates), "large_bare": common.median(bares)}
+
+
+def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
+    runs = []
+    metrics_d: list[float] = []
+    topic_d: list[float] = []
+    exact = True
+    poll = 0.05
+    for k in range(a.runs):
+        b, _ = fresh_broker(a.partitions)
+        try:
+            r = ingest.ingest_run(b.url, duration=a.ingest_duration, window_s=a.window_s, grace_s=a.grace_s,
+                                  small_concurrency=a.small_concurrency, big_concurrency=a.big_concurrency)
+        finally:
+            b.stop()
+        run = {name: {"rate": p.rate, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms,
+                      "offered": p.offered, "requests": p.requests, "server_cpu": p.server_cpu,
+                      "loadgen_cpu": p.loadgen_cpu} for name, p in r.phases.items()}
+        run["exact"] = r.exact
+        if a.alone:
+            b, _ = fresh_broker(a.partitions)
+            try:
+                alone = ingest.ingest_alone_run(b.url, duration=a.ingest_duration, big_concurrency=a.big_concurrency)
+            finally:
+                b.stop()
+            for name, p in alone.items():
+                run["alone_" + name] = {"rate": p.rate, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms,
+                                        "offered": p.offered, "requests": p.requests, "server_cpu": p.server_cpu,
+                                        "loadgen_cpu": p.loadgen_cpu}
+            log(f"ingest run {k + 1}, ingest alone (no worker in the process): batch 1000 "
+                f"{alone['max_1000'].rate:,.0f}/s (p99 {alone['max_1000'].p99_ms:.0f} ms); half rate "
+                f"{alone['half_1000'].offered:,.0f}/s: p50 {alone['half_1000'].p50_ms:.1f} ms "
+                f"p99 {alone['half_1000'].p99_ms:.1f} ms")
+        runs.append(run)
+        exact &= r.exact
+        metrics_d += r.snapshots.metrics_s
+        topic_d += r.snapshots.topic_s
+        poll = r.snapshots.poll_s
+        p1, p2, p3 = r.phases["max_1000"], r.phases["max_10"], r.phases["half_1000"]
+        log(f"ingest run {k + 1}: batch 1000 {p1.rate:,.0f}/s (p50 {p1.p50_ms:.0f} ms, p99 {p1.p99_ms:.0f} ms, "
+            f"service CPU {p1.server_cpu:.2f}); batch 10 {p2.rate:,.0f}/s (p99 {p2.p99_ms:.0f} ms); "
+            f"half rate {p3.offered:,.0f}/s: p50 {p3.p50_ms:.1f} ms p99 {p3.p99_ms:.1f} ms; "
+            f"snapshots seen {len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}"
+            + ("" if r.exact else f"; COUNTS NOT EXACT: {r.detail}"))
+    med = common.median
+
+    def m(phase: str, key: str) -> float:
+        return med([run[phase][key] for run in runs])
+
+    res = {"runs": runs, "exact": exact,
+           "max_1000_rate": m("max_1000", "rate"), "max_1000_p50": m("max_1000", "p50_ms"),
+           "max_1000_p99": m("max_1000", "p99_ms"),
+           "max_10_rate": m("max_10", "rate"), "max_10_p50": m("max_10", "p50_ms"), "max_10_p99": m("max_10", "p99_ms"),
+           "half_offered": m("half_1000", "offered"), "half_rate": m("half_1000", "rate"),
+           "half_p50": m("half_1000", "p50_ms"), "half_p99": m("half_1000", "p99_ms")}
+    if a.alone:
+        res.update(alone_max_rate=m("alone_max_1000", "rate"), alone_max_p99=m("alone_max_1000", "p99_ms"),
+                   alone_half_offered=m("alone_half_1000", "offered"), alone_half_p50=m("alone_half_1000", "p50_ms"),
+                   alone_half_p99=m("alone_half_1000", "p99_ms"), alone_cpu=m("alone_max_1000", "server_cpu"))
+    pct = common.percentile
+    snaps = {"poll_s": poll, "metrics_n": len(metrics_d), "topic_n": len(topic_d),
+             "metrics_p50": pct(metrics_d, 50), "metrics_p99": pct(metrics_d, 99),
+             "topic_p50": pct(topic_d, 50), "topic_p99": pct(topic_d, 99)}
+    return res, snaps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000, help="backlog for worker throughput")
+    ap.add_argument("--runs", type=int, default=3, help="runs per figure (medians)")
+    ap.add_argument("--faust-n", type=int, default=20_000, help="events for the plain-Faust reference (0: skip)")
+    ap.add_argument("--memory-n", type=int, default=3_000_000, help="larger backlog for peak RSS (0: skip)")
+    ap.add_argument("--memory-runs", type=int, default=1)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--ingest-duration", type=float, default=10.0, help="seconds per ingest phase (0: skip ingest)")
+    ap.add_argument("--window-s", type=float, default=2.0, help="window length during the ingest runs")
+    ap.add_argument("--grace-s", type=float, default=1.0, help="grace during the ingest runs")
+    ap.add_argument("--big-concurrency", type=int, default=8, help="connections at batch 1000")
+    ap.add_argument("--small-concurrency", type=int, default=32, help="connections at batch 10")
+    ap.add_argument("--no-alone", dest="alone", action="store_false",
+                    help="skip the ingest routes measured without the worker in their process")
+    ap.add_argument("--skip-worker", action="store_true")
+    ap.add_argument("--profile-dir", default=None, help="record py-spy profiles of the worker here")
+    ap.add_argument("--out", default=os.path.join(common.REPO, "docs", "benchmarks.md"),
+                    help="markdown report ('-': none)")
+    ap.add_argument("--json", default=None, help="also write the raw results here")
+    a = ap.parse_args(argv)
+    if a.profile_dir:
+        os.makedirs(a.profile_dir, exist_ok=True)
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
+    t0 = time.perf_counter()
+    results: dict = {
+        "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["scripts/bench.py", *(argv if argv is not None else sys.argv[1:])]).strip(),
+        "machine": common.machine(),
+        "config": {"partitions": a.partitions, "zipf_s": common.ZIPF_S, "top_share": common.top_share(),
+                   "window_s": a.window_s, "grace_s": a.grace_s, "ingest_duration": a.ingest_duration,
+                   "big_concurrency": a.big_concurrency, "small_concurrency": a.small_concurrency},
+        "notes": [],
+    }
+    log(f"machine: {results['machine']['cpu']}, {results['machine']['nproc']} cores, load {results['machine']['loadavg']}")
+    ok = True
+    if not a.skip_worker and a.n:
+        results["worker"], rss, exact = worker_section(a)
+        ok &= exact
+        if a.memory_n:
+            results["memory"] = memory_section(a, rss)
+        else:
+            results["memory"] = {"peak_rss": rss, "large_runs": 0, "large_rate": float("nan"),
+                                 "large_bare": float("nan")}
+    if a.ingest_duration > 0:
+        results["ingest"], results["snapshots"] = ingest_section(a)
+        ok &= results["ingest"]["exact"]
+    results["elapsed_s"] = time.perf_counter() - t0
+    results["json"] = orjson.dumps({k: v for k, v in results.items() if k != "json"},
+                                   option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()
+    print()
+    print(report.table(results))
+    print(f"\n({results['elapsed_s'] / 60:.1f} min)")
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(results["json"] + "\n")
+    if a.out != "-":
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(report.markdown(results))
+        log(f"wrote {a.out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

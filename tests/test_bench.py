@@ -1,0 +1,77 @@
+"""Smoke test of ``make bench`` (scripts/bench.py, aggregator/bench/): a tiny run of every
+measurement must finish and count exactly.  No timing is asserted: rates and latencies on a
+shared machine are for docs/benchmarks.md, not for a test."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aggregator.bench.common import REGIONS, percentile, pick_regions, top_share
+from aggregator.bench.loadgen import bodies
+from aggregator.bench.report import markdown, table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_region_mix_is_zipf_with_one_region_about_40_percent():
+    assert 0.37 < top_share() < 0.43
+    regions = pick_regions(20000, seed=3)
+    share = regions.count(REGIONS[0]) / len(regions)
+    assert 0.37 < share < 0.43
+    assert set(regions) == set(REGIONS)
+    assert regions == pick_regions(20000, seed=3)  # seeded: the same backlog every run
+
+
+def test_percentile_nearest_rank():
+    xs = list(range(1, 101))
+    assert percentile(xs, 50) == 50
+    assert percentile(xs, 99) == 99
+    assert percentile(xs, 100) == 100
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_loadgen_bodies_carry_their_region_counts():
+    for body, counts in bodies(10, 3, seed=1):
+        lines = body.split(b"\n")
+        assert len(lines) == 10 == sum(counts.values())
+        seen: dict[str, int] = {}
+        for line in lines:
+            r = json.loads(line)["region"]
+            seen[r] = seen.get(r, 0) + 1
+        assert seen == counts
+
+
+@pytest.mark.integration
+def test_bench_runs_and_counts_exactly(tmp_path):
+    out, raw = tmp_path / "benchmarks.md", tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--n", "3000", "--runs", "1", "--faust-n", "300",
+         "--memory-n", "6000", "--ingest-duration", "1.5", "--out", str(out), "--json", str(raw)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(raw.read_text())
+    w = res["worker"]
+    assert w["n"] == 3000 and w["exact"] is True and w["runs"][0]["exact"] is True
+    assert w["bare_rate"] > 0 and w["worker_rate"] > 0 and w["faust_rate"] > 0
+    assert [n for n, _ in res["memory"]["peak_rss"]] == [3000, 6000]
+    assert all(mb > 0 for _, mb in res["memory"]["peak_rss"])
+    i = res["ingest"]
+    assert i["exact"] is True
+    run = i["runs"][0]
+    phases = ("max_1000", "max_10", "half_1000", "alone_max_1000", "alone_half_1000")
+    assert set(run) >= set(phases)
+    assert all(run[p]["requests"] > 0 for p in phases)
+    assert res["snapshots"]["metrics_n"] > 0 and res["snapshots"]["topic_n"] > 0
+    # the report is made from the results: every section and the machine are there
+    md = out.read_text()
+    for needle in ("## Machine", "nproc", "Python", "worker throughput", "HTTP ingest", "snapshot delay",
+                   "peak RSS", res["machine"]["cpu"]):
+        assert needle in md, needle
+    assert "worker throughput" in proc.stdout  # the printed table
+    # the markdown is made from exactly these results (its raw block is the JSON written)
+    assert markdown({**res, "json": raw.read_text().rstrip("\n")}) == md
+    assert table(res).count("\n") >= 10
