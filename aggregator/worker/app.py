@@ -89,6 +89,7 @@ class Worker:
             broker_heartbeat_interval=max(0.5, settings.session_timeout / 4),
             broker_commit_interval=settings.state_flush_seconds,
             consumer_auto_offset_reset="earliest",
+            consumer_max_fetch_size=4 * 1024 * 1024,
             stream_wait_empty=False,
             producer_acks=-1,
             logging_config=None,
