@@ -96,3 +96,11 @@ def test_known_events_give_exact_snapshots_and_metrics(service_factory, broker):
         assert m[("clickstream_window_events", (("region", r),))] == latest[(r, end_ms)]["count"]
     assert m[("clickstream_late_events_total", (("reason", "client_delay"), ("region", "eu-west")))] == late_total
     assert m[("clickstream_rejected_events_total", (("reason", "bad_region"),))] == requests
+    # every stage reports: nothing left pending in ingest (all acknowledged), work done in each
+    ingested = sum(v for (name, _), v in m.items() if name == "clickstream_events_ingested_total")
+    assert m[("pipeline_stage_in_pending", (("stage", "ingest"),))] == 0
+    assert m[("pipeline_stage_processed_total", (("stage", "ingest"),))] == ingested + requests
+    assert m[("pipeline_stage_processed_total", (("stage", "decode"),))] >= ingested
+    assert m[("pipeline_stage_processed_total", (("stage", "window"),))] >= sum(expected.values())
+    assert m[("pipeline_stage_processed_total", (("stage", "publish"),))] >= len(by_key)
+    assert m[("pipeline_stage_in_pending", (("stage", "spill"),))] == 0

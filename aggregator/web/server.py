@@ -73,6 +73,7 @@ class WebService:
         self._ingested: dict[str, Any] = {}
         self._processed = metrics.stage_processed.labels("ingest")
         self._duration = metrics.stage_duration.labels("ingest")
+        self._pending = metrics.stage_pending.labels("ingest")  # records waiting for the broker's ack
         self.runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -169,6 +170,7 @@ class WebService:
             Metrics.add_counts(m.rejected, reasons)
         per_region: dict[str, int] = {}
         if good:
+            self._pending.inc(len(good))
             try:
                 await self._produce(good, ingest_ts, per_region)  # bounded by INGEST_TIMEOUT_S
             except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
@@ -176,6 +178,8 @@ class WebService:
                 m.stage_errors.labels("ingest").inc(len(good))
                 return _error(503, "the broker cannot take the records now; nothing was accepted",
                               {"Retry-After": "2"})
+            finally:
+                self._pending.dec(len(good))
         children = self._ingested
         for region, n in per_region.items():
             child = children.get(region)
