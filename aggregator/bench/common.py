@@ -96,6 +96,17 @@ async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 20
 
 
 # ------------------------------------------------------------------ processes
+def stop_group(proc: subprocess.Popen, wait: float) -> None:
+    """SIGTERM a child started in its own session, SIGKILL its group if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:

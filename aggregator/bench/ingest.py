@@ -14,7 +14,6 @@ bucket, exactly.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from aggregator.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics, percentile
+from aggregator.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics, percentile, stop_group
 from aggregator.broker import SNAPSHOTS
 
 
@@ -254,10 +253,4 @@ def ingest_alone_run(broker_url: str, duration: float = 10.0, big_concurrency: i
             raise RuntimeError(f"ingest alone: ingested {ingested} != accepted {expected}")
         return phases
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, 10)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from aggregator.bench.common import REPO, ServiceProc, by_label, metrics, proc_status
+from aggregator.bench.common import REPO, ServiceProc, by_label, metrics, proc_status, stop_group
 from aggregator.broker import CLICKS
 
 
@@ -169,11 +169,5 @@ def plain_faust(broker_url: str, n: int, timeout: float = 300.0) -> FaustResult:
         res = orjson.loads(open(out, "rb").read())
         return FaustResult(rate=res["n"] / res["seconds"], seconds=res["seconds"], n=res["n"])
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, 20)
         shutil.rmtree(data, ignore_errors=True)
