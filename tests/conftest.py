@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,16 @@ async def reset_kafka(bootstrap: str, timeout: float = 60.0) -> None:
             await asyncio.sleep(0.3)
     finally:
         await admin.close()
+
+
+def require_tool(name: str, install_hint: str) -> str:
+    """Path of a tool that .ci/run installs: missing, it fails under CI and skips elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} missing in CI ({install_hint})")
+        pytest.skip(f"{name} not installed ({install_hint})")
+    return path
 
 
 @pytest.fixture

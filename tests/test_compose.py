@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from aggregator.config import Settings
-from tests.conftest import REPO, free_port, http
+from tests.conftest import REPO, free_port, http, require_tool
 
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -135,11 +135,7 @@ def test_dockerfile_copies_what_exists_and_runs_the_cli():
 
 
 def test_dockerfile_lints_clean(tmp_path):
-    lint = shutil.which("dockerfile-utils")
-    if lint is None:
-        if os.environ.get("CI"):  # .ci/run installs it: missing there is a failure
-            pytest.fail("dockerfile-utils (npm) is not installed")
-        pytest.skip("dockerfile-utils not installed (npm install -g dockerfile-utils)")
+    lint = require_tool("dockerfile-utils", "npm install -g dockerfile-utils")
     res = subprocess.run([lint, "lint", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "", res.stdout + res.stderr
     bad = tmp_path / "Dockerfile"

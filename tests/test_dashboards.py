@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DASH_DIR = ROOT / "dashboards"
@@ -348,11 +349,7 @@ def test_grafana_provisioning():
 
 
 def test_promtool_validates_rules_and_config():
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if __import__("os").environ.get("CI"):  # CI installs it (.ci/run): missing there is a failure
-            pytest.fail("prometheus/promtool missing in CI")
-        pytest.skip("promtool not on PATH (Debian/Ubuntu: apt-get install prometheus)")
+    promtool = require_tool("promtool", "Debian/Ubuntu: apt-get install prometheus")
     commands = [
         [promtool, "check", "rules", str(ALERTS)],
         [promtool, "check", "config", str(PROM_CONFIG)],

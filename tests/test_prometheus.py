@@ -29,7 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.broker import free_port
-from tests.conftest import wait_for
+from tests.conftest import require_tool, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.prometheus]
 
@@ -55,12 +55,7 @@ PROMETHEUS_OWN = {"up"}  # synthesized by Prometheus per target, always has samp
 
 
 def _prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        if __import__("os").environ.get("CI"):  # CI installs it (.ci/run): missing there is a failure
-            pytest.fail("prometheus/promtool missing in CI")
-        pytest.skip("the prometheus server binary is not installed (Debian: apt-get install prometheus)")
-    return path
+    return require_tool("prometheus", "Debian: apt-get install prometheus")
 
 
 def _promtool() -> str:

@@ -42,6 +42,15 @@ def first_open_window(stream_time: int, window_ms: int, grace_ms: int) -> int:
     return window_start(stream_time - grace_ms - 1, window_ms)
 
 
+# A snapshot re-published after a crash or rebalance repeats these exactly;
+# ``emitted_at`` may differ (CONTRACT §1).
+CONTENT_FIELDS = ("region", "window_start", "window_end", "count", "late", "late_by_reason")
+
+
+def snapshot_content(s: dict) -> dict:
+    return {k: s.get(k) for k in CONTENT_FIELDS}
+
+
 class WindowBook:
     """Window state of one partition: open windows, late bucket, outbox.
 

@@ -3,12 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# what a re-published snapshot must repeat exactly; ``emitted_at`` may differ after a crash
-CONTENT_FIELDS = ("region", "window_start", "window_end", "count", "late", "late_by_reason")
-
-
-def content(s: dict) -> dict:
-    return {k: s.get(k) for k in CONTENT_FIELDS}
+from aggregator.core.windows import snapshot_content as content
 
 
 def expected_windows(truth: dict[str, Any]) -> set[tuple[str, int]]:

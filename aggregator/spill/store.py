@@ -371,15 +371,7 @@ class SpillStore:
             if not new_data:
                 os.unlink(path)
                 return None, 0
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(new_data)
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-            if self.fsync:
-                _fsync_dir(r.dir)
+            self._write_atomic(path, new_data)  # path is in r.dir: that directory is fsynced
             size = len(new_data)
         else:
             size = len(data)

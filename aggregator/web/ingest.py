@@ -87,8 +87,9 @@ class _BadLine:
 _REGION_CACHE: dict[str, str] = {}
 _REGION_CACHE_MAX = 10000
 _TS_MIN, _TS_MAX = -(2**53), 2**53
-_EVENT_ID, _USER_ID, _URL = LIMITS["event_id"], LIMITS["user_id"], LIMITS["url"]
-# the fast path below spells these fields out: a field added to core.events must be added there
+_STR_FIELDS = tuple(LIMITS.items())
+# the fast path below checks these as length-limited strings: a field of another kind added
+# to core.events must be handled there
 assert list(LIMITS) == ["event_id", "user_id", "url"], "update ingest._validate_fast"
 
 
@@ -107,21 +108,12 @@ def _validate_fast(obj: Any) -> dict[str, Any] | None:
         return None
     out = {"region": region}
     get = obj.get
-    v = get("event_id")
-    if v is not None:
-        if type(v) is not str or len(v) > _EVENT_ID:
-            return None
-        out["event_id"] = v
-    v = get("user_id")
-    if v is not None:
-        if type(v) is not str or len(v) > _USER_ID:
-            return None
-        out["user_id"] = v
-    v = get("url")
-    if v is not None:
-        if type(v) is not str or len(v) > _URL:
-            return None
-        out["url"] = v
+    for name, limit in _STR_FIELDS:
+        v = get(name)
+        if v is not None:
+            if type(v) is not str or len(v) > limit:
+                return None
+            out[name] = v
     v = get("ts")
     if v is not None:
         if type(v) is not int or not _TS_MIN < v < _TS_MAX:

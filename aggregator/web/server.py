@@ -16,7 +16,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as om_gener
 
 from aggregator.broker import CLICKS
 from aggregator.config import Settings
-from aggregator.core.windows import OTHER_REGION
+from aggregator.core.windows import OTHER_REGION, snapshot_content
 from aggregator.web.ingest import BodyError, decode_body, gunzip_bounded, validate_records
 from aggregator.web.metrics import Metrics
 from aggregator.web.produce import BatchProducer
@@ -32,10 +32,6 @@ class SnapshotStore:
         self.items: collections.deque = collections.deque(maxlen=maxlen)
         self.latest: dict[tuple[str, int], dict] = {}
 
-    @staticmethod
-    def _same(a: dict, b: dict) -> bool:
-        return all(a.get(k) == b.get(k) for k in a.keys() | b.keys() if k != "emitted_at")
-
     def add(self, snaps: list[dict]) -> None:
         """A snapshot re-published after a rebalance or restart with identical content
         (CONTRACT §1) is listed once."""
@@ -43,7 +39,7 @@ class SnapshotStore:
         for s in snaps:
             key = (s["region"], s["window_start"])
             prev = latest.get(key)
-            if prev is not None and self._same(prev, s):
+            if prev is not None and snapshot_content(prev) == snapshot_content(s):
                 continue
             if len(items) == items.maxlen:
                 old = items[0]
@@ -176,7 +172,7 @@ class WebService:
             except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
                 log.warning("ingest: broker did not take %d records: %r", len(good), exc)
                 m.stage_errors.labels("ingest").inc(len(good))
-                return _error(503, "the broker cannot take the records now; nothing was accepted",
+                return _error(503, "the broker did not acknowledge the records in time; part of them may have been stored",
                               {"Retry-After": "2"})
             finally:
                 self._pending.dec(len(good))

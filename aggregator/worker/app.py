@@ -169,37 +169,8 @@ class Worker:
             records = records[bisect_left(records, start, key=_offset):]
             if not records:
                 return
-        loads = orjson.loads
-        valid = self.valid_regions
-        events = []
-        append = events.append
         limiting = self.limiting
-        offsets: list[int] = []
-        rejected: dict[str, int] = {}
-        for rec in records:
-            try:
-                d = loads(rec.value)
-                region = valid.get(d["region"])
-                if region is None:
-                    region = self._valid_region(d["region"])
-                its = d.get("ingest_ts")
-                if type(its) is not int:
-                    if its is not None:
-                        raise EventError("bad_ingest_ts", "ingest_ts must be epoch milliseconds")
-                    its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
-                cts = d.get("ts")
-                if cts is not None and type(cts) is not int:
-                    cts = parse_client_ts(cts)
-            except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
-                reason = exc.reason if isinstance(exc, EventError) else "undecodable"
-                rejected[reason] = rejected.get(reason, 0) + 1
-                self.dlq.append((rec.key, orjson.dumps({
-                    "reason": reason, "error": str(exc)[:200], "partition": partition,
-                    "offset": rec.offset, "raw": (rec.value or b"")[:65536].decode("utf-8", "replace")})))
-                continue
-            append((region, its, cts))
-            if limiting:
-                offsets.append(rec.offset)
+        events, offsets, rejected = self._decode(records, now_ms, partition, limiting, self.dlq)
         t1 = time.perf_counter()
         n_window = len(events)
         if limiting and events:
@@ -239,6 +210,45 @@ class Worker:
                         self.s.spill_max_bytes)
         return n
 
+    def _decode(self, records: list, now_ms: int, partition: int, want_offsets: bool,
+                dlq: list | None) -> tuple[list, list[int], dict[str, int]]:
+        """Records -> ``(region, ingest_ts, client_ts)`` events (and their offsets if asked).
+
+        The hot loop: no await, no log line, one tuple per event.  A bad record is
+        counted by reason and, when ``dlq`` is given, queued for the dead-letter topic."""
+        loads = orjson.loads
+        valid = self.valid_regions
+        events: list = []
+        append = events.append
+        offsets: list[int] = []
+        rejected: dict[str, int] = {}
+        for rec in records:
+            try:
+                d = loads(rec.value)
+                region = valid.get(d["region"])
+                if region is None:
+                    region = self._valid_region(d["region"])
+                its = d.get("ingest_ts")
+                if type(its) is not int:
+                    if its is not None:
+                        raise EventError("bad_ingest_ts", "ingest_ts must be epoch milliseconds")
+                    its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
+                cts = d.get("ts")
+                if cts is not None and type(cts) is not int:
+                    cts = parse_client_ts(cts)
+            except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
+                reason = exc.reason if isinstance(exc, EventError) else "undecodable"
+                rejected[reason] = rejected.get(reason, 0) + 1
+                if dlq is not None:
+                    dlq.append((rec.key, orjson.dumps({
+                        "reason": reason, "error": str(exc)[:200], "partition": partition,
+                        "offset": rec.offset, "raw": (rec.value or b"")[:65536].decode("utf-8", "replace")})))
+                continue
+            append((region, its, cts))
+            if want_offsets:
+                offsets.append(rec.offset)
+        return events, offsets, rejected
+
     def _rebuild(self, spill: PartitionSpill, records: list, start: int, now_ms: int) -> None:
         """Replay of records before the state's offset while spill files are lost:
         re-spill the undrained events of the regions being rebuilt."""
@@ -246,25 +256,12 @@ class Worker:
         lows = {r: spill.ledger.regions[r][2] for r in rebuild}
         log.info("partition %d: rebuild replay %d..%d (state at %d, lows %s, left %s)", spill.partition,
                  records[0].offset, records[-1].offset, start, lows, rebuild)
-        for rec in records:
-            if rec.offset >= start:
-                break
-            try:
-                d = orjson.loads(rec.value)
-                region = self.valid_regions.get(d["region"]) or self._valid_region(d["region"])
-                if region not in rebuild or rec.offset < lows[region]:
-                    continue
-                its = d.get("ingest_ts")
-                if type(its) is not int:
-                    if its is not None:
-                        continue
-                    its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
-                cts = d.get("ts")
-                if cts is not None and type(cts) is not int:
-                    cts = parse_client_ts(cts)
-            except Exception:  # noqa: BLE001 - it went to the dead-letter topic the first time
-                continue
-            spill.rebuild_add(region, rec.offset, its, cts)
+        replay = records[:bisect_left(records, start, key=_offset)]
+        # bad records went to the dead-letter topic the first time: not again
+        events, offsets, _ = self._decode(replay, now_ms, spill.partition, True, None)
+        for (region, its, cts), offset in zip(events, offsets):
+            if region in rebuild and offset >= lows[region]:
+                spill.rebuild_add(region, offset, its, cts)
         spill.rebuild_flush(done=records[-1].offset + 1 >= start)
 
     def _spill_bytes(self) -> int:
