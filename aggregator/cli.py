@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -104,12 +105,27 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
               f"(POST /v1/events, GET /metrics, /v1/snapshots, /healthz, /readyz)", flush=True)
         fw = faust.Worker(worker.app, loglevel=settings.log_level.lower(), quiet=True,
                           redirect_stdouts=False, override_logging=False)
+        tune_gc()
         fw.spinner = None  # a terminal spinner would print escape codes into our log lines
         fw.execute_from_commandline()
         return 0
     finally:
         if broker:
             broker.stop()
+
+
+# CPython collects its youngest generation every 700 net container allocations.  The
+# worker allocates a few objects per event and keeps each fetched batch (tens of
+# thousands of records) alive while it counts it, so the default collects every few
+# hundred events and promotes whole batches into the older generations, whose
+# collections walk the whole heap (Faust, aiokafka, aiohttp).  That was about a third
+# of the worker's CPU at full speed: ``make bench`` measured 5.8 -> 4.0 us of CPU per
+# event with these thresholds, at the same peak RSS.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ def worker_section(a: argparse.Namespace) -> tuple[dict, list[tuple[int, float]]
             w = throughput.worker(b.url, a.n, profile_dir=a.profile_dir)
             run = {"bare": bare.rate, "worker": w.rate, "worker_from_start": w.rate_from_start,
                    "startup_s": w.startup_s, "rss": w.peak_rss_mb,
+                   "bare_cpu_us": bare.cpu_us, "worker_cpu_us": w.cpu_us,
                    "exact": bare.counts == truth and w.counts == truth and w.late == 0}
             exact &= run["exact"]
             if not run["exact"]:
@@ -57,7 +58,8 @@ def worker_section(a: argparse.Namespace) -> tuple[dict, list[tuple[int, float]]
                 run["faust"] = f.rate
             runs.append(run)
             log(f"run {k + 1}: bare {bare.rate:,.0f}/s  worker {w.rate:,.0f}/s ({w.rate / bare.rate:.0%}; "
-                f"from start {w.rate_from_start:,.0f}/s)  peak RSS {w.peak_rss_mb:.0f} MB"
+                f"from start {w.rate_from_start:,.0f}/s)  CPU/event bare {bare.cpu_us:.2f} us worker {w.cpu_us:.2f} us"
+                f"  peak RSS {w.peak_rss_mb:.0f} MB"
                 + (f"  plain Faust {run['faust']:,.0f}/s" if "faust" in run else "")
                 + ("" if run["exact"] else "  COUNTS NOT EXACT"))
         finally:
@@ -69,6 +71,8 @@ def worker_section(a: argparse.Namespace) -> tuple[dict, list[tuple[int, float]]
         "worker_rate_from_start": med([r["worker_from_start"] for r in runs]),
         "ratio": med([r["worker"] / r["bare"] for r in runs]),
         "ratio_from_start": med([r["worker_from_start"] / r["bare"] for r in runs]),
+        "bare_cpu_us": med([r["bare_cpu_us"] for r in runs]),
+        "worker_cpu_us": med([r["worker_cpu_us"] for r in runs]),
     }
     if a.faust_n:
         res.update(faust_n=min(a.faust_n, a.n), faust_rate=med([r["faust"] for r in runs]),

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from aggregator.bench.common import REPO, ServiceProc, by_label, metrics, proc_status, stop_group
+from aggregator.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics, proc_status, stop_group
 from aggregator.broker import CLICKS
 
 
@@ -33,6 +33,7 @@ class BareResult:
     rate: float
     seconds: float
     counts: dict[str, int]
+    cpu_us: float = 0.0       # CPU time of the consumer per event, microseconds
 
 
 async def bare(bootstrap: str, n: int, timeout: float = 300.0) -> BareResult:
@@ -52,16 +53,17 @@ async def bare(bootstrap: str, n: int, timeout: float = 300.0) -> BareResult:
                 raise RuntimeError(f"bare consumer read {seen} of {n} records in {timeout}s")
             batch = await c.getmany(timeout_ms=1000, max_records=20000)
             if t0 is None and batch:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
             for recs in batch.values():
                 for rec in recs:
                     r = loads(rec.value)["region"]
                     counts[r] = counts.get(r, 0) + 1
                 seen += len(recs)
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
     finally:
         await c.stop()
-    return BareResult(n / dt, dt, counts)
+    return BareResult(n / dt, dt, counts, cpu_us=cpu / n * 1e6)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class WorkerResult:
     counts: dict[str, int] = field(default_factory=dict)  # clickstream_events_total per region
     late: float = 0.0
     profile: str = ""
+    cpu_us: float = 0.0       # CPU time of the worker process per event (first -> last), microseconds
 
 
 def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
@@ -106,9 +109,9 @@ def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
             if done == 0:
                 t_prev = now
             elif t_first is None:
-                t_first, c_first = now, done
+                t_first, c_first, cpu_first = now, done, cpu_seconds(svc.proc.pid)
             if done >= n:
-                t_last = now
+                t_last, cpu_last = now, cpu_seconds(svc.proc.pid)
                 break
         # exact counts: the per-region counter is taken from the books at each state flush
         counts: dict[str, float] = {}
@@ -122,14 +125,17 @@ def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
             time.sleep(0.1)
         peak = proc_status(svc.proc.pid, "VmHWM")
         dt = t_last - t_first
+        cpu_us = 0.0
         if c_first < n / 2 and dt > 0:
             rate = (n - c_first) / dt
+            cpu_us = (cpu_last - cpu_first) / (n - c_first) * 1e6
         else:  # a backlog counted within a poll or two (tiny N): a lower bound
             dt = t_last - t_prev
             rate = n / dt
         return WorkerResult(rate=rate, rate_from_start=n / (t_last - svc.started_at), seconds=dt,
                             startup_s=t_first - svc.started_at, peak_rss_mb=peak,
-                            counts={k: int(v) for k, v in counts.items()}, late=late, profile=profile)
+                            counts={k: int(v) for k, v in counts.items()}, late=late, profile=profile,
+                            cpu_us=cpu_us)
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
