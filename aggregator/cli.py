@@ -83,6 +83,11 @@ def cmd_broker(settings: config.Settings, args: argparse.Namespace) -> int:
 
 def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
     broker = None
+    if settings.role != "all" and not settings.broker:
+        print(f"error: --role {settings.role} needs AGG_BROKER: the embedded broker of one `aggregator run` "
+              "is not shared; start one with `aggregator broker`, or use a Kafka cluster", file=sys.stderr)
+        return 2
+    tune_gc()
     if not settings.broker:
         broker = start_embedded_broker(settings)
         if broker is None:
@@ -95,17 +100,24 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
         except BrokerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if settings.role == "ingest":
+            from aggregator.web import ingest_service
+            print(f"aggregator (ingest): HTTP on http://{settings.web_host}:{settings.web_port} "
+                  f"(POST /v1/events, GET /metrics, /healthz, /readyz)", flush=True)
+            asyncio.run(ingest_service.serve(settings))
+            return 0
         os.makedirs(settings.data_dir, exist_ok=True)
         import faust
 
         from aggregator.worker.app import Worker
         on_snaps = print_snapshot_table if args.print_snapshots else None
         worker = Worker(settings, on_snapshots=on_snaps)
-        print(f"aggregator: HTTP on http://{settings.web_host}:{settings.web_port} "
-              f"(POST /v1/events, GET /metrics, /v1/snapshots, /healthz, /readyz)", flush=True)
+        routes = "GET /metrics, /v1/snapshots, /healthz, /readyz"
+        print(f"aggregator{' (worker)' if settings.role == 'worker' else ''}: HTTP on "
+              f"http://{settings.web_host}:{settings.web_port} "
+              f"({routes if settings.role == 'worker' else 'POST /v1/events, ' + routes})", flush=True)
         fw = faust.Worker(worker.app, loglevel=settings.log_level.lower(), quiet=True,
                           redirect_stdouts=False, override_logging=False)
-        tune_gc()
         fw.spinner = None  # a terminal spinner would print escape codes into our log lines
         fw.execute_from_commandline()
         return 0

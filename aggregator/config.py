@@ -29,6 +29,8 @@ class Settings:
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
     session_timeout: float = field(default=6.0, metadata={"help": "consumer group session timeout, seconds"})
     state_flush_seconds: float = field(default=0.5, metadata={"help": "how often window state is written to its changelog"})
+    role: str = field(default="all", metadata={"help": "what `run` serves: all (HTTP ingest and the worker), "
+                                                       "ingest (HTTP ingest only), worker (the worker only)"})
 
     @property
     def window_ms(self) -> int:
@@ -56,6 +58,9 @@ class Settings:
 
     def faust_broker(self) -> list[str]:
         return [h if "://" in h else f"kafka://{h}" for h in self.broker.split(",")]
+
+
+ROLES = ("all", "ingest", "worker")
 
 
 def _env_name(name: str) -> str:
@@ -86,4 +91,6 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
         except ValueError:
             raise SystemExit(f"error: {_env_name(f.name)} / --{f.name.replace('_', '-')}: "
                              f"expected {typ.__name__}, got {raw!r}")
+    if s.role not in ROLES:
+        raise SystemExit(f"error: AGG_ROLE / --role: expected one of {', '.join(ROLES)}, got {s.role!r}")
     return s

@@ -104,10 +104,17 @@ def memory_section(a: argparse.Namespace, rss: list[tuple[int, float]]) -> dict:
             "large_rate": common.median(rates), "large_bare": common.median(bares)}
 
 
+def _phase_dict(p: ingest.Phase) -> dict:
+    return {"rate": p.rate, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms, "offered": p.offered,
+            "requests": p.requests, "server_cpu": p.server_cpu, "worker_cpu": p.worker_cpu,
+            "loadgen_cpu": p.loadgen_cpu}
+
+
 def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
+    """Per run: the split deployment (ingest process + worker process: figure 2 and the
+    snapshot delay of figure 3), then, unless --no-one, ``aggregator run`` as one process."""
     runs = []
-    metrics_d: list[float] = []
-    topic_d: list[float] = []
+    delays: dict[str, list[float]] = {"metrics": [], "topic": [], "one_metrics": [], "one_topic": []}
     exact = True
     poll = 0.05
     for k in range(a.runs):
@@ -117,35 +124,37 @@ def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
                                   small_concurrency=a.small_concurrency, big_concurrency=a.big_concurrency)
         finally:
             b.stop()
-        run = {name: {"rate": p.rate, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms,
-                      "offered": p.offered, "requests": p.requests, "server_cpu": p.server_cpu,
-                      "loadgen_cpu": p.loadgen_cpu} for name, p in r.phases.items()}
+        run = {name: _phase_dict(p) for name, p in r.phases.items()}
         run["exact"] = r.exact
-        if a.alone:
-            b, _ = fresh_broker(a.partitions)
-            try:
-                alone = ingest.ingest_alone_run(b.url, duration=a.ingest_duration, big_concurrency=a.big_concurrency)
-            finally:
-                b.stop()
-            for name, p in alone.items():
-                run["alone_" + name] = {"rate": p.rate, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms,
-                                        "offered": p.offered, "requests": p.requests, "server_cpu": p.server_cpu,
-                                        "loadgen_cpu": p.loadgen_cpu}
-            log(f"ingest run {k + 1}, ingest alone (no worker in the process): batch 1000 "
-                f"{alone['max_1000'].rate:,.0f}/s (p99 {alone['max_1000'].p99_ms:.0f} ms); half rate "
-                f"{alone['half_1000'].offered:,.0f}/s: p50 {alone['half_1000'].p50_ms:.1f} ms "
-                f"p99 {alone['half_1000'].p99_ms:.1f} ms")
-        runs.append(run)
         exact &= r.exact
-        metrics_d += r.snapshots.metrics_s
-        topic_d += r.snapshots.topic_s
+        delays["metrics"] += r.snapshots.metrics_s
+        delays["topic"] += r.snapshots.topic_s
         poll = r.snapshots.poll_s
         p1, p2, p3 = r.phases["max_1000"], r.phases["max_10"], r.phases["half_1000"]
-        log(f"ingest run {k + 1}: batch 1000 {p1.rate:,.0f}/s (p50 {p1.p50_ms:.0f} ms, p99 {p1.p99_ms:.0f} ms, "
-            f"service CPU {p1.server_cpu:.2f}); batch 10 {p2.rate:,.0f}/s (p99 {p2.p99_ms:.0f} ms); "
-            f"half rate {p3.offered:,.0f}/s: p50 {p3.p50_ms:.1f} ms p99 {p3.p99_ms:.1f} ms; "
-            f"snapshots seen {len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}"
+        log(f"ingest run {k + 1}, split: batch 1000 {p1.rate:,.0f}/s (p50 {p1.p50_ms:.0f} ms, p99 {p1.p99_ms:.0f} ms, "
+            f"CPU ingest {p1.server_cpu:.2f} worker {p1.worker_cpu:.2f} loadgen {p1.loadgen_cpu:.2f}); "
+            f"batch 10 {p2.rate:,.0f}/s (p99 {p2.p99_ms:.0f} ms); half rate {p3.offered:,.0f}/s: "
+            f"p50 {p3.p50_ms:.1f} ms p99 {p3.p99_ms:.1f} ms; snapshots seen "
+            f"{len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}"
             + ("" if r.exact else f"; COUNTS NOT EXACT: {r.detail}"))
+        if a.one:
+            b, _ = fresh_broker(a.partitions)
+            try:
+                o = ingest.ingest_run(b.url, duration=a.ingest_duration, window_s=a.window_s, grace_s=a.grace_s,
+                                      big_concurrency=a.big_concurrency, split=False, small=False)
+            finally:
+                b.stop()
+            for name, p in o.phases.items():
+                run["one_" + name] = _phase_dict(p)
+            run["one_exact"] = o.exact
+            exact &= o.exact
+            delays["one_metrics"] += o.snapshots.metrics_s
+            delays["one_topic"] += o.snapshots.topic_s
+            q1, q3 = o.phases["max_1000"], o.phases["half_1000"]
+            log(f"ingest run {k + 1}, one process: batch 1000 {q1.rate:,.0f}/s (p99 {q1.p99_ms:.0f} ms, "
+                f"CPU {q1.server_cpu:.2f}); half rate {q3.offered:,.0f}/s: p50 {q3.p50_ms:.1f} ms "
+                f"p99 {q3.p99_ms:.1f} ms" + ("" if o.exact else f"; COUNTS NOT EXACT: {o.detail}"))
+        runs.append(run)
     med = common.median
 
     def m(phase: str, key: str) -> float:
@@ -157,14 +166,15 @@ def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
            "max_10_rate": m("max_10", "rate"), "max_10_p50": m("max_10", "p50_ms"), "max_10_p99": m("max_10", "p99_ms"),
            "half_offered": m("half_1000", "offered"), "half_rate": m("half_1000", "rate"),
            "half_p50": m("half_1000", "p50_ms"), "half_p99": m("half_1000", "p99_ms")}
-    if a.alone:
-        res.update(alone_max_rate=m("alone_max_1000", "rate"), alone_max_p99=m("alone_max_1000", "p99_ms"),
-                   alone_half_offered=m("alone_half_1000", "offered"), alone_half_p50=m("alone_half_1000", "p50_ms"),
-                   alone_half_p99=m("alone_half_1000", "p99_ms"), alone_cpu=m("alone_max_1000", "server_cpu"))
+    if a.one:
+        res.update(one_max_rate=m("one_max_1000", "rate"), one_max_p99=m("one_max_1000", "p99_ms"),
+                   one_half_offered=m("one_half_1000", "offered"), one_half_p50=m("one_half_1000", "p50_ms"),
+                   one_half_p99=m("one_half_1000", "p99_ms"), one_cpu=m("one_max_1000", "server_cpu"))
     pct = common.percentile
-    snaps = {"poll_s": poll, "metrics_n": len(metrics_d), "topic_n": len(topic_d),
-             "metrics_p50": pct(metrics_d, 50), "metrics_p99": pct(metrics_d, 99),
-             "topic_p50": pct(topic_d, 50), "topic_p99": pct(topic_d, 99)}
+    snaps = {"poll_s": poll}
+    for key, d in delays.items():
+        if d:
+            snaps.update({f"{key}_n": len(d), f"{key}_p50": pct(d, 50), f"{key}_p99": pct(d, 99)})
     return res, snaps
 
 
@@ -181,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace-s", type=float, default=1.0, help="grace during the ingest runs")
     ap.add_argument("--big-concurrency", type=int, default=8, help="connections at batch 1000")
     ap.add_argument("--small-concurrency", type=int, default=32, help="connections at batch 10")
-    ap.add_argument("--no-alone", dest="alone", action="store_false",
-                    help="skip the ingest routes measured without the worker in their process")
+    ap.add_argument("--no-one", dest="one", action="store_false",
+                    help="skip the one-process (role all) ingest runs")
     ap.add_argument("--skip-worker", action="store_true")
     ap.add_argument("--profile-dir", default=None, help="record py-spy profiles of the worker here")
     ap.add_argument("--out", default=os.path.join(common.REPO, "docs", "benchmarks.md"),

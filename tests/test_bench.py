@@ -60,9 +60,9 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     assert [n for n, _ in res["memory"]["peak_rss"]] == [3000, 6000]
     assert all(mb > 0 for _, mb in res["memory"]["peak_rss"])
     i = res["ingest"]
-    assert i["exact"] is True
+    assert i["exact"] is True and i["runs"][0]["one_exact"] is True
     run = i["runs"][0]
-    phases = ("max_1000", "max_10", "half_1000", "alone_max_1000", "alone_half_1000")
+    phases = ("max_1000", "max_10", "half_1000", "one_max_1000", "one_half_1000")
     assert set(run) >= set(phases)
     assert all(run[p]["requests"] > 0 for p in phases)
     assert res["snapshots"]["metrics_n"] > 0 and res["snapshots"]["topic_n"] > 0

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.core.events import EventError, validate
+from aggregator.core.events import EventError, ingest_header, parse_ingest_header, validate
 from aggregator.web.ingest import MAX_ERRORS, BodyError, decode_body, gunzip_bounded, validate_records
 from tests.conftest import http, wait_for
 
@@ -35,6 +35,19 @@ def body_error(body: bytes, ct: str = JSON) -> BodyError:
 
 
 # ------------------------------------------------------------------ decode_body
+@given(st.integers(0, 2**53), st.one_of(st.none(), st.integers(-(2**53) + 1, 2**53 - 1)))
+def test_ingest_header_round_trips(ingest_ts, client_ts):
+    [(name, value)] = ingest_header(ingest_ts, client_ts)
+    assert name == "clickstream-ingest"
+    assert parse_ingest_header(value) == (ingest_ts, client_ts)
+
+
+@pytest.mark.parametrize("value", [b"", b"soon", b"1,", b",2", b"1,2,3", b"1.5"])
+def test_ingest_header_that_ingest_did_not_write_is_refused(value):
+    with pytest.raises(ValueError):
+        parse_ingest_header(value)
+
+
 def test_json_array_and_single_object():
     assert decode_body(b'[{"region": "eu"}, {"region": "us"}]', JSON) == [{"region": "eu"}, {"region": "us"}]
     assert decode_body(b'{"region": "eu"}', JSON) == [{"region": "eu"}]

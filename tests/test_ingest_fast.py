@@ -4,7 +4,7 @@ order, so the same bytes on ``clicks``), the same errors and the same reasons.""
 from __future__ import annotations
 
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from aggregator.core.events import EventError, validate
@@ -61,3 +61,33 @@ def test_fast_path_is_taken_for_known_regions_and_cache_is_bounded(monkeypatch):
     assert ingest._validate_fast({"region": ["EU-West"]}) is None
     validate_records([{"region": f"r{i}"} for i in range(10)] + [{"region": "bad region"}])
     assert len(ingest._REGION_CACHE) == 3 and "bad region" not in ingest._REGION_CACHE
+
+
+# NDJSON: one orjson.loads of the lines joined into an array must give exactly the
+# line-by-line result, or step aside.  Fragments that span lines, several values on one
+# line, blank and whitespace lines, separators inside strings, json-seq RS.
+FRAGMENTS = [b'{"region":"eu"}', b'{"region":"us","u":"},{"}', b'{"a":[{}', b'{}]}', b'{"region":"eu"},{"region":"eu"}',
+             b'{"region":"eu"} , {"region":"us"}', b"1,2", b"[1", b"2]", b"", b"  ", b"\r", b'"x"', b"{", b"}",
+             b'{"region":"eu"}\r', b"\x1e{}", b"\x0c{}", b"\t{ }", b"null", b"{}", b'{"a":1,', b'"b":2}']
+
+
+def _shape(items):
+    return [("bad", x.message) if isinstance(x, ingest._BadLine) else ("ok", x) for x in items]
+
+
+@settings(max_examples=3000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=8), st.sampled_from([b"", b"\n", b"\r\n", b"\n\n"]))
+# an object spanning two lines, made up for by two objects on one line: same count, other items
+@example([b'{"a":[{}', b'{}]}', b'{"region":"eu"} , {"region":"us"}'], b"")
+@example([b'{"region":"eu","a":[{}', b'{}]}', b'{"region":"eu"},{"region":"eu"}'], b"\n")
+def test_ndjson_array_parse_is_the_line_by_line_parse(lines, end):
+    body = b"\n".join(lines) + end
+    fast = ingest._ndjson_objects(body)
+    if fast is not None:
+        assert _shape(fast) == _shape(ingest._ndjson_lines(body))
+    assert _shape(ingest.decode_body(body, "application/x-ndjson")) == _shape(ingest._ndjson_lines(body))
+
+
+def test_ndjson_array_parse_takes_the_common_body():
+    body = b"\n".join(orjson.dumps({"region": "eu", "user_id": f"u{i}", "url": "/a},{b"[:2]}) for i in range(100))
+    assert ingest._ndjson_objects(body) == [orjson.loads(line) for line in body.split(b"\n")]

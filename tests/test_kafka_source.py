@@ -10,19 +10,21 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.broker import CLICKS, DLQ, SNAPSHOTS, ensure_topics
+from aggregator.core.events import INGEST_HEADER
 from tests.conftest import read_topic, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-async def _produce(bootstrap: str, records: list[tuple[bytes | None, bytes]]) -> None:
+async def _produce(bootstrap: str, records: list[tuple]) -> None:
+    """``(key, value)`` or ``(key, value, headers)`` records, in order."""
     from aiokafka import AIOKafkaProducer
 
     p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await p.start()
     try:
-        for key, value in records:
-            await p.send_and_wait(CLICKS, value, key=key)
+        for key, value, *headers in records:
+            await p.send_and_wait(CLICKS, value, key=key, headers=headers[0] if headers else None)
     finally:
         await p.stop()
 
@@ -74,6 +76,39 @@ def test_bad_kafka_records_go_to_dlq_and_good_ones_are_counted(broker, service_f
                    if s.name == "clickstream_rejected_events_total")
     assert rejected == len(bad)
     assert svc.proc.poll() is None  # the worker is still running
+
+
+def test_records_with_the_ingest_header_are_counted_from_key_and_header(broker, service_factory):
+    """What the HTTP ingest writes is counted without parsing the value; a header with
+    a key or a value that ingest would not have written falls back to the value."""
+    bootstrap = broker.url.split("://")[1]
+    asyncio.run(ensure_topics(bootstrap, 4))
+    svc = service_factory().start()
+    now = int(time.time() * 1000)
+    H = INGEST_HEADER
+    records = [
+        (b"eu", b"opaque: never parsed", [(H, b"%d" % now)]),
+        (b"eu", b"opaque too", [(H, b"%d,%d" % (now, now - 600_000))]),  # client ts 10 min old: late
+        (b"EU", orjson.dumps({"region": "eu"}), [(H, b"%d" % now)]),       # not ingest's key: the value
+        (b"eu", orjson.dumps({"region": "us"}), [(H, b"soon")]),           # not ingest's header: the value
+        (b"a/b", b"not json", [(H, b"%d" % now)]),                         # neither: dead letter
+    ]
+    asyncio.run(_produce(bootstrap, records))
+
+    def counted():
+        snaps = [orjson.loads(v) for _, v in read_topic(bootstrap, SNAPSHOTS, idle=1.0)]
+        tot: dict = {}
+        for sn in snaps:
+            c = tot.setdefault(sn["region"], [0, 0])
+            c[0] += sn["count"]
+            c[1] += sn["late_by_reason"]["client_delay"]
+        return tot if tot.get("eu") == [2, 1] and tot.get("us") == [1, 0] else None
+
+    tot = wait_for(counted, 30, what="header records counted")
+    assert set(tot) == {"eu", "us"}, tot
+    dlq = wait_for(lambda: read_topic(bootstrap, DLQ, idle=1.0) or None, 30, what="the dead letter")
+    assert [orjson.loads(v)["raw"] for _, v in dlq] == ["not json"]
+    assert svc.proc.poll() is None
 
 
 def _consume_all(bootstrap: str, topic: str, n: int, timeout: float = 20.0) -> list:

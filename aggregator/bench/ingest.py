@@ -1,6 +1,10 @@
-"""(2) HTTP ingest rate and latency, and (3) snapshot delay, against ``aggregator run``
-(ingest and worker in one process) on a fresh broker, with the load generator
-(aggregator/bench/loadgen.py) in a second process.
+"""(2) HTTP ingest rate and latency, and (3) snapshot delay, on a fresh broker, with the load
+generator (aggregator/bench/loadgen.py) in a process of its own, against either
+
+  * ``split``: an ingest process (``aggregator run --role ingest``) with a worker process
+    (``--role worker``) counting everything it ingests, the deployment for heavy HTTP load;
+  * ``one``: ``aggregator run`` (the default role ``all``: ingest and worker in one process,
+    one interpreter lock).
 
 One run:
   a. batch 1000, closed loop: the maximum rate and its latency;
@@ -35,8 +39,9 @@ class Phase:
     max_ms: float
     offered: float
     requests: int
-    server_cpu: float   # service CPU seconds per wall second (1.0 = one core)
+    server_cpu: float   # CPU seconds per wall second (1.0 = one core) of the process serving HTTP
     loadgen_cpu: float  # load generator CPU seconds per wall second
+    worker_cpu: float = float("nan")  # the same for the worker process (split only)
     raw: dict = field(default_factory=dict)
 
 
@@ -59,15 +64,16 @@ class IngestRun:
 
 
 def loadgen(url: str, batch: int, duration: float, concurrency: int = 8, rate: float = 0.0,
-            warmup: float = 1.0, pid: int = 0, name: str = "") -> Phase:
+            warmup: float = 1.0, pid: int = 0, name: str = "", worker_pid: int = 0) -> Phase:
     cmd = [sys.executable, "-m", "aggregator.bench.loadgen", "--url", url, "--batch", str(batch),
            "--duration", str(duration), "--concurrency", str(concurrency), "--warmup", str(warmup)]
     if rate:
         cmd += ["--rate", str(rate)]
-    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    cpu0, wcpu0, t0 = cpu_seconds(pid), cpu_seconds(worker_pid), time.perf_counter()
     out = subprocess.run(cmd, cwd=str(REPO), capture_output=True, timeout=duration + warmup + 120)
     wall = time.perf_counter() - t0
     server_cpu = (cpu_seconds(pid) - cpu0) / wall if pid else float("nan")
+    worker_cpu = (cpu_seconds(worker_pid) - wcpu0) / wall if worker_pid else float("nan")
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr.decode(errors='replace')[-3000:]}")
     res = orjson.loads(out.stdout.splitlines()[-1])
@@ -76,7 +82,7 @@ def loadgen(url: str, batch: int, duration: float, concurrency: int = 8, rate: f
         raise RuntimeError(f"ingest answered other than 200: {bad}")
     return Phase(name=name, rate=res["rate"], p50_ms=res["p50_ms"], p99_ms=res["p99_ms"], max_ms=res["max_ms"],
                  offered=rate, requests=res["requests"], server_cpu=server_cpu,
-                 loadgen_cpu=res["cpu_s"] / res["wall_s"], raw=res)
+                 loadgen_cpu=res["cpu_s"] / res["wall_s"], worker_cpu=worker_cpu, raw=res)
 
 
 class SnapshotWatcher:
@@ -160,24 +166,40 @@ class SnapshotWatcher:
 
 
 def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, grace_s: float = 1.0,
-               small_concurrency: int = 32, big_concurrency: int = 8) -> IngestRun:
+               small_concurrency: int = 32, big_concurrency: int = 8, split: bool = True,
+               small: bool = True) -> IngestRun:
+    """Phases max_1000, max_10 (``small``) and half_1000 (with the snapshot watcher), then the
+    exactness check; ``split``: ingest and worker in two processes, else in one."""
     bootstrap = broker_url.split("://", 1)[1]
-    svc = ServiceProc(broker_url, env={"AGG_WINDOW_SECONDS": str(window_s), "AGG_GRACE_SECONDS": str(grace_s)})
-    svc.start().wait_ready()
+    env = {"AGG_WINDOW_SECONDS": str(window_s), "AGG_GRACE_SECONDS": str(grace_s)}
+    if split:
+        worker = ServiceProc(broker_url, env=dict(env, AGG_ROLE="worker")).start()
+        front = ServiceProc(broker_url, env=dict(env, AGG_ROLE="ingest")).start()
+    else:
+        worker = front = ServiceProc(broker_url, env=env).start()
     try:
-        pid = svc.proc.pid
+        worker.wait_ready()
+        front.wait_ready()
+        pid, wpid = front.proc.pid, (worker.proc.pid if split else 0)
+        kind = "split" if split else "one process"
         phases: dict[str, Phase] = {}
-        phases["max_1000"] = loadgen(svc.url, 1000, duration, big_concurrency, pid=pid, name="batch 1000, max")
-        phases["max_10"] = loadgen(svc.url, 10, duration, small_concurrency, pid=pid, name="batch 10, max")
+        phases["max_1000"] = loadgen(front.url, 1000, duration, big_concurrency, pid=pid, worker_pid=wpid,
+                                     name=f"{kind}: batch 1000, max")
+        if small:
+            phases["max_10"] = loadgen(front.url, 10, duration, small_concurrency, pid=pid, worker_pid=wpid,
+                                       name=f"{kind}: batch 10, max")
         half = phases["max_1000"].rate / 2
-        watcher = SnapshotWatcher(svc.url, bootstrap).start()
+        _caught_up(front.url, worker.url)  # the half-rate phase must not overlap the worker's backlog
+        watcher = SnapshotWatcher(worker.url, bootstrap).start()
         t_from = time.time() + 1.0
-        phases["half_1000"] = loadgen(svc.url, 1000, duration + 5, rate=half, pid=pid, name="batch 1000, half rate")
+        phases["half_1000"] = loadgen(front.url, 1000, duration + 5, rate=half, pid=pid, worker_pid=wpid,
+                                      name=f"{kind}: batch 1000, half rate")
         t_to = time.time()
         time.sleep(window_s + grace_s + 1.5)  # the last windows of the load close and publish
         watcher.stop()
         snaps = watcher.delays(t_from, t_to, grace_s)
-        svc.check_alive()
+        worker.check_alive()
+        front.check_alive()
         accepted = sum(p.raw["accepted"] for p in phases.values())
         expected: dict[str, int] = {}
         for p in phases.values():
@@ -186,12 +208,13 @@ def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, g
         # every accepted event: ingested, and counted into a closed window or the late bucket
         deadline = time.monotonic() + 60
         while True:
-            m = metrics(svc.url)
+            m = metrics(front.url)
             ingested = {k: int(v) for k, v in by_label(m.get("clickstream_events_ingested_total", {}), "region").items()}
+            m = metrics(worker.url)
             counted = {k: int(v) for k, v in by_label(m.get("clickstream_events_total", {}), "region").items()}
             late = int(sum(m.get("clickstream_late_events_total", {}).values()))
             closed = {}
-            for snap in orjson.loads(_get(svc.url + "/v1/snapshots"))["snapshots"]:
+            for snap in orjson.loads(_get(worker.url + "/v1/snapshots"))["snapshots"]:
                 closed[snap["region"]] = closed.get(snap["region"], 0) + snap["count"] + snap["late"]
             exact = ingested == expected and closed == expected
             if exact or time.monotonic() > deadline:
@@ -203,7 +226,20 @@ def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, g
         return IngestRun(phases=phases, snapshots=snaps, accepted=accepted, counted=sum(counted.values()),
                          late=late, exact=exact, detail=detail)
     finally:
-        svc.stop()
+        front.stop()
+        if split:
+            worker.stop()
+
+
+def _caught_up(front_url: str, worker_url: str, timeout: float = 60.0) -> None:
+    """Wait until the worker has applied every event ingested so far."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ingested = sum(metrics(front_url).get("clickstream_events_ingested_total", {}).values())
+        applied = by_label(metrics(worker_url).get("pipeline_stage_processed_total", {}), "stage").get("window", 0)
+        if applied >= ingested or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
 
 
 def _get(url: str) -> bytes:
@@ -212,45 +248,3 @@ def _get(url: str) -> bytes:
     if status != 200:
         raise OSError(f"{url} answered {status}")
     return raw
-
-
-def ingest_alone_run(broker_url: str, duration: float = 10.0, big_concurrency: int = 8) -> dict[str, Phase]:
-    """Batch 1000 at its maximum and at half of it against the ingest routes without the
-    worker (aggregator/bench/ingest_alone.py); every accepted event must be counted in
-    ``clickstream_events_ingested_total``."""
-    import signal
-
-    from aggregator.bench.common import free_port, http_get
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "aggregator.bench.ingest_alone", broker_url, str(port)],
-                            cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ingest_alone exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-            try:
-                if http_get(url + "/healthz", 1)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("ingest_alone did not listen in 30 s")
-            time.sleep(0.1)
-        phases = {"max_1000": loadgen(url, 1000, duration, big_concurrency, pid=proc.pid, name="alone, batch 1000, max")}
-        phases["half_1000"] = loadgen(url, 1000, duration, rate=phases["max_1000"].rate / 2, pid=proc.pid,
-                                      name="alone, batch 1000, half rate")
-        expected: dict[str, int] = {}
-        for p in phases.values():
-            for r, n in p.raw["per_region"].items():
-                expected[r] = expected.get(r, 0) + n
-        m = metrics(url)
-        ingested = {k: int(v) for k, v in by_label(m.get("clickstream_events_ingested_total", {}), "region").items()}
-        if ingested != expected:
-            raise RuntimeError(f"ingest alone: ingested {ingested} != accepted {expected}")
-        return phases
-    finally:
-        stop_group(proc, 10)

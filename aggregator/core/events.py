@@ -15,6 +15,25 @@ REGION_RE = re.compile(r"[a-z0-9._-]{1,64}\Z")
 LIMITS = {"event_id": 128, "user_id": 128, "url": 2048}
 
 
+# Header on every record the HTTP ingest writes to ``clicks``: ``<ingest_ts>`` or
+# ``<ingest_ts>,<client ts>`` (epoch ms, ASCII), next to key = the validated, lower-cased
+# region.  The worker counts such a record from key and header without parsing its JSON
+# value (which it otherwise must: records produced straight to Kafka).
+INGEST_HEADER = "clickstream-ingest"
+
+
+def ingest_header(ingest_ts: int, client_ts: int | None) -> list[tuple[str, bytes]]:
+    if client_ts is None:
+        return [(INGEST_HEADER, b"%d" % ingest_ts)]
+    return [(INGEST_HEADER, b"%d,%d" % (ingest_ts, client_ts))]
+
+
+def parse_ingest_header(value: bytes) -> tuple[int, int | None]:
+    """-> (ingest_ts, client ts or None); ValueError when it is not what ingest writes."""
+    its, sep, cts = value.partition(b",")
+    return int(its), (int(cts) if sep else None)
+
+
 class EventError(ValueError):
     """A record that cannot be accepted; ``reason`` is a bounded label."""
 

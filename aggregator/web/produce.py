@@ -19,9 +19,17 @@ import asyncio
 import collections
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 _PARTITIONER = DefaultPartitioner()
+
+
+def ingest_producer(bootstrap: str) -> AIOKafkaProducer:
+    """The producer behind ``POST /v1/events``: acks from every in-sync replica before a
+    request is answered 200, batches up to 1 MiB, a 5 s request timeout (then 503)."""
+    return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=1 << 20,
+                            request_timeout_ms=5000, enable_idempotence=False)
 
 
 class ProducerBusy(Exception):
@@ -45,18 +53,18 @@ class _Pump:
         self.batch = self.producer.create_batch()
         self.done = asyncio.get_running_loop().create_future()
 
-    def append(self, key: bytes, values: list[bytes], timestamp: int, waits: set) -> None:
+    def append(self, key: bytes, values: list[tuple[bytes, list]], timestamp: int, waits: set) -> None:
         if self.batch is None:
             self._open()
         append = self.batch.append
-        for value in values:
-            if append(timestamp=timestamp, key=key, value=value) is None:
+        for value, headers in values:
+            if append(timestamp=timestamp, key=key, value=value, headers=headers) is None:
                 # full: queue it for the pump, go on in a new batch
                 waits.add(self.done)
                 self.sealed.append((self.batch, self.done))
                 self._open()
                 append = self.batch.append
-                if append(timestamp=timestamp, key=key, value=value) is None:
+                if append(timestamp=timestamp, key=key, value=value, headers=headers) is None:
                     raise ValueError("a record is larger than the producer's batch size")
         waits.add(self.done)
         if self.task is None:
@@ -149,8 +157,8 @@ class BatchProducer:
     def partition_of(self, region: str) -> int:
         return (self.route.get(region) or self._route(region))[1].partition
 
-    def submit(self, by_region: dict[str, list[bytes]], timestamp: int) -> set[asyncio.Future]:
-        """Append every region's values (already ``ensure_metadata``); returns the delivery
+    def submit(self, by_region: dict[str, list[tuple[bytes, list]]], timestamp: int) -> set[asyncio.Future]:
+        """Append every region's ``(value, headers)`` (already ``ensure_metadata``); returns the delivery
         futures to wait for.  Raises ``ProducerBusy`` before appending anything when a
         partition has too many batches waiting."""
         route = self.route

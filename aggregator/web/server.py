@@ -16,6 +16,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as om_gener
 
 from aggregator.broker import CLICKS
 from aggregator.config import Settings
+from aggregator.core.events import ingest_header
 from aggregator.core.windows import OTHER_REGION, snapshot_content
 from aggregator.web.ingest import BodyError, decode_body, gunzip_bounded, validate_records
 from aggregator.web.metrics import Metrics
@@ -135,7 +136,7 @@ class WebService:
                                        f"Bearer {self.s.ingest_token}".encode("utf-8", "surrogateescape")):
                 return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         if self.producer is None:
-            return _error(503, "ingest is not available on this process", {"Retry-After": "5"})
+            return _error(503, "this process does not serve ingest (AGG_ROLE=worker): send events to an ingest process", {"Retry-After": "5"})
         limit = self.s.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return _error(413, f"body exceeds {limit} bytes")
@@ -201,7 +202,8 @@ class WebService:
         regions = self.regions
         cap = self.s.max_regions
         dumps = orjson.dumps
-        by_region: dict[str, list[bytes]] = {}
+        plain = ingest_header(ingest_ts, None)  # shared by the records without a client ts
+        by_region: dict[str, list[tuple[bytes, list]]] = {}
         for ev in events:
             region = ev["region"]
             values = by_region.get(region)
@@ -215,7 +217,8 @@ class WebService:
                 if values is None:
                     values = by_region[region] = []
             ev["ingest_ts"] = ingest_ts
-            values.append(dumps(ev))
+            cts = ev.get("ts")
+            values.append((dumps(ev), plain if cts is None else ingest_header(ingest_ts, cts)))
         waits = batcher.submit(by_region, ingest_ts)
         # asyncio.wait, not gather: a request that gives up must not cancel the futures
         # other requests' records share

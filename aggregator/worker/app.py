@@ -26,12 +26,13 @@ from aiokafka import AIOKafkaProducer
 
 from aggregator.broker import CLICKS, DLQ, SNAPSHOTS
 from aggregator.config import Settings
-from aggregator.core.events import REGION_RE, EventError, parse_client_ts
+from aggregator.core.events import INGEST_HEADER, REGION_RE, EventError, parse_client_ts, parse_ingest_header
 from aggregator.core.ratelimit import RateLimits
 from aggregator.core.windows import WindowBook
 from aggregator.spill.ledger import SpillLedger
 from aggregator.spill.partition import PartitionSpill
 from aggregator.web.metrics import Metrics
+from aggregator.web.produce import ingest_producer
 from aggregator.web.server import SnapshotStore, WebService
 from aggregator.worker.consumer import BatchConsumer, BatchTransport
 
@@ -72,6 +73,7 @@ class Worker:
         self.limited_tally: dict[str, int] = {}
         self.last_record_ms: dict[int, int] = {}
         self.valid_regions: dict[str, str] = {}
+        self.valid_keys: dict[bytes, str] = {}  # record key -> region, for ingest's records
         self.dlq: list[tuple[bytes | None, bytes]] = []
         self.started = False
         self.producer: AIOKafkaProducer | None = None
@@ -214,15 +216,33 @@ class Worker:
                 dlq: list | None) -> tuple[list, list[int], dict[str, int]]:
         """Records -> ``(region, ingest_ts, client_ts)`` events (and their offsets if asked).
 
-        The hot loop: no await, no log line, one tuple per event.  A bad record is
+        The hot loop: no await, no log line, one tuple per event.  A record the HTTP ingest
+        wrote (``INGEST_HEADER``, key = a valid region as written by ingest) is taken from
+        key and header; any other record is parsed and validated.  A bad record is
         counted by reason and, when ``dlq`` is given, queued for the dead-letter topic."""
         loads = orjson.loads
         valid = self.valid_regions
+        keys = self.valid_keys
         events: list = []
         append = events.append
         offsets: list[int] = []
         rejected: dict[str, int] = {}
         for rec in records:
+            hs = rec.headers
+            if hs and hs[0][0] == INGEST_HEADER:
+                region = keys.get(rec.key)
+                if region is None:
+                    region = self._valid_key(rec.key)
+                if region is not None:
+                    try:
+                        its, cts = parse_ingest_header(hs[0][1])
+                    except (ValueError, TypeError):
+                        pass  # not what ingest writes: the value decides
+                    else:
+                        append((region, its, cts))
+                        if want_offsets:
+                            offsets.append(rec.offset)
+                        continue
             try:
                 d = loads(rec.value)
                 region = valid.get(d["region"])
@@ -269,6 +289,20 @@ class Worker:
 
     def _holding(self) -> bool:
         return self.hold and not self.app.rebalancing
+
+    def _valid_key(self, key: Any) -> str | None:
+        """The region of a record key that is a valid region in its lower-case spelling
+        (what ingest writes), else None."""
+        try:
+            raw = key.decode()
+            region = self._valid_region(raw)
+        except (AttributeError, UnicodeDecodeError, EventError):
+            return None
+        if region != raw:
+            return None
+        if len(self.valid_keys) < 100000:
+            self.valid_keys[key] = region
+        return region
 
     def _valid_region(self, raw: Any) -> str:
         if not isinstance(raw, str):
@@ -443,15 +477,15 @@ class Worker:
 
     # ----------------------------------------------------------- lifecycle
     async def _run(self) -> None:
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.s.bootstrap(), acks="all",
-                                         linger_ms=5, max_batch_size=1 << 20,
-                                         request_timeout_ms=5000, enable_idempotence=False)
+        if self.s.role == "all":  # AGG_ROLE=worker: POST /v1/events answers 503, ingest runs elsewhere
+            self.producer = ingest_producer(self.s.bootstrap())
         web_service = WebService(self.s, self.metrics, self.snapshots, self.ready, self.producer)
         await web_service.start()
-        try:
-            await self.producer.start()
-        except Exception as exc:  # noqa: BLE001
-            log.error("ingest producer cannot connect: %r", exc)
+        if self.producer is not None:
+            try:
+                await self.producer.start()
+            except Exception as exc:  # noqa: BLE001
+                log.error("ingest producer cannot connect: %r", exc)
         self.started = True
         interval = self.s.state_flush_seconds
         try:
@@ -470,4 +504,5 @@ class Worker:
                     log.exception("state flush failed; will retry")
         finally:
             await web_service.stop()
-            await self.producer.stop()
+            if self.producer is not None:
+                await self.producer.stop()
