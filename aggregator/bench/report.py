@@ -138,8 +138,11 @@ def markdown(r: dict[str, Any]) -> str:
             f"(`{{\"region\",\"user_id\",\"ingest_ts\"}}`, 16 regions, Zipf s={cfg['zipf_s']}, the first region "
             f"{cfg['top_share']:.0%} of the events) are produced to `clicks` ({cfg['partitions']} partitions, "
             "key = region) before anything reads them. Then, on that backlog: the **bare consumer** "
-            "(aiokafka `getmany`, `orjson.loads` of each value, a count per region in a dict), and "
-            "**the worker** (`aggregator run`, default settings) started against it. Rates run from the first "
+            "(aiokafka `getmany`, `orjson.loads` of each value, a count per region in a dict), "
+            "**the worker** (`aggregator run`, default settings) started against it, and the bare consumer "
+            "again; the baseline is the mean of the two bare runs around the worker, because the shared "
+            "machine's speed drifts from minute to minute. CPU per event (user + system time of the "
+            "consumer's process over the measured interval) is shown beside the rates. Rates run from the first "
             "event counted to the last one applied to a window or the late bucket "
             "(`pipeline_stage_processed_total{stage=\"window\"}`, polled every 100 ms), so the consumer-group "
             "join is left out of both alike; the worker's rate from process start is shown too. "
@@ -151,13 +154,15 @@ def markdown(r: dict[str, Any]) -> str:
             f"{w.get('faust_n', 0):,} events of the same topic in the same run, because it manages only about a "
             "thousand events a second; its rate is first event to last.",
             "",
-            "| run | bare ev/s | worker ev/s | worker/bare | worker from start ev/s | start-up s | plain Faust ev/s | worker peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| run | bare ev/s (before / after) | worker ev/s | worker/bare | CPU us/event bare / worker | worker from start ev/s | start-up s | plain Faust ev/s | worker peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for k, run in enumerate(w["runs"], 1):
-            md.append(f"| {k} | {run['bare']:,.0f} | {run['worker']:,.0f} | {run['worker'] / run['bare']:.0%} | "
+            md.append(f"| {k} | {run['bare']:,.0f} ({run.get('bare_before', float('nan')):,.0f} / "
+                      f"{run.get('bare_after', float('nan')):,.0f}) | {run['worker']:,.0f} | {run['worker'] / run['bare']:.0%} | "
+                      f"{run.get('bare_cpu_us', float('nan')):.2f} / {run.get('worker_cpu_us', float('nan')):.2f} | "
                       f"{run['worker_from_start']:,.0f} | {run['startup_s']:.1f} | "
-                      f"{run.get('faust', float('nan')):,.0f} | {run['rss']:.0f} |")
+                      f"{(format(run['faust'], ',.0f') if 'faust' in run else '-')} | {run['rss']:.0f} |")
         md.append("")
     i = r.get("ingest")
     if i:

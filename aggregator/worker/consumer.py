@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, Optional
 
+import aiokafka.errors as _errors
 from aiokafka.consumer import fetcher as _fetcher
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as _Consumer
@@ -49,16 +50,57 @@ class RawTopics:
 
 
 class _PartitionRecords(_fetcher.PartitionRecords):
+    def __init__(self, tp: Any, records: Any, aborted: Any, fetch_offset: int, key_deserializer: Any,
+                 value_deserializer: Any, check_crcs: bool, isolation_level: int) -> None:
+        super().__init__(tp, records, aborted, fetch_offset, key_deserializer, value_deserializer,
+                         check_crcs, isolation_level)
+        self.raw = (value_deserializer.__class__ is RawTopics and tp.topic in value_deserializer.topics
+                    and isolation_level != _fetcher.READ_COMMITTED)
+
     def _consumer_record(self, tp: Any, record: Any) -> Any:
-        raw = self._value_deserializer
-        if raw.__class__ is RawTopics and tp.topic in raw.topics:
+        if self.raw:
             return record
         return super()._consumer_record(tp, record)
 
+    def take_all(self) -> list:
+        """Every record of a raw topic's fetch, a whole record batch at a time (what
+        ``_unpack_records`` does record by record, without transactions: raw topics are
+        read uncommitted)."""
+        out: list = []
+        records = self._records
+        next_offset = self.next_fetch_offset
+        while records.has_next():
+            batch = records.next_batch()
+            if self._check_crcs and not batch.validate_crc():
+                raise _errors.CorruptRecordException(f"Invalid CRC - {self._tp}")
+            if not batch.is_control_batch:
+                recs = list(batch)
+                if recs and recs[0].offset < next_offset:  # a compressed message set starts before
+                    recs = [r for r in recs if r.offset >= next_offset]
+                out += recs
+            next_offset = batch.next_offset
+        self.next_fetch_offset = next_offset
+        self._records_iterator = None
+        return out
 
-# The fetcher builds its PartitionRecords from this module global; the subclass
-# changes nothing for consumers without a RawTopics marker.
+
+class _FetchResult(_fetcher.FetchResult):
+    def getall(self, max_records: Optional[int] = None) -> list:
+        records = self._partition_records
+        if max_records is None and records is not None and records.raw:
+            if not self.check_assignment(self._topic_partition):
+                return []
+            out = records.take_all()
+            self._update_position()
+            self._partition_records = None
+            return out
+        return super().getall(max_records)
+
+
+# The fetcher builds these from its module globals; the subclasses change nothing for
+# consumers without a RawTopics marker.
 _fetcher.PartitionRecords = _PartitionRecords
+_fetcher.FetchResult = _FetchResult
 
 
 class _ConsumerThread(AIOKafkaConsumerThread):
