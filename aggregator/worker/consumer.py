@@ -87,7 +87,7 @@ class _PartitionRecords(_fetcher.PartitionRecords):
 class _FetchResult(_fetcher.FetchResult):
     def getall(self, max_records: Optional[int] = None) -> list:
         records = self._partition_records
-        if max_records is None and records is not None and records.raw:
+        if max_records is None and getattr(records, "raw", False):
             if not self.check_assignment(self._topic_partition):
                 return []
             out = records.take_all()
