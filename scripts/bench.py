@@ -115,7 +115,7 @@ def memory_section(a: argparse.Namespace, rss: list[tuple[int, float]]) -> dict:
 def _phase_dict(p: ingest.Phase) -> dict:
     return {"rate": p.rate, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms, "offered": p.offered,
             "requests": p.requests, "server_cpu": p.server_cpu, "worker_cpu": p.worker_cpu,
-            "loadgen_cpu": p.loadgen_cpu}
+            "loadgen_cpu": p.loadgen_cpu, "over_100ms": p.over_100ms, "server_over_100ms": p.server_over_100ms}
 
 
 def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
@@ -142,7 +142,8 @@ def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
         log(f"ingest run {k + 1}, split: batch 1000 {p1.rate:,.0f}/s (p50 {p1.p50_ms:.0f} ms, p99 {p1.p99_ms:.0f} ms, "
             f"CPU ingest {p1.server_cpu:.2f} worker {p1.worker_cpu:.2f} loadgen {p1.loadgen_cpu:.2f}); "
             f"batch 10 {p2.rate:,.0f}/s (p99 {p2.p99_ms:.0f} ms); half rate {p3.offered:,.0f}/s: "
-            f"p50 {p3.p50_ms:.1f} ms p99 {p3.p99_ms:.1f} ms; snapshots seen "
+            f"p50 {p3.p50_ms:.1f} ms p99 {p3.p99_ms:.1f} ms max {p3.max_ms:.0f} ms (over 100 ms: "
+            f"{p3.over_100ms} as sent, {p3.server_over_100ms} in the ingest handler); snapshots seen "
             f"{len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}"
             + ("" if r.exact else f"; COUNTS NOT EXACT: {r.detail}"))
         if a.one:

@@ -42,6 +42,8 @@ class Phase:
     server_cpu: float   # CPU seconds per wall second (1.0 = one core) of the process serving HTTP
     loadgen_cpu: float  # load generator CPU seconds per wall second
     worker_cpu: float = float("nan")  # the same for the worker process (split only)
+    over_100ms: int = 0         # requests slower than 100 ms, as the load generator saw them
+    server_over_100ms: int = -1  # ... and as the ingest handler measured itself (-1: not read)
     raw: dict = field(default_factory=dict)
 
 
@@ -69,6 +71,7 @@ def loadgen(url: str, batch: int, duration: float, concurrency: int = 8, rate: f
            "--duration", str(duration), "--concurrency", str(concurrency), "--warmup", str(warmup)]
     if rate:
         cmd += ["--rate", str(rate)]
+    slow0 = _server_slow(url)
     cpu0, wcpu0, t0 = cpu_seconds(pid), cpu_seconds(worker_pid), time.perf_counter()
     out = subprocess.run(cmd, cwd=str(REPO), capture_output=True, timeout=duration + warmup + 120)
     wall = time.perf_counter() - t0
@@ -82,7 +85,23 @@ def loadgen(url: str, batch: int, duration: float, concurrency: int = 8, rate: f
         raise RuntimeError(f"ingest answered other than 200: {bad}")
     return Phase(name=name, rate=res["rate"], p50_ms=res["p50_ms"], p99_ms=res["p99_ms"], max_ms=res["max_ms"],
                  offered=rate, requests=res["requests"], server_cpu=server_cpu,
-                 loadgen_cpu=res["cpu_s"] / res["wall_s"], worker_cpu=worker_cpu, raw=res)
+                 loadgen_cpu=res["cpu_s"] / res["wall_s"], worker_cpu=worker_cpu, raw=res,
+                 over_100ms=res["over_100ms"], server_over_100ms=_server_slow(url) - slow0)
+
+
+def _server_slow(url: str) -> int:
+    """Ingest requests so far whose handler took over 100 ms (``pipeline_stage_duration_seconds``)."""
+    try:
+        m = metrics(url)
+    except OSError:
+        return 0
+    count = by_label(m.get("pipeline_stage_duration_seconds_count", {}), "stage").get("ingest", 0)
+    fast = 0.0
+    for labels, v in m.get("pipeline_stage_duration_seconds_bucket", {}).items():
+        d = dict(labels)
+        if d.get("stage") == "ingest" and d.get("le") == "0.1":
+            fast = v
+    return int(count - fast)
 
 
 class SnapshotWatcher:
