@@ -136,6 +136,7 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
 # dead before it could be promoted; youngest-generation pauses stay a few ms.  Measured
 # (gc.callbacks, 1M-event backlog): 0.3 s of collection per million events, against
 # 0.4-0.7 s with (10000, 10, 10) and more than a third of all CPU with the default.
+# Every role gets them; the ingest role's share of this was not measured on its own.
 GC_THRESHOLDS = (50_000, 20, 10)
 
 

@@ -25,6 +25,7 @@ import pytest
 
 from aggregator.broker import CLICKS, SNAPSHOTS, ensure_topics
 from aggregator.gen.audit import audit
+from aggregator.spill.segment import scan_bytes
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -218,12 +219,15 @@ def test_sigkill_while_spilling_and_while_draining_and_a_corrupt_spill_record(br
                  what="a backlog to drain")
         kills.append(metric(svc.metrics_text(), "clickstream_spill_backlog_events", HOT))
         svc.kill()
-        # damage one spilled record in the middle of a segment: found by its CRC on restart
+        # damage one spilled record: found by its CRC on restart.  The newest record, because
+        # it is surely not drained yet (a segment already drained is deleted unread)
         segs = sorted((svc.data_dir / "spill").glob("p*/regions/r-hot/*.seg"))
         assert segs, "no spill segment on disk"
-        data = bytearray(segs[0].read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        segs[0].write_bytes(bytes(data))
+        data = bytearray(segs[-1].read_bytes())
+        entries = scan_bytes(bytes(data)).entries
+        assert entries, "no complete spill record in the newest segment"
+        data[entries[-1].end - 1] ^= 0xFF  # last payload byte: length intact, CRC wrong
+        segs[-1].write_bytes(bytes(data))
         # and a torn last record: a header promising more bytes than the file has
         with open(segs[-1], "ab") as f:
             f.write(struct.pack(">II", 1000, 0) + b'{"torn')

@@ -5,14 +5,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -43,10 +41,9 @@ def test_ingest_and_worker_in_two_processes_count_exactly(service_factory):
         return tot if tot == expected and late == 20 else None
 
     wait_for(closed, 30, what="every ingested event in a closed window")
-    ingested = {}
-    for line in front.metrics_text().splitlines():
-        if line.startswith("clickstream_events_ingested_total{"):
-            ingested[line.split('"')[1]] = int(float(line.rsplit(" ", 1)[1]))
+    ingested = {s.labels["region"]: int(s.value)
+                for f in text_string_to_metric_families(front.metrics_text())
+                for s in f.samples if s.name == "clickstream_events_ingested_total"}
     assert ingested == expected
     assert front.snapshots() == []  # snapshots are served by the workers
 
@@ -60,5 +57,5 @@ def test_a_role_other_than_all_needs_a_broker(tmp_path):
     for role, rc, needle in (("ingest", 2, "needs AGG_BROKER"), ("worker", 2, "needs AGG_BROKER"),
                              ("both", 1, "expected one of all, ingest, worker")):
         p = subprocess.run([sys.executable, "-m", "aggregator", "run", "--role", role, "--data-dir", str(tmp_path)],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert p.returncode == rc and needle in p.stderr, (role, p.returncode, p.stderr)

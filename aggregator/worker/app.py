@@ -223,19 +223,20 @@ class Worker:
         loads = orjson.loads
         valid = self.valid_regions
         keys = self.valid_keys
+        header_name, parse_header = INGEST_HEADER, parse_ingest_header
         events: list = []
         append = events.append
         offsets: list[int] = []
         rejected: dict[str, int] = {}
         for rec in records:
             hs = rec.headers
-            if hs and hs[0][0] == INGEST_HEADER:
+            if hs and hs[0][0] == header_name:
                 region = keys.get(rec.key)
                 if region is None:
                     region = self._valid_key(rec.key)
                 if region is not None:
                     try:
-                        its, cts = parse_ingest_header(hs[0][1])
+                        its, cts = parse_header(hs[0][1])
                     except (ValueError, TypeError):
                         pass  # not what ingest writes: the value decides
                     else:
