@@ -6,7 +6,9 @@ import asyncio
 import logging
 import socket
 import subprocess
+import tempfile
 import time
+from typing import Any
 
 log = logging.getLogger("aggregator.broker")
 
@@ -32,6 +34,9 @@ class EmbeddedBroker:
         self.host = host
         self.port = port or free_port(host)
         self.proc: subprocess.Popen | None = None
+        # its stderr goes to an unnamed temporary file, not a pipe: a pipe nobody reads
+        # fills at 64 KiB and then blocks the broker on its next log line
+        self.stderr: Any = None
 
     @property
     def url(self) -> str:
@@ -54,16 +59,17 @@ class EmbeddedBroker:
                 raise BrokerError(f"cannot start the embedded broker: {self.host}:{self.port} "
                                   f"is not free ({exc.strerror})") from None
         addr = f"tcp://{self.host}:{self.port}"
+        self.stderr = tempfile.TemporaryFile()
         try:
             self.proc = subprocess.Popen(
                 [str(binary), "broker", "--listener-url", addr, "--advertised-listener-url", addr],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                stdout=subprocess.DEVNULL, stderr=self.stderr, start_new_session=True)
         except OSError as exc:
             raise BrokerError(f"cannot start the embedded broker {binary}: {exc}") from exc
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = (self.proc.stderr.read() or b"").decode(errors="replace")[-2000:]
+                err = self.stderr_tail()
                 raise BrokerError(f"embedded broker exited with {self.proc.returncode} "
                                   f"(port {self.port} in use?): {err.strip()}")
             try:
@@ -75,6 +81,18 @@ class EmbeddedBroker:
         self.stop()
         raise BrokerError(f"embedded broker did not listen on {self.host}:{self.port} within {timeout}s")
 
+    def stderr_tail(self, limit: int = 2000) -> str:
+        """The last ``limit`` characters the broker wrote to stderr."""
+        if self.stderr is None:
+            return ""
+        size = self.stderr.seek(0, 2)
+        self.stderr.seek(max(0, size - limit))
+        return self.stderr.read().decode(errors="replace")
+
+    def exited(self) -> int | None:
+        """The broker's exit status if it has stopped by itself, else None."""
+        return None if self.proc is None else self.proc.poll()
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -84,6 +102,9 @@ class EmbeddedBroker:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        if self.stderr is not None:
+            self.stderr.close()
+            self.stderr = None
 
 
 async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30) -> None:

@@ -35,6 +35,16 @@ def fresh_broker(partitions: int) -> tuple[EmbeddedBroker, str]:
     return b, bootstrap
 
 
+def stop_broker(b: EmbeddedBroker) -> None:
+    """Stop a run's broker, saying so if it had exited by itself (a run that then failed
+    failed because of it)."""
+    code = b.exited()
+    if code is not None:
+        log(f"the embedded broker had exited by itself with status {code}; its stderr ends: "
+            f"{b.stderr_tail(1500).strip() or '(nothing)'}")
+    b.stop()
+
+
 def worker_section(a: argparse.Namespace) -> tuple[dict, list[tuple[int, float]], bool]:
     runs = []
     exact = True
@@ -71,7 +81,7 @@ def worker_section(a: argparse.Namespace) -> tuple[dict, list[tuple[int, float]]
                 + (f"  plain Faust {run['faust']:,.0f}/s" if "faust" in run else "")
                 + ("" if run["exact"] else "  COUNTS NOT EXACT"))
         finally:
-            b.stop()
+            stop_broker(b)
     med = common.median
     res = {
         "n": a.n, "runs": runs, "exact": exact,
@@ -107,7 +117,7 @@ def memory_section(a: argparse.Namespace, rss: list[tuple[int, float]]) -> dict:
             log(f"memory run {k + 1}: N={a.memory_n:,} worker {w.rate:,.0f}/s bare {bare.rate:,.0f}/s "
                 f"peak RSS {w.peak_rss_mb:.0f} MB")
         finally:
-            b.stop()
+            stop_broker(b)
     return {"peak_rss": rss + [(a.memory_n, common.median(peaks))], "large_runs": a.memory_runs,
             "large_rate": common.median(rates), "large_bare": common.median(bares)}
 
@@ -131,7 +141,7 @@ def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
             r = ingest.ingest_run(b.url, duration=a.ingest_duration, window_s=a.window_s, grace_s=a.grace_s,
                                   small_concurrency=a.small_concurrency, big_concurrency=a.big_concurrency)
         finally:
-            b.stop()
+            stop_broker(b)
         run = {name: _phase_dict(p) for name, p in r.phases.items()}
         run["exact"] = r.exact
         exact &= r.exact
@@ -152,7 +162,7 @@ def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
                 o = ingest.ingest_run(b.url, duration=a.ingest_duration, window_s=a.window_s, grace_s=a.grace_s,
                                       big_concurrency=a.big_concurrency, split=False, small=False)
             finally:
-                b.stop()
+                stop_broker(b)
             for name, p in o.phases.items():
                 run["one_" + name] = _phase_dict(p)
             run["one_exact"] = o.exact

@@ -7,7 +7,8 @@
 #   scripts/kafka.sh status [--dir ...]
 #   scripts/kafka.sh fetch  [--version ...]     # only assemble / check the jar cache
 #
-# Defaults come from KAFKA_PORT, KAFKA_DIR, KAFKA_VERSION, KAFKA_HEAP, KAFKA_CACHE.
+# Defaults come from KAFKA_PORT, KAFKA_DIR, KAFKA_VERSION, KAFKA_HEAP, KAFKA_CACHE; KAFKA_JVM_OPTS
+# adds JVM options (e.g. "-Xlog:gc:file=/tmp/gc.log").
 # The jars are fetched once with `mvn dependency:copy-dependencies` into
 # $KAFKA_CACHE/<version>/libs (default ~/.cache/aggregator-kafka); later runs
 # start from there without touching the network.  The storage in DIR/data is
@@ -198,7 +199,7 @@ start() {
     format_storage
     [ -f "$LOG" ] && mv -f "$LOG" "$LOG.1"
     # own session: the broker outlives the shell or make that started it
-    setsid java -Xms"$HEAP" -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    setsid java -Xms"$HEAP" -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 ${KAFKA_JVM_OPTS:-} \
       -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
       -Dlog4j2.configurationFile="$DIR/log4j2.properties" \
       -cp "$LIBS/*" kafka.Kafka "$DIR/server.properties" >"$LOG" 2>&1 </dev/null &
