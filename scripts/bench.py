@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -21,6 +23,7 @@ import orjson
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aggregator.bench import common, ingest, report, throughput  # noqa: E402
+from aggregator.bench.kafka import ScriptKafka  # noqa: E402
 from aggregator.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 
 
@@ -128,15 +131,19 @@ def _phase_dict(p: ingest.Phase) -> dict:
             "loadgen_cpu": p.loadgen_cpu, "over_100ms": p.over_100ms, "server_over_100ms": p.server_over_100ms}
 
 
-def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
+def ingest_section(a: argparse.Namespace, new_broker=None, one: bool | None = None,
+                   label: str = "") -> tuple[dict, dict]:
     """Per run: the split deployment (ingest process + worker process: figure 2 and the
-    snapshot delay of figure 3), then, unless --no-one, ``aggregator run`` as one process."""
+    snapshot delay of figure 3), then, unless --no-one, ``aggregator run`` as one process.
+    ``new_broker()`` gives a started broker per run (default: a fresh embedded one)."""
+    new_broker = new_broker or (lambda: fresh_broker(a.partitions)[0])
+    one = a.one if one is None else one
     runs = []
     delays: dict[str, list[float]] = {"metrics": [], "topic": [], "one_metrics": [], "one_topic": []}
     exact = True
     poll = 0.05
     for k in range(a.runs):
-        b, _ = fresh_broker(a.partitions)
+        b = new_broker()
         try:
             r = ingest.ingest_run(b.url, duration=a.ingest_duration, window_s=a.window_s, grace_s=a.grace_s,
                                   small_concurrency=a.small_concurrency, big_concurrency=a.big_concurrency)
@@ -149,15 +156,15 @@ def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
         delays["topic"] += r.snapshots.topic_s
         poll = r.snapshots.poll_s
         p1, p2, p3 = r.phases["max_1000"], r.phases["max_10"], r.phases["half_1000"]
-        log(f"ingest run {k + 1}, split: batch 1000 {p1.rate:,.0f}/s (p50 {p1.p50_ms:.0f} ms, p99 {p1.p99_ms:.0f} ms, "
+        log(f"ingest run {k + 1}{label}, split: batch 1000 {p1.rate:,.0f}/s (p50 {p1.p50_ms:.0f} ms, p99 {p1.p99_ms:.0f} ms, "
             f"CPU ingest {p1.server_cpu:.2f} worker {p1.worker_cpu:.2f} loadgen {p1.loadgen_cpu:.2f}); "
             f"batch 10 {p2.rate:,.0f}/s (p99 {p2.p99_ms:.0f} ms); half rate {p3.offered:,.0f}/s: "
             f"p50 {p3.p50_ms:.1f} ms p99 {p3.p99_ms:.1f} ms max {p3.max_ms:.0f} ms (over 100 ms: "
             f"{p3.over_100ms} as sent, {p3.server_over_100ms} in the ingest handler); snapshots seen "
             f"{len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}"
             + ("" if r.exact else f"; COUNTS NOT EXACT: {r.detail}"))
-        if a.one:
-            b, _ = fresh_broker(a.partitions)
+        if one:
+            b = new_broker()
             try:
                 o = ingest.ingest_run(b.url, duration=a.ingest_duration, window_s=a.window_s, grace_s=a.grace_s,
                                       big_concurrency=a.big_concurrency, split=False, small=False)
@@ -185,7 +192,7 @@ def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
            "max_10_rate": m("max_10", "rate"), "max_10_p50": m("max_10", "p50_ms"), "max_10_p99": m("max_10", "p99_ms"),
            "half_offered": m("half_1000", "offered"), "half_rate": m("half_1000", "rate"),
            "half_p50": m("half_1000", "p50_ms"), "half_p99": m("half_1000", "p99_ms")}
-    if a.one:
+    if one:
         res.update(one_max_rate=m("one_max_1000", "rate"), one_max_p99=m("one_max_1000", "p99_ms"),
                    one_half_offered=m("one_half_1000", "offered"), one_half_p50=m("one_half_1000", "p50_ms"),
                    one_half_p99=m("one_half_1000", "p99_ms"), one_cpu=m("one_max_1000", "server_cpu"))
@@ -195,6 +202,20 @@ def ingest_section(a: argparse.Namespace) -> tuple[dict, dict]:
         if d:
             snaps.update({f"{key}_n": len(d), f"{key}_p50": pct(d, 50), f"{key}_p99": pct(d, 99)})
     return res, snaps
+
+
+def kafka_broker(a: argparse.Namespace) -> ScriptKafka:
+    """A fresh Apache Kafka (scripts/kafka.sh) with the service's topics."""
+    b = ScriptKafka(base_dir=a.kafka_dir or None).start()
+    asyncio.run(ensure_topics(b.bootstrap, a.partitions))
+    return b
+
+
+def kafka_usable() -> str:
+    """'' when scripts/kafka.sh can run Apache Kafka here, else why not."""
+    res = subprocess.run(["bash", str(common.REPO / "scripts" / "kafka.sh"), "fetch"], capture_output=True,
+                         text=True, timeout=1800)
+    return "" if res.returncode == 0 else (res.stderr.strip().splitlines() or ["kafka.sh fetch failed"])[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-concurrency", type=int, default=32, help="connections at batch 10")
     ap.add_argument("--no-one", dest="one", action="store_false",
                     help="skip the one-process (role all) ingest runs")
+    ap.add_argument("--kafka", choices=("auto", "yes", "no"), default="auto",
+                    help="also measure ingest and snapshot delay (figures 2 and 3, split runs) on Apache Kafka "
+                         "started by scripts/kafka.sh: auto = when it can be assembled here")
+    ap.add_argument("--kafka-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "",
+                    help="where Kafka's log goes (default tmpfs: the VM's shared disk stalls writes)")
     ap.add_argument("--skip-worker", action="store_true")
     ap.add_argument("--profile-dir", default=None, help="record py-spy profiles of the worker here")
     ap.add_argument("--out", default=os.path.join(common.REPO, "docs", "benchmarks.md"),
@@ -245,6 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.ingest_duration > 0:
         results["ingest"], results["snapshots"] = ingest_section(a)
         ok &= results["ingest"]["exact"]
+        why = "" if a.kafka == "yes" else ("not asked (--kafka no)" if a.kafka == "no" else kafka_usable())
+        if not why:
+            results["ingest_kafka"], results["snapshots_kafka"] = ingest_section(
+                a, lambda: kafka_broker(a), one=False, label=" (Apache Kafka)")
+            results["ingest_kafka"]["kafka_dir"] = a.kafka_dir or tempfile.gettempdir()
+            ok &= results["ingest_kafka"]["exact"]
+        else:
+            log(f"ingest on Apache Kafka skipped: {why}")
+            results["notes"].append(f"Figures 2 and 3 were not measured on Apache Kafka: {why}.")
     results["elapsed_s"] = time.perf_counter() - t0
     results["json"] = orjson.dumps({k: v for k, v in results.items() if k != "json"},
                                    option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()

@@ -13,6 +13,7 @@ import pytest
 from aggregator.bench.common import REGIONS, percentile, pick_regions, top_share
 from aggregator.bench.loadgen import bodies
 from aggregator.bench.report import markdown, table
+from tests.conftest import ON_REAL_KAFKA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     out, raw = tmp_path / "benchmarks.md", tmp_path / "results.json"
     proc = subprocess.run(
         [sys.executable, "scripts/bench.py", "--n", "3000", "--runs", "1", "--faust-n", "300",
-         "--memory-n", "6000", "--ingest-duration", "1.5", "--out", str(out), "--json", str(raw)],
+         "--memory-n", "6000", "--ingest-duration", "1.5", "--kafka", "no", "--out", str(out), "--json", str(raw)],
         cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(raw.read_text())
@@ -75,3 +76,28 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     # the markdown is made from exactly these results (its raw block is the JSON written)
     assert markdown({**res, "json": raw.read_text().rstrip("\n")}) == md
     assert table(res).count("\n") >= 10
+    assert "ingest_kafka" not in res and "Apache Kafka: not asked" in md
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not ON_REAL_KAFKA, reason="needs real Kafka (AGG_TEST_BROKER=kafka, make test-kafka)")
+def test_bench_ingest_on_apache_kafka_counts_exactly(tmp_path):
+    """Figures 2 and 3 on a fresh Apache Kafka of the bench's own (scripts/kafka.sh), beside
+    the embedded broker's; only under make test-kafka, where the jars are assembled."""
+    out, raw = tmp_path / "benchmarks.md", tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--skip-worker", "--memory-n", "0", "--runs", "1", "--no-one",
+         "--ingest-duration", "1.5", "--kafka", "yes", "--kafka-dir", str(tmp_path), "--out", str(out),
+         "--json", str(raw)],
+        cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(raw.read_text())
+    for key, skey in (("ingest", "snapshots"), ("ingest_kafka", "snapshots_kafka")):
+        i = res[key]
+        assert i["exact"] is True and i["runs"][0]["exact"] is True, key
+        assert all(i["runs"][0][p]["requests"] > 0 for p in ("max_1000", "max_10", "half_1000")), key
+        assert res[skey]["metrics_n"] > 0 and res[skey]["topic_n"] > 0, skey
+    assert res["ingest_kafka"]["kafka_dir"] == str(tmp_path)
+    assert not list(tmp_path.glob("bench-kafka-*")), "the bench's Kafka data folder was left behind"
+    md = out.read_text()
+    assert "max, Apache Kafka" in md and "max, embedded broker" in md and "on Apache Kafka" in md
