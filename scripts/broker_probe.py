@@ -1,0 +1,113 @@
+"""The broker alone under a steady load: what it costs as it fills up.
+
+    .venv/bin/python scripts/broker_probe.py                    # embedded broker, 60k ev/s, 90 s
+    .venv/bin/python scripts/broker_probe.py --no-consume       # produce only
+    .venv/bin/python scripts/broker_probe.py --bootstrap 127.0.0.1:19092 --pid PID   # any broker
+
+Produces records like the ingest does (batches of 1000 over 4 partitions, acks=all, open loop
+at --rate) and, unless --no-consume, reads them back with one consumer that keeps up.  Every
+5 s it prints the records held, the broker process's CPU (cores) and RSS over that interval,
+and the produce acknowledgement p50/p99/max.  No service involved: this is the broker's cost.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aggregator.bench.common import cpu_seconds, percentile, proc_status  # noqa: E402
+from aggregator.broker import CLICKS, EmbeddedBroker, ensure_topics  # noqa: E402
+
+PER_BATCH = 1000
+PARTITIONS = 4
+
+
+async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume: bool) -> None:
+    await ensure_topics(bootstrap, PARTITIONS)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=1 << 20,
+                                enable_idempotence=False)
+    await producer.start()
+    value = orjson.dumps({"region": "r00", "user_id": "u123456", "url": "/p/12345", "ts": 1700000000000})
+    consumed = [0]
+
+    async def consumer() -> None:
+        c = AIOKafkaConsumer(CLICKS, bootstrap_servers=bootstrap, group_id="broker-probe",
+                             auto_offset_reset="earliest")
+        await c.start()
+        try:
+            while True:
+                for recs in (await c.getmany(timeout_ms=200)).values():
+                    consumed[0] += len(recs)
+        finally:
+            await c.stop()
+
+    async def one(lats: list[float], sched: float) -> None:
+        futs = []
+        for part in range(PARTITIONS):
+            b = producer.create_batch()
+            for _ in range(PER_BATCH // PARTITIONS):
+                b.append(timestamp=None, key=b"r00", value=value, headers=[])
+            b.close()
+            futs.append(await producer.send_batch(b, CLICKS, partition=part))
+        await asyncio.gather(*futs)
+        lats.append(time.monotonic() - sched)
+
+    ctask = asyncio.create_task(consumer()) if consume else None
+    interval, t0, i, sent = PER_BATCH / rate, time.monotonic(), 0, 0
+    lats: list[float] = []
+    tasks: set = set()
+    mark, cpu0 = t0, cpu_seconds(pid) if pid else 0.0
+    print("  s  records held  consumed  broker CPU (cores)  broker RSS MB  ack p50 / p99 / max ms", flush=True)
+    while time.monotonic() - t0 < duration:
+        sched = t0 + i * interval
+        now = time.monotonic()
+        if sched > now:
+            await asyncio.sleep(sched - now)
+        t = asyncio.create_task(one(lats, sched))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+        i += 1
+        sent += PER_BATCH
+        if time.monotonic() - mark >= 5:
+            now, cpu = time.monotonic(), cpu_seconds(pid) if pid else 0.0
+            ms = [x * 1000 for x in lats] or [float("nan")]
+            cores = f"{(cpu - cpu0) / (now - mark):.2f}" if pid else "-"
+            rss = f"{proc_status(pid, 'VmRSS'):.0f}" if pid else "-"
+            print(f"{now - t0:4.0f}  {sent:12,}  {consumed[0]:8,}  {cores:>18}  {rss:>13}  "
+                  f"{percentile(ms, 50):.1f} / {percentile(ms, 99):.1f} / {max(ms):.1f}", flush=True)
+            mark, cpu0, lats = now, cpu, []
+    await asyncio.gather(*tasks)
+    if ctask:
+        ctask.cancel()
+        await asyncio.gather(ctask, return_exceptions=True)
+    await producer.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=float, default=60000, help="records per second produced")
+    ap.add_argument("--duration", type=float, default=90)
+    ap.add_argument("--no-consume", dest="consume", action="store_false")
+    ap.add_argument("--bootstrap", default=None, help="a running broker (default: start the embedded one)")
+    ap.add_argument("--pid", type=int, default=0, help="that broker's process id, for its CPU and RSS")
+    a = ap.parse_args()
+    broker = None
+    if a.bootstrap is None:
+        broker = EmbeddedBroker().start()
+        a.bootstrap, a.pid = broker.bootstrap, broker.proc.pid
+    try:
+        asyncio.run(probe(a.bootstrap, a.pid, a.rate, a.duration, a.consume))
+    finally:
+        if broker:
+            broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
