@@ -27,7 +27,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class EmbeddedBroker:
+class BrokerAddress:
+    """``host`` and ``port`` as the service's ``AGG_BROKER`` URL and a client's bootstrap."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"kafka://{self.host}:{self.port}"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class EmbeddedBroker(BrokerAddress):
     """Start/stop the bundled broker on a loopback port."""
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
@@ -37,14 +52,6 @@ class EmbeddedBroker:
         # its stderr goes to an unnamed temporary file, not a pipe: a pipe nobody reads
         # fills at 64 KiB and then blocks the broker on its next log line
         self.stderr: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"kafka://{self.host}:{self.port}"
-
-    @property
-    def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
         try:

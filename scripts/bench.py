@@ -218,6 +218,23 @@ def kafka_usable() -> str:
     return "" if res.returncode == 0 else (res.stderr.strip().splitlines() or ["kafka.sh fetch failed"])[-1]
 
 
+def render(source: str, out: str) -> int:
+    """--render: the report of an earlier run, from the raw results it carries."""
+    with open(source) as f:
+        text = f.read()
+    raw = text.split("## Raw results", 1)[1].split("```json\n", 1)[1].split("\n```", 1)[0]
+    results = orjson.loads(raw)
+    results["json"] = raw
+    md = report.markdown(results)
+    if out == "-":
+        print(md)
+    else:
+        with open(out, "w") as f:
+            f.write(md)
+        log(f"wrote {out} from the results in {source}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000, help="backlog for worker throughput")
@@ -233,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-concurrency", type=int, default=32, help="connections at batch 10")
     ap.add_argument("--no-one", dest="one", action="store_false",
                     help="skip the one-process (role all) ingest runs")
-    ap.add_argument("--kafka", choices=("auto", "yes", "no"), default="auto",
+    ap.add_argument("--kafka", choices=("auto", "yes", "no", "only"), default="auto",
                     help="also measure ingest and snapshot delay (figures 2 and 3, split runs) on Apache Kafka "
-                         "started by scripts/kafka.sh: auto = when it can be assembled here")
+                         "started by scripts/kafka.sh: auto = when it can be assembled here; only = not on "
+                         "the embedded broker")
     ap.add_argument("--kafka-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "",
                     help="where Kafka's log goes (default tmpfs: the VM's shared disk stalls writes)")
     ap.add_argument("--skip-worker", action="store_true")
@@ -243,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(common.REPO, "docs", "benchmarks.md"),
                     help="markdown report ('-': none)")
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--render", default=None, metavar="MARKDOWN",
+                    help="measure nothing: write --out again from the raw results of an earlier report "
+                         "(its JSON block), e.g. after the report's wording changed")
     a = ap.parse_args(argv)
+    if a.render:
+        return render(a.render, a.out)
     if a.profile_dir:
         os.makedirs(a.profile_dir, exist_ok=True)
         os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
@@ -269,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             results["memory"] = {"peak_rss": rss, "large_runs": 0, "large_rate": float("nan"),
                                  "large_bare": float("nan")}
     if a.ingest_duration > 0:
-        results["ingest"], results["snapshots"] = ingest_section(a)
-        ok &= results["ingest"]["exact"]
-        why = "" if a.kafka == "yes" else ("not asked (--kafka no)" if a.kafka == "no" else kafka_usable())
+        if a.kafka != "only":
+            results["ingest"], results["snapshots"] = ingest_section(a)
+            ok &= results["ingest"]["exact"]
+        why = "" if a.kafka in ("yes", "only") else ("not asked (--kafka no)" if a.kafka == "no" else kafka_usable())
         if not why:
             results["ingest_kafka"], results["snapshots_kafka"] = ingest_section(
                 a, lambda: kafka_broker(a), one=False, label=" (Apache Kafka)")

@@ -10,10 +10,10 @@ import tempfile
 from pathlib import Path
 
 from aggregator.bench.common import REPO
-from aggregator.broker import BrokerError, free_port
+from aggregator.broker import BrokerAddress, BrokerError, free_port
 
 
-class ScriptKafka:
+class ScriptKafka(BrokerAddress):
     def __init__(self, heap: str = "512m", base_dir: str | None = None) -> None:
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
@@ -21,14 +21,6 @@ class ScriptKafka:
         self.base_dir = base_dir  # where its temporary data folder goes (None: the system default)
         self.dir: Path | None = None
         self.pid: int | None = None
-
-    @property
-    def url(self) -> str:
-        return f"kafka://{self.host}:{self.port}"
-
-    @property
-    def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def _script(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(REPO / "scripts" / "kafka.sh"), *args, "--dir", str(self.dir)],

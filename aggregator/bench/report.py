@@ -239,8 +239,9 @@ def markdown(r: dict[str, Any]) -> str:
             "generator, snapshot watcher) against a fresh single-node Apache Kafka per run (KRaft, "
             "`scripts/kafka.sh`, 512 MiB heap, one replica), its log in "
             f"`{k.get('kafka_dir', '?')}`: the production broker, sharing the same two cores. Its log goes to "
-            "tmpfs by default because on this VM's shared disk single appends of 50-800 ms were seen "
-            "(Kafka's request log, `localTime`), which every request queued behind them waits out.",
+            "tmpfs by default because on this VM's shared disk Kafka's request log showed appends "
+            "(`localTime`) of up to 77 ms and the ingest saw produce round trips of 100-300 ms then, which "
+            "every request queued behind them waits out (see the README's Benchmarks section).",
             "",
         ] + _split_runs_table(k["runs"])
     m = r.get("memory")
