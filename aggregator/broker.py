@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import subprocess
 import tempfile
@@ -76,8 +77,9 @@ class EmbeddedBroker(BrokerAddress):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.stderr_tail()
-                raise BrokerError(f"embedded broker exited with {self.proc.returncode} "
+                err, code = self.stderr_tail(), self.proc.returncode
+                self.stop()  # closes the stderr file
+                raise BrokerError(f"embedded broker exited with {code} "
                                   f"(port {self.port} in use?): {err.strip()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
@@ -92,9 +94,10 @@ class EmbeddedBroker(BrokerAddress):
         """The last ``limit`` characters the broker wrote to stderr."""
         if self.stderr is None:
             return ""
-        size = self.stderr.seek(0, 2)
-        self.stderr.seek(max(0, size - limit))
-        return self.stderr.read().decode(errors="replace")
+        # pread: the broker shares this file's offset, moving it would misplace its next writes
+        fd = self.stderr.fileno()
+        size = os.fstat(fd).st_size
+        return os.pread(fd, limit, max(0, size - limit)).decode(errors="replace")
 
     def exited(self) -> int | None:
         """The broker's exit status if it has stopped by itself, else None."""

@@ -5,15 +5,15 @@ delay and memory (issue 7).  Prints a table and writes docs/benchmarks.md from t
     .venv/bin/python scripts/bench.py --n 100000 --runs 1 --memory-n 0 --faust-n 2000 \\
         --ingest-duration 3 --out -                            # a quick look, writes nothing
 
-Every run starts its own embedded broker (loopback only).  See aggregator/bench/ for what
-each figure means; docs/benchmarks.md says it again next to the numbers.
+Every run starts its own broker (loopback only): the embedded one, and for figures 2 and 3
+also Apache Kafka (scripts/kafka.sh) unless --kafka no.  See aggregator/bench/ for what each
+figure means; docs/benchmarks.md says it again next to the numbers.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +23,7 @@ import orjson
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aggregator.bench import common, ingest, report, throughput  # noqa: E402
-from aggregator.bench.kafka import ScriptKafka  # noqa: E402
+from aggregator.bench.kafka import ScriptKafka, kafka_usable  # noqa: E402
 from aggregator.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 
 
@@ -38,12 +38,12 @@ def fresh_broker(partitions: int) -> tuple[EmbeddedBroker, str]:
     return b, bootstrap
 
 
-def stop_broker(b: EmbeddedBroker) -> None:
+def stop_broker(b: EmbeddedBroker | ScriptKafka) -> None:
     """Stop a run's broker, saying so if it had exited by itself (a run that then failed
     failed because of it)."""
     code = b.exited()
     if code is not None:
-        log(f"the embedded broker had exited by itself with status {code}; its stderr ends: "
+        log(f"the run's broker had exited by itself (status {code}); its log ends: "
             f"{b.stderr_tail(1500).strip() or '(nothing)'}")
     b.stop()
 
@@ -207,23 +207,35 @@ def ingest_section(a: argparse.Namespace, new_broker=None, one: bool | None = No
 def kafka_broker(a: argparse.Namespace) -> ScriptKafka:
     """A fresh Apache Kafka (scripts/kafka.sh) with the service's topics."""
     b = ScriptKafka(base_dir=a.kafka_dir or None).start()
-    asyncio.run(ensure_topics(b.bootstrap, a.partitions))
+    try:
+        asyncio.run(ensure_topics(b.bootstrap, a.partitions))
+    except BaseException:
+        b.stop()
+        raise
     return b
 
 
-def kafka_usable() -> str:
-    """'' when scripts/kafka.sh can run Apache Kafka here, else why not."""
-    res = subprocess.run(["bash", str(common.REPO / "scripts" / "kafka.sh"), "fetch"], capture_output=True,
-                         text=True, timeout=1800)
-    return "" if res.returncode == 0 else (res.stderr.strip().splitlines() or ["kafka.sh fetch failed"])[-1]
+def _nan_back(x):
+    """orjson writes NaN as null: the raw results read back get their NaN again."""
+    if x is None:
+        return float("nan")
+    if isinstance(x, dict):
+        return {k: _nan_back(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_back(v) for v in x]
+    return x
 
 
 def render(source: str, out: str) -> int:
     """--render: the report of an earlier run, from the raw results it carries."""
     with open(source) as f:
         text = f.read()
-    raw = text.split("## Raw results", 1)[1].split("```json\n", 1)[1].split("\n```", 1)[0]
-    results = orjson.loads(raw)
+    try:
+        raw = text.split("## Raw results", 1)[1].split("```json\n", 1)[1].split("\n```", 1)[0]
+    except IndexError:
+        print(f"error: {source} has no raw results block (## Raw results, then ```json)", file=sys.stderr)
+        return 2
+    results = _nan_back(orjson.loads(raw))
     results["json"] = raw
     md = report.markdown(results)
     if out == "-":
@@ -295,13 +307,21 @@ def main(argv: list[str] | None = None) -> int:
         if a.kafka != "only":
             results["ingest"], results["snapshots"] = ingest_section(a)
             ok &= results["ingest"]["exact"]
-        why = "" if a.kafka in ("yes", "only") else ("not asked (--kafka no)" if a.kafka == "no" else kafka_usable())
+        why = "not asked (--kafka no)" if a.kafka == "no" else kafka_usable()
+        if why and a.kafka in ("yes", "only"):
+            log(f"error: --kafka {a.kafka}, but Apache Kafka cannot run here: {why}")
+            ok = False
         if not why:
-            results["ingest_kafka"], results["snapshots_kafka"] = ingest_section(
-                a, lambda: kafka_broker(a), one=False, label=" (Apache Kafka)")
-            results["ingest_kafka"]["kafka_dir"] = a.kafka_dir or tempfile.gettempdir()
-            ok &= results["ingest_kafka"]["exact"]
-        else:
+            try:
+                results["ingest_kafka"], results["snapshots_kafka"] = ingest_section(
+                    a, lambda: kafka_broker(a), one=False, label=" (Apache Kafka)")
+                results["ingest_kafka"]["kafka_dir"] = a.kafka_dir or tempfile.gettempdir()
+                ok &= results["ingest_kafka"]["exact"]
+            except Exception as exc:  # noqa: BLE001 - the embedded figures are still reported
+                why = f"the Kafka runs failed: {exc!r}"[:1500]
+                log(why)
+                ok = False
+        if why:
             log(f"ingest on Apache Kafka skipped: {why}")
             results["notes"].append(f"Figures 2 and 3 were not measured on Apache Kafka: {why}.")
     results["elapsed_s"] = time.perf_counter() - t0

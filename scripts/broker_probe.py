@@ -47,7 +47,7 @@ async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume:
         finally:
             await c.stop()
 
-    async def one(lats: list[float], sched: float) -> None:
+    async def one(sched: float) -> None:
         futs = []
         for part in range(PARTITIONS):
             b = producer.create_batch()
@@ -56,11 +56,11 @@ async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume:
             b.close()
             futs.append(await producer.send_batch(b, CLICKS, partition=part))
         await asyncio.gather(*futs)
-        lats.append(time.monotonic() - sched)
+        state["lats"].append(time.monotonic() - sched)  # the interval's list when it is acknowledged
 
     ctask = asyncio.create_task(consumer()) if consume else None
     interval, t0, i, sent = PER_BATCH / rate, time.monotonic(), 0, 0
-    lats: list[float] = []
+    state: dict[str, list[float]] = {"lats": []}
     tasks: set = set()
     mark, cpu0 = t0, cpu_seconds(pid) if pid else 0.0
     print("  s  records held  consumed  broker CPU (cores)  broker RSS MB  ack p50 / p99 / max ms", flush=True)
@@ -69,19 +69,19 @@ async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume:
         now = time.monotonic()
         if sched > now:
             await asyncio.sleep(sched - now)
-        t = asyncio.create_task(one(lats, sched))
+        t = asyncio.create_task(one(sched))
         tasks.add(t)
         t.add_done_callback(tasks.discard)
         i += 1
         sent += PER_BATCH
         if time.monotonic() - mark >= 5:
             now, cpu = time.monotonic(), cpu_seconds(pid) if pid else 0.0
-            ms = [x * 1000 for x in lats] or [float("nan")]
+            ms = [x * 1000 for x in state["lats"]] or [float("nan")]
             cores = f"{(cpu - cpu0) / (now - mark):.2f}" if pid else "-"
             rss = f"{proc_status(pid, 'VmRSS'):.0f}" if pid else "-"
             print(f"{now - t0:4.0f}  {sent:12,}  {consumed[0]:8,}  {cores:>18}  {rss:>13}  "
                   f"{percentile(ms, 50):.1f} / {percentile(ms, 99):.1f} / {max(ms):.1f}", flush=True)
-            mark, cpu0, lats = now, cpu, []
+            mark, cpu0, state["lats"] = now, cpu, []
     await asyncio.gather(*tasks)
     if ctask:
         ctask.cancel()

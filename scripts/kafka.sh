@@ -198,8 +198,11 @@ start() {
     configure
     format_storage
     [ -f "$LOG" ] && mv -f "$LOG" "$LOG.1"
+    # KAFKA_JVM_OPTS: split on blanks, never glob-expanded (-Xlog:gc* stays as written)
+    local -a jvm_opts=()
+    read -r -a jvm_opts <<<"${KAFKA_JVM_OPTS:-}"
     # own session: the broker outlives the shell or make that started it
-    setsid java -Xms"$HEAP" -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 ${KAFKA_JVM_OPTS:-} \
+    setsid java -Xms"$HEAP" -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 ${jvm_opts[@]+"${jvm_opts[@]}"} \
       -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
       -Dlog4j2.configurationFile="$DIR/log4j2.properties" \
       -cp "$LIBS/*" kafka.Kafka "$DIR/server.properties" >"$LOG" 2>&1 </dev/null &

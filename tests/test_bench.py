@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 from aggregator.bench.common import REGIONS, percentile, pick_regions, top_share
@@ -84,6 +85,15 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     subprocess.run([sys.executable, "scripts/bench.py", "--render", str(out), "--out", str(again)],
                    cwd=ROOT, check=True, capture_output=True, timeout=60)
     assert again.read_text() == md
+    # ... also when a figure is NaN (orjson writes null; e.g. --memory-n 0 leaves rates NaN)
+    res["memory"]["large_rate"] = float("nan")
+    res["ingest"]["half_p99"] = float("nan")
+    raw_nan = orjson.dumps(res, option=orjson.OPT_INDENT_2).decode()
+    with_nan = tmp_path / "nan.md"
+    with_nan.write_text(markdown({**res, "json": raw_nan}))
+    subprocess.run([sys.executable, "scripts/bench.py", "--render", str(with_nan), "--out", str(again)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
+    assert again.read_text() == with_nan.read_text() and "nan%" in again.read_text()
 
 
 @pytest.mark.integration
@@ -107,4 +117,6 @@ def test_bench_ingest_on_apache_kafka_counts_exactly(tmp_path):
     assert res["ingest_kafka"]["kafka_dir"] == str(tmp_path)
     assert not list(tmp_path.glob("bench-kafka-*")), "the bench's Kafka data folder was left behind"
     md = out.read_text()
-    assert "max, Apache Kafka" in md and "max, embedded broker" not in md and "on Apache Kafka" in md
+    assert "max, Apache Kafka" in md and "max, embedded broker" not in md
+    assert "**Figures 2 and 3 on Apache Kafka.**" in md and "**2. HTTP ingest.**" in md
+    assert "**3. Snapshot delay.**" in md and "On the embedded broker" not in md

@@ -26,13 +26,19 @@ class ScriptKafka(BrokerAddress):
         return subprocess.run(["bash", str(REPO / "scripts" / "kafka.sh"), *args, "--dir", str(self.dir)],
                               capture_output=True, text=True, timeout=timeout)
 
-    def start(self, timeout: float = 600.0) -> "ScriptKafka":
+    def start(self, timeout: float = 120.0) -> "ScriptKafka":
+        """Start it (the jars must be assembled already: ``kafka_sh("fetch")``); on any
+        failure nothing is left running and the data folder is removed."""
         self.dir = Path(tempfile.mkdtemp(prefix="bench-kafka-", dir=self.base_dir))
-        res = self._script("start", "--port", str(self.port), "--heap", self.heap, timeout=timeout)
-        if res.returncode != 0 or res.stdout.strip().splitlines()[-1:] != [self.bootstrap]:
+        try:
+            res = self._script("start", "--port", str(self.port), "--heap", self.heap, "--timeout",
+                               str(int(timeout)), timeout=timeout + 30)
+            if res.returncode != 0 or res.stdout.strip().splitlines()[-1:] != [self.bootstrap]:
+                raise BrokerError(f"scripts/kafka.sh could not start Apache Kafka: {res.stderr.strip()[-2000:]}")
+            self.pid = int((self.dir / "kafka.pid").read_text())
+        except BaseException:
             self.stop()
-            raise BrokerError(f"scripts/kafka.sh could not start Apache Kafka: {res.stderr.strip()[-2000:]}")
-        self.pid = int((self.dir / "kafka.pid").read_text())
+            raise
         return self
 
     def exited(self) -> int | None:
@@ -56,8 +62,28 @@ class ScriptKafka(BrokerAddress):
     def stop(self) -> None:
         if self.dir is None:
             return
-        if self.pid is not None:
-            self._script("stop", "--kill", timeout=90)
+        try:
+            if self.pid is not None or (self.dir / "kafka.pid").exists():
+                self._script("stop", "--kill", timeout=90)
+        finally:
             self.pid = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir = None
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+def kafka_sh(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """``scripts/kafka.sh ARGS`` (e.g. ``fetch``: assemble the jars once)."""
+    return subprocess.run(["bash", str(REPO / "scripts" / "kafka.sh"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def kafka_usable() -> str:
+    """'' when scripts/kafka.sh can run Apache Kafka here (Java, and the jars assembled now
+    or before), else why not."""
+    if shutil.which("java") is None:
+        return "no java (17+) on PATH"
+    try:
+        res = kafka_sh("fetch")
+    except subprocess.TimeoutExpired:
+        return "assembling the Kafka jars took over 30 min"
+    return "" if res.returncode == 0 else (res.stderr.strip().splitlines() or ["kafka.sh fetch failed"])[-1]
