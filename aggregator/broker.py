@@ -73,6 +73,7 @@ class EmbeddedBroker(BrokerAddress):
                 [str(binary), "broker", "--listener-url", addr, "--advertised-listener-url", addr],
                 stdout=subprocess.DEVNULL, stderr=self.stderr, start_new_session=True)
         except OSError as exc:
+            self.stop()  # closes the stderr file
             raise BrokerError(f"cannot start the embedded broker {binary}: {exc}") from exc
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -74,7 +74,7 @@ def cmd_broker(settings: config.Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        while not stop["flag"] and broker.proc and broker.proc.poll() is None:
+        while not stop["flag"] and broker.exited() is None:
             time.sleep(0.2)
     finally:
         broker.stop()

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from typing import TypeVar
 
 import orjson
 
@@ -26,16 +27,26 @@ from aggregator.bench import common, ingest, report, throughput  # noqa: E402
 from aggregator.bench.kafka import ScriptKafka, kafka_usable  # noqa: E402
 from aggregator.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 
+BrokerT = TypeVar("BrokerT", EmbeddedBroker, ScriptKafka)
+
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def with_topics(b: BrokerT, partitions: int) -> BrokerT:
+    """A started broker with the service's topics (stopped again if they cannot be made)."""
+    try:
+        asyncio.run(ensure_topics(b.bootstrap, partitions))
+    except BaseException:
+        b.stop()
+        raise
+    return b
+
+
 def fresh_broker(partitions: int) -> tuple[EmbeddedBroker, str]:
-    b = EmbeddedBroker().start()
-    bootstrap = b.url.split("://", 1)[1]
-    asyncio.run(ensure_topics(bootstrap, partitions))
-    return b, bootstrap
+    b = with_topics(EmbeddedBroker().start(), partitions)
+    return b, b.bootstrap
 
 
 def stop_broker(b: EmbeddedBroker | ScriptKafka) -> None:
@@ -206,13 +217,7 @@ def ingest_section(a: argparse.Namespace, new_broker=None, one: bool | None = No
 
 def kafka_broker(a: argparse.Namespace) -> ScriptKafka:
     """A fresh Apache Kafka (scripts/kafka.sh) with the service's topics."""
-    b = ScriptKafka(base_dir=a.kafka_dir or None).start()
-    try:
-        asyncio.run(ensure_topics(b.bootstrap, a.partitions))
-    except BaseException:
-        b.stop()
-        raise
-    return b
+    return with_topics(ScriptKafka(base_dir=a.kafka_dir or None).start(), a.partitions)
 
 
 def _nan_back(x):

@@ -9,16 +9,14 @@ it again on the same data.
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 
 import orjson
 import pytest
 
+from aggregator.bench.kafka import ScriptKafka
 from aggregator.broker import SNAPSHOTS
-from tests.conftest import ON_REAL_KAFKA, REPO, free_port, http, read_topic, wait_for
+from tests.conftest import ON_REAL_KAFKA, http, read_topic, wait_for
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.slow,
@@ -29,46 +27,9 @@ W_MS = 2000
 REGIONS = ["out-a", "out-b", "out-c"]
 
 
-class OwnKafka:
-    def __init__(self, data_dir) -> None:
-        self.port = free_port()
-        self.dir = data_dir
-        self.bootstrap = f"127.0.0.1:{self.port}"
-        self.url = f"kafka://{self.bootstrap}"
-
-    def _script(self, *args: str, timeout: float = 240) -> str:
-        res = subprocess.run(["bash", str(REPO / "scripts" / "kafka.sh"), *args, "--dir", str(self.dir)],
-                             capture_output=True, text=True, timeout=timeout)
-        assert res.returncode == 0, res.stdout + res.stderr
-        return res.stdout
-
-    def start(self) -> float:
-        t0 = time.monotonic()
-        out = self._script("start", "--port", str(self.port))
-        assert out.strip().splitlines()[-1] == self.bootstrap
-        return time.monotonic() - t0
-
-    def kill(self) -> None:
-        """SIGKILL the broker process: no controlled shutdown, no flush."""
-        pid = int((self.dir / "kafka.pid").read_text())
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), 20, what="the broker to die")
-
-    def stop(self) -> None:
-        self._script("stop", "--kill", timeout=90)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1].startswith("Z")
-    except OSError:
-        return True
-
-
 @pytest.fixture
 def own_kafka(tmp_path):
-    k = OwnKafka(tmp_path / "kafka")
+    k = ScriptKafka(data_dir=tmp_path / "kafka")
     k.start()
     yield k
     k.stop()
@@ -125,8 +86,9 @@ def test_broker_down_503_then_every_acknowledged_record_counted(own_kafka, tmp_p
         assert acked == before
 
         # 3. the broker is back on the same data: ingest recovers by itself, more traffic
-        took = own_kafka.start()
-        print(f"broker restarted in {took:.1f}s")
+        t0 = time.monotonic()
+        own_kafka.start()
+        print(f"broker restarted in {time.monotonic() - t0:.1f}s")
         t_back = time.monotonic()
         wait_for(lambda: post_round()[0] == 200, 60, interval=0.5, what="ingest to accept again")
         print(f"ingest accepted again {time.monotonic() - t_back:.1f}s after the restart")

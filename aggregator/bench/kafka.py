@@ -1,12 +1,16 @@
-"""A fresh single-node Apache Kafka (KRaft) for one benchmark run, through ``scripts/kafka.sh``
-(jars from Maven Central, cached after the first run), with the face of
-``aggregator.broker.EmbeddedBroker``: ``start``, ``stop``, ``url``, ``bootstrap``, ``exited``,
-``stderr_tail``.  Its data lives in a temporary folder removed by ``stop``."""
+"""A single-node Apache Kafka (KRaft) of its own, through ``scripts/kafka.sh`` (jars from Maven
+Central, cached after the first run), with the face of ``aggregator.broker.EmbeddedBroker``:
+``start``, ``stop``, ``url``, ``bootstrap``, ``exited``, ``stderr_tail``; and ``kill``.  Used by
+the benchmark (a fresh one per run, its data in a temporary folder removed by ``stop``) and by
+tests that stop a broker (``data_dir``: kept, so a restart finds its records again)."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from aggregator.bench.common import REPO
@@ -14,22 +18,25 @@ from aggregator.broker import BrokerAddress, BrokerError, free_port
 
 
 class ScriptKafka(BrokerAddress):
-    def __init__(self, heap: str = "512m", base_dir: str | None = None) -> None:
+    def __init__(self, heap: str = "512m", base_dir: str | None = None, data_dir: Path | None = None) -> None:
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
         self.heap = heap
         self.base_dir = base_dir  # where its temporary data folder goes (None: the system default)
-        self.dir: Path | None = None
+        self.keep = data_dir is not None  # a given folder outlives stop(); a temporary one does not
+        self.dir: Path | None = Path(data_dir) if data_dir is not None else None
         self.pid: int | None = None
 
     def _script(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(REPO / "scripts" / "kafka.sh"), *args, "--dir", str(self.dir)],
-                              capture_output=True, text=True, timeout=timeout)
+        return kafka_sh(*args, "--dir", str(self.dir), timeout=timeout)
 
     def start(self, timeout: float = 120.0) -> "ScriptKafka":
         """Start it (the jars must be assembled already: ``kafka_sh("fetch")``); on any
-        failure nothing is left running and the data folder is removed."""
-        self.dir = Path(tempfile.mkdtemp(prefix="bench-kafka-", dir=self.base_dir))
+        failure nothing is left running (and a temporary data folder is removed).  Again after
+        ``kill``: the same port and data."""
+        if self.dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="bench-kafka-", dir=self.base_dir))
+        self.dir.mkdir(parents=True, exist_ok=True)
         try:
             res = self._script("start", "--port", str(self.port), "--heap", self.heap, "--timeout",
                                str(int(timeout)), timeout=timeout + 30)
@@ -53,6 +60,15 @@ class ScriptKafka(BrokerAddress):
             return -1
         return -1 if state in ("Z", "X") else None
 
+    def kill(self, timeout: float = 20.0) -> None:
+        """SIGKILL the broker process (no controlled shutdown, no flush) and wait until it is gone."""
+        os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while self.exited() is None:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"Kafka (pid {self.pid}) still alive {timeout}s after SIGKILL")
+            time.sleep(0.05)
+
     def stderr_tail(self, limit: int = 2000) -> str:
         log = self.dir / "kafka.log" if self.dir else None
         if log is None or not log.exists():
@@ -67,8 +83,9 @@ class ScriptKafka(BrokerAddress):
                 self._script("stop", "--kill", timeout=90)
         finally:
             self.pid = None
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+            if not self.keep:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                self.dir = None
 
 
 def kafka_sh(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
