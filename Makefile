@@ -48,7 +48,7 @@ test-kafka: $(STAMP)
 ## prints a table and writes docs/benchmarks.md.  Smaller: make bench BENCH_ARGS="--n 200000 --memory-n 0"
 BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) scripts/bench.py $(BENCH_ARGS)
+	$(PY) -m tools.bench $(BENCH_ARGS)
 
 clean:
 	-bash scripts/kafka.sh stop --dir $(KAFKA_DIR)

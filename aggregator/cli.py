@@ -101,7 +101,7 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if settings.role == "ingest":
-            from aggregator.web import ingest_service
+            from aggregator.ingest import service as ingest_service
             print(f"aggregator (ingest): HTTP on http://{settings.web_host}:{settings.web_port} "
                   f"(POST /v1/events, GET /metrics, /healthz, /readyz)", flush=True)
             asyncio.run(ingest_service.serve(settings))

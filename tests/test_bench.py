@@ -11,9 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from aggregator.bench.common import REGIONS, percentile, pick_regions, top_share
-from aggregator.bench.loadgen import bodies
-from aggregator.bench.report import markdown, table
+from tools.bench.common import REGIONS, percentile, pick_regions, top_share
+from tools.bench.loadgen import bodies
+from tools.bench.report import markdown, table
 from tests.conftest import ON_REAL_KAFKA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_loadgen_bodies_carry_their_region_counts():
 def test_bench_runs_and_counts_exactly(tmp_path):
     out, raw = tmp_path / "benchmarks.md", tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "scripts/bench.py", "--n", "3000", "--runs", "1", "--faust-n", "300",
+        [sys.executable, "-m", "tools.bench", "--n", "3000", "--runs", "1", "--faust-n", "300",
          "--memory-n", "6000", "--ingest-duration", "1.5", "--kafka", "no", "--out", str(out), "--json", str(raw)],
         cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -82,7 +82,7 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     assert "ingest_kafka" not in res and "Apache Kafka: not asked" in md
     # --render writes the same report again from the raw results it carries
     again = tmp_path / "again.md"
-    subprocess.run([sys.executable, "scripts/bench.py", "--render", str(out), "--out", str(again)],
+    subprocess.run([sys.executable, "-m", "tools.bench", "--render", str(out), "--out", str(again)],
                    cwd=ROOT, check=True, capture_output=True, timeout=60)
     assert again.read_text() == md
     # ... also when a figure is NaN (orjson writes null; e.g. --memory-n 0 leaves rates NaN)
@@ -91,7 +91,7 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     raw_nan = orjson.dumps(res, option=orjson.OPT_INDENT_2).decode()
     with_nan = tmp_path / "nan.md"
     with_nan.write_text(markdown({**res, "json": raw_nan}))
-    subprocess.run([sys.executable, "scripts/bench.py", "--render", str(with_nan), "--out", str(again)],
+    subprocess.run([sys.executable, "-m", "tools.bench", "--render", str(with_nan), "--out", str(again)],
                    cwd=ROOT, check=True, capture_output=True, timeout=60)
     assert again.read_text() == with_nan.read_text() and "nan%" in again.read_text()
 
@@ -103,7 +103,7 @@ def test_bench_ingest_on_apache_kafka_counts_exactly(tmp_path):
     under make test-kafka, where the jars are assembled."""
     out, raw = tmp_path / "benchmarks.md", tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "scripts/bench.py", "--skip-worker", "--memory-n", "0", "--runs", "1",
+        [sys.executable, "-m", "tools.bench", "--skip-worker", "--memory-n", "0", "--runs", "1",
          "--ingest-duration", "1.5", "--kafka", "only", "--kafka-dir", str(tmp_path), "--out", str(out),
          "--json", str(raw)],
         cwd=ROOT, capture_output=True, text=True, timeout=400)

@@ -14,8 +14,8 @@ import time
 import orjson
 import pytest
 
-from aggregator.bench.kafka import ScriptKafka
-from aggregator.broker import SNAPSHOTS
+from tools.bench.kafka import ScriptKafka
+from aggregator.core.contract import SNAPSHOTS
 from tests.conftest import ON_REAL_KAFKA, http, read_topic, wait_for
 
 pytestmark = [

@@ -17,7 +17,8 @@ import time
 import orjson
 import pytest
 
-from aggregator.broker import CLICKS, SNAPSHOTS, ensure_topics
+from aggregator.broker import ensure_topics
+from aggregator.core.contract import CLICKS, SNAPSHOTS
 from tests.conftest import read_topic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -23,7 +23,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from aggregator.broker import CLICKS, SNAPSHOTS, ensure_topics
+from aggregator.broker import ensure_topics
+from aggregator.core.contract import CLICKS, SNAPSHOTS
 from aggregator.gen.audit import audit
 from aggregator.spill.segment import scan_bytes
 from tests.conftest import wait_for

@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.core.events import EventError, ingest_header, parse_ingest_header, validate
-from aggregator.web.ingest import MAX_ERRORS, BodyError, decode_body, gunzip_bounded, validate_records
+from aggregator.core.contract import ingest_header, parse_ingest_header
+from aggregator.core.events import EventError, validate
+from aggregator.ingest.body import MAX_ERRORS, BodyError, decode_body, gunzip_bounded, validate_records
 from tests.conftest import Service, http, wait_for
 
 NDJSON = "application/x-ndjson"

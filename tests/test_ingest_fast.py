@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from aggregator.core.events import EventError, validate
-from aggregator.web import ingest
-from aggregator.web.ingest import validate_records
+from aggregator.ingest import body as ingest
+from aggregator.ingest.body import validate_records
 
 REGIONS = ["eu-west", "EU-West", "us.east_1", "bad region", "\u212aelvin", "", "x" * 65, "r00"]
 values = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**60), max_value=2**60),

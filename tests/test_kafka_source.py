@@ -9,8 +9,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.broker import CLICKS, DLQ, SNAPSHOTS, ensure_topics
-from aggregator.core.events import INGEST_HEADER
+from aggregator.broker import ensure_topics
+from aggregator.core.contract import CLICKS, DLQ, SNAPSHOTS
+from aggregator.core.contract import INGEST_HEADER
 from tests.conftest import read_topic, wait_for
 
 pytestmark = pytest.mark.integration

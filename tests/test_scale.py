@@ -14,7 +14,8 @@ import time
 import orjson
 import pytest
 
-from aggregator.broker import SNAPSHOTS, ensure_topics
+from aggregator.broker import ensure_topics
+from aggregator.core.contract import SNAPSHOTS
 from tests.conftest import ON_REAL_KAFKA, read_topic, wait_for
 
 pytestmark = [

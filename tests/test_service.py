@@ -6,7 +6,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.broker import SNAPSHOTS
+from aggregator.core.contract import SNAPSHOTS
 from tests.conftest import read_topic, wait_for
 
 pytestmark = pytest.mark.integration

@@ -1,5 +1,5 @@
 """GET /v1/snapshots' store: identical re-publications are listed once, different ones are not hidden."""
-from aggregator.web.server import SnapshotStore
+from aggregator.core.snapshots import SnapshotStore
 
 
 def snap(region, ws, count, emitted_at=0):

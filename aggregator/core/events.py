@@ -1,8 +1,12 @@
-"""Click event validation (CONTRACT §2).  Standard library only.
+"""Click event validation (docs/contract.md §2).  Standard library only.
 
 ``validate(obj)`` returns a normalised event dict or raises ``EventError``
 with a short, client-readable reason.  The normalised event keeps only
 the known fields; ``ts`` becomes epoch milliseconds (int) or is absent.
+
+``normalise_region`` is THE region rule: the HTTP ingest and the worker (for
+records produced straight to Kafka) both call it, so a region is accepted, and
+spelled, the same way whichever way it came in.
 """
 from __future__ import annotations
 
@@ -13,25 +17,6 @@ from typing import Any
 
 REGION_RE = re.compile(r"[a-z0-9._-]{1,64}\Z")
 LIMITS = {"event_id": 128, "user_id": 128, "url": 2048}
-
-
-# Header on every record the HTTP ingest writes to ``clicks``: ``<ingest_ts>`` or
-# ``<ingest_ts>,<client ts>`` (epoch ms, ASCII), next to key = the validated, lower-cased
-# region.  The worker counts such a record from key and header without parsing its JSON
-# value (which it otherwise must: records produced straight to Kafka).
-INGEST_HEADER = "clickstream-ingest"
-
-
-def ingest_header(ingest_ts: int, client_ts: int | None) -> list[tuple[str, bytes]]:
-    if client_ts is None:
-        return [(INGEST_HEADER, b"%d" % ingest_ts)]
-    return [(INGEST_HEADER, b"%d,%d" % (ingest_ts, client_ts))]
-
-
-def parse_ingest_header(value: bytes) -> tuple[int, int | None]:
-    """-> (ingest_ts, client ts or None); ValueError when it is not what ingest writes."""
-    its, sep, cts = value.partition(b",")
-    return int(its), (int(cts) if sep else None)
 
 
 class EventError(ValueError):
@@ -64,16 +49,27 @@ def parse_client_ts(ts: Any) -> int:
     raise EventError("bad_ts", "ts must be epoch milliseconds or an RFC 3339 string")
 
 
+def normalise_region(raw: object) -> str:
+    """The region as counted: ``raw`` lower-cased, if it is 1-64 ASCII characters of
+    ``[a-z0-9._-]`` after lower-casing; else ``EventError("bad_region")``.
+
+    ASCII is checked before lower-casing: ``str.lower()`` maps KELVIN SIGN (U+212A) to
+    ``k`` and DOTTED CAPITAL I (U+0130) to ``i`` + a combining dot, and full-width
+    letters are letters too; none of them is a region."""
+    if not isinstance(raw, str):
+        raise EventError("bad_region", "region is required and must be a string")
+    if not raw.isascii():
+        raise EventError("bad_region", "region must be 1-64 characters of [a-z0-9._-]")
+    region = raw.lower()
+    if not REGION_RE.match(region):
+        raise EventError("bad_region", "region must be 1-64 characters of [a-z0-9._-]")
+    return region
+
+
 def validate(obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise EventError("not_an_object", "event must be a JSON object")
-    region = obj.get("region")
-    if not isinstance(region, str):
-        raise EventError("bad_region", "region is required and must be a string")
-    # ASCII only, checked before lower-casing: str.lower() maps KELVIN SIGN (U+212A) to "k"
-    if not region.isascii() or not REGION_RE.match(region := region.lower()):
-        raise EventError("bad_region", "region must be 1-64 characters of [a-z0-9._-]")
-    out: dict[str, Any] = {"region": region}
+    out: dict[str, Any] = {"region": normalise_region(obj.get("region"))}
     for field, limit in LIMITS.items():
         v = obj.get(field)
         if v is None:

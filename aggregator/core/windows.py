@@ -1,7 +1,7 @@
 """Tumbling windows by ingest time, and the per-partition window book.
 
 Pure Python, standard library only.  All times are integer epoch
-milliseconds.  The book is the state machine of CONTRACT §1:
+milliseconds.  The book is the state machine of docs/contract.md §1:
 
 * an event's window is ``floor(ingest_ts / W) * W`` (epoch aligned);
 * *stream time* is the largest ingest timestamp seen on the partition,
@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-OTHER_REGION = "__other__"
-CLOSED_WINDOW = "closed_window"
-CLIENT_DELAY = "client_delay"
-LATE_REASONS = (CLOSED_WINDOW, CLIENT_DELAY)
+from aggregator.core.contract import CLIENT_DELAY, CLOSED_WINDOW, LATE_REASONS, OTHER_REGION, BookEvent, Snapshot
+
+__all__ = ["CLIENT_DELAY", "CLOSED_WINDOW", "OTHER_REGION", "WindowBook", "first_open_window", "window_start"]
 
 
 def window_start(ts_ms: int, window_ms: int) -> int:
@@ -40,15 +39,6 @@ def first_open_window(stream_time: int, window_ms: int, grace_ms: int) -> int:
     Window ``s`` is closed iff ``stream_time > s + W + grace``.
     """
     return window_start(stream_time - grace_ms - 1, window_ms)
-
-
-# A snapshot re-published after a crash or rebalance repeats these exactly;
-# ``emitted_at`` may differ (CONTRACT §1).
-CONTENT_FIELDS = ("region", "window_start", "window_end", "count", "late", "late_by_reason")
-
-
-def snapshot_content(s: dict) -> dict:
-    return {k: s.get(k) for k in CONTENT_FIELDS}
 
 
 class WindowBook:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aggregator.core.windows import snapshot_content as content
+from aggregator.core.contract import snapshot_content as content
 
 
 def expected_windows(truth: dict[str, Any]) -> set[tuple[str, int]]:

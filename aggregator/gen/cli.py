@@ -59,7 +59,7 @@ def fetch_topic_snapshots(bootstrap: str, idle: float = 2.0) -> list[dict]:
     (or until nothing arrives for ``idle`` seconds)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from aggregator.broker import SNAPSHOTS
+    from aggregator.core.contract import SNAPSHOTS
 
     async def read() -> list[dict]:
         c = AIOKafkaConsumer(bootstrap_servers=bootstrap.split("://", 1)[-1], group_id=None,

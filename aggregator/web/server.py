@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import hmac
 import logging
 import time
@@ -14,46 +13,16 @@ from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
 
-from aggregator.broker import CLICKS
+from aggregator.core.contract import CLICKS
 from aggregator.config import Settings
-from aggregator.core.events import ingest_header
-from aggregator.core.windows import OTHER_REGION, snapshot_content
-from aggregator.web.ingest import BodyError, decode_body, gunzip_bounded, validate_records
-from aggregator.web.metrics import Metrics
-from aggregator.web.produce import BatchProducer
+from aggregator.core.contract import OTHER_REGION, ingest_header
+from aggregator.core.snapshots import SnapshotStore
+from aggregator.ingest.body import BodyError, decode_body, gunzip_bounded, validate_records
+from aggregator.metrics import Metrics
+from aggregator.ingest.producer import BatchProducer
 
 log = logging.getLogger("aggregator.web")
 INGEST_TIMEOUT_S = 5.0  # then 503 + Retry-After: the broker cannot take the records now
-
-
-class SnapshotStore:
-    """The most recent final snapshots, bounded."""
-
-    def __init__(self, maxlen: int = 20000) -> None:
-        self.items: collections.deque = collections.deque(maxlen=maxlen)
-        self.latest: dict[tuple[str, int], dict] = {}
-
-    def add(self, snaps: list[dict]) -> None:
-        """A snapshot re-published after a rebalance or restart with identical content
-        (CONTRACT §1) is listed once."""
-        items, latest = self.items, self.latest
-        for s in snaps:
-            key = (s["region"], s["window_start"])
-            prev = latest.get(key)
-            if prev is not None and snapshot_content(prev) == snapshot_content(s):
-                continue
-            if len(items) == items.maxlen:
-                old = items[0]
-                okey = (old["region"], old["window_start"])
-                if latest.get(okey) is old:
-                    del latest[okey]
-            items.append(s)
-            latest[key] = s
-
-    def query(self, region: str | None, since: int | None) -> list[dict]:
-        return [s for s in self.items
-                if (region is None or s["region"] == region)
-                and (since is None or s["window_end"] > since)]
 
 
 class WebService:

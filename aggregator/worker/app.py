@@ -24,16 +24,18 @@ import faust
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from aggregator.broker import CLICKS, DLQ, SNAPSHOTS
+from aggregator.core.contract import CLICKS, DLQ, SNAPSHOTS
 from aggregator.config import Settings
-from aggregator.core.events import INGEST_HEADER, REGION_RE, EventError, parse_client_ts, parse_ingest_header
+from aggregator.core.contract import INGEST_HEADER, parse_ingest_header
+from aggregator.core.events import REGION_RE, EventError, parse_client_ts
 from aggregator.core.ratelimit import RateLimits
 from aggregator.core.windows import WindowBook
 from aggregator.spill.ledger import SpillLedger
 from aggregator.spill.partition import PartitionSpill
-from aggregator.web.metrics import Metrics
-from aggregator.web.produce import ingest_producer
-from aggregator.web.server import SnapshotStore, WebService
+from aggregator.metrics import Metrics
+from aggregator.ingest.producer import ingest_producer
+from aggregator.core.snapshots import SnapshotStore
+from aggregator.web.server import WebService
 from aggregator.worker.consumer import BatchConsumer, BatchTransport
 
 log = logging.getLogger("aggregator.worker")

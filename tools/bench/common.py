@@ -21,7 +21,8 @@ from pathlib import Path
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.broker import CLICKS, free_port
+from aggregator.broker import free_port
+from aggregator.core.contract import CLICKS
 
 REPO = Path(__file__).resolve().parents[2]
 REGIONS = [f"r{i:02d}" for i in range(16)]

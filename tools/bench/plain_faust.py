@@ -2,7 +2,7 @@
 counts: an agent over ``clicks`` and a tumbling windowed table updated once per event.
 
     BENCH_BROKER=kafka://127.0.0.1:9092 BENCH_N=20000 BENCH_OUT=/tmp/r.json BENCH_DATA=/tmp/d \\
-        python -m aggregator.bench.plain_faust worker -l warn
+        python -m tools.bench.plain_faust worker -l warn
 
 ``clicks`` is already keyed by region, so no ``group_by`` (which would add a repartition
 topic and be slower still).  When the agent has counted ``BENCH_N`` events it writes

@@ -20,9 +20,10 @@ import time
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from aggregator.bench.common import cpu_seconds, percentile, proc_status  # noqa: E402
-from aggregator.broker import CLICKS, EmbeddedBroker, ensure_topics  # noqa: E402
+
+from tools.bench.common import cpu_seconds, percentile, proc_status  # noqa: E402
+from aggregator.broker import EmbeddedBroker, ensure_topics
+from aggregator.core.contract import CLICKS  # noqa: E402
 
 PER_BATCH = 1000
 PARTITIONS = 4

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from aggregator.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics, percentile, stop_group
-from aggregator.broker import SNAPSHOTS
+from tools.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics, percentile, stop_group
+from aggregator.core.contract import SNAPSHOTS
 
 
 @dataclass
@@ -67,7 +67,7 @@ class IngestRun:
 
 def loadgen(url: str, batch: int, duration: float, concurrency: int = 8, rate: float = 0.0,
             warmup: float = 1.0, pid: int = 0, name: str = "", worker_pid: int = 0) -> Phase:
-    cmd = [sys.executable, "-m", "aggregator.bench.loadgen", "--url", url, "--batch", str(batch),
+    cmd = [sys.executable, "-m", "tools.bench.loadgen", "--url", url, "--batch", str(batch),
            "--duration", str(duration), "--concurrency", str(concurrency), "--warmup", str(warmup)]
     if rate:
         cmd += ["--rate", str(rate)]
@@ -262,7 +262,7 @@ def _caught_up(front_url: str, worker_url: str, timeout: float = 60.0) -> None:
 
 
 def _get(url: str) -> bytes:
-    from aggregator.bench.common import http_get
+    from tools.bench.common import http_get
     status, raw = http_get(url, 10)
     if status != 200:
         raise OSError(f"{url} answered {status}")

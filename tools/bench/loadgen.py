@@ -1,8 +1,8 @@
 """HTTP load generator for ``POST /v1/events`` (NDJSON), run as its own process so that its
 CPU is not the service's:
 
-    python -m aggregator.bench.loadgen --url http://127.0.0.1:8080 --batch 1000 --concurrency 8 --duration 10
-    python -m aggregator.bench.loadgen --url ... --batch 1000 --rate 50000 --duration 15   # fixed offered rate
+    python -m tools.bench.loadgen --url http://127.0.0.1:8080 --batch 1000 --concurrency 8 --duration 10
+    python -m tools.bench.loadgen --url ... --batch 1000 --rate 50000 --duration 15   # fixed offered rate
 
 Closed loop (no ``--rate``): ``--concurrency`` clients each send the next request as soon as
 the last is answered (the maximum rate).  Open loop (``--rate`` events/s): requests are
@@ -23,7 +23,7 @@ import time
 import aiohttp
 import orjson
 
-from aggregator.bench.common import percentile, pick_regions
+from tools.bench.common import percentile, pick_regions
 
 
 def bodies(batch: int, k: int, seed: int) -> list[tuple[bytes, dict[str, int]]]:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from aggregator.bench.common import REPO
+from tools.bench.common import REPO
 from aggregator.broker import BrokerAddress, BrokerError, free_port
 
 

@@ -17,11 +17,12 @@ import asyncio
 import logging
 import signal
 
-from aggregator.broker import CLICKS
+from aggregator.core.contract import CLICKS
 from aggregator.config import Settings
-from aggregator.web.metrics import Metrics
-from aggregator.web.produce import ingest_producer
-from aggregator.web.server import SnapshotStore, WebService
+from aggregator.metrics import Metrics
+from aggregator.ingest.producer import ingest_producer
+from aggregator.core.snapshots import SnapshotStore
+from aggregator.web.server import WebService
 
 log = logging.getLogger("aggregator.ingest")
 RETRY_S = 1.0

@@ -22,9 +22,9 @@ from typing import TypeVar
 
 import orjson
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from aggregator.bench import common, ingest, report, throughput  # noqa: E402
-from aggregator.bench.kafka import ScriptKafka, kafka_usable  # noqa: E402
+
+from tools.bench import common, ingest, report, throughput  # noqa: E402
+from tools.bench.kafka import ScriptKafka, kafka_usable  # noqa: E402
 from aggregator.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 
 BrokerT = TypeVar("BrokerT", EmbeddedBroker, ScriptKafka)

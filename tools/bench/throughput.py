@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from aggregator.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics, proc_status, stop_group
-from aggregator.broker import CLICKS
+from tools.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics, proc_status, stop_group
+from aggregator.core.contract import CLICKS
 
 
 @dataclass
@@ -159,7 +159,7 @@ def plain_faust(broker_url: str, n: int, timeout: float = 300.0) -> FaustResult:
     out = os.path.join(data, "result.json")
     env = dict(os.environ, BENCH_BROKER=broker_url, BENCH_N=str(n), BENCH_OUT=out, BENCH_DATA=data)
     with open(os.path.join(data, "faust.log"), "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "aggregator.bench.plain_faust", "worker", "-l", "warn"],
+        proc = subprocess.Popen([sys.executable, "-m", "tools.bench.plain_faust", "worker", "-l", "warn"],
                                 env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
