@@ -1,55 +1,23 @@
-"""Commands: ``aggregator run | broker | gen | audit`` (CONTRACT §7)."""
+"""Commands: ``aggregator run | broker | gen | audit`` (docs/contract.md §7)."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import gc
-import json
-import logging
 import os
 import signal
 import sys
 import time
 
-from aggregator import config
+from aggregator import config, roles
 from aggregator.broker import BrokerError, EmbeddedBroker, ensure_topics
+from aggregator.logs import setup_logging
 
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-               "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("AGG_LOG_FORMAT", "json") == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("aiokafka", "faust", "mode", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-
-
-def print_snapshot_table(snaps: list[dict]) -> None:
-    """A readable per-region table for each closed window (``make run``)."""
-    by_window: dict[int, list[dict]] = {}
-    for s in snaps:
-        by_window.setdefault(s["window_start"], []).append(s)
-    for ws, rows in sorted(by_window.items()):
-        start = time.strftime("%H:%M:%S", time.gmtime(ws / 1000))
-        end = time.strftime("%H:%M:%S", time.gmtime(rows[0]["window_end"] / 1000))
-        lines = [f"\nwindow {start}-{end} UTC", f"  {'region':<24}{'count':>10}{'late':>8}"]
-        for r in sorted(rows, key=lambda r: r["region"]):
-            lines.append(f"  {r['region']:<24}{r['count']:>10}{r['late']:>8}")
-        lines.append(f"  {'total':<24}{sum(r['count'] for r in rows):>10}{sum(r['late'] for r in rows):>8}")
-        print("\n".join(lines), flush=True)
+ROUTES = {
+    "all": "POST /v1/events, GET /metrics, /v1/snapshots, /healthz, /readyz",
+    "ingest": "POST /v1/events, GET /metrics, /healthz, /readyz",
+    "worker": "GET /metrics, /v1/snapshots, /healthz, /readyz",
+}
 
 
 def start_embedded_broker(settings: config.Settings) -> EmbeddedBroker | None:
@@ -100,26 +68,11 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
         except BrokerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        if settings.role == "ingest":
-            from aggregator.ingest import service as ingest_service
-            print(f"aggregator (ingest): HTTP on http://{settings.web_host}:{settings.web_port} "
-                  f"(POST /v1/events, GET /metrics, /healthz, /readyz)", flush=True)
-            asyncio.run(ingest_service.serve(settings))
-            return 0
-        os.makedirs(settings.data_dir, exist_ok=True)
-        import faust
-
-        from aggregator.worker.app import Worker
-        on_snaps = print_snapshot_table if args.print_snapshots else None
-        worker = Worker(settings, on_snapshots=on_snaps)
-        routes = "GET /metrics, /v1/snapshots, /healthz, /readyz"
-        print(f"aggregator{' (worker)' if settings.role == 'worker' else ''}: HTTP on "
-              f"http://{settings.web_host}:{settings.web_port} "
-              f"({routes if settings.role == 'worker' else 'POST /v1/events, ' + routes})", flush=True)
-        fw = faust.Worker(worker.app, loglevel=settings.log_level.lower(), quiet=True,
-                          redirect_stdouts=False, override_logging=False)
-        fw.spinner = None  # a terminal spinner would print escape codes into our log lines
-        fw.execute_from_commandline()
+        if settings.role != "ingest":
+            os.makedirs(settings.data_dir, exist_ok=True)
+        print(f"aggregator{'' if settings.role == 'all' else f' ({settings.role})'}: HTTP on "
+              f"http://{settings.web_host}:{settings.web_port} ({ROUTES[settings.role]})", flush=True)
+        roles.run(settings, print_snapshots=args.print_snapshots)  # exits by SystemExit
         return 0
     finally:
         if broker:

@@ -1,56 +1,189 @@
-"""Prometheus metrics of CONTRACT §5, in one registry per process.
+"""The Prometheus metrics of docs/contract.md §5, in one registry per process.
 
-Hot paths count into local dicts and call ``add_counts`` once per batch;
-no metric call happens per event."""
+Callers say what happened (``ingest_accepted``, ``batch_decoded``, ``published`` …),
+never which counter to bump: the metric names, label sets and the way tallies become
+samples live here only.  Hot paths count into local dicts and report once per batch
+or tick; no method here is called per event.
+"""
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from aggregator.core.contract import Snapshot
 
 disable_created_metrics()
 
 STAGES = ("ingest", "decode", "window", "spill", "publish")
+SPILL_FAULTS = ("corrupt", "torn", "lost")
+
+
+def _add_counts(counter: Counter, counts: Mapping[str, int] | Mapping[tuple[str, ...], int]) -> None:
+    """Add a local ``{label: n}`` (or ``{(l1, l2): n}``) tally to a counter."""
+    for key, n in counts.items():
+        if n:
+            if isinstance(key, tuple):
+                counter.labels(*key).inc(n)
+            else:
+                counter.labels(key).inc(n)
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.ingested = Counter("clickstream_events_ingested", "Events accepted over HTTP (broker acknowledged)", ["region"], registry=r)
-        self.counted = Counter("clickstream_events", "Events counted into a window", ["region"], registry=r)
-        self.window_events = Gauge("clickstream_window_events", "Count of the last closed window", ["region"], registry=r)
-        self.window_end = Gauge("clickstream_window_end_timestamp_seconds", "End of the last closed window (epoch seconds)", ["region"], registry=r)
-        self.late = Counter("clickstream_late_events", "Events put in the late bucket", ["region", "reason"], registry=r)
-        self.rate_limited = Counter("clickstream_rate_limited_events", "Events over their region's rate limit", ["region"], registry=r)
-        self.spilled = Counter("clickstream_spilled_events", "Events written to the spill", ["region"], registry=r)
-        self.spill_backlog = Gauge("clickstream_spill_backlog_events", "Events in the spill not yet drained", ["region"], registry=r)
-        self.spill_bytes = Gauge("clickstream_spill_bytes", "Bytes of spill on disk", ["region"], registry=r)
-        self.rejected = Counter("clickstream_rejected_events", "Records rejected (HTTP or Kafka), by reason", ["reason"], registry=r)
-        self.snapshot_delay = Histogram("clickstream_snapshot_delay_seconds", "Window end to snapshot publication",
-                                        buckets=(0.1, 0.25, 0.5, 1, 2, 5, 7.5, 10, 15, 30, 60, 120, 300), registry=r)
-        self.stage_pending = Gauge("pipeline_stage_in_pending", "Items waiting to be processed by a stage", ["stage"], registry=r)
-        self.stage_processed = Counter("pipeline_stage_processed", "Items processed by a stage", ["stage"], registry=r)
-        self.stage_errors = Counter("pipeline_stage_errors", "Items a stage failed on", ["stage"], registry=r)
-        self.stage_duration = Histogram("pipeline_stage_duration_seconds", "Time a stage spends on one batch", ["stage"],
-                                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
-        self.consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"], registry=r)
-        self.backpressure = Gauge("clickstream_backpressure", "1 while consumption is paused because the spill reached AGG_SPILL_MAX_BYTES", registry=r)
-        self.spill_faults = Counter("clickstream_spill_faults", "Spill records found damaged on recovery (quarantined, re-read from Kafka), or lost (not in Kafka any more), by kind", ["kind"], registry=r)
-        for kind in ("corrupt", "torn", "lost"):
-            self.spill_faults.labels(kind)
-        self.rebalances = Counter("clickstream_rebalances", "Consumer-group rebalances this worker took part in", registry=r)
-        self.recovered = Counter("clickstream_state_recovered_partitions", "Partitions whose window state was recovered from the changelog", registry=r)
-        self.assigned = Gauge("clickstream_assigned_partitions", "Partitions of clicks this worker counts", registry=r)
-        self.snapshots_published = Counter("clickstream_snapshots_published", "Final snapshots published", registry=r)
+        self._ingested = Counter("clickstream_events_ingested", "Events accepted over HTTP (broker acknowledged)",
+                                 ["region"], registry=r)
+        self._counted = Counter("clickstream_events", "Events counted into a window", ["region"], registry=r)
+        self._window_events = Gauge("clickstream_window_events", "Count of the last closed window", ["region"],
+                                    registry=r)
+        self._window_end = Gauge("clickstream_window_end_timestamp_seconds",
+                                 "End of the last closed window (epoch seconds)", ["region"], registry=r)
+        self._late = Counter("clickstream_late_events", "Events put in the late bucket", ["region", "reason"],
+                             registry=r)
+        self._rate_limited = Counter("clickstream_rate_limited_events", "Events over their region's rate limit",
+                                     ["region"], registry=r)
+        self._spilled = Counter("clickstream_spilled_events", "Events written to the spill", ["region"], registry=r)
+        self._spill_backlog = Gauge("clickstream_spill_backlog_events", "Events in the spill not yet drained",
+                                    ["region"], registry=r)
+        self._spill_bytes = Gauge("clickstream_spill_bytes", "Bytes of spill on disk", ["region"], registry=r)
+        self._rejected = Counter("clickstream_rejected_events", "Records rejected (HTTP or Kafka), by reason",
+                                 ["reason"], registry=r)
+        self._snapshot_delay = Histogram("clickstream_snapshot_delay_seconds", "Window end to snapshot publication",
+                                         buckets=(0.1, 0.25, 0.5, 1, 2, 5, 7.5, 10, 15, 30, 60, 120, 300), registry=r)
+        self._stage_pending = Gauge("pipeline_stage_in_pending", "Items waiting to be processed by a stage", ["stage"],
+                                    registry=r)
+        self._stage_processed = Counter("pipeline_stage_processed", "Items processed by a stage", ["stage"],
+                                        registry=r)
+        self._stage_errors = Counter("pipeline_stage_errors", "Items a stage failed on", ["stage"], registry=r)
+        self._stage_duration = Histogram("pipeline_stage_duration_seconds", "Time a stage spends on one batch",
+                                         ["stage"], registry=r,
+                                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                                  2.5))
+        self._consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"],
+                                   registry=r)
+        self._backpressure = Gauge("clickstream_backpressure",
+                                   "1 while consumption is paused because the spill reached AGG_SPILL_MAX_BYTES",
+                                   registry=r)
+        self._spill_faults = Counter("clickstream_spill_faults",
+                                     "Spill records found damaged on recovery (quarantined, re-read from Kafka), "
+                                     "or lost (not in Kafka any more), by kind", ["kind"], registry=r)
+        self._rebalances = Counter("clickstream_rebalances", "Consumer-group rebalances this worker took part in",
+                                   registry=r)
+        self._recovered = Counter("clickstream_state_recovered_partitions",
+                                  "Partitions whose window state was recovered from the changelog", registry=r)
+        self._assigned = Gauge("clickstream_assigned_partitions", "Partitions of clicks this worker counts",
+                               registry=r)
+        self._snapshots_published = Counter("clickstream_snapshots_published", "Final snapshots published",
+                                            registry=r)
+        for kind in SPILL_FAULTS:
+            self._spill_faults.labels(kind)
         for stage in STAGES:
-            self.stage_pending.labels(stage)
-            self.stage_processed.labels(stage)
-            self.stage_errors.labels(stage)
+            self._stage_pending.labels(stage)
+            self._stage_processed.labels(stage)
+            self._stage_errors.labels(stage)
+        # labelled children looked up once, not per request or batch
+        self._ingest_processed = self._stage_processed.labels("ingest")
+        self._ingest_duration = self._stage_duration.labels("ingest")
+        self._ingest_pending = self._stage_pending.labels("ingest")
+        self._ingest_errors = self._stage_errors.labels("ingest")
+        self._ingested_by_region: dict[str, Counter] = {}
 
-    @staticmethod
-    def add_counts(counter: Counter, counts: dict) -> None:
-        """Add a local ``{label: n}`` (or ``{(l1, l2): n}``) tally to a counter."""
-        for key, n in counts.items():
-            if n:
-                if isinstance(key, tuple):
-                    counter.labels(*key).inc(n)
-                else:
-                    counter.labels(key).inc(n)
+    # ---------------------------------------------------------------- ingest
+    def ingest_waiting(self, n: int) -> None:
+        """``n`` records were handed to the broker (negative: answered, either way)."""
+        self._ingest_pending.inc(n)
+
+    def ingest_accepted(self, per_region: Mapping[str, int], items: int, started: float) -> None:
+        """A request was answered 200: ``per_region`` acknowledged by the broker, ``items``
+        records in the body; ``started`` is its ``time.perf_counter()`` at arrival."""
+        children = self._ingested_by_region
+        for region, n in per_region.items():
+            child = children.get(region)
+            if child is None:  # bounded: ingest caps regions at AGG_MAX_REGIONS + __other__
+                child = children[region] = self._ingested.labels(region)
+            child.inc(n)
+        self._ingest_processed.inc(items)
+        self._ingest_duration.observe(time.perf_counter() - started)
+
+    def ingest_failed(self, n: int = 1) -> None:
+        """A body that could not be parsed (1), or ``n`` records the broker did not take."""
+        self._ingest_errors.inc(n)
+
+    def rejected(self, reasons: Mapping[str, int]) -> None:
+        """Records refused (HTTP or Kafka), by reason."""
+        _add_counts(self._rejected, reasons)
+
+    # ---------------------------------------------------------------- worker
+    def batch_decoded(self, records: int, rejected: Mapping[str, int], seconds: float) -> None:
+        if rejected:
+            _add_counts(self._rejected, rejected)
+            self._stage_errors.labels("decode").inc(sum(rejected.values()))
+        self._stage_processed.labels("decode").inc(records)
+        self._stage_duration.labels("decode").observe(seconds)
+
+    def batch_windowed(self, events: int, seconds: float) -> None:
+        self._stage_processed.labels("window").inc(events)
+        self._stage_duration.labels("window").observe(seconds)
+
+    def batch_spilled(self, events: int, seconds: float) -> None:
+        self._stage_processed.labels("spill").inc(events)
+        self._stage_duration.labels("spill").observe(seconds)
+
+    def spill_drained(self, events: int) -> None:
+        self._stage_processed.labels("spill").inc(events)
+
+    def counted(self, per_region: Mapping[str, int]) -> None:
+        """Events counted into windows since the last report."""
+        _add_counts(self._counted, per_region)
+
+    def limited(self, spilled: Mapping[str, int], rate_limited: Mapping[str, int]) -> None:
+        """Events written to the spill, and events over their region's rate, by region."""
+        _add_counts(self._spilled, spilled)
+        _add_counts(self._rate_limited, rate_limited)
+
+    def spill_backlog(self, region: str, events: int, nbytes: int) -> None:
+        self._spill_backlog.labels(region).set(events)
+        self._spill_bytes.labels(region).set(nbytes)
+
+    def spill_fault(self, kind: str, n: int) -> None:
+        """Spill records found ``corrupt`` or ``torn`` on recovery, or ``lost``."""
+        if n:
+            self._spill_faults.labels(kind).inc(n)
+
+    def pending(self, stage: str, n: int) -> None:
+        """Items waiting in ``stage`` (decode: consumer lag; spill: backlog; publish: outbox)."""
+        self._stage_pending.labels(stage).set(n)
+
+    def partition_lag(self, partition: int, lag: int) -> None:
+        self._consumer_lag.labels(str(partition)).set(lag)
+
+    def backpressure(self, on: bool) -> None:
+        self._backpressure.set(1 if on else 0)
+
+    def assigned(self, n: int) -> None:
+        self._assigned.set(n)
+
+    def rebalanced(self) -> None:
+        self._rebalances.inc()
+
+    def state_recovered(self) -> None:
+        self._recovered.inc()
+
+    def published(self, snaps: Iterable[Snapshot], started: float) -> None:
+        """Final snapshots are out (``started``: ``time.perf_counter()`` before publishing)."""
+        now = time.time()
+        n = 0
+        for snap in snaps:
+            n += 1
+            r = snap["region"]
+            self._window_events.labels(r).set(snap["count"])
+            self._window_end.labels(r).set(snap["window_end"] / 1000)
+            for reason, k in snap["late_by_reason"].items():
+                if k:
+                    self._late.labels(r, reason).inc(k)
+            self._snapshot_delay.observe(max(0.0, now - snap["window_end"] / 1000))
+        self._snapshots_published.inc(n)
+        self._stage_processed.labels("publish").inc(n)
+        self._stage_duration.labels("publish").observe(time.perf_counter() - started)

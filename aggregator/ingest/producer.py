@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from typing import Any
 
+import mode
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
+from aggregator.core.contract import CLICKS
+
+log = logging.getLogger("aggregator.ingest")
 _PARTITIONER = DefaultPartitioner()
+RETRY_S = 1.0  # between attempts to reach the broker
 
 
 def ingest_producer(bootstrap: str) -> AIOKafkaProducer:
@@ -170,3 +176,49 @@ class BatchProducer:
         for (key, pump), values in routes:
             pump.append(key, values, timestamp, waits)
         return waits
+
+
+class IngestProducer(mode.Service):
+    """The producer behind ``POST /v1/events`` as a service: it connects in the background
+    (the broker may come up after us; until then ``ready`` is False and requests get
+    503) and, on stop, sends what is still batched."""
+
+    mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
+
+    def __init__(self, bootstrap: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.bootstrap = bootstrap
+        # made in on_start: aiokafka's producer binds to the running event loop
+        self.producer: AIOKafkaProducer | None = None
+        self.batcher: BatchProducer | None = None
+        self.ready = False
+        self._connecting: asyncio.Task[None] | None = None
+
+    async def on_start(self) -> None:
+        self.producer = ingest_producer(self.bootstrap)
+        self.batcher = BatchProducer(self.producer, CLICKS)
+        self._connecting = asyncio.get_running_loop().create_task(self._connect(self.producer))
+
+    async def _connect(self, producer: AIOKafkaProducer) -> None:
+        while True:
+            try:
+                await producer.start()
+                if await producer.partitions_for(CLICKS):
+                    self.ready = True
+                    log.info("ingest ready: producing to %s", CLICKS)
+                    return
+            except Exception as exc:  # noqa: BLE001 - any failure: the broker is not there yet
+                log.warning("ingest: broker not reachable yet (%r); retrying", exc)
+            await asyncio.sleep(RETRY_S)
+
+    async def on_stop(self) -> None:
+        log.info("ingest: stopping (sending what is still batched)")
+        self.ready = False
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+            try:
+                await self._connecting
+            except asyncio.CancelledError:
+                pass
+        if self.producer is not None:
+            await self.producer.stop()  # sends what is still batched

@@ -1,0 +1,82 @@
+"""The composition root: which parts one ``aggregator run`` process runs, wired once.
+
+=========  ===============================================  ==============================
+role       parts                                            readiness (``/readyz``)
+=========  ===============================================  ==============================
+all        ingest producer + handler, worker, HTTP routes    worker ready
+ingest     ingest producer + handler, HTTP routes            broker knows ``clicks``
+worker     worker, HTTP routes (POST /v1/events: 503)        worker ready
+=========  ===============================================  ==============================
+
+Every part with a lifecycle is a ``mode.Service`` handed to one ``mode.Worker`` (Faust's,
+for the roles with a worker), which starts them in order, stops them in reverse order on
+SIGTERM/SIGINT and exits: the ingest producer first (so it is there to flush last), then
+the HTTP server (so it answers ``/healthz`` while the worker recovers, and finishes the
+requests in flight before the producer flushes), then the Faust app.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import mode
+
+from aggregator.config import Settings
+from aggregator.core.contract import Snapshot
+from aggregator.core.snapshots import SnapshotStore
+from aggregator.ingest.handler import IngestHandler
+from aggregator.ingest.producer import IngestProducer
+from aggregator.metrics import Metrics
+from aggregator.web.server import HttpServer, NoSnapshots, Routes, SnapshotSource
+
+
+def run(settings: Settings, print_snapshots: bool = False) -> None:
+    """Run the role of ``settings`` until a signal stops it (raises SystemExit)."""
+    metrics = Metrics()
+    services: list[mode.Service] = []
+    post = None
+    producer: IngestProducer | None = None
+    if settings.role in ("all", "ingest"):
+        producer = IngestProducer(settings.bootstrap())
+        post = IngestHandler(producer, metrics, settings.ingest_token, settings.max_body_bytes, settings.max_regions)
+        services.append(producer)
+    options: dict[str, Any] = {"loglevel": settings.log_level.lower(), "quiet": True, "redirect_stdouts": False,
+                               "override_logging": False}
+    if settings.role == "ingest":
+        assert producer is not None
+        ingest = producer
+        services.append(_http(settings, metrics, NoSnapshots(), lambda: ingest.ready, post))
+        mode.Worker(*services, **options).execute_from_commandline()
+        return
+    import faust  # noqa: PLC0415 - the ingest role runs without loading Faust
+
+    from aggregator.worker.service import WorkerService  # noqa: PLC0415
+
+    store = SnapshotStore()
+    sinks = [store.add, print_snapshot_table] if print_snapshots else [store.add]
+    worker = WorkerService(settings, metrics, sinks)
+    services.append(_http(settings, metrics, store, worker.ready, post))
+    fw = faust.Worker(worker.app, *services, **options)
+    fw.spinner = None  # a terminal spinner would print escape codes into our log lines
+    fw.execute_from_commandline()
+
+
+def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, ready: Any, post: Any) -> HttpServer:
+    return HttpServer(Routes(metrics.registry, snapshots, ready, post), settings.web_host, settings.web_port,
+                      settings.max_body_bytes)
+
+
+def print_snapshot_table(snaps: Sequence[Snapshot]) -> None:
+    """A readable per-region table for each closed window (``make run``)."""
+    by_window: dict[int, list[Snapshot]] = {}
+    for s in snaps:
+        by_window.setdefault(s["window_start"], []).append(s)
+    for ws, rows in sorted(by_window.items()):
+        start = time.strftime("%H:%M:%S", time.gmtime(ws / 1000))
+        end = time.strftime("%H:%M:%S", time.gmtime(rows[0]["window_end"] / 1000))
+        lines = [f"\nwindow {start}-{end} UTC", f"  {'region':<24}{'count':>10}{'late':>8}"]
+        for r in sorted(rows, key=lambda r: r["region"]):
+            lines.append(f"  {r['region']:<24}{r['count']:>10}{r['late']:>8}")
+        lines.append(f"  {'total':<24}{sum(r['count'] for r in rows):>10}{sum(r['late'] for r in rows):>8}")
+        print("\n".join(lines), flush=True)

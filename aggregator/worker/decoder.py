@@ -1,0 +1,128 @@
+"""Records of ``clicks`` -> events the window book counts.
+
+The hot loop of the worker: one call per fetched batch, no await, no log line and
+one tuple per record.  A record the HTTP ingest wrote (``INGEST_HEADER``, key = a
+region as ingest spells it) is taken from key and header; any other record is
+parsed and validated with the one region rule of ``core.events``.  A bad record is
+counted by reason and, when asked, queued as a dead letter.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import orjson
+
+from aggregator.core.contract import INGEST_HEADER, Event, parse_ingest_header
+from aggregator.core.events import EventError, normalise_region, parse_client_ts
+
+LOG_APPEND_TIME = 1
+CACHE_MAX = 100_000  # spellings remembered per cache: a producer of ever new regions cannot grow it
+DLQ_RAW_MAX = 65_536  # bytes of a rejected record's value kept in its dead letter
+
+DeadLetter = tuple[bytes | None, bytes]  # (key, JSON value) for the dead-letter topic
+
+
+class Record(Protocol):
+    """What the decoder reads of a fetched record (aiokafka's parsed record has it)."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def timestamp_type(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+class RecordDecoder:
+    """Owns the caches of accepted region spellings (raw JSON region and record key)."""
+
+    def __init__(self) -> None:
+        self.regions: dict[str, str] = {}  # raw region of a JSON value -> region
+        self.keys: dict[bytes, str] = {}  # record key -> region, for ingest's records
+
+    def decode(self, records: Sequence[Record], now_ms: int, partition: int, want_offsets: bool,
+               dead: list[DeadLetter] | None) -> tuple[list[Event], list[int], dict[str, int]]:
+        """-> ``(events, their offsets (if asked), rejected counts by reason)``.
+
+        ``ingest_ts`` is the header's, else the value's, else the broker's log-append time,
+        else ``now_ms`` (the time the worker read it)."""
+        loads = orjson.loads
+        valid = self.regions
+        keys = self.keys
+        header_name, parse_header = INGEST_HEADER, parse_ingest_header
+        events: list[Event] = []
+        append = events.append
+        offsets: list[int] = []
+        rejected: dict[str, int] = {}
+        for rec in records:
+            hs = rec.headers
+            if hs and hs[0][0] == header_name:
+                region = keys.get(rec.key)  # type: ignore[arg-type]  # None is never a key
+                if region is None:
+                    region = self._key_region(rec.key)
+                if region is not None:
+                    try:
+                        its, cts = parse_header(hs[0][1])
+                    except (ValueError, TypeError):
+                        pass  # not what ingest writes: the value decides
+                    else:
+                        append((region, its, cts))
+                        if want_offsets:
+                            offsets.append(rec.offset)
+                        continue
+            try:
+                d = loads(rec.value)  # type: ignore[arg-type]  # None raises, as a bad record
+                region = valid.get(d["region"])
+                if region is None:
+                    region = self._region(d["region"])
+                its = d.get("ingest_ts")
+                if type(its) is not int:
+                    if its is not None:
+                        raise EventError("bad_ingest_ts", "ingest_ts must be epoch milliseconds")
+                    its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
+                cts = d.get("ts")
+                if cts is not None and type(cts) is not int:
+                    cts = parse_client_ts(cts)
+            except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
+                reason = exc.reason if isinstance(exc, EventError) else "undecodable"
+                rejected[reason] = rejected.get(reason, 0) + 1
+                if dead is not None:
+                    dead.append((rec.key, dead_letter(reason, exc, partition, rec.offset, rec.value)))
+                continue
+            append((region, its, cts))
+            if want_offsets:
+                offsets.append(rec.offset)
+        return events, offsets, rejected
+
+    def _key_region(self, key: bytes | None) -> str | None:
+        """The region of a record key that is a valid region in its normalised spelling
+        (what ingest writes), else None (the value decides)."""
+        try:
+            raw = key.decode()  # type: ignore[union-attr]  # None: AttributeError
+            region = normalise_region(raw)
+        except (AttributeError, UnicodeDecodeError, EventError):
+            return None
+        if region != raw:
+            return None
+        if len(self.keys) < CACHE_MAX:
+            self.keys[key] = region  # type: ignore[index]
+        return region
+
+    def _region(self, raw: object) -> str:
+        region = normalise_region(raw)
+        if len(self.regions) < CACHE_MAX:
+            self.regions[raw] = region  # type: ignore[index]  # a str: normalise_region checked
+        return region
+
+
+def dead_letter(reason: str, exc: Exception, partition: int, offset: int, raw: bytes | None) -> bytes:
+    """The value of a ``clicks-dlq`` record (docs/contract.md §4)."""
+    return orjson.dumps({"reason": reason, "error": str(exc)[:200], "partition": partition, "offset": offset,
+                         "raw": (raw or b"")[:DLQ_RAW_MAX].decode("utf-8", "replace")})

@@ -1,0 +1,138 @@
+"""The state of the partitions of ``clicks`` this worker owns.
+
+One ``PartitionState`` per owned partition: its window book, its spill (ledger over
+segment files), its lag and when it last saw a record.  ``Partitions`` creates one
+from the stored state when a batch of a newly assigned partition arrives (or when
+the partition is assigned and quiet), and forgets it on revoke.  No Faust here: the
+stored state comes through a callable.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from aggregator.core.windows import WindowBook
+from aggregator.metrics import Metrics
+from aggregator.spill.ledger import SpillLedger
+from aggregator.spill.partition import PartitionSpill
+
+log = logging.getLogger("aggregator.worker")
+
+StoredState = Callable[[int], "bytes | dict[str, Any] | None"]  # partition -> its changelog value, or None
+
+
+class BookSettings:
+    """What a window book is made of (from the service's settings)."""
+
+    __slots__ = ("window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions")
+
+    def __init__(self, window_ms: int, grace_ms: int, late_after_ms: int, idle_ms: int, max_regions: int) -> None:
+        self.window_ms = window_ms
+        self.grace_ms = grace_ms
+        self.late_after_ms = late_after_ms
+        self.idle_ms = idle_ms
+        self.max_regions = max_regions
+
+    def new_book(self) -> WindowBook:
+        return WindowBook(self.window_ms, self.grace_ms, self.late_after_ms, self.idle_ms, self.max_regions)
+
+
+class PartitionState:
+    __slots__ = ("partition", "book", "spill", "lag", "last_record_ms")
+
+    def __init__(self, partition: int, book: WindowBook, spill: PartitionSpill) -> None:
+        self.partition = partition
+        self.book = book
+        self.spill = spill
+        self.lag = 0
+        self.last_record_ms: int | None = None  # wall time of the last fetched batch
+
+    def state_value(self) -> bytes:
+        """The changelog value: the book with the spill ledger, one record."""
+        state = self.book.to_dict()
+        state["spill"] = self.spill.ledger.to_dict()
+        return orjson.dumps(state)
+
+    def commit_offset(self) -> int:
+        """The source offset up to which every record is counted or durably spilled."""
+        return self.spill.ledger.low_offset(self.book.next_offset)
+
+
+class Partitions:
+    def __init__(self, books: BookSettings, spill_root: Path, stored: StoredState, metrics: Metrics) -> None:
+        self.books = books
+        self.spill_root = spill_root
+        self.stored = stored
+        self.metrics = metrics
+        self.owned: dict[int, PartitionState] = {}
+
+    def __iter__(self) -> Iterator[PartitionState]:
+        return iter(list(self.owned.values()))
+
+    def __len__(self) -> int:
+        return len(self.owned)
+
+    def __contains__(self, partition: int) -> bool:
+        return partition in self.owned
+
+    def get(self, partition: int) -> PartitionState | None:
+        return self.owned.get(partition)
+
+    def open(self, partition: int) -> PartitionState:
+        """The partition's state, recovered from its stored value (if any) and its spill
+        reconciled with the ledger."""
+        book = self.books.new_book()
+        ledger = SpillLedger()
+        raw = self.stored(partition)
+        if raw:
+            # recovered values come back JSON-decoded; live ones are our bytes
+            state = raw if isinstance(raw, dict) else orjson.loads(raw)
+            book.load(state)
+            ledger.load(state.get("spill"))
+            self.metrics.state_recovered()
+            log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished "
+                     "snapshots, %d spilled events to drain)", partition, book.next_offset, len(book.counts),
+                     len(book.outbox), ledger.total_backlog())
+        spill = PartitionSpill(self.spill_root, partition, ledger)
+        spill.reconcile()
+        self.metrics.spill_fault("corrupt", sum(spill.store.corrupt_records.values()))
+        self.metrics.spill_fault("torn", sum(spill.store.torn_tails.values()))
+        p = self.owned[partition] = PartitionState(partition, book, spill)
+        return p
+
+    def forget(self, partition: int) -> None:
+        p = self.owned.pop(partition, None)
+        if p is not None:
+            p.spill.close()  # stays on disk; the next owner reconciles or re-reads it
+
+    def keep_only(self, assigned: set[int]) -> None:
+        """A batch fetched before a rebalance can arrive after the revoke: the state it
+        re-created belongs to a partition another worker owns now.  Never write its state
+        or publish from it (a stale changelog record would be recovered by a later owner)."""
+        for partition in [p for p in self.owned if p not in assigned]:
+            log.warning("partition %d is not assigned here (any more): dropping its window book", partition)
+            self.forget(partition)
+
+    def spill_bytes(self) -> int:
+        return sum(p.spill.total_bytes() for p in self.owned.values())
+
+    def report(self) -> None:
+        """Per-tick gauges: spill backlog by region, lost spill records, outbox, lag."""
+        m = self.metrics
+        total_backlog = 0
+        for p in self.owned.values():
+            label = p.book.canonical_region
+            for region, (backlog, nbytes) in p.spill.backlog_by_region().items():
+                m.spill_backlog(label(region), backlog, nbytes)
+                total_backlog += backlog
+            if p.spill.lost:
+                m.spill_fault("lost", p.spill.lost)
+                p.spill.lost = 0
+        m.pending("spill", total_backlog)
+        m.pending("publish", sum(len(p.book.outbox) for p in self.owned.values()))
+        m.pending("decode", sum(p.lag for p in self.owned.values()))
+        m.assigned(len(self.owned))
