@@ -1,0 +1,100 @@
+"""The worker's record decoder: ingest's records from key and header, other records
+from their JSON value, one region rule shared with the HTTP ingest, dead letters."""
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from aggregator.core.contract import INGEST_HEADER, ingest_header
+from aggregator.ingest.body import validate_records
+from aggregator.worker.decoder import CACHE_MAX, RecordDecoder
+from tests.unit.worker.records import fetched
+
+NOW = 5_000_000
+
+
+def test_ingest_records_are_taken_from_key_and_header_without_reading_the_value():
+    recs = fetched([(b"eu", b"not json at all", ingest_header(1_000, None)),
+                    (b"us", b"", ingest_header(2_000, 1_500))], base=40)
+    events, offsets, rejected = RecordDecoder().decode(recs, NOW, 0, True, [])
+    assert events == [("eu", 1_000, None), ("us", 2_000, 1_500)]
+    assert offsets == [40, 41]
+    assert rejected == {}
+
+
+def test_a_header_ingest_did_not_write_falls_back_to_the_value():
+    recs = fetched([(b"eu", b'{"region": "EU", "ingest_ts": 7}', [(INGEST_HEADER, b"garbage")]),
+                    (b"EU", b'{"region": "eu", "ingest_ts": 8}', ingest_header(9, None))])  # key not normalised
+    events, _, _ = RecordDecoder().decode(recs, NOW, 0, False, None)
+    assert events == [("eu", 7, None), ("eu", 8, None)]
+
+
+def test_value_records_take_ingest_ts_from_value_then_log_append_time_then_the_clock():
+    value = [(b"eu", b'{"region": "Eu-West", "ingest_ts": 123, "ts": "1970-01-01T00:00:01Z"}', []),
+             (None, b'{"region": "eu-west"}', [])]
+    events, offsets, _ = RecordDecoder().decode(fetched(value, timestamp=9_000), NOW, 0, False, None)
+    assert events == [("eu-west", 123, 1_000), ("eu-west", NOW, None)]  # create time: not used
+    assert offsets == []  # not asked for
+    events, _, _ = RecordDecoder().decode(fetched(value, timestamp=9_000, log_append=True), NOW, 0, False, None)
+    assert events == [("eu-west", 123, 1_000), ("eu-west", 9_001, None)]  # the batch's append time
+
+
+def test_bad_records_are_counted_by_reason_and_dead_lettered_with_what_they_were():
+    recs = fetched([(b"k", b"{not json", []),
+                    (None, b'{"region": "eu", "ingest_ts": "soon"}', []),
+                    (None, b'{"region": "e u"}', []),
+                    (None, b'{"region": "eu", "ts": "yesterday"}', []),
+                    (None, b'{"region": "eu"}', []),
+                    (None, None, [])], base=10)
+    dead: list = []
+    events, offsets, rejected = RecordDecoder().decode(recs, NOW, 3, True, dead)
+    assert events == [("eu", NOW, None)] and offsets == [14]
+    assert rejected == {"undecodable": 2, "bad_ingest_ts": 1, "bad_region": 1, "bad_ts": 1}
+    letters = [(k, orjson.loads(v)) for k, v in dead]
+    assert [(k, d["reason"], d["partition"], d["offset"]) for k, d in letters] == [
+        (b"k", "undecodable", 3, 10), (None, "bad_ingest_ts", 3, 11), (None, "bad_region", 3, 12),
+        (None, "bad_ts", 3, 13), (None, "undecodable", 3, 15)]
+    assert letters[0][1]["raw"] == "{not json" and letters[-1][1]["raw"] == ""
+    assert all(d["error"] for _, d in letters)
+
+
+def test_no_dead_letters_when_not_asked():
+    events, _, rejected = RecordDecoder().decode(fetched([(None, b"[]", [])]), NOW, 0, False, None)
+    assert events == [] and rejected == {"undecodable": 1}
+
+
+# Unicode edge cases of the region rule: str.lower() folds several non-ASCII characters
+# into ASCII (KELVIN SIGN -> "k"), so the rule checks ASCII first.
+EDGE_REGIONS = [
+    "\u212a", "eu-\u212aelvin", "\u0130stanbul", "\uff25\uff35", "stra\u00dfe", "\u00df", "eu\u0307",
+    "EU-West", "ok.region_1", "a" * 64, "a" * 65, "", " eu", "eu\n", "K", "k",
+]
+
+
+@pytest.mark.parametrize("raw", EDGE_REGIONS)
+def test_http_ingest_and_kafka_direct_records_agree_on_the_region(raw):
+    good, _, http_reasons = validate_records([{"region": raw}])
+    http = good[0]["region"] if good else None
+    # a record produced straight to Kafka with the region in its value, keyed as a producer would
+    decoder = RecordDecoder()
+    events, _, kafka_reasons = decoder.decode(
+        fetched([(raw.encode(), orjson.dumps({"region": raw}), [])]), NOW, 0, False, [])
+    kafka = events[0][0] if events else None
+    assert kafka == http
+    assert kafka_reasons == http_reasons
+    # and with ingest's header on a key that spells it raw: only a normalised key is taken as is
+    events, _, _ = decoder.decode(fetched([(raw.encode(), orjson.dumps({"region": raw}),
+                                            ingest_header(1, None))]), NOW, 0, False, [])
+    assert (events[0][0] if events else None) == http
+    if raw == "\u212a":
+        assert http is None  # the Kelvin sign is no "k"
+
+
+def test_region_caches_are_bounded():
+    decoder = RecordDecoder()
+    decoder.regions.update({f"r{i}": f"r{i}" for i in range(CACHE_MAX)})
+    decoder.keys.update({b"r%d" % i: f"r{i}" for i in range(CACHE_MAX)})
+    events, _, _ = decoder.decode(fetched([(b"new", b'{"region": "NEW"}', ingest_header(1, None))]), NOW, 0,
+                                  False, None)
+    assert events == [("new", 1, None)]
+    assert len(decoder.regions) == len(decoder.keys) == CACHE_MAX

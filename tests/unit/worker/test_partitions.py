@@ -1,0 +1,60 @@
+"""Owned partitions: state recovered from its stored value, dropped when not assigned,
+reported as metrics."""
+from __future__ import annotations
+
+from aggregator.metrics import Metrics
+from aggregator.worker.partitions import BookSettings, Partitions
+
+BOOKS = BookSettings(window_ms=1000, grace_ms=100, late_after_ms=60_000, idle_ms=60_000, max_regions=10)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_a_partition_without_stored_state_starts_empty(tmp_path):
+    m = Metrics()
+    parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
+    p = parts.open(2)
+    assert p.book.next_offset == 0 and p.book.counts == {} and 2 in parts and len(parts) == 1
+    assert sample(m, "clickstream_state_recovered_partitions_total") == 0
+
+
+def test_state_written_by_one_owner_is_recovered_by_the_next(tmp_path):
+    first = Partitions(BOOKS, tmp_path / "a", lambda p: None, Metrics())
+    p = first.open(1)
+    p.book.apply([("eu", 1_000, None), ("eu", 1_500, None), ("us", 3_200, None)], 17, 3_200)
+    assert p.book.outbox  # window [1000, 2000) closed at stream time 3200
+    assert p.commit_offset() == 17
+    value = p.state_value()
+    stored = {1: value}
+    m = Metrics()
+    second = Partitions(BOOKS, tmp_path / "b", stored.get, m)
+    q = second.open(1)
+    assert q.book.next_offset == 17
+    assert q.book.outbox == p.book.outbox
+    assert q.book.counts == p.book.counts
+    assert sample(m, "clickstream_state_recovered_partitions_total") == 1
+
+
+def test_keep_only_drops_partitions_assigned_elsewhere(tmp_path):
+    parts = Partitions(BOOKS, tmp_path, lambda p: None, Metrics())
+    for partition in (0, 1, 2):
+        parts.open(partition)
+    parts.keep_only({1})
+    assert [p.partition for p in parts] == [1]
+    parts.forget(1)
+    parts.forget(1)  # twice is harmless
+    assert len(parts) == 0
+
+
+def test_report_sets_lag_outbox_and_assignment_gauges(tmp_path):
+    m = Metrics()
+    parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
+    a, b = parts.open(0), parts.open(1)
+    a.lag, b.lag = 5, 7
+    a.book.apply([("eu", 1_000, None), ("eu", 3_500, None)], 2, 3_500)
+    parts.report()
+    assert sample(m, "pipeline_stage_in_pending", stage="decode") == 12
+    assert sample(m, "pipeline_stage_in_pending", stage="publish") == len(a.book.outbox) > 0
+    assert sample(m, "clickstream_assigned_partitions") == 2

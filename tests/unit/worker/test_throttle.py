@@ -1,0 +1,100 @@
+"""Rate limits in the worker: events over a region's rate go to the spill on disk (a
+real one, in tmp_path) and come back, in order, when drained; a spill over its
+limit holds consumption until it has drained."""
+from __future__ import annotations
+
+import time
+
+from aggregator.core.ratelimit import RateLimits
+from aggregator.metrics import Metrics
+from aggregator.worker.decoder import RecordDecoder
+from aggregator.worker.partitions import BookSettings, Partitions
+from aggregator.worker.throttle import Throttle, rebuild_replay, skip_applied
+from tests.unit.worker.records import fetched
+
+BOOKS = BookSettings(window_ms=60_000, grace_ms=1000, late_after_ms=600_000, idle_ms=3_600_000, max_regions=10)
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_no_limit_configured_means_no_limiting():
+    assert not Throttle(RateLimits(0, ""), 1 << 20, Metrics()).limiting
+    assert Throttle(RateLimits(0, "eu=5"), 1 << 20, Metrics()).limiting
+
+
+def test_over_the_rate_is_spilled_then_drained_and_counted_once(tmp_path):
+    m = Metrics()
+    throttle = Throttle(RateLimits(0, "eu=5"), 1 << 30, m)
+    parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
+    p = parts.open(0)
+    events = [("eu", 1_000 + i, None) for i in range(20)] + [("us", 1_000, None)]
+    batch, counted_now = throttle.limit(p, events, list(range(21)), parts)
+    assert len(batch) == 21  # spilled events stay as markers: they move stream time
+    assert counted_now == 21 - p.spill.ledger.total_backlog()
+    assert 0 < counted_now < 21
+    p.book.apply(batch, 21, 2_000)
+    assert p.book.open_total()["us"] == 1
+    assert p.commit_offset() < 21  # never past the oldest event still in the spill
+    throttle.report(parts)
+    spilled = value(m, "clickstream_spilled_events_total", region="eu")
+    assert spilled == p.spill.ledger.total_backlog()
+    assert value(m, "clickstream_rate_limited_events_total", region="eu") >= spilled
+    for _ in range(100):  # the bucket refills in real time: drain until the backlog is gone
+        if not p.spill.ledger.total_backlog():
+            break
+        throttle.drain(p, 2_000)
+        p.spill.acked()
+        time.sleep(0.05)
+    assert p.spill.ledger.total_backlog() == 0
+    assert p.book.open_total()["eu"] == 20  # every event once
+    assert p.commit_offset() == 21
+
+
+def test_a_spill_over_its_limit_holds_consumption_until_it_drains(tmp_path):
+    m = Metrics()
+    throttle = Throttle(RateLimits(0, "eu=1"), 1, m)  # one byte: any spill is too big
+    parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
+    p = parts.open(0)
+    batch, _ = throttle.limit(p, [("eu", 1_000 + i, None) for i in range(10)], list(range(10)), parts)
+    assert throttle.hold
+    throttle.report(parts)
+    assert value(m, "clickstream_backpressure") == 1
+    throttle.drain(p, 2_000)
+    p.spill.acked()
+    while p.spill.ledger.total_backlog():
+        throttle.limits = RateLimits(0, "")  # lifted: drain the rest at once
+        throttle.drain(p, 2_000)
+        p.spill.acked()
+    throttle.report(parts)
+    assert not throttle.hold and value(m, "clickstream_backpressure") == 0
+
+
+def test_skip_applied_keeps_records_from_the_state_offset_on():
+    recs = fetched([(b"eu", b"{}", [])] * 5, base=10)
+    assert [r.offset for r in skip_applied(recs, 12)] == [12, 13, 14]
+    assert skip_applied(recs, 20) == []
+
+
+def test_rebuild_replay_re_spills_the_lost_backlog(tmp_path):
+    m = Metrics()
+    parts = Partitions(BOOKS, tmp_path / "a", lambda p: None, m)
+    p = parts.open(0)
+    throttle = Throttle(RateLimits(0, "eu=2"), 1 << 30, m)
+    specs = [(b"eu", b'{"region": "eu", "ingest_ts": %d}' % (1_000 + i), []) for i in range(8)]
+    recs = fetched(specs, base=100)
+    events, offsets, _ = RecordDecoder().decode(recs, 0, 0, True, None)
+    batch, _ = throttle.limit(p, events, offsets, parts)
+    p.book.apply(batch, 108, 2_000)
+    backlog = p.spill.ledger.total_backlog()
+    assert backlog > 0
+    # the spill files are lost (another host took the partition over): a new owner
+    # recovers the state, finds no files, and rebuilds the backlog from the source
+    stored = {0: p.state_value()}
+    other = Partitions(BOOKS, tmp_path / "b", stored.get, m)
+    q = other.open(0)
+    assert q.spill.ledger.rebuild
+    rebuild_replay(q, RecordDecoder(), recs, q.book.next_offset, 3_000)
+    assert not q.spill.ledger.rebuild
+    assert q.spill.ledger.total_backlog() == backlog
