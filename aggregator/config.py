@@ -90,7 +90,7 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
             setattr(s, f.name, typ(raw))
         except ValueError:
             raise SystemExit(f"error: {_env_name(f.name)} / --{f.name.replace('_', '-')}: "
-                             f"expected {typ.__name__}, got {raw!r}")
+                             f"expected {typ.__name__}, got {raw!r}") from None
     if s.role not in ROLES:
         raise SystemExit(f"error: AGG_ROLE / --role: expected one of {', '.join(ROLES)}, got {s.role!r}")
     return s

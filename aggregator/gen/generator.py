@@ -85,7 +85,7 @@ class EventSource:
         self.weights = [1.0 / (i + 1) ** skew for i in range(len(self.names))]
         # during a burst the hot region sends burst_multiplier times its normal share
         self.burst_weights = [w * burst_multiplier if n == hot_region else w
-                              for n, w in zip(self.names, self.weights)]
+                              for n, w in zip(self.names, self.weights, strict=True)]
         self.burst_rate_factor = sum(self.burst_weights) / sum(self.weights)
         self.clock_skew_ms = clock_skew_ms
         self.bad_fraction = bad_fraction
@@ -151,7 +151,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
     async def post(session: aiohttp.ClientSession, lines: list[bytes], regs: list[str | None],
                    delayed: list[int]) -> None:
         body = b"\n".join(lines)
-        for attempt in range(20):
+        for _attempt in range(20):
             try:
                 async with session.post(url + "/v1/events", data=body, headers=headers) as resp:
                     if resp.status == 503:
@@ -181,14 +181,14 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                       delayed: list[int]) -> None:
         ingest_ts = int(time.time() * 1000)  # one per batch, like an HTTP request
         futs = []
-        for line, r in zip(lines, regs):
+        for line, r in zip(lines, regs, strict=True):
             d = orjson.loads(line)
             d["ingest_ts"] = ingest_ts
             key = (r if r is not None else str(d.get("region", ""))).encode()
             futs.append(await producer.send(CLICKS_TOPIC, orjson.dumps(d), key=key))
         await asyncio.gather(*futs)  # acknowledged by the broker
         ok_regions = []
-        for r, d in zip(regs, delayed):
+        for r, d in zip(regs, delayed, strict=True):
             if r is None:
                 truth.rejected += 1  # the worker sends it to clicks-dlq
                 continue

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 __all__ = [
     "HEADER",
@@ -26,8 +27,8 @@ __all__ = [
     "ScanResult",
     "encode_record",
     "encode_records",
-    "scan_bytes",
     "read_segment",
+    "scan_bytes",
 ]
 
 HEADER = struct.Struct(">II")

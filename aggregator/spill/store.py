@@ -32,7 +32,7 @@ import re
 import threading
 import zlib
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 from .segment import (
     HEADER,
@@ -42,7 +42,7 @@ from .segment import (
     scan_bytes,
 )
 
-__all__ = ["SpillStore", "escape_region", "unescape_region", "DEFAULT_SEGMENT_BYTES"]
+__all__ = ["DEFAULT_SEGMENT_BYTES", "SpillStore", "escape_region", "unescape_region"]
 
 log = logging.getLogger("aggregator.spill")
 
@@ -60,7 +60,7 @@ def escape_region(region: str) -> str:
         if ch in _SAFE:
             out.append(ch)
         else:
-            out.extend("%%%02x" % b for b in ch.encode("utf-8", "surrogatepass"))
+            out.extend(f"%{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
     name = "r-" + "".join(out)
     if len(name) > _MAX_ESCAPED:
         digest = hashlib.sha256(region.encode("utf-8", "surrogatepass")).hexdigest()
@@ -477,14 +477,14 @@ class SpillStore:
                     seq = r.next_seq
                     r.next_seq += 1
                     seg = _Segment(seq, os.path.join(r.dir, _seg_name(seq)), 0)
-                    r.writer = open(seg.path, "ab")
+                    r.writer = open(seg.path, "ab")  # noqa: SIM115 - kept open across appends, closed on roll/close
                     if self.fsync:
                         _fsync_dir(r.dir)
                     if not r.segments:
                         r.head_off = 0
                     r.segments.append(seg)
                 else:
-                    r.writer = open(r.segments[-1].path, "ab")
+                    r.writer = open(r.segments[-1].path, "ab")  # noqa: SIM115 - as above
             seg = r.segments[-1]
             w = r.writer
             try:
@@ -657,8 +657,8 @@ class SpillStore:
                     r.writer.close()
                     r.writer = None
 
-    def __enter__(self) -> "SpillStore":
+    def __enter__(self) -> SpillStore:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
