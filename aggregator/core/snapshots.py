@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
 
 from aggregator.core.contract import Snapshot, snapshot_content
 
@@ -11,10 +12,10 @@ class SnapshotStore:
     """The most recent final snapshots, bounded."""
 
     def __init__(self, maxlen: int = 20000) -> None:
-        self.items: collections.deque = collections.deque(maxlen=maxlen)
-        self.latest: dict[tuple[str, int], dict] = {}
+        self.items: collections.deque[Snapshot] = collections.deque(maxlen=maxlen)
+        self.latest: dict[tuple[str, int], Snapshot] = {}
 
-    def add(self, snaps: list[dict]) -> None:
+    def add(self, snaps: Iterable[Snapshot]) -> None:
         """A snapshot re-published after a rebalance or restart with identical content
         (docs/contract.md §1) is listed once."""
         items, latest = self.items, self.latest
@@ -31,7 +32,7 @@ class SnapshotStore:
             items.append(s)
             latest[key] = s
 
-    def query(self, region: str | None, since: int | None) -> list[dict]:
+    def query(self, region: str | None, since: int | None) -> list[Snapshot]:
         return [s for s in self.items
                 if (region is None or s["region"] == region)
                 and (since is None or s["window_end"] > since)]

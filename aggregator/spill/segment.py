@@ -100,7 +100,7 @@ def scan_bytes(data: bytes, start: int = 0) -> ScanResult:
     return ScanResult(entries, pos, corrupt, torn)
 
 
-def read_segment(path: str | os.PathLike) -> tuple[list[bytes], int, int, bool]:
+def read_segment(path: str | os.PathLike[str]) -> tuple[list[bytes], int, int, bool]:
     """Read a whole segment: ``(records, good_bytes, corrupt, torn)``.
 
     ``records`` are the payloads with a valid CRC, in order; ``good_bytes`` is

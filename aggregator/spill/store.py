@@ -33,6 +33,8 @@ import threading
 import zlib
 from collections import deque
 from collections.abc import Iterator
+from io import BufferedWriter
+from typing import Literal, overload
 
 from .segment import (
     HEADER,
@@ -147,7 +149,7 @@ class _Region:
         self.next_seq = 1
         self.backlog = 0  # undrained good records
         self.size_total = 0  # sum of segment sizes
-        self.writer = None  # open append handle on segments[-1]
+        self.writer: BufferedWriter | None = None  # open append handle on segments[-1]
         # records read by read_batch but not yet acked: (payload, seq, end)
         self.cache: deque[tuple[bytes, int, int]] = deque()
         self.rpos: tuple[int, int] | None = None  # read position after the cache
@@ -173,7 +175,7 @@ class SpillStore:
 
     def __init__(
         self,
-        root_dir: str | os.PathLike,
+        root_dir: str | os.PathLike[str],
         max_bytes: int,
         fsync: bool = True,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
@@ -200,6 +202,10 @@ class SpillStore:
             raise ValueError(f"unsafe region name {region!r}")
         return path
 
+    @overload
+    def _get(self, region: str, create: Literal[True]) -> _Region: ...
+    @overload
+    def _get(self, region: str, create: bool) -> _Region | None: ...
     def _get(self, region: str, create: bool) -> _Region | None:
         r = self._regions.get(region)
         if r is None and create:
@@ -245,6 +251,7 @@ class SpillStore:
             d = os.path.join(self.regions_dir, entry)
             if not os.path.isdir(d) or os.path.islink(d):
                 continue
+            name: str | None
             if entry.startswith("h-"):
                 try:
                     with open(os.path.join(d, "region"), "rb") as f:
@@ -539,9 +546,9 @@ class SpillStore:
                 n = len(r.cache)
                 if n == 0:
                     return
-            last = None
-            for _ in range(n):
-                last = r.cache.popleft()
+            for _ in range(n - 1):
+                r.cache.popleft()
+            last = r.cache.popleft()  # n >= 1 here
             if not r.cache:
                 r.rpos = None
             seq, end = last[1], last[2]
