@@ -4,6 +4,8 @@ Hot paths count into local dicts and call ``add_counts`` once per batch;
 no metric call happens per event."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 disable_created_metrics()
@@ -46,7 +48,7 @@ class Metrics:
             self.stage_errors.labels(stage)
 
     @staticmethod
-    def add_counts(counter: Counter, counts: dict) -> None:
+    def add_counts(counter: Counter, counts: Mapping[str, float] | Mapping[tuple[str, ...], float]) -> None:
         """Add a local ``{label: n}`` (or ``{(l1, l2): n}``) tally to a counter."""
         for key, n in counts.items():
             if n:

@@ -11,10 +11,13 @@ import contextlib
 import random
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
 import orjson
+
+from aggregator.gen.audit import TruthJSON
 
 CLICKS_TOPIC = "clicks"  # CONTRACT §4
 
@@ -46,7 +49,7 @@ class Truth:
         per = self.late.setdefault(region, {})
         per[reason] = per.get(reason, 0) + 1
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> TruthJSON:
         return {"window_ms": self.window_ms, "accepted": self.accepted, "rejected": self.rejected,
                 "sent": self.sent, "elapsed_s": round(self.elapsed_s, 3),
                 "achieved_rate": round(self.achieved_rate, 1), "target_rate": self.target_rate,
@@ -199,6 +202,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                 ok_regions.append(r)
         truth.add(ok_regions, ingest_ts)
 
+    sink: Callable[[list[bytes], list[str | None], list[int]], Coroutine[Any, Any, None]]
     async with contextlib.AsyncExitStack() as stack:
         if kafka:
             from aiokafka import AIOKafkaProducer
@@ -212,7 +216,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
         else:
             session = await stack.enter_async_context(aiohttp.ClientSession())
             sink = lambda *a: post(session, *a)  # noqa: E731
-        tasks: set[asyncio.Task] = set()
+        tasks: set[asyncio.Task[None]] = set()
         next_at = start
         while sent < count:
             n = min(batch, count - sent)
