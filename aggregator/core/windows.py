@@ -21,7 +21,8 @@ at the end of a batch.  That is what makes replay after a crash exact.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from aggregator.core.contract import CLIENT_DELAY, CLOSED_WINDOW, LATE_REASONS, OTHER_REGION, BookEvent, Snapshot
 
@@ -73,7 +74,7 @@ class WindowBook:
         self.late: dict[int, dict[str, dict[str, int]]] = {}
         self.first_seen: dict[str, int] = {}
         self.last_seen: dict[str, int] = {}
-        self.outbox: list[dict[str, Any]] = []
+        self.outbox: list[Snapshot] = []
         self.dirty = False
         # region -> events counted into a window since the shell last took it (metrics)
         self.tally: dict[str, int] = {}
@@ -85,8 +86,7 @@ class WindowBook:
             return region
         return OTHER_REGION
 
-    def apply(self, events: Iterable[tuple[str, int, int | None]],
-              next_offset: int, now_ms: int) -> None:
+    def apply(self, events: Iterable[BookEvent], next_offset: int, now_ms: int) -> None:
         """Count a batch of ``(region, ingest_ts, client_ts_or_None)``.
 
         An event with region ``None`` was spilled: it moves stream time as if

@@ -1,22 +1,39 @@
 """Compare published snapshots with a generator's ground truth."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Sequence, Set
+from typing import NotRequired, TypedDict
 
+from aggregator.core.contract import Snapshot
 from aggregator.core.contract import snapshot_content as content
 
 
-def expected_windows(truth: dict[str, Any]) -> set[tuple[str, int]]:
+class TruthJSON(TypedDict):
+    """The ground truth file a generator writes (``Truth.to_json``); only ``counts`` is
+    required by the audit."""
+
+    counts: dict[str, dict[str, int]]  # region -> window_start (a JSON key: str) -> n
+    late: NotRequired[dict[str, dict[str, int]]]  # region -> reason -> n
+    window_ms: NotRequired[int]
+    accepted: NotRequired[int]
+    rejected: NotRequired[int]
+    sent: NotRequired[int]
+    elapsed_s: NotRequired[float]
+    achieved_rate: NotRequired[float]
+    target_rate: NotRequired[float]
+
+
+def expected_windows(truth: TruthJSON) -> set[tuple[str, int]]:
     """Every (region, window_start) the truth expects a snapshot for."""
     return {(r, int(w)) for r, per in truth["counts"].items() for w in per}
 
 
-def missing_windows(truth: dict[str, Any], snapshots: list[dict]) -> set[tuple[str, int]]:
+def missing_windows(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> set[tuple[str, int]]:
     got = {(s["region"], int(s["window_start"])) for s in snapshots}
     return expected_windows(truth) - got
 
 
-def audit(truth: dict[str, Any], snapshots: list[dict], spilled_regions: frozenset | set = frozenset()) -> list[str]:
+def audit(truth: TruthJSON, snapshots: Sequence[Snapshot], spilled_regions: Set[str] = frozenset()) -> list[str]:
     """Return a list of mismatches (empty: the published numbers are exact).
 
     ``spilled_regions``: regions over their rate limit.  Their spilled events
@@ -31,7 +48,7 @@ def audit(truth: dict[str, Any], snapshots: list[dict], spilled_regions: frozens
     ``emitted_at`` aside) are allowed; extra windows with a count of 0 are fine
     (regions seen recently get zero-count snapshots)."""
     problems: list[str] = []
-    published: dict[tuple[str, int], dict] = {}
+    published: dict[tuple[str, int], Snapshot] = {}
     late: dict[str, dict[str, int]] = {}
     for s in snapshots:
         key = (s["region"], int(s["window_start"]))
@@ -55,14 +72,14 @@ def audit(truth: dict[str, Any], snapshots: list[dict], spilled_regions: frozens
                                 f"do not match {window_ms} ms windows")
     exp_late = truth.get("late", {})
     for key, n in sorted(expected.items()):
-        snap = published.get(key)
-        if snap is None:
+        pub = published.get(key)
+        if pub is None:
             problems.append(f"{key[0]} window {key[1]}: missing (expected {n})")
         elif key[0] in spilled_regions:
-            if snap["count"] > n:
-                problems.append(f"{key[0]} window {key[1]}: count {snap['count']} over expected {n}")
-        elif snap["count"] != n:
-            problems.append(f"{key[0]} window {key[1]}: count {snap['count']} != expected {n}")
+            if pub["count"] > n:
+                problems.append(f"{key[0]} window {key[1]}: count {pub['count']} over expected {n}")
+        elif pub["count"] != n:
+            problems.append(f"{key[0]} window {key[1]}: count {pub['count']} != expected {n}")
     for key, snap in sorted(published.items()):
         if key not in expected and snap["count"] != 0:
             problems.append(f"{key[0]} window {key[1]}: unexpected count {snap['count']}")
@@ -84,8 +101,8 @@ def audit(truth: dict[str, Any], snapshots: list[dict], spilled_regions: frozens
     return problems
 
 
-def table(truth: dict[str, Any], snapshots: list[dict]) -> str:
-    rows = {}
+def table(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> str:
+    rows: dict[tuple[str, int], int] = {}
     for s in snapshots:
         rows[(s["region"], s["window_start"])] = s["count"]
     lines = [f"{'region':<16}{'window_start':>16}{'expected':>10}{'published':>10}"]

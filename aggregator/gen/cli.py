@@ -8,11 +8,12 @@ import sys
 import time
 import urllib.request
 
+from aggregator.core.contract import Snapshot
 from aggregator.gen.audit import audit, missing_windows, table
 from aggregator.gen.generator import generate
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = sub.add_parser("gen", help="send a synthetic click-stream over HTTP")
     g.add_argument("--url", default="http://127.0.0.1:8080", help="service base URL")
     g.add_argument("--rate", type=float, default=200.0, help="target events/s (0: as fast as possible)")
@@ -49,23 +50,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="seconds to wait for every window of the truth to be published (default: don't)")
 
 
-def fetch_snapshots(url: str) -> list[dict]:
+def fetch_snapshots(url: str) -> list[Snapshot]:
     with urllib.request.urlopen(url + "/v1/snapshots", timeout=10) as resp:
         return json.loads(resp.read())["snapshots"]
 
 
-def fetch_topic_snapshots(bootstrap: str, idle: float = 2.0) -> list[dict]:
+def fetch_topic_snapshots(bootstrap: str, idle: float = 2.0) -> list[Snapshot]:
     """Every snapshot on ``click-snapshots``, read up to the end offsets seen at the start
     (or until nothing arrives for ``idle`` seconds)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from aggregator.core.contract import SNAPSHOTS
 
-    async def read() -> list[dict]:
+    async def read() -> list[Snapshot]:
         c = AIOKafkaConsumer(bootstrap_servers=bootstrap.split("://", 1)[-1], group_id=None,
                              enable_auto_commit=False, auto_offset_reset="earliest")
         await c.start()
-        out: list[dict] = []
+        out: list[Snapshot] = []
         try:
             parts = c.partitions_for_topic(SNAPSHOTS) or set()
             if not parts:
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with open(args.truth) as f:
         truth = json.load(f)
-    def fetch() -> list[dict]:
+    def fetch() -> list[Snapshot]:
         return fetch_topic_snapshots(args.kafka) if args.kafka else fetch_snapshots(args.url)
 
     snaps = fetch()

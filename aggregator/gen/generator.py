@@ -11,10 +11,13 @@ import contextlib
 import random
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
 import orjson
+
+from aggregator.gen.audit import TruthJSON
 
 CLICKS_TOPIC = "clicks"  # CONTRACT §4
 
@@ -46,7 +49,7 @@ class Truth:
         per = self.late.setdefault(region, {})
         per[reason] = per.get(reason, 0) + 1
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> TruthJSON:
         return {"window_ms": self.window_ms, "accepted": self.accepted, "rejected": self.rejected,
                 "sent": self.sent, "elapsed_s": round(self.elapsed_s, 3),
                 "achieved_rate": round(self.achieved_rate, 1), "target_rate": self.target_rate,
@@ -85,7 +88,7 @@ class EventSource:
         self.weights = [1.0 / (i + 1) ** skew for i in range(len(self.names))]
         # during a burst the hot region sends burst_multiplier times its normal share
         self.burst_weights = [w * burst_multiplier if n == hot_region else w
-                              for n, w in zip(self.names, self.weights)]
+                              for n, w in zip(self.names, self.weights, strict=True)]
         self.burst_rate_factor = sum(self.burst_weights) / sum(self.weights)
         self.clock_skew_ms = clock_skew_ms
         self.bad_fraction = bad_fraction
@@ -151,7 +154,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
     async def post(session: aiohttp.ClientSession, lines: list[bytes], regs: list[str | None],
                    delayed: list[int]) -> None:
         body = b"\n".join(lines)
-        for attempt in range(20):
+        for _attempt in range(20):
             try:
                 async with session.post(url + "/v1/events", data=body, headers=headers) as resp:
                     if resp.status == 503:
@@ -181,14 +184,14 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                       delayed: list[int]) -> None:
         ingest_ts = int(time.time() * 1000)  # one per batch, like an HTTP request
         futs = []
-        for line, r in zip(lines, regs):
+        for line, r in zip(lines, regs, strict=True):
             d = orjson.loads(line)
             d["ingest_ts"] = ingest_ts
             key = (r if r is not None else str(d.get("region", ""))).encode()
             futs.append(await producer.send(CLICKS_TOPIC, orjson.dumps(d), key=key))
         await asyncio.gather(*futs)  # acknowledged by the broker
         ok_regions = []
-        for r, d in zip(regs, delayed):
+        for r, d in zip(regs, delayed, strict=True):
             if r is None:
                 truth.rejected += 1  # the worker sends it to clicks-dlq
                 continue
@@ -199,6 +202,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                 ok_regions.append(r)
         truth.add(ok_regions, ingest_ts)
 
+    sink: Callable[[list[bytes], list[str | None], list[int]], Coroutine[Any, Any, None]]
     async with contextlib.AsyncExitStack() as stack:
         if kafka:
             from aiokafka import AIOKafkaProducer
@@ -212,7 +216,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
         else:
             session = await stack.enter_async_context(aiohttp.ClientSession())
             sink = lambda *a: post(session, *a)  # noqa: E731
-        tasks: set[asyncio.Task] = set()
+        tasks: set[asyncio.Task[None]] = set()
         next_at = start
         while sent < count:
             n = min(batch, count - sent)

@@ -7,7 +7,7 @@ __all__ = [
     "SpillStore",
     "encode_record",
     "encode_records",
-    "read_segment",
     "escape_region",
+    "read_segment",
     "unescape_region",
 ]

@@ -22,14 +22,18 @@ batch, so the shell can write the spill first and commit the split after.
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import cast
 
+from aggregator.core.contract import BookEvent, Event
 from aggregator.core.ratelimit import RateLimits
 
 # An event whose region is None only moves stream time: it was spilled.
 SPILLED = None
 
-Event = tuple  # (region, ingest_ts, client_ts | None)
+# ``[seq, source offset, ingest_ts, client_ts or None]``, the payload of a spill record.
+# A list, not a tuple: ``split`` builds it before it knows the seq and fills that in after.
+SpillRecord = list[int | None]
 
 
 class Split:
@@ -37,10 +41,10 @@ class Split:
 
     __slots__ = ("events", "spills", "limited")
 
-    def __init__(self, events: list, spills: dict[str, list[tuple[int, int, int, int | None]]],
+    def __init__(self, events: list[BookEvent], spills: dict[str, list[SpillRecord]],
                  limited: dict[str, int]) -> None:
         self.events = events      # what the window book applies (spilled ones as (None, its, None))
-        self.spills = spills      # region -> [(seq, offset, its, cts)] to append, in order
+        self.spills = spills      # region -> [SpillRecord] to append, in order
         self.limited = limited    # region -> events over the token bucket (metric)
 
 
@@ -71,7 +75,7 @@ class SpillLedger:
         return low
 
     # ----------------------------------------------------------------- input
-    def split(self, events: list, offsets: list[int], limits: RateLimits, now: float) -> Split | None:
+    def split(self, events: list[Event], offsets: list[int], limits: RateLimits, now: float) -> Split | None:
         """Decide which events of a batch are counted now and which are spilled.
 
         Returns None when everything is counted now (the common case)."""
@@ -91,8 +95,8 @@ class SpillLedger:
                 limited[region] = n - granted
         if not allow:
             return None
-        out: list = []
-        spills: dict[str, list] = {}
+        out: list[BookEvent] = []
+        spills: dict[str, list[SpillRecord]] = {}
         append = out.append
         for i, e in enumerate(events):
             region = e[0]
@@ -120,12 +124,12 @@ class SpillLedger:
         for region, lst in split.spills.items():
             self.spilled(region, lst)
 
-    def spilled(self, region: str, records: list) -> None:
+    def spilled(self, region: str, records: list[SpillRecord]) -> None:
         e = self.regions.get(region)
         if e is None:
             e = self.regions[region] = [0, 0, -1]
         if e[0] == e[1]:
-            e[2] = records[0][1]
+            e[2] = cast(int, records[0][1])  # the source offset: never None
         e[0] += len(records)
 
     def drained(self, region: str, n: int, next_low: int) -> None:
@@ -165,15 +169,15 @@ class SpillLedger:
         self.rebuild[region] = need
         return ack, 0
 
-    def rebuilt(self, region: str, records: list) -> None:
+    def rebuilt(self, region: str, records: list[SpillRecord]) -> None:
         """Records re-spilled from the source log during a rebuild."""
         self.rebuild[region] -= len(records)
 
     # ---------------------------------------------------------- persistence
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, list[int]]:
         return {r: list(e) for r, e in self.regions.items()}
 
-    def load(self, d: dict[str, Any] | None) -> None:
+    def load(self, d: Mapping[str, Iterable[int]] | None) -> None:
         self.regions = {str(r): [int(x) for x in e] for r, e in (d or {}).items()}
         self.rebuild = {}
 

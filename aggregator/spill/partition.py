@@ -17,8 +17,9 @@ import os
 
 import orjson
 
+from aggregator.core.contract import Event
 from aggregator.core.ratelimit import RateLimits
-from aggregator.spill.ledger import SpillLedger, Split
+from aggregator.spill.ledger import SpillLedger, SpillRecord, Split
 from aggregator.spill.store import SpillStore
 
 log = logging.getLogger("aggregator.spill")
@@ -27,13 +28,13 @@ DRAIN_MAX = 50_000  # records per region per tick (bounds memory of one drain)
 
 
 class PartitionSpill:
-    def __init__(self, root: str | os.PathLike, partition: int, ledger: SpillLedger,
+    def __init__(self, root: str | os.PathLike[str], partition: int, ledger: SpillLedger,
                  fsync: bool = True) -> None:
         self.partition = partition
         self.ledger = ledger
         self.store = SpillStore(os.path.join(os.fspath(root), f"p{partition}"), max_bytes=0, fsync=fsync)
         self.pending_acks: list[tuple[str, int]] = []
-        self.rebuilding: dict[str, list] = {}
+        self.rebuilding: dict[str, list[SpillRecord]] = {}
         self.lost = 0  # spilled events neither on disk nor in the source log any more
 
     # ------------------------------------------------------------ recovery
@@ -99,11 +100,11 @@ class PartitionSpill:
         return n
 
     # ---------------------------------------------------------------- drain
-    def drain(self, limits: RateLimits, now: float, unlimited: bool = False) -> list[tuple[str, int, int | None]]:
+    def drain(self, limits: RateLimits, now: float, unlimited: bool = False) -> list[Event]:
         """Take the oldest records of each backlogged region at its rate.
 
         The ledger moves on now; the store acknowledges them in :meth:`acked`."""
-        events: list = []
+        events: list[Event] = []
         ledger, store = self.ledger, self.store
         loads = orjson.loads
         for region in ledger.backlogged():

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 __all__ = [
     "HEADER",
@@ -26,8 +27,8 @@ __all__ = [
     "ScanResult",
     "encode_record",
     "encode_records",
-    "scan_bytes",
     "read_segment",
+    "scan_bytes",
 ]
 
 HEADER = struct.Struct(">II")
@@ -99,7 +100,7 @@ def scan_bytes(data: bytes, start: int = 0) -> ScanResult:
     return ScanResult(entries, pos, corrupt, torn)
 
 
-def read_segment(path: str | os.PathLike) -> tuple[list[bytes], int, int, bool]:
+def read_segment(path: str | os.PathLike[str]) -> tuple[list[bytes], int, int, bool]:
     """Read a whole segment: ``(records, good_bytes, corrupt, torn)``.
 
     ``records`` are the payloads with a valid CRC, in order; ``good_bytes`` is

@@ -32,7 +32,9 @@ import re
 import threading
 import zlib
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
+from io import BufferedWriter
+from typing import Literal, overload
 
 from .segment import (
     HEADER,
@@ -42,7 +44,7 @@ from .segment import (
     scan_bytes,
 )
 
-__all__ = ["SpillStore", "escape_region", "unescape_region", "DEFAULT_SEGMENT_BYTES"]
+__all__ = ["DEFAULT_SEGMENT_BYTES", "SpillStore", "escape_region", "unescape_region"]
 
 log = logging.getLogger("aggregator.spill")
 
@@ -60,7 +62,7 @@ def escape_region(region: str) -> str:
         if ch in _SAFE:
             out.append(ch)
         else:
-            out.extend("%%%02x" % b for b in ch.encode("utf-8", "surrogatepass"))
+            out.extend(f"%{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
     name = "r-" + "".join(out)
     if len(name) > _MAX_ESCAPED:
         digest = hashlib.sha256(region.encode("utf-8", "surrogatepass")).hexdigest()
@@ -147,7 +149,7 @@ class _Region:
         self.next_seq = 1
         self.backlog = 0  # undrained good records
         self.size_total = 0  # sum of segment sizes
-        self.writer = None  # open append handle on segments[-1]
+        self.writer: BufferedWriter | None = None  # open append handle on segments[-1]
         # records read by read_batch but not yet acked: (payload, seq, end)
         self.cache: deque[tuple[bytes, int, int]] = deque()
         self.rpos: tuple[int, int] | None = None  # read position after the cache
@@ -173,7 +175,7 @@ class SpillStore:
 
     def __init__(
         self,
-        root_dir: str | os.PathLike,
+        root_dir: str | os.PathLike[str],
         max_bytes: int,
         fsync: bool = True,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
@@ -200,6 +202,10 @@ class SpillStore:
             raise ValueError(f"unsafe region name {region!r}")
         return path
 
+    @overload
+    def _get(self, region: str, create: Literal[True]) -> _Region: ...
+    @overload
+    def _get(self, region: str, create: bool) -> _Region | None: ...
     def _get(self, region: str, create: bool) -> _Region | None:
         r = self._regions.get(region)
         if r is None and create:
@@ -245,6 +251,7 @@ class SpillStore:
             d = os.path.join(self.regions_dir, entry)
             if not os.path.isdir(d) or os.path.islink(d):
                 continue
+            name: str | None
             if entry.startswith("h-"):
                 try:
                     with open(os.path.join(d, "region"), "rb") as f:
@@ -477,14 +484,14 @@ class SpillStore:
                     seq = r.next_seq
                     r.next_seq += 1
                     seg = _Segment(seq, os.path.join(r.dir, _seg_name(seq)), 0)
-                    r.writer = open(seg.path, "ab")
+                    r.writer = open(seg.path, "ab")  # noqa: SIM115 - kept open across appends, closed on roll/close
                     if self.fsync:
                         _fsync_dir(r.dir)
                     if not r.segments:
                         r.head_off = 0
                     r.segments.append(seg)
                 else:
-                    r.writer = open(r.segments[-1].path, "ab")
+                    r.writer = open(r.segments[-1].path, "ab")  # noqa: SIM115 - as above
             seg = r.segments[-1]
             w = r.writer
             try:
@@ -539,9 +546,9 @@ class SpillStore:
                 n = len(r.cache)
                 if n == 0:
                     return
-            last = None
-            for _ in range(n):
-                last = r.cache.popleft()
+            for _ in range(n - 1):
+                r.cache.popleft()
+            last = r.cache.popleft()  # n >= 1 here
             if not r.cache:
                 r.rpos = None
             seq, end = last[1], last[2]
@@ -657,8 +664,8 @@ class SpillStore:
                     r.writer.close()
                     r.writer = None
 
-    def __enter__(self) -> "SpillStore":
+    def __enter__(self) -> SpillStore:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
