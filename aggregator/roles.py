@@ -49,9 +49,9 @@ def run(settings: Settings, print_snapshots: bool = False) -> None:
         services.append(_http(settings, metrics, NoSnapshots(), lambda: ingest.ready, post))
         mode.Worker(*services, **options).execute_from_commandline()
         return
-    import faust  # noqa: PLC0415 - the ingest role runs without loading Faust
+    import faust  # the ingest role runs without loading Faust
 
-    from aggregator.worker.service import WorkerService  # noqa: PLC0415
+    from aggregator.worker.service import WorkerService
 
     store = SnapshotStore()
     sinks = [store.add, print_snapshot_table] if print_snapshots else [store.add]

@@ -141,7 +141,7 @@ def _validate_fast(obj: Any) -> dict[str, Any] | None:
     region = _REGION_CACHE.get(raw)
     if region is None:
         return None
-    out = {"region": region}
+    out: dict[str, Any] = {"region": region}
     get = obj.get
     for name, limit in _STR_FIELDS:
         v = get(name)

@@ -36,7 +36,7 @@ class Producer(Protocol):
     returns once the broker has acknowledged everything sent before it."""
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
-             timestamp: float | None, headers: object) -> Awaitable[object]: ...
+             timestamp: float | None, headers: list[tuple[str, bytes]] | None) -> Awaitable[object]: ...
 
     def flush(self) -> Awaitable[None]: ...
 
@@ -87,7 +87,7 @@ class Checkpointer:
             for sink in self.sinks:
                 try:
                     sink(out)
-                except Exception:  # noqa: BLE001 - a view of the snapshots never stops publishing
+                except Exception:  # a view of the snapshots never stops publishing
                     log.exception("snapshot sink %r failed", sink)
             for book, snaps in published:
                 book.published(len(snaps))

@@ -13,7 +13,8 @@ the changelog (and Faust flushes the producer before every commit).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import aiokafka.errors as _errors
 from aiokafka.consumer import fetcher as _fetcher
@@ -48,6 +49,7 @@ class RawTopics:
 
 
 class _PartitionRecords(_fetcher.PartitionRecords):
+    next_fetch_offset: int
     def __init__(self, tp: Any, records: Any, aborted: Any, fetch_offset: int, key_deserializer: Any,
                  value_deserializer: Any, check_crcs: bool, isolation_level: int) -> None:
         super().__init__(tp, records, aborted, fetch_offset, key_deserializer, value_deserializer,
@@ -83,7 +85,8 @@ class _PartitionRecords(_fetcher.PartitionRecords):
 
 
 class _FetchResult(_fetcher.FetchResult):
-    def getall(self, max_records: Optional[int] = None) -> list:
+    _partition_records: Any
+    def getall(self, max_records: int | None = None) -> list:
         records = self._partition_records
         if max_records is None and getattr(records, "raw", False):
             if not self.check_assignment(self._topic_partition):
@@ -113,8 +116,8 @@ class _ConsumerThread(AIOKafkaConsumerThread):
 
 class BatchConsumer(_Consumer):
     batch_topics: frozenset = frozenset()
-    batch_handler: Optional[BatchHandler] = None
-    hold: Optional[Callable[[], bool]] = None  # True: fetch nothing for now (backpressure)
+    batch_handler: BatchHandler | None = None
+    hold: Callable[[], bool] | None = None  # True: fetch nothing for now (backpressure)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -123,7 +126,7 @@ class BatchConsumer(_Consumer):
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
-    def _new_offset(self, tp: TP) -> Optional[int]:
+    def _new_offset(self, tp: TP) -> int | None:
         if tp.topic in self.batch_topics:
             return self.safe_offsets.get(tp)
         return super()._new_offset(tp)
@@ -131,7 +134,7 @@ class BatchConsumer(_Consumer):
     def mark_safe(self, tp: TP, offset: int) -> None:
         """Every record of ``tp`` before ``offset`` is durably accounted for."""
         self.safe_offsets[tp] = offset
-        self._acked[tp]  # noqa: B018 - makes the tp visible to Faust's commit loop
+        self._acked[tp]
 
     async def on_partitions_revoked(self, revoked: set) -> None:
         await super().on_partitions_revoked(revoked)
@@ -144,7 +147,7 @@ class BatchConsumer(_Consumer):
         fetcher_should_stop = fetcher._stopped.is_set
         set_read_offset = self._read_offset.__setitem__
         batch_topics = self.batch_topics
-        handler = self.batch_handler
+        handler = self.batch_handler or _no_handler
         to_message = self._to_message
         hold = self.hold
         try:
@@ -185,6 +188,10 @@ class BatchConsumer(_Consumer):
         except Exception as exc:
             self.log.exception("Drain messages raised: %r", exc)
             raise
+
+
+def _no_handler(tp: TP, records: list[Any]) -> None:
+    raise RuntimeError(f"BatchConsumer.batch_handler is not set, and {tp.topic} is a batch topic")
 
 
 class BatchTransport(_Transport):

@@ -82,13 +82,15 @@ class WorkerService:
                 pass
 
         app.task(self._ticks)
-        app.on_partitions_revoked.connect(self._on_revoked)
+        # Faust calls it with (app, revoked); its signal type declares a bare (sender, *args)
+        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ readiness
     def ready(self) -> bool:
         app = self.app
         try:
-            recovered = app.tables.recovery.completed.is_set()
+            # TableManager has it; the TableManagerT it is declared as does not
+            recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - no recovery yet
             recovered = False
         return self.started and not app.rebalancing and recovered
@@ -205,7 +207,7 @@ class WorkerService:
         try:
             async with self.checkpointer.lock:
                 await self.tick(parts)
-        except Exception:  # noqa: BLE001
+        except Exception:  # logged with its traceback
             log.exception("checkpoint on revoke failed; the next owner replays from the last state")
         for partition in parts:
             self.partitions.forget(partition)
@@ -216,7 +218,7 @@ class WorkerService:
         while True:
             try:  # a tick, or at once when a batch closed windows (snapshot delay)
                 await asyncio.wait_for(self.wake.wait(), interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self.wake.clear()
             if self.app.rebalancing:
@@ -224,5 +226,5 @@ class WorkerService:
             try:
                 async with self.checkpointer.lock:
                     await self.tick()
-            except Exception:  # noqa: BLE001 - retried on the next tick
+            except Exception:  # retried on the next tick
                 log.exception("state flush failed; will retry")

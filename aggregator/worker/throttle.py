@@ -18,7 +18,7 @@ from aggregator.core.contract import BookEvent, Event
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
 from aggregator.worker.decoder import Record, RecordDecoder
-from aggregator.worker.partitions import PartitionState, Partitions
+from aggregator.worker.partitions import Partitions, PartitionState
 
 log = logging.getLogger("aggregator.worker")
 _offset = attrgetter("offset")

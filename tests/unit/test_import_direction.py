@@ -107,8 +107,8 @@ def test_import_direction():
     # not vacuous: the walk finds the package, and the parts the rules are about
     assert len(paths) >= 25, f"only {len(paths)} modules found under {ROOT / PACKAGE}"
     names = {module_name(p) for p in paths}
-    for expected in ("aggregator.core.windows", "aggregator.spill.ledger", "aggregator.worker.app",
-                     "aggregator.ingest.service", "aggregator.web.server"):
+    for expected in ("aggregator.core.windows", "aggregator.spill.ledger", "aggregator.worker.service",
+                     "aggregator.ingest.handler", "aggregator.web.server"):
         assert expected in names, f"{expected} not found: has the package moved?"
     problems: list[str] = []
     project_imports = 0
