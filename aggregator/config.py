@@ -1,4 +1,4 @@
-"""Settings: every ``AGG_*`` variable, with a matching ``--flag`` (CONTRACT §7)."""
+"""Settings: every ``AGG_*`` variable, with a matching ``--flag`` (docs/contract.md §7)."""
 from __future__ import annotations
 
 import argparse

@@ -11,7 +11,7 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30) -> N
     """Create ``clicks``, ``clicks-dlq`` and ``click-snapshots`` with explicit configs.
 
     ``clicks`` asks for ``LogAppendTime``; brokers that ignore it are handled
-    by the worker (it stamps the read time, CONTRACT §1)."""
+    by the worker (it stamps the read time, docs/contract.md §1)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 

@@ -1,4 +1,4 @@
-"""Per-region token buckets (CONTRACT §6).
+"""Per-region token buckets (docs/contract.md §6).
 
 Time is always passed in explicitly (``now``, seconds, any monotonic origin),
 so the buckets are deterministic under test and cheap to call.  A rate of

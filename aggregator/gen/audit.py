@@ -39,7 +39,7 @@ def audit(truth: TruthJSON, snapshots: Sequence[Snapshot], spilled_regions: Set[
     ``spilled_regions``: regions over their rate limit.  Their spilled events
     are drained later and keep their ingest time, so some land in the late
     bucket (``closed_window``) instead of their window; for them the check is
-    CONTRACT §1's identity: counted + late closed_window equals what the truth
+    docs/contract.md §1's identity: counted + late closed_window equals what the truth
     has, and no window is over its truth.
 
     Checks per (region, window): expected vs published count, windows

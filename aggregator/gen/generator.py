@@ -17,9 +17,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from aggregator.core.contract import CLICKS
 from aggregator.gen.audit import TruthJSON
-
-CLICKS_TOPIC = "clicks"  # CONTRACT §4
 
 
 def region_names(n: int) -> list[str]:
@@ -188,7 +187,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             d = orjson.loads(line)
             d["ingest_ts"] = ingest_ts
             key = (r if r is not None else str(d.get("region", ""))).encode()
-            futs.append(await producer.send(CLICKS_TOPIC, orjson.dumps(d), key=key))
+            futs.append(await producer.send(CLICKS, orjson.dumps(d), key=key))
         await asyncio.gather(*futs)  # acknowledged by the broker
         ok_regions = []
         for r, d in zip(regs, delayed, strict=True):

@@ -1,4 +1,4 @@
-"""Parsing of ``POST /v1/events`` bodies (CONTRACT §3).  No aiohttp here.
+"""Parsing of ``POST /v1/events`` bodies (docs/contract.md §3).  No aiohttp here.
 
 ``decode_body`` turns raw bytes into a list of candidate records or raises
 ``BodyError`` with the HTTP status and a message that says why;
