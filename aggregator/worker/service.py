@@ -1,7 +1,7 @@
 """The worker: batches of ``clicks`` records -> window books -> state changelog -> snapshots.
 
-Composes the parts, each owning its state, around a Faust app (consumer group,
-changelog-backed table, recovery, offset commits):
+Composes the parts, each owning its state, around the Faust app (``faust_app``:
+consumer group, changelog-backed table, recovery, offset commits):
 
 * ``consumer.BatchConsumer`` hands each fetched batch of ``clicks`` to ``on_batch``;
 * ``decoder.RecordDecoder`` turns records into events (dead letters aside);
@@ -23,77 +23,40 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import faust
-
 from aggregator.config import Settings
-from aggregator.core.contract import CLICKS
+from aggregator.core.contract import CLICKS, BookEvent
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
 from aggregator.worker.clock import advance_target
-from aggregator.worker.consumer import BatchConsumer, BatchTransport
 from aggregator.worker.decoder import Record, RecordDecoder
-from aggregator.worker.partitions import BookSettings, Partitions
+from aggregator.worker.faust_app import FaustApp
+from aggregator.worker.partitions import BookSettings, Partitions, PartitionState
 from aggregator.worker.throttle import Throttle, rebuild_replay, skip_applied
 
 log = logging.getLogger("aggregator.worker")
-STATE_TABLE = "window-state"
-
-
-class _App(faust.App):
-    def _new_transport(self) -> BatchTransport:
-        return BatchTransport(self.conf.broker_consumer, self)
-
-
-def faust_app(s: Settings) -> faust.App:
-    return _App(
-        "clickstream-aggregator", broker=s.faust_broker(), datadir=str(s.data_dir) + "/faust",
-        topic_partitions=s.partitions, topic_replication_factor=1, table_cleanup_interval=3600,
-        web_enabled=False, broker_session_timeout=s.session_timeout,
-        broker_heartbeat_interval=max(0.5, s.session_timeout / 4), broker_commit_interval=s.state_flush_seconds,
-        consumer_auto_offset_reset="earliest", consumer_max_fetch_size=4 * 1024 * 1024, stream_wait_empty=False,
-        producer_acks=-1, logging_config=None, key_serializer="raw", value_serializer="raw")
 
 
 class WorkerService:
     def __init__(self, settings: Settings, metrics: Metrics, sinks: Sequence[SnapshotSink]) -> None:
         self.s = settings
         self.metrics = metrics
-        self.app = app = faust_app(settings)
-        self.clicks = app.topic(CLICKS, key_type=bytes, value_type=bytes, partitions=settings.partitions,
-                                internal=False)
-        self.table = app.Table(STATE_TABLE, partitions=settings.partitions)
+        self.kafka = kafka = FaustApp(settings)
+        self.app = app = kafka.app
         self.decoder = RecordDecoder()
         self.throttle = Throttle(RateLimits(settings.rate_limit, settings.rate_limits), settings.spill_max_bytes,
                                  metrics)
         books = BookSettings(settings.window_ms, settings.grace_ms, settings.late_after_ms, settings.idle_ms,
                              settings.max_regions)
-        self.partitions = Partitions(books, settings.spill_path, self._stored_state, metrics)
-        self.checkpointer = Checkpointer(lambda: app.producer, self._write_state, self._mark_safe, metrics, sinks)
+        self.partitions = Partitions(books, settings.spill_path, kafka.stored_state, metrics)
+        self.checkpointer = Checkpointer(lambda: app.producer, kafka.write_state, kafka.mark_safe, metrics, sinks)
         self.wake = asyncio.Event()  # set when snapshots wait to be published
         self.started = False
-        BatchConsumer.batch_topics = frozenset({CLICKS})
-        BatchConsumer.batch_handler = self.on_batch
-        BatchConsumer.hold = self._holding
-
-        @app.agent(self.clicks)
-        async def _clicks(stream: Any) -> None:  # subscribes the topic; batches bypass it
-            async for _ in stream:  # pragma: no cover
-                pass
-
-        app.task(self._ticks)
-        # Faust calls it with (app, revoked); its signal type declares a bare (sender, *args)
-        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+        kafka.wire(self.on_batch, self._holding, self._ticks, self._on_revoked)
 
     # ------------------------------------------------------------ readiness
     def ready(self) -> bool:
-        app = self.app
-        try:
-            # TableManager has it; the TableManagerT it is declared as does not
-            recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - no recovery yet
-            recovered = False
-        return self.started and not app.rebalancing and recovered
+        return self.started and not self.app.rebalancing and self.kafka.recovered()
 
     # -------------------------------------------------------------- hot path
     def on_batch(self, tp: Any, records: Sequence[Record]) -> None:
@@ -102,7 +65,7 @@ class WorkerService:
         partition = tp.partition
         p = self.partitions.get(partition)
         if p is None:
-            if tp not in self.app.consumer.assignment():
+            if partition not in self.kafka.assigned():
                 return  # fetched before a rebalance moved it: the new owner reads it
             p = self.partitions.open(partition)
         now_ms = int(time.time() * 1000)
@@ -124,11 +87,12 @@ class WorkerService:
                                                         self.checkpointer.dead)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
+        batch: Sequence[BookEvent] = events
         n_window = len(events)
         if throttle.limiting and events:
-            events, n_window = throttle.limit(p, events, offsets, self.partitions)  # type: ignore[assignment]
+            batch, n_window = throttle.limit(p, events, offsets, self.partitions)
         t2 = time.perf_counter()
-        book.apply(events, last + 1, now_ms)
+        book.apply(batch, last + 1, now_ms)
         if book.outbox:
             self.wake.set()
         self.metrics.batch_windowed(n_window, time.perf_counter() - t2)
@@ -149,8 +113,7 @@ class WorkerService:
             book = p.book
             if book.tally:
                 self.metrics.counted(book.take_tally())
-            target = advance_target(now_ms, p.last_record_ms, self._highwater(p.partition, p), book.next_offset,
-                                    fetching)
+            target = advance_target(now_ms, p.last_record_ms, self._highwater(p), book.next_offset, fetching)
             if target is not None:
                 book.advance_to(target)
         self.throttle.report(partitions)
@@ -159,7 +122,7 @@ class WorkerService:
 
     def _sync_assignment(self) -> None:
         try:
-            owned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == CLICKS}
+            owned = self.kafka.assigned()
         except Exception:  # noqa: BLE001 - unknown: keep everything
             return
         self.partitions.keep_only(owned)
@@ -170,31 +133,13 @@ class WorkerService:
                 if partition not in self.partitions:
                     self.partitions.open(partition)
 
-    def _highwater(self, partition: int, p: Any) -> int | None:
+    def _highwater(self, p: PartitionState) -> int | None:
         """The partition's end offset as of the last fetch (None: not known yet); sets the lag."""
-        try:
-            hw = self.app.consumer.highwater(faust.types.TP(CLICKS, partition))
-        except Exception:  # noqa: BLE001 - no consumer yet
-            return None
-        if hw is None or hw < 0:
-            return None
-        p.lag = max(0, hw - p.book.next_offset)
-        self.metrics.partition_lag(partition, p.lag)
-        return int(hw)
-
-    def _stored_state(self, partition: int) -> Any:
-        # Faust hands recovered keys back decoded (b"3" -> 3): accept every spelling
-        data = self.table.data
-        return data.get(partition) or data.get(str(partition).encode()) or data.get(str(partition))
-
-    def _write_state(self, partition: int, value: bytes) -> None:
-        self.table.data[partition] = value
-        self.table.send_changelog(partition, str(partition).encode(), value)
-
-    def _mark_safe(self, partition: int, offset: int) -> None:
-        consumer = self.app.consumer
-        if isinstance(consumer, BatchConsumer):
-            consumer.mark_safe(faust.types.TP(CLICKS, partition), offset)
+        hw = self.kafka.highwater(p.partition)
+        if hw is not None:
+            p.lag = max(0, hw - p.book.next_offset)
+            self.metrics.partition_lag(p.partition, p.lag)
+        return hw
 
     def _holding(self) -> bool:
         return self.throttle.hold and not self.app.rebalancing
