@@ -243,7 +243,7 @@ def machine() -> dict[str, str]:
             return ""
 
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no", "--", "aggregator", "scripts"):
+    if git("status", "--porcelain", "--untracked-files=no", "--", "aggregator", "scripts", "tools"):
         commit += " (with uncommitted changes)"
     versions = {}
     from importlib.metadata import PackageNotFoundError, version

@@ -1,5 +1,5 @@
 """(2) HTTP ingest rate and latency, and (3) snapshot delay, on a fresh broker, with the load
-generator (aggregator/bench/loadgen.py) in a process of its own, against either
+generator (tools/bench/loadgen.py) in a process of its own, against either
 
   * ``split``: an ingest process (``aggregator run --role ingest``) with a worker process
     (``--role worker``) counting everything it ingests, the deployment for heavy HTTP load;
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from tools.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics, percentile, stop_group
+from tools.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics
 from aggregator.core.contract import SNAPSHOTS
 
 

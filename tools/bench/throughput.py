@@ -4,7 +4,7 @@ Every measurement reads the same backlog of ``clicks`` on the same broker:
   * ``bare``   an aiokafka consumer that decodes each value with orjson and counts it per
                region in a dict;
   * ``worker`` ``aggregator run`` started against the backlog;
-  * ``plain_faust`` the way a user would write it with Faust (aggregator/bench/plain_faust.py),
+  * ``plain_faust`` the way a user would write it with Faust (tools/bench/plain_faust.py),
                on the first ``n`` records only, because it is slow.
 Rates are from the first record counted to the last, so the consumer-group join (a few
 seconds on the embedded broker) is left out of all three alike; the worker's time from
@@ -12,7 +12,6 @@ process start is reported too.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
