@@ -129,7 +129,7 @@ def stoppable_broker(tmp_path):
     """A broker of this test's own, which it may stop: a fresh embedded one, or under
     make test-kafka a fresh Apache Kafka (scripts/kafka.sh) with its data in tmp_path."""
     if ON_REAL_KAFKA:
-        from tools.bench.kafka import ScriptKafka
+        from tools.kafka import ScriptKafka
         b = ScriptKafka(base_dir=str(tmp_path)).start()
     else:
         b = EmbeddedBroker().start()

@@ -14,7 +14,7 @@ import time
 import orjson
 import pytest
 
-from tools.bench.kafka import ScriptKafka
+from tools.kafka import ScriptKafka
 from aggregator.core.contract import SNAPSHOTS
 from tests.conftest import ON_REAL_KAFKA, http, read_topic, wait_for
 

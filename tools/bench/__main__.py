@@ -24,7 +24,7 @@ import orjson
 
 from aggregator.broker import EmbeddedBroker, ensure_topics
 from tools.bench import common, ingest, report, throughput
-from tools.bench.kafka import ScriptKafka, kafka_usable
+from tools.kafka import ScriptKafka, kafka_usable
 
 BrokerT = TypeVar("BrokerT", EmbeddedBroker, ScriptKafka)
 

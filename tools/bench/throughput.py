@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from tools.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics, proc_status, stop_group
+from tools.bench.common import BenchService, by_label, cpu_seconds, metrics, proc_status
+from tools.harness import REPO, stop_group
 from aggregator.core.contract import CLICKS
 
 
@@ -82,7 +83,7 @@ def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
            profile_dir: str | None = None, env: dict[str, str] | None = None) -> WorkerResult:
     """Start ``aggregator run`` on the backlog; done when ``pipeline_stage_processed_total``
     of stage ``window`` (events applied to a window or the late bucket) reaches ``n``."""
-    svc = ServiceProc(broker_url, env=dict(env or {})).start()
+    svc = BenchService(broker_url, env=dict(env or {})).start(wait_ready=None)
     spy = None
     profile = ""
     try:
