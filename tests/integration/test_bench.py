@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import orjson
 import pytest
@@ -14,9 +13,9 @@ import pytest
 from tools.bench.common import REGIONS, percentile, pick_regions, top_share
 from tools.bench.loadgen import bodies
 from tools.bench.report import markdown, table
-from tests.conftest import ON_REAL_KAFKA
+from tests.conftest import ON_REAL_KAFKA, REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def test_region_mix_is_zipf_with_one_region_about_40_percent():
