@@ -1,19 +1,11 @@
-"""The generator's ground truth and the audit: pure checks, then end to end against a service."""
+"""The audit of snapshots against the generator's ground truth, without a service (end to end:
+tests/integration/test_gen_audit.py; the generator: test_generator.py)."""
 from __future__ import annotations
 
-import asyncio
 import copy
-import json
-import subprocess
-import sys
-import time
 
-import orjson
-import pytest
 
 from aggregator.gen.audit import audit, missing_windows
-from aggregator.gen.generator import EventSource, generate, rate_summary
-from tests.conftest import wait_for
 
 W = 2000
 
@@ -126,135 +118,3 @@ def test_misaligned_window_bounds_are_caught():
     snaps = good_snaps()
     snaps[0]["window_end"] = 11000
     assert any("bounds" in p for p in audit(TRUTH, snaps))
-
-
-# --- pure: the generator -------------------------------------------------------------------
-
-def regions_of(seed: int, n: int = 500) -> list:
-    src = EventSource(seed, 10, skew=1.1, bad_fraction=0.02, delayed_fraction=0.02)
-    out = []
-    for _ in range(5):
-        lines, regs, delayed = src.batch(n // 5, now_ms=1_700_000_000_000)
-        out.extend(zip(regs, delayed, [orjson.loads(x).get("user_id") for x in lines]))
-    return out
-
-
-def test_same_seed_same_stream():
-    a, b = regions_of(7), regions_of(7)
-    assert a == b
-    assert regions_of(8) != a
-    regs = [r for r, _, _ in a]
-    assert None in regs                     # some malformed records
-    now = 1_700_000_000_000
-    assert any(r and now - ts > 300_000 for r, ts, _ in a)   # some client-delayed records
-    assert sum(1 for r, ts, _ in a if r and now - ts > 300_000) < len(a) / 10
-    # skewed: the first region is the most popular
-    named = [r for r in regs if r]
-    assert named.count("eu-west") > named.count("ca-central")
-
-
-def test_hot_region_burst_and_clock_skew():
-    src = EventSource(1, 10, skew=1.1, hot_region="eu-west", burst_multiplier=1000.0, clock_skew_ms=-5000)
-    now = 1_700_000_000_000
-    _, calm, ts_calm = src.batch(2000, now)
-    _, hot, _ = src.batch(2000, now, burst=True)
-    assert calm.count("eu-west") < 800            # about a third of the traffic normally
-    assert hot.count("eu-west") > 1950            # nearly all of it during a 1000x burst
-    assert src.burst_rate_factor > 100            # and the total rate grows with it
-    assert all(now - 5000 - 2000 < ts <= now - 5000 for ts in ts_calm)  # skewed producer clock
-
-
-def test_rate_summary_says_when_target_not_sustained():
-    ok = rate_summary(950, 1.0, 1000)
-    assert len(ok) == 1 and "achieved 950/s" in ok[0]
-    slow = rate_summary(500, 1.0, 1000)
-    assert "could not sustain target rate: achieved 500/s of 1000/s" in slow[-1]
-    assert len(rate_summary(10, 1.0, 0)) == 1  # 0: as fast as possible, nothing to sustain
-
-
-# --- end to end ----------------------------------------------------------------------------
-
-def run_audit(truth_path, url: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aggregator", "audit", "--truth", str(truth_path),
-                           "--url", url], capture_output=True, text=True, timeout=60)
-
-
-@pytest.mark.integration
-def test_generator_stream_audits_exactly(service_factory, tmp_path, capsys):
-    svc = service_factory("gen").start()
-    rate, seconds = 500.0, 7.0
-    truth = asyncio.run(generate(
-        svc.url, rate, int(rate * seconds), regions=10, seed=3, batch=25, window_ms=W, skew=1.1,
-        bad_fraction=0.02, delayed_fraction=0.02, concurrency=4, progress_interval=2.0,
-        hot_region="hot-zone", burst_multiplier=10.0, burst_start=2.0, burst_duration=2.0,
-        clock_skew_ms=-20_000))
-    gen_done = time.monotonic()
-    err = capsys.readouterr().err
-    assert "gen: sent" in err and "gen: achieved" in err, err
-    t = truth.to_json()
-    assert t["accepted"] + t["rejected"] == t["sent"] == int(rate * seconds)
-    assert t["rejected"] > 0
-    assert sum(n for per in t["late"].values() for n in per.values()) > 0
-    assert len(t["counts"]) == 11  # 10 regions + the hot one
-    hot = sum(t["counts"]["hot-zone"].values())
-    assert hot > 0.05 * t["accepted"]  # over twice its calm share (~2.4 %): the burst happened
-    windows = {int(w) for per in t["counts"].values() for w in per}
-    assert len(windows) >= 3
-    truth_path = tmp_path / "truth.json"
-    truth_path.write_text(json.dumps(t))
-
-    # every window of the truth published; then quiet so the window holding the last late
-    # events (attached to the window open when processed) has closed too
-    wait_for(lambda: not missing_windows(t, svc.snapshots()), 30, what="snapshots of every truth window")
-    after = max(windows) + W
-    wait_for(lambda: any(s["window_start"] >= after for s in svc.snapshots()), 15,
-             what="the window after the last one with traffic to close")
-    time.sleep(max(0.0, gen_done + 4.0 - time.monotonic()))
-
-    res = run_audit(truth_path, svc.url)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + svc.tail()
-    assert "match the ground truth exactly" in res.stdout
-    assert "mismatch" not in res.stdout
-
-    # tampered truth: one count +1 -> the audit fails and names it
-    bad = copy.deepcopy(t)
-    region = max(bad["counts"], key=lambda r: sum(bad["counts"][r].values()))
-    ws = sorted(bad["counts"][region])[0]
-    bad["counts"][region][ws] += 1
-    bad_path = tmp_path / "tampered.json"
-    bad_path.write_text(json.dumps(bad))
-    res = run_audit(bad_path, svc.url)
-    assert res.returncode != 0
-    assert "AUDIT FAILED: 1 mismatches" in res.stderr, res.stderr
-    assert f"{region} window {ws}: count" in res.stderr
-
-    # the CLI: a target rate HTTP cannot reach is reported plainly, and the truth is written
-    cli_truth = tmp_path / "cli.json"
-    res = subprocess.run([sys.executable, "-m", "aggregator", "gen", "--url", svc.url, "--rate", "1000000",
-                          "--count", "300", "--regions", "3", "--seed", "5", "--window-seconds", "2",
-                          "--truth", str(cli_truth)], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert "could not sustain target rate: achieved" in res.stderr and "of 1000000/s" in res.stderr
-    written = json.loads(cli_truth.read_text())
-    assert written["sent"] == written["accepted"] == 300
-
-
-@pytest.mark.integration
-def test_kafka_generator_stream_audits_exactly(service_factory, broker, tmp_path):
-    svc = service_factory("kgen").start()
-    rate, seconds = 500.0, 4.0
-    truth = asyncio.run(generate(
-        "", rate, int(rate * seconds), regions=10, seed=4, batch=25, window_ms=W, skew=1.1,
-        bad_fraction=0.02, delayed_fraction=0.02, progress=False, kafka=broker.url))
-    gen_done = time.monotonic()
-    t = truth.to_json()
-    assert t["accepted"] + t["rejected"] == t["sent"] == int(rate * seconds) and t["rejected"] > 0
-    windows = {int(w) for per in t["counts"].values() for w in per}
-    truth_path = tmp_path / "truth.json"
-    truth_path.write_text(json.dumps(t))
-    wait_for(lambda: not missing_windows(t, svc.snapshots()), 30, what="snapshots of every truth window")
-    wait_for(lambda: any(s["window_start"] >= max(windows) + W for s in svc.snapshots()), 15,
-             what="the window after the last one with traffic to close")
-    time.sleep(max(0.0, gen_done + 4.0 - time.monotonic()))
-    res = run_audit(truth_path, svc.url)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + svc.tail()
