@@ -180,7 +180,7 @@ def test_endpoint_answers(service_factory):
 @pytest.mark.integration
 def test_broker_down_is_503_with_retry_after(stoppable_broker, tmp_path):
     """Only the 503 side: the records acknowledged before and after a restart are counted
-    in tests/test_broker_outage.py (the embedded broker keeps everything in memory, so a
+    in tests/integration/test_broker_outage.py (the embedded broker keeps everything in memory, so a
     restarted one has lost the topics)."""
     broker = stoppable_broker
     svc = Service(broker.url, tmp_path / "down").start()
