@@ -31,11 +31,13 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
+## make test-unit: tests/unit, no broker and no service process (seconds)
 test-unit: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not integration"
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
+## make test-integration: tests/integration, against the embedded broker
 test-integration: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m integration
+	$(PY) -m pytest -q -p no:cacheprovider tests/integration
 
 ## make kafka: a single-node Apache Kafka 4.x (KRaft) on 127.0.0.1:$(KAFKA_PORT), jars from Maven Central
 ## (fetched once into ~/.cache/aggregator-kafka); prints the bootstrap address. Idempotent.
@@ -48,7 +50,7 @@ kafka-stop:
 ## make test-kafka: the integration suite against that real Kafka (started if needed, left running)
 test-kafka: $(STAMP)
 	@bash scripts/kafka.sh start --port $(KAFKA_PORT) --dir $(KAFKA_DIR) >/dev/null
-	AGG_TEST_BROKER=kafka AGG_TEST_KAFKA=127.0.0.1:$(KAFKA_PORT) $(PY) -m pytest -q -p no:cacheprovider -m integration -rs
+	AGG_TEST_BROKER=kafka AGG_TEST_KAFKA=127.0.0.1:$(KAFKA_PORT) $(PY) -m pytest -q -p no:cacheprovider tests/integration -rs
 
 ## make bench: worker throughput vs a bare consumer, HTTP ingest, snapshot delay, memory (medians of 3);
 ## prints a table and writes docs/benchmarks.md.  Smaller: make bench BENCH_ARGS="--n 200000 --memory-n 0"

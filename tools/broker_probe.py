@@ -1,8 +1,8 @@
 """The broker alone under a steady load: what it costs as it fills up.
 
-    .venv/bin/python scripts/broker_probe.py                    # embedded broker, 60k ev/s, 90 s
-    .venv/bin/python scripts/broker_probe.py --no-consume       # produce only
-    .venv/bin/python scripts/broker_probe.py --bootstrap 127.0.0.1:19092 --pid PID   # any broker
+    .venv/bin/python -m tools.broker_probe                    # embedded broker, 60k ev/s, 90 s
+    .venv/bin/python -m tools.broker_probe --no-consume       # produce only
+    .venv/bin/python -m tools.broker_probe --bootstrap 127.0.0.1:19092 --pid PID   # any broker
 
 Produces records like the ingest does (batches of 1000 over 4 partitions, acks=all, open loop
 at --rate) and, unless --no-consume, reads them back with one consumer that keeps up.  Every
@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-
-from tools.bench.common import cpu_seconds, percentile, proc_status  # noqa: E402
 from aggregator.broker import EmbeddedBroker, ensure_topics
-from aggregator.core.contract import CLICKS  # noqa: E402
+from aggregator.core.contract import CLICKS
+from tools.bench.common import cpu_seconds, percentile, proc_status
 
 PER_BATCH = 1000
 PARTITIONS = 4
@@ -91,7 +89,8 @@ async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m tools.broker_probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=60000, help="records per second produced")
     ap.add_argument("--duration", type=float, default=90)
     ap.add_argument("--no-consume", dest="consume", action="store_false")

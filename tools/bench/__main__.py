@@ -1,12 +1,12 @@
 """``make bench``: worker throughput vs a bare consumer, HTTP ingest rate and latency, snapshot
 delay and memory (issue 7).  Prints a table and writes docs/benchmarks.md from this run.
 
-    .venv/bin/python scripts/bench.py                          # the full run (make bench)
-    .venv/bin/python scripts/bench.py --n 100000 --runs 1 --memory-n 0 --faust-n 2000 \\
+    .venv/bin/python -m tools.bench                            # the full run (make bench)
+    .venv/bin/python -m tools.bench --n 100000 --runs 1 --memory-n 0 --faust-n 2000 \\
         --ingest-duration 3 --out -                            # a quick look, writes nothing
 
 Every run starts its own broker (loopback only): the embedded one, and for figures 2 and 3
-also Apache Kafka (scripts/kafka.sh) unless --kafka no.  See aggregator/bench/ for what each
+also Apache Kafka (scripts/kafka.sh) unless --kafka no.  See tools/bench/ for what each
 figure means; docs/benchmarks.md says it again next to the numbers.
 """
 from __future__ import annotations
@@ -22,10 +22,9 @@ from typing import TypeVar
 
 import orjson
 
-
-from tools.bench import common, ingest, report, throughput  # noqa: E402
-from tools.bench.kafka import ScriptKafka, kafka_usable  # noqa: E402
-from aggregator.broker import EmbeddedBroker, ensure_topics  # noqa: E402
+from aggregator.broker import EmbeddedBroker, ensure_topics
+from tools.bench import common, ingest, report, throughput
+from tools.kafka import ScriptKafka, kafka_usable
 
 BrokerT = TypeVar("BrokerT", EmbeddedBroker, ScriptKafka)
 
@@ -253,7 +252,8 @@ def render(source: str, out: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000, help="backlog for worker throughput")
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (medians)")
     ap.add_argument("--faust-n", type=int, default=20_000, help="events for the plain-Faust reference (0: skip)")
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: dict = {
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(["scripts/bench.py", *(argv if argv is not None else sys.argv[1:])]).strip(),
+        "command": " ".join(["python -m tools.bench", *(argv if argv is not None else sys.argv[1:])]).strip(),
         "machine": common.machine(),
         "config": {"partitions": a.partitions, "zipf_s": common.ZIPF_S, "top_share": common.top_share(),
                    "window_s": a.window_s, "grace_s": a.grace_s, "ingest_duration": a.ingest_duration,

@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: the synthetic backlog, service processes, metrics, statistics."""
+"""Shared by the benchmarks: the synthetic backlog, metrics, statistics, the machine.  The
+service process, HTTP and process-group helpers are ``tools.harness``'s (the tests use them too)."""
 from __future__ import annotations
 
 import asyncio
@@ -6,25 +7,17 @@ import math
 import os
 import platform
 import random
-import shutil
-import signal
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.broker import free_port
 from aggregator.core.contract import CLICKS
+from tools.harness import REPO, ServiceProc, http
 
-REPO = Path(__file__).resolve().parents[2]
 REGIONS = [f"r{i:02d}" for i in range(16)]
 ZIPF_S = 1.3  # with 16 regions the first one gets ~40 % of the events
 WEIGHTS = [1.0 / (k + 1) ** ZIPF_S for k in range(len(REGIONS))]
@@ -97,28 +90,16 @@ async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 20
 
 
 # ------------------------------------------------------------------ processes
-def stop_group(proc: subprocess.Popen, wait: float) -> None:
-    """SIGTERM a child started in its own session, SIGKILL its group if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+class BenchService(ServiceProc):
+    """The service as the benchmark runs it: quiet logs, a temporary data folder."""
 
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+    DEFAULTS = {"AGG_LOG_LEVEL": "WARNING", "AGG_PARTITIONS": "4"}
+    TMP_PREFIX = "bench-svc-"
 
 
 def metrics(url: str, timeout: float = 2.0) -> dict[str, dict[tuple, float]]:
     """``/metrics`` as {sample name: {label values tuple: value}}."""
-    status, raw = http_get(url + "/metrics", timeout)
+    status, _, raw = http("GET", url + "/metrics", timeout=timeout)
     if status != 200:
         raise OSError(f"/metrics answered {status}")
     out: dict[str, dict[tuple, float]] = {}
@@ -154,69 +135,6 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-@dataclass
-class ServiceProc:
-    """``python -m aggregator run`` against a broker, as a child process."""
-
-    broker_url: str
-    env: dict[str, str] = field(default_factory=dict)
-    port: int = 0
-    proc: subprocess.Popen | None = None
-    data_dir: str = ""
-    log_path: str = ""
-    started_at: float = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "ServiceProc":
-        self.port = free_port()
-        self.data_dir = tempfile.mkdtemp(prefix="bench-svc-")
-        self.log_path = os.path.join(self.data_dir, "service.log")
-        env = dict(os.environ, AGG_BROKER=self.broker_url, AGG_WEB_PORT=str(self.port),
-                   AGG_DATA_DIR=self.data_dir, AGG_LOG_LEVEL="WARNING", AGG_PARTITIONS="4")
-        env.update(self.env)
-        self.started_at = time.perf_counter()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "aggregator", "run"], env=env, cwd=str(REPO),
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def wait_ready(self, timeout: float = 60.0) -> "ServiceProc":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                if http_get(self.url + "/readyz", 1)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"service not ready in {timeout}s:\n{self.tail()}")
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.tail()}")
-
-    def tail(self, n: int = 3000) -> str:
-        try:
-            return Path(self.log_path).read_bytes()[-n:].decode(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if self.data_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
-
-
 # ------------------------------------------------------------------ machine
 def machine() -> dict[str, str]:
     cpu = "unknown"
@@ -243,7 +161,7 @@ def machine() -> dict[str, str]:
             return ""
 
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no", "--", "aggregator", "scripts"):
+    if git("status", "--porcelain", "--untracked-files=no", "--", "aggregator", "scripts", "tools"):
         commit += " (with uncommitted changes)"
     versions = {}
     from importlib.metadata import PackageNotFoundError, version

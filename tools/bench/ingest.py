@@ -1,5 +1,5 @@
 """(2) HTTP ingest rate and latency, and (3) snapshot delay, on a fresh broker, with the load
-generator (aggregator/bench/loadgen.py) in a process of its own, against either
+generator (tools/bench/loadgen.py) in a process of its own, against either
 
   * ``split``: an ingest process (``aggregator run --role ingest``) with a worker process
     (``--role worker``) counting everything it ingests, the deployment for heavy HTTP load;
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from tools.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics, percentile, stop_group
+from tools.bench.common import BenchService, by_label, cpu_seconds, metrics
+from tools.harness import REPO, http
 from aggregator.core.contract import SNAPSHOTS
 
 
@@ -192,10 +193,10 @@ def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, g
     bootstrap = broker_url.split("://", 1)[1]
     env = {"AGG_WINDOW_SECONDS": str(window_s), "AGG_GRACE_SECONDS": str(grace_s)}
     if split:
-        worker = ServiceProc(broker_url, env=dict(env, AGG_ROLE="worker")).start()
-        front = ServiceProc(broker_url, env=dict(env, AGG_ROLE="ingest")).start()
+        worker = BenchService(broker_url, env=dict(env, AGG_ROLE="worker")).start(wait_ready=None)
+        front = BenchService(broker_url, env=dict(env, AGG_ROLE="ingest")).start(wait_ready=None)
     else:
-        worker = front = ServiceProc(broker_url, env=env).start()
+        worker = front = BenchService(broker_url, env=env).start(wait_ready=None)
     try:
         worker.wait_ready()
         front.wait_ready()
@@ -262,8 +263,7 @@ def _caught_up(front_url: str, worker_url: str, timeout: float = 60.0) -> None:
 
 
 def _get(url: str) -> bytes:
-    from tools.bench.common import http_get
-    status, raw = http_get(url, 10)
+    status, _, raw = http("GET", url, timeout=10)
     if status != 200:
         raise OSError(f"{url} answered {status}")
     return raw

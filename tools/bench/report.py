@@ -72,7 +72,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         out.append((f"1. worker throughput, N={n}", _num(w["worker_rate"], "ev/s"),
                     f"bare consumer {_num(w['bare_rate'], 'ev/s')}; goal >= 90%",
                     f"{w['ratio']:.0%}", "PASS" if w["ratio"] >= 0.9 else "FAIL"))
-        out.append((f"   worker incl. start-up and group join", _num(w["worker_rate_from_start"], "ev/s"),
+        out.append(("   worker incl. start-up and group join", _num(w["worker_rate_from_start"], "ev/s"),
                     f"bare consumer {_num(w['bare_rate'], 'ev/s')}", f"{w['ratio_from_start']:.0%}", "info"))
         if w.get("faust_rate"):
             out.append((f"   plain Faust agent + tumbling table, N={w['faust_n']:,}", _num(w["faust_rate"], "ev/s"),
@@ -125,7 +125,7 @@ def markdown(r: dict[str, Any]) -> str:
     md = [
         "# Benchmarks",
         "",
-        "Written by `make bench` (`scripts/bench.py`) from its own output; do not edit by hand.",
+        "Written by `make bench` (`python -m tools.bench`) from its own output; do not edit by hand.",
         f"Run started {r['started']} and took {r['elapsed_s'] / 60:.1f} min. "
         f"Command: `{r['command']}`.",
         "",
@@ -174,7 +174,7 @@ def markdown(r: dict[str, Any]) -> str:
             "Counts are checked exact per region against what was produced "
             "(`clickstream_events_total`, and the bare consumer's dict).",
             "",
-            f"The **plain-Faust** reference (`aggregator/bench/plain_faust.py`: an agent over `clicks`, "
+            f"The **plain-Faust** reference (`tools/bench/plain_faust.py`: an agent over `clicks`, "
             f"`orjson.loads`, a tumbling 60 s windowed table `table[region] += 1` per event) reads only the first "
             f"{w.get('faust_n', 0):,} events of the same topic in the same run, because it manages only about a "
             "thousand events a second; its rate is first event to last.",
@@ -196,7 +196,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"(`--role worker`, counting everything ingested while it is measured) on the same machine, "
             f"with {cfg['window_s']:g} s windows and "
             f"{cfg['grace_s']:g} s grace, on a fresh broker per run. The load generator "
-            "(`aggregator/bench/loadgen.py`) is a second process sending pre-built NDJSON bodies "
+            "(`tools/bench/loadgen.py`) is a second process sending pre-built NDJSON bodies "
             "(`{\"region\",\"user_id\",\"url\",\"ts\"}`, same region mix) over keep-alive connections. "
             f"Maximum rate: closed loop, {cfg['big_concurrency']} connections at batch 1000 and "
             f"{cfg['small_concurrency']} at batch 10, {cfg['ingest_duration']:g} s after 1 s warm-up. "

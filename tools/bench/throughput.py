@@ -4,7 +4,7 @@ Every measurement reads the same backlog of ``clicks`` on the same broker:
   * ``bare``   an aiokafka consumer that decodes each value with orjson and counts it per
                region in a dict;
   * ``worker`` ``aggregator run`` started against the backlog;
-  * ``plain_faust`` the way a user would write it with Faust (aggregator/bench/plain_faust.py),
+  * ``plain_faust`` the way a user would write it with Faust (tools/bench/plain_faust.py),
                on the first ``n`` records only, because it is slow.
 Rates are from the first record counted to the last, so the consumer-group join (a few
 seconds on the embedded broker) is left out of all three alike; the worker's time from
@@ -12,7 +12,6 @@ process start is reported too.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -24,7 +23,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from tools.bench.common import REPO, ServiceProc, by_label, cpu_seconds, metrics, proc_status, stop_group
+from tools.bench.common import BenchService, by_label, cpu_seconds, metrics, proc_status
+from tools.harness import REPO, stop_group
 from aggregator.core.contract import CLICKS
 
 
@@ -83,7 +83,7 @@ def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
            profile_dir: str | None = None, env: dict[str, str] | None = None) -> WorkerResult:
     """Start ``aggregator run`` on the backlog; done when ``pipeline_stage_processed_total``
     of stage ``window`` (events applied to a window or the late bucket) reaches ``n``."""
-    svc = ServiceProc(broker_url, env=dict(env or {})).start()
+    svc = BenchService(broker_url, env=dict(env or {})).start(wait_ready=None)
     spy = None
     profile = ""
     try:

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from aggregator.broker import ensure_topics
 from aggregator.core.contract import CLICKS, DLQ, SNAPSHOTS
 from aggregator.core.contract import INGEST_HEADER
-from tests.conftest import read_topic, wait_for
+from tests.conftest import wait_for
+from tests.integration.conftest import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +139,7 @@ def test_records_without_ingest_ts_are_placed_at_log_append_time(broker, service
     ignores that (the embedded one), by the time the worker first reads them.  The records are
     produced with an hour-old producer timestamp while no worker runs; the worker starts
     a few windows later, so the two clocks put them in different windows."""
-    from tests.conftest import ON_REAL_KAFKA
+    from tests.integration.conftest import ON_REAL_KAFKA
 
     bootstrap = broker.bootstrap
     asyncio.run(ensure_topics(bootstrap, 4))

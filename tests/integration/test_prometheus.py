@@ -29,11 +29,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.broker import free_port
-from tests.conftest import require_tool, wait_for
+from tests.conftest import REPO, require_tool, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.prometheus]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 DASHBOARD = ROOT / "dashboards" / "grafana" / "clickstream.json"
 PROM_DIR = ROOT / "dashboards" / "prometheus"
 

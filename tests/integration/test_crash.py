@@ -19,7 +19,8 @@ import pytest
 
 from aggregator.broker import ensure_topics
 from aggregator.core.contract import CLICKS, SNAPSHOTS
-from tests.conftest import read_topic, wait_for
+from tests.conftest import wait_for
+from tests.integration.conftest import read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

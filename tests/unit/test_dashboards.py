@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import REPO, require_tool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 DASH_DIR = ROOT / "dashboards"
 DASHBOARD = DASH_DIR / "grafana" / "clickstream.json"
 ALERTS = DASH_DIR / "prometheus" / "alerts.yml"

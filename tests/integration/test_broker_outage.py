@@ -14,9 +14,10 @@ import time
 import orjson
 import pytest
 
-from tools.bench.kafka import ScriptKafka
+from tools.kafka import ScriptKafka
 from aggregator.core.contract import SNAPSHOTS
-from tests.conftest import ON_REAL_KAFKA, http, read_topic, wait_for
+from tests.conftest import http, wait_for
+from tests.integration.conftest import ON_REAL_KAFKA, read_topic
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.slow,
@@ -36,7 +37,7 @@ def own_kafka(tmp_path):
 
 
 def test_broker_down_503_then_every_acknowledged_record_counted(own_kafka, tmp_path):
-    from tests.conftest import Service
+    from tests.integration.conftest import Service
 
     svc = Service(own_kafka.url, tmp_path / "svc")
     try:

@@ -16,7 +16,8 @@ import pytest
 
 from aggregator.broker import ensure_topics
 from aggregator.core.contract import SNAPSHOTS
-from tests.conftest import ON_REAL_KAFKA, read_topic, wait_for
+from tests.conftest import wait_for
+from tests.integration.conftest import ON_REAL_KAFKA, read_topic
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.slow,

@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.bench.common import REPO
 from aggregator.broker import BrokerAddress, BrokerError, free_port
+from tools.harness import REPO
 
 
 class ScriptKafka(BrokerAddress):

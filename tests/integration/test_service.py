@@ -7,7 +7,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.core.contract import SNAPSHOTS
-from tests.conftest import read_topic, wait_for
+from tests.conftest import wait_for
+from tests.integration.conftest import read_topic
 
 pytestmark = pytest.mark.integration
 

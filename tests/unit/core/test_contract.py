@@ -1,0 +1,23 @@
+"""The ingest header (CONTRACT §3): what the ingest writes on each record it produces.
+
+Moved from tests/test_ingest.py."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aggregator.core.contract import ingest_header, parse_ingest_header
+
+
+@given(st.integers(0, 2**53), st.one_of(st.none(), st.integers(-(2**53) + 1, 2**53 - 1)))
+def test_ingest_header_round_trips(ingest_ts, client_ts):
+    [(name, value)] = ingest_header(ingest_ts, client_ts)
+    assert name == "clickstream-ingest"
+    assert parse_ingest_header(value) == (ingest_ts, client_ts)
+
+
+@pytest.mark.parametrize("value", [b"", b"soon", b"1,", b",2", b"1,2,3", b"1.5"])
+def test_ingest_header_that_ingest_did_not_write_is_refused(value):
+    with pytest.raises(ValueError):
+        parse_ingest_header(value)

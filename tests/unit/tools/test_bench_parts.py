@@ -1,0 +1,38 @@
+"""The bench's pure parts: the region mix, percentiles, the load generator's bodies (the
+smoke run of ``make bench`` itself: tests/integration/test_bench.py).
+
+Moved from tests/test_bench.py."""
+from __future__ import annotations
+
+import json
+
+from tools.bench.common import REGIONS, percentile, pick_regions, top_share
+from tools.bench.loadgen import bodies
+
+
+def test_region_mix_is_zipf_with_one_region_about_40_percent():
+    assert 0.37 < top_share() < 0.43
+    regions = pick_regions(20000, seed=3)
+    share = regions.count(REGIONS[0]) / len(regions)
+    assert 0.37 < share < 0.43
+    assert set(regions) == set(REGIONS)
+    assert regions == pick_regions(20000, seed=3)  # seeded: the same backlog every run
+
+
+def test_percentile_nearest_rank():
+    xs = list(range(1, 101))
+    assert percentile(xs, 50) == 50
+    assert percentile(xs, 99) == 99
+    assert percentile(xs, 100) == 100
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_loadgen_bodies_carry_their_region_counts():
+    for body, counts in bodies(10, 3, seed=1):
+        lines = body.split(b"\n")
+        assert len(lines) == 10 == sum(counts.values())
+        seen: dict[str, int] = {}
+        for line in lines:
+            r = json.loads(line)["region"]
+            seen[r] = seen.get(r, 0) + 1
+        assert seen == counts
