@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -101,7 +101,7 @@ class ServiceProc:
     def log_path(self) -> Path | None:
         return None if self.data_dir is None else self.data_dir / "service.log"
 
-    def start(self, wait_ready: float | None = 60.0) -> "ServiceProc":
+    def start(self, wait_ready: float | None = 60.0) -> ServiceProc:
         """Start it (again after ``kill``/``stop``: same port and, if kept, the same data);
         then wait up to ``wait_ready`` s for /readyz (None: return at once)."""
         if self.data_dir is None:
@@ -120,7 +120,7 @@ class ServiceProc:
             self.wait_ready(wait_ready)
         return self
 
-    def wait_ready(self, timeout: float = 60.0) -> "ServiceProc":
+    def wait_ready(self, timeout: float = 60.0) -> ServiceProc:
         """Until /readyz answers 200; RuntimeError with the log's tail if it exits or times out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -164,7 +164,8 @@ class ServiceProc:
             self.data_dir = None
 
     # ---------------------------------------------------------------- its HTTP API
-    def post(self, events, content_type: str = "application/json", headers: dict | None = None):
+    def post(self, events: Any, content_type: str = "application/json",
+             headers: dict | None = None) -> tuple[int, dict, Any]:
         """POST /v1/events: (status, headers, the JSON answer or None)."""
         body = events if isinstance(events, bytes) else orjson.dumps(events)
         h = {"Content-Type": content_type}

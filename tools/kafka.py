@@ -30,7 +30,7 @@ class ScriptKafka(BrokerAddress):
     def _script(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
         return kafka_sh(*args, "--dir", str(self.dir), timeout=timeout)
 
-    def start(self, timeout: float = 120.0) -> "ScriptKafka":
+    def start(self, timeout: float = 120.0) -> ScriptKafka:
         """Start it (the jars must be assembled already: ``kafka_sh("fetch")``); on any
         failure nothing is left running (and a temporary data folder is removed).  Again after
         ``kill``: the same port and data."""

@@ -10,9 +10,9 @@ import sys
 import orjson
 import pytest
 
-from tools.bench.report import markdown, table
 from tests.conftest import REPO
 from tests.integration.conftest import ON_REAL_KAFKA
+from tools.bench.report import markdown, table
 
 ROOT = REPO
 

@@ -14,10 +14,10 @@ import time
 import orjson
 import pytest
 
-from tools.kafka import ScriptKafka
 from aggregator.core.contract import SNAPSHOTS
 from tests.conftest import http, wait_for
 from tests.integration.conftest import ON_REAL_KAFKA, read_topic
+from tools.kafka import ScriptKafka
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.slow,

@@ -1,4 +1,4 @@
-"""CONTRACT §6 end to end: one region at 1000x the others, over its rate limit.
+"""docs/contract.md §6 end to end: one region at 1000x the others, over its rate limit.
 
 Records go straight to ``clicks`` with their ``ingest_ts`` (as the HTTP
 ingest writes them), so the truth of every (region, window) is exact.  The
@@ -104,7 +104,7 @@ def metric(text: str, name: str, region: str | None = None, label: str = "region
 @contextlib.contextmanager
 def peaks(svc, **series: tuple[str, str | None]):
     """Poll /metrics in the background; yields the peak of each ``name=(metric, region)``."""
-    seen = {k: 0.0 for k in series}
+    seen = dict.fromkeys(series, 0.0)
     stop = threading.Event()
 
     def watch():

@@ -1,4 +1,4 @@
-"""POST /v1/events (CONTRACT §2, §3) on the real endpoint: service processes, one for every
+"""POST /v1/events (docs/contract.md §2, §3) on the real endpoint: service processes, one for every
 answer of the endpoint, one whose broker is stopped (503 + Retry-After).  The body parser
 and record validation without a broker: tests/unit/ingest/test_body.py, tests/unit/core/.
 
@@ -9,6 +9,7 @@ import gzip
 import json
 import socket
 import time
+from datetime import UTC
 from urllib.parse import urlsplit
 
 import orjson
@@ -23,8 +24,8 @@ from tests.unit.ingest.test_body import CONTENT_TYPES, JSON, NDJSON, bodies
 
 
 def now_rfc3339() -> str:
-    from datetime import datetime, timezone
-    return datetime.now(timezone.utc).isoformat()
+    from datetime import datetime
+    return datetime.now(UTC).isoformat()
 
 
 TOKEN = "s3cret"

@@ -10,8 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.broker import ensure_topics
-from aggregator.core.contract import CLICKS, DLQ, SNAPSHOTS
-from aggregator.core.contract import INGEST_HEADER
+from aggregator.core.contract import CLICKS, DLQ, INGEST_HEADER, SNAPSHOTS
 from tests.conftest import wait_for
 from tests.integration.conftest import read_topic
 
@@ -49,7 +48,7 @@ def test_bad_kafka_records_go_to_dlq_and_good_ones_are_counted(broker, service_f
     good += [(b"us", orjson.dumps({"region": "us"})) for _ in range(3)]
     t0 = int(time.time() * 1000)
     # interleave: a bad record never stops the ones after it
-    mixed = [r for pair in zip(good, bad + [None] * len(good)) for r in pair if r is not None]
+    mixed = [r for pair in zip(good, bad + [None] * len(good), strict=False) for r in pair if r is not None]
     asyncio.run(_produce(bootstrap, mixed))
     t1 = int(time.time() * 1000)
 
@@ -134,7 +133,7 @@ def _consume_all(bootstrap: str, topic: str, n: int, timeout: float = 20.0) -> l
 
 
 def test_records_without_ingest_ts_are_placed_at_log_append_time(broker, service_factory):
-    """CONTRACT §1: records produced straight to Kafka without ``ingest_ts`` are placed by the
+    """docs/contract.md §1: records produced straight to Kafka without ``ingest_ts`` are placed by the
     broker's log-append time (``clicks`` is created with LogAppendTime); where the broker
     ignores that (the embedded one), by the time the worker first reads them.  The records are
     produced with an hour-old producer timestamp while no worker runs; the worker starts

@@ -281,10 +281,10 @@ def test_dashboard_queries_and_alert_rules_on_a_real_prometheus(service_factory,
         missing = sorted(used - names)
 
         def answer():
-            r = prom.query(expr)
+            r = prom.query(expr)  # noqa: B023 - called within this iteration
             if r.get("status") != "success":
                 return r  # an error does not go away by waiting
-            return r if (r["data"]["result"] or missing) else None
+            return r if (r["data"]["result"] or missing) else None  # noqa: B023 - as above
         try:
             r = wait_for(answer, max(0.0, query_deadline - time.monotonic()), interval=0.5,
                          what=f"data for {expr!r}")

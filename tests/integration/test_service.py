@@ -70,7 +70,8 @@ def test_known_events_give_exact_snapshots_and_metrics(service_factory, broker):
             assert s["window_end"] == ws + W_MS
             assert s["emitted_at"] >= s["window_end"] + 1000  # closes only after grace
     late_total = sum(s["late_by_reason"]["client_delay"] for s in snaps if s["region"] == "eu-west")
-    assert sum(s["late"] for s in snaps) == sum(s["late_by_reason"]["closed_window"] + s["late_by_reason"]["client_delay"] for s in snaps)
+    assert sum(s["late"] for s in snaps) == sum(
+        s["late_by_reason"]["closed_window"] + s["late_by_reason"]["client_delay"] for s in snaps)
     # late events attach to the window open when processed; the last window may still be open
     assert late_total <= late_expected["eu-west"]
 
@@ -79,7 +80,7 @@ def test_known_events_give_exact_snapshots_and_metrics(service_factory, broker):
     topic = [orjson.loads(v) for _, v in read_topic(broker.url.split("://")[1], SNAPSHOTS)]
     topic_keys = [(s["region"], s["window_start"]) for s in topic]
     assert len(topic_keys) == len(set(topic_keys))
-    on_topic = dict(zip(topic_keys, topic))
+    on_topic = dict(zip(topic_keys, topic, strict=False))
     for k, s in by_key.items():  # the topic may already hold later (zero-count) windows too
         assert on_topic[k] == s
 

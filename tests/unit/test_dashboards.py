@@ -1,7 +1,7 @@
 """Static checks of the Grafana dashboard, Prometheus config and alert rules
 in dashboards/ (fast, no network).
 
-Every metric they use must be one of the names promised in CONTRACT §5 (plus
+Every metric they use must be one of the names promised in docs/contract.md §5 (plus
 `clickstream_consumer_lag`), and no query may group or filter by a label that
 can take unbounded values. When `promtool` is installed the rule and config
 files are also validated by it.
@@ -26,7 +26,7 @@ ALERT_TESTS = DASH_DIR / "prometheus" / "alerts_test.yml"
 PROV_DASHBOARDS = DASH_DIR / "grafana" / "provisioning" / "dashboards.yml"
 PROV_DATASOURCES = DASH_DIR / "grafana" / "provisioning" / "datasources.yml"
 
-# CONTRACT §5, name -> type.
+# docs/contract.md §5, name -> type.
 CONTRACT_METRICS = {
     "clickstream_events_ingested_total": "counter",
     "clickstream_events_total": "counter",
@@ -246,7 +246,7 @@ def test_panel_ids_unique_and_layout_does_not_overlap(dashboard):
     cells = {}
     for p in panels:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
         for x in range(g["x"], g["x"] + g["w"]):
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
@@ -266,7 +266,7 @@ def test_dashboard_covers_every_metric(dashboard_exprs):
 def test_dashboard_uses_only_contract_metrics(dashboard_exprs):
     for expr in dashboard_exprs:
         unknown = _metric_names(expr) - set(KNOWN_METRICS)
-        assert not unknown, f"{expr!r} uses {unknown}, not in CONTRACT §5"
+        assert not unknown, f"{expr!r} uses {unknown}, not in docs/contract.md §5"
 
 
 def test_dashboard_uses_no_unbounded_labels(dashboard, dashboard_exprs):
@@ -324,7 +324,7 @@ def test_alert_rules_use_only_contract_metrics_and_bounded_labels(alert_rules):
     for rule in alert_rules:
         expr = rule["expr"]
         unknown = _metric_names(expr) - set(KNOWN_METRICS)
-        assert not unknown, f"{rule['alert']} uses {unknown}, not in CONTRACT §5"
+        assert not unknown, f"{rule['alert']} uses {unknown}, not in docs/contract.md §5"
         labels = _labels_used(expr)
         assert labels <= ALLOWED_LABELS, f"{rule['alert']} uses labels {labels - ALLOWED_LABELS}"
         templated = set(re.findall(r"\$labels\.(\w+)", json.dumps(rule)))

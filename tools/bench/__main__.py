@@ -17,8 +17,9 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
-from typing import TypeVar
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import orjson
 
@@ -141,7 +142,7 @@ def _phase_dict(p: ingest.Phase) -> dict:
             "loadgen_cpu": p.loadgen_cpu, "over_100ms": p.over_100ms, "server_over_100ms": p.server_over_100ms}
 
 
-def ingest_section(a: argparse.Namespace, new_broker=None, one: bool | None = None,
+def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None = None, one: bool | None = None,
                    label: str = "") -> tuple[dict, dict]:
     """Per run: the split deployment (ingest process + worker process: figure 2 and the
     snapshot delay of figure 3), then, unless --no-one, ``aggregator run`` as one process.
@@ -219,7 +220,7 @@ def kafka_broker(a: argparse.Namespace) -> ScriptKafka:
     return with_topics(ScriptKafka(base_dir=a.kafka_dir or None).start(), a.partitions)
 
 
-def _nan_back(x):
+def _nan_back(x: Any) -> Any:
     """orjson writes NaN as null: the raw results read back get their NaN again."""
     if x is None:
         return float("nan")
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     results: dict = {
-        "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python -m tools.bench", *(argv if argv is not None else sys.argv[1:])]).strip(),
         "machine": common.machine(),
         "config": {"partitions": a.partitions, "zipf_s": common.ZIPF_S, "top_share": common.top_share(),

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from aggregator.core.contract import SNAPSHOTS
 from tools.bench.common import BenchService, by_label, cpu_seconds, metrics
 from tools.harness import REPO, http
-from aggregator.core.contract import SNAPSHOTS
 
 
 @dataclass
@@ -119,7 +119,7 @@ class SnapshotWatcher:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.ready = threading.Event()
 
-    def start(self) -> "SnapshotWatcher":
+    def start(self) -> SnapshotWatcher:
         self.thread.start()
         self.ready.wait(30)
         return self

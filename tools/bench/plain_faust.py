@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import faust
 import orjson
@@ -41,7 +42,7 @@ state = {"seen": 0, "t0": 0.0}
 
 
 @app.agent(clicks)
-async def count(stream):
+async def count(stream: Any) -> None:
     async for value in stream:
         event = orjson.loads(value)
         counts[event["region"]] += 1

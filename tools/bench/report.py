@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-
 # result keys of figures 2 and 3 per broker kind, and how the report names the broker
 INGEST_BROKERS = (("ingest", "snapshots", "embedded broker"), ("ingest_kafka", "snapshots_kafka", "Apache Kafka"))
 
@@ -179,7 +178,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"{w.get('faust_n', 0):,} events of the same topic in the same run, because it manages only about a "
             "thousand events a second; its rate is first event to last.",
             "",
-            "| run | bare ev/s (before / after) | worker ev/s | worker/bare | CPU us/event bare / worker | worker from start ev/s | start-up s | plain Faust ev/s | worker peak RSS MB |",
+            "| run | bare ev/s (before / after) | worker ev/s | worker/bare | CPU us/event bare / worker "
+            "| worker from start ev/s | start-up s | plain Faust ev/s | worker peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for k, run in enumerate(w["runs"], 1):

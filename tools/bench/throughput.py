@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from aggregator.core.contract import CLICKS
 from tools.bench.common import BenchService, by_label, cpu_seconds, metrics, proc_status
 from tools.harness import REPO, stop_group
-from aggregator.core.contract import CLICKS
 
 
 @dataclass

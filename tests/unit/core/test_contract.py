@@ -1,4 +1,4 @@
-"""The ingest header (CONTRACT §3): what the ingest writes on each record it produces.
+"""The ingest header (docs/contract.md §3): what the ingest writes on each record it produces.
 
 Moved from tests/test_ingest.py."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One event's validation (CONTRACT §2): region, ts and the optional fields.
+"""One event's validation (docs/contract.md §2): region, ts and the optional fields.
 
 Moved from tests/test_ingest.py."""
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""The pure window logic of CONTRACT §1."""
+"""The pure window logic of docs/contract.md §1."""
 import orjson
 
-from aggregator.core.windows import (CLIENT_DELAY, CLOSED_WINDOW, OTHER_REGION, WindowBook,
-                                     first_open_window, window_start)
+from aggregator.core.windows import CLIENT_DELAY, CLOSED_WINDOW, OTHER_REGION, WindowBook, first_open_window, window_start
 
 W, G, LATE, IDLE = 60_000, 5_000, 300_000, 3_600_000
 T0 = 1_700_000_040_000  # a minute boundary (divisible by 60 000)

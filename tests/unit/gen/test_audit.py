@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-
 from aggregator.gen.audit import audit, missing_windows
 
 W = 2000

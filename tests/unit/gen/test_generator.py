@@ -13,7 +13,7 @@ def regions_of(seed: int, n: int = 500) -> list:
     out = []
     for _ in range(5):
         lines, regs, delayed = src.batch(n // 5, now_ms=1_700_000_000_000)
-        out.extend(zip(regs, delayed, [orjson.loads(x).get("user_id") for x in lines]))
+        out.extend(zip(regs, delayed, [orjson.loads(x).get("user_id") for x in lines], strict=False))
     return out
 
 

@@ -1,4 +1,4 @@
-"""POST /v1/events' body (CONTRACT §2, §3), without a broker: ``decode_body`` /
+"""POST /v1/events' body (docs/contract.md §2, §3), without a broker: ``decode_body`` /
 ``validate_records`` / ``gunzip_bounded``, plus hypothesis properties.  One event's
 validation is in tests/unit/core/test_events.py, the header in test_contract.py, the real
 endpoint in tests/integration/test_ingest.py (which uses this file's body strategies).
@@ -121,7 +121,8 @@ def test_errors_list_is_capped_but_counts_are_not():
 
 # ------------------------------------------------------------------ properties
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 64 - 1) | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
     max_leaves=20,
 )

@@ -285,7 +285,7 @@ def test_escape_round_trip_and_distinct():
     names = ["eu", "EU", "e.u", "e%2eu", "ü", "../etc", "a/b", ".", "..", "us-east_1"]
     escaped = [escape_region(n) for n in names]
     assert len(set(escaped)) == len(names)
-    for n, e in zip(names, escaped):
+    for n, e in zip(names, escaped, strict=False):
         assert e.startswith("r-")
         assert set(e[2:]) <= set("abcdefghijklmnopqrstuvwxyz0123456789_-%")
         assert unescape_region(e) == n
