@@ -1,4 +1,4 @@
-"""Durable on-disk spill of rate-limited events (CONTRACT §6)."""
+"""Durable on-disk spill of rate-limited events (docs/contract.md §6)."""
 
 from .segment import encode_record, encode_records, read_segment
 from .store import SpillStore, escape_region, unescape_region

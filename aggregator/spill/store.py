@@ -1,17 +1,7 @@
-"""Durable per-region spill (CONTRACT §6).
+"""Durable per-region spill (docs/contract.md §6).
 
-Layout under ``root_dir``::
-
-    regions/r-<escaped region>/000000000001.seg   append-only segments (see segment.py)
-    regions/r-<escaped region>/cursor             drain cursor {"seq": N, "offset": B}, atomic
-    quarantine/<region dir>.<segment>.corrupt     raw bytes of corrupt records found on recovery
-    quarantine/<region dir>.<segment>.torn        raw bytes of torn tails cut on recovery
-
-Region names are escaped: every character outside ``[a-z0-9_-]`` (including
-``.``, ``/``, upper case and non-ASCII) becomes ``%xx`` per UTF-8 byte, and a
-``r-`` prefix is added, so a region can never name ``.``, ``..``, a path
-separator or anything outside its own directory.  Very long names use
-``h-<sha256>`` with the name kept in a ``region`` file.
+The on-disk layout and the escaping of region names are described in layout.py;
+what happens to a spill directory at start, in recovery.py.
 
 The drain cursor is the byte position (segment, offset) of the first record not
 yet acknowledged.  ``ack`` persists it (tmp + fsync + rename + dir fsync)
@@ -23,25 +13,21 @@ Not thread-safe by design beyond a coarse lock around every public method.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import zlib
-from collections import deque
 from collections.abc import Iterator
-from io import BufferedWriter
 from typing import Literal, overload
 
+from .layout import _fsync_dir, _Region, _seg_name, _Segment, _write_atomic, escape_region, unescape_region
+from .recovery import RecoveryMixin
 from .segment import (
     HEADER,
     HEADER_SIZE,
     MAX_RECORD_BYTES,
     encode_records,
-    scan_bytes,
 )
 
 __all__ = ["DEFAULT_SEGMENT_BYTES", "SpillStore", "escape_region", "unescape_region"]
@@ -49,124 +35,11 @@ __all__ = ["DEFAULT_SEGMENT_BYTES", "SpillStore", "escape_region", "unescape_reg
 log = logging.getLogger("aggregator.spill")
 
 DEFAULT_SEGMENT_BYTES = 4 * 1024 * 1024
-_SEG_RE = re.compile(r"^(\d{12})\.seg$")
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
-_MAX_ESCAPED = 200
 _crc32 = zlib.crc32
 
 
-def escape_region(region: str) -> str:
-    """Directory name for a region: ``r-`` + escaped name (or ``h-<sha256>``)."""
-    out = []
-    for ch in region:
-        if ch in _SAFE:
-            out.append(ch)
-        else:
-            out.extend(f"%{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
-    name = "r-" + "".join(out)
-    if len(name) > _MAX_ESCAPED:
-        digest = hashlib.sha256(region.encode("utf-8", "surrogatepass")).hexdigest()
-        name = "h-" + digest
-    return name
-
-
-def unescape_region(dirname: str) -> str | None:
-    """Inverse of :func:`escape_region` for ``r-`` names; ``None`` if not one."""
-    if not dirname.startswith("r-"):
-        return None
-    s = dirname[2:]
-    buf = bytearray()
-    i = 0
-    while i < len(s):
-        c = s[i]
-        if c == "%":
-            try:
-                buf.append(int(s[i + 1 : i + 3], 16))
-            except ValueError:
-                return None
-            if len(s[i + 1 : i + 3]) != 2:
-                return None
-            i += 3
-        elif c in _SAFE:
-            buf.append(ord(c))
-            i += 1
-        else:
-            return None
-    try:
-        return buf.decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError:
-        return None
-
-
-def _seg_name(seq: int) -> str:
-    return f"{seq:012d}.seg"
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some filesystems refuse directory fsync
-        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-class _Segment:
-    __slots__ = ("seq", "path", "size")
-
-    def __init__(self, seq: int, path: str, size: int) -> None:
-        self.seq = seq
-        self.path = path
-        self.size = size
-
-
-class _Region:
-    __slots__ = (
-        "name",
-        "dir",
-        "segments",
-        "head_off",
-        "next_seq",
-        "backlog",
-        "size_total",
-        "writer",
-        "cache",
-        "rpos",
-        "bad",
-        "roll",
-    )
-
-    def __init__(self, name: str, dir: str) -> None:
-        self.name = name
-        self.dir = dir
-        self.segments: list[_Segment] = []  # oldest first
-        self.head_off = 0  # drain cursor offset inside segments[0]
-        self.next_seq = 1
-        self.backlog = 0  # undrained good records
-        self.size_total = 0  # sum of segment sizes
-        self.writer: BufferedWriter | None = None  # open append handle on segments[-1]
-        # records read by read_batch but not yet acked: (payload, seq, end)
-        self.cache: deque[tuple[bytes, int, int]] = deque()
-        self.rpos: tuple[int, int] | None = None  # read position after the cache
-        self.bad: set[tuple[int, int]] = set()  # (seq, offset) of records quarantined at runtime
-        self.roll = False  # force a new segment on the next append
-
-    def cursor(self) -> tuple[int, int]:
-        if self.segments:
-            return self.segments[0].seq, self.head_off
-        return self.next_seq - 1, 0
-
-    def live_bytes(self) -> int:
-        return self.size_total - self.head_off
-
-
-class SpillStore:
-    """Per-region durable FIFO of byte payloads; see the module docstring.
+class SpillStore(RecoveryMixin):
+    """Per-region durable FIFO of byte payloads; see the module docstring (and layout.py).
 
     ``max_bytes <= 0`` means never :meth:`full`.  ``bytes()`` counts the encoded
     size of records not yet acknowledged (disk usage exceeds it by at most the
@@ -213,176 +86,13 @@ class SpillStore:
             if not os.path.isdir(d):
                 os.makedirs(d, exist_ok=True)
                 if os.path.basename(d).startswith("h-"):
-                    self._write_atomic(os.path.join(d, "region"), region.encode("utf-8", "surrogatepass"))
+                    _write_atomic(os.path.join(d, "region"), region.encode("utf-8", "surrogatepass"), self.fsync)
                 if self.fsync:
                     _fsync_dir(self.regions_dir)
             r = _Region(region, d)
             self._regions[region] = r
             self.corrupt_records.setdefault(region, 0)
         return r
-
-    def _write_atomic(self, path: str, data: bytes) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if self.fsync:
-            _fsync_dir(os.path.dirname(path))
-
-    def _quarantine(self, r: _Region, seg: _Segment, kind: str, chunks: list[bytes]) -> str:
-        os.makedirs(self.quarantine_dir, exist_ok=True)
-        qpath = os.path.join(
-            self.quarantine_dir, f"{os.path.basename(r.dir)}.{seg.seq:012d}.{kind}"
-        )
-        with open(qpath, "ab") as f:
-            f.write(b"".join(chunks))
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-        return qpath
-
-    # --------------------------------------------------------------- recovery
-
-    def _recover(self) -> None:
-        for entry in sorted(os.listdir(self.regions_dir)):
-            d = os.path.join(self.regions_dir, entry)
-            if not os.path.isdir(d) or os.path.islink(d):
-                continue
-            name: str | None
-            if entry.startswith("h-"):
-                try:
-                    with open(os.path.join(d, "region"), "rb") as f:
-                        name = f.read().decode("utf-8", "surrogatepass")
-                except (OSError, UnicodeDecodeError):
-                    log.warning("spill: ignoring directory %s without a readable region name", d)
-                    continue
-            else:
-                name = unescape_region(entry)
-                if name is None:
-                    log.warning("spill: ignoring unexpected directory %s", d)
-                    continue
-            if escape_region(name) != entry:
-                log.warning("spill: ignoring directory %s (name does not round-trip)", d)
-                continue
-            r = _Region(name, d)
-            self._regions[name] = r
-            self.corrupt_records.setdefault(name, 0)
-            self._recover_region(r)
-
-    def _read_cursor(self, r: _Region) -> tuple[int, int]:
-        path = os.path.join(r.dir, "cursor")
-        try:
-            with open(path, "rb") as f:
-                obj = json.loads(f.read())
-            return int(obj["seq"]), int(obj["offset"])
-        except FileNotFoundError:
-            return 0, 0
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("spill: region %r: unreadable cursor file %s (%s); draining from the start",
-                        r.name, path, e)
-            return 0, 0
-
-    def _recover_region(self, r: _Region) -> None:
-        cur_seq, cur_off = self._read_cursor(r)
-        seqs: list[int] = []
-        for fn in os.listdir(r.dir):
-            m = _SEG_RE.match(fn)
-            if m:
-                seqs.append(int(m.group(1)))
-            elif fn.endswith(".tmp"):
-                try:
-                    os.unlink(os.path.join(r.dir, fn))
-                except OSError:
-                    pass
-        seqs.sort()
-        r.next_seq = max([cur_seq + 1] + [s + 1 for s in seqs])
-        changed_dir = False
-        for seq in seqs:
-            path = os.path.join(r.dir, _seg_name(seq))
-            if seq < cur_seq:
-                os.unlink(path)  # fully drained before the last restart
-                changed_dir = True
-                continue
-            start = cur_off if seq == cur_seq else 0
-            seg, start = self._recover_segment(r, seq, path, start)
-            if seg is None:
-                changed_dir = True
-                continue
-            if not r.segments:
-                off = start
-                if off > seg.size:
-                    log.warning("spill: region %r: cursor offset %d beyond segment %s (%d bytes)",
-                                r.name, off, path, seg.size)
-                    off = seg.size
-                r.head_off = off
-            r.segments.append(seg)
-            r.size_total += seg.size
-        # drop leading segments that are fully drained
-        while r.segments and r.head_off >= r.segments[0].size:
-            seg = r.segments.pop(0)
-            r.size_total -= seg.size
-            os.unlink(seg.path)
-            changed_dir = True
-            r.head_off = 0
-        if changed_dir and self.fsync:
-            _fsync_dir(r.dir)
-        r.backlog = self._count(r)
-        if r.backlog:
-            log.info("spill: region %r: recovered %d events (%d bytes) in %d segments",
-                     r.name, r.backlog, r.live_bytes(), len(r.segments))
-
-    def _recover_segment(
-        self, r: _Region, seq: int, path: str, start: int
-    ) -> tuple[_Segment | None, int]:
-        with open(path, "rb") as f:
-            data = f.read()
-        res = scan_bytes(data)
-        # the cursor must sit on a record boundary
-        if start:
-            bounds = {0} | {e.end for e in res.entries}
-            if start not in bounds:
-                nxt = min((b for b in bounds if b > start), default=res.good_bytes)
-                log.warning("spill: region %r: cursor offset %d in %s is not a record boundary; "
-                            "moving to %d", r.name, start, path, nxt)
-                start = nxt
-        new_data = None
-        if res.torn:
-            tail = data[res.good_bytes :]
-            qpath = self._quarantine(r, _Segment(seq, path, 0), "torn", [tail])
-            log.warning(
-                "spill: region %r: segment %s has a torn tail of %d bytes at offset %d; "
-                "truncated (tail saved to %s)", r.name, path, len(tail), res.good_bytes, qpath)
-            self.torn_tails[r.name] = self.torn_tails.get(r.name, 0) + 1
-            new_data = data[: res.good_bytes]
-        bad = [e for e in res.entries if not e.ok and e.offset >= start]
-        if bad:
-            qpath = self._quarantine(
-                r, _Segment(seq, path, 0), "corrupt", [data[e.offset : e.end] for e in bad]
-            )
-            log.warning(
-                "spill: region %r: %d corrupt record(s) (CRC mismatch) in segment %s at offsets %s; "
-                "quarantined to %s, the other records are kept",
-                r.name, len(bad), path, [e.offset for e in bad][:10], qpath)
-            self.corrupt_records[r.name] = self.corrupt_records.get(r.name, 0) + len(bad)
-            bad_offsets = {e.offset for e in bad}
-            # records before `start` are already drained; keep their bytes so the cursor stays valid
-            new_data = b"".join(
-                [data[:start]]
-                + [data[e.offset : e.end] for e in res.entries
-                   if e.offset >= start and e.offset not in bad_offsets]
-            )
-        if new_data is not None:
-            if not new_data:
-                os.unlink(path)
-                return None, 0
-            self._write_atomic(path, new_data)  # path is in r.dir: that directory is fsynced
-            size = len(new_data)
-        else:
-            size = len(data)
-        return _Segment(seq, path, size), start
 
     # ---------------------------------------------------------------- reading
 
@@ -570,7 +280,7 @@ class SpillStore:
 
     def _write_cursor(self, r: _Region, seq: int, off: int) -> None:
         data = json.dumps({"seq": seq, "offset": off}).encode()
-        self._write_atomic(os.path.join(r.dir, "cursor"), data)
+        _write_atomic(os.path.join(r.dir, "cursor"), data, self.fsync)
 
     def _gc(self, r: _Region, removed: bool = False) -> None:
         """Delete fully drained head segments (and fsync the directory if anything went)."""
