@@ -17,7 +17,7 @@ requests in flight before the producer flushes), then the Faust app.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mode
@@ -28,14 +28,14 @@ from aggregator.core.snapshots import SnapshotStore
 from aggregator.ingest.handler import IngestHandler
 from aggregator.ingest.producer import IngestProducer
 from aggregator.metrics import Metrics
-from aggregator.web.server import HttpServer, NoSnapshots, Routes, SnapshotSource
+from aggregator.web.server import Handler, HttpServer, NoSnapshots, Routes, SnapshotSource
 
 
 def run(settings: Settings, print_snapshots: bool = False) -> None:
     """Run the role of ``settings`` until a signal stops it (raises SystemExit)."""
     metrics = Metrics()
     services: list[mode.Service] = []
-    post = None
+    post: Handler | None = None
     producer: IngestProducer | None = None
     if settings.role in ("all", "ingest"):
         producer = IngestProducer(settings.bootstrap())
@@ -62,7 +62,8 @@ def run(settings: Settings, print_snapshots: bool = False) -> None:
     fw.execute_from_commandline()
 
 
-def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, ready: Any, post: Any) -> HttpServer:
+def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, ready: Callable[[], bool],
+          post: Handler | None) -> HttpServer:
     return HttpServer(Routes(metrics.registry, snapshots, ready, post), settings.web_host, settings.web_port,
                       settings.max_body_bytes)
 

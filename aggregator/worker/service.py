@@ -21,7 +21,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+
+from faust.types import TP
 
 from aggregator.config import Settings
 from aggregator.core.contract import CLICKS, BookEvent
@@ -59,7 +60,7 @@ class WorkerService:
         return self.started and not self.app.rebalancing and self.kafka.recovered()
 
     # -------------------------------------------------------------- hot path
-    def on_batch(self, tp: Any, records: Sequence[Record]) -> None:
+    def on_batch(self, tp: TP, records: Sequence[Record]) -> None:
         """One call per fetched batch of one partition; no await, no logging per record."""
         t0 = time.perf_counter()
         partition = tp.partition
@@ -144,7 +145,7 @@ class WorkerService:
     def _holding(self) -> bool:
         return self.throttle.hold and not self.app.rebalancing
 
-    async def _on_revoked(self, app: Any, revoked: set[Any], **kwargs: Any) -> None:
+    async def _on_revoked(self, app: object, revoked: set[TP], **kwargs: object) -> None:
         self.metrics.rebalanced()
         parts = [tp.partition for tp in revoked if tp.topic == CLICKS]
         if not parts:
