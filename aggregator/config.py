@@ -19,6 +19,8 @@ class Settings:
     window_seconds: float = field(default=60.0, metadata={"help": "tumbling window length"})
     grace_seconds: float = field(default=5.0, metadata={"help": "grace after a window end before it closes"})
     late_after_seconds: float = field(default=300.0, metadata={"help": "client ts older than this vs ingest time is late"})
+    max_ahead_seconds: float = field(default=5.0, metadata={"help": "ingest times further ahead of the worker's clock "
+                                                                   "are late (future_ts) and never move stream time"})
     region_idle_seconds: float = field(default=3600.0, metadata={"help": "regions seen within this get zero-count snapshots"})
     max_regions: int = field(default=1000, metadata={"help": "region cardinality cap; beyond it: __other__"})
     ingest_token: str = field(default="", metadata={"help": "bearer token required by POST /v1/events"})
@@ -44,6 +46,10 @@ class Settings:
     @property
     def late_after_ms(self) -> int:
         return int(self.late_after_seconds * 1000)
+
+    @property
+    def max_ahead_ms(self) -> int:
+        return int(self.max_ahead_seconds * 1000)
 
     @property
     def idle_ms(self) -> int:

@@ -19,7 +19,8 @@ OTHER_REGION = "__other__"  # what regions beyond AGG_MAX_REGIONS are counted as
 # --- late-bucket reasons (contract §1)
 CLOSED_WINDOW = "closed_window"
 CLIENT_DELAY = "client_delay"
-LATE_REASONS = (CLOSED_WINDOW, CLIENT_DELAY)
+FUTURE_TS = "future_ts"  # ingest time too far ahead of the worker's clock: never moves stream time
+LATE_REASONS = (CLOSED_WINDOW, CLIENT_DELAY, FUTURE_TS)
 
 # --- the ingest header
 # On every record the HTTP ingest writes to ``clicks``: ``<ingest_ts>`` or

@@ -21,7 +21,7 @@ at the end of a batch.  That is what makes replay after a crash exact.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aggregator.core.contract import CLIENT_DELAY, CLOSED_WINDOW, LATE_REASONS, OTHER_REGION, BookEvent, Snapshot
@@ -54,7 +54,7 @@ class WindowBook:
     __slots__ = (
         "window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions",
         "next_offset", "stream_time", "first_open", "close_at",
-        "counts", "late", "first_seen", "last_seen", "outbox", "dirty", "tally",
+        "counts", "late", "first_seen", "last_seen", "outbox", "dirty", "tally", "pending_late",
     )
 
     def __init__(self, window_ms: int, grace_ms: int, late_after_ms: int,
@@ -78,6 +78,8 @@ class WindowBook:
         self.dirty = False
         # region -> events counted into a window since the shell last took it (metrics)
         self.tally: dict[str, int] = {}
+        # region -> reason -> late events seen before the first event started stream time
+        self.pending_late: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ input
     def canonical_region(self, region: str) -> str:
@@ -137,6 +139,19 @@ class WindowBook:
         self.next_offset = next_offset
         self.dirty = True
 
+    def add_late(self, by_region: Mapping[str, int], reason: str) -> None:
+        """Late events that take no part in stream time (``future_ts``), by region: attached,
+        like every late event, to the window open at stream time; before the partition's
+        first event has started stream time, to the first window that opens then."""
+        for raw, n in by_region.items():
+            region = self.canonical_region(raw)
+            if self.close_at < 0:
+                pending = self.pending_late.setdefault(region, {})
+                pending[reason] = pending.get(reason, 0) + n
+            else:
+                self._add_late(region, reason, self.stream_time, n)
+        self.dirty = True
+
     def advance_to(self, now_ms: int) -> bool:
         """Move stream time to the wall clock (partition caught up).
 
@@ -155,8 +170,13 @@ class WindowBook:
         self.stream_time = st
         self.first_open = first_open_window(st, self.window_ms, self.grace_ms)
         self.close_at = self.first_open + self.window_ms + self.grace_ms
+        if self.pending_late:
+            for region, by_reason in self.pending_late.items():
+                for reason, n in by_reason.items():
+                    self._add_late(region, reason, st, n)
+            self.pending_late = {}
 
-    def _add_late(self, region: str, reason: str, st: int) -> None:
+    def _add_late(self, region: str, reason: str, st: int, n: int = 1) -> None:
         ws = st - st % self.window_ms
         per_window = self.late.get(ws)
         if per_window is None:
@@ -164,7 +184,7 @@ class WindowBook:
         per_region = per_window.get(region)
         if per_region is None:
             per_region = per_window[region] = {}
-        per_region[reason] = per_region.get(reason, 0) + 1
+        per_region[reason] = per_region.get(reason, 0) + n
 
     def _close_through(self, st: int, now_ms: int) -> None:
         """Close every window that stream time ``st`` has passed."""
@@ -243,6 +263,7 @@ class WindowBook:
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
             "outbox": self.outbox,
+            **({"pending_late": self.pending_late} if self.pending_late else {}),
         }
 
     def load(self, d: dict[str, Any]) -> None:
@@ -256,4 +277,5 @@ class WindowBook:
         self.first_seen = dict(d["first_seen"])
         self.last_seen = dict(d["last_seen"])
         self.outbox = list(d["outbox"])
+        self.pending_late = {r: dict(x) for r, x in d.get("pending_late", {}).items()}
         self.dirty = False

@@ -9,11 +9,11 @@ counted by reason and, when asked, queued as a dead letter.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import orjson
 
-from aggregator.core.contract import INGEST_HEADER, Event, parse_ingest_header
+from aggregator.core.contract import FUTURE_TS, INGEST_HEADER, Event, parse_ingest_header
 from aggregator.core.events import EventError, normalise_region, parse_client_ts
 
 LOG_APPEND_TIME = 1
@@ -21,6 +21,15 @@ CACHE_MAX = 100_000  # spellings remembered per cache: a producer of ever new re
 DLQ_RAW_MAX = 65_536  # bytes of a rejected record's value kept in its dead letter
 
 DeadLetter = tuple[bytes | None, bytes]  # (key, JSON value) for the dead-letter topic
+
+
+class Decoded(NamedTuple):
+    """What one batch decodes to (one per batch, not per record)."""
+
+    events: list[Event]
+    offsets: list[int]  # of the events, when asked for
+    rejected: dict[str, int]  # by reason
+    future: dict[str, int]  # events with an ingest time too far ahead, by region
 
 
 class Record(Protocol):
@@ -48,11 +57,15 @@ class RecordDecoder:
         self.keys: dict[bytes, str] = {}  # record key -> region, for ingest's records
 
     def decode(self, records: Sequence[Record], now_ms: int, partition: int, want_offsets: bool,
-               dead: list[DeadLetter] | None) -> tuple[list[Event], list[int], dict[str, int]]:
-        """-> ``(events, their offsets (if asked), rejected counts by reason)``.
+               dead: list[DeadLetter] | None, max_ts: int) -> Decoded:
+        """-> ``(events, their offsets (if asked), rejected counts by reason, future events
+        by region)``.
 
         ``ingest_ts`` is the header's, else the value's, else the broker's log-append time,
-        else ``now_ms`` (the time the worker read it)."""
+        else ``now_ms`` (the time the worker read it).  An event whose ``ingest_ts`` is
+        after ``max_ts`` (the worker's clock plus AGG_MAX_AHEAD_SECONDS) is not an event to
+        place: it is counted by region as ``future`` (late, reason ``future_ts``) and
+        dead-lettered, so that one bad clock cannot move stream time ahead."""
         loads = orjson.loads
         valid = self.regions
         keys = self.keys
@@ -61,6 +74,7 @@ class RecordDecoder:
         append = events.append
         offsets: list[int] = []
         rejected: dict[str, int] = {}
+        future: dict[str, int] = {}
         for rec in records:
             hs = rec.headers
             if hs and hs[0][0] == header_name:
@@ -73,6 +87,9 @@ class RecordDecoder:
                     except (ValueError, TypeError):
                         pass  # not what ingest writes: the value decides
                     else:
+                        if its > max_ts:
+                            self._future(region, its, max_ts, future, dead, partition, rec)
+                            continue
                         append((region, its, cts))
                         if want_offsets:
                             offsets.append(rec.offset)
@@ -96,10 +113,22 @@ class RecordDecoder:
                 if dead is not None:
                     dead.append((rec.key, dead_letter(reason, exc, partition, rec.offset, rec.value)))
                 continue
+            if its > max_ts:
+                self._future(region, its, max_ts, future, dead, partition, rec)
+                continue
             append((region, its, cts))
             if want_offsets:
                 offsets.append(rec.offset)
-        return events, offsets, rejected
+        return Decoded(events, offsets, rejected, future)
+
+    @staticmethod
+    def _future(region: str, its: int, max_ts: int, future: dict[str, int], dead: list[DeadLetter] | None,
+                partition: int, rec: Record) -> None:
+        future[region] = future.get(region, 0) + 1
+        if dead is not None:
+            exc = EventError(FUTURE_TS, f"ingest_ts {its} is {its - max_ts} ms past the worker's clock + "
+                                        "AGG_MAX_AHEAD_SECONDS")
+            dead.append((rec.key, dead_letter(FUTURE_TS, exc, partition, rec.offset, rec.value)))
 
     def _key_region(self, key: bytes | None) -> str | None:
         """The region of a record key that is a valid region in its normalised spelling

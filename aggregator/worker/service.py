@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from faust.types import TP
 
 from aggregator.config import Settings
-from aggregator.core.contract import CLICKS, BookEvent
+from aggregator.core.contract import CLICKS, FUTURE_TS, BookEvent
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
@@ -51,6 +51,7 @@ class WorkerService:
                              settings.max_regions)
         self.partitions = Partitions(books, settings.spill_path, kafka.stored_state, metrics)
         self.checkpointer = Checkpointer(lambda: app.producer, kafka.write_state, kafka.mark_safe, metrics, sinks)
+        self.max_ahead_ms = settings.max_ahead_ms
         self.wake = asyncio.Event()  # set when snapshots wait to be published
         self.started = False
         kafka.wire(self.on_batch, self._holding, self._ticks, self._on_revoked)
@@ -79,13 +80,13 @@ class WorkerService:
         if records[0].offset < start:
             # already applied (counted or spilled) before a crash: never count twice
             if spill.ledger.rebuild:
-                rebuild_replay(p, self.decoder, records, start, now_ms)
+                rebuild_replay(p, self.decoder, records, start, now_ms, now_ms + self.max_ahead_ms)
             records = skip_applied(records, start)
             if not records:
                 return
         throttle = self.throttle
-        events, offsets, rejected = self.decoder.decode(records, now_ms, partition, throttle.limiting,
-                                                        self.checkpointer.dead)
+        events, offsets, rejected, future = self.decoder.decode(
+            records, now_ms, partition, throttle.limiting, self.checkpointer.dead, now_ms + self.max_ahead_ms)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
         batch: Sequence[BookEvent] = events
@@ -94,6 +95,8 @@ class WorkerService:
             batch, n_window = throttle.limit(p, events, offsets, self.partitions)
         t2 = time.perf_counter()
         book.apply(batch, last + 1, now_ms)
+        if future:
+            book.add_late(future, FUTURE_TS)
         if book.outbox:
             self.wake.set()
         self.metrics.batch_windowed(n_window, time.perf_counter() - t2)

@@ -80,7 +80,7 @@ class Throttle:
 
 
 def rebuild_replay(p: PartitionState, decoder: RecordDecoder, records: Sequence[Record], start: int,
-                   now_ms: int) -> None:
+                   now_ms: int, max_ts: int) -> None:
     """Replay of records before the state's offset while spill files are lost:
     re-spill the undrained events of the regions being rebuilt."""
     spill = p.spill
@@ -90,7 +90,8 @@ def rebuild_replay(p: PartitionState, decoder: RecordDecoder, records: Sequence[
              records[0].offset, records[-1].offset, start, lows, rebuild)
     replay = records[:bisect_left(records, start, key=_offset)]
     # bad records went to the dead-letter topic the first time: not again
-    events, offsets, _ = decoder.decode(replay, now_ms, p.partition, True, None)
+    # events that were too far ahead were late the first time: never re-spilled
+    events, offsets, _, _ = decoder.decode(replay, now_ms, p.partition, True, None, max_ts)
     for (region, its, cts), offset in zip(events, offsets, strict=True):
         if region in rebuild and offset >= lows[region]:
             spill.rebuild_add(region, offset, its, cts)

@@ -4,7 +4,7 @@ from aggregator.core.snapshots import SnapshotStore
 
 def snap(region, ws, count, emitted_at=0):
     return {"region": region, "window_start": ws, "window_end": ws + 2000, "count": count, "late": 0,
-            "late_by_reason": {"closed_window": 0, "client_delay": 0}, "emitted_at": emitted_at}
+            "late_by_reason": {"closed_window": 0, "client_delay": 0, "future_ts": 0}, "emitted_at": emitted_at}
 
 
 def test_identical_republication_listed_once_and_a_different_one_kept():

@@ -1,6 +1,7 @@
 """The pure window logic of docs/contract.md §1."""
 import orjson
 
+from aggregator.core.contract import FUTURE_TS
 from aggregator.core.windows import CLIENT_DELAY, CLOSED_WINDOW, OTHER_REGION, WindowBook, first_open_window, window_start
 
 W, G, LATE, IDLE = 60_000, 5_000, 300_000, 3_600_000
@@ -63,7 +64,7 @@ def test_event_within_grace_is_counted_in_its_window_and_after_grace_is_late():
     nxt = got[("eu", T0 + W)]
     assert nxt["count"] == 2
     assert nxt["late"] == 1
-    assert nxt["late_by_reason"] == {CLOSED_WINDOW: 1, CLIENT_DELAY: 0}
+    assert nxt["late_by_reason"] == {CLOSED_WINDOW: 1, CLIENT_DELAY: 0, FUTURE_TS: 0}
 
 
 def test_client_delay_goes_to_late_bucket_not_to_a_window():
@@ -76,7 +77,7 @@ def test_client_delay_goes_to_late_bucket_not_to_a_window():
     s = snaps_by_key(b)[("eu", T0)]
     assert s["count"] == 2
     assert s["late"] == 1
-    assert s["late_by_reason"] == {CLOSED_WINDOW: 0, CLIENT_DELAY: 1}
+    assert s["late_by_reason"] == {CLOSED_WINDOW: 0, CLIENT_DELAY: 1, FUTURE_TS: 0}
 
 
 def test_quiet_region_window_closes_on_time_with_wall_clock_and_zero_counts():
@@ -163,3 +164,31 @@ def test_state_round_trips_through_json_and_keeps_counting():
         x.apply([("eu", T0 + W + 3, None)], 18, 6)
         x.advance_to(T0 + 3 * W)
     assert restored.outbox == b.outbox
+
+
+def test_future_late_events_never_move_stream_time_and_land_in_the_open_window():
+    b = book()
+    b.apply([("eu", T0 + 1000, None)], 1, 0)
+    b.add_late({"eu": 2, "us": 1}, FUTURE_TS)
+    assert b.stream_time == T0 + 1000 and b.dirty
+    b.apply([("eu", T0 + 2000, None)], 2, 0)
+    b.advance_to(T0 + W + G + 1)
+    s = snaps_by_key(b)
+    assert s[("eu", T0)]["count"] == 2
+    assert s[("eu", T0)]["late_by_reason"] == {CLOSED_WINDOW: 0, CLIENT_DELAY: 0, FUTURE_TS: 2}
+    assert s[("us", T0)]["count"] == 0 and s[("us", T0)]["late"] == 1
+
+
+def test_future_late_events_before_the_first_event_wait_for_stream_time_and_survive_a_restart():
+    b = book()
+    b.add_late({"eu": 3}, FUTURE_TS)  # the partition's first records were all a day ahead
+    restored = book()
+    restored.load(orjson.loads(orjson.dumps(b.to_dict())))
+    for x in (b, restored):
+        x.apply([("eu", T0 + 5 * W + 10, None)], 4, 0)  # stream time starts long after the wall clock did
+        x.advance_to(T0 + 6 * W + G + 1)
+        s = snaps_by_key(x)[("eu", T0 + 5 * W)]
+        assert (s["count"], s["late_by_reason"][FUTURE_TS]) == (1, 3)
+        assert x.pending_late == {}
+    assert restored.outbox == b.outbox
+    assert "pending_late" not in b.to_dict()  # the common state record stays as it was

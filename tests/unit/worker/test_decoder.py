@@ -11,12 +11,13 @@ from aggregator.worker.decoder import CACHE_MAX, RecordDecoder
 from tests.unit.worker.records import fetched
 
 NOW = 5_000_000
+MAX_TS = NOW + 5_000
 
 
 def test_ingest_records_are_taken_from_key_and_header_without_reading_the_value():
     recs = fetched([(b"eu", b"not json at all", ingest_header(1_000, None)),
                     (b"us", b"", ingest_header(2_000, 1_500))], base=40)
-    events, offsets, rejected = RecordDecoder().decode(recs, NOW, 0, True, [])
+    events, offsets, rejected = RecordDecoder().decode(recs, NOW, 0, True, [], MAX_TS)[:3]
     assert events == [("eu", 1_000, None), ("us", 2_000, 1_500)]
     assert offsets == [40, 41]
     assert rejected == {}
@@ -25,17 +26,18 @@ def test_ingest_records_are_taken_from_key_and_header_without_reading_the_value(
 def test_a_header_ingest_did_not_write_falls_back_to_the_value():
     recs = fetched([(b"eu", b'{"region": "EU", "ingest_ts": 7}', [(INGEST_HEADER, b"garbage")]),
                     (b"EU", b'{"region": "eu", "ingest_ts": 8}', ingest_header(9, None))])  # key not normalised
-    events, _, _ = RecordDecoder().decode(recs, NOW, 0, False, None)
+    events, _, _ = RecordDecoder().decode(recs, NOW, 0, False, None, MAX_TS)[:3]
     assert events == [("eu", 7, None), ("eu", 8, None)]
 
 
 def test_value_records_take_ingest_ts_from_value_then_log_append_time_then_the_clock():
     value = [(b"eu", b'{"region": "Eu-West", "ingest_ts": 123, "ts": "1970-01-01T00:00:01Z"}', []),
              (None, b'{"region": "eu-west"}', [])]
-    events, offsets, _ = RecordDecoder().decode(fetched(value, timestamp=9_000), NOW, 0, False, None)
+    events, offsets, _ = RecordDecoder().decode(fetched(value, timestamp=9_000), NOW, 0, False, None, MAX_TS)[:3]
     assert events == [("eu-west", 123, 1_000), ("eu-west", NOW, None)]  # create time: not used
     assert offsets == []  # not asked for
-    events, _, _ = RecordDecoder().decode(fetched(value, timestamp=9_000, log_append=True), NOW, 0, False, None)
+    events, _, _ = RecordDecoder().decode(fetched(value, timestamp=9_000, log_append=True), NOW, 0, False, None,
+                                          MAX_TS)[:3]
     assert events == [("eu-west", 123, 1_000), ("eu-west", 9_001, None)]  # the batch's append time
 
 
@@ -47,7 +49,7 @@ def test_bad_records_are_counted_by_reason_and_dead_lettered_with_what_they_were
                     (None, b'{"region": "eu"}', []),
                     (None, None, [])], base=10)
     dead: list = []
-    events, offsets, rejected = RecordDecoder().decode(recs, NOW, 3, True, dead)
+    events, offsets, rejected = RecordDecoder().decode(recs, NOW, 3, True, dead, MAX_TS)[:3]
     assert events == [("eu", NOW, None)] and offsets == [14]
     assert rejected == {"undecodable": 2, "bad_ingest_ts": 1, "bad_region": 1, "bad_ts": 1}
     letters = [(k, orjson.loads(v)) for k, v in dead]
@@ -59,7 +61,7 @@ def test_bad_records_are_counted_by_reason_and_dead_lettered_with_what_they_were
 
 
 def test_no_dead_letters_when_not_asked():
-    events, _, rejected = RecordDecoder().decode(fetched([(None, b"[]", [])]), NOW, 0, False, None)
+    events, _, rejected = RecordDecoder().decode(fetched([(None, b"[]", [])]), NOW, 0, False, None, MAX_TS)[:3]
     assert events == [] and rejected == {"undecodable": 1}
 
 
@@ -77,14 +79,14 @@ def test_http_ingest_and_kafka_direct_records_agree_on_the_region(raw):
     http = good[0]["region"] if good else None
     # a record produced straight to Kafka with the region in its value, keyed as a producer would
     decoder = RecordDecoder()
-    events, _, kafka_reasons = decoder.decode(
-        fetched([(raw.encode(), orjson.dumps({"region": raw}), [])]), NOW, 0, False, [])
+    events, _, kafka_reasons, _ = decoder.decode(
+        fetched([(raw.encode(), orjson.dumps({"region": raw}), [])]), NOW, 0, False, [], MAX_TS)
     kafka = events[0][0] if events else None
     assert kafka == http
     assert kafka_reasons == http_reasons
     # and with ingest's header on a key that spells it raw: only a normalised key is taken as is
-    events, _, _ = decoder.decode(fetched([(raw.encode(), orjson.dumps({"region": raw}),
-                                            ingest_header(1, None))]), NOW, 0, False, [])
+    events = decoder.decode(fetched([(raw.encode(), orjson.dumps({"region": raw}), ingest_header(1, None))]),
+                            NOW, 0, False, [], MAX_TS).events
     assert (events[0][0] if events else None) == http
     if raw == "\u212a":
         assert http is None  # the Kelvin sign is no "k"
@@ -94,7 +96,27 @@ def test_region_caches_are_bounded():
     decoder = RecordDecoder()
     decoder.regions.update({f"r{i}": f"r{i}" for i in range(CACHE_MAX)})
     decoder.keys.update({b"r%d" % i: f"r{i}" for i in range(CACHE_MAX)})
-    events, _, _ = decoder.decode(fetched([(b"new", b'{"region": "NEW"}', ingest_header(1, None))]), NOW, 0,
-                                  False, None)
+    events = decoder.decode(fetched([(b"new", b'{"region": "NEW"}', ingest_header(1, None))]), NOW, 0,
+                            False, None, MAX_TS).events
     assert events == [("new", 1, None)]
     assert len(decoder.regions) == len(decoder.keys) == CACHE_MAX
+
+
+def test_ingest_times_past_the_bound_are_future_late_and_dead_lettered_not_events():
+    day = 86_400_000
+    recs = fetched([(b"eu", b'{"region": "eu"}', ingest_header(NOW + day, None)),   # ingest's header, a day ahead
+                    (None, b'{"region": "eu", "ingest_ts": %d}' % (NOW + day), []),  # a value a day ahead
+                    (None, b'{"region": "us"}', []),                                  # broker time a day ahead
+                    (b"eu", b"{}", ingest_header(MAX_TS, None)),                      # on the bound: an event
+                    (None, b'{"region": "us", "ingest_ts": %d}' % NOW, [])], base=7, timestamp=NOW + day,
+                   log_append=True)
+    dead: list = []
+    out = RecordDecoder().decode(recs, NOW, 2, True, dead, MAX_TS)
+    assert out.events == [("eu", MAX_TS, None), ("us", NOW, None)]
+    assert out.offsets == [10, 11]
+    assert out.future == {"eu": 2, "us": 1}
+    assert out.rejected == {}
+    letters = [orjson.loads(v) for _, v in dead]
+    assert [(d["reason"], d["offset"], d["partition"]) for d in letters] == [
+        ("future_ts", 7, 2), ("future_ts", 8, 2), ("future_ts", 9, 2)]
+    assert "AGG_MAX_AHEAD_SECONDS" in letters[0]["error"]
