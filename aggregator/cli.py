@@ -4,15 +4,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
 import signal
 import sys
 import time
 
 from aggregator import config, roles
-from aggregator.broker import BrokerError, EmbeddedBroker, ensure_topics
+from aggregator.broker import BrokerError, EmbeddedBroker, ensure_topics, partition_counts
+from aggregator.core.contract import APP_ID, CLICKS, STATE_CHANGELOG
+from aggregator.dirlock import DirInUse, DirLock, lock_dirs
 from aggregator.logs import setup_logging
 
+HELD_LOCKS: list[DirLock] = []  # the local state directories this process owns
 ROUTES = {
     "all": "POST /v1/events, GET /metrics, /v1/snapshots, /healthz, /readyz",
     "ingest": "POST /v1/events, GET /metrics, /healthz, /readyz",
@@ -56,6 +58,12 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
               "is not shared; start one with `aggregator broker`, or use a Kafka cluster", file=sys.stderr)
         return 2
     tune_gc()
+    if settings.role != "ingest":  # the ingest role keeps nothing on disk
+        try:
+            HELD_LOCKS.extend(lock_dirs(settings.data_dir, settings.spill_path))  # until the process exits
+        except (DirInUse, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if not settings.broker:
         broker = start_embedded_broker(settings)
         if broker is None:
@@ -65,11 +73,12 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
     try:
         try:
             asyncio.run(ensure_topics(settings.bootstrap(), settings.partitions))
+            problem = check_partitions(settings)
         except BrokerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            problem = str(exc)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
             return 2
-        if settings.role != "ingest":
-            os.makedirs(settings.data_dir, exist_ok=True)
         print(f"aggregator{'' if settings.role == 'all' else f' ({settings.role})'}: HTTP on "
               f"http://{settings.web_host}:{settings.web_port} ({ROUTES[settings.role]})", flush=True)
         roles.run(settings, print_snapshots=args.print_snapshots)  # exits by SystemExit
@@ -77,6 +86,27 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
     finally:
         if broker:
             broker.stop()
+
+
+def check_partitions(settings: config.Settings) -> str | None:
+    """Adopt the partition count ``clicks`` really has (it may have been created by someone
+    else, or grown); refuse (a message) when the window state's changelog has another count:
+    its records are keyed by partition of ``clicks``."""
+    counts = asyncio.run(partition_counts(settings.bootstrap(), [CLICKS, STATE_CHANGELOG]))
+    clicks = counts.get(CLICKS)
+    if clicks is None:
+        return f"topic {CLICKS} has no partitions on {settings.bootstrap()}"
+    if clicks != settings.partitions:
+        print(f"note: {CLICKS} has {clicks} partitions (AGG_PARTITIONS is {settings.partitions}): using {clicks}",
+              flush=True)
+        settings.partitions = clicks
+    changelog = counts.get(STATE_CHANGELOG)
+    if settings.role != "ingest" and changelog is not None and changelog != clicks:
+        return (f"{STATE_CHANGELOG} has {changelog} partitions but {CLICKS} has {clicks}: the window state is "
+                f"kept per partition of {CLICKS}, so the two must match; give {CLICKS} back {changelog} "
+                "partitions, or start from new state (delete the changelog topic and the consumer group "
+                f"{APP_ID}) after every window has been published")
+    return None
 
 
 # CPython collects its youngest generation every 700 net container allocations, the

@@ -46,3 +46,16 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30) -> N
             except Exception:  # noqa: BLE001
                 pass
     raise BrokerError(f"cannot reach broker {bootstrap} to create topics: {last}")
+
+
+async def partition_counts(bootstrap: str, topics: list[str]) -> dict[str, int]:
+    """The number of partitions of each of ``topics`` that exists."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0 and t["partitions"]}

@@ -13,6 +13,12 @@ CLICKS = "clicks"
 DLQ = "clicks-dlq"
 SNAPSHOTS = "click-snapshots"
 
+# The worker's consumer group and the changelog topic of its window state (Faust names it
+# ``<app id>-<table>-changelog``); keyed by partition of ``clicks``, so it must have as many.
+APP_ID = "clickstream-aggregator"
+STATE_TABLE = "window-state"
+STATE_CHANGELOG = f"{APP_ID}-{STATE_TABLE}-changelog"
+
 # --- regions (contract §2)
 OTHER_REGION = "__other__"  # what regions beyond AGG_MAX_REGIONS are counted as
 

@@ -13,11 +13,9 @@ from typing import Any
 import faust
 
 from aggregator.config import Settings
-from aggregator.core.contract import CLICKS
+from aggregator.core.contract import APP_ID, CLICKS, STATE_TABLE
 from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport
 
-STATE_TABLE = "window-state"
-APP_ID = "clickstream-aggregator"  # the consumer group, and the prefix of the changelog topic
 FETCH_MAX_BYTES = 4 * 1024 * 1024  # per partition (Faust's default is 1 MiB): fewer, larger batches
 
 

@@ -1,0 +1,45 @@
+"""One process per state directory: flock, released when the holder goes away."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from aggregator.dirlock import DirInUse, DirLock, lock_dirs
+
+
+def test_a_second_lock_on_the_same_directory_is_refused_and_names_the_holder(tmp_path):
+    first = DirLock(tmp_path / "data").acquire()
+    with pytest.raises(DirInUse) as err:
+        DirLock(tmp_path / "data").acquire()
+    assert "in use by another aggregator process (pid " in str(err.value)
+    first.release()
+    DirLock(tmp_path / "data").acquire().release()  # free again
+
+
+def test_lock_dirs_takes_each_directory_once_and_gives_back_what_it_took_on_refusal(tmp_path):
+    data, spill = tmp_path / "d", tmp_path / "d" / "spill"
+    taken = lock_dirs(data, spill, data)
+    assert [lk.directory for lk in taken] == [data.resolve(), spill.resolve()]
+    other = DirLock(tmp_path / "other").acquire()
+    with pytest.raises(DirInUse):
+        lock_dirs(tmp_path / "fresh", tmp_path / "other")
+    DirLock(tmp_path / "fresh").acquire()  # the first one was released again
+    other.release()
+    for lk in taken:
+        lk.release()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    code = ("import sys, time; from aggregator.dirlock import DirLock; DirLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(DirInUse, match=f"pid {holder.pid}"):
+            DirLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs
+        holder.wait()
+    DirLock(tmp_path).acquire().release()
