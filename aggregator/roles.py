@@ -51,11 +51,13 @@ def run(settings: Settings, print_snapshots: bool = False) -> None:
         return
     import faust  # the ingest role runs without loading Faust
 
+    from aggregator.worker.history import SnapshotHistory
     from aggregator.worker.service import WorkerService
 
     store = SnapshotStore()
     sinks = [store.add, print_snapshot_table] if print_snapshots else [store.add]
     worker = WorkerService(settings, metrics, sinks)
+    services.append(SnapshotHistory(settings.bootstrap(), store))
     services.append(_http(settings, metrics, store, worker.ready, post))
     fw = faust.Worker(worker.app, *services, **options)
     fw.spinner = None  # a terminal spinner would print escape codes into our log lines

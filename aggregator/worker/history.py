@@ -1,0 +1,98 @@
+"""The snapshot view behind ``GET /v1/snapshots``, fed from ``click-snapshots``.
+
+A worker used to list only what it had published itself since it started: after a
+restart the windows published just before the crash were gone from the view, and with
+several workers each listed only its own partitions' regions.  ``SnapshotHistory`` reads
+the tail of ``click-snapshots`` at start (at most the store's size of the newest
+records) and then follows it, so every worker lists the recent snapshots of every
+region, across restarts.  What this process publishes is also added directly (no wait
+for the round trip); the store lists identical re-publications once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import mode
+import orjson
+
+from aggregator.core.contract import SNAPSHOTS
+from aggregator.core.snapshots import SnapshotStore
+
+log = logging.getLogger("aggregator.worker")
+RETRY_S = 1.0
+
+
+class SnapshotHistory(mode.Service):
+    mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
+
+    def __init__(self, bootstrap: str, store: SnapshotStore, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.bootstrap = bootstrap
+        self.store = store
+        self.loaded = False  # the tail that existed at start has been read
+        self._task: asyncio.Task[None] | None = None
+
+    async def on_start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def on_stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self._read()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - broker away: the view waits, the rest goes on
+                log.warning("snapshot history: cannot read %s (%r); retrying", SNAPSHOTS, exc)
+            await asyncio.sleep(RETRY_S)
+
+    async def _read(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            await consumer.topics()  # fetches the cluster's metadata
+            parts = consumer.partitions_for_topic(SNAPSHOTS)
+            if not parts:
+                raise RuntimeError(f"{SNAPSHOTS} has no partitions yet")
+            tps = [TopicPartition(SNAPSHOTS, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            begins = await consumer.beginning_offsets(tps)
+            keep = max(1, (self.store.items.maxlen or 1) // len(tps))
+            for tp in tps:
+                consumer.seek(tp, max(begins[tp], ends[tp] - keep))
+            while True:
+                batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
+                for recs in batch.values():
+                    snaps = []
+                    for rec in recs:
+                        try:
+                            snaps.append(orjson.loads(rec.value))
+                        except (orjson.JSONDecodeError, TypeError):
+                            continue  # not ours: nothing to list
+                    self.store.add(snaps)
+                if not self.loaded and await self._caught_up(consumer, ends):
+                    self.loaded = True
+                    log.info("snapshot history: %d recent snapshots loaded from %s", len(self.store.items),
+                             SNAPSHOTS)
+        finally:
+            await consumer.stop()
+
+    @staticmethod
+    async def _caught_up(consumer: Any, ends: dict[Any, int]) -> bool:
+        for tp, end in ends.items():
+            if await consumer.position(tp) < end:
+                return False
+        return True
