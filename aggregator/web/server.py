@@ -40,7 +40,8 @@ class NoSnapshots:
 
 class Routes:
     def __init__(self, registry: CollectorRegistry, snapshots: SnapshotSource, ready: Callable[[], bool],
-                 post_events: Handler | None) -> None:
+                 post_events: Handler | None, notes: dict[str, str] | None = None) -> None:
+        self.notes = notes or {}  # shown in every /readyz answer
         self.registry = registry
         self.snapshots = snapshots
         self.ready = ready
@@ -66,8 +67,8 @@ class Routes:
 
     async def readyz(self, request: web.Request) -> web.Response:
         if self.ready():
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "starting"}, status=503)
+            return web.json_response({"status": "ready", **self.notes})
+        return web.json_response({"status": "starting", **self.notes}, status=503)
 
     async def get_metrics(self, request: web.Request) -> web.Response:
         if "application/openmetrics-text" in request.headers.get("Accept", ""):

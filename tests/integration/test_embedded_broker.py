@@ -37,3 +37,50 @@ def test_a_broker_that_fails_to_start_says_why(monkeypatch):
     assert "exited with 1" in str(err.value)
     assert "UnsupportedStorageUrl" in str(err.value)  # its stderr, read back from the file
     assert b.proc is None and b.stderr is None  # nothing left open
+
+
+def test_a_killed_service_leaves_no_orphan_broker_and_says_it_keeps_nothing(tmp_path):
+    """``aggregator run`` without AGG_BROKER, SIGKILLed alone (its broker runs in a session of
+    its own, so no group kill reaches it): the broker dies with it and frees the port."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import orjson
+
+    from tests.conftest import REPO
+    from tools.harness import free_port, http
+
+    broker_port, web_port = free_port(), free_port()
+    env = dict(os.environ, AGG_BROKER_PORT=str(broker_port), AGG_WEB_PORT=str(web_port),
+               AGG_DATA_DIR=str(tmp_path), AGG_SESSION_TIMEOUT="6")
+    env.pop("AGG_BROKER", None)
+    with open(tmp_path / "service.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "aggregator", "run"], env=env, cwd=str(REPO),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def ready():
+            try:
+                status, _, body = http("GET", f"http://127.0.0.1:{web_port}/readyz", timeout=1)
+            except OSError:
+                return None
+            return orjson.loads(body) if status == 200 else None
+
+        body = wait_for(ready, 60, what="the service to be ready")
+        assert "in memory" in body["broker"] and "restart starts from nothing" in body["broker"]
+        assert "restart starts from nothing" in (tmp_path / "service.log").read_text()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        t0 = time.monotonic()
+
+        def port_free():
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", broker_port)) != 0
+
+        wait_for(port_free, 10, what="the orphaned broker to go")
+        print(f"broker gone {time.monotonic() - t0:.2f}s after its service")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
