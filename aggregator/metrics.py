@@ -75,6 +75,9 @@ class Metrics:
                                   "Partitions whose window state was recovered from the changelog", registry=r)
         self._assigned = Gauge("clickstream_assigned_partitions", "Partitions of clicks this worker counts",
                                registry=r)
+        self._broker_reachable = Gauge("clickstream_broker_reachable",
+                                       "1 while a bootstrap address of the broker accepts connections (probed "
+                                       "every second)", registry=r)
         self._snapshots_published = Counter("clickstream_snapshots_published", "Final snapshots published",
                                             registry=r)
         for kind in SPILL_FAULTS:
@@ -164,6 +167,9 @@ class Metrics:
 
     def assigned(self, n: int) -> None:
         self._assigned.set(n)
+
+    def broker_reachable(self, up: bool) -> None:
+        self._broker_reachable.set(1 if up else 0)
 
     def rebalanced(self) -> None:
         self._rebalances.inc()

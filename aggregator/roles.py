@@ -22,6 +22,7 @@ from typing import Any
 
 import mode
 
+from aggregator.broker.probe import BrokerProbe
 from aggregator.config import Settings
 from aggregator.core.contract import Snapshot
 from aggregator.core.snapshots import SnapshotStore
@@ -35,7 +36,8 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     """Run the role of ``settings`` until a signal stops it (raises SystemExit); ``notes`` are
     shown in every ``/readyz`` answer (e.g. that the embedded broker keeps nothing)."""
     metrics = Metrics()
-    services: list[mode.Service] = []
+    probe = BrokerProbe(settings.bootstrap(), metrics.broker_reachable)
+    services: list[mode.Service] = [probe]
     post: Handler | None = None
     producer: IngestProducer | None = None
     if settings.role in ("all", "ingest"):
@@ -47,7 +49,8 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     if settings.role == "ingest":
         assert producer is not None
         ingest = producer
-        services.append(_http(settings, metrics, NoSnapshots(), lambda: ingest.ready, post, notes))
+        services.append(_http(settings, metrics, NoSnapshots(), probe,
+                              lambda: None if ingest.ready else "connecting to the broker", post, notes))
         mode.Worker(*services, **options).execute_from_commandline()
         return
     import faust  # the ingest role runs without loading Faust
@@ -59,15 +62,18 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     sinks = [store.add, print_snapshot_table] if print_snapshots else [store.add]
     worker = WorkerService(settings, metrics, sinks)
     services.append(SnapshotHistory(settings.bootstrap(), store))
-    services.append(_http(settings, metrics, store, worker.ready, post, notes))
+    services.append(_http(settings, metrics, store, probe, worker.not_ready, post, notes))
     fw = faust.Worker(worker.app, *services, **options)
     fw.spinner = None  # a terminal spinner would print escape codes into our log lines
     fw.execute_from_commandline()
 
 
-def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, ready: Callable[[], bool],
-          post: Handler | None, notes: dict[str, str] | None) -> HttpServer:
-    return HttpServer(Routes(metrics.registry, snapshots, ready, post, notes), settings.web_host, settings.web_port,
+def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, probe: BrokerProbe,
+          not_ready: Callable[[], str | None], post: Handler | None, notes: dict[str, str] | None) -> HttpServer:
+    def why() -> str | None:
+        return "broker unreachable" if not probe.reachable else not_ready()
+
+    return HttpServer(Routes(metrics.registry, snapshots, why, post, notes), settings.web_host, settings.web_port,
                       settings.max_body_bytes)
 
 

@@ -2,8 +2,8 @@
 
 What they serve comes in through small interfaces, so this module knows neither the
 ingest nor the worker: a handler for ``POST /v1/events`` (None: this process does not
-serve ingest), a source of recent snapshots, a readiness callable and the metrics
-registry.  The server is a ``mode.Service``: started before, and stopped after, the
+serve ingest), a source of recent snapshots, a callable that says why the process is
+not ready (None: it is) and the metrics registry.  The server is a ``mode.Service``: started before, and stopped after, the
 parts it serves (stopping finishes the requests in flight).
 """
 from __future__ import annotations
@@ -39,12 +39,12 @@ class NoSnapshots:
 
 
 class Routes:
-    def __init__(self, registry: CollectorRegistry, snapshots: SnapshotSource, ready: Callable[[], bool],
+    def __init__(self, registry: CollectorRegistry, snapshots: SnapshotSource, not_ready: Callable[[], str | None],
                  post_events: Handler | None, notes: dict[str, str] | None = None) -> None:
         self.notes = notes or {}  # shown in every /readyz answer
         self.registry = registry
         self.snapshots = snapshots
-        self.ready = ready
+        self.not_ready = not_ready  # why this process is not ready, or None when it is
         self.post_events = post_events or self.no_ingest
 
     def app(self, max_body_bytes: int) -> web.Application:
@@ -66,9 +66,10 @@ class Routes:
         return web.json_response({"status": "alive"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        if self.ready():
+        reason = self.not_ready()
+        if reason is None:
             return web.json_response({"status": "ready", **self.notes})
-        return web.json_response({"status": "starting", **self.notes}, status=503)
+        return web.json_response({"status": "not ready", "reason": reason, **self.notes}, status=503)
 
     async def get_metrics(self, request: web.Request) -> web.Response:
         if "application/openmetrics-text" in request.headers.get("Accept", ""):

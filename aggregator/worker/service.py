@@ -57,8 +57,18 @@ class WorkerService:
         kafka.wire(self.on_batch, self._holding, self._ticks, self._on_revoked)
 
     # ------------------------------------------------------------ readiness
+    def not_ready(self) -> str | None:
+        """Why the worker cannot count yet (None: it can)."""
+        if not self.started:
+            return "starting"
+        if not self.kafka.recovered():
+            return "recovering window state from the changelog"
+        if self.app.rebalancing:
+            return "consumer group rebalancing"
+        return None
+
     def ready(self) -> bool:
-        return self.started and not self.app.rebalancing and self.kafka.recovered()
+        return self.not_ready() is None
 
     # -------------------------------------------------------------- hot path
     def on_batch(self, tp: TP, records: Sequence[Record]) -> None:

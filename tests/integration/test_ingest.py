@@ -204,5 +204,10 @@ def test_broker_down_is_503_with_retry_after(stoppable_broker, tmp_path):
         status, hdrs, _ = svc.post([{"region": "down"}])
         print(f"second 503 after {time.monotonic() - t0:.1f}s")
         assert status == 503 and "Retry-After" in hdrs
+        # /readyz says why (it answered 200 through an outage before), and /metrics answers too
+        status, _, body = http("GET", svc.url + "/readyz")
+        assert status == 503 and json.loads(body)["reason"] == "broker unreachable", body
+        status, _, body = http("GET", svc.url + "/metrics")
+        assert status == 200 and b"clickstream_broker_reachable 0.0" in body
     finally:
         svc.kill()

@@ -51,6 +51,7 @@ EXTRA_METRICS = {
     "clickstream_rebalances_total": "counter",
     "clickstream_state_recovered_partitions_total": "counter",
     "clickstream_assigned_partitions": "gauge",
+    "clickstream_broker_reachable": "gauge",
 }
 KNOWN_METRICS = {**CONTRACT_METRICS, **EXTRA_METRICS}
 HISTOGRAMS = {n for n, t in KNOWN_METRICS.items() if t == "histogram"}
@@ -67,6 +68,7 @@ EXPECTED_ALERTS = {
     "ClickstreamConsumerLagHigh",
     "ClickstreamWorkerDown",
     "ClickstreamSpillBackpressure",
+    "ClickstreamBrokerUnreachable",
 }
 
 METRIC_RE = re.compile(r"\b(?:clickstream|pipeline_stage)_\w+")
@@ -318,6 +320,7 @@ def test_alert_expressions(alert_rules):
     assert "rate(clickstream_rejected_events_total[" in exprs["ClickstreamDeadLetterRate"]
     assert "clickstream_consumer_lag" in exprs["ClickstreamConsumerLagHigh"]
     assert exprs["ClickstreamWorkerDown"] == 'up{job="clickstream"} == 0'
+    assert exprs["ClickstreamBrokerUnreachable"] == "min by (instance) (clickstream_broker_reachable) == 0"
 
 
 def test_alert_rules_use_only_contract_metrics_and_bounded_labels(alert_rules):
