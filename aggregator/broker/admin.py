@@ -49,13 +49,17 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30) -> N
 
 
 async def partition_counts(bootstrap: str, topics: list[str]) -> dict[str, int]:
-    """The number of partitions of each of ``topics`` that exists."""
+    """The number of partitions of each of ``topics`` that exists.  Asks for every topic's
+    metadata: a metadata request naming a topic makes brokers with automatic topic
+    creation (the embedded one) create it."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
     await admin.start()
     try:
-        described = await admin.describe_topics(topics)
+        described = await admin.describe_topics(None)
     finally:
         await admin.close()
-    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0 and t["partitions"]}
+    wanted = set(topics)
+    return {t["topic"]: len(t["partitions"]) for t in described
+            if t["topic"] in wanted and t["error_code"] == 0 and t["partitions"]}
