@@ -17,6 +17,7 @@ from typing import Any
 import mode
 import orjson
 
+from aggregator.broker.admin import partition_counts
 from aggregator.core.contract import SNAPSHOTS
 from aggregator.core.snapshots import SnapshotStore
 
@@ -62,11 +63,10 @@ class SnapshotHistory(mode.Service):
                                     auto_offset_reset="earliest")
         await consumer.start()
         try:
-            await consumer.topics()  # fetches the cluster's metadata
-            parts = consumer.partitions_for_topic(SNAPSHOTS)
-            if not parts:
+            n = (await partition_counts(self.bootstrap, [SNAPSHOTS])).get(SNAPSHOTS)
+            if not n:
                 raise RuntimeError(f"{SNAPSHOTS} has no partitions yet")
-            tps = [TopicPartition(SNAPSHOTS, p) for p in sorted(parts)]
+            tps = [TopicPartition(SNAPSHOTS, p) for p in range(n)]
             consumer.assign(tps)
             ends = await consumer.end_offsets(tps)
             begins = await consumer.beginning_offsets(tps)

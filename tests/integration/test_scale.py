@@ -30,7 +30,7 @@ W_MS = 2000
 
 @pytest.mark.timeout(180)
 
-def published(svc) -> float:
+def published_by(svc) -> float:
     """Snapshots this worker has published itself (its own metric)."""
     for line in svc.metrics_text().splitlines():
         if line.startswith("clickstream_snapshots_published_total "):
@@ -106,7 +106,7 @@ def test_three_workers_kill_one_add_one_snapshots_exact(broker, service_factory,
     assert all((r, int(w)) in by_key for r, per in truth["counts"].items() for w in per)
     # each surviving worker and the newcomer published some of them: the load was shared
     # (each lists every region's snapshots, read back from click-snapshots: ask what it published)
-    per_worker = [published(w) for w in (workers[0], workers[2], newcomer)]
+    per_worker = [published_by(w) for w in (workers[0], workers[2], newcomer)]
     assert all(n > 0 for n in per_worker), per_worker
     for w in (workers[0], workers[2], newcomer):
         assert w.proc.poll() is None, w.tail()
