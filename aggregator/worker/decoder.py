@@ -77,42 +77,34 @@ class RecordDecoder:
         future: dict[str, int] = {}
         for rec in records:
             hs = rec.headers
+            region = None
             if hs and hs[0][0] == header_name:
-                region = keys.get(rec.key)  # type: ignore[arg-type]  # None is never a key
-                if region is None:
-                    region = self._key_region(rec.key)
+                region = keys.get(rec.key) or self._key_region(rec.key)  # type: ignore[arg-type]
                 if region is not None:
                     try:
                         its, cts = parse_header(hs[0][1])
                     except (ValueError, TypeError):
-                        pass  # not what ingest writes: the value decides
-                    else:
-                        if its > max_ts:
-                            self._future(region, its, max_ts, future, dead, partition, rec)
-                            continue
-                        append((region, its, cts))
-                        if want_offsets:
-                            offsets.append(rec.offset)
-                        continue
-            try:
-                d = loads(rec.value)  # type: ignore[arg-type]  # None raises, as a bad record
-                region = valid.get(d["region"])
-                if region is None:
-                    region = self._region(d["region"])
-                its = d.get("ingest_ts")
-                if type(its) is not int:
-                    if its is not None:
-                        raise EventError("bad_ingest_ts", "ingest_ts must be epoch milliseconds")
-                    its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
-                cts = d.get("ts")
-                if cts is not None and type(cts) is not int:
-                    cts = parse_client_ts(cts)
-            except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
-                reason = exc.reason if isinstance(exc, EventError) else "undecodable"
-                rejected[reason] = rejected.get(reason, 0) + 1
-                if dead is not None:
-                    dead.append((rec.key, dead_letter(reason, exc, partition, rec.offset, rec.value)))
-                continue
+                        region = None  # not what ingest writes: the value decides
+            if region is None:
+                try:
+                    d = loads(rec.value)  # type: ignore[arg-type]  # None raises, as a bad record
+                    region = valid.get(d["region"])
+                    if region is None:
+                        region = self._region(d["region"])
+                    its = d.get("ingest_ts")
+                    if type(its) is not int:
+                        if its is not None:
+                            raise EventError("bad_ingest_ts", "ingest_ts must be epoch milliseconds")
+                        its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
+                    cts = d.get("ts")
+                    if cts is not None and type(cts) is not int:
+                        cts = parse_client_ts(cts)
+                except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
+                    reason = exc.reason if isinstance(exc, EventError) else "undecodable"
+                    rejected[reason] = rejected.get(reason, 0) + 1
+                    if dead is not None:
+                        dead.append((rec.key, dead_letter(reason, exc, partition, rec.offset, rec.value)))
+                    continue
             if its > max_ts:
                 self._future(region, its, max_ts, future, dead, partition, rec)
                 continue
