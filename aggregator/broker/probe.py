@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import mode
+from aggregator.background import BackgroundService
 
 log = logging.getLogger("aggregator.broker")
 INTERVAL_S = 1.0
@@ -19,27 +19,13 @@ CONNECT_TIMEOUT_S = 1.0
 FAILURES_BEFORE_DOWN = 2  # one lost connect is not an outage
 
 
-class BrokerProbe(mode.Service):
-    mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
-
+class BrokerProbe(BackgroundService):
     def __init__(self, bootstrap: str, report: Callable[[bool], None] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.report = report  # called with the outcome of every probe
         self.addresses = [_host_port(a) for a in bootstrap.split(",") if a.strip()]
         self.reachable = True  # until shown otherwise: start-up has its own reasons
         self.failures = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def on_start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._probe())
-
-    async def on_stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def check(self) -> bool:
         for host, port in self.addresses:
@@ -55,7 +41,7 @@ class BrokerProbe(mode.Service):
             return True
         return False
 
-    async def _probe(self) -> None:
+    async def background(self) -> None:
         while True:
             if await self.check():
                 if not self.reachable:

@@ -20,10 +20,10 @@ import collections
 import logging
 from typing import Any
 
-import mode
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
+from aggregator.background import BackgroundService
 from aggregator.core.contract import CLICKS
 
 log = logging.getLogger("aggregator.ingest")
@@ -178,12 +178,10 @@ class BatchProducer:
         return waits
 
 
-class IngestProducer(mode.Service):
+class IngestProducer(BackgroundService):
     """The producer behind ``POST /v1/events`` as a service: it connects in the background
     (the broker may come up after us; until then ``ready`` is False and requests get
     503) and, on stop, sends what is still batched."""
-
-    mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
 
     def __init__(self, bootstrap: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -192,18 +190,19 @@ class IngestProducer(mode.Service):
         self.producer: AIOKafkaProducer | None = None
         self.batcher: BatchProducer | None = None
         self.ready = False
-        self._connecting: asyncio.Task[None] | None = None
 
     async def on_start(self) -> None:
         self.producer = ingest_producer(self.bootstrap)
         self.batcher = BatchProducer(self.producer, CLICKS)
-        self._connecting = asyncio.get_running_loop().create_task(self._connect(self.producer))
+        await super().on_start()
 
-    async def _connect(self, producer: AIOKafkaProducer) -> None:
+    async def background(self) -> None:
+        """Connect, retrying every RETRY_S, until the broker knows ``clicks``."""
+        assert self.producer is not None
         while True:
             try:
-                await producer.start()
-                if await producer.partitions_for(CLICKS):
+                await self.producer.start()
+                if await self.producer.partitions_for(CLICKS):
                     self.ready = True
                     log.info("ingest ready: producing to %s", CLICKS)
                     return
@@ -214,11 +213,6 @@ class IngestProducer(mode.Service):
     async def on_stop(self) -> None:
         log.info("ingest: stopping (sending what is still batched)")
         self.ready = False
-        if self._connecting is not None and not self._connecting.done():
-            self._connecting.cancel()
-            try:
-                await self._connecting
-            except asyncio.CancelledError:
-                pass
+        await super().on_stop()  # no connect attempt overlaps the stop below
         if self.producer is not None:
             await self.producer.stop()  # sends what is still batched

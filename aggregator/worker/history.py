@@ -14,9 +14,9 @@ import asyncio
 import logging
 from typing import Any
 
-import mode
 import orjson
 
+from aggregator.background import BackgroundService
 from aggregator.broker.admin import partition_counts
 from aggregator.core.contract import SNAPSHOTS
 from aggregator.core.snapshots import SnapshotStore
@@ -25,28 +25,14 @@ log = logging.getLogger("aggregator.worker")
 RETRY_S = 1.0
 
 
-class SnapshotHistory(mode.Service):
-    mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
-
+class SnapshotHistory(BackgroundService):
     def __init__(self, bootstrap: str, store: SnapshotStore, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bootstrap = bootstrap
         self.store = store
         self.loaded = False  # the tail that existed at start has been read
-        self._task: asyncio.Task[None] | None = None
 
-    async def on_start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._follow())
-
-    async def on_stop(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-
-    async def _follow(self) -> None:
+    async def background(self) -> None:
         while True:
             try:
                 await self._read()
