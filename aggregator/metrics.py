@@ -7,10 +7,21 @@ or tick; no method here is called per event.
 """
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Iterable, Mapping
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from aggregator.core.contract import Snapshot
 
@@ -18,6 +29,37 @@ disable_created_metrics()
 
 STAGES = ("ingest", "decode", "window", "spill", "publish")
 SPILL_FAULTS = ("corrupt", "torn", "lost")
+DIST_NAME = "clickstream-aggregator"
+# Seconds after window end + grace: the snapshot-delay buckets sit at grace + each of these, so
+# the quantiles near the grace are read off buckets a few tenths of a second wide.
+DELAY_OFFSETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+# clickstream_snapshot_overdue_seconds: the same offsets, independent of the grace, so the
+# freshness SLO (docs/runbooks.md) can name a bucket (le="5") whatever AGG_GRACE_SECONDS is.
+OVERDUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+STATUS_CLASSES = ("2xx", "4xx", "5xx")
+
+
+def package_version() -> str:
+    """The installed version of this package (``unknown`` when run from a bare checkout)."""
+    try:
+        return version(DIST_NAME)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def snapshot_delay_buckets(grace_seconds: float, window_seconds: float) -> tuple[float, ...]:
+    """Buckets of ``clickstream_snapshot_delay_seconds``: a window is published about grace +
+    a second after its end, so the buckets are dense just above the grace, with a few
+    below it (a window can close early when the clock runs ahead) and one at grace + one window."""
+    below = [grace_seconds * f for f in (0.25, 0.5, 0.75, 0.9)]
+    above = [grace_seconds + d for d in DELAY_OFFSETS] + [grace_seconds + window_seconds]
+    return tuple(sorted({round(b, 3) for b in below + above if b > 0}))
+
+
+def status_class(status: int) -> str:
+    """``200`` -> ``2xx``: the ``code`` label of the HTTP metrics (five values at most)."""
+    return f"{min(max(status // 100, 1), 5)}xx"
 
 
 def _add_counts(counter: Counter, counts: Mapping[str, int] | Mapping[tuple[str, ...], int]) -> None:
@@ -31,8 +73,28 @@ def _add_counts(counter: Counter, counts: Mapping[str, int] | Mapping[tuple[str,
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The metrics of one process; ``grace_seconds`` and ``window_seconds`` are the
+    settings' (``AGG_GRACE_SECONDS``, ``AGG_WINDOW_SECONDS``): they place the snapshot-delay
+    buckets and are exported as gauges, so alert rules derive their thresholds from them."""
+
+    def __init__(self, grace_seconds: float = 5.0, window_seconds: float = 60.0) -> None:
         r = self.registry = CollectorRegistry()
+        self.grace_seconds = grace_seconds
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
+        Gauge("clickstream_build_info", "1, labelled with the package and Python versions of this process",
+              ["version", "python"], registry=r).labels(package_version(), platform.python_version()).set(1)
+        Gauge("clickstream_window_seconds", "Tumbling window length (AGG_WINDOW_SECONDS)",
+              registry=r).set(window_seconds)
+        Gauge("clickstream_grace_seconds", "Grace after a window end before it closes (AGG_GRACE_SECONDS)",
+              registry=r).set(grace_seconds)
+        self._http_requests = Counter("clickstream_http_requests", "HTTP requests answered, by route template and "
+                                      "status class", ["route", "code"], registry=r)
+        self._http_duration = Histogram("clickstream_http_request_duration_seconds",
+                                        "Time from a request's arrival to its answer, by route template", ["route"],
+                                        buckets=HTTP_BUCKETS, registry=r)
+        self._http_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._ingested = Counter("clickstream_events_ingested", "Events accepted over HTTP (broker acknowledged)",
                                  ["region"], registry=r)
         self._counted = Counter("clickstream_events", "Events counted into a window", ["region"], registry=r)
@@ -51,7 +113,10 @@ class Metrics:
         self._rejected = Counter("clickstream_rejected_events", "Records rejected (HTTP or Kafka), by reason",
                                  ["reason"], registry=r)
         self._snapshot_delay = Histogram("clickstream_snapshot_delay_seconds", "Window end to snapshot publication",
-                                         buckets=(0.1, 0.25, 0.5, 1, 2, 5, 7.5, 10, 15, 30, 60, 120, 300), registry=r)
+                                         buckets=snapshot_delay_buckets(grace_seconds, window_seconds), registry=r)
+        self._snapshot_overdue = Histogram("clickstream_snapshot_overdue_seconds",
+                                           "Window end + grace (when it may close) to snapshot publication, 0 if "
+                                           "earlier", buckets=OVERDUE_BUCKETS, registry=r)
         self._stage_pending = Gauge("pipeline_stage_in_pending", "Items waiting to be processed by a stage", ["stage"],
                                     registry=r)
         self._stage_processed = Counter("pipeline_stage_processed", "Items processed by a stage", ["stage"],
@@ -92,6 +157,28 @@ class Metrics:
         self._ingest_pending = self._stage_pending.labels("ingest")
         self._ingest_errors = self._stage_errors.labels("ingest")
         self._ingested_by_region: dict[str, Counter] = {}
+
+    # ---------------------------------------------------------------- HTTP
+    def http_routes(self, routes: Iterable[str]) -> None:
+        """The route templates served: their series start at 0 for every status class, so a
+        ratio of 5xx to all requests is 0 (not absent) while nothing failed."""
+        for route in routes:
+            for code in STATUS_CLASSES:
+                self._http_child(route, code)
+
+    def http_request(self, route: str, status: int, seconds: float) -> None:
+        """A request to ``route`` (a route template, never a raw path) was answered ``status``."""
+        count, duration = self._http_child(route, status_class(status))
+        count.inc()
+        duration.observe(seconds)
+
+    def _http_child(self, route: str, code: str) -> tuple[Counter, Histogram]:
+        key = (route, code)
+        child = self._http_children.get(key)
+        if child is None:  # bounded: the app's route templates (+ "unmatched") x five classes
+            child = self._http_children[key] = (self._http_requests.labels(route, code),
+                                                self._http_duration.labels(route))
+        return child
 
     # ---------------------------------------------------------------- ingest
     def ingest_waiting(self, n: int) -> None:
@@ -180,6 +267,7 @@ class Metrics:
     def published(self, snaps: Iterable[Snapshot], started: float) -> None:
         """Final snapshots are out (``started``: ``time.perf_counter()`` before publishing)."""
         now = time.time()
+        grace = self.grace_seconds
         n = 0
         for snap in snaps:
             n += 1
@@ -189,7 +277,9 @@ class Metrics:
             for reason, k in snap["late_by_reason"].items():
                 if k:
                     self._late.labels(r, reason).inc(k)
-            self._snapshot_delay.observe(max(0.0, now - snap["window_end"] / 1000))
+            delay = max(0.0, now - snap["window_end"] / 1000)
+            self._snapshot_delay.observe(delay)
+            self._snapshot_overdue.observe(max(0.0, delay - grace))
         self._snapshots_published.inc(n)
         self._stage_processed.labels("publish").inc(n)
         self._stage_duration.labels("publish").observe(time.perf_counter() - started)

@@ -35,7 +35,7 @@ from aggregator.web.server import Handler, HttpServer, NoSnapshots, Routes, Snap
 def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str] | None = None) -> None:
     """Run the role of ``settings`` until a signal stops it (raises SystemExit); ``notes`` are
     shown in every ``/readyz`` answer (e.g. that the embedded broker keeps nothing)."""
-    metrics = Metrics()
+    metrics = Metrics(settings.grace_seconds, settings.window_seconds)
     probe = BrokerProbe(settings.bootstrap(), metrics.broker_reachable)
     services: list[mode.Service] = [probe]
     post: Handler | None = None
@@ -73,7 +73,7 @@ def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, probe
     def why() -> str | None:
         return "broker unreachable" if not probe.reachable else not_ready()
 
-    return HttpServer(Routes(metrics.registry, snapshots, why, post, notes), settings.web_host, settings.web_port,
+    return HttpServer(Routes(metrics, snapshots, why, post, notes), settings.web_host, settings.web_port,
                       settings.max_body_bytes)
 
 

@@ -5,26 +5,43 @@ ingest nor the worker: a handler for ``POST /v1/events`` (None: this process doe
 serve ingest), a source of recent snapshots, a callable that says why the process is
 not ready (None: it is) and the metrics registry.  The server is a ``mode.Service``: started before, and stopped after, the
 parts it serves (stopping finishes the requests in flight).
+
+Every answer is counted by route template and status class (``clickstream_http_requests_total``,
+``clickstream_http_request_duration_seconds``) in one middleware: the label is the matched
+route's template (``/v1/events``), never the raw path, and ``unmatched`` for paths and methods
+no route serves, so scanners cannot grow the label set.
 """
 from __future__ import annotations
 
+import gzip
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import mode
 import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
-from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
+from aiohttp.typedefs import Handler as AioHandler
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from aggregator.core.contract import Snapshot
 
 log = logging.getLogger("aggregator.web")
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
-PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+UNMATCHED = "unmatched"  # the route label of requests no route serves (404, 405)
+
+
+class HttpMetrics(Protocol):
+    """What the routes need of the process's metrics (aggregator.metrics.Metrics)."""
+
+    registry: CollectorRegistry
+
+    def http_routes(self, routes: Iterable[str]) -> None: ...
+
+    def http_request(self, route: str, status: int, seconds: float) -> None: ...
 
 
 class SnapshotSource(Protocol):
@@ -39,16 +56,17 @@ class NoSnapshots:
 
 
 class Routes:
-    def __init__(self, registry: CollectorRegistry, snapshots: SnapshotSource, not_ready: Callable[[], str | None],
+    def __init__(self, metrics: HttpMetrics, snapshots: SnapshotSource, not_ready: Callable[[], str | None],
                  post_events: Handler | None, notes: dict[str, str] | None = None) -> None:
         self.notes = notes or {}  # shown in every /readyz answer
-        self.registry = registry
+        self.metrics = metrics
+        self.registry = metrics.registry
         self.snapshots = snapshots
         self.not_ready = not_ready  # why this process is not ready, or None when it is
         self.post_events = post_events or self.no_ingest
 
     def app(self, max_body_bytes: int) -> web.Application:
-        app = web.Application(client_max_size=max_body_bytes + 1)
+        app = web.Application(client_max_size=max_body_bytes + 1, middlewares=[self.count_requests])
         app.add_routes([
             web.post("/v1/events", self.post_events),
             web.get("/metrics", self.get_metrics),
@@ -56,7 +74,24 @@ class Routes:
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
         ])
+        self.metrics.http_routes([r.canonical for r in app.router.resources()])
         return app
+
+    @web.middleware
+    async def count_requests(self, request: web.Request, handler: AioHandler) -> web.StreamResponse:
+        started = time.perf_counter()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else UNMATCHED
+        status = 500  # a handler that raises something else than an HTTP answer: aiohttp answers 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:  # 404/405 of the router, or an answer raised by a handler
+            status = exc.status
+            raise
+        finally:
+            self.metrics.http_request(route, status, time.perf_counter() - started)
 
     async def no_ingest(self, request: web.Request) -> web.Response:
         return error(503, "this process does not serve ingest (AGG_ROLE=worker): send events to an ingest process",
@@ -72,11 +107,15 @@ class Routes:
         return web.json_response({"status": "not ready", "reason": reason, **self.notes}, status=503)
 
     async def get_metrics(self, request: web.Request) -> web.Response:
-        if "application/openmetrics-text" in request.headers.get("Accept", ""):
-            body, ctype = om_generate_latest(self.registry), OM_CONTENT_TYPE
-        else:
-            body, ctype = generate_latest(self.registry), PROMETHEUS_TEXT
-        return web.Response(body=body, headers={"Content-Type": ctype})
+        # the text format, or OpenMetrics when asked (Accept), gzipped when the scraper takes it
+        # (Prometheus sends Accept-Encoding: gzip); prometheus_client's own negotiation
+        encoder, ctype = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(self.registry)
+        headers = {"Content-Type": ctype, "Vary": "Accept, Accept-Encoding"}
+        if gzip_accepted(request.headers.get("Accept-Encoding", "")):
+            body = gzip.compress(body, compresslevel=6)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
 
     async def get_snapshots(self, request: web.Request) -> web.Response:
         region = request.query.get("region")

@@ -4,8 +4,9 @@
 2. A real Prometheus on loopback, configured from dashboards/prometheus/
    (target and intervals rewritten, alerts.yml loaded), scrapes the service
    while a small stream runs; then every panel target of the Grafana dashboard
-   is evaluated through /api/v1/query and the alert rules are checked through
-   /api/v1/rules.
+   is evaluated through /api/v1/query (``$job`` = clickstream, ``$instance`` = all) and the alert and
+   recording rules are checked through /api/v1/rules; the SLO recording rules
+   must have produced values.
 
 One region runs over a low rate limit, so the spill and rate-limit panels
 have data too: every panel must return data. Skipped only if the prometheus
@@ -41,18 +42,22 @@ PROM_DIR = ROOT / "dashboards" / "prometheus"
 REGIONS = ["eu-west", "us-east", "ap-south", "sa-east", "af-south"]
 W_MS = 2000
 STREAM_SECONDS = 12.0
-# every alert of alerts.yml must load with health ok (the unit tests pin the list of names)
-EXPECTED_RULES = sum(len(g["rules"]) for g in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"])
+# every rule of alerts.yml must load with health ok (the unit tests pin the list of names)
+RULES = [r for g in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+EXPECTED_RULES = len(RULES)
+RECORDED = [r["record"] for r in RULES if "record" in r]
 
 # Grafana variables -> values for a direct PromQL query (the dashboard's "All" is ".*").
 SUBSTITUTIONS = [
+    (re.compile(r"\$\{job(?::[a-z]+)?\}|\[\[job\]\]|\$job\b"), "clickstream"),
+    (re.compile(r"\$\{instance(?::[a-z]+)?\}|\[\[instance\]\]|\$instance\b"), ".*"),
     (re.compile(r"\$\{region(?::[a-z]+)?\}|\[\[region\]\]|\$region\b"), ".*"),
     (re.compile(r"\$\{__rate_interval\}|\$__rate_interval\b"), "1m"),
     (re.compile(r"\$\{__interval\}|\$__interval\b"), "15s"),
     (re.compile(r"\$\{__range\}|\$__range\b"), "5m"),
     (re.compile(r"\$\{datasource\}|\$datasource\b"), ""),
 ]
-METRIC_RE = re.compile(r"\b(?:clickstream|pipeline_stage)_\w+")
+METRIC_RE = re.compile(r"(?<![\w:])(?:clickstream|pipeline_stage|process|python)_\w+")
 PROMETHEUS_OWN = {"up"}  # synthesized by Prometheus per target, always has samples
 
 
@@ -314,11 +319,24 @@ def test_dashboard_queries_and_alert_rules_on_a_real_prometheus(service_factory,
             return rules
         return None
     try:
-        rules = wait_for(rules_ok, 10, interval=0.5, what="6 alert rules with health ok")
+        rules = wait_for(rules_ok, 10, interval=0.5, what=f"{EXPECTED_RULES} rules with health ok")
     except AssertionError:
         r = _get_json(prom.url + "/api/v1/rules")
         got = [(rule.get("name"), rule.get("health"), rule.get("lastError"))
                for g in r.get("data", {}).get("groups", []) for rule in g["rules"]]
         raise AssertionError(f"expected {EXPECTED_RULES} rules with health ok, got {got}") from None
-    assert all(rule["type"] == "alerting" for rule in rules)
+    assert sorted(rule["name"] for rule in rules if rule["type"] == "recording") == sorted(RECORDED)
     assert len({rule["name"] for rule in rules}) == EXPECTED_RULES
+
+    # the SLO ratios are computed from the live service: the ingest ratio over POSTs
+    # that all succeeded is 0, and snapshots were published (a ratio, not absent)
+    def recorded(name):
+        def value():
+            r = prom.query(name)
+            res = r.get("data", {}).get("result", []) if r.get("status") == "success" else []
+            return res[0]["value"][1] if res else None
+        return value
+    for name in ("job:clickstream_ingest_errors:ratio_rate5m", "job:clickstream_snapshots_overdue:ratio_rate5m"):
+        got = wait_for(recorded(name), 10, interval=0.5, what=f"a value of {name}")
+        assert 0.0 <= float(got) <= 1.0, (name, got)
+    assert float(recorded("job:clickstream_ingest_errors:ratio_rate5m")()) == 0.0

@@ -1,10 +1,12 @@
 """Static checks of the Grafana dashboard, Prometheus config and alert rules
 in dashboards/ (fast, no network).
 
-Every metric they use must be one of the names promised in docs/contract.md §5 (plus
-`clickstream_consumer_lag`), and no query may group or filter by a label that
-can take unbounded values. When `promtool` is installed the rule and config
-files are also validated by it.
+Every metric they use must be one of the names promised in docs/contract.md §5, and no
+query may group or filter by a label that can take unbounded values. Every dashboard
+query is scoped by the `job` and `instance` variables; every alert has a `runbook_url`
+whose anchor is a section of docs/runbooks.md and is expected to fire in a
+`promtool test rules` case. When `promtool` is installed the rule and config files are
+also validated, and the rule tests run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import subprocess
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, require_tool
 
@@ -25,6 +28,7 @@ PROM_CONFIG = DASH_DIR / "prometheus" / "prometheus.yml"
 ALERT_TESTS = DASH_DIR / "prometheus" / "alerts_test.yml"
 PROV_DASHBOARDS = DASH_DIR / "grafana" / "provisioning" / "dashboards.yml"
 PROV_DATASOURCES = DASH_DIR / "grafana" / "provisioning" / "datasources.yml"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
 
 # docs/contract.md §5, name -> type.
 CONTRACT_METRICS = {
@@ -52,12 +56,34 @@ EXTRA_METRICS = {
     "clickstream_state_recovered_partitions_total": "counter",
     "clickstream_assigned_partitions": "gauge",
     "clickstream_broker_reachable": "gauge",
+    "clickstream_build_info": "gauge",
+    "clickstream_window_seconds": "gauge",
+    "clickstream_grace_seconds": "gauge",
+    "clickstream_http_requests_total": "counter",
+    "clickstream_http_request_duration_seconds": "histogram",
+    "clickstream_snapshot_overdue_seconds": "histogram",
 }
-KNOWN_METRICS = {**CONTRACT_METRICS, **EXTRA_METRICS}
+# prometheus_client's process, GC and platform collectors (contract §5 "standard"): the
+# dashboard may use them, it need not use them all.
+STANDARD_METRICS = {
+    "process_cpu_seconds_total": "counter",
+    "process_resident_memory_bytes": "gauge",
+    "process_virtual_memory_bytes": "gauge",
+    "process_start_time_seconds": "gauge",
+    "process_open_fds": "gauge",
+    "process_max_fds": "gauge",
+    "python_gc_objects_collected_total": "counter",
+    "python_gc_objects_uncollectable_total": "counter",
+    "python_gc_collections_total": "counter",
+    "python_info": "gauge",
+}
+KNOWN_METRICS = {**CONTRACT_METRICS, **EXTRA_METRICS, **STANDARD_METRICS}
+SERVICE_METRICS = {**CONTRACT_METRICS, **EXTRA_METRICS}
 HISTOGRAMS = {n for n, t in KNOWN_METRICS.items() if t == "histogram"}
 
 # Labels the service exports (plus Prometheus' own); all bounded.
-ALLOWED_LABELS = {"region", "reason", "stage", "partition", "topic", "kind", "le", "job", "instance"}
+ALLOWED_LABELS = {"region", "reason", "stage", "partition", "topic", "kind", "le", "job", "instance", "route", "code",
+                  "version", "python", "generation"}
 UNBOUNDED_LABELS = {"user_id", "url", "event_id", "ts", "ingest_ts", "timestamp", "session_id", "ip"}
 
 EXPECTED_ALERTS = {
@@ -69,9 +95,15 @@ EXPECTED_ALERTS = {
     "ClickstreamWorkerDown",
     "ClickstreamSpillBackpressure",
     "ClickstreamBrokerUnreachable",
+    "ClickstreamTargetMissing",
+    "ClickstreamIngestBudgetBurnFast",
+    "ClickstreamIngestBudgetBurnSlow",
+    "ClickstreamFreshnessBudgetBurnFast",
+    "ClickstreamFreshnessBudgetBurnSlow",
 }
 
-METRIC_RE = re.compile(r"\b(?:clickstream|pipeline_stage)_\w+")
+METRIC_RE = re.compile(r"(?<![\w:])(?:clickstream|pipeline_stage|process|python)_\w+(?![\w:])")
+RECORDED_RE = re.compile(r"(?<![\w:])[a-z_]+:[\w:]+")  # level:metric:operations names of recording rules
 GROUPING_RE = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 SELECTOR_RE = re.compile(r"\{([^{}]*)\}")
 MATCHER_RE = re.compile(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)\s*\"")
@@ -85,7 +117,7 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 def _metric_names(expr: str) -> set[str]:
     names = set()
-    for name in METRIC_RE.findall(expr):
+    for name in METRIC_RE.findall(RECORDED_RE.sub(" ", expr)):
         for suffix in HISTOGRAM_SUFFIXES:
             if name.endswith(suffix) and name[: -len(suffix)] in HISTOGRAMS:
                 name = name[: -len(suffix)]
@@ -106,60 +138,25 @@ def _labels_used(expr: str) -> set[str]:
     return labels
 
 
-def _parse_block(lines: list[str], start: int, indent: int) -> tuple[dict, int]:
-    """Parse a block mapping of the simple YAML subset used in alerts.yml
-    (plain, quoted and block scalars, nested mappings; no lists inside) at
-    `indent` columns, starting at lines[start]. PyYAML is not a dependency of
-    the project, so this deliberately small reader is used instead; promtool
-    (when installed) checks the file with a real parser."""
-    result: dict = {}
-    i = start
-    while i < len(lines):
-        raw = lines[i]
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
-            i += 1
-            continue
-        cur = len(raw) - len(raw.lstrip(" "))
-        if cur < indent or stripped.startswith("- "):
-            break
-        assert cur == indent, f"unexpected indentation at line {i + 1}: {raw!r}"
-        key, sep, value = stripped.partition(":")
-        assert sep, f"not a mapping entry at line {i + 1}: {raw!r}"
-        value = value.strip()
-        i += 1
-        if value in ("|", "|-", ">", ">-"):
-            body = []
-            while i < len(lines) and (
-                not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip(" ")) > indent
-            ):
-                body.append(lines[i].rstrip())
-                i += 1
-            while body and not body[-1]:
-                body.pop()
-            cut = min((len(b) - len(b.lstrip(" ")) for b in body if b), default=0)
-            body = [b[cut:] for b in body]
-            joiner = "\n" if value.startswith("|") else " "
-            result[key] = joiner.join(body)
-        elif value == "":
-            result[key], i = _parse_block(lines, i, indent + 2)
-        else:
-            if value[:1] in "'\"" and value[-1:] == value[:1]:
-                value = value[1:-1]
-            result[key] = value
-    return result, i
+def _rule_groups() -> list[dict]:
+    return yaml.safe_load(ALERTS.read_text())["groups"]
 
 
 def _alert_rules() -> list[dict]:
-    lines = ALERTS.read_text().splitlines()
-    rules = []
-    for i, line in enumerate(lines):
-        m = re.match(r"^(\s*)- alert:\s*(\S+)\s*$", line)
-        if m:
-            indent = len(m.group(1)) + 2
-            body, _ = _parse_block(lines, i + 1, indent)
-            rules.append({"alert": m.group(2), **body})
-    return rules
+    return [r for g in _rule_groups() for r in g["rules"] if "alert" in r]
+
+
+def _recording_rules() -> dict[str, str]:
+    return {r["record"]: r["expr"] for g in _rule_groups() for r in g["rules"] if "record" in r}
+
+
+def _github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown file."""
+    anchors = set()
+    for m in re.finditer(r"^#{1,6}\s+(.+?)\s*$", markdown, re.M):
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
 
 
 def _panels(dashboard: dict) -> list[dict]:
@@ -217,16 +214,60 @@ def test_datasource_is_a_prometheus_template_variable(dashboard):
         assert panel["datasource"] == ref, panel["title"]
         for target in panel["targets"]:
             assert target["datasource"] == ref, panel["title"]
-    assert variables["region"]["datasource"] == ref
+    for name in ("job", "instance", "region"):
+        assert variables[name]["datasource"] == ref
 
 
-def test_region_variable(dashboard):
-    region = {v["name"]: v for v in dashboard["templating"]["list"]}["region"]
-    assert region["type"] == "query"
-    query = region["query"]["query"] if isinstance(region["query"], dict) else region["query"]
-    assert query == "label_values(clickstream_events_total, region)"
-    assert region["definition"] == query
-    assert region["multi"] is True and region["includeAll"] is True
+def _variable_query(var: dict) -> str:
+    return var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+
+
+def test_job_instance_and_region_variables(dashboard):
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert list(variables) == ["datasource", "job", "instance", "region"]  # each depends on those before it
+    expected = {
+        "job": "label_values(clickstream_build_info, job)",
+        "instance": 'label_values(clickstream_build_info{job=~"$job"}, instance)',
+        "region": 'label_values(clickstream_events_total{job=~"$job", instance=~"$instance"}, region)',
+    }
+    for name, query in expected.items():
+        var = variables[name]
+        assert var["type"] == "query" and _variable_query(var) == query and var["definition"] == query, name
+    assert variables["job"]["multi"] is False and variables["job"]["current"]["value"] == "clickstream"
+    for name in ("instance", "region"):
+        assert variables[name]["multi"] is True and variables[name]["includeAll"] is True
+        assert variables[name]["allValue"] == ".*"
+
+
+SELECTOR_WITH_NAME_RE = re.compile(r"(?<![\w:])((?:clickstream|pipeline_stage|process|python)_\w+|up)\s*(\{[^}]*\})?")
+
+
+def test_every_query_is_scoped_by_job_and_instance(dashboard):
+    for panel in _panels(dashboard):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            selectors = [m for m in SELECTOR_WITH_NAME_RE.finditer(expr)
+                         if m.group(1) != "up" or m.group(2)]  # "up" only as a selector
+            assert selectors, (panel["title"], expr)
+            for m in selectors:
+                sel = m.group(2) or ""
+                assert 'job=~"$job"' in sel and 'instance=~"$instance"' in sel, (panel["title"], m.group(0))
+
+
+def test_overview_row_on_top(dashboard):
+    panels = dashboard["panels"]
+    assert panels[0]["type"] == "row" and panels[0]["title"] == "Overview" and panels[0]["gridPos"]["y"] == 0
+    overview = []
+    for p in panels[1:]:
+        if p["type"] == "row":
+            break
+        overview.append(p)
+    titles = " | ".join(p["title"] for p in overview)
+    for word in ("Events/s", "Late", "Rejected", "lag", "Freshness", "Ingest budget left", "Freshness budget left"):
+        assert word in titles, (word, titles)
+    exprs = "\n".join(t["expr"] for p in overview for t in p["targets"])
+    assert "[30d]" in exprs and "/ 0.001" in exprs and "/ 0.01" in exprs  # the two SLOs' budgets
+    assert all(p["gridPos"]["y"] < 5 for p in overview)
 
 
 def test_every_panel_has_targets_with_expr(dashboard):
@@ -257,9 +298,10 @@ def test_panel_ids_unique_and_layout_does_not_overlap(dashboard):
 
 def test_dashboard_covers_every_metric(dashboard_exprs):
     used = set().union(*(_metric_names(e) for e in dashboard_exprs))
-    assert used == set(KNOWN_METRICS), set(KNOWN_METRICS) ^ used
+    assert used - set(STANDARD_METRICS) == set(SERVICE_METRICS), set(SERVICE_METRICS) ^ (used - set(STANDARD_METRICS))
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "python_gc_collections_total"} <= used
     joined = "\n".join(dashboard_exprs)
-    assert 'up{job="clickstream"}' in joined
+    assert 'up{job=~"$job", instance=~"$instance"}' in joined
     assert "rate(clickstream_events_total" in joined and "[1m]" in joined
     for quantile in ("0.5", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (le) (rate(clickstream_snapshot_delay_seconds_bucket" in joined
@@ -306,15 +348,81 @@ def test_alert_rules_present_with_annotations(alert_rules):
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "")), rule["alert"]
         assert rule.get("labels", {}).get("severity") in {"warning", "critical"}, rule["alert"]
         annotations = rule.get("annotations", {})
-        for key in ("summary", "description", "runbook"):
+        for key in ("summary", "description", "runbook_url"):
             assert annotations.get(key, "").strip(), f"{rule['alert']} lacks {key}"
+        assert "runbook" not in annotations, f"{rule['alert']}: the runbook is in docs/runbooks.md"
+
+
+def test_every_alert_has_a_runbook_section(alert_rules):
+    anchors = _github_anchors(RUNBOOKS.read_text())
+    for rule in alert_rules:
+        url = rule["annotations"]["runbook_url"]
+        path, _, anchor = url.partition("#")
+        assert path == "docs/runbooks.md", url
+        assert anchor == rule["alert"].lower(), url
+        assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in docs/runbooks.md"
+    # and no section for an alert that does not exist any more
+    names = {r["alert"].lower() for r in alert_rules}
+    sections = {a for a in anchors if a.startswith("clickstream")}
+    assert sections == names, sections ^ names
+
+
+def test_github_anchor_helper():
+    assert _github_anchors("# Runbooks\n## ClickstreamWorkerDown\n### A b, c (d)\n") == {
+        "runbooks", "clickstreamworkerdown", "a-b-c-d"}
+
+
+def _alert_tests() -> list[dict]:
+    return yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+
+
+def test_promtool_tests_cover_every_alert(alert_rules):
+    """Every alert is expected to fire (non-empty exp_alerts) in some rule test, and to
+    stay quiet at some other evaluation (before its condition has held long enough)."""
+    fires, quiet = set(), set()
+    for case in _alert_tests():
+        for check in case.get("alert_rule_test", []):
+            (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
+            for exp in check.get("exp_alerts") or []:
+                url = exp["exp_annotations"]["runbook_url"]
+                assert url == f"docs/runbooks.md#{check['alertname'].lower()}"
+    names = {r["alert"] for r in alert_rules}
+    assert fires == names, names ^ fires
+    assert quiet == names, names ^ quiet
+
+
+def test_slo_alerts_are_multi_window_burn_rates(alert_rules):
+    recorded = _recording_rules()
+    objectives = {"Ingest": ("job:clickstream_ingest_errors", "0.001"),
+                  "Freshness": ("job:clickstream_snapshots_overdue", "0.01")}
+    pairs = {"Fast": (("1h", "5m"), "14.4", "critical"), "Slow": (("6h", "30m"), "6", "warning")}
+    rules = {r["alert"]: r for r in alert_rules}
+    for slo, (prefix, budget) in objectives.items():
+        for speed, ((long, short), factor, severity) in pairs.items():
+            rule = rules[f"Clickstream{slo}BudgetBurn{speed}"]
+            expr = " ".join(rule["expr"].split())
+            assert expr == (f"{prefix}:ratio_rate{long} > ({factor} * {budget}) and "
+                            f"{prefix}:ratio_rate{short} > ({factor} * {budget})"), expr
+            assert rule["labels"]["severity"] == severity
+            for window in (long, short):
+                assert f"{prefix}:ratio_rate{window}" in recorded
+                assert f"[{window}]" in recorded[f"{prefix}:ratio_rate{window}"]
+    for name, expr in recorded.items():
+        assert name.startswith("job:") and "sum by (job)" in expr, name
+    ingest = " ".join(recorded["job:clickstream_ingest_errors:ratio_rate5m"].split())
+    assert 'route="/v1/events", code="5xx"' in ingest
+    fresh = " ".join(recorded["job:clickstream_snapshots_overdue:ratio_rate5m"].split())
+    assert "clickstream_snapshot_overdue_seconds_bucket{le=" in fresh
 
 
 def test_alert_expressions(alert_rules):
     exprs = {r["alert"]: " ".join(r["expr"].split()) for r in alert_rules}
-    assert exprs["ClickstreamSnapshotsStale"].startswith(
-        "time() - max(clickstream_window_end_timestamp_seconds) > 3 * 60"
+    # staleness from the service's own window length and grace, not a hard-coded 60 s window
+    assert exprs["ClickstreamSnapshotsStale"] == (
+        "time() - max by (job) (clickstream_window_end_timestamp_seconds) > on (job) "
+        "3 * max by (job) (clickstream_window_seconds) + max by (job) (clickstream_grace_seconds)"
     )
+    assert exprs["ClickstreamTargetMissing"] == 'absent(up{job="clickstream"})'
     assert "clickstream_late_events_total" in exprs["ClickstreamLateEventsSpiking"]
     assert "deriv(clickstream_spill_backlog_events[" in exprs["ClickstreamSpillBacklogGrowing"]
     assert "rate(clickstream_rejected_events_total[" in exprs["ClickstreamDeadLetterRate"]
@@ -324,9 +432,11 @@ def test_alert_expressions(alert_rules):
 
 
 def test_alert_rules_use_only_contract_metrics_and_bounded_labels(alert_rules):
-    for rule in alert_rules:
+    recorded = _recording_rules()
+    for rule in [*alert_rules, *({"alert": name, "expr": expr} for name, expr in recorded.items())]:
         expr = rule["expr"]
         unknown = _metric_names(expr) - set(KNOWN_METRICS)
+        assert set(RECORDED_RE.findall(expr)) <= set(recorded), rule["alert"]
         assert not unknown, f"{rule['alert']} uses {unknown}, not in docs/contract.md §5"
         labels = _labels_used(expr)
         assert labels <= ALLOWED_LABELS, f"{rule['alert']} uses labels {labels - ALLOWED_LABELS}"

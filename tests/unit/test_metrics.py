@@ -1,0 +1,129 @@
+"""aggregator/metrics.py: the standard collectors, build info, the settings as gauges and the
+snapshot-delay buckets placed around the grace (docs/contract.md §5)."""
+from __future__ import annotations
+
+import platform
+import time
+from importlib.metadata import version
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator.metrics import Metrics, snapshot_delay_buckets, status_class
+
+
+def snap(region: str, window_end_s: float) -> dict:
+    end = int(window_end_s * 1000)
+    return {"region": region, "window_start": end - 60_000, "window_end": end, "count": 3, "late": 0,
+            "late_by_reason": {"closed_window": 0, "client_delay": 0, "future_ts": 0}, "emitted_at": end}
+
+
+def buckets(m: Metrics, name: str) -> dict[float, float]:
+    """``{le: cumulative count}`` of an unlabelled histogram."""
+    out = {}
+    for fam in m.registry.collect():
+        for s in fam.samples:
+            if s.name == name + "_bucket":
+                out[float(s.labels["le"])] = s.value
+    return out
+
+
+def quantile(q: float, cumulative: dict[float, float]) -> float:
+    """histogram_quantile as Prometheus computes it (linear within the bucket)."""
+    les = sorted(cumulative)
+    total = cumulative[float("inf")]
+    rank = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le in les:
+        c = cumulative[le]
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c)
+        prev_le, prev_c = le, c
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize(("grace", "window"), [(5.0, 60.0), (0.0, 1.0), (30.0, 300.0), (0.5, 2.0)])
+def test_delay_buckets_are_dense_just_above_the_grace(grace, window):
+    b = snapshot_delay_buckets(grace, window)
+    assert list(b) == sorted(set(b)) and all(x > 0 for x in b)
+    for offset in (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30):
+        assert round(grace + offset, 3) in b
+    assert round(grace + window, 3) in b
+    below = [x for x in b if x < grace]
+    assert len(below) == (4 if grace else 0)
+
+
+def test_delay_at_the_default_grace_no_longer_reads_as_7_4_seconds():
+    m = Metrics(grace_seconds=5.0, window_seconds=60.0)
+    now = time.time()
+    # every snapshot published 5.3 s after its window end (grace + a normal close)
+    m.published([snap(f"r{i}", now - 5.3) for i in range(100)], time.perf_counter())
+    cum = buckets(m, "clickstream_snapshot_delay_seconds")
+    assert cum[5.25] == 0 and cum[5.5] == 100
+    p99 = quantile(0.99, cum)
+    assert 5.25 < p99 <= 5.5, p99  # the old fixed buckets (5, 7.5) gave ~7.47
+    # overdue: the same snapshots, measured from window end + grace
+    over = buckets(m, "clickstream_snapshot_overdue_seconds")
+    assert over[0.25] == 0 and over[0.5] == 100
+    assert m.registry.get_sample_value("clickstream_snapshots_published_total") == 100
+
+
+def test_delay_buckets_follow_the_configured_grace():
+    m = Metrics(grace_seconds=30.0, window_seconds=300.0)
+    cum = buckets(m, "clickstream_snapshot_delay_seconds")
+    assert {30.05, 30.5, 31.0, 35.0, 330.0} <= set(cum)
+    m.published([snap("eu", time.time() - 10)], time.perf_counter())  # before the grace ended
+    assert buckets(m, "clickstream_snapshot_overdue_seconds")[0.05] == 1  # 0, not negative
+
+
+def test_settings_exported_as_gauges():
+    m = Metrics(grace_seconds=2.5, window_seconds=10.0)
+    assert m.registry.get_sample_value("clickstream_window_seconds") == 10.0
+    assert m.registry.get_sample_value("clickstream_grace_seconds") == 2.5
+    d = Metrics()  # the defaults of the settings
+    assert d.registry.get_sample_value("clickstream_window_seconds") == 60.0
+    assert d.registry.get_sample_value("clickstream_grace_seconds") == 5.0
+
+
+def test_build_info_carries_the_package_and_python_versions():
+    m = Metrics()
+    labels = {"version": version("clickstream-aggregator"), "python": platform.python_version()}
+    assert m.registry.get_sample_value("clickstream_build_info", labels) == 1
+    infos = [s for fam in m.registry.collect() for s in fam.samples if s.name == "clickstream_build_info"]
+    assert len(infos) == 1
+
+
+def test_process_gc_and_platform_collectors_on_the_registry():
+    m = Metrics()
+    names = {s.name for fam in text_string_to_metric_families(generate_latest(m.registry).decode())
+             for s in fam.samples}
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_start_time_seconds",
+                 "process_open_fds", "python_gc_collections_total", "python_info"):
+        assert name in names, name
+    # per registry, not the global one: two processes' worth in one test run do not collide
+    assert Metrics().registry is not m.registry
+
+
+def test_http_series_start_at_zero_and_count_by_status_class():
+    m = Metrics()
+    m.http_routes(["/v1/events", "/metrics"])
+    get = m.registry.get_sample_value
+    for code in ("2xx", "4xx", "5xx"):
+        assert get("clickstream_http_requests_total", {"route": "/v1/events", "code": code}) == 0
+    m.http_request("/v1/events", 200, 0.002)
+    m.http_request("/v1/events", 503, 5.0)
+    m.http_request("/v1/events", 413, 0.01)
+    m.http_request("/v1/events", 200, 0.003)
+    assert get("clickstream_http_requests_total", {"route": "/v1/events", "code": "2xx"}) == 2
+    assert get("clickstream_http_requests_total", {"route": "/v1/events", "code": "4xx"}) == 1
+    assert get("clickstream_http_requests_total", {"route": "/v1/events", "code": "5xx"}) == 1
+    assert get("clickstream_http_request_duration_seconds_count", {"route": "/v1/events"}) == 4
+    assert get("clickstream_http_request_duration_seconds_bucket", {"route": "/v1/events", "le": "0.005"}) == 2
+
+
+def test_status_class():
+    assert [status_class(s) for s in (101, 200, 204, 304, 400, 499, 500, 503, 599)] == [
+        "1xx", "2xx", "2xx", "3xx", "4xx", "4xx", "5xx", "5xx", "5xx"]

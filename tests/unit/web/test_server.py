@@ -1,0 +1,111 @@
+"""The HTTP routes on a real aiohttp server on 127.0.0.1 (aiohttp's test server, a real socket):
+requests counted by route template and status class, and /metrics negotiated and gzipped."""
+from __future__ import annotations
+
+import gzip
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator.metrics import Metrics
+from aggregator.web.server import NoSnapshots, Routes
+
+ROUTES = ("/v1/events", "/metrics", "/v1/snapshots", "/healthz", "/readyz")
+
+
+async def boom(request: web.Request) -> web.Response:
+    raise RuntimeError("a bug in a handler")
+
+
+async def client_for(metrics: Metrics, post=None) -> TestClient:
+    routes = Routes(metrics, NoSnapshots(), lambda: None, post)
+    client = TestClient(TestServer(routes.app(1 << 20), host="127.0.0.1"), auto_decompress=False)
+    await client.start_server()
+    return client
+
+
+def requests(m: Metrics, route: str, code: str) -> float | None:
+    return m.registry.get_sample_value("clickstream_http_requests_total", {"route": route, "code": code})
+
+
+async def test_every_route_starts_at_zero_for_every_status_class():
+    m = Metrics()
+    client = await client_for(m)
+    try:
+        for route in ROUTES:
+            for code in ("2xx", "4xx", "5xx"):
+                assert requests(m, route, code) == 0, (route, code)
+    finally:
+        await client.close()
+
+
+async def test_requests_counted_by_route_template_and_status_class():
+    m = Metrics()
+    client = await client_for(m)  # no ingest handler: POST /v1/events answers 503 (worker role)
+    try:
+        for _ in range(3):
+            assert (await client.get("/healthz")).status == 200
+        assert (await client.get("/v1/snapshots?region=eu&since=1")).status == 200
+        assert (await client.get("/v1/snapshots?since=yesterday")).status == 400
+        assert (await client.post("/v1/events", data=b"[]")).status == 503
+        assert (await client.get("/wp-admin/x.php")).status == 404
+        assert (await client.get("/v1/events")).status == 405
+    finally:
+        await client.close()
+    assert requests(m, "/healthz", "2xx") == 3
+    assert requests(m, "/v1/snapshots", "2xx") == 1  # the template: no query string, no raw path
+    assert requests(m, "/v1/snapshots", "4xx") == 1
+    assert requests(m, "/v1/events", "5xx") == 1
+    assert requests(m, "unmatched", "4xx") == 2  # 404 and 405 share one series
+    routes = {s.labels["route"] for fam in m.registry.collect() for s in fam.samples
+              if s.name == "clickstream_http_requests_total"}
+    assert routes == {*ROUTES, "unmatched"}
+    assert m.registry.get_sample_value("clickstream_http_request_duration_seconds_count",
+                                       {"route": "/healthz"}) == 3
+
+
+async def test_a_handler_that_raises_is_counted_as_5xx():
+    m = Metrics()
+    client = await client_for(m, post=boom)
+    try:
+        assert (await client.post("/v1/events", data=b"[]")).status == 500
+    finally:
+        await client.close()
+    assert requests(m, "/v1/events", "5xx") == 1
+    assert requests(m, "/v1/events", "2xx") == 0
+
+
+async def test_metrics_gzipped_when_the_scraper_asks():
+    m = Metrics()
+    client = await client_for(m)
+    try:
+        plain = await client.get("/metrics", skip_auto_headers=["Accept-Encoding"])  # aiohttp sends gzip by default
+        plain_body = await plain.read()
+        zipped = await client.get("/metrics", headers={"Accept-Encoding": "gzip, deflate"})
+        zipped_body = await zipped.read()
+    finally:
+        await client.close()
+    assert "Content-Encoding" not in plain.headers
+    assert plain.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert zipped.headers["Content-Encoding"] == "gzip"
+    assert zipped.headers["Content-Type"] == plain.headers["Content-Type"]
+    text = gzip.decompress(zipped_body).decode()
+    assert len(zipped_body) < len(text) / 3  # worth it: the exposition compresses well
+    names = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert {"clickstream_build_info", "process_cpu_seconds_total", "clickstream_http_requests_total"} <= names
+    assert b"clickstream_window_seconds 60.0" in plain_body
+
+
+async def test_openmetrics_when_asked_also_gzipped():
+    m = Metrics()
+    client = await client_for(m)
+    try:
+        resp = await client.get("/metrics", headers={
+            "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            "Accept-Encoding": "gzip"})
+        body = gzip.decompress(await resp.read()).decode()
+    finally:
+        await client.close()
+    assert resp.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith("# EOF\n")
