@@ -53,13 +53,13 @@ def test_image_entry_command_with_compose_env_answers_healthz(compose, broker, t
                 pass
             time.sleep(0.3)
         assert healthy and ready, (tmp_path / "svc.log").read_text()[-3000:]
-        # the image's HEALTHCHECK command, pointed at this port, says healthy
+        # the image's HEALTHCHECK command, with the service's environment (it reads the port
+        # from AGG_WEB_PORT), says healthy
         hc = [a for w, a in ins if w == "HEALTHCHECK"][-1]
         hc_cmd = exec_form(hc.split(" CMD ", 1)[1].strip())
-        hc_cmd = [c.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for c in hc_cmd]
         if hc_cmd[0] == "python":
             hc_cmd[0] = sys.executable
-        assert subprocess.run(hc_cmd, timeout=30).returncode == 0
+        assert subprocess.run(hc_cmd, env=env, timeout=30).returncode == 0
         status, _, body = http("POST", f"http://127.0.0.1:{port}/v1/events",
                                json.dumps([{"region": "compose"}]).encode(),
                                {"Content-Type": "application/json"})
