@@ -114,6 +114,9 @@ class Metrics:
                                  ["reason"], registry=r)
         self._snapshot_delay = Histogram("clickstream_snapshot_delay_seconds", "Window end to snapshot publication",
                                          buckets=snapshot_delay_buckets(grace_seconds, window_seconds), registry=r)
+        self._state_write_failures = Counter("clickstream_state_write_failures",
+                                             "Window-state writes to the changelog the broker did not acknowledge "
+                                             "(per partition and attempt; retried)", registry=r)
         self._snapshot_overdue = Histogram("clickstream_snapshot_overdue_seconds",
                                            "Window end + grace (when it may close) to snapshot publication, 0 if "
                                            "earlier", buckets=OVERDUE_BUCKETS, registry=r)
@@ -220,6 +223,10 @@ class Metrics:
     def batch_spilled(self, events: int, seconds: float) -> None:
         self._stage_processed.labels("spill").inc(events)
         self._stage_duration.labels("spill").observe(seconds)
+
+    def state_write_failed(self, partitions: int) -> None:
+        """The broker did not acknowledge the window state of ``partitions`` partitions."""
+        self._state_write_failures.inc(partitions)
 
     def spill_drained(self, events: int) -> None:
         self._stage_processed.labels("spill").inc(events)

@@ -3,10 +3,14 @@ commit -> snapshots published.
 
 One checkpoint at a time (a tick and a rebalance's revoke must not publish one outbox
 twice).  For each partition whose book changed, its state (book + spill ledger, with
-the next source offset) goes to the changelog; the producer is flushed, so the state
-is durable before anything depends on it; only then may the consumer commit up to the
-offset that state holds (``mark_safe``), drained spill records be deleted, and the
-snapshots that the state's outbox holds be published.  After a crash the state is
+the next source offset) goes to the changelog as chunks of bounded size and then a
+header naming them (core.statechunks), each step flushed and every send's
+acknowledgement checked, so the state is durable before anything depends on it; only
+then may the consumer commit up to the offset that state holds (``mark_safe``),
+drained spill records be deleted, and the snapshots that the state's outbox holds be
+published.  A write the broker refuses stops exactly that: the partition's offsets are
+not committed and its snapshots wait, ``/readyz`` says why, the failure is counted
+(``clickstream_state_write_failures_total``) and the write is retried every checkpoint.  After a crash the state is
 recovered from the changelog and its outbox published again with identical content:
 exactly once in effect (docs/contract.md §1).
 """
@@ -20,7 +24,8 @@ from typing import Protocol
 
 import orjson
 
-from aggregator.core.contract import DLQ, SNAPSHOTS, Snapshot
+from aggregator.core.contract import DLQ, SNAPSHOTS, STATE_CHANGELOG, Snapshot
+from aggregator.core.statechunks import encode_chunks
 from aggregator.core.windows import WindowBook
 from aggregator.metrics import Metrics
 from aggregator.worker.decoder import DeadLetter
@@ -41,45 +46,126 @@ class Producer(Protocol):
     def flush(self) -> Awaitable[None]: ...
 
 
+class _Write:
+    """One partition's state on its way to the changelog (core.statechunks)."""
+
+    __slots__ = ("p", "slot", "chunks", "header", "offset", "n_out", "futures")
+
+    def __init__(self, p: PartitionState, value: bytes) -> None:
+        self.p = p
+        self.slot = 0 if p.state_slot is None else 1 - p.state_slot  # never the slot the header names
+        self.chunks, self.header = encode_chunks(p.partition, value, self.slot)
+        self.offset = p.commit_offset()
+        self.n_out = len(p.book.outbox)
+        self.futures: list[object] = []
+
+
+async def _send(producer: Producer, topic: str, key: bytes | None, value: bytes, partition: int | None) -> object:
+    """The send's future; a send refused at once (e.g. a record over the producer's
+    limit) as a failed one, so it is handled like a write the broker refused."""
+    try:
+        return await producer.send(topic, key, value, partition, None, None)
+    except Exception as exc:  # noqa: BLE001 - any refusal is a failed write: retried, counted
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        fut.set_exception(exc)
+        return fut
+
+
+def _failure(futures: Iterable[object]) -> BaseException | None:
+    """The first send that the broker did not acknowledge (after a flush), or None.
+    Every future's outcome is looked at, so none is left "never retrieved"."""
+    first: BaseException | None = None
+    for fut in futures:
+        if isinstance(fut, asyncio.Future):
+            if not fut.done():
+                error: BaseException | None = TimeoutError("not acknowledged by the broker after a flush")
+            elif fut.cancelled():
+                error = asyncio.CancelledError()
+            else:
+                error = fut.exception()
+            if first is None:
+                first = error
+    return first
+
+
 class Checkpointer:
-    def __init__(self, producer: Callable[[], Producer], write_state: Callable[[int, bytes], None],
+    def __init__(self, producer: Callable[[], Producer], confirmed: Callable[[int, list[tuple[bytes, bytes]]], None],
                  mark_safe: Callable[[int, int], None], metrics: Metrics, sinks: Sequence[SnapshotSink]) -> None:
         self.producer = producer  # looked up at each checkpoint: Faust creates its producer late
-        self.write_state = write_state  # partition, value -> the state table and its changelog
+        self.confirmed = confirmed  # partition, records -> acknowledged state records, kept in the table
         self.mark_safe = mark_safe  # partition, offset -> the consumer may commit up to offset
         self.metrics = metrics
         self.sinks = sinks
         self.lock = asyncio.Lock()
         self.dead: list[DeadLetter] = []  # dead letters waiting for the next checkpoint
+        self.failing: str | None = None  # why the last checkpoint's writes failed (None: they did not)
 
     async def checkpoint(self, parts: Iterable[PartitionState]) -> None:
         """Write the changed states of ``parts``, confirm, mark safe, publish.  Callers
-        hold ``lock``."""
-        sent: list[tuple[PartitionState, int, int]] = []  # state, safe offset, snapshots to publish
+        hold ``lock``.  A state the broker does not acknowledge is written again at the
+        next checkpoint; until then its offsets are not committed and its snapshots wait."""
+        writes = []
         for p in parts:
-            if not p.book.dirty:
-                continue
-            value = p.state_value()
-            p.book.dirty = False
-            self.write_state(p.partition, value)
-            sent.append((p, p.commit_offset(), len(p.book.outbox)))
-        if not sent and not self.dead:
+            if p.book.dirty:
+                p.book.dirty = False
+                writes.append(_Write(p, p.state_value()))
+        if not writes and not self.dead:
             return
         producer = self.producer()
         dead, self.dead = self.dead, []
-        for key, value in dead:
-            await producer.send(DLQ, key, value, None, None, None)
-        await producer.flush()  # state durable before offsets move or snapshots go out
+        # 1. the chunks (into the slot the current header does not name) and the dead letters
+        for w in writes:
+            for key, value in w.chunks:
+                w.futures.append(await _send(producer, STATE_CHANGELOG, key, value, w.p.partition))
+        dead_futures = [await _send(producer, DLQ, key, value, None) for key, value in dead]
+        await producer.flush()
+        error = _failure(dead_futures)
+        if error is not None:  # their records are before offsets about to be committed: all wait
+            self.dead[:0] = dead
+            return self._failed(writes, error)
+        outcome = [(w, _failure(w.futures)) for w in writes]
+        failed = [w for w, e in outcome if e is not None]
+        ok = [w for w, e in outcome if e is None]
+        # 2. the headers of the states whose chunks are all confirmed: now the new slot counts
+        for w in ok:
+            w.futures = [await _send(producer, STATE_CHANGELOG, w.header[0], w.header[1], w.p.partition)]
+        if ok:
+            await producer.flush()
+        outcome = [(w, _failure(w.futures)) for w in ok]
+        failed += [w for w, e in outcome if e is not None]
+        done = [w for w, e in outcome if e is None]
+        if failed:
+            self._failed(failed, _failure(failed[0].futures) or RuntimeError("state write failed"))
+        elif self.failing is not None:
+            log.warning("window state acknowledged again: offsets and snapshots move on")
+            self.failing = None
+        await self._publish(producer, done)
+
+    def _failed(self, writes: Sequence[_Write], error: BaseException) -> None:
+        for w in writes:
+            w.p.book.dirty = True  # written again next time; the slot stays free
+        if self.failing is None:
+            log.error("window state not acknowledged by the broker (%r): offsets are not committed and snapshots "
+                      "wait until a write succeeds; retrying every checkpoint", error)
+        self.failing = f"window state writes failing: {error!r}"
+        self.metrics.state_write_failed(len(writes))
+
+    async def _publish(self, producer: Producer, done: Sequence[_Write]) -> None:
+        """The states in ``done`` are durable: offsets may be committed, drained spill
+        records deleted, and their outboxes published."""
         published: list[tuple[WindowBook, list[Snapshot]]] = []
         t0 = time.perf_counter()
-        for p, offset, n_out in sent:
+        for w in done:
+            p = w.p
+            p.state_slot = w.slot
+            self.confirmed(p.partition, [*w.chunks, w.header])
             p.spill.acked()  # drained records are counted in durable state
-            if n_out:
-                snaps = p.book.outbox[:n_out]
+            if w.n_out:
+                snaps = p.book.outbox[:w.n_out]
                 for snap in snaps:
                     await producer.send(SNAPSHOTS, snap["region"].encode(), orjson.dumps(snap), None, None, None)
                 published.append((p.book, snaps))
-            self.mark_safe(p.partition, offset)
+            self.mark_safe(p.partition, w.offset)
         if published:
             await producer.flush()
             out = [s for _, snaps in published for s in snaps]

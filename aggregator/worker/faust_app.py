@@ -11,9 +11,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import faust
+import orjson
 
 from aggregator.config import Settings
 from aggregator.core.contract import APP_ID, CLICKS, STATE_TABLE
+from aggregator.core.statechunks import decode_state
 from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport
 
 FETCH_MAX_BYTES = 4 * 1024 * 1024  # per partition (Faust's default is 1 MiB): fewer, larger batches
@@ -78,16 +80,21 @@ class FaustApp:
         return None if hw is None or hw < 0 else int(hw)
 
     # -------------------------------------------------------------------- state
-    def stored_state(self, partition: int) -> Any:
-        """The partition's state value in the table (recovered or written here), or None."""
-        # Faust hands recovered keys back decoded (b"3" -> 3): accept every spelling
+    def stored_state(self, partition: int) -> tuple[dict[str, Any], int | None] | None:
+        """The partition's state in the table (recovered from the changelog, or confirmed
+        here) and its slot, or None (core.statechunks)."""
+        # Faust's recovery hands keys and values back JSON-decoded (b"3" -> 3); what this
+        # process confirmed is kept the same way, its values as bytes
         data = self.table.data
-        return data.get(partition) or data.get(str(partition).encode()) or data.get(str(partition))
+        head = data.get(partition) or data.get(str(partition).encode()) or data.get(str(partition))
+        return decode_state(partition, head, data.get)
 
-    def write_state(self, partition: int, value: bytes) -> None:
-        """Into the table and, buffered in the producer, its changelog."""
-        self.table.data[partition] = value
-        self.table.send_changelog(partition, str(partition).encode(), value)
+    def state_confirmed(self, partition: int, records: list[tuple[bytes, bytes]]) -> None:
+        """Records of the partition's state the broker acknowledged on its changelog: kept in
+        the table too, as recovery would have them, for when the partition comes back here."""
+        data = self.table.data
+        for key, value in records:
+            data[orjson.loads(key)] = value
 
     def mark_safe(self, partition: int, offset: int) -> None:
         """Every record of the partition before ``offset`` is durably accounted for: the

@@ -22,7 +22,8 @@ from aggregator.spill.partition import PartitionSpill
 
 log = logging.getLogger("aggregator.worker")
 
-StoredState = Callable[[int], "bytes | dict[str, Any] | None"]  # partition -> its changelog value, or None
+# partition -> (its state, the changelog slot it was read from) or None (core.statechunks)
+StoredState = Callable[[int], "tuple[dict[str, Any], int | None] | None"]
 
 
 class BookSettings:
@@ -42,7 +43,7 @@ class BookSettings:
 
 
 class PartitionState:
-    __slots__ = ("partition", "book", "spill", "lag", "last_record_ms")
+    __slots__ = ("partition", "book", "spill", "lag", "last_record_ms", "state_slot")
 
     def __init__(self, partition: int, book: WindowBook, spill: PartitionSpill) -> None:
         self.partition = partition
@@ -50,6 +51,7 @@ class PartitionState:
         self.spill = spill
         self.lag = 0
         self.last_record_ms: int | None = None  # wall time of the last fetched batch
+        self.state_slot: int | None = None  # the changelog slot of its last confirmed state (core.statechunks)
 
     def state_value(self) -> bytes:
         """The changelog value: the book with the spill ledger, one record."""
@@ -87,10 +89,10 @@ class Partitions:
         reconciled with the ledger."""
         book = self.books.new_book()
         ledger = SpillLedger()
-        raw = self.stored(partition)
-        if raw:
-            # recovered values come back JSON-decoded; live ones are our bytes
-            state = raw if isinstance(raw, dict) else orjson.loads(raw)
+        stored = self.stored(partition)
+        slot = None
+        if stored is not None:
+            state, slot = stored
             book.load(state)
             ledger.load(state.get("spill"))
             self.metrics.state_recovered()
@@ -102,6 +104,7 @@ class Partitions:
         self.metrics.spill_fault("corrupt", sum(spill.store.corrupt_records.values()))
         self.metrics.spill_fault("torn", sum(spill.store.torn_tails.values()))
         p = self.owned[partition] = PartitionState(partition, book, spill)
+        p.state_slot = slot
         return p
 
     def forget(self, partition: int) -> None:

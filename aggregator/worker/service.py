@@ -50,7 +50,7 @@ class WorkerService:
         books = BookSettings(settings.window_ms, settings.grace_ms, settings.late_after_ms, settings.idle_ms,
                              settings.max_regions)
         self.partitions = Partitions(books, settings.spill_path, kafka.stored_state, metrics)
-        self.checkpointer = Checkpointer(lambda: app.producer, kafka.write_state, kafka.mark_safe, metrics, sinks)
+        self.checkpointer = Checkpointer(lambda: app.producer, kafka.state_confirmed, kafka.mark_safe, metrics, sinks)
         self.max_ahead_ms = settings.max_ahead_ms
         self.wake = asyncio.Event()  # set when snapshots wait to be published
         self.started = False
@@ -65,7 +65,7 @@ class WorkerService:
             return "recovering window state from the changelog"
         if self.app.rebalancing:
             return "consumer group rebalancing"
-        return None
+        return self.checkpointer.failing
 
     def ready(self) -> bool:
         return self.not_ready() is None

@@ -3,6 +3,7 @@ aiokafka's builder and read back through the worker consumer's raw path, so the
 objects are the ones a live fetch hands to the decoder."""
 from __future__ import annotations
 
+import orjson
 from aiokafka.consumer import fetcher
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
@@ -29,3 +30,13 @@ def fetched(specs: list[Spec], base: int = 0, timestamp: int = 1_000, log_append
     recs = _PartitionRecords(tp, MemoryRecords(bytes(raw)), [], base, None, RawTopics(frozenset({"clicks"})), True,
                              fetcher.READ_UNCOMMITTED)
     return recs.take_all()
+
+
+def recovered(partition: int, value: bytes, slot: int = 0):
+    """A ``stored_state`` callable over a table holding ``value`` as Faust's recovery
+    would: the state's chunk and header records, keys and values JSON-decoded."""
+    from aggregator.core.statechunks import decode_state, encode_chunks
+
+    chunks, header = encode_chunks(partition, value, slot)
+    data = {orjson.loads(k): orjson.loads(v) for k, v in [*chunks, header]}
+    return lambda p: decode_state(p, data.get(p), data.get)

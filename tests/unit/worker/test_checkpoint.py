@@ -8,7 +8,8 @@ import asyncio
 
 import orjson
 
-from aggregator.core.contract import DLQ, SNAPSHOTS
+from aggregator.core.contract import DLQ, SNAPSHOTS, STATE_CHANGELOG
+from aggregator.core.statechunks import decode_state, encode_chunks
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer
 from aggregator.worker.partitions import BookSettings, Partitions
@@ -17,14 +18,29 @@ BOOKS = BookSettings(window_ms=1000, grace_ms=100, late_after_ms=60_000, idle_ms
 
 
 class RecordingProducer:
+    """Records sends and flushes; ``refuse(topic)`` makes the broker refuse that topic's
+    records (their futures fail at the next flush), as Kafka does for a record over the
+    topic's max.message.bytes (the real refusal runs in tests/integration/test_state_writes.py)."""
+
     def __init__(self, log: list) -> None:
         self.log = log
+        self.refused: set[str] = set()
+        self.pending: list = []
 
     async def send(self, topic, key, value, partition, timestamp, headers):
         self.log.append(("send", topic, key, value))
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((topic, fut))
+        return fut
 
     async def flush(self):
         self.log.append(("flush",))
+        for topic, fut in self.pending:
+            if topic in self.refused:
+                fut.set_exception(RuntimeError(f"MessageSizeTooLargeError on {topic}"))
+            else:
+                fut.set_result(None)
+        self.pending = []
 
 
 def setup(tmp_path):
@@ -36,10 +52,18 @@ def setup(tmp_path):
     def bad_sink(snaps):
         raise RuntimeError("a broken view")
 
-    cp = Checkpointer(lambda: producer, lambda p, v: log.append(("state", p, orjson.loads(v)["next_offset"])),
+    cp = Checkpointer(lambda: producer, lambda p, recs: log.append(("confirmed", p, len(recs))),
                       lambda p, o: log.append(("safe", p, o)), m, [bad_sink, seen.extend])
     parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
+    cp.test_producer = producer
     return cp, parts, log, seen, m
+
+
+def state_of(log: list, partition: int) -> dict:
+    """The state the changelog sends of ``log`` hold for ``partition`` (the last header's)."""
+    data = {orjson.loads(e[2]): orjson.loads(e[3]) for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG}
+    state, _ = decode_state(partition, data.get(partition), data.get)
+    return state
 
 
 def test_order_of_a_checkpoint(tmp_path):
@@ -50,16 +74,21 @@ def test_order_of_a_checkpoint(tmp_path):
     cp.dead.append((b"x", b'{"reason": "bad_region"}'))
     outbox = list(a.book.outbox)
     assert [s["region"] for s in outbox] == ["eu", "us"]
+    chunks, header = encode_chunks(0, a.state_value(), 0)
     asyncio.run(cp.checkpoint([a, quiet]))
     assert log == [
-        ("state", 0, 3),                      # only the changed partition
+        *[("send", STATE_CHANGELOG, k, v) for k, v in chunks],  # only the changed partition
         ("send", DLQ, b"x", b'{"reason": "bad_region"}'),
+        ("flush",),                           # its chunks confirmed before
+        ("send", STATE_CHANGELOG, *header),   # the header that names them,
         ("flush",),                           # state durable before anything depends on it:
+        ("confirmed", 0, len(chunks) + 1),
         ("send", SNAPSHOTS, b"eu", orjson.dumps(outbox[0])),  # its snapshots go out,
         ("send", SNAPSHOTS, b"us", orjson.dumps(outbox[1])),
         ("safe", 0, 3),                       # the offset it holds may be committed
         ("flush",),
     ]
+    assert state_of(log, 0)["next_offset"] == 3 and a.state_slot == 0
     assert seen == outbox  # a failing sink does not stop the others
     assert a.book.outbox == [] and a.book.dirty  # the trimmed outbox is written next time
     assert cp.dead == []
@@ -83,3 +112,53 @@ def test_snapshots_closed_after_the_state_was_written_wait_for_the_next_checkpoi
     p.book.apply([("eu", 2_500, None)], 2, 2_500)  # closes [1000, 2000)
     asyncio.run(cp.checkpoint([p]))
     assert [(s["region"], s["window_start"], s["count"]) for s in seen] == [("eu", 1000, 1)]
+
+
+def test_a_refused_state_write_commits_nothing_publishes_nothing_and_is_retried(tmp_path):
+    cp, parts, log, seen, m = setup(tmp_path)
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)  # closes [1000, 2000)
+    cp.test_producer.refused.add(STATE_CHANGELOG)
+    asyncio.run(cp.checkpoint([p]))
+    assert not [e for e in log if e[0] in ("safe", "confirmed") or e[1:2] == (SNAPSHOTS,)]
+    assert [e for e in log if e[0] == "send"] == [e for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG]
+    assert len([e for e in log if e[0] == "send"]) == 1  # the chunk only: no header for a slot not written
+    assert seen == [] and p.book.dirty and p.state_slot is None and len(p.book.outbox) == 1
+    assert cp.failing and "MessageSizeTooLarge" in cp.failing
+    assert m.registry.get_sample_value("clickstream_state_write_failures_total") == 1
+    asyncio.run(cp.checkpoint([p]))  # still refused: counted again, still nothing out
+    assert m.registry.get_sample_value("clickstream_state_write_failures_total") == 2 and seen == []
+
+    cp.test_producer.refused.clear()  # the broker takes it again
+    log.clear()
+    asyncio.run(cp.checkpoint([p]))
+    assert cp.failing is None and p.state_slot == 0
+    assert ("safe", 0, 2) in log and [(s["region"], s["count"]) for s in seen] == [("eu", 1)]
+    assert state_of(log, 0)["next_offset"] == 2
+
+
+def test_a_new_state_goes_to_the_other_slot(tmp_path):
+    cp, parts, log, _, _ = setup(tmp_path)
+    p = parts.open(0)
+    slots = []
+    for i in range(3):
+        p.book.apply([("eu", 1_000 + i, None)], i + 1, 1_000 + i)
+        log.clear()
+        asyncio.run(cp.checkpoint([p]))
+        keys = [orjson.loads(e[2]) for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG]
+        slots.append((p.state_slot, keys))
+    assert slots == [(0, ["0/0/0", 0]), (1, ["0/1/0", 0]), (0, ["0/0/0", 0])]
+
+
+def test_refused_dead_letters_hold_every_commit_and_are_sent_again(tmp_path):
+    cp, parts, log, _, m = setup(tmp_path)
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None)], 1, 1_000)
+    cp.dead.append((b"x", b'{"reason": "bad_region"}'))
+    cp.test_producer.refused.add(DLQ)
+    asyncio.run(cp.checkpoint([p]))
+    assert not [e for e in log if e[0] == "safe"] and cp.dead == [(b"x", b'{"reason": "bad_region"}')]
+    assert p.book.dirty and cp.failing
+    cp.test_producer.refused.clear()
+    asyncio.run(cp.checkpoint([p]))
+    assert ("safe", 0, 1) in log and cp.dead == [] and cp.failing is None

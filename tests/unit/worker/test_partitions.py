@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aggregator.metrics import Metrics
 from aggregator.worker.partitions import BookSettings, Partitions
+from tests.unit.worker.records import recovered
 
 BOOKS = BookSettings(window_ms=1000, grace_ms=100, late_after_ms=60_000, idle_ms=60_000, max_regions=10)
 
@@ -27,9 +28,8 @@ def test_state_written_by_one_owner_is_recovered_by_the_next(tmp_path):
     assert p.book.outbox  # window [1000, 2000) closed at stream time 3200
     assert p.commit_offset() == 17
     value = p.state_value()
-    stored = {1: value}
     m = Metrics()
-    second = Partitions(BOOKS, tmp_path / "b", stored.get, m)
+    second = Partitions(BOOKS, tmp_path / "b", recovered(1, value), m)
     q = second.open(1)
     assert q.book.next_offset == 17
     assert q.book.outbox == p.book.outbox

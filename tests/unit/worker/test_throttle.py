@@ -10,7 +10,7 @@ from aggregator.metrics import Metrics
 from aggregator.worker.decoder import RecordDecoder
 from aggregator.worker.partitions import BookSettings, Partitions
 from aggregator.worker.throttle import Throttle, rebuild_replay, skip_applied
-from tests.unit.worker.records import fetched
+from tests.unit.worker.records import fetched, recovered
 
 BOOKS = BookSettings(window_ms=60_000, grace_ms=1000, late_after_ms=600_000, idle_ms=3_600_000, max_regions=10)
 
@@ -91,8 +91,7 @@ def test_rebuild_replay_re_spills_the_lost_backlog(tmp_path):
     assert backlog > 0
     # the spill files are lost (another host took the partition over): a new owner
     # recovers the state, finds no files, and rebuilds the backlog from the source
-    stored = {0: p.state_value()}
-    other = Partitions(BOOKS, tmp_path / "b", stored.get, m)
+    other = Partitions(BOOKS, tmp_path / "b", recovered(0, p.state_value()), m)
     q = other.open(0)
     assert q.spill.ledger.rebuild
     rebuild_replay(q, RecordDecoder(), recs, q.book.next_offset, 3_000, 10**15)
