@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from faust.types import TP
 
+from aggregator import tracing
 from aggregator.config import Settings
 from aggregator.core.contract import CLICKS, FUTURE_TS, BookEvent
 from aggregator.core.ratelimit import RateLimits
@@ -54,7 +55,8 @@ class WorkerService:
         self.max_ahead_ms = settings.max_ahead_ms
         self.wake = asyncio.Event()  # set when snapshots wait to be published
         self.started = False
-        kafka.wire(self.on_batch, self._holding, self._ticks, self._on_revoked)
+        # tracing on: a consumer span per batch, linked to the request spans of its records
+        kafka.wire(tracing.traced_batches(self.on_batch), self._holding, self._ticks, self._on_revoked)
 
     # ------------------------------------------------------------ readiness
     def not_ready(self) -> str | None:
