@@ -12,7 +12,7 @@ of their ``OTEL_EXPORTER_OTLP_*`` / ``OTEL_BSP_*`` variables themselves.
 
 Spans: one per ``POST /v1/events`` (``request_span``), whose W3C ``traceparent`` goes into
 the Kafka headers of the records it produced (only when it is sampled); one per fetched
-batch of ``clicks`` in the worker (``traced_batches``), linked to the distinct
+batch of ``clicks`` in the worker (``TracedBatches``), linked to the distinct
 ``traceparent`` headers of its records (at most ``MAX_LINKS``).
 
 While off, ``tracer`` is None and the SDK is never imported: the cost is one ``is None``
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ log = logging.getLogger("aggregator.tracing")
 TRACEPARENT = "traceparent"  # the W3C header name, also the Kafka record header's
 MAX_LINKS = 128  # distinct request spans linked from one batch span (the SDK's default link limit)
 DEFAULT_SERVICE_NAME = "clickstream-aggregator"
+_headers = operator.attrgetter("headers")
 EXPORTERS = ("console", "otlp")
 SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
             "parentbased_traceidratio")
@@ -218,37 +220,45 @@ def parse_traceparent(value: bytes) -> SpanContext | None:
 
 
 def batch_links(records: Sequence[Any], limit: int = MAX_LINKS) -> list[Link]:
-    """Links to the distinct valid ``traceparent`` headers of ``records``, in record order,
-    at most ``limit``.  Each distinct value is parsed once; the records of one request carry
-    the same one."""
-    seen: set[bytes] = set()
+    """Links to the distinct valid ``traceparent`` headers of ``records`` (in the order first
+    seen, at most ``limit``).
+
+    Only a record's last header is looked at: that is where the ingest puts it (after its
+    ``clickstream-ingest`` header) and where OpenTelemetry's Kafka instrumentations append
+    it.  So the pass over the batch is one dict comprehension (0.1-0.25 µs a record here,
+    only while tracing is on), and each distinct value is parsed once."""
+    last = {hs[-1]: None for hs in map(_headers, records) if hs}
     links: list[Link] = []
     name = TRACEPARENT
-    for rec in records:
-        hs = rec.headers
-        if not hs:
-            continue
-        for k, v in hs:
-            if k == name and v not in seen:
-                seen.add(v)
-                ctx = parse_traceparent(v)
-                if ctx is not None:
-                    links.append(Link(ctx))
-                    if len(links) >= limit:
-                        return links
+    for k, v in last:
+        if k == name:
+            ctx = parse_traceparent(v)
+            if ctx is not None:
+                links.append(Link(ctx))
+                if len(links) >= limit:
+                    break
     return links
 
 
 BatchHandler = Callable[[Any, Sequence[Any]], None]
 
 
-def traced_batches(handler: BatchHandler) -> BatchHandler:
+class TracedBatches:
     """``handler`` (one call per fetched batch of a partition) inside a consumer span per
-    batch, linked to the request spans of its records, while tracing is on."""
-    def on_batch(tp: Any, records: Sequence[Any]) -> None:
+    batch, linked to the request spans of its records, while tracing is on.
+
+    A callable object, not a closure: the consumer keeps its batch handler as a class
+    attribute, where a plain function would be bound as a method."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: BatchHandler) -> None:
+        self.handler = handler
+
+    def __call__(self, tp: Any, records: Sequence[Any]) -> None:
         tr = tracer
         if tr is None:
-            handler(tp, records)
+            self.handler(tp, records)
             return
         links = batch_links(records)
         attrs = {"messaging.system": "kafka", "messaging.operation.type": "process",
@@ -258,8 +268,7 @@ def traced_batches(handler: BatchHandler) -> BatchHandler:
                  "messaging.kafka.offset.last": records[-1].offset if records else -1,
                  "clickstream.links": len(links)}
         with tr.start_as_current_span(f"process {tp.topic}", kind=SpanKind.CONSUMER, links=links, attributes=attrs):
-            handler(tp, records)
-    return on_batch
+            self.handler(tp, records)
 
 
 def current_ids() -> tuple[str, str] | None:

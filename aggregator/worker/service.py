@@ -56,7 +56,7 @@ class WorkerService:
         self.wake = asyncio.Event()  # set when snapshots wait to be published
         self.started = False
         # tracing on: a consumer span per batch, linked to the request spans of its records
-        kafka.wire(tracing.traced_batches(self.on_batch), self._holding, self._ticks, self._on_revoked)
+        kafka.wire(tracing.TracedBatches(self.on_batch), self._holding, self._ticks, self._on_revoked)
 
     # ------------------------------------------------------------ readiness
     def not_ready(self) -> str | None:

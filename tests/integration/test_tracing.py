@@ -4,7 +4,7 @@ headers of its records, and the worker's batch span over those records links to 
 Real parts in one process: the broker (embedded, or the shared real Kafka), the HTTP routes
 with the real ``IngestHandler`` and ``IngestProducer``, the records fetched back from
 ``clicks`` and handed, a partition's batch at a time, to the worker's batch code
-(``tracing.traced_batches`` around the ``RecordDecoder``, as ``WorkerService`` wires it).
+(``tracing.TracedBatches`` around the ``RecordDecoder``, as ``WorkerService`` wires it).
 Spans go to an in-memory exporter."""
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ class Worker:
 
 
 def batches(worker: Worker, by_partition: dict[int, list]) -> None:
-    handle = tracing.traced_batches(worker.on_batch)
+    handle = tracing.TracedBatches(worker.on_batch)
     for partition, recs in sorted(by_partition.items()):
         handle(type("TP", (), {"topic": CLICKS, "partition": partition})(), recs)
 

@@ -165,14 +165,16 @@ def tp_of(i: int) -> bytes:
     return b"00-%032x-%016x-01" % (i + 1, i + 1)
 
 
-def test_batch_links_distinct_in_order_and_from_any_header_position():
+def test_batch_links_distinct_in_order_from_the_last_header():
     recs = fetched([
         (b"eu", b"{}", [("clickstream-ingest", b"1"), ("traceparent", tp_of(1))]),
         (b"eu", b"{}", [("clickstream-ingest", b"1"), ("traceparent", tp_of(1))]),
         (b"eu", b"{}", []),
+        (b"eu", b"{}", [("clickstream-ingest", b"2")]),
         (b"eu", b"{}", [("traceparent", b"not one")]),
-        (b"us", b"{}", [("traceparent", tp_of(2)), ("other", b"x")]),  # a Kafka-direct producer's
+        (b"us", b"{}", [("other", b"x"), ("traceparent", tp_of(2))]),  # a Kafka-direct producer's
         (b"eu", b"{}", [("clickstream-ingest", b"1"), ("traceparent", tp_of(0))]),
+        (b"us", b"{}", [("traceparent", tp_of(7)), ("baggage", b"k=v")]),  # not last: not looked at
     ])
     links = tracing.batch_links(recs)
     assert [link.context.trace_id for link in links] == [2, 3, 1]
@@ -199,7 +201,7 @@ def test_traced_batches_off_calls_through_without_a_span():
         seen.append((len(records), trace.get_current_span().get_span_context().is_valid))
 
     recs = fetched([(b"eu", b"{}", [("traceparent", tp_of(1))])])
-    tracing.traced_batches(handler)(TP(), recs)
+    tracing.TracedBatches(handler)(TP(), recs)
     assert seen == [(1, False)]
 
 
@@ -210,7 +212,7 @@ def test_traced_batches_on_makes_a_linked_consumer_span(spans):
         inside.append(trace.get_current_span().get_span_context())
 
     recs = fetched([(b"eu", b"{}", [("traceparent", tp_of(4))]), (b"eu", b"{}", [])], base=40)
-    tracing.traced_batches(handler)(TP(), recs)
+    tracing.TracedBatches(handler)(TP(), recs)
     [span] = finished(spans)
     assert span.name == "process clicks" and span.kind is SpanKind.CONSUMER
     assert span.context == inside[0]
@@ -227,7 +229,7 @@ def test_traced_batches_span_records_an_exception(spans):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        tracing.traced_batches(handler)(TP(), fetched([(b"eu", b"{}", [])]))
+        tracing.TracedBatches(handler)(TP(), fetched([(b"eu", b"{}", [])]))
     [span] = finished(spans)
     assert not span.status.is_ok and span.events[0].name == "exception"
 
@@ -253,3 +255,18 @@ def test_log_line_without_tracing_has_no_trace_id():
     other = TracerProvider().get_tracer("other")
     with other.start_as_current_span("x"):
         assert "trace_id" not in line("off")
+
+
+def test_traced_batches_as_the_consumers_class_attribute():
+    # BatchConsumer keeps the handler as a class attribute and calls self.batch_handler(tp, records):
+    # the wrapper must not be bound as a method there
+    from aggregator.worker.consumer import BatchConsumer
+
+    seen = []
+
+    class Consumer(BatchConsumer):
+        pass
+
+    Consumer.batch_handler = tracing.TracedBatches(lambda tp, records: seen.append(len(records)))
+    Consumer.__new__(Consumer).batch_handler(TP(), fetched([(b"eu", b"{}", [])]))
+    assert seen == [1]
