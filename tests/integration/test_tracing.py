@@ -27,6 +27,8 @@ from aggregator.metrics import Metrics
 from aggregator.tracing import TracingConfig
 from aggregator.web.server import NoSnapshots, Routes
 from aggregator.worker.decoder import RecordDecoder
+from tests.conftest import wait_for
+from tools.bench.otlp_sink import OtlpSink
 
 CLIENT_TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 CLIENT_SPAN = 0x00F067AA0BA902B7
@@ -177,3 +179,36 @@ async def test_tracing_off_adds_no_header_and_makes_no_span(broker):
     batches(worker, fetched)
     assert len(worker.events) == 30
     assert seen and not any(seen)  # no span around the batch step
+
+
+# ------------------------------------------------------------------ the real service
+def test_service_with_tracing_on_exports_linked_spans(service_factory):
+    """``aggregator run`` with the standard OTEL_* variables: the request spans and the batch
+    spans linked to them reach an OTLP/HTTP receiver."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    sink = OtlpSink(keep=True).start()
+    try:
+        env = dict(sink.env(), OTEL_SERVICE_NAME="agg-under-test", OTEL_BSP_SCHEDULE_DELAY="200")
+        svc = service_factory(**env).start()
+        for i in range(3):
+            status, _, ans = svc.post(events(i))
+            assert status == 200 and ans["accepted"] == 30, ans
+
+        def linked():
+            kept = list(sink.kept)
+            reqs = {(s["trace_id"], s["span_id"]) for s in kept if s["name"] == "POST /v1/events"}
+            links = {link for s in kept if s["name"] == f"process {CLICKS}" for link in s["links"]}
+            return (reqs, kept) if len(reqs) == 3 and reqs <= links else None
+
+        reqs, kept = wait_for(linked, timeout=30, what="3 request spans, each linked from a batch span")
+        assert {s["service"] for s in kept} == {"agg-under-test"}
+    finally:
+        sink.stop()
+
+
+def test_bad_otel_setting_is_one_line(service_factory):
+    svc = service_factory(OTEL_TRACES_EXPORTER="jaeger").start(wait_ready=None)
+    assert svc.proc.wait(60) == 2
+    err = [line for line in svc.tail().splitlines() if line.startswith("error:")]
+    assert err == ["error: OTEL_TRACES_EXPORTER: unknown exporter 'jaeger': use console, otlp or none"]
+    assert "Traceback" not in svc.tail()

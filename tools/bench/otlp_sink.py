@@ -15,8 +15,10 @@ from typing import Any
 
 
 class OtlpSink:
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
         self.requests = self.bytes = self.spans = self.links = 0
+        self.keep = keep  # keep every span received (tests), as a dict
+        self.kept: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         sink = self
 
@@ -62,6 +64,13 @@ class OtlpSink:
                 for ss in rs.scope_spans:
                     spans += len(ss.spans)
                     links += sum(len(s.links) for s in ss.spans)
+                    if self.keep:
+                        kept = [{"name": s.name, "kind": s.kind, "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
+                                 "links": [(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
+                                 "service": {a.key: a.value.string_value for a in rs.resource.attributes}
+                                 .get("service.name")} for s in ss.spans]
+                        with self.lock:
+                            self.kept += kept
         except Exception:  # noqa: BLE001 - no proto package, or not a trace request: count the bytes only
             pass
         with self.lock:
