@@ -5,6 +5,9 @@ acknowledged every accepted record.
 One ``ingest_ts`` per request (its receipt time).  Records are grouped by region
 (order within a region kept) and appended, without an await per record, to the shared
 per-partition record batches of ``producer.BatchProducer``.
+
+With tracing on (``aggregator.tracing``, docs/tracing.md) a request is a span, and a
+sampled one's ``traceparent`` follows ``clickstream-ingest`` in its records' headers.
 """
 from __future__ import annotations
 

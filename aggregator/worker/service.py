@@ -3,7 +3,8 @@
 Composes the parts, each owning its state, around the Faust app (``faust_app``:
 consumer group, changelog-backed table, recovery, offset commits):
 
-* ``consumer.BatchConsumer`` hands each fetched batch of ``clicks`` to ``on_batch``;
+* ``consumer.BatchConsumer`` hands each fetched batch of ``clicks`` to ``on_batch``
+  (with tracing on, inside a span linked to the request spans of its records);
 * ``decoder.RecordDecoder`` turns records into events (dead letters aside);
 * ``throttle.Throttle`` spills what is over a region's rate and drains it back;
 * ``partitions.Partitions`` holds each owned partition's book, spill and lag;
