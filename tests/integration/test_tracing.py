@@ -55,7 +55,7 @@ async def ingest(bootstrap: str, bodies: list[tuple[list[dict], dict[str, str]]]
             await asyncio.sleep(0.1)
         metrics = Metrics()
         handler = IngestHandler(producer, metrics, "", 1 << 20, 1000)
-        app = Routes(metrics.registry, NoSnapshots(), lambda: None, handler, None).app(1 << 20)
+        app = Routes(metrics, NoSnapshots(), lambda: None, handler, None).app(1 << 20)
         answers = []
         async with TestClient(TestServer(app)) as client:
             for body, headers in bodies:
