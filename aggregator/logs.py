@@ -1,5 +1,6 @@
 """Logging for every command: one JSON object per line on stderr (``AGG_LOG_FORMAT=text``
-for plain lines); the libraries' chatter is kept at WARNING and above."""
+for plain lines); the libraries' chatter is kept at WARNING and above.  With tracing on
+(docs/tracing.md), a JSON line written inside a span carries its ``trace_id`` and ``span_id``."""
 from __future__ import annotations
 
 import json
@@ -7,11 +8,16 @@ import logging
 import os
 import sys
 
+from aggregator import tracing
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {"ts": round(record.created, 3), "level": record.levelname.lower(),
                "logger": record.name, "msg": record.getMessage()}
+        ids = tracing.current_ids()  # None at once while tracing is off
+        if ids is not None:
+            out["trace_id"], out["span_id"] = ids
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)

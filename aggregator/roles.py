@@ -16,12 +16,14 @@ requests in flight before the producer flushes), then the Faust app.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import mode
 
+from aggregator import tracing
 from aggregator.broker.probe import BrokerProbe
 from aggregator.config import Settings
 from aggregator.core.contract import Snapshot
@@ -35,6 +37,11 @@ from aggregator.web.server import Handler, HttpServer, NoSnapshots, Routes, Snap
 def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str] | None = None) -> None:
     """Run the role of ``settings`` until a signal stops it (raises SystemExit); ``notes`` are
     shown in every ``/readyz`` answer (e.g. that the embedded broker keeps nothing)."""
+    try:
+        tracing.setup_from_env()  # off unless OTEL_TRACES_EXPORTER names an exporter (docs/tracing.md)
+    except tracing.TracingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     metrics = Metrics(settings.grace_seconds, settings.window_seconds)
     probe = BrokerProbe(settings.bootstrap(), metrics.broker_reachable)
     services: list[mode.Service] = [probe]

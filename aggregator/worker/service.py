@@ -3,7 +3,8 @@
 Composes the parts, each owning its state, around the Faust app (``faust_app``:
 consumer group, changelog-backed table, recovery, offset commits):
 
-* ``consumer.BatchConsumer`` hands each fetched batch of ``clicks`` to ``on_batch``;
+* ``consumer.BatchConsumer`` hands each fetched batch of ``clicks`` to ``on_batch``
+  (with tracing on, inside a span linked to the request spans of its records);
 * ``decoder.RecordDecoder`` turns records into events (dead letters aside);
 * ``throttle.Throttle`` spills what is over a region's rate and drains it back;
 * ``partitions.Partitions`` holds each owned partition's book, spill and lag;
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 
 from faust.types import TP
 
+from aggregator import tracing
 from aggregator.config import Settings
 from aggregator.core.contract import CLICKS, FUTURE_TS, BookEvent
 from aggregator.core.ratelimit import RateLimits
@@ -54,7 +56,8 @@ class WorkerService:
         self.max_ahead_ms = settings.max_ahead_ms
         self.wake = asyncio.Event()  # set when snapshots wait to be published
         self.started = False
-        kafka.wire(self.on_batch, self._holding, self._ticks, self._on_revoked)
+        # tracing on: a consumer span per batch, linked to the request spans of its records
+        kafka.wire(tracing.TracedBatches(self.on_batch), self._holding, self._ticks, self._on_revoked)
 
     # ------------------------------------------------------------ readiness
     def not_ready(self) -> str | None:

@@ -4,6 +4,8 @@ delay and memory (issue 7).  Prints a table and writes docs/benchmarks.md from t
     .venv/bin/python -m tools.bench                            # the full run (make bench)
     .venv/bin/python -m tools.bench --n 100000 --runs 1 --memory-n 0 --faust-n 2000 \\
         --ingest-duration 3 --out -                            # a quick look, writes nothing
+    .venv/bin/python -m tools.bench --tracing                  # the same with tracing on
+                                                               # (writes docs/benchmarks-tracing.md)
 
 Every run starts its own broker (loopback only): the embedded one, and for figures 2 and 3
 also Apache Kafka (scripts/kafka.sh) unless --kafka no.  See tools/bench/ for what each
@@ -25,6 +27,7 @@ import orjson
 
 from aggregator.broker import EmbeddedBroker, ensure_topics
 from tools.bench import common, ingest, report, throughput
+from tools.bench.otlp_sink import OtlpSink
 from tools.kafka import ScriptKafka, kafka_usable
 
 BrokerT = TypeVar("BrokerT", EmbeddedBroker, ScriptKafka)
@@ -252,54 +255,8 @@ def render(source: str, out: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=1_000_000, help="backlog for worker throughput")
-    ap.add_argument("--runs", type=int, default=3, help="runs per figure (medians)")
-    ap.add_argument("--faust-n", type=int, default=20_000, help="events for the plain-Faust reference (0: skip)")
-    ap.add_argument("--memory-n", type=int, default=3_000_000, help="larger backlog for peak RSS (0: skip)")
-    ap.add_argument("--memory-runs", type=int, default=1)
-    ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--ingest-duration", type=float, default=10.0, help="seconds per ingest phase (0: skip ingest)")
-    ap.add_argument("--window-s", type=float, default=2.0, help="window length during the ingest runs")
-    ap.add_argument("--grace-s", type=float, default=1.0, help="grace during the ingest runs")
-    ap.add_argument("--big-concurrency", type=int, default=8, help="connections at batch 1000")
-    ap.add_argument("--small-concurrency", type=int, default=32, help="connections at batch 10")
-    ap.add_argument("--no-one", dest="one", action="store_false",
-                    help="skip the one-process (role all) ingest runs")
-    ap.add_argument("--kafka", choices=("auto", "yes", "no", "only"), default="auto",
-                    help="also measure ingest and snapshot delay (figures 2 and 3, split runs) on Apache Kafka "
-                         "started by scripts/kafka.sh: auto = when it can be assembled here; only = not on "
-                         "the embedded broker")
-    ap.add_argument("--kafka-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "",
-                    help="where Kafka's log goes (default tmpfs: the VM's shared disk stalls writes)")
-    ap.add_argument("--skip-worker", action="store_true")
-    ap.add_argument("--profile-dir", default=None, help="record py-spy profiles of the worker here")
-    ap.add_argument("--out", default=os.path.join(common.REPO, "docs", "benchmarks.md"),
-                    help="markdown report ('-': none)")
-    ap.add_argument("--json", default=None, help="also write the raw results here")
-    ap.add_argument("--render", default=None, metavar="MARKDOWN",
-                    help="measure nothing: write --out again from the raw results of an earlier report "
-                         "(its JSON block), e.g. after the report's wording changed")
-    a = ap.parse_args(argv)
-    if a.render:
-        return render(a.render, a.out)
-    if a.profile_dir:
-        os.makedirs(a.profile_dir, exist_ok=True)
-        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-
-    t0 = time.perf_counter()
-    results: dict = {
-        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(["python -m tools.bench", *(argv if argv is not None else sys.argv[1:])]).strip(),
-        "machine": common.machine(),
-        "config": {"partitions": a.partitions, "zipf_s": common.ZIPF_S, "top_share": common.top_share(),
-                   "window_s": a.window_s, "grace_s": a.grace_s, "ingest_duration": a.ingest_duration,
-                   "big_concurrency": a.big_concurrency, "small_concurrency": a.small_concurrency},
-        "notes": [],
-    }
-    log(f"machine: {results['machine']['cpu']}, {results['machine']['nproc']} cores, load {results['machine']['loadavg']}")
+def measure(a: argparse.Namespace, results: dict) -> bool:
+    """Every figure asked for, into ``results``; -> whether every count was exact."""
     ok = True
     if not a.skip_worker and a.n:
         results["worker"], rss, exact = worker_section(a)
@@ -330,6 +287,90 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             log(f"ingest on Apache Kafka skipped: {why}")
             results["notes"].append(f"Figures 2 and 3 were not measured on Apache Kafka: {why}.")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000, help="backlog for worker throughput")
+    ap.add_argument("--runs", type=int, default=3, help="runs per figure (medians)")
+    ap.add_argument("--faust-n", type=int, default=20_000, help="events for the plain-Faust reference (0: skip)")
+    ap.add_argument("--memory-n", type=int, default=3_000_000, help="larger backlog for peak RSS (0: skip)")
+    ap.add_argument("--memory-runs", type=int, default=1)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--ingest-duration", type=float, default=10.0, help="seconds per ingest phase (0: skip ingest)")
+    ap.add_argument("--window-s", type=float, default=2.0, help="window length during the ingest runs")
+    ap.add_argument("--grace-s", type=float, default=1.0, help="grace during the ingest runs")
+    ap.add_argument("--big-concurrency", type=int, default=8, help="connections at batch 1000")
+    ap.add_argument("--small-concurrency", type=int, default=32, help="connections at batch 10")
+    ap.add_argument("--no-one", dest="one", action="store_false",
+                    help="skip the one-process (role all) ingest runs")
+    ap.add_argument("--kafka", choices=("auto", "yes", "no", "only"), default="auto",
+                    help="also measure ingest and snapshot delay (figures 2 and 3, split runs) on Apache Kafka "
+                         "started by scripts/kafka.sh: auto = when it can be assembled here; only = not on "
+                         "the embedded broker")
+    ap.add_argument("--kafka-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "",
+                    help="where Kafka's log goes (default tmpfs: the VM's shared disk stalls writes)")
+    ap.add_argument("--skip-worker", action="store_true")
+    ap.add_argument("--profile-dir", default=None, help="record py-spy profiles of the worker here")
+    ap.add_argument("--tracing", action="store_true",
+                    help="run the service processes with OpenTelemetry tracing on (docs/tracing.md): every "
+                         "ingest request and worker batch sampled, spans sent over OTLP/HTTP to a receiver in "
+                         "this process that drops them; the report goes to docs/benchmarks-tracing.md")
+    ap.add_argument("--out", default=None,
+                    help="markdown report ('-': none; default docs/benchmarks.md, with --tracing "
+                         "docs/benchmarks-tracing.md)")
+    ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--render", default=None, metavar="MARKDOWN",
+                    help="measure nothing: write --out again from the raw results of an earlier report "
+                         "(its JSON block), e.g. after the report's wording changed")
+    a = ap.parse_args(argv)
+    if a.out is None:
+        a.out = os.path.join(common.REPO, "docs", "benchmarks-tracing.md" if a.tracing else "benchmarks.md")
+    if a.render:
+        return render(a.render, a.out)
+    if a.profile_dir:
+        os.makedirs(a.profile_dir, exist_ok=True)
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
+    t0 = time.perf_counter()
+    results: dict = {
+        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python -m tools.bench", *(argv if argv is not None else sys.argv[1:])]).strip(),
+        "machine": common.machine(),
+        "config": {"partitions": a.partitions, "zipf_s": common.ZIPF_S, "top_share": common.top_share(),
+                   "window_s": a.window_s, "grace_s": a.grace_s, "ingest_duration": a.ingest_duration,
+                   "big_concurrency": a.big_concurrency, "small_concurrency": a.small_concurrency},
+        "notes": [],
+    }
+    log(f"machine: {results['machine']['cpu']}, {results['machine']['nproc']} cores, load {results['machine']['loadavg']}")
+    sink = None
+    if a.tracing:
+        sink = OtlpSink().start()
+        os.environ.update(sink.env())  # inherited by every service process started below
+        results["config"]["tracing"] = True
+        log(f"tracing on: the services send their spans to {sink.endpoint} (dropped there)")
+    ok = True
+    try:
+        ok = measure(a, results)
+    finally:
+        if sink is not None:
+            sink.stop()
+            for key in sink.env():
+                os.environ.pop(key, None)
+    if sink is not None:
+        st = results["tracing"] = sink.stats()
+        log(f"tracing: received {st['spans']:,} spans ({st['links']:,} links) in {st['requests']:,} OTLP requests, "
+            f"{st['bytes'] / 1e6:,.1f} MB")
+        results["notes"].append(
+            "Tracing on (`--tracing`): every `POST /v1/events` and every worker batch traced "
+            "(OTEL_TRACES_SAMPLER=always_on), spans exported over OTLP/HTTP to a receiver in the bench process "
+            f"that drops them: {st['spans']:,} spans with {st['links']:,} links received. Compare with "
+            "docs/benchmarks.md (tracing off) for the cost.")
+        if st["spans"] == 0:
+            log("error: --tracing, but no span arrived")
+            ok = False
     results["elapsed_s"] = time.perf_counter() - t0
     results["json"] = orjson.dumps({k: v for k, v in results.items() if k != "json"},
                                    option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()

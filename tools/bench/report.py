@@ -122,8 +122,10 @@ def markdown(r: dict[str, Any]) -> str:
     mach = r["machine"]
     cfg = r["config"]
     md = [
-        "# Benchmarks",
+        "# Benchmarks, tracing on" if cfg.get("tracing") else "# Benchmarks",
         "",
+        *(["Every ingest request and worker batch traced (`--tracing`, docs/tracing.md); the same figures "
+           "with tracing off are docs/benchmarks.md.", ""] if cfg.get("tracing") else []),
         "Written by `make bench` (`python -m tools.bench`) from its own output; do not edit by hand.",
         f"Run started {r['started']} and took {r['elapsed_s'] / 60:.1f} min. "
         f"Command: `{r['command']}`.",
