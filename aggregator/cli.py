@@ -73,7 +73,9 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
         print(f"embedded broker on {broker.url}\nnote: {MEMORY_ONLY}", flush=True)
     try:
         try:
-            asyncio.run(ensure_topics(settings.bootstrap(), settings.partitions))
+            asyncio.run(ensure_topics(settings.bootstrap(), settings.partitions, security=settings.kafka_security(),
+                                      replication_factor=settings.topic_replication_factor,
+                                      min_insync_replicas=settings.topic_min_insync_replicas))
             problem = check_partitions(settings)
         except BrokerError as exc:
             problem = str(exc)
@@ -94,7 +96,8 @@ def check_partitions(settings: config.Settings) -> str | None:
     """Adopt the partition count ``clicks`` really has (it may have been created by someone
     else, or grown); refuse (a message) when the window state's changelog has another count:
     its records are keyed by partition of ``clicks``."""
-    counts = asyncio.run(partition_counts(settings.bootstrap(), [CLICKS, STATE_CHANGELOG]))
+    counts = asyncio.run(partition_counts(settings.bootstrap(), [CLICKS, STATE_CHANGELOG],
+                                          security=settings.kafka_security()))
     clicks = counts.get(CLICKS)
     if clicks is None:
         return f"topic {CLICKS} has no partitions on {settings.bootstrap()}"
