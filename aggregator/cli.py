@@ -58,6 +58,10 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
         print(f"error: --role {settings.role} needs AGG_BROKER: the embedded broker of one `aggregator run` "
               "is not shared; start one with `aggregator broker`, or use a Kafka cluster", file=sys.stderr)
         return 2
+    if not settings.broker and settings.kafka_security().protocol != "PLAINTEXT":
+        print("error: AGG_KAFKA_SECURITY_PROTOCOL needs AGG_BROKER: the embedded broker speaks PLAINTEXT only",
+              file=sys.stderr)
+        return 2
     tune_gc()
     if settings.role != "ingest":  # the ingest role keeps nothing on disk
         try:

@@ -56,7 +56,8 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
                 await admin.close()
             except Exception:  # noqa: BLE001
                 pass
-    raise BrokerError(f"cannot reach broker {bootstrap} to create topics: {last}")
+    via = "" if security.protocol == "PLAINTEXT" else f" over {security.describe()}"
+    raise BrokerError(f"cannot reach broker {bootstrap}{via} to create topics: {last}")
 
 
 def _message(resp: object, topic: str) -> str:
