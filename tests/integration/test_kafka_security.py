@@ -8,6 +8,7 @@ Runs under ``make test-kafka`` only (it starts an Apache Kafka of its own, like
 ``stoppable_broker``); the unit side of the settings is tests/unit/broker/test_security.py."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.broker.security import KafkaSecurity
+from aggregator.core.contract import CLICKS, STATE_CHANGELOG
 from tests.integration.conftest import ON_REAL_KAFKA, Service
 from tools.harness import REPO, wait_for
 from tools.kafka import SaslSsl, ScriptKafka, make_test_ca
@@ -36,6 +39,10 @@ class SecureKafka:
         self.kafka = kafka
         self.cafile = cafile
         self.bootstrap = kafka.sasl_bootstrap
+
+    def security(self) -> KafkaSecurity:
+        return KafkaSecurity(protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username=USER,
+                             sasl_password=PASSWORD, ssl_cafile=str(self.cafile))
 
     def env(self, password: str = PASSWORD, cafile: bool = True) -> dict[str, str]:
         """The AGG_* security settings of a client of this broker."""
@@ -55,6 +62,24 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKaf
         yield SecureKafka(kafka, ca.ca)
     finally:
         kafka.stop()
+
+
+def topic_config(kafka: SecureKafka, topic: str, name: str) -> dict:
+    """The DescribeConfigs entry of ``name`` for ``topic`` (asked over SASL_SSL)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    async def ask() -> dict:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, **kafka.security().aiokafka_kwargs())
+        await admin.start()
+        try:
+            [resp] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {name: None})])
+        finally:
+            await admin.close()
+        [resource] = resp.to_object()["resources"]
+        return next(e for e in resource["config_entries"] if e["config_names"] == name)
+
+    return asyncio.run(ask())
 
 
 def aggregator(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -89,6 +114,12 @@ def test_service_gen_and_audit_over_sasl_ssl(secure_kafka: SecureKafka, tmp_path
     svc = Service(url, tmp_path / "svc", AGG_TOPIC_MIN_INSYNC_REPLICAS="1", **secure_kafka.env())
     try:
         svc.start(wait_ready=60)
+        # the topics it created (the changelog by Faust) carry AGG_TOPIC_MIN_INSYNC_REPLICAS as their own
+        # setting, not the broker's default
+        for topic in (CLICKS, STATE_CHANGELOG):
+            entry = topic_config(secure_kafka, topic, "min.insync.replicas")
+            assert entry["config_value"] == "1", entry
+            assert entry["config_source"] == 1, entry  # DYNAMIC_TOPIC_CONFIG (broker default: 4 or 5)
 
         # events over HTTP: counted exactly, per region and window
         http_counts: dict[str, dict[str, int]] = {}
