@@ -58,6 +58,10 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
         print(f"error: --role {settings.role} needs AGG_BROKER: the embedded broker of one `aggregator run` "
               "is not shared; start one with `aggregator broker`, or use a Kafka cluster", file=sys.stderr)
         return 2
+    if not settings.broker and settings.kafka_security().protocol != "PLAINTEXT":
+        print("error: AGG_KAFKA_SECURITY_PROTOCOL needs AGG_BROKER: the embedded broker speaks PLAINTEXT only",
+              file=sys.stderr)
+        return 2
     tune_gc()
     if settings.role != "ingest":  # the ingest role keeps nothing on disk
         try:
@@ -73,7 +77,9 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
         print(f"embedded broker on {broker.url}\nnote: {MEMORY_ONLY}", flush=True)
     try:
         try:
-            asyncio.run(ensure_topics(settings.bootstrap(), settings.partitions))
+            asyncio.run(ensure_topics(settings.bootstrap(), settings.partitions, security=settings.kafka_security(),
+                                      replication_factor=settings.topic_replication_factor,
+                                      min_insync_replicas=settings.topic_min_insync_replicas))
             problem = check_partitions(settings)
         except BrokerError as exc:
             problem = str(exc)
@@ -94,7 +100,8 @@ def check_partitions(settings: config.Settings) -> str | None:
     """Adopt the partition count ``clicks`` really has (it may have been created by someone
     else, or grown); refuse (a message) when the window state's changelog has another count:
     its records are keyed by partition of ``clicks``."""
-    counts = asyncio.run(partition_counts(settings.bootstrap(), [CLICKS, STATE_CHANGELOG]))
+    counts = asyncio.run(partition_counts(settings.bootstrap(), [CLICKS, STATE_CHANGELOG],
+                                          security=settings.kafka_security()))
     clicks = counts.get(CLICKS)
     if clicks is None:
         return f"topic {CLICKS} has no partitions on {settings.bootstrap()}"

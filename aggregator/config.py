@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from aggregator.broker.security import KafkaSecurity
+
 
 @dataclass
 class Settings:
@@ -34,6 +36,21 @@ class Settings:
     state_flush_seconds: float = field(default=0.5, metadata={"help": "how often window state is written to its changelog"})
     role: str = field(default="all", metadata={"help": "what `run` serves: all (HTTP ingest and the worker), "
                                                        "ingest (HTTP ingest only), worker (the worker only)"})
+    kafka_security_protocol: str = field(default="PLAINTEXT", metadata={
+        "help": "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (every Kafka client of the process)"})
+    kafka_sasl_mechanism: str = field(default="PLAIN", metadata={"help": "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"})
+    kafka_sasl_username: str = field(default="", metadata={"help": "SASL user name (Confluent Cloud: the API key)"})
+    kafka_sasl_password: str = field(default="", metadata={"help": "SASL password (or AGG_KAFKA_SASL_PASSWORD_FILE)"})
+    kafka_ssl_cafile: str = field(default="", metadata={"help": "CA certificates (PEM) that signed the broker's; "
+                                                                 "empty: the system's trust store"})
+    kafka_ssl_certfile: str = field(default="", metadata={"help": "client certificate (PEM), for mutual TLS"})
+    kafka_ssl_keyfile: str = field(default="", metadata={"help": "client private key (PEM), for mutual TLS"})
+    kafka_ssl_key_password: str = field(default="", metadata={"help": "password of the client key "
+                                                                       "(or AGG_KAFKA_SSL_KEY_PASSWORD_FILE)"})
+    topic_replication_factor: int = field(default=1, metadata={"help": "replication factor of the topics the "
+                                                                        "service creates (managed Kafka: 3)"})
+    topic_min_insync_replicas: int = field(default=0, metadata={"help": "min.insync.replicas of the topics the "
+                                                                         "service creates (0: the broker's default)"})
 
     @property
     def window_ms(self) -> int:
@@ -66,8 +83,20 @@ class Settings:
     def faust_broker(self) -> list[str]:
         return [h if "://" in h else f"kafka://{h}" for h in self.broker.split(",")]
 
+    def kafka_security(self) -> KafkaSecurity:
+        """TLS and SASL of every Kafka client; bad settings exit with one line per problem."""
+        try:
+            return KafkaSecurity(
+                protocol=self.kafka_security_protocol, sasl_mechanism=self.kafka_sasl_mechanism,
+                sasl_username=self.kafka_sasl_username, sasl_password=self.kafka_sasl_password,
+                ssl_cafile=self.kafka_ssl_cafile, ssl_certfile=self.kafka_ssl_certfile,
+                ssl_keyfile=self.kafka_ssl_keyfile, ssl_key_password=self.kafka_ssl_key_password)
+        except ValueError as exc:
+            raise SystemExit("\n".join(f"error: {line}" for line in str(exc).splitlines())) from None
+
 
 ROLES = ("all", "ingest", "worker")
+SECRET_FILES = ("kafka_sasl_password", "kafka_ssl_key_password")  # also read from AGG_<NAME>_FILE
 
 
 def _env_name(name: str) -> str:
@@ -90,6 +119,8 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
             raw = getattr(args, f.name)
         elif _env_name(f.name) in env:
             raw = env[_env_name(f.name)]
+        elif f.name in SECRET_FILES and _env_name(f.name) + "_FILE" in env:
+            raw = _read_secret(_env_name(f.name) + "_FILE", env[_env_name(f.name) + "_FILE"])
         if raw is None:
             continue
         typ = type(getattr(s, f.name))
@@ -100,4 +131,14 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
                              f"expected {typ.__name__}, got {raw!r}") from None
     if s.role not in ROLES:
         raise SystemExit(f"error: AGG_ROLE / --role: expected one of {', '.join(ROLES)}, got {s.role!r}")
+    if s.topic_replication_factor < 1 or s.topic_min_insync_replicas < 0:
+        raise SystemExit("error: AGG_TOPIC_REPLICATION_FACTOR must be >= 1 and AGG_TOPIC_MIN_INSYNC_REPLICAS >= 0")
+    s.kafka_security()  # exits on bad Kafka security settings
     return s
+
+
+def _read_secret(name: str, path: str) -> str:
+    try:
+        return Path(path).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise SystemExit(f"error: {name}: cannot read {path}: {exc.strerror}") from None

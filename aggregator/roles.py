@@ -48,7 +48,7 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     post: Handler | None = None
     producer: IngestProducer | None = None
     if settings.role in ("all", "ingest"):
-        producer = IngestProducer(settings.bootstrap())
+        producer = IngestProducer(settings.bootstrap(), settings.kafka_security().aiokafka_kwargs())
         post = IngestHandler(producer, metrics, settings.ingest_token, settings.max_body_bytes, settings.max_regions)
         services.append(producer)
     options: dict[str, Any] = {"loglevel": settings.log_level.lower(), "quiet": True, "redirect_stdouts": False,
@@ -68,7 +68,7 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     store = SnapshotStore()
     sinks = [store.add, print_snapshot_table] if print_snapshots else [store.add]
     worker = WorkerService(settings, metrics, sinks)
-    services.append(SnapshotHistory(settings.bootstrap(), store))
+    services.append(SnapshotHistory(settings.bootstrap(), store, settings.kafka_security()))
     services.append(_http(settings, metrics, store, probe, worker.not_ready, post, notes))
     fw = faust.Worker(worker.app, *services, **options)
     fw.spinner = None  # a terminal spinner would print escape codes into our log lines

@@ -3,6 +3,7 @@
 # loopback, assembled from Maven Central: no Docker, no tarball.
 #
 #   scripts/kafka.sh start  [--port 19092] [--dir var/kafka] [--version 4.4.0] [--heap 512m]
+#                           [--sasl-ssl CERTDIR --sasl-port P --sasl-user NAME:PASSWORD ...]
 #   scripts/kafka.sh stop   [--port ...] [--dir ...] [--kill]
 #   scripts/kafka.sh status [--dir ...]
 #   scripts/kafka.sh fetch  [--version ...]     # only assemble / check the jar cache
@@ -17,6 +18,13 @@
 # a broker already running from DIR is reported, not started twice.  It returns
 # once the broker logged "Kafka Server started" and answers on its port, and
 # prints the bootstrap address (host:port) as its last line.
+#
+# --sasl-ssl CERTDIR adds a SASL_SSL listener on --sasl-port (like a managed Kafka):
+# TLS with the PEM files CERTDIR/broker.pem (the broker's unencrypted PKCS#8 key, then
+# its certificate chain) and CERTDIR/ca.pem, and SASL with SCRAM-SHA-512,
+# SCRAM-SHA-256 and PLAIN for every --sasl-user (SCRAM credentials are written when the
+# storage is formatted).  The PLAINTEXT listener stays (inter-broker traffic, tools).
+# Like the port, these are fixed when DIR is first configured.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,6 +36,9 @@ VERSION=${KAFKA_VERSION:-4.4.0}
 HEAP=${KAFKA_HEAP:-512m}
 CACHE=${KAFKA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/aggregator-kafka}
 KILL=0
+SASL_DIR=
+SASL_PORT=
+SASL_USERS=()
 PORT_SET=${KAFKA_PORT:+1}
 TIMEOUT=${KAFKA_START_TIMEOUT:-120}
 LOG4J_VERSION=2.24.3
@@ -41,10 +52,20 @@ while [ $# -gt 0 ]; do
     --heap) HEAP=$2; shift 2 ;;
     --timeout) TIMEOUT=$2; shift 2 ;;
     --kill) KILL=1; shift ;;
+    --sasl-ssl) SASL_DIR=$(cd "$2" && pwd); shift 2 ;;
+    --sasl-port) SASL_PORT=$2; shift 2 ;;
+    --sasl-user) SASL_USERS+=("$2"); shift 2 ;;
     *) echo "kafka.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 DIR=${DIR:-$HERE/var/kafka}
+if [ -n "$SASL_DIR" ]; then
+  [ -n "$SASL_PORT" ] || { echo "kafka.sh: --sasl-ssl needs --sasl-port" >&2; exit 2; }
+  [ ${#SASL_USERS[@]} -gt 0 ] || { echo "kafka.sh: --sasl-ssl needs at least one --sasl-user" >&2; exit 2; }
+  for f in broker.pem ca.pem; do
+    [ -f "$SASL_DIR/$f" ] || { echo "kafka.sh: $SASL_DIR/$f is missing" >&2; exit 2; }
+  done
+fi
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 LIBS=$CACHE/$VERSION/libs
@@ -128,19 +149,23 @@ configure() {
     fi
     return 0
   fi
-  local ctl
+  local ctl sasl_listener="" sasl_map=""
   ctl=${KAFKA_CONTROLLER_PORT:-$(free_port)}
+  if [ -n "$SASL_DIR" ]; then
+    sasl_listener=",SASL_SSL://$HOST:$SASL_PORT"
+    sasl_map=",SASL_SSL:SASL_SSL"
+  fi
   mkdir -p "$DIR/data"
   cat >"$DIR/server.properties" <<EOF
 # written by scripts/kafka.sh: one node, broker and controller (KRaft), loopback only
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$ctl
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$ctl
-advertised.listeners=PLAINTEXT://$HOST:$PORT
+listeners=PLAINTEXT://$HOST:$PORT$sasl_listener,CONTROLLER://$HOST:$ctl
+advertised.listeners=PLAINTEXT://$HOST:$PORT$sasl_listener
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT$sasl_map
 log.dirs=$DIR/data
 num.partitions=1
 default.replication.factor=1
@@ -156,6 +181,22 @@ group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 delete.topic.enable=true
 EOF
+  if [ -n "$SASL_DIR" ]; then
+    local plain_users="" u
+    for u in "${SASL_USERS[@]}"; do plain_users+=" user_${u%%:*}=\"${u#*:}\""; done
+    cat >>"$DIR/server.properties" <<EOF
+# --sasl-ssl: TLS (PEM key and chain, PEM CA) and SASL on the SASL_SSL listener
+ssl.keystore.type=PEM
+ssl.keystore.location=$SASL_DIR/broker.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$SASL_DIR/ca.pem
+ssl.client.auth=none
+sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required$plain_users;
+EOF
+  fi
   cat >"$DIR/log4j2.properties" <<'EOF'
 status = warn
 appender.out.type = Console
@@ -173,10 +214,17 @@ EOF
 
 format_storage() {
   [ -f "$DIR/data/meta.properties" ] && return 0
-  local id
+  local id u
+  local -a scram=()
   id=$(java -cp "$LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)
+  if [ -n "$SASL_DIR" ]; then
+    for u in "${SASL_USERS[@]}"; do
+      scram+=(--add-scram "SCRAM-SHA-512=[name=${u%%:*},password=${u#*:}]"
+              --add-scram "SCRAM-SHA-256=[name=${u%%:*},password=${u#*:}]")
+    done
+  fi
   java -Dlog4j2.configurationFile="$DIR/log4j2.properties" -cp "$LIBS/*" kafka.tools.StorageTool \
-    format -t "$id" -c "$DIR/server.properties" >"$DIR/format.log" 2>&1 \
+    format -t "$id" -c "$DIR/server.properties" ${scram[@]+"${scram[@]}"} >"$DIR/format.log" 2>&1 \
     || { cat "$DIR/format.log" >&2; say "formatting $DIR/data failed"; exit 1; }
 }
 
@@ -214,8 +262,9 @@ start() {
     if ! kill -0 "$pid" 2>/dev/null; then
       tail -40 "$LOG" >&2; rm -f "$PIDFILE"; say "the broker exited during start-up (log: $LOG)"; exit 1
     fi
-    if grep -q "Kafka Server started" "$LOG" 2>/dev/null && port_open "$PORT"; then
-      say "Apache Kafka $VERSION ready (pid $pid, data $DIR/data, log $LOG)"
+    if grep -q "Kafka Server started" "$LOG" 2>/dev/null && port_open "$PORT" \
+        && { [ -z "$SASL_DIR" ] || port_open "$SASL_PORT"; }; then
+      say "Apache Kafka $VERSION ready (pid $pid, data $DIR/data, log $LOG)${SASL_DIR:+, SASL_SSL on $HOST:$SASL_PORT}"
       echo "$HOST:$PORT"
       return 0
     fi
@@ -264,5 +313,5 @@ case "$CMD" in
   stop) stop ;;
   status) status ;;
   fetch) fetch; echo "$LIBS" ;;
-  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,/^set -e/{/^set -e/!p}' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

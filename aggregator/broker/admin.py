@@ -4,28 +4,37 @@ from __future__ import annotations
 import asyncio
 
 from aggregator.broker.embedded import BrokerError
+from aggregator.broker.security import PLAINTEXT, KafkaSecurity, check_login
 from aggregator.core.contract import CLICKS, DLQ, SNAPSHOTS
 
 
-async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30) -> None:
-    """Create ``clicks``, ``clicks-dlq`` and ``click-snapshots`` with explicit configs.
+async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
+                        security: KafkaSecurity = PLAINTEXT, replication_factor: int = 1,
+                        min_insync_replicas: int = 0) -> None:
+    """Create ``clicks``, ``clicks-dlq`` and ``click-snapshots`` with explicit configs,
+    ``replication_factor`` replicas each and, when > 0, ``min.insync.replicas``.
 
     ``clicks`` asks for ``LogAppendTime``; brokers that ignore it are handled
-    by the worker (it stamps the read time, docs/contract.md §1)."""
+    by the worker (it stamps the read time, docs/contract.md §1).  A refused login or an
+    untrusted broker certificate raises ``KafkaLoginError`` at once (no retries)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
+    from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+    common = {"retention.ms": "604800000", "cleanup.policy": "delete"}
+    if min_insync_replicas > 0:
+        common["min.insync.replicas"] = str(min_insync_replicas)
     specs = [
-        NewTopic(CLICKS, partitions, 1, topic_configs={
-            "message.timestamp.type": "LogAppendTime", "retention.ms": "604800000",
-            "cleanup.policy": "delete"}),
-        NewTopic(DLQ, 1, 1, topic_configs={"retention.ms": "604800000", "cleanup.policy": "delete"}),
-        NewTopic(SNAPSHOTS, 1, 1, topic_configs={"retention.ms": "604800000", "cleanup.policy": "delete"}),
+        NewTopic(CLICKS, partitions, replication_factor,
+                 topic_configs={"message.timestamp.type": "LogAppendTime", **common}),
+        NewTopic(DLQ, 1, replication_factor, topic_configs=dict(common)),
+        NewTopic(SNAPSHOTS, 1, replication_factor, topic_configs=dict(common)),
     ]
     last: Exception | None = None
     for _ in range(retries):
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000,
+                                    **security.aiokafka_kwargs())
         try:
+            await check_login(bootstrap, security)
             await admin.start()
             existing = set(await admin.list_topics())
             todo = [t for t in specs if t.name not in existing]
@@ -33,7 +42,9 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30) -> N
                 resp = await admin.create_topics(todo)
                 for name, code, *_ in getattr(resp, "topic_errors", []):
                     if code not in (0, TopicAlreadyExistsError.errno):
-                        raise BrokerError(f"cannot create topic {name}: error code {code}")
+                        raise BrokerError(f"cannot create topic {name} (replication factor {replication_factor}"
+                                          f"{f', min.insync.replicas {min_insync_replicas}' if min_insync_replicas else ''}"
+                                          f"): {for_code(code).__name__} ({_message(resp, name) or code})")
             return
         except BrokerError:
             raise
@@ -45,16 +56,26 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30) -> N
                 await admin.close()
             except Exception:  # noqa: BLE001
                 pass
-    raise BrokerError(f"cannot reach broker {bootstrap} to create topics: {last}")
+    via = "" if security.protocol == "PLAINTEXT" else f" over {security.describe()}"
+    raise BrokerError(f"cannot reach broker {bootstrap}{via} to create topics: {last}")
 
 
-async def partition_counts(bootstrap: str, topics: list[str]) -> dict[str, int]:
+def _message(resp: object, topic: str) -> str:
+    """The broker's error message for ``topic`` in a CreateTopics response (v1+), or ''."""
+    for row in getattr(resp, "topic_errors", []):
+        if row[0] == topic and len(row) > 2 and row[2]:
+            return str(row[2])
+    return ""
+
+
+async def partition_counts(bootstrap: str, topics: list[str], *,
+                           security: KafkaSecurity = PLAINTEXT) -> dict[str, int]:
     """The number of partitions of each of ``topics`` that exists.  Asks for every topic's
     metadata: a metadata request naming a topic makes brokers with automatic topic
     creation (the embedded one) create it."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, **security.aiokafka_kwargs())
     await admin.start()
     try:
         described = await admin.describe_topics(None)

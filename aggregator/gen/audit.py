@@ -1,10 +1,13 @@
 """Compare published snapshots with a generator's ground truth."""
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterable, Sequence, Set
 from typing import NotRequired, TypedDict
 
-from aggregator.core.contract import Snapshot
+from aggregator.broker.security import PLAINTEXT, KafkaSecurity, check_login
+from aggregator.core.contract import SNAPSHOTS, Snapshot
 from aggregator.core.contract import snapshot_content as content
 
 
@@ -112,3 +115,43 @@ def table(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> str:
             mark = "" if got == n else "  <-- mismatch"
             lines.append(f"{r:<16}{w:>16}{n:>10}{'-' if got is None else got:>10}{mark}")
     return "\n".join(lines)
+
+
+def fetch_topic_snapshots(bootstrap: str, security: KafkaSecurity = PLAINTEXT, idle: float = 2.0) -> list[Snapshot]:
+    """Every snapshot on ``click-snapshots``, read up to the end offsets seen at the start
+    (or until nothing arrives for ``idle`` seconds), with TLS/SASL as ``security`` says
+    (a refused login raises ``KafkaLoginError``)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def read() -> list[Snapshot]:
+        address = bootstrap.split("://", 1)[-1]
+        await check_login(address, security)
+        c = AIOKafkaConsumer(bootstrap_servers=address, group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest", **security.aiokafka_kwargs())
+        await c.start()
+        out: list[Snapshot] = []
+        try:
+            parts = c.partitions_for_topic(SNAPSHOTS) or set()
+            if not parts:
+                await c._client.force_metadata_update()
+                parts = c.partitions_for_topic(SNAPSHOTS) or set()
+            tps = [TopicPartition(SNAPSHOTS, p) for p in sorted(parts)]
+            if not tps:
+                return out
+            c.assign(tps)
+            await c.seek_to_beginning(*tps)
+            end = await c.end_offsets(tps)
+            while True:
+                batch = await c.getmany(timeout_ms=int(idle * 1000))
+                if not batch:
+                    break
+                for recs in batch.values():
+                    out.extend(json.loads(r.value) for r in recs)
+                positions = {tp: await c.position(tp) for tp in tps}
+                if all(positions[tp] >= end[tp] for tp in tps):
+                    break
+        finally:
+            await c.stop()
+        return out
+
+    return asyncio.run(read())

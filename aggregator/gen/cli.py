@@ -8,8 +8,9 @@ import sys
 import time
 import urllib.request
 
+from aggregator import config
 from aggregator.core.contract import Snapshot
-from aggregator.gen.audit import audit, missing_windows, table
+from aggregator.gen.audit import audit, fetch_topic_snapshots, missing_windows, table
 from aggregator.gen.generator import generate
 
 
@@ -55,45 +56,6 @@ def fetch_snapshots(url: str) -> list[Snapshot]:
         return json.loads(resp.read())["snapshots"]
 
 
-def fetch_topic_snapshots(bootstrap: str, idle: float = 2.0) -> list[Snapshot]:
-    """Every snapshot on ``click-snapshots``, read up to the end offsets seen at the start
-    (or until nothing arrives for ``idle`` seconds)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from aggregator.core.contract import SNAPSHOTS
-
-    async def read() -> list[Snapshot]:
-        c = AIOKafkaConsumer(bootstrap_servers=bootstrap.split("://", 1)[-1], group_id=None,
-                             enable_auto_commit=False, auto_offset_reset="earliest")
-        await c.start()
-        out: list[Snapshot] = []
-        try:
-            parts = c.partitions_for_topic(SNAPSHOTS) or set()
-            if not parts:
-                await c._client.force_metadata_update()
-                parts = c.partitions_for_topic(SNAPSHOTS) or set()
-            tps = [TopicPartition(SNAPSHOTS, p) for p in sorted(parts)]
-            if not tps:
-                return out
-            c.assign(tps)
-            await c.seek_to_beginning(*tps)
-            end = await c.end_offsets(tps)
-            while True:
-                batch = await c.getmany(timeout_ms=int(idle * 1000))
-                if not batch:
-                    break
-                for recs in batch.values():
-                    out.extend(json.loads(r.value) for r in recs)
-                positions = {tp: await c.position(tp) for tp in tps}
-                if all(positions[tp] >= end[tp] for tp in tps):
-                    break
-        finally:
-            await c.stop()
-        return out
-
-    return asyncio.run(read())
-
-
 def run(args: argparse.Namespace) -> int:
     if args.cmd == "gen":
         count = args.count or int(args.rate * args.duration)
@@ -103,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             delayed_fraction=args.delayed_fraction, late_after_ms=int(args.late_after_seconds * 1000),
             token=args.token, concurrency=args.concurrency, progress_interval=args.progress_interval,
             kafka=args.kafka, hot_region=args.hot_region, burst_multiplier=args.burst_multiplier,
-            burst_start=args.burst_start, burst_duration=args.burst_duration, clock_skew_ms=args.clock_skew_ms))
+            burst_start=args.burst_start, burst_duration=args.burst_duration, clock_skew_ms=args.clock_skew_ms,
+            security=config.load().kafka_security()))
         if args.truth:
             with open(args.truth, "w") as f:
                 json.dump(truth.to_json(), f)
@@ -111,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     with open(args.truth) as f:
         truth = json.load(f)
     def fetch() -> list[Snapshot]:
-        return fetch_topic_snapshots(args.kafka) if args.kafka else fetch_snapshots(args.url)
+        return fetch_topic_snapshots(args.kafka, config.load().kafka_security()) if args.kafka else fetch_snapshots(args.url)
 
     snaps = fetch()
     deadline = time.monotonic() + args.wait

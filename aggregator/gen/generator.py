@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from aggregator.broker.security import PLAINTEXT, KafkaSecurity, check_login
 from aggregator.core.contract import CLICKS
 from aggregator.gen.audit import TruthJSON
 
@@ -129,10 +130,11 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                    token: str = "", concurrency: int = 4, progress: bool = True,
                    progress_interval: float = 5.0, kafka: str = "", hot_region: str = "",
                    burst_multiplier: float = 1.0, burst_start: float = 0.0, burst_duration: float = 0.0,
-                   clock_skew_ms: int = 0) -> Truth:
+                   clock_skew_ms: int = 0, security: KafkaSecurity = PLAINTEXT) -> Truth:
     """Send ``count`` events at ``rate``/s over HTTP to ``url`` (or, with ``kafka`` a
     bootstrap address, produce them straight to topic ``clicks`` with value = event plus
-    ``ingest_ts`` = now ms) and return the exact ground truth."""
+    ``ingest_ts`` = now ms, with TLS/SASL as ``security`` says) and return the exact ground
+    truth.  A refused Kafka login raises ``KafkaLoginError`` before anything is sent."""
     source = EventSource(seed, regions, skew=skew, bad_fraction=bad_fraction,
                          delayed_fraction=delayed_fraction, late_after_ms=late_after_ms,
                          hot_region=hot_region, burst_multiplier=burst_multiplier,
@@ -207,8 +209,10 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             from aiokafka import AIOKafkaProducer
 
             bootstrap = ",".join(h.split("://", 1)[-1] for h in kafka.split(","))
+            await check_login(bootstrap, security)
             # no idempotence: the embedded broker does not grant producer ids
-            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+                                        **security.aiokafka_kwargs())
             stack.push_async_callback(producer.stop)
             await producer.start()
             sink = lambda *a: produce(producer, *a)  # noqa: E731

@@ -31,11 +31,12 @@ _PARTITIONER = DefaultPartitioner()
 RETRY_S = 1.0  # between attempts to reach the broker
 
 
-def ingest_producer(bootstrap: str) -> AIOKafkaProducer:
+def ingest_producer(bootstrap: str, **client: Any) -> AIOKafkaProducer:
     """The producer behind ``POST /v1/events``: acks from every in-sync replica before a
-    request is answered 200, batches up to 1 MiB, a 5 s request timeout (then 503)."""
+    request is answered 200, batches up to 1 MiB, a 5 s request timeout (then 503).
+    ``client``: more aiokafka settings (TLS/SASL: ``KafkaSecurity.aiokafka_kwargs()``)."""
     return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=1 << 20,
-                            request_timeout_ms=5000, enable_idempotence=False)
+                            request_timeout_ms=5000, enable_idempotence=False, **client)
 
 
 class ProducerBusy(Exception):
@@ -183,16 +184,17 @@ class IngestProducer(BackgroundService):
     (the broker may come up after us; until then ``ready`` is False and requests get
     503) and, on stop, sends what is still batched."""
 
-    def __init__(self, bootstrap: str, **kwargs: Any) -> None:
+    def __init__(self, bootstrap: str, client: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bootstrap = bootstrap
+        self.client = client or {}  # more aiokafka settings (TLS/SASL)
         # made in on_start: aiokafka's producer binds to the running event loop
         self.producer: AIOKafkaProducer | None = None
         self.batcher: BatchProducer | None = None
         self.ready = False
 
     async def on_start(self) -> None:
-        self.producer = ingest_producer(self.bootstrap)
+        self.producer = ingest_producer(self.bootstrap, **self.client)
         self.batcher = BatchProducer(self.producer, CLICKS)
         await super().on_start()
 

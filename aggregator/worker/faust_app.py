@@ -28,9 +28,12 @@ class _App(faust.App):
 
 class FaustApp:
     def __init__(self, s: Settings) -> None:
+        # TLS/SASL for Faust's consumer, producer and topic creation; the changelog (and
+        # Faust's leader topic) get the replication factor of the topics the service creates
         self.app = _App(
-            APP_ID, broker=s.faust_broker(), datadir=str(s.data_dir) + "/faust",
-            topic_partitions=s.partitions, topic_replication_factor=1, table_cleanup_interval=3600,
+            APP_ID, broker=s.faust_broker(), datadir=str(s.data_dir) + "/faust", **s.kafka_security().faust_settings(),
+            topic_partitions=s.partitions, topic_replication_factor=s.topic_replication_factor,
+            table_cleanup_interval=3600,
             web_enabled=False, broker_session_timeout=s.session_timeout,
             broker_heartbeat_interval=max(0.5, s.session_timeout / 4), broker_commit_interval=s.state_flush_seconds,
             consumer_auto_offset_reset="earliest", consumer_max_fetch_size=FETCH_MAX_BYTES,
@@ -38,7 +41,8 @@ class FaustApp:
             value_serializer="raw")
         self.clicks = self.app.topic(CLICKS, key_type=bytes, value_type=bytes, partitions=s.partitions,
                                      internal=False)
-        self.table = self.app.Table(STATE_TABLE, partitions=s.partitions)
+        insync = {"min.insync.replicas": str(s.topic_min_insync_replicas)} if s.topic_min_insync_replicas > 0 else {}
+        self.table = self.app.Table(STATE_TABLE, partitions=s.partitions, extra_topic_configs=insync)
 
     def wire(self, on_batch: BatchHandler, hold: Callable[[], bool],
              ticks: Callable[[], Coroutine[Any, Any, None]],

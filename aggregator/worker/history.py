@@ -18,6 +18,7 @@ import orjson
 
 from aggregator.background import BackgroundService
 from aggregator.broker.admin import partition_counts
+from aggregator.broker.security import PLAINTEXT, KafkaSecurity
 from aggregator.core.contract import SNAPSHOTS
 from aggregator.core.snapshots import SnapshotStore
 
@@ -26,9 +27,11 @@ RETRY_S = 1.0
 
 
 class SnapshotHistory(BackgroundService):
-    def __init__(self, bootstrap: str, store: SnapshotStore, **kwargs: Any) -> None:
+    def __init__(self, bootstrap: str, store: SnapshotStore, security: KafkaSecurity = PLAINTEXT,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bootstrap = bootstrap
+        self.security = security
         self.store = store
         self.loaded = False  # the tail that existed at start has been read
 
@@ -46,10 +49,10 @@ class SnapshotHistory(BackgroundService):
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest")
+                                    auto_offset_reset="earliest", **self.security.aiokafka_kwargs())
         await consumer.start()
         try:
-            n = (await partition_counts(self.bootstrap, [SNAPSHOTS])).get(SNAPSHOTS)
+            n = (await partition_counts(self.bootstrap, [SNAPSHOTS], security=self.security)).get(SNAPSHOTS)
             if not n:
                 raise RuntimeError(f"{SNAPSHOTS} has no partitions yet")
             tps = [TopicPartition(SNAPSHOTS, p) for p in range(n)]

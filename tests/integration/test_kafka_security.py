@@ -1,0 +1,168 @@
+"""The service against Apache Kafka configured like a managed cluster: a SASL_SSL listener
+with SCRAM-SHA-512 and a certificate from a throwaway CA made here (scripts/kafka.sh
+--sasl-ssl).  Every Kafka client of ``aggregator run`` (admin, Faust consumer, producer and
+changelog, ingest producer, snapshot history), ``gen --kafka`` and ``audit --kafka`` log in
+over it; a wrong password or an untrusted certificate ends ``run`` at once, in one line.
+
+Runs under ``make test-kafka`` only (it starts an Apache Kafka of its own, like
+``stoppable_broker``); the unit side of the settings is tests/unit/broker/test_security.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aggregator.broker.security import KafkaSecurity
+from aggregator.core.contract import CLICKS, STATE_CHANGELOG
+from tests.integration.conftest import ON_REAL_KAFKA, Service
+from tools.harness import REPO, wait_for
+from tools.kafka import SaslSsl, ScriptKafka, make_test_ca
+
+pytestmark = pytest.mark.skipif(
+    not ON_REAL_KAFKA or shutil.which("openssl") is None,
+    reason="needs Apache Kafka (make test-kafka: AGG_TEST_BROKER=kafka) and the openssl command line tool")
+
+USER, PASSWORD = "aggregator", "scram-secret-1"
+WINDOW_MS = 2000  # Service.DEFAULTS: AGG_WINDOW_SECONDS=2
+
+
+class SecureKafka:
+    def __init__(self, kafka: ScriptKafka, cafile: Path) -> None:
+        self.kafka = kafka
+        self.cafile = cafile
+        self.bootstrap = kafka.sasl_bootstrap
+
+    def security(self) -> KafkaSecurity:
+        return KafkaSecurity(protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username=USER,
+                             sasl_password=PASSWORD, ssl_cafile=str(self.cafile))
+
+    def env(self, password: str = PASSWORD, cafile: bool = True) -> dict[str, str]:
+        """The AGG_* security settings of a client of this broker."""
+        env = {"AGG_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "AGG_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+               "AGG_KAFKA_SASL_USERNAME": USER, "AGG_KAFKA_SASL_PASSWORD": password}
+        if cafile:
+            env["AGG_KAFKA_SSL_CAFILE"] = str(self.cafile)
+        return env
+
+
+@pytest.fixture(scope="module")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKafka]:
+    base = tmp_path_factory.mktemp("sasl-kafka")
+    ca = make_test_ca(base / "ca")
+    kafka = ScriptKafka(base_dir=str(base), sasl=SaslSsl(ca, {USER: PASSWORD})).start()
+    try:
+        yield SecureKafka(kafka, ca.ca)
+    finally:
+        kafka.stop()
+
+
+def topic_config(kafka: SecureKafka, topic: str, name: str) -> dict:
+    """The DescribeConfigs entry of ``name`` for ``topic`` (asked over SASL_SSL)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    async def ask() -> dict:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, **kafka.security().aiokafka_kwargs())
+        await admin.start()
+        try:
+            [resp] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {name: None})])
+        finally:
+            await admin.close()
+        [resource] = resp.to_object()["resources"]
+        return next(e for e in resource["config_entries"] if e["config_names"] == name)
+
+    return asyncio.run(ask())
+
+
+def aggregator(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("AGG_")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-m", "aggregator", *args], env=full, cwd=str(REPO),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(("case", "says"), [
+    ("wrong password", f'refused the SASL login for user "{USER}" (SCRAM-SHA-512): check '
+                       "AGG_KAFKA_SASL_USERNAME / AGG_KAFKA_SASL_PASSWORD"),
+    ("unknown CA", "its TLS certificate is not trusted"),
+])
+def test_a_refused_login_ends_run_in_one_line(secure_kafka: SecureKafka, tmp_path: Path, case: str,
+                                               says: str) -> None:
+    env = secure_kafka.env(password="not-the-password") if case == "wrong password" else secure_kafka.env(cafile=False)
+    env.update(AGG_BROKER=f"kafka://{secure_kafka.bootstrap}", AGG_DATA_DIR=str(tmp_path), AGG_WEB_PORT="0")
+    started = time.monotonic()
+    res = aggregator("run", env=env, timeout=60)
+    took = time.monotonic() - started
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: Kafka at {secure_kafka.bootstrap}"), res.stderr
+    assert says in lines[0]
+    assert "Traceback" not in res.stdout + res.stderr and "HTTP on" not in res.stdout
+    assert took < 15, f"took {took:.1f}s"
+
+
+def test_service_gen_and_audit_over_sasl_ssl(secure_kafka: SecureKafka, tmp_path: Path) -> None:
+    url = f"kafka://{secure_kafka.bootstrap}"
+    svc = Service(url, tmp_path / "svc", AGG_TOPIC_MIN_INSYNC_REPLICAS="1", **secure_kafka.env())
+    try:
+        svc.start(wait_ready=60)
+        # the topics it created (the changelog by Faust) carry AGG_TOPIC_MIN_INSYNC_REPLICAS as their own
+        # setting, not the broker's default
+        for topic in (CLICKS, STATE_CHANGELOG):
+            entry = topic_config(secure_kafka, topic, "min.insync.replicas")
+            assert entry["config_value"] == "1", entry
+            assert entry["config_source"] == 1, entry  # DYNAMIC_TOPIC_CONFIG (broker default: 4 or 5)
+
+        # events over HTTP: counted exactly, per region and window
+        http_counts: dict[str, dict[str, int]] = {}
+        for i, (region, n) in enumerate([("eu-west", 30), ("us-east", 12), ("eu-west", 5)]):
+            events = [{"region": region, "event_id": f"http-{i}-{j}"} for j in range(n)]
+            status, _, ans = svc.post(events)
+            assert status == 200 and ans["accepted"] == n, ans
+            ws = str(ans["ingest_ts"] - ans["ingest_ts"] % WINDOW_MS)
+            per = http_counts.setdefault(region, {})
+            per[ws] = per.get(ws, 0) + n
+
+        def counted() -> dict[str, int] | None:
+            totals: dict[str, int] = {}
+            for s in svc.snapshots():
+                totals[s["region"]] = totals.get(s["region"], 0) + s["count"]
+            return totals if totals == {"eu-west": 35, "us-east": 12} else None
+
+        wait_for(counted, 30, what="the HTTP events counted in published snapshots")
+
+        # gen --kafka produces over SASL_SSL; audit --kafka reads click-snapshots over it
+        gen_truth = tmp_path / "gen.json"
+        res = aggregator("gen", "--kafka", secure_kafka.bootstrap, "--count", "600", "--rate", "0",
+                         "--regions", "4", "--window-seconds", str(WINDOW_MS / 1000), "--truth", str(gen_truth),
+                         env=secure_kafka.env())
+        assert res.returncode == 0, res.stderr[-3000:]
+        truth = json.loads(gen_truth.read_text())
+        assert truth["accepted"] == 600
+        for region, per in http_counts.items():  # one truth for the whole topic
+            mine = truth["counts"].setdefault(region, {})
+            for ws, n in per.items():
+                mine[ws] = mine.get(ws, 0) + n
+        all_truth = tmp_path / "all.json"
+        all_truth.write_text(json.dumps(truth))
+        res = aggregator("audit", "--kafka", secure_kafka.bootstrap, "--truth", str(all_truth), "--wait", "30",
+                         env=secure_kafka.env(), timeout=90)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + svc.tail()
+        assert "match the ground truth exactly" in res.stdout
+
+        # and audit --kafka with a wrong password: one line, no traceback
+        res = aggregator("audit", "--kafka", secure_kafka.bootstrap, "--truth", str(all_truth),
+                         env=secure_kafka.env(password="nope"), timeout=60)
+        assert res.returncode != 0
+        assert "refused the SASL login" in res.stderr
+        svc.check_alive()
+    finally:
+        svc.stop()
