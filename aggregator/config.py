@@ -1,56 +1,216 @@
-"""Settings: every ``AGG_*`` variable, with a matching ``--flag`` (docs/contract.md §7)."""
+"""Settings: every ``AGG_*`` variable, with a matching ``--flag`` (docs/contract.md §7).
+
+One pydantic-settings model.  ``load()`` reads, highest first: the command's flags, the
+``AGG_*`` environment (secrets also from ``AGG_<NAME>_FILE``), an optional TOML file
+(``--config`` / ``AGG_CONFIG``, keys are the field names), the defaults; and validates the
+result before anything starts.  Every problem becomes one line naming the variable and
+the flag (``SettingsError.lines``); secret values never appear in them.
+
+``Settings(...)`` with keyword arguments validates those and takes defaults for the rest
+(it reads no environment), like the dataclass it replaced."""
 from __future__ import annotations
 
-import argparse
+import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+import tomllib
+from collections.abc import Collection, Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from aggregator.broker.security import KafkaSecurity
+from aggregator.core.ratelimit import parse_rate_limits
+
+ENV_PREFIX = "AGG_"
+CONFIG_ENV = "AGG_CONFIG"
+ROLES = ("all", "ingest", "worker")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
-@dataclass
-class Settings:
-    broker: str = field(default="", metadata={"help": "external Kafka, kafka://host:9092[,host2:9092]; empty: embedded broker"})
-    broker_port: int = field(default=0, metadata={"help": "port of the embedded broker (0: a free port)"})
-    web_host: str = field(default="127.0.0.1", metadata={"help": "HTTP listen address"})
-    web_port: int = field(default=8080, metadata={"help": "HTTP listen port"})
-    partitions: int = field(default=4, metadata={"help": "partitions of `clicks` when the service creates it"})
-    data_dir: str = field(default="./var", metadata={"help": "local state directory"})
-    window_seconds: float = field(default=60.0, metadata={"help": "tumbling window length"})
-    grace_seconds: float = field(default=5.0, metadata={"help": "grace after a window end before it closes"})
-    late_after_seconds: float = field(default=300.0, metadata={"help": "client ts older than this vs ingest time is late"})
-    max_ahead_seconds: float = field(default=5.0, metadata={"help": "ingest times further ahead of the worker's clock "
-                                                                   "are late (future_ts) and never move stream time"})
-    region_idle_seconds: float = field(default=3600.0, metadata={"help": "regions seen within this get zero-count snapshots"})
-    max_regions: int = field(default=1000, metadata={"help": "region cardinality cap; beyond it: __other__"})
-    ingest_token: str = field(default="", metadata={"help": "bearer token required by POST /v1/events"})
-    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "request body limit, after decompression too"})
-    rate_limit: float = field(default=0.0, metadata={"help": "default per-region events/s (0: unlimited)"})
-    rate_limits: str = field(default="", metadata={"help": "per-region rates, e.g. eu=5000,us-east=20000"})
-    spill_dir: str = field(default="", metadata={"help": "spill directory (default DATA_DIR/spill)"})
-    spill_max_bytes: int = field(default=1 << 30, metadata={"help": "spill size at which consumption slows"})
-    log_level: str = field(default="INFO", metadata={"help": "logging level"})
-    session_timeout: float = field(default=6.0, metadata={"help": "consumer group session timeout, seconds"})
-    state_flush_seconds: float = field(default=0.5, metadata={"help": "how often window state is written to its changelog"})
-    role: str = field(default="all", metadata={"help": "what `run` serves: all (HTTP ingest and the worker), "
-                                                       "ingest (HTTP ingest only), worker (the worker only)"})
-    kafka_security_protocol: str = field(default="PLAINTEXT", metadata={
-        "help": "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (every Kafka client of the process)"})
-    kafka_sasl_mechanism: str = field(default="PLAIN", metadata={"help": "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"})
-    kafka_sasl_username: str = field(default="", metadata={"help": "SASL user name (Confluent Cloud: the API key)"})
-    kafka_sasl_password: str = field(default="", metadata={"help": "SASL password (or AGG_KAFKA_SASL_PASSWORD_FILE)"})
-    kafka_ssl_cafile: str = field(default="", metadata={"help": "CA certificates (PEM) that signed the broker's; "
-                                                                 "empty: the system's trust store"})
-    kafka_ssl_certfile: str = field(default="", metadata={"help": "client certificate (PEM), for mutual TLS"})
-    kafka_ssl_keyfile: str = field(default="", metadata={"help": "client private key (PEM), for mutual TLS"})
-    kafka_ssl_key_password: str = field(default="", metadata={"help": "password of the client key "
-                                                                       "(or AGG_KAFKA_SSL_KEY_PASSWORD_FILE)"})
-    topic_replication_factor: int = field(default=1, metadata={"help": "replication factor of the topics the "
-                                                                        "service creates (managed Kafka: 3)"})
-    topic_min_insync_replicas: int = field(default=0, metadata={"help": "min.insync.replicas of the topics the "
-                                                                         "service creates (0: the broker's default)"})
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def names(name: str) -> str:
+    """``AGG_WEB_PORT / --web-port``: how every problem names its setting."""
+    return f"{env_name(name)} / {flag_name(name)}"
+
+
+class SettingsError(Exception):
+    """Bad settings: one line per problem, each naming the variable and the flag."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+# ----------------------------------------------------------------- value checks
+def _choice(options: tuple[str, ...], upper: bool) -> BeforeValidator:
+    """Case-insensitive choice, stored in the case of ``options``."""
+    def check(v: object) -> object:
+        if not isinstance(v, str):
+            return v
+        norm = v.strip().upper() if upper else v.strip().lower()
+        if norm not in options:
+            raise ValueError(f"expected one of {', '.join(options)} (got {v!r})")
+        return norm
+    return BeforeValidator(check)
+
+
+def _rate_limits(v: object) -> object:
+    """``eu=5000,us-east=20000`` (environment, flag or TOML string) or a TOML table."""
+    if isinstance(v, str):
+        rates = parse_rate_limits(v)  # ValueError says which item is wrong
+    elif isinstance(v, Mapping):
+        rates = {}
+        for region, rate in v.items():
+            if isinstance(rate, bool) or not isinstance(rate, int | float):
+                raise ValueError(f"rate {rate!r} for region {region!r} is not a number")
+            rates[str(region).strip().lower()] = float(rate)
+    else:
+        raise ValueError("expected region=rate,... (e.g. eu=5000,us-east=20000)")
+    for region, rate in rates.items():
+        if not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"rate for region {region!r} must be a number >= 0 (got {rate:g})")
+    return rates
+
+
+def parse_broker(value: str) -> list[tuple[str, int]]:
+    """``kafka://host:port`` or ``host:port``, comma-separated, as (host, port) pairs;
+    ValueError naming the first bad entry."""
+    out: list[tuple[str, int]] = []
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry:
+            raise ValueError("an empty entry in the comma-separated list")
+        rest = entry
+        if "://" in entry:
+            scheme, rest = entry.split("://", 1)
+            if scheme.lower() != "kafka":
+                raise ValueError(f"{entry!r}: the only scheme is kafka:// (or none: host:port)")
+        host, sep, port_s = rest.rpartition(":")
+        host = host.strip("[]")  # [::1]:9092
+        if not sep or not host or "/" in rest or not port_s.isdigit():
+            raise ValueError(f"{entry!r} is not host:port or kafka://host:port")
+        port = int(port_s)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{entry!r}: port must be 1..65535")
+        out.append((host, port))
+    return out
+
+
+def _readable(path: str) -> str:
+    if path and not (Path(path).is_file() and os.access(path, os.R_OK)):
+        raise ValueError(f"no readable file {path!r}")
+    return path
+
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+RateLimits = Annotated[dict[str, float], NoDecode, BeforeValidator(_rate_limits)]
+LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], _choice(LOG_LEVELS, upper=True)]
+Role = Annotated[Literal["all", "ingest", "worker"], _choice(ROLES, upper=False)]
+Protocol = Annotated[Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], _choice(SECURITY_PROTOCOLS, upper=True)]
+Mechanism = Annotated[Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], _choice(SASL_MECHANISMS, upper=True)]
+
+
+def _secret(description: str) -> Any:
+    """A secret string: also from ``AGG_<NAME>_FILE``; never shown (repr, errors, help)."""
+    return Field(default="", description=description, repr=False, json_schema_extra={"secret": True})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True,
+                                      validate_assignment=True, allow_inf_nan=False, case_sensitive=False)
+
+    broker: str = Field("", description="external Kafka, kafka://host:9092[,host2:9092]; empty: embedded broker")
+    broker_port: Port = Field(0, description="port of the embedded broker (0: a free port)")
+    broker_wait_seconds: float = Field(10.0, gt=0, description="how long `run` waits at start for the broker "
+                                                               "to answer before it gives up")
+    web_host: str = Field("127.0.0.1", min_length=1, description="HTTP listen address")
+    web_port: Port = Field(8080, description="HTTP listen port")
+    partitions: int = Field(4, ge=1, description="partitions of `clicks` when the service creates it")
+    data_dir: str = Field("./var", min_length=1, description="local state directory")
+    window_seconds: float = Field(60.0, ge=1, description="tumbling window length")
+    grace_seconds: float = Field(5.0, ge=0, description="grace after a window end before it closes")
+    late_after_seconds: float = Field(300.0, gt=0, description="client ts older than this vs ingest time is late")
+    max_ahead_seconds: float = Field(5.0, gt=0, description="ingest times further ahead of the worker's clock "
+                                                           "are late (future_ts) and never move stream time")
+    region_idle_seconds: float = Field(3600.0, gt=0, description="regions seen within this get zero-count snapshots")
+    max_regions: int = Field(1000, ge=1, description="region cardinality cap; beyond it: __other__")
+    ingest_token: str = _secret("bearer token required by POST /v1/events (empty: none)")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body limit, after decompression too")
+    rate_limit: float = Field(0.0, ge=0, description="default per-region events/s (0: unlimited)")
+    rate_limits: RateLimits = Field(default_factory=dict, description="per-region rates, e.g. eu=5000,us-east=20000 "
+                                                                      "(0: unlimited for that region)")
+    spill_dir: str = Field("", description="spill directory (default DATA_DIR/spill)")
+    spill_max_bytes: int = Field(1 << 30, ge=0, description="spill size at which consumption slows (0: never)")
+    log_level: LogLevel = Field("INFO", description="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    session_timeout: float = Field(6.0, gt=0, description="consumer group session timeout, seconds")
+    state_flush_seconds: float = Field(0.5, gt=0, description="how often window state is written to its changelog")
+    role: Role = Field("all", description="what `run` serves: all (HTTP ingest and the worker), "
+                                          "ingest (HTTP ingest only), worker (the worker only)")
+    kafka_security_protocol: Protocol = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    kafka_sasl_mechanism: Mechanism = Field("PLAIN", description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    kafka_sasl_username: str = Field("", description="SASL user (needed by the SASL_* protocols)")
+    kafka_sasl_password: str = _secret("SASL password (needed by the SASL_* protocols)")
+    kafka_ssl_cafile: str = Field("", description="CA bundle (PEM) that signed the brokers' certificates "
+                                                  "(empty: the system's)")
+    kafka_ssl_certfile: str = Field("", description="client certificate (PEM), with --kafka-ssl-keyfile")
+    kafka_ssl_keyfile: str = Field("", description="client private key (PEM), with --kafka-ssl-certfile")
+    kafka_ssl_key_password: str = _secret("password of the client private key")
+    topic_replication_factor: int = Field(1, ge=1, description="replication factor of the topics the service creates")
+    topic_min_insync_replicas: int = Field(0, ge=0, description="min.insync.replicas of the topics the service "
+                                                                "creates (0: the broker's default)")
+
+    # --------------------------------------------------------------- validators
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, v: str) -> str:
+        v = v.strip()
+        if v:
+            parse_broker(v)
+        return v
+
+    @field_validator("kafka_sasl_username", "kafka_sasl_password")
+    @classmethod
+    def _sasl(cls, v: str, info: ValidationInfo) -> str:
+        protocol = info.data.get("kafka_security_protocol", "")
+        if protocol.startswith("SASL_") and not v:
+            raise ValueError(f"required with AGG_KAFKA_SECURITY_PROTOCOL={protocol}")
+        return v
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile")
+    @classmethod
+    def _file(cls, v: str, info: ValidationInfo) -> str:
+        return _readable(v)
+
+    @field_validator("kafka_ssl_keyfile")
+    @classmethod
+    def _keyfile(cls, v: str, info: ValidationInfo) -> str:
+        cert = info.data.get("kafka_ssl_certfile")
+        if cert is not None and bool(cert) != bool(v):
+            raise ValueError("AGG_KAFKA_SSL_CERTFILE and AGG_KAFKA_SSL_KEYFILE go together: set both or neither")
+        return _readable(v)
+
+    # --------------------------------------------------------------- derived
+    SECRETS: ClassVar[frozenset[str]] = frozenset({"ingest_token", "kafka_sasl_password", "kafka_ssl_key_password"})
 
     @property
     def window_ms(self) -> int:
@@ -78,13 +238,14 @@ class Settings:
 
     def bootstrap(self) -> str:
         """``host:port[,host:port]`` for aiokafka from ``kafka://...``."""
-        return ",".join(h.split("://", 1)[-1] for h in self.broker.split(","))
+        return ",".join(h.strip().split("://", 1)[-1] for h in self.broker.split(","))
 
     def faust_broker(self) -> list[str]:
-        return [h if "://" in h else f"kafka://{h}" for h in self.broker.split(",")]
+        return [h if "://" in h else f"kafka://{h}" for h in (e.strip() for e in self.broker.split(","))]
 
     def kafka_security(self) -> KafkaSecurity:
-        """TLS and SASL of every Kafka client; bad settings exit with one line per problem."""
+        """TLS and SASL of every Kafka client (aggregator.broker.security); SettingsError with
+        one line per problem (the model has checked most of them already)."""
         try:
             return KafkaSecurity(
                 protocol=self.kafka_security_protocol, sasl_mechanism=self.kafka_sasl_mechanism,
@@ -92,53 +253,182 @@ class Settings:
                 ssl_cafile=self.kafka_ssl_cafile, ssl_certfile=self.kafka_ssl_certfile,
                 ssl_keyfile=self.kafka_ssl_keyfile, ssl_key_password=self.kafka_ssl_key_password)
         except ValueError as exc:
-            raise SystemExit("\n".join(f"error: {line}" for line in str(exc).splitlines())) from None
+            raise SettingsError(str(exc).splitlines()) from None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """``Settings(**kw)``: the keywords and the defaults only; ``load()`` adds the rest."""
+        sources = _SOURCES.get()
+        return (init_settings,) if sources is None else sources(settings_cls, init_settings)
 
 
-ROLES = ("all", "ingest", "worker")
-SECRET_FILES = ("kafka_sasl_password", "kafka_ssl_key_password")  # also read from AGG_<NAME>_FILE
+FIELDS: tuple[str, ...] = tuple(Settings.model_fields)
 
 
-def _env_name(name: str) -> str:
-    return "AGG_" + name.upper()
+def describe(name: str) -> str:
+    return Settings.model_fields[name].description or ""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for f in fields(Settings):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            help=f"{f.metadata.get('help', '')} [{_env_name(f.name)}]")
+def default_text(name: str) -> str:
+    """The default as a user writes it (help, README)."""
+    f = Settings.model_fields[name]
+    value = f.get_default(call_default_factory=True)
+    if name == "rate_limits":
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
-def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Defaults, overridden by ``AGG_*`` variables, overridden by flags."""
-    env = os.environ if env is None else env
-    s = Settings()
-    for f in fields(Settings):
-        raw = None
-        if args is not None and getattr(args, f.name, None) is not None:
-            raw = getattr(args, f.name)
-        elif _env_name(f.name) in env:
-            raw = env[_env_name(f.name)]
-        elif f.name in SECRET_FILES and _env_name(f.name) + "_FILE" in env:
-            raw = _read_secret(_env_name(f.name) + "_FILE", env[_env_name(f.name) + "_FILE"])
-        if raw is None:
+# --------------------------------------------------------------------- loading
+class _Env(EnvSettingsSource):
+    """``AGG_*`` from ``env`` (not necessarily ``os.environ``)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._given = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._given.items()}
+
+
+_SOURCES: ContextVar[Any] = ContextVar("settings_sources", default=None)
+
+
+def _secret_files(env: Mapping[str, str], problems: list[str]) -> dict[str, str]:
+    """``AGG_<NAME>_FILE``: the file's content (one trailing newline stripped) is the value."""
+    out: dict[str, str] = {}
+    for name in sorted(Settings.SECRETS):
+        var = env_name(name) + "_FILE"
+        path = env.get(var)
+        if path is None:
             continue
-        typ = type(getattr(s, f.name))
+        if env_name(name) in env:
+            problems.append(f"{env_name(name)} / {var}: set one of them, not both")
+            continue
         try:
-            setattr(s, f.name, typ(raw))
-        except ValueError:
-            raise SystemExit(f"error: {_env_name(f.name)} / --{f.name.replace('_', '-')}: "
-                             f"expected {typ.__name__}, got {raw!r}") from None
-    if s.role not in ROLES:
-        raise SystemExit(f"error: AGG_ROLE / --role: expected one of {', '.join(ROLES)}, got {s.role!r}")
-    if s.topic_replication_factor < 1 or s.topic_min_insync_replicas < 0:
-        raise SystemExit("error: AGG_TOPIC_REPLICATION_FACTOR must be >= 1 and AGG_TOPIC_MIN_INSYNC_REPLICAS >= 0")
-    s.kafka_security()  # exits on bad Kafka security settings
-    return s
+            text = Path(path).read_text()
+        except OSError as exc:
+            problems.append(f"{var}: cannot read {path!r}: {exc.strerror or exc}")
+            continue
+        out[name] = text[:-1] if text.endswith("\n") else text
+        if out[name].endswith("\r"):
+            out[name] = out[name][:-1]
+    return out
 
 
-def _read_secret(name: str, path: str) -> str:
+def _toml(settings_cls: type[BaseSettings], path: str | None, problems: list[str]) -> PydanticBaseSettingsSource | None:
+    if not path:
+        return None
+    if not Path(path).is_file():
+        problems.append(f"{CONFIG_ENV} / --config: no such file {path!r}")
+        return None
     try:
-        return Path(path).read_text().rstrip("\r\n")
-    except OSError as exc:
-        raise SystemExit(f"error: {name}: cannot read {path}: {exc.strerror}") from None
+        return TomlConfigSettingsSource(settings_cls, toml_file=Path(path))
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"{CONFIG_ENV} / --config: {path} is not valid TOML: {exc}")
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"{CONFIG_ENV} / --config: cannot read {path!r}: {exc}")
+    return None
+
+
+def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+         config_file: str | None = None, only: Collection[str] | None = None) -> Settings:
+    """Flags (non-None values, by field name), over ``AGG_*`` (and ``AGG_<NAME>_FILE``),
+    over the TOML file (``config_file``, else ``AGG_CONFIG``), over the defaults.
+
+    ``only``: the fields the command uses; the environment and the TOML file are read for
+    those alone (the others keep their defaults), so ``aggregator broker`` is not stopped
+    by a bad ``AGG_WINDOW_SECONDS`` it never uses.  Raises SettingsError."""
+    env = os.environ if env is None else env
+    keep = set(FIELDS if only is None else only)
+    problems: list[str] = []
+    flag_values = {k: v for k, v in (flags or {}).items() if v is not None}
+    unknown = set(flag_values) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"not settings: {sorted(unknown)}")
+    env_values = {k: v for k, v in env.items() if k.upper().startswith(ENV_PREFIX)}
+    files = _secret_files(env, problems)
+    if only is not None:  # variables of settings this command does not use are not read
+        env_values = {k: v for k, v in env_values.items() if k.upper()[len(ENV_PREFIX):].lower() in keep}
+        files = {k: v for k, v in files.items() if k in keep}
+    path = config_file or env.get(CONFIG_ENV) or None
+
+    def sources(cls: type[BaseSettings], init: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        out: list[PydanticBaseSettingsSource] = [init, InitSettingsSource(cls, files), _Env(cls, env_values)]
+        toml = _toml(cls, path, problems)
+        if toml is not None:
+            out.append(_Only(cls, toml, keep) if only is not None else toml)
+        return tuple(out)
+
+    token = _SOURCES.set(sources)
+    try:
+        settings = Settings(**flag_values)
+    except ValidationError as exc:
+        raise SettingsError(problems + list(_lines(exc, path))) from None
+    finally:
+        _SOURCES.reset(token)
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
+class _Only(PydanticBaseSettingsSource):
+    """A source restricted to some fields (unknown keys still pass: they are errors)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource,
+                 keep: Collection[str]) -> None:
+        super().__init__(settings_cls)
+        self.inner, self.keep = inner, keep
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.inner().items() if k in self.keep or k not in FIELDS}
+
+
+_SHORT = {
+    "int_parsing": "expected a whole number", "int_type": "expected a whole number",
+    "int_from_float": "expected a whole number", "float_parsing": "expected a number",
+    "float_type": "expected a number", "finite_number": "expected a finite number",
+    "string_type": "expected a string", "bool_parsing": "expected true or false",
+    "string_too_short": "must not be empty",
+}
+
+
+def _lines(exc: ValidationError, path: str | None) -> Iterator[str]:
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        name = str(loc[0]) if loc else ""
+        if err["type"] == "extra_forbidden":
+            yield f"{CONFIG_ENV} / --config: {path}: unknown setting {name!r}"
+            continue
+        kind, ctx = err["type"], err.get("ctx") or {}
+        if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+            bound = _shown(next(iter(ctx.values())))
+            msg = "must be a port number, 0..65535" if name.endswith("port") else f"must be {op} {bound}"
+        elif kind == "literal_error":
+            msg = "expected one of " + ctx.get("expected", "").replace("'", "")
+        elif kind == "value_error":
+            msg = str(ctx.get("error", err["msg"]))
+        else:
+            msg = _SHORT.get(kind, err["msg"][:1].lower() + err["msg"][1:])
+        # the value is shown unless it is a secret or the message already quotes it
+        quoted = "got " in msg or repr(err.get("input")) in msg or msg.startswith(("AGG_", "required with"))
+        got = "" if name in Settings.SECRETS or quoted else f" (got {_shown(err.get('input'))})"
+        msg = msg.removeprefix("AGG_RATE_LIMITS: ")
+        yield f"{names(name)}: {msg}{got}" if name in FIELDS else f"{name}: {msg}{got}"
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, str):
+        return value if value and value.strip() == value and " " not in value else repr(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

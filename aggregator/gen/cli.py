@@ -1,54 +1,190 @@
-"""``aggregator gen`` and ``aggregator audit``."""
+"""``aggregator gen`` and ``aggregator audit``.
+
+Both read the service's settings where they share a meaning: ``AGG_WINDOW_SECONDS``,
+``AGG_LATE_AFTER_SECONDS`` and ``AGG_INGEST_TOKEN`` (gen), ``AGG_WEB_HOST``/``AGG_WEB_PORT``
+for the default ``--url``, and ``AGG_BROKER`` (with the Kafka security settings) for a
+bare ``--kafka``; so a generator and an audit started in the service's environment agree
+with it."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
 import time
+import urllib.error
 import urllib.request
+from typing import Any
+
+import aiohttp
+import click
 
 from aggregator import config
+from aggregator.broker.embedded import BrokerError
+from aggregator.broker.security import PLAINTEXT, KafkaSecurity
+from aggregator.cli import KAFKA_CLIENT_FIELDS, Failure, _config_option, _debug_option, load_settings, settings_options
 from aggregator.core.contract import Snapshot
 from aggregator.gen.audit import audit, fetch_topic_snapshots, missing_windows, table
 from aggregator.gen.generator import generate
 
+GEN_FIELDS = ("window_seconds", "late_after_seconds", "ingest_token", "web_host", "web_port", *KAFKA_CLIENT_FIELDS)
+AUDIT_FIELDS = ("web_host", "web_port", *KAFKA_CLIENT_FIELDS)
+USE_BROKER = "\0AGG_BROKER"  # --kafka given without a value
+CONNECT_WAIT = 10.0  # seconds gen waits for the service to answer before it starts
+URL_HELP = "service base URL  [default: http://AGG_WEB_HOST:AGG_WEB_PORT, i.e. http://127.0.0.1:8080]"
+KAFKA_HELP = ("; without a value: AGG_BROKER. Kafka security from the AGG_KAFKA_* variables")
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = sub.add_parser("gen", help="send a synthetic click-stream over HTTP")
-    g.add_argument("--url", default="http://127.0.0.1:8080", help="service base URL")
-    g.add_argument("--rate", type=float, default=200.0, help="target events/s (0: as fast as possible)")
-    g.add_argument("--count", type=int, default=0, help="events to send (default: rate x duration)")
-    g.add_argument("--duration", type=float, default=60.0, help="seconds, when --count is not given")
-    g.add_argument("--regions", type=int, default=8)
-    g.add_argument("--skew", type=float, default=1.1, help="Zipf exponent of region popularity")
-    g.add_argument("--batch", type=int, default=100, help="events per request")
-    g.add_argument("--concurrency", type=int, default=4)
-    g.add_argument("--bad-fraction", type=float, default=0.0, help="fraction of malformed records")
-    g.add_argument("--delayed-fraction", type=float, default=0.0, help="fraction with an old client ts")
-    g.add_argument("--late-after-seconds", type=float, default=300.0)
-    g.add_argument("--window-seconds", type=float, default=60.0)
-    g.add_argument("--token", default="", help="bearer token (AGG_INGEST_TOKEN)")
-    g.add_argument("--seed", type=int, default=1)
-    g.add_argument("--truth", default="", help="write ground truth JSON here")
-    g.add_argument("--kafka", default="", metavar="BOOTSTRAP",
-                   help="produce straight to topic clicks at this Kafka bootstrap (host:port) instead of HTTP")
-    g.add_argument("--hot-region", default="", help="a region that bursts (added if not among --regions)")
-    g.add_argument("--burst-multiplier", type=float, default=1000.0, help="hot region's traffic x this during the burst")
-    g.add_argument("--burst-start", type=float, default=0.0, help="seconds after start the burst begins")
-    g.add_argument("--burst-duration", type=float, default=0.0, help="burst length in seconds (0: no burst)")
-    g.add_argument("--clock-skew-ms", type=int, default=0, help="producer clock skew added to client ts")
-    g.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
-    a = sub.add_parser("audit", help="compare published snapshots with ground truth")
-    a.add_argument("--truth", required=True)
-    a.add_argument("--spilled-regions", default="", metavar="R1,R2",
-                   help="regions over their rate limit: checked by the identity counted + late == accepted")
-    a.add_argument("--url", default="http://127.0.0.1:8080", help="service base URL (/v1/snapshots)")
-    a.add_argument("--kafka", default="", metavar="BOOTSTRAP",
-                   help="read every snapshot from topic click-snapshots at this Kafka bootstrap (host:port) "
-                        "instead of one service's /v1/snapshots: with several workers each lists only its own")
-    a.add_argument("--wait", type=float, default=0.0,
-                   help="seconds to wait for every window of the truth to be published (default: don't)")
+
+def default_url(settings: config.Settings) -> str:
+    host = settings.web_host
+    if host in ("0.0.0.0", "::", ""):  # a listen-everywhere address: reach it on loopback
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.web_port}"
+
+
+def wait_for_service(url: str, wait: float) -> None:
+    """Until ``url``/healthz answers (any HTTP status), at most ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except (urllib.error.URLError, OSError) as exc:
+            if time.monotonic() >= deadline:
+                reason = getattr(exc, "reason", exc)
+                raise Failure(f"gen: nothing answered at {url} within {wait:g} s ({reason}): is the service "
+                              "running there? (--url, or AGG_WEB_HOST / AGG_WEB_PORT)") from None
+        time.sleep(0.25)
+
+
+def kafka_bootstrap(value: str, settings: config.Settings) -> str:
+    """``--kafka``'s bootstrap (host:port[,...]); '' when not given."""
+    if not value:
+        return ""
+    if value == USE_BROKER:
+        if not settings.broker:
+            raise Failure("--kafka without a value needs AGG_BROKER (or give --kafka host:port)")
+        return settings.bootstrap()
+    try:
+        config.parse_broker(value)
+    except ValueError as exc:
+        raise Failure(f"--kafka: {exc}") from None
+    return ",".join(h.strip().split("://", 1)[-1] for h in value.split(","))
+
+
+def _kafka_option(help_text: str) -> Any:
+    return click.option("--kafka", default="", is_flag=False, flag_value=USE_BROKER, metavar="[BOOTSTRAP]",
+                        help=help_text + KAFKA_HELP, show_default=False)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(gen_command)
+    group.add_command(audit_command)
+
+
+CTX = {"show_default": True}
+
+
+@click.command("gen", context_settings=CTX)
+@click.option("--url", default=None, help=URL_HELP)
+@click.option("--rate", type=click.FloatRange(min=0), default=200.0, help="target events/s (0: as fast as possible)")
+@click.option("--count", type=click.IntRange(min=0), default=0, help="events to send (0: rate x duration)")
+@click.option("--duration", type=click.FloatRange(min=0), default=60.0, help="seconds, when --count is not given")
+@click.option("--regions", type=click.IntRange(min=1), default=8, help="number of regions")
+@click.option("--skew", type=float, default=1.1, help="Zipf exponent of region popularity")
+@click.option("--batch", type=click.IntRange(min=1), default=100, help="events per request")
+@click.option("--concurrency", type=click.IntRange(min=1), default=4, help="requests in flight")
+@click.option("--bad-fraction", type=click.FloatRange(0, 1), default=0.0, help="fraction of malformed records")
+@click.option("--delayed-fraction", type=click.FloatRange(0, 1), default=0.0, help="fraction with an old client ts")
+@settings_options(("late_after_seconds", "window_seconds", "ingest_token"), rename={"ingest_token": "--token"})
+@click.option("--seed", type=int, default=1, help="random seed: the same seed gives the same stream")
+@click.option("--truth", default="", metavar="FILE", help="write ground truth JSON here")
+@_kafka_option("produce straight to topic clicks at this Kafka bootstrap (host:port) instead of HTTP")
+@click.option("--hot-region", default="", help="a region that bursts (added if not among --regions)")
+@click.option("--burst-multiplier", type=click.FloatRange(min=0), default=1000.0,
+              help="hot region's traffic x this during the burst")
+@click.option("--burst-start", type=click.FloatRange(min=0), default=0.0, help="seconds after start the burst begins")
+@click.option("--burst-duration", type=click.FloatRange(min=0), default=0.0,
+              help="burst length in seconds (0: no burst)")
+@click.option("--clock-skew-ms", type=int, default=0, help="producer clock skew added to client ts")
+@click.option("--progress-interval", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              help="seconds between progress lines")
+@_config_option
+@_debug_option
+def gen_command(**kw: Any) -> int:
+    """Send a synthetic click-stream over HTTP (or straight to Kafka), with exact ground truth."""
+    settings = load_settings(kw, GEN_FIELDS)
+    url = (kw["url"] or default_url(settings)).rstrip("/")
+    kafka = kafka_bootstrap(kw["kafka"], settings)
+    count = kw["count"] or int(kw["rate"] * kw["duration"])
+    if not kafka:
+        wait_for_service(url, CONNECT_WAIT)
+    security = settings.kafka_security()
+    failures: list[BaseException] = []
+
+    async def quiet_generate() -> Any:
+        # a request that gave up fails its task; report the first one in one line at the end
+        # instead of asyncio's "Task exception was never retrieved" traceback for each
+        def on_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if exc is None:
+                loop.default_exception_handler(context)
+            else:
+                failures.append(exc)
+
+        asyncio.get_running_loop().set_exception_handler(on_error)
+        return await generate(
+            url, kw["rate"], count, kw["regions"], kw["seed"], kw["batch"],
+            settings.window_ms, skew=kw["skew"], bad_fraction=kw["bad_fraction"],
+            delayed_fraction=kw["delayed_fraction"], late_after_ms=settings.late_after_ms,
+            token=settings.ingest_token, concurrency=kw["concurrency"], progress_interval=kw["progress_interval"],
+            kafka=kafka, hot_region=kw["hot_region"], burst_multiplier=kw["burst_multiplier"],
+            burst_start=kw["burst_start"], burst_duration=kw["burst_duration"], clock_skew_ms=kw["clock_skew_ms"],
+            security=security)
+
+    try:
+        truth = asyncio.run(quiet_generate())
+        if failures:
+            raise failures[0]
+    except BrokerError as exc:  # a refused Kafka login or TLS: one line
+        raise Failure(f"gen: {exc}") from None
+    except aiohttp.ClientResponseError as exc:
+        hint = ": is AGG_INGEST_TOKEN / --token right?" if exc.status in (401, 403) else ""
+        raise Failure(f"gen: POST {url}/v1/events answered {exc.status} {exc.message}{hint}") from None
+    except RuntimeError as exc:  # the generator gave up: nothing answered, or only 503s
+        raise Failure(f"gen: {exc} (POST {url}/v1/events: is the service running there? --url)") from None
+    if kw["truth"]:
+        with open(kw["truth"], "w") as f:
+            json.dump(truth.to_json(), f)
+    return 0
+
+
+@click.command("audit", context_settings=CTX)
+@click.option("--truth", required=True, metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="the ground truth written by `aggregator gen --truth`")
+@click.option("--spilled-regions", default="", metavar="R1,R2",
+              help="regions over their rate limit: checked by the identity counted + late == accepted")
+@click.option("--url", default=None, help=URL_HELP + " (/v1/snapshots)")
+@_kafka_option("read every snapshot from topic click-snapshots at this Kafka bootstrap (host:port) instead of "
+               "one service's /v1/snapshots: with several workers each lists only its own")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0,
+              help="seconds to wait for every window of the truth to be published (0: don't)")
+@_config_option
+@_debug_option
+def audit_command(**kw: Any) -> int:
+    """Compare published snapshots with a generator's ground truth (exit 1 on a mismatch)."""
+    settings = load_settings(kw, AUDIT_FIELDS)
+    url = (kw["url"] or default_url(settings)).rstrip("/")
+    kafka = kafka_bootstrap(kw["kafka"], settings)
+    try:
+        with open(kw["truth"]) as f:
+            truth = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise Failure(f"audit: cannot read the truth file {kw['truth']}: {exc}") from None
+    return run_audit(truth, url, kafka, kw["spilled_regions"], kw["wait"], settings.kafka_security())
 
 
 def fetch_snapshots(url: str) -> list[Snapshot]:
@@ -56,32 +192,27 @@ def fetch_snapshots(url: str) -> list[Snapshot]:
         return json.loads(resp.read())["snapshots"]
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.cmd == "gen":
-        count = args.count or int(args.rate * args.duration)
-        truth = asyncio.run(generate(
-            args.url, args.rate, count, args.regions, args.seed, args.batch,
-            int(args.window_seconds * 1000), skew=args.skew, bad_fraction=args.bad_fraction,
-            delayed_fraction=args.delayed_fraction, late_after_ms=int(args.late_after_seconds * 1000),
-            token=args.token, concurrency=args.concurrency, progress_interval=args.progress_interval,
-            kafka=args.kafka, hot_region=args.hot_region, burst_multiplier=args.burst_multiplier,
-            burst_start=args.burst_start, burst_duration=args.burst_duration, clock_skew_ms=args.clock_skew_ms,
-            security=config.load().kafka_security()))
-        if args.truth:
-            with open(args.truth, "w") as f:
-                json.dump(truth.to_json(), f)
-        return 0
-    with open(args.truth) as f:
-        truth = json.load(f)
+def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: float,
+              security: KafkaSecurity = PLAINTEXT) -> int:
     def fetch() -> list[Snapshot]:
-        return fetch_topic_snapshots(args.kafka, config.load().kafka_security()) if args.kafka else fetch_snapshots(args.url)
+        if kafka:
+            try:
+                return fetch_topic_snapshots(kafka, security)
+            except BrokerError as exc:  # a refused login or TLS: one line
+                raise Failure(f"audit: {exc}") from None
+        try:
+            return fetch_snapshots(url)
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise Failure(f"audit: cannot fetch {url}/v1/snapshots: {reason} (is the service running there? --url)"
+                          ) from None
 
     snaps = fetch()
-    deadline = time.monotonic() + args.wait
+    deadline = time.monotonic() + wait
     while missing_windows(truth, snaps) and time.monotonic() < deadline:
         time.sleep(0.5)
         snaps = fetch()
-    spilled = frozenset(r.strip().lower() for r in args.spilled_regions.split(",") if r.strip())
+    spilled = frozenset(r.strip().lower() for r in spilled_regions.split(",") if r.strip())
     problems = audit(truth, snaps, spilled)
     print(table(truth, snaps))
     if problems:

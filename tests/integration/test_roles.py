@@ -55,7 +55,7 @@ def test_ingest_and_worker_in_two_processes_count_exactly(service_factory):
 def test_a_role_other_than_all_needs_a_broker(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGG_")}
     for role, rc, needle in (("ingest", 2, "needs AGG_BROKER"), ("worker", 2, "needs AGG_BROKER"),
-                             ("both", 1, "expected one of all, ingest, worker")):
+                             ("both", 2, "expected one of all, ingest, worker")):
         p = subprocess.run([sys.executable, "-m", "aggregator", "run", "--role", role, "--data-dir", str(tmp_path)],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert p.returncode == rc and needle in p.stderr, (role, p.returncode, p.stderr)

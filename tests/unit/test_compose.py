@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import tomllib
-from dataclasses import fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -126,7 +125,7 @@ def test_compose_prometheus_config_is_the_projects_with_the_compose_target(compo
 
 
 def test_compose_settings_are_the_services(compose):
-    known = {"AGG_" + f.name.upper() for f in fields(Settings)}
+    known = {"AGG_" + name.upper() for name in Settings.model_fields}
     env = compose["services"]["aggregator"]["environment"]
     assert set(env) <= known, set(env) - known
     assert env["AGG_BROKER"] == "kafka://kafka:9092"

@@ -1,0 +1,144 @@
+"""Wrong invocations of ``aggregator``: each ends within seconds, with a few lines, no
+traceback, the documented status, and nothing left running (real processes, no broker
+needed except where a test starts none on purpose)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tools.harness import REPO, free_port
+
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("AGG_")}
+
+
+def aggregator(*args, env=None, timeout=20.0, cwd=None):
+    """(status, output lines, seconds) of ``python -m aggregator ARGS``."""
+    full = dict(CLEAN_ENV, PYTHONPATH=str(REPO), **(env or {}))
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "aggregator", *args], env=full, cwd=str(cwd or REPO),
+                       capture_output=True, text=True, timeout=timeout)
+    out = (p.stdout + p.stderr).strip()
+    return p.returncode, out.splitlines(), time.monotonic() - t
+
+
+def assert_one_error(result, expected: str, max_seconds: float = 10.0):
+    code, lines, took = result
+    assert code == 2, lines
+    assert lines == [expected], lines
+    assert took < max_seconds, took
+
+
+def no_broker_children():
+    out = subprocess.run(["ps", "-eo", "ppid,args"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if "tansu" in ln and f" {os.getpid()} " in f" {ln} "]
+
+
+@pytest.mark.parametrize(("env", "line"), [
+    ({"AGG_WINDOW_SECONDS": "-1"}, "error: AGG_WINDOW_SECONDS / --window-seconds: must be >= 1 (got -1)"),
+    ({"AGG_WINDOW_SECONDS": "0"}, "error: AGG_WINDOW_SECONDS / --window-seconds: must be >= 1 (got 0)"),
+    ({"AGG_LOG_LEVEL": "loud"},
+     "error: AGG_LOG_LEVEL / --log-level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL (got 'loud')"),
+    ({"AGG_RATE_LIMITS": "garbage"}, "error: AGG_RATE_LIMITS / --rate-limits: item 'garbage' is not of the form "
+                                     "region=rate (e.g. 'eu=5000,us-east=20000')"),
+    ({"AGG_BROKER": "nonsense"}, "error: AGG_BROKER / --broker: 'nonsense' is not host:port or kafka://host:port"),
+])
+def test_bad_setting_stops_run_before_anything_starts(env, line, tmp_path):
+    assert_one_error(aggregator("run", env=dict(env, AGG_DATA_DIR=str(tmp_path))), line)
+    assert not list(tmp_path.iterdir())  # not even the data directory's lock
+
+
+def test_unreachable_broker_is_one_line_after_the_bounded_wait(tmp_path):
+    code, lines, took = aggregator("run", env={"AGG_BROKER": "kafka://127.0.0.1:1", "AGG_BROKER_WAIT_SECONDS": "2",
+                                               "AGG_DATA_DIR": str(tmp_path), "AGG_WEB_PORT": str(free_port())})
+    assert code == 2 and lines == [
+        "error: AGG_BROKER: no Kafka broker answered at 127.0.0.1:1 within 2 s (AGG_BROKER_WAIT_SECONDS): "
+        "is it running, and is the address right?"], lines
+    assert 2 <= took < 10
+
+
+def test_web_port_in_use_is_reported_before_the_broker_starts(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = aggregator("run", env={"AGG_WEB_PORT": str(port), "AGG_DATA_DIR": str(tmp_path)})
+    assert_one_error(result, f"error: AGG_WEB_PORT / --web-port: 127.0.0.1:{port} is already in use "
+                             "(another process listens there)")
+    assert not no_broker_children()
+
+
+def test_broker_takes_only_its_own_options():
+    assert_one_error(aggregator("broker", "--window-seconds", "5"),
+                     "error: aggregator broker: no such option: --window-seconds: it is a setting of `aggregator run`; "
+                     "`aggregator broker` takes --broker-port, --log-level and --config")
+
+
+def test_bad_toml(tmp_path):
+    cfg = tmp_path / "agg.toml"
+    cfg.write_text("window_seconds = 5\nwindow_secs = 5\n")
+    assert_one_error(aggregator("run", "--config", str(cfg), env={"AGG_DATA_DIR": str(tmp_path)}),
+                     f"error: AGG_CONFIG / --config: {cfg}: unknown setting 'window_secs'")
+    cfg.write_text("window_seconds = [\n")
+    code, lines, _ = aggregator("run", env={"AGG_CONFIG": str(cfg), "AGG_DATA_DIR": str(tmp_path)})
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: AGG_CONFIG / --config: {cfg} is not valid")
+
+
+def test_secret_and_its_file_both_set(tmp_path):
+    (tmp_path / "token").write_text("from-file\n")
+    code, lines, _ = aggregator("run", env={"AGG_INGEST_TOKEN": "visible-secret", "AGG_DATA_DIR": str(tmp_path),
+                                            "AGG_INGEST_TOKEN_FILE": str(tmp_path / "token")})
+    assert code == 2 and lines == ["error: AGG_INGEST_TOKEN / AGG_INGEST_TOKEN_FILE: set one of them, not both"]
+    assert not any("secret" in ln or "from-file" in ln for ln in lines)
+
+
+def test_gen_reads_the_window_setting_and_rejects_a_bad_one():
+    assert_one_error(aggregator("gen", env={"AGG_WINDOW_SECONDS": "0"}),
+                     "error: AGG_WINDOW_SECONDS / --window-seconds: must be >= 1 (got 0)")
+
+
+def test_help_shows_defaults_and_variables():
+    code, lines, _ = aggregator("run", "--help")
+    text = " ".join(" ".join(lines).split())
+    assert code == 0
+    for fragment in ("--window-seconds SECONDS", "[env: AGG_WINDOW_SECONDS; default: 60]",
+                     "[env: AGG_WEB_PORT; default: 8080]", "[env: AGG_INGEST_TOKEN or AGG_INGEST_TOKEN_FILE; "
+                     "default: empty]", "[env: AGG_CONFIG]", "--debug"):
+        assert fragment in text, fragment
+    code, lines, _ = aggregator("gen", "--help", env={"AGG_INGEST_TOKEN": "do-not-show"})
+    text = " ".join(" ".join(lines).split())
+    assert code == 0 and "[env: AGG_WINDOW_SECONDS; default: 60]" in text and "do-not-show" not in text
+
+
+def test_version():
+    from importlib.metadata import version
+    code, lines, _ = aggregator("--version")
+    assert code == 0 and lines == [f"aggregator {version('clickstream-aggregator')}"]
+
+
+def test_ctrl_c_on_gen_against_nothing_is_one_line():
+    env = dict(CLEAN_ENV, PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, "-m", "aggregator", "gen", "--url", f"http://127.0.0.1:{free_port()}"],
+                         env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(2.5)  # imported and waiting for the service to answer
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=10)
+    assert p.returncode == 130, out
+    assert out.strip().splitlines() == ["aggregator: interrupted"], out
+
+
+def test_gen_against_nothing_gives_up_in_one_line():
+    port = free_port()
+    code, lines, took = aggregator("gen", env={"AGG_WEB_PORT": str(port)}, timeout=30)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: gen: nothing answered at http://127.0.0.1:{port} within 10 s"), lines
+    assert "Traceback" not in lines[0] and took < 20
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    code, lines, _ = aggregator("--debug", "run", env={"AGG_WINDOW_SECONDS": "-1", "AGG_DATA_DIR": str(tmp_path)})
+    assert code != 0 and any(ln.startswith("Traceback") for ln in lines)
+

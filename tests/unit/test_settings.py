@@ -1,0 +1,166 @@
+"""The settings model (aggregator/config.py): ranges, choices, syntax, sources and their
+precedence, secrets.  Each problem is one line naming the variable and the flag."""
+import pytest
+from pydantic import ValidationError
+
+from aggregator import config
+from aggregator.config import Settings, SettingsError, load
+
+
+def problems(env=None, flags=None, config_file=None, only=None) -> list[str]:
+    with pytest.raises(SettingsError) as err:
+        load(flags, env=env or {}, config_file=config_file, only=only)
+    return err.value.lines
+
+
+def test_defaults_and_derived_values_are_the_old_ones():
+    s = load(env={})
+    assert (s.window_ms, s.grace_ms, s.late_after_ms, s.max_ahead_ms, s.idle_ms) == (60_000, 5000, 300_000, 5000,
+                                                                                    3_600_000)
+    assert s.broker == "" and s.web_port == 8080 and s.partitions == 4 and s.role == "all"
+    assert s.log_level == "INFO" and s.rate_limits == {} and s.max_body_bytes == 8 * 1024 * 1024
+    assert str(s.spill_path) == "var/spill"
+    assert s.kafka_security_protocol == "PLAINTEXT" and s.topic_replication_factor == 1
+    assert s.topic_min_insync_replicas == 0
+
+
+@pytest.mark.parametrize(("env", "line"), [
+    ({"AGG_WINDOW_SECONDS": "-1"}, "AGG_WINDOW_SECONDS / --window-seconds: must be >= 1 (got -1)"),
+    ({"AGG_WINDOW_SECONDS": "0"}, "AGG_WINDOW_SECONDS / --window-seconds: must be >= 1 (got 0)"),
+    ({"AGG_WINDOW_SECONDS": "nan"}, "AGG_WINDOW_SECONDS / --window-seconds: expected a finite number (got nan)"),
+    ({"AGG_GRACE_SECONDS": "-0.5"}, "AGG_GRACE_SECONDS / --grace-seconds: must be >= 0 (got -0.5)"),
+    ({"AGG_SESSION_TIMEOUT": "0"}, "AGG_SESSION_TIMEOUT / --session-timeout: must be > 0 (got 0)"),
+    ({"AGG_WEB_PORT": "70000"}, "AGG_WEB_PORT / --web-port: must be a port number, 0..65535 (got 70000)"),
+    ({"AGG_PARTITIONS": "x"}, "AGG_PARTITIONS / --partitions: expected a whole number (got x)"),
+    ({"AGG_PARTITIONS": "0"}, "AGG_PARTITIONS / --partitions: must be >= 1 (got 0)"),
+    ({"AGG_RATE_LIMIT": "-3"}, "AGG_RATE_LIMIT / --rate-limit: must be >= 0 (got -3)"),
+    ({"AGG_LOG_LEVEL": "loud"},
+     "AGG_LOG_LEVEL / --log-level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL (got 'loud')"),
+    ({"AGG_ROLE": "boss"}, "AGG_ROLE / --role: expected one of all, ingest, worker (got 'boss')"),
+    ({"AGG_RATE_LIMITS": "garbage"}, "AGG_RATE_LIMITS / --rate-limits: item 'garbage' is not of the form "
+                                     "region=rate (e.g. 'eu=5000,us-east=20000')"),
+    ({"AGG_RATE_LIMITS": "eu=-5"}, "AGG_RATE_LIMITS / --rate-limits: rate for region 'eu' must be a number >= 0 "
+                                   "(got -5)"),
+    ({"AGG_BROKER": "nonsense"}, "AGG_BROKER / --broker: 'nonsense' is not host:port or kafka://host:port"),
+    ({"AGG_BROKER": "kafka://k1:9092,k2:99999"}, "AGG_BROKER / --broker: 'k2:99999': port must be 1..65535 "
+                                                 "(got kafka://k1:9092,k2:99999)"),
+    ({"AGG_BROKER": "http://k1:9092"},
+     "AGG_BROKER / --broker: 'http://k1:9092': the only scheme is kafka:// (or none: host:port)"),
+    ({"AGG_TOPIC_REPLICATION_FACTOR": "0"},
+     "AGG_TOPIC_REPLICATION_FACTOR / --topic-replication-factor: must be >= 1 (got 0)"),
+    ({"AGG_KAFKA_SECURITY_PROTOCOL": "TLS"}, "AGG_KAFKA_SECURITY_PROTOCOL / --kafka-security-protocol: expected one "
+                                             "of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL (got 'TLS')"),
+])
+def test_a_bad_value_is_one_line_naming_variable_and_flag(env, line):
+    assert problems(env) == [line]
+
+
+def test_every_problem_is_reported_at_once():
+    lines = problems({"AGG_WINDOW_SECONDS": "-1", "AGG_LOG_LEVEL": "loud", "AGG_WEB_PORT": "x"})
+    assert [ln.split(":")[0] for ln in lines] == ["AGG_WEB_PORT / --web-port", "AGG_WINDOW_SECONDS / --window-seconds",
+                                                  "AGG_LOG_LEVEL / --log-level"]
+
+
+def test_good_values_parse_case_insensitively():
+    s = load(env={"AGG_LOG_LEVEL": "debug", "AGG_ROLE": "Worker", "AGG_BROKER": "kafka://k1:9092, k2:9093",
+                  "AGG_RATE_LIMITS": "EU=5000, us-east=20000,", "AGG_KAFKA_SASL_MECHANISM": "scram-sha-512"})
+    assert (s.log_level, s.role, s.kafka_sasl_mechanism) == ("DEBUG", "worker", "SCRAM-SHA-512")
+    assert s.rate_limits == {"eu": 5000.0, "us-east": 20000.0}
+    assert s.bootstrap() == "k1:9092,k2:9093"
+    assert s.faust_broker() == ["kafka://k1:9092", "kafka://k2:9093"]
+
+
+def test_unknown_agg_variables_are_not_errors():
+    # AGG_LOG_FORMAT (read by aggregator.logs) and the tests' AGG_TEST_* are not settings
+    assert load(env={"AGG_LOG_FORMAT": "text", "AGG_TEST_BROKER": "kafka"}).web_port == 8080
+
+
+def test_precedence_flags_over_env_over_toml_over_defaults(tmp_path):
+    toml = tmp_path / "agg.toml"
+    toml.write_text('window_seconds = 10\ngrace_seconds = 2\npartitions = 8\nrate_limits = { eu = 7 }\n')
+    s = load({"window_seconds": "30"}, env={"AGG_WINDOW_SECONDS": "20", "AGG_GRACE_SECONDS": "3"},
+             config_file=str(toml))
+    assert (s.window_seconds, s.grace_seconds, s.partitions, s.web_port) == (30, 3, 8, 8080)
+    assert s.rate_limits == {"eu": 7.0}
+    s = load(env={"AGG_CONFIG": str(toml)})  # AGG_CONFIG names the file too
+    assert (s.window_seconds, s.partitions) == (10, 8)
+
+
+def test_toml_unknown_key_bad_syntax_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("window_seconds = 5\nwindow_secs = 5\n")
+    assert problems(config_file=str(bad)) == [f"AGG_CONFIG / --config: {bad}: unknown setting 'window_secs'"]
+    broken = tmp_path / "broken.toml"
+    broken.write_text("window_seconds = [\n")
+    [line] = problems(config_file=str(broken))
+    assert line.startswith(f"AGG_CONFIG / --config: {broken} is not valid TOML: ")
+    assert problems(config_file=str(tmp_path / "nope.toml")) == [
+        f"AGG_CONFIG / --config: no such file '{tmp_path / 'nope.toml'}'"]
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('window_seconds = -4\n')
+    assert problems(config_file=str(wrong)) == ["AGG_WINDOW_SECONDS / --window-seconds: must be >= 1 (got -4)"]
+
+
+def test_secret_from_file_and_never_shown(tmp_path):
+    f = tmp_path / "token"
+    f.write_text("s3cret-token\n")
+    s = load(env={"AGG_INGEST_TOKEN_FILE": str(f)})
+    assert s.ingest_token == "s3cret-token"
+    assert "s3cret" not in repr(s) and "s3cret" not in str(s)
+    assert problems({"AGG_INGEST_TOKEN": "other", "AGG_INGEST_TOKEN_FILE": str(f)}) == [
+        "AGG_INGEST_TOKEN / AGG_INGEST_TOKEN_FILE: set one of them, not both"]
+    assert problems({"AGG_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "none")})[0].startswith(
+        f"AGG_KAFKA_SASL_PASSWORD_FILE: cannot read '{tmp_path / 'none'}'")
+    # a secret's bad value is not echoed
+    lines = problems({"AGG_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "AGG_KAFKA_SASL_PASSWORD": "hunter2"})
+    assert lines == ["AGG_KAFKA_SASL_USERNAME / --kafka-sasl-username: required with "
+                     "AGG_KAFKA_SECURITY_PROTOCOL=SASL_SSL"]
+    assert not any("hunter2" in ln for ln in lines)
+
+
+def test_kafka_cross_field_checks(tmp_path):
+    assert problems({"AGG_KAFKA_SECURITY_PROTOCOL": "sasl_plaintext"}) == [
+        "AGG_KAFKA_SASL_USERNAME / --kafka-sasl-username: required with AGG_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT",
+        "AGG_KAFKA_SASL_PASSWORD / --kafka-sasl-password: required with AGG_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT"]
+    cert = tmp_path / "client.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert problems({"AGG_KAFKA_SSL_CERTFILE": str(cert)}) == [
+        "AGG_KAFKA_SSL_KEYFILE / --kafka-ssl-keyfile: AGG_KAFKA_SSL_CERTFILE and AGG_KAFKA_SSL_KEYFILE go together: "
+        "set both or neither"]
+    assert problems({"AGG_KAFKA_SSL_CAFILE": str(tmp_path / "ca.pem")}) == [
+        f"AGG_KAFKA_SSL_CAFILE / --kafka-ssl-cafile: no readable file '{tmp_path / 'ca.pem'}'"]
+    s = load(env={"AGG_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "AGG_KAFKA_SASL_USERNAME": "u",
+                  "AGG_KAFKA_SASL_PASSWORD": "p", "AGG_KAFKA_SSL_CAFILE": str(cert)})
+    assert (s.kafka_security_protocol, s.kafka_sasl_username, s.kafka_sasl_password) == ("SASL_SSL", "u", "p")
+
+
+def test_only_reads_the_commands_settings():
+    # `aggregator broker` is not stopped by a variable it never uses
+    s = load({"broker_port": "9092"}, env={"AGG_WINDOW_SECONDS": "-1"}, only=("broker_port", "log_level"))
+    assert s.broker_port == 9092 and s.window_seconds == 60
+    assert problems({"AGG_LOG_LEVEL": "loud"}, only=("broker_port", "log_level"))[0].startswith("AGG_LOG_LEVEL")
+
+
+def test_keyword_construction_and_mutation_as_the_code_does(monkeypatch):
+    monkeypatch.setenv("AGG_WINDOW_SECONDS", "-1")  # Settings(...) reads no environment
+    s = Settings(window_seconds=5, rate_limits="eu=1")
+    assert s.window_ms == 5000 and s.rate_limits == {"eu": 1.0}
+    s.broker = "kafka://127.0.0.1:5555"   # cli.cmd_run after starting the embedded broker
+    s.partitions = 8                      # cli.check_partitions
+    assert s.bootstrap() == "127.0.0.1:5555" and s.partitions == 8
+    with pytest.raises(ValidationError):
+        s.partitions = 0
+    with pytest.raises(ValidationError):
+        Settings(window_seconds=0)
+
+
+def test_rate_limits_feed_the_rate_limiter():
+    from aggregator.core.ratelimit import RateLimits
+    s = load(env={"AGG_RATE_LIMIT": "10", "AGG_RATE_LIMITS": "eu=5,us=0"})
+    rl = RateLimits(s.rate_limit, s.rate_limits)
+    assert (rl.rate_for("eu"), rl.rate_for("us"), rl.rate_for("ap")) == (5.0, 0.0, 10.0)
+
+
+def test_every_field_documents_itself():
+    for name in config.FIELDS:
+        assert config.describe(name), name
