@@ -250,6 +250,11 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
                       "is not shared; start one with `aggregator broker`, or use a Kafka cluster")
     if not settings.broker and settings.kafka_security_protocol != "PLAINTEXT":
         raise Failure("AGG_KAFKA_SECURITY_PROTOCOL needs AGG_BROKER: the embedded broker speaks PLAINTEXT only")
+    from aggregator import tracing
+    try:
+        tracing.config_from_env()  # bad OTEL_* settings fail here, before anything starts
+    except tracing.TracingError as exc:
+        raise Failure(str(exc)) from None
     check_port_free(settings.web_host, settings.web_port)
     tune_gc()
     if settings.role != "ingest":  # the ingest role keeps nothing on disk

@@ -68,7 +68,7 @@ class Routes:
     def app(self, max_body_bytes: int) -> web.Application:
         app = web.Application(client_max_size=max_body_bytes + 1, middlewares=[self.count_requests])
         app.add_routes([
-            web.post("/v1/events", self.post_events),
+            web.post("/v1/events", self.post),
             web.get("/metrics", self.get_metrics),
             web.get("/v1/snapshots", self.get_snapshots),
             web.get("/healthz", self.healthz),
@@ -92,6 +92,10 @@ class Routes:
             raise
         finally:
             self.metrics.http_request(route, status, time.perf_counter() - started)
+
+    async def post(self, request: web.Request) -> web.Response:
+        # a coroutine function for aiohttp (a handler object's __call__ is deprecated there)
+        return await self.post_events(request)
 
     async def no_ingest(self, request: web.Request) -> web.Response:
         return error(503, "this process does not serve ingest (AGG_ROLE=worker): send events to an ingest process",

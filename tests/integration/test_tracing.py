@@ -212,3 +212,4 @@ def test_bad_otel_setting_is_one_line(service_factory):
     err = [line for line in svc.tail().splitlines() if line.startswith("error:")]
     assert err == ["error: OTEL_TRACES_EXPORTER: unknown exporter 'jaeger': use console, otlp or none"]
     assert "Traceback" not in svc.tail()
+    assert "embedded broker on" not in svc.tail(), "refused only after the broker had started"
