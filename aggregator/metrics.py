@@ -23,7 +23,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from aggregator.core.contract import Snapshot
+from aggregator.core.contract import LATE_REASONS, Snapshot
 
 disable_created_metrics()
 
@@ -38,6 +38,7 @@ DELAY_OFFSETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 OVERDUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
+SWEEP_SECONDS = 60.0  # how often region labels are checked for idleness
 
 
 def package_version() -> str:
@@ -77,9 +78,15 @@ class Metrics:
     settings' (``AGG_GRACE_SECONDS``, ``AGG_WINDOW_SECONDS``): they place the snapshot-delay
     buckets and are exported as gauges, so alert rules derive their thresholds from them."""
 
-    def __init__(self, grace_seconds: float = 5.0, window_seconds: float = 60.0) -> None:
+    def __init__(self, grace_seconds: float = 5.0, window_seconds: float = 60.0,
+                 region_idle_seconds: float = 3600.0) -> None:
         r = self.registry = CollectorRegistry()
         self.grace_seconds = grace_seconds
+        # region labels of regions without events for region_idle_seconds are dropped
+        # (issue 15, fault 11): Kafka-direct producers can name any number of regions over time
+        self.region_idle_seconds = region_idle_seconds
+        self._region_seen: dict[str, float] = {}  # region label -> monotonic time of its last event
+        self._next_sweep = time.monotonic() + SWEEP_SECONDS
         ProcessCollector(registry=r)
         GCCollector(registry=r)
         PlatformCollector(registry=r)
@@ -183,6 +190,40 @@ class Metrics:
                                                 self._http_duration.labels(route))
         return child
 
+    # ---------------------------------------------------------------- regions
+    def _seen(self, regions: Iterable[str]) -> None:
+        """Regions with events now (called per batch or tick, with its tally's keys)."""
+        now = time.monotonic()
+        seen = self._region_seen
+        for region in regions:
+            seen[region] = now
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_SECONDS
+            self.forget_idle_regions(now)
+
+    def forget_idle_regions(self, now: float | None = None) -> list[str]:
+        """Drop every series labelled with a region that has had no event for
+        ``region_idle_seconds``; -> the regions dropped.  A counter that comes back starts
+        at 0 again (Prometheus' rate() and increase() take that as a reset)."""
+        now = time.monotonic() if now is None else now
+        horizon = now - self.region_idle_seconds
+        idle = [r for r, t in self._region_seen.items() if t < horizon]
+        for region in idle:
+            del self._region_seen[region]
+            self._ingested_by_region.pop(region, None)
+            for metric in (self._ingested, self._counted, self._window_events, self._window_end, self._rate_limited,
+                           self._spilled, self._spill_backlog, self._spill_bytes):
+                try:
+                    metric.remove(region)
+                except KeyError:
+                    pass  # never had that label
+            for reason in LATE_REASONS:
+                try:
+                    self._late.remove(region, reason)
+                except KeyError:
+                    pass
+        return idle
+
     # ---------------------------------------------------------------- ingest
     def ingest_waiting(self, n: int) -> None:
         """``n`` records were handed to the broker (negative: answered, either way)."""
@@ -192,6 +233,7 @@ class Metrics:
         """A request was answered 200: ``per_region`` acknowledged by the broker, ``items``
         records in the body; ``started`` is its ``time.perf_counter()`` at arrival."""
         children = self._ingested_by_region
+        self._seen(per_region)
         for region, n in per_region.items():
             child = children.get(region)
             if child is None:  # bounded: ingest caps regions at AGG_MAX_REGIONS + __other__
@@ -233,14 +275,19 @@ class Metrics:
 
     def counted(self, per_region: Mapping[str, int]) -> None:
         """Events counted into windows since the last report."""
+        self._seen(per_region)
         _add_counts(self._counted, per_region)
 
     def limited(self, spilled: Mapping[str, int], rate_limited: Mapping[str, int]) -> None:
         """Events written to the spill, and events over their region's rate, by region."""
+        self._seen(spilled)
+        self._seen(rate_limited)
         _add_counts(self._spilled, spilled)
         _add_counts(self._rate_limited, rate_limited)
 
     def spill_backlog(self, region: str, events: int, nbytes: int) -> None:
+        if events:
+            self._seen((region,))
         self._spill_backlog.labels(region).set(events)
         self._spill_bytes.labels(region).set(nbytes)
 
@@ -279,6 +326,8 @@ class Metrics:
         for snap in snaps:
             n += 1
             r = snap["region"]
+            if snap["count"] or snap["late"]:
+                self._seen((r,))
             self._window_events.labels(r).set(snap["count"])
             self._window_end.labels(r).set(snap["window_end"] / 1000)
             for reason, k in snap["late_by_reason"].items():

@@ -42,7 +42,7 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     except tracing.TracingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    metrics = Metrics(settings.grace_seconds, settings.window_seconds)
+    metrics = Metrics(settings.grace_seconds, settings.window_seconds, settings.region_idle_seconds)
     probe = BrokerProbe(settings.bootstrap(), metrics.broker_reachable)
     services: list[mode.Service] = [probe]
     post: Handler | None = None

@@ -127,3 +127,26 @@ def test_http_series_start_at_zero_and_count_by_status_class():
 def test_status_class():
     assert [status_class(s) for s in (101, 200, 204, 304, 400, 499, 500, 503, 599)] == [
         "1xx", "2xx", "2xx", "3xx", "4xx", "4xx", "5xx", "5xx", "5xx"]
+
+
+def test_series_of_regions_idle_past_the_horizon_are_dropped():
+    # issue 15, fault 11: Kafka-direct producers can name any number of regions over time
+    m = Metrics(region_idle_seconds=100)
+    m.counted({"eu": 3, "us": 2})
+    m.limited({"eu": 1}, {"eu": 1})
+    m.spill_backlog("eu", 1, 10)
+    m.published([{"region": "eu", "window_start": 0, "window_end": 1000, "count": 3, "late": 1,
+                  "late_by_reason": {"closed_window": 1, "client_delay": 0, "future_ts": 0}, "emitted_at": 0}],
+                time.perf_counter())
+    m.ingest_accepted({"us": 2}, 2, time.perf_counter())
+    t0 = time.monotonic()
+    m.counted({"us": 1})  # us stays active
+    assert m.forget_idle_regions(t0 + 50) == []
+    m._region_seen["us"] = t0 + 90
+    assert m.forget_idle_regions(t0 + 150) == ["eu"]
+    text = generate_latest(m.registry).decode()
+    assert 'region="eu"' not in text
+    assert 'clickstream_events_total{region="us"} 3.0' in text
+    assert 'clickstream_events_ingested_total{region="us"} 2.0' in text
+    m.counted({"eu": 1})  # a region that comes back starts again from 0
+    assert m.registry.get_sample_value("clickstream_events_total", {"region": "eu"}) == 1
