@@ -218,6 +218,14 @@ class SpillStore(RecoveryMixin):
                     w.close()
                 except OSError:
                     pass
+                if seg.size == 0:  # opened for this write: leave no empty segment per retry
+                    try:
+                        os.unlink(seg.path)
+                    except OSError:
+                        pass  # cut to nothing below, and kept
+                    else:
+                        r.segments.pop()
+                        raise
                 try:
                     os.truncate(seg.path, seg.size)
                 except OSError as e:

@@ -108,8 +108,9 @@ class WorkerService:
             return
         # the spill disk refused its write: nothing of it is applied; fetch no more of this
         # partition and offer it again every tick, behind any batch held before (contract §6)
-        if throttle.hold_batch(p, tp, held):
-            self.app.consumer.pause_partitions([tp])
+        key = TP(tp.topic, tp.partition)  # Faust's own type (aiokafka's is handed in): its resume needs it
+        if throttle.hold_batch(p, key, held):
+            self.app.consumer.pause_partitions([key])
 
     def _count(self, p: PartitionState, b: HeldBatch, now_ms: int) -> bool:
         """Apply a decoded batch to the book (spilling what is over its rate); False:
