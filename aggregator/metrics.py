@@ -139,8 +139,16 @@ class Metrics:
         self._consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"],
                                    registry=r)
         self._backpressure = Gauge("clickstream_backpressure",
-                                   "1 while consumption is paused because the spill reached AGG_SPILL_MAX_BYTES",
+                                   "1 while consumption is paused because the spill reached AGG_SPILL_MAX_BYTES "
+                                   "or partitions wait for a spill disk that refuses writes",
                                    registry=r)
+        self._spill_disk_errors = Counter("clickstream_spill_disk_errors",
+                                          "Spill disk operations that failed (full, I/O error, read-only), by op: "
+                                          "write (a batch held and retried), rollback, read (a drain retried)",
+                                          ["op"], registry=r)
+        self._spill_held = Gauge("clickstream_spill_held_partitions",
+                                 "Partitions not fetched because a batch of theirs waits for the spill disk",
+                                 registry=r)
         self._spill_faults = Counter("clickstream_spill_faults",
                                      "Spill records found damaged on recovery (quarantined, re-read from Kafka), "
                                      "or lost (not in Kafka any more), by kind", ["kind"], registry=r)
@@ -157,6 +165,8 @@ class Metrics:
                                             registry=r)
         for kind in SPILL_FAULTS:
             self._spill_faults.labels(kind)
+        for op in ("write", "rollback", "read"):  # exported at 0 from the start
+            self._spill_disk_errors.labels(op)
         for stage in STAGES:
             self._stage_pending.labels(stage)
             self._stage_processed.labels(stage)
@@ -305,6 +315,12 @@ class Metrics:
 
     def backpressure(self, on: bool) -> None:
         self._backpressure.set(1 if on else 0)
+
+    def spill_disk_error(self, op: str) -> None:
+        self._spill_disk_errors.labels(op).inc()
+
+    def spill_held(self, partitions: int) -> None:
+        self._spill_held.set(partitions)
 
     def assigned(self, n: int) -> None:
         self._assigned.set(n)

@@ -94,12 +94,20 @@ def _fsync_dir(path: str) -> None:
 def _write_atomic(path: str, data: bytes, fsync: bool) -> None:
     """Replace ``path`` with ``data``: tmp + fsync + rename + dir fsync (no fsyncs if not ``fsync``)."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        # a full or failing disk: leave no half-written tmp file taking space
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     if fsync:
         _fsync_dir(os.path.dirname(path))
 

@@ -9,6 +9,12 @@ No Faust here; the worker calls these from its batch handler and flush tick:
 
 Spill record payload: ``[seq, source_offset, ingest_ts, client_ts_or_null]``
 (orjson), in the region's directory under ``<spill dir>/p<partition>/``.
+
+A full or failing disk (any ``OSError``) never leaves a batch half-spilled: ``write``
+cuts off what it appended for the batch's other regions and raises
+:class:`SpillDiskError` with the ledger unchanged, so the caller can hold the batch and
+offer it again later.  A drain that cannot read a region skips it (``read_error``) and
+takes it again at the next tick; an acknowledgement that cannot read stays pending.
 """
 from __future__ import annotations
 
@@ -27,6 +33,18 @@ log = logging.getLogger("aggregator.spill")
 DRAIN_MAX = 50_000  # records per region per tick (bounds memory of one drain)
 
 
+class SpillDiskError(Exception):
+    """The spill disk refused a write or a read (``error``: the ``OSError``).  For a
+    write, nothing of the batch was kept: the ledger and the disk are as before it."""
+
+    def __init__(self, op: str, partition: int, region: str, error: OSError) -> None:
+        super().__init__(f"{error} (spill {op}, partition {partition}, region {region!r})")
+        self.op = op
+        self.partition = partition
+        self.region = region
+        self.error = error
+
+
 class PartitionSpill:
     def __init__(self, root: str | os.PathLike[str], partition: int, ledger: SpillLedger,
                  fsync: bool = True) -> None:
@@ -36,6 +54,10 @@ class PartitionSpill:
         self.pending_acks: list[tuple[str, int]] = []
         self.rebuilding: dict[str, list[SpillRecord]] = {}
         self.lost = 0  # spilled events neither on disk nor in the source log any more
+        # region -> records at the end of its spill that belong to no committed batch
+        # (a failed write's rollback that itself failed): cut off before the next write
+        self.uncommitted: dict[str, int] = {}
+        self.read_error: SpillDiskError | None = None  # the last drain could not read a region
 
     # ------------------------------------------------------------ recovery
     def reconcile(self) -> dict[str, int]:
@@ -90,14 +112,47 @@ class PartitionSpill:
 
     # ---------------------------------------------------------------- input
     def write(self, split: Split) -> int:
-        """Durably append the spilled part of a batch; returns how many were spilled."""
+        """Durably append the spilled part of a batch; returns how many were spilled.
+
+        All or nothing: on an ``OSError`` what was appended for the batch is cut off
+        again, the ledger is left as it was, and :class:`SpillDiskError` is raised."""
+        store = self.store
+        self._cut_uncommitted()
         n = 0
         dumps = orjson.dumps
+        done: list[tuple[str, int]] = []
         for region, lst in split.spills.items():
-            self.store.append(region, [dumps(r) for r in lst])
+            try:
+                store.append(region, [dumps(r) for r in lst])
+            except OSError as e:  # SpillStore.append keeps nothing of a failed call
+                self._roll_back(done)
+                raise SpillDiskError("write", self.partition, region, e) from e
+            done.append((region, len(lst)))
             n += len(lst)
         self.ledger.commit_split(split)
         return n
+
+    def _roll_back(self, done: list[tuple[str, int]]) -> None:
+        """Cut off the records just appended for a batch that is not committed."""
+        first = not self.uncommitted
+        for region, k in done:
+            self.uncommitted[region] = self.uncommitted.get(region, 0) + k
+        try:
+            self._cut_uncommitted()
+        except SpillDiskError as e:
+            # until they are cut off they are never drained (the ledger does not count
+            # them) and a restart's reconcile drops them; the next write tries first
+            if first:
+                log.error("spill p%d: %s; cut off before the next write", self.partition, e)
+
+    def _cut_uncommitted(self) -> None:
+        store = self.store
+        for region, k in list(self.uncommitted.items()):
+            try:
+                store.truncate_after(region, store.backlog(region) - k, quiet=True)
+            except OSError as e:
+                raise SpillDiskError("rollback", self.partition, region, e) from e
+            del self.uncommitted[region]
 
     # ---------------------------------------------------------------- drain
     def drain(self, limits: RateLimits, now: float, unlimited: bool = False) -> list[Event]:
@@ -107,6 +162,7 @@ class PartitionSpill:
         events: list[Event] = []
         ledger, store = self.ledger, self.store
         loads = orjson.loads
+        self.read_error = None
         for region in ledger.backlogged():
             if region in ledger.rebuild:
                 continue  # still being re-read from the source log
@@ -116,7 +172,11 @@ class PartitionSpill:
             n = want if unlimited else limits.take(region, want, now)
             if n <= 0:
                 continue
-            recs = store.read_batch(region, pending + n + 1)[pending:]
+            try:
+                recs = store.read_batch(region, pending + n + 1)[pending:]
+            except OSError as e:  # nothing of this region moves: read again at the next drain
+                self.read_error = SpillDiskError("read", self.partition, region, e)
+                continue
             if len(recs) < n:
                 log.error("spill p%d: region %r: %d records expected on disk, %d found",
                           self.partition, region, n, len(recs))
@@ -133,9 +193,16 @@ class PartitionSpill:
 
     def acked(self) -> None:
         """The state that counts the drained records is durable: drop them from disk."""
-        for region, n in self.pending_acks:
-            self.store.ack(region, n)
-        self.pending_acks = []
+        acks = self.pending_acks
+        while acks:
+            region, n = acks[0]
+            try:
+                self.store.ack(region, n)
+            except OSError as e:  # it could not read them (the cursor is best effort): later
+                log.warning("spill p%d: region %r: acknowledging %d drained records failed (%s); "
+                            "retried at the next checkpoint", self.partition, region, n, e)
+                return
+            acks.pop(0)
 
     # ------------------------------------------------------------- figures
     def backlog_by_region(self) -> dict[str, tuple[int, int]]:

@@ -62,6 +62,8 @@ class SpillStore(RecoveryMixin):
         self.corrupt_records: dict[str, int] = {}
         self.torn_tails: dict[str, int] = {}
         self._regions: dict[str, _Region] = {}
+        self._cuts: dict[str, int] = {}  # segment path -> size: failed writes still to cut off
+        self.cursor_error: OSError | None = None  # the last cursor write failed (retried at the next ack)
         self._lock = threading.RLock()
         os.makedirs(self.regions_dir, exist_ok=True)
         self._recover()
@@ -85,10 +87,12 @@ class SpillStore(RecoveryMixin):
             d = self.region_dir(region)
             if not os.path.isdir(d):
                 os.makedirs(d, exist_ok=True)
-                if os.path.basename(d).startswith("h-"):
-                    _write_atomic(os.path.join(d, "region"), region.encode("utf-8", "surrogatepass"), self.fsync)
                 if self.fsync:
                     _fsync_dir(self.regions_dir)
+            name_file = os.path.join(d, "region")
+            if os.path.basename(d).startswith("h-") and not os.path.exists(name_file):
+                # (again, if a full disk refused it the first time: recovery needs it)
+                _write_atomic(name_file, region.encode("utf-8", "surrogatepass"), self.fsync)
             r = _Region(region, d)
             self._regions[region] = r
             self.corrupt_records.setdefault(region, 0)
@@ -165,22 +169,29 @@ class SpillStore(RecoveryMixin):
             seq, off = r.rpos
         need = n - len(r.cache)
         cache = r.cache
-        for item in self._iter_from(r, seq, off):
-            cache.append(item)
-            need -= 1
-            if need <= 0:
-                break
-        if cache:
-            r.rpos = (cache[-1][1], cache[-1][2])
+        try:
+            for item in self._iter_from(r, seq, off):
+                cache.append(item)
+                need -= 1
+                if need <= 0:
+                    break
+        finally:  # a read error (EIO) half-way: what was read stays cached, never twice
+            if cache:
+                r.rpos = (cache[-1][1], cache[-1][2])
 
     # ------------------------------------------------------------- public API
 
     def append(self, region: str, payloads: list[bytes]) -> None:
-        """Durably append ``payloads`` (one write, one flush, one fsync per call)."""
+        """Durably append ``payloads`` (one write, one flush, one fsync per call).
+
+        On an ``OSError`` (disk full, I/O error, read-only) nothing of the call is
+        kept: the partial write is cut off again (or, if even that fails, cut off
+        before the next append, which raises until it can), and the store is as before."""
         if not payloads:
             return
         buf = encode_records(payloads)
         with self._lock:
+            self._retry_cuts()
             r = self._get(region, create=True)
             # roll when this batch would push a non-empty segment past segment_bytes
             # (a single batch bigger than segment_bytes gets a segment of its own)
@@ -189,21 +200,10 @@ class SpillStore(RecoveryMixin):
                 r.writer.close()
                 r.writer = None
             if r.writer is None:
-                if not r.segments or r.roll or (tail and tail + len(buf) > self.segment_bytes):
-                    r.roll = False
-                    seq = r.next_seq
-                    r.next_seq += 1
-                    seg = _Segment(seq, os.path.join(r.dir, _seg_name(seq)), 0)
-                    r.writer = open(seg.path, "ab")  # noqa: SIM115 - kept open across appends, closed on roll/close
-                    if self.fsync:
-                        _fsync_dir(r.dir)
-                    if not r.segments:
-                        r.head_off = 0
-                    r.segments.append(seg)
-                else:
-                    r.writer = open(r.segments[-1].path, "ab")  # noqa: SIM115 - as above
+                self._open_writer(r, bool(not r.segments or r.roll or (tail and tail + len(buf) > self.segment_bytes)))
             seg = r.segments[-1]
             w = r.writer
+            assert w is not None  # _open_writer opened it or raised
             try:
                 w.write(buf)
                 w.flush()
@@ -218,15 +218,58 @@ class SpillStore(RecoveryMixin):
                     w.close()
                 except OSError:
                     pass
+                if seg.size == 0:  # opened for this write: leave no empty segment per retry
+                    try:
+                        os.unlink(seg.path)
+                    except OSError:
+                        pass  # cut to nothing below, and kept
+                    else:
+                        r.segments.pop()
+                        raise
                 try:
                     os.truncate(seg.path, seg.size)
-                except OSError:
-                    log.exception("spill: region %r: could not undo a failed write to %s",
-                                  region, seg.path)
+                except OSError as e:
+                    log.error("spill: region %r: could not undo a failed write to %s (%s); "
+                              "retried before the next append", region, seg.path, e)
+                    self._cuts[seg.path] = seg.size
                 raise
             seg.size += len(buf)
             r.size_total += len(buf)
             r.backlog += len(payloads)
+
+    def _open_writer(self, r: _Region, new: bool) -> None:
+        """Open the append handle: on a new segment, or on the last one."""
+        if not new:
+            r.writer = open(r.segments[-1].path, "ab")  # noqa: SIM115 - kept open across appends, closed on roll/close
+            return
+        seq = r.next_seq
+        seg = _Segment(seq, os.path.join(r.dir, _seg_name(seq)), 0)
+        w = open(seg.path, "ab")  # noqa: SIM115 - as above
+        try:
+            if self.fsync:
+                _fsync_dir(r.dir)
+        except OSError:
+            w.close()
+            try:
+                os.unlink(seg.path)
+            except OSError:
+                pass
+            raise
+        r.next_seq += 1
+        r.roll = False
+        r.writer = w
+        if not r.segments:
+            r.head_off = 0
+        r.segments.append(seg)
+
+    def _retry_cuts(self) -> None:
+        """Cut off failed writes that could not be cut off when they failed."""
+        for path, size in list(self._cuts.items()):
+            try:
+                os.truncate(path, size)
+            except FileNotFoundError:
+                pass
+            del self._cuts[path]
 
     def read_batch(self, region: str, max_n: int) -> list[bytes]:
         """Oldest ``max_n`` not-yet-acknowledged records, in order, not removed."""
@@ -270,13 +313,26 @@ class SpillStore(RecoveryMixin):
                 drained.append(seg)
             r.head_off = end
             r.backlog -= n
-            self._write_cursor(r, seq, end)
+            # Deleting before the cursor is written is safe: the records are acknowledged
+            # only once the spill ledger that counts them drained is durable, and on a
+            # restart the ledger, not the cursor, decides what is redelivered (a cursor
+            # naming a deleted segment means "from the start of the next one").  So a full
+            # disk that refuses the cursor still gets the drained segments' space back.
             for seg in drained:
                 try:
                     os.unlink(seg.path)
-                except FileNotFoundError:
-                    pass
+                except OSError:
+                    pass  # gone already, or a read-only disk: recovery deletes it
             self._gc(r, bool(drained))
+            try:
+                self._write_cursor(r, seq, end)
+            except OSError as e:
+                if self.cursor_error is None:
+                    log.warning("spill: cannot write the drain cursor of region %r (%s); the spill "
+                                "ledger covers it, retried at the next acknowledgement", r.name, e)
+                self.cursor_error = e
+            else:
+                self.cursor_error = None
 
     def _write_cursor(self, r: _Region, seq: int, off: int) -> None:
         data = json.dumps({"seq": seq, "offset": off}).encode()
@@ -292,15 +348,19 @@ class SpillStore(RecoveryMixin):
                 r.writer = None
             try:
                 os.unlink(seg.path)
-            except FileNotFoundError:
-                pass
+            except OSError:
+                pass  # gone already, or a read-only disk: recovery deletes it
             removed = True
             r.head_off = 0
         if removed and self.fsync:
-            _fsync_dir(r.dir)
+            try:
+                _fsync_dir(r.dir)
+            except OSError as e:  # the deletions are done in memory: a restart redoes them
+                log.warning("spill: region %r: fsync of %s failed: %s", r.name, r.dir, e)
 
-    def truncate_after(self, region: str, keep: int) -> None:
-        """Drop every undrained record but the first ``keep`` (crash recovery)."""
+    def truncate_after(self, region: str, keep: int, quiet: bool = False) -> None:
+        """Drop every undrained record but the first ``keep`` (crash recovery, or the
+        rollback of a batch whose spill write failed: ``quiet``, no log line)."""
         keep = max(0, int(keep))
         with self._lock:
             r = self._regions.get(region)
@@ -344,8 +404,9 @@ class SpillStore(RecoveryMixin):
             if self.fsync:
                 _fsync_dir(r.dir)
             self._gc(r)
-            log.warning("spill: region %r: discarded %d spilled records beyond the first %d",
-                        region, dropped, keep)
+            if not quiet:
+                log.warning("spill: region %r: discarded %d spilled records beyond the first %d",
+                            region, dropped, keep)
 
     def backlog(self, region: str) -> int:
         r = self._regions.get(region)

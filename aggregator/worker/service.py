@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import cast
 
 from faust.types import TP
 
@@ -35,7 +36,7 @@ from aggregator.worker.clock import advance_target
 from aggregator.worker.decoder import Record, RecordDecoder
 from aggregator.worker.faust_app import FaustApp
 from aggregator.worker.partitions import BookSettings, Partitions, PartitionState
-from aggregator.worker.throttle import Throttle, rebuild_replay, skip_applied
+from aggregator.worker.throttle import HeldBatch, Throttle, rebuild_replay, skip_applied
 
 log = logging.getLogger("aggregator.worker")
 
@@ -68,7 +69,7 @@ class WorkerService:
             return "recovering window state from the changelog"
         if self.app.rebalancing:
             return "consumer group rebalancing"
-        return self.checkpointer.failing
+        return self.checkpointer.failing or self.throttle.disk_error
 
     def ready(self) -> bool:
         return self.not_ready() is None
@@ -102,17 +103,48 @@ class WorkerService:
             records, now_ms, partition, throttle.limiting, self.checkpointer.dead, now_ms + self.max_ahead_ms)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
-        batch: Sequence[BookEvent] = events
-        n_window = len(events)
-        if throttle.limiting and events:
-            batch, n_window = throttle.limit(p, events, offsets, self.partitions)
+        held = HeldBatch(events, offsets, future, last + 1)
+        if not throttle.held_here(p) and self._count(p, held, now_ms):
+            return
+        # the spill disk refused its write: nothing of it is applied; fetch no more of this
+        # partition and offer it again every tick, behind any batch held before (contract §6)
+        key = TP(tp.topic, tp.partition)  # Faust's own type (aiokafka's is handed in): its resume needs it
+        if throttle.hold_batch(p, key, held):
+            self.app.consumer.pause_partitions([key])
+
+    def _count(self, p: PartitionState, b: HeldBatch, now_ms: int) -> bool:
+        """Apply a decoded batch to the book (spilling what is over its rate); False:
+        the spill disk refused, nothing of it was applied."""
+        throttle, book = self.throttle, p.book
+        batch: Sequence[BookEvent] = b.events
+        n_window = len(b.events)
+        if throttle.limiting and b.events:
+            limited = throttle.limit(p, b.events, b.offsets, self.partitions)
+            if limited is None:
+                return False
+            batch, n_window = limited
         t2 = time.perf_counter()
-        book.apply(batch, last + 1, now_ms)
-        if future:
-            book.add_late(future, FUTURE_TS)
+        book.apply(batch, b.end, now_ms)
+        if b.future:
+            book.add_late(b.future, FUTURE_TS)
         if book.outbox:
             self.wake.set()
         self.metrics.batch_windowed(n_window, time.perf_counter() - t2)
+        return True
+
+    def _retry_held(self, parts: Sequence[PartitionState], now_ms: int) -> None:
+        """Offer the batches held for the spill disk again, oldest first; resume fetching a
+        partition once all of its batches are applied."""
+        throttle = self.throttle
+        for p in parts:
+            h = throttle.held.get(p.partition)
+            if h is None or h.p is not p:
+                continue
+            while h.batches and self._count(p, h.batches[0], now_ms):
+                h.batches.popleft()
+            if not h.batches:
+                throttle.release(p.partition)
+                self.app.consumer.resume_partitions([cast(TP, h.key)])
 
     # ------------------------------------------------------ state + publish
     async def tick(self, only: Sequence[int] | None = None) -> None:
@@ -125,12 +157,15 @@ class WorkerService:
             self._sync_assignment()
         fetching = not self.throttle.hold and not app.rebalancing
         parts = [p for p in partitions if only is None or p.partition in only]
+        if self.throttle.held:
+            self._retry_held(parts, now_ms)
         for p in parts:
             self.throttle.drain(p, now_ms)
             book = p.book
             if book.tally:
                 self.metrics.counted(book.take_tally())
-            target = advance_target(now_ms, p.last_record_ms, self._highwater(p), book.next_offset, fetching)
+            target = advance_target(now_ms, p.last_record_ms, self._highwater(p), book.next_offset,
+                                    fetching and not self.throttle.held_here(p))
             if target is not None:
                 book.advance_to(target)
         self.throttle.report(partitions)

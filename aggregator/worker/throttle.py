@@ -2,27 +2,66 @@
 back at each region's rate, and hold consumption while the spill is too big
 (docs/contract.md §6).
 
+A spill disk that refuses a write (full, failing, read-only) holds the batch that needed
+it: nothing of it is applied (the spill write is rolled back, the book's next offset
+stays), the worker stops fetching that partition and offers the held batches again at
+every tick, in order, until the disk takes them.  Other partitions go on.  While any
+batch is held or a drain cannot read, ``disk_error`` says why (``/readyz``).
+
 Owns the token buckets, the backpressure flag and the per-tick tallies of spilled and
 rate-limited events.  The accounting itself is ``spill.ledger`` (pure); the files are
 ``spill.partition``.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Sequence
 from operator import attrgetter
 
 from aggregator.core.contract import BookEvent, Event
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
+from aggregator.spill.partition import SpillDiskError
 from aggregator.worker.decoder import Record, RecordDecoder
 from aggregator.worker.partitions import Partitions, PartitionState
 
 log = logging.getLogger("aggregator.worker")
 _offset = attrgetter("offset")
 RESUME_BELOW = 0.9  # consumption resumes once the spill is below this share of its limit
+
+
+def disk_reason(e: SpillDiskError) -> str:
+    """``/readyz``'s reason for a spill disk error."""
+    no = e.error.errno
+    kind = "full" if no in (errno.ENOSPC, errno.EDQUOT) else "read-only" if no == errno.EROFS else "failing"
+    return f"spill disk {kind}: {e}"
+
+
+class HeldBatch:
+    """A decoded batch not applied because the spill disk refused its write."""
+
+    __slots__ = ("events", "offsets", "future", "end")
+
+    def __init__(self, events: list[Event], offsets: list[int], future: dict[str, int], end: int) -> None:
+        self.events = events
+        self.offsets = offsets
+        self.future = future  # its future_ts events by region
+        self.end = end  # the book's next offset once it is applied
+
+
+class Held:
+    """One partition's held batches, in source order, and what its fetching is paused by."""
+
+    __slots__ = ("p", "key", "batches")
+
+    def __init__(self, p: PartitionState, key: object) -> None:
+        self.p = p
+        self.key = key  # the consumer's handle on the partition (its TP)
+        self.batches: deque[HeldBatch] = deque()
 
 
 class Throttle:
@@ -34,17 +73,27 @@ class Throttle:
         self.hold = False  # spill over AGG_SPILL_MAX_BYTES: stop fetching until it drains
         self.spilled: dict[str, int] = {}
         self.rate_limited: dict[str, int] = {}
+        self.held: dict[int, Held] = {}  # partition -> batches waiting for the spill disk
+        self.disk_error: str | None = None  # why the spill disk holds batches or drains
+        self._write_error: SpillDiskError | None = None
+        self._read_errors: dict[int, SpillDiskError] = {}
 
     def limit(self, p: PartitionState, events: list[Event], offsets: list[int],
-              partitions: Partitions) -> tuple[Sequence[BookEvent], int]:
+              partitions: Partitions) -> tuple[Sequence[BookEvent], int] | None:
         """-> (the batch to apply, events of it counted now).  Events over their region's
         rate are written to the spill (fsynced) first and stay in the batch as spilled
-        markers: they move stream time, and are counted when drained."""
+        markers: they move stream time, and are counted when drained.  None: the spill
+        disk refused the write, nothing of the batch was kept: hold it (:meth:`hold_batch`)."""
         split = p.spill.ledger.split(events, offsets, self.limits, time.monotonic())
         if split is None:
             return events, len(events)
         t0 = time.perf_counter()
-        n = p.spill.write(split)  # fsynced before the batch counts; a disk error stops the worker
+        try:
+            n = p.spill.write(split)  # fsynced before the batch counts
+        except SpillDiskError as e:
+            self._write_error = e
+            self.metrics.spill_disk_error(e.op)
+            return None
         label = p.book.canonical_region
         for region, lst in split.spills.items():
             r = label(region)
@@ -59,11 +108,59 @@ class Throttle:
                         self.spill_max_bytes)
         return split.events, len(events) - n
 
+    # ------------------------------------------------------ a refusing disk
+    def held_here(self, p: PartitionState) -> bool:
+        """Batches of this partition wait for the spill disk: later ones must wait behind."""
+        h = self.held.get(p.partition)
+        return h is not None and h.p is p
+
+    def hold_batch(self, p: PartitionState, key: object, batch: HeldBatch) -> bool:
+        """Keep ``batch`` for later; True when the partition was not held yet (pause it)."""
+        h = self.held.get(p.partition)
+        new = h is None or h.p is not p
+        if new:
+            h = self.held[p.partition] = Held(p, key)
+        assert h is not None
+        h.batches.append(batch)
+        if new:
+            self._update_disk_error()
+        return new
+
+    def release(self, partition: int) -> Held | None:
+        """The partition's held batches are all applied (or it is gone): stop holding it."""
+        h = self.held.pop(partition, None)
+        self._update_disk_error()
+        return h
+
+    def _update_disk_error(self) -> None:
+        """``disk_error`` from the held partitions and this tick's drains; one log line
+        when the disk starts refusing, one when it works again."""
+        e = self._write_error if self.held else None
+        if e is None and self._read_errors:
+            e = next(iter(self._read_errors.values()))
+        if e is None:
+            if self.disk_error is not None:
+                log.warning("spill disk works again: held batches applied, fetching resumed, drains go on")
+            self.disk_error = None
+            self._write_error = None
+            return
+        reason = disk_reason(e)
+        if self.disk_error is None:
+            log.error("%s; partitions %s wait (not fetched, nothing of them lost) and are retried every tick; "
+                      "partitions that do not need the disk go on", reason, sorted(self.held))
+        self.disk_error = reason
+
     def drain(self, p: PartitionState, now_ms: int) -> None:
         """Count the oldest spilled events of each backlogged region, at its rate."""
         if not p.spill.ledger.total_backlog():
+            self._read_errors.pop(p.partition, None)
             return
         drained = p.spill.drain(self.limits, time.monotonic())
+        if p.spill.read_error is not None:  # that region is read again next time
+            self._read_errors[p.partition] = p.spill.read_error
+            self.metrics.spill_disk_error("read")
+        else:
+            self._read_errors.pop(p.partition, None)
         if drained:
             p.book.apply(drained, p.book.next_offset, now_ms)
             self.metrics.spill_drained(len(drained))
@@ -76,7 +173,13 @@ class Throttle:
         if self.hold and partitions.spill_bytes() < self.spill_max_bytes * RESUME_BELOW:
             self.hold = False
             log.info("spill below 90%% of AGG_SPILL_MAX_BYTES: consumption resumed")
-        self.metrics.backpressure(self.hold)
+        for partition in [n for n, h in self.held.items() if partitions.get(n) is not h.p]:
+            del self.held[partition]  # revoked: the next owner reads it again from the committed offset
+        for partition in [n for n in self._read_errors if partitions.get(n) is None]:
+            del self._read_errors[partition]
+        self._update_disk_error()
+        self.metrics.backpressure(self.hold or bool(self.held))
+        self.metrics.spill_held(len(self.held))
 
 
 def rebuild_replay(p: PartitionState, decoder: RecordDecoder, records: Sequence[Record], start: int,
