@@ -170,3 +170,17 @@ class RateLimits:
 
     def buckets(self) -> dict[str, TokenBucket]:
         return dict(self._buckets)
+
+    def forget_full(self, now: float) -> int:
+        """Drop the buckets that have refilled to their burst by ``now`` -> how many.  A full
+        bucket is exactly what ``bucket_for`` would create, so this changes no decision; it
+        keeps the buckets to the regions that are being limited (issue 15, fault 11:
+        Kafka-direct producers can name any number of regions over time)."""
+        full = []
+        for region, b in self._buckets.items():
+            b._refill(now)
+            if b.unlimited or b.tokens >= b.burst:
+                full.append(region)
+        for region in full:
+            del self._buckets[region]
+        return len(full)

@@ -32,6 +32,7 @@ from aggregator.worker.partitions import Partitions, PartitionState
 log = logging.getLogger("aggregator.worker")
 _offset = attrgetter("offset")
 RESUME_BELOW = 0.9  # consumption resumes once the spill is below this share of its limit
+BUCKET_SWEEP_SECONDS = 60.0  # how often token buckets that have refilled are dropped
 
 
 def disk_reason(e: SpillDiskError) -> str:
@@ -67,6 +68,7 @@ class Held:
 class Throttle:
     def __init__(self, limits: RateLimits, spill_max_bytes: int, metrics: Metrics) -> None:
         self.limits = limits
+        self._next_bucket_sweep = time.monotonic() + BUCKET_SWEEP_SECONDS
         self.limiting = limits.default_rate > 0 or any(r > 0 for r in limits.per_region.values())
         self.spill_max_bytes = spill_max_bytes
         self.metrics = metrics
@@ -178,6 +180,10 @@ class Throttle:
         for partition in [n for n in self._read_errors if partitions.get(n) is None]:
             del self._read_errors[partition]
         self._update_disk_error()
+        now = time.monotonic()
+        if now >= self._next_bucket_sweep:  # buckets stay those of regions being limited
+            self._next_bucket_sweep = now + BUCKET_SWEEP_SECONDS
+            self.limits.forget_full(now)
         self.metrics.backpressure(self.hold or bool(self.held))
         self.metrics.spill_held(len(self.held))
 

@@ -115,3 +115,19 @@ def test_rate_limits_bad_default():
         RateLimits(default_rate="lots")
     with pytest.raises(ValueError):
         RateLimits(default_rate=10, per_region="eu")
+
+
+def test_buckets_that_have_refilled_are_dropped_and_no_decision_changes():
+    # issue 15, fault 11: a bucket per region ever limited would grow without bound
+    limits = RateLimits(default_rate=10.0)
+    kept = RateLimits(default_rate=10.0)
+    for i in range(50):
+        for lim in (limits, kept):
+            lim.take(f"r{i}", 5, 0.0)
+    limits.take("hot", 10, 0.0)
+    kept.take("hot", 10, 0.0)
+    assert limits.forget_full(0.4) == 0  # none has refilled yet (0.5 s to get 5 back)
+    assert limits.forget_full(0.6) == 50  # all but the hot one (1 s to refill 10)
+    assert set(limits.buckets()) == {"hot"}
+    for region in ("r3", "hot"):  # what is granted next is what the untouched limiter grants
+        assert limits.take(region, 10, 0.7) == kept.take(region, 10, 0.7)
