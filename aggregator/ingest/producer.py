@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -60,7 +61,7 @@ class _Pump:
         self.batch = self.producer.create_batch()
         self.done = asyncio.get_running_loop().create_future()
 
-    def append(self, key: bytes, values: list[tuple[bytes, list]], timestamp: int, waits: set) -> None:
+    def append(self, key: bytes, values: Iterable[tuple[bytes, list]], timestamp: int, waits: set) -> None:
         if self.batch is None:
             self._open()
         append = self.batch.append
@@ -164,8 +165,9 @@ class BatchProducer:
     def partition_of(self, region: str) -> int:
         return (self.route.get(region) or self._route(region))[1].partition
 
-    def submit(self, by_region: dict[str, list[tuple[bytes, list]]], timestamp: int) -> set[asyncio.Future]:
-        """Append every region's ``(value, headers)`` (already ``ensure_metadata``); returns the delivery
+    def submit(self, by_region: Mapping[str, Iterable[tuple[bytes, list]]], timestamp: int) -> set[asyncio.Future]:
+        """Append every region's ``(value, headers)`` (an iterable, consumed once, after the
+        busy check) (already ``ensure_metadata``); returns the delivery
         futures to wait for.  Raises ``ProducerBusy`` before appending anything when a
         partition has too many batches waiting."""
         route = self.route
