@@ -85,7 +85,8 @@ def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, probe
         return "broker unreachable" if not probe.reachable else not_ready()
 
     return HttpServer(Routes(metrics, snapshots, why, post, notes), settings.web_host, settings.web_port,
-                      settings.max_body_bytes)
+                      settings.max_body_bytes, max_connections=settings.http_max_connections,
+                      header_timeout=settings.http_header_timeout_seconds)
 
 
 def print_snapshot_table(snaps: Sequence[Snapshot]) -> None:
