@@ -143,3 +143,62 @@ def test_cap_without_idle_regions_never_grows() -> None:
     for i in range(100):
         h._region(f"r{i}", 1_000_000 + i * 2_000)
     assert len(h.regions) == 3 and set(h.regions) == {"r0", "r1", "r2"}
+
+
+# ------------------------------------------------------------------ the handler's limits, over a real socket
+
+async def ingest_client(budget: int, body_timeout: float = 5.0) -> tuple[Any, IngestHandler]:
+    """The real routes and IngestHandler on 127.0.0.1 without a broker: every answer below
+    comes before anything would be produced."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from aggregator.web.server import NoSnapshots, Routes
+
+    m = Metrics(5.0, 60.0)
+    h = IngestHandler(None, m, "", 1 << 20, 10, budget=InflightBudget(budget),  # type: ignore[arg-type]
+                      body_timeout_s=body_timeout)
+    client = TestClient(TestServer(Routes(m, NoSnapshots(), lambda: None, h).app(1 << 20), host="127.0.0.1"))
+    await client.start_server()
+    return client, h
+
+
+async def test_over_budget_is_503_at_once_by_content_length_or_as_chunks_arrive() -> None:
+    import asyncio
+    import time
+
+    client, h = await ingest_client(budget=1000)
+    try:
+        t = time.perf_counter()
+        r = await client.post("/v1/events", data=b"x" * 1001, headers={"Content-Type": NDJSON})
+        assert r.status == 503 and r.headers["Retry-After"] == "1" and time.perf_counter() - t < 1
+        assert "in-flight" in (await r.json())["error"]
+        assert h.budget.used == 0
+
+        async def chunks():  # chunked: no Content-Length, taken as the bytes arrive
+            for _ in range(20):
+                yield b"y" * 100
+                await asyncio.sleep(0)
+        r = await client.post("/v1/events", data=chunks(), headers={"Content-Type": NDJSON})
+        assert r.status == 503 and r.headers["Retry-After"] == "1"
+        assert h.budget.used == 0  # given back
+        # one that fits is read and parsed (400: not JSON; no broker is needed to say so)
+        r = await client.post("/v1/events", data=b"x" * 1000, headers={"Content-Type": JSON})
+        assert r.status == 400 and h.budget.used == 0
+    finally:
+        await client.close()
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408() -> None:
+    import asyncio
+
+    client, h = await ingest_client(budget=1 << 20, body_timeout=0.3)
+    try:
+        async def slow():
+            yield b'{"region":'
+            await asyncio.sleep(1.0)
+            yield b'"eu"}'
+        r = await client.post("/v1/events", data=slow(), headers={"Content-Type": NDJSON})
+        assert r.status == 408 and h.budget.used == 0
+        assert r.headers.get("Connection", "").lower() == "close"
+    finally:
+        await client.close()
