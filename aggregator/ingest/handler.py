@@ -135,13 +135,7 @@ class IngestHandler:
                     accepted += len(good)
                     await self._submit(good, ingest_ts, per_region, waits, traceparent)
             if waits:
-                # asyncio.wait, not gather: a request that gives up must not cancel the futures
-                # other requests' records share
-                done, pending = await asyncio.wait(waits, timeout=INGEST_TIMEOUT_S)
-                if pending:
-                    raise TimeoutError(f"the broker did not acknowledge within {INGEST_TIMEOUT_S} s")
-                for fut in done:
-                    fut.result()  # raises the broker's error
+                await self._acknowledged(waits)
         except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
             log.warning("ingest: broker did not take %d records: %r", accepted, exc)
             if reasons:
@@ -161,6 +155,27 @@ class IngestHandler:
         return web.Response(body=orjson.dumps({
             "accepted": accepted, "rejected": total - accepted,
             "ingest_ts": ingest_ts, "errors": errors}), content_type="application/json")
+
+    async def _acknowledged(self, waits: set[asyncio.Future]) -> None:
+        """Until every batch of ``waits`` is delivered (raises the broker's error), or
+        INGEST_TIMEOUT_S pass in which none of them is delivered and the broker takes no
+        batch at all (TimeoutError)."""
+        batcher = self.producer.batcher
+        assert batcher is not None
+        pending = waits
+        mark = batcher.progress()
+        while pending:
+            # asyncio.wait, not gather: a request that gives up must not cancel the futures
+            # other requests' records share
+            done, pending = await asyncio.wait(pending, timeout=INGEST_TIMEOUT_S,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                fut.result()  # raises the broker's error
+            if not done:
+                sent = batcher.progress()
+                if sent == mark:
+                    raise TimeoutError(f"the broker acknowledged nothing within {INGEST_TIMEOUT_S} s")
+                mark = sent
 
     def _region(self, region: str, now_ms: int) -> str:
         """``region`` when it is let through (its time noted), else ``__other__``: at the cap,
@@ -206,13 +221,19 @@ class IngestHandler:
             ev["ingest_ts"] = ingest_ts
             values.append(ev)
         records = _Records(ingest_ts, traceparent)
-        deadline = time.monotonic() + INGEST_TIMEOUT_S
+        mark, deadline = batcher.progress(), time.monotonic() + INGEST_TIMEOUT_S
         while True:
             try:
                 waits |= batcher.submit({r: records.of(evs) for r, evs in by_region.items()}, ingest_ts)
                 break
             except ProducerBusy:
-                if time.monotonic() >= deadline:
+                # wait for room while the broker takes batches; give up after
+                # INGEST_TIMEOUT_S without one (not after INGEST_TIMEOUT_S of waiting: the
+                # slices of concurrent big bodies take turns)
+                now, sent = time.monotonic(), batcher.progress()
+                if sent != mark:
+                    mark, deadline = sent, now + INGEST_TIMEOUT_S
+                elif now >= deadline:
                     raise
                 await asyncio.sleep(BUSY_POLL_S)
         for region, values in by_region.items():

@@ -45,7 +45,7 @@ class ProducerBusy(Exception):
 
 
 class _Pump:
-    __slots__ = ("producer", "topic", "partition", "batch", "done", "sealed", "task", "max_sealed")
+    __slots__ = ("producer", "topic", "partition", "batch", "done", "sealed", "task", "max_sealed", "sent")
 
     def __init__(self, producer: Any, topic: str, partition: int, max_sealed: int) -> None:
         self.producer = producer
@@ -56,6 +56,7 @@ class _Pump:
         self.sealed: collections.deque = collections.deque()  # full batches waiting: (batch, done)
         self.task: asyncio.Task | None = None
         self.max_sealed = max_sealed
+        self.sent = 0  # batches aiokafka has taken (it takes one when the previous one is delivered)
 
     def _open(self) -> None:
         self.batch = self.producer.create_batch()
@@ -97,6 +98,7 @@ class _Pump:
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                     _settle(done, exc)
                     continue
+                self.sent += 1
                 delivery.add_done_callback(lambda f, done=done: _settle(done, f))
         finally:
             self.task = None
@@ -161,6 +163,11 @@ class BatchProducer:
             pump = self.pumps[partition] = _Pump(self.producer, self.topic, partition, self.max_sealed)
         route = self.route[region] = (key, pump)
         return route
+
+    def progress(self) -> int:
+        """Batches handed to the broker so far, all partitions: a request that waits for
+        room or for its acknowledgements gives up only when this has not moved for a while."""
+        return sum(p.sent for p in self.pumps.values())
 
     def partition_of(self, region: str) -> int:
         return (self.route.get(region) or self._route(region))[1].partition
