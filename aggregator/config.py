@@ -156,6 +156,16 @@ class Settings(BaseSettings):
     max_regions: int = Field(1000, ge=1, description="region cardinality cap; beyond it: __other__")
     ingest_token: str = _secret("bearer token required by POST /v1/events (empty: none)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body limit, after decompression too")
+    ingest_max_inflight_bytes: int = Field(32 * 1024 * 1024, ge=1, description="bytes of request bodies ingest "
+                                           "works on at once (after decompression); beyond: 503 + Retry-After at "
+                                           "once; at least AGG_MAX_BODY_BYTES")
+    http_header_timeout_seconds: float = Field(10.0, gt=0, description="a connection must send a request's "
+                                               "headers (and, idle, its next request) within this, else it is "
+                                               "closed")
+    http_body_timeout_seconds: float = Field(30.0, gt=0, description="a POST /v1/events body must arrive "
+                                             "within this, else 408 and the connection is closed")
+    http_max_connections: int = Field(1000, ge=1, description="open HTTP connections at most; one more is "
+                                      "answered 503 + Retry-After and closed")
     rate_limit: float = Field(0.0, ge=0, description="default per-region events/s (0: unlimited)")
     rate_limits: RateLimits = Field(default_factory=dict, description="per-region rates, e.g. eu=5000,us-east=20000 "
                                                                       "(0: unlimited for that region)")
@@ -186,6 +196,15 @@ class Settings(BaseSettings):
         v = v.strip()
         if v:
             parse_broker(v)
+        return v
+
+    @field_validator("ingest_max_inflight_bytes")
+    @classmethod
+    def _inflight(cls, v: int, info: ValidationInfo) -> int:
+        body = info.data.get("max_body_bytes")
+        if body is not None and v < body:
+            raise ValueError(f"must be >= AGG_MAX_BODY_BYTES ({body}), or no body of that size is ever taken "
+                             f"(got {v})")
         return v
 
     @field_validator("kafka_sasl_username", "kafka_sasl_password")

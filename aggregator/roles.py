@@ -28,6 +28,7 @@ from aggregator.broker.probe import BrokerProbe
 from aggregator.config import Settings
 from aggregator.core.contract import Snapshot
 from aggregator.core.snapshots import SnapshotStore
+from aggregator.ingest.budget import InflightBudget
 from aggregator.ingest.handler import IngestHandler
 from aggregator.ingest.producer import IngestProducer
 from aggregator.metrics import Metrics
@@ -49,7 +50,10 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     producer: IngestProducer | None = None
     if settings.role in ("all", "ingest"):
         producer = IngestProducer(settings.bootstrap(), settings.kafka_security().aiokafka_kwargs())
-        post = IngestHandler(producer, metrics, settings.ingest_token, settings.max_body_bytes, settings.max_regions)
+        post = IngestHandler(producer, metrics, settings.ingest_token, settings.max_body_bytes, settings.max_regions,
+                             region_idle_ms=settings.idle_ms,
+                             budget=InflightBudget(settings.ingest_max_inflight_bytes),
+                             body_timeout_s=settings.http_body_timeout_seconds)
         services.append(producer)
     options: dict[str, Any] = {"loglevel": settings.log_level.lower(), "quiet": True, "redirect_stdouts": False,
                                "override_logging": False}
@@ -81,7 +85,8 @@ def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, probe
         return "broker unreachable" if not probe.reachable else not_ready()
 
     return HttpServer(Routes(metrics, snapshots, why, post, notes), settings.web_host, settings.web_port,
-                      settings.max_body_bytes)
+                      settings.max_body_bytes, max_connections=settings.http_max_connections,
+                      header_timeout=settings.http_header_timeout_seconds)
 
 
 def print_snapshot_table(snaps: Sequence[Snapshot]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -15,6 +16,9 @@ import orjson
 from aggregator.core.events import LIMITS, EventError, validate
 
 MAX_ERRORS = 100
+# a body is parsed, validated and produced in slices of about this many bytes, so that the
+# Python objects of all its events never live at once (docs/contract.md §3, memory)
+SLICE_BYTES = 1 << 18
 
 
 class BodyError(Exception):
@@ -95,9 +99,92 @@ def decode_body(body: bytes, content_type: str) -> list[Any]:
     raise BodyError(415, f"unsupported content type {ct!r}: use application/json or application/x-ndjson")
 
 
-def _ndjson_lines(body: bytes) -> list[Any]:
+def decode_slices(body: bytes, content_type: str, slice_bytes: int = SLICE_BYTES) -> Iterator[list[Any]]:
+    """``decode_body`` in slices: the lists it yields, joined, are ``decode_body(body, ...)``,
+    each from about ``slice_bytes`` of the body.  Whatever makes the whole body an error
+    (415, a JSON body that does not parse) is raised here, before any slice is given out,
+    so nothing of a body that is refused has been produced."""
+    ct = content_type.split(";", 1)[0].strip().lower()
+    if ct in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
+        return _ndjson_slices(body, slice_bytes)
+    if ct in ("application/json", ""):
+        spans = _json_array_spans(body, slice_bytes)
+        if spans is None:
+            return iter([decode_body(body, ct)])
+        return (orjson.loads(b"[" + body[a:b] + b"]") for a, b in spans)
+    return iter([decode_body(body, ct)])
+
+
+def _ndjson_slices(body: bytes, slice_bytes: int) -> Iterator[list[Any]]:
+    """Slices cut after a newline: every line is parsed as in ``decode_body``, and a line
+    number in an error is the line's number in the whole body."""
+    pos, n, lineno = 0, len(body), 1
+    while pos < n:
+        end = body.find(b"\n", pos + slice_bytes)
+        end = n if end < 0 else end + 1
+        part = body[pos:end]
+        fast = _ndjson_objects(part)
+        yield fast if fast is not None else _ndjson_lines(part, lineno)
+        lineno += part.count(b"\n")
+        pos = end
+
+
+# "}" "," "{" between two objects of an array, whitespace (newlines too) between
+_NEXT_OBJECT = re.compile(rb"\}[ \t\r\n]*,[ \t\r\n]*\{")
+
+
+def _json_array_spans(body: bytes, slice_bytes: int) -> list[tuple[int, int]] | None:
+    """A big JSON array as ``[(start, end)]`` spans whose ``[body[start:end]]`` parse to
+    consecutive parts of the array; None for a body that is parsed whole (small, not an
+    array, or not cut into parts that parse).  Every part is parsed here once (and its
+    objects dropped), so a body that is not valid JSON is a 400 before anything of it is
+    produced.
+
+    Exact: a cut is made at ``}`` ``,`` ``{``; when ``[`` + the part before it parses, the
+    parser is at the top level of the array after it (it reads the body left to right,
+    in the state the array's own ``[`` leaves it), so the comma separates two elements.
+    A part that does not parse is joined to the next one (the cut was inside a string or
+    a nested value); the last one not parsing is the body's error."""
+    if len(body) <= slice_bytes:
+        return None
+    start = 0
+    while start < len(body) and body[start] in _JSON_WS:
+        start += 1
+    end = len(body)
+    while end > start and body[end - 1] in _JSON_WS:
+        end -= 1
+    if end - start < 2 or body[start] != 0x5B or body[end - 1] != 0x5D:  # [ ... ]
+        return None
+    start += 1
+    end -= 1
+    spans: list[tuple[int, int]] = []
+    a = start
+    while a < end:
+        search_from = a + slice_bytes
+        while True:
+            m = _NEXT_OBJECT.search(body, search_from, end) if search_from < end else None
+            if m is None and not spans:
+                return None  # one part: the whole body, parsed once as it is
+            b = m.start() + 1 if m is not None else end
+            try:
+                orjson.loads(b"[" + body[a:b] + b"]")
+            except orjson.JSONDecodeError as exc:
+                if m is None:
+                    raise BodyError(400, f"body is not valid JSON: {exc.msg} (near byte {a + max(exc.pos - 1, 0)})"
+                                    ) from None
+                search_from = m.end()  # join the next part
+                continue
+            break
+        spans.append((a, b))
+        if m is None:
+            break
+        a = m.end() - 1  # the "{" of the next element
+    return spans
+
+
+def _ndjson_lines(body: bytes, first_line: int = 1) -> list[Any]:
     items: list[Any] = []
-    for lineno, line in enumerate(body.split(b"\n"), 1):
+    for lineno, line in enumerate(body.split(b"\n"), first_line):
         line = line.lstrip(b"\x1e")  # application/json-seq (RFC 7464) starts records with RS
         if not line.strip():
             continue
@@ -157,15 +244,17 @@ def _validate_fast(obj: Any) -> dict[str, Any] | None:
     return out
 
 
-def validate_records(items: list[Any]) -> tuple[list[dict], list[dict], dict[str, int]]:
-    """-> (valid events, first 100 errors, rejected counts by reason)."""
+def validate_records(items: list[Any], first_index: int = 0, max_errors: int = MAX_ERRORS,
+                     ) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """-> (valid events, first ``max_errors`` errors, rejected counts by reason); an error's
+    index counts from ``first_index`` (the slice's place in the body)."""
     good: list[dict] = []
     append = good.append
     errors: list[dict] = []
     reasons: dict[str, int] = {}
     fast = _validate_fast
     cache = _REGION_CACHE
-    for i, obj in enumerate(items):
+    for i, obj in enumerate(items, first_index):
         try:
             ev = fast(obj)
             if ev is None:
@@ -178,10 +267,10 @@ def validate_records(items: list[Any]) -> tuple[list[dict], list[dict], dict[str
             append(ev)
         except EventError as exc:
             reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
-            if len(errors) < MAX_ERRORS:
+            if len(errors) < max_errors:
                 errors.append({"index": i, "error": str(exc)})
         except Exception:  # noqa: BLE001 - a client's record never makes a 500
             reasons["invalid"] = reasons.get("invalid", 0) + 1
-            if len(errors) < MAX_ERRORS:
+            if len(errors) < max_errors:
                 errors.append({"index": i, "error": "invalid record"})
     return good, errors, reasons

@@ -15,7 +15,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -23,27 +23,35 @@ from aiohttp import web
 
 from aggregator import tracing
 from aggregator.core.contract import OTHER_REGION, Header, ingest_header
-from aggregator.ingest.body import BodyError, decode_body, gunzip_bounded, validate_records
-from aggregator.ingest.producer import IngestProducer
+from aggregator.ingest.body import MAX_ERRORS, BodyError, decode_slices, gunzip_bounded, validate_records
+from aggregator.ingest.budget import InflightBudget, Reservation
+from aggregator.ingest.producer import IngestProducer, ProducerBusy
 from aggregator.metrics import Metrics
 
 log = logging.getLogger("aggregator.ingest")
 INGEST_TIMEOUT_S = 5.0  # then 503 + Retry-After: the broker cannot take the records now
 READ_CHUNK = 1 << 16
+BUSY_POLL_S = 0.005  # a slice waits this long between looks at a partition with too many batches waiting
+REGION_SWEEP_S = 1.0  # at the region cap, idle regions are looked for at most this often
 
 
 class IngestHandler:
-    """Owns the set of regions ingest has let through (capped at ``max_regions``; the
-    rest are sent as ``__other__``)."""
+    """Owns the regions ingest has let through (at most ``max_regions`` seen within
+    ``region_idle_ms``; the rest are sent as ``__other__``) and the in-flight budget."""
 
     def __init__(self, producer: IngestProducer, metrics: Metrics, token: str, max_body_bytes: int,
-                 max_regions: int) -> None:
+                 max_regions: int, region_idle_ms: int = 3_600_000, budget: InflightBudget | None = None,
+                 body_timeout_s: float = 30.0) -> None:
         self.producer = producer
         self.metrics = metrics
         self.token = token
         self.max_body_bytes = max_body_bytes
         self.max_regions = max_regions
-        self.regions: set[str] = set()
+        self.region_idle_ms = region_idle_ms
+        self.regions: dict[str, int] = {}  # region -> time (ms) of the last request that had it
+        self._swept_ms = 0
+        self.budget = budget or InflightBudget(4 * max_body_bytes)
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, request: web.Request) -> web.Response:
         tracer = tracing.tracer
@@ -59,7 +67,6 @@ class IngestHandler:
         counts, and its sampled context goes into the records' headers."""
         ingest_ts = int(time.time() * 1000)
         t0 = time.perf_counter()
-        m = self.metrics
         if self.token:
             auth = request.headers.get("Authorization", "")
             # headers arrive as surrogate-escaped UTF-8: a non-ASCII header must be a 401, not a 500
@@ -69,86 +76,188 @@ class IngestHandler:
         limit = self.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return error(413, f"body exceeds {limit} bytes")
+        held = Reservation(self.budget)
         try:
-            body = await read_body(request, limit)
+            if not held.take(request.content_length or 0):
+                return over_budget(self.budget)
+            return await self._handle(request, span, held, ingest_ts, t0)
+        finally:
+            held.release()
+
+    async def _handle(self, request: web.Request, span: Any, held: Reservation, ingest_ts: int,
+                      t0: float) -> web.Response:
+        m = self.metrics
+        limit = self.max_body_bytes
+        try:
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    body = await read_body(request, limit, held)
+            except TimeoutError:
+                m.ingest_failed()
+                resp = error(408, f"the body did not arrive within {self.body_timeout_s:g} s")
+                resp.force_close()
+                return resp
+            if body is None:
+                m.ingest_failed()
+                return over_budget(self.budget)
             if span is not None:
                 span.set_attribute("http.request.body.size", len(body))
             enc = request.headers.get("Content-Encoding", "").strip().lower()
             if enc in ("gzip", "x-gzip"):
                 body = gunzip_bounded(body, limit)
+                if not held.take(len(body) - held.held):  # what it inflated to counts
+                    m.ingest_failed()
+                    return over_budget(self.budget)
             elif enc not in ("", "identity"):
                 raise BodyError(415, f"unsupported content encoding {enc!r}: use gzip or none")
-            items = decode_body(body, request.headers.get("Content-Type", "application/json"))
+            slices = decode_slices(body, request.headers.get("Content-Type", "application/json"))
         except BodyError as exc:
             m.ingest_failed()
             return error(exc.status, exc.message)
-        good, errors, reasons = validate_records(items)
+        traceparent = None if span is None else tracing.traceparent(span)
+        total = accepted = 0
+        errors: list[dict] = []
+        reasons: dict[str, int] = {}
+        per_region: dict[str, int] = {}
+        waits: set[asyncio.Future] = set()
+        try:
+            for items in slices:
+                if total:
+                    await asyncio.sleep(0)  # other requests go on between the slices of a big body
+                good, errs, why = validate_records(items, total, MAX_ERRORS - len(errors))
+                total += len(items)
+                del items
+                errors += errs
+                for reason, n in why.items():
+                    reasons[reason] = reasons.get(reason, 0) + n
+                if good:
+                    m.ingest_waiting(len(good))
+                    accepted += len(good)
+                    await self._submit(good, ingest_ts, per_region, waits, traceparent)
+            if waits:
+                await self._acknowledged(waits)
+        except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
+            log.warning("ingest: broker did not take %d records: %r", accepted, exc)
+            if reasons:
+                m.rejected(reasons)
+            m.ingest_failed(accepted)
+            return error(503, "the broker did not acknowledge the records in time; part of them may have "
+                              "been stored", {"Retry-After": "2"})
+        finally:
+            if accepted:
+                m.ingest_waiting(-accepted)
         if span is not None:
-            span.set_attributes({"clickstream.events.accepted": len(good),
-                                 "clickstream.events.rejected": len(items) - len(good)})
+            span.set_attributes({"clickstream.events.accepted": accepted,
+                                 "clickstream.events.rejected": total - accepted})
         if reasons:
             m.rejected(reasons)
-        per_region: dict[str, int] = {}
-        if good:
-            m.ingest_waiting(len(good))
-            try:
-                await self._produce(good, ingest_ts, per_region,  # bounded by INGEST_TIMEOUT_S
-                                    None if span is None else tracing.traceparent(span))
-            except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
-                log.warning("ingest: broker did not take %d records: %r", len(good), exc)
-                m.ingest_failed(len(good))
-                return error(503, "the broker did not acknowledge the records in time; part of them may have "
-                                  "been stored", {"Retry-After": "2"})
-            finally:
-                m.ingest_waiting(-len(good))
-        m.ingest_accepted(per_region, len(items), t0)
+        m.ingest_accepted(per_region, total, t0)
         return web.Response(body=orjson.dumps({
-            "accepted": len(good), "rejected": len(items) - len(good),
+            "accepted": accepted, "rejected": total - accepted,
             "ingest_ts": ingest_ts, "errors": errors}), content_type="application/json")
 
-    async def _produce(self, events: list[dict[str, Any]], ingest_ts: int, per_region: dict[str, int],
-                       traceparent: bytes | None = None) -> None:
-        """Send ``events`` to ``clicks`` and return once the broker has acknowledged all of
-        them (raises otherwise); with a ``traceparent`` (a sampled request span), every
-        record carries it as a second header."""
+    async def _acknowledged(self, waits: set[asyncio.Future]) -> None:
+        """Until every batch of ``waits`` is delivered (raises the broker's error), or
+        INGEST_TIMEOUT_S pass in which none of them is delivered and the broker takes no
+        batch at all (TimeoutError)."""
+        batcher = self.producer.batcher
+        assert batcher is not None
+        pending = waits
+        mark = batcher.progress()
+        while pending:
+            # asyncio.wait, not gather: a request that gives up must not cancel the futures
+            # other requests' records share
+            done, pending = await asyncio.wait(pending, timeout=INGEST_TIMEOUT_S,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                fut.result()  # raises the broker's error
+            if not done:
+                sent = batcher.progress()
+                if sent == mark:
+                    raise TimeoutError(f"the broker acknowledged nothing within {INGEST_TIMEOUT_S} s")
+                mark = sent
+
+    def _region(self, region: str, now_ms: int) -> str:
+        """``region`` when it is let through (its time noted), else ``__other__``: at the cap,
+        regions not seen within ``region_idle_ms`` are forgotten (at most every REGION_SWEEP_S),
+        so a new region can take the place of one gone idle."""
+        regions = self.regions
+        if region in regions or len(regions) < self.max_regions:
+            regions[region] = now_ms
+            return region
+        if now_ms - self._swept_ms >= REGION_SWEEP_S * 1000:
+            self._swept_ms = now_ms
+            cutoff = now_ms - self.region_idle_ms
+            for r in [r for r, seen in regions.items() if seen < cutoff]:
+                del regions[r]
+            if len(regions) < self.max_regions:
+                regions[region] = now_ms
+                return region
+        return OTHER_REGION
+
+    async def _submit(self, events: list[dict[str, Any]], ingest_ts: int, per_region: dict[str, int],
+                      waits: set[asyncio.Future], traceparent: bytes | None = None) -> None:
+        """Append ``events`` to the open record batches of ``clicks``; their delivery futures
+        go into ``waits``.  A record's value is serialised as it is appended (so the
+        serialised form of a slice never lives at once); with a ``traceparent`` (a sampled
+        request span), every record carries it as a second header.  Waits, up to
+        INGEST_TIMEOUT_S, while a partition has too many batches waiting (then raises)."""
         batcher = self.producer.batcher
         if batcher is None:
             raise RuntimeError("the ingest producer has not started")
         if not batcher.has_metadata():
             await asyncio.wait_for(batcher.ensure_metadata(), timeout=INGEST_TIMEOUT_S)
-        regions = self.regions
-        cap = self.max_regions
-        dumps = orjson.dumps
-        plain = ingest_header(ingest_ts, None)  # shared by the records without a client ts
-        headers = ingest_header if traceparent is None else _with_header((tracing.TRACEPARENT, traceparent))
-        if traceparent is not None:
-            plain.append((tracing.TRACEPARENT, traceparent))
-        by_region: dict[str, list[tuple[bytes, list[Header]]]] = {}
+        by_region: dict[str, list[dict[str, Any]]] = {}
         for ev in events:
             region = ev["region"]
             values = by_region.get(region)
             if values is None:
-                if region not in regions:
-                    if len(regions) >= cap:
-                        region = ev["region"] = OTHER_REGION
-                    else:
-                        regions.add(region)
+                region = self._region(region, ingest_ts)
+                if region is OTHER_REGION:
+                    ev["region"] = region
                 values = by_region.get(region)
                 if values is None:
                     values = by_region[region] = []
             ev["ingest_ts"] = ingest_ts
-            cts = ev.get("ts")
-            values.append((dumps(ev), plain if cts is None else headers(ingest_ts, cts)))
-        waits = batcher.submit(by_region, ingest_ts)
-        # asyncio.wait, not gather: a request that gives up must not cancel the futures
-        # other requests' records share
-        done, pending = await asyncio.wait(waits, timeout=INGEST_TIMEOUT_S)
-        if pending:
-            raise TimeoutError(f"the broker did not acknowledge within {INGEST_TIMEOUT_S} s")
-        for fut in done:
-            fut.result()  # raises the broker's error
+            values.append(ev)
+        records = _Records(ingest_ts, traceparent)
+        mark, deadline = batcher.progress(), time.monotonic() + INGEST_TIMEOUT_S
+        while True:
+            try:
+                waits |= batcher.submit({r: records.of(evs) for r, evs in by_region.items()}, ingest_ts)
+                break
+            except ProducerBusy:
+                # wait for room while the broker takes batches; give up after
+                # INGEST_TIMEOUT_S without one (not after INGEST_TIMEOUT_S of waiting: the
+                # slices of concurrent big bodies take turns)
+                now, sent = time.monotonic(), batcher.progress()
+                if sent != mark:
+                    mark, deadline = sent, now + INGEST_TIMEOUT_S
+                elif now >= deadline:
+                    raise
+                await asyncio.sleep(BUSY_POLL_S)
         for region, values in by_region.items():
-            per_region[region] = len(values)
+            per_region[region] = per_region.get(region, 0) + len(values)
+
+
+class _Records:
+    """``(value, headers)`` of events, serialised one by one as the batch takes them."""
+
+    __slots__ = ("plain", "headers")
+
+    def __init__(self, ingest_ts: int, traceparent: bytes | None) -> None:
+        self.plain = ingest_header(ingest_ts, None)  # shared by the records without a client ts
+        self.headers = ingest_header if traceparent is None else _with_header((tracing.TRACEPARENT, traceparent))
+        if traceparent is not None:
+            self.plain.append((tracing.TRACEPARENT, traceparent))
+
+    def of(self, events: list[dict[str, Any]]) -> Iterator[tuple[bytes, list[Header]]]:
+        dumps = orjson.dumps
+        plain = self.plain
+        headers = self.headers
+        for ev in events:
+            cts = ev.get("ts")
+            yield dumps(ev), (plain if cts is None else headers(ev["ingest_ts"], cts))
 
 
 def _with_header(extra: Header) -> Callable[[int, int | None], list[Header]]:
@@ -160,8 +269,10 @@ def _with_header(extra: Header) -> Callable[[int, int | None], list[Header]]:
     return headers
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes ``limit`` bytes."""
+async def read_body(request: web.Request, limit: int, held: Reservation | None = None) -> bytes | None:
+    """The whole body, refused with 413 as soon as it passes ``limit`` bytes; with ``held``,
+    the bytes beyond what it holds (a chunked body) are taken from the in-flight budget
+    as they arrive: None when they do not fit."""
     # StreamReader.read(n) returns what is buffered, not n bytes: read to EOF
     chunks: list[bytes] = []
     size = 0
@@ -172,8 +283,18 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise BodyError(413, f"body exceeds {limit} bytes")
+        if held is not None and size > held.held and not held.take(size - held.held):
+            return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def over_budget(budget: InflightBudget) -> web.Response:
+    """503 at once: the bodies in flight already fill ``AGG_INGEST_MAX_INFLIGHT_BYTES``."""
+    resp = error(503, f"ingest is at its in-flight limit ({budget.limit} bytes of bodies): retry later",
+                 {"Retry-After": "1"})
+    resp.force_close()  # the body is not read: do not keep the connection to drain it
+    return resp
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -44,7 +45,7 @@ class ProducerBusy(Exception):
 
 
 class _Pump:
-    __slots__ = ("producer", "topic", "partition", "batch", "done", "sealed", "task", "max_sealed")
+    __slots__ = ("producer", "topic", "partition", "batch", "done", "sealed", "task", "max_sealed", "sent")
 
     def __init__(self, producer: Any, topic: str, partition: int, max_sealed: int) -> None:
         self.producer = producer
@@ -55,12 +56,13 @@ class _Pump:
         self.sealed: collections.deque = collections.deque()  # full batches waiting: (batch, done)
         self.task: asyncio.Task | None = None
         self.max_sealed = max_sealed
+        self.sent = 0  # batches aiokafka has taken (it takes one when the previous one is delivered)
 
     def _open(self) -> None:
         self.batch = self.producer.create_batch()
         self.done = asyncio.get_running_loop().create_future()
 
-    def append(self, key: bytes, values: list[tuple[bytes, list]], timestamp: int, waits: set) -> None:
+    def append(self, key: bytes, values: Iterable[tuple[bytes, list]], timestamp: int, waits: set) -> None:
         if self.batch is None:
             self._open()
         append = self.batch.append
@@ -96,6 +98,7 @@ class _Pump:
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                     _settle(done, exc)
                     continue
+                self.sent += 1
                 delivery.add_done_callback(lambda f, done=done: _settle(done, f))
         finally:
             self.task = None
@@ -161,11 +164,17 @@ class BatchProducer:
         route = self.route[region] = (key, pump)
         return route
 
+    def progress(self) -> int:
+        """Batches handed to the broker so far, all partitions: a request that waits for
+        room or for its acknowledgements gives up only when this has not moved for a while."""
+        return sum(p.sent for p in self.pumps.values())
+
     def partition_of(self, region: str) -> int:
         return (self.route.get(region) or self._route(region))[1].partition
 
-    def submit(self, by_region: dict[str, list[tuple[bytes, list]]], timestamp: int) -> set[asyncio.Future]:
-        """Append every region's ``(value, headers)`` (already ``ensure_metadata``); returns the delivery
+    def submit(self, by_region: Mapping[str, Iterable[tuple[bytes, list]]], timestamp: int) -> set[asyncio.Future]:
+        """Append every region's ``(value, headers)`` (an iterable, consumed once, after the
+        busy check) (already ``ensure_metadata``); returns the delivery
         futures to wait for.  Raises ``ProducerBusy`` before appending anything when a
         partition has too many batches waiting."""
         route = self.route

@@ -13,6 +13,7 @@ no route serves, so scanners cannot grow the label set.
 """
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
 import time
@@ -64,6 +65,7 @@ class Routes:
         self.snapshots = snapshots
         self.not_ready = not_ready  # why this process is not ready, or None when it is
         self.post_events = post_events or self.no_ingest
+        self.gate: ConnectionGate | None = None  # the server's, which learns when a handler runs
 
     def app(self, max_body_bytes: int) -> web.Application:
         app = web.Application(client_max_size=max_body_bytes + 1, middlewares=[self.count_requests])
@@ -83,6 +85,9 @@ class Routes:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else UNMATCHED
         status = 500  # a handler that raises something else than an HTTP answer: aiohttp answers 500
+        gate = self.gate
+        if gate is not None:
+            gate.begin(request.transport)
         try:
             response = await handler(request)
             status = response.status
@@ -91,6 +96,8 @@ class Routes:
             status = exc.status
             raise
         finally:
+            if gate is not None:
+                gate.end(request.transport)
             self.metrics.http_request(route, status, time.perf_counter() - started)
 
     async def post(self, request: web.Request) -> web.Response:
@@ -132,27 +139,152 @@ class Routes:
         return web.Response(body=orjson.dumps({"snapshots": snaps}), content_type="application/json")
 
 
+_REFUSED_BODY = b'{"error":"too many connections: retry in a second"}'
+REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
+           b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_REFUSED_BODY), _REFUSED_BODY))
+
+
+class _Conn(asyncio.Protocol):
+    """One connection: aiohttp's protocol behind a guard that counts it against the cap
+    and notes when it last started or finished a request (for the header timeout)."""
+
+    __slots__ = ("gate", "inner", "transport", "idle_since", "busy", "refused")
+
+    def __init__(self, gate: ConnectionGate, inner: asyncio.Protocol) -> None:
+        self.gate = gate
+        self.inner = inner
+        self.transport: asyncio.BaseTransport | None = None
+        self.idle_since = time.monotonic()
+        self.busy = 0  # requests of this connection in a handler
+        self.refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if len(self.gate.conns) >= self.gate.max_connections:
+            self.refused = True
+            self.gate.refused += 1
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(REFUSED)
+            transport.close()
+            return
+        self.gate.conns[transport] = self
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None if self.refused else self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return
+        if self.transport is not None:
+            self.gate.conns.pop(self.transport, None)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if not self.refused:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if not self.refused:
+            self.inner.resume_writing()
+
+
+class ConnectionGate:
+    """The connection cap and the header timeout of the HTTP server.
+
+    A connection over ``max_connections`` gets a 503 with ``Retry-After`` and is closed
+    before aiohttp sees it.  A connection not in a handler (sending a request's headers,
+    or idle between requests) for longer than ``header_timeout`` is closed by a sweep
+    every quarter of it (a byte a second never completes the headers); a handler bounds
+    its own body read (ingest: ``AGG_HTTP_BODY_TIMEOUT_SECONDS``)."""
+
+    def __init__(self, max_connections: int, header_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.conns: dict[asyncio.BaseTransport, _Conn] = {}
+        self.refused = 0    # connections refused over the cap
+        self.timed_out = 0  # connections closed by the header timeout
+
+    def protocol(self, make: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        return lambda: _Conn(self, make())
+
+    def begin(self, transport: asyncio.BaseTransport | None) -> None:
+        conn = self.conns.get(transport) if transport is not None else None
+        if conn is not None:
+            conn.busy += 1
+
+    def end(self, transport: asyncio.BaseTransport | None) -> None:
+        conn = self.conns.get(transport) if transport is not None else None
+        if conn is not None:
+            conn.busy -= 1
+            conn.idle_since = time.monotonic()
+
+    def sweep(self, now: float) -> int:
+        """Close the connections idle (not in a handler) past the header timeout."""
+        cutoff = now - self.header_timeout
+        late = [c for c in self.conns.values() if not c.busy and c.idle_since < cutoff]
+        for c in late:
+            assert c.transport is not None
+            c.transport.close()
+        self.timed_out += len(late)
+        return len(late)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.header_timeout / 4))
+            self.sweep(time.monotonic())
+
+
+class _Site(web.TCPSite):
+    """``TCPSite`` whose connections go through a ``ConnectionGate``."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, gate: ConnectionGate) -> None:
+        super().__init__(runner, host, port)
+        self.gate = gate
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner (what TCPSite.start does first)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self.gate.protocol(server), self._host, self._port)
+
+
 class HttpServer(mode.Service):
     mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
 
-    def __init__(self, routes: Routes, host: str, port: int, max_body_bytes: int, **kwargs: Any) -> None:
+    def __init__(self, routes: Routes, host: str, port: int, max_body_bytes: int, max_connections: int = 1000,
+                 header_timeout: float = 10.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.routes = routes
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
+        self.gate = ConnectionGate(max_connections, header_timeout)
+        routes.gate = self.gate
         self.runner: web.AppRunner | None = None
+        self.sweeper: asyncio.Task | None = None
 
     async def on_start(self) -> None:
         # auto_decompress=False: aiohttp would otherwise inflate Content-Encoding bodies itself
         # (gzip then failed as "not valid gzip", and the raw-size limit did not apply to the
         # compressed bytes); ingest decompresses with its own bound instead.
-        self.runner = web.AppRunner(self.routes.app(self.max_body_bytes), access_log=None, auto_decompress=False)
+        # keepalive_timeout: an idle connection is closed by the gate's header timeout anyway
+        self.runner = web.AppRunner(self.routes.app(self.max_body_bytes), access_log=None, auto_decompress=False,
+                                    keepalive_timeout=self.gate.header_timeout)
         await self.runner.setup()
-        await web.TCPSite(self.runner, self.host, self.port).start()
+        await _Site(self.runner, self.host, self.port, self.gate).start()
+        self.sweeper = asyncio.get_running_loop().create_task(self.gate.run())
         log.info("HTTP listening on http://%s:%s", self.host, self.port)
 
     async def on_stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
         if self.runner is not None:
             log.info("HTTP: stopping (finishing the requests in flight)")
             await self.runner.cleanup()  # stops listening, waits for the handlers in flight

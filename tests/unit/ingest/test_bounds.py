@@ -1,0 +1,204 @@
+"""What keeps ingest memory bounded, without a broker: a body decoded in slices gives
+exactly what it gives whole (``decode_slices``), the in-flight budget, and the region
+cap that forgets idle regions.  The real process under load: tests/integration/test_ingest_bounds.py."""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aggregator.core.contract import OTHER_REGION
+from aggregator.ingest.body import BodyError, decode_body, decode_slices, validate_records
+from aggregator.ingest.budget import InflightBudget, Reservation
+from aggregator.ingest.handler import IngestHandler
+from aggregator.metrics import Metrics
+from tests.unit.ingest.test_body import JSON, NDJSON, PROPS, bodies, records
+
+
+def shown(items: list[Any]) -> list[Any]:
+    """Items comparable across two decodes (a bad NDJSON line by its message)."""
+    return [getattr(i, "message", i) for i in items]
+
+
+def same_as_whole(body: bytes, ct: str, slice_bytes: int) -> None:
+    try:
+        whole = decode_body(body, ct)
+    except BodyError as exc:
+        with pytest.raises(BodyError) as ei:
+            list(decode_slices(body, ct, slice_bytes))
+        assert ei.value.status == exc.status
+        return
+    parts = list(decode_slices(body, ct, slice_bytes))  # raises nothing either
+    assert shown([i for p in parts for i in p]) == shown(whole)
+    # validation slice by slice: the same events, errors with their index in the whole body
+    good, errors, reasons = validate_records(whole)
+    sgood: list = []
+    serrors: list = []
+    sreasons: dict[str, int] = {}
+    first = 0
+    for p in parts:
+        g, e, r = validate_records(p, first, 100 - len(serrors))
+        first += len(p)
+        sgood += g
+        serrors += e
+        for k, v in r.items():
+            sreasons[k] = sreasons.get(k, 0) + v
+    assert (sgood, serrors, sreasons) == (good, errors, reasons)
+
+
+tricky = st.lists(st.fixed_dictionaries({"region": st.sampled_from(["eu", "us", "Bad Region"])}, optional={
+    "url": st.sampled_from(['/a},{"b', "}, {", '"},{"', "/x"]),
+    "nested": st.sampled_from([[{"a": 1}, {"b": 2}], {"c": [{}, {}]}]),
+}) | records, max_size=40)
+
+
+@given(body=bodies, slice_bytes=st.integers(1, 64))
+@PROPS
+def test_slices_are_the_whole_body(body: bytes, slice_bytes: int) -> None:
+    for ct in (JSON, NDJSON, "application/json-seq"):
+        same_as_whole(body, ct, slice_bytes)
+
+
+@given(rs=tricky, slice_bytes=st.integers(1, 200), sep=st.sampled_from([b",", b", ", b",\n ", b" ,\t"]),
+       cut=st.integers(0, 10_000))
+@PROPS
+def test_array_cut_only_between_elements(rs: list, slice_bytes: int, sep: bytes, cut: int) -> None:
+    """``},{`` inside strings and nested values is never taken for a boundary, and a body
+    broken anywhere is refused whole, before any slice."""
+    body = b"[" + sep.join(orjson.dumps(r) for r in rs) + b"]"
+    same_as_whole(body, JSON, slice_bytes)
+    same_as_whole(b"\n".join(orjson.dumps(r) for r in rs), NDJSON, slice_bytes)
+    broken = body[:cut % (len(body) + 1)]
+    same_as_whole(broken, JSON, slice_bytes)
+
+
+def test_slices_hold_about_slice_bytes() -> None:
+    line = b'{"region":"eu"}'
+    n = 10_000
+    for body, ct in ((b"\n".join([line] * n), NDJSON), (b"[" + b",".join([line] * n) + b"]", JSON)):
+        parts = list(decode_slices(body, ct, 4096))
+        assert sum(len(p) for p in parts) == n
+        assert max(len(p) for p in parts) <= 4096 // len(line) + 2
+        assert len(parts) >= len(body) // 4096 - 1
+
+
+def test_a_big_body_that_is_not_json_is_refused_before_any_slice() -> None:
+    body = b"[" + b",".join([b'{"region":"eu"}'] * 1000) + b",{]"
+    with pytest.raises(BodyError) as ei:
+        decode_slices(body, JSON, 512)  # not even the first slice: nothing would be produced
+    assert ei.value.status == 400 and "not valid JSON" in ei.value.message
+
+
+# ------------------------------------------------------------------ in-flight budget
+
+def test_budget_refuses_what_does_not_fit_and_takes_it_back() -> None:
+    b = InflightBudget(100)
+    one, two = Reservation(b), Reservation(b)
+    assert one.take(60) and one.take(0)
+    assert not two.take(41) and two.held == 0 and b.used == 60  # refused: nothing taken
+    assert two.take(40) and b.used == 100
+    assert not two.take(1)
+    one.release()
+    one.release()  # idempotent
+    assert b.used == 40 and one.held == 0
+    assert one.take(60)
+    one.release()
+    two.release()
+    assert b.used == 0
+    with pytest.raises(AssertionError):
+        b.give(1)
+    with pytest.raises(ValueError):
+        InflightBudget(0)
+
+
+# ------------------------------------------------------------------ region cap
+
+def handler(max_regions: int, idle_ms: int) -> IngestHandler:
+    return IngestHandler(None, Metrics(5.0, 60.0), "", 1 << 20, max_regions, region_idle_ms=idle_ms)  # type: ignore[arg-type]
+
+
+def test_idle_regions_leave_the_cap() -> None:
+    h = handler(2, idle_ms=10_000)
+    t = 1_000_000
+    assert h._region("a", t) == "a" and h._region("b", t) == "b"
+    assert h._region("c", t + 5_000) == OTHER_REGION          # both active: the cap holds
+    assert h._region("a", t + 9_000) == "a"                    # a seen again
+    # 10.5 s after b was last seen: b is idle and makes room; a (1.5 s ago) stays
+    assert h._region("c", t + 10_500) == "c"
+    assert set(h.regions) == {"a", "c"}
+    # a region over the cap is looked at again at most every REGION_SWEEP_S, not per request
+    h2 = handler(1, idle_ms=1_000)
+    assert h2._region("x", t) == "x"
+    assert h2._region("y", t + 500) == OTHER_REGION            # swept: x still active
+    assert h2._region("y", t + 1_200) == OTHER_REGION          # x idle now, but swept 0.7 s ago
+    assert h2._region("y", t + 1_600) == "y"
+    assert list(h2.regions) == ["y"]
+
+
+def test_cap_without_idle_regions_never_grows() -> None:
+    h = handler(3, idle_ms=3_600_000)
+    for i in range(100):
+        h._region(f"r{i}", 1_000_000 + i * 2_000)
+    assert len(h.regions) == 3 and set(h.regions) == {"r0", "r1", "r2"}
+
+
+# ------------------------------------------------------------------ the handler's limits, over a real socket
+
+async def ingest_client(budget: int, body_timeout: float = 5.0) -> tuple[Any, IngestHandler]:
+    """The real routes and IngestHandler on 127.0.0.1 without a broker: every answer below
+    comes before anything would be produced."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from aggregator.web.server import NoSnapshots, Routes
+
+    m = Metrics(5.0, 60.0)
+    h = IngestHandler(None, m, "", 1 << 20, 10, budget=InflightBudget(budget),  # type: ignore[arg-type]
+                      body_timeout_s=body_timeout)
+    client = TestClient(TestServer(Routes(m, NoSnapshots(), lambda: None, h).app(1 << 20), host="127.0.0.1"))
+    await client.start_server()
+    return client, h
+
+
+async def test_over_budget_is_503_at_once_by_content_length_or_as_chunks_arrive() -> None:
+    import asyncio
+    import time
+
+    client, h = await ingest_client(budget=1000)
+    try:
+        t = time.perf_counter()
+        r = await client.post("/v1/events", data=b"x" * 1001, headers={"Content-Type": NDJSON})
+        assert r.status == 503 and r.headers["Retry-After"] == "1" and time.perf_counter() - t < 1
+        assert "in-flight" in (await r.json())["error"]
+        assert h.budget.used == 0
+
+        async def chunks():  # chunked: no Content-Length, taken as the bytes arrive
+            for _ in range(20):
+                yield b"y" * 100
+                await asyncio.sleep(0)
+        r = await client.post("/v1/events", data=chunks(), headers={"Content-Type": NDJSON})
+        assert r.status == 503 and r.headers["Retry-After"] == "1"
+        assert h.budget.used == 0  # given back
+        # one that fits is read and parsed (400: not JSON; no broker is needed to say so)
+        r = await client.post("/v1/events", data=b"x" * 1000, headers={"Content-Type": JSON})
+        assert r.status == 400 and h.budget.used == 0
+    finally:
+        await client.close()
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408() -> None:
+    import asyncio
+
+    client, h = await ingest_client(budget=1 << 20, body_timeout=0.3)
+    try:
+        async def slow():
+            yield b'{"region":'
+            await asyncio.sleep(1.0)
+            yield b'"eu"}'
+        r = await client.post("/v1/events", data=slow(), headers={"Content-Type": NDJSON})
+        assert r.status == 408 and h.budget.used == 0
+        assert r.headers.get("Connection", "").lower() == "close"
+    finally:
+        await client.close()
