@@ -32,6 +32,11 @@ def real_kafka_bootstrap() -> str | None:
 
 
 ON_REAL_KAFKA = real_kafka_bootstrap() is not None
+# for a module whose tests do not depend on which broker runs (the CLI's refusals, the
+# image's entry command, dashboards on Prometheus, ingest memory, the spill disk):
+# `make test` runs them on the embedded broker, `make test-kafka` would only repeat them
+BROKER_INDEPENDENT = pytest.mark.skipif(ON_REAL_KAFKA, reason="does not depend on the broker: make test runs it "
+                                        "on the embedded one; make test-kafka would only repeat it")
 
 
 class KafkaBroker:

@@ -10,7 +10,10 @@ import time
 
 import pytest
 
+from tests.integration.conftest import BROKER_INDEPENDENT
 from tools.harness import REPO, free_port
+
+pytestmark = [BROKER_INDEPENDENT]
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("AGG_")}
 

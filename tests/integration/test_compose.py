@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, http
+from tests.integration.conftest import BROKER_INDEPENDENT
 from tests.unit.test_compose import compose, dockerfile_instructions, exec_form  # noqa: F401 - compose: a fixture
+
+pytestmark = [BROKER_INDEPENDENT]
 
 
 @pytest.mark.integration

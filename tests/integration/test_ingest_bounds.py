@@ -16,6 +16,9 @@ import orjson
 import pytest
 
 from tests.conftest import http, wait_for
+from tests.integration.conftest import BROKER_INDEPENDENT
+
+pytestmark = [BROKER_INDEPENDENT]
 
 MiB = 1 << 20
 RSS_BOUND_MB = 300

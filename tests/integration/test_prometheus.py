@@ -32,8 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.broker import free_port
 from tests.conftest import REPO, require_tool, wait_for
+from tests.integration.conftest import BROKER_INDEPENDENT
 
-pytestmark = [pytest.mark.integration, pytest.mark.prometheus]
+pytestmark = [BROKER_INDEPENDENT, pytest.mark.integration, pytest.mark.prometheus]
 
 ROOT = REPO
 DASHBOARD = ROOT / "dashboards" / "grafana" / "clickstream.json"

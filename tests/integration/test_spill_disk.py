@@ -20,10 +20,10 @@ from aiokafka.partitioner import murmur2
 
 from aggregator.core.contract import SNAPSHOTS
 from tests.conftest import wait_for
-from tests.integration.conftest import read_topic
+from tests.integration.conftest import BROKER_INDEPENDENT, read_topic
 from tools.harness import http
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [BROKER_INDEPENDENT, pytest.mark.integration]
 
 PARTITIONS = 4
 HOT_RATE = 100  # events/s: the hot region's limit, so its excess is spilled
