@@ -163,6 +163,9 @@ class Metrics:
                                        "every second)", registry=r)
         self._snapshots_published = Counter("clickstream_snapshots_published", "Final snapshots published",
                                             registry=r)
+        self._repartitioned = Counter("clickstream_repartitioned_events",
+                                      "Events of clicks forwarded to their region's home partition "
+                                      "(clicks-repartition)", registry=r)
         for kind in SPILL_FAULTS:
             self._spill_faults.labels(kind)
         for op in ("write", "rollback", "read"):  # exported at 0 from the start
@@ -327,6 +330,10 @@ class Metrics:
 
     def broker_reachable(self, up: bool) -> None:
         self._broker_reachable.set(1 if up else 0)
+
+    def repartitioned(self, events: int) -> None:
+        """Events of a batch forwarded to their region's home partition."""
+        self._repartitioned.inc(events)
 
     def rebalanced(self) -> None:
         self._rebalances.inc()

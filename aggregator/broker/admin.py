@@ -5,14 +5,17 @@ import asyncio
 
 from aggregator.broker.embedded import BrokerError
 from aggregator.broker.security import PLAINTEXT, KafkaSecurity, check_login
-from aggregator.core.contract import CLICKS, DLQ, SNAPSHOTS
+from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, DLQ, SNAPSHOTS
 
 
 async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
                         security: KafkaSecurity = PLAINTEXT, replication_factor: int = 1,
                         min_insync_replicas: int = 0) -> None:
-    """Create ``clicks``, ``clicks-dlq`` and ``click-snapshots`` with explicit configs,
-    ``replication_factor`` replicas each and, when > 0, ``min.insync.replicas``.
+    """Create ``clicks``, ``clicks-dlq``, ``click-snapshots`` and ``clicks-repartition``
+    with explicit configs, ``replication_factor`` replicas each and, when > 0,
+    ``min.insync.replicas``.  ``clicks-repartition`` gets as many partitions as ``clicks``
+    has (which may differ from ``partitions`` when it exists already); when it exists with
+    another count, ``BrokerError`` says so (a region's home is its partition in both).
 
     ``clicks`` asks for ``LogAppendTime``; brokers that ignore it are handled
     by the worker (it stamps the read time, docs/contract.md §1).  A refused login or an
@@ -37,7 +40,16 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
             await check_login(bootstrap, security)
             await admin.start()
             existing = set(await admin.list_topics())
-            todo = [t for t in specs if t.name not in existing]
+            counts = _counts(await admin.describe_topics([t for t in (CLICKS, CLICKS_REPARTITION)
+                                                          if t in existing])) if existing else {}
+            n = counts.get(CLICKS, partitions)
+            if CLICKS_REPARTITION in counts and counts[CLICKS_REPARTITION] != n:
+                raise BrokerError(
+                    f"{CLICKS_REPARTITION} has {counts[CLICKS_REPARTITION]} partitions but {CLICKS} has {n}: a "
+                    f"region's home partition is the same in both; once every window is published and "
+                    f"{CLICKS_REPARTITION} is consumed, delete it (it is created again with {n})")
+            forwarded = NewTopic(CLICKS_REPARTITION, n, replication_factor, topic_configs=dict(common))
+            todo = [t for t in [*specs, forwarded] if t.name not in existing]
             if todo:
                 resp = await admin.create_topics(todo)
                 for name, code, *_ in getattr(resp, "topic_errors", []):
@@ -58,6 +70,10 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
                 pass
     via = "" if security.protocol == "PLAINTEXT" else f" over {security.describe()}"
     raise BrokerError(f"cannot reach broker {bootstrap}{via} to create topics: {last}")
+
+
+def _counts(described: list) -> dict[str, int]:
+    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0 and t["partitions"]}
 
 
 def _message(resp: object, topic: str) -> str:
@@ -82,5 +98,4 @@ async def partition_counts(bootstrap: str, topics: list[str], *,
     finally:
         await admin.close()
     wanted = set(topics)
-    return {t["topic"]: len(t["partitions"]) for t in described
-            if t["topic"] in wanted and t["error_code"] == 0 and t["partitions"]}
+    return {k: v for k, v in _counts(described).items() if k in wanted}

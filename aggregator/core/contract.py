@@ -12,6 +12,10 @@ from typing import TypedDict
 CLICKS = "clicks"
 DLQ = "clicks-dlq"
 SNAPSHOTS = "click-snapshots"
+# Records of ``clicks`` that arrived on a partition other than their region's home
+# (core.repartition) are forwarded here, to partition home(region); as many partitions as
+# ``clicks`` (Faust's assignor then gives partition p of both topics to one worker).
+CLICKS_REPARTITION = "clicks-repartition"
 
 # The worker's consumer group and the changelog topic of its window state (Faust names it
 # ``<app id>-<table>-changelog``); keyed by partition of ``clicks``, so it must have as many.
@@ -34,6 +38,9 @@ LATE_REASONS = (CLOSED_WINDOW, CLIENT_DELAY, FUTURE_TS)
 # The worker counts such a record from key and header without parsing its JSON value
 # (which it must do for records produced straight to Kafka).
 INGEST_HEADER = "clickstream-ingest"
+# On every record of ``clicks-repartition``, after the ingest header: ``<partition>,<offset>``
+# (ASCII) of the record of ``clicks`` it forwards.
+SOURCE_HEADER = "clickstream-source"
 
 Header = tuple[str, bytes]
 

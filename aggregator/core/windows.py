@@ -55,6 +55,7 @@ class WindowBook:
         "window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions",
         "next_offset", "stream_time", "first_open", "close_at",
         "counts", "late", "first_seen", "last_seen", "outbox", "dirty", "tally", "pending_late",
+        "partitions", "forwarded", "repart_next",
     )
 
     def __init__(self, window_ms: int, grace_ms: int, late_after_ms: int,
@@ -80,6 +81,13 @@ class WindowBook:
         self.tally: dict[str, int] = {}
         # region -> reason -> late events seen before the first event started stream time
         self.pending_late: dict[str, dict[str, int]] = {}
+        # repartitioning (core.repartition): the partition count of ``clicks`` the homes were
+        # computed with (0: not known yet), per source partition the highest source offset
+        # applied from ``clicks-repartition``, and the first offset of this partition of
+        # ``clicks-repartition`` not yet applied
+        self.partitions = 0
+        self.forwarded: dict[int, int] = {}
+        self.repart_next = 0
 
     # ------------------------------------------------------------------ input
     def canonical_region(self, region: str) -> str:
@@ -264,6 +272,9 @@ class WindowBook:
             "last_seen": self.last_seen,
             "outbox": self.outbox,
             **({"pending_late": self.pending_late} if self.pending_late else {}),
+            **({"partitions": self.partitions} if self.partitions else {}),
+            **({"forwarded": {str(k): v for k, v in self.forwarded.items()}} if self.forwarded else {}),
+            **({"repart_next": self.repart_next} if self.repart_next else {}),
         }
 
     def load(self, d: dict[str, Any]) -> None:
@@ -278,4 +289,11 @@ class WindowBook:
         self.last_seen = dict(d["last_seen"])
         self.outbox = list(d["outbox"])
         self.pending_late = {r: dict(x) for r, x in d.get("pending_late", {}).items()}
+        self.partitions = int(d.get("partitions", 0))
+        self.forwarded = {int(k): int(v) for k, v in d.get("forwarded", {}).items()}
+        self.repart_next = int(d.get("repart_next", 0))
         self.dirty = False
+
+    def holds_open_data(self) -> bool:
+        """Counts or late events of windows not closed yet (a change of home would split them)."""
+        return bool(self.counts or self.late or self.pending_late)

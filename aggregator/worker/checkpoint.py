@@ -8,10 +8,13 @@ header naming them (core.statechunks), each step flushed and every send's
 acknowledgement checked, so the state is durable before anything depends on it; only
 then may the consumer commit up to the offset that state holds (``mark_safe``),
 drained spill records be deleted, and the snapshots that the state's outbox holds be
-published.  A write the broker refuses stops exactly that: the partition's offsets are
-not committed and its snapshots wait, ``/readyz`` says why, the failure is counted
-(``clickstream_state_write_failures_total``) and the write is retried every checkpoint.  After a crash the state is
-recovered from the changelog and its outbox published again with identical content:
+published.  Records forwarded to their region's home partition (``clicks-repartition``,
+core.repartition) go out with the dead letters, before any header: a source's state,
+whose offset covers them, never counts before they are acknowledged.  A write the
+broker refuses stops exactly that: the partition's offsets are not committed and its
+snapshots wait, ``/readyz`` says why, the failure is counted
+(``clickstream_state_write_failures_total``) and the write is retried every checkpoint.
+After a crash the state is recovered from the changelog and its outbox published again with identical content:
 exactly once in effect (docs/contract.md §1).
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Protocol
 
 import orjson
 
-from aggregator.core.contract import DLQ, SNAPSHOTS, STATE_CHANGELOG, Snapshot
+from aggregator.core.contract import CLICKS_REPARTITION, DLQ, SNAPSHOTS, STATE_CHANGELOG, Header, Snapshot
 from aggregator.core.statechunks import encode_chunks
 from aggregator.core.windows import WindowBook
 from aggregator.metrics import Metrics
@@ -34,6 +37,7 @@ from aggregator.worker.partitions import PartitionState
 log = logging.getLogger("aggregator.worker")
 
 SnapshotSink = Callable[[Sequence[Snapshot]], None]
+Forward = tuple[int, bytes, bytes, list[Header]]  # home partition, key, value, headers (clicks-repartition)
 
 
 class Producer(Protocol):
@@ -49,22 +53,24 @@ class Producer(Protocol):
 class _Write:
     """One partition's state on its way to the changelog (core.statechunks)."""
 
-    __slots__ = ("p", "slot", "chunks", "header", "offset", "n_out", "futures")
+    __slots__ = ("p", "slot", "chunks", "header", "offset", "repart_offset", "n_out", "futures")
 
     def __init__(self, p: PartitionState, value: bytes) -> None:
         self.p = p
         self.slot = 0 if p.state_slot is None else 1 - p.state_slot  # never the slot the header names
         self.chunks, self.header = encode_chunks(p.partition, value, self.slot)
         self.offset = p.commit_offset()
+        self.repart_offset = p.book.repart_next
         self.n_out = len(p.book.outbox)
         self.futures: list[object] = []
 
 
-async def _send(producer: Producer, topic: str, key: bytes | None, value: bytes, partition: int | None) -> object:
+async def _send(producer: Producer, topic: str, key: bytes | None, value: bytes, partition: int | None,
+                headers: list[Header] | None = None) -> object:
     """The send's future; a send refused at once (e.g. a record over the producer's
     limit) as a failed one, so it is handled like a write the broker refused."""
     try:
-        return await producer.send(topic, key, value, partition, None, None)
+        return await producer.send(topic, key, value, partition, None, headers)
     except Exception as exc:  # noqa: BLE001 - any refusal is a failed write: retried, counted
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         fut.set_exception(exc)
@@ -90,14 +96,17 @@ def _failure(futures: Iterable[object]) -> BaseException | None:
 
 class Checkpointer:
     def __init__(self, producer: Callable[[], Producer], confirmed: Callable[[int, list[tuple[bytes, bytes]]], None],
-                 mark_safe: Callable[[int, int], None], metrics: Metrics, sinks: Sequence[SnapshotSink]) -> None:
+                 mark_safe: Callable[[int, int], None], metrics: Metrics, sinks: Sequence[SnapshotSink],
+                 mark_safe_forwarded: Callable[[int, int], None] | None = None) -> None:
         self.producer = producer  # looked up at each checkpoint: Faust creates its producer late
         self.confirmed = confirmed  # partition, records -> acknowledged state records, kept in the table
         self.mark_safe = mark_safe  # partition, offset -> the consumer may commit up to offset
+        self.mark_safe_forwarded = mark_safe_forwarded  # the same for the partition of clicks-repartition
         self.metrics = metrics
         self.sinks = sinks
         self.lock = asyncio.Lock()
         self.dead: list[DeadLetter] = []  # dead letters waiting for the next checkpoint
+        self.forward: list[Forward] = []  # forwarded records waiting for the next checkpoint
         self.failing: str | None = None  # why the last checkpoint's writes failed (None: they did not)
 
     async def checkpoint(self, parts: Iterable[PartitionState]) -> None:
@@ -109,19 +118,24 @@ class Checkpointer:
             if p.book.dirty:
                 p.book.dirty = False
                 writes.append(_Write(p, p.state_value()))
-        if not writes and not self.dead:
+        if not writes and not self.dead and not self.forward:
             return
         producer = self.producer()
         dead, self.dead = self.dead, []
-        # 1. the chunks (into the slot the current header does not name) and the dead letters
+        forward, self.forward = self.forward, []
+        # 1. the chunks (into the slot the current header does not name), the dead letters and
+        # the forwarded records (in the order they were read: a repeat after a crash is a prefix)
         for w in writes:
             for key, value in w.chunks:
                 w.futures.append(await _send(producer, STATE_CHANGELOG, key, value, w.p.partition))
         dead_futures = [await _send(producer, DLQ, key, value, None) for key, value in dead]
+        dead_futures += [await _send(producer, CLICKS_REPARTITION, key, value, home, headers)
+                         for home, key, value, headers in forward]
         await producer.flush()
         error = _failure(dead_futures)
         if error is not None:  # their records are before offsets about to be committed: all wait
             self.dead[:0] = dead
+            self.forward[:0] = forward
             return self._failed(writes, error)
         outcome = [(w, _failure(w.futures)) for w in writes]
         failed = [w for w, e in outcome if e is not None]
@@ -166,6 +180,8 @@ class Checkpointer:
                     await producer.send(SNAPSHOTS, snap["region"].encode(), orjson.dumps(snap), None, None, None)
                 published.append((p.book, snaps))
             self.mark_safe(p.partition, w.offset)
+            if w.repart_offset and self.mark_safe_forwarded is not None:
+                self.mark_safe_forwarded(p.partition, w.repart_offset)
         if published:
             await producer.flush()
             out = [s for _, snaps in published for s in snaps]

@@ -4,7 +4,9 @@ The hot loop of the worker: one call per fetched batch, no await, no log line an
 one tuple per record.  A record the HTTP ingest wrote (``INGEST_HEADER``, key = a
 region as ingest spells it) is taken from key and header; any other record is
 parsed and validated with the one region rule of ``core.events``.  A bad record is
-counted by reason and, when asked, queued as a dead letter.
+counted by reason and, when asked, queued as a dead letter.  An event whose region's
+home (``core.repartition``) is another partition is set aside to be forwarded there;
+``decode_forwarded`` reads what other partitions forwarded to this one.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from typing import NamedTuple, Protocol
 
 import orjson
 
-from aggregator.core.contract import FUTURE_TS, INGEST_HEADER, Event, parse_ingest_header
+from aggregator.core.contract import FUTURE_TS, INGEST_HEADER, SOURCE_HEADER, Event, parse_ingest_header
 from aggregator.core.events import EventError, normalise_region, parse_client_ts
+from aggregator.core.repartition import Foreign, home, parse_source_header
 
 LOG_APPEND_TIME = 1
 CACHE_MAX = 100_000  # spellings remembered per cache: a producer of ever new regions cannot grow it
@@ -50,16 +53,23 @@ class Record(Protocol):
 
 
 class RecordDecoder:
-    """Owns the caches of accepted region spellings (raw JSON region and record key)."""
+    """Owns the caches of accepted region spellings (raw JSON region and record key) and
+    of each region's home partition (``partitions`` = partitions of ``clicks``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, partitions: int = 1) -> None:
         self.regions: dict[str, str] = {}  # raw region of a JSON value -> region
         self.keys: dict[bytes, str] = {}  # record key -> region, for ingest's records
+        self.partitions = partitions
+        self.homes: dict[str, int] = {}  # region -> its home partition (core.repartition)
 
     def decode(self, records: Sequence[Record], now_ms: int, partition: int, want_offsets: bool,
-               dead: list[DeadLetter] | None, max_ts: int) -> Decoded:
+               dead: list[DeadLetter] | None, max_ts: int, forward: list[Foreign] | None = None) -> Decoded:
         """-> ``(events, their offsets (if asked), rejected counts by reason, future events
         by region)``.
+
+        With ``forward`` (a list), an event whose region's home is not ``partition`` is not
+        returned but appended to it, with its offset, to be forwarded (whatever its times:
+        the home decides whether it is late).
 
         ``ingest_ts`` is the header's, else the value's, else the broker's log-append time,
         else ``now_ms`` (the time the worker read it).  An event whose ``ingest_ts`` is
@@ -75,6 +85,8 @@ class RecordDecoder:
         offsets: list[int] = []
         rejected: dict[str, int] = {}
         future: dict[str, int] = {}
+        split = forward is not None and self.partitions > 1
+        homes = self.homes
         for rec in records:
             hs = rec.headers
             region = None
@@ -105,22 +117,74 @@ class RecordDecoder:
                     if dead is not None:
                         dead.append((rec.key, dead_letter(reason, exc, partition, rec.offset, rec.value)))
                     continue
+            if split:
+                h = homes.get(region)
+                if h is None:
+                    h = self._home(region)
+                if h != partition:
+                    forward.append((region, its, cts, rec.offset))  # type: ignore[union-attr]
+                    continue
             if its > max_ts:
-                self._future(region, its, max_ts, future, dead, partition, rec)
+                self._future(region, its, max_ts, future, dead, partition, rec.offset, rec)
                 continue
             append((region, its, cts))
             if want_offsets:
                 offsets.append(rec.offset)
         return Decoded(events, offsets, rejected, future)
 
+    def decode_forwarded(self, records: Sequence[Record], partition: int, applied: dict[int, int],
+                         dead: list[DeadLetter] | None, max_ts: int) -> tuple[Decoded, int]:
+        """Records of ``clicks-repartition`` (partition ``partition``) -> (``decode``'s
+        answer without offsets, repeats dropped).  ``applied``: per source partition, the
+        highest source offset applied (updated here); a record at or below it is a repeat of
+        a source's forwards after its crash, and dropped.  Dead letters and ``future_ts``
+        name the record's source partition and offset in ``clicks``."""
+        keys = self.keys
+        events: list[Event] = []
+        append = events.append
+        rejected: dict[str, int] = {}
+        future: dict[str, int] = {}
+        repeats = 0
+        for rec in records:
+            hs = rec.headers
+            try:
+                if len(hs) < 2 or hs[0][0] != INGEST_HEADER or hs[1][0] != SOURCE_HEADER:
+                    raise EventError("undecodable", "not a record forwarded by a worker (headers)")
+                source, offset = parse_source_header(hs[1][1])
+                its, cts = parse_ingest_header(hs[0][1])
+                region = keys.get(rec.key) or self._key_region(rec.key)  # type: ignore[arg-type]
+                if region is None:
+                    raise EventError("bad_region", "the key of a forwarded record is not a region")
+            except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
+                reason = exc.reason if isinstance(exc, EventError) else "undecodable"
+                rejected[reason] = rejected.get(reason, 0) + 1
+                if dead is not None:
+                    dead.append((rec.key, dead_letter(reason, exc, partition, rec.offset, rec.value)))
+                continue
+            if offset <= applied.get(source, -1):
+                repeats += 1
+                continue
+            applied[source] = offset
+            if its > max_ts:
+                self._future(region, its, max_ts, future, dead, source, offset, rec)
+                continue
+            append((region, its, cts))
+        return Decoded(events, [], rejected, future), repeats
+
+    def _home(self, region: str) -> int:
+        h = home(region, self.partitions)
+        if len(self.homes) < CACHE_MAX:
+            self.homes[region] = h
+        return h
+
     @staticmethod
     def _future(region: str, its: int, max_ts: int, future: dict[str, int], dead: list[DeadLetter] | None,
-                partition: int, rec: Record) -> None:
+                partition: int, offset: int, rec: Record) -> None:
         future[region] = future.get(region, 0) + 1
         if dead is not None:
             exc = EventError(FUTURE_TS, f"ingest_ts {its} is {its - max_ts} ms past the worker's clock + "
                                         "AGG_MAX_AHEAD_SECONDS")
-            dead.append((rec.key, dead_letter(FUTURE_TS, exc, partition, rec.offset, rec.value)))
+            dead.append((rec.key, dead_letter(FUTURE_TS, exc, partition, offset, rec.value)))
 
     def _key_region(self, key: bytes | None) -> str | None:
         """The region of a record key that is a valid region in its normalised spelling

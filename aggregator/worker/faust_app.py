@@ -14,7 +14,7 @@ import faust
 import orjson
 
 from aggregator.config import Settings
-from aggregator.core.contract import APP_ID, CLICKS, STATE_TABLE
+from aggregator.core.contract import APP_ID, CLICKS, CLICKS_REPARTITION, STATE_TABLE
 from aggregator.core.statechunks import decode_state
 from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport
 
@@ -41,21 +41,33 @@ class FaustApp:
             value_serializer="raw")
         self.clicks = self.app.topic(CLICKS, key_type=bytes, value_type=bytes, partitions=s.partitions,
                                      internal=False)
+        # records forwarded to their region's home partition (core.repartition).  Same partition
+        # count, same consumer group: Faust's assignor puts the two topics in one co-partitioned
+        # group (assignor.partition_assignor._get_copartitioned_groups), so partition p of both
+        # is assigned to the same worker
+        self.forwarded = self.app.topic(CLICKS_REPARTITION, key_type=bytes, value_type=bytes,
+                                        partitions=s.partitions, internal=False)
         insync = {"min.insync.replicas": str(s.topic_min_insync_replicas)} if s.topic_min_insync_replicas > 0 else {}
         self.table = self.app.Table(STATE_TABLE, partitions=s.partitions, extra_topic_configs=insync)
 
     def wire(self, on_batch: BatchHandler, hold: Callable[[], bool],
              ticks: Callable[[], Coroutine[Any, Any, None]],
              on_revoked: Callable[..., Coroutine[Any, Any, None]]) -> None:
-        """Batches of ``clicks`` go to ``on_batch`` (nothing is fetched while ``hold()``);
+        """Batches of ``clicks`` and ``clicks-repartition`` go to ``on_batch`` (nothing is
+        fetched while ``hold()``);
         ``ticks`` runs as the app's task; ``on_revoked(app, revoked)`` before a rebalance
         takes partitions away."""
-        BatchConsumer.batch_topics = frozenset({CLICKS})
+        BatchConsumer.batch_topics = frozenset({CLICKS, CLICKS_REPARTITION})
         BatchConsumer.batch_handler = on_batch
         BatchConsumer.hold = hold
 
         @self.app.agent(self.clicks)
         async def _clicks(stream: Any) -> None:  # subscribes the topic; batches bypass it
+            async for _ in stream:  # pragma: no cover
+                pass
+
+        @self.app.agent(self.forwarded)
+        async def _forwarded(stream: Any) -> None:  # the same for clicks-repartition
             async for _ in stream:  # pragma: no cover
                 pass
 
@@ -75,10 +87,10 @@ class FaustApp:
         """Partitions of ``clicks`` assigned to this worker (raises before the consumer exists)."""
         return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == CLICKS}
 
-    def highwater(self, partition: int) -> int | None:
+    def highwater(self, partition: int, topic: str = CLICKS) -> int | None:
         """The partition's end offset as of the last fetch (None: not known yet)."""
         try:
-            hw = self.app.consumer.highwater(faust.types.TP(CLICKS, partition))
+            hw = self.app.consumer.highwater(faust.types.TP(topic, partition))
         except Exception:  # noqa: BLE001 - no consumer yet
             return None
         return None if hw is None or hw < 0 else int(hw)
@@ -106,3 +118,9 @@ class FaustApp:
         consumer = self.app.consumer
         if isinstance(consumer, BatchConsumer):
             consumer.mark_safe(faust.types.TP(CLICKS, partition), offset)
+
+    def mark_safe_forwarded(self, partition: int, offset: int) -> None:
+        """The same for the partition of ``clicks-repartition``."""
+        consumer = self.app.consumer
+        if isinstance(consumer, BatchConsumer):
+            consumer.mark_safe(faust.types.TP(CLICKS_REPARTITION, partition), offset)

@@ -26,17 +26,26 @@ log = logging.getLogger("aggregator.worker")
 StoredState = Callable[[int], "tuple[dict[str, Any], int | None] | None"]
 
 
+class PartitionCountChanged(RuntimeError):
+    """A stored state holds open windows counted under another partition count of ``clicks``:
+    the homes of regions moved, so continuing would give some (region, window) two final
+    snapshots."""
+
+
 class BookSettings:
-    """What a window book is made of (from the service's settings)."""
+    """What a window book is made of (from the service's settings); ``partitions``: the
+    partition count of ``clicks`` (the homes of regions, core.repartition)."""
 
-    __slots__ = ("window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions")
+    __slots__ = ("window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions", "partitions")
 
-    def __init__(self, window_ms: int, grace_ms: int, late_after_ms: int, idle_ms: int, max_regions: int) -> None:
+    def __init__(self, window_ms: int, grace_ms: int, late_after_ms: int, idle_ms: int, max_regions: int,
+                 partitions: int = 1) -> None:
         self.window_ms = window_ms
         self.grace_ms = grace_ms
         self.late_after_ms = late_after_ms
         self.idle_ms = idle_ms
         self.max_regions = max_regions
+        self.partitions = partitions
 
     def new_book(self) -> WindowBook:
         return WindowBook(self.window_ms, self.grace_ms, self.late_after_ms, self.idle_ms, self.max_regions)
@@ -86,7 +95,8 @@ class Partitions:
 
     def open(self, partition: int) -> PartitionState:
         """The partition's state, recovered from its stored value (if any) and its spill
-        reconciled with the ledger."""
+        reconciled with the ledger.  Raises ``PartitionCountChanged`` when the stored book
+        holds open windows counted with another partition count (docs/contract.md §1)."""
         book = self.books.new_book()
         ledger = SpillLedger()
         stored = self.stored(partition)
@@ -99,6 +109,14 @@ class Partitions:
             log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished "
                      "snapshots, %d spilled events to drain)", partition, book.next_offset, len(book.counts),
                      len(book.outbox), ledger.total_backlog())
+        n = self.books.partitions
+        if book.partitions and book.partitions != n and book.holds_open_data():
+            raise PartitionCountChanged(
+                f"partition {partition}: its window state has open windows counted when clicks had "
+                f"{book.partitions} partitions, now it has {n}: regions' home partitions moved, and continuing "
+                "would publish two final snapshots for some (region, window); go back to "
+                f"{book.partitions} partitions until every window is published")
+        book.partitions = n  # stored with the next state written
         spill = PartitionSpill(self.spill_root, partition, ledger)
         spill.reconcile()
         self.metrics.spill_fault("corrupt", sum(spill.store.corrupt_records.values()))

@@ -5,7 +5,9 @@ consumer group, changelog-backed table, recovery, offset commits):
 
 * ``consumer.BatchConsumer`` hands each fetched batch of ``clicks`` to ``on_batch``
   (with tracing on, inside a span linked to the request spans of its records);
-* ``decoder.RecordDecoder`` turns records into events (dead letters aside);
+* ``decoder.RecordDecoder`` turns records into events (dead letters aside), and sets
+  aside those whose region's home is another partition, which the checkpoint forwards
+  there through ``clicks-repartition`` (core.repartition);
 * ``throttle.Throttle`` spills what is over a region's rate and drains it back;
 * ``partitions.Partitions`` holds each owned partition's book, spill and lag;
 * ``clock.advance_target`` lets a quiet, caught-up partition's stream time follow the clock;
@@ -28,8 +30,9 @@ from faust.types import TP
 
 from aggregator import tracing
 from aggregator.config import Settings
-from aggregator.core.contract import CLICKS, FUTURE_TS, BookEvent
+from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, FUTURE_TS, BookEvent
 from aggregator.core.ratelimit import RateLimits
+from aggregator.core.repartition import Foreign, forward_record, home
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
 from aggregator.worker.clock import advance_target
@@ -47,13 +50,14 @@ class WorkerService:
         self.metrics = metrics
         self.kafka = kafka = FaustApp(settings)
         self.app = app = kafka.app
-        self.decoder = RecordDecoder()
+        self.decoder = RecordDecoder(settings.partitions)
         self.throttle = Throttle(RateLimits(settings.rate_limit, settings.rate_limits), settings.spill_max_bytes,
                                  metrics)
         books = BookSettings(settings.window_ms, settings.grace_ms, settings.late_after_ms, settings.idle_ms,
-                             settings.max_regions)
+                             settings.max_regions, settings.partitions)
         self.partitions = Partitions(books, settings.spill_path, kafka.stored_state, metrics)
-        self.checkpointer = Checkpointer(lambda: app.producer, kafka.state_confirmed, kafka.mark_safe, metrics, sinks)
+        self.checkpointer = Checkpointer(lambda: app.producer, kafka.state_confirmed, kafka.mark_safe, metrics, sinks,
+                                         kafka.mark_safe_forwarded)
         self.max_ahead_ms = settings.max_ahead_ms
         self.wake = asyncio.Event()  # set when snapshots wait to be published
         self.started = False
@@ -85,6 +89,9 @@ class WorkerService:
                 return  # fetched before a rebalance moved it: the new owner reads it
             p = self.partitions.open(partition)
         now_ms = int(time.time() * 1000)
+        if tp.topic == CLICKS_REPARTITION:
+            return self._on_forwarded(p, records, now_ms, t0)
+        quiet_since = p.last_record_ms
         p.last_record_ms = now_ms
         book, spill = p.book, p.spill
         start = book.next_offset
@@ -99,8 +106,14 @@ class WorkerService:
             if not records:
                 return
         throttle = self.throttle
+        foreign: list[Foreign] | None = [] if self.decoder.partitions > 1 else None
         events, offsets, rejected, future = self.decoder.decode(
-            records, now_ms, partition, throttle.limiting, self.checkpointer.dead, now_ms + self.max_ahead_ms)
+            records, now_ms, partition, throttle.limiting, self.checkpointer.dead, now_ms + self.max_ahead_ms,
+            foreign)
+        if foreign:
+            self._forward(partition, foreign)
+            if not events and not rejected and not future:
+                p.last_record_ms = quiet_since  # nothing of its own: still quiet (its clock may follow)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
         held = HeldBatch(events, offsets, future, last + 1)
@@ -146,6 +159,40 @@ class WorkerService:
                 throttle.release(p.partition)
                 self.app.consumer.resume_partitions([cast(TP, h.key)])
 
+    def _forward(self, partition: int, foreign: Sequence[Foreign]) -> None:
+        """Queue foreign events for their home partitions; the next checkpoint sends them
+        before the state that covers their offsets (core.repartition)."""
+        homes = self.decoder.homes
+        n = self.decoder.partitions
+        out = self.checkpointer.forward
+        for f in foreign:
+            h = homes.get(f[0])
+            out.append((home(f[0], n) if h is None else h, *forward_record(partition, f)))
+        self.metrics.repartitioned(len(foreign))
+
+    def _on_forwarded(self, p: PartitionState, records: Sequence[Record], now_ms: int, t0: float) -> None:
+        """A batch of ``clicks-repartition``: events other partitions forwarded to this one,
+        counted like its own (not rate-limited: the spill accounting is by offset of
+        ``clicks``).  Records before the book's ``repart_next`` were applied before a crash;
+        repeats of a source's forwards (after its crash) are dropped by source offset."""
+        book = p.book
+        p.last_record_ms = now_ms
+        if records[0].offset < book.repart_next:
+            records = skip_applied(records, book.repart_next)
+            if not records:
+                return
+        (events, _, rejected, future), _ = self.decoder.decode_forwarded(
+            records, p.partition, book.forwarded, self.checkpointer.dead, now_ms + self.max_ahead_ms)
+        t1 = time.perf_counter()
+        self.metrics.batch_decoded(len(records), rejected, t1 - t0)
+        book.apply(events, book.next_offset, now_ms)
+        book.repart_next = records[-1].offset + 1
+        if future:
+            book.add_late(future, FUTURE_TS)
+        if book.outbox:
+            self.wake.set()
+        self.metrics.batch_windowed(len(events), time.perf_counter() - t1)
+
     # ------------------------------------------------------ state + publish
     async def tick(self, only: Sequence[int] | None = None) -> None:
         """Drain spills, advance quiet partitions' clocks, then checkpoint: every owned
@@ -186,12 +233,16 @@ class WorkerService:
                     self.partitions.open(partition)
 
     def _highwater(self, p: PartitionState) -> int | None:
-        """The partition's end offset as of the last fetch (None: not known yet); sets the lag."""
+        """The partition's end offset as of the last fetch (None: not known yet); sets the lag
+        (of ``clicks`` and of ``clicks-repartition``).  While records forwarded to it wait,
+        the partition is not caught up: the end offset given is past what it has applied."""
         hw = self.kafka.highwater(p.partition)
+        forwarded = self.kafka.highwater(p.partition, CLICKS_REPARTITION)
+        waiting = 0 if forwarded is None else max(0, forwarded - p.book.repart_next)
         if hw is not None:
-            p.lag = max(0, hw - p.book.next_offset)
+            p.lag = max(0, hw - p.book.next_offset) + waiting
             self.metrics.partition_lag(p.partition, p.lag)
-        return hw
+        return p.book.next_offset + waiting if waiting else hw
 
     def _holding(self) -> bool:
         return self.throttle.hold and not self.app.rebalancing
