@@ -1,0 +1,184 @@
+"""core.repartition: the home of a region is the partition Kafka's default partitioner
+(and so the HTTP ingest) gives it, and forwarding with the watermark filter gives a
+single partition's totals, whatever partitions the records arrived on and whatever
+prefix of forwards a crash repeats."""
+from __future__ import annotations
+
+import random
+
+import orjson
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.core.contract import INGEST_HEADER, SOURCE_HEADER, parse_ingest_header
+from aggregator.core.repartition import (
+    Watermarks,
+    forward_record,
+    home,
+    murmur2,
+    parse_source_header,
+    split,
+)
+from aggregator.core.windows import WindowBook
+
+
+def test_murmur2_is_kafkas():
+    rnd = random.Random(7)
+    for _ in range(2000):
+        data = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 70)))
+        assert murmur2(data) == aiokafka_murmur2(data) & 0xFFFFFFFF
+    # the Java client's values (org.apache.kafka.common.utils.UtilsTest#testMurmur2)
+    assert murmur2(b"21") == -973932308 & 0xFFFFFFFF
+    assert murmur2(b"abc") == 479470107
+
+
+def test_home_is_the_partition_the_default_partitioner_gives_the_region():
+    for n in (1, 2, 3, 4, 7, 12):
+        parts = list(range(n))
+        for region in ("eu", "us-east", "ap-south-1", "x", "a.b_c-d", "z" * 64):
+            assert home(region, n) == DefaultPartitioner()(region.encode(), parts, parts)
+
+
+def test_split_keeps_order_and_offsets():
+    events = [("eu", 1, None), ("us", 2, 5), ("eu", 3, None), ("ap", 4, None)]
+    n = 4
+    here, away = split(events, [10, 11, 12, 13], home("eu", n), n)
+    assert here == [e for e in events if home(e[0], n) == home("eu", n)]
+    assert [f[3] for f in away] == [o for e, o in zip(events, [10, 11, 12, 13], strict=True)
+                                    if home(e[0], n) != home("eu", n)]
+
+
+def test_a_forwarded_record_carries_region_times_and_source():
+    key, value, headers = forward_record(3, ("eu-west", 1_700_000_000_123, 1_699_999_999_000, 42))
+    assert key == b"eu-west"
+    assert headers[0][0] == INGEST_HEADER and parse_ingest_header(headers[0][1]) == (1_700_000_000_123,
+                                                                                      1_699_999_999_000)
+    assert headers[1][0] == SOURCE_HEADER and parse_source_header(headers[1][1]) == (3, 42)
+    assert value == b'{"region":"eu-west","ingest_ts":1700000000123,"ts":1699999999000}'
+    _, value, headers = forward_record(0, ("eu", 5, None, 0))
+    assert value == b'{"region":"eu","ingest_ts":5}' and headers[0][1] == b"5"
+
+
+def test_watermarks_drop_a_repeated_prefix_per_source():
+    w = Watermarks()
+    first = [(0, 10, ("a", 1, None)), (1, 5, ("b", 2, None)), (0, 11, ("a", 3, None))]
+    assert w.take(first) == [("a", 1, None), ("b", 2, None), ("a", 3, None)]
+    # source 0 crashed after forwarding 10, 11 and forwards 10, 11, 12 again
+    again = [(0, 10, ("a", 1, None)), (0, 11, ("a", 3, None)), (0, 12, ("a", 4, None)), (1, 6, ("b", 5, None))]
+    assert w.take(again) == [("a", 4, None), ("b", 5, None)]
+    assert w.applied == {0: 12, 1: 6}
+
+
+# ---------------------------------------------------------------- property
+W, BIG = 1000, 10**9
+T0 = 1_700_000_000_000
+GRACE = 10 * W  # events are in T0 + [0, 5 W): nothing closes before the end
+REGIONS = [f"r{i}" for i in range(9)]
+
+
+def _book() -> WindowBook:
+    return WindowBook(W, GRACE, BIG, W, 1000)
+
+
+def _stored(book: WindowBook) -> dict:
+    """The book's state as written and read back (to_dict shares the live dicts)."""
+    return orjson.loads(orjson.dumps(book.to_dict()))
+
+
+class _Source:
+    """One partition of ``clicks`` with its worker: reads, splits, forwards at checkpoints,
+    and can crash (back to its last durable state, re-reading what came after)."""
+
+    def __init__(self, p: int, n: int, records: list) -> None:
+        self.p, self.n, self.records = p, n, records
+        self.book = _book()
+        self.durable = _stored(self.book)
+        self.pending: list = []  # foreign events read since the last checkpoint
+        self.published: list = []
+
+    def read(self, k: int) -> None:
+        start = self.book.next_offset
+        batch = self.records[start:start + k]
+        if not batch:
+            return
+        here, away = split(list(batch), list(range(start, start + len(batch))), self.p, self.n)
+        self.book.apply(here, start + len(batch), 0)
+        self.pending += away
+
+    def read_forwarded(self, topic: list, k: int) -> None:
+        start = self.book.repart_next
+        batch = topic[start:start + k]
+        if not batch:
+            return
+        events = Watermarks(self.book.forwarded).take(batch)
+        self.book.apply(events, self.book.next_offset, 0)
+        self.book.repart_next = start + len(batch)
+
+    def checkpoint(self, topics: list[list], crash_before_state: bool) -> None:
+        for region, its, cts, offset in self.pending:  # forwards first, acknowledged
+            topics[home(region, self.n)].append((self.p, offset, (region, its, cts)))
+        self.pending = []
+        if crash_before_state:
+            return self.crash()
+        self.durable = _stored(self.book)
+        self.published += self.book.outbox
+        self.book.published(len(self.book.outbox))
+
+    def crash(self) -> None:
+        self.book = _book()
+        self.book.load(self.durable)
+        self.pending = []
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 5), data=st.data())
+def test_forwarding_over_n_partitions_gives_the_single_partition_totals(n, data):
+    m = data.draw(st.integers(1, 120))
+    events = [(data.draw(st.sampled_from(REGIONS)), data.draw(st.integers(T0, T0 + 5 * W)), None) for _ in range(m)]
+    arrival = [data.draw(st.integers(0, n - 1)) for _ in range(m)]  # any partitioner at all
+
+    reference = _book()
+    reference.apply(events, m, 0)
+    reference.advance_to(T0 + BIG)
+    expected = {(s["region"], s["window_start"]): s["count"] for s in reference.outbox if s["count"]}
+
+    logs: list[list] = [[] for _ in range(n)]
+    for e, p in zip(events, arrival, strict=True):
+        logs[p].append(e)
+    sources = [_Source(p, n, logs[p]) for p in range(n)]
+    topics: list[list] = [[] for _ in range(n)]
+    for _ in range(data.draw(st.integers(0, 60))):
+        s = sources[data.draw(st.integers(0, n - 1))]
+        action = data.draw(st.sampled_from(["read", "read", "forwarded", "checkpoint", "crash", "lost"]))
+        if action == "read":
+            s.read(data.draw(st.integers(1, 10)))
+        elif action == "forwarded":
+            s.read_forwarded(topics[s.p], data.draw(st.integers(1, 10)))
+        elif action == "checkpoint":
+            s.checkpoint(topics, crash_before_state=False)
+        elif action == "crash":
+            s.crash()
+        else:  # forwards acknowledged, then a crash before the state was written
+            s.checkpoint(topics, crash_before_state=True)
+    # run to the end: everything read, forwarded and applied, then every window closes
+    for _ in range(3):
+        for s in sources:
+            s.read(len(s.records))
+            s.checkpoint(topics, crash_before_state=False)
+        for s in sources:
+            s.read_forwarded(topics[s.p], len(topics[s.p]))
+            s.checkpoint(topics, crash_before_state=False)
+    for s in sources:
+        s.book.advance_to(T0 + BIG)
+        s.checkpoint(topics, crash_before_state=False)
+
+    seen: dict[tuple[str, int], set[int]] = {}
+    for s in sources:
+        for snap in s.published:
+            assert home(snap["region"], n) == s.p  # only a region's home publishes it
+            seen.setdefault((snap["region"], snap["window_start"]), set()).add(snap["count"])
+    assert all(len(counts) == 1 for counts in seen.values())  # one final count per (region, window)
+    got = {k: c for k, (c,) in ((k, tuple(v)) for k, v in seen.items()) if c}
+    assert got == expected

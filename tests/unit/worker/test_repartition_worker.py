@@ -1,0 +1,157 @@
+"""The worker's side of repartitioning (core.repartition): the decoder sets foreign
+events aside with the same rule as ``core.repartition.split``, reads forwarded records
+(dropping repeats), the checkpoint sends forwards before any state header and holds the
+state when they fail, and a stored state counted with another partition count refuses."""
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from aggregator.core.contract import CLICKS_REPARTITION, DLQ, STATE_CHANGELOG, ingest_header
+from aggregator.core.repartition import forward_record, home, split
+from aggregator.metrics import Metrics
+from aggregator.worker.checkpoint import Checkpointer
+from aggregator.worker.decoder import RecordDecoder
+from aggregator.worker.partitions import BookSettings, PartitionCountChanged, Partitions
+from tests.unit.worker.records import fetched
+from tests.unit.worker.test_checkpoint import RecordingProducer
+
+NOW = 5_000_000
+MAX_TS = NOW + 5_000
+REGIONS = [f"region-{i}" for i in range(40)]
+
+
+def _mixed(n_records: int = 200) -> list:
+    specs = []
+    for i in range(n_records):
+        region = REGIONS[i * 7 % len(REGIONS)]
+        if i % 3:
+            specs.append((region.encode(), b"", ingest_header(1_000 + i, None if i % 2 else 900 + i)))
+        else:  # another producer: keyless JSON
+            specs.append((None, orjson.dumps({"region": region.upper(), "ingest_ts": 1_000 + i}), []))
+    return fetched(specs, base=100)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_the_decoder_splits_like_core_split(n):
+    recs = _mixed()
+    everything = RecordDecoder(1).decode(recs, NOW, 0, True, None, MAX_TS)
+    for partition in range(n):
+        decoder = RecordDecoder(n)
+        foreign: list = []
+        events, offsets, _, _ = decoder.decode(recs, NOW, partition, True, None, MAX_TS, foreign)
+        here, away = split(everything.events, everything.offsets, partition, n)
+        assert events == here and foreign == away
+        assert offsets == [o for e, o in zip(everything.events, everything.offsets, strict=True)
+                           if home(e[0], n) == partition]
+        assert all(decoder.homes[e[0]] == partition for e in events)
+
+
+def test_without_a_forward_list_or_with_one_partition_nothing_is_set_aside():
+    recs = _mixed(30)
+    assert len(RecordDecoder(4).decode(recs, NOW, 0, False, None, MAX_TS).events) == 30
+    foreign: list = []
+    assert len(RecordDecoder(1).decode(recs, NOW, 0, False, None, MAX_TS, foreign).events) == 30
+    assert foreign == []
+
+
+def test_a_foreign_event_far_ahead_is_forwarded_the_home_makes_it_future_ts():
+    n = 4
+    region = next(r for r in REGIONS if home(r, n) != 0)
+    recs = fetched([(region.encode(), b"", ingest_header(NOW + 86_400_000, None))], base=7)
+    foreign: list = []
+    dead: list = []
+    out = RecordDecoder(n).decode(recs, NOW, 0, False, dead, MAX_TS, foreign)
+    assert out.events == [] and out.future == {} and dead == []
+    assert foreign == [(region, NOW + 86_400_000, None, 7)]
+    fwd = fetched([forward_record(0, foreign[0])], base=0)
+    (events, _, rejected, future), repeats = RecordDecoder(n).decode_forwarded(fwd, home(region, n), {}, dead,
+                                                                               MAX_TS)
+    assert events == [] and future == {region: 1} and repeats == 0
+    assert orjson.loads(dead[0][1])["partition"] == 0 and orjson.loads(dead[0][1])["offset"] == 7  # in clicks
+
+
+def test_forwarded_records_are_read_repeats_dropped_bad_ones_dead_lettered():
+    specs = [forward_record(1, ("eu", 10, None, 5)), forward_record(2, ("us", 11, 3, 9)),
+             forward_record(1, ("eu", 12, None, 6)),
+             forward_record(1, ("eu", 10, None, 5)), forward_record(1, ("eu", 12, None, 6)),  # source 1 again
+             forward_record(1, ("eu", 13, None, 7)),
+             (b"eu", b"{}", []),  # not written by a worker
+             (b"EU", b"", forward_record(1, ("eu", 14, None, 8))[2])]  # key not a normalised region
+    applied: dict[int, int] = {}
+    dead: list = []
+    (events, _, rejected, _), repeats = RecordDecoder(3).decode_forwarded(fetched(specs), 0, applied, dead, MAX_TS)
+    assert events == [("eu", 10, None), ("us", 11, 3), ("eu", 12, None), ("eu", 13, None)]
+    assert repeats == 2 and applied == {1: 7, 2: 9}
+    assert rejected == {"undecodable": 1, "bad_region": 1} and len(dead) == 2
+
+
+def _setup(tmp_path, partitions=4):
+    log: list = []
+    producer = RecordingProducer(log)
+    m = Metrics()
+    cp = Checkpointer(lambda: producer, lambda p, recs: log.append(("confirmed", p)),
+                      lambda p, o: log.append(("safe", p, o)), m, [],
+                      lambda p, o: log.append(("safe-forwarded", p, o)))
+    parts = Partitions(BookSettings(1000, 100, 60_000, 60_000, 10, partitions), tmp_path, lambda p: None, m)
+    return cp, parts, log, producer
+
+
+def test_forwards_go_out_before_the_state_header_and_forwarded_offsets_are_marked_safe(tmp_path):
+    cp, parts, log, _ = _setup(tmp_path)
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None)], 10, 1_000)
+    p.book.repart_next = 4
+    key, value, headers = forward_record(0, ("us", 1_000, None, 3))
+    cp.forward.append((2, key, value, headers))
+    asyncio.run(cp.checkpoint([p]))
+    sends = [e for e in log if e[0] == "send"]
+    kinds = [e[1] for e in sends]
+    first_header = max(i for i, e in enumerate(sends) if e[1] == STATE_CHANGELOG)
+    assert kinds.index(CLICKS_REPARTITION) < first_header
+    assert log.index(("flush",)) < log.index(sends[first_header])  # acknowledged before the header
+    assert ("safe", 0, 10) in log and ("safe-forwarded", 0, 4) in log and cp.forward == []
+
+
+def test_a_refused_forward_holds_every_state_and_is_sent_again(tmp_path):
+    cp, parts, log, producer = _setup(tmp_path)
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None)], 10, 1_000)
+    cp.forward.append((2, *forward_record(0, ("us", 1_000, None, 3))))
+    producer.refused.add(CLICKS_REPARTITION)
+    asyncio.run(cp.checkpoint([p]))
+    assert not [e for e in log if e[0] in ("safe", "confirmed")] and cp.failing
+    assert len(cp.forward) == 1 and p.book.dirty  # the source's offset is not committed
+    producer.refused.clear()
+    log.clear()
+    asyncio.run(cp.checkpoint([p]))
+    assert [e[1] for e in log if e[0] == "send"].count(CLICKS_REPARTITION) == 1 and ("safe", 0, 10) in log
+    assert DLQ not in [e[1] for e in log if e[0] == "send"]
+
+
+def test_a_state_with_open_windows_under_another_partition_count_refuses(tmp_path):
+    _, parts, _, _ = _setup(tmp_path, partitions=4)
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None)], 1, 1_000)
+    assert p.book.to_dict()["partitions"] == 4
+    stored = orjson.loads(p.state_value())
+    grown = Partitions(BookSettings(1000, 100, 60_000, 60_000, 10, 6), tmp_path / "b",
+                       lambda q: (stored, None), Metrics())
+    with pytest.raises(PartitionCountChanged, match="4 partitions, now it has 6"):
+        grown.open(0)
+    # nothing open (every window published): the new count is adopted
+    stored.update(counts={}, late={})
+    assert grown.open(0).book.partitions == 6
+
+
+def test_book_state_keeps_the_repartition_fields(tmp_path):
+    _, parts, _, _ = _setup(tmp_path)
+    book = parts.books.new_book()
+    book.forwarded = {1: 7, 3: 2}
+    book.repart_next = 12
+    book.partitions = 4
+    again = parts.books.new_book()
+    again.load(orjson.loads(orjson.dumps(book.to_dict())))
+    assert (again.forwarded, again.repart_next, again.partitions) == ({1: 7, 3: 2}, 12, 4)
