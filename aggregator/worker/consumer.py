@@ -1,5 +1,6 @@
-"""A Faust consumer that hands whole fetched batches of ``clicks`` records
-to one function, instead of one awaited message at a time.
+"""A Faust consumer that hands whole fetched batches of ``clicks`` (and
+``clicks-repartition``) records to one function, instead of one awaited
+message at a time.
 
 Everything else (the consumer group, rebalances, changelog recovery of the
 window-state table, offset commits) stays Faust's.  Records of other
