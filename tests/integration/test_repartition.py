@@ -131,3 +131,37 @@ def test_librdkafka_default_partitioner_one_final_count_per_region_and_window(br
 
 def test_random_partitions_one_final_count_per_region_and_window(broker, service_factory):
     _run(broker, service_factory, _produce_random, _plan(2))
+
+
+def test_a_repartition_topic_with_another_partition_count_is_refused(broker):
+    """A region's home is one partition number in both topics: ensure_topics (and so
+    `aggregator run`, one line) refuses a clicks-repartition of another count."""
+    from aiokafka.admin import NewTopic
+
+    from aggregator.broker import BrokerError
+
+    asyncio.run(_create(broker.bootstrap, [NewTopic(CLICKS, PARTITIONS, 1), NewTopic(CLICKS_REPARTITION, 2, 1)]))
+    with pytest.raises(BrokerError, match=f"{CLICKS_REPARTITION} has 2 partitions but {CLICKS} has {PARTITIONS}"):
+        asyncio.run(ensure_topics(broker.bootstrap, PARTITIONS, retries=1))
+
+
+def test_the_repartition_topic_gets_the_partitions_clicks_has(broker):
+    from aiokafka.admin import NewTopic
+
+    from aggregator.broker import partition_counts
+
+    asyncio.run(_create(broker.bootstrap, [NewTopic(CLICKS, 3, 1)]))  # made by someone else
+    asyncio.run(ensure_topics(broker.bootstrap, 5))  # AGG_PARTITIONS says 5: clicks has 3, and so does this
+    counts = asyncio.run(partition_counts(broker.bootstrap, [CLICKS, CLICKS_REPARTITION]))
+    assert counts == {CLICKS: 3, CLICKS_REPARTITION: 3}
+
+
+async def _create(bootstrap: str, topics: list) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(topics)
+    finally:
+        await admin.close()
