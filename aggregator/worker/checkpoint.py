@@ -134,6 +134,10 @@ class Checkpointer:
         await producer.flush()
         error = _failure(dead_futures)
         if error is not None:  # their records are before offsets about to be committed: all wait
+            # Sent again in order.  The home drops what is at or below the highest source offset it
+            # applied, so this is exact as long as the broker never takes a later forward to a
+            # partition after refusing an earlier one (aiokafka has one batch per partition in
+            # flight; a refusal after its retries with a later batch accepted would lose the earlier)
             self.dead[:0] = dead
             self.forward[:0] = forward
             return self._failed(writes, error)
