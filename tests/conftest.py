@@ -4,8 +4,11 @@ tests/integration/conftest.py; everything under tests/integration/ is marked
 ``integration`` here (``-m integration`` / ``-m "not integration"`` keep working)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +35,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if INTEGRATION in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.integration)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "256k") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (created): a disk that really fills up.
+    Skips the test where mounting is not permitted (it needs root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import orjson
@@ -19,7 +18,7 @@ import pytest
 from aiokafka.partitioner import murmur2
 
 from aggregator.core.contract import SNAPSHOTS
-from tests.conftest import wait_for
+from tests.conftest import small_tmpfs, wait_for
 from tests.integration.conftest import BROKER_INDEPENDENT, read_topic
 from tools.harness import http
 
@@ -39,19 +38,6 @@ def two_regions() -> tuple[str, str]:
     hot = "hot"
     cold = next(f"cold{i}" for i in range(100) if partition_of(f"cold{i}") != partition_of(hot))
     return hot, cold
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path):
-    path.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def fill_leaving(disk: Path, free: int) -> Path:

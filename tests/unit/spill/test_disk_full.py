@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from aggregator.spill.partition import PartitionSpill, SpillDiskError
 from aggregator.spill.store import SpillStore
 from aggregator.worker.partitions import BookSettings, Partitions
 from aggregator.worker.throttle import HeldBatch, Throttle
+from tests.conftest import small_tmpfs
 
 BOOKS = BookSettings(window_ms=60_000, grace_ms=1000, late_after_ms=600_000, idle_ms=3_600_000, max_regions=10)
 
@@ -30,16 +30,8 @@ BOOKS = BookSettings(window_ms=60_000, grace_ms=1000, late_after_ms=600_000, idl
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs: a disk that really fills up."""
-    d = tmp_path / "disk"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def fill(disk: Path) -> Path:
