@@ -56,9 +56,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check aggregator tests tools
 	$(VENV)/bin/mypy
 
-## make test: lint, then the whole suite (unit, integration against the embedded broker, crash tests)
+## make test: lint, then the whole suite (unit, integration against the embedded broker, crash tests),
+## in TEST_JOBS processes (pytest-xdist; a module's tests stay in one): each integration test has a
+## broker of its own, and most of their time is waiting for windows to close
+TEST_JOBS ?= 2
 test: $(STAMP) lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --durations=10
 
 ## make test-unit: tests/unit, no broker and no service process (seconds)
 test-unit: $(STAMP)
@@ -66,7 +69,7 @@ test-unit: $(STAMP)
 
 ## make test-integration: tests/integration, against the embedded broker
 test-integration: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests/integration
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile tests/integration
 
 ## make kafka: a single-node Apache Kafka 4.x (KRaft) on 127.0.0.1:$(KAFKA_PORT), jars from Maven Central
 ## (fetched once into ~/.cache/aggregator-kafka); prints the bootstrap address. Idempotent.
@@ -76,10 +79,11 @@ kafka:
 kafka-stop:
 	@bash scripts/kafka.sh stop --dir $(KAFKA_DIR)
 
-## make test-kafka: the integration suite against that real Kafka (started if needed, left running)
+## make test-kafka: the integration suite against that real Kafka (started if needed, left running);
+## one test at a time: the tests share that Kafka and empty it before each
 test-kafka: $(STAMP)
 	@bash scripts/kafka.sh start --port $(KAFKA_PORT) --dir $(KAFKA_DIR) >/dev/null
-	AGG_TEST_BROKER=kafka AGG_TEST_KAFKA=127.0.0.1:$(KAFKA_PORT) $(PY) -m pytest -q -p no:cacheprovider tests/integration -rs
+	AGG_TEST_BROKER=kafka AGG_TEST_KAFKA=127.0.0.1:$(KAFKA_PORT) $(PY) -m pytest -q -p no:cacheprovider tests/integration -rs --durations=10
 
 ## make bench: worker throughput vs a bare consumer, HTTP ingest, snapshot delay, memory (medians of 3);
 ## prints a table and writes docs/benchmarks.md.  Smaller: make bench BENCH_ARGS="--n 200000 --memory-n 0"
