@@ -169,7 +169,7 @@ def gen_command(**kw: Any) -> int:
               help="regions over their rate limit: checked by the identity counted + late == accepted")
 @click.option("--url", default=None, help=URL_HELP + " (/v1/snapshots)")
 @_kafka_option("read every snapshot from topic click-snapshots at this Kafka bootstrap (host:port) instead of "
-               "one service's /v1/snapshots: with several workers each lists only its own")
+               "one service's /v1/snapshots (which lists the recent ones only)")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0,
               help="seconds to wait for every window of the truth to be published (0: don't)")
 @_config_option

@@ -112,10 +112,7 @@ class RecordDecoder:
                     if cts is not None and type(cts) is not int:
                         cts = parse_client_ts(cts)
                 except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
-                    reason = exc.reason if isinstance(exc, EventError) else "undecodable"
-                    rejected[reason] = rejected.get(reason, 0) + 1
-                    if dead is not None:
-                        dead.append((rec.key, dead_letter(reason, exc, partition, rec.offset, rec.value)))
+                    _reject(exc, rec, partition, rejected, dead)
                     continue
             if split:
                 h = homes.get(region)
@@ -156,10 +153,7 @@ class RecordDecoder:
                 if region is None:
                     raise EventError("bad_region", "the key of a forwarded record is not a region")
             except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
-                reason = exc.reason if isinstance(exc, EventError) else "undecodable"
-                rejected[reason] = rejected.get(reason, 0) + 1
-                if dead is not None:
-                    dead.append((rec.key, dead_letter(reason, exc, partition, rec.offset, rec.value)))
+                _reject(exc, rec, partition, rejected, dead)
                 continue
             if offset <= applied.get(source, -1):
                 repeats += 1
@@ -205,6 +199,15 @@ class RecordDecoder:
         if len(self.regions) < CACHE_MAX:
             self.regions[raw] = region  # type: ignore[index]  # a str: normalise_region checked
         return region
+
+
+def _reject(exc: Exception, rec: Record, partition: int, rejected: dict[str, int],
+            dead: list[DeadLetter] | None) -> None:
+    """A record that is not an event: counted by reason, and a dead letter (if asked)."""
+    reason = exc.reason if isinstance(exc, EventError) else "undecodable"
+    rejected[reason] = rejected.get(reason, 0) + 1
+    if dead is not None:
+        dead.append((rec.key, dead_letter(reason, exc, partition, rec.offset, rec.value)))
 
 
 def dead_letter(reason: str, exc: Exception, partition: int, offset: int, raw: bytes | None) -> bytes:

@@ -15,7 +15,6 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer
 from opentelemetry import trace
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from aggregator import tracing
@@ -24,7 +23,6 @@ from aggregator.core.contract import CLICKS, INGEST_HEADER
 from aggregator.ingest.handler import IngestHandler
 from aggregator.ingest.producer import IngestProducer
 from aggregator.metrics import Metrics
-from aggregator.tracing import TracingConfig
 from aggregator.web.server import NoSnapshots, Routes
 from aggregator.worker.decoder import RecordDecoder
 from tests.conftest import wait_for
@@ -32,15 +30,6 @@ from tools.bench.otlp_sink import OtlpSink
 
 CLIENT_TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 CLIENT_SPAN = 0x00F067AA0BA902B7
-
-
-@pytest.fixture
-def spans():
-    mem = InMemorySpanExporter()
-    tracing.setup(TracingConfig(("console",), "always_on", None, "http/protobuf"), exporters=[mem],
-                  install_global=False)
-    yield mem
-    tracing.shutdown()
 
 
 async def ingest(bootstrap: str, bodies: list[tuple[list[dict], dict[str, str]]]) -> list[dict]:

@@ -16,17 +16,6 @@ from aggregator.tracing import TracingConfig, TracingError, config_from_env
 from tests.unit.worker.records import fetched
 
 
-@pytest.fixture
-def spans():
-    """Tracing on, always sampling, into an in-memory exporter (not the global provider)."""
-    mem = InMemorySpanExporter()
-    tracing.setup(TracingConfig(("console",), "always_on", None, "http/protobuf"), exporters=[mem],
-                  install_global=False)
-    yield mem
-    tracing.shutdown()
-    assert tracing.tracer is None
-
-
 def finished(mem: InMemorySpanExporter) -> list:
     tracing.force_flush()
     return list(mem.get_finished_spans())

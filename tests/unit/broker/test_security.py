@@ -6,7 +6,6 @@ a real Apache Kafka is in tests/integration/test_kafka_security.py."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
 from pathlib import Path
 
@@ -16,13 +15,13 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from aggregator import config
 from aggregator.broker.security import PLAINTEXT, KafkaLoginError, KafkaSecurity, check_login
+from tests.conftest import require_tool
 from tools.kafka import ThrowawayCA, make_test_ca
 
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayCA:
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl command line tool")
+    require_tool("openssl", "apt-get install openssl")  # fails under CI when missing
     return make_test_ca(tmp_path_factory.mktemp("ca"))
 
 
