@@ -152,6 +152,11 @@ class Settings(BaseSettings):
     late_after_seconds: float = Field(300.0, gt=0, description="client ts older than this vs ingest time is late")
     max_ahead_seconds: float = Field(5.0, gt=0, description="ingest times further ahead of the worker's clock "
                                                            "are late (future_ts) and never move stream time")
+    dedup_seconds: float = Field(600.0, ge=0, description="an Idempotency-Key retry or a repeated event_id "
+                                 "within this of the first is counted once (0: no dedup)")
+    dedup_max_ids: int = Field(2_000_000, ge=1, description="event ids one partition remembers for dedup at most "
+                               "(about 190 bytes each); beyond, the oldest are forgotten before the horizon, "
+                               "counted in clickstream_dedup_evicted_total")
     region_idle_seconds: float = Field(3600.0, gt=0, description="regions seen within this get zero-count snapshots")
     max_regions: int = Field(1000, ge=1, description="region cardinality cap; beyond it: __other__")
     ingest_token: str = _secret("bearer token required by POST /v1/events (empty: none)")
@@ -242,6 +247,10 @@ class Settings(BaseSettings):
     @property
     def late_after_ms(self) -> int:
         return int(self.late_after_seconds * 1000)
+
+    @property
+    def dedup_ms(self) -> int:
+        return int(self.dedup_seconds * 1000)
 
     @property
     def max_ahead_ms(self) -> int:

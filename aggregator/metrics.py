@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 
 from aggregator.core.contract import LATE_REASONS, Snapshot
+from aggregator.core.dedup import SOURCES as DEDUP_SOURCES
 
 disable_created_metrics()
 
@@ -163,6 +164,13 @@ class Metrics:
                                        "every second)", registry=r)
         self._snapshots_published = Counter("clickstream_snapshots_published", "Final snapshots published",
                                             registry=r)
+        self._duplicates = Counter("clickstream_duplicate_events",
+                                   "Events dropped as repeats within AGG_DEDUP_SECONDS, by the id that made them "
+                                   "one (idempotency_key or event_id)", ["region", "source"], registry=r)
+        self._dedup_ids = Gauge("clickstream_dedup_ids", "Ids the worker remembers for dedup (event ids, and "
+                                "idempotency keys)", ["kind"], registry=r)
+        self._dedup_evicted = Counter("clickstream_dedup_evicted", "Dedup ids forgotten before AGG_DEDUP_SECONDS "
+                                      "passed, because more than AGG_DEDUP_MAX_IDS were remembered", registry=r)
         self._repartitioned = Counter("clickstream_repartitioned_events",
                                       "Events of clicks forwarded to their region's home partition "
                                       "(clicks-repartition)", registry=r)
@@ -235,6 +243,11 @@ class Metrics:
                     self._late.remove(region, reason)
                 except KeyError:
                     pass
+            for source in DEDUP_SOURCES:
+                try:
+                    self._duplicates.remove(region, source)
+                except KeyError:
+                    pass
         return idle
 
     # ---------------------------------------------------------------- ingest
@@ -290,6 +303,19 @@ class Metrics:
         """Events counted into windows since the last report."""
         self._seen(per_region)
         _add_counts(self._counted, per_region)
+
+    def duplicates(self, dups: Mapping[tuple[str, str], int]) -> None:
+        """Events dropped as repeats, by (region, source)."""
+        self._seen(region for region, _ in dups)
+        for (region, source), n in dups.items():
+            self._duplicates.labels(region, source).inc(n)
+
+    def dedup_evicted(self, n: int) -> None:
+        self._dedup_evicted.inc(n)
+
+    def dedup_size(self, event_ids: int, keys: int) -> None:
+        self._dedup_ids.labels("event_id").set(event_ids)
+        self._dedup_ids.labels("idempotency_key").set(keys)
 
     def limited(self, spilled: Mapping[str, int], rate_limited: Mapping[str, int]) -> None:
         """Events written to the spill, and events over their region's rate, by region."""

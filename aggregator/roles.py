@@ -49,11 +49,13 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     post: Handler | None = None
     producer: IngestProducer | None = None
     if settings.role in ("all", "ingest"):
-        producer = IngestProducer(settings.bootstrap(), settings.kafka_security().aiokafka_kwargs())
+        # idempotent on Kafka; the embedded broker (Tansu) does not grant producer ids
+        producer = IngestProducer(settings.bootstrap(), settings.kafka_security().aiokafka_kwargs(),
+                                  idempotent=bool(settings.broker))
         post = IngestHandler(producer, metrics, settings.ingest_token, settings.max_body_bytes, settings.max_regions,
                              region_idle_ms=settings.idle_ms,
                              budget=InflightBudget(settings.ingest_max_inflight_bytes),
-                             body_timeout_s=settings.http_body_timeout_seconds)
+                             body_timeout_s=settings.http_body_timeout_seconds, dedup=settings.dedup_seconds > 0)
         services.append(producer)
     options: dict[str, Any] = {"loglevel": settings.log_level.lower(), "quiet": True, "redirect_stdouts": False,
                                "override_logging": False}

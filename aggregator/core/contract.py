@@ -33,10 +33,11 @@ FUTURE_TS = "future_ts"  # ingest time too far ahead of the worker's clock: neve
 LATE_REASONS = (CLOSED_WINDOW, CLIENT_DELAY, FUTURE_TS)
 
 # --- the ingest header
-# On every record the HTTP ingest writes to ``clicks``: ``<ingest_ts>`` or
-# ``<ingest_ts>,<client ts>`` (epoch ms, ASCII), next to key = the normalised region.
-# The worker counts such a record from key and header without parsing its JSON value
-# (which it must do for records produced straight to Kafka).
+# On every record the HTTP ingest writes to ``clicks``: ``<ingest_ts>``, ``<ingest_ts>,<client ts>``
+# or, for an event with a dedup id (core.dedup: an ``event_id``, or an ``Idempotency-Key``
+# and the event's index), ``<ingest_ts>,<client ts or nothing>,<dedup id>`` (ASCII), next
+# to key = the normalised region.  The worker counts such a record from key and header
+# without parsing its JSON value (which it must do for records produced straight to Kafka).
 INGEST_HEADER = "clickstream-ingest"
 # On every record of ``clicks-repartition``, after the ingest header: ``<partition>,<offset>``
 # (ASCII) of the record of ``clicks`` it forwards.
@@ -45,16 +46,30 @@ SOURCE_HEADER = "clickstream-source"
 Header = tuple[str, bytes]
 
 
-def ingest_header(ingest_ts: int, client_ts: int | None) -> list[Header]:
+def ingest_header_value(ingest_ts: int, client_ts: int | None, dedup: bytes | None = None) -> bytes:
+    if dedup is not None:
+        return b"%d,%s,%s" % (ingest_ts, b"" if client_ts is None else b"%d" % client_ts, dedup)
     if client_ts is None:
-        return [(INGEST_HEADER, b"%d" % ingest_ts)]
-    return [(INGEST_HEADER, b"%d,%d" % (ingest_ts, client_ts))]
+        return b"%d" % ingest_ts
+    return b"%d,%d" % (ingest_ts, client_ts)
 
 
-def parse_ingest_header(value: bytes) -> tuple[int, int | None]:
-    """-> (ingest_ts, client ts or None); ValueError when it is not what ingest writes."""
-    its, sep, cts = value.partition(b",")
-    return int(its), (int(cts) if sep else None)
+def ingest_header(ingest_ts: int, client_ts: int | None, dedup: bytes | None = None) -> list[Header]:
+    return [(INGEST_HEADER, ingest_header_value(ingest_ts, client_ts, dedup))]
+
+
+def parse_ingest_header(value: bytes) -> tuple[int, int | None, bytes | None]:
+    """-> (ingest_ts, client ts or None, dedup id field or None); ValueError when it is not
+    what ingest writes."""
+    its, sep, rest = value.partition(b",")
+    if not sep:
+        return int(its), None, None
+    cts, sep, dedup = rest.partition(b",")
+    if not sep:
+        return int(its), int(cts), None
+    if not dedup:
+        raise ValueError("an empty dedup id")
+    return int(its), (int(cts) if cts else None), dedup
 
 
 # --- what the window book counts

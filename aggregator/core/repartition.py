@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, MutableMapping, Sequence
 
-from aggregator.core.contract import INGEST_HEADER, SOURCE_HEADER, Event, Header
+from aggregator.core.contract import INGEST_HEADER, SOURCE_HEADER, Event, Header, ingest_header_value
+from aggregator.core.dedup import DedupId, id_field
 
-# A foreign event: (region, ingest_ts, client_ts or None, its offset in the source partition)
-Foreign = tuple[str, int, "int | None", int]
+# A foreign event: (region, ingest_ts, client_ts or None, its offset in the source partition,
+# its dedup id (core.dedup) or None)
+Foreign = tuple[str, int, "int | None", int, "DedupId | None"]
 # A forwarded event as the home reads it: (source partition, source offset, the event)
 Forwarded = tuple[int, int, Event]
 
@@ -81,7 +83,7 @@ def split(events: Sequence[Event], offsets: Sequence[int], partition: int, parti
         if h == partition:
             here.append((region, its, cts))
         else:
-            away.append((region, its, cts, offset))
+            away.append((region, its, cts, offset, None))
     return here, away
 
 
@@ -101,12 +103,11 @@ def forward_record(partition: int, f: Foreign) -> tuple[bytes, bytes, list[Heade
     """-> (key, value, headers) of the ``clicks-repartition`` record forwarding foreign event
     ``f`` read from ``partition`` of ``clicks``: key = region, the ingest header (ingest time,
     client time), the source header, and the compact event as value (for people reading the topic)."""
-    region, its, cts, offset = f
+    region, its, cts, offset, did = f
+    ingest = ingest_header_value(its, cts, None if did is None else id_field(did))
     if cts is None:
-        ingest = b"%d" % its
         value = b'{"region":"%s","ingest_ts":%d}' % (region.encode(), its)
     else:
-        ingest = b"%d,%d" % (its, cts)
         value = b'{"region":"%s","ingest_ts":%d,"ts":%d}' % (region.encode(), its, cts)
     return region.encode(), value, [(INGEST_HEADER, ingest), (SOURCE_HEADER, source_header(partition, offset))]
 

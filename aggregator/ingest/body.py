@@ -245,9 +245,10 @@ def _validate_fast(obj: Any) -> dict[str, Any] | None:
 
 
 def validate_records(items: list[Any], first_index: int = 0, max_errors: int = MAX_ERRORS,
-                     ) -> tuple[list[dict], list[dict], dict[str, int]]:
+                     indices: list[int] | None = None) -> tuple[list[dict], list[dict], dict[str, int]]:
     """-> (valid events, first ``max_errors`` errors, rejected counts by reason); an error's
-    index counts from ``first_index`` (the slice's place in the body)."""
+    index counts from ``first_index`` (the slice's place in the body).  With ``indices``
+    (a list), the body index of each valid event is appended to it."""
     good: list[dict] = []
     append = good.append
     errors: list[dict] = []
@@ -265,6 +266,8 @@ def validate_records(items: list[Any], first_index: int = 0, max_errors: int = M
                 if type(raw) is str and raw not in cache and len(cache) < _REGION_CACHE_MAX:
                     cache[raw] = ev["region"]
             append(ev)
+            if indices is not None:
+                indices.append(i)
         except EventError as exc:
             reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
             if len(errors) < max_errors:

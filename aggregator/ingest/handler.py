@@ -23,6 +23,7 @@ from aiohttp import web
 
 from aggregator import tracing
 from aggregator.core.contract import OTHER_REGION, Header, ingest_header
+from aggregator.core.dedup import DedupId, event_key, id_field, request_key
 from aggregator.ingest.body import MAX_ERRORS, BodyError, decode_slices, gunzip_bounded, validate_records
 from aggregator.ingest.budget import InflightBudget, Reservation
 from aggregator.ingest.producer import IngestProducer, ProducerBusy
@@ -33,6 +34,7 @@ INGEST_TIMEOUT_S = 5.0  # then 503 + Retry-After: the broker cannot take the rec
 READ_CHUNK = 1 << 16
 BUSY_POLL_S = 0.005  # a slice waits this long between looks at a partition with too many batches waiting
 REGION_SWEEP_S = 1.0  # at the region cap, idle regions are looked for at most this often
+IDEMPOTENCY_KEY_MAX = 255  # characters of an Idempotency-Key (visible ASCII)
 
 
 class IngestHandler:
@@ -41,7 +43,7 @@ class IngestHandler:
 
     def __init__(self, producer: IngestProducer, metrics: Metrics, token: str, max_body_bytes: int,
                  max_regions: int, region_idle_ms: int = 3_600_000, budget: InflightBudget | None = None,
-                 body_timeout_s: float = 30.0) -> None:
+                 body_timeout_s: float = 30.0, dedup: bool = True) -> None:
         self.producer = producer
         self.metrics = metrics
         self.token = token
@@ -52,6 +54,7 @@ class IngestHandler:
         self._swept_ms = 0
         self.budget = budget or InflightBudget(4 * max_body_bytes)
         self.body_timeout_s = body_timeout_s
+        self.dedup = dedup  # events get dedup ids (core.dedup): AGG_DEDUP_SECONDS > 0
 
     async def __call__(self, request: web.Request) -> web.Response:
         tracer = tracing.tracer
@@ -76,16 +79,22 @@ class IngestHandler:
         limit = self.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return error(413, f"body exceeds {limit} bytes")
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable()
+                                    and " " not in key):
+            return error(400, f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters")
+        kh = request_key(key) if key is not None and self.dedup else None
         held = Reservation(self.budget)
         try:
             if not held.take(request.content_length or 0):
                 return over_budget(self.budget)
-            return await self._handle(request, span, held, ingest_ts, t0)
+            return await self._handle(request, span, held, ingest_ts, t0, kh)
         finally:
             held.release()
 
     async def _handle(self, request: web.Request, span: Any, held: Reservation, ingest_ts: int,
-                      t0: float) -> web.Response:
+                      t0: float, kh: int | None) -> web.Response:
+        """``kh``: the digest of the request's ``Idempotency-Key`` (core.dedup), or None."""
         m = self.metrics
         limit = self.max_body_bytes
         try:
@@ -115,6 +124,7 @@ class IngestHandler:
             m.ingest_failed()
             return error(exc.status, exc.message)
         traceparent = None if span is None else tracing.traceparent(span)
+        indices: list[int] | None = [] if kh is not None else None
         total = accepted = 0
         errors: list[dict] = []
         reasons: dict[str, int] = {}
@@ -124,7 +134,9 @@ class IngestHandler:
             for items in slices:
                 if total:
                     await asyncio.sleep(0)  # other requests go on between the slices of a big body
-                good, errs, why = validate_records(items, total, MAX_ERRORS - len(errors))
+                if indices is not None:
+                    indices.clear()
+                good, errs, why = validate_records(items, total, MAX_ERRORS - len(errors), indices)
                 total += len(items)
                 del items
                 errors += errs
@@ -133,7 +145,8 @@ class IngestHandler:
                 if good:
                     m.ingest_waiting(len(good))
                     accepted += len(good)
-                    await self._submit(good, ingest_ts, per_region, waits, traceparent)
+                    ids = self._ids(good, kh, indices) if self.dedup else None
+                    await self._submit(good, ingest_ts, per_region, waits, traceparent, ids)
             if waits:
                 await self._acknowledged(waits)
         except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
@@ -177,6 +190,24 @@ class IngestHandler:
                     raise TimeoutError(f"the broker acknowledged nothing within {INGEST_TIMEOUT_S} s")
                 mark = sent
 
+    @staticmethod
+    def _ids(events: list[dict[str, Any]], kh: int | None, indices: list[int] | None) -> list[DedupId | None] | None:
+        """The dedup id of each event (core.dedup): its ``event_id`` with its region, else
+        (the request's ``Idempotency-Key``, its index in the body); None: no event has one."""
+        ids: list[DedupId | None] | None = None
+        for n, ev in enumerate(events):
+            eid = ev.get("event_id")
+            if eid is not None:
+                did: DedupId | None = event_key(ev["region"], eid)
+            elif kh is not None:
+                did = (kh, indices[n])  # type: ignore[index]
+            else:
+                continue
+            if ids is None:
+                ids = [None] * len(events)
+            ids[n] = did
+        return ids
+
     def _region(self, region: str, now_ms: int) -> str:
         """``region`` when it is let through (its time noted), else ``__other__``: at the cap,
         regions not seen within ``region_idle_ms`` are forgotten (at most every REGION_SWEEP_S),
@@ -196,11 +227,13 @@ class IngestHandler:
         return OTHER_REGION
 
     async def _submit(self, events: list[dict[str, Any]], ingest_ts: int, per_region: dict[str, int],
-                      waits: set[asyncio.Future], traceparent: bytes | None = None) -> None:
+                      waits: set[asyncio.Future], traceparent: bytes | None = None,
+                      ids: list[DedupId | None] | None = None) -> None:
         """Append ``events`` to the open record batches of ``clicks``; their delivery futures
         go into ``waits``.  A record's value is serialised as it is appended (so the
         serialised form of a slice never lives at once); with a ``traceparent`` (a sampled
-        request span), every record carries it as a second header.  Waits, up to
+        request span), every record carries it as a second header.  ``ids``: the events'
+        dedup ids, carried in their ingest headers.  Waits, up to
         INGEST_TIMEOUT_S, while a partition has too many batches waiting (then raises)."""
         batcher = self.producer.batcher
         if batcher is None:
@@ -208,7 +241,7 @@ class IngestHandler:
         if not batcher.has_metadata():
             await asyncio.wait_for(batcher.ensure_metadata(), timeout=INGEST_TIMEOUT_S)
         by_region: dict[str, list[dict[str, Any]]] = {}
-        for ev in events:
+        for n, ev in enumerate(events):
             region = ev["region"]
             values = by_region.get(region)
             if values is None:
@@ -219,6 +252,8 @@ class IngestHandler:
                 if values is None:
                     values = by_region[region] = []
             ev["ingest_ts"] = ingest_ts
+            if ids is not None and ids[n] is not None:
+                ev[_DEDUP] = id_field(ids[n])  # type: ignore[arg-type]  # taken out before it is serialised
             values.append(ev)
         records = _Records(ingest_ts, traceparent)
         mark, deadline = batcher.progress(), time.monotonic() + INGEST_TIMEOUT_S
@@ -240,6 +275,9 @@ class IngestHandler:
             per_region[region] = per_region.get(region, 0) + len(values)
 
 
+_DEDUP = "\0dedup"  # an event's dedup id field while it waits in a batch (never a JSON field)
+
+
 class _Records:
     """``(value, headers)`` of events, serialised one by one as the batch takes them."""
 
@@ -247,7 +285,8 @@ class _Records:
 
     def __init__(self, ingest_ts: int, traceparent: bytes | None) -> None:
         self.plain = ingest_header(ingest_ts, None)  # shared by the records without a client ts
-        self.headers = ingest_header if traceparent is None else _with_header((tracing.TRACEPARENT, traceparent))
+        self.headers: Callable[..., list[Header]] = (
+            ingest_header if traceparent is None else _with_header((tracing.TRACEPARENT, traceparent)))
         if traceparent is not None:
             self.plain.append((tracing.TRACEPARENT, traceparent))
 
@@ -257,13 +296,17 @@ class _Records:
         headers = self.headers
         for ev in events:
             cts = ev.get("ts")
-            yield dumps(ev), (plain if cts is None else headers(ev["ingest_ts"], cts))
+            if _DEDUP in ev:
+                did = ev.pop(_DEDUP)
+                yield dumps(ev), headers(ev["ingest_ts"], cts, did)
+            else:
+                yield dumps(ev), (plain if cts is None else headers(ev["ingest_ts"], cts))
 
 
-def _with_header(extra: Header) -> Callable[[int, int | None], list[Header]]:
+def _with_header(extra: Header) -> Callable[..., list[Header]]:
     """``ingest_header`` followed by ``extra`` (the request span's ``traceparent``)."""
-    def headers(ingest_ts: int, client_ts: int | None) -> list[Header]:
-        out = ingest_header(ingest_ts, client_ts)
+    def headers(ingest_ts: int, client_ts: int | None, dedup: bytes | None = None) -> list[Header]:
+        out = ingest_header(ingest_ts, client_ts, dedup)
         out.append(extra)
         return out
     return headers

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
 from aiokafka.partitioner import DefaultPartitioner
 
 from aggregator.background import BackgroundService
@@ -32,12 +33,16 @@ _PARTITIONER = DefaultPartitioner()
 RETRY_S = 1.0  # between attempts to reach the broker
 
 
-def ingest_producer(bootstrap: str, **client: Any) -> AIOKafkaProducer:
+def ingest_producer(bootstrap: str, idempotent: bool = False, **client: Any) -> AIOKafkaProducer:
     """The producer behind ``POST /v1/events``: acks from every in-sync replica before a
     request is answered 200, batches up to 1 MiB, a 5 s request timeout (then 503).
+    ``idempotent``: Kafka's idempotent producer (producer id and sequence numbers), so
+    that the client library's own retries of a batch store it once; Tansu, the embedded
+    broker, refuses it (InitProducerId), and there a batch retried after a lost answer can
+    be stored twice, which the worker drops for events with a dedup id (core.dedup).
     ``client``: more aiokafka settings (TLS/SASL: ``KafkaSecurity.aiokafka_kwargs()``)."""
     return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=1 << 20,
-                            request_timeout_ms=5000, enable_idempotence=False, **client)
+                            request_timeout_ms=5000, enable_idempotence=idempotent, **client)
 
 
 class ProducerBusy(Exception):
@@ -193,17 +198,19 @@ class IngestProducer(BackgroundService):
     (the broker may come up after us; until then ``ready`` is False and requests get
     503) and, on stop, sends what is still batched."""
 
-    def __init__(self, bootstrap: str, client: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, bootstrap: str, client: dict[str, Any] | None = None, idempotent: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bootstrap = bootstrap
         self.client = client or {}  # more aiokafka settings (TLS/SASL)
+        self.idempotent = idempotent
         # made in on_start: aiokafka's producer binds to the running event loop
         self.producer: AIOKafkaProducer | None = None
         self.batcher: BatchProducer | None = None
         self.ready = False
 
     async def on_start(self) -> None:
-        self.producer = ingest_producer(self.bootstrap, **self.client)
+        self.producer = ingest_producer(self.bootstrap, self.idempotent, **self.client)
         self.batcher = BatchProducer(self.producer, CLICKS)
         await super().on_start()
 
@@ -217,9 +224,27 @@ class IngestProducer(BackgroundService):
                     self.ready = True
                     log.info("ingest ready: producing to %s", CLICKS)
                     return
-            except Exception as exc:  # noqa: BLE001 - any failure: the broker is not there yet
+            except (KafkaConnectionError, TimeoutError) as exc:
                 log.warning("ingest: broker not reachable yet (%r); retrying", exc)
+            except Exception as exc:  # noqa: BLE001 - any other failure: the broker is not ready yet
+                if self.idempotent:  # it refused a producer id (Tansu does): go on without
+                    log.warning("ingest: the broker refused Kafka's idempotent producer (%r): producing without "
+                                "it, so a batch the client library retries after a lost answer can be stored twice "
+                                "(events with an Idempotency-Key or event_id are still counted once)", exc)
+                    await self._without_idempotence()
+                    continue
+                log.warning("ingest: broker not ready yet (%r); retrying", exc)
             await asyncio.sleep(RETRY_S)
+
+    async def _without_idempotence(self) -> None:
+        assert self.producer is not None
+        try:
+            await self.producer.stop()
+        except Exception:  # noqa: BLE001 - it never started: nothing to stop
+            pass
+        self.idempotent = False
+        self.producer = ingest_producer(self.bootstrap, False, **self.client)
+        self.batcher = BatchProducer(self.producer, CLICKS)
 
     async def on_stop(self) -> None:
         log.info("ingest: stopping (sending what is still batched)")

@@ -28,6 +28,7 @@ from typing import Protocol
 import orjson
 
 from aggregator.core.contract import CLICKS_REPARTITION, DLQ, SNAPSHOTS, STATE_CHANGELOG, Header, Snapshot
+from aggregator.core.dedup import record_keys
 from aggregator.core.statechunks import encode_chunks
 from aggregator.core.windows import WindowBook
 from aggregator.metrics import Metrics
@@ -53,19 +54,27 @@ class Producer(Protocol):
 class _Write:
     """One partition's state on its way to the changelog (core.statechunks)."""
 
-    __slots__ = ("p", "slot", "chunks", "header", "offset", "repart_offset", "n_out", "futures")
+    __slots__ = ("p", "slot", "chunks", "header", "offset", "repart_offset", "n_out", "futures", "dedup",
+                 "expired", "tombstones")
 
-    def __init__(self, p: PartitionState, value: bytes) -> None:
+    def __init__(self, p: PartitionState) -> None:
         self.p = p
         self.slot = 0 if p.state_slot is None else 1 - p.state_slot  # never the slot the header names
-        self.chunks, self.header = encode_chunks(p.partition, value, self.slot)
+        # the dedup ids new since the last durable state, as records beside the chunks; the
+        # state names them (and the earlier ones still within the horizon: core.dedup)
+        p.dedup.expire()
+        records, self.dedup = p.dedup.take_records(p.partition)
+        self.expired = p.dedup.take_expired()
+        self.tombstones = [orjson.dumps(key) for key in record_keys(p.partition, self.expired)]
+        self.chunks, self.header = encode_chunks(p.partition, p.state_value(self.dedup), self.slot)
+        self.chunks += [(orjson.dumps(key), orjson.dumps(value)) for key, value in records]
         self.offset = p.commit_offset()
         self.repart_offset = p.book.repart_next
         self.n_out = len(p.book.outbox)
         self.futures: list[object] = []
 
 
-async def _send(producer: Producer, topic: str, key: bytes | None, value: bytes, partition: int | None,
+async def _send(producer: Producer, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
                 headers: list[Header] | None = None) -> object:
     """The send's future; a send refused at once (e.g. a record over the producer's
     limit) as a failed one, so it is handled like a write the broker refused."""
@@ -95,11 +104,12 @@ def _failure(futures: Iterable[object]) -> BaseException | None:
 
 
 class Checkpointer:
-    def __init__(self, producer: Callable[[], Producer], confirmed: Callable[[int, list[tuple[bytes, bytes]]], None],
+    def __init__(self, producer: Callable[[], Producer],
+                 confirmed: Callable[[int, list[tuple[bytes, bytes | None]]], None],
                  mark_safe: Callable[[int, int], None], metrics: Metrics, sinks: Sequence[SnapshotSink],
                  mark_safe_forwarded: Callable[[int, int], None] | None = None) -> None:
         self.producer = producer  # looked up at each checkpoint: Faust creates its producer late
-        self.confirmed = confirmed  # partition, records -> acknowledged state records, kept in the table
+        self.confirmed = confirmed  # partition, records -> acknowledged state records (None: deleted), kept in the table
         self.mark_safe = mark_safe  # partition, offset -> the consumer may commit up to offset
         self.mark_safe_forwarded = mark_safe_forwarded  # the same for the partition of clicks-repartition
         self.metrics = metrics
@@ -117,7 +127,7 @@ class Checkpointer:
         for p in parts:
             if p.book.dirty:
                 p.book.dirty = False
-                writes.append(_Write(p, p.state_value()))
+                writes.append(_Write(p))
         if not writes and not self.dead and not self.forward:
             return
         producer = self.producer()
@@ -128,6 +138,8 @@ class Checkpointer:
         for w in writes:
             for key, value in w.chunks:
                 w.futures.append(await _send(producer, STATE_CHANGELOG, key, value, w.p.partition))
+            for key in w.tombstones:  # of dedup records a durable state no longer names
+                w.futures.append(await _send(producer, STATE_CHANGELOG, key, None, w.p.partition))
         dead_futures = [await _send(producer, DLQ, key, value, None) for key, value in dead]
         dead_futures += [await _send(producer, CLICKS_REPARTITION, key, value, home, headers)
                          for home, key, value, headers in forward]
@@ -162,6 +174,7 @@ class Checkpointer:
     def _failed(self, writes: Sequence[_Write], error: BaseException) -> None:
         for w in writes:
             w.p.book.dirty = True  # written again next time; the slot stays free
+            w.p.dedup.expired[:0] = w.expired  # deleted next time
         if self.failing is None:
             log.error("window state not acknowledged by the broker (%r): offsets are not committed and snapshots "
                       "wait until a write succeeds; retrying every checkpoint", error)
@@ -176,7 +189,8 @@ class Checkpointer:
         for w in done:
             p = w.p
             p.state_slot = w.slot
-            self.confirmed(p.partition, [*w.chunks, w.header])
+            self.confirmed(p.partition, [*w.chunks, w.header, *((key, None) for key in w.tombstones)])
+            p.dedup.confirm(w.dedup)
             p.spill.acked()  # drained records are counted in durable state
             if w.n_out:
                 snaps = p.book.outbox[:w.n_out]

@@ -16,11 +16,13 @@ from typing import NamedTuple, Protocol
 import orjson
 
 from aggregator.core.contract import FUTURE_TS, INGEST_HEADER, SOURCE_HEADER, Event, parse_ingest_header
-from aggregator.core.events import EventError, normalise_region, parse_client_ts
+from aggregator.core.dedup import DedupId, event_key, parse_id_field
+from aggregator.core.events import LIMITS, EventError, normalise_region, parse_client_ts
 from aggregator.core.repartition import Foreign, home, parse_source_header
 
 LOG_APPEND_TIME = 1
 CACHE_MAX = 100_000  # spellings remembered per cache: a producer of ever new regions cannot grow it
+EVENT_ID_MAX = LIMITS["event_id"]
 DLQ_RAW_MAX = 65_536  # bytes of a rejected record's value kept in its dead letter
 
 DeadLetter = tuple[bytes | None, bytes]  # (key, JSON value) for the dead-letter topic
@@ -33,6 +35,7 @@ class Decoded(NamedTuple):
     offsets: list[int]  # of the events, when asked for
     rejected: dict[str, int]  # by reason
     future: dict[str, int]  # events with an ingest time too far ahead, by region
+    ids: list[DedupId | None] | None = None  # the events' dedup ids (core.dedup); None: none has one
 
 
 class Record(Protocol):
@@ -87,14 +90,18 @@ class RecordDecoder:
         future: dict[str, int] = {}
         split = forward is not None and self.partitions > 1
         homes = self.homes
+        ids: list[DedupId | None] | None = None
         for rec in records:
             hs = rec.headers
             region = None
+            did: DedupId | None = None
             if hs and hs[0][0] == header_name:
                 region = keys.get(rec.key) or self._key_region(rec.key)  # type: ignore[arg-type]
                 if region is not None:
                     try:
-                        its, cts = parse_header(hs[0][1])
+                        its, cts, raw_id = parse_header(hs[0][1])
+                        if raw_id is not None:
+                            did = parse_id_field(raw_id)
                     except (ValueError, TypeError):
                         region = None  # not what ingest writes: the value decides
             if region is None:
@@ -111,6 +118,12 @@ class RecordDecoder:
                     cts = d.get("ts")
                     if cts is not None and type(cts) is not int:
                         cts = parse_client_ts(cts)
+                    eid = d.get("event_id")
+                    if eid is not None:
+                        if type(eid) is not str or len(eid) > EVENT_ID_MAX:
+                            raise EventError("bad_field", f"event_id must be a string of at most {EVENT_ID_MAX} "
+                                                          "characters")
+                        did = event_key(region, eid)
                 except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
                     _reject(exc, rec, partition, rejected, dead)
                     continue
@@ -119,15 +132,19 @@ class RecordDecoder:
                 if h is None:
                     h = self._home(region)
                 if h != partition:
-                    forward.append((region, its, cts, rec.offset))  # type: ignore[union-attr]
+                    forward.append((region, its, cts, rec.offset, did))  # type: ignore[union-attr]
                     continue
             if its > max_ts:
                 self._future(region, its, max_ts, future, dead, partition, rec.offset, rec)
                 continue
+            if did is not None and ids is None:
+                ids = [None] * len(events)
             append((region, its, cts))
+            if ids is not None:
+                ids.append(did)
             if want_offsets:
                 offsets.append(rec.offset)
-        return Decoded(events, offsets, rejected, future)
+        return Decoded(events, offsets, rejected, future, ids)
 
     def decode_forwarded(self, records: Sequence[Record], partition: int, applied: dict[int, int],
                          dead: list[DeadLetter] | None, max_ts: int) -> tuple[Decoded, int]:
@@ -142,13 +159,15 @@ class RecordDecoder:
         rejected: dict[str, int] = {}
         future: dict[str, int] = {}
         repeats = 0
+        ids: list[DedupId | None] | None = None
         for rec in records:
             hs = rec.headers
             try:
                 if len(hs) < 2 or hs[0][0] != INGEST_HEADER or hs[1][0] != SOURCE_HEADER:
                     raise EventError("undecodable", "not a record forwarded by a worker (headers)")
                 source, offset = parse_source_header(hs[1][1])
-                its, cts = parse_ingest_header(hs[0][1])
+                its, cts, raw_id = parse_ingest_header(hs[0][1])
+                did = None if raw_id is None else parse_id_field(raw_id)
                 region = keys.get(rec.key) or self._key_region(rec.key)  # type: ignore[arg-type]
                 if region is None:
                     raise EventError("bad_region", "the key of a forwarded record is not a region")
@@ -162,8 +181,12 @@ class RecordDecoder:
             if its > max_ts:
                 self._future(region, its, max_ts, future, dead, source, offset, rec)
                 continue
+            if did is not None and ids is None:
+                ids = [None] * len(events)
             append((region, its, cts))
-        return Decoded(events, [], rejected, future), repeats
+            if ids is not None:
+                ids.append(did)
+        return Decoded(events, [], rejected, future, ids), repeats
 
     def _home(self, region: str) -> int:
         h = home(region, self.partitions)

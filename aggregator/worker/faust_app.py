@@ -105,12 +105,21 @@ class FaustApp:
         head = data.get(partition) or data.get(str(partition).encode()) or data.get(str(partition))
         return decode_state(partition, head, data.get)
 
-    def state_confirmed(self, partition: int, records: list[tuple[bytes, bytes]]) -> None:
+    def stored_record(self, key: str) -> Any:
+        """The JSON value of a record of the state kept under ``key`` (None: none)."""
+        value = self.table.data.get(key)
+        return orjson.loads(value) if isinstance(value, bytes | bytearray | memoryview) else value
+
+    def state_confirmed(self, partition: int, records: list[tuple[bytes, bytes | None]]) -> None:
         """Records of the partition's state the broker acknowledged on its changelog: kept in
-        the table too, as recovery would have them, for when the partition comes back here."""
+        the table too, as recovery would have them, for when the partition comes back here
+        (a value of None was a delete)."""
         data = self.table.data
         for key, value in records:
-            data[orjson.loads(key)] = value
+            if value is None:
+                data.pop(orjson.loads(key), None)
+            else:
+                data[orjson.loads(key)] = value
 
     def mark_safe(self, partition: int, offset: int) -> None:
         """Every record of the partition before ``offset`` is durably accounted for: the

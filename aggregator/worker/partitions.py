@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from aggregator.core.dedup import DEFAULT_MAX_IDS, DedupStore, Prepared
 from aggregator.core.windows import WindowBook
 from aggregator.metrics import Metrics
 from aggregator.spill.ledger import SpillLedger
@@ -24,6 +25,8 @@ log = logging.getLogger("aggregator.worker")
 
 # partition -> (its state, the changelog slot it was read from) or None (core.statechunks)
 StoredState = Callable[[int], "tuple[dict[str, Any], int | None] | None"]
+# key of a changelog record of the state (a dedup record, core.dedup) -> its JSON value or None
+StoredRecord = Callable[[str], Any]
 
 
 class PartitionCountChanged(RuntimeError):
@@ -36,36 +39,44 @@ class BookSettings:
     """What a window book is made of (from the service's settings); ``partitions``: the
     partition count of ``clicks`` (the homes of regions, core.repartition)."""
 
-    __slots__ = ("window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions", "partitions")
+    __slots__ = ("window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions", "partitions", "dedup_ms",
+                 "dedup_max_ids")
 
     def __init__(self, window_ms: int, grace_ms: int, late_after_ms: int, idle_ms: int, max_regions: int,
-                 partitions: int = 1) -> None:
+                 partitions: int = 1, dedup_ms: int = 0, dedup_max_ids: int = DEFAULT_MAX_IDS) -> None:
         self.window_ms = window_ms
         self.grace_ms = grace_ms
         self.late_after_ms = late_after_ms
         self.idle_ms = idle_ms
         self.max_regions = max_regions
         self.partitions = partitions
+        self.dedup_ms = dedup_ms  # the dedup horizon (core.dedup; 0: none)
+        self.dedup_max_ids = dedup_max_ids
 
     def new_book(self) -> WindowBook:
         return WindowBook(self.window_ms, self.grace_ms, self.late_after_ms, self.idle_ms, self.max_regions)
 
 
 class PartitionState:
-    __slots__ = ("partition", "book", "spill", "lag", "last_record_ms", "state_slot")
+    __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot")
 
-    def __init__(self, partition: int, book: WindowBook, spill: PartitionSpill) -> None:
+    def __init__(self, partition: int, book: WindowBook, spill: PartitionSpill,
+                 dedup: DedupStore | None = None) -> None:
         self.partition = partition
         self.book = book
         self.spill = spill
+        self.dedup = dedup if dedup is not None else DedupStore(0)  # the ids seen within the horizon
         self.lag = 0
         self.last_record_ms: int | None = None  # wall time of the last fetched batch
         self.state_slot: int | None = None  # the changelog slot of its last confirmed state (core.statechunks)
 
-    def state_value(self) -> bytes:
-        """The changelog value: the book with the spill ledger, one record."""
+    def state_value(self, dedup: Prepared | None = None) -> bytes:
+        """The state's value (written as chunks): the book with the spill ledger and the
+        index of the dedup records (``dedup``, written beside the chunks)."""
         state = self.book.to_dict()
         state["spill"] = self.spill.ledger.to_dict()
+        if dedup is not None and dedup.index:
+            state["dedup"] = dedup.to_json()
         return orjson.dumps(state)
 
     def commit_offset(self) -> int:
@@ -74,10 +85,12 @@ class PartitionState:
 
 
 class Partitions:
-    def __init__(self, books: BookSettings, spill_root: Path, stored: StoredState, metrics: Metrics) -> None:
+    def __init__(self, books: BookSettings, spill_root: Path, stored: StoredState, metrics: Metrics,
+                 record: StoredRecord | None = None) -> None:
         self.books = books
         self.spill_root = spill_root
         self.stored = stored
+        self.record: StoredRecord = record or (lambda key: None)
         self.metrics = metrics
         self.owned: dict[int, PartitionState] = {}
 
@@ -99,16 +112,18 @@ class Partitions:
         holds open windows counted with another partition count (docs/contract.md §1)."""
         book = self.books.new_book()
         ledger = SpillLedger()
+        dedup = DedupStore(self.books.dedup_ms, self.books.dedup_max_ids)
         stored = self.stored(partition)
         slot = None
         if stored is not None:
             state, slot = stored
             book.load(state)
             ledger.load(state.get("spill"))
+            dedup.load(partition, state.get("dedup"), self.record)
             self.metrics.state_recovered()
             log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished "
-                     "snapshots, %d spilled events to drain)", partition, book.next_offset, len(book.counts),
-                     len(book.outbox), ledger.total_backlog())
+                     "snapshots, %d spilled events to drain, %d + %d dedup ids)", partition, book.next_offset,
+                     len(book.counts), len(book.outbox), ledger.total_backlog(), *dedup.size())
         n = self.books.partitions
         if book.partitions and book.partitions != n and book.holds_open_data():
             raise PartitionCountChanged(
@@ -121,7 +136,7 @@ class Partitions:
         spill.reconcile()
         self.metrics.spill_fault("corrupt", sum(spill.store.corrupt_records.values()))
         self.metrics.spill_fault("torn", sum(spill.store.torn_tails.values()))
-        p = self.owned[partition] = PartitionState(partition, book, spill)
+        p = self.owned[partition] = PartitionState(partition, book, spill, dedup)
         p.state_slot = slot
         return p
 
@@ -157,3 +172,12 @@ class Partitions:
         m.pending("publish", sum(len(p.book.outbox) for p in self.owned.values()))
         m.pending("decode", sum(p.lag for p in self.owned.values()))
         m.assigned(len(self.owned))
+        for p in self.owned.values():
+            if p.dedup.evicted:
+                log.warning("partition %d: %d dedup ids forgotten before AGG_DEDUP_SECONDS passed (more than "
+                            "AGG_DEDUP_MAX_IDS=%d): a repeat of them would be counted again", p.partition,
+                            p.dedup.evicted, p.dedup.max_ids)
+                m.dedup_evicted(p.dedup.evicted)
+                p.dedup.evicted = 0
+        sizes = [p.dedup.size() for p in self.owned.values()]
+        m.dedup_size(sum(e for e, _ in sizes), sum(k for _, k in sizes))

@@ -54,8 +54,8 @@ class WorkerService:
         self.throttle = Throttle(RateLimits(settings.rate_limit, settings.rate_limits), settings.spill_max_bytes,
                                  metrics)
         books = BookSettings(settings.window_ms, settings.grace_ms, settings.late_after_ms, settings.idle_ms,
-                             settings.max_regions, settings.partitions)
-        self.partitions = Partitions(books, settings.spill_path, kafka.stored_state, metrics)
+                             settings.max_regions, settings.partitions, settings.dedup_ms, settings.dedup_max_ids)
+        self.partitions = Partitions(books, settings.spill_path, kafka.stored_state, metrics, kafka.stored_record)
         self.checkpointer = Checkpointer(lambda: app.producer, kafka.state_confirmed, kafka.mark_safe, metrics, sinks,
                                          kafka.mark_safe_forwarded)
         self.max_ahead_ms = settings.max_ahead_ms
@@ -107,7 +107,7 @@ class WorkerService:
                 return
         throttle = self.throttle
         foreign: list[Foreign] | None = [] if self.decoder.partitions > 1 else None
-        events, offsets, rejected, future = self.decoder.decode(
+        events, offsets, rejected, future, ids = self.decoder.decode(
             records, now_ms, partition, throttle.limiting, self.checkpointer.dead, now_ms + self.max_ahead_ms,
             foreign)
         if foreign:
@@ -116,7 +116,7 @@ class WorkerService:
                 p.last_record_ms = quiet_since  # nothing of its own: still quiet (its clock may follow)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
-        held = HeldBatch(events, offsets, future, last + 1)
+        held = HeldBatch(events, offsets, future, last + 1, ids)
         if not throttle.held_here(p) and self._count(p, held, now_ms):
             return
         # the spill disk refused its write: nothing of it is applied; fetch no more of this
@@ -129,11 +129,21 @@ class WorkerService:
         """Apply a decoded batch to the book (spilling what is over its rate); False:
         the spill disk refused, nothing of it was applied."""
         throttle, book = self.throttle, p.book
-        batch: Sequence[BookEvent] = b.events
-        n_window = len(b.events)
-        if throttle.limiting and b.events:
-            limited = throttle.limit(p, b.events, b.offsets, self.partitions)
+        events, offsets, remembered = b.events, b.offsets, 0
+        if b.ids is not None and p.dedup.horizon_ms:
+            # repeats never reach a window, the late bucket or the spill (core.dedup)
+            before = len(p.dedup.pending)
+            events, kept_offsets, dups = p.dedup.filter(events, b.ids, offsets if throttle.limiting else None)
+            offsets = kept_offsets or []
+            remembered = len(p.dedup.pending) - before
+            if dups:
+                self.metrics.duplicates(dups)
+        batch: Sequence[BookEvent] = events
+        n_window = len(events)
+        if throttle.limiting and events:
+            limited = throttle.limit(p, events, offsets, self.partitions)
             if limited is None:
+                p.dedup.undo(remembered)  # offered again later, whole
                 return False
             batch, n_window = limited
         t2 = time.perf_counter()
@@ -181,10 +191,14 @@ class WorkerService:
             records = skip_applied(records, book.repart_next)
             if not records:
                 return
-        (events, _, rejected, future), _ = self.decoder.decode_forwarded(
+        (events, _, rejected, future, ids), _ = self.decoder.decode_forwarded(
             records, p.partition, book.forwarded, self.checkpointer.dead, now_ms + self.max_ahead_ms)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
+        if ids is not None and p.dedup.horizon_ms:
+            events, _, dups = p.dedup.filter(events, ids)
+            if dups:
+                self.metrics.duplicates(dups)
         book.apply(events, book.next_offset, now_ms)
         book.repart_next = records[-1].offset + 1
         if future:

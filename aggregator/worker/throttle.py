@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from operator import attrgetter
 
 from aggregator.core.contract import BookEvent, Event
+from aggregator.core.dedup import DedupId
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
 from aggregator.spill.partition import SpillDiskError
@@ -45,13 +46,15 @@ def disk_reason(e: SpillDiskError) -> str:
 class HeldBatch:
     """A decoded batch not applied because the spill disk refused its write."""
 
-    __slots__ = ("events", "offsets", "future", "end")
+    __slots__ = ("events", "offsets", "future", "end", "ids")
 
-    def __init__(self, events: list[Event], offsets: list[int], future: dict[str, int], end: int) -> None:
+    def __init__(self, events: list[Event], offsets: list[int], future: dict[str, int], end: int,
+                 ids: list[DedupId | None] | None = None) -> None:
         self.events = events
         self.offsets = offsets
         self.future = future  # its future_ts events by region
         self.end = end  # the book's next offset once it is applied
+        self.ids = ids  # the events' dedup ids (core.dedup), None: none has one
 
 
 class Held:
@@ -200,7 +203,7 @@ def rebuild_replay(p: PartitionState, decoder: RecordDecoder, records: Sequence[
     replay = records[:bisect_left(records, start, key=_offset)]
     # bad records went to the dead-letter topic the first time: not again
     # events that were too far ahead were late the first time: never re-spilled
-    events, offsets, _, _ = decoder.decode(replay, now_ms, p.partition, True, None, max_ts)
+    events, offsets, *_ = decoder.decode(replay, now_ms, p.partition, True, None, max_ts)
     for (region, its, cts), offset in zip(events, offsets, strict=True):
         if region in rebuild and offset >= lows[region]:
             spill.rebuild_add(region, offset, its, cts)

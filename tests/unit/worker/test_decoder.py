@@ -79,7 +79,7 @@ def test_http_ingest_and_kafka_direct_records_agree_on_the_region(raw):
     http = good[0]["region"] if good else None
     # a record produced straight to Kafka with the region in its value, keyed as a producer would
     decoder = RecordDecoder()
-    events, _, kafka_reasons, _ = decoder.decode(
+    events, _, kafka_reasons, *_ = decoder.decode(
         fetched([(raw.encode(), orjson.dumps({"region": raw}), [])]), NOW, 0, False, [], MAX_TS)
     kafka = events[0][0] if events else None
     assert kafka == http

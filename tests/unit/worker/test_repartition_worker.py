@@ -41,7 +41,7 @@ def test_the_decoder_splits_like_core_split(n):
     for partition in range(n):
         decoder = RecordDecoder(n)
         foreign: list = []
-        events, offsets, _, _ = decoder.decode(recs, NOW, partition, True, None, MAX_TS, foreign)
+        events, offsets, *_ = decoder.decode(recs, NOW, partition, True, None, MAX_TS, foreign)
         here, away = split(everything.events, everything.offsets, partition, n)
         assert events == here and foreign == away
         assert offsets == [o for e, o in zip(everything.events, everything.offsets, strict=True)
@@ -65,24 +65,24 @@ def test_a_foreign_event_far_ahead_is_forwarded_the_home_makes_it_future_ts():
     dead: list = []
     out = RecordDecoder(n).decode(recs, NOW, 0, False, dead, MAX_TS, foreign)
     assert out.events == [] and out.future == {} and dead == []
-    assert foreign == [(region, NOW + 86_400_000, None, 7)]
+    assert foreign == [(region, NOW + 86_400_000, None, 7, None)]
     fwd = fetched([forward_record(0, foreign[0])], base=0)
-    (events, _, rejected, future), repeats = RecordDecoder(n).decode_forwarded(fwd, home(region, n), {}, dead,
+    (events, _, rejected, future, _), repeats = RecordDecoder(n).decode_forwarded(fwd, home(region, n), {}, dead,
                                                                                MAX_TS)
     assert events == [] and future == {region: 1} and repeats == 0
     assert orjson.loads(dead[0][1])["partition"] == 0 and orjson.loads(dead[0][1])["offset"] == 7  # in clicks
 
 
 def test_forwarded_records_are_read_repeats_dropped_bad_ones_dead_lettered():
-    specs = [forward_record(1, ("eu", 10, None, 5)), forward_record(2, ("us", 11, 3, 9)),
-             forward_record(1, ("eu", 12, None, 6)),
-             forward_record(1, ("eu", 10, None, 5)), forward_record(1, ("eu", 12, None, 6)),  # source 1 again
-             forward_record(1, ("eu", 13, None, 7)),
+    specs = [forward_record(1, ("eu", 10, None, 5, None)), forward_record(2, ("us", 11, 3, 9, None)),
+             forward_record(1, ("eu", 12, None, 6, None)),
+             forward_record(1, ("eu", 10, None, 5, None)), forward_record(1, ("eu", 12, None, 6, None)),  # source 1 again
+             forward_record(1, ("eu", 13, None, 7, None)),
              (b"eu", b"{}", []),  # not written by a worker
-             (b"EU", b"", forward_record(1, ("eu", 14, None, 8))[2])]  # key not a normalised region
+             (b"EU", b"", forward_record(1, ("eu", 14, None, 8, None))[2])]  # key not a normalised region
     applied: dict[int, int] = {}
     dead: list = []
-    (events, _, rejected, _), repeats = RecordDecoder(3).decode_forwarded(fetched(specs), 0, applied, dead, MAX_TS)
+    (events, _, rejected, *_), repeats = RecordDecoder(3).decode_forwarded(fetched(specs), 0, applied, dead, MAX_TS)
     assert events == [("eu", 10, None), ("us", 11, 3), ("eu", 12, None), ("eu", 13, None)]
     assert repeats == 2 and applied == {1: 7, 2: 9}
     assert rejected == {"undecodable": 1, "bad_region": 1} and len(dead) == 2
@@ -104,7 +104,7 @@ def test_forwards_go_out_before_the_state_header_and_forwarded_offsets_are_marke
     p = parts.open(0)
     p.book.apply([("eu", 1_000, None)], 10, 1_000)
     p.book.repart_next = 4
-    key, value, headers = forward_record(0, ("us", 1_000, None, 3))
+    key, value, headers = forward_record(0, ("us", 1_000, None, 3, None))
     cp.forward.append((2, key, value, headers))
     asyncio.run(cp.checkpoint([p]))
     sends = [e for e in log if e[0] == "send"]
@@ -119,7 +119,7 @@ def test_a_refused_forward_holds_every_state_and_is_sent_again(tmp_path):
     cp, parts, log, producer = _setup(tmp_path)
     p = parts.open(0)
     p.book.apply([("eu", 1_000, None)], 10, 1_000)
-    cp.forward.append((2, *forward_record(0, ("us", 1_000, None, 3))))
+    cp.forward.append((2, *forward_record(0, ("us", 1_000, None, 3, None))))
     producer.refused.add(CLICKS_REPARTITION)
     asyncio.run(cp.checkpoint([p]))
     assert not [e for e in log if e[0] in ("safe", "confirmed")] and cp.failing

@@ -84,7 +84,7 @@ def test_rebuild_replay_re_spills_the_lost_backlog(tmp_path):
     throttle = Throttle(RateLimits(0, "eu=2"), 1 << 30, m)
     specs = [(b"eu", b'{"region": "eu", "ingest_ts": %d}' % (1_000 + i), []) for i in range(8)]
     recs = fetched(specs, base=100)
-    events, offsets, _, _ = RecordDecoder().decode(recs, 0, 0, True, None, 10**15)
+    events, offsets, *_ = RecordDecoder().decode(recs, 0, 0, True, None, 10**15)
     batch, _ = throttle.limit(p, events, offsets, parts)
     p.book.apply(batch, 108, 2_000)
     backlog = p.spill.ledger.total_backlog()

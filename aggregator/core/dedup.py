@@ -1,0 +1,316 @@
+"""Exact duplicate detection within a horizon: ``Idempotency-Key`` retries and ``event_id``s.
+
+Pure: standard library only.  One ``DedupStore`` per partition of ``clicks``, part of
+the partition's exactly-once state (docs/contract.md §3, "Retries").
+
+What identifies an event (its *dedup id*, computed once where the event enters):
+
+* an event with an ``event_id``: ``event_key(region, event_id)``, a 128-bit BLAKE2b
+  digest of the counted region and the id (so an id is counted once *per region*);
+* else, in a request with an ``Idempotency-Key``: ``(request_key(key), index)``, the
+  128-bit digest of the key and the event's index in the body.  A retry of the same
+  body with the same key repeats every (key, index), whichever ingest process takes it.
+
+Exact: a dedup id is stored whole, never as a filter that could call two distinct ids
+one; two distinct ids collide only if their 128-bit digests do (for N ids within the
+horizon, probability below N²/2¹²⁹: 10⁻²⁰ at 60 million).  An idempotency key keeps a
+bitmap of the indices seen (one bit per index up to the highest), so a request of 1000
+events costs about 250 bytes, not 1000 ids.
+
+Bounded by the horizon: an id belongs to the *bucket* (``horizon / BUCKETS`` of
+ingest time) of the first time it was seen, and a bucket is forgotten once the
+partition's stream time is a whole horizon past its end: a repeat is dropped as long
+as it comes within the horizon of the first sighting (and possibly a bucket longer).
+
+Written incrementally: what a checkpoint adds is ``take_records()`` (changelog records
+of at most ``RECORD_IDS`` ids each, keyed by bucket and sequence number), named in the
+partition's state (``Prepared.to_json()``); buckets that expire leave the index and their
+records are deleted (tombstones) after the state that no longer names them is durable.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from hashlib import blake2b
+from typing import Any
+
+BUCKETS = 10  # a horizon is this many buckets
+DEFAULT_MAX_IDS = 2_000_000  # event ids one partition remembers at most (AGG_DEDUP_MAX_IDS)
+ID_BYTES = 190  # memory of one remembered event id, measured (docs/dedup.md)
+RECORD_IDS = 8_000  # ids per changelog record: 8000 x 33 bytes of hex ~ 264 KB, under statechunks' bound
+
+IDEMPOTENCY_KEY = "idempotency_key"
+EVENT_ID = "event_id"
+SOURCES = (IDEMPOTENCY_KEY, EVENT_ID)  # the label values of clickstream_duplicate_events_total
+
+DedupId = int | tuple[int, int]  # an event id's digest, or (request key's digest, index)
+
+
+def event_key(region: str, event_id: str) -> int:
+    """The dedup id of an event with ``event_id`` counted in ``region``."""
+    return int.from_bytes(blake2b(f"{region}\n{event_id}".encode(), digest_size=16).digest(), "big")
+
+
+def request_key(key: str) -> int:
+    """The digest of an ``Idempotency-Key``."""
+    return int.from_bytes(blake2b(key.encode(), digest_size=16).digest(), "big")
+
+
+def id_field(did: DedupId) -> bytes:
+    """The dedup id as the ingest header's third field: ``e<hex>`` or ``k<hex>.<index>``."""
+    if type(did) is int:
+        return b"e%x" % did
+    kh, i = did  # type: ignore[misc]
+    return b"k%x.%d" % (kh, i)
+
+
+def parse_id_field(raw: bytes) -> DedupId:
+    """``id_field``'s inverse; ValueError when it is not one."""
+    kind = raw[:1]
+    if kind == b"e":
+        return int(raw[1:], 16)
+    if kind == b"k":
+        kh, dot, i = raw[1:].partition(b".")
+        if not dot:
+            raise ValueError("k<hex>.<index> expected")
+        return int(kh, 16), int(i)
+    raise ValueError("dedup id must start with e or k")
+
+
+def _record_key(partition: int, bucket: int, seq: int) -> str:
+    return f"{partition}/d/{bucket}/{seq}"
+
+
+def record_keys(partition: int, buckets: Iterable[tuple[int, int]]) -> list[str]:
+    """The keys of the records of ``(bucket, records)``."""
+    return [_record_key(partition, b, seq) for b, n in buckets for seq in range(n)]
+
+
+class DedupStore:
+    """The ids seen on one partition within the horizon; ``horizon_ms`` 0: no dedup.
+    At most ``max_ids`` event ids (an idempotency key's bitmap costs a bit per index)."""
+
+    __slots__ = ("horizon_ms", "max_ids", "bucket_ms", "events", "keys", "buckets", "written", "pending",
+                 "expiring", "expired", "newest", "evicted")
+
+    def __init__(self, horizon_ms: int, max_ids: int = DEFAULT_MAX_IDS) -> None:
+        self.horizon_ms = horizon_ms
+        self.max_ids = max_ids  # event ids remembered at most (memory: about ID_BYTES each)
+        self.evicted = 0  # ids forgotten before their horizon because of max_ids
+        self.bucket_ms = max(1, horizon_ms // BUCKETS)
+        self.events: dict[int, int] = {}  # event id -> its bucket
+        self.keys: dict[int, list[Any]] = {}  # request key -> [its bucket, bytearray bitmap of indices]
+        self.buckets: dict[int, list[Any]] = {}  # bucket -> the event ids and request keys first seen in it
+        self.written: dict[int, int] = {}  # bucket -> changelog records of it the confirmed state names
+        self.pending: list[tuple[int, DedupId]] = []  # (bucket, id) not written yet
+        self.expiring: list[tuple[int, int]] = []  # (bucket, records) gone from the index of the next state
+        self.expired: list[tuple[int, int]] = []  # (bucket, records) a durable state no longer names: to delete
+        self.newest = 0  # the newest ingest time seen (ms)
+
+    def size(self) -> tuple[int, int]:
+        """-> (event ids, request keys) remembered."""
+        return len(self.events), len(self.keys)
+
+    # ------------------------------------------------------------------ hot path
+    def filter(self, events: Sequence[tuple[Any, int, Any]], ids: Sequence[DedupId | None],
+               offsets: Sequence[int] | None = None,
+               ) -> tuple[list[Any], list[int] | None, dict[tuple[Any, str], int]]:
+        """-> (the events that are not duplicates, their offsets (when given), duplicates
+        by (region, source)).  ``ids[i]`` is the dedup id of ``events[i]`` (None: it has
+        none, always counted).  Ids kept are remembered (and written at the next
+        checkpoint)."""
+        kept: list[Any] = []
+        kept_offsets: list[int] | None = None if offsets is None else []
+        dups: dict[tuple[Any, str], int] = {}
+        seen_events, seen_keys, buckets, pending = self.events, self.keys, self.buckets, self.pending
+        bucket_ms = self.bucket_ms
+        newest = self.newest
+        for n, (ev, did) in enumerate(zip(events, ids, strict=True)):
+            if did is not None:
+                its = ev[1]
+                if its > newest:
+                    newest = its
+                if type(did) is int:
+                    if did in seen_events:
+                        d = (ev[0], EVENT_ID)
+                        dups[d] = dups.get(d, 0) + 1
+                        continue
+                    b = its // bucket_ms
+                    seen_events[did] = b
+                    ids_of = buckets.get(b)
+                    if ids_of is None:
+                        ids_of = buckets[b] = []
+                    ids_of.append(did)
+                else:
+                    kh, i = did  # type: ignore[misc]
+                    entry = seen_keys.get(kh)
+                    byte, bit = i >> 3, 1 << (i & 7)
+                    if entry is None:
+                        b = its // bucket_ms
+                        entry = seen_keys[kh] = [b, bytearray(byte + 1)]
+                        ids_of = buckets.get(b)
+                        if ids_of is None:
+                            ids_of = buckets[b] = []
+                        ids_of.append((kh,))
+                    bitmap = entry[1]
+                    if byte >= len(bitmap):
+                        bitmap.extend(bytes(byte + 1 - len(bitmap)))
+                    elif bitmap[byte] & bit:
+                        d = (ev[0], IDEMPOTENCY_KEY)
+                        dups[d] = dups.get(d, 0) + 1
+                        continue
+                    bitmap[byte] |= bit
+                    b = entry[0]
+                pending.append((b, did))
+            kept.append(ev)
+            if kept_offsets is not None:
+                kept_offsets.append(offsets[n])  # type: ignore[index]
+        self.newest = newest
+        return kept, kept_offsets, dups
+
+    def undo(self, n: int) -> None:
+        """Forget the last ``n`` ids ``filter`` remembered (their batch was not applied: the
+        spill disk refused it, and it is offered again later)."""
+        for b, did in reversed(self.pending[len(self.pending) - n:]):
+            if type(did) is int:
+                del self.events[did]
+                self.buckets[b].pop()
+            else:
+                kh, i = did  # type: ignore[misc]
+                self.keys[kh][1][i >> 3] &= ~(1 << (i & 7)) & 0xFF
+        del self.pending[len(self.pending) - n:]
+
+    # ------------------------------------------------------------------ horizon
+    def expire(self, now_ms: int | None = None) -> int:
+        """Forget the buckets a whole horizon past their end at ``now_ms`` (default: the
+        newest ingest time seen), then, while more than ``max_ids`` event ids are
+        remembered, the oldest bucket (counted in ``evicted``: repeats of those ids within
+        the horizon are no longer caught); -> ids forgotten.  Their records are deleted
+        after the next durable state (``take_expired``)."""
+        now = self.newest if now_ms is None else now_ms
+        limit = (now - self.horizon_ms) // self.bucket_ms  # buckets below it ended a horizon ago
+        gone = 0
+        for b in sorted(b for b in self.buckets if b < limit):
+            gone += self._drop(b)
+        while len(self.events) > self.max_ids and len(self.buckets) > 1:
+            b = min(self.buckets)
+            n = self._drop(b)
+            self.evicted += n
+            gone += n
+            limit = max(limit, b + 1)
+        if gone:
+            self.pending = [(b, did) for b, did in self.pending if b >= limit]
+        return gone
+
+    def _drop(self, b: int) -> int:
+        ids_of = self.buckets.pop(b)
+        for did in ids_of:
+            if type(did) is int:
+                self.events.pop(did, None)
+            else:
+                self.keys.pop(did[0], None)
+        n = self.written.pop(b, 0)
+        if n:
+            self.expiring.append((b, n))
+        return len(ids_of)
+
+    # ------------------------------------------------------------------ changelog
+    def take_records(self, partition: int) -> tuple[list[tuple[str, dict[str, Any]]], Prepared]:
+        """-> (the changelog records of the ids not written yet (key, JSON value), what the
+        state written with them holds: ``Prepared.index`` names those records and every
+        earlier one of the live buckets).  Nothing changes until ``confirm(prepared)``: a
+        write that fails is prepared again, whole."""
+        by_bucket: dict[int, list[DedupId]] = {}
+        for b, did in self.pending:
+            by_bucket.setdefault(b, []).append(did)
+        index = dict(self.written)
+        records: list[tuple[str, dict[str, Any]]] = []
+        for b in sorted(by_bucket):
+            dids = by_bucket[b]
+            seq = index.get(b, 0)
+            for at in range(0, len(dids), RECORD_IDS):
+                records.append((_record_key(partition, b, seq), _record_value(dids[at:at + RECORD_IDS])))
+                seq += 1
+            index[b] = seq
+        return records, Prepared(index, len(self.pending), len(self.expiring))
+
+    def confirm(self, prepared: Prepared) -> None:
+        """The state holding ``prepared.index`` is durable: its pending ids are written, and
+        the records of the buckets it no longer names may be deleted."""
+        self.written.update(prepared.index)
+        del self.pending[:prepared.n_pending]
+        self.expired += self.expiring[:prepared.n_expiring]
+        del self.expiring[:prepared.n_expiring]
+
+    def take_expired(self) -> list[tuple[int, int]]:
+        """(bucket, records) of the buckets a durable state no longer names: delete their
+        records (``record_keys``); a delete that fails is given back with ``expired[:0] = ...``."""
+        taken, self.expired = self.expired, []
+        return taken
+
+    def load(self, partition: int, index: Any, record: Callable[[str], Any]) -> None:
+        """Restore from a state's ``index`` and the stored records (``record(key)`` -> its
+        JSON value, None when missing: ValueError)."""
+        if not index:
+            return
+        for b_text, n in sorted(index.items(), key=lambda kv: int(kv[0])):
+            b = int(b_text)
+            ids_of = self.buckets.setdefault(b, [])
+            for seq in range(int(n)):
+                value = record(_record_key(partition, b, seq))
+                if not isinstance(value, dict):
+                    raise ValueError(f"partition {partition}: dedup record {b}/{seq} is missing")
+                self._load_value(b, value, ids_of)
+            self.written[b] = int(n)
+            self.newest = max(self.newest, (b + 1) * self.bucket_ms - 1)
+
+    def _load_value(self, b: int, value: dict[str, Any], ids_of: list[Any]) -> None:
+        text = value.get("e", "")
+        for at in range(0, len(text), 32):
+            did = int(text[at:at + 32], 16)
+            if did not in self.events:
+                self.events[did] = b
+                ids_of.append(did)
+        for kh_text, indices in value.get("k", {}).items():
+            kh = int(kh_text, 16)
+            entry = self.keys.get(kh)
+            if entry is None:
+                entry = self.keys[kh] = [b, bytearray()]
+                ids_of.append((kh,))
+            bitmap = entry[1]
+            for i in indices:
+                byte = i >> 3
+                if byte >= len(bitmap):
+                    bitmap.extend(bytes(byte + 1 - len(bitmap)))
+                bitmap[byte] |= 1 << (i & 7)
+
+
+class Prepared:
+    """What a state about to be written holds of a ``DedupStore``."""
+
+    __slots__ = ("index", "n_pending", "n_expiring")
+
+    def __init__(self, index: dict[int, int], n_pending: int, n_expiring: int) -> None:
+        self.index = index  # bucket -> records
+        self.n_pending = n_pending
+        self.n_expiring = n_expiring
+
+    def to_json(self) -> dict[str, int]:
+        return {str(b): n for b, n in sorted(self.index.items())}
+
+
+def _record_value(dids: Iterable[DedupId]) -> dict[str, Any]:
+    """``{"e": "<32 hex digits per event id>", "k": {"<key hex>": [indices]}}``."""
+    events: list[str] = []
+    keys: dict[str, list[int]] = {}
+    for did in dids:
+        if type(did) is int:
+            events.append(f"{did:032x}")
+        else:
+            kh, i = did  # type: ignore[misc]
+            keys.setdefault(f"{kh:032x}", []).append(i)
+    value: dict[str, Any] = {}
+    if events:
+        value["e"] = "".join(events)
+    if keys:
+        value["k"] = keys
+    return value

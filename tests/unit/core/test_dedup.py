@@ -1,0 +1,189 @@
+"""core.dedup: exact, bounded by the horizon, restored from its records, never applied twice."""
+from __future__ import annotations
+
+import random
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.core.dedup import (
+    EVENT_ID,
+    IDEMPOTENCY_KEY,
+    RECORD_IDS,
+    DedupStore,
+    event_key,
+    id_field,
+    parse_id_field,
+    record_keys,
+    request_key,
+)
+from aggregator.core.statechunks import MAX_RECORD_BYTES
+
+H = 600_000  # the default horizon (ms)
+T0 = 1_700_000_000_000
+
+
+def _events(n: int, region: str = "eu", its: int = T0) -> list[tuple[str, int, None]]:
+    return [(region, its, None) for _ in range(n)]
+
+
+def test_ids_are_stable_per_region_and_round_trip_the_header_field() -> None:
+    assert event_key("eu", "a") == event_key("eu", "a") != event_key("us", "a")
+    assert event_key("eu", "a") != event_key("eu", "b")
+    assert event_key("eu", "a").bit_length() <= 128
+    for did in (event_key("eu", "x"), (request_key("k-1"), 0), (request_key("k-1"), 7999)):
+        assert parse_id_field(id_field(did)) == did
+    for bad in (b"", b"x12", b"kabc", b"e", b"kzz.1"):
+        with pytest.raises(ValueError):
+            parse_id_field(bad)
+
+
+def test_a_retried_body_counts_once_and_a_partial_first_attempt_is_completed() -> None:
+    store = DedupStore(H)
+    kh = request_key("retry-me")
+    first = _events(40)
+    kept, _, dups = store.filter(first, [(kh, i) for i in range(0, 80, 2)])  # half the body arrived
+    assert len(kept) == 40 and not dups
+    retry = _events(80, its=T0 + 5_000)
+    kept, _, dups = store.filter(retry, [(kh, i) for i in range(80)])
+    assert len(kept) == 40  # only the indices the first attempt did not store
+    assert dups == {("eu", IDEMPOTENCY_KEY): 40}
+    kept, _, dups = store.filter(retry, [(kh, i) for i in range(80)])
+    assert kept == [] and dups == {("eu", IDEMPOTENCY_KEY): 80}
+
+
+def test_event_ids_repeat_within_a_batch_and_across_batches_and_events_without_ids_always_count() -> None:
+    store = DedupStore(H)
+    a, b = event_key("eu", "a"), event_key("eu", "b")
+    events = _events(5)
+    kept, offsets, dups = store.filter(events, [a, a, None, b, None], [10, 11, 12, 13, 14])
+    assert len(kept) == 4 and offsets == [10, 12, 13, 14]
+    assert dups == {("eu", EVENT_ID): 1}
+    kept, _, dups = store.filter(_events(2), [b, None])
+    assert len(kept) == 1 and dups == {("eu", EVENT_ID): 1}
+
+
+def test_ids_are_forgotten_only_a_whole_horizon_after_their_bucket() -> None:
+    store = DedupStore(H)
+    did = event_key("eu", "old")
+    store.filter(_events(1), [did])
+    store.expire(T0 + H - 1)
+    assert store.filter(_events(1, its=T0 + H - 1), [did])[0] == []  # still within the horizon
+    store.expire(T0 + H + store.bucket_ms + 1)
+    assert store.size() == (0, 0)
+    assert len(store.filter(_events(1, its=T0 + H + store.bucket_ms + 1), [did])[0]) == 1
+
+
+def _round_trip(store: DedupStore, partition: int, stored: dict[str, object]) -> DedupStore:
+    """Write what ``store`` has pending as its checkpoint would (JSON), restore a new store."""
+    records, prepared = store.take_records(partition)
+    for key, value in records:
+        stored[key] = orjson.loads(orjson.dumps(value))
+    store.confirm(prepared)
+    for key in record_keys(partition, store.take_expired()):
+        stored.pop(key)
+    index = orjson.loads(orjson.dumps(prepared.to_json()))
+    again = DedupStore(H)
+    again.load(partition, index, stored.get)
+    return again
+
+
+def test_restored_store_drops_what_the_original_would_and_keeps_nothing_twice() -> None:
+    rng = random.Random(7)
+    store = DedupStore(H)
+    stored: dict[str, object] = {}
+    seen: list[object] = []
+    for step in range(6):
+        ids: list[object] = []
+        for _ in range(3000):
+            if seen and rng.random() < 0.3:
+                ids.append(rng.choice(seen))
+            elif rng.random() < 0.5:
+                ids.append(event_key("eu", f"e{rng.randrange(10**9)}"))
+            else:
+                ids.append((request_key(f"k{rng.randrange(50)}"), rng.randrange(2000)))
+        store.filter(_events(len(ids), its=T0 + step * 70_000), ids)
+        seen += ids[:100]
+        store.expire()
+        restored = _round_trip(store, 3, stored)
+        probe = seen[-200:] + [event_key("eu", "never")]
+        assert restored.filter(_events(len(probe), its=store.newest), probe)[0] == \
+            store.filter(_events(len(probe), its=store.newest), probe)[0]
+    assert all(key.startswith("3/d/") for key in stored)
+    live = {int(k.split("/")[2]) for k in stored}
+    assert live == set(store.buckets)  # expired buckets' records were deleted
+
+
+def test_undo_forgets_exactly_the_last_batch() -> None:
+    store = DedupStore(H)
+    kh = request_key("k")
+    store.filter(_events(2), [event_key("eu", "a"), (kh, 0)])
+    before = (dict(store.events), {k: (b, bytes(m)) for k, (b, m) in store.keys.items()}, list(store.pending))
+    batch = [event_key("eu", "b"), (kh, 1), event_key("eu", "a"), (kh, 9)]
+    n_before = len(store.pending)
+    kept, _, _ = store.filter(_events(4), batch)
+    assert len(kept) == 3
+    store.undo(len(store.pending) - n_before)
+    assert store.events == before[0] and list(store.pending) == before[2]
+    assert {k: (b, bytes(m).rstrip(b"\0")) for k, (b, m) in store.keys.items()} == \
+        {k: (b, m.rstrip(b"\0")) for k, (b, m) in before[1].items()}
+    assert len(store.filter(_events(4), batch)[0]) == 3  # offered again: the same answer
+
+
+def test_a_failed_write_is_prepared_again_whole() -> None:
+    store = DedupStore(H)
+    store.filter(_events(3), [event_key("eu", str(i)) for i in range(3)])
+    records, _ = store.take_records(0)  # not confirmed: the write failed
+    store.filter(_events(2), [event_key("eu", str(i)) for i in range(3, 5)])
+    again, prepared = store.take_records(0)
+    assert [k for k, _ in again] == [k for k, _ in records]  # the same keys, rewritten
+    assert len(again[0][1]["e"]) == 5 * 32
+    store.confirm(prepared)
+    assert store.take_records(0)[0] == []
+
+
+def test_records_stay_under_the_state_record_bound() -> None:
+    store = DedupStore(H)
+    n = RECORD_IDS * 2 + 5
+    store.filter(_events(n), [event_key("eu", str(i)) for i in range(n)])
+    kh = request_key("big")
+    store.filter(_events(n), [(kh, i) for i in range(n)])
+    records, prepared = store.take_records(0)
+    assert len(records) >= 4
+    assert max(len(orjson.dumps(v)) for _, v in records) < MAX_RECORD_BYTES
+    assert sum(prepared.index.values()) == len(records)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.booleans(), st.integers(0, 40)), max_size=200),
+       st.integers(1, 50))
+def test_against_a_reference_set(stream: list[tuple[int, bool, int]], cut: int) -> None:
+    """Any batching, with a checkpoint and restore in the middle, keeps exactly the first
+    sighting of every id (all within one horizon)."""
+    ids: list[object] = [event_key("r", str(x)) if is_event else (request_key(str(x % 3)), x)
+                         for x, is_event, _ in stream]
+    expected = []
+    first: set[object] = set()
+    for n, did in enumerate(ids):
+        if did not in first:
+            first.add(did)
+            expected.append(n)
+    store = DedupStore(H)
+    events = [("r", T0 + n, n) for n in range(len(ids))]
+    kept, _, _ = store.filter(events[:cut], ids[:cut])
+    restored = _round_trip(store, 0, {})
+    rest, _, _ = restored.filter(events[cut:], ids[cut:])
+    assert [e[2] for e in kept + rest] == expected
+
+
+def test_beyond_max_ids_the_oldest_buckets_go_first_and_are_counted() -> None:
+    store = DedupStore(H, max_ids=250)
+    step = H // 10
+    for k in range(5):
+        store.filter(_events(100, its=T0 + k * step), [event_key("eu", f"{k}-{i}") for i in range(100)])
+    store.expire()
+    assert store.size()[0] <= 250 and store.evicted == 300
+    assert len(store.filter(_events(1, its=T0 + 5 * step), [event_key("eu", "0-1")])[0]) == 1  # evicted
+    assert store.filter(_events(1, its=T0 + 5 * step), [event_key("eu", "4-1")])[0] == []  # kept
