@@ -24,6 +24,7 @@ class TruthJSON(TypedDict):
     elapsed_s: NotRequired[float]
     achieved_rate: NotRequired[float]
     target_rate: NotRequired[float]
+    duplicates: NotRequired[dict[str, int]]  # what the generator sent twice on purpose (--retry-fraction)
 
 
 def expected_windows(truth: TruthJSON) -> set[tuple[str, int]]:
@@ -83,6 +84,10 @@ def audit(truth: TruthJSON, snapshots: Sequence[Snapshot], spilled_regions: Set[
                 problems.append(f"{key[0]} window {key[1]}: count {pub['count']} over expected {n}")
         elif pub["count"] != n:
             problems.append(f"{key[0]} window {key[1]}: count {pub['count']} != expected {n}")
+    dup = truth.get("duplicates", {})
+    if dup.get("retry_answer_mismatches"):
+        problems.append(f"{dup['retry_answer_mismatches']} retried bodies got other accepted/rejected counts than "
+                        "their first attempt")
     for key, snap in sorted(published.items()):
         if key not in expected and snap["count"] != 0:
             problems.append(f"{key[0]} window {key[1]}: unexpected count {snap['count']}")
@@ -102,6 +107,13 @@ def audit(truth: TruthJSON, snapshots: Sequence[Snapshot], spilled_regions: Set[
             if e != g:
                 problems.append(f"{region} late {reason}: {g} != expected {e}")
     return problems
+
+
+def over_counted(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> int:
+    """Events published beyond the truth, summed over (region, window): double counts."""
+    expected = {(r, int(w)): n for r, per in truth["counts"].items() for w, n in per.items()}
+    published = {(s["region"], int(s["window_start"])): s["count"] for s in snapshots}
+    return sum(max(0, n - expected.get(key, 0)) for key, n in published.items())
 
 
 def table(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> str:

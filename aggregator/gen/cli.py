@@ -23,7 +23,7 @@ from aggregator.broker.embedded import BrokerError
 from aggregator.broker.security import PLAINTEXT, KafkaSecurity
 from aggregator.cli import KAFKA_CLIENT_FIELDS, Failure, _config_option, _debug_option, load_settings, settings_options
 from aggregator.core.contract import Snapshot
-from aggregator.gen.audit import audit, fetch_topic_snapshots, missing_windows, table
+from aggregator.gen.audit import audit, fetch_topic_snapshots, missing_windows, over_counted, table
 from aggregator.gen.generator import generate
 
 GEN_FIELDS = ("window_seconds", "late_after_seconds", "ingest_token", "web_host", "web_port", *KAFKA_CLIENT_FIELDS)
@@ -89,7 +89,11 @@ CTX = {"show_default": True}
 
 
 @click.command("gen", context_settings=CTX)
-@click.option("--url", default=None, help=URL_HELP)
+@click.option("--url", default=None, help=URL_HELP + "; several, comma-separated: requests go round-robin")
+@click.option("--retry-fraction", type=click.FloatRange(0, 1), default=0.0,
+              help="fraction of accepted bodies sent again with their Idempotency-Key (to another --url when "
+                   "there are several), and of events repeating a recent event_id: the service must count each "
+                   "once")
 @click.option("--rate", type=click.FloatRange(min=0), default=200.0, help="target events/s (0: as fast as possible)")
 @click.option("--count", type=click.IntRange(min=0), default=0, help="events to send (0: rate x duration)")
 @click.option("--duration", type=click.FloatRange(min=0), default=60.0, help="seconds, when --count is not given")
@@ -117,11 +121,12 @@ CTX = {"show_default": True}
 def gen_command(**kw: Any) -> int:
     """Send a synthetic click-stream over HTTP (or straight to Kafka), with exact ground truth."""
     settings = load_settings(kw, GEN_FIELDS)
-    url = (kw["url"] or default_url(settings)).rstrip("/")
+    url = ",".join(u.strip().rstrip("/") for u in (kw["url"] or default_url(settings)).split(",") if u.strip())
     kafka = kafka_bootstrap(kw["kafka"], settings)
     count = kw["count"] or int(kw["rate"] * kw["duration"])
     if not kafka:
-        wait_for_service(url, CONNECT_WAIT)
+        for one in url.split(","):
+            wait_for_service(one, CONNECT_WAIT)
     security = settings.kafka_security()
     failures: list[BaseException] = []
 
@@ -143,7 +148,7 @@ def gen_command(**kw: Any) -> int:
             token=settings.ingest_token, concurrency=kw["concurrency"], progress_interval=kw["progress_interval"],
             kafka=kafka, hot_region=kw["hot_region"], burst_multiplier=kw["burst_multiplier"],
             burst_start=kw["burst_start"], burst_duration=kw["burst_duration"], clock_skew_ms=kw["clock_skew_ms"],
-            security=security)
+            security=security, retry_fraction=kw["retry_fraction"])
 
     try:
         truth = asyncio.run(quiet_generate())
@@ -215,6 +220,11 @@ def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: floa
     spilled = frozenset(r.strip().lower() for r in spilled_regions.split(",") if r.strip())
     problems = audit(truth, snaps, spilled)
     print(table(truth, snaps))
+    dup = truth.get("duplicates") or {}
+    if dup.get("retried_bodies") or dup.get("reused_ids"):
+        print(f"\naudit: the generator sent {dup.get('retried_events', 0)} events again in "
+              f"{dup.get('retried_bodies', 0)} retried bodies and {dup.get('reused_ids', 0)} events repeating an "
+              f"event_id; double counts: {over_counted(truth, snaps)} (must be 0)")
     if problems:
         print(f"\nAUDIT FAILED: {len(problems)} mismatches", file=sys.stderr)
         for p in problems:

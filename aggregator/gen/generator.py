@@ -7,6 +7,7 @@ counts per (region, window) as JSON.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import random
 import sys
@@ -38,6 +39,10 @@ class Truth:
         self.sent = 0
         self.elapsed_s = 0.0
         self.target_rate = 0.0
+        self.retried_bodies = 0  # bodies sent again with their Idempotency-Key (--retry-fraction)
+        self.retried_events = 0  # accepted events in them: each a duplicate the service must drop
+        self.reused_ids = 0  # events that repeat an earlier accepted event's event_id (region too)
+        self.retry_mismatches = 0  # retries answered with other accepted/rejected counts than the first
 
     def add(self, regions: list[str], ingest_ts: int) -> None:
         ws = str(ingest_ts - ingest_ts % self.window_ms)
@@ -53,7 +58,9 @@ class Truth:
         return {"window_ms": self.window_ms, "accepted": self.accepted, "rejected": self.rejected,
                 "sent": self.sent, "elapsed_s": round(self.elapsed_s, 3),
                 "achieved_rate": round(self.achieved_rate, 1), "target_rate": self.target_rate,
-                "counts": self.counts, "late": self.late}
+                "counts": self.counts, "late": self.late,
+                "duplicates": {"retried_bodies": self.retried_bodies, "retried_events": self.retried_events,
+                               "reused_ids": self.reused_ids, "retry_answer_mismatches": self.retry_mismatches}}
 
     @property
     def achieved_rate(self) -> float:
@@ -79,7 +86,8 @@ class EventSource:
 
     def __init__(self, seed: int, regions: int, skew: float = 1.1, bad_fraction: float = 0.0,
                  delayed_fraction: float = 0.0, late_after_ms: int = 300_000,
-                 hot_region: str = "", burst_multiplier: float = 1.0, clock_skew_ms: int = 0) -> None:
+                 hot_region: str = "", burst_multiplier: float = 1.0, clock_skew_ms: int = 0,
+                 reuse_fraction: float = 0.0) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.names = region_names(regions)
@@ -95,6 +103,18 @@ class EventSource:
         self.delayed_fraction = delayed_fraction
         self.late_after_ms = late_after_ms
         self.n = 0
+        # a fraction of events repeat the (region, event_id) of a recent accepted one: a
+        # duplicate the service drops (docs/contract.md §3, Retries); last_dups: their indices
+        self.reuse_fraction = reuse_fraction
+        self.pool: collections.deque[tuple[str, str]] = collections.deque(maxlen=10_000)
+        self.last_dups: set[int] = set()
+
+    def accepted(self, lines: list[bytes], regs: list[str | None], rejected: set[int]) -> None:
+        """Events of an answered request that were accepted: ids that may be repeated later."""
+        if self.reuse_fraction:
+            for i, (line, r) in enumerate(zip(lines, regs, strict=True)):
+                if r is not None and i not in rejected:
+                    self.pool.append((r, orjson.loads(line)["event_id"]))
 
     def batch(self, n: int, now_ms: int, burst: bool = False
               ) -> tuple[list[bytes], list[str | None], list[int]]:
@@ -105,8 +125,16 @@ class EventSource:
         lines: list[bytes] = []
         regs: list[str | None] = []
         delayed: list[int] = []
-        for _ in range(n):
+        self.last_dups = set()
+        for i in range(n):
             self.n += 1
+            if self.pool and rng.random() < self.reuse_fraction:
+                r, eid = self.pool[rng.randrange(len(self.pool))]
+                lines.append(orjson.dumps({"region": r, "event_id": eid, "user_id": "dup"}))
+                regs.append(r)
+                delayed.append(now_ms)
+                self.last_dups.add(i)
+                continue
             if rng.random() < self.bad_fraction:
                 lines.append(orjson.dumps({"region": "bad region/" + str(rng.randrange(9)),
                                            "event_id": f"{self.seed}-{self.n}"}))
@@ -130,15 +158,27 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                    token: str = "", concurrency: int = 4, progress: bool = True,
                    progress_interval: float = 5.0, kafka: str = "", hot_region: str = "",
                    burst_multiplier: float = 1.0, burst_start: float = 0.0, burst_duration: float = 0.0,
-                   clock_skew_ms: int = 0, security: KafkaSecurity = PLAINTEXT) -> Truth:
+                   clock_skew_ms: int = 0, security: KafkaSecurity = PLAINTEXT,
+                   retry_fraction: float = 0.0) -> Truth:
     """Send ``count`` events at ``rate``/s over HTTP to ``url`` (or, with ``kafka`` a
     bootstrap address, produce them straight to topic ``clicks`` with value = event plus
     ``ingest_ts`` = now ms, with TLS/SASL as ``security`` says) and return the exact ground
-    truth.  A refused Kafka login raises ``KafkaLoginError`` before anything is sent."""
+    truth.  A refused Kafka login raises ``KafkaLoginError`` before anything is sent.
+
+    Every request carries an ``Idempotency-Key``, so a retry after a 503 or a broken
+    connection counts once.  ``url`` may list several ingest processes (comma-separated):
+    requests go round-robin.  ``retry_fraction``: that fraction of accepted bodies is sent
+    again with the same key (half at once, half after up to 2 s; to another process when
+    there are several), and that fraction of events (over HTTP or Kafka) repeats the
+    ``event_id`` of a recent accepted one; the truth counts each event once."""
     source = EventSource(seed, regions, skew=skew, bad_fraction=bad_fraction,
                          delayed_fraction=delayed_fraction, late_after_ms=late_after_ms,
                          hot_region=hot_region, burst_multiplier=burst_multiplier,
-                         clock_skew_ms=clock_skew_ms)
+                         clock_skew_ms=clock_skew_ms, reuse_fraction=retry_fraction)
+    urls = [u.rstrip("/") for u in url.split(",") if u.strip()]
+    retry_rng = random.Random(seed ^ 0x5EED)
+    requests = 0
+    retries: set[asyncio.Task[None]] = set()
     truth = Truth(window_ms)
     truth.target_rate = rate
     headers = {"Content-Type": "application/x-ndjson"}
@@ -152,27 +192,54 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
     def is_late(cts: int, ingest_ts: int) -> bool:
         return ingest_ts - cts > late_after_ms
 
-    async def post(session: aiohttp.ClientSession, lines: list[bytes], regs: list[str | None],
-                   delayed: list[int]) -> None:
-        body = b"\n".join(lines)
+    async def send(session: aiohttp.ClientSession, target: str, body: bytes, key: str) -> dict[str, Any]:
+        """POST until answered 200 (a 503 or a broken connection: again, with the same key)."""
+        h = dict(headers, **{"Idempotency-Key": key})
         for _attempt in range(20):
             try:
-                async with session.post(url + "/v1/events", data=body, headers=headers) as resp:
+                async with session.post(target + "/v1/events", data=body, headers=h) as resp:
                     if resp.status == 503:
                         await asyncio.sleep(0.5)
                         continue
                     resp.raise_for_status()
-                    ans = await resp.json()
-                    break
+                    ans: dict[str, Any] = await resp.json()
+                    return ans
             except aiohttp.ClientConnectionError:
                 await asyncio.sleep(0.5)
-        else:
-            raise RuntimeError("ingest kept failing; giving up")
+        raise RuntimeError("ingest kept failing; giving up")
+
+    async def resend(session: aiohttp.ClientSession, target: str, body: bytes, key: str, first: dict[str, Any],
+                     delay: float) -> None:
+        await asyncio.sleep(delay)
+        ans = await send(session, target, body, key)
+        truth.retried_bodies += 1
+        truth.retried_events += first["accepted"]
+        if (ans["accepted"], ans["rejected"]) != (first["accepted"], first["rejected"]):
+            truth.retry_mismatches += 1
+
+    async def post(session: aiohttp.ClientSession, lines: list[bytes], regs: list[str | None],
+                   delayed: list[int]) -> None:
+        nonlocal requests
+        dups = source.last_dups
+        n_req = requests
+        requests += 1
+        target = urls[n_req % len(urls)]
+        key = f"gen-{seed}-{n_req}"
+        body = b"\n".join(lines)
+        ans = await send(session, target, body, key)
         bad = {e["index"] for e in ans["errors"]}
         truth.accepted += ans["accepted"]
         truth.rejected += ans["rejected"]
+        if retry_fraction and retry_rng.random() < retry_fraction:
+            other = urls[(n_req + 1) % len(urls)]
+            t = asyncio.create_task(resend(session, other, body, key, ans, retry_rng.choice((0.0, 2.0 * retry_rng.random()))))
+            retries.add(t)
+            t.add_done_callback(retries.discard)
         ok_regions = []
         for i, r in enumerate(regs):
+            if i in dups:
+                truth.reused_ids += 1
+                continue
             if i in bad or r is None:
                 continue
             if is_late(delayed[i], ans["ingest_ts"]):
@@ -180,10 +247,12 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             else:
                 ok_regions.append(r)
         truth.add(ok_regions, ans["ingest_ts"])
+        source.accepted(lines, regs, bad | dups)
 
     async def produce(producer: Any, lines: list[bytes], regs: list[str | None],
                       delayed: list[int]) -> None:
         ingest_ts = int(time.time() * 1000)  # one per batch, like an HTTP request
+        dups = source.last_dups
         futs = []
         for line, r in zip(lines, regs, strict=True):
             d = orjson.loads(line)
@@ -192,16 +261,20 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             futs.append(await producer.send(CLICKS, orjson.dumps(d), key=key))
         await asyncio.gather(*futs)  # acknowledged by the broker
         ok_regions = []
-        for r, d in zip(regs, delayed, strict=True):
+        for i, (r, d) in enumerate(zip(regs, delayed, strict=True)):
             if r is None:
                 truth.rejected += 1  # the worker sends it to clicks-dlq
                 continue
             truth.accepted += 1
+            if i in dups:
+                truth.reused_ids += 1
+                continue
             if is_late(d, ingest_ts):
                 truth.add_late(r, "client_delay")
             else:
                 ok_regions.append(r)
         truth.add(ok_regions, ingest_ts)
+        source.accepted(lines, regs, dups)
 
     sink: Callable[[list[bytes], list[str | None], list[int]], Coroutine[Any, Any, None]]
     async with contextlib.AsyncExitStack() as stack:
@@ -244,6 +317,8 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                       file=sys.stderr, flush=True)
         if tasks:
             await asyncio.gather(*tasks)
+        if retries:
+            await asyncio.gather(*retries)
     el = max(1e-9, time.monotonic() - start)
     truth.sent = sent
     truth.elapsed_s = el

@@ -1,0 +1,197 @@
+"""Retry-safe ingest (docs/contract.md §3, "Retries"): a body retried with its
+``Idempotency-Key`` and an ``event_id`` sent again are counted once — after a client
+timeout, after a 503 that stored part of the first attempt (the broker stalled with
+SIGSTOP), through a second ingest process, and across a SIGKILL of the worker between
+attempt and retry — and every final count is exact."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import orjson
+import pytest
+
+from aggregator.broker import ensure_topics
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _body(region: str, n: int, bad: int = 0, ids: str | None = None) -> bytes:
+    """``n`` events of ``region`` (with ``event_id``s ``<ids>-<i>`` when given) and ``bad``
+    invalid ones among them."""
+    events: list[dict] = []
+    for i in range(n):
+        ev: dict = {"region": region, "user_id": f"u{i}"}
+        if ids is not None:
+            ev["event_id"] = f"{ids}-{i}"
+        events.append(ev)
+    for i in range(bad):
+        events.insert(i * 3, {"region": "not a region!"})
+    return orjson.dumps(events)
+
+
+def _post(url: str, body: bytes, key: str | None, timeout: float = 30.0) -> tuple[int, dict | None]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    req = urllib.request.Request(url + "/v1/events", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
+def _counted(svc, regions: dict[str, int], timeout: float = 40.0) -> dict[str, int]:
+    """Wait until the final snapshots of ``regions`` add up to at least the expected counts
+    and stay put for two windows; -> the counts (asserted equal by the caller)."""
+    def totals() -> dict[str, int]:
+        out = dict.fromkeys(regions, 0)
+        for s in svc.snapshots():
+            if s["region"] in out:
+                out[s["region"]] += s["count"]
+        return out
+
+    wait_for(lambda: all(totals()[r] >= n for r, n in regions.items()), timeout, what=f"counts {regions}")
+    time.sleep(4.5)  # two more windows (2 s) close: a late duplicate would show
+    return totals()
+
+
+def _duplicates(svc) -> dict[tuple[str, str], float]:
+    out = {}
+    for line in svc.metrics_text().splitlines():
+        if line.startswith("clickstream_duplicate_events_total{"):
+            labels = dict(part.split("=") for part in line[line.index("{") + 1:line.index("}")].split(","))
+            out[(labels["region"].strip('"'), labels["source"].strip('"'))] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_retries_and_repeated_event_ids_count_once(broker, service_factory):
+    import asyncio
+    asyncio.run(ensure_topics(broker.bootstrap, 4))
+    svc = service_factory("a").start()
+    second = service_factory("ingest2", AGG_ROLE="ingest").start()
+    # 1. a retried body: the same answer, counted once (with invalid events in it)
+    body = _body("retry", 300, bad=7)
+    first = _post(svc.url, body, "body-1")
+    again = _post(svc.url, body, "body-1")
+    assert first[0] == again[0] == 200
+    assert (first[1]["accepted"], first[1]["rejected"]) == (again[1]["accepted"], again[1]["rejected"]) == (300, 7)
+    # 2. a client that gave up waiting (timeout) and retried
+    body = _body("timeout", 500)
+    try:
+        _post(svc.url, body, "body-2", timeout=0.001)
+    except OSError:
+        pass  # timed out: whether it was stored is unknown to the client
+    assert _post(svc.url, body, "body-2")[0] == 200
+    # 3. the retry goes to another ingest process
+    body = _body("other", 200)
+    assert _post(svc.url, body, "body-3")[0] == 200
+    assert _post(second.url, body, "body-3")[0] == 200
+    # 4. event ids repeated across requests (no key), and the same ids in another region
+    assert _post(svc.url, _body("ids", 100, ids="e"), None)[0] == 200
+    assert _post(second.url, _body("ids", 150, ids="e"), None)[0] == 200  # 100 repeats + 50 new
+    assert _post(svc.url, _body("ids-b", 100, ids="e"), None)[0] == 200  # other region: all new
+    # 5. a key that is not one is refused, nothing of its body stored
+    assert _post(svc.url, _body("retry", 5), "two words")[0] == 400
+    assert _post(svc.url, _body("retry", 5), "k" * 256)[0] == 400
+    # 6. a different key is a different request
+    assert _post(svc.url, _body("retry", 10), "body-4")[0] == 200
+    expected = {"retry": 310, "timeout": 500, "other": 200, "ids": 150, "ids-b": 100}
+    assert _counted(svc, expected) == expected
+    dups = _duplicates(svc)
+    assert dups[("retry", "idempotency_key")] == 300
+    assert dups[("other", "idempotency_key")] == 200
+    assert dups[("ids", "event_id")] == 100
+    assert ("ids-b", "event_id") not in dups
+
+
+def test_a_worker_killed_between_attempt_and_retry_counts_once(broker, service_factory):
+    import asyncio
+    asyncio.run(ensure_topics(broker.bootstrap, 4))
+    svc = service_factory("k").start()
+    body = _body("killed", 400)
+    assert _post(svc.url, body, "kill-1")[0] == 200
+    wait_for(lambda: "clickstream_dedup_ids{kind=\"idempotency_key\"} 1.0" in svc.metrics_text(), 20,
+             what="the key remembered")
+    time.sleep(1.5)  # a checkpoint (AGG_STATE_FLUSH_SECONDS) writes it
+    svc.kill()
+    svc.start()
+    assert _post(svc.url, body, "kill-1")[0] == 200
+    assert _post(svc.url, _body("killed", 30, ids="after"), None)[0] == 200
+    assert _counted(svc, {"killed": 430}) == {"killed": 430}
+    assert _duplicates(svc)[("killed", "idempotency_key")] == 400
+
+
+def test_a_retry_after_a_503_that_stored_part_of_the_body_counts_once(stoppable_broker, tmp_path):
+    """The broker stalls (SIGSTOP) while a big body is being produced: ingest answers 503
+    after its timeout with part of the body already stored; the broker comes back and the
+    client retries with the same key: every event counted exactly once."""
+    import asyncio
+
+    from tests.integration.conftest import Service
+
+    b = stoppable_broker
+    asyncio.run(ensure_topics(b.bootstrap, 4))
+    svc = Service(b.url, tmp_path / "s").start()
+    try:
+        pid = b.proc.pid if getattr(b, "proc", None) is not None else b.pid
+        n = 60_000
+        regions = [f"stall-{i}" for i in range(4)]
+        events = [{"region": regions[i % 4], "user_id": f"u{i}"} for i in range(n)]
+        body = orjson.dumps(events)
+        answers: list = []
+        t = threading.Thread(target=lambda: answers.append(_post(svc.url, body, "stall-1", timeout=60)))
+        t.start()
+        time.sleep(0.15)  # part of the body is produced...
+        os.kill(pid, signal.SIGSTOP)  # ...then the broker stalls
+        try:
+            t.join(30)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert answers and answers[0][0] in (200, 503)
+        for _ in range(30):
+            status, ans = _post(svc.url, body, "stall-1")
+            if status == 200:
+                break
+            time.sleep(1)
+        assert status == 200 and ans["accepted"] == n
+        expected = dict.fromkeys(regions, n // 4)
+        assert _counted(svc, expected, timeout=60) == expected
+    finally:
+        svc.kill()
+
+
+def test_gen_retry_fraction_across_two_ingest_processes_audits_exactly(broker, service_factory, tmp_path):
+    """``aggregator gen --retry-fraction``: bodies sent again (to the other ingest process,
+    at once or later) and event ids repeated; ``aggregator audit`` finds every count exact
+    and reports the duplicates it was sent."""
+    import asyncio
+    import json
+    import subprocess
+    import sys
+
+    asyncio.run(ensure_topics(broker.bootstrap, 4))
+    svc = service_factory("g").start()
+    second = service_factory("g2", AGG_ROLE="ingest").start()
+    truth_path = tmp_path / "truth.json"
+    res = subprocess.run([sys.executable, "-m", "aggregator", "gen", "--url", f"{svc.url},{second.url}",
+                          "--rate", "600", "--count", "3000", "--batch", "50", "--regions", "5", "--seed", "11",
+                          "--window-seconds", "2", "--bad-fraction", "0.02", "--retry-fraction", "0.3",
+                          "--truth", str(truth_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    truth = json.loads(truth_path.read_text())
+    dup = truth["duplicates"]
+    assert dup["retried_bodies"] > 5 and dup["reused_ids"] > 100 and dup["retry_answer_mismatches"] == 0
+    time.sleep(5)  # the last windows close
+    res = subprocess.run([sys.executable, "-m", "aggregator", "audit", "--truth", str(truth_path), "--url", svc.url,
+                          "--wait", "20"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "double counts: 0 (must be 0)" in res.stdout
+    dups = _duplicates(svc)
+    assert sum(n for (_, source), n in dups.items() if source == "event_id") >= dup["reused_ids"]
