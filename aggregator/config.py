@@ -154,8 +154,8 @@ class Settings(BaseSettings):
                                                            "are late (future_ts) and never move stream time")
     dedup_seconds: float = Field(600.0, ge=0, description="an Idempotency-Key retry or a repeated event_id "
                                  "within this of the first is counted once (0: no dedup)")
-    dedup_max_ids: int = Field(2_000_000, ge=1, description="event ids one partition remembers for dedup at most "
-                               "(about 190 bytes each); beyond, the oldest are forgotten before the horizon, "
+    dedup_max_ids: int = Field(1_000_000, ge=1, description="event ids one partition remembers for dedup at most "
+                               "(about 250 bytes each); beyond, the oldest are forgotten before the horizon, "
                                "counted in clickstream_dedup_evicted_total")
     region_idle_seconds: float = Field(3600.0, gt=0, description="regions seen within this get zero-count snapshots")
     max_regions: int = Field(1000, ge=1, description="region cardinality cap; beyond it: __other__")

@@ -5,15 +5,16 @@ the partition's exactly-once state (docs/contract.md §3, "Retries").
 
 What identifies an event (its *dedup id*, computed once where the event enters):
 
-* an event with an ``event_id``: ``event_key(region, event_id)``, a 128-bit BLAKE2b
-  digest of the counted region and the id (so an id is counted once *per region*);
+* an event with an ``event_id``: ``event_key(region, event_id)``, the region and the id
+  themselves (so an id is counted once *per region*; no digest: hashing cost more than
+  the rest of the dedup, and a string cannot collide);
 * else, in a request with an ``Idempotency-Key``: ``(request_key(key), index)``, the
   128-bit digest of the key and the event's index in the body.  A retry of the same
   body with the same key repeats every (key, index), whichever ingest process takes it.
 
 Exact: a dedup id is stored whole, never as a filter that could call two distinct ids
-one; two distinct ids collide only if their 128-bit digests do (for N ids within the
-horizon, probability below N²/2¹²⁹: 10⁻²⁰ at 60 million).  An idempotency key keeps a
+one; only request keys are digests, and two distinct keys collide only if their 128-bit
+digests do (for N keys within the horizon, probability below N²/2¹²⁹).  An idempotency key keeps a
 bitmap of the indices seen (one bit per index up to the highest), so a request of 1000
 events costs about 250 bytes, not 1000 ids.
 
@@ -23,7 +24,7 @@ partition's stream time is a whole horizon past its end: a repeat is dropped as 
 as it comes within the horizon of the first sighting (and possibly a bucket longer).
 
 Written incrementally: what a checkpoint adds is ``take_records()`` (changelog records
-of at most ``RECORD_IDS`` ids each, keyed by bucket and sequence number), named in the
+of at most ``RECORD_BYTES`` each, keyed by bucket and sequence number), named in the
 partition's state (``Prepared.to_json()``); buckets that expire leave the index and their
 records are deleted (tombstones) after the state that no longer names them is durable.
 """
@@ -34,20 +35,20 @@ from hashlib import blake2b
 from typing import Any
 
 BUCKETS = 10  # a horizon is this many buckets
-DEFAULT_MAX_IDS = 2_000_000  # event ids one partition remembers at most (AGG_DEDUP_MAX_IDS)
-ID_BYTES = 190  # memory of one remembered event id, measured (docs/dedup.md)
-RECORD_IDS = 8_000  # ids per changelog record: 8000 x 33 bytes of hex ~ 264 KB, under statechunks' bound
+DEFAULT_MAX_IDS = 1_000_000  # event ids one partition remembers at most (AGG_DEDUP_MAX_IDS)
+ID_BYTES = 250  # worker memory of one remembered event id of ~20 characters, measured (README)
+RECORD_BYTES = 400_000  # JSON bytes of ids per changelog record at most: under statechunks' bound (512 KiB)
 
 IDEMPOTENCY_KEY = "idempotency_key"
 EVENT_ID = "event_id"
 SOURCES = (IDEMPOTENCY_KEY, EVENT_ID)  # the label values of clickstream_duplicate_events_total
 
-DedupId = int | tuple[int, int]  # an event id's digest, or (request key's digest, index)
+DedupId = str | tuple[int, int]  # "<region>\n<event_id>", or (request key's digest, index)
 
 
-def event_key(region: str, event_id: str) -> int:
+def event_key(region: str, event_id: str) -> str:
     """The dedup id of an event with ``event_id`` counted in ``region``."""
-    return int.from_bytes(blake2b(f"{region}\n{event_id}".encode(), digest_size=16).digest(), "big")
+    return region + "\n" + event_id
 
 
 def request_key(key: str) -> int:
@@ -56,18 +57,21 @@ def request_key(key: str) -> int:
 
 
 def id_field(did: DedupId) -> bytes:
-    """The dedup id as the ingest header's third field: ``e<hex>`` or ``k<hex>.<index>``."""
-    if type(did) is int:
-        return b"e%x" % did
-    kh, i = did  # type: ignore[misc]
+    """The dedup id as the ingest header's third field: ``e<event_id>`` (UTF-8; the region is
+    the record's key) or ``k<hex>.<index>``."""
+    if isinstance(did, str):
+        return b"e" + did.partition("\n")[2].encode()
+    kh, i = did
     return b"k%x.%d" % (kh, i)
 
 
-def parse_id_field(raw: bytes) -> DedupId:
-    """``id_field``'s inverse; ValueError when it is not one."""
+def parse_id_field(raw: bytes, region: str) -> DedupId:
+    """``id_field``'s inverse for a record of ``region``; ValueError when it is not one."""
     kind = raw[:1]
     if kind == b"e":
-        return int(raw[1:], 16)
+        if len(raw) < 2:
+            raise ValueError("an empty event_id")
+        return region + "\n" + raw[1:].decode()
     if kind == b"k":
         kh, dot, i = raw[1:].partition(b".")
         if not dot:
@@ -97,7 +101,7 @@ class DedupStore:
         self.max_ids = max_ids  # event ids remembered at most (memory: about ID_BYTES each)
         self.evicted = 0  # ids forgotten before their horizon because of max_ids
         self.bucket_ms = max(1, horizon_ms // BUCKETS)
-        self.events: dict[int, int] = {}  # event id -> its bucket
+        self.events: dict[str, int] = {}  # event id -> its bucket
         self.keys: dict[int, list[Any]] = {}  # request key -> [its bucket, bytearray bitmap of indices]
         self.buckets: dict[int, list[Any]] = {}  # bucket -> the event ids and request keys first seen in it
         self.written: dict[int, int] = {}  # bucket -> changelog records of it the confirmed state names
@@ -129,7 +133,7 @@ class DedupStore:
                 its = ev[1]
                 if its > newest:
                     newest = its
-                if type(did) is int:
+                if isinstance(did, str):
                     if did in seen_events:
                         d = (ev[0], EVENT_ID)
                         dups[d] = dups.get(d, 0) + 1
@@ -141,7 +145,7 @@ class DedupStore:
                         ids_of = buckets[b] = []
                     ids_of.append(did)
                 else:
-                    kh, i = did  # type: ignore[misc]
+                    kh, i = did
                     entry = seen_keys.get(kh)
                     byte, bit = i >> 3, 1 << (i & 7)
                     if entry is None:
@@ -171,11 +175,11 @@ class DedupStore:
         """Forget the last ``n`` ids ``filter`` remembered (their batch was not applied: the
         spill disk refused it, and it is offered again later)."""
         for b, did in reversed(self.pending[len(self.pending) - n:]):
-            if type(did) is int:
+            if isinstance(did, str):
                 del self.events[did]
                 self.buckets[b].pop()
             else:
-                kh, i = did  # type: ignore[misc]
+                kh, i = did
                 self.keys[kh][1][i >> 3] &= ~(1 << (i & 7)) & 0xFF
         del self.pending[len(self.pending) - n:]
 
@@ -204,7 +208,7 @@ class DedupStore:
     def _drop(self, b: int) -> int:
         ids_of = self.buckets.pop(b)
         for did in ids_of:
-            if type(did) is int:
+            if isinstance(did, str):
                 self.events.pop(did, None)
             else:
                 self.keys.pop(did[0], None)
@@ -225,12 +229,20 @@ class DedupStore:
         index = dict(self.written)
         records: list[tuple[str, dict[str, Any]]] = []
         for b in sorted(by_bucket):
-            dids = by_bucket[b]
             seq = index.get(b, 0)
-            for at in range(0, len(dids), RECORD_IDS):
-                records.append((_record_key(partition, b, seq), _record_value(dids[at:at + RECORD_IDS])))
-                seq += 1
-            index[b] = seq
+            part: list[DedupId] = []
+            size = 0
+            for did in by_bucket[b]:
+                # an event id's JSON string (any escapes) or a key's share: at most 6 bytes a character
+                n = len(did) * 6 + 3 if isinstance(did, str) else 12
+                if part and size + n > RECORD_BYTES:
+                    records.append((_record_key(partition, b, seq), _record_value(part)))
+                    seq += 1
+                    part, size = [], 0
+                part.append(did)
+                size += n
+            records.append((_record_key(partition, b, seq), _record_value(part)))
+            index[b] = seq + 1
         return records, Prepared(index, len(self.pending), len(self.expiring))
 
     def confirm(self, prepared: Prepared) -> None:
@@ -264,9 +276,7 @@ class DedupStore:
             self.newest = max(self.newest, (b + 1) * self.bucket_ms - 1)
 
     def _load_value(self, b: int, value: dict[str, Any], ids_of: list[Any]) -> None:
-        text = value.get("e", "")
-        for at in range(0, len(text), 32):
-            did = int(text[at:at + 32], 16)
+        for did in value.get("e", ()):
             if did not in self.events:
                 self.events[did] = b
                 ids_of.append(did)
@@ -299,18 +309,18 @@ class Prepared:
 
 
 def _record_value(dids: Iterable[DedupId]) -> dict[str, Any]:
-    """``{"e": "<32 hex digits per event id>", "k": {"<key hex>": [indices]}}``."""
+    """``{"e": ["<region>\\n<event_id>", ...], "k": {"<key hex>": [indices]}}``."""
     events: list[str] = []
     keys: dict[str, list[int]] = {}
     for did in dids:
-        if type(did) is int:
-            events.append(f"{did:032x}")
+        if isinstance(did, str):
+            events.append(did)
         else:
-            kh, i = did  # type: ignore[misc]
+            kh, i = did
             keys.setdefault(f"{kh:032x}", []).append(i)
     value: dict[str, Any] = {}
     if events:
-        value["e"] = "".join(events)
+        value["e"] = events
     if keys:
         value["k"] = keys
     return value

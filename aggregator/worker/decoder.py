@@ -101,7 +101,7 @@ class RecordDecoder:
                     try:
                         its, cts, raw_id = parse_header(hs[0][1])
                         if raw_id is not None:
-                            did = parse_id_field(raw_id)
+                            did = parse_id_field(raw_id, region)
                     except (ValueError, TypeError):
                         region = None  # not what ingest writes: the value decides
             if region is None:
@@ -167,10 +167,10 @@ class RecordDecoder:
                     raise EventError("undecodable", "not a record forwarded by a worker (headers)")
                 source, offset = parse_source_header(hs[1][1])
                 its, cts, raw_id = parse_ingest_header(hs[0][1])
-                did = None if raw_id is None else parse_id_field(raw_id)
                 region = keys.get(rec.key) or self._key_region(rec.key)  # type: ignore[arg-type]
                 if region is None:
                     raise EventError("bad_region", "the key of a forwarded record is not a region")
+                did = None if raw_id is None else parse_id_field(raw_id, region)
             except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
                 _reject(exc, rec, partition, rejected, dead)
                 continue

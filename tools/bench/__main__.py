@@ -62,14 +62,16 @@ def stop_broker(b: EmbeddedBroker | ScriptKafka) -> None:
     b.stop()
 
 
-def worker_section(a: argparse.Namespace) -> tuple[dict, list[tuple[int, float]], bool]:
+def worker_section(a: argparse.Namespace, event_ids: bool = False) -> tuple[dict, list[tuple[int, float]], bool]:
+    """Figure 1 (or, with ``event_ids``, 1b: every record has an ``event_id``, so the worker
+    keeps dedup state for all of them)."""
     runs = []
     exact = True
     for k in range(a.runs):
         b, bootstrap = fresh_broker(a.partitions)
         try:
             t = time.perf_counter()
-            truth = asyncio.run(common.produce_backlog(bootstrap, a.n, seed=k + 1))
+            truth = asyncio.run(common.produce_backlog(bootstrap, a.n, seed=k + 1, event_ids=event_ids))
             log(f"run {k + 1}: produced {a.n:,} events in {time.perf_counter() - t:.1f}s")
             # the machine's speed drifts (a shared host): the baseline is the mean of a bare
             # consumer just before and just after the worker, on the same backlog
@@ -82,16 +84,17 @@ def worker_section(a: argparse.Namespace) -> tuple[dict, list[tuple[int, float]]
             run = {"bare": bare.rate, "bare_before": bare1.rate, "bare_after": bare2.rate,
                    "worker": w.rate, "worker_from_start": w.rate_from_start,
                    "startup_s": w.startup_s, "rss": w.peak_rss_mb,
-                   "bare_cpu_us": bare.cpu_us, "worker_cpu_us": w.cpu_us,
+                   "bare_cpu_us": bare.cpu_us, "worker_cpu_us": w.cpu_us, "dedup_ids": w.dedup_ids,
                    "exact": bare.counts == truth and w.counts == truth and w.late == 0}
             exact &= run["exact"]
             if not run["exact"]:
                 log(f"run {k + 1}: COUNTS DIFFER: produced {truth}, bare {bare.counts}, worker {w.counts} late {w.late}")
-            if a.faust_n:
+            if a.faust_n and not event_ids:
                 f = throughput.plain_faust(b.url, min(a.faust_n, a.n))
                 run["faust"] = f.rate
             runs.append(run)
-            log(f"run {k + 1}: bare {bare.rate:,.0f}/s (before {bare1.rate:,.0f}, after {bare2.rate:,.0f})  "
+            tag = " (event ids)" if event_ids else ""
+            log(f"run {k + 1}{tag}: bare {bare.rate:,.0f}/s (before {bare1.rate:,.0f}, after {bare2.rate:,.0f})  "
                 f"worker {w.rate:,.0f}/s ({w.rate / bare.rate:.0%}; "
                 f"from start {w.rate_from_start:,.0f}/s)  CPU/event bare {bare.cpu_us:.2f} us worker {w.cpu_us:.2f} us"
                 f"  peak RSS {w.peak_rss_mb:.0f} MB"
@@ -108,8 +111,9 @@ def worker_section(a: argparse.Namespace) -> tuple[dict, list[tuple[int, float]]
         "ratio_from_start": med([r["worker_from_start"] / r["bare"] for r in runs]),
         "bare_cpu_us": med([r["bare_cpu_us"] for r in runs]),
         "worker_cpu_us": med([r["worker_cpu_us"] for r in runs]),
+        "rss": med([r["rss"] for r in runs]), "dedup_ids": med([r["dedup_ids"] for r in runs]),
     }
-    if a.faust_n:
+    if a.faust_n and not event_ids:
         res.update(faust_n=min(a.faust_n, a.n), faust_rate=med([r["faust"] for r in runs]),
                    faust_ratio=med([r["faust"] / r["bare"] for r in runs]))
     rss = [(a.n, med([r["rss"] for r in runs]))]
@@ -261,6 +265,9 @@ def measure(a: argparse.Namespace, results: dict) -> bool:
     if not a.skip_worker and a.n:
         results["worker"], rss, exact = worker_section(a)
         ok &= exact
+        if a.dedup:
+            results["worker_dedup"], _, exact = worker_section(a, event_ids=True)
+            ok &= exact
         if a.memory_n:
             results["memory"] = memory_section(a, rss)
         else:
@@ -298,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--faust-n", type=int, default=20_000, help="events for the plain-Faust reference (0: skip)")
     ap.add_argument("--memory-n", type=int, default=3_000_000, help="larger backlog for peak RSS (0: skip)")
     ap.add_argument("--memory-runs", type=int, default=1)
+    ap.add_argument("--no-dedup", dest="dedup", action="store_false",
+                    help="skip figure 1b (the backlog again with an event_id on every record: dedup state on)")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--ingest-duration", type=float, default=10.0, help="seconds per ingest phase (0: skip ingest)")
     ap.add_argument("--window-s", type=float, default=2.0, help="window length during the ingest runs")

@@ -45,9 +45,11 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 # ------------------------------------------------------------------ the backlog
-async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 200_000) -> dict[str, int]:
+async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 200_000,
+                          event_ids: bool = False) -> dict[str, int]:
     """Produce ``n`` compact click events to ``clicks`` (key = region, partition = aiokafka's
-    default partitioner for that key) with record batches; returns the count per region."""
+    default partitioner for that key) with record batches; returns the count per region.
+    ``event_ids``: every event has a distinct ``event_id`` (the worker dedups by it)."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.partitioner import DefaultPartitioner
 
@@ -70,8 +72,10 @@ async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 20
             by_part: dict[int, list[tuple[bytes, bytes]]] = {}
             for i, r in enumerate(regions, done):
                 key, pt = route[r]
-                by_part.setdefault(pt, []).append(
-                    (key, dumps({"region": r, "user_id": f"u{i % 5000}", "ingest_ts": now + i // 1000})))
+                ev = {"region": r, "user_id": f"u{i % 5000}", "ingest_ts": now + i // 1000}
+                if event_ids:
+                    ev["event_id"] = f"{seed}-{i}"
+                by_part.setdefault(pt, []).append((key, dumps(ev)))
                 truth[r] += 1
             for pt, recs in by_part.items():
                 batch = p.create_batch()

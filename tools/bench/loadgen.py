@@ -58,8 +58,9 @@ async def run(url: str, batch: int, concurrency: int, duration: float, rate: flo
 
     async def post(session: aiohttp.ClientSession, i: int, scheduled: float) -> None:
         body, counts = work[i % len(work)]
-        try:
-            async with session.post(url + "/v1/events", data=body, headers=headers) as resp:
+        try:  # every request with a key of its own, as a client that retries would send (dedup on)
+            async with session.post(url + "/v1/events", data=body,
+                                    headers={**headers, "Idempotency-Key": f"lg-{seed}-{i}"}) as resp:
                 raw = await resp.read()
                 status = resp.status
         except aiohttp.ClientError as exc:

@@ -78,6 +78,15 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                         f"bare consumer {_num(w['bare_rate'], 'ev/s')}", f"{w['faust_ratio']:.1%}", "reference"))
         out.append(("   counts exact (bare and worker, every run)", "yes" if w["exact"] else "NO", "per region = produced", "",
                     "PASS" if w["exact"] else "FAIL"))
+    d = r.get("worker_dedup")
+    if d:
+        out.append((f"1b. worker, an event_id on every record (dedup state on), N={d['n']:,}",
+                    _num(d["worker_rate"], "ev/s"), f"bare consumer {_num(d['bare_rate'], 'ev/s')}",
+                    f"{d['ratio']:.0%}", "info"))
+        out.append(("   event ids remembered / worker peak RSS", f"{d['dedup_ids']:,.0f} / {_num(d['rss'], 'MB')}",
+                    f"without ids: {_num(w['rss'], 'MB') if w and 'rss' in w else '-'}", "", "info"))
+        out.append(("   counts exact", "yes" if d["exact"] else "NO", "per region = produced", "",
+                    "PASS" if d["exact"] else "FAIL"))
     for key, skey, on in INGEST_BROKERS:
         if r.get(key):
             out += _ingest_rows(r[key], r.get(skey), on)

@@ -77,6 +77,7 @@ class WorkerResult:
     late: float = 0.0
     profile: str = ""
     cpu_us: float = 0.0       # CPU time of the worker process per event (first -> last), microseconds
+    dedup_ids: float = 0.0    # clickstream_dedup_ids{kind="event_id"} at the end
 
 
 def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
@@ -124,6 +125,7 @@ def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
                 break
             time.sleep(0.1)
         peak = proc_status(svc.proc.pid, "VmHWM")
+        dedup_ids = by_label(m.get("clickstream_dedup_ids", {}), "kind").get("event_id", 0.0)
         dt = t_last - t_first
         cpu_us = 0.0
         if c_first < n / 2 and dt > 0:
@@ -135,7 +137,7 @@ def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
         return WorkerResult(rate=rate, rate_from_start=n / (t_last - svc.started_at), seconds=dt,
                             startup_s=t_first - svc.started_at, peak_rss_mb=peak,
                             counts={k: int(v) for k, v in counts.items()}, late=late, profile=profile,
-                            cpu_us=cpu_us)
+                            cpu_us=cpu_us, dedup_ids=dedup_ids)
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)

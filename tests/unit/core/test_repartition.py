@@ -63,7 +63,7 @@ def test_a_forwarded_record_carries_region_times_and_source():
     # the dedup id travels with it (core.dedup)
     did = (request_key("k"), 3)
     _, _, headers = forward_record(0, ("eu", 5, None, 0, did))
-    assert parse_id_field(parse_ingest_header(headers[0][1])[2]) == did
+    assert parse_id_field(parse_ingest_header(headers[0][1])[2], "eu") == did
 
 
 def test_watermarks_drop_a_repeated_prefix_per_source():
