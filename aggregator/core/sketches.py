@@ -39,14 +39,18 @@ machines (never Python's ``hash()``); ingest computes them once per event.
 from __future__ import annotations
 
 import base64
+import heapq
 import math
 import re
+import sys
 from array import array
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from hashlib import blake2b
+from itertools import accumulate
 from typing import Any, cast
 
 __all__ = [
@@ -476,36 +480,37 @@ class CellAggregates:
     def top_urls(self, n: int) -> list[dict[str, Any]]:
         """The ``n`` most frequent URLs, most frequent first; ties by URL text, then hash."""
         off, texts = self.offset, self._texts
-        ranked = sorted(self._urls.items(), key=lambda hc: (-hc[1], texts[hc[0]], hc[0]))
-        return [{"url": texts[h], "count": c + off} for h, c in ranked[:n]]
+        ranked = heapq.nsmallest(n, self._urls.items(), key=lambda hc: (-hc[1], texts[hc[0]], hc[0]))
+        return [{"url": texts[h], "count": c + off} for h, c in ranked]
 
-    def delay_quantile(self, q: float) -> float | None:
-        """The delay (ms) at quantile ``q`` (0..1) within the relative accuracy; None: no delays."""
+    def delay_quantiles(self, qs: Sequence[float]) -> list[float] | None:
+        """The delays (ms) at quantiles ``qs`` (each 0..1), each within the relative accuracy
+        of the true delay at rank ``floor(q * (n - 1))``; None: no delays."""
         b = self._buckets
-        total = self._dz + (sum(b) if b is not None else 0)
+        cums = list(accumulate(b, initial=self._dz)) if b is not None else [self._dz]
+        total = cums[-1]
         if total == 0:
             return None
-        rank = q * (total - 1)
-        cum = self._dz
-        if cum > rank:
-            return 0.0
-        assert b is not None
-        for i, c in enumerate(b):
-            if c:
-                cum += c
-                if cum > rank:
-                    return self._geo.value(i)
-        raise AssertionError("unreachable: rank < total")  # pragma: no cover
+        out = []
+        for q in qs:
+            rank = q * (total - 1)
+            if self._dz > rank:
+                out.append(0.0)
+            else:  # the first bucket i whose cumulative count cums[i + 1] passes the rank
+                out.append(self._geo.value(bisect_right(cums, rank, lo=1) - 1))
+        return out
+
+    def delay_quantile(self, q: float) -> float | None:
+        """The delay (ms) at quantile ``q``; None: no delays."""
+        vs = self.delay_quantiles((q,))
+        return None if vs is None else vs[0]
 
     def client_delay_ms(self) -> dict[str, float] | None:
-        if self._dz == 0 and self._buckets is None:
+        """``{"p50", "p90", "p99"}`` in ms, to 0.1 ms; None: no event carried a delay."""
+        vs = self.delay_quantiles((0.5, 0.9, 0.99))
+        if vs is None:
             return None
-        out: dict[str, float] = {}
-        for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
-            v = self.delay_quantile(q)
-            assert v is not None
-            out[name] = round(v, 1)
-        return out
+        return {"p50": round(vs[0], 1), "p90": round(vs[1], 1), "p99": round(vs[2], 1)}
 
     def result(self, top_n: int = 10) -> dict[str, Any]:
         """The cell's aggregates as they go into its snapshot."""
@@ -522,30 +527,34 @@ class CellAggregates:
     def to_json(self) -> dict[str, Any]:
         """The state as a JSON-compatible value; the same state gives the same value.
 
-        ``{"p": params, "ux": base64 of the sorted exact hashes (8 bytes each, big-endian)
-        | "uh": base64 of the registers, "t": [[hash as 16 hex digits, counter, url text],
-        ...] by hash, "o": offset, "d": [zero count, first bucket, its count, ... up to the
-        last non-empty bucket]}``, parts with nothing in them left out."""
+        ``{"p": params, "ux": base64 of the sorted exact user hashes | "uh": base64 of the
+        HyperLogLog registers, "t": [base64 of the URL hashes in order, [their counters],
+        [their texts]], "o": offset, "d": [zero count, first bucket, its count, ... up to
+        the last non-empty bucket]}``, parts with nothing in them left out.  Hashes are
+        8 bytes each, big-endian."""
         out: dict[str, Any] = {"p": self.params.key()}
         if self._users is not None:
             if self._users:
-                out["ux"] = _b64(b"".join(h.to_bytes(8, "big") for h in sorted(self._users)))
+                out["ux"] = _pack(sorted(self._users))
         else:
             assert self._regs is not None
             out["uh"] = _b64(bytes(self._regs))
         if self._urls:
-            texts = self._texts
-            out["t"] = [[f"{h:016x}", c, texts[h]] for h, c in sorted(self._urls.items())]
+            hashes = sorted(self._urls)
+            counts, texts = self._urls, self._texts
+            out["t"] = [_pack(hashes), [counts[h] for h in hashes], [texts[h] for h in hashes]]
         if self.offset:
             out["o"] = self.offset
         b = self._buckets
         if b is not None or self._dz:
-            if b is None or not any(b):
+            raw = b.tobytes() if b is not None else b""
+            head = len(raw) - len(raw.lstrip(b"\0"))  # zero bytes before the first non-empty bucket
+            if head == len(raw):
                 out["d"] = [self._dz]
             else:
-                first = next(i for i, c in enumerate(b) if c)
-                last = max(i for i, c in enumerate(b) if c)
-                out["d"] = [self._dz, first, *b[first:last + 1]]
+                first = head // 4
+                last = (len(raw.rstrip(b"\0")) - 1) // 4
+                out["d"] = [self._dz, first, *b[first:last + 1].tolist()]  # type: ignore[index]
         return out
 
     @classmethod
@@ -555,23 +564,24 @@ class CellAggregates:
             hll_p, exact_users, url_capacity, accuracy = obj["p"]
             cell = cls(SketchParams(int(hll_p), int(exact_users), int(url_capacity), float(accuracy)))
             if "ux" in obj:
-                raw = base64.b64decode(obj["ux"], validate=True)
-                if len(raw) % 8 or len(raw) // 8 > exact_users:
+                users = _unpack(obj["ux"])
+                if len(users) > exact_users:
                     raise ValueError("bad exact users")
-                cell._users = {int.from_bytes(raw[i:i + 8], "big") for i in range(0, len(raw), 8)}
+                cell._users = set(users)
             elif "uh" in obj:
                 regs = bytearray(base64.b64decode(obj["uh"], validate=True))
                 if len(regs) != 1 << cell.params.hll_p or max(regs) > 65 - cell.params.hll_p:
                     raise ValueError("bad registers")
                 cell._users, cell._regs = None, regs
-            for hx, c, text in obj.get("t", ()):
-                h = int(hx, 16)
-                if not (isinstance(c, int) and c > 0 and isinstance(text, str)) or h > _MASK64:
+            if "t" in obj:
+                packed, counts, texts = obj["t"]
+                hashes = _unpack(packed)
+                if not len(hashes) == len(counts) == len(texts) <= url_capacity:
+                    raise ValueError("bad url counters")
+                if not all(type(c) is int and c > 0 for c in counts) or not all(type(t) is str for t in texts):
                     raise ValueError("bad url counter")
-                cell._urls[h] = c
-                cell._texts[h] = text
-            if len(cell._urls) > url_capacity:
-                raise ValueError("too many url counters")
+                cell._urls = dict(zip(hashes, counts, strict=True))
+                cell._texts = dict(zip(hashes, texts, strict=True))
             cell.offset = int(obj.get("o", 0))
             if cell.offset < 0 or int(obj.get("d", [0])[0]) < 0:
                 raise ValueError("negative count")
@@ -589,13 +599,31 @@ class CellAggregates:
         return cell
 
 
+def _pack(hashes: list[int]) -> str:
+    """base64 of 64-bit hashes, 8 bytes each, big-endian."""
+    a = array("Q", hashes)
+    if sys.byteorder == "little":
+        a.byteswap()
+    return _b64(a.tobytes())
+
+
+def _unpack(text: str) -> array[int]:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) % 8:
+        raise ValueError("bad packed hashes")
+    a = array("Q", raw)
+    if sys.byteorder == "little":
+        a.byteswap()
+    return a
+
+
 def max_serialised_bytes(params: SketchParams | None = None) -> int:
     """An upper bound of ``len(orjson.dumps(cell.to_json()))`` for any cell of ``params``."""
     p = params or SketchParams()
     params_part = len(f'"p":[{p.hll_p},{p.exact_users},{p.url_capacity},{p.delay_accuracy}]') + 2
     users = 7 + 4 * math.ceil(max(8 * p.exact_users, 1 << p.hll_p) / 3)
-    # [["<16 hex>",<counter up to 10 digits>,"<text>"]] per counter: 2+18+1+10+1+2+text+1
-    urls = 6 + p.url_capacity * (35 + MAX_URL_CHARS) + 4 + 10 + 1
+    # "t":["<base64 of 8 bytes a URL>",[<counter up to 10 digits>,...],["<text>",...]],"o":<offset>
+    urls = 6 + 4 * math.ceil(8 * p.url_capacity / 3) + 3 + p.url_capacity * (11 + MAX_URL_CHARS + 3) + 4 + 5 + 10
     # "d":[zero,first,counts...]: each count up to 10 digits (array "I") and a comma
     delays = 7 + 11 + 11 + 11 * _delays(p.delay_accuracy).n_buckets
     return params_part + users + urls + delays

@@ -354,6 +354,26 @@ def test_small_delays_are_exact_and_negative_ones_count_as_zero():
 
 # --- size -------------------------------------------------------------------------------------
 
+def pack(hashes):
+    return base64.b64encode(b"".join(h.to_bytes(8, "big") for h in sorted(hashes))).decode()
+
+
+def test_state_format():
+    """The documented layout (docs/analytics.md), on a small exact cell."""
+    cell = CellAggregates()
+    cell.add(2, url_hash("/b"), "/b", 5)
+    cell.add(1, url_hash("/a"), "/a", -3)
+    cell.add(1, url_hash("/a"), "/a", None)
+    first = sorted([url_hash("/a"), url_hash("/b")])
+    counts = {url_hash("/a"): 2, url_hash("/b"): 1}
+    texts = {url_hash("/a"): "/a", url_hash("/b"): "/b"}
+    five = cell.to_json()["d"][1]
+    assert cell.to_json() == {"p": [12, 256, 128, 0.01], "ux": pack([1, 2]),
+                              "t": [pack(first), [counts[h] for h in first], [texts[h] for h in first]],
+                              "d": [1, five, 1]}
+    assert cell.delay_quantiles([0, 1]) == [0.0, 5]
+
+
 def test_serialised_size_stays_under_the_stated_bound():
     bound = max_serialised_bytes()
     assert bound < 50_000
@@ -367,7 +387,8 @@ def test_serialised_size_stays_under_the_stated_bound():
     worst = {
         "p": P.key(),
         "uh": base64.b64encode(bytes([65 - P.hll_p]) * (1 << P.hll_p)).decode(),
-        "t": [[f"{2**64 - 1 - i:016x}", big, "x" * MAX_URL_CHARS] for i in range(P.url_capacity)],
+        "t": [pack([2**64 - 1 - i for i in range(P.url_capacity)]), [big] * P.url_capacity,
+              ["x" * MAX_URL_CHARS] * P.url_capacity],
         "o": big,
         "d": [big, 0, *[big] * n_buckets],
     }
@@ -375,8 +396,7 @@ def test_serialised_size_stays_under_the_stated_bound():
     size = len(state_bytes(cell))
     assert size <= bound, (size, bound)
     assert size > 0.9 * bound  # the bound is not loose either
-    exact_worst = CellAggregates.from_json({"p": P.key(), "ux": base64.b64encode(
-        b"".join((2**64 - 1 - i).to_bytes(8, "big") for i in range(P.exact_users))).decode()})
+    exact_worst = CellAggregates.from_json({"p": P.key(), "ux": pack([2**64 - 1 - i for i in range(P.exact_users)])})
     assert exact_worst.unique_users() == P.exact_users
     assert len(orjson.dumps(exact_worst.to_json()["ux"])) <= len(worst["uh"]) + 2
     assert math.isfinite(cell.delay_quantile(0.5))
@@ -384,8 +404,9 @@ def test_serialised_size_stays_under_the_stated_bound():
 
 @pytest.mark.parametrize("bad", [
     {}, {"p": [12, 256]}, {"p": [3, 256, 128, 0.01]}, {"p": P.key(), "uh": "AAAA"},
-    {"p": P.key(), "ux": "not base64!"}, {"p": P.key(), "t": [["zz", 1, "/a"]]},
-    {"p": P.key(), "t": [["00", 0, "/a"]]}, {"p": P.key(), "t": [["00", 1, 5]]},
+    {"p": P.key(), "ux": "not base64!"}, {"p": P.key(), "ux": "AAAA"}, {"p": P.key(), "t": [["zz", 1, "/a"]]},
+    {"p": P.key(), "t": ["AAAAAAAAAAA=", [0], ["/a"]]}, {"p": P.key(), "t": ["AAAAAAAAAAA=", [1], [5]]},
+    {"p": P.key(), "t": ["AAAAAAAAAAA=", [1, 2], ["/a"]]}, {"p": P.key(), "t": ["AAAAAAAAAAA=", [True], ["/a"]]},
     {"p": P.key(), "d": [0, 5000, 1]}, {"p": P.key(), "d": [-1]}, {"p": P.key(), "o": -3},
 ])
 def test_from_json_refuses_what_is_not_a_state(bad):
