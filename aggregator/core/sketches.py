@@ -345,10 +345,22 @@ class CellAggregates:
         if exact is None:
             self._hll_update(users)
             return
-        exact.update(users)
-        exact.discard(None)
-        if len(exact) > self._exact_users:
-            self._to_hll()
+        limit = self._exact_users
+        if isinstance(users, Sequence):
+            new = set(users)
+            new.discard(None)
+            new -= exact
+            if len(exact) + len(new) <= limit:  # stays exact: the whole batch at once
+                exact |= new
+                return
+        it = iter(users)
+        for user in it:
+            if user is not None:
+                exact.add(user)
+                if len(exact) > limit:
+                    self._to_hll()
+                    self._hll_update(it)
+                    return
 
     def _hll_update(self, users: Iterable[int | None]) -> None:
         regs = self._regs
@@ -417,7 +429,7 @@ class CellAggregates:
         assert users is not None
         self._regs = bytearray(1 << self.params.hll_p)
         self._users = None
-        self._hll_update(sorted(users))
+        self._hll_update(users)
 
     def _purge(self) -> None:
         """Misra-Gries, a batch at a time: take the median count off every counter."""
