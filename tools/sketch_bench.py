@@ -13,6 +13,7 @@ of ``--runs`` runs, in µs per event, with the bare loop over the same tuples be
 from __future__ import annotations
 
 import argparse
+import base64
 import random
 import statistics
 import sys
@@ -155,18 +156,21 @@ def compare(runs: int) -> None:
     print("  accuracy, relative error |estimate - n| / n over 20 seeds (mean, max):")
     for size in (1_000, 10_000, 100_000, 1_000_000):
         seeds = 20 if size <= 100_000 else 4
-        errs_m, errs_d = [], []
+        errs_m, errs_e, errs_d = [], [], []
         for seed in range(seeds):
             r = random.Random(1000 + seed)
             users = [r.getrandbits(64) for _ in range(size)]
             cell = CellAggregates(p)
             cell.add_many(users, (), (), ())
             errs_m.append(abs(cell.unique_users() - size) / size)
+            regs = base64.b64decode(cell.to_json()["uh"])
+            errs_e.append(abs(hll_estimate(regs, p.hll_p) - size) / size)
             sk = ds.hll_sketch(p.hll_p, ds.HLL_8)
             for u in users:
                 sk.update(u)
             errs_d.append(abs(sk.get_estimate() - size) / size)
-        print(f"    n={size:>9,}  hand-written {statistics.mean(errs_m):6.2%} {max(errs_m):6.2%}   "
+        print(f"    n={size:>9,}  hand-written HIP {statistics.mean(errs_m):6.2%} {max(errs_m):6.2%}, "
+              f"after a merge (Ertl) {statistics.mean(errs_e):6.2%} {max(errs_e):6.2%}   "
               f"datasketches {statistics.mean(errs_d):6.2%} {max(errs_d):6.2%}   ({seeds} seeds)")
     assert hll_estimate(bytes(1 << p.hll_p), p.hll_p) == 0
 

@@ -268,7 +268,7 @@ class CellAggregates:
     in a Kafka header) at no cost for the other events.
     """
 
-    __slots__ = ("params", "_exact_users", "_users", "_regs", "_mask", "_rmax",
+    __slots__ = ("params", "_exact_users", "_users", "_regs", "_mask", "_rmax", "_hip", "_kxq", "_scale",
                  "_urls", "_texts", "offset", "_url_cap", "_dz", "_buckets", "_geo", "_table")
 
     def __init__(self, params: SketchParams | None = None) -> None:
@@ -278,6 +278,13 @@ class CellAggregates:
         self._regs: bytearray | None = None
         self._mask = (1 << p.hll_p) - 1         # register index: the hash's low hll_p bits
         self._rmax = 65 - p.hll_p                # rank: leading zeros of the other bits + 1
+        # HIP (historic inverse probability) estimate, kept while the registers change one
+        # insert at a time; None after a merge of two HyperLogLogs (then Ertl's estimate).
+        # _kxq = sum over registers of 2**(rmax - r) (0 for r == rmax): the chance that a
+        # new user changes a register is _kxq / _scale.
+        self._hip: float | None = None
+        self._kxq = 0
+        self._scale = 1 << (p.hll_p + self._rmax)
         self._urls: dict[int, int] = {}
         self._texts: dict[int, str] = {}
         self.offset = 0                          # Misra-Gries: total taken off every counter
@@ -303,7 +310,7 @@ class CellAggregates:
                 i = user & self._mask
                 r = 65 - user.bit_length()
                 if regs[i] < r:
-                    regs[i] = r if r <= self._rmax else self._rmax
+                    self._raise(i, r)
         if url_h is not None:
             urls = self._urls
             c = urls.get(url_h)
@@ -365,14 +372,33 @@ class CellAggregates:
     def _hll_update(self, users: Iterable[int | None]) -> None:
         regs = self._regs
         assert regs is not None
-        mask, rmax = self._mask, self._rmax
+        mask = self._mask
         for user in users:
             if user is None:
                 continue
             i = user & mask
             r = 65 - user.bit_length()
             if regs[i] < r:
-                regs[i] = r if r <= rmax else rmax
+                self._raise(i, r)
+
+    def _raise(self, i: int, r: int) -> None:
+        """Register ``i`` goes up to rank ``r`` (rare: at most rmax times per register)."""
+        regs = self._regs
+        assert regs is not None
+        rmax = self._rmax
+        if r > rmax:
+            r = rmax
+        old = regs[i]
+        if self._hip is not None:
+            self._hip += self._scale / self._kxq
+        self._kxq -= (1 << (rmax - old)) - (1 << (rmax - r) if r < rmax else 0)
+        regs[i] = r
+
+    def _set_kxq(self) -> None:
+        regs = self._regs
+        assert regs is not None
+        rmax = self._rmax
+        self._kxq = sum(regs.count(k) << (rmax - k) for k in range(rmax))
 
     def _add_urls(self, url_hs: Sequence[int | None], urls: Sequence[str | bytes | None]) -> None:
         if not url_hs:
@@ -429,7 +455,13 @@ class CellAggregates:
         assert users is not None
         self._regs = bytearray(1 << self.params.hll_p)
         self._users = None
-        self._hll_update(users)
+        for user in users:  # order-free: the registers' maxima
+            i = user & self._mask
+            r = min(65 - user.bit_length(), self._rmax)
+            if self._regs[i] < r:
+                self._regs[i] = r
+        self._set_kxq()
+        self._hip = float(len(users))  # the exact count so far: HIP goes on from there
 
     def _purge(self) -> None:
         """Misra-Gries, a batch at a time: take the median count off every counter."""
@@ -456,13 +488,20 @@ class CellAggregates:
                 if len(self._users) > self._exact_users:
                     self._to_hll()
             else:
-                self._hll_update(other._users)
+                self._hll_update(sorted(other._users))  # one by one: HIP stays valid
         else:
             assert other._regs is not None
             if self._users is not None:
-                self._to_hll()
-            assert self._regs is not None
-            self._regs[:] = bytes(map(max, self._regs, other._regs))
+                # take the other's registers and HIP, then insert ours one by one
+                mine = sorted(self._users)
+                self._users, self._regs = None, bytearray(other._regs)
+                self._hip, self._kxq = other._hip, other._kxq
+                self._hll_update(mine)
+            else:
+                assert self._regs is not None
+                self._regs[:] = bytes(map(max, self._regs, other._regs))
+                self._set_kxq()
+                self._hip = None  # two histories: HIP no longer applies
         counts, texts = self._urls, self._texts
         for h, c in other._urls.items():
             counts[h] = counts.get(h, 0) + c
@@ -487,7 +526,8 @@ class CellAggregates:
         if self._users is not None:
             return len(self._users)
         assert self._regs is not None
-        return max(self._exact_users + 1, round(hll_estimate(self._regs, self.params.hll_p)))
+        est = self._hip if self._hip is not None else hll_estimate(self._regs, self.params.hll_p)
+        return max(self._exact_users + 1, round(est))
 
     def top_urls(self, n: int) -> list[dict[str, Any]]:
         """The ``n`` most frequent URLs, most frequent first; ties by URL text, then hash."""
@@ -551,6 +591,8 @@ class CellAggregates:
         else:
             assert self._regs is not None
             out["uh"] = _b64(bytes(self._regs))
+            if self._hip is not None:
+                out["hip"] = self._hip
         if self._urls:
             hashes = sorted(self._urls)
             counts, texts = self._urls, self._texts
@@ -585,6 +627,11 @@ class CellAggregates:
                 if len(regs) != 1 << cell.params.hll_p or max(regs) > 65 - cell.params.hll_p:
                     raise ValueError("bad registers")
                 cell._users, cell._regs = None, regs
+                cell._set_kxq()
+                if "hip" in obj:
+                    cell._hip = float(obj["hip"])
+                    if not cell._exact_users < cell._hip < 2.0**64:
+                        raise ValueError("bad HIP estimate")
             if "t" in obj:
                 packed, counts, texts = obj["t"]
                 hashes = _unpack(packed)
@@ -633,7 +680,7 @@ def max_serialised_bytes(params: SketchParams | None = None) -> int:
     """An upper bound of ``len(orjson.dumps(cell.to_json()))`` for any cell of ``params``."""
     p = params or SketchParams()
     params_part = len(f'"p":[{p.hll_p},{p.exact_users},{p.url_capacity},{p.delay_accuracy}]') + 2
-    users = 7 + 4 * math.ceil(max(8 * p.exact_users, 1 << p.hll_p) / 3)
+    users = 7 + 4 * math.ceil(max(8 * p.exact_users, 1 << p.hll_p) / 3) + 31  # ,"hip":<float, 24 chars at most>
     # "t":["<base64 of 8 bytes a URL>",[<counter up to 10 digits>,...],["<text>",...]],"o":<offset>
     urls = 6 + 4 * math.ceil(8 * p.url_capacity / 3) + 3 + p.url_capacity * (11 + MAX_URL_CHARS + 3) + 4 + 5 + 10
     # "d":[zero,first,counts...]: each count up to 10 digits (array "I") and a comma

@@ -232,8 +232,12 @@ def test_merge_of_parts_is_the_whole_within_the_bounds():
     merged = CellAggregates()
     for part in parts:
         merged.merge(part)
-    # HyperLogLog registers merge without loss; delay buckets add up exactly
-    assert merged.unique_users() == whole.unique_users()
+    # HyperLogLog registers merge without loss (the estimate is Ertl's then, not HIP's);
+    # delay buckets add up exactly
+    assert merged.to_json()["uh"] == whole.to_json()["uh"]
+    assert "hip" in whole.to_json() and "hip" not in merged.to_json()
+    true = len({e[0] for e in events})
+    assert abs(merged.unique_users() - true) <= 0.05 * true
     assert merged.client_delay_ms() == whole.client_delay_ms()
     truth = Counter(e[2] for e in events)
     assert_top_urls_within_bounds(merged, truth, n=3)
@@ -277,19 +281,46 @@ def test_unique_users_within_5_percent(n):
         assert abs(got - n) <= 0.05 * n, (got, n)
 
 
-def test_hll_estimate_is_unbiased_over_seeds():
-    """Mean relative error over 20 seeds near 0 (Ertl's estimator, no bias tables) and
-    each error within 5 %."""
+@pytest.mark.parametrize("merged", [False, True], ids=["hip", "ertl"])
+def test_hll_estimates_are_unbiased_over_seeds(merged):
+    """Over 20 seeds: mean relative error near 0 and each within 5 %, for the HIP estimate
+    of one stream and for Ertl's (no bias tables), used after a merge of two HyperLogLogs."""
     for n in (400, 3_000, 30_000):
         errs = []
         for seed in range(20):
             rng = random.Random(seed * 1_000_003 + n)
+            users = [rng.getrandbits(64) for _ in range(n)]
             cell = CellAggregates()
-            cell.add_many([rng.getrandbits(64) for _ in range(n)], [], [], [])
+            if merged:
+                cell.add_many(users[: n * 3 // 4], [], [], [])
+                other = CellAggregates()
+                other.add_many(users[n // 4:], [], [], [])  # both over exact_users
+                cell.merge(other)
+                assert "hip" not in cell.to_json()
+            else:
+                cell.add_many(users, [], [], [])
+                assert "hip" in cell.to_json()
             errs.append(cell.unique_users() / n - 1)
         assert max(abs(e) for e in errs) <= 0.05, errs
         assert abs(sum(errs) / len(errs)) < 0.01, errs
     assert hll_estimate(bytes(4096), 12) == 0
+
+
+def test_hip_survives_a_merge_with_an_exact_cell_either_way():
+    rng = random.Random(11)
+    big = [rng.getrandbits(64) for _ in range(5_000)]
+    small = [rng.getrandbits(64) for _ in range(100)] + big[:50]
+    a = CellAggregates()
+    a.add_many(big, [], [], [])
+    b = CellAggregates()
+    b.add_many(small, [], [], [])
+    ab, ba = restored(a), restored(b)
+    ab.merge(b)
+    ba.merge(a)
+    assert "hip" in ab.to_json() and "hip" in ba.to_json()
+    assert ab.to_json()["uh"] == ba.to_json()["uh"]
+    for cell in (ab, ba):
+        assert abs(cell.unique_users() - 5_100) <= 0.05 * 5_100
 
 
 def assert_top_urls_within_bounds(cell, truth, n):
