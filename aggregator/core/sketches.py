@@ -62,6 +62,7 @@ __all__ = [
     "CellAggregates",
     "SketchParams",
     "hash64",
+    "hll_estimate",
     "max_serialised_bytes",
     "normalise_url",
     "url_hash",
@@ -77,7 +78,8 @@ _MASK64 = (1 << 64) - 1
 # ---------------------------------------------------------------------------------------
 # URL normalisation and hashing (shared by ingest and worker)
 
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# scheme :// [user info @] host[:port] path [?query] [#fragment]
+_ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(?:[^/?#]*@)?([^/?#]*)([^?#]*)(\?[^#]*)?")
 _DEFAULT_PORT = {"http": ":80", "https": ":443", "ws": ":80", "wss": ":443"}
 # Percent-encode everything but printable ASCII, and the two characters JSON escapes:
 # the normalised text is ASCII without control characters, one byte per character in JSON.
@@ -107,30 +109,28 @@ def normalise_url(url: str, keep_query: bool = False) -> str | None:
     * the result is cut to ``MAX_URL_CHARS`` characters.
     """
     u = url.strip()
-    cut = u.find("#")
-    if cut >= 0:
-        u = u[:cut]
-    if not keep_query:
-        cut = u.find("?")
+    m = _ABSOLUTE.match(u)
+    if m is not None:
+        scheme, host, path, query = m.groups()
+        scheme, host = scheme.lower(), host.lower()
+        port = _DEFAULT_PORT.get(scheme)
+        if port is not None and host.endswith(port):
+            host = host[:-len(port)]
+        u = f"{scheme}://{host}{path or '/'}{query if keep_query and query else ''}"
+    else:
+        cut = u.find("#")
         if cut >= 0:
             u = u[:cut]
-    m = _SCHEME.match(u)
-    if m is not None:
-        scheme = u[:m.end() - 3].lower()
-        rest = u[m.end():]
-        slash = rest.find("/")
-        if slash < 0:
-            authority, path = rest, "/"
-        else:
-            authority, path = rest[:slash], rest[slash:]
-        if not keep_query and "?" in authority:  # pragma: no cover - cut above
-            authority = authority[:authority.find("?")]
-        authority = authority.rpartition("@")[2].lower()
-        port = _DEFAULT_PORT.get(scheme)
-        if port is not None and authority.endswith(port):
-            authority = authority[:-len(port)]
-        u = f"{scheme}://{authority}{path}"
-    u = _encode(u)[:MAX_URL_CHARS]
+        if not keep_query:
+            cut = u.find("?")
+            if cut >= 0:
+                u = u[:cut]
+    u = _encode(u)
+    if len(u) > MAX_URL_CHARS:
+        u = u[:MAX_URL_CHARS]
+        pct = u.rfind("%", MAX_URL_CHARS - 2)
+        if pct >= 0:  # no escape cut in half
+            u = u[:pct]
     return u or None
 
 

@@ -103,6 +103,10 @@ def test_normalise_url(raw, want):
 
 def test_normalise_url_keeps_the_query_when_asked_and_cuts_long_urls():
     assert normalise_url("https://ex.com/s?q=1#frag", keep_query=True) == "https://ex.com/s?q=1"
+    assert normalise_url("https://EX.com?q=1", keep_query=True) == "https://ex.com/?q=1"
+    assert normalise_url("https://EX.com?q=1") == "https://ex.com/"
+    cut = normalise_url("/" + "x" * (MAX_URL_CHARS - 2) + "\u00e9")  # the escape would straddle the cut
+    assert cut == "/" + "x" * (MAX_URL_CHARS - 2)
     long = normalise_url("/" + "x" * 5000)
     assert long is not None and len(long) == MAX_URL_CHARS
     # one byte per character in JSON: printable ASCII, nothing JSON escapes
