@@ -72,7 +72,6 @@ __all__ = [
 MAX_URL_CHARS = 200       # a normalised URL is cut to this many (ASCII) characters
 MAX_DELAY_MS = 2**31 - 1  # larger client delays are clamped to this (~24.8 days)
 _TABLE_MS = 1 << 14       # delays below this find their bucket in a table, not with log()
-_MASK64 = (1 << 64) - 1
 
 
 # ---------------------------------------------------------------------------------------
