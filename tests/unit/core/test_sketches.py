@@ -422,6 +422,7 @@ def test_serialised_size_stays_under_the_stated_bound():
     worst = {
         "p": P.key(),
         "uh": base64.b64encode(bytes([65 - P.hll_p]) * (1 << P.hll_p)).decode(),
+        "hip": 1.2345678901234567e18,  # the longest float text
         "t": [pack([2**64 - 1 - i for i in range(P.url_capacity)]), [big] * P.url_capacity,
               ["x" * MAX_URL_CHARS] * P.url_capacity],
         "o": big,
