@@ -1,0 +1,456 @@
+"""The sketch layer (aggregator/core/sketches.py): state round trips, merge, replay after a
+checkpoint, and the stated bounds against exact counts on seeded data."""
+import base64
+import hashlib
+import math
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.core.sketches import (
+    MAX_DELAY_MS,
+    MAX_URL_CHARS,
+    CellAggregates,
+    SketchParams,
+    hash64,
+    hll_estimate,
+    max_serialised_bytes,
+    normalise_url,
+    url_hash,
+    user_hash,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
+P = SketchParams()
+
+
+def stream(n, n_users, n_urls, seed, zipf=1.0, none_rate=0.0):
+    """n events (user hash, url hash, url text, delay ms) of n_users users and n_urls URLs
+    with Zipf-like URL frequencies; each part None with probability none_rate."""
+    rng = random.Random(seed)
+    users = [rng.getrandbits(64) for _ in range(n_users)]
+    texts = [f"https://ex.com/page/{i}" for i in range(n_urls)]
+    hashes = [url_hash(t) for t in texts]
+    picks = rng.choices(range(n_urls), [1 / (i + 1) ** zipf for i in range(n_urls)], k=n)
+    out = []
+    for k in range(n):
+        i = picks[k]
+        delay = int(rng.lognormvariate(6, 1.5)) - 30
+        ev = [users[rng.randrange(n_users)], hashes[i], texts[i], delay]
+        if none_rate:
+            if rng.random() < none_rate:
+                ev[0] = None
+            if rng.random() < none_rate:
+                ev[1] = ev[2] = None
+            if rng.random() < none_rate:
+                ev[3] = None
+        out.append(tuple(ev))
+    return out
+
+
+def feed(cell, events, batch=None):
+    """add() one by one (batch None) or add_many() in batches of ``batch``."""
+    if batch is None:
+        for e in events:
+            cell.add(*e)
+    else:
+        for i in range(0, len(events), batch):
+            part = events[i:i + batch]
+            cell.add_many([e[0] for e in part], [e[1] for e in part], [e[2] for e in part], [e[3] for e in part])
+    return cell
+
+
+def state_bytes(cell):
+    return orjson.dumps(cell.to_json())
+
+
+def restored(cell):
+    return CellAggregates.from_json(orjson.loads(state_bytes(cell)))
+
+
+# Small: every aggregate exact.  Big: users in HyperLogLog mode and URLs purged.
+SMALL = dict(n=2_000, n_users=150, n_urls=60)
+BIG = dict(n=30_000, n_users=5_000, n_urls=3_000)
+
+
+# --- URLs and hashes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "want"), [
+    ("/home", "/home"),
+    ("  /Home?x=1#top ", "/Home"),
+    ("HTTPS://User:pw@Example.COM:443/A/b?q#f", "https://example.com/A/b"),
+    ("http://Example.com", "http://example.com/"),
+    ("http://example.com:8080/x", "http://example.com:8080/x"),
+    ("https://example.com:80/x", "https://example.com:80/x"),  # 80 is not https's default
+    ("/caf\u00e9 menu", "/caf%C3%A9%20menu"),
+    ('/a"b\\c', "/a%22b%5Cc"),
+    ("/already%20encoded", "/already%20encoded"),
+    ("", None),
+    ("   ", None),
+    ("?only=query", None),
+])
+def test_normalise_url(raw, want):
+    assert normalise_url(raw) == want
+
+
+def test_normalise_url_keeps_the_query_when_asked_and_cuts_long_urls():
+    assert normalise_url("https://ex.com/s?q=1#frag", keep_query=True) == "https://ex.com/s?q=1"
+    assert normalise_url("https://EX.com?q=1", keep_query=True) == "https://ex.com/?q=1"
+    assert normalise_url("https://EX.com?q=1") == "https://ex.com/"
+    cut = normalise_url("/" + "x" * (MAX_URL_CHARS - 2) + "\u00e9")  # the escape would straddle the cut
+    assert cut == "/" + "x" * (MAX_URL_CHARS - 2)
+    long = normalise_url("/" + "x" * 5000)
+    assert long is not None and len(long) == MAX_URL_CHARS
+    # one byte per character in JSON: printable ASCII, nothing JSON escapes
+    text = normalise_url("/\u2603\u0000\t\"\\" + "\U0001F600")
+    assert text is not None and text.isascii() and text.isprintable()
+    assert len(orjson.dumps(text)) == len(text) + 2
+
+
+def test_hashes_are_blake2b_and_the_same_in_every_process():
+    assert hash64("u1") == int.from_bytes(hashlib.blake2b(b"u1", digest_size=8).digest(), "big")
+    assert user_hash("u1") == hash64("u1") and url_hash("/a") == hash64("/a")
+    assert 0 <= hash64("x") < 2**64 and hash64("x") != hash64("y")
+    code = ("from aggregator.core.sketches import hash64; import sys; sys.stdout.write(str(hash64('u1')))")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                             env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
+        assert int(out) == hash64("u1")
+
+
+# --- empty and exact cells ---------------------------------------------------------------
+
+def test_an_empty_cell():
+    cell = CellAggregates()
+    cell.add(None, None, None, None)
+    assert cell.result() == {"unique_users": 0, "top_urls": [], "client_delay_ms": None}
+    assert cell.to_json() == {"p": P.key()}
+    assert restored(cell).result() == cell.result()
+
+
+def test_exact_while_small():
+    events = stream(**SMALL, seed=1, none_rate=0.1)
+    cell = feed(CellAggregates(), events)
+    assert cell.exact
+    res = cell.result(top_n=20)
+    assert res["unique_users"] == len({e[0] for e in events if e[0] is not None})
+    truth = Counter(e[2] for e in events if e[2] is not None)
+    want = sorted(truth.items(), key=lambda kv: (-kv[1], kv[0]))[:20]
+    assert [(u["url"], u["count"]) for u in res["top_urls"]] == want
+
+
+def test_top_urls_ties_break_by_url_text():
+    cell = CellAggregates()
+    for text in ["/b", "/a", "/c", "/a", "/b"]:
+        cell.add(None, url_hash(text), text, None)
+    assert cell.top_urls(3) == [{"url": "/a", "count": 2}, {"url": "/b", "count": 2}, {"url": "/c", "count": 1}]
+
+
+def test_url_text_as_bytes_is_stored_as_text():
+    cell = CellAggregates()
+    cell.add(None, url_hash("/a"), b"/a", None)
+    cell.add_many([], [url_hash("/b")], [b"/b"], [])
+    assert cell.top_urls(5) == [{"url": "/a", "count": 1}, {"url": "/b", "count": 1}]
+
+
+# --- state: round trip, determinism, replay ------------------------------------------------
+
+@pytest.mark.parametrize("shape", [SMALL, BIG], ids=["exact", "sketch"])
+def test_round_trip_gives_the_same_result_and_the_same_bytes(shape):
+    cell = feed(CellAggregates(), stream(**shape, seed=2, none_rate=0.05))
+    back = restored(cell)
+    assert back.result(20) == cell.result(20)
+    assert state_bytes(back) == state_bytes(cell)
+    assert state_bytes(restored(back)) == state_bytes(cell)
+
+
+def test_state_bytes_do_not_depend_on_the_process():
+    code = ("import orjson, sys; from tests.unit.core.test_sketches import BIG, stream, feed; "
+            "from aggregator.core.sketches import CellAggregates; "
+            "sys.stdout.buffer.write(orjson.dumps(feed(CellAggregates(), stream(**BIG, seed=3)).to_json()))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, cwd=ROOT, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("0", "7")}
+    assert outs == {state_bytes(feed(CellAggregates(), stream(**BIG, seed=3)))}
+
+
+@pytest.mark.parametrize("shape", [SMALL, BIG], ids=["exact", "sketch"])
+@pytest.mark.parametrize("checkpoint", [0.1, 0.5, 0.9])
+def test_restore_then_replay_the_rest_equals_one_uninterrupted_run(shape, checkpoint):
+    """The worker restores a cell from its last checkpoint and re-applies the events after
+    it (in other batches than the first time): the state ends as if it never stopped."""
+    events = stream(**shape, seed=4, none_rate=0.05)
+    whole = feed(CellAggregates(), events)
+    k = int(len(events) * checkpoint)
+    first = feed(CellAggregates(), events[:k], batch=500)
+    resumed = feed(CellAggregates.from_json(orjson.loads(state_bytes(first))), events[k:], batch=333)
+    assert state_bytes(resumed) == state_bytes(whole)
+    assert resumed.result(20) == whole.result(20)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 400), min_size=1, max_size=12),
+       n_urls=st.sampled_from([5, 100, 400]), n_users=st.sampled_from([50, 300, 2000]))
+def test_add_many_equals_add_one_by_one_whatever_the_batches(seed, sizes, n_urls, n_users):
+    events = stream(sum(sizes), n_users, n_urls, seed, none_rate=0.1)
+    one = feed(CellAggregates(), events)
+    many = CellAggregates()
+    i = 0
+    for size in sizes:
+        feed(many, events[i:i + size], batch=size)
+        i += size
+    assert state_bytes(many) == state_bytes(one)
+
+
+# --- merge ---------------------------------------------------------------------------------
+
+def split(events, parts, seed):
+    rng = random.Random(seed)
+    out = [[] for _ in range(parts)]
+    for e in events:
+        out[rng.randrange(parts)].append(e)
+    return out
+
+
+def test_merge_is_exact_while_exact():
+    events = stream(**SMALL, seed=5, none_rate=0.05)
+    whole = feed(CellAggregates(), events)
+    merged = CellAggregates()
+    for part in split(events, 3, seed=5):
+        merged.merge(feed(CellAggregates(), part))
+    assert merged.exact
+    assert state_bytes(merged) == state_bytes(whole)
+
+
+def test_merge_of_parts_is_the_whole_within_the_bounds():
+    events = stream(**BIG, seed=6)
+    whole = feed(CellAggregates(), events)
+    parts = [feed(CellAggregates(), part) for part in split(events, 4, seed=6)]
+    merged = CellAggregates()
+    for part in parts:
+        merged.merge(part)
+    # HyperLogLog registers merge without loss (the estimate is Ertl's then, not HIP's);
+    # delay buckets add up exactly
+    assert merged.to_json()["uh"] == whole.to_json()["uh"]
+    assert "hip" in whole.to_json() and "hip" not in merged.to_json()
+    true = len({e[0] for e in events})
+    assert abs(merged.unique_users() - true) <= 0.05 * true
+    assert merged.client_delay_ms() == whole.client_delay_ms()
+    truth = Counter(e[2] for e in events)
+    assert_top_urls_within_bounds(merged, truth, n=3)
+    assert [u["url"] for u in merged.top_urls(3)] == [u["url"] for u in whole.top_urls(3)]
+
+
+def test_merge_mixes_modes_and_leaves_the_other_alone():
+    small_events, big_events = stream(**SMALL, seed=7), stream(**BIG, seed=8)
+    small = feed(CellAggregates(), small_events)
+    big = feed(CellAggregates(), big_events)
+    before = state_bytes(small)
+    big_first = restored(big)
+    big_first.merge(small)
+    small_first = restored(small)
+    small_first.merge(big)
+    assert state_bytes(small) == before
+    assert big_first.unique_users() == small_first.unique_users()
+    assert big_first.client_delay_ms() == small_first.client_delay_ms()
+    true = len({e[0] for e in small_events + big_events})
+    assert abs(big_first.unique_users() - true) <= 0.05 * true
+
+
+def test_merge_refuses_other_parameters():
+    with pytest.raises(ValueError, match="different parameters"):
+        CellAggregates().merge(CellAggregates(SketchParams(hll_p=11)))
+
+
+# --- bounds against exact counts --------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [100, 256, 257, 1_000, 10_000, 100_000])
+def test_unique_users_within_5_percent(n):
+    rng = random.Random(n)
+    users = [hash64(f"user-{rng.getrandbits(40)}-{i}") for i in range(n)]
+    cell = CellAggregates()
+    cell.add_many(users + users[: n // 2], [], [], [])  # repeats do not count
+    got = cell.unique_users()
+    if n <= P.exact_users:
+        assert got == n and cell.exact
+    else:
+        assert not cell.exact
+        assert abs(got - n) <= 0.05 * n, (got, n)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["hip", "ertl"])
+def test_hll_estimates_are_unbiased_over_seeds(merged):
+    """Over 20 seeds: mean relative error near 0 and each within 5 %, for the HIP estimate
+    of one stream and for Ertl's (no bias tables), used after a merge of two HyperLogLogs."""
+    for n in (400, 3_000, 30_000):
+        errs = []
+        for seed in range(20):
+            rng = random.Random(seed * 1_000_003 + n)
+            users = [rng.getrandbits(64) for _ in range(n)]
+            cell = CellAggregates()
+            if merged:
+                cell.add_many(users[: n * 3 // 4], [], [], [])
+                other = CellAggregates()
+                other.add_many(users[n // 4:], [], [], [])  # both over exact_users
+                cell.merge(other)
+                assert "hip" not in cell.to_json()
+            else:
+                cell.add_many(users, [], [], [])
+                assert "hip" in cell.to_json()
+            errs.append(cell.unique_users() / n - 1)
+        assert max(abs(e) for e in errs) <= 0.05, errs
+        assert abs(sum(errs) / len(errs)) < 0.01, errs
+    assert hll_estimate(bytes(4096), 12) == 0
+
+
+def test_hip_survives_a_merge_with_an_exact_cell_either_way():
+    rng = random.Random(11)
+    big = [rng.getrandbits(64) for _ in range(5_000)]
+    small = [rng.getrandbits(64) for _ in range(100)] + big[:50]
+    a = CellAggregates()
+    a.add_many(big, [], [], [])
+    b = CellAggregates()
+    b.add_many(small, [], [], [])
+    ab, ba = restored(a), restored(b)
+    ab.merge(b)
+    ba.merge(a)
+    assert "hip" in ab.to_json() and "hip" in ba.to_json()
+    assert ab.to_json()["uh"] == ba.to_json()["uh"]
+    for cell in (ab, ba):
+        assert abs(cell.unique_users() - 5_100) <= 0.05 * 5_100
+
+
+def assert_top_urls_within_bounds(cell, truth, n):
+    """Every reported count c: c - offset <= true <= c, and the leading counts within 5 %."""
+    for row in cell.top_urls(n):
+        true = truth[row["url"]]
+        assert row["count"] - cell.offset <= true <= row["count"], (row, true, cell.offset)
+        assert abs(row["count"] - true) <= 0.05 * true, (row, true)
+
+
+@pytest.mark.parametrize("zipf", [0.8, 1.0, 1.2])
+def test_top_3_urls_in_order_on_a_zipf_stream(zipf):
+    events = stream(50_000, 1_000, 5_000, seed=9, zipf=zipf)
+    cell = CellAggregates()
+    feed(cell, events, batch=1000)
+    assert cell.offset > 0  # far more distinct URLs than counters: the sketch is at work
+    truth = Counter(e[2] for e in events)
+    assert [u["url"] for u in cell.top_urls(3)] == [url for url, _ in truth.most_common(3)]
+    assert_top_urls_within_bounds(cell, truth, n=3)
+    assert cell.offset <= 2 * len(events) / (P.url_capacity + 1)
+    # each URL's true count lies within its stated interval, also beyond the top 3
+    for row in cell.top_urls(P.url_capacity):
+        assert row["count"] - cell.offset <= truth[row["url"]] <= row["count"]
+
+
+def test_top_urls_are_capped_at_the_capacity():
+    cell = CellAggregates()
+    for i in range(10 * P.url_capacity):
+        cell.add(None, url_hash(f"/{i}"), f"/{i}", None)
+        assert len(cell.top_urls(10_000)) <= P.url_capacity
+
+
+def true_quantile(values, q):
+    s = sorted(max(v, 0) for v in values)
+    return s[int(q * (len(s) - 1))]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_delay_quantiles_within_the_relative_accuracy(seed):
+    rng = random.Random(seed)
+    delays = [int(rng.lognormvariate(7, 2)) for _ in range(50_000)] + [rng.randrange(20_000, 90_000_000) for _ in range(500)]
+    cell = CellAggregates()
+    cell.add_many([], [], [], delays)
+    res = cell.client_delay_ms()
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+        want = true_quantile(delays, q)
+        assert abs(res[name] - want) <= P.delay_accuracy * want + 0.05, (name, res[name], want)
+    for q in (0.0, 0.01, 0.25, 0.75, 0.999, 1.0):
+        want = true_quantile(delays, q)
+        assert abs(cell.delay_quantile(q) - want) <= P.delay_accuracy * want, (q, want)
+
+
+def test_small_delays_are_exact_and_negative_ones_count_as_zero():
+    cell = CellAggregates()
+    for d in [-500, -1, 0, 1, 2, 3, 5, 8, 13]:
+        cell.add(None, None, None, d)
+    assert [cell.delay_quantile(q) for q in (0, 0.25, 0.5, 0.75, 1)] == [0, 0, 2, 5, 13]
+    huge = CellAggregates()
+    huge.add(None, None, None, 10**15)  # clamped to MAX_DELAY_MS
+    assert abs(huge.delay_quantile(0.5) - MAX_DELAY_MS) <= P.delay_accuracy * MAX_DELAY_MS
+
+
+# --- size -------------------------------------------------------------------------------------
+
+def pack(hashes):
+    return base64.b64encode(b"".join(h.to_bytes(8, "big") for h in sorted(hashes))).decode()
+
+
+def test_state_format():
+    """The documented layout (docs/analytics.md), on a small exact cell."""
+    cell = CellAggregates()
+    cell.add(2, url_hash("/b"), "/b", 5)
+    cell.add(1, url_hash("/a"), "/a", -3)
+    cell.add(1, url_hash("/a"), "/a", None)
+    first = sorted([url_hash("/a"), url_hash("/b")])
+    counts = {url_hash("/a"): 2, url_hash("/b"): 1}
+    texts = {url_hash("/a"): "/a", url_hash("/b"): "/b"}
+    five = cell.to_json()["d"][1]
+    assert cell.to_json() == {"p": [12, 256, 128, 0.01], "ux": pack([1, 2]),
+                              "t": [pack(first), [counts[h] for h in first], [texts[h] for h in first]],
+                              "d": [1, five, 1]}
+    assert cell.delay_quantiles([0, 1]) == [0.0, 5]
+
+
+def test_serialised_size_stays_under_the_stated_bound():
+    bound = max_serialised_bytes()
+    assert bound < 50_000
+    # a real busy cell
+    assert len(state_bytes(feed(CellAggregates(), stream(**BIG, seed=10)))) < 12_000
+    # the worst case: every part at its largest
+    probe = CellAggregates()
+    probe.add(None, None, None, 5)
+    n_buckets = len(probe._buckets)
+    big = 2**32 - 1
+    worst = {
+        "p": P.key(),
+        "uh": base64.b64encode(bytes([65 - P.hll_p]) * (1 << P.hll_p)).decode(),
+        "hip": 1.2345678901234567e18,  # the longest float text
+        "t": [pack([2**64 - 1 - i for i in range(P.url_capacity)]), [big] * P.url_capacity,
+              ["x" * MAX_URL_CHARS] * P.url_capacity],
+        "o": big,
+        "d": [big, 0, *[big] * n_buckets],
+    }
+    cell = CellAggregates.from_json(worst)
+    size = len(state_bytes(cell))
+    assert size <= bound, (size, bound)
+    assert size > 0.9 * bound  # the bound is not loose either
+    exact_worst = CellAggregates.from_json({"p": P.key(), "ux": pack([2**64 - 1 - i for i in range(P.exact_users)])})
+    assert exact_worst.unique_users() == P.exact_users
+    assert len(orjson.dumps(exact_worst.to_json()["ux"])) <= len(worst["uh"]) + 2
+    assert math.isfinite(cell.delay_quantile(0.5))
+
+
+@pytest.mark.parametrize("bad", [
+    {}, {"p": [12, 256]}, {"p": [3, 256, 128, 0.01]}, {"p": P.key(), "uh": "AAAA"},
+    {"p": P.key(), "ux": "not base64!"}, {"p": P.key(), "ux": "AAAA"}, {"p": P.key(), "t": [["zz", 1, "/a"]]},
+    {"p": P.key(), "t": ["AAAAAAAAAAA=", [0], ["/a"]]}, {"p": P.key(), "t": ["AAAAAAAAAAA=", [1], [5]]},
+    {"p": P.key(), "t": ["AAAAAAAAAAA=", [1, 2], ["/a"]]}, {"p": P.key(), "t": ["AAAAAAAAAAA=", [True], ["/a"]]},
+    {"p": P.key(), "d": [0, 5000, 1]}, {"p": P.key(), "d": [-1]}, {"p": P.key(), "o": -3},
+])
+def test_from_json_refuses_what_is_not_a_state(bad):
+    with pytest.raises(ValueError, match="not a CellAggregates state"):
+        CellAggregates.from_json(bad)
+
+
+def test_parameters_are_checked():
+    for kw in (dict(hll_p=3), dict(exact_users=99), dict(url_capacity=10), dict(delay_accuracy=0.5)):
+        with pytest.raises(ValueError, match="must be within"):
+            SketchParams(**kw)
