@@ -18,6 +18,7 @@ import orjson
 from aggregator.core.contract import FUTURE_TS, INGEST_HEADER, SOURCE_HEADER, Event, parse_ingest_header
 from aggregator.core.dedup import DedupId, event_key, parse_id_field
 from aggregator.core.events import LIMITS, EventError, normalise_region, parse_client_ts
+from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header
 
 LOG_APPEND_TIME = 1
@@ -59,11 +60,14 @@ class RecordDecoder:
     """Owns the caches of accepted region spellings (raw JSON region and record key) and
     of each region's home partition (``partitions`` = partitions of ``clicks``)."""
 
-    def __init__(self, partitions: int = 1) -> None:
+    def __init__(self, partitions: int = 1, cap: RegionCap | None = None) -> None:
         self.regions: dict[str, str] = {}  # raw region of a JSON value -> region
         self.keys: dict[bytes, str] = {}  # record key -> region, for ingest's records
         self.partitions = partitions
         self.homes: dict[str, int] = {}  # region -> its home partition (core.repartition)
+        # the worker's region cap over all its partitions (core.regioncap): an event counted
+        # here whose region is not admitted is counted as __other__
+        self.cap = cap
 
     def decode(self, records: Sequence[Record], now_ms: int, partition: int, want_offsets: bool,
                dead: list[DeadLetter] | None, max_ts: int, forward: list[Foreign] | None = None) -> Decoded:
@@ -90,6 +94,8 @@ class RecordDecoder:
         future: dict[str, int] = {}
         split = forward is not None and self.partitions > 1
         homes = self.homes
+        cap = self.cap
+        capped = None if cap is None else cap.seen
         ids: list[DedupId | None] | None = None
         for rec in records:
             hs = rec.headers
@@ -137,6 +143,8 @@ class RecordDecoder:
             if its > max_ts:
                 self._future(region, its, max_ts, future, dead, partition, rec.offset, rec)
                 continue
+            if capped is not None and region not in capped:
+                region = cap.admit(region, now_ms)  # type: ignore[union-attr]
             if did is not None and ids is None:
                 ids = [None] * len(events)
             append((region, its, cts))
@@ -147,7 +155,7 @@ class RecordDecoder:
         return Decoded(events, offsets, rejected, future, ids)
 
     def decode_forwarded(self, records: Sequence[Record], partition: int, applied: dict[int, int],
-                         dead: list[DeadLetter] | None, max_ts: int) -> tuple[Decoded, int]:
+                         dead: list[DeadLetter] | None, max_ts: int, now_ms: int = 0) -> tuple[Decoded, int]:
         """Records of ``clicks-repartition`` (partition ``partition``) -> (``decode``'s
         answer without offsets, repeats dropped).  ``applied``: per source partition, the
         highest source offset applied (updated here); a record at or below it is a repeat of
@@ -159,6 +167,8 @@ class RecordDecoder:
         rejected: dict[str, int] = {}
         future: dict[str, int] = {}
         repeats = 0
+        cap = self.cap
+        capped = None if cap is None else cap.seen
         ids: list[DedupId | None] | None = None
         for rec in records:
             hs = rec.headers
@@ -181,6 +191,8 @@ class RecordDecoder:
             if its > max_ts:
                 self._future(region, its, max_ts, future, dead, source, offset, rec)
                 continue
+            if capped is not None and region not in capped:
+                region = cap.admit(region, now_ms)  # type: ignore[union-attr]
             if did is not None and ids is None:
                 ids = [None] * len(events)
             append((region, its, cts))

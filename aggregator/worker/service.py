@@ -32,6 +32,7 @@ from aggregator import tracing
 from aggregator.config import Settings
 from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, FUTURE_TS, BookEvent
 from aggregator.core.ratelimit import RateLimits
+from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, forward_record, home
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
@@ -50,7 +51,9 @@ class WorkerService:
         self.metrics = metrics
         self.kafka = kafka = FaustApp(settings)
         self.app = app = kafka.app
-        self.decoder = RecordDecoder(settings.partitions)
+        # the region cap holds over all partitions of this worker (core.regioncap)
+        self.region_cap = RegionCap(settings.max_regions, settings.idle_ms)
+        self.decoder = RecordDecoder(settings.partitions, self.region_cap)
         self.throttle = Throttle(RateLimits(settings.rate_limit, settings.rate_limits), settings.spill_max_bytes,
                                  metrics)
         books = BookSettings(settings.window_ms, settings.grace_ms, settings.late_after_ms, settings.idle_ms,
@@ -192,7 +195,7 @@ class WorkerService:
             if not records:
                 return
         (events, _, rejected, future, ids), _ = self.decoder.decode_forwarded(
-            records, p.partition, book.forwarded, self.checkpointer.dead, now_ms + self.max_ahead_ms)
+            records, p.partition, book.forwarded, self.checkpointer.dead, now_ms + self.max_ahead_ms, now_ms)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
         if ids is not None and p.dedup.horizon_ms:
@@ -224,7 +227,9 @@ class WorkerService:
             self.throttle.drain(p, now_ms)
             book = p.book
             if book.tally:
-                self.metrics.counted(book.take_tally())
+                tally = book.take_tally()
+                self.region_cap.touch(tally, now_ms)  # regions with events keep their place
+                self.metrics.counted(tally)
             target = advance_target(now_ms, p.last_record_ms, self._highwater(p), book.next_offset,
                                     fetching and not self.throttle.held_here(p))
             if target is not None:

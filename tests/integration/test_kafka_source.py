@@ -185,3 +185,31 @@ def test_records_without_ingest_ts_are_placed_at_log_append_time(broker, service
     else:
         assert all(ws + 2000 > started for ws in windows), (started, windows)
     assert all(s["late"] == 0 for s in snaps)
+
+
+def test_the_region_cap_holds_per_worker_over_all_its_partitions(broker, service_factory):
+    """Fault 11: with AGG_MAX_REGIONS=5, regions produced straight to Kafka over the four
+    partitions of one worker name at most 5 regions (the cap was per partition: 11 were
+    named); the rest are __other__, and nothing is lost."""
+    from aggregator.core.repartition import home
+
+    bootstrap = broker.url.split("://")[1]
+    asyncio.run(ensure_topics(bootstrap, 4))
+    svc = service_factory("cap", AGG_MAX_REGIONS="5").start()
+    regions = [f"r{i}" for i in range(11)]
+    assert len({home(r, 4) for r in regions}) >= 3  # over several partitions: a cap per partition named all
+    records = [(r.encode(), orjson.dumps({"region": r})) for _ in range(20) for r in regions]
+    asyncio.run(_produce(bootstrap, records))
+
+    def counted():
+        totals: dict[str, int] = {}
+        for s in svc.snapshots():
+            totals[s["region"]] = totals.get(s["region"], 0) + s["count"]
+        return totals if sum(totals.values()) == len(records) else None
+
+    totals = wait_for(counted, 40, what=f"{len(records)} events counted")
+    named = {r for r, n in totals.items() if r != "__other__" and n}
+    assert len(named) <= 5 and totals.get("__other__", 0) == 20 * (11 - len(named)), totals
+    series = {s.labels["region"] for f in text_string_to_metric_families(svc.metrics_text())
+              if f.name == "clickstream_events" for s in f.samples}
+    assert series and len(series - {"__other__"}) <= 5, series  # metric labels follow the cap
