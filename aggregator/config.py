@@ -31,6 +31,7 @@ from pydantic_settings import (
 
 from aggregator.broker.security import KafkaSecurity
 from aggregator.core.ratelimit import parse_rate_limits
+from aggregator.core.sketches import SketchParams
 
 ENV_PREFIX = "AGG_"
 CONFIG_ENV = "AGG_CONFIG"
@@ -157,6 +158,13 @@ class Settings(BaseSettings):
     dedup_max_ids: int = Field(1_000_000, ge=1, description="event ids one partition remembers for dedup at most "
                                "(about 250 bytes each); beyond, the oldest are forgotten before the horizon, "
                                "counted in clickstream_dedup_evicted_total")
+    aggregates: bool = Field(True, description="unique users, top URLs and client-delay quantiles per region "
+                             "and window in every snapshot (false: counts only)")
+    top_urls: int = Field(10, ge=1, le=20, description="URLs in a snapshot's top_urls at most")
+    unique_users_precision: int = Field(12, ge=10, le=16, description="HyperLogLog precision of unique_users "
+                                        "beyond 256 users: 2^p one-byte registers, standard error ~1.04/sqrt(2^p)")
+    url_keep_query: bool = Field(False, description="count URLs with their query string (default: scheme, host "
+                                 "and path only)")
     region_idle_seconds: float = Field(3600.0, gt=0, description="regions seen within this get zero-count snapshots")
     max_regions: int = Field(1000, ge=1, description="region cardinality cap; beyond it: __other__")
     ingest_token: str = _secret("bearer token required by POST /v1/events (empty: none)")
@@ -270,6 +278,10 @@ class Settings(BaseSettings):
 
     def faust_broker(self) -> list[str]:
         return [h if "://" in h else f"kafka://{h}" for h in (e.strip() for e in self.broker.split(","))]
+
+    def sketch_params(self) -> SketchParams:
+        """The parameters of the per-window aggregates (core.sketches)."""
+        return SketchParams(hll_p=self.unique_users_precision)
 
     def kafka_security(self) -> KafkaSecurity:
         """TLS and SASL of every Kafka client (aggregator.broker.security); SettingsError with

@@ -6,7 +6,7 @@ spells these.
 """
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 # --- Kafka topics (contract §4)
 CLICKS = "clicks"
@@ -42,8 +42,34 @@ INGEST_HEADER = "clickstream-ingest"
 # On every record of ``clicks-repartition``, after the ingest header: ``<partition>,<offset>``
 # (ASCII) of the record of ``clicks`` it forwards.
 SOURCE_HEADER = "clickstream-source"
+# With aggregates on (AGG_AGGREGATES), on a record the HTTP ingest writes for an event with
+# a ``user_id`` or a ``url``, right after the ingest header (after the source header on
+# ``clicks-repartition``): ``<user hash>,<url hash>,<normalised url>`` -- the 64-bit hashes
+# in hex (core.sketches.user_hash / url_hash), each part empty when the event has none.
+AGG_HEADER = "clickstream-agg"
 
 Header = tuple[str, bytes]
+# What the aggregates of an event are made of: (user hash, url hash, normalised url as
+# ASCII bytes or str), parts None when the event has none; None: nothing to aggregate.
+Agg = tuple["int | None", "int | None", "bytes | str | None"]
+
+
+def agg_header_value(user_h: int | None, url_h: int | None, url: bytes | str | None) -> bytes:
+    text = url.encode() if isinstance(url, str) else (url or b"")
+    return b"%s,%s,%s" % (b"" if user_h is None else b"%x" % user_h, b"" if url_h is None else b"%x" % url_h, text)
+
+
+def parse_agg_header(value: bytes) -> Agg:
+    """-> (user hash, url hash, url bytes), parts None when empty; ValueError when it is not
+    what ingest writes."""
+    u, sep, rest = value.partition(b",")
+    h, sep2, url = rest.partition(b",")
+    if not (sep and sep2):
+        raise ValueError("<user hash>,<url hash>,<url> expected")
+    url_h = int(h, 16) if h else None
+    if (url_h is None) != (not url):
+        raise ValueError("a url hash needs its url, and a url its hash")
+    return (int(u, 16) if u else None), url_h, (url or None)
 
 
 def ingest_header_value(ingest_ts: int, client_ts: int | None, dedup: bytes | None = None) -> bytes:
@@ -92,11 +118,16 @@ class Snapshot(TypedDict):
     late: int
     late_by_reason: dict[str, int]
     emitted_at: int
+    # with aggregates on (AGG_AGGREGATES; core.sketches), of the events counted in the window
+    unique_users: NotRequired[int]
+    top_urls: NotRequired[list[dict[str, object]]]  # [{"url", "count"}], most frequent first
+    client_delay_ms: NotRequired[dict[str, float] | None]  # {"p50", "p90", "p99"}; None: no event had a ts
 
 
 # A snapshot re-published after a crash or rebalance repeats these exactly;
 # ``emitted_at`` may differ (contract §1).
-CONTENT_FIELDS = ("region", "window_start", "window_end", "count", "late", "late_by_reason")
+CONTENT_FIELDS = ("region", "window_start", "window_end", "count", "late", "late_by_reason", "unique_users",
+                  "top_urls", "client_delay_ms")
 
 
 def snapshot_content(s: Snapshot | dict[str, object]) -> dict[str, object]:

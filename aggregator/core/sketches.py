@@ -52,9 +52,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from hashlib import blake2b
 from itertools import accumulate
 from typing import Any, cast
+
+from xxhash import xxh3_64_intdigest
 
 __all__ = [
     "MAX_DELAY_MS",
@@ -134,9 +135,10 @@ def normalise_url(url: str, keep_query: bool = False) -> str | None:
 
 
 def hash64(text: str) -> int:
-    """A 64-bit hash of ``text`` (BLAKE2b, 8-byte digest, big-endian), the same in every
-    process and on every machine."""
-    return int.from_bytes(blake2b(text.encode(), digest_size=8).digest(), "big")
+    """A 64-bit hash of ``text`` (XXH3-64 of its UTF-8), the same in every process and on
+    every machine.  xxhash: about 0.15 us a call against 1.4 us for an 8-byte BLAKE2b (in
+    the per-event path of ingest, and of the worker for records produced straight to Kafka)."""
+    return xxh3_64_intdigest(text.encode())
 
 
 def user_hash(user_id: str) -> int:
