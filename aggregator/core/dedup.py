@@ -24,7 +24,7 @@ partition's stream time is a whole horizon past its end: a repeat is dropped as 
 as it comes within the horizon of the first sighting (and possibly a bucket longer).
 
 Written incrementally: what a checkpoint adds is ``take_records()`` (changelog records
-of at most ``RECORD_BYTES`` each, keyed by bucket and sequence number), named in the
+of at most ``recordlog.RECORD_BYTES`` each (core.recordlog), keyed by bucket and sequence number), named in the
 partition's state (``Prepared.to_json()``); buckets that expire leave the index and their
 records are deleted (tombstones) after the state that no longer names them is durable.
 """
@@ -34,10 +34,11 @@ from collections.abc import Callable, Iterable, Sequence
 from hashlib import blake2b
 from typing import Any
 
+from aggregator.core.recordlog import RecordLog
+
 BUCKETS = 10  # a horizon is this many buckets
 DEFAULT_MAX_IDS = 1_000_000  # event ids one partition remembers at most (AGG_DEDUP_MAX_IDS)
 ID_BYTES = 250  # worker memory of one remembered event id of ~20 characters, measured (README)
-RECORD_BYTES = 400_000  # JSON bytes of ids per changelog record at most: under statechunks' bound (512 KiB)
 
 IDEMPOTENCY_KEY = "idempotency_key"
 EVENT_ID = "event_id"
@@ -80,23 +81,16 @@ def parse_id_field(raw: bytes, region: str) -> DedupId:
     raise ValueError("dedup id must start with e or k")
 
 
-def _record_key(partition: int, bucket: int, seq: int) -> str:
-    return f"{partition}/d/{bucket}/{seq}"
 
 
-def record_keys(partition: int, buckets: Iterable[tuple[int, int]]) -> list[str]:
-    """The keys of the records of ``(bucket, records)``."""
-    return [_record_key(partition, b, seq) for b, n in buckets for seq in range(n)]
-
-
-class DedupStore:
+class DedupStore(RecordLog):
     """The ids seen on one partition within the horizon; ``horizon_ms`` 0: no dedup.
     At most ``max_ids`` event ids (an idempotency key's bitmap costs a bit per index)."""
 
-    __slots__ = ("horizon_ms", "max_ids", "bucket_ms", "events", "keys", "buckets", "written", "pending",
-                 "expiring", "expired", "newest", "evicted")
+    TAG = "d"
 
     def __init__(self, horizon_ms: int, max_ids: int = DEFAULT_MAX_IDS) -> None:
+        super().__init__()  # pending: (bucket, id) not written yet
         self.horizon_ms = horizon_ms
         self.max_ids = max_ids  # event ids remembered at most (memory: about ID_BYTES each)
         self.evicted = 0  # ids forgotten before their horizon because of max_ids
@@ -104,10 +98,6 @@ class DedupStore:
         self.events: dict[str, int] = {}  # event id -> its bucket
         self.keys: dict[int, list[Any]] = {}  # request key -> [its bucket, bytearray bitmap of indices]
         self.buckets: dict[int, list[Any]] = {}  # bucket -> the event ids and request keys first seen in it
-        self.written: dict[int, int] = {}  # bucket -> changelog records of it the confirmed state names
-        self.pending: list[tuple[int, DedupId]] = []  # (bucket, id) not written yet
-        self.expiring: list[tuple[int, int]] = []  # (bucket, records) gone from the index of the next state
-        self.expired: list[tuple[int, int]] = []  # (bucket, records) a durable state no longer names: to delete
         self.newest = 0  # the newest ingest time seen (ms)
 
     def size(self) -> tuple[int, int]:
@@ -116,14 +106,15 @@ class DedupStore:
 
     # ------------------------------------------------------------------ hot path
     def filter(self, events: Sequence[tuple[Any, int, Any]], ids: Sequence[DedupId | None],
-               offsets: Sequence[int] | None = None,
-               ) -> tuple[list[Any], list[int] | None, dict[tuple[Any, str], int]]:
+               offsets: Sequence[int] | None = None, aggs: Sequence[Any] | None = None,
+               ) -> tuple[list[Any], list[int] | None, dict[tuple[Any, str], int], list[Any] | None]:
         """-> (the events that are not duplicates, their offsets (when given), duplicates
-        by (region, source)).  ``ids[i]`` is the dedup id of ``events[i]`` (None: it has
+        by (region, source), their ``aggs`` (when given)).  ``ids[i]`` is the dedup id of ``events[i]`` (None: it has
         none, always counted).  Ids kept are remembered (and written at the next
         checkpoint)."""
         kept: list[Any] = []
         kept_offsets: list[int] | None = None if offsets is None else []
+        kept_aggs: list[Any] | None = None if aggs is None else []
         dups: dict[tuple[Any, str], int] = {}
         seen_events, seen_keys, buckets, pending = self.events, self.keys, self.buckets, self.pending
         bucket_ms = self.bucket_ms
@@ -168,8 +159,10 @@ class DedupStore:
             kept.append(ev)
             if kept_offsets is not None:
                 kept_offsets.append(offsets[n])  # type: ignore[index]
+            if kept_aggs is not None:
+                kept_aggs.append(aggs[n])  # type: ignore[index]
         self.newest = newest
-        return kept, kept_offsets, dups
+        return kept, kept_offsets, dups, kept_aggs
 
     def undo(self, n: int) -> None:
         """Forget the last ``n`` ids ``filter`` remembered (their batch was not applied: the
@@ -218,46 +211,13 @@ class DedupStore:
         return len(ids_of)
 
     # ------------------------------------------------------------------ changelog
-    def take_records(self, partition: int) -> tuple[list[tuple[str, dict[str, Any]]], Prepared]:
-        """-> (the changelog records of the ids not written yet (key, JSON value), what the
-        state written with them holds: ``Prepared.index`` names those records and every
-        earlier one of the live buckets).  Nothing changes until ``confirm(prepared)``: a
-        write that fails is prepared again, whole."""
-        by_bucket: dict[int, list[DedupId]] = {}
-        for b, did in self.pending:
-            by_bucket.setdefault(b, []).append(did)
-        index = dict(self.written)
-        records: list[tuple[str, dict[str, Any]]] = []
-        for b in sorted(by_bucket):
-            seq = index.get(b, 0)
-            part: list[DedupId] = []
-            size = 0
-            for did in by_bucket[b]:
-                # an event id's JSON string (any escapes) or a key's share: at most 6 bytes a character
-                n = len(did) * 6 + 3 if isinstance(did, str) else 12
-                if part and size + n > RECORD_BYTES:
-                    records.append((_record_key(partition, b, seq), _record_value(part)))
-                    seq += 1
-                    part, size = [], 0
-                part.append(did)
-                size += n
-            records.append((_record_key(partition, b, seq), _record_value(part)))
-            index[b] = seq + 1
-        return records, Prepared(index, len(self.pending), len(self.expiring))
+    def _size(self, item: tuple[int, DedupId]) -> int:
+        # an event id's JSON string (any escapes: at most 6 bytes a character) or a key's share
+        did = item[1]
+        return len(did) * 6 + 3 if isinstance(did, str) else 12
 
-    def confirm(self, prepared: Prepared) -> None:
-        """The state holding ``prepared.index`` is durable: its pending ids are written, and
-        the records of the buckets it no longer names may be deleted."""
-        self.written.update(prepared.index)
-        del self.pending[:prepared.n_pending]
-        self.expired += self.expiring[:prepared.n_expiring]
-        del self.expiring[:prepared.n_expiring]
-
-    def take_expired(self) -> list[tuple[int, int]]:
-        """(bucket, records) of the buckets a durable state no longer names: delete their
-        records (``record_keys``); a delete that fails is given back with ``expired[:0] = ...``."""
-        taken, self.expired = self.expired, []
-        return taken
+    def _value(self, items: Sequence[tuple[int, DedupId]]) -> dict[str, Any]:
+        return _record_value(did for _, did in items)
 
     def load(self, partition: int, index: Any, record: Callable[[str], Any]) -> None:
         """Restore from a state's ``index`` and the stored records (``record(key)`` -> its
@@ -268,7 +228,7 @@ class DedupStore:
             b = int(b_text)
             ids_of = self.buckets.setdefault(b, [])
             for seq in range(int(n)):
-                value = record(_record_key(partition, b, seq))
+                value = record(self.record_key(partition, b, seq))
                 if not isinstance(value, dict):
                     raise ValueError(f"partition {partition}: dedup record {b}/{seq} is missing")
                 self._load_value(b, value, ids_of)
@@ -292,20 +252,6 @@ class DedupStore:
                 if byte >= len(bitmap):
                     bitmap.extend(bytes(byte + 1 - len(bitmap)))
                 bitmap[byte] |= 1 << (i & 7)
-
-
-class Prepared:
-    """What a state about to be written holds of a ``DedupStore``."""
-
-    __slots__ = ("index", "n_pending", "n_expiring")
-
-    def __init__(self, index: dict[int, int], n_pending: int, n_expiring: int) -> None:
-        self.index = index  # bucket -> records
-        self.n_pending = n_pending
-        self.n_expiring = n_expiring
-
-    def to_json(self) -> dict[str, int]:
-        return {str(b): n for b, n in sorted(self.index.items())}
 
 
 def _record_value(dids: Iterable[DedupId]) -> dict[str, Any]:

@@ -25,12 +25,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, MutableMapping, Sequence
 
-from aggregator.core.contract import INGEST_HEADER, SOURCE_HEADER, Event, Header, ingest_header_value
+from aggregator.core.contract import (
+    AGG_HEADER,
+    INGEST_HEADER,
+    SOURCE_HEADER,
+    Agg,
+    Event,
+    Header,
+    agg_header_value,
+    ingest_header_value,
+)
 from aggregator.core.dedup import DedupId, id_field
 
 # A foreign event: (region, ingest_ts, client_ts or None, its offset in the source partition,
-# its dedup id (core.dedup) or None)
-Foreign = tuple[str, int, "int | None", int, "DedupId | None"]
+# its dedup id (core.dedup) or None, what it adds to aggregates (core.aggstate) or None)
+Foreign = tuple[str, int, "int | None", int, "DedupId | None", "Agg | None"]
 # A forwarded event as the home reads it: (source partition, source offset, the event)
 Forwarded = tuple[int, int, Event]
 
@@ -83,7 +92,7 @@ def split(events: Sequence[Event], offsets: Sequence[int], partition: int, parti
         if h == partition:
             here.append((region, its, cts))
         else:
-            away.append((region, its, cts, offset, None))
+            away.append((region, its, cts, offset, None, None))
     return here, away
 
 
@@ -103,13 +112,16 @@ def forward_record(partition: int, f: Foreign) -> tuple[bytes, bytes, list[Heade
     """-> (key, value, headers) of the ``clicks-repartition`` record forwarding foreign event
     ``f`` read from ``partition`` of ``clicks``: key = region, the ingest header (ingest time,
     client time), the source header, and the compact event as value (for people reading the topic)."""
-    region, its, cts, offset, did = f
+    region, its, cts, offset, did, agg = f
     ingest = ingest_header_value(its, cts, None if did is None else id_field(did))
     if cts is None:
         value = b'{"region":"%s","ingest_ts":%d}' % (region.encode(), its)
     else:
         value = b'{"region":"%s","ingest_ts":%d,"ts":%d}' % (region.encode(), its, cts)
-    return region.encode(), value, [(INGEST_HEADER, ingest), (SOURCE_HEADER, source_header(partition, offset))]
+    headers = [(INGEST_HEADER, ingest), (SOURCE_HEADER, source_header(partition, offset))]
+    if agg is not None:
+        headers.append((AGG_HEADER, agg_header_value(*agg)))
+    return region.encode(), value, headers
 
 
 class Watermarks:

@@ -337,6 +337,10 @@ class CellAggregates:
                 else:
                     b[self._geo.index(min(delay_ms, MAX_DELAY_MS))] += 1
 
+    def holds_url(self, url_h: int) -> bool:
+        """Whether the URL has a counter now (``add`` reads a URL's text only when not)."""
+        return url_h in self._urls
+
     def add_many(self, users: Iterable[int | None], url_hs: Sequence[int | None],
                  urls: Sequence[str | bytes | None], delays: Iterable[int | None]) -> None:
         """``add`` over parallel sequences (one event per index; ``url_hs`` and ``urls``

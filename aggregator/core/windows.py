@@ -22,9 +22,11 @@ at the end of a batch.  That is what makes replay after a crash exact.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from itertools import repeat
 from typing import Any
 
-from aggregator.core.contract import CLIENT_DELAY, CLOSED_WINDOW, LATE_REASONS, OTHER_REGION, BookEvent, Snapshot
+from aggregator.core.aggstate import WindowAggregates
+from aggregator.core.contract import CLIENT_DELAY, CLOSED_WINDOW, LATE_REASONS, OTHER_REGION, Agg, BookEvent, Snapshot
 
 __all__ = ["CLIENT_DELAY", "CLOSED_WINDOW", "OTHER_REGION", "WindowBook", "first_open_window", "window_start"]
 
@@ -55,11 +57,11 @@ class WindowBook:
         "window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions",
         "next_offset", "stream_time", "first_open", "close_at",
         "counts", "late", "first_seen", "last_seen", "outbox", "dirty", "tally", "pending_late",
-        "partitions", "forwarded", "repart_next",
+        "partitions", "forwarded", "repart_next", "aggs",
     )
 
     def __init__(self, window_ms: int, grace_ms: int, late_after_ms: int,
-                 idle_ms: int, max_regions: int = 1000) -> None:
+                 idle_ms: int, max_regions: int = 1000, aggs: WindowAggregates | None = None) -> None:
         self.window_ms = window_ms
         self.grace_ms = grace_ms
         self.late_after_ms = late_after_ms
@@ -88,6 +90,8 @@ class WindowBook:
         self.partitions = 0
         self.forwarded: dict[int, int] = {}
         self.repart_next = 0
+        # unique users, top URLs, client delays per (window, region) (AGG_AGGREGATES; core.aggstate)
+        self.aggs = aggs
 
     # ------------------------------------------------------------------ input
     def canonical_region(self, region: str) -> str:
@@ -96,7 +100,8 @@ class WindowBook:
             return region
         return OTHER_REGION
 
-    def apply(self, events: Iterable[BookEvent], next_offset: int, now_ms: int) -> None:
+    def apply(self, events: Iterable[BookEvent], next_offset: int, now_ms: int,
+              aggs: Iterable[Agg | None] | None = None) -> None:
         """Count a batch of ``(region, ingest_ts, client_ts_or_None)``.
 
         An event with region ``None`` was spilled: it moves stream time as if
@@ -105,6 +110,10 @@ class WindowBook:
 
         ``next_offset`` is the source offset after the batch; ``now_ms`` is
         the emission time stamped on snapshots that this batch closes.
+
+        ``aggs`` (with aggregates on): what each event adds to its cell's aggregates
+        (core.aggstate), parallel to ``events``; without it (spill drains) the events are
+        counted but not aggregated.
         """
         W = self.window_ms
         late_after = self.late_after_ms
@@ -113,7 +122,9 @@ class WindowBook:
         last_seen = self.last_seen
         st = self.stream_time
         close_at = self.close_at
-        for region, its, cts in events:
+        cells = self.aggs if aggs is not None else None
+        pairs = zip(events, aggs if cells is not None else repeat(None), strict=False)  # type: ignore[arg-type]
+        for (region, its, cts), agg in pairs:
             if region not in last_seen and region is not None:
                 region = self.canonical_region(region)
                 if region not in last_seen:
@@ -143,6 +154,8 @@ class WindowBook:
                 per_window = counts[ws] = {}
             per_window[region] = per_window.get(region, 0) + 1
             tally[region] = tally.get(region, 0) + 1
+            if cells is not None:
+                cells.add(ws, region, agg, None if cts is None else its - cts)
         self.stream_time = st
         self.next_offset = next_offset
         self.dirty = True
@@ -223,9 +236,10 @@ class WindowBook:
         for region, seen in self.last_seen.items():
             if seen >= horizon and self.first_seen.get(region, seen) < we:
                 regions.add(region)
+        aggs = self.aggs
         for region in sorted(regions):
             by_reason = late.get(region, {})
-            self.outbox.append({
+            snap: Snapshot = {
                 "region": region,
                 "window_start": ws,
                 "window_end": we,
@@ -233,7 +247,12 @@ class WindowBook:
                 "late": sum(by_reason.values()),
                 "late_by_reason": {r: by_reason.get(r, 0) for r in LATE_REASONS},
                 "emitted_at": now_ms,
-            })
+            }
+            if aggs is not None:
+                snap.update(aggs.result(ws, region))  # type: ignore[typeddict-item]
+            self.outbox.append(snap)
+        if aggs is not None:
+            aggs.close(ws)
         # forget regions idle for longer than the horizon
         for region in [r for r, seen in self.last_seen.items() if seen < horizon]:
             del self.last_seen[region]

@@ -28,7 +28,7 @@ from typing import Protocol
 import orjson
 
 from aggregator.core.contract import CLICKS_REPARTITION, DLQ, SNAPSHOTS, STATE_CHANGELOG, Header, Snapshot
-from aggregator.core.dedup import record_keys
+from aggregator.core.recordlog import Prepared
 from aggregator.core.statechunks import encode_chunks
 from aggregator.core.windows import WindowBook
 from aggregator.metrics import Metrics
@@ -55,7 +55,7 @@ class _Write:
     """One partition's state on its way to the changelog (core.statechunks)."""
 
     __slots__ = ("p", "slot", "chunks", "header", "offset", "repart_offset", "n_out", "futures", "dedup",
-                 "expired", "tombstones")
+                 "expired", "aggs", "aggs_expired", "tombstones")
 
     def __init__(self, p: PartitionState) -> None:
         self.p = p
@@ -65,8 +65,18 @@ class _Write:
         p.dedup.expire()
         records, self.dedup = p.dedup.take_records(p.partition)
         self.expired = p.dedup.take_expired()
-        self.tombstones = [orjson.dumps(key) for key in record_keys(p.partition, self.expired)]
-        self.chunks, self.header = encode_chunks(p.partition, p.state_value(self.dedup), self.slot)
+        tombstones = p.dedup.record_keys(p.partition, self.expired)
+        # the aggregates' input since the last durable state, the same way (core.aggstate)
+        book_aggs = p.book.aggs
+        self.aggs: Prepared | None = None
+        self.aggs_expired: list[tuple[int, int]] = []
+        if book_aggs is not None:
+            more, self.aggs = book_aggs.take_records(p.partition)
+            records += more
+            self.aggs_expired = book_aggs.take_expired()
+            tombstones += book_aggs.record_keys(p.partition, self.aggs_expired)
+        self.tombstones = [orjson.dumps(key) for key in tombstones]
+        self.chunks, self.header = encode_chunks(p.partition, p.state_value(self.dedup, self.aggs), self.slot)
         self.chunks += [(orjson.dumps(key), orjson.dumps(value)) for key, value in records]
         self.offset = p.commit_offset()
         self.repart_offset = p.book.repart_next
@@ -175,6 +185,8 @@ class Checkpointer:
         for w in writes:
             w.p.book.dirty = True  # written again next time; the slot stays free
             w.p.dedup.expired[:0] = w.expired  # deleted next time
+            if w.p.book.aggs is not None:
+                w.p.book.aggs.expired[:0] = w.aggs_expired
         if self.failing is None:
             log.error("window state not acknowledged by the broker (%r): offsets are not committed and snapshots "
                       "wait until a write succeeds; retrying every checkpoint", error)
@@ -191,6 +203,8 @@ class Checkpointer:
             p.state_slot = w.slot
             self.confirmed(p.partition, [*w.chunks, w.header, *((key, None) for key in w.tombstones)])
             p.dedup.confirm(w.dedup)
+            if w.aggs is not None and p.book.aggs is not None:
+                p.book.aggs.confirm(w.aggs)
             p.spill.acked()  # drained records are counted in durable state
             if w.n_out:
                 snaps = p.book.outbox[:w.n_out]

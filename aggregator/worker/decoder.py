@@ -15,11 +15,21 @@ from typing import NamedTuple, Protocol
 
 import orjson
 
-from aggregator.core.contract import FUTURE_TS, INGEST_HEADER, SOURCE_HEADER, Event, parse_ingest_header
+from aggregator.core.contract import (
+    AGG_HEADER,
+    FUTURE_TS,
+    INGEST_HEADER,
+    SOURCE_HEADER,
+    Agg,
+    Event,
+    parse_agg_header,
+    parse_ingest_header,
+)
 from aggregator.core.dedup import DedupId, event_key, parse_id_field
 from aggregator.core.events import LIMITS, EventError, normalise_region, parse_client_ts
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header
+from aggregator.core.sketches import normalise_url, url_hash, user_hash
 
 LOG_APPEND_TIME = 1
 CACHE_MAX = 100_000  # spellings remembered per cache: a producer of ever new regions cannot grow it
@@ -37,6 +47,7 @@ class Decoded(NamedTuple):
     rejected: dict[str, int]  # by reason
     future: dict[str, int]  # events with an ingest time too far ahead, by region
     ids: list[DedupId | None] | None = None  # the events' dedup ids (core.dedup); None: none has one
+    aggs: list[Agg | None] | None = None  # what each event adds to its window's aggregates (aggregates on)
 
 
 class Record(Protocol):
@@ -60,7 +71,8 @@ class RecordDecoder:
     """Owns the caches of accepted region spellings (raw JSON region and record key) and
     of each region's home partition (``partitions`` = partitions of ``clicks``)."""
 
-    def __init__(self, partitions: int = 1, cap: RegionCap | None = None) -> None:
+    def __init__(self, partitions: int = 1, cap: RegionCap | None = None, aggregates: bool = False,
+                 url_keep_query: bool = False) -> None:
         self.regions: dict[str, str] = {}  # raw region of a JSON value -> region
         self.keys: dict[bytes, str] = {}  # record key -> region, for ingest's records
         self.partitions = partitions
@@ -68,6 +80,10 @@ class RecordDecoder:
         # the worker's region cap over all its partitions (core.regioncap): an event counted
         # here whose region is not admitted is counted as __other__
         self.cap = cap
+        # with aggregates on, each event's (user hash, url hash, url): from the agg header of
+        # an ingest record, computed from the value of any other
+        self.aggregates = aggregates
+        self.url_keep_query = url_keep_query
 
     def decode(self, records: Sequence[Record], now_ms: int, partition: int, want_offsets: bool,
                dead: list[DeadLetter] | None, max_ts: int, forward: list[Foreign] | None = None) -> Decoded:
@@ -97,10 +113,13 @@ class RecordDecoder:
         cap = self.cap
         capped = None if cap is None else cap.seen
         ids: list[DedupId | None] | None = None
+        aggregating = self.aggregates
+        aggs: list[Agg | None] | None = [] if aggregating else None
         for rec in records:
             hs = rec.headers
             region = None
             did: DedupId | None = None
+            agg: Agg | None = None
             if hs and hs[0][0] == header_name:
                 region = keys.get(rec.key) or self._key_region(rec.key)  # type: ignore[arg-type]
                 if region is not None:
@@ -108,6 +127,8 @@ class RecordDecoder:
                         its, cts, raw_id = parse_header(hs[0][1])
                         if raw_id is not None:
                             did = parse_id_field(raw_id, region)
+                        if aggregating and len(hs) > 1 and hs[1][0] == AGG_HEADER:
+                            agg = parse_agg_header(hs[1][1])
                     except (ValueError, TypeError):
                         region = None  # not what ingest writes: the value decides
             if region is None:
@@ -130,6 +151,8 @@ class RecordDecoder:
                             raise EventError("bad_field", f"event_id must be a string of at most {EVENT_ID_MAX} "
                                                           "characters")
                         did = event_key(region, eid)
+                    if aggregating:
+                        agg = self._agg(d)
                 except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
                     _reject(exc, rec, partition, rejected, dead)
                     continue
@@ -138,7 +161,7 @@ class RecordDecoder:
                 if h is None:
                     h = self._home(region)
                 if h != partition:
-                    forward.append((region, its, cts, rec.offset, did))  # type: ignore[union-attr]
+                    forward.append((region, its, cts, rec.offset, did, agg))  # type: ignore[union-attr]
                     continue
             if its > max_ts:
                 self._future(region, its, max_ts, future, dead, partition, rec.offset, rec)
@@ -150,9 +173,11 @@ class RecordDecoder:
             append((region, its, cts))
             if ids is not None:
                 ids.append(did)
+            if aggs is not None:
+                aggs.append(agg)
             if want_offsets:
                 offsets.append(rec.offset)
-        return Decoded(events, offsets, rejected, future, ids)
+        return Decoded(events, offsets, rejected, future, ids, aggs)
 
     def decode_forwarded(self, records: Sequence[Record], partition: int, applied: dict[int, int],
                          dead: list[DeadLetter] | None, max_ts: int, now_ms: int = 0) -> tuple[Decoded, int]:
@@ -170,6 +195,7 @@ class RecordDecoder:
         cap = self.cap
         capped = None if cap is None else cap.seen
         ids: list[DedupId | None] | None = None
+        aggs: list[Agg | None] | None = [] if self.aggregates else None
         for rec in records:
             hs = rec.headers
             try:
@@ -181,6 +207,7 @@ class RecordDecoder:
                 if region is None:
                     raise EventError("bad_region", "the key of a forwarded record is not a region")
                 did = None if raw_id is None else parse_id_field(raw_id, region)
+                agg = parse_agg_header(hs[2][1]) if len(hs) > 2 and hs[2][0] == AGG_HEADER else None
             except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
                 _reject(exc, rec, partition, rejected, dead)
                 continue
@@ -198,7 +225,20 @@ class RecordDecoder:
             append((region, its, cts))
             if ids is not None:
                 ids.append(did)
-        return Decoded(events, [], rejected, future, ids), repeats
+            if aggs is not None:
+                aggs.append(agg)
+        return Decoded(events, [], rejected, future, ids, aggs), repeats
+
+    def _agg(self, d: dict) -> Agg | None:
+        """The aggregates' part of an event produced straight to Kafka (its JSON value);
+        a ``user_id`` or ``url`` that is not a string is left out."""
+        user = d.get("user_id")
+        url = d.get("url")
+        user_h = user_hash(user) if type(user) is str else None
+        text = normalise_url(url, self.url_keep_query) if type(url) is str else None
+        if text is None:
+            return None if user_h is None else (user_h, None, None)
+        return user_h, url_hash(text), text
 
     def _home(self, region: str) -> int:
         h = home(region, self.partitions)

@@ -15,7 +15,10 @@ from typing import Any
 
 import orjson
 
-from aggregator.core.dedup import DEFAULT_MAX_IDS, DedupStore, Prepared
+from aggregator.core.aggstate import WindowAggregates
+from aggregator.core.dedup import DEFAULT_MAX_IDS, DedupStore
+from aggregator.core.recordlog import Prepared
+from aggregator.core.sketches import SketchParams
 from aggregator.core.windows import WindowBook
 from aggregator.metrics import Metrics
 from aggregator.spill.ledger import SpillLedger
@@ -40,10 +43,11 @@ class BookSettings:
     partition count of ``clicks`` (the homes of regions, core.repartition)."""
 
     __slots__ = ("window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions", "partitions", "dedup_ms",
-                 "dedup_max_ids")
+                 "dedup_max_ids", "sketches", "top_urls")
 
     def __init__(self, window_ms: int, grace_ms: int, late_after_ms: int, idle_ms: int, max_regions: int,
-                 partitions: int = 1, dedup_ms: int = 0, dedup_max_ids: int = DEFAULT_MAX_IDS) -> None:
+                 partitions: int = 1, dedup_ms: int = 0, dedup_max_ids: int = DEFAULT_MAX_IDS,
+                 sketches: SketchParams | None = None, top_urls: int = 10) -> None:
         self.window_ms = window_ms
         self.grace_ms = grace_ms
         self.late_after_ms = late_after_ms
@@ -52,9 +56,12 @@ class BookSettings:
         self.partitions = partitions
         self.dedup_ms = dedup_ms  # the dedup horizon (core.dedup; 0: none)
         self.dedup_max_ids = dedup_max_ids
+        self.sketches = sketches  # the aggregates' parameters (core.sketches); None: aggregates off
+        self.top_urls = top_urls
 
     def new_book(self) -> WindowBook:
-        return WindowBook(self.window_ms, self.grace_ms, self.late_after_ms, self.idle_ms, self.max_regions)
+        aggs = None if self.sketches is None else WindowAggregates(self.sketches, self.top_urls)
+        return WindowBook(self.window_ms, self.grace_ms, self.late_after_ms, self.idle_ms, self.max_regions, aggs)
 
 
 class PartitionState:
@@ -70,13 +77,15 @@ class PartitionState:
         self.last_record_ms: int | None = None  # wall time of the last fetched batch
         self.state_slot: int | None = None  # the changelog slot of its last confirmed state (core.statechunks)
 
-    def state_value(self, dedup: Prepared | None = None) -> bytes:
+    def state_value(self, dedup: Prepared | None = None, aggs: Prepared | None = None) -> bytes:
         """The state's value (written as chunks): the book with the spill ledger and the
-        index of the dedup records (``dedup``, written beside the chunks)."""
+        indexes of the dedup and aggregates records (written beside the chunks)."""
         state = self.book.to_dict()
         state["spill"] = self.spill.ledger.to_dict()
         if dedup is not None and dedup.index:
             state["dedup"] = dedup.to_json()
+        if aggs is not None and aggs.index:
+            state["aggs"] = aggs.to_json()
         return orjson.dumps(state)
 
     def commit_offset(self) -> int:
@@ -120,6 +129,8 @@ class Partitions:
             book.load(state)
             ledger.load(state.get("spill"))
             dedup.load(partition, state.get("dedup"), self.record)
+            if book.aggs is not None:
+                book.aggs.load(partition, state.get("aggs"), self.record, set(book.counts))
             self.metrics.state_recovered()
             log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished "
                      "snapshots, %d spilled events to drain, %d + %d dedup ids)", partition, book.next_offset,

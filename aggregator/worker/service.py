@@ -53,11 +53,13 @@ class WorkerService:
         self.app = app = kafka.app
         # the region cap holds over all partitions of this worker (core.regioncap)
         self.region_cap = RegionCap(settings.max_regions, settings.idle_ms)
-        self.decoder = RecordDecoder(settings.partitions, self.region_cap)
+        self.decoder = RecordDecoder(settings.partitions, self.region_cap, settings.aggregates,
+                                     settings.url_keep_query)
         self.throttle = Throttle(RateLimits(settings.rate_limit, settings.rate_limits), settings.spill_max_bytes,
                                  metrics)
         books = BookSettings(settings.window_ms, settings.grace_ms, settings.late_after_ms, settings.idle_ms,
-                             settings.max_regions, settings.partitions, settings.dedup_ms, settings.dedup_max_ids)
+                             settings.max_regions, settings.partitions, settings.dedup_ms, settings.dedup_max_ids,
+                             settings.sketch_params() if settings.aggregates else None, settings.top_urls)
         self.partitions = Partitions(books, settings.spill_path, kafka.stored_state, metrics, kafka.stored_record)
         self.checkpointer = Checkpointer(lambda: app.producer, kafka.state_confirmed, kafka.mark_safe, metrics, sinks,
                                          kafka.mark_safe_forwarded)
@@ -110,7 +112,7 @@ class WorkerService:
                 return
         throttle = self.throttle
         foreign: list[Foreign] | None = [] if self.decoder.partitions > 1 else None
-        events, offsets, rejected, future, ids = self.decoder.decode(
+        events, offsets, rejected, future, ids, aggs = self.decoder.decode(
             records, now_ms, partition, throttle.limiting, self.checkpointer.dead, now_ms + self.max_ahead_ms,
             foreign)
         if foreign:
@@ -119,7 +121,7 @@ class WorkerService:
                 p.last_record_ms = quiet_since  # nothing of its own: still quiet (its clock may follow)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
-        held = HeldBatch(events, offsets, future, last + 1, ids)
+        held = HeldBatch(events, offsets, future, last + 1, ids, aggs)
         if not throttle.held_here(p) and self._count(p, held, now_ms):
             return
         # the spill disk refused its write: nothing of it is applied; fetch no more of this
@@ -132,11 +134,12 @@ class WorkerService:
         """Apply a decoded batch to the book (spilling what is over its rate); False:
         the spill disk refused, nothing of it was applied."""
         throttle, book = self.throttle, p.book
-        events, offsets, remembered = b.events, b.offsets, 0
+        events, offsets, aggs, remembered = b.events, b.offsets, b.aggs, 0
         if b.ids is not None and p.dedup.horizon_ms:
             # repeats never reach a window, the late bucket or the spill (core.dedup)
             before = len(p.dedup.pending)
-            events, kept_offsets, dups = p.dedup.filter(events, b.ids, offsets if throttle.limiting else None)
+            events, kept_offsets, dups, aggs = p.dedup.filter(events, b.ids, offsets if throttle.limiting else None,
+                                                               aggs)
             offsets = kept_offsets or []
             remembered = len(p.dedup.pending) - before
             if dups:
@@ -150,7 +153,7 @@ class WorkerService:
                 return False
             batch, n_window = limited
         t2 = time.perf_counter()
-        book.apply(batch, b.end, now_ms)
+        book.apply(batch, b.end, now_ms, aggs)  # spilled events (markers) are not aggregated: core.aggstate
         if b.future:
             book.add_late(b.future, FUTURE_TS)
         if book.outbox:
@@ -194,15 +197,15 @@ class WorkerService:
             records = skip_applied(records, book.repart_next)
             if not records:
                 return
-        (events, _, rejected, future, ids), _ = self.decoder.decode_forwarded(
+        (events, _, rejected, future, ids, aggs), _ = self.decoder.decode_forwarded(
             records, p.partition, book.forwarded, self.checkpointer.dead, now_ms + self.max_ahead_ms, now_ms)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
         if ids is not None and p.dedup.horizon_ms:
-            events, _, dups = p.dedup.filter(events, ids)
+            events, _, dups, aggs = p.dedup.filter(events, ids, None, aggs)
             if dups:
                 self.metrics.duplicates(dups)
-        book.apply(events, book.next_offset, now_ms)
+        book.apply(events, book.next_offset, now_ms, aggs)
         book.repart_next = records[-1].offset + 1
         if future:
             book.add_late(future, FUTURE_TS)

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Sequence
 from operator import attrgetter
 
-from aggregator.core.contract import BookEvent, Event
+from aggregator.core.contract import Agg, BookEvent, Event
 from aggregator.core.dedup import DedupId
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
@@ -46,15 +46,16 @@ def disk_reason(e: SpillDiskError) -> str:
 class HeldBatch:
     """A decoded batch not applied because the spill disk refused its write."""
 
-    __slots__ = ("events", "offsets", "future", "end", "ids")
+    __slots__ = ("events", "offsets", "future", "end", "ids", "aggs")
 
     def __init__(self, events: list[Event], offsets: list[int], future: dict[str, int], end: int,
-                 ids: list[DedupId | None] | None = None) -> None:
+                 ids: list[DedupId | None] | None = None, aggs: list[Agg | None] | None = None) -> None:
         self.events = events
         self.offsets = offsets
         self.future = future  # its future_ts events by region
         self.end = end  # the book's next offset once it is applied
         self.ids = ids  # the events' dedup ids (core.dedup), None: none has one
+        self.aggs = aggs  # what each event adds to aggregates (core.aggstate), None: aggregates off
 
 
 class Held:

@@ -28,7 +28,10 @@ REGIONS = ["eu-west", "us-east", "ap-south", "sa-east", "af-south", "me-central"
 W_MS = 2000
 
 
-async def produce(bootstrap: str, seconds: float, rate: int, truth: dict, late: dict, seed: int) -> int:
+async def produce(bootstrap: str, seconds: float, rate: int, truth: dict, late: dict, seed: int,
+                  users: dict | None = None) -> int:
+    """Records straight to ``clicks``; ``truth``/``late`` get the counts, ``users`` (when given)
+    the distinct users of each (region, window)."""
     from aiokafka import AIOKafkaProducer
 
     rng = random.Random(seed)
@@ -42,13 +45,19 @@ async def produce(bootstrap: str, seconds: float, rate: int, truth: dict, late: 
             futs = []
             for _ in range(rate // 10):
                 r = REGIONS[min(int(rng.expovariate(0.7)), len(REGIONS) - 1)]
-                ev = {"region": r, "ingest_ts": now, "user_id": "u%d" % rng.randrange(1000)}
+                user = "u%d" % rng.randrange(1000)
+                url = "/p/%d" % min(int(rng.expovariate(0.3)), 50)
+                ev = {"region": r, "ingest_ts": now, "user_id": user, "url": url, "ts": now - rng.randrange(50, 3000)}
                 if rng.random() < 0.01:
                     ev["ts"] = now - 400_000
                     late[r] = late.get(r, 0) + 1
                 else:
                     key = (r, now - now % W_MS)
                     truth[key] = truth.get(key, 0) + 1
+                    if users is not None:
+                        users.setdefault(key, set()).add(user)
+                        per_url = users.setdefault(("urls", key), {})
+                        per_url[url] = per_url.get(url, 0) + 1
                 futs.append(await p.send(CLICKS, orjson.dumps(ev), key=r.encode()))
             await asyncio.gather(*futs)
             n += len(futs)
@@ -59,11 +68,14 @@ async def produce(bootstrap: str, seconds: float, rate: int, truth: dict, late: 
 
 
 def test_sigkill_mid_stream_leaves_counts_exact(broker, service_factory):
+    """With aggregates on (unique users, top URLs, delays): their state is recovered too, and
+    a re-published snapshot is identical, aggregates included (issue 18)."""
     bootstrap = broker.url.split("://")[1]
     asyncio.run(ensure_topics(bootstrap, 4))
-    svc = service_factory("worker").start()
+    svc = service_factory("worker", AGG_AGGREGATES="true").start()
     truth: dict = {}
     late: dict = {}
+    users: dict = {}
     kills = []
 
     def killer():
@@ -75,7 +87,7 @@ def test_sigkill_mid_stream_leaves_counts_exact(broker, service_factory):
 
     t = threading.Thread(target=killer)
     t.start()
-    total = asyncio.run(produce(bootstrap, 14.0, 2000, truth, late, seed=7))
+    total = asyncio.run(produce(bootstrap, 14.0, 2000, truth, late, seed=7, users=users))
     t.join()
     assert len(kills) == 2 and total > 20000
 
@@ -96,6 +108,12 @@ def test_sigkill_mid_stream_leaves_counts_exact(broker, service_factory):
     for k, n in truth.items():
         assert k in first, f"missing snapshot {k}"
         assert first[k]["count"] == n, (k, first[k], n)
+        true_users, got = len(users[k]), first[k]["unique_users"]
+        assert got == true_users if true_users <= 256 else abs(got - true_users) <= 0.05 * true_users, (k, got)
+        # at most 51 distinct URLs: exact, most frequent first, ties by URL
+        exact = sorted(users[("urls", k)].items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+        assert [(u["url"], u["count"]) for u in first[k]["top_urls"]] == exact, (k, first[k]["top_urls"], exact)
+        assert 50 * 0.98 <= first[k]["client_delay_ms"]["p50"] <= 3000, first[k]
     for k, s in first.items():
         if k not in truth:
             assert s["count"] == 0, s

@@ -62,21 +62,26 @@ def stop_broker(b: EmbeddedBroker | ScriptKafka) -> None:
     b.stop()
 
 
-def worker_section(a: argparse.Namespace, event_ids: bool = False) -> tuple[dict, list[tuple[int, float]], bool]:
-    """Figure 1 (or, with ``event_ids``, 1b: every record has an ``event_id``, so the worker
-    keeps dedup state for all of them)."""
+def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: bool = False,
+                   ingest_format: bool = False) -> tuple[dict, list[tuple[int, float]], bool]:
+    """Figure 1, aggregates off (or, with ``event_ids``, 1b: every record has an
+    ``event_id``, so the worker keeps dedup state for all of them; with ``aggregates``,
+    1c/1d: unique users, top URLs and delay quantiles on, records produced straight to
+    Kafka or, ``ingest_format``, as the HTTP ingest writes them)."""
     runs = []
     exact = True
     for k in range(a.runs):
         b, bootstrap = fresh_broker(a.partitions)
         try:
             t = time.perf_counter()
-            truth = asyncio.run(common.produce_backlog(bootstrap, a.n, seed=k + 1, event_ids=event_ids))
+            truth = asyncio.run(common.produce_backlog(bootstrap, a.n, seed=k + 1, event_ids=event_ids,
+                                                       ingest_format=ingest_format))
             log(f"run {k + 1}: produced {a.n:,} events in {time.perf_counter() - t:.1f}s")
             # the machine's speed drifts (a shared host): the baseline is the mean of a bare
             # consumer just before and just after the worker, on the same backlog
             bare1 = asyncio.run(throughput.bare(bootstrap, a.n))
-            w = throughput.worker(b.url, a.n, profile_dir=a.profile_dir)
+            w = throughput.worker(b.url, a.n, profile_dir=a.profile_dir,
+                                  env={"AGG_AGGREGATES": "true" if aggregates else "false"})
             bare2 = asyncio.run(throughput.bare(bootstrap, a.n))
             bare = throughput.BareResult(rate=(bare1.rate + bare2.rate) / 2, seconds=(bare1.seconds + bare2.seconds) / 2,
                                          counts=bare1.counts if bare1.counts == bare2.counts else {},
@@ -89,11 +94,12 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False) -> tuple[dict
             exact &= run["exact"]
             if not run["exact"]:
                 log(f"run {k + 1}: COUNTS DIFFER: produced {truth}, bare {bare.counts}, worker {w.counts} late {w.late}")
-            if a.faust_n and not event_ids:
+            if a.faust_n and not (event_ids or aggregates):
                 f = throughput.plain_faust(b.url, min(a.faust_n, a.n))
                 run["faust"] = f.rate
             runs.append(run)
-            tag = " (event ids)" if event_ids else ""
+            tag = (" (event ids)" if event_ids else "") + (" (aggregates on" if aggregates else "") + (
+                ", ingest's records)" if ingest_format else ")" if aggregates else "")
             log(f"run {k + 1}{tag}: bare {bare.rate:,.0f}/s (before {bare1.rate:,.0f}, after {bare2.rate:,.0f})  "
                 f"worker {w.rate:,.0f}/s ({w.rate / bare.rate:.0%}; "
                 f"from start {w.rate_from_start:,.0f}/s)  CPU/event bare {bare.cpu_us:.2f} us worker {w.cpu_us:.2f} us"
@@ -113,7 +119,7 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False) -> tuple[dict
         "worker_cpu_us": med([r["worker_cpu_us"] for r in runs]),
         "rss": med([r["rss"] for r in runs]), "dedup_ids": med([r["dedup_ids"] for r in runs]),
     }
-    if a.faust_n and not event_ids:
+    if a.faust_n and not (event_ids or aggregates):
         res.update(faust_n=min(a.faust_n, a.n), faust_rate=med([r["faust"] for r in runs]),
                    faust_ratio=med([r["faust"] / r["bare"] for r in runs]))
     rss = [(a.n, med([r["rss"] for r in runs]))]
@@ -268,6 +274,11 @@ def measure(a: argparse.Namespace, results: dict) -> bool:
         if a.dedup:
             results["worker_dedup"], _, exact = worker_section(a, event_ids=True)
             ok &= exact
+        if a.aggregates:
+            results["worker_aggs"], _, exact = worker_section(a, aggregates=True)
+            ok &= exact
+            results["worker_aggs_ingest"], _, exact = worker_section(a, aggregates=True, ingest_format=True)
+            ok &= exact
         if a.memory_n:
             results["memory"] = memory_section(a, rss)
         else:
@@ -305,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--faust-n", type=int, default=20_000, help="events for the plain-Faust reference (0: skip)")
     ap.add_argument("--memory-n", type=int, default=3_000_000, help="larger backlog for peak RSS (0: skip)")
     ap.add_argument("--memory-runs", type=int, default=1)
+    ap.add_argument("--no-aggregates", dest="aggregates", action="store_false",
+                    help="skip figures 1c and 1d (the worker with unique users, top URLs and delay quantiles on)")
     ap.add_argument("--no-dedup", dest="dedup", action="store_false",
                     help="skip figure 1b (the backlog again with an event_id on every record: dedup state on)")
     ap.add_argument("--partitions", type=int, default=4)

@@ -15,7 +15,8 @@ from pathlib import Path
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.core.contract import CLICKS
+from aggregator.core.contract import AGG_HEADER, CLICKS, agg_header_value, ingest_header
+from aggregator.core.sketches import normalise_url, url_hash, user_hash
 from tools.harness import REPO, ServiceProc, http
 
 REGIONS = [f"r{i:02d}" for i in range(16)]
@@ -46,10 +47,14 @@ def percentile(xs: list[float], q: float) -> float:
 
 # ------------------------------------------------------------------ the backlog
 async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 200_000,
-                          event_ids: bool = False) -> dict[str, int]:
-    """Produce ``n`` compact click events to ``clicks`` (key = region, partition = aiokafka's
-    default partitioner for that key) with record batches; returns the count per region.
-    ``event_ids``: every event has a distinct ``event_id`` (the worker dedups by it)."""
+                          event_ids: bool = False, ingest_format: bool = False) -> dict[str, int]:
+    """Produce ``n`` click events to ``clicks`` (key = region, partition = aiokafka's default
+    partitioner for that key) with record batches; returns the count per region.  Every
+    event has a ``user_id`` (5000 users), a ``url`` (1000 pages, with a query string) and a
+    client ``ts`` 0-2 s before its ``ingest_ts``.  ``event_ids``: every event has a distinct
+    ``event_id`` (the worker dedups by it).  ``ingest_format``: the records carry the
+    headers the HTTP ingest writes (the ingest header, and the aggregates' hashes), so the
+    worker counts them without parsing their values."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.partitioner import DefaultPartitioner
 
@@ -72,18 +77,25 @@ async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 20
             by_part: dict[int, list[tuple[bytes, bytes]]] = {}
             for i, r in enumerate(regions, done):
                 key, pt = route[r]
-                ev = {"region": r, "user_id": f"u{i % 5000}", "ingest_ts": now + i // 1000}
+                its = now + i // 1000
+                user, url, cts = f"u{(i * 7919) % 5000}", f"/p/{(i * 31) % 1000}?s={i % 7}", its - i % 2000
+                ev = {"region": r, "user_id": user, "url": url, "ts": cts, "ingest_ts": its}
                 if event_ids:
                     ev["event_id"] = f"{seed}-{i}"
-                by_part.setdefault(pt, []).append((key, dumps(ev)))
+                headers = None
+                if ingest_format:
+                    text = normalise_url(url)
+                    headers = [*ingest_header(its, cts),
+                               (AGG_HEADER, agg_header_value(user_hash(user), url_hash(text), text))]  # type: ignore[arg-type]
+                by_part.setdefault(pt, []).append((key, dumps(ev), headers))
                 truth[r] += 1
             for pt, recs in by_part.items():
                 batch = p.create_batch()
-                for key, value in recs:
-                    if batch.append(key=key, value=value, timestamp=None) is None:
+                for key, value, hs in recs:
+                    if batch.append(key=key, value=value, timestamp=None, headers=hs) is None:
                         futs.append(await p.send_batch(batch, CLICKS, partition=pt))
                         batch = p.create_batch()
-                        batch.append(key=key, value=value, timestamp=None)
+                        batch.append(key=key, value=value, timestamp=None, headers=hs)
                 batch.close()
                 futs.append(await p.send_batch(batch, CLICKS, partition=pt))
             done += k

@@ -78,6 +78,16 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                         f"bare consumer {_num(w['bare_rate'], 'ev/s')}", f"{w['faust_ratio']:.1%}", "reference"))
         out.append(("   counts exact (bare and worker, every run)", "yes" if w["exact"] else "NO", "per region = produced", "",
                     "PASS" if w["exact"] else "FAIL"))
+    for key, label in (("worker_aggs", "1c. worker, aggregates on (unique users, top URLs, delays), records straight "
+                                         "to Kafka"),
+                       ("worker_aggs_ingest", "1d. worker, aggregates on, records as the HTTP ingest writes them")):
+        g = r.get(key)
+        if g:
+            out.append((f"{label}, N={g['n']:,}", _num(g["worker_rate"], "ev/s"),
+                        f"bare consumer {_num(g['bare_rate'], 'ev/s')}; goal >= 100%", f"{g['ratio']:.0%}",
+                        "PASS" if g["ratio"] >= 1.0 else "FAIL"))
+            out.append(("   peak RSS / counts exact", f"{_num(g['rss'], 'MB')} / {'yes' if g['exact'] else 'NO'}",
+                        "per region = produced", "", "PASS" if g["exact"] else "FAIL"))
     d = r.get("worker_dedup")
     if d:
         out.append((f"1b. worker, an event_id on every record (dedup state on), N={d['n']:,}",

@@ -11,14 +11,13 @@ from hypothesis import strategies as st
 from aggregator.core.dedup import (
     EVENT_ID,
     IDEMPOTENCY_KEY,
-    RECORD_BYTES,
     DedupStore,
     event_key,
     id_field,
     parse_id_field,
-    record_keys,
     request_key,
 )
+from aggregator.core.recordlog import RECORD_BYTES
 from aggregator.core.statechunks import MAX_RECORD_BYTES
 
 H = 600_000  # the default horizon (ms)
@@ -45,13 +44,13 @@ def test_a_retried_body_counts_once_and_a_partial_first_attempt_is_completed() -
     store = DedupStore(H)
     kh = request_key("retry-me")
     first = _events(40)
-    kept, _, dups = store.filter(first, [(kh, i) for i in range(0, 80, 2)])  # half the body arrived
+    kept, _, dups, _ = store.filter(first, [(kh, i) for i in range(0, 80, 2)])  # half the body arrived
     assert len(kept) == 40 and not dups
     retry = _events(80, its=T0 + 5_000)
-    kept, _, dups = store.filter(retry, [(kh, i) for i in range(80)])
+    kept, _, dups, _ = store.filter(retry, [(kh, i) for i in range(80)])
     assert len(kept) == 40  # only the indices the first attempt did not store
     assert dups == {("eu", IDEMPOTENCY_KEY): 40}
-    kept, _, dups = store.filter(retry, [(kh, i) for i in range(80)])
+    kept, _, dups, _ = store.filter(retry, [(kh, i) for i in range(80)])
     assert kept == [] and dups == {("eu", IDEMPOTENCY_KEY): 80}
 
 
@@ -59,10 +58,10 @@ def test_event_ids_repeat_within_a_batch_and_across_batches_and_events_without_i
     store = DedupStore(H)
     a, b = event_key("eu", "a"), event_key("eu", "b")
     events = _events(5)
-    kept, offsets, dups = store.filter(events, [a, a, None, b, None], [10, 11, 12, 13, 14])
+    kept, offsets, dups, _ = store.filter(events, [a, a, None, b, None], [10, 11, 12, 13, 14])
     assert len(kept) == 4 and offsets == [10, 12, 13, 14]
     assert dups == {("eu", EVENT_ID): 1}
-    kept, _, dups = store.filter(_events(2), [b, None])
+    kept, _, dups, _ = store.filter(_events(2), [b, None])
     assert len(kept) == 1 and dups == {("eu", EVENT_ID): 1}
 
 
@@ -83,7 +82,7 @@ def _round_trip(store: DedupStore, partition: int, stored: dict[str, object]) ->
     for key, value in records:
         stored[key] = orjson.loads(orjson.dumps(value))
     store.confirm(prepared)
-    for key in record_keys(partition, store.take_expired()):
+    for key in store.record_keys(partition, store.take_expired()):
         stored.pop(key)
     index = orjson.loads(orjson.dumps(prepared.to_json()))
     again = DedupStore(H)
@@ -124,7 +123,7 @@ def test_undo_forgets_exactly_the_last_batch() -> None:
     before = (dict(store.events), {k: (b, bytes(m)) for k, (b, m) in store.keys.items()}, list(store.pending))
     batch = [event_key("eu", "b"), (kh, 1), event_key("eu", "a"), (kh, 9)]
     n_before = len(store.pending)
-    kept, _, _ = store.filter(_events(4), batch)
+    kept, _, _, _ = store.filter(_events(4), batch)
     assert len(kept) == 3
     store.undo(len(store.pending) - n_before)
     assert store.events == before[0] and list(store.pending) == before[2]
@@ -175,9 +174,9 @@ def test_against_a_reference_set(stream: list[tuple[int, bool, int]], cut: int) 
             expected.append(n)
     store = DedupStore(H)
     events = [("r", T0 + n, n) for n in range(len(ids))]
-    kept, _, _ = store.filter(events[:cut], ids[:cut])
+    kept, _, _, _ = store.filter(events[:cut], ids[:cut])
     restored = _round_trip(store, 0, {})
-    rest, _, _ = restored.filter(events[cut:], ids[cut:])
+    rest, _, _, _ = restored.filter(events[cut:], ids[cut:])
     assert [e[2] for e in kept + rest] == expected
 
 

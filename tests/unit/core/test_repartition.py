@@ -52,17 +52,17 @@ def test_split_keeps_order_and_offsets():
 
 
 def test_a_forwarded_record_carries_region_times_and_source():
-    key, value, headers = forward_record(3, ("eu-west", 1_700_000_000_123, 1_699_999_999_000, 42, None))
+    key, value, headers = forward_record(3, ("eu-west", 1_700_000_000_123, 1_699_999_999_000, 42, None, None))
     assert key == b"eu-west"
     assert headers[0][0] == INGEST_HEADER and parse_ingest_header(headers[0][1]) == (1_700_000_000_123,
                                                                                       1_699_999_999_000, None)
     assert headers[1][0] == SOURCE_HEADER and parse_source_header(headers[1][1]) == (3, 42)
     assert value == b'{"region":"eu-west","ingest_ts":1700000000123,"ts":1699999999000}'
-    _, value, headers = forward_record(0, ("eu", 5, None, 0, None))
+    _, value, headers = forward_record(0, ("eu", 5, None, 0, None, None))
     assert value == b'{"region":"eu","ingest_ts":5}' and headers[0][1] == b"5"
     # the dedup id travels with it (core.dedup)
     did = (request_key("k"), 3)
-    _, _, headers = forward_record(0, ("eu", 5, None, 0, did))
+    _, _, headers = forward_record(0, ("eu", 5, None, 0, did, None))
     assert parse_id_field(parse_ingest_header(headers[0][1])[2], "eu") == did
 
 
@@ -122,7 +122,7 @@ class _Source:
         self.book.repart_next = start + len(batch)
 
     def checkpoint(self, topics: list[list], crash_before_state: bool) -> None:
-        for region, its, cts, offset, _ in self.pending:  # forwards first, acknowledged
+        for region, its, cts, offset, *_ in self.pending:  # forwards first, acknowledged
             topics[home(region, self.n)].append((self.p, offset, (region, its, cts)))
         self.pending = []
         if crash_before_state:

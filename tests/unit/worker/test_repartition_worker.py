@@ -65,21 +65,22 @@ def test_a_foreign_event_far_ahead_is_forwarded_the_home_makes_it_future_ts():
     dead: list = []
     out = RecordDecoder(n).decode(recs, NOW, 0, False, dead, MAX_TS, foreign)
     assert out.events == [] and out.future == {} and dead == []
-    assert foreign == [(region, NOW + 86_400_000, None, 7, None)]
+    assert foreign == [(region, NOW + 86_400_000, None, 7, None, None)]
     fwd = fetched([forward_record(0, foreign[0])], base=0)
-    (events, _, rejected, future, _), repeats = RecordDecoder(n).decode_forwarded(fwd, home(region, n), {}, dead,
+    (events, _, rejected, future, *_), repeats = RecordDecoder(n).decode_forwarded(fwd, home(region, n), {}, dead,
                                                                                MAX_TS)
     assert events == [] and future == {region: 1} and repeats == 0
     assert orjson.loads(dead[0][1])["partition"] == 0 and orjson.loads(dead[0][1])["offset"] == 7  # in clicks
 
 
 def test_forwarded_records_are_read_repeats_dropped_bad_ones_dead_lettered():
-    specs = [forward_record(1, ("eu", 10, None, 5, None)), forward_record(2, ("us", 11, 3, 9, None)),
-             forward_record(1, ("eu", 12, None, 6, None)),
-             forward_record(1, ("eu", 10, None, 5, None)), forward_record(1, ("eu", 12, None, 6, None)),  # source 1 again
-             forward_record(1, ("eu", 13, None, 7, None)),
+    specs = [forward_record(1, ("eu", 10, None, 5, None, None)), forward_record(2, ("us", 11, 3, 9, None, None)),
+             forward_record(1, ("eu", 12, None, 6, None, None)),
+             # source 1 again
+             forward_record(1, ("eu", 10, None, 5, None, None)), forward_record(1, ("eu", 12, None, 6, None, None)),
+             forward_record(1, ("eu", 13, None, 7, None, None)),
              (b"eu", b"{}", []),  # not written by a worker
-             (b"EU", b"", forward_record(1, ("eu", 14, None, 8, None))[2])]  # key not a normalised region
+             (b"EU", b"", forward_record(1, ("eu", 14, None, 8, None, None))[2])]  # key not a normalised region
     applied: dict[int, int] = {}
     dead: list = []
     (events, _, rejected, *_), repeats = RecordDecoder(3).decode_forwarded(fetched(specs), 0, applied, dead, MAX_TS)
@@ -104,7 +105,7 @@ def test_forwards_go_out_before_the_state_header_and_forwarded_offsets_are_marke
     p = parts.open(0)
     p.book.apply([("eu", 1_000, None)], 10, 1_000)
     p.book.repart_next = 4
-    key, value, headers = forward_record(0, ("us", 1_000, None, 3, None))
+    key, value, headers = forward_record(0, ("us", 1_000, None, 3, None, None))
     cp.forward.append((2, key, value, headers))
     asyncio.run(cp.checkpoint([p]))
     sends = [e for e in log if e[0] == "send"]
@@ -119,7 +120,7 @@ def test_a_refused_forward_holds_every_state_and_is_sent_again(tmp_path):
     cp, parts, log, producer = _setup(tmp_path)
     p = parts.open(0)
     p.book.apply([("eu", 1_000, None)], 10, 1_000)
-    cp.forward.append((2, *forward_record(0, ("us", 1_000, None, 3, None))))
+    cp.forward.append((2, *forward_record(0, ("us", 1_000, None, 3, None, None))))
     producer.refused.add(CLICKS_REPARTITION)
     asyncio.run(cp.checkpoint([p]))
     assert not [e for e in log if e[0] in ("safe", "confirmed")] and cp.failing
