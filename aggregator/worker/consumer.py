@@ -14,7 +14,7 @@ the changelog (and Faust flushes the producer before every commit).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiokafka.errors as _errors
@@ -137,6 +137,22 @@ class BatchConsumer(_Consumer):
         self.safe_offsets[tp] = offset
         self._acked[tp]
 
+    async def _fetch_again(self, records: Mapping[TP, list], start: TP | None = None) -> None:
+        """Records of batch topics fetched but not handed over (flow stopped for a rebalance,
+        or the generation changed under the loop; from ``start`` on): seek back to the first
+        of them, so that they are fetched again.  Faust's own answer, ``perform_seek``, goes
+        back to the committed offset, and does nothing where none is committed (aiokafka
+        seeks only to a committed offset above 0): a partition whose group offsets are gone
+        (its topic was created again) would skip them for good."""
+        handing = start is None
+        for tp, recs in records.items():
+            handing = handing or tp == start
+            if handing and recs and tp.topic in self.batch_topics:
+                try:
+                    await self.seek(tp, recs[0].offset)
+                except Exception:  # noqa: BLE001 - no longer assigned: its next owner starts from the committed offset
+                    pass
+
     async def on_partitions_revoked(self, revoked: set) -> None:
         await super().on_partitions_revoked(revoked)
         for tp in revoked:
@@ -160,6 +176,7 @@ class BatchConsumer(_Consumer):
                 await asyncio.sleep(0)
                 if not records or self.should_stop or not self.flow_active:
                     if records and not self.flow_active:
+                        await self._fetch_again(records)
                         await self.perform_seek()
                     continue
                 generation = self.app.consumer_generation_id
@@ -167,6 +184,7 @@ class BatchConsumer(_Consumer):
                     if not recs:
                         continue
                     if self.app.consumer_generation_id != generation or not self.flow_active:
+                        await self._fetch_again(records, tp)
                         break
                     if active is not None and tp not in active and tp not in self._buffered_partitions:
                         continue

@@ -18,6 +18,9 @@ from aggregator.core.contract import APP_ID, CLICKS, CLICKS_REPARTITION, STATE_T
 from aggregator.core.statechunks import decode_state
 from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport
 
+# how soon the consumer group sees a topic that was deleted and created again (aiokafka's
+# default is 5 minutes, during which a recreated `clicks` is not consumed at all; issue 15)
+METADATA_MAX_AGE_MS = 10_000
 FETCH_MAX_BYTES = 4 * 1024 * 1024  # per partition (Faust's default is 1 MiB): fewer, larger batches
 
 
@@ -37,6 +40,7 @@ class FaustApp:
             web_enabled=False, broker_session_timeout=s.session_timeout,
             broker_heartbeat_interval=max(0.5, s.session_timeout / 4), broker_commit_interval=s.state_flush_seconds,
             consumer_auto_offset_reset="earliest", consumer_max_fetch_size=FETCH_MAX_BYTES,
+            consumer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
             stream_wait_empty=False, producer_acks=-1, logging_config=None, key_serializer="raw",
             value_serializer="raw")
         self.clicks = self.app.topic(CLICKS, key_type=bytes, value_type=bytes, partitions=s.partitions,
