@@ -1,0 +1,86 @@
+"""Detecting a partition of ``clicks`` that started over (issue 15, fault 1)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from aggregator.core.sourcelog import LOG_APPEND_TIME, restarted
+
+CREATE_TIME = 0
+
+
+class Rec(NamedTuple):
+    offset: int
+    timestamp: int
+    timestamp_type: int = LOG_APPEND_TIME
+
+
+def batch(first: int, last: int, ts: int, step: int = 1, kind: int = LOG_APPEND_TIME) -> list[Rec]:
+    """Records ``first``..``last`` appended at ``ts``, ``ts + step``, ..."""
+    return [Rec(o, ts + (o - first) * step, kind) for o in range(first, last + 1)]
+
+
+# the state: offsets below 600 applied, the record at 599 was appended at 1_599
+STATE = (600, 1_599)
+OLD = batch(0, 599, 1_000)  # the log the state counted
+
+
+def test_a_replay_of_the_same_log_is_not_a_restart():
+    # after a crash the consumer replays from the committed offset: same records, same stamps
+    assert restarted(0, *STATE, OLD[500:550], 900) is None     # 599 not in the batch, older stamps
+    assert restarted(0, *STATE, OLD[500:], 900) is None        # 599 in it, with the stamp the state kept
+    assert restarted(0, *STATE, OLD[599:], 600) is None        # exactly the last applied one
+    assert restarted(0, 600, None, batch(0, 10, 9_999), 900) is None  # a state without a stamp
+
+
+def test_nothing_below_the_state_offset_is_never_a_restart():
+    assert restarted(0, *STATE, batch(600, 610, 9_999), 100) is None
+    assert restarted(0, *STATE, batch(700, 710, 9_999), 800) is None
+
+
+def test_a_new_log_that_ends_below_the_state_offset():
+    r = restarted(3, *STATE, batch(0, 39, 5_000), 40)
+    assert r is not None and r.count_from == 0 and r.log_end == 40 and r.next_offset == 600
+    msg = r.message()
+    assert "partition 3" in msg and "below 600" in msg and "ends at 40" in msg and "from offset 0" in msg
+    # the same without a stamp kept, or with the producers' clocks: counted from its first record
+    assert restarted(3, 600, None, batch(0, 39, 5_000), 40).count_from == 0
+    assert restarted(3, *STATE, batch(0, 39, 5, kind=CREATE_TIME), 40).count_from == 0
+
+
+def test_a_new_log_as_long_as_the_old_one_differs_at_the_last_applied_offset():
+    r = restarted(1, *STATE, batch(0, 599, 9_000), 600)  # ends where the old one did
+    assert r is not None and r.count_from == 0 and "timestamp 9599" in r.why and "recorded 1599" in r.why
+    r = restarted(1, *STATE, batch(0, 999, 9_000), 2_000)  # grew past it already
+    assert r is not None and r.count_from == 0
+
+
+def test_a_first_record_appended_after_the_last_applied_one_means_a_new_log():
+    # the batch does not reach offset 599: the broker's stamp of its first record decides
+    r = restarted(2, *STATE, batch(0, 99, 1_600), None)
+    assert r is not None and r.count_from == 0 and "appended at 1600" in r.why and "unknown" in r.message()
+    assert restarted(2, *STATE, batch(0, 99, 1_599, step=0), None) is None  # same millisecond: the same log
+    # a producer's own clock (CreateTime) proves nothing
+    assert restarted(2, *STATE, batch(0, 99, 5_000, kind=CREATE_TIME), None) is None
+
+
+def test_the_record_before_the_state_offset_outweighs_the_first_stamp():
+    # the batch holds offset 599 with the kept stamp: the same log, whatever its first stamp says
+    recs = [Rec(0, 5_000), *OLD[1:]]
+    assert restarted(0, *STATE, recs, 900) is None
+
+
+def test_a_log_cut_short_keeps_what_is_left_of_it_counted():
+    # the broker lost the tail from 550 on (say an unclean leader election), then took new
+    # records: those appended before the state's last one were counted, the rest are new
+    cut = OLD[500:550] + batch(550, 649, 2_000)
+    r = restarted(0, *STATE, cut, 650)
+    assert r is not None and r.count_from == 550
+    # nothing new yet: counting goes on from its end
+    r = restarted(0, *STATE, OLD[500:550], 550)
+    assert r is not None and r.count_from == 550 and "end offset 550 is below" in r.why
+
+
+def test_gaps_in_offsets_are_searched():
+    recs = [Rec(0, 5_000), Rec(5, 5_001), Rec(599, 1_599)]  # compacted or aborted records between
+    assert restarted(0, *STATE, recs, 600) is None
+    assert restarted(0, *STATE, [Rec(0, 5_000), Rec(5, 5_001), Rec(599, 7_000)], 600).count_from == 0
