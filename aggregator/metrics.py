@@ -125,6 +125,10 @@ class Metrics:
         self._state_write_failures = Counter("clickstream_state_write_failures",
                                              "Window-state writes to the changelog the broker did not acknowledge "
                                              "(per partition and attempt; retried)", registry=r)
+        self._source_log_resets = Counter("clickstream_source_log_resets",
+                                          "Times a partition of clicks was found to have started over (topic "
+                                          "recreated, broker back empty); its new log is counted from its start",
+                                          ["partition"], registry=r)
         self._snapshot_overdue = Histogram("clickstream_snapshot_overdue_seconds",
                                            "Window end + grace (when it may close) to snapshot publication, 0 if "
                                            "earlier", buckets=OVERDUE_BUCKETS, registry=r)
@@ -295,6 +299,10 @@ class Metrics:
     def state_write_failed(self, partitions: int) -> None:
         """The broker did not acknowledge the window state of ``partitions`` partitions."""
         self._state_write_failures.inc(partitions)
+
+    def source_log_reset(self, partition: int) -> None:
+        """A partition of ``clicks`` started over under the worker (core.sourcelog)."""
+        self._source_log_resets.labels(str(partition)).inc()
 
     def spill_drained(self, events: int) -> None:
         self._stage_processed.labels("spill").inc(events)

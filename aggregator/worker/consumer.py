@@ -137,6 +137,12 @@ class BatchConsumer(_Consumer):
         self.safe_offsets[tp] = offset
         self._acked[tp]
 
+    def log_restarted(self, tp: TP) -> None:
+        """``tp``'s log started over (core.sourcelog): forget the offsets committed and marked
+        on the old one, so that the new log's (lower) offsets are committed again."""
+        self._committed_offset[tp] = None
+        self.safe_offsets.pop(tp, None)
+
     async def _fetch_again(self, records: Mapping[TP, list], start: TP | None = None) -> None:
         """Records of batch topics fetched but not handed over (flow stopped for a rebalance,
         or the generation changed under the loop; from ``start`` on): seek back to the first

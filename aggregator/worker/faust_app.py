@@ -132,6 +132,13 @@ class FaustApp:
         if isinstance(consumer, BatchConsumer):
             consumer.mark_safe(faust.types.TP(CLICKS, partition), offset)
 
+    def log_restarted(self, partition: int) -> None:
+        """The partition of ``clicks`` started over (core.sourcelog): its new offsets are below
+        those committed on the old log, and Faust commits only offsets above the last one."""
+        consumer = self.app.consumer
+        if isinstance(consumer, BatchConsumer):
+            consumer.log_restarted(faust.types.TP(CLICKS, partition))
+
     def mark_safe_forwarded(self, partition: int, offset: int) -> None:
         """The same for the partition of ``clicks-repartition``."""
         consumer = self.app.consumer

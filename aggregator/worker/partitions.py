@@ -65,7 +65,8 @@ class BookSettings:
 
 
 class PartitionState:
-    __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot")
+    __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot", "source_ts",
+                 "source_checked", "commit_ok")
 
     def __init__(self, partition: int, book: WindowBook, spill: PartitionSpill,
                  dedup: DedupStore | None = None) -> None:
@@ -76,6 +77,13 @@ class PartitionState:
         self.lag = 0
         self.last_record_ms: int | None = None  # wall time of the last fetched batch
         self.state_slot: int | None = None  # the changelog slot of its last confirmed state (core.statechunks)
+        # the source log (core.sourcelog): the broker timestamp of the record at book.next_offset - 1;
+        # whether a batch has shown that the log is still the one the book counted (a fresh
+        # book has nothing to check); and whether its states' offsets may be committed: not
+        # before that, nor for a state taken before the log was found to have started over
+        self.source_ts: int | None = None
+        self.source_checked = book.next_offset == 0
+        self.commit_ok = self.source_checked
 
     def state_value(self, dedup: Prepared | None = None, aggs: Prepared | None = None) -> bytes:
         """The state's value (written as chunks): the book with the spill ledger and the
@@ -86,6 +94,7 @@ class PartitionState:
             state["dedup"] = dedup.to_json()
         if aggs is not None and aggs.index:
             state["aggs"] = aggs.to_json()
+        state["source_ts"] = self.source_ts
         return orjson.dumps(state)
 
     def commit_offset(self) -> int:
@@ -149,6 +158,9 @@ class Partitions:
         self.metrics.spill_fault("torn", sum(spill.store.torn_tails.values()))
         p = self.owned[partition] = PartitionState(partition, book, spill, dedup)
         p.state_slot = slot
+        if stored is not None:
+            ts = stored[0].get("source_ts")
+            p.source_ts = ts if isinstance(ts, int) else None
         return p
 
     def forget(self, partition: int) -> None:

@@ -16,7 +16,9 @@ consumer group, changelog-backed table, recovery, offset commits):
 Per owned partition, the whole state (window book, spill ledger, next source offset)
 is one record of the table ``window-state`` (key = partition number).  After a crash
 it is recovered from the changelog, records before the book's ``next_offset`` are
-skipped, and the outbox is published again with identical content.
+skipped, and the outbox is published again with identical content.  Unless the
+partition's log has started over (its topic created again, the broker back empty):
+``core.sourcelog`` tells, and the new log is counted from its start.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, FUTURE_TS, Book
 from aggregator.core.ratelimit import RateLimits
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, forward_record, home
+from aggregator.core.sourcelog import restarted
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
 from aggregator.worker.clock import advance_target
@@ -61,7 +64,7 @@ class WorkerService:
                              settings.max_regions, settings.partitions, settings.dedup_ms, settings.dedup_max_ids,
                              settings.sketch_params() if settings.aggregates else None, settings.top_urls)
         self.partitions = Partitions(books, settings.spill_path, kafka.stored_state, metrics, kafka.stored_record)
-        self.checkpointer = Checkpointer(lambda: app.producer, kafka.state_confirmed, kafka.mark_safe, metrics, sinks,
+        self.checkpointer = Checkpointer(lambda: app.producer, kafka.state_confirmed, self._mark_safe, metrics, sinks,
                                          kafka.mark_safe_forwarded)
         self.max_ahead_ms = settings.max_ahead_ms
         self.wake = asyncio.Event()  # set when snapshots wait to be published
@@ -101,6 +104,8 @@ class WorkerService:
         book, spill = p.book, p.spill
         start = book.next_offset
         last = records[-1].offset
+        if records[0].offset < start or not p.source_checked:
+            start = self._check_source(p, records, start)
         if spill.ledger.rebuild and records[0].offset >= start:
             spill.rebuild_flush(done=True)  # the source starts past the lost spill: nothing to re-read
         if records[0].offset < start:
@@ -121,7 +126,7 @@ class WorkerService:
                 p.last_record_ms = quiet_since  # nothing of its own: still quiet (its clock may follow)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
-        held = HeldBatch(events, offsets, future, last + 1, ids, aggs)
+        held = HeldBatch(events, offsets, future, last + 1, ids, aggs, end_ts=records[-1].timestamp)
         if not throttle.held_here(p) and self._count(p, held, now_ms):
             return
         # the spill disk refused its write: nothing of it is applied; fetch no more of this
@@ -154,12 +159,39 @@ class WorkerService:
             batch, n_window = limited
         t2 = time.perf_counter()
         book.apply(batch, b.end, now_ms, aggs)  # spilled events (markers) are not aggregated: core.aggstate
+        p.source_ts = b.end_ts
         if b.future:
             book.add_late(b.future, FUTURE_TS)
         if book.outbox:
             self.wake.set()
         self.metrics.batch_windowed(n_window, time.perf_counter() - t2)
         return True
+
+    def _check_source(self, p: PartitionState, records: Sequence[Record], start: int) -> int:
+        """The first batch since the partition was opened, or one from below the book's next
+        offset: is it still the log the book counted (core.sourcelog)?  If it started over,
+        say so (error, metric), count it again from where the detector says, and commit
+        nothing of a state taken before.  Returns the book's next offset."""
+        p.source_checked = True
+        restart = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition))
+        if restart is None:
+            return start
+        log.error(restart.message())
+        self.metrics.source_log_reset(p.partition)
+        self.kafka.log_restarted(p.partition)
+        n = p.book.next_offset = restart.count_from
+        p.book.dirty = True
+        # the stamp of the record before it, if this batch has it (the next batch applied sets it)
+        p.source_ts = next((r.timestamp for r in records if r.offset == n - 1), None)
+        p.commit_ok = False  # a checkpoint in flight holds a state of the old log: not its offset
+        return n
+
+    def _mark_safe(self, partition: int, offset: int) -> None:
+        """The checkpoint's word that ``offset`` may be committed, unless the partition's log is
+        not checked yet or started over since the state was taken (``_check_source``)."""
+        p = self.partitions.get(partition)
+        if p is None or p.commit_ok:
+            self.kafka.mark_safe(partition, offset)
 
     def _retry_held(self, parts: Sequence[PartitionState], now_ms: int) -> None:
         """Offer the batches held for the spill disk again, oldest first; resume fetching a
@@ -227,6 +259,7 @@ class WorkerService:
         if self.throttle.held:
             self._retry_held(parts, now_ms)
         for p in parts:
+            p.commit_ok = p.source_checked  # the states written below are taken after any restart seen
             self.throttle.drain(p, now_ms)
             book = p.book
             if book.tally:

@@ -46,16 +46,18 @@ def disk_reason(e: SpillDiskError) -> str:
 class HeldBatch:
     """A decoded batch not applied because the spill disk refused its write."""
 
-    __slots__ = ("events", "offsets", "future", "end", "ids", "aggs")
+    __slots__ = ("events", "offsets", "future", "end", "ids", "aggs", "end_ts")
 
     def __init__(self, events: list[Event], offsets: list[int], future: dict[str, int], end: int,
-                 ids: list[DedupId | None] | None = None, aggs: list[Agg | None] | None = None) -> None:
+                 ids: list[DedupId | None] | None = None, aggs: list[Agg | None] | None = None,
+                 end_ts: int | None = None) -> None:
         self.events = events
         self.offsets = offsets
         self.future = future  # its future_ts events by region
         self.end = end  # the book's next offset once it is applied
         self.ids = ids  # the events' dedup ids (core.dedup), None: none has one
         self.aggs = aggs  # what each event adds to aggregates (core.aggstate), None: aggregates off
+        self.end_ts = end_ts  # the broker timestamp of its record at end - 1 (core.sourcelog)
 
 
 class Held:

@@ -2,6 +2,8 @@
 reported as metrics."""
 from __future__ import annotations
 
+import orjson
+
 from aggregator.metrics import Metrics
 from aggregator.worker.partitions import BookSettings, Partitions
 from tests.unit.worker.records import recovered
@@ -58,3 +60,22 @@ def test_report_sets_lag_outbox_and_assignment_gauges(tmp_path):
     assert sample(m, "pipeline_stage_in_pending", stage="decode") == 12
     assert sample(m, "pipeline_stage_in_pending", stage="publish") == len(a.book.outbox) > 0
     assert sample(m, "clickstream_assigned_partitions") == 2
+
+
+def test_the_source_stamp_is_stored_and_a_recovered_state_must_be_checked_before_commits(tmp_path):
+    # core.sourcelog: the broker timestamp of the record at next_offset - 1 travels with the
+    # state; a recovered book's offsets are not committed until a batch showed the log is
+    # still the one it counted
+    first = Partitions(BOOKS, tmp_path / "a", lambda p: None, Metrics())
+    p = first.open(0)
+    assert p.source_checked and p.commit_ok and p.source_ts is None  # a fresh book: nothing to check
+    p.book.apply([("eu", 1_000, None)], 600, 1_000)
+    p.source_ts = 1_796_180_561_125
+    q = Partitions(BOOKS, tmp_path / "b", recovered(0, p.state_value()), Metrics()).open(0)
+    assert q.book.next_offset == 600 and q.source_ts == 1_796_180_561_125
+    assert not q.source_checked and not q.commit_ok
+    # a state of the earlier format has no stamp
+    old = orjson.loads(p.state_value())
+    del old["source_ts"]
+    r = Partitions(BOOKS, tmp_path / "c", recovered(0, orjson.dumps(old)), Metrics()).open(0)
+    assert r.book.next_offset == 600 and r.source_ts is None
