@@ -99,6 +99,19 @@ class FaustApp:
             return None
         return None if hw is None or hw < 0 else int(hw)
 
+    def position(self, partition: int) -> int | None:
+        """The consumer's fetch position in the partition of ``clicks`` (None: not known, e.g.
+        while it is looked up after an assignment).  Read from aiokafka's subscription state:
+        its ``position()`` is a coroutine that waits for that lookup."""
+        try:
+            consumer = self.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
+            state = consumer._subscription.subscription.assignment.state_value(faust.types.TP(CLICKS, partition))
+        except Exception:  # noqa: BLE001 - no consumer or no assignment yet
+            return None
+        if state is None or not state.has_valid_position:
+            return None
+        return int(state.position)
+
     # -------------------------------------------------------------------- state
     def stored_state(self, partition: int) -> tuple[dict[str, Any], int | None] | None:
         """The partition's state in the table (recovered from the changelog, or confirmed

@@ -267,7 +267,7 @@ class WorkerService:
                 self.region_cap.touch(tally, now_ms)  # regions with events keep their place
                 self.metrics.counted(tally)
             target = advance_target(now_ms, p.last_record_ms, self._highwater(p), book.next_offset,
-                                    fetching and not self.throttle.held_here(p))
+                                    fetching and not self.throttle.held_here(p) and self._positioned(p))
             if target is not None:
                 book.advance_to(target)
         self.throttle.report(partitions)
@@ -298,6 +298,16 @@ class WorkerService:
             p.lag = max(0, hw - p.book.next_offset) + waiting
             self.metrics.partition_lag(p.partition, p.lag)
         return p.book.next_offset + waiting if waiting else hw
+
+    def _positioned(self, p: PartitionState) -> bool:
+        """Whether the consumer is where the partition's state says: not so before its log is
+        checked while the consumer reads from below the state's offset (a replay, or a log
+        that started over: counted in order, its events must not find their windows closed
+        by the clock) or does not know where it is yet."""
+        if p.source_checked:
+            return True
+        position = self.kafka.position(p.partition)
+        return position is not None and position >= p.book.next_offset
 
     def _holding(self) -> bool:
         return self.throttle.hold and not self.app.rebalancing
