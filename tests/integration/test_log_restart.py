@@ -106,7 +106,7 @@ def resets(svc: Service) -> float:
 def test_a_recreated_topic_is_counted_from_its_start(broker, service_factory):
     svc = service_factory("w", AGG_PARTITIONS="1").start()
     assert svc.post([{"region": "old"}] * N)[0] == 200
-    wait_counted(svc, "old", N, 30)
+    wait_counted(svc, "old", N, 60)
     time.sleep(1.5)  # a checkpoint or two: the state's offset is durable, and committed
 
     delete_topic(broker.bootstrap, CLICKS)
@@ -121,7 +121,7 @@ def test_a_recreated_topic_is_counted_from_its_start(broker, service_factory):
     # counting goes on after the reset, and what was committed is of the new log: a worker
     # killed now starts where the new log's state says, neither losing nor doubling
     assert svc.post([{"region": "after"}] * 300)[0] == 200
-    wait_counted(svc, "after", 300, 30)
+    wait_counted(svc, "after", 300, 60)
     time.sleep(1.5)
     svc.kill()
     svc.start()
@@ -145,7 +145,7 @@ def test_a_broker_back_empty_is_counted_from_its_start(tmp_path):
     try:
         svc.start()
         assert svc.post([{"region": "old"}] * N)[0] == 200
-        wait_counted(svc, "old", N, 30)
+        wait_counted(svc, "old", N, 60)
         time.sleep(1.5)
         b.stop()
         b = EmbeddedBroker(port=b.port).start()  # the same address, nothing in it
@@ -174,6 +174,6 @@ def test_a_restart_with_nothing_new_to_read_still_closes_its_windows(broker, ser
     assert counted(svc, "quiet") == 0
     svc.kill()
     svc.start()
-    wait_counted(svc, "quiet", 50, 30)
+    wait_counted(svc, "quiet", 50, 60)
     assert counted(svc, "quiet") == 50
     assert resets(svc) == 0
