@@ -156,6 +156,9 @@ class RecordDecoder:
                 except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
                     _reject(exc, rec, partition, rejected, dead)
                     continue
+            if capped is not None and region not in capped:
+                # before the home: __other__ has one home, so one final snapshot a window
+                region = cap.admit(region, now_ms)  # type: ignore[union-attr]
             if split:
                 h = homes.get(region)
                 if h is None:
@@ -166,8 +169,6 @@ class RecordDecoder:
             if its > max_ts:
                 self._future(region, its, max_ts, future, dead, partition, rec.offset, rec)
                 continue
-            if capped is not None and region not in capped:
-                region = cap.admit(region, now_ms)  # type: ignore[union-attr]
             if did is not None and ids is None:
                 ids = [None] * len(events)
             append((region, its, cts))
@@ -180,7 +181,7 @@ class RecordDecoder:
         return Decoded(events, offsets, rejected, future, ids, aggs)
 
     def decode_forwarded(self, records: Sequence[Record], partition: int, applied: dict[int, int],
-                         dead: list[DeadLetter] | None, max_ts: int, now_ms: int = 0) -> tuple[Decoded, int]:
+                         dead: list[DeadLetter] | None, max_ts: int) -> tuple[Decoded, int]:
         """Records of ``clicks-repartition`` (partition ``partition``) -> (``decode``'s
         answer without offsets, repeats dropped).  ``applied``: per source partition, the
         highest source offset applied (updated here); a record at or below it is a repeat of
@@ -192,8 +193,6 @@ class RecordDecoder:
         rejected: dict[str, int] = {}
         future: dict[str, int] = {}
         repeats = 0
-        cap = self.cap
-        capped = None if cap is None else cap.seen
         ids: list[DedupId | None] | None = None
         aggs: list[Agg | None] | None = [] if self.aggregates else None
         for rec in records:
@@ -218,8 +217,6 @@ class RecordDecoder:
             if its > max_ts:
                 self._future(region, its, max_ts, future, dead, source, offset, rec)
                 continue
-            if capped is not None and region not in capped:
-                region = cap.admit(region, now_ms)  # type: ignore[union-attr]
             if did is not None and ids is None:
                 ids = [None] * len(events)
             append((region, its, cts))

@@ -230,7 +230,7 @@ class WorkerService:
             if not records:
                 return
         (events, _, rejected, future, ids, aggs), _ = self.decoder.decode_forwarded(
-            records, p.partition, book.forwarded, self.checkpointer.dead, now_ms + self.max_ahead_ms, now_ms)
+            records, p.partition, book.forwarded, self.checkpointer.dead, now_ms + self.max_ahead_ms)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
         if ids is not None and p.dedup.horizon_ms:

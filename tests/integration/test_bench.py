@@ -25,11 +25,14 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "tools.bench", "--n", "3000", "--runs", "1", "--faust-n", "300",
          "--memory-n", "6000", "--ingest-duration", "1.5", "--kafka", "no", "--out", str(out), "--json", str(raw)],
-        cwd=ROOT, capture_output=True, text=True, timeout=280)
+        cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(raw.read_text())
     w = res["worker"]
     assert w["n"] == 3000 and w["exact"] is True and w["runs"][0]["exact"] is True
+    # figure 1b (dedup state: every event id remembered), 1c and 1d (aggregates on)
+    assert res["worker_dedup"]["exact"] is True and res["worker_dedup"]["dedup_ids"] == 3000
+    assert res["worker_aggs"]["exact"] is True and res["worker_aggs_ingest"]["exact"] is True
     assert w["bare_rate"] > 0 and w["worker_rate"] > 0 and w["faust_rate"] > 0
     assert [n for n, _ in res["memory"]["peak_rss"]] == [3000, 6000]
     assert all(mb > 0 for _, mb in res["memory"]["peak_rss"])
@@ -43,7 +46,7 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     # the report is made from the results: every section and the machine are there
     md = out.read_text()
     for needle in ("## Machine", "nproc", "Python", "worker throughput", "HTTP ingest", "snapshot delay",
-                   "peak RSS", res["machine"]["cpu"]):
+                   "peak RSS", "1b. worker", "1c. worker", "1d. worker", res["machine"]["cpu"]):
         assert needle in md, needle
     assert "worker throughput" in proc.stdout  # the printed table
     # the markdown is made from exactly these results (its raw block is the JSON written)

@@ -19,6 +19,7 @@ import gc
 import os
 import sys
 import time
+import uuid
 
 import aiohttp
 import orjson
@@ -46,6 +47,7 @@ def bodies(batch: int, k: int, seed: int) -> list[tuple[bytes, dict[str, int]]]:
 async def run(url: str, batch: int, concurrency: int, duration: float, rate: float, warmup: float,
               seed: int, max_outstanding: int) -> dict:
     work = bodies(batch, 32, seed)
+    run_id = uuid.uuid4().hex[:12]  # keys never repeat across runs and phases (a repeat would be deduped)
     headers = {"Content-Type": "application/x-ndjson"}
     latencies: list[float] = []
     statuses: dict[str, int] = {}
@@ -60,7 +62,7 @@ async def run(url: str, batch: int, concurrency: int, duration: float, rate: flo
         body, counts = work[i % len(work)]
         try:  # every request with a key of its own, as a client that retries would send (dedup on)
             async with session.post(url + "/v1/events", data=body,
-                                    headers={**headers, "Idempotency-Key": f"lg-{seed}-{i}"}) as resp:
+                                    headers={**headers, "Idempotency-Key": f"lg-{run_id}-{i}"}) as resp:
                 raw = await resp.read()
                 status = resp.status
         except aiohttp.ClientError as exc:
