@@ -6,8 +6,13 @@ One ``ingest_ts`` per request (its receipt time).  Records are grouped by region
 (order within a region kept) and appended, without an await per record, to the shared
 per-partition record batches of ``producer.BatchProducer``.
 
+With aggregates on (``AGG_AGGREGATES``), a record of an event with a ``user_id`` or a
+``url`` carries ``clickstream-agg`` right after ``clickstream-ingest``: the hashes and the
+normalised URL the worker's sketches need (core.contract), computed here once per event.
+
 With tracing on (``aggregator.tracing``, docs/tracing.md) a request is a span, and a
-sampled one's ``traceparent`` follows ``clickstream-ingest`` in its records' headers.
+sampled one's ``traceparent`` follows ``clickstream-ingest`` (and ``clickstream-agg``) in
+its records' headers.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ import orjson
 from aiohttp import web
 
 from aggregator import tracing
-from aggregator.core.contract import OTHER_REGION, Header, ingest_header
+from aggregator.core.contract import AGG_HEADER, OTHER_REGION, Header, ingest_header
 from aggregator.core.dedup import DedupId, event_key, id_field, request_key
+from aggregator.core.sketches import normalise_url, url_hash, user_hash
 from aggregator.ingest.body import MAX_ERRORS, BodyError, decode_slices, gunzip_bounded, validate_records
 from aggregator.ingest.budget import InflightBudget, Reservation
 from aggregator.ingest.producer import IngestProducer, ProducerBusy
@@ -43,7 +49,8 @@ class IngestHandler:
 
     def __init__(self, producer: IngestProducer, metrics: Metrics, token: str, max_body_bytes: int,
                  max_regions: int, region_idle_ms: int = 3_600_000, budget: InflightBudget | None = None,
-                 body_timeout_s: float = 30.0, dedup: bool = True) -> None:
+                 body_timeout_s: float = 30.0, dedup: bool = True, aggregates: bool = False,
+                 url_keep_query: bool = False) -> None:
         self.producer = producer
         self.metrics = metrics
         self.token = token
@@ -55,6 +62,8 @@ class IngestHandler:
         self.budget = budget or InflightBudget(4 * max_body_bytes)
         self.body_timeout_s = body_timeout_s
         self.dedup = dedup  # events get dedup ids (core.dedup): AGG_DEDUP_SECONDS > 0
+        # AGG_AGGREGATES: the clickstream-agg header of each event with a user_id or url
+        self.agg = AggHeaders(url_keep_query) if aggregates else None
 
     async def __call__(self, request: web.Request) -> web.Response:
         tracer = tracing.tracer
@@ -255,7 +264,7 @@ class IngestHandler:
             if ids is not None and ids[n] is not None:
                 ev[_DEDUP] = id_field(ids[n])  # type: ignore[arg-type]  # taken out before it is serialised
             values.append(ev)
-        records = _Records(ingest_ts, traceparent)
+        records = _Records(ingest_ts, traceparent, self.agg)
         mark, deadline = batcher.progress(), time.monotonic() + INGEST_TIMEOUT_S
         while True:
             try:
@@ -278,19 +287,77 @@ class IngestHandler:
 _DEDUP = "\0dedup"  # an event's dedup id field while it waits in a batch (never a JSON field)
 
 
+class AggHeaders:
+    """The ``clickstream-agg`` header value of an event (core.contract.agg_header_value of
+    ``user_hash(user_id)``, ``url_hash(normalise_url(url))`` and the normalised URL).
+
+    Per-event ingest work, so the parts are remembered per process: the hex hash of a
+    ``user_id`` and ``<hex hash>,<normalised url>`` of a raw ``url``, each in a dict of at
+    most ``max_entries`` (emptied when full: a lookup costs ~0.1 us, normalising a URL
+    1-5 us).  Only values up to CACHE_MAX_CHARS characters are remembered, so each dict
+    stays within a few MB whatever the clients send."""
+
+    CACHE_MAX_CHARS = 256
+    __slots__ = ("keep_query", "max_entries", "_users", "_urls")
+
+    def __init__(self, keep_query: bool = False, max_entries: int = 16384) -> None:
+        self.keep_query = keep_query
+        self.max_entries = max_entries
+        self._users: dict[str, bytes] = {}
+        self._urls: dict[str, bytes] = {}
+
+    def value(self, user_id: str | None, url: str | None) -> bytes | None:
+        """The header value; None when the event has neither a user nor a URL to count
+        (no ``user_id``, and no ``url`` or one that normalises to nothing)."""
+        if user_id is None:
+            u = b""
+        else:
+            u = self._users.get(user_id)  # type: ignore[assignment]
+            if u is None:
+                u = b"%x" % user_hash(user_id)
+                if len(user_id) <= self.CACHE_MAX_CHARS:
+                    users = self._users
+                    if len(users) >= self.max_entries:
+                        users.clear()
+                    users[user_id] = u
+        if url is None:
+            if user_id is None:
+                return None
+            return u + b",,"
+        part = self._urls.get(url)
+        if part is None:
+            norm = normalise_url(url, self.keep_query)
+            part = b"," if norm is None else b"%x,%s" % (url_hash(norm), norm.encode())
+            if len(url) <= self.CACHE_MAX_CHARS:
+                urls = self._urls
+                if len(urls) >= self.max_entries:
+                    urls.clear()
+                urls[url] = part
+        if user_id is None and part == b",":
+            return None
+        return u + b"," + part
+
+
 class _Records:
     """``(value, headers)`` of events, serialised one by one as the batch takes them."""
 
-    __slots__ = ("plain", "headers")
+    __slots__ = ("plain", "headers", "agg", "ingest_ts")
 
-    def __init__(self, ingest_ts: int, traceparent: bytes | None) -> None:
+    def __init__(self, ingest_ts: int, traceparent: bytes | None, agg: AggHeaders | None = None) -> None:
+        self.ingest_ts = ingest_ts
         self.plain = ingest_header(ingest_ts, None)  # shared by the records without a client ts
         self.headers: Callable[..., list[Header]] = (
             ingest_header if traceparent is None else _with_header((tracing.TRACEPARENT, traceparent)))
         if traceparent is not None:
             self.plain.append((tracing.TRACEPARENT, traceparent))
+        self.agg = agg
 
     def of(self, events: list[dict[str, Any]]) -> Iterator[tuple[bytes, list[Header]]]:
+        if self.agg is not None:
+            return self._of_agg(events, self.agg)
+        return self._of(events)
+
+    def _of(self, events: list[dict[str, Any]]) -> Iterator[tuple[bytes, list[Header]]]:
         dumps = orjson.dumps
         plain = self.plain
         headers = self.headers
@@ -301,6 +368,26 @@ class _Records:
                 yield dumps(ev), headers(ev["ingest_ts"], cts, did)
             else:
                 yield dumps(ev), (plain if cts is None else headers(ev["ingest_ts"], cts))
+
+    def _of_agg(self, events: list[dict[str, Any]], agg: AggHeaders) -> Iterator[tuple[bytes, list[Header]]]:
+        """As ``_of``, with ``clickstream-agg`` second (before a ``traceparent``) on the
+        records of events with a user or a URL."""
+        dumps = orjson.dumps
+        plain = self.plain
+        headers = self.headers
+        value = agg.value
+        its = self.ingest_ts
+        for ev in events:
+            cts = ev.get("ts")
+            did = ev.pop(_DEDUP) if _DEDUP in ev else None
+            get = ev.get
+            a = value(get("user_id"), get("url"))
+            if a is None:
+                yield dumps(ev), (plain if cts is None and did is None else headers(its, cts, did))
+            else:
+                h = headers(its, cts, did)
+                h.insert(1, (AGG_HEADER, a))
+                yield dumps(ev), h
 
 
 def _with_header(extra: Header) -> Callable[..., list[Header]]:
