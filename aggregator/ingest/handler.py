@@ -291,39 +291,26 @@ class AggHeaders:
     """The ``clickstream-agg`` header value of an event (core.contract.agg_header_value of
     ``user_hash(user_id)``, ``url_hash(normalise_url(url))`` and the normalised URL).
 
-    Per-event ingest work, so the parts are remembered per process: the hex hash of a
-    ``user_id`` and ``<hex hash>,<normalised url>`` of a raw ``url``, each in a dict of at
-    most ``max_entries`` (emptied when full: a lookup costs ~0.1 us, normalising a URL
-    1-5 us).  Only values up to CACHE_MAX_CHARS characters are remembered, so each dict
-    stays within a few MB whatever the clients send."""
+    Per-event ingest work.  The URL part, ``<hex hash>,<normalised url>``, is remembered
+    per raw ``url`` in a dict of at most ``max_entries`` (emptied when full), for URLs of
+    at most CACHE_MAX_CHARS characters (so it stays within a few MB whatever the clients
+    send): a lookup costs ~0.1 us, normalising a URL 1-4 us, and a site has far fewer
+    pages than events.  The user part is hashed every time (~0.3 us): users repeat less,
+    and a cache miss costs more than the hash."""
 
     CACHE_MAX_CHARS = 256
-    __slots__ = ("keep_query", "max_entries", "_users", "_urls")
+    __slots__ = ("keep_query", "max_entries", "_urls")
 
     def __init__(self, keep_query: bool = False, max_entries: int = 16384) -> None:
         self.keep_query = keep_query
         self.max_entries = max_entries
-        self._users: dict[str, bytes] = {}
         self._urls: dict[str, bytes] = {}
 
     def value(self, user_id: str | None, url: str | None) -> bytes | None:
         """The header value; None when the event has neither a user nor a URL to count
         (no ``user_id``, and no ``url`` or one that normalises to nothing)."""
-        if user_id is None:
-            u = b""
-        else:
-            u = self._users.get(user_id)  # type: ignore[assignment]
-            if u is None:
-                u = b"%x" % user_hash(user_id)
-                if len(user_id) <= self.CACHE_MAX_CHARS:
-                    users = self._users
-                    if len(users) >= self.max_entries:
-                        users.clear()
-                    users[user_id] = u
         if url is None:
-            if user_id is None:
-                return None
-            return u + b",,"
+            return None if user_id is None else b"%x,," % user_hash(user_id)
         part = self._urls.get(url)
         if part is None:
             norm = normalise_url(url, self.keep_query)
@@ -333,9 +320,9 @@ class AggHeaders:
                 if len(urls) >= self.max_entries:
                     urls.clear()
                 urls[url] = part
-        if user_id is None and part == b",":
-            return None
-        return u + b"," + part
+        if user_id is None:
+            return None if part == b"," else b"," + part
+        return b"%x,%s" % (user_hash(user_id), part)
 
 
 class _Records:
