@@ -195,3 +195,16 @@ def test_tampered_sketch_answers_are_caught(tamper: str) -> None:
     problems = audit(tj, snaps)
     assert len(problems) >= 1 and all(f"{big['region']} window {big['window_start']}" in p for p in problems)
     assert want in problems[0], problems
+
+
+def test_the_audit_says_what_it_checked() -> None:
+    from aggregator.gen.cli import aggregates_note
+
+    t = truth(cell(100, TOP, delay=DELAY))
+    t["aggregates"]["us"] = {str(WS): cell(1000, TOP, delay=DELAY)}
+    assert aggregates_note(t, [snap()], frozenset()) == (
+        "audit: aggregates of 2 cells checked (1 with unique users <= 256: exact; 1 above: within 5%; top 3 URLs "
+        "where unambiguous; delay quantiles within 1%)")
+    assert "of 1 cells checked" in aggregates_note(t, [snap()], frozenset({"us"}))
+    assert "no snapshot carries them" in aggregates_note(t, [snap(users=None)], frozenset())
+    assert aggregates_note({"counts": {}}, [snap()], frozenset()) == ""
