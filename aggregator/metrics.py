@@ -40,6 +40,8 @@ OVERDUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
 SWEEP_SECONDS = 60.0  # how often region labels are checked for idleness
+# a snapshot's client_delay_ms key -> the quantile label of clickstream_window_client_delay_seconds
+DELAY_QUANTILES = {"p50": "0.5", "p90": "0.9", "p99": "0.99"}
 
 
 def package_version() -> str:
@@ -110,6 +112,14 @@ class Metrics:
                                     registry=r)
         self._window_end = Gauge("clickstream_window_end_timestamp_seconds",
                                  "End of the last closed window (epoch seconds)", ["region"], registry=r)
+        # with aggregates on (AGG_AGGREGATES): from the snapshot of the last closed window;
+        # URLs are never label values (the top pages are in /v1/snapshots)
+        self._window_users = Gauge("clickstream_window_unique_users",
+                                   "Distinct user_ids of the last closed window (exact up to 256, then a "
+                                   "HyperLogLog estimate within 5 %)", ["region"], registry=r)
+        self._window_delay = Gauge("clickstream_window_client_delay_seconds",
+                                   "Client delay (ingest time - client ts) of the last closed window's events, "
+                                   "at quantile 0.5, 0.9, 0.99 (within 1 %)", ["region", "quantile"], registry=r)
         self._late = Counter("clickstream_late_events", "Events put in the late bucket", ["region", "reason"],
                              registry=r)
         self._rate_limited = Counter("clickstream_rate_limited_events", "Events over their region's rate limit",
@@ -237,7 +247,7 @@ class Metrics:
             del self._region_seen[region]
             self._ingested_by_region.pop(region, None)
             for metric in (self._ingested, self._counted, self._window_events, self._window_end, self._rate_limited,
-                           self._spilled, self._spill_backlog, self._spill_bytes):
+                           self._spilled, self._spill_backlog, self._spill_bytes, self._window_users):
                 try:
                     metric.remove(region)
                 except KeyError:
@@ -250,6 +260,11 @@ class Metrics:
             for source in DEDUP_SOURCES:
                 try:
                     self._duplicates.remove(region, source)
+                except KeyError:
+                    pass
+            for q in DELAY_QUANTILES.values():
+                try:
+                    self._window_delay.remove(region, q)
                 except KeyError:
                     pass
         return idle
@@ -375,6 +390,19 @@ class Metrics:
     def state_recovered(self) -> None:
         self._recovered.inc()
 
+    def _set_delays(self, region: str, delays: Mapping[str, float] | None) -> None:
+        """The last closed window's client-delay quantiles (ms in the snapshot); None (no
+        event of the window carried a ts): the region's series go, so no stale value stays."""
+        for key, q in DELAY_QUANTILES.items():
+            v = None if delays is None else delays.get(key)
+            if v is None:
+                try:
+                    self._window_delay.remove(region, q)
+                except KeyError:
+                    pass
+            else:
+                self._window_delay.labels(region, q).set(v / 1000)
+
     def published(self, snaps: Iterable[Snapshot], started: float) -> None:
         """Final snapshots are out (``started``: ``time.perf_counter()`` before publishing)."""
         now = time.time()
@@ -387,6 +415,10 @@ class Metrics:
                 self._seen((r,))
             self._window_events.labels(r).set(snap["count"])
             self._window_end.labels(r).set(snap["window_end"] / 1000)
+            if "unique_users" in snap:
+                self._window_users.labels(r).set(snap["unique_users"])
+            if "client_delay_ms" in snap:
+                self._set_delays(r, snap["client_delay_ms"])
             for reason, k in snap["late_by_reason"].items():
                 if k:
                     self._late.labels(r, reason).inc(k)

@@ -55,7 +55,8 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
         post = IngestHandler(producer, metrics, settings.ingest_token, settings.max_body_bytes, settings.max_regions,
                              region_idle_ms=settings.idle_ms,
                              budget=InflightBudget(settings.ingest_max_inflight_bytes),
-                             body_timeout_s=settings.http_body_timeout_seconds, dedup=settings.dedup_seconds > 0)
+                             body_timeout_s=settings.http_body_timeout_seconds, dedup=settings.dedup_seconds > 0,
+                             aggregates=settings.aggregates, url_keep_query=settings.url_keep_query)
         services.append(producer)
     options: dict[str, Any] = {"loglevel": settings.log_level.lower(), "quiet": True, "redirect_stdouts": False,
                                "override_logging": False}
@@ -93,14 +94,36 @@ def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, probe
 
 def print_snapshot_table(snaps: Sequence[Snapshot]) -> None:
     """A readable per-region table for each closed window (``make run``)."""
+    print(snapshot_table(snaps), flush=True)
+
+
+TOP_PAGE_CHARS = 36  # a longer top page is cut, with "..." at its end
+
+
+def snapshot_table(snaps: Sequence[Snapshot]) -> str:
+    """The per-region table of each window of ``snaps``: count and late; with aggregates
+    (AGG_AGGREGATES), also the unique users and the most visited page with its visits."""
     by_window: dict[int, list[Snapshot]] = {}
     for s in snaps:
         by_window.setdefault(s["window_start"], []).append(s)
+    out = []
     for ws, rows in sorted(by_window.items()):
         start = time.strftime("%H:%M:%S", time.gmtime(ws / 1000))
         end = time.strftime("%H:%M:%S", time.gmtime(rows[0]["window_end"] / 1000))
-        lines = [f"\nwindow {start}-{end} UTC", f"  {'region':<24}{'count':>10}{'late':>8}"]
+        aggs = any("unique_users" in r for r in rows)
+        head = f"  {'region':<24}{'count':>10}{'late':>8}"
+        if aggs:
+            head += f"{'users':>9}  {'top page':<{TOP_PAGE_CHARS}}{'visits':>8}"
+        lines = [f"\nwindow {start}-{end} UTC", head]
         for r in sorted(rows, key=lambda r: r["region"]):
-            lines.append(f"  {r['region']:<24}{r['count']:>10}{r['late']:>8}")
+            line = f"  {r['region']:<24}{r['count']:>10}{r['late']:>8}"
+            if aggs:
+                top = r.get("top_urls") or []
+                page, visits = (str(top[0]["url"]), str(top[0]["count"])) if top else ("-", "-")
+                if len(page) > TOP_PAGE_CHARS - 1:
+                    page = page[:TOP_PAGE_CHARS - 4] + "..."
+                line += f"{r.get('unique_users', '-'):>9}  {page:<{TOP_PAGE_CHARS}}{visits:>8}"
+            lines.append(line.rstrip())
         lines.append(f"  {'total':<24}{sum(r['count'] for r in rows):>10}{sum(r['late'] for r in rows):>8}")
-        print("\n".join(lines), flush=True)
+        out.append("\n".join(lines))
+    return "\n".join(out)

@@ -1,10 +1,10 @@
 """``aggregator gen`` and ``aggregator audit``.
 
 Both read the service's settings where they share a meaning: ``AGG_WINDOW_SECONDS``,
-``AGG_LATE_AFTER_SECONDS`` and ``AGG_INGEST_TOKEN`` (gen), ``AGG_WEB_HOST``/``AGG_WEB_PORT``
-for the default ``--url``, and ``AGG_BROKER`` (with the Kafka security settings) for a
-bare ``--kafka``; so a generator and an audit started in the service's environment agree
-with it."""
+``AGG_LATE_AFTER_SECONDS``, ``AGG_INGEST_TOKEN`` and ``AGG_URL_KEEP_QUERY`` (gen),
+``AGG_TOP_URLS`` (audit), ``AGG_WEB_HOST``/``AGG_WEB_PORT`` for the default ``--url``,
+and ``AGG_BROKER`` (with the Kafka security settings) for a bare ``--kafka``; so a
+generator and an audit started in the service's environment agree with it."""
 from __future__ import annotations
 
 import asyncio
@@ -23,11 +23,22 @@ from aggregator.broker.embedded import BrokerError
 from aggregator.broker.security import PLAINTEXT, KafkaSecurity
 from aggregator.cli import KAFKA_CLIENT_FIELDS, Failure, _config_option, _debug_option, load_settings, settings_options
 from aggregator.core.contract import Snapshot
-from aggregator.gen.audit import audit, fetch_topic_snapshots, missing_windows, over_counted, table
+from aggregator.gen.audit import (
+    DELAY_TOLERANCE,
+    EXACT_USERS,
+    UNIQUE_USERS_TOLERANCE,
+    audit,
+    fetch_topic_snapshots,
+    has_aggregates,
+    missing_windows,
+    over_counted,
+    table,
+)
 from aggregator.gen.generator import generate
 
-GEN_FIELDS = ("window_seconds", "late_after_seconds", "ingest_token", "web_host", "web_port", *KAFKA_CLIENT_FIELDS)
-AUDIT_FIELDS = ("web_host", "web_port", *KAFKA_CLIENT_FIELDS)
+GEN_FIELDS = ("window_seconds", "late_after_seconds", "ingest_token", "url_keep_query", "web_host", "web_port",
+              *KAFKA_CLIENT_FIELDS)
+AUDIT_FIELDS = ("top_urls", "web_host", "web_port", *KAFKA_CLIENT_FIELDS)
 USE_BROKER = "\0AGG_BROKER"  # --kafka given without a value
 CONNECT_WAIT = 10.0  # seconds gen waits for the service to answer before it starts
 URL_HELP = "service base URL  [default: http://AGG_WEB_HOST:AGG_WEB_PORT, i.e. http://127.0.0.1:8080]"
@@ -105,7 +116,9 @@ CTX = {"show_default": True}
 @click.option("--delayed-fraction", type=click.FloatRange(0, 1), default=0.0, help="fraction with an old client ts")
 @settings_options(("late_after_seconds", "window_seconds", "ingest_token"), rename={"ingest_token": "--token"})
 @click.option("--seed", type=int, default=1, help="random seed: the same seed gives the same stream")
-@click.option("--truth", default="", metavar="FILE", help="write ground truth JSON here")
+@click.option("--truth", default="", metavar="FILE",
+              help="write ground truth JSON here: counts, and the exact unique users, URL counts and client-delay "
+                   "quantiles of every (region, window)")
 @_kafka_option("produce straight to topic clicks at this Kafka bootstrap (host:port) instead of HTTP")
 @click.option("--hot-region", default="", help="a region that bursts (added if not among --regions)")
 @click.option("--burst-multiplier", type=click.FloatRange(min=0), default=1000.0,
@@ -148,7 +161,9 @@ def gen_command(**kw: Any) -> int:
             token=settings.ingest_token, concurrency=kw["concurrency"], progress_interval=kw["progress_interval"],
             kafka=kafka, hot_region=kw["hot_region"], burst_multiplier=kw["burst_multiplier"],
             burst_start=kw["burst_start"], burst_duration=kw["burst_duration"], clock_skew_ms=kw["clock_skew_ms"],
-            security=security, retry_fraction=kw["retry_fraction"])
+            security=security, retry_fraction=kw["retry_fraction"],
+            # the aggregates' truth only when it is written: it holds the recent windows' users
+            aggregates=bool(kw["truth"]), url_keep_query=settings.url_keep_query)
 
     try:
         truth = asyncio.run(quiet_generate())
@@ -189,7 +204,8 @@ def audit_command(**kw: Any) -> int:
             truth = json.load(f)
     except (OSError, ValueError) as exc:
         raise Failure(f"audit: cannot read the truth file {kw['truth']}: {exc}") from None
-    return run_audit(truth, url, kafka, kw["spilled_regions"], kw["wait"], settings.kafka_security())
+    return run_audit(truth, url, kafka, kw["spilled_regions"], kw["wait"], settings.kafka_security(),
+                     top_n=settings.top_urls)
 
 
 def fetch_snapshots(url: str) -> list[Snapshot]:
@@ -198,7 +214,7 @@ def fetch_snapshots(url: str) -> list[Snapshot]:
 
 
 def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: float,
-              security: KafkaSecurity = PLAINTEXT) -> int:
+              security: KafkaSecurity = PLAINTEXT, top_n: int = 10) -> int:
     def fetch() -> list[Snapshot]:
         if kafka:
             try:
@@ -218,8 +234,11 @@ def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: floa
         time.sleep(0.5)
         snaps = fetch()
     spilled = frozenset(r.strip().lower() for r in spilled_regions.split(",") if r.strip())
-    problems = audit(truth, snaps, spilled)
+    problems = audit(truth, snaps, spilled, top_n)
     print(table(truth, snaps))
+    note = aggregates_note(truth, snaps, spilled)
+    if note:
+        print("\n" + note)
     dup = truth.get("duplicates") or {}
     if dup.get("retried_bodies") or dup.get("reused_ids"):
         print(f"\naudit: the generator sent {dup.get('retried_events', 0)} events again in "
@@ -232,3 +251,20 @@ def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: floa
         return 1
     print("\naudit: published snapshots match the ground truth exactly")
     return 0
+
+
+def aggregates_note(truth: Any, snaps: list[Snapshot], spilled: frozenset[str]) -> str:
+    """One line on what the aggregates' audit covered ('' when the truth has none)."""
+    cells = truth.get("aggregates") or {}
+    if not cells:
+        return ""
+    if not any(has_aggregates(s) for s in snaps):
+        return "audit: the truth has aggregates but no snapshot carries them (AGG_AGGREGATES off?): not checked"
+    n = sum(len(per) for r, per in cells.items() if r not in spilled)
+    exact = sum(1 for r, per in cells.items() if r not in spilled for c in per.values()
+                if c["unique_users"] <= EXACT_USERS)
+    skipped = len(truth.get("aggregates_incomplete") or [])
+    return (f"audit: aggregates of {n} cells checked ({exact} with unique users <= {EXACT_USERS}: exact; "
+            f"{n - exact} above: within {UNIQUE_USERS_TOLERANCE:.0%}; top 3 URLs where unambiguous; delay "
+            f"quantiles within {DELAY_TOLERANCE:.0%})"
+            + (f"; {skipped} cells not checked (events answered after their cell was folded)" if skipped else ""))

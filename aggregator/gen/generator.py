@@ -2,7 +2,9 @@
 
 Each ingest answer carries the request's ``ingest_ts``; with it the
 generator knows the window of every accepted event and writes expected
-counts per (region, window) as JSON.
+counts per (region, window) as JSON, and (issue 18) the exact aggregates of
+each such cell: distinct users, URL counts by normalised URL and client-delay
+quantiles (``CellTruth``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import contextlib
 import random
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from bisect import bisect_right
+from collections.abc import Callable, Coroutine, Sequence
+from itertools import accumulate
 from typing import Any
 
 import aiohttp
@@ -20,7 +24,56 @@ import orjson
 
 from aggregator.broker.security import PLAINTEXT, KafkaSecurity, check_login
 from aggregator.core.contract import CLICKS
-from aggregator.gen.audit import TruthJSON
+from aggregator.core.sketches import MAX_DELAY_MS, normalise_url
+from aggregator.gen.audit import CellTruthJSON, TruthJSON
+
+# What the truth keeps of a cell's URLs: the TRUTH_TOP_URLS most frequent with their counts,
+# and the count of the next one (the audit's test of an unambiguous top 3 needs the 4th).
+TRUTH_TOP_URLS = 20
+QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+# One event's parts for the aggregates: (user_id, url, client ts), each None when absent.
+Parts = tuple["str | None", "str | None", "int | None"]
+
+
+def exact_quantile(delays: collections.Counter[int], q: float) -> int:
+    """The delay at rank ``floor(q * (n - 1))`` (0-based) of the ``n`` delays sorted: the
+    rank core.sketches' quantiles are stated for.  Delays are clamped to
+    ``0..MAX_DELAY_MS`` as the sketch clamps them."""
+    n = sum(delays.values())
+    rank = int(q * (n - 1))
+    seen = 0
+    for d in sorted(delays):
+        seen += delays[d]
+        if seen > rank:
+            return d
+    raise ValueError("no delays")
+
+
+class CellTruth:
+    """The exact aggregates of one (region, window) cell, while its window may still get
+    events: the set of its users, a counter of its normalised URLs and one of its client
+    delays (ms, clamped; a Counter of values: a few thousand distinct delays at most in
+    the generator's streams).  Memory is the cell's distinct users (a Python set of their
+    ids: ~100 bytes each); ``Truth`` folds a cell into its summary (``summary()``) once
+    its window is well past, so only the recent cells are held."""
+
+    __slots__ = ("users", "urls", "delays")
+
+    def __init__(self) -> None:
+        self.users: set[str] = set()
+        self.urls: collections.Counter[str] = collections.Counter()
+        self.delays: collections.Counter[int] = collections.Counter()
+
+    def summary(self) -> CellTruthJSON:
+        ranked = sorted(self.urls.items(), key=lambda uc: (-uc[1], uc[0]))
+        top = ranked[:TRUTH_TOP_URLS]
+        delay = None
+        if self.delays:
+            delay = {name: exact_quantile(self.delays, q) for name, q in QUANTILES}
+        return {"unique_users": len(self.users), "top_urls": [[u, c] for u, c in top],
+                "url_next": ranked[TRUTH_TOP_URLS][1] if len(ranked) > TRUTH_TOP_URLS else 0,
+                "url_events": sum(self.urls.values()), "delays": sum(self.delays.values()),
+                "client_delay_ms": delay}
 
 
 def region_names(n: int) -> list[str]:
@@ -30,8 +83,26 @@ def region_names(n: int) -> list[str]:
 
 
 class Truth:
-    def __init__(self, window_ms: int) -> None:
+    """The ground truth.  With ``aggregates`` also the exact aggregates per (region,
+    window) cell of events counted in a window (not late, not rejected, not repeats):
+    cells are held whole (``CellTruth``) until an answer ``FOLD_AFTER_WINDOWS`` windows
+    (at least FOLD_AFTER_MS) past their end arrives, then kept as their summary, so memory
+    is bounded by the recent windows' distinct users and URLs, not by the run's length.
+    An answer for a cell already folded (a request answered that late) marks the cell
+    ``incomplete``: the audit does not check its aggregates."""
+
+    FOLD_AFTER_WINDOWS = 3
+    FOLD_AFTER_MS = 60_000
+
+    def __init__(self, window_ms: int, aggregates: bool = False, url_keep_query: bool = False) -> None:
         self.window_ms = window_ms
+        self.aggregates = aggregates
+        self.url_keep_query = url_keep_query
+        self.open_cells: dict[tuple[str, int], CellTruth] = {}
+        self.cells: dict[str, dict[str, CellTruthJSON]] = {}  # region -> window_start -> folded summary
+        self.incomplete: set[tuple[str, int]] = set()
+        self.newest_ts = 0
+        self._norm: dict[str, str | None] = {}  # raw url -> normalised (the generator's few URLs)
         self.counts: dict[str, dict[str, int]] = {}   # region -> window_start -> n
         self.late: dict[str, dict[str, int]] = {}     # region -> reason -> n
         self.accepted = 0
@@ -44,23 +115,68 @@ class Truth:
         self.reused_ids = 0  # events that repeat an earlier accepted event's event_id (region too)
         self.retry_mismatches = 0  # retries answered with other accepted/rejected counts than the first
 
-    def add(self, regions: list[str], ingest_ts: int) -> None:
-        ws = str(ingest_ts - ingest_ts % self.window_ms)
+    def add(self, regions: list[str], ingest_ts: int, parts: Sequence[Parts] | None = None) -> None:
+        """Events of ``regions`` counted in the window of ``ingest_ts``; ``parts``: the
+        (user_id, url, client ts) of each (aggregates on)."""
+        ws_ms = ingest_ts - ingest_ts % self.window_ms
+        ws = str(ws_ms)
         for r in regions:
             per = self.counts.setdefault(r, {})
             per[ws] = per.get(ws, 0) + 1
+        if not self.aggregates or parts is None:
+            return
+        norm = self._norm
+        for r, (user, url, cts) in zip(regions, parts, strict=True):
+            key = (r, ws_ms)
+            cell = self.open_cells.get(key)
+            if cell is None:
+                if ws in self.cells.get(r, {}):
+                    self.incomplete.add(key)
+                    continue
+                cell = self.open_cells[key] = CellTruth()
+            if user is not None:
+                cell.users.add(user)
+            if url is not None:
+                n = norm.get(url, "")
+                if n == "":
+                    n = norm[url] = normalise_url(url, self.url_keep_query)
+                    if len(norm) > 100_000:
+                        norm.clear()
+                if n is not None:
+                    cell.urls[n] += 1
+            if cts is not None:
+                cell.delays[min(max(ingest_ts - cts, 0), MAX_DELAY_MS)] += 1
+        if ingest_ts > self.newest_ts:
+            self.newest_ts = ingest_ts
+            self.fold(ingest_ts - max(self.FOLD_AFTER_WINDOWS * self.window_ms, self.FOLD_AFTER_MS))
+
+    def fold(self, before_ms: int | None = None) -> None:
+        """Keep only the summaries of the cells whose window ended before ``before_ms``
+        (None: every cell)."""
+        for key in [k for k in self.open_cells if before_ms is None or k[1] + self.window_ms < before_ms]:
+            cell = self.open_cells.pop(key)
+            self.cells.setdefault(key[0], {})[str(key[1])] = cell.summary()
 
     def add_late(self, region: str, reason: str) -> None:
         per = self.late.setdefault(region, {})
         per[reason] = per.get(reason, 0) + 1
 
     def to_json(self) -> TruthJSON:
-        return {"window_ms": self.window_ms, "accepted": self.accepted, "rejected": self.rejected,
-                "sent": self.sent, "elapsed_s": round(self.elapsed_s, 3),
-                "achieved_rate": round(self.achieved_rate, 1), "target_rate": self.target_rate,
-                "counts": self.counts, "late": self.late,
-                "duplicates": {"retried_bodies": self.retried_bodies, "retried_events": self.retried_events,
-                               "reused_ids": self.reused_ids, "retry_answer_mismatches": self.retry_mismatches}}
+        out: TruthJSON = {
+            "window_ms": self.window_ms, "accepted": self.accepted, "rejected": self.rejected,
+            "sent": self.sent, "elapsed_s": round(self.elapsed_s, 3),
+            "achieved_rate": round(self.achieved_rate, 1), "target_rate": self.target_rate,
+            "counts": self.counts, "late": self.late,
+            "duplicates": {"retried_bodies": self.retried_bodies, "retried_events": self.retried_events,
+                           "reused_ids": self.reused_ids, "retry_answer_mismatches": self.retry_mismatches}}
+        if self.aggregates:
+            self.fold()
+            for r, ws in self.incomplete:
+                self.cells.get(r, {}).pop(str(ws), None)
+            out["aggregates"] = self.cells
+            out["aggregates_incomplete"] = sorted([r, ws] for r, ws in self.incomplete)
+            out["url_keep_query"] = self.url_keep_query
+        return out
 
     @property
     def achieved_rate(self) -> float:
@@ -79,10 +195,29 @@ def rate_summary(sent: int, elapsed_s: float, target_rate: float) -> list[str]:
     return lines
 
 
+def user_pool(index: int) -> int:
+    """How many distinct users the region at ``index`` draws from: every other region a
+    small audience (200: its cells stay below the sketch's exact threshold of 256 users,
+    whatever the rate), the others 1,000,000 (about as many users as events: a busy cell
+    goes past it and is counted by the HyperLogLog)."""
+    return 1_000_000 if index % 2 == 0 else 200
+
+
+PAGES = 1000        # distinct pages, visited Zipf-like (exponent URL_SKEW): a clear top 3
+URL_SKEW = 1.2
+NO_TS, NO_USER, NO_URL = 0.03, 0.03, 0.03  # fractions of good events without that field
+
+
 class EventSource:
     """The synthetic stream, a pure function of the seed: the same seed gives the same
     sequence of records (regions, users, urls, bad and delayed records); only the
-    client ``ts`` depends on the wall clock."""
+    client ``ts`` depends on the wall clock.
+
+    Users: ``u<n>`` from the region's pool (``user_pool``).  URLs: ``/p/<k>`` with page
+    ``k`` Zipf-like over PAGES, written in a few forms that normalise to the same URL (a
+    query string, a fragment, an absolute ``https://Shop.Example.com`` form) so the
+    counts depend on the normalisation.  A few percent of events lack ``ts``, ``user_id``
+    or ``url``.  ``last_parts``: (user_id, url, ts) of each record of the last batch."""
 
     def __init__(self, seed: int, regions: int, skew: float = 1.1, bad_fraction: float = 0.0,
                  delayed_fraction: float = 0.0, late_after_ms: int = 300_000,
@@ -108,6 +243,19 @@ class EventSource:
         self.reuse_fraction = reuse_fraction
         self.pool: collections.deque[tuple[str, str]] = collections.deque(maxlen=10_000)
         self.last_dups: set[int] = set()
+        self.last_parts: list[Parts] = []
+        self.user_pools = {n: user_pool(i) for i, n in enumerate(self.names)}
+        self.page_cum = list(accumulate(1.0 / (k + 1) ** URL_SKEW for k in range(PAGES)))
+
+    def page_url(self) -> str:
+        rng = self.rng
+        k = bisect_right(self.page_cum, rng.random() * self.page_cum[-1])
+        form = rng.randrange(8)
+        if form == 0:
+            return f"/p/{k}?ref={rng.randrange(50)}"
+        if form == 1:
+            return f"https://Shop.Example.com:443/p/{k}#top"
+        return f"https://shop.example.com/p/{k}" if form == 2 else f"/p/{k}"
 
     def accepted(self, lines: list[bytes], regs: list[str | None], rejected: set[int]) -> None:
         """Events of an answered request that were accepted: ids that may be repeated later."""
@@ -119,13 +267,16 @@ class EventSource:
     def batch(self, n: int, now_ms: int, burst: bool = False
               ) -> tuple[list[bytes], list[str | None], list[int]]:
         """``n`` NDJSON lines, the region of each (None: malformed) and its client ``ts``
-        (the producer's clock, skewed by ``clock_skew_ms``)."""
+        (the producer's clock, skewed by ``clock_skew_ms``; for the few records sent
+        without one, the one it would have had: ``last_parts`` has what was sent)."""
         weights = self.burst_weights if burst else self.weights
         rng = self.rng
         lines: list[bytes] = []
         regs: list[str | None] = []
         delayed: list[int] = []
         self.last_dups = set()
+        parts: list[Parts] = []
+        self.last_parts = parts
         for i in range(n):
             self.n += 1
             if self.pool and rng.random() < self.reuse_fraction:
@@ -133,6 +284,7 @@ class EventSource:
                 lines.append(orjson.dumps({"region": r, "event_id": eid, "user_id": "dup"}))
                 regs.append(r)
                 delayed.append(now_ms)
+                parts.append(("dup", None, None))
                 self.last_dups.add(i)
                 continue
             if rng.random() < self.bad_fraction:
@@ -140,15 +292,26 @@ class EventSource:
                                            "event_id": f"{self.seed}-{self.n}"}))
                 regs.append(None)
                 delayed.append(0)
+                parts.append((None, None, None))
                 continue
             r = rng.choices(self.names, weights)[0]
             d = rng.random() < self.delayed_fraction
             ts = now_ms + self.clock_skew_ms - (self.late_after_ms + 60_000 if d else rng.randrange(0, 2000))
-            lines.append(orjson.dumps({"region": r, "event_id": f"{self.seed}-{self.n}",
-                                       "user_id": f"u{rng.randrange(10**6)}",
-                                       "url": f"/p/{rng.randrange(1000)}", "ts": ts}))
+            ev: dict[str, Any] = {"region": r, "event_id": f"{self.seed}-{self.n}"}
+            user = url = None
+            if rng.random() >= NO_USER:
+                user = ev["user_id"] = f"u{rng.randrange(self.user_pools[r])}"
+            if rng.random() >= NO_URL:
+                url = ev["url"] = self.page_url()
+            cts: int | None = ts
+            if rng.random() < NO_TS and not d:
+                cts = None
+            else:
+                ev["ts"] = ts
+            lines.append(orjson.dumps(ev))
             regs.append(r)
-            delayed.append(ts)
+            delayed.append(ts)  # the ts it was given, sent or not (last_parts says)
+            parts.append((user, url, cts))
         return lines, regs, delayed
 
 
@@ -159,7 +322,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                    progress_interval: float = 5.0, kafka: str = "", hot_region: str = "",
                    burst_multiplier: float = 1.0, burst_start: float = 0.0, burst_duration: float = 0.0,
                    clock_skew_ms: int = 0, security: KafkaSecurity = PLAINTEXT,
-                   retry_fraction: float = 0.0) -> Truth:
+                   retry_fraction: float = 0.0, aggregates: bool = True, url_keep_query: bool = False) -> Truth:
     """Send ``count`` events at ``rate``/s over HTTP to ``url`` (or, with ``kafka`` a
     bootstrap address, produce them straight to topic ``clicks`` with value = event plus
     ``ingest_ts`` = now ms, with TLS/SASL as ``security`` says) and return the exact ground
@@ -170,7 +333,10 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
     requests go round-robin.  ``retry_fraction``: that fraction of accepted bodies is sent
     again with the same key (half at once, half after up to 2 s; to another process when
     there are several), and that fraction of events (over HTTP or Kafka) repeats the
-    ``event_id`` of a recent accepted one; the truth counts each event once."""
+    ``event_id`` of a recent accepted one; the truth counts each event once.
+
+    ``aggregates``: the truth also holds the exact aggregates of every cell (``Truth``),
+    URLs normalised as the service does with ``url_keep_query`` (AGG_URL_KEEP_QUERY)."""
     source = EventSource(seed, regions, skew=skew, bad_fraction=bad_fraction,
                          delayed_fraction=delayed_fraction, late_after_ms=late_after_ms,
                          hot_region=hot_region, burst_multiplier=burst_multiplier,
@@ -179,7 +345,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
     retry_rng = random.Random(seed ^ 0x5EED)
     requests = 0
     retries: set[asyncio.Task[None]] = set()
-    truth = Truth(window_ms)
+    truth = Truth(window_ms, aggregates=aggregates, url_keep_query=url_keep_query)
     truth.target_rate = rate
     headers = {"Content-Type": "application/x-ndjson"}
     if token:
@@ -218,9 +384,8 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             truth.retry_mismatches += 1
 
     async def post(session: aiohttp.ClientSession, lines: list[bytes], regs: list[str | None],
-                   delayed: list[int]) -> None:
+                   delayed: list[int], dups: set[int], parts: list[Parts]) -> None:
         nonlocal requests
-        dups = source.last_dups
         n_req = requests
         requests += 1
         target = urls[n_req % len(urls)]
@@ -236,23 +401,25 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             retries.add(t)
             t.add_done_callback(retries.discard)
         ok_regions = []
+        ok_parts = []
         for i, r in enumerate(regs):
             if i in dups:
                 truth.reused_ids += 1
                 continue
             if i in bad or r is None:
                 continue
-            if is_late(delayed[i], ans["ingest_ts"]):
+            cts = parts[i][2]
+            if cts is not None and is_late(cts, ans["ingest_ts"]):
                 truth.add_late(r, "client_delay")
             else:
                 ok_regions.append(r)
-        truth.add(ok_regions, ans["ingest_ts"])
+                ok_parts.append(parts[i])
+        truth.add(ok_regions, ans["ingest_ts"], ok_parts)
         source.accepted(lines, regs, bad | dups)
 
     async def produce(producer: Any, lines: list[bytes], regs: list[str | None],
-                      delayed: list[int]) -> None:
+                      delayed: list[int], dups: set[int], parts: list[Parts]) -> None:
         ingest_ts = int(time.time() * 1000)  # one per batch, like an HTTP request
-        dups = source.last_dups
         futs = []
         for line, r in zip(lines, regs, strict=True):
             d = orjson.loads(line)
@@ -261,7 +428,8 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             futs.append(await producer.send(CLICKS, orjson.dumps(d), key=key))
         await asyncio.gather(*futs)  # acknowledged by the broker
         ok_regions = []
-        for i, (r, d) in enumerate(zip(regs, delayed, strict=True)):
+        ok_parts = []
+        for i, r in enumerate(regs):
             if r is None:
                 truth.rejected += 1  # the worker sends it to clicks-dlq
                 continue
@@ -269,14 +437,16 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             if i in dups:
                 truth.reused_ids += 1
                 continue
-            if is_late(d, ingest_ts):
+            cts = parts[i][2]
+            if cts is not None and is_late(cts, ingest_ts):
                 truth.add_late(r, "client_delay")
             else:
                 ok_regions.append(r)
-        truth.add(ok_regions, ingest_ts)
+                ok_parts.append(parts[i])
+        truth.add(ok_regions, ingest_ts, ok_parts)
         source.accepted(lines, regs, dups)
 
-    sink: Callable[[list[bytes], list[str | None], list[int]], Coroutine[Any, Any, None]]
+    sink: Callable[[list[bytes], list[str | None], list[int], set[int], list[Parts]], Coroutine[Any, Any, None]]
     async with contextlib.AsyncExitStack() as stack:
         if kafka:
             from aiokafka import AIOKafkaProducer
@@ -299,8 +469,10 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             elapsed = time.monotonic() - start
             burst = burst_duration > 0 and burst_start <= elapsed < burst_start + burst_duration
             lines, regs, delayed = source.batch(n, int(time.time() * 1000), burst=burst)
+            # the batch's repeats and parts now: the next batch() may run before the task does
+            dups, parts = source.last_dups, source.last_parts
             await sem.acquire()
-            t = asyncio.create_task(sink(lines, regs, delayed))
+            t = asyncio.create_task(sink(lines, regs, delayed, dups, parts))
             t.add_done_callback(lambda _t: sem.release())
             tasks.add(t)
             t.add_done_callback(tasks.discard)

@@ -62,6 +62,8 @@ EXTRA_METRICS = {
     "clickstream_http_requests_total": "counter",
     "clickstream_http_request_duration_seconds": "histogram",
     "clickstream_snapshot_overdue_seconds": "histogram",
+    "clickstream_window_unique_users": "gauge",
+    "clickstream_window_client_delay_seconds": "gauge",
 }
 # prometheus_client's process, GC and platform collectors (contract §5 "standard"): the
 # dashboard may use them, it need not use them all.
@@ -83,7 +85,7 @@ HISTOGRAMS = {n for n, t in KNOWN_METRICS.items() if t == "histogram"}
 
 # Labels the service exports (plus Prometheus' own); all bounded.
 ALLOWED_LABELS = {"region", "reason", "stage", "partition", "topic", "kind", "le", "job", "instance", "route", "code",
-                  "version", "python", "generation"}
+                  "version", "python", "generation", "quantile"}
 UNBOUNDED_LABELS = {"user_id", "url", "event_id", "ts", "ingest_ts", "timestamp", "session_id", "ip"}
 
 EXPECTED_ALERTS = {

@@ -150,3 +150,38 @@ def test_series_of_regions_idle_past_the_horizon_are_dropped():
     assert 'clickstream_events_ingested_total{region="us"} 2.0' in text
     m.counted({"eu": 1})  # a region that comes back starts again from 0
     assert m.registry.get_sample_value("clickstream_events_total", {"region": "eu"}) == 1
+
+
+def test_window_aggregates_follow_the_last_snapshot_and_go_with_the_region():
+    """clickstream_window_unique_users and clickstream_window_client_delay_seconds (issue 18)."""
+    m = Metrics(grace_seconds=5.0, window_seconds=60.0, region_idle_seconds=100.0)
+    now = time.time()
+
+    def value(name: str, **labels: str) -> float | None:
+        return m.registry.get_sample_value(name, labels)
+
+    a = dict(snap("eu", now - 60), unique_users=1234,
+             top_urls=[{"url": "/a", "count": 5}], client_delay_ms={"p50": 150.0, "p90": 900.5, "p99": 4100.0})
+    m.published([a, snap("us", now - 60)], time.perf_counter())
+    assert value("clickstream_window_unique_users", region="eu") == 1234
+    assert value("clickstream_window_client_delay_seconds", region="eu", quantile="0.5") == 0.15
+    assert value("clickstream_window_client_delay_seconds", region="eu", quantile="0.9") == 0.9005
+    assert value("clickstream_window_client_delay_seconds", region="eu", quantile="0.99") == 4.1
+    # a snapshot without the fields (aggregates off) changes nothing, and sets nothing
+    assert value("clickstream_window_unique_users", region="us") is None
+    m.published([snap("eu", now)], time.perf_counter())
+    assert value("clickstream_window_unique_users", region="eu") == 1234
+    # the next window: new values; no event with a ts: no delay series left behind
+    m.published([dict(snap("eu", now), unique_users=7, top_urls=[], client_delay_ms=None)], time.perf_counter())
+    assert value("clickstream_window_unique_users", region="eu") == 7
+    assert value("clickstream_window_client_delay_seconds", region="eu", quantile="0.5") is None
+    # URLs never become label values
+    text = generate_latest(m.registry).decode()
+    assert "/a" not in text and 'url="' not in text
+    # idle regions: both go with the other region series
+    m.published([a], time.perf_counter())
+    m._region_seen["eu"] = time.monotonic() - 101
+    assert "eu" in m.forget_idle_regions()
+    assert value("clickstream_window_unique_users", region="eu") is None
+    for q in ("0.5", "0.9", "0.99"):
+        assert value("clickstream_window_client_delay_seconds", region="eu", quantile=q) is None

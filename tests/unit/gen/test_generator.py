@@ -48,3 +48,64 @@ def test_rate_summary_says_when_target_not_sustained():
     slow = rate_summary(500, 1.0, 1000)
     assert "could not sustain target rate: achieved 500/s of 1000/s" in slow[-1]
     assert len(rate_summary(10, 1.0, 0)) == 1  # 0: as fast as possible, nothing to sustain
+
+
+# --- the truth of the aggregates (issue 18) ------------------------------------------------
+
+def test_users_urls_and_ts_of_the_stream():
+    from collections import Counter
+
+    from aggregator.core.sketches import normalise_url
+    from aggregator.gen.generator import user_pool
+
+    src = EventSource(3, 4, skew=0.5)
+    now = 1_700_000_000_000
+    lines, regs, ts = src.batch(20_000, now)
+    parts = src.last_parts
+    again = EventSource(3, 4, skew=0.5)
+    assert again.batch(20_000, now) == (lines, regs, ts) and again.last_parts == parts  # seeded
+    evs = [orjson.loads(x) for x in lines]
+    assert [(e.get("user_id"), e.get("url"), e.get("ts")) for e in evs] == parts  # parts are what was sent
+    users: dict[str, set] = {}
+    for r, (u, _, _) in zip(regs, parts, strict=True):
+        if u is not None:
+            users.setdefault(r, set()).add(u)
+    assert [user_pool(i) for i in range(4)] == [1_000_000, 200, 1_000_000, 200]
+    assert len(users["eu-north"]) <= 200 < 256 < len(users["eu-west"])  # both sides of the exact threshold
+    pages = Counter(normalise_url(u) for _, u, _ in parts if u is not None)
+    (p1, c1), (p2, c2), (p3, c3), (_, c4) = pages.most_common(4)
+    assert c1 > c2 > c3 > c4 and p1 == "/p/0"  # Zipf-like: a clear top 3
+    assert "https://shop.example.com/p/0" in pages  # the absolute form, host lower-cased, port dropped
+    # a few percent lack a field, never all
+    for k in range(3):
+        missing = sum(1 for p in parts if p[k] is None)
+        assert 0.01 * len(parts) < missing < 0.06 * len(parts)
+
+
+def test_truth_aggregates_of_a_cell_and_folding():
+    from aggregator.gen.generator import Truth
+
+    t = Truth(1000, aggregates=True)
+    base = 1_700_000_000_000
+    t.add(["eu", "eu", "eu", "us"], base + 10,
+          [("u1", "/a?x=1", base), ("u1", "/a", base + 5), ("u2", "/b", None), (None, None, base + 20)])
+    t.add(["eu"], base + 900, [("u3", "#nothing", base + 1000)])  # a url that is nothing; a clock ahead: 0
+    assert ("eu", base) in t.open_cells
+    t.add(["eu"], base + 61_000 + 1000, [("u9", "/z", None)])  # 60 s later: the first window is folded
+    assert ("eu", base) not in t.open_cells and len(t.open_cells) == 1
+    t.add(["eu"], base + 500, [("u4", "/a", None)])  # an answer for a folded cell: not checked
+    tj = t.to_json()
+    assert tj["counts"]["eu"][str(base)] == 5
+    eu = tj["aggregates"]["eu"]
+    assert str(base) not in eu and tj["aggregates_incomplete"] == [["eu", base]]
+    us = tj["aggregates"]["us"][str(base)]
+    assert us == {"unique_users": 0, "top_urls": [], "url_next": 0, "url_events": 0, "delays": 1,
+                  "client_delay_ms": {"p50": 0, "p90": 0, "p99": 0}}  # ts ahead of ingest: delay 0
+    t2 = Truth(1000, aggregates=True)
+    t2.add(["eu"] * 4, base + 10, [("u1", "/a?x=1", base), ("u1", "/a", base + 5), ("u2", "/b", None),
+                                   ("u3", "#x", base + 1000)])
+    c = t2.to_json()["aggregates"]["eu"][str(base)]
+    assert c == {"unique_users": 2 + 1, "top_urls": [["/a", 2], ["/b", 1]], "url_next": 0, "url_events": 3,
+                 "delays": 3, "client_delay_ms": {"p50": 5, "p90": 5, "p99": 5}}  # [0, 5, 10]: rank floor(q * 2)
+    assert Truth(1000, aggregates=True, url_keep_query=True).url_keep_query
+    assert "aggregates" not in Truth(1000).to_json()  # off: counts only, as before
