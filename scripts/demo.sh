@@ -8,6 +8,7 @@ export AGG_WEB_PORT=$PORT
 export AGG_DATA_DIR=${AGG_DATA_DIR:-./var/demo}
 export AGG_WINDOW_SECONDS=${AGG_WINDOW_SECONDS:-60}
 export AGG_LOG_LEVEL=${AGG_LOG_LEVEL:-WARNING}
+export AGG_AGGREGATES=${AGG_AGGREGATES:-true}  # unique users and the top page in the table
 rm -rf "$AGG_DATA_DIR" && mkdir -p "$AGG_DATA_DIR"
 $PY -m aggregator run --print-snapshots &
 SVC=$!

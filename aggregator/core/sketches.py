@@ -36,7 +36,7 @@ whatever the batch boundaries, and the same state gives the same ``to_json()`` v
 the events after its checkpoint ends in the state of an uninterrupted run.  ``merge``
 is exact while both sides are exact, within the bounds above otherwise.
 
-Hashes are :func:`hash64` (BLAKE2b, 8-byte digest), stable across processes and
+Hashes are :func:`hash64` (XXH3-64, xxhash), stable across processes and
 machines (never Python's ``hash()``); ingest computes them once per event.
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ def run_audit(truth_path, url: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.integration
 def test_generator_stream_audits_exactly(service_factory, tmp_path, capsys):
-    svc = service_factory("gen").start()
+    svc = service_factory("gen", AGG_AGGREGATES="true").start()
     rate, seconds = 500.0, 7.0
     truth = asyncio.run(generate(
         svc.url, rate, int(rate * seconds), regions=10, seed=3, batch=25, window_ms=W, skew=1.1,
@@ -86,7 +86,7 @@ def test_generator_stream_audits_exactly(service_factory, tmp_path, capsys):
 
 @pytest.mark.integration
 def test_kafka_generator_stream_audits_exactly(service_factory, broker, tmp_path):
-    svc = service_factory("kgen").start()
+    svc = service_factory("kgen", AGG_AGGREGATES="true").start()
     rate, seconds = 500.0, 4.0
     truth = asyncio.run(generate(
         "", rate, int(rate * seconds), regions=10, seed=4, batch=25, window_ms=W, skew=1.1,

@@ -32,7 +32,7 @@ def settle(svc, t: dict, gen_done: float) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("path", ["http", "kafka"])
 def test_aggregates_audit_against_exact_truth(service_factory, broker, tmp_path, path):
-    svc = service_factory(f"agg-{path}").start()
+    svc = service_factory(f"agg-{path}", AGG_AGGREGATES="true").start()
     rate, seconds = 700.0, 7.0
     truth = asyncio.run(generate(
         svc.url if path == "http" else "", rate, int(rate * seconds), regions=6, seed=11, batch=50, window_ms=W,
