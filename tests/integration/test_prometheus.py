@@ -110,7 +110,9 @@ def _substitute(expr: str) -> str:
 
 def _stream_batch() -> list[dict]:
     """One request's worth: a few events over 5 regions, one client-delayed, one invalid."""
-    events = [{"region": r, "user_id": f"u{i}"} for i, r in enumerate(REGIONS) for _ in range(i % 2 + 1)]
+    now = int(time.time() * 1000)
+    events = [{"region": r, "user_id": f"u{i}", "url": f"/p/{i}", "ts": now - 100 * (i + 1)}
+              for i, r in enumerate(REGIONS) for _ in range(i % 2 + 1)]
     events.append({"region": "eu-west", "ts": int(time.time() * 1000) - 400_000})  # client_delay late
     events.append({"region": "bad region"})  # rejected (bad_region)
     return events
@@ -259,7 +261,8 @@ def prometheus_factory(tmp_path):
 @pytest.mark.timeout(60)
 def test_dashboard_queries_and_alert_rules_on_a_real_prometheus(service_factory, prometheus_factory):
     # REGIONS[1] sends 2 events per 100 ms: over 5/s it is rate limited and spilled
-    svc = service_factory("prom", AGG_RATE_LIMITS=f"{REGIONS[1]}=5").start(wait_ready=20)
+    # aggregates on: the dashboard has panels of unique users and client delays
+    svc = service_factory("prom", AGG_RATE_LIMITS=f"{REGIONS[1]}=5", AGG_AGGREGATES="true").start(wait_ready=20)
     prom = prometheus_factory(svc.port)
     prom.wait_ready(15)
 
