@@ -183,7 +183,12 @@ class BatchConsumer(_Consumer):
                 if not records or self.should_stop or not self.flow_active:
                     if records and not self.flow_active:
                         await self._fetch_again(records)
-                        await self.perform_seek()
+                        try:
+                            await self.perform_seek()
+                        except _errors.IllegalStateError:
+                            # a partition left the assignment while we sought (a rebalance): its
+                            # next owner starts from the committed offset; nothing to do here
+                            pass
                     continue
                 generation = self.app.consumer_generation_id
                 for tp, recs in records.items():
