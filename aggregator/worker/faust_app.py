@@ -12,6 +12,7 @@ from typing import Any
 
 import faust
 import orjson
+from faust.tables.recovery import Recovery
 
 from aggregator.config import Settings
 from aggregator.core.contract import APP_ID, CLICKS, CLICKS_REPARTITION, STATE_TABLE
@@ -22,6 +23,18 @@ from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTranspo
 # default is 5 minutes, during which a recreated `clicks` is not consumed at all; issue 15)
 METADATA_MAX_AGE_MS = 10_000
 FETCH_MAX_BYTES = 4 * 1024 * 1024  # per partition (Faust's default is 1 MiB): fewer, larger batches
+
+
+async def _seek_offsets(self: Recovery, consumer: Any, tps: Any, offsets: Any, title: str) -> None:
+    """Faust's ``Recovery._seek_offsets`` with every offset below 0 read from the start.
+    Faust maps only -1 to 0; its earliest offsets are "earliest - 1", so an earliest the
+    broker reports as unknown (-1, seen on Kafka just after a worker was killed) became -2,
+    and aiokafka's seek raised ValueError, which crashed the worker's recovery.  Reading a
+    changelog from its start is always safe: recovery keeps the latest value of each key."""
+    await consumer.seek_wait({tp: max(0, offsets[tp]) for tp in tps})
+
+
+Recovery._seek_offsets = _seek_offsets  # type: ignore[method-assign]
 
 
 class _App(faust.App):
