@@ -30,8 +30,8 @@ from aggregator.core.events import LIMITS, EventError, normalise_region, parse_c
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header
 from aggregator.core.sketches import normalise_url, url_hash, user_hash
+from aggregator.core.sourcelog import LOG_APPEND_TIME, SourceRecord
 
-LOG_APPEND_TIME = 1
 CACHE_MAX = 100_000  # spellings remembered per cache: a producer of ever new regions cannot grow it
 EVENT_ID_MAX = LIMITS["event_id"]
 DLQ_RAW_MAX = 65_536  # bytes of a rejected record's value kept in its dead letter
@@ -50,15 +50,10 @@ class Decoded(NamedTuple):
     aggs: list[Agg | None] | None = None  # what each event adds to its window's aggregates (aggregates on)
 
 
-class Record(Protocol):
-    """What the decoder reads of a fetched record (aiokafka's parsed record has it)."""
+class Record(SourceRecord, Protocol):
+    """What the decoder reads of a fetched record (aiokafka's parsed record has it): what
+    core.sourcelog reads (offset, timestamp and its type), and key, value, headers."""
 
-    @property
-    def offset(self) -> int: ...
-    @property
-    def timestamp(self) -> int: ...
-    @property
-    def timestamp_type(self) -> int: ...
     @property
     def key(self) -> bytes | None: ...
     @property
