@@ -7,31 +7,48 @@ in that window, and the log of what went into them.
 A cell is a few KiB to ~46 KiB, and every active region's cell changes between two
 checkpoints, so writing the cells themselves each checkpoint would cost megabytes a
 tick.  What a checkpoint writes instead is the cells' *input* since the last one -- per
-event (region, user hash, url hash, the URL's text when the cell will read it, client
-delay) -- as changelog records keyed by window and sequence number, named in the
+batch and cell, the user hashes, url hashes, client delays and the URL texts the cell
+read -- as changelog records keyed by window and sequence number, named in the
 partition's state by ``Prepared.to_json()``.  After a crash the cells are rebuilt by
-adding the logged events again in the same order, which gives byte-identical cells
+adding the logged batches again in the same order, which gives byte-identical cells
 (core.sketches is deterministic), so a re-published snapshot is identical.  When a
 window closes its cells become the snapshot's fields (in the book's outbox, which is
 state) and its records are deleted after the state that no longer names them is durable.
 
-The URL text is logged only when the cell does not hold the URL's counter at that moment
-(the only time ``CellAggregates.add`` reads it); on replay the same events meet the same
-cells, so the text is there exactly when it is needed.
+Per event, ``WindowBook.apply`` only appends the event's ``Agg`` (for ingest's records the
+agg header's value as it came) and delay to its cell's staged lists; ``flush`` (at the end
+of the batch, and before a window closes) reads the headers of a cell in bulk and adds
+them with ``CellAggregates.add_many``: the per-event work is a few C-level list and
+``int`` operations.  A URL's text is logged only when the cell may have read it
+(``CellAggregates.texts_since``), which is exactly what replaying the batch needs.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aggregator.core.contract import Agg
+from aggregator.core.contract import Agg, parse_agg_header
 from aggregator.core.recordlog import Prepared, RecordLog
-from aggregator.core.sketches import CellAggregates, SketchParams
+from aggregator.core.sketches import CellAggregates, SketchParams, delay_buckets
 
 EMPTY_RESULT: dict[str, Any] = {"unique_users": 0, "top_urls": [], "client_delay_ms": None}
 
-# (window start, region, user hash, url hash, url text or None, delay ms or None)
-Entry = tuple[int, str, "int | None", "int | None", "str | None", "int | None"]
+# events of a cell added (and logged) at once at most: a logged batch stays under
+# RECORD_BYTES whatever its users and URLs (texts only of URLs that got a counter, at most
+# url_capacity <= 4096 of MAX_URL_CHARS each)
+CHUNK = 1000
+# staged events of a partition beyond which they are added before the checkpoint asks
+FLUSH_EVENTS = 20_000
+_MAX64 = (1 << 64) - 1
+TAILS_MAX = 50_000
+
+# A logged batch of one cell: (window start, region, user hashes, [[url hash, events], ...],
+# [[url hash, text], ...] of the URLs that got a counter, [[delay bucket, events], ...],
+# events with a delay <= 0)
+Entry = tuple[int, str, list[int], list[list[int]], list[list[Any]], list[list[int]], int]
+# what ``WindowBook.apply`` stages per cell: (the events' Agg, their client delays)
+Staged = tuple[list["Agg | None"], list[int]]
 
 
 class WindowAggregates(RecordLog):
@@ -42,31 +59,124 @@ class WindowAggregates(RecordLog):
         self.params = params or SketchParams()
         self.top_n = top_n
         self.cells: dict[int, dict[str, CellAggregates]] = {}  # window start -> region -> cell
+        # window start -> region -> what a batch adds to the cell, not added yet (``flush``)
+        self.stage: dict[int, dict[str, Staged]] = {}
+        self.malformed = 0  # agg headers that could not be read (their events add nothing)
+        self.n_staged = 0  # events staged (``WindowBook.apply`` adds, ``flush`` resets)
+        # the ``<url hash>,<url>`` part of agg headers -> (url hash or -1: none, url); cleared when full
+        self.tails: dict[bytes, tuple[int, bytes]] = {}
 
-    # ------------------------------------------------------------------ per event
-    def add(self, ws: int, region: str, agg: Agg | None, delay: int | None) -> None:
-        """One event counted in window ``ws`` of ``region``."""
-        if agg is None:
-            if delay is None:
-                return
-            user = url_h = url = None
-        else:
-            user, url_h, url = agg
-        per_window = self.cells.get(ws)
+    # ------------------------------------------------------------------ per batch
+    def staged(self, ws: int, region: str) -> Staged:
+        """The lists ``WindowBook.apply`` appends an event's ``Agg`` and client delay to;
+        ``flush`` adds them to the cell."""
+        per_window = self.stage.get(ws)
         if per_window is None:
-            per_window = self.cells[ws] = {}
+            per_window = self.stage[ws] = {}
         cell = per_window.get(region)
         if cell is None:
-            cell = per_window[region] = CellAggregates(self.params)
-        text = None
-        if url_h is not None and not cell.holds_url(url_h):
-            text = url.decode() if isinstance(url, bytes) else url
-        cell.add(user, url_h, text, delay)
-        self.pending.append((ws, region, user, url_h, text, delay))
+            cell = per_window[region] = ([], [])
+        return cell
+
+    def add(self, ws: int, region: str, agg: Agg | None, delay: int | None) -> None:
+        """One event counted in window ``ws`` of ``region`` (added at the next ``flush``)."""
+        aggs, delays = self.staged(ws, region)
+        aggs.append(agg)
+        if delay is not None:
+            delays.append(delay)
+
+    def flush(self) -> None:
+        """Add what is staged to the cells, a cell at a time (``CellAggregates.add_batch``),
+        and log each batch: its user hashes, URL counts, delay buckets and the URL texts
+        the cell took."""
+        staged = list(self.stage.items())
+        self.stage.clear()  # the same dict: ``WindowBook.apply`` holds it through a batch
+        self.n_staged = 0
+        for ws, per_window in staged:
+            cells = self.cells.get(ws)
+            if cells is None:
+                cells = self.cells[ws] = {}
+            for region, (aggs, delays) in per_window.items():
+                cell = cells.get(region)
+                if cell is None:
+                    cell = cells[region] = CellAggregates(self.params)
+                if len(aggs) <= CHUNK and len(delays) <= CHUNK:
+                    self._add(ws, region, cell, aggs, delays)
+                    continue
+                for i in range(0, max(len(aggs), len(delays)), CHUNK):
+                    self._add(ws, region, cell, aggs[i:i + CHUNK], delays[i:i + CHUNK])
+
+    def _add(self, ws: int, region: str, cell: CellAggregates, aggs: list[Agg | None], delays: list[int]) -> None:
+        users, urls, texts = self._columns(aggs)
+        buckets, dz = delay_buckets(delays, self.params)
+        if not (users or urls or buckets or dz):
+            return
+        read = cell.add_batch(users, urls, texts, buckets, dz)
+        self.pending.append((ws, region, users, [[h, c] for h, c in urls.items()], read,
+                             [[i, c] for i, c in buckets.items()], dz))
+
+    def _columns(self, aggs: list[Agg | None]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
+        """(user hashes in order, url hash -> events, url hash -> its text) of the events'
+        ``Agg``s: agg headers as ingest writes them (``<user hash>,<url hash>,<url>``, hex)
+        in bulk -- an ``int`` per user, the rest per distinct URL --, anything else one by one."""
+        try:
+            parts = [a.partition(b",") for a in aggs]  # type: ignore[union-attr]  # else AttributeError
+            users = [int(u, 16) for u, _, _ in parts if u]
+            if users and max(users) > _MAX64:
+                raise ValueError("a hash of more than 64 bits")
+            urls: dict[int, int] = {}
+            texts: dict[int, bytes | str] = {}
+            tails = self.tails
+            for tail, n in Counter([t for _, _, t in parts]).items():
+                known = tails.get(tail)
+                if known is None:
+                    h, sep, url = tail.partition(b",")
+                    if not sep:
+                        raise ValueError("<user hash>,<url hash>,<url> expected")
+                    url_h = int(h, 16) if h else -1
+                    if url_h > _MAX64 or (url_h >= 0) != bool(url):
+                        raise ValueError("a url hash of more than 64 bits, or without its url")
+                    known = (url_h, url)
+                    if len(tails) >= TAILS_MAX:
+                        tails.clear()
+                    tails[tail] = known
+                url_h, url = known
+                if url_h >= 0:
+                    urls[url_h] = urls.get(url_h, 0) + n
+                    if url_h not in texts:
+                        texts[url_h] = url
+            return users, urls, texts
+        except (AttributeError, ValueError):
+            return self._columns_each(aggs)
+
+    def _columns_each(self, aggs: list[Agg | None]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
+        users: list[int] = []
+        urls: dict[int, int] = {}
+        texts: dict[int, bytes | str] = {}
+        for a in aggs:
+            if a is None:
+                continue
+            try:
+                user, url_h, url = parse_agg_header(a) if isinstance(a, bytes) else a
+            except ValueError:
+                self.malformed += 1
+                continue
+            if (user is not None and user > _MAX64) or (url_h is not None and url_h > _MAX64):
+                self.malformed += 1
+                continue
+            if user is not None:
+                users.append(user)
+            if url_h is not None:
+                urls[url_h] = urls.get(url_h, 0) + 1
+                if url_h not in texts:
+                    texts[url_h] = url or ""
+        return users, urls, texts
 
     # ------------------------------------------------------------------ closing
     def result(self, ws: int, region: str) -> dict[str, Any]:
         """The snapshot fields of a cell (of a window closing now)."""
+        if self.stage:
+            self.flush()
         cell = self.cells.get(ws, {}).get(region)
         return dict(EMPTY_RESULT) if cell is None else cell.result(self.top_n)
 
@@ -78,6 +188,8 @@ class WindowAggregates(RecordLog):
     def take_records(self, partition: int) -> tuple[list[tuple[str, dict[str, Any]]], Prepared]:
         """``RecordLog.take_records``, after moving the windows closed since (their results are
         in snapshots) out of the index and their pending entries out of the log."""
+        if self.stage:
+            self.flush()
         open_windows = self.cells
         for ws in [ws for ws in self.written if ws not in open_windows]:
             self.expiring.append((ws, self.written.pop(ws)))
@@ -86,17 +198,13 @@ class WindowAggregates(RecordLog):
         return super().take_records(partition)
 
     def _size(self, e: Entry) -> int:
-        return 80 + (len(e[1]) + (len(e[4]) if e[4] is not None else 0)) * 6
+        return (100 + len(e[1]) * 6 + 22 * len(e[2]) + 30 * len(e[3]) + 20 * len(e[5])
+                + sum(26 + len(t) * 6 for _, t in e[4]))
 
     def _value(self, entries: Sequence[Entry]) -> dict[str, Any]:
-        """Columns: regions, user hashes, url hashes, delays (null where none), and the URL
-        texts by position (only where logged)."""
-        value: dict[str, Any] = {"r": [e[1] for e in entries], "u": [e[2] for e in entries],
-                                 "h": [e[3] for e in entries], "d": [e[5] for e in entries]}
-        texts = {str(i): e[4] for i, e in enumerate(entries) if e[4] is not None}
-        if texts:
-            value["t"] = texts
-        return value
+        """``{"c": [[region, user hashes, url counts, url texts, delay buckets, delays <= 0],
+        ...]}``: the logged batches in order."""
+        return {"c": [list(e[1:]) for e in entries]}
 
     def load(self, partition: int, index: Any, record: Callable[[str], Any], open_windows: set[int]) -> None:
         """Rebuild the cells of ``open_windows`` from a state's ``index`` and the stored records
@@ -117,12 +225,18 @@ class WindowAggregates(RecordLog):
         self.pending = []  # the replay re-logged what is written already
 
     def _replay(self, ws: int, value: dict[str, Any]) -> None:
-        texts = value.get("t", {})
-        for i, (region, user, url_h, delay) in enumerate(zip(value["r"], value["u"], value["h"], value["d"],
-                                                             strict=True)):
-            per_window = self.cells.setdefault(ws, {})
+        per_window = self.cells.setdefault(ws, {})
+        if "c" not in value:  # the earlier format: one entry per event
+            texts = value.get("t", {})
+            for i, (region, user, url_h, delay) in enumerate(zip(value["r"], value["u"], value["h"], value["d"],
+                                                                 strict=True)):
+                cell = per_window.get(region)
+                if cell is None:
+                    cell = per_window[region] = CellAggregates(self.params)
+                cell.add(user, url_h, texts.get(str(i)), delay)
+            return
+        for region, users, urls, texts, buckets, dz in value["c"]:
             cell = per_window.get(region)
             if cell is None:
                 cell = per_window[region] = CellAggregates(self.params)
-            cell.add(user, url_h, texts.get(str(i)), delay)
-
+            cell.add_batch(users, dict(urls), dict(texts), dict(buckets), dz)

@@ -50,8 +50,10 @@ AGG_HEADER = "clickstream-agg"
 
 Header = tuple[str, bytes]
 # What the aggregates of an event are made of: (user hash, url hash, normalised url as
-# ASCII bytes or str), parts None when the event has none; None: nothing to aggregate.
-Agg = tuple["int | None", "int | None", "bytes | str | None"]
+# ASCII bytes or str), parts None when the event has none, or the value of its agg header
+# as it came (parsed a batch at a time, core.aggstate); None: nothing to aggregate.
+AggParts = tuple["int | None", "int | None", "bytes | str | None"]
+Agg = AggParts | bytes
 
 
 def agg_header_value(user_h: int | None, url_h: int | None, url: bytes | str | None) -> bytes:
@@ -59,7 +61,7 @@ def agg_header_value(user_h: int | None, url_h: int | None, url: bytes | str | N
     return b"%s,%s,%s" % (b"" if user_h is None else b"%x" % user_h, b"" if url_h is None else b"%x" % url_h, text)
 
 
-def parse_agg_header(value: bytes) -> Agg:
+def parse_agg_header(value: bytes) -> AggParts:
     """-> (user hash, url hash, url bytes), parts None when empty; ValueError when it is not
     what ingest writes."""
     u, sep, rest = value.partition(b",")

@@ -120,7 +120,7 @@ def forward_record(partition: int, f: Foreign) -> tuple[bytes, bytes, list[Heade
         value = b'{"region":"%s","ingest_ts":%d,"ts":%d}' % (region.encode(), its, cts)
     headers = [(INGEST_HEADER, ingest), (SOURCE_HEADER, source_header(partition, offset))]
     if agg is not None:
-        headers.append((AGG_HEADER, agg_header_value(*agg)))
+        headers.append((AGG_HEADER, agg if isinstance(agg, bytes) else agg_header_value(*agg)))
     return region.encode(), value, headers
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "MAX_URL_CHARS",
     "CellAggregates",
     "SketchParams",
+    "delay_buckets",
     "hash64",
     "hll_estimate",
     "max_serialised_bytes",
@@ -213,6 +214,26 @@ def _delays(accuracy: float) -> _Delays:
     return _Delays(accuracy)
 
 
+def delay_buckets(delays: Sequence[int], params: SketchParams) -> tuple[dict[int, int], int]:
+    """Client delays (ms) -> (their ``CellAggregates`` buckets -> events, events with a delay
+    <= 0): in bulk (C-level) when every delay is within the table."""
+    if not delays:
+        return {}, 0
+    geo = _delays(params.delay_accuracy)
+    if min(delays) > 0 and max(delays) < _TABLE_MS:
+        return dict(Counter(map(geo.table.__getitem__, delays))), 0
+    out: dict[int, int] = {}
+    dz = 0
+    table = geo.table
+    for d in delays:
+        if d <= 0:
+            dz += 1
+            continue
+        i = table[d] if d < _TABLE_MS else geo.index(min(d, MAX_DELAY_MS))
+        out[i] = out.get(i, 0) + 1
+    return out, dz
+
+
 # ---------------------------------------------------------------------------------------
 # HyperLogLog estimate (Ertl 2017, "New cardinality estimation algorithms for HyperLogLog
 # sketches", the improved raw estimator of section 4.2)
@@ -257,6 +278,14 @@ def hll_estimate(registers: bytes | bytearray, p: int) -> float:
 
 # ---------------------------------------------------------------------------------------
 # The cell
+
+def _text(url: str | bytes | None) -> str:
+    """A URL's text as a cell keeps it (bytes as they came in a header: at most
+    ``MAX_URL_CHARS``, undecodable bytes replaced, so a forged header cannot grow a cell)."""
+    if isinstance(url, bytes):
+        return url[:MAX_URL_CHARS].decode(errors="replace")
+    return url or ""
+
 
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
@@ -320,7 +349,7 @@ class CellAggregates:
             c = urls.get(url_h)
             if c is None:
                 urls[url_h] = 1
-                self._texts[url_h] = url.decode() if isinstance(url, bytes) else (url or "")
+                self._texts[url_h] = _text(url)
                 if len(urls) > self._url_cap:
                     self._purge()
             else:
@@ -336,6 +365,57 @@ class CellAggregates:
                     b[self._table[delay_ms]] += 1
                 else:
                     b[self._geo.index(min(delay_ms, MAX_DELAY_MS))] += 1
+
+    def add_batch(self, users: Sequence[int], urls: Mapping[int, int], texts: Mapping[int, str | bytes],
+                  buckets: Mapping[int, int], dz: int = 0) -> list[list[Any]]:
+        """A batch of events at once, as ``WindowAggregates`` stages them: ``users`` their
+        user hashes (in order), ``urls`` url hash -> events, ``texts`` the texts of (at
+        least) the URLs new to the cell, ``buckets`` delay bucket (``delay_buckets``) ->
+        events, ``dz`` events with a delay <= 0.  -> ``[[url hash, text], ...]`` of the
+        URLs that got a counter (what a replay of the batch needs of ``texts``).
+
+        The state after it depends on the cell and the batch only (deterministic, so a
+        logged batch replays into the same cell), not on how events are cut into batches
+        for the exact parts; the URL counters are Misra-Gries merged a batch at a time
+        (every count added, then purged back to capacity), the error bound unchanged."""
+        if users:
+            self._add_users(list(dict.fromkeys(users)) if len(users) > 8 else users)
+        read: list[list[Any]] = []
+        if urls:
+            counts, known, cap = self._urls, self._texts, self._url_cap
+            new = [h for h in urls if h not in counts]
+            get = counts.get
+            for h, c in urls.items():
+                counts[h] = get(h, 0) + c
+            for h in new:
+                known[h] = _text(texts.get(h))
+            while len(counts) > cap:
+                self._purge()
+            read = [[h, known[h]] for h in new if h in counts]
+        if buckets or dz:
+            self._dz += dz
+            b = self._buckets
+            if b is None and buckets:
+                b = self._buckets = array("I", bytes(4 * self._geo.n_buckets))
+            for i, c in buckets.items():
+                b[i] += c  # type: ignore[index]
+        return read
+
+    def held_urls(self) -> set[int]:
+        """The URL hashes with a counter now (for ``texts_since``)."""
+        return set(self._urls)
+
+    def texts_since(self, url_hs: Iterable[int | None], held: set[int], offset: int) -> list[list[Any]]:
+        """``[[hash, text], ...]``: the texts ``add_many`` may just have read, of the URLs
+        ``url_hs`` it was given -- given ``held`` (``held_urls()``) and ``offset`` from just
+        before.  Those the cell holds now and did not hold before, or, if Misra-Gries purged
+        during the batch (``offset`` moved), every one of the batch the cell holds now.
+        Adding the same batch again to the cell as it was, with these texts (the other
+        URLs' None), gives the same cell: a text is read only when its URL gets a counter,
+        and only the texts of the URLs the cell holds at the end are kept."""
+        texts = self._texts
+        new = texts.keys() - held if self.offset == offset else {h for h in url_hs if h in texts}
+        return [[h, texts[h]] for h in sorted(new)]
 
     def holds_url(self, url_h: int) -> bool:
         """Whether the URL has a counter now (``add`` reads a URL's text only when not)."""
@@ -425,7 +505,7 @@ class CellAggregates:
                     if key in counts:
                         continue
                     text = first[key]
-                    texts[key] = text.decode() if isinstance(text, bytes) else (text or "")
+                    texts[key] = _text(text)
             get = counts.get
             for key, n in batch.items():
                 counts[key] = get(key, 0) + n
@@ -437,7 +517,7 @@ class CellAggregates:
             c = get(h)
             if c is None:
                 counts[h] = 1
-                texts[h] = url.decode() if isinstance(url, bytes) else (url or "")
+                texts[h] = _text(url)
                 if len(counts) > cap:
                     self._purge()
             else:

@@ -21,11 +21,11 @@ at the end of a batch.  That is what makes replay after a crash exact.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
-from aggregator.core.aggstate import WindowAggregates
+from aggregator.core.aggstate import FLUSH_EVENTS, WindowAggregates
 from aggregator.core.contract import CLIENT_DELAY, CLOSED_WINDOW, LATE_REASONS, OTHER_REGION, Agg, BookEvent, Snapshot
 
 __all__ = ["CLIENT_DELAY", "CLOSED_WINDOW", "OTHER_REGION", "WindowBook", "first_open_window", "window_start"]
@@ -101,7 +101,7 @@ class WindowBook:
         return OTHER_REGION
 
     def apply(self, events: Iterable[BookEvent], next_offset: int, now_ms: int,
-              aggs: Iterable[Agg | None] | None = None) -> None:
+              aggs: Sequence[Agg | None] | None = None) -> None:
         """Count a batch of ``(region, ingest_ts, client_ts_or_None)``.
 
         An event with region ``None`` was spilled: it moves stream time as if
@@ -123,6 +123,7 @@ class WindowBook:
         st = self.stream_time
         close_at = self.close_at
         cells = self.aggs if aggs is not None else None
+        stage = None if cells is None else cells.stage  # (window, region) -> lists, added at the end
         pairs = zip(events, aggs if cells is not None else repeat(None), strict=False)  # type: ignore[arg-type]
         for (region, its, cts), agg in pairs:
             if region not in last_seen and region is not None:
@@ -154,8 +155,18 @@ class WindowBook:
                 per_window = counts[ws] = {}
             per_window[region] = per_window.get(region, 0) + 1
             tally[region] = tally.get(region, 0) + 1
-            if cells is not None:
-                cells.add(ws, region, agg, None if cts is None else its - cts)
+            if stage is not None:
+                staged_w = stage.get(ws)
+                staged = None if staged_w is None else staged_w.get(region)
+                if staged is None:
+                    staged = cells.staged(ws, region)  # type: ignore[union-attr]
+                staged[0].append(agg)
+                if cts is not None:
+                    staged[1].append(its - cts)
+        if cells is not None:
+            cells.n_staged += len(aggs)  # type: ignore[arg-type]
+            if cells.n_staged >= FLUSH_EVENTS:
+                cells.flush()  # else at the checkpoint (take_records) or when a window closes
         self.stream_time = st
         self.next_offset = next_offset
         self.dirty = True

@@ -79,6 +79,9 @@ class RecordDecoder:
         # an ingest record, computed from the value of any other
         self.aggregates = aggregates
         self.url_keep_query = url_keep_query
+        # a URL of a record produced straight to Kafka -> (url hash, normalised url), or
+        # (None, None): not a URL to count; cleared when full
+        self.urls: dict[str, tuple[int | None, str | None]] = {}
 
     def decode(self, records: Sequence[Record], now_ms: int, partition: int, want_offsets: bool,
                dead: list[DeadLetter] | None, max_ts: int, forward: list[Foreign] | None = None) -> Decoded:
@@ -123,7 +126,7 @@ class RecordDecoder:
                         if raw_id is not None:
                             did = parse_id_field(raw_id, region)
                         if aggregating and len(hs) > 1 and hs[1][0] == AGG_HEADER:
-                            agg = parse_agg_header(hs[1][1])
+                            agg = hs[1][1]  # read a cell at a time (core.aggstate)
                     except (ValueError, TypeError):
                         region = None  # not what ingest writes: the value decides
             if region is None:
@@ -227,10 +230,18 @@ class RecordDecoder:
         user = d.get("user_id")
         url = d.get("url")
         user_h = user_hash(user) if type(user) is str else None
-        text = normalise_url(url, self.url_keep_query) if type(url) is str else None
-        if text is None:
+        if type(url) is not str:
             return None if user_h is None else (user_h, None, None)
-        return user_h, url_hash(text), text
+        known = self.urls.get(url)
+        if known is None:
+            text = normalise_url(url, self.url_keep_query)
+            known = (None, None) if text is None else (url_hash(text), text)
+            if len(self.urls) >= CACHE_MAX:
+                self.urls.clear()
+            self.urls[url] = known
+        if known[0] is None:
+            return None if user_h is None else (user_h, None, None)
+        return user_h, known[0], known[1]
 
     def _home(self, region: str) -> int:
         h = home(region, self.partitions)

@@ -2,13 +2,15 @@
 rebuilt identically, bounded records, closed windows' records deleted."""
 from __future__ import annotations
 
+import collections
 import random
 
 import orjson
 
 from aggregator.core.aggstate import WindowAggregates
+from aggregator.core.contract import agg_header_value
 from aggregator.core.recordlog import RECORD_BYTES
-from aggregator.core.sketches import normalise_url, url_hash, user_hash
+from aggregator.core.sketches import CellAggregates, normalise_url, url_hash, user_hash
 from aggregator.core.statechunks import MAX_RECORD_BYTES
 from aggregator.core.windows import WindowBook
 
@@ -85,7 +87,9 @@ def test_exact_results_match_a_direct_count_and_the_url_text_is_logged_only_when
         aggs.append((user_hash(f"u{i % 4}"), url_hash(u), u.encode()))
     book.apply(events, len(events), T0, aggs)
     records, _ = book.aggs.take_records(0)
-    assert len(records[0][1]["t"]) == 4  # one text per distinct URL: a counter is there after
+    [[region, users, url_counts, texts, _, _]] = records[0][1]["c"]  # one batch of one cell
+    assert region == "eu" and len(users) == 11 and sorted(c for _, c in url_counts) == [1, 2, 3, 5]
+    assert sorted(t for _, t in texts) == ["/a", "/b", "/c", "/d"]  # one text per distinct URL, each read
     book.advance_to(T0 + W + 6_000)
     [snap] = book.outbox
     assert snap["count"] == 11 and snap["unique_users"] == 4
@@ -111,3 +115,77 @@ def test_records_stay_under_the_state_record_bound():
     records, prepared = aggs.take_records(0)
     assert len(records) > 1 and sum(prepared.index.values()) == len(records)
     assert max(len(orjson.dumps(v)) for _, v in records) <= RECORD_BYTES + 1000 < MAX_RECORD_BYTES
+
+
+def _book() -> WindowBook:
+    return WindowBook(W, 5_000, 300_000, 3_600_000, 100, WindowAggregates(top_n=5))
+
+
+def test_agg_headers_read_in_bulk_give_the_cells_of_their_parsed_parts():
+    """Ingest's records carry the agg header as it came (read a cell at a time, in bulk);
+    records produced straight to Kafka carry parsed parts: the same events, the same cells."""
+    events, parts = _events(random.Random(3), 6000, T0)
+    headers = [None if a is None else agg_header_value(*a) for a in parts]
+    mixed = [h if i % 3 else p for i, (h, p) in enumerate(zip(headers, parts, strict=True))]
+    books = [_book() for _ in range(3)]
+    for b, aggs in zip(books, (parts, headers, mixed), strict=True):
+        b.apply(events, len(events), T0, aggs)
+        b.aggs.flush()
+    assert _cells(books[0].aggs) == _cells(books[1].aggs) == _cells(books[2].aggs)
+    assert books[1].aggs.malformed == 0
+
+
+def test_a_malformed_agg_header_adds_nothing_and_is_counted():
+    good = agg_header_value(user_hash("u1"), url_hash("/a"), "/a")
+    bad = [b"zz,1,/a", b"no commas", b"%x,," % (1 << 70), b"1,ab,", None]
+    book = _book()
+    book.apply([("eu", T0 + i, None) for i in range(6)], 6, T0, [good, *bad])
+    records, _ = book.aggs.take_records(0)
+    assert book.aggs.malformed == 4
+    [[_, users, url_counts, texts, _, _]] = records[0][1]["c"]
+    assert users == [user_hash("u1")] and url_counts == [[url_hash("/a"), 1]] and texts == [[url_hash("/a"), "/a"]]
+    orjson.dumps(records)  # every hash fits in 64 bits
+
+
+def test_a_record_of_the_earlier_one_entry_per_event_format_is_still_replayed():
+    events, aggs = _events(random.Random(4), 500, T0)
+    ws = T0
+    value = {"r": [], "u": [], "h": [], "d": [], "t": {}}
+    direct: dict[str, CellAggregates] = {}
+    for i, ((region, its, cts), a) in enumerate(zip(events, aggs, strict=True)):
+        user, url_h, text = a if a is not None else (None, None, None)
+        delay = None if cts is None else its - cts
+        cell = direct.setdefault(region, CellAggregates())
+        if url_h is not None and not cell.holds_url(url_h):
+            value["t"][str(i)] = text.decode()
+        cell.add(user, url_h, text, delay)
+        for k, v in zip("ruhd", (region, user, url_h, delay), strict=True):
+            value[k].append(v)
+    again = WindowAggregates()
+    stored = {again.record_key(0, ws, 0): orjson.loads(orjson.dumps(value))}
+    again.load(0, {str(ws): 1}, stored.get, {ws})
+    assert {r: orjson.dumps(c.to_json()) for r, c in again.cells[ws].items()} == \
+        {r: orjson.dumps(c.to_json()) for r, c in direct.items()}
+
+
+def test_top_urls_merged_a_batch_at_a_time_stay_within_the_misra_gries_bound():
+    """1,000 URLs evenly, plus one with a tenth of the events, over 128 counters, in batches
+    of up to 1,000 distinct URLs: the leader's count is off by at most the offset taken off,
+    and that is at most 2N/capacity."""
+    rng = random.Random(6)
+    cell = CellAggregates()
+    truth = collections.Counter()
+    n = 0
+    for _ in range(40):
+        batch = collections.Counter()
+        for _ in range(1000):
+            u = 0 if rng.random() < 0.1 else rng.randrange(1, 1001)
+            batch[url_hash(f"/p/{u}")] += 1
+        truth.update(batch)
+        n += 1000
+        cell.add_batch([], dict(batch), {h: f"/{h}" for h in batch}, {})
+    leader = url_hash("/p/0")
+    [top] = cell.top_urls(1)
+    assert top["url"] == f"/{leader}"
+    assert truth[leader] - cell.offset <= top["count"] <= truth[leader]
+    assert cell.offset <= 2 * n / cell.params.url_capacity
