@@ -202,5 +202,11 @@ class Partitions:
                             p.dedup.evicted, p.dedup.max_ids)
                 m.dedup_evicted(p.dedup.evicted)
                 p.dedup.evicted = 0
+            aggs = p.book.aggs
+            if aggs is not None and aggs.malformed:
+                log.warning("partition %d: %d events with a clickstream-agg header that is not what ingest "
+                            "writes: counted, but not in unique users, top URLs or delays", p.partition,
+                            aggs.malformed)
+                aggs.malformed = 0
         sizes = [p.dedup.size() for p in self.owned.values()]
         m.dedup_size(sum(e for e, _ in sizes), sum(k for _, k in sizes))
