@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aggregator.core.contract import Agg, parse_agg_header
+from aggregator.core.contract import Agg, AggParts, parse_agg_header
 from aggregator.core.recordlog import Prepared, RecordLog
 from aggregator.core.sketches import CellAggregates, SketchParams, delay_buckets
 
@@ -118,7 +118,16 @@ class WindowAggregates(RecordLog):
     def _columns(self, aggs: list[Agg | None]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
         """(user hashes in order, url hash -> events, url hash -> its text) of the events'
         ``Agg``s: agg headers as ingest writes them (``<user hash>,<url hash>,<url>``, hex)
-        in bulk -- an ``int`` per user, the rest per distinct URL --, anything else one by one."""
+        in bulk -- an ``int`` per user, the rest per distinct URL --, parsed parts (records
+        produced straight to Kafka) in bulk too, a mix one by one."""
+        if None in aggs:
+            aggs = [a for a in aggs if a is not None]
+            if not aggs:
+                return [], {}, {}
+        if type(aggs[0]) is tuple:
+            if all(type(a) is tuple for a in aggs):
+                return self._columns_parts(aggs)  # type: ignore[arg-type]
+            return self._columns_each(aggs)
         try:
             parts = [a.partition(b",") for a in aggs]  # type: ignore[union-attr]  # else AttributeError
             users = [int(u, 16) for u, _, _ in parts if u]
@@ -148,6 +157,15 @@ class WindowAggregates(RecordLog):
             return users, urls, texts
         except (AttributeError, ValueError):
             return self._columns_each(aggs)
+
+    @staticmethod
+    def _columns_parts(aggs: list[AggParts]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
+        """``_columns`` of parts the decoder computed (64-bit hashes by construction)."""
+        users = [a[0] for a in aggs if a[0] is not None]
+        with_url = [a for a in aggs if a[1] is not None]
+        urls = dict(Counter([a[1] for a in with_url]))
+        texts = {a[1]: a[2] or "" for a in reversed(with_url)}  # each URL's first text
+        return users, urls, texts  # type: ignore[return-value]
 
     def _columns_each(self, aggs: list[Agg | None]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
         users: list[int] = []

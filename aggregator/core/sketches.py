@@ -64,6 +64,7 @@ __all__ = [
     "SketchParams",
     "delay_buckets",
     "hash64",
+    "hash_bytes",
     "hll_estimate",
     "max_serialised_bytes",
     "normalise_url",
@@ -133,6 +134,10 @@ def normalise_url(url: str, keep_query: bool = False) -> str | None:
         if pct >= 0:  # no escape cut in half
             u = u[:pct]
     return u or None
+
+
+# hash64 of ``text`` is hash_bytes(text.encode()): for per-event loops that save the call
+hash_bytes = xxh3_64_intdigest
 
 
 def hash64(text: str) -> int:

@@ -29,7 +29,7 @@ from aggregator.core.dedup import DedupId, event_key, parse_id_field
 from aggregator.core.events import LIMITS, EventError, normalise_region, parse_client_ts
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header
-from aggregator.core.sketches import normalise_url, url_hash, user_hash
+from aggregator.core.sketches import hash_bytes, normalise_url, url_hash
 from aggregator.core.sourcelog import LOG_APPEND_TIME, SourceRecord
 
 CACHE_MAX = 100_000  # spellings remembered per cache: a producer of ever new regions cannot grow it
@@ -229,7 +229,7 @@ class RecordDecoder:
         a ``user_id`` or ``url`` that is not a string is left out."""
         user = d.get("user_id")
         url = d.get("url")
-        user_h = user_hash(user) if type(user) is str else None
+        user_h = hash_bytes(user.encode()) if type(user) is str else None  # core.sketches.user_hash, inlined
         if type(url) is not str:
             return None if user_h is None else (user_h, None, None)
         known = self.urls.get(url)

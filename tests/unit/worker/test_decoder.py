@@ -120,3 +120,26 @@ def test_ingest_times_past_the_bound_are_future_late_and_dead_lettered_not_event
     assert [(d["reason"], d["offset"], d["partition"]) for d in letters] == [
         ("future_ts", 7, 2), ("future_ts", 8, 2), ("future_ts", 9, 2)]
     assert "AGG_MAX_AHEAD_SECONDS" in letters[0]["error"]
+
+
+def test_aggregates_of_kafka_direct_and_ingest_records_are_the_same_parts():
+    """A record produced straight to Kafka is parsed into the hashes ingest puts in its agg
+    header (the worker inlines core.sketches' hash; the URL is normalised once per distinct
+    spelling)."""
+    from aggregator.core.contract import AGG_HEADER, agg_header_value, parse_agg_header
+    from aggregator.core.sketches import normalise_url, url_hash, user_hash
+
+    url = "HTTPS://Shop.Example:443/a/b?q=1#f"
+    text = normalise_url(url)
+    assert text is not None
+    header = agg_header_value(user_hash("ü-1"), url_hash(text), text)
+    value = orjson.dumps({"region": "eu", "ingest_ts": 7, "user_id": "ü-1", "url": url})
+    recs = fetched([(b"eu", value, []), (b"eu", value, []),
+                    (b"eu", b"", [*ingest_header(7, None), (AGG_HEADER, header)])])
+    dec = RecordDecoder(aggregates=True)
+    aggs = dec.decode(recs, NOW, 0, False, None, MAX_TS).aggs
+    assert aggs is not None
+    direct, again, ingest = aggs
+    u, h, t = parse_agg_header(ingest)  # type: ignore[arg-type]
+    assert direct == again == (u, h, t.decode())  # type: ignore[union-attr]
+    assert len(dec.urls) == 1
