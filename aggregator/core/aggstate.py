@@ -200,6 +200,8 @@ class WindowAggregates(RecordLog):
 
     def close(self, ws: int) -> None:
         """Window ``ws`` is closed (its results are in snapshots): forget its cells."""
+        if ws in self.stage:
+            self.flush()  # else a later flush would bring the closed window's cells back
         self.cells.pop(ws, None)
 
     # ------------------------------------------------------------------ changelog

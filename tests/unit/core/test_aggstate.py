@@ -189,3 +189,12 @@ def test_top_urls_merged_a_batch_at_a_time_stay_within_the_misra_gries_bound():
     assert top["url"] == f"/{leader}"
     assert truth[leader] - cell.offset <= top["count"] <= truth[leader]
     assert cell.offset <= 2 * n / cell.params.url_capacity
+
+
+def test_a_window_closed_with_events_still_staged_is_forgotten_whole():
+    aggs = WindowAggregates()
+    aggs.add(T0, "eu", (user_hash("u"), None, None), 5)
+    aggs.close(T0)  # no result asked (no snapshot of that cell)
+    aggs.flush()
+    records, _ = aggs.take_records(0)
+    assert aggs.cells == {} and records == []
