@@ -43,10 +43,10 @@ FLUSH_EVENTS = 20_000
 _MAX64 = (1 << 64) - 1
 TAILS_MAX = 50_000
 
-# A logged batch of one cell: (window start, region, user hashes, [[url hash, events], ...],
-# [[url hash, text], ...] of the URLs that got a counter, [[delay bucket, events], ...],
+# A logged batch of one cell: (window start, region, user hashes, url hashes, their events,
+# [[url hash, text], ...] of the URLs that got a counter, delay buckets, their events,
 # events with a delay <= 0)
-Entry = tuple[int, str, list[int], list[list[int]], list[list[Any]], list[list[int]], int]
+Entry = tuple[int, str, list[int], list[int], list[int], list[list[Any]], list[int], list[int], int]
 # what ``WindowBook.apply`` stages per cell: (the events' Agg, their client delays)
 Staged = tuple[list["Agg | None"], list[int]]
 
@@ -112,8 +112,8 @@ class WindowAggregates(RecordLog):
         if not (users or urls or buckets or dz):
             return
         read = cell.add_batch(users, urls, texts, buckets, dz)
-        self.pending.append((ws, region, users, [[h, c] for h, c in urls.items()], read,
-                             [[i, c] for i, c in buckets.items()], dz))
+        self.pending.append((ws, region, users, list(urls), list(urls.values()), read, list(buckets),
+                             list(buckets.values()), dz))
 
     def _columns(self, aggs: list[Agg | None]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
         """(user hashes in order, url hash -> events, url hash -> its text) of the events'
@@ -218,12 +218,12 @@ class WindowAggregates(RecordLog):
         return super().take_records(partition)
 
     def _size(self, e: Entry) -> int:
-        return (100 + len(e[1]) * 6 + 22 * len(e[2]) + 30 * len(e[3]) + 20 * len(e[5])
-                + sum(26 + len(t) * 6 for _, t in e[4]))
+        return (100 + len(e[1]) * 6 + 22 * len(e[2]) + 30 * len(e[3]) + 20 * len(e[6])
+                + sum(26 + len(t) * 6 for _, t in e[5]))
 
     def _value(self, entries: Sequence[Entry]) -> dict[str, Any]:
-        """``{"c": [[region, user hashes, url counts, url texts, delay buckets, delays <= 0],
-        ...]}``: the logged batches in order."""
+        """``{"c": [[region, user hashes, url hashes, their events, [[url hash, text], ...],
+        delay buckets, their events, delays <= 0], ...]}``: the logged batches in order."""
         return {"c": [list(e[1:]) for e in entries]}
 
     def load(self, partition: int, index: Any, record: Callable[[str], Any], open_windows: set[int]) -> None:
@@ -255,8 +255,9 @@ class WindowAggregates(RecordLog):
                     cell = per_window[region] = CellAggregates(self.params)
                 cell.add(user, url_h, texts.get(str(i)), delay)
             return
-        for region, users, urls, texts, buckets, dz in value["c"]:
+        for region, users, url_hs, url_ns, texts, bucket_ids, bucket_ns, dz in value["c"]:
             cell = per_window.get(region)
             if cell is None:
                 cell = per_window[region] = CellAggregates(self.params)
-            cell.add_batch(users, dict(urls), dict(texts), dict(buckets), dz)
+            cell.add_batch(users, dict(zip(url_hs, url_ns, strict=True)), dict(texts),
+                           dict(zip(bucket_ids, bucket_ns, strict=True)), dz)

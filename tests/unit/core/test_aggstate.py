@@ -87,8 +87,8 @@ def test_exact_results_match_a_direct_count_and_the_url_text_is_logged_only_when
         aggs.append((user_hash(f"u{i % 4}"), url_hash(u), u.encode()))
     book.apply(events, len(events), T0, aggs)
     records, _ = book.aggs.take_records(0)
-    [[region, users, url_counts, texts, _, _]] = records[0][1]["c"]  # one batch of one cell
-    assert region == "eu" and len(users) == 11 and sorted(c for _, c in url_counts) == [1, 2, 3, 5]
+    [[region, users, _, url_counts, texts, _, _, _]] = records[0][1]["c"]  # one batch of one cell
+    assert region == "eu" and len(users) == 11 and sorted(url_counts) == [1, 2, 3, 5]
     assert sorted(t for _, t in texts) == ["/a", "/b", "/c", "/d"]  # one text per distinct URL, each read
     book.advance_to(T0 + W + 6_000)
     [snap] = book.outbox
@@ -142,8 +142,9 @@ def test_a_malformed_agg_header_adds_nothing_and_is_counted():
     book.apply([("eu", T0 + i, None) for i in range(6)], 6, T0, [good, *bad])
     records, _ = book.aggs.take_records(0)
     assert book.aggs.malformed == 4
-    [[_, users, url_counts, texts, _, _]] = records[0][1]["c"]
-    assert users == [user_hash("u1")] and url_counts == [[url_hash("/a"), 1]] and texts == [[url_hash("/a"), "/a"]]
+    [[_, users, url_hs, url_counts, texts, _, _, _]] = records[0][1]["c"]
+    assert users == [user_hash("u1")] and (url_hs, url_counts) == ([url_hash("/a")], [1])
+    assert texts == [[url_hash("/a"), "/a"]]
     orjson.dumps(records)  # every hash fits in 64 bits
 
 
