@@ -122,9 +122,9 @@ class PartitionSpill:
         the old log, which is gone: what it re-read stays, the rest is lost (loudly) and takes
         its place in the spill as *gaps* (records without an event, counted as ``lost`` when
         drained), so that sequence numbers are never given twice (a crash before the next
-        state write finds the spill as that state says).  The spilled events not drained yet stay to be drained,
-        and their old offsets stop holding commits back (``SpillLedger.log_restarted``).
-        Returns how many events there are (gaps aside)."""
+        state write finds the spill as that state says).  The spilled events not drained yet
+        stay to be drained, and their old offsets stop holding commits back
+        (``SpillLedger.log_restarted``).  Returns how many events there are (gaps aside)."""
         ledger = self.ledger
         lost = 0
         if ledger.rebuild:
