@@ -17,6 +17,14 @@ in the same order.  The home keeps, per source partition, the highest source off
 has applied (``Watermarks``, part of its book's state) and drops a forwarded record at
 or below it: the repeat of a prefix already applied.
 
+A source partition whose log starts over (core.sourcelog: its topic created again, the
+broker back empty) counts offsets from 0 again.  So the source's book keeps a *log epoch*,
+one more each time its log is found to have started over (written with its state, so a
+crash before that finds the same restart again and forwards under the same epoch), and
+every forwarded record carries it.  The home's mark is (epoch, offset): a record of a
+higher epoch starts the source's mark again, one of a lower epoch is a stale repeat of a
+log that is gone.  A source that never started over has epoch 0, written as before.
+
 Here: murmur2 and ``home``, the encoding of a forwarded record, the split of a
 decoded batch into home and foreign events (the decoder inlines the same rule in its
 loop), and the watermark filter.
@@ -40,8 +48,8 @@ from aggregator.core.dedup import DedupId, id_field
 # A foreign event: (region, ingest_ts, client_ts or None, its offset in the source partition,
 # its dedup id (core.dedup) or None, what it adds to aggregates (core.aggstate) or None)
 Foreign = tuple[str, int, "int | None", int, "DedupId | None", "Agg | None"]
-# A forwarded event as the home reads it: (source partition, source offset, the event)
-Forwarded = tuple[int, int, Event]
+# A forwarded event as the home reads it: (source partition, its log epoch, source offset, the event)
+Forwarded = tuple[int, int, int, Event]
 
 _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF
@@ -96,29 +104,35 @@ def split(events: Sequence[Event], offsets: Sequence[int], partition: int, parti
     return here, away
 
 
-def source_header(partition: int, offset: int) -> bytes:
+def source_header(partition: int, offset: int, epoch: int = 0) -> bytes:
+    """``<partition>,<offset>``, and ``,<epoch>`` once the source's log has started over."""
+    if epoch:
+        return b"%d,%d,%d" % (partition, offset, epoch)
     return b"%d,%d" % (partition, offset)
 
 
-def parse_source_header(value: bytes) -> tuple[int, int]:
-    """-> (source partition, source offset); ValueError when it is not what a worker writes."""
-    p, sep, o = value.partition(b",")
+def parse_source_header(value: bytes) -> tuple[int, int, int]:
+    """-> (source partition, source offset, its log epoch: 0 when absent); ValueError when it
+    is not what a worker writes."""
+    p, sep, rest = value.partition(b",")
     if not sep:
-        raise ValueError("not <partition>,<offset>")
-    return int(p), int(o)
+        raise ValueError("not <partition>,<offset>[,<epoch>]")
+    o, sep, e = rest.partition(b",")
+    return int(p), int(o), int(e) if sep else 0
 
 
-def forward_record(partition: int, f: Foreign) -> tuple[bytes, bytes, list[Header]]:
+def forward_record(partition: int, f: Foreign, epoch: int = 0) -> tuple[bytes, bytes, list[Header]]:
     """-> (key, value, headers) of the ``clicks-repartition`` record forwarding foreign event
-    ``f`` read from ``partition`` of ``clicks``: key = region, the ingest header (ingest time,
-    client time), the source header, and the compact event as value (for people reading the topic)."""
+    ``f`` read from ``partition`` of ``clicks`` (whose log epoch is ``epoch``): key = region,
+    the ingest header (ingest time, client time), the source header, and the compact event as
+    value (for people reading the topic)."""
     region, its, cts, offset, did, agg = f
     ingest = ingest_header_value(its, cts, None if did is None else id_field(did))
     if cts is None:
         value = b'{"region":"%s","ingest_ts":%d}' % (region.encode(), its)
     else:
         value = b'{"region":"%s","ingest_ts":%d,"ts":%d}' % (region.encode(), its, cts)
-    headers = [(INGEST_HEADER, ingest), (SOURCE_HEADER, source_header(partition, offset))]
+    headers = [(INGEST_HEADER, ingest), (SOURCE_HEADER, source_header(partition, offset, epoch))]
     if agg is not None:
         headers.append((AGG_HEADER, agg if isinstance(agg, bytes) else agg_header_value(*agg)))
     return region.encode(), value, headers
@@ -126,16 +140,26 @@ def forward_record(partition: int, f: Foreign) -> tuple[bytes, bytes, list[Heade
 
 class Watermarks:
     """Per source partition, the highest source offset a home has applied from
-    ``clicks-repartition``; part of the home's book state."""
+    ``clicks-repartition`` and the log epoch it belongs to; part of the home's book state
+    (``applied``: source -> offset, ``epochs``: source -> epoch, 0s left out)."""
 
-    __slots__ = ("applied",)
+    __slots__ = ("applied", "epochs")
 
-    def __init__(self, applied: MutableMapping[int, int] | None = None) -> None:
+    def __init__(self, applied: MutableMapping[int, int] | None = None,
+                 epochs: MutableMapping[int, int] | None = None) -> None:
         self.applied: MutableMapping[int, int] = {} if applied is None else applied
+        self.epochs: MutableMapping[int, int] = {} if epochs is None else epochs
 
-    def fresh(self, source: int, offset: int) -> bool:
-        """True (and noted) when ``offset`` of ``source`` is past what was applied; False for a
-        repeat (a source re-forwarding after a crash repeats its records in order)."""
+    def fresh(self, source: int, offset: int, epoch: int = 0) -> bool:
+        """True (and noted) when (``epoch``, ``offset``) of ``source`` is past what was
+        applied; False for a repeat (a source re-forwarding after a crash repeats its records
+        in order) or a record of an older epoch (a log that has started over since)."""
+        known = self.epochs.get(source, 0)
+        if epoch != known:
+            if epoch < known:
+                return False
+            self.epochs[source] = epoch  # the source's log started over: its offsets start again
+            self.applied.pop(source, None)
         if offset <= self.applied.get(source, -1):
             return False
         self.applied[source] = offset
@@ -144,4 +168,4 @@ class Watermarks:
     def take(self, forwarded: Iterable[Forwarded]) -> list[Event]:
         """The events of ``forwarded`` not applied before, in order."""
         fresh = self.fresh
-        return [e for source, offset, e in forwarded if fresh(source, offset)]
+        return [e for source, epoch, offset, e in forwarded if fresh(source, offset, epoch)]

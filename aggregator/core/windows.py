@@ -57,7 +57,7 @@ class WindowBook:
         "window_ms", "grace_ms", "late_after_ms", "idle_ms", "max_regions",
         "next_offset", "stream_time", "first_open", "close_at",
         "counts", "late", "first_seen", "last_seen", "outbox", "dirty", "tally", "pending_late",
-        "partitions", "forwarded", "repart_next", "aggs",
+        "partitions", "forwarded", "forwarded_epochs", "repart_next", "log_epoch", "aggs",
     )
 
     def __init__(self, window_ms: int, grace_ms: int, late_after_ms: int,
@@ -85,11 +85,15 @@ class WindowBook:
         self.pending_late: dict[str, dict[str, int]] = {}
         # repartitioning (core.repartition): the partition count of ``clicks`` the homes were
         # computed with (0: not known yet), per source partition the highest source offset
-        # applied from ``clicks-repartition``, and the first offset of this partition of
-        # ``clicks-repartition`` not yet applied
+        # applied from ``clicks-repartition`` and the log epoch of that offset (0s left out),
+        # the first offset of this partition of ``clicks-repartition`` not yet applied, and
+        # this partition's own log epoch (one more each time its log of ``clicks`` started
+        # over, core.sourcelog), which its forwarded records carry
         self.partitions = 0
         self.forwarded: dict[int, int] = {}
+        self.forwarded_epochs: dict[int, int] = {}
         self.repart_next = 0
+        self.log_epoch = 0
         # unique users, top URLs, client delays per (window, region) (AGG_AGGREGATES; core.aggstate)
         self.aggs = aggs
 
@@ -304,7 +308,10 @@ class WindowBook:
             **({"pending_late": self.pending_late} if self.pending_late else {}),
             **({"partitions": self.partitions} if self.partitions else {}),
             **({"forwarded": {str(k): v for k, v in self.forwarded.items()}} if self.forwarded else {}),
+            **({"forwarded_epochs": {str(k): v for k, v in self.forwarded_epochs.items()}}
+               if self.forwarded_epochs else {}),
             **({"repart_next": self.repart_next} if self.repart_next else {}),
+            **({"log_epoch": self.log_epoch} if self.log_epoch else {}),
         }
 
     def load(self, d: dict[str, Any]) -> None:
@@ -321,7 +328,9 @@ class WindowBook:
         self.pending_late = {r: dict(x) for r, x in d.get("pending_late", {}).items()}
         self.partitions = int(d.get("partitions", 0))
         self.forwarded = {int(k): int(v) for k, v in d.get("forwarded", {}).items()}
+        self.forwarded_epochs = {int(k): int(v) for k, v in d.get("forwarded_epochs", {}).items()}
         self.repart_next = int(d.get("repart_next", 0))
+        self.log_epoch = int(d.get("log_epoch", 0))
         self.dirty = False
 
     def holds_open_data(self) -> bool:

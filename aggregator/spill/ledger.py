@@ -19,6 +19,17 @@ twice.
 
 Splitting a batch is a pure function of the ledger, the token buckets and the
 batch, so the shell can write the spill first and commit the split after.
+
+When the source log starts over (core.sourcelog: the topic created again, the broker
+back empty), the offsets of what is spilled and not drained yet belong to a log that is
+gone.  Those events were acknowledged and are on disk: they stay, and are drained and
+counted in order like any other.  But their offsets must neither hold commits of the new
+log back nor be re-read from it, whose records at those offsets are other events.  So
+``log_restarted`` puts a *fence* on each backlogged region (the spill sequence number
+where the new log begins): records below it hold nothing back (``low`` is the offset of
+the oldest undrained record at or past the fence, -1 while there is none), and if they
+are not on disk after a restart they cannot be rebuilt: they are counted as lost.  The
+fence is stored as a fourth number of the region's entry while records below it remain.
 """
 from __future__ import annotations
 
@@ -54,6 +65,12 @@ class SpillLedger:
         self.regions: dict[str, list[int]] = {}
         # region -> events still to re-spill from the source log (spill files lost)
         self.rebuild: dict[str, int] = {}
+        # region -> spill seq where the current source log begins: records below it were read
+        # from a log that started over since (drained as usual, never re-read)
+        self.fences: dict[str, int] = {}
+        # region -> spilled events of such a log found missing from disk by ``reconcile``
+        # (the caller reports and clears it)
+        self.lost: dict[str, int] = {}
 
     # --------------------------------------------------------------- queries
     def backlog(self, region: str) -> int:
@@ -128,7 +145,7 @@ class SpillLedger:
         e = self.regions.get(region)
         if e is None:
             e = self.regions[region] = [0, 0, -1]
-        if e[0] == e[1]:
+        if e[0] == e[1] or e[2] < 0:  # the first undrained of this log (records of an older one hold nothing)
             e[2] = cast(int, records[0][1])  # the source offset: never None
         e[0] += len(records)
 
@@ -139,9 +156,25 @@ class SpillLedger:
         e[1] += n
         if e[1] > e[0]:
             raise ValueError(f"spill ledger: region {region!r} drained past its spill")
+        fence = self.fences.get(region)
+        if fence is not None:
+            if e[1] < fence and e[0] > e[1]:
+                return  # still records of an old log: low stays the current log's (or -1)
+            del self.fences[region]
         # the entry stays (low -1): sequence numbers never restart, so a record
         # left on disk by a crash before its ack can never pass for a new one
         e[2] = -1 if e[0] == e[1] else next_low
+
+    def log_restarted(self) -> int:
+        """The source log started over: the undrained spilled events stay to be drained, but
+        their offsets are of the old log (module doc).  Returns how many there are."""
+        old = 0
+        for region, e in self.regions.items():
+            if e[0] > e[1]:
+                self.fences[region] = e[0]
+                e[2] = -1
+                old += e[0] - e[1]
+        return old
 
     # ------------------------------------------------------------ recovery
     def reconcile(self, region: str, first_seq: int | None, on_disk: int) -> tuple[int, int]:
@@ -153,7 +186,11 @@ class SpillLedger:
         drained and counted), then keep the next ``keep`` and truncate the
         rest (spilled by a batch whose state was never written; the source
         replays them).  When the disk holds fewer than the backlog, keep is 0
-        and the region is marked for rebuild from the source log."""
+        and the region is marked for rebuild from the source log.
+
+        Records below a fence (read from a log that started over since) cannot be re-read:
+        if the disk holds them all they are kept and only the rest is rebuilt; otherwise
+        they are lost (``lost``, marked drained) and the rest is reconciled as usual."""
         e = self.regions.get(region)
         spilled, drained = (e[0], e[1]) if e else (0, 0)
         need = spilled - drained
@@ -166,6 +203,19 @@ class SpillLedger:
             return ack, 0
         if on_disk > 0 and first_seq == drained and on_disk >= need:
             return ack, need
+        old = min(self.fences.get(region, 0), spilled) - drained
+        if e is not None and old > 0:
+            if on_disk > 0 and first_seq == drained and on_disk >= old:
+                self.rebuild[region] = need - old  # the current log's part is re-read
+                return ack, old
+            # neither all on disk nor in the source log any more
+            self.lost[region] = self.lost.get(region, 0) + old
+            e[1] += old
+            del self.fences[region]
+            if e[0] == e[1]:
+                e[2] = -1
+            more, keep = self.reconcile(region, first_seq, on_disk)
+            return ack + more, keep
         self.rebuild[region] = need
         return ack, 0
 
@@ -175,11 +225,19 @@ class SpillLedger:
 
     # ---------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, list[int]]:
-        return {r: list(e) for r, e in self.regions.items()}
+        fences = self.fences
+        return {r: [*e, fences[r]] if r in fences else list(e) for r, e in self.regions.items()}
 
     def load(self, d: Mapping[str, Iterable[int]] | None) -> None:
-        self.regions = {str(r): [int(x) for x in e] for r, e in (d or {}).items()}
+        self.regions = {}
+        self.fences = {}
+        for r, e in (d or {}).items():
+            nums = [int(x) for x in e]
+            self.regions[str(r)] = nums[:3]
+            if len(nums) > 3:
+                self.fences[str(r)] = nums[3]
         self.rebuild = {}
+        self.lost = {}
 
     def rebuild_seq(self, region: str) -> int:
         """Sequence number of the next record a rebuild writes."""

@@ -8,7 +8,8 @@ No Faust here; the worker calls these from its batch handler and flush tick:
 * ``reconcile()``        when the partition is (re)assigned: disk vs ledger
 
 Spill record payload: ``[seq, source_offset, ingest_ts, client_ts_or_null]``
-(orjson), in the region's directory under ``<spill dir>/p<partition>/``.
+(orjson), in the region's directory under ``<spill dir>/p<partition>/``; a *gap*
+``[seq, -1, null, null]`` holds the place of an event lost (``log_restarted``).
 
 A full or failing disk (any ``OSError``) never leaves a batch half-spilled: ``write``
 cuts off what it appended for the batch's other regions and raises
@@ -72,6 +73,12 @@ class PartitionSpill:
                 store.ack(region, ack)
             if store.backlog(region) > keep:
                 store.truncate_after(region, keep)
+        for region, n in ledger.lost.items():
+            log.error("spill p%d: region %r: %d spilled events read from a source log that has started over "
+                      "since are not on this disk, and cannot be re-read from the new log: they are lost",
+                      self.partition, region, n)
+            self.lost += n
+        ledger.lost = {}
         if store.corrupt_records and any(store.corrupt_records.values()):
             log.error("spill p%d: corrupt records quarantined on recovery: %s; their regions are "
                       "rebuilt from the source log", self.partition, store.corrupt_records)
@@ -109,6 +116,30 @@ class PartitionSpill:
             if not any(ledger.rebuild.values()):
                 log.info("spill p%d: spill re-read from the source log", self.partition)
             ledger.rebuild = {}
+
+    def log_restarted(self) -> int:
+        """The source log started over (core.sourcelog).  A rebuild under way re-read part of
+        the old log, which is gone: what it re-read stays, the rest is lost (loudly) and takes
+        its place in the spill as *gaps* (records without an event, counted as ``lost`` when
+        drained), so that sequence numbers are never given twice (a crash before the next
+        state write finds the spill as that state says).  The spilled events not drained yet
+        stay to be drained, and their old offsets stop holding commits back
+        (``SpillLedger.log_restarted``).  Returns how many events there are (gaps aside)."""
+        ledger = self.ledger
+        lost = 0
+        if ledger.rebuild:
+            self.rebuild_flush(done=False)
+            for region, left in ledger.rebuild.items():
+                if left:
+                    log.error("spill p%d: region %r: the source log started over while %d spilled events were "
+                              "being re-read from it; they are lost", self.partition, region, left)
+                    seq = ledger.rebuild_seq(region)
+                    gaps: list[SpillRecord] = [[seq + i, -1, None, None] for i in range(left)]
+                    self.store.append(region, [orjson.dumps(r) for r in gaps])
+                    ledger.rebuilt(region, gaps)
+                    lost += left
+            ledger.rebuild = {}
+        return ledger.log_restarted() - lost
 
     # ---------------------------------------------------------------- input
     def write(self, split: Split) -> int:
@@ -185,7 +216,10 @@ class PartitionSpill:
                     continue
             for raw in recs[:n]:
                 _seq, _off, its, cts = loads(raw)
-                events.append((region, its, cts))
+                if its is not None:
+                    events.append((region, its, cts))
+                else:  # a gap: an event lost (log_restarted), counted as such as it drains
+                    self.lost += 1
             next_low = loads(recs[n])[1] if len(recs) > n else -1
             ledger.drained(region, n, next_low)
             self.pending_acks.append((region, n))

@@ -179,12 +179,17 @@ class RecordDecoder:
         return Decoded(events, offsets, rejected, future, ids, aggs)
 
     def decode_forwarded(self, records: Sequence[Record], partition: int, applied: dict[int, int],
-                         dead: list[DeadLetter] | None, max_ts: int) -> tuple[Decoded, int]:
+                         dead: list[DeadLetter] | None, max_ts: int,
+                         epochs: dict[int, int] | None = None) -> tuple[Decoded, int]:
         """Records of ``clicks-repartition`` (partition ``partition``) -> (``decode``'s
         answer without offsets, repeats dropped).  ``applied``: per source partition, the
-        highest source offset applied (updated here); a record at or below it is a repeat of
-        a source's forwards after its crash, and dropped.  Dead letters and ``future_ts``
-        name the record's source partition and offset in ``clicks``."""
+        highest source offset applied, ``epochs``: the source's log epoch of that offset
+        (0 when absent; both updated here, the rule of ``core.repartition.Watermarks``): a
+        record at or below it is a repeat of a source's forwards after its crash, one of a
+        lower epoch a repeat from a log that has started over since; both are dropped.  A
+        higher epoch (the source's log started over) starts the source's mark again.  Dead
+        letters and ``future_ts`` name the record's source partition and offset in ``clicks``."""
+        epochs = {} if epochs is None else epochs
         keys = self.keys
         events: list[Event] = []
         append = events.append
@@ -198,7 +203,7 @@ class RecordDecoder:
             try:
                 if len(hs) < 2 or hs[0][0] != INGEST_HEADER or hs[1][0] != SOURCE_HEADER:
                     raise EventError("undecodable", "not a record forwarded by a worker (headers)")
-                source, offset = parse_source_header(hs[1][1])
+                source, offset, epoch = parse_source_header(hs[1][1])
                 its, cts, raw_id = parse_ingest_header(hs[0][1])
                 region = keys.get(rec.key) or self._key_region(rec.key)  # type: ignore[arg-type]
                 if region is None:
@@ -208,6 +213,14 @@ class RecordDecoder:
             except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
                 _reject(exc, rec, partition, rejected, dead)
                 continue
+            if epoch or source in epochs:
+                known = epochs.get(source, 0)
+                if epoch != known:
+                    if epoch < known:  # of a log that started over since: stale
+                        repeats += 1
+                        continue
+                    epochs[source] = epoch  # the source's log started over: its offsets start again
+                    applied.pop(source, None)
             if offset <= applied.get(source, -1):
                 repeats += 1
                 continue

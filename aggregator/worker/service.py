@@ -121,7 +121,7 @@ class WorkerService:
             records, now_ms, partition, throttle.limiting, self.checkpointer.dead, now_ms + self.max_ahead_ms,
             foreign)
         if foreign:
-            self._forward(partition, foreign)
+            self._forward(partition, foreign, book.log_epoch)
             if not events and not rejected and not future:
                 p.last_record_ms = quiet_since  # nothing of its own: still quiet (its clock may follow)
         t1 = time.perf_counter()
@@ -180,7 +180,12 @@ class WorkerService:
         self.metrics.source_log_reset(p.partition)
         self.kafka.log_restarted(p.partition)
         n = p.book.next_offset = restart.count_from
+        p.book.log_epoch += 1  # what its forwarded records carry from now on (core.repartition)
         p.book.dirty = True
+        old = p.spill.log_restarted()
+        if old:
+            log.warning("partition %d: %d spilled events read from the old log stay in the spill and are counted "
+                        "as it drains; their offsets no longer hold commits back", p.partition, old)
         # the stamp of the record before it, if this batch has it (the next batch applied sets it)
         p.source_ts = next((r.timestamp for r in records if r.offset == n - 1), None)
         p.commit_ok = False  # a checkpoint in flight holds a state of the old log: not its offset
@@ -207,30 +212,30 @@ class WorkerService:
                 throttle.release(p.partition)
                 self.app.consumer.resume_partitions([cast(TP, h.key)])
 
-    def _forward(self, partition: int, foreign: Sequence[Foreign]) -> None:
-        """Queue foreign events for their home partitions; the next checkpoint sends them
-        before the state that covers their offsets (core.repartition)."""
+    def _forward(self, partition: int, foreign: Sequence[Foreign], epoch: int) -> None:
+        """Queue foreign events for their home partitions, with the log epoch of the source
+        partition; the next checkpoint sends them before the state that covers their offsets
+        (core.repartition)."""
         homes = self.decoder.homes
         n = self.decoder.partitions
         out = self.checkpointer.forward
         for f in foreign:
             h = homes.get(f[0])
-            out.append((home(f[0], n) if h is None else h, *forward_record(partition, f)))
+            out.append((home(f[0], n) if h is None else h, *forward_record(partition, f, epoch)))
         self.metrics.repartitioned(len(foreign))
 
     def _on_forwarded(self, p: PartitionState, records: Sequence[Record], now_ms: int, t0: float) -> None:
         """A batch of ``clicks-repartition``: events other partitions forwarded to this one,
         counted like its own (not rate-limited: the spill accounting is by offset of
-        ``clicks``).  Records before the book's ``repart_next`` were applied before a crash;
-        repeats of a source's forwards (after its crash) are dropped by source offset."""
+        ``clicks``).  What was applied before is dropped by its source's (log epoch, offset)
+        mark, not by this topic's offset: records before the book's ``repart_next`` are
+        repeats after a crash (the mark covers them), unless this topic itself started over
+        (the broker back empty), and then they are new."""
         book = p.book
         p.last_record_ms = now_ms
-        if records[0].offset < book.repart_next:
-            records = skip_applied(records, book.repart_next)
-            if not records:
-                return
         (events, _, rejected, future, ids, aggs), _ = self.decoder.decode_forwarded(
-            records, p.partition, book.forwarded, self.checkpointer.dead, now_ms + self.max_ahead_ms)
+            records, p.partition, book.forwarded, self.checkpointer.dead, now_ms + self.max_ahead_ms,
+            book.forwarded_epochs)
         t1 = time.perf_counter()
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
         if ids is not None and p.dedup.horizon_ms:

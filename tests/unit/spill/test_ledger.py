@@ -2,8 +2,10 @@
 
 The property test drives the same calls the worker makes (split -> write ->
 apply, drain -> apply -> state write -> ack) through random batches, drains,
-crashes at random points and lost spill directories, and checks that every
-source event is counted exactly once and each region's events in order."""
+crashes at random points, lost spill directories and source logs that start over,
+and checks that every source event is counted exactly once and each region's events
+in order — except spilled events of a log that started over whose spill directory was
+lost too: nothing has them any more, and they are counted as lost."""
 from __future__ import annotations
 
 import random
@@ -102,45 +104,157 @@ def test_partition_spill_write_drain_ack_and_recover(tmp_path):
     assert led_c.total_backlog() == 0 and sp_c.store.total_backlog() == 0
 
 
+def test_a_log_restart_keeps_the_backlog_to_drain_but_not_its_offsets():
+    led = SpillLedger()
+    limits = RateLimits(0, {"hot": 1})
+    led.commit_split(led.split([ev("hot", i) for i in range(3)], [101, 102, 103], limits, now=0.0))
+    assert led.backlog("hot") == 2 and led.low_offset(104) == 102
+    assert led.log_restarted() == 2  # the new log's offsets start at 0
+    assert led.backlog("hot") == 2 and led.low_offset(0) == 0 and led.low_offset(50) == 50
+    # the new log's events of the region queue behind the old ones (order) and hold commits back
+    split = led.split([ev("hot", 10), ev("hot", 11)], [7, 8], limits, now=9.0)
+    assert split.spills == {"hot": [[2, 7, 10, None], [3, 8, 11, None]]}
+    led.commit_split(split)
+    assert led.low_offset(20) == 7
+    stored = orjson.loads(orjson.dumps(led.to_dict()))
+    assert stored == {"hot": [4, 0, 7, 2]}  # the fence travels with the state
+    led.load(stored)
+    led.drained("hot", 1, next_low=103)  # an old one: 103 is of the old log
+    assert led.low_offset(20) == 7
+    led.drained("hot", 1, next_low=7)  # past the fence: the current log's offsets again
+    assert led.low_offset(20) == 7 and led.fences == {} and led.to_dict() == {"hot": [4, 2, 7]}
+    led.drained("hot", 1, next_low=8)
+    assert led.low_offset(20) == 8
+    led.drained("hot", 1, next_low=-1)
+    assert led.backlog("hot") == 0 and led.low_offset(20) == 20
+
+
+def test_reconcile_after_a_log_restart():
+    led = SpillLedger()
+    # spilled 10, drained 2; seq 2..5 of the old log, 6..9 of the new one (from offset 40)
+    led.load({"a": [10, 2, 40, 6], "b": [10, 2, 40, 6], "c": [10, 2, 40, 6], "d": [6, 2, -1, 6]})
+    assert led.reconcile("a", first_seq=2, on_disk=8) == (0, 8)  # all on disk
+    # b: the old log's records are on disk, the new log's are not: those are re-read
+    assert led.reconcile("b", first_seq=2, on_disk=5) == (0, 4) and led.rebuild == {"b": 4}
+    # c: the old log's records are not all on disk, and not in the source log: lost, the rest re-read
+    assert led.reconcile("c", first_seq=1, on_disk=3) == (3, 0)
+    assert led.lost == {"c": 4} and led.rebuild == {"b": 4, "c": 4} and led.regions["c"] == [10, 6, 40]
+    assert "c" not in led.fences and led.rebuild_seq("c") == 6
+    # d: only old ones, none on disk
+    assert led.reconcile("d", first_seq=None, on_disk=0) == (0, 0)
+    assert led.lost["d"] == 4 and led.backlog("d") == 0 and "d" not in led.rebuild
+
+
+def test_partition_spill_across_a_log_restart_and_a_lost_disk(tmp_path):
+    limits = RateLimits(0, {"hot": 1})
+    led = SpillLedger()
+    sp = PartitionSpill(tmp_path, 0, led, fsync=False)
+    sp.write(led.split([ev("hot", i) for i in range(4)], [100, 101, 102, 103], limits, now=0.0))
+    assert sp.log_restarted() == 3
+    sp.write(led.split([ev("hot", 10), ev("hot", 11)], [0, 1], limits, now=0.0))
+    assert led.low_offset(2) == 0
+    # drained in order, old ones first; the state written, then the disk is lost
+    assert sp.drain(limits, now=0.0, unlimited=True) == [ev("hot", i) for i in (1, 2, 3, 10, 11)]
+    sp.acked()
+    sp.write(led.split([ev("hot", 12)], [5], limits, now=0.5))
+    assert sp.log_restarted() == 1  # a second restart
+    sp.write(led.split([ev("hot", 20), ev("hot", 21)], [0, 1], limits, now=0.5))
+    state = orjson.dumps(led.to_dict())
+    sp.close()
+    shutil.rmtree(tmp_path / "p0")
+    led_b = SpillLedger()
+    led_b.load(orjson.loads(state))
+    sp_b = PartitionSpill(tmp_path, 0, led_b, fsync=False)
+    # the one of the log before is lost; the current log's two are re-read from it
+    assert sp_b.reconcile() == {"hot": 2} and sp_b.lost == 1
+    for off, its in ((0, 20), (1, 21)):
+        sp_b.rebuild_add("hot", off, its, None)
+    sp_b.rebuild_flush(done=True)
+    assert sp_b.drain(limits, now=9.0, unlimited=True) == [ev("hot", 20), ev("hot", 21)]
+
+
+def test_a_log_restart_during_a_rebuild_keeps_what_was_reread_and_loses_the_rest(tmp_path):
+    limits = RateLimits(0, {"hot": 1})
+    led = SpillLedger()
+    sp = PartitionSpill(tmp_path, 0, led, fsync=False)
+    sp.write(led.split([ev("hot", i) for i in range(5)], [10, 11, 12, 13, 14], limits, now=0.0))
+    state = orjson.dumps(led.to_dict())
+    sp.close()
+    shutil.rmtree(tmp_path / "p0")
+    led_b = SpillLedger()
+    led_b.load(orjson.loads(state))
+    sp_b = PartitionSpill(tmp_path, 0, led_b, fsync=False)
+    assert sp_b.reconcile() == {"hot": 4}
+    sp_b.rebuild_add("hot", 11, 1, None)  # the replay of the old log got one of them
+    sp_b.rebuild_flush(done=False)
+    assert sp_b.log_restarted() == 1  # then the log started over: the other 3 are gone with it
+    assert not led_b.rebuild and led_b.low_offset(0) == 0
+    # the lost ones keep their place (gaps) so that no sequence number is given twice, and
+    # are counted lost as they drain
+    assert led_b.regions["hot"][:2] == [4, 0] and sp_b.store.backlog("hot") == 4
+    assert sp_b.drain(limits, now=9.0, unlimited=True) == [ev("hot", 1)]
+    assert led_b.backlog("hot") == 0 and led_b.fences == {} and sp_b.lost == 3
+
+
 # ---------------------------------------------------------------- property test
 REGIONS = ("hot", "eu", "us")
 
 
 class Sim:
-    """The worker's spill calls against a source log, with crashes."""
+    """The worker's spill calls against a source log, with crashes.  The log can start over
+    (``logs``: the first log, then the one after each restart); the worker finds out on its
+    next batch (core.sourcelog, modelled by the log the state counts) and counts the new log
+    from 0, as ``WorkerService._check_source``.  An event's ingest time is 1000 * its log
+    + its offset."""
 
-    def __init__(self, root, log_: list[str], limits: RateLimits) -> None:
-        self.root, self.log, self.limits = root, log_, limits
-        self.durable = {"next": 0, "ledger": {}, "counted": []}
+    def __init__(self, root, logs: list[list[str]], limits: RateLimits) -> None:
+        self.root, self.logs, self.limits = root, logs, limits
+        self.gen = 0  # the log the source has now
+        self.durable = {"next": 0, "ledger": {}, "counted": [], "gen": 0, "lost": 0}
         self.committed = 0
         self.boot()
+
+    @property
+    def log(self) -> list[str]:
+        return self.logs[self.gen]
 
     def boot(self) -> None:
         d = self.durable
         self.next = d["next"]
+        self.book_gen = d["gen"]  # the log the state counts
         self.counted = list(d["counted"])
+        self.lost = d["lost"]  # events found lost, as of the durable state
         self.ledger = SpillLedger()
         self.ledger.load(orjson.loads(orjson.dumps(d["ledger"])))
         self.spill = PartitionSpill(self.root, 0, self.ledger, fsync=False)
         self.spill.reconcile()
         self.pos = self.committed
 
+    def take_lost(self) -> None:
+        self.lost += self.spill.lost
+        self.spill.lost = 0
+
     def batch(self, n: int, now: float) -> None:
+        if self.book_gen != self.gen:  # the log started over
+            self.next = 0
+            self.spill.log_restarted()
+            self.book_gen = self.gen
         recs = list(range(self.pos, min(len(self.log), self.pos + n)))
         if not recs:
             return
+        base = 1000 * self.gen
         self.pos = recs[-1] + 1
         if recs[0] < self.next and self.ledger.rebuild:
             lows = {r: self.ledger.regions[r][2] for r in self.ledger.rebuild}
             for off in recs:
                 r = self.log[off]
                 if off < self.next and r in lows and off >= lows[r]:
-                    self.spill.rebuild_add(r, off, off, None)
+                    self.spill.rebuild_add(r, off, base + off, None)
             self.spill.rebuild_flush(done=recs[-1] + 1 >= self.next)
         recs = [o for o in recs if o >= self.next]
         if not recs:
             return
-        events = [(self.log[o], o, None) for o in recs]
+        events = [(self.log[o], base + o, None) for o in recs]
         split = self.ledger.split(events, recs, self.limits, now)
         if split is not None:
             self.spill.write(split)
@@ -151,9 +265,12 @@ class Sim:
     def flush(self, now: float) -> None:
         drained = self.spill.drain(self.limits, now)
         self.counted += [(r, its) for r, its, _ in drained]
-        self.durable = {"next": self.next, "ledger": self.ledger.to_dict(), "counted": list(self.counted)}
+        self.take_lost()
+        self.durable = {"next": self.next, "ledger": self.ledger.to_dict(), "counted": list(self.counted),
+                        "gen": self.book_gen, "lost": self.lost}
         self.spill.acked()
-        self.committed = self.ledger.low_offset(self.next)
+        if self.book_gen == self.gen:  # a state of a log that is gone commits nothing on the new one
+            self.committed = self.ledger.low_offset(self.next)
 
     def crash(self, lose_disk: bool) -> None:
         self.spill.close()
@@ -161,26 +278,47 @@ class Sim:
             shutil.rmtree(self.root / "p0", ignore_errors=True)
         self.boot()
 
+    def restart(self) -> None:
+        """The log starts over, once all of it is in durable state (events not yet are lost
+        with the log whatever the worker does); the consumer reads the new one from 0."""
+        d = self.durable
+        if self.gen + 1 < len(self.logs) and self.book_gen == self.gen == d["gen"] and \
+                d["next"] == self.next == len(self.log):
+            self.gen += 1
+            self.committed = self.pos = 0
 
-def run_sim(root, rnd: random.Random) -> None:
-    log_ = [rnd.choice(REGIONS) for _ in range(rnd.randint(1, 120))]
-    sim = Sim(root, log_, RateLimits(0, {"hot": 2, "eu": 4}))
+
+def run_sim(root, rnd: random.Random, restarts: bool = False) -> None:
+    """``restarts``: three logs, short ones, and restarts tried often."""
+    n_logs, longest = (3, 30) if restarts else (rnd.choice((1, 1, 2, 3)), 120)
+    logs = [[rnd.choice(REGIONS) for _ in range(rnd.randint(1, longest))] for _ in range(n_logs)]
+    sim = Sim(root, logs, RateLimits(0, {"hot": 2, "eu": 4}))
+    ops = ["batch", "batch", "flush", "crash", "lose", "restart"] + ["batch", "flush", "restart", "lose"] * restarts
     now = 0.0
     for _ in range(rnd.randint(0, 40)):
         now += 0.25
-        op, n = rnd.choice(["batch", "batch", "flush", "crash", "lose"]), rnd.randint(1, 15)
+        op, n = rnd.choice(ops), rnd.randint(1, 15)
         if op == "batch":
             sim.batch(n, now)
         elif op == "flush":
             sim.flush(now)
+        elif op == "restart":
+            sim.restart()
         else:
             sim.crash(lose_disk=op == "lose")
-    for _ in range(len(log_) + 5):  # run to the end: everything gets drained
+    for _ in range(sum(map(len, logs)) + 5):  # run to the end: everything gets drained
         now += 1.0
         sim.batch(50, now)
         sim.flush(now)
+        sim.restart()
     sim.spill.close()
-    assert sorted(sim.counted) == sorted((r, o) for o, r in enumerate(log_))
+    assert sim.gen == len(logs) - 1
+    everything = [(r, 1000 * g + o) for g, log_ in enumerate(logs) for o, r in enumerate(log_)]
+    assert len(set(sim.counted)) == len(sim.counted), "counted twice"
+    missing = set(everything) - set(sim.counted)
+    assert not set(sim.counted) - set(everything)
+    # only spilled events of a log that started over, whose spill was lost too, are missing: counted as lost
+    assert len(missing) == sim.lost and all(its < 1000 * (len(logs) - 1) for _, its in missing)
     for region in REGIONS:
         order = [its for r, its in sim.counted if r == region]
         assert order == sorted(order), f"{region} counted out of order"
@@ -193,6 +331,16 @@ def test_every_event_counted_once_in_order_through_crashes(tmp_path, chunk):
         root = tmp_path / str(seed)
         root.mkdir()
         run_sim(root, random.Random(seed))
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_every_event_counted_once_across_log_restarts(tmp_path, chunk):
+    """Random schedules (seeded, 2 x 150) where the source log starts over often: spilled
+    events of a log that is gone are drained, never re-read from the new one."""
+    for seed in range(chunk * 150, chunk * 150 + 150):
+        root = tmp_path / str(seed)
+        root.mkdir()
+        run_sim(root, random.Random(seed), restarts=True)
 
 
 def test_spill_missing_from_disk_and_source_is_counted_lost_and_spilling_goes_on(tmp_path):

@@ -89,6 +89,35 @@ def test_forwarded_records_are_read_repeats_dropped_bad_ones_dead_lettered():
     assert rejected == {"undecodable": 1, "bad_region": 1} and len(dead) == 2
 
 
+def test_forwarded_records_of_a_source_whose_log_started_over_are_counted_once():
+    # source 1 forwarded offsets 5, 6 of its first log; its log started over (epoch 1) and
+    # it forwards offsets 0, 1 of the new one, then after a crash 1 again, and 2
+    specs = [forward_record(1, ("eu", 10, None, 5, None, None)), forward_record(1, ("eu", 11, None, 6, None, None)),
+             forward_record(1, ("eu", 20, None, 0, None, None), 1), forward_record(1, ("eu", 21, None, 1, None, None), 1),
+             forward_record(1, ("eu", 21, None, 1, None, None), 1),  # repeat
+             forward_record(1, ("eu", 12, None, 7, None, None)),  # of the old log: stale
+             forward_record(1, ("eu", 22, None, 2, None, None), 1),
+             forward_record(2, ("us", 30, None, 3, None, None))]
+    applied: dict[int, int] = {}
+    epochs: dict[int, int] = {}
+    (events, *_), repeats = RecordDecoder(3).decode_forwarded(fetched(specs), 0, applied, None, MAX_TS, epochs)
+    assert events == [("eu", 10, None), ("eu", 11, None), ("eu", 20, None), ("eu", 21, None), ("eu", 22, None),
+                      ("us", 30, None)]
+    assert repeats == 2 and applied == {1: 2, 2: 3} and epochs == {1: 1}
+    # the marks as the book stores them: read again after a crash, all of it is a repeat
+    (events, *_), repeats = RecordDecoder(3).decode_forwarded(fetched(specs), 0, applied, None, MAX_TS, epochs)
+    assert events == [] and repeats == len(specs)
+
+
+def test_a_forwarded_record_of_the_earlier_header_format_is_epoch_0():
+    key, value, headers = forward_record(1, ("eu", 10, None, 5, None, None))
+    assert headers[1][1] == b"1,5"
+    applied, epochs = {1: 4}, {}
+    (events, *_), _ = RecordDecoder(3).decode_forwarded(fetched([(key, value, headers)]), 0, applied, None,
+                                                         MAX_TS, epochs)
+    assert events == [("eu", 10, None)] and applied == {1: 5} and epochs == {}
+
+
 def _setup(tmp_path, partitions=4):
     log: list = []
     producer = RecordingProducer(log)
@@ -151,8 +180,17 @@ def test_book_state_keeps_the_repartition_fields(tmp_path):
     _, parts, _, _ = _setup(tmp_path)
     book = parts.books.new_book()
     book.forwarded = {1: 7, 3: 2}
+    book.forwarded_epochs = {3: 2}
     book.repart_next = 12
     book.partitions = 4
+    book.log_epoch = 1
     again = parts.books.new_book()
     again.load(orjson.loads(orjson.dumps(book.to_dict())))
-    assert (again.forwarded, again.repart_next, again.partitions) == ({1: 7, 3: 2}, 12, 4)
+    assert (again.forwarded, again.forwarded_epochs, again.repart_next, again.partitions, again.log_epoch) == (
+        {1: 7, 3: 2}, {3: 2}, 12, 4, 1)
+    # a state of the earlier format (no epochs): every epoch is 0, and 0s are not written
+    stored = book.to_dict()
+    del stored["forwarded_epochs"], stored["log_epoch"]
+    again.load(orjson.loads(orjson.dumps(stored)))
+    assert (again.forwarded_epochs, again.log_epoch) == ({}, 0)
+    assert "forwarded_epochs" not in again.to_dict() and "log_epoch" not in again.to_dict()
