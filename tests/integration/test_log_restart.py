@@ -210,10 +210,7 @@ def test_a_broker_back_empty_is_counted_from_its_start(tmp_path):
         assert svc.post([{"region": "old"}] * N)[0] == 200
         wait_counted(svc, "old", N, 60)
         time.sleep(1.5)
-        b.stop()
-        b = EmbeddedBroker(port=b.port).start()  # the same address, nothing in it
-        asyncio.run(ensure_topics(b.bootstrap, 1))
-        asyncio.run(create_changelog(b.bootstrap))
+        b = restart_empty(b, svc, 1)  # the same address, nothing in it
         post_until_accepted(svc, [{"region": "new"}] * N, 60)
         wait_counted(svc, "new", N, 60)
         assert counted(svc, "new") == N
