@@ -24,7 +24,8 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     out, raw = tmp_path / "benchmarks.md", tmp_path / "results.json"
     proc = subprocess.run(
         [sys.executable, "-m", "tools.bench", "--n", "3000", "--runs", "1", "--faust-n", "300",
-         "--memory-n", "6000", "--ingest-duration", "1.5", "--kafka", "no", "--out", str(out), "--json", str(raw)],
+         "--memory-n", "6000", "--aggregates-memory-n", "4000", "--aggregates-regions", "300",
+         "--ingest-duration", "1.5", "--kafka", "no", "--out", str(out), "--json", str(raw)],
         cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(raw.read_text())
@@ -36,6 +37,8 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     assert w["bare_rate"] > 0 and w["worker_rate"] > 0 and w["faust_rate"] > 0
     assert [n for n, _ in res["memory"]["peak_rss"]] == [3000, 6000]
     assert all(mb > 0 for _, mb in res["memory"]["peak_rss"])
+    # figure 4b: aggregates on over many regions, counts exact (else the run raises)
+    assert res["aggregates_memory"]["regions"] == 300 and [n for n, _, _ in res["aggregates_memory"]["runs"]] == [4000]
     i = res["ingest"]
     assert i["exact"] is True and i["runs"][0]["one_exact"] is True
     run = i["runs"][0]
@@ -46,7 +49,7 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     # the report is made from the results: every section and the machine are there
     md = out.read_text()
     for needle in ("## Machine", "nproc", "Python", "worker throughput", "HTTP ingest", "snapshot delay",
-                   "peak RSS", "1b. worker", "1c. worker", "1d. worker", res["machine"]["cpu"]):
+                   "peak RSS", "1b. worker", "1c. worker", "1d. worker", "4b. worker", res["machine"]["cpu"]):
         assert needle in md, needle
     assert "worker throughput" in proc.stdout  # the printed table
     # the markdown is made from exactly these results (its raw block is the JSON written)

@@ -149,6 +149,31 @@ def memory_section(a: argparse.Namespace, rss: list[tuple[int, float]]) -> dict:
             "large_rate": common.median(rates), "large_bare": common.median(bares)}
 
 
+def aggregates_memory_section(a: argparse.Namespace) -> dict:
+    """Figure 4b: the worker's peak RSS with aggregates on, ``a.aggregates_regions`` regions
+    (Zipf-like), over backlogs of each size in ``a.aggregates_memory_n``, records as ingest
+    writes them (agg headers); one run each.  Counts checked exact."""
+    out = []
+    regions = common.many_regions(a.aggregates_regions)
+    for n in a.aggregates_memory_n:
+        b, bootstrap = fresh_broker(a.partitions)
+        try:
+            t = time.perf_counter()
+            truth = asyncio.run(common.produce_backlog(bootstrap, n, seed=200, ingest_format=True, regions=regions))
+            log(f"aggregates memory: produced {n:,} events over {a.aggregates_regions} regions in "
+                f"{time.perf_counter() - t:.1f}s")
+            w = throughput.worker(b.url, n, env={"AGG_AGGREGATES": "true",
+                                                 "AGG_MAX_REGIONS": str(max(1000, a.aggregates_regions))})
+            produced = {k: v for k, v in truth.items() if v}  # regions drawn at least once
+            if w.counts != produced:
+                raise RuntimeError("aggregates memory run: counts differ from what was produced")
+            log(f"aggregates memory: N={n:,} worker {w.rate:,.0f}/s peak RSS {w.peak_rss_mb:.0f} MB")
+            out.append((n, w.peak_rss_mb, w.rate))
+        finally:
+            stop_broker(b)
+    return {"regions": a.aggregates_regions, "runs": out}
+
+
 def _phase_dict(p: ingest.Phase) -> dict:
     return {"rate": p.rate, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms, "offered": p.offered,
             "requests": p.requests, "server_cpu": p.server_cpu, "worker_cpu": p.worker_cpu,
@@ -279,6 +304,8 @@ def measure(a: argparse.Namespace, results: dict) -> bool:
             ok &= exact
             results["worker_aggs_ingest"], _, exact = worker_section(a, aggregates=True, ingest_format=True)
             ok &= exact
+        if a.aggregates and a.aggregates_memory_n:
+            results["aggregates_memory"] = aggregates_memory_section(a)
         if a.memory_n:
             results["memory"] = memory_section(a, rss)
         else:
@@ -315,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (medians)")
     ap.add_argument("--faust-n", type=int, default=20_000, help="events for the plain-Faust reference (0: skip)")
     ap.add_argument("--memory-n", type=int, default=3_000_000, help="larger backlog for peak RSS (0: skip)")
+    ap.add_argument("--aggregates-memory-n", type=int, nargs="*", default=[1_000_000, 3_000_000],
+                    help="backlogs for figure 4b: peak RSS with aggregates on and many regions (none: skip)")
+    ap.add_argument("--aggregates-regions", type=int, default=1000, help="regions of figure 4b")
     ap.add_argument("--memory-runs", type=int, default=1)
     ap.add_argument("--no-aggregates", dest="aggregates", action="store_false",
                     help="skip figures 1c and 1d (the worker with unique users, top URLs and delay quantiles on)")

@@ -46,15 +46,22 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 # ------------------------------------------------------------------ the backlog
+def many_regions(n: int) -> tuple[list[str], list[float]]:
+    """``n`` regions with Zipf-like weights (figure 4b: memory with aggregates at many regions)."""
+    return [f"m{i:04d}" for i in range(n)], [1.0 / (k + 1) ** 0.8 for k in range(n)]
+
+
 async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 200_000,
-                          event_ids: bool = False, ingest_format: bool = False) -> dict[str, int]:
+                          event_ids: bool = False, ingest_format: bool = False,
+                          regions: tuple[list[str], list[float]] | None = None) -> dict[str, int]:
     """Produce ``n`` click events to ``clicks`` (key = region, partition = aiokafka's default
     partitioner for that key) with record batches; returns the count per region.  Every
     event has a ``user_id`` (5000 users), a ``url`` (1000 pages, with a query string) and a
     client ``ts`` 0-2 s before its ``ingest_ts``.  ``event_ids``: every event has a distinct
     ``event_id`` (the worker dedups by it).  ``ingest_format``: the records carry the
     headers the HTTP ingest writes (the ingest header, and the aggregates' hashes), so the
-    worker counts them without parsing their values."""
+    worker counts them without parsing their values.  ``regions``: (names, weights) instead
+    of the 16 regions."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.partitioner import DefaultPartitioner
 
@@ -64,8 +71,9 @@ async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 20
     try:
         parts = sorted(await p.partitions_for(CLICKS))
         part = DefaultPartitioner()
-        route = {r: (r.encode(), part(r.encode(), parts, parts)) for r in REGIONS}
-        truth: dict[str, int] = dict.fromkeys(REGIONS, 0)
+        names, weights = regions or (REGIONS, WEIGHTS)
+        route = {r: (r.encode(), part(r.encode(), parts, parts)) for r in names}
+        truth: dict[str, int] = dict.fromkeys(names, 0)
         rng = random.Random(seed)
         now = int(time.time() * 1000)
         dumps = orjson.dumps
@@ -73,9 +81,9 @@ async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 20
         futs = []
         while done < n:
             k = min(chunk, n - done)
-            regions = rng.choices(REGIONS, WEIGHTS, k=k)
+            picked = rng.choices(names, weights, k=k)
             by_part: dict[int, list[tuple[bytes, bytes]]] = {}
-            for i, r in enumerate(regions, done):
+            for i, r in enumerate(picked, done):
                 key, pt = route[r]
                 its = now + i // 1000
                 user, url, cts = f"u{(i * 7919) % 5000}", f"/p/{(i * 31) % 1000}?s={i % 7}", its - i % 2000
