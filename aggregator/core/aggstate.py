@@ -28,6 +28,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
+
 from aggregator.core.contract import Agg, AggParts, parse_agg_header
 from aggregator.core.recordlog import Prepared, RecordLog
 from aggregator.core.sketches import CellAggregates, SketchParams, delay_buckets
@@ -42,11 +44,21 @@ CHUNK = 1000
 FLUSH_EVENTS = 20_000
 _MAX64 = (1 << 64) - 1
 TAILS_MAX = 50_000
+# a window's input logged beyond this (and beyond twice its cells) is replaced by its cells
+COMPACT_BYTES = 4_000_000
+_GEN_BUCKETS = 10**14  # buckets at or above: window start * 1000 + generation (below: a window start)
+
+
+def window_of(bucket: int) -> int:
+    """The window start of a bucket of aggregates records."""
+    return bucket // 1000 if bucket >= _GEN_BUCKETS else bucket
 
 # A logged batch of one cell: (window start, region, user hashes, url hashes, their events,
 # [[url hash, text], ...] of the URLs that got a counter, delay buckets, their events,
 # events with a delay <= 0)
 Entry = tuple[int, str, list[int], list[int], list[int], list[list[Any]], list[int], list[int], int]
+# A logged base: a cell as it was, whole (bucket, region, CellAggregates.to_json(), its size)
+Base = tuple[int, str, dict[str, Any], int]
 # what ``WindowBook.apply`` stages per cell: (the events' Agg, their client delays)
 Staged = tuple[list["Agg | None"], list[int]]
 
@@ -65,6 +77,12 @@ class WindowAggregates(RecordLog):
         self.n_staged = 0  # events staged (``WindowBook.apply`` adds, ``flush`` resets)
         # the ``<url hash>,<url>`` part of agg headers -> (url hash or -1: none, url); cleared when full
         self.tails: dict[bytes, tuple[int, bytes]] = {}
+        # per open window: the bucket its records go to now (the window start, or after a
+        # compaction ``_compact`` its start * 1000 + generation), the input bytes logged since
+        # its last base, and the size of that base
+        self.bucket_of: dict[int, int] = {}
+        self.input_bytes: dict[int, int] = {}
+        self.base_bytes: dict[int, int] = {}
 
     # ------------------------------------------------------------------ per batch
     def staged(self, ws: int, region: str) -> Staged:
@@ -112,8 +130,10 @@ class WindowAggregates(RecordLog):
         if not (users or urls or buckets or dz):
             return
         read = cell.add_batch(users, urls, texts, buckets, dz)
-        self.pending.append((ws, region, users, list(urls), list(urls.values()), read, list(buckets),
-                             list(buckets.values()), dz))
+        entry = (self.bucket_of.get(ws, ws), region, users, list(urls), list(urls.values()), read, list(buckets),
+                 list(buckets.values()), dz)
+        self.pending.append(entry)
+        self.input_bytes[ws] = self.input_bytes.get(ws, 0) + self._size(entry)
 
     def _columns(self, aggs: list[Agg | None]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
         """(user hashes in order, url hash -> events, url hash -> its text) of the events'
@@ -203,6 +223,9 @@ class WindowAggregates(RecordLog):
         if ws in self.stage:
             self.flush()  # else a later flush would bring the closed window's cells back
         self.cells.pop(ws, None)
+        self.bucket_of.pop(ws, None)
+        self.input_bytes.pop(ws, None)
+        self.base_bytes.pop(ws, None)
 
     # ------------------------------------------------------------------ changelog
     def take_records(self, partition: int) -> tuple[list[tuple[str, dict[str, Any]]], Prepared]:
@@ -211,41 +234,76 @@ class WindowAggregates(RecordLog):
         if self.stage:
             self.flush()
         open_windows = self.cells
-        for ws in [ws for ws in self.written if ws not in open_windows]:
-            self.expiring.append((ws, self.written.pop(ws)))
-        if any(e[0] not in open_windows for e in self.pending):
-            self.pending = [e for e in self.pending if e[0] in open_windows]
+        for b in [b for b in self.written if window_of(b) not in open_windows]:
+            self.expiring.append((b, self.written.pop(b)))
+        if any(window_of(e[0]) not in open_windows for e in self.pending):
+            self.pending = [e for e in self.pending if window_of(e[0]) in open_windows]
+        for ws in list(open_windows):
+            if self.input_bytes.get(ws, 0) > max(COMPACT_BYTES, 2 * self.base_bytes.get(ws, 0)):
+                self._compact(ws)
         return super().take_records(partition)
 
-    def _size(self, e: Entry) -> int:
+    def _compact(self, ws: int) -> None:
+        """Window ``ws``'s input logged since it opened (or since its last base) has outgrown
+        its cells: log the cells themselves as the base of a new bucket of the window, drop
+        the input entries not written yet (the cells hold them), and let the bucket before
+        expire once a state naming the new one is durable.  So a window's records are at most
+        its cells plus about twice their size of input, however many events it gets."""
+        old = self.bucket_of.get(ws, ws)
+        gen = old % 1000 + 1 if old >= _GEN_BUCKETS else 1
+        if gen >= 1000:
+            return
+        new = ws * 1000 + gen
+        self.pending = [e for e in self.pending if e[0] != old]
+        if old in self.written:
+            self.expiring.append((old, self.written.pop(old)))
+        total = 0
+        for region, cell in sorted(self.cells[ws].items()):
+            value = cell.to_json()
+            n = 40 + len(region) * 6 + len(orjson.dumps(value))
+            self.pending.append((new, region, value, n))
+            total += n
+        self.bucket_of[ws] = new
+        self.base_bytes[ws] = total
+        self.input_bytes[ws] = 0
+
+    def _size(self, e: Entry | Base) -> int:
+        if len(e) == 4:
+            return e[3]
         return (100 + len(e[1]) * 6 + 22 * len(e[2]) + 30 * len(e[3]) + 20 * len(e[6])
                 + sum(26 + len(t) * 6 for _, t in e[5]))
 
     def _value(self, entries: Sequence[Entry]) -> dict[str, Any]:
         """``{"c": [[region, user hashes, url hashes, their events, [[url hash, text], ...],
         delay buckets, their events, delays <= 0], ...]}``: the logged batches in order."""
-        return {"c": [list(e[1:]) for e in entries]}
+        bases = [[e[1], e[2]] for e in entries if len(e) == 4]
+        batches = [list(e[1:]) for e in entries if len(e) != 4]
+        return {"b": bases, "c": batches} if bases else {"c": batches}
 
     def load(self, partition: int, index: Any, record: Callable[[str], Any], open_windows: set[int]) -> None:
         """Rebuild the cells of ``open_windows`` from a state's ``index`` and the stored records
         (``record(key)`` -> its JSON value; a missing one raises ValueError)."""
         if not index:
             return
-        for ws_text, n in sorted(index.items(), key=lambda kv: int(kv[0])):
-            ws = int(ws_text)
+        for b_text, n in sorted(index.items(), key=lambda kv: int(kv[0])):
+            b = int(b_text)
+            ws = window_of(b)
             if ws not in open_windows:  # closed in the state: its records go
-                self.expiring.append((ws, int(n)))
+                self.expiring.append((b, int(n)))
                 continue
             for seq in range(int(n)):
-                value = record(self.record_key(partition, ws, seq))
+                value = record(self.record_key(partition, b, seq))
                 if not isinstance(value, dict):
-                    raise ValueError(f"partition {partition}: aggregates record {ws}/{seq} is missing")
+                    raise ValueError(f"partition {partition}: aggregates record {b}/{seq} is missing")
                 self._replay(ws, value)
-            self.written[ws] = int(n)
+            self.written[b] = int(n)
+            self.bucket_of[ws] = b
         self.pending = []  # the replay re-logged what is written already
 
     def _replay(self, ws: int, value: dict[str, Any]) -> None:
         per_window = self.cells.setdefault(ws, {})
+        for region, base in value.get("b", ()):
+            per_window[region] = CellAggregates.from_json(base)
         if "c" not in value:  # the earlier format: one entry per event
             texts = value.get("t", {})
             for i, (region, user, url_h, delay) in enumerate(zip(value["r"], value["u"], value["h"], value["d"],

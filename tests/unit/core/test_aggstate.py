@@ -199,3 +199,37 @@ def test_a_window_closed_with_events_still_staged_is_forgotten_whole():
     aggs.flush()
     records, _ = aggs.take_records(0)
     assert aggs.cells == {} and records == []
+
+
+def test_a_busy_window_logs_its_cells_as_a_base_so_its_records_stay_bounded(monkeypatch):
+    """A window's logged input is replaced by its cells once it outgrows them: the records a
+    window keeps stay bounded however many events it gets, the old bucket's records are
+    deleted once a state naming the new one is durable, and recovery from any of those
+    states rebuilds the cells byte for byte (a failed write prepared again included)."""
+    from aggregator.core import aggstate
+
+    monkeypatch.setattr(aggstate, "COMPACT_BYTES", 200_000)
+    rng = random.Random(8)
+    book = WindowBook(W, 5_000, 300_000, 3_600_000, 100, WindowAggregates())
+    stored: dict = {}
+    sizes = []
+    buckets = set()
+    for step in range(30):
+        events, aggs = _events(rng, 2000, T0 + step, regions=8)  # every event in the first window
+        book.apply([(r, T0 + step, c if c is None else T0 + step - 40) for r, _, c in events], 0, T0, aggs)
+        if step == 12:
+            book.aggs.take_records(0)  # a write that fails: prepared again next time, whole
+        index = _checkpoint(book.aggs, 0, stored)
+        buckets |= set(index)
+        sizes.append(sum(len(orjson.dumps(v)) for v in stored.values()))
+        again = WindowAggregates()
+        again.load(0, index, stored.get, {T0})
+        assert _cells(again) == _cells(book.aggs), step
+    assert len(book.aggs.cells) == 1 and len(buckets) > 3  # compacted several times
+    assert len(index) == 1  # a state names one bucket of the window
+    assert max(sizes) < 3 * 200_000 + 2 * max_cells_bytes(book.aggs)
+    assert sizes[-1] < sizes[len(sizes) // 2] * 2  # not growing with the events
+
+
+def max_cells_bytes(aggs: WindowAggregates) -> int:
+    return sum(len(orjson.dumps(c.to_json())) for per in aggs.cells.values() for c in per.values())
