@@ -16,11 +16,13 @@ window closes its cells become the snapshot's fields (in the book's outbox, whic
 state) and its records are deleted after the state that no longer names them is durable.
 
 Per event, ``WindowBook.apply`` only appends the event's ``Agg`` (for ingest's records the
-agg header's value as it came) and delay to its cell's staged lists; ``flush`` (at the end
-of the batch, and before a window closes) reads the headers of a cell in bulk and adds
-them with ``CellAggregates.add_many``: the per-event work is a few C-level list and
-``int`` operations.  A URL's text is logged only when the cell may have read it
-(``CellAggregates.texts_since``), which is exactly what replaying the batch needs.
+agg header's value as it came) and delay to its cell's staged lists; ``flush`` (at 20,000
+staged events, at the checkpoint, and before a window closes) reads the headers of a cell
+in bulk and adds them with ``CellAggregates.add_batch``: the per-event work is a few
+C-level list and ``int`` operations.  A URL's text is logged only when the cell took it
+(``add_batch`` returns those), which is exactly what replaying the batch needs.  Once a
+window's logged input outgrows its cells, the cells themselves are logged as its base
+(``_compact``), so a window's records stay bounded.
 """
 from __future__ import annotations
 

@@ -406,22 +406,6 @@ class CellAggregates:
                 b[i] += c  # type: ignore[index]
         return read
 
-    def held_urls(self) -> set[int]:
-        """The URL hashes with a counter now (for ``texts_since``)."""
-        return set(self._urls)
-
-    def texts_since(self, url_hs: Iterable[int | None], held: set[int], offset: int) -> list[list[Any]]:
-        """``[[hash, text], ...]``: the texts ``add_many`` may just have read, of the URLs
-        ``url_hs`` it was given -- given ``held`` (``held_urls()``) and ``offset`` from just
-        before.  Those the cell holds now and did not hold before, or, if Misra-Gries purged
-        during the batch (``offset`` moved), every one of the batch the cell holds now.
-        Adding the same batch again to the cell as it was, with these texts (the other
-        URLs' None), gives the same cell: a text is read only when its URL gets a counter,
-        and only the texts of the URLs the cell holds at the end are kept."""
-        texts = self._texts
-        new = texts.keys() - held if self.offset == offset else {h for h in url_hs if h in texts}
-        return [[h, texts[h]] for h in sorted(new)]
-
     def holds_url(self, url_h: int) -> bool:
         """Whether the URL has a counter now (``add`` reads a URL's text only when not)."""
         return url_h in self._urls

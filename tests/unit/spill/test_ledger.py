@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from pathlib import Path
 
 import orjson
 import pytest
@@ -21,6 +22,17 @@ from aggregator.spill.partition import PartitionSpill
 
 def ev(region: str, its: int) -> tuple:
     return (region, its, None)
+
+
+def _spill_lost(tmp_path: Path, led: SpillLedger, sp: PartitionSpill) -> tuple[SpillLedger, PartitionSpill]:
+    """The partition's state written, then its spill directory gone (another host takes it
+    over): the ledger recovered from that state and the spill opened again on an empty dir."""
+    state = orjson.dumps(led.to_dict())
+    sp.close()
+    shutil.rmtree(tmp_path / "p0")
+    led_b = SpillLedger()
+    led_b.load(orjson.loads(state))
+    return led_b, PartitionSpill(tmp_path, 0, led_b, fsync=False)
 
 
 def test_no_limit_no_split():
@@ -159,12 +171,7 @@ def test_partition_spill_across_a_log_restart_and_a_lost_disk(tmp_path):
     sp.write(led.split([ev("hot", 12)], [5], limits, now=0.5))
     assert sp.log_restarted() == 1  # a second restart
     sp.write(led.split([ev("hot", 20), ev("hot", 21)], [0, 1], limits, now=0.5))
-    state = orjson.dumps(led.to_dict())
-    sp.close()
-    shutil.rmtree(tmp_path / "p0")
-    led_b = SpillLedger()
-    led_b.load(orjson.loads(state))
-    sp_b = PartitionSpill(tmp_path, 0, led_b, fsync=False)
+    led_b, sp_b = _spill_lost(tmp_path, led, sp)
     # the one of the log before is lost; the current log's two are re-read from it
     assert sp_b.reconcile() == {"hot": 2} and sp_b.lost == 1
     for off, its in ((0, 20), (1, 21)):
@@ -178,12 +185,7 @@ def test_a_log_restart_during_a_rebuild_keeps_what_was_reread_and_loses_the_rest
     led = SpillLedger()
     sp = PartitionSpill(tmp_path, 0, led, fsync=False)
     sp.write(led.split([ev("hot", i) for i in range(5)], [10, 11, 12, 13, 14], limits, now=0.0))
-    state = orjson.dumps(led.to_dict())
-    sp.close()
-    shutil.rmtree(tmp_path / "p0")
-    led_b = SpillLedger()
-    led_b.load(orjson.loads(state))
-    sp_b = PartitionSpill(tmp_path, 0, led_b, fsync=False)
+    led_b, sp_b = _spill_lost(tmp_path, led, sp)
     assert sp_b.reconcile() == {"hot": 4}
     sp_b.rebuild_add("hot", 11, 1, None)  # the replay of the old log got one of them
     sp_b.rebuild_flush(done=False)
@@ -348,12 +350,7 @@ def test_spill_missing_from_disk_and_source_is_counted_lost_and_spilling_goes_on
     led = SpillLedger()
     sp = PartitionSpill(tmp_path, 0, led, fsync=False)
     sp.write(led.split([ev("hot", i) for i in range(6)], list(range(6)), limits, now=0.0))
-    state = orjson.dumps(led.to_dict())
-    sp.close()
-    shutil.rmtree(tmp_path / "p0")
-    led_b = SpillLedger()
-    led_b.load(orjson.loads(state))
-    sp_b = PartitionSpill(tmp_path, 0, led_b, fsync=False)
+    led_b, sp_b = _spill_lost(tmp_path, led, sp)
     assert sp_b.reconcile() == {"hot": 5}
     sp_b.rebuild_flush(done=True)  # the replay had nothing before the state's offset
     assert sp_b.lost == 5 and led_b.backlog("hot") == 0 and not led_b.rebuild
