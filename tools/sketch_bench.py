@@ -1,4 +1,4 @@
-"""Per-event cost of the sketch layer (aggregator/core/sketches.py), one loop, one core.
+"""Per-event cost of the sketch layer (aggregator/core/sketches/), one loop, one core.
 
     python -m tools.sketch_bench                 # CellAggregates.add and add_many, 1M events
     python -m tools.sketch_bench --events 200000 --runs 3

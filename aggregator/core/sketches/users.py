@@ -1,0 +1,224 @@
+"""Unique users of one cell: the exact set of their hashes, then a HyperLogLog (pure).
+
+Exact up to ``SketchParams.exact_users`` distinct hashes; one more turns the set into
+``2**hll_p`` one-byte registers.  The estimate is then the HIP (historic inverse
+probability) estimate, started at the exact count and raised each time a register rises;
+after a merge of two HyperLogLogs, which HIP cannot follow, Ertl's improved estimator on
+the registers (:func:`hll_estimate`).
+"""
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+
+from aggregator.core.sketches.params import SketchParams, b64, pack, unpack
+
+# ---------------------------------------------------------------------------------------
+# HyperLogLog estimate (Ertl 2017, "New cardinality estimation algorithms for HyperLogLog
+# sketches", the improved raw estimator of section 4.2)
+
+
+def _sigma(x: float) -> float:
+    if x == 1.0:
+        return math.inf
+    y, z = 1.0, x
+    while True:
+        x *= x
+        z_old = z
+        z += x * y
+        y += y
+        if z == z_old:
+            return z
+
+
+def _tau(x: float) -> float:
+    if x in (0.0, 1.0):
+        return 0.0
+    y, z = 1.0, 1.0 - x
+    while True:
+        x = math.sqrt(x)
+        z_old = z
+        y *= 0.5
+        z -= (1 - x) ** 2 * y
+        if z == z_old:
+            return z / 3
+
+
+def hll_estimate(registers: bytes | bytearray, p: int) -> float:
+    """Cardinality estimate of HyperLogLog ``registers`` (values 0..65-p)."""
+    m = len(registers)
+    q = 64 - p
+    counts = [registers.count(k) for k in range(q + 2)]
+    z = m * _tau(1 - counts[q + 1] / m)
+    for k in range(q, 0, -1):
+        z = 0.5 * (z + counts[k])
+    z += m * _sigma(counts[0] / m)
+    return m * m / (2 * math.log(2)) / z
+
+
+class UniqueUsers:
+    """The distinct user hashes of one cell: exact, then a HyperLogLog with HIP."""
+
+    __slots__ = ("_p", "_exact_users", "_users", "_regs", "_mask", "_rmax", "_hip", "_kxq", "_scale")
+
+    def __init__(self, p: SketchParams) -> None:
+        self._p = p.hll_p
+        self._exact_users = p.exact_users
+        self._users: set[int] | None = set()    # exact mode; None once in HyperLogLog mode
+        self._regs: bytearray | None = None
+        self._mask = (1 << p.hll_p) - 1         # register index: the hash's low hll_p bits
+        self._rmax = 65 - p.hll_p                # rank: leading zeros of the other bits + 1
+        # HIP (historic inverse probability) estimate, kept while the registers change one
+        # insert at a time; None after a merge of two HyperLogLogs (then Ertl's estimate).
+        # _kxq = sum over registers of 2**(rmax - r) (0 for r == rmax): the chance that a
+        # new user changes a register is _kxq / _scale.
+        self._hip: float | None = None
+        self._kxq = 0
+        self._scale = 1 << (p.hll_p + self._rmax)
+
+    @property
+    def exact(self) -> bool:
+        return self._users is not None
+
+    def add(self, user: int) -> None:
+        """One user's hash (the per-event path)."""
+        users = self._users
+        if users is not None:
+            users.add(user)
+            if len(users) > self._exact_users:
+                self._to_hll()
+        else:
+            regs = self._regs
+            assert regs is not None
+            i = user & self._mask
+            r = 65 - user.bit_length()
+            if regs[i] < r:
+                self._raise(i, r)
+
+    def add_many(self, users: Iterable[int | None]) -> None:
+        """Users' hashes in order (None: an event without one)."""
+        exact = cast("set[int | None] | None", self._users)
+        if exact is None:
+            self._hll_update(users)
+            return
+        limit = self._exact_users
+        if isinstance(users, Sequence) and len(users) <= 8 * limit:  # bounded cost of trying
+            new = set(users)
+            new.discard(None)
+            new -= exact
+            if len(exact) + len(new) <= limit:  # stays exact: the whole batch at once
+                exact |= new
+                return
+        it = iter(users)
+        for user in it:
+            if user is not None:
+                exact.add(user)
+                if len(exact) > limit:
+                    self._to_hll()
+                    self._hll_update(it)
+                    return
+
+    def _hll_update(self, users: Iterable[int | None]) -> None:
+        regs = self._regs
+        assert regs is not None
+        mask = self._mask
+        for user in users:
+            if user is None:
+                continue
+            i = user & mask
+            r = 65 - user.bit_length()
+            if regs[i] < r:
+                self._raise(i, r)
+
+    def _raise(self, i: int, r: int) -> None:
+        """Register ``i`` goes up to rank ``r`` (rare: at most rmax times per register)."""
+        regs = self._regs
+        assert regs is not None
+        rmax = self._rmax
+        if r > rmax:
+            r = rmax
+        old = regs[i]
+        if self._hip is not None:
+            self._hip += self._scale / self._kxq
+        self._kxq -= (1 << (rmax - old)) - (1 << (rmax - r) if r < rmax else 0)
+        regs[i] = r
+
+    def _set_kxq(self) -> None:
+        regs = self._regs
+        assert regs is not None
+        rmax = self._rmax
+        self._kxq = sum(regs.count(k) << (rmax - k) for k in range(rmax))
+
+    def _to_hll(self) -> None:
+        users = self._users
+        assert users is not None
+        self._regs = bytearray(1 << self._p)
+        self._users = None
+        for user in users:  # order-free: the registers' maxima
+            i = user & self._mask
+            r = min(65 - user.bit_length(), self._rmax)
+            if self._regs[i] < r:
+                self._regs[i] = r
+        self._set_kxq()
+        self._hip = float(len(users))  # the exact count so far: HIP goes on from there
+
+    def merge(self, other: UniqueUsers) -> None:
+        if other._users is not None:
+            if self._users is not None:
+                self._users |= other._users
+                if len(self._users) > self._exact_users:
+                    self._to_hll()
+            else:
+                self._hll_update(sorted(other._users))  # one by one: HIP stays valid
+        else:
+            assert other._regs is not None
+            if self._users is not None:
+                # take the other's registers and HIP, then insert ours one by one
+                mine = sorted(self._users)
+                self._users, self._regs = None, bytearray(other._regs)
+                self._hip, self._kxq = other._hip, other._kxq
+                self._hll_update(mine)
+            else:
+                assert self._regs is not None
+                self._regs[:] = bytes(map(max, self._regs, other._regs))
+                self._set_kxq()
+                self._hip = None  # two histories: HIP no longer applies
+
+    def count(self) -> int:
+        if self._users is not None:
+            return len(self._users)
+        assert self._regs is not None
+        est = self._hip if self._hip is not None else hll_estimate(self._regs, self._p)
+        return max(self._exact_users + 1, round(est))
+
+    def write(self, out: dict[str, Any]) -> None:
+        """Into a cell's state: ``"ux"`` (the sorted exact hashes) or ``"uh"`` (the
+        registers) and ``"hip"``; nothing for no users."""
+        if self._users is not None:
+            if self._users:
+                out["ux"] = pack(sorted(self._users))
+        else:
+            assert self._regs is not None
+            out["uh"] = b64(bytes(self._regs))
+            if self._hip is not None:
+                out["hip"] = self._hip
+
+    def read(self, obj: Any) -> None:
+        """From a cell's state, into a new (empty) instance (ValueError and others: bad)."""
+        if "ux" in obj:
+            users = unpack(obj["ux"])
+            if len(users) > self._exact_users:
+                raise ValueError("bad exact users")
+            self._users = set(users)
+        elif "uh" in obj:
+            regs = bytearray(base64.b64decode(obj["uh"], validate=True))
+            if len(regs) != 1 << self._p or max(regs) > self._rmax:
+                raise ValueError("bad registers")
+            self._users, self._regs = None, regs
+            self._set_kxq()
+            if "hip" in obj:
+                self._hip = float(obj["hip"])
+                if not self._exact_users < self._hip < 2.0**64:
+                    raise ValueError("bad HIP estimate")
