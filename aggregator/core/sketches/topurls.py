@@ -63,11 +63,14 @@ class TopUrls:
         get = counts.get
         for h, c in urls.items():
             counts[h] = get(h, 0) + c
-        for h in new:
-            known[h] = _text(texts.get(h))
         while len(counts) > cap:
             self._purge()
-        return [[h, known[h]] for h in new if h in counts]
+        read: list[list[Any]] = []
+        for h in new:
+            if h in counts:  # a text is read only for a new URL that keeps its counter
+                known[h] = text = _text(texts.get(h))
+                read.append([h, text])
+        return read
 
     def add_many(self, url_hs: Sequence[int | None], urls: Sequence[str | bytes | None]) -> None:
         """``add`` over parallel sequences (None: an event without a URL), the same state."""
@@ -113,7 +116,7 @@ class TopUrls:
         for h, c in list(counts.items()):
             if c <= d:
                 del counts[h]
-                del texts[h]
+                texts.pop(h, None)  # a URL new in the batch being added has no text yet
             else:
                 counts[h] = c - d
         self.offset += d
