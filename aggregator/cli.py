@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from aggregator import config
+from aggregator import config, config_load
 from aggregator.logs import setup_logging
 
 HELD_LOCKS: list[Any] = []  # the local state directories (DirLock) this process owns
@@ -100,7 +100,7 @@ def load_settings(kwargs: dict[str, Any], fields: Collection[str]) -> config.Set
     the TOML file; Failure lines are printed by ``main``."""
     flags = {name: kwargs.pop(name) for name in list(kwargs) if name in config.Settings.model_fields}
     try:
-        settings = config.load(flags, config_file=kwargs.pop("config_file", None), only=fields)
+        settings = config_load.load(flags, config_file=kwargs.pop("config_file", None), only=fields)
         if "kafka_security_protocol" in fields:
             settings.kafka_security()  # TLS files readable, SASL complete: checked before anything starts
         return settings

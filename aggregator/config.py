@@ -1,10 +1,10 @@
 """Settings: every ``AGG_*`` variable, with a matching ``--flag`` (docs/contract.md §7).
 
-One pydantic-settings model.  ``load()`` reads, highest first: the command's flags, the
-``AGG_*`` environment (secrets also from ``AGG_<NAME>_FILE``), an optional TOML file
-(``--config`` / ``AGG_CONFIG``, keys are the field names), the defaults; and validates the
-result before anything starts.  Every problem becomes one line naming the variable and
-the flag (``SettingsError.lines``); secret values never appear in them.
+One pydantic-settings model with its checks, and the helpers that name a setting (its
+variable, its flag), describe it and show its default.  ``config_load.load()`` reads it,
+highest first, from the command's flags, the ``AGG_*`` environment (secrets also from
+``AGG_<NAME>_FILE``), an optional TOML file and the defaults; every problem becomes one
+line naming the variable and the flag (``SettingsError.lines``).
 
 ``Settings(...)`` with keyword arguments validates those and takes defaults for the rest
 (it reads no environment), like the dataclass it replaced."""
@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
-    EnvSettingsSource,
-    InitSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from aggregator.broker.security import KafkaSecurity
@@ -48,10 +44,6 @@ def env_name(name: str) -> str:
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
-
-def names(name: str) -> str:
-    """``AGG_WEB_PORT / --web-port``: how every problem names its setting."""
-    return f"{env_name(name)} / {flag_name(name)}"
 
 
 class SettingsError(Exception):
@@ -134,6 +126,11 @@ Mechanism = Annotated[Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], _choic
 def _secret(description: str) -> Any:
     """A secret string: also from ``AGG_<NAME>_FILE``; never shown (repr, errors, help)."""
     return Field(default="", description=description, repr=False, json_schema_extra={"secret": True})
+
+
+# The sources of the Settings being built: set by config_load.load() for the time it
+# builds one (None: the keywords and the defaults only).
+LOAD_SOURCES: ContextVar[Any] = ContextVar("settings_sources", default=None)
 
 
 class Settings(BaseSettings):
@@ -302,8 +299,9 @@ class Settings(BaseSettings):
                                    dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """``Settings(**kw)``: the keywords and the defaults only; ``load()`` adds the rest."""
-        sources = _SOURCES.get()
+        """``Settings(**kw)``: the keywords and the defaults only; ``config_load.load()``
+        adds the rest."""
+        sources = LOAD_SOURCES.get()
         return (init_settings,) if sources is None else sources(settings_cls, init_settings)
 
 
@@ -320,156 +318,6 @@ def default_text(name: str) -> str:
     value = f.get_default(call_default_factory=True)
     if name == "rate_limits":
         return ""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-# --------------------------------------------------------------------- loading
-class _Env(EnvSettingsSource):
-    """``AGG_*`` from ``env`` (not necessarily ``os.environ``)."""
-
-    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
-        self._given = env
-        super().__init__(settings_cls)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {k.lower(): v for k, v in self._given.items()}
-
-
-_SOURCES: ContextVar[Any] = ContextVar("settings_sources", default=None)
-
-
-def _secret_files(env: Mapping[str, str], problems: list[str]) -> dict[str, str]:
-    """``AGG_<NAME>_FILE``: the file's content (one trailing newline stripped) is the value."""
-    out: dict[str, str] = {}
-    for name in sorted(Settings.SECRETS):
-        var = env_name(name) + "_FILE"
-        path = env.get(var)
-        if path is None:
-            continue
-        if env_name(name) in env:
-            problems.append(f"{env_name(name)} / {var}: set one of them, not both")
-            continue
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            problems.append(f"{var}: cannot read {path!r}: {exc.strerror or exc}")
-            continue
-        out[name] = text[:-1] if text.endswith("\n") else text
-        if out[name].endswith("\r"):
-            out[name] = out[name][:-1]
-    return out
-
-
-def _toml(settings_cls: type[BaseSettings], path: str | None, problems: list[str]) -> PydanticBaseSettingsSource | None:
-    if not path:
-        return None
-    if not Path(path).is_file():
-        problems.append(f"{CONFIG_ENV} / --config: no such file {path!r}")
-        return None
-    try:
-        return TomlConfigSettingsSource(settings_cls, toml_file=Path(path))
-    except tomllib.TOMLDecodeError as exc:
-        problems.append(f"{CONFIG_ENV} / --config: {path} is not valid TOML: {exc}")
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.append(f"{CONFIG_ENV} / --config: cannot read {path!r}: {exc}")
-    return None
-
-
-def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
-         config_file: str | None = None, only: Collection[str] | None = None) -> Settings:
-    """Flags (non-None values, by field name), over ``AGG_*`` (and ``AGG_<NAME>_FILE``),
-    over the TOML file (``config_file``, else ``AGG_CONFIG``), over the defaults.
-
-    ``only``: the fields the command uses; the environment and the TOML file are read for
-    those alone (the others keep their defaults), so ``aggregator broker`` is not stopped
-    by a bad ``AGG_WINDOW_SECONDS`` it never uses.  Raises SettingsError."""
-    env = os.environ if env is None else env
-    keep = set(FIELDS if only is None else only)
-    problems: list[str] = []
-    flag_values = {k: v for k, v in (flags or {}).items() if v is not None}
-    unknown = set(flag_values) - set(FIELDS)
-    if unknown:
-        raise ValueError(f"not settings: {sorted(unknown)}")
-    env_values = {k: v for k, v in env.items() if k.upper().startswith(ENV_PREFIX)}
-    files = _secret_files(env, problems)
-    if only is not None:  # variables of settings this command does not use are not read
-        env_values = {k: v for k, v in env_values.items() if k.upper()[len(ENV_PREFIX):].lower() in keep}
-        files = {k: v for k, v in files.items() if k in keep}
-    path = config_file or env.get(CONFIG_ENV) or None
-
-    def sources(cls: type[BaseSettings], init: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        out: list[PydanticBaseSettingsSource] = [init, InitSettingsSource(cls, files), _Env(cls, env_values)]
-        toml = _toml(cls, path, problems)
-        if toml is not None:
-            out.append(_Only(cls, toml, keep) if only is not None else toml)
-        return tuple(out)
-
-    token = _SOURCES.set(sources)
-    try:
-        settings = Settings(**flag_values)
-    except ValidationError as exc:
-        raise SettingsError(problems + list(_lines(exc, path))) from None
-    finally:
-        _SOURCES.reset(token)
-    if problems:
-        raise SettingsError(problems)
-    return settings
-
-
-class _Only(PydanticBaseSettingsSource):
-    """A source restricted to some fields (unknown keys still pass: they are errors)."""
-
-    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource,
-                 keep: Collection[str]) -> None:
-        super().__init__(settings_cls)
-        self.inner, self.keep = inner, keep
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self.inner.get_field_value(field, field_name)
-
-    def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.inner().items() if k in self.keep or k not in FIELDS}
-
-
-_SHORT = {
-    "int_parsing": "expected a whole number", "int_type": "expected a whole number",
-    "int_from_float": "expected a whole number", "float_parsing": "expected a number",
-    "float_type": "expected a number", "finite_number": "expected a finite number",
-    "string_type": "expected a string", "bool_parsing": "expected true or false",
-    "string_too_short": "must not be empty",
-}
-
-
-def _lines(exc: ValidationError, path: str | None) -> Iterator[str]:
-    for err in exc.errors(include_url=False):
-        loc = err["loc"]
-        name = str(loc[0]) if loc else ""
-        if err["type"] == "extra_forbidden":
-            yield f"{CONFIG_ENV} / --config: {path}: unknown setting {name!r}"
-            continue
-        kind, ctx = err["type"], err.get("ctx") or {}
-        if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-            op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
-            bound = _shown(next(iter(ctx.values())))
-            msg = "must be a port number, 0..65535" if name.endswith("port") else f"must be {op} {bound}"
-        elif kind == "literal_error":
-            msg = "expected one of " + ctx.get("expected", "").replace("'", "")
-        elif kind == "value_error":
-            msg = str(ctx.get("error", err["msg"]))
-        else:
-            msg = _SHORT.get(kind, err["msg"][:1].lower() + err["msg"][1:])
-        # the value is shown unless it is a secret or the message already quotes it
-        quoted = "got " in msg or repr(err.get("input")) in msg or msg.startswith(("AGG_", "required with"))
-        got = "" if name in Settings.SECRETS or quoted else f" (got {_shown(err.get('input'))})"
-        msg = msg.removeprefix("AGG_RATE_LIMITS: ")
-        yield f"{names(name)}: {msg}{got}" if name in FIELDS else f"{name}: {msg}{got}"
-
-
-def _shown(value: object) -> str:
-    if isinstance(value, str):
-        return value if value and value.strip() == value and " " not in value else repr(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

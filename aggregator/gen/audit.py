@@ -34,7 +34,7 @@ TOP_CHECKED = 3
 
 
 class CellTruthJSON(TypedDict):
-    """The exact aggregates of one (region, window) cell (gen.generator.CellTruth)."""
+    """The exact aggregates of one (region, window) cell (gen.truth.CellTruth)."""
 
     unique_users: int
     top_urls: list[list[Any]]  # [[normalised url, count]], most frequent first (ties by url), at most 20

@@ -1,10 +1,12 @@
-"""The settings model (aggregator/config.py): ranges, choices, syntax, sources and their
-precedence, secrets.  Each problem is one line naming the variable and the flag."""
+"""The settings model (aggregator/config.py) and its loading (aggregator/config_load.py):
+ranges, choices, syntax, sources and their precedence, secrets.  Each problem is one line
+naming the variable and the flag."""
 import pytest
 from pydantic import ValidationError
 
 from aggregator import config
-from aggregator.config import Settings, SettingsError, load
+from aggregator.config import Settings, SettingsError
+from aggregator.config_load import load
 
 
 def problems(env=None, flags=None, config_file=None, only=None) -> list[str]:

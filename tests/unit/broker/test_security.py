@@ -13,7 +13,7 @@ import faust
 import pytest
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from aggregator import config
+from aggregator import config, config_load
 from aggregator.broker.security import PLAINTEXT, KafkaLoginError, KafkaSecurity, check_login
 from tests.conftest import require_tool
 from tools.kafka import ThrowawayCA, make_test_ca
@@ -29,7 +29,7 @@ def test_plaintext_changes_nothing() -> None:
     assert PLAINTEXT.aiokafka_kwargs() == {}
     assert PLAINTEXT.faust_settings() == {}
     assert PLAINTEXT.ssl_context is None
-    assert config.load(env={}).kafka_security() == PLAINTEXT
+    assert config_load.load(env={}).kafka_security() == PLAINTEXT
 
 
 def test_sasl_ssl_scram(ca: ThrowawayCA) -> None:
@@ -91,10 +91,10 @@ def test_ssl_only_uses_the_system_trust_store_without_a_cafile() -> None:
     ({"AGG_KAFKA_SASL_PASSWORD_FILE": "/nonexistent/pw"}, "AGG_KAFKA_SASL_PASSWORD_FILE: cannot read '/nonexistent/pw'"),
 ])
 def test_bad_settings_fail_in_one_line_per_problem(env: dict[str, str], says: str) -> None:
-    # config.load checks the model; kafka_security() what only a KafkaSecurity can (TLS files
+    # config_load.load checks the model; kafka_security() what only a KafkaSecurity can (TLS files
     # loadable, credentials without a SASL protocol); the CLI runs both before anything starts
     with pytest.raises(config.SettingsError) as ei:
-        config.load(env=env).kafka_security()
+        config_load.load(env=env).kafka_security()
     lines = ei.value.lines
     assert any(says in line for line in lines), lines
     assert len(lines) <= 2
@@ -102,13 +102,13 @@ def test_bad_settings_fail_in_one_line_per_problem(env: dict[str, str], says: st
 
 def test_secrets_from_files(tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("from-a-file\n")
-    s = config.load(env={"AGG_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "AGG_KAFKA_SASL_USERNAME": "u",
-                         "AGG_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "pw")})
+    s = config_load.load(env={"AGG_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "AGG_KAFKA_SASL_USERNAME": "u",
+                                "AGG_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "pw")})
     assert s.kafka_security().sasl_password == "from-a-file"
     # the variable and its file at once: refused, whichever was meant
     with pytest.raises(config.SettingsError, match="set one of them, not both"):
-        config.load(env={"AGG_KAFKA_SASL_PASSWORD": "direct", "AGG_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "pw"),
-                         "AGG_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "AGG_KAFKA_SASL_USERNAME": "u"})
+        config_load.load(env={"AGG_KAFKA_SASL_PASSWORD": "direct", "AGG_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "pw"),
+                                "AGG_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "AGG_KAFKA_SASL_USERNAME": "u"})
 
 
 async def _tls_server(ca: ThrowawayCA) -> asyncio.Server:

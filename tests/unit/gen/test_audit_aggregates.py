@@ -11,7 +11,8 @@ import pytest
 
 from aggregator.core.sketches import CellAggregates, SketchParams, normalise_url, url_hash, user_hash
 from aggregator.gen.audit import EXACT_USERS, audit, unambiguous_top
-from aggregator.gen.generator import EventSource, Truth, exact_quantile
+from aggregator.gen.generator import EventSource
+from aggregator.gen.truth import Truth, exact_quantile
 
 W = 2000
 WS = 10_000

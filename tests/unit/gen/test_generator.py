@@ -83,7 +83,7 @@ def test_users_urls_and_ts_of_the_stream():
 
 
 def test_truth_aggregates_of_a_cell_and_folding():
-    from aggregator.gen.generator import Truth
+    from aggregator.gen.truth import Truth
 
     t = Truth(1000, aggregates=True)
     base = 1_700_000_000_000
