@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed-stamp
 
 KAFKA_PORT ?= 19092
 KAFKA_DIR  ?= var/kafka
+# make test-kafka runs two test processes, each with a Kafka of its own (this one and KAFKA_PORT + 1)
+KAFKA_PORT2 ?= $(shell echo $$(($(KAFKA_PORT) + 1)))
 
 # Every dependency version, runtime, test and bench, pinned: the venv and the image install
 # with `-c $(LOCK)`, so the tests run against the versions the image ships.
@@ -78,12 +80,16 @@ kafka:
 
 kafka-stop:
 	@bash scripts/kafka.sh stop --dir $(KAFKA_DIR)
+	@bash scripts/kafka.sh stop --dir $(KAFKA_DIR)-2
 
-## make test-kafka: the integration suite against that real Kafka (started if needed, left running);
-## one test at a time: the tests share that Kafka and empty it before each
+## make test-kafka: the integration suite against real Kafka (started if needed, left running): two
+## test processes, each with its own Kafka ($(KAFKA_PORT) and $(KAFKA_PORT2)); a process's tests share
+## its Kafka and empty it before each
 test-kafka: $(STAMP)
 	@bash scripts/kafka.sh start --port $(KAFKA_PORT) --dir $(KAFKA_DIR) >/dev/null
-	AGG_TEST_BROKER=kafka AGG_TEST_KAFKA=127.0.0.1:$(KAFKA_PORT) $(PY) -m pytest -q -p no:cacheprovider tests/integration -rs --durations=10
+	@bash scripts/kafka.sh start --port $(KAFKA_PORT2) --dir $(KAFKA_DIR)-2 >/dev/null
+	AGG_TEST_BROKER=kafka AGG_TEST_KAFKA="127.0.0.1:$(KAFKA_PORT) 127.0.0.1:$(KAFKA_PORT2)" \
+	  $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests/integration -rs --durations=10
 
 ## make bench: worker throughput vs a bare consumer, HTTP ingest, snapshot delay, memory (medians of 3);
 ## prints a table and writes docs/benchmarks.md.  Smaller: make bench BENCH_ARGS="--n 200000 --memory-n 0"
@@ -93,4 +99,5 @@ bench: $(STAMP)
 
 clean:
 	-bash scripts/kafka.sh stop --dir $(KAFKA_DIR)
+	-bash scripts/kafka.sh stop --dir $(KAFKA_DIR)-2
 	rm -rf $(VENV) var *.egg-info

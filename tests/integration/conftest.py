@@ -1,9 +1,10 @@
 """Fixtures that run the real thing: a broker and service processes.
 
 The broker is the embedded one, fresh per test, unless ``AGG_TEST_BROKER=kafka``
-(bootstrap in ``AGG_TEST_KAFKA``, default 127.0.0.1:19092; ``make test-kafka``
-starts one) or ``AGG_TEST_BROKER=kafka://host:port``: then every test shares
-that real Kafka, and starts from a clean one: every non-internal topic and
+(bootstrap in ``AGG_TEST_KAFKA``, default 127.0.0.1:19092; several, blank-separated,
+one per pytest-xdist worker; ``make test-kafka`` starts two) or
+``AGG_TEST_BROKER=kafka://host:port``: then the tests of a worker share
+that real Kafka, and each starts from a clean one: every non-internal topic and
 every consumer group is deleted before it.  Every test under tests/integration/ is
 marked ``integration`` (tests/conftest.py)."""
 from __future__ import annotations
@@ -27,7 +28,11 @@ def real_kafka_bootstrap() -> str | None:
     if not spec or spec == "embedded":
         return None
     if spec == "kafka":
-        return os.environ.get("AGG_TEST_KAFKA", "127.0.0.1:19092")
+        # several Kafkas (blank-separated): each pytest-xdist worker takes its own, so tests
+        # that empty their Kafka never meet one another
+        kafkas = os.environ.get("AGG_TEST_KAFKA", "127.0.0.1:19092").split()
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        return kafkas[int(worker.removeprefix("gw") or 0) % len(kafkas)]
     return spec.split("://", 1)[-1]
 
 
