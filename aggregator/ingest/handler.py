@@ -29,7 +29,7 @@ from xxhash import xxh3_64_intdigest
 
 from aggregator import tracing
 from aggregator.core.contract import AGG_HEADER, INGEST_HEADER, OTHER_REGION, Header, ingest_header, ingest_header_value
-from aggregator.core.dedup import DedupId, event_key, id_field, request_key
+from aggregator.core.dedup import event_key, id_field, request_key
 from aggregator.core.sketches import normalise_url, url_hash
 from aggregator.ingest.body import MAX_ERRORS, BodyError, decode_slices, gunzip_bounded, validate_records
 from aggregator.ingest.budget import InflightBudget, Reservation
@@ -201,16 +201,21 @@ class IngestHandler:
                 mark = sent
 
     @staticmethod
-    def _ids(events: list[dict[str, Any]], kh: int | None, indices: list[int] | None) -> list[DedupId | None] | None:
-        """The dedup id of each event (core.dedup): its ``event_id`` with its region, else
-        (the request's ``Idempotency-Key``, its index in the body); None: no event has one."""
-        ids: list[DedupId | None] | None = None
-        for n, ev in enumerate(events):
-            eid = ev.get("event_id")
+    def _ids(events: list[dict[str, Any]], kh: int | None, indices: list[int] | None) -> list[bytes | None] | None:
+        """The dedup id of each event as its ingest header carries it (core.dedup.id_field):
+        its ``event_id`` (with its region, the record's key), else (the request's
+        ``Idempotency-Key``, its index in the body); None: no event has one.  Built here
+        in bulk: the key's hex once per request, not once per event."""
+        eids = [ev.get("event_id") for ev in events]
+        prefix = None if kh is None else b"k%x." % kh
+        if prefix is not None and indices is not None and eids.count(None) == len(eids):
+            return [prefix + b"%d" % i for i in indices]
+        ids: list[bytes | None] | None = None
+        for n, eid in enumerate(eids):
             if eid is not None:
-                did: DedupId | None = event_key(ev["region"], eid)
-            elif kh is not None:
-                did = (kh, indices[n])  # type: ignore[index]
+                did: bytes | None = id_field(event_key(events[n]["region"], eid))
+            elif prefix is not None:
+                did = prefix + b"%d" % indices[n]  # type: ignore[index]
             else:
                 continue
             if ids is None:
@@ -238,7 +243,7 @@ class IngestHandler:
 
     async def _submit(self, events: list[dict[str, Any]], ingest_ts: int, per_region: dict[str, int],
                       waits: set[asyncio.Future], traceparent: bytes | None = None,
-                      ids: list[DedupId | None] | None = None) -> None:
+                      ids: list[bytes | None] | None = None) -> None:
         """Append ``events`` to the open record batches of ``clicks``; their delivery futures
         go into ``waits``.  A record's value is serialised as it is appended (so the
         serialised form of a slice never lives at once); with a ``traceparent`` (a sampled
@@ -263,7 +268,7 @@ class IngestHandler:
                     values = by_region[region] = []
             ev["ingest_ts"] = ingest_ts
             if ids is not None and ids[n] is not None:
-                ev[_DEDUP] = id_field(ids[n])  # type: ignore[arg-type]  # taken out before it is serialised
+                ev[_DEDUP] = ids[n]  # taken out before it is serialised
             values.append(ev)
         records = _Records(ingest_ts, traceparent, self.agg)
         mark, deadline = batcher.progress(), time.monotonic() + INGEST_TIMEOUT_S
