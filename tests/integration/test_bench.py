@@ -75,17 +75,20 @@ def test_bench_runs_and_counts_exactly(tmp_path):
 @pytest.mark.integration
 @pytest.mark.skipif(not ON_REAL_KAFKA, reason="needs real Kafka (AGG_TEST_BROKER=kafka, make test-kafka)")
 def test_bench_ingest_on_apache_kafka_counts_exactly(tmp_path):
-    """Figures 2 and 3 on a fresh Apache Kafka of the bench's own (scripts/kafka.sh); only
-    under make test-kafka, where the jars are assembled."""
+    """Figures 1, 1c, 1d, 2 and 3 on a fresh Apache Kafka of the bench's own per run
+    (scripts/kafka.sh); only under make test-kafka, where the jars are assembled."""
     out, raw = tmp_path / "benchmarks.md", tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.bench", "--skip-worker", "--memory-n", "0", "--runs", "1",
+        [sys.executable, "-m", "tools.bench", "--n", "3000", "--faust-n", "0", "--memory-n", "0", "--runs", "1",
          "--ingest-duration", "1.5", "--kafka", "only", "--kafka-dir", str(tmp_path), "--out", str(out),
          "--json", str(raw)],
-        cwd=ROOT, capture_output=True, text=True, timeout=400)
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(raw.read_text())
-    assert "ingest" not in res  # --kafka only: no embedded-broker runs
+    assert "ingest" not in res and "worker" not in res  # --kafka only: no embedded-broker runs
+    # figures 1, 1c and 1d on Apache Kafka: counts exact
+    for key in ("worker_kafka", "worker_aggs_kafka", "worker_aggs_ingest_kafka"):
+        assert res[key]["n"] == 3000 and res[key]["exact"] is True, key
     i = res["ingest_kafka"]
     assert i["exact"] is True and i["runs"][0]["exact"] is True
     assert all(i["runs"][0][p]["requests"] > 0 for p in ("max_1000", "max_10", "half_1000"))
@@ -94,5 +97,6 @@ def test_bench_ingest_on_apache_kafka_counts_exactly(tmp_path):
     assert not list(tmp_path.glob("bench-kafka-*")), "the bench's Kafka data folder was left behind"
     md = out.read_text()
     assert "max, Apache Kafka" in md and "max, embedded broker" not in md
+    assert "1. worker throughput, Apache Kafka" in md and "1d. worker, aggregates on, ingest's records, Apache Kafka" in md
     assert "**Figures 2 and 3 on Apache Kafka.**" in md and "**2. HTTP ingest.**" in md
     assert "**3. Snapshot delay.**" in md and "On the embedded broker" not in md
