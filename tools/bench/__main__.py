@@ -208,9 +208,11 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
         delays["topic"] += r.snapshots.topic_s
         poll = r.snapshots.poll_s
         p1, p2, p3 = r.phases["max_1000"], r.phases["max_10"], r.phases["half_1000"]
+        pa = r.phases.get("alone_1000")
         log(f"ingest run {k + 1}{label}, split: batch 1000 {p1.rate:,.0f}/s (p50 {p1.p50_ms:.0f} ms, p99 {p1.p99_ms:.0f} ms, "
             f"CPU ingest {p1.server_cpu:.2f} worker {p1.worker_cpu:.2f} loadgen {p1.loadgen_cpu:.2f}); "
-            f"batch 10 {p2.rate:,.0f}/s (p99 {p2.p99_ms:.0f} ms); half rate {p3.offered:,.0f}/s: "
+            + (f"worker stopped {pa.rate:,.0f}/s (p99 {pa.p99_ms:.0f} ms, CPU ingest {pa.server_cpu:.2f}); " if pa else "")
+            + f"batch 10 {p2.rate:,.0f}/s (p99 {p2.p99_ms:.0f} ms); half rate {p3.offered:,.0f}/s: "
             f"p50 {p3.p50_ms:.1f} ms p99 {p3.p99_ms:.1f} ms max {p3.max_ms:.0f} ms (over 100 ms: "
             f"{p3.over_100ms} as sent, {p3.server_over_100ms} in the ingest handler); snapshots seen "
             f"{len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}"
@@ -241,6 +243,8 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
     res = {"runs": runs, "exact": exact,
            "max_1000_rate": m("max_1000", "rate"), "max_1000_p50": m("max_1000", "p50_ms"),
            "max_1000_p99": m("max_1000", "p99_ms"),
+           **({"alone_rate": m("alone_1000", "rate"), "alone_p99": m("alone_1000", "p99_ms"),
+               "alone_cpu": m("alone_1000", "server_cpu")} if all("alone_1000" in run for run in runs) else {}),
            "max_10_rate": m("max_10", "rate"), "max_10_p50": m("max_10", "p50_ms"), "max_10_p99": m("max_10", "p99_ms"),
            "half_offered": m("half_1000", "offered"), "half_rate": m("half_1000", "rate"),
            "half_p50": m("half_1000", "p50_ms"), "half_p99": m("half_1000", "p99_ms")}

@@ -7,7 +7,8 @@ generator (tools/bench/loadgen.py) in a process of its own, against either
     one interpreter lock).
 
 One run:
-  a. batch 1000, closed loop: the maximum rate and its latency;
+  a. batch 1000, closed loop: the maximum rate and its latency (split: also with the
+     worker process stopped, the ingest process's own capacity);
   b. batch 10, closed loop: the same for small requests;
   c. batch 1000, open loop at half of (a)'s rate: latency at a fixed offered rate, while the
      snapshots of the short windows (``window_s``, ``grace_s``) are watched on /metrics and
@@ -18,6 +19,8 @@ bucket, exactly.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -205,6 +208,16 @@ def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, g
         phases: dict[str, Phase] = {}
         phases["max_1000"] = loadgen(front.url, 1000, duration, big_concurrency, pid=pid, worker_pid=wpid,
                                      name=f"{kind}: batch 1000, max")
+        if split:
+            # the ingest process's own capacity: the same load with the worker process stopped
+            # (SIGSTOP), so that the two cores are the ingest's, the broker's and the load
+            # generator's; the worker catches up afterwards and counts it all the same
+            os.kill(wpid, signal.SIGSTOP)
+            try:
+                phases["alone_1000"] = loadgen(front.url, 1000, duration, big_concurrency, pid=pid,
+                                               name=f"{kind}: batch 1000, max, worker stopped")
+            finally:
+                os.kill(wpid, signal.SIGCONT)
         if small:
             phases["max_10"] = loadgen(front.url, 10, duration, small_concurrency, pid=pid, worker_pid=wpid,
                                        name=f"{kind}: batch 10, max")
