@@ -66,6 +66,13 @@ def id_field(did: DedupId) -> bytes:
     return b"k%x.%d" % (kh, i)
 
 
+def key_id_fields(kh: int, indices: Iterable[int]) -> list[bytes]:
+    """``id_field((kh, i))`` for each body index ``i`` of one request: the key's hex made
+    once, not once per event (ingest's per-event path)."""
+    prefix = b"k%x." % kh
+    return [prefix + b"%d" % i for i in indices]
+
+
 def parse_id_field(raw: bytes, region: str) -> DedupId:
     """``id_field``'s inverse for a record of ``region``; ValueError when it is not one."""
     kind = raw[:1]

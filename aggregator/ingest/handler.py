@@ -20,7 +20,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -29,7 +29,7 @@ from xxhash import xxh3_64_intdigest
 
 from aggregator import tracing
 from aggregator.core.contract import AGG_HEADER, INGEST_HEADER, OTHER_REGION, Header, ingest_header, ingest_header_value
-from aggregator.core.dedup import event_key, id_field, request_key
+from aggregator.core.dedup import event_key, id_field, key_id_fields, request_key
 from aggregator.core.sketches import normalise_url, url_hash
 from aggregator.ingest.body import MAX_ERRORS, BodyError, decode_slices, gunzip_bounded, validate_records
 from aggregator.ingest.budget import InflightBudget, Reservation
@@ -201,21 +201,21 @@ class IngestHandler:
                 mark = sent
 
     @staticmethod
-    def _ids(events: list[dict[str, Any]], kh: int | None, indices: list[int] | None) -> list[bytes | None] | None:
+    def _ids(events: list[dict[str, Any]], kh: int | None, indices: list[int] | None) -> Sequence[bytes | None] | None:
         """The dedup id of each event as its ingest header carries it (core.dedup.id_field):
         its ``event_id`` (with its region, the record's key), else (the request's
-        ``Idempotency-Key``, its index in the body); None: no event has one.  Built here
-        in bulk: the key's hex once per request, not once per event."""
+        ``Idempotency-Key``, its index in the body); None: no event has one.  A keyed
+        request's fields in bulk (core.dedup.key_id_fields: the key's hex once per request)."""
         eids = [ev.get("event_id") for ev in events]
-        prefix = None if kh is None else b"k%x." % kh
-        if prefix is not None and indices is not None and eids.count(None) == len(eids):
-            return [prefix + b"%d" % i for i in indices]
+        keyed = None if kh is None or indices is None else key_id_fields(kh, indices)
+        if keyed is not None and eids.count(None) == len(eids):
+            return keyed
         ids: list[bytes | None] | None = None
         for n, eid in enumerate(eids):
             if eid is not None:
                 did: bytes | None = id_field(event_key(events[n]["region"], eid))
-            elif prefix is not None:
-                did = prefix + b"%d" % indices[n]  # type: ignore[index]
+            elif keyed is not None:
+                did = keyed[n]
             else:
                 continue
             if ids is None:
@@ -243,7 +243,7 @@ class IngestHandler:
 
     async def _submit(self, events: list[dict[str, Any]], ingest_ts: int, per_region: dict[str, int],
                       waits: set[asyncio.Future], traceparent: bytes | None = None,
-                      ids: list[bytes | None] | None = None) -> None:
+                      ids: Sequence[bytes | None] | None = None) -> None:
         """Append ``events`` to the open record batches of ``clicks``; their delivery futures
         go into ``waits``.  A record's value is serialised as it is appended (so the
         serialised form of a slice never lives at once); with a ``traceparent`` (a sampled

@@ -96,7 +96,7 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
             exact &= run["exact"]
             if not run["exact"]:
                 log(f"run {k + 1}: COUNTS DIFFER: produced {truth}, bare {bare.counts}, worker {w.counts} late {w.late}")
-            if a.faust_n and not (event_ids or aggregates):
+            if a.faust_n and not (event_ids or aggregates or kafka):
                 f = throughput.plain_faust(b.url, min(a.faust_n, a.n))
                 run["faust"] = f.rate
             runs.append(run)
@@ -122,7 +122,7 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
         "worker_cpu_us": med([r["worker_cpu_us"] for r in runs]),
         "rss": med([r["rss"] for r in runs]), "dedup_ids": med([r["dedup_ids"] for r in runs]),
     }
-    if a.faust_n and not (event_ids or aggregates):
+    if a.faust_n and not (event_ids or aggregates or kafka):
         res.update(faust_n=min(a.faust_n, a.n), faust_rate=med([r["faust"] for r in runs]),
                    faust_ratio=med([r["faust"] / r["bare"] for r in runs]))
     rss = [(a.n, med([r["rss"] for r in runs]))]

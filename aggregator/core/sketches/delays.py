@@ -73,12 +73,12 @@ def delay_buckets(delays: Sequence[int], params: SketchParams) -> tuple[dict[int
         return dict(Counter(map(geo.table.__getitem__, delays))), 0
     out: dict[int, int] = {}
     dz = 0
-    table = geo.table
+    bucket = geo.bucket
     for d in delays:
         if d <= 0:
             dz += 1
             continue
-        i = table[d] if d < _TABLE_MS else geo.index(min(d, MAX_DELAY_MS))
+        i = bucket(d)
         out[i] = out.get(i, 0) + 1
     return out, dz
 
@@ -86,13 +86,12 @@ def delay_buckets(delays: Sequence[int], params: SketchParams) -> tuple[dict[int
 class DelaySketch:
     """The delay buckets of one cell and its count of delays <= 0."""
 
-    __slots__ = ("_dz", "_buckets", "_geo", "_table")
+    __slots__ = ("_dz", "_buckets", "_geo")
 
     def __init__(self, p: SketchParams) -> None:
         self._dz = 0                             # delays <= 0
         self._buckets: array[int] | None = None  # allocated at the first delay > 0
         self._geo = geometry(p.delay_accuracy)
-        self._table = self._geo.table
 
     @property
     def n_buckets(self) -> int:
@@ -110,10 +109,7 @@ class DelaySketch:
             b = self._buckets
             if b is None:
                 b = self._alloc()
-            if delay_ms < _TABLE_MS:
-                b[self._table[delay_ms]] += 1
-            else:
-                b[self._geo.index(min(delay_ms, MAX_DELAY_MS))] += 1
+            b[self._geo.bucket(delay_ms)] += 1
 
     def add_counts(self, buckets: Mapping[int, int], dz: int) -> None:
         """A batch as :func:`delay_buckets` gives it."""

@@ -39,9 +39,6 @@ class TopUrls:
     def __contains__(self, url_h: int) -> bool:
         return url_h in self._urls
 
-    def __len__(self) -> int:
-        return len(self._urls)
-
     def add(self, url_h: int, url: str | bytes | None) -> None:
         """One event's URL (the per-event path: the text is read only for a new URL)."""
         urls = self._urls

@@ -14,6 +14,7 @@ from aggregator.core.dedup import (
     DedupStore,
     event_key,
     id_field,
+    key_id_fields,
     parse_id_field,
     request_key,
 )
@@ -38,6 +39,12 @@ def test_ids_are_stable_per_region_and_round_trip_the_header_field() -> None:
     for bad in (b"", b"x12", b"kabc", b"e", b"kzz.1", b"e\xff"):
         with pytest.raises(ValueError):
             parse_id_field(bad, "eu")
+
+
+def test_key_id_fields_are_the_id_fields_of_the_key_and_each_index() -> None:
+    kh = request_key("k-7")
+    assert key_id_fields(kh, [0, 5, 999]) == [id_field((kh, i)) for i in (0, 5, 999)]
+    assert [parse_id_field(f, "eu") for f in key_id_fields(kh, [3])] == [(kh, 3)]
 
 
 def test_a_retried_body_counts_once_and_a_partial_first_attempt_is_completed() -> None:
