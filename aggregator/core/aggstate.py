@@ -33,15 +33,32 @@ from typing import Any
 import orjson
 
 from aggregator.core.contract import Agg, AggParts, parse_agg_header
-from aggregator.core.recordlog import Prepared, RecordLog
-from aggregator.core.sketches import CellAggregates, SketchParams, delay_buckets
+from aggregator.core.recordlog import RECORD_BYTES, Prepared, RecordLog
+from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams, delay_buckets
+from aggregator.core.sketches.delays import geometry as delay_geometry
 
 EMPTY_RESULT: dict[str, Any] = {"unique_users": 0, "top_urls": [], "client_delay_ms": None}
 
-# events of a cell added (and logged) at once at most: a logged batch stays under
-# RECORD_BYTES whatever its users and URLs (texts only of URLs that got a counter, at most
-# url_capacity <= 4096 of MAX_URL_CHARS each)
-CHUNK = 1000
+# events of a cell added (and logged) at once: as many as keep a logged batch under
+# RECORD_BYTES whatever its users and URLs (``_size``'s worst case: 52 bytes an event for
+# its user and URL hashes, every delay bucket, and a text of MAX_URL_CHARS, escaped, for
+# each URL that got a counter, at most url_capacity), and at most CHUNK_MAX.  Larger
+# batches cost less per event (one Misra-Gries merge and purge per batch): at the default
+# 128 URL counters a batch is 4000 events, 15-20 % less flush time than 1000 a batch
+CHUNK_MAX = 4000
+_WORST_TEXT = 26 + MAX_URL_CHARS * 6
+_REGION_CHARS = 64  # at most (core.events)
+
+
+def chunk_events(params: SketchParams) -> int:
+    fixed = 100 + _REGION_CHARS * 6 + 20 * delay_geometry(params.delay_accuracy).n_buckets
+    room = RECORD_BYTES - fixed
+    c = (room - params.url_capacity * _WORST_TEXT) // 52
+    if c < params.url_capacity:  # every event may bring a new URL's text
+        c = room // (52 + _WORST_TEXT)
+    return max(1, min(CHUNK_MAX, c))
+
+
 # staged events of a partition beyond which they are added before the checkpoint asks
 FLUSH_EVENTS = 20_000
 _MAX64 = (1 << 64) - 1
@@ -72,6 +89,7 @@ class WindowAggregates(RecordLog):
         super().__init__()  # pending: the entries logged since the last durable state
         self.params = params or SketchParams()
         self.top_n = top_n
+        self.chunk = chunk_events(self.params)
         self.cells: dict[int, dict[str, CellAggregates]] = {}  # window start -> region -> cell
         # window start -> region -> what a batch adds to the cell, not added yet (``flush``)
         self.stage: dict[int, dict[str, Staged]] = {}
@@ -120,11 +138,12 @@ class WindowAggregates(RecordLog):
                 cell = cells.get(region)
                 if cell is None:
                     cell = cells[region] = CellAggregates(self.params)
-                if len(aggs) <= CHUNK and len(delays) <= CHUNK:
+                chunk = self.chunk
+                if len(aggs) <= chunk and len(delays) <= chunk:
                     self._add(ws, region, cell, aggs, delays)
                     continue
-                for i in range(0, max(len(aggs), len(delays)), CHUNK):
-                    self._add(ws, region, cell, aggs[i:i + CHUNK], delays[i:i + CHUNK])
+                for i in range(0, max(len(aggs), len(delays)), chunk):
+                    self._add(ws, region, cell, aggs[i:i + chunk], delays[i:i + chunk])
 
     def _add(self, ws: int, region: str, cell: CellAggregates, aggs: list[Agg | None], delays: list[int]) -> None:
         users, urls, texts = self._columns(aggs)

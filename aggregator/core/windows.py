@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
-from aggregator.core.aggstate import FLUSH_EVENTS, WindowAggregates
+from aggregator.core.aggstate import FLUSH_EVENTS, Staged, WindowAggregates
 from aggregator.core.contract import CLIENT_DELAY, CLOSED_WINDOW, LATE_REASONS, OTHER_REGION, Agg, BookEvent, Snapshot
 
 __all__ = ["CLIENT_DELAY", "CLOSED_WINDOW", "OTHER_REGION", "WindowBook", "first_open_window", "window_start"]
@@ -129,6 +129,10 @@ class WindowBook:
         cells = self.aggs if aggs is not None else None
         stage = None if cells is None else cells.stage  # (window, region) -> lists, added at the end
         pairs = zip(events, aggs if cells is not None else repeat(None), strict=False)  # type: ignore[arg-type]
+        # the window of the event before, its counts and staged cells: a batch rarely spans two
+        cur_ws = -1
+        per_window: dict[str, int] = {}
+        staged_w: dict[str, Staged] = {}
         for (region, its, cts), agg in pairs:
             if region not in last_seen and region is not None:
                 region = self.canonical_region(region)
@@ -143,6 +147,7 @@ class WindowBook:
                     self.stream_time = st
                     self._close_through(st, now_ms)
                     close_at = self.close_at
+                    cur_ws = -1  # the cached window may have closed
             if region is None:
                 continue  # spilled: seen (moves stream time), counted when drained
             if its > last_seen.get(region, -1):
@@ -151,19 +156,24 @@ class WindowBook:
                 self._add_late(region, CLIENT_DELAY, st)
                 continue
             ws = its - its % W
-            if ws < self.first_open:
-                self._add_late(region, CLOSED_WINDOW, st)
-                continue
-            per_window = counts.get(ws)
-            if per_window is None:
-                per_window = counts[ws] = {}
+            if ws != cur_ws:
+                if ws < self.first_open:
+                    self._add_late(region, CLOSED_WINDOW, st)
+                    continue
+                per_window = counts.get(ws)  # type: ignore[assignment]
+                if per_window is None:
+                    per_window = counts[ws] = {}
+                if stage is not None:
+                    staged_w = stage.get(ws)  # type: ignore[assignment]
+                    if staged_w is None:
+                        staged_w = stage[ws] = {}
+                cur_ws = ws
             per_window[region] = per_window.get(region, 0) + 1
             tally[region] = tally.get(region, 0) + 1
             if stage is not None:
-                staged_w = stage.get(ws)
-                staged = None if staged_w is None else staged_w.get(region)
+                staged = staged_w.get(region)
                 if staged is None:
-                    staged = cells.staged(ws, region)  # type: ignore[union-attr]
+                    staged = staged_w[region] = ([], [])
                 staged[0].append(agg)
                 if cts is not None:
                     staged[1].append(its - cts)

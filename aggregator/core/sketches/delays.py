@@ -26,7 +26,7 @@ _TABLE_MS = 1 << 14       # delays below this find their bucket in a table, not 
 class DelayGeometry:
     """The bucket geometry of one relative accuracy (shared by all cells)."""
 
-    __slots__ = ("gamma", "inv_log_gamma", "n_buckets", "table", "lo", "hi")
+    __slots__ = ("gamma", "inv_log_gamma", "n_buckets", "table", "ztable", "lo", "hi")
 
     def __init__(self, accuracy: float) -> None:
         self.gamma = (1 + accuracy) / (1 - accuracy)
@@ -35,6 +35,8 @@ class DelayGeometry:
         # bucket of each delay 1.._TABLE_MS-1 (index 0 unused), and the smallest and largest
         # delay of each bucket within the table: a bucket holding one integer is exact.
         self.table = [0, *(self.index(d) for d in range(1, _TABLE_MS))]
+        # the same with -1 for a delay of 0 (no bucket: counted as <= 0), for bulk lookups
+        self.ztable = [-1, *self.table[1:]]
         self.lo: dict[int, int] = {}
         self.hi: dict[int, int] = {}
         for d in range(1, _TABLE_MS):
@@ -69,8 +71,11 @@ def delay_buckets(delays: Sequence[int], params: SketchParams) -> tuple[dict[int
     if not delays:
         return {}, 0
     geo = geometry(params.delay_accuracy)
-    if min(delays) > 0 and max(delays) < _TABLE_MS:
-        return dict(Counter(map(geo.table.__getitem__, delays))), 0
+    if min(delays) >= 0 and max(delays) < _TABLE_MS:
+        # a delay of 0 (same millisecond; common) maps to -1, taken out as the <= 0 count
+        counts = Counter(map(geo.ztable.__getitem__, delays))
+        dz = counts.pop(-1, 0)
+        return dict(counts), dz
     out: dict[int, int] = {}
     dz = 0
     bucket = geo.bucket

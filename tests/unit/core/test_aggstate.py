@@ -6,11 +6,12 @@ import collections
 import random
 
 import orjson
+import pytest
 
 from aggregator.core.aggstate import WindowAggregates
 from aggregator.core.contract import agg_header_value
 from aggregator.core.recordlog import RECORD_BYTES
-from aggregator.core.sketches import CellAggregates, normalise_url, url_hash, user_hash
+from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams, normalise_url, url_hash, user_hash
 from aggregator.core.statechunks import MAX_RECORD_BYTES
 from aggregator.core.windows import WindowBook
 
@@ -107,6 +108,29 @@ def test_events_without_aggregates_or_drained_from_the_spill_are_counted_not_agg
     assert snap["client_delay_ms"] is None
 
 
+def test_aggregates_do_not_depend_on_batch_boundaries_across_window_closes():
+    """One batch spanning several windows (each closing inside it) and the same events seven
+    at a time publish the same snapshots, aggregates included (URLs few enough to be exact)."""
+    rng = random.Random(5)
+    events, aggs = [], []
+    for i in range(3000):
+        region = f"r{rng.randrange(4)}"
+        its = T0 + i * 97  # about five windows
+        text = f"/p/{rng.randrange(60)}"
+        events.append((region, its, its - rng.randrange(3000) if i % 3 else None))
+        aggs.append((user_hash(f"u{rng.randrange(400)}"), url_hash(text), text) if i % 5 else None)
+    one = WindowBook(W, 5_000, 300_000, 3_600_000, 100, WindowAggregates())
+    one.apply(events, len(events), T0, aggs)
+    many = WindowBook(W, 5_000, 300_000, 3_600_000, 100, WindowAggregates())
+    for i in range(0, len(events), 7):
+        many.apply(events[i:i + 7], i + 7, T0, aggs[i:i + 7])
+    for b in (one, many):
+        b.advance_to(T0 + 10 * W)
+    assert sum(s["count"] + s["late"] for s in one.outbox) == len(events)
+    assert sum(s["unique_users"] > 0 for s in one.outbox) == 4 * 5  # five windows with events
+    assert one.outbox == many.outbox
+
+
 def test_records_stay_under_the_state_record_bound():
     aggs = WindowAggregates()
     long_url = "/" + "\x01" * 190
@@ -115,6 +139,18 @@ def test_records_stay_under_the_state_record_bound():
     records, prepared = aggs.take_records(0)
     assert len(records) > 1 and sum(prepared.index.values()) == len(records)
     assert max(len(orjson.dumps(v)) for _, v in records) <= RECORD_BYTES + 1000 < MAX_RECORD_BYTES
+
+
+@pytest.mark.parametrize("url_capacity", [128, 300, 4096])
+def test_a_batch_of_one_cell_stays_under_the_record_bound_at_any_url_capacity(url_capacity):
+    """Every event of a cell with a new URL of MAX_URL_CHARS control characters (six JSON
+    bytes each): the batch is cut so that its texts still fit a record."""
+    aggs = WindowAggregates(SketchParams(url_capacity=url_capacity))
+    region = "r" * 64
+    for i in range(3 * aggs.chunk):
+        aggs.add(T0, region, (i, i, f"{i:06d}" + "\x01" * (MAX_URL_CHARS - 6)), i % 20_000)
+    records, _ = aggs.take_records(0)
+    assert max(len(orjson.dumps(v)) for _, v in records) <= RECORD_BYTES
 
 
 def _book() -> WindowBook:

@@ -20,6 +20,7 @@ from aggregator.core.sketches import (
     MAX_URL_CHARS,
     CellAggregates,
     SketchParams,
+    delay_buckets,
     hash64,
     hll_estimate,
     max_serialised_bytes,
@@ -385,6 +386,24 @@ def test_small_delays_are_exact_and_negative_ones_count_as_zero():
     huge = CellAggregates()
     huge.add(None, None, None, 10**15)  # clamped to MAX_DELAY_MS
     assert abs(huge.delay_quantile(0.5) - MAX_DELAY_MS) <= P.delay_accuracy * MAX_DELAY_MS
+
+
+@pytest.mark.parametrize("delays", [
+    [0, 1, 2, 0, 16_383, 5, 0],            # zeros within the table: the bulk path
+    [3, -1, 0, 7, 16_384, 2**40, 0, -90],  # negatives and values past the table: one by one
+    [0, 0, 0],
+    [16_383, 1, 1],
+])
+def test_delay_buckets_in_bulk_equal_the_per_event_path(delays):
+    bulk = CellAggregates()
+    buckets, dz = delay_buckets(delays, P)
+    assert dz == sum(1 for d in delays if d <= 0)
+    assert sum(buckets.values()) + dz == len(delays)
+    bulk.add_batch([], {}, {}, buckets, dz)
+    one = CellAggregates()
+    for d in delays:
+        one.add(None, None, None, d)
+    assert orjson.dumps(bulk.to_json()) == orjson.dumps(one.to_json())
 
 
 # --- size -------------------------------------------------------------------------------------
