@@ -343,6 +343,8 @@ def check_partitions(settings: config.Settings) -> str | None:
 # (gc.callbacks, 1M-event backlog): 0.3 s of collection per million events, against
 # 0.4-0.7 s with (10000, 10, 10) and more than a third of all CPU with the default.
 # Every role gets them; the ingest role's share of this was not measured on its own.
+# Once a role is ready, roles.HeapFreezer freezes what is alive then, so that full
+# collections walk only what came after (worker: ~100 ms instead of ~160-200 ms each).
 GC_THRESHOLDS = (50_000, 20, 10)
 
 
