@@ -256,7 +256,7 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
     except tracing.TracingError as exc:
         raise Failure(str(exc)) from None
     check_port_free(settings.web_host, settings.web_port)
-    tune_gc()
+    tune_gc(settings.role)
     if settings.role != "ingest":  # the ingest role keeps nothing on disk
         try:
             HELD_LOCKS.extend(lock_dirs(settings.data_dir, settings.spill_path))  # until the process exits
@@ -334,22 +334,28 @@ def check_partitions(settings: config.Settings) -> str | None:
 
 # CPython collects its youngest generation every 700 net container allocations, the
 # middle one every 10 of those, and the whole heap once enough has been promoted.  The
-# worker keeps each fetched batch (up to hundreds of thousands of records and event
-# tuples) alive while it counts it: with the default thresholds every batch was
-# promoted into the oldest generation, and collections that walk the whole heap (Faust,
-# aiokafka, aiohttp) ran every second batch or so, about a third of the worker's CPU.
-# Here the middle generation is collected every million allocations, so a batch is
-# dead before it could be promoted; youngest-generation pauses stay a few ms.  Measured
-# (gc.callbacks, 1M-event backlog): 0.3 s of collection per million events, against
-# 0.4-0.7 s with (10000, 10, 10) and more than a third of all CPU with the default.
-# Every role gets them; the ingest role's share of this was not measured on its own.
+# worker keeps each fetched batch (up to hundreds of thousands of records, header lists
+# and event tuples) alive while it counts it: with the default thresholds every batch
+# was promoted into the oldest generation, and collections that walk the whole heap
+# (Faust, aiokafka, aiohttp) ran every second batch or so, about a third of the worker's
+# CPU.  With (50000, 20, 10) a batch was no longer promoted, but the youngest generation
+# was still collected four or five times while each fetched batch was alive (the count is
+# of *net* allocations, so what a batch allocates counts until it is freed), each time
+# walking the live batch: 0.6-1.0 s of collection per million events of ingest's records
+# (gc.callbacks), 5-85 ms a pause.  The worker's threshold is now above what one round of
+# fetches keeps alive (4 partitions x 4 MiB), so a collection mostly finds the batches
+# already freed by reference counting: no collection after start-up over the same 1M
+# events, 0.5-1 us less CPU an event, and figure 4b (3M events, 1000 regions) 91k -> 130k
+# events/s at 265 -> 275 MB peak RSS.  Ingest allocates per request, not per fetched
+# batch; it keeps (50000, 20, 10), which its memory tests were measured with.
 # Once a role is ready, roles.HeapFreezer freezes what is alive then, so that full
 # collections walk only what came after (worker: ~100 ms instead of ~160-200 ms each).
 GC_THRESHOLDS = (50_000, 20, 10)
+WORKER_GC_THRESHOLDS = (500_000, 20, 10)  # roles with a worker (worker, all)
 
 
-def tune_gc() -> None:
-    gc.set_threshold(*GC_THRESHOLDS)
+def tune_gc(role: str) -> None:
+    gc.set_threshold(*(GC_THRESHOLDS if role == "ingest" else WORKER_GC_THRESHOLDS))
 
 
 # ------------------------------------------------------------------ entry point
