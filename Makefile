@@ -92,7 +92,8 @@ test-kafka: $(STAMP)
 	  $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests/integration -rs --durations=10
 
 ## make bench: worker throughput vs a bare consumer, HTTP ingest, snapshot delay, memory (medians of 3);
-## prints a table and writes docs/benchmarks.md.  Smaller: make bench BENCH_ARGS="--n 200000 --memory-n 0"
+## prints a table and writes docs/benchmarks.md.  Smaller (its table only; --out FILE writes one):
+## make bench BENCH_ARGS="--n 200000 --memory-n 0"
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m tools.bench $(BENCH_ARGS)

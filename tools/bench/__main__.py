@@ -357,6 +357,15 @@ def measure(a: argparse.Namespace, results: dict) -> bool:
     return ok
 
 
+def skipped(a: argparse.Namespace) -> list[str]:
+    """The options of ``a`` that leave out a part of the full run."""
+    flags = [(a.skip_worker, "--skip-worker"), (not a.ingest_duration, "--ingest-duration 0"),
+             (not a.memory_n, "--memory-n 0"), (not a.aggregates_memory_n, "--aggregates-memory-n"),
+             (not a.aggregates, "--no-aggregates"), (not a.dedup, "--no-dedup"), (not a.one, "--no-one"),
+             (a.kafka in ("no", "only"), f"--kafka {a.kafka}"), (not a.faust_n, "--faust-n 0")]
+    return [name for on, name in flags if on]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -400,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure nothing: write --out again from the raw results of an earlier report "
                          "(its JSON block), e.g. after the report's wording changed")
     a = ap.parse_args(argv)
+    if a.out is None and not a.render and skipped(a):
+        # docs/benchmarks.md is the last full run: a partial one would replace it with part of a table
+        log(f"a partial run ({' '.join(skipped(a))}): no report written (--out FILE writes one)")
+        a.out = "-"
     if a.out is None:
         a.out = os.path.join(common.REPO, "docs", "benchmarks-tracing.md" if a.tracing else "benchmarks.md")
     if a.render:

@@ -36,3 +36,18 @@ def test_loadgen_bodies_carry_their_region_counts():
             r = json.loads(line)["region"]
             seen[r] = seen.get(r, 0) + 1
         assert seen == counts
+
+
+def test_only_a_full_run_writes_the_default_report():
+    """docs/benchmarks.md is the last full run: a run that leaves a part out writes no report
+    unless --out names one."""
+    import argparse
+
+    from tools.bench.__main__ import skipped
+
+    full = argparse.Namespace(skip_worker=False, ingest_duration=10.0, memory_n=3_000_000,
+                              aggregates_memory_n=[1_000_000], aggregates=True, dedup=True, one=True,
+                              kafka="auto", faust_n=20_000)
+    assert skipped(full) == []
+    partial = argparse.Namespace(**{**vars(full), "ingest_duration": 0.0, "kafka": "only"})
+    assert skipped(partial) == ["--ingest-duration 0", "--kafka only"]
