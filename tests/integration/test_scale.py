@@ -87,9 +87,9 @@ def test_three_workers_kill_one_add_one_snapshots_exact(broker, service_factory,
     if res.returncode != 0:  # say what each worker went through: ownership moves, recoveries
         notes = []
         for w in workers + [newcomer]:
-            lines = [ln for ln in w.tail(400_000).splitlines()
-                     if "recovered" in ln or '"level": "error"' in ln or "exception" in ln.lower()]
-            notes.append(f"--- {w.data_dir.name}:\n" + "\n".join(lines[-15:]))
+            keep = ("recovered", "assign", "revok", "rebalanc", "exception", '"level": "error"', '"level": "warning"')
+            lines = [ln for ln in w.tail(400_000).splitlines() if any(k in ln.lower() for k in keep)]
+            notes.append(f"--- {w.data_dir.name}:\n" + "\n".join(lines[-40:]))
         pytest.fail(res.stderr[-3000:] + "\n".join(notes))
     assert "match the ground truth exactly" in res.stdout
 
