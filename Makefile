@@ -63,7 +63,7 @@ lint: $(STAMP)
 ## broker of its own, and most of their time is waiting for windows to close
 TEST_JOBS ?= 2
 test: $(STAMP) lint
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --durations=10
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile -rs --durations=10
 
 ## make test-unit: tests/unit, no broker and no service process (seconds)
 test-unit: $(STAMP)

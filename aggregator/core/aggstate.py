@@ -33,29 +33,35 @@ from typing import Any
 import orjson
 
 from aggregator.core.contract import Agg, AggParts, parse_agg_header
+from aggregator.core.events import REGION_MAX_CHARS
 from aggregator.core.recordlog import RECORD_BYTES, Prepared, RecordLog
 from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams, delay_buckets
 from aggregator.core.sketches.delays import geometry as delay_geometry
 
 EMPTY_RESULT: dict[str, Any] = {"unique_users": 0, "top_urls": [], "client_delay_ms": None}
 
+# ``_size``'s estimate of a logged batch's JSON bytes: a fixed part, the region's and each
+# URL text's characters escaped at worst (6 bytes each), and per user hash, URL (hash and
+# count), delay bucket and URL text
+_ENTRY_BYTES, _CHAR_BYTES, _USER_BYTES, _URL_BYTES, _BUCKET_BYTES, _TEXT_BYTES = 100, 6, 22, 30, 20, 26
 # events of a cell added (and logged) at once: as many as keep a logged batch under
-# RECORD_BYTES whatever its users and URLs (``_size``'s worst case: 52 bytes an event for
-# its user and URL hashes, every delay bucket, and a text of MAX_URL_CHARS, escaped, for
-# each URL that got a counter, at most url_capacity), and at most CHUNK_MAX.  Larger
-# batches cost less per event (one Misra-Gries merge and purge per batch): at the default
-# 128 URL counters a batch is 4000 events, 15-20 % less flush time than 1000 a batch
+# RECORD_BYTES whatever its users and URLs (``_size`` at its worst: a user and a URL an
+# event, every delay bucket, and a text of MAX_URL_CHARS for each URL that got a counter,
+# at most url_capacity), and at most CHUNK_MAX.  Larger batches cost less per event (one
+# Misra-Gries merge and purge per batch): at the default 128 URL counters a batch is 4000
+# events, 15-20 % less flush time than 1000 a batch
 CHUNK_MAX = 4000
-_WORST_TEXT = 26 + MAX_URL_CHARS * 6
-_REGION_CHARS = 64  # at most (core.events)
 
 
 def chunk_events(params: SketchParams) -> int:
-    fixed = 100 + _REGION_CHARS * 6 + 20 * delay_geometry(params.delay_accuracy).n_buckets
+    fixed = (_ENTRY_BYTES + REGION_MAX_CHARS * _CHAR_BYTES
+             + _BUCKET_BYTES * delay_geometry(params.delay_accuracy).n_buckets)
     room = RECORD_BYTES - fixed
-    c = (room - params.url_capacity * _WORST_TEXT) // 52
+    per_event = _USER_BYTES + _URL_BYTES
+    text = _TEXT_BYTES + MAX_URL_CHARS * _CHAR_BYTES
+    c = (room - params.url_capacity * text) // per_event
     if c < params.url_capacity:  # every event may bring a new URL's text
-        c = room // (52 + _WORST_TEXT)
+        c = room // (per_event + text)
     return max(1, min(CHUNK_MAX, c))
 
 
@@ -105,12 +111,18 @@ class WindowAggregates(RecordLog):
         self.base_bytes: dict[int, int] = {}
 
     # ------------------------------------------------------------------ per batch
-    def staged(self, ws: int, region: str) -> Staged:
-        """The lists ``WindowBook.apply`` appends an event's ``Agg`` and client delay to;
-        ``flush`` adds them to the cell."""
+    def staged_window(self, ws: int) -> dict[str, Staged]:
+        """Window ``ws``'s staged lists by region (``WindowBook.apply`` holds it while it
+        counts into that window)."""
         per_window = self.stage.get(ws)
         if per_window is None:
             per_window = self.stage[ws] = {}
+        return per_window
+
+    def staged(self, ws: int, region: str) -> Staged:
+        """The lists ``WindowBook.apply`` appends an event's ``Agg`` and client delay to;
+        ``flush`` adds them to the cell."""
+        per_window = self.staged_window(ws)
         cell = per_window.get(region)
         if cell is None:
             cell = per_window[region] = ([], [])
@@ -291,8 +303,8 @@ class WindowAggregates(RecordLog):
     def _size(self, e: Entry | Base) -> int:
         if len(e) == 4:
             return e[3]
-        return (100 + len(e[1]) * 6 + 22 * len(e[2]) + 30 * len(e[3]) + 20 * len(e[6])
-                + sum(26 + len(t) * 6 for _, t in e[5]))
+        return (_ENTRY_BYTES + len(e[1]) * _CHAR_BYTES + _USER_BYTES * len(e[2]) + _URL_BYTES * len(e[3])
+                + _BUCKET_BYTES * len(e[6]) + sum(_TEXT_BYTES + len(t) * _CHAR_BYTES for _, t in e[5]))
 
     def _value(self, entries: Sequence[Entry]) -> dict[str, Any]:
         """``{"c": [[region, user hashes, url hashes, their events, [[url hash, text], ...],

@@ -15,7 +15,8 @@ import re
 from datetime import datetime
 from typing import Any
 
-REGION_RE = re.compile(r"[a-z0-9._-]{1,64}\Z")
+REGION_MAX_CHARS = 64
+REGION_RE = re.compile(rf"[a-z0-9._-]{{1,{REGION_MAX_CHARS}}}\Z")
 LIMITS = {"event_id": 128, "user_id": 128, "url": 2048}
 
 

@@ -127,9 +127,9 @@ class WindowBook:
         st = self.stream_time
         close_at = self.close_at
         cells = self.aggs if aggs is not None else None
-        stage = None if cells is None else cells.stage  # (window, region) -> lists, added at the end
         pairs = zip(events, aggs if cells is not None else repeat(None), strict=False)  # type: ignore[arg-type]
-        # the window of the event before, its counts and staged cells: a batch rarely spans two
+        # the window of the event before, its counts and staged cells (core.aggstate, added at
+        # the end): a batch rarely spans two
         cur_ws = -1
         per_window: dict[str, int] = {}
         staged_w: dict[str, Staged] = {}
@@ -163,17 +163,15 @@ class WindowBook:
                 per_window = counts.get(ws)  # type: ignore[assignment]
                 if per_window is None:
                     per_window = counts[ws] = {}
-                if stage is not None:
-                    staged_w = stage.get(ws)  # type: ignore[assignment]
-                    if staged_w is None:
-                        staged_w = stage[ws] = {}
+                if cells is not None:
+                    staged_w = cells.staged_window(ws)
                 cur_ws = ws
             per_window[region] = per_window.get(region, 0) + 1
             tally[region] = tally.get(region, 0) + 1
-            if stage is not None:
+            if cells is not None:
                 staged = staged_w.get(region)
                 if staged is None:
-                    staged = staged_w[region] = ([], [])
+                    staged = cells.staged(ws, region)
                 staged[0].append(agg)
                 if cts is not None:
                     staged[1].append(its - cts)

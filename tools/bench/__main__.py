@@ -409,9 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure nothing: write --out again from the raw results of an earlier report "
                          "(its JSON block), e.g. after the report's wording changed")
     a = ap.parse_args(argv)
-    if a.out is None and not a.render and skipped(a):
+    left_out = skipped(a)
+    if a.out is None and not a.render and left_out:
         # docs/benchmarks.md is the last full run: a partial one would replace it with part of a table
-        log(f"a partial run ({' '.join(skipped(a))}): no report written (--out FILE writes one)")
+        log(f"a partial run ({' '.join(left_out)}): no report written (--out FILE writes one)")
         a.out = "-"
     if a.out is None:
         a.out = os.path.join(common.REPO, "docs", "benchmarks-tracing.md" if a.tracing else "benchmarks.md")
