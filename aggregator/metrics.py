@@ -83,7 +83,8 @@ class Metrics:
 
     def __init__(self, grace_seconds: float = 5.0, window_seconds: float = 60.0,
                  region_idle_seconds: float = 3600.0) -> None:
-        r = self.registry = CollectorRegistry()
+        # collectors without describe() (process, GC, platform) also answer ``/metrics?name[]=``
+        r = self.registry = CollectorRegistry(support_collectors_without_names=True)
         self.grace_seconds = grace_seconds
         # region labels of regions without events for region_idle_seconds are dropped
         # (issue 15, fault 11): Kafka-direct producers can name any number of regions over time

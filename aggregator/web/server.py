@@ -121,7 +121,10 @@ class Routes:
         # the text format, or OpenMetrics when asked (Accept), gzipped when the scraper takes it
         # (Prometheus sends Accept-Encoding: gzip); prometheus_client's own negotiation
         encoder, ctype = choose_encoder(request.headers.get("Accept", ""))
-        body = encoder(self.registry)
+        # ``?name[]=a&name[]=b``: only those samples, as prometheus_client's own exposition
+        # answers it (a poller that wants one counter does not pay for the whole registry)
+        names = request.query.getall("name[]", [])
+        body = encoder(self.registry.restricted_registry(names) if names else self.registry)
         headers = {"Content-Type": ctype, "Vary": "Accept, Accept-Encoding"}
         if gzip_accepted(request.headers.get("Accept-Encoding", "")):
             body = gzip.compress(body, compresslevel=6)

@@ -26,11 +26,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import orjson
 
 from aggregator.core.contract import SNAPSHOTS
-from tools.bench.common import BenchService, by_label, cpu_seconds, metrics
+from tools.bench.common import INGESTED, PROCESSED, WINDOW_END, BenchService, by_label, cpu_seconds, metrics
 from tools.harness import REPO, http
 
 
@@ -162,11 +163,11 @@ class SnapshotWatcher:
             loop = asyncio.get_running_loop()
             while not self.stop_flag.is_set():
                 try:
-                    m = await loop.run_in_executor(None, metrics, self.url)
+                    m = await loop.run_in_executor(None, partial(metrics, self.url, names=(WINDOW_END,)))
                 except OSError:
                     m = {}
                 now = time.time()
-                for region, end in by_label(m.get("clickstream_window_end_timestamp_seconds", {}), "region").items():
+                for region, end in by_label(m.get(WINDOW_END, {}), "region").items():
                     self.seen_metrics.setdefault((region, end), now)
                 await asyncio.sleep(self.poll)
 
@@ -268,8 +269,8 @@ def _caught_up(front_url: str, worker_url: str, timeout: float = 60.0) -> None:
     """Wait until the worker has applied every event ingested so far."""
     deadline = time.monotonic() + timeout
     while True:
-        ingested = sum(metrics(front_url).get("clickstream_events_ingested_total", {}).values())
-        applied = by_label(metrics(worker_url).get("pipeline_stage_processed_total", {}), "stage").get("window", 0)
+        ingested = sum(metrics(front_url, names=(INGESTED,)).get(INGESTED, {}).values())
+        applied = by_label(metrics(worker_url, names=(PROCESSED,)).get(PROCESSED, {}), "stage").get("window", 0)
         if applied >= ingested or time.monotonic() > deadline:
             return
         time.sleep(0.2)

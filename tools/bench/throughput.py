@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from aggregator.core.contract import CLICKS
-from tools.bench.common import BenchService, by_label, cpu_seconds, metrics, proc_status
+from tools.bench.common import PROCESSED, BenchService, by_label, cpu_seconds, metrics, proc_status
 from tools.harness import REPO, stop_group
 
 
@@ -102,11 +102,11 @@ def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
             svc.check_alive()
             time.sleep(poll)
             try:
-                m = metrics(svc.url)
+                m = metrics(svc.url, names=(PROCESSED,))
             except OSError:
                 continue
             now = time.perf_counter()
-            done = by_label(m.get("pipeline_stage_processed_total", {}), "stage").get("window", 0)
+            done = by_label(m.get(PROCESSED, {}), "stage").get("window", 0)
             if done == 0:
                 t_prev = now
             elif t_first is None:

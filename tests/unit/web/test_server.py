@@ -109,3 +109,24 @@ async def test_openmetrics_when_asked_also_gzipped():
         await client.close()
     assert resp.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
     assert body.endswith("# EOF\n")
+
+
+async def test_metrics_restricted_to_the_names_asked_for():
+    m = Metrics()
+    client = await client_for(m)
+    try:
+        assert (await client.get("/healthz")).status == 200
+        full = await (await client.get("/metrics", skip_auto_headers=["Accept-Encoding"])).text()
+        resp = await client.get("/metrics?name[]=clickstream_http_requests_total&name[]=process_cpu_seconds_total",
+                                skip_auto_headers=["Accept-Encoding"])
+        some = await resp.text()
+    finally:
+        await client.close()
+    assert resp.status == 200
+    names = {s.name for fam in text_string_to_metric_families(some) for s in fam.samples}
+    assert names == {"clickstream_http_requests_total", "process_cpu_seconds_total"}
+    everything = {s.name for fam in text_string_to_metric_families(full) for s in fam.samples}
+    assert names < everything and "python_gc_collections_total" in everything  # the rest without name[]
+    healthz = [s for fam in text_string_to_metric_families(some) for s in fam.samples
+               if s.labels.get("route") == "/healthz" and s.labels.get("code") == "2xx"]
+    assert [s.value for s in healthz] == [1.0]
