@@ -113,6 +113,7 @@ class RecordDecoder:
         ids: list[DedupId | None] | None = None
         aggregating = self.aggregates
         aggs: list[Agg | None] | None = [] if aggregating else None
+        cts: int | None
         for rec in records:
             hs = rec.headers
             region = None
@@ -122,9 +123,14 @@ class RecordDecoder:
                 region = keys.get(rec.key) or self._key_region(rec.key)  # type: ignore[arg-type]
                 if region is not None:
                     try:
-                        its, cts, raw_id = parse_header(hs[0][1])
-                        if raw_id is not None:
-                            did = parse_id_field(raw_id, region)
+                        f = hs[0][1].split(b",", 2)
+                        if len(f) == 2:  # "<ingest_ts>,<ts>": parse_ingest_header's common case, inlined
+                            its = int(f[0])
+                            cts = int(f[1])
+                        else:
+                            its, cts, raw_id = parse_header(hs[0][1])
+                            if raw_id is not None:
+                                did = parse_id_field(raw_id, region)
                         if aggregating and len(hs) > 1 and hs[1][0] == AGG_HEADER:
                             agg = hs[1][1]  # read a cell at a time (core.aggstate)
                     except (ValueError, TypeError):
