@@ -133,6 +133,10 @@ class WindowBook:
         cur_ws = -1
         per_window: dict[str, int] = {}
         staged_w: dict[str, Staged] = {}
+        # this run of events of the window ``cur_ws``, by region: added to ``per_window`` and
+        # ``tally`` when the window changes, before windows close, and at the end (one
+        # count an event, not two)
+        run: dict[str, int] = {}
         for (region, its, cts), agg in pairs:
             if region not in last_seen and region is not None:
                 region = self.canonical_region(region)
@@ -144,6 +148,9 @@ class WindowBook:
                     self._start(st)
                     close_at = self.close_at
                 elif st > close_at:
+                    if run:
+                        _add_run(run, per_window, tally)
+                        run = {}
                     self.stream_time = st
                     self._close_through(st, now_ms)
                     close_at = self.close_at
@@ -157,6 +164,9 @@ class WindowBook:
                 continue
             ws = its - its % W
             if ws != cur_ws:
+                if run:
+                    _add_run(run, per_window, tally)
+                    run = {}
                 if ws < self.first_open:
                     self._add_late(region, CLOSED_WINDOW, st)
                     continue
@@ -166,8 +176,7 @@ class WindowBook:
                 if cells is not None:
                     staged_w = cells.staged_window(ws)
                 cur_ws = ws
-            per_window[region] = per_window.get(region, 0) + 1
-            tally[region] = tally.get(region, 0) + 1
+            run[region] = run.get(region, 0) + 1
             if cells is not None:
                 staged = staged_w.get(region)
                 if staged is None:
@@ -175,6 +184,8 @@ class WindowBook:
                 staged[0].append(agg)
                 if cts is not None:
                     staged[1].append(its - cts)
+        if run:
+            _add_run(run, per_window, tally)
         if cells is not None:
             cells.n_staged += len(aggs)  # type: ignore[arg-type]
             if cells.n_staged >= FLUSH_EVENTS:
@@ -344,3 +355,10 @@ class WindowBook:
     def holds_open_data(self) -> bool:
         """Counts or late events of windows not closed yet (a change of home would split them)."""
         return bool(self.counts or self.late or self.pending_late)
+
+
+def _add_run(run: dict[str, int], per_window: dict[str, int], tally: dict[str, int]) -> None:
+    """A run of events of one window (``WindowBook.apply``) into its counts and the tally."""
+    for region, n in run.items():
+        per_window[region] = per_window.get(region, 0) + n
+        tally[region] = tally.get(region, 0) + n
