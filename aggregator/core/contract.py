@@ -58,7 +58,9 @@ Agg = AggParts | bytes
 
 def agg_header_value(user_h: int | None, url_h: int | None, url: bytes | str | None) -> bytes:
     text = url.encode() if isinstance(url, str) else (url or b"")
-    return b"%s,%s,%s" % (b"" if user_h is None else b"%x" % user_h, b"" if url_h is None else b"%x" % url_h, text)
+    # the user hash zero-padded to 16 digits: the worker reads a batch of such headers in
+    # bulk (core.aggstate); it still reads a shorter one
+    return b"%s,%s,%s" % (b"" if user_h is None else b"%016x" % user_h, b"" if url_h is None else b"%x" % url_h, text)
 
 
 def parse_agg_header(value: bytes) -> AggParts:

@@ -319,13 +319,13 @@ class AggHeaders:
         """The header value; None when the event has neither a user nor a URL to count
         (no ``user_id``, and no ``url`` or one that normalises to nothing)."""
         if url is None:
-            return None if user_id is None else b"%x,," % xxh3_64_intdigest(user_id.encode())
+            return None if user_id is None else b"%016x,," % xxh3_64_intdigest(user_id.encode())
         part = self._urls.get(url)
         if part is None:
             part = self._url_part(url)
         if user_id is None:
             return None if part == b"," else b"," + part
-        return b"%x,%s" % (xxh3_64_intdigest(user_id.encode()), part)
+        return b"%016x,%s" % (xxh3_64_intdigest(user_id.encode()), part)
 
     def _url_part(self, url: str) -> bytes:
         norm = normalise_url(url, self.keep_query)

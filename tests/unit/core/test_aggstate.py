@@ -171,6 +171,40 @@ def test_agg_headers_read_in_bulk_give_the_cells_of_their_parsed_parts():
     assert books[1].aggs.malformed == 0
 
 
+def test_padded_and_unpadded_user_hashes_give_the_same_cells():
+    """Ingest pads the user hash to 16 digits (read in bulk); a header of an earlier ingest,
+    unpadded, is read one by one: the same cells, small hashes (leading zeros) included."""
+    rng = random.Random(6)
+    events, parts = _events(rng, 3000, T0)
+    # every event with a user (a cell's batch with an event without one is read one by one),
+    # every fourth user hash short of 16 digits
+    parts = [a if a is None else (rng.randrange(1 << (4 * (i % 15))) if i % 4 == 0 else a[0] or i, *a[1:])
+             for i, a in enumerate(parts)]
+    padded = [None if a is None else agg_header_value(*a) for a in parts]
+    assert {len(h.partition(b",")[0]) for h in padded if h is not None} <= {0, 16}
+    unpadded = [None if a is None else b"%s,%x,%s" % (b"" if a[0] is None else b"%x" % a[0], a[1], a[2])
+                for a in parts]
+    assert padded != unpadded
+    books = [_book() for _ in range(3)]
+    for b, aggs in zip(books, (parts, padded, unpadded), strict=True):
+        b.apply(events, len(events), T0, aggs)
+        b.aggs.flush()
+    assert _cells(books[0].aggs) == _cells(books[1].aggs) == _cells(books[2].aggs)
+    assert books[1].aggs.malformed == books[2].aggs.malformed == 0
+    assert len(books[0].aggs.cells[T0 - T0 % W]) == 5
+
+
+def test_a_padded_user_hash_that_is_not_hex_spoils_only_its_own_event():
+    good = [agg_header_value(user_hash(f"u{i}"), url_hash("/a"), "/a") for i in range(3)]
+    bad = b"0123456789abcdeg," + good[0][17:]  # 16 characters, one not a hex digit
+    book = _book()
+    book.apply([("eu", T0 + i, None) for i in range(4)], 4, T0, [*good[:2], bad, good[2]])
+    records, _ = book.aggs.take_records(0)
+    assert book.aggs.malformed == 1
+    [[_, users, _, url_counts, _, _, _, _]] = records[0][1]["c"]
+    assert users == [user_hash(f"u{i}") for i in range(3)] and url_counts == [3]
+
+
 def test_a_malformed_agg_header_adds_nothing_and_is_counted():
     good = agg_header_value(user_hash("u1"), url_hash("/a"), "/a")
     bad = [b"zz,1,/a", b"no commas", b"%x,," % (1 << 70), b"1,ab,", None]
