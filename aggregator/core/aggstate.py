@@ -75,6 +75,8 @@ _MAX64 = (1 << 64) - 1
 # an agg header whose user hash has 16 digits: its comma, the hash, the rest
 _AT_16, _USER_16, _TAIL_16 = itemgetter(slice(16, 17)), itemgetter(slice(16)), itemgetter(slice(17, None))
 _SWAP = sys.byteorder == "little"  # the hex digits are big-endian
+_FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)  # of parsed parts
+_TUPLE = {tuple}
 assert array("Q").itemsize == 8
 TAILS_MAX = 50_000
 # a window's input logged beyond this (and beyond twice its cells) is replaced by its cells
@@ -187,7 +189,7 @@ class WindowAggregates(RecordLog):
             if not aggs:
                 return [], {}, {}
         if type(aggs[0]) is tuple:
-            if all(type(a) is tuple for a in aggs):
+            if set(map(type, aggs)) == _TUPLE:  # C-level, not a generator step an event
                 return self._columns_parts(aggs)  # type: ignore[arg-type]
             return self._columns_each(aggs)
         try:
@@ -233,11 +235,17 @@ class WindowAggregates(RecordLog):
     @staticmethod
     def _columns_parts(aggs: list[AggParts]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
         """``_columns`` of parts the decoder computed (64-bit hashes by construction)."""
-        users = [a[0] for a in aggs if a[0] is not None]
-        with_url = [a for a in aggs if a[1] is not None]
-        urls = dict(Counter([a[1] for a in with_url]))
-        texts = {a[1]: a[2] or "" for a in reversed(with_url)}  # each URL's first text
-        return users, urls, texts  # type: ignore[return-value]
+        # C-level passes (itemgetter maps), not a comprehension an event
+        users = list(map(_FIRST, aggs))
+        if None in users:
+            users = [u for u in users if u is not None]
+        url_hs = list(map(_SECOND, aggs))
+        urls = Counter(url_hs)
+        texts = dict(zip(reversed(url_hs), reversed(list(map(_THIRD, aggs))), strict=True))  # each URL's first
+        if None in urls:
+            del urls[None]
+            del texts[None]
+        return users, dict(urls), texts
 
     def _columns_each(self, aggs: list[Agg | None]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
         users: list[int] = []

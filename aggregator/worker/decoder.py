@@ -113,6 +113,7 @@ class RecordDecoder:
         ids: list[DedupId | None] | None = None
         aggregating = self.aggregates
         aggs: list[Agg | None] | None = [] if aggregating else None
+        urls = self.urls
         cts: int | None
         for rec in records:
             hs = rec.headers
@@ -155,8 +156,20 @@ class RecordDecoder:
                             raise EventError("bad_field", f"event_id must be a string of at most {EVENT_ID_MAX} "
                                                           "characters")
                         did = event_key(region, eid)
-                    if aggregating:
-                        agg = self._agg(d)
+                    if aggregating:  # the event's aggregates parts; a user or url not a string: left out
+                        user = d.get("user_id")
+                        url = d.get("url")
+                        user_h = hash_bytes(user.encode()) if type(user) is str else None  # sketches.user_hash
+                        if type(url) is str:
+                            known = urls.get(url)
+                            if known is None:
+                                known = self._url(url)
+                            if known[0] is not None:
+                                agg = (user_h, known[0], known[1])
+                            elif user_h is not None:
+                                agg = (user_h, None, None)
+                        elif user_h is not None:
+                            agg = (user_h, None, None)
                 except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
                     _reject(exc, rec, partition, rejected, dead)
                     continue
@@ -243,24 +256,15 @@ class RecordDecoder:
                 aggs.append(agg)
         return Decoded(events, [], rejected, future, ids, aggs), repeats
 
-    def _agg(self, d: dict) -> Agg | None:
-        """The aggregates' part of an event produced straight to Kafka (its JSON value);
-        a ``user_id`` or ``url`` that is not a string is left out."""
-        user = d.get("user_id")
-        url = d.get("url")
-        user_h = hash_bytes(user.encode()) if type(user) is str else None  # core.sketches.user_hash, inlined
-        if type(url) is not str:
-            return None if user_h is None else (user_h, None, None)
-        known = self.urls.get(url)
-        if known is None:
-            text = normalise_url(url, self.url_keep_query)
-            known = (None, None) if text is None else (url_hash(text), text)
-            if len(self.urls) >= CACHE_MAX:
-                self.urls.clear()
-            self.urls[url] = known
-        if known[0] is None:
-            return None if user_h is None else (user_h, None, None)
-        return user_h, known[0], known[1]
+    def _url(self, url: str) -> tuple[int | None, str | None]:
+        """(hash, text) of a URL produced straight to Kafka, normalised; (None, None): not
+        a URL to count.  Remembered in ``urls``, emptied when full."""
+        text = normalise_url(url, self.url_keep_query)
+        known = (None, None) if text is None else (url_hash(text), text)
+        if len(self.urls) >= CACHE_MAX:
+            self.urls.clear()
+        self.urls[url] = known
+        return known
 
     def _home(self, region: str) -> int:
         h = home(region, self.partitions)

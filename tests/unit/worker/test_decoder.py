@@ -143,3 +143,16 @@ def test_aggregates_of_kafka_direct_and_ingest_records_are_the_same_parts():
     u, h, t = parse_agg_header(ingest)  # type: ignore[arg-type]
     assert direct == again == (u, h, t.decode())  # type: ignore[union-attr]
     assert len(dec.urls) == 1
+
+
+def test_aggregates_of_kafka_direct_records_leave_out_what_is_not_a_string_or_url():
+    from aggregator.core.sketches import normalise_url, url_hash, user_hash
+
+    text = normalise_url("/a")
+    assert text is not None and normalise_url("") is None
+    values = [{"user_id": 5, "url": "/a"}, {"user_id": "u", "url": 5}, {"user_id": "u", "url": ""},
+              {"url": ""}, {}, {"url": "/a"}, {"user_id": "u"}, {"user_id": "u", "url": "/a"}]
+    recs = fetched([(None, orjson.dumps({"region": "eu", "ingest_ts": 7, **v}), []) for v in values])
+    aggs = RecordDecoder(aggregates=True).decode(recs, NOW, 0, False, None, MAX_TS).aggs
+    u, a = user_hash("u"), (url_hash(text), text)
+    assert aggs == [(None, *a), (u, None, None), (u, None, None), None, None, (None, *a), (u, None, None), (u, *a)]
