@@ -168,6 +168,9 @@ class Metrics:
         self._spill_faults = Counter("clickstream_spill_faults",
                                      "Spill records found damaged on recovery (quarantined, re-read from Kafka), "
                                      "or lost (not in Kafka any more), by kind", ["kind"], registry=r)
+        self._rebalancing = Gauge("clickstream_rebalance_seconds",
+                                  "How long the current consumer-group rebalance (with its changelog recovery) "
+                                  "has lasted on this worker; 0 when none", registry=r)
         self._rebalances = Counter("clickstream_rebalances", "Consumer-group rebalances this worker took part in",
                                    registry=r)
         self._recovered = Counter("clickstream_state_recovered_partitions",
@@ -387,6 +390,9 @@ class Metrics:
 
     def rebalanced(self) -> None:
         self._rebalances.inc()
+
+    def rebalancing_for(self, seconds: float) -> None:
+        self._rebalancing.set(seconds)
 
     def state_recovered(self) -> None:
         self._recovered.inc()

@@ -30,3 +30,32 @@ def advance_target(now_ms: int, last_record_ms: int | None, highwater: int | Non
     else:
         caught_up = last_record_ms is not None and now_ms - last_record_ms >= CAUGHT_UP_IDLE_MS
     return now_ms - ADVANCE_SLACK_MS if caught_up else None
+
+
+class RebalanceWatch:
+    """How long the consumer group's rebalance (with the changelog recovery Faust runs
+    before it resumes the streams) has lasted on this worker, and when to say so again.
+
+    Faust's recovery can stall after back-to-back rebalances (faust-streaming issues #21,
+    #74): the worker then keeps its partitions, heartbeats and counts nothing.  It is not
+    ready all that time (``/readyz``); this makes it also loud: a gauge of the seconds,
+    and a warning with Faust's recovery state every ``warn_s`` while it lasts."""
+
+    __slots__ = ("since", "warned", "warn_s")
+
+    def __init__(self, warn_s: float) -> None:
+        self.warn_s = warn_s
+        self.since: float | None = None  # monotonic time the current rebalance was first seen
+        self.warned = 0.0
+
+    def observe(self, rebalancing: bool, now: float) -> tuple[float, bool]:
+        """-> (seconds the rebalance has lasted, 0 when none; True: warn now)."""
+        if not rebalancing:
+            self.since = None
+            return 0.0, False
+        if self.since is None:
+            self.since = self.warned = now
+        if now - self.warned >= self.warn_s:
+            self.warned = now
+            return now - self.since, True
+        return now - self.since, False

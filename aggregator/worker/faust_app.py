@@ -100,6 +100,21 @@ class FaustApp:
         except Exception:  # noqa: BLE001 - no recovery yet
             return False
 
+    def recovery_state(self) -> str:
+        """Faust's side of a rebalance, for a log line when one lasts (never raises)."""
+        app: Any = self.app
+        try:
+            rec = app.tables.recovery
+            consumer = app.consumer
+            paused = sorted(tp.partition for tp in consumer._paused_partitions if tp.topic == CLICKS)
+            return (f"generation {app.consumer_generation_id} (recovery's {rec._generation_id}), "
+                    f"recovery started {rec.signal_recovery_start.is_set()}, in recovery {rec.in_recovery}, "
+                    f"changelog records to recover {rec.active_remaining_total()}, "
+                    f"assigned clicks partitions {sorted(self.assigned())}, paused {paused}, "
+                    f"flow active {consumer.flow_active}")
+        except Exception as exc:  # noqa: BLE001 - a diagnostic: whatever Faust has then
+            return f"(Faust's recovery state unavailable: {exc!r})"
+
     def assigned(self) -> set[int]:
         """Partitions of ``clicks`` assigned to this worker (raises before the consumer exists)."""
         return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == CLICKS}

@@ -39,7 +39,7 @@ from aggregator.core.repartition import Foreign, forward_record, home
 from aggregator.core.sourcelog import restarted
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
-from aggregator.worker.clock import advance_target
+from aggregator.worker.clock import RebalanceWatch, advance_target
 from aggregator.worker.decoder import Record, RecordDecoder
 from aggregator.worker.faust_app import FaustApp
 from aggregator.worker.partitions import BookSettings, Partitions, PartitionState
@@ -68,6 +68,8 @@ class WorkerService:
                                          kafka.mark_safe_forwarded)
         self.max_ahead_ms = settings.max_ahead_ms
         self.wake = asyncio.Event()  # set when snapshots wait to be published
+        # a rebalance that lasts: a gauge, and a warning every so often (5 session timeouts, >= 30 s)
+        self.rebalance = RebalanceWatch(max(30.0, 5 * settings.session_timeout))
         self.started = False
         # tracing on: a consumer span per batch, linked to the request spans of its records
         kafka.wire(tracing.TracedBatches(self.on_batch), self._holding, self._ticks, self._on_revoked)
@@ -80,7 +82,9 @@ class WorkerService:
         if not self.kafka.recovered():
             return "recovering window state from the changelog"
         if self.app.rebalancing:
-            return "consumer group rebalancing"
+            since = self.rebalance.since
+            lasted = "" if since is None else f" for {time.monotonic() - since:.0f} s"
+            return f"consumer group rebalancing{lasted}"
         return self.checkpointer.failing or self.throttle.disk_error
 
     def ready(self) -> bool:
@@ -339,6 +343,11 @@ class WorkerService:
             except TimeoutError:
                 pass
             self.wake.clear()
+            lasted, warn = self.rebalance.observe(self.app.rebalancing, time.monotonic())
+            self.metrics.rebalancing_for(lasted)
+            if warn:
+                log.warning("consumer group rebalancing for %.0f s, counting nothing: %s", lasted,
+                            self.kafka.recovery_state())
             if self.app.rebalancing:
                 continue
             try:

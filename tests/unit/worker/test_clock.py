@@ -20,3 +20,15 @@ NOW = 1_000_000
 ])
 def test_advance_target(last, highwater, next_offset, fetching, expected):
     assert advance_target(NOW, last, highwater, next_offset, fetching) == expected
+
+
+def test_a_rebalance_that_lasts_is_timed_and_warned_of_every_period():
+    from aggregator.worker.clock import RebalanceWatch
+
+    w = RebalanceWatch(30.0)
+    assert w.observe(False, 100.0) == (0.0, False)
+    seen = [w.observe(True, t) for t in (200.0, 210.0, 229.5, 230.0, 259.5, 260.0)]
+    assert seen == [(0.0, False), (10.0, False), (29.5, False), (30.0, True), (59.5, False), (60.0, True)]
+    assert w.observe(False, 261.0) == (0.0, False) and w.since is None
+    assert w.observe(True, 300.0) == (0.0, False)  # a new rebalance starts its own clock
+    assert w.observe(True, 329.0) == (29.0, False)
