@@ -89,6 +89,10 @@ def test_three_workers_kill_one_add_one_snapshots_exact(broker, service_factory,
         for w in workers + [newcomer]:
             keep = ("recovered", "assign", "revok", "rebalanc", "exception", '"level": "error"', '"level": "warning"')
             lines = [ln for ln in w.tail(400_000).splitlines() if any(k in ln.lower() for k in keep)]
+            try:  # a live worker: how long its current rebalance has lasted (0: none)
+                lines += [ln for ln in w.metrics_text().splitlines() if ln.startswith("clickstream_rebalance_seconds ")]
+            except (OSError, AssertionError):
+                lines.append("(no /metrics: not running)")
             notes.append(f"--- {w.data_dir.name}:\n" + "\n".join(lines[-40:]))
         pytest.fail(res.stderr[-3000:] + "\n".join(notes))
     assert "match the ground truth exactly" in res.stdout
