@@ -28,8 +28,6 @@ PARTITIONS = 6
 W_MS = 2000
 
 
-@pytest.mark.timeout(180)
-
 def published_by(svc) -> float:
     """Snapshots this worker has published itself (its own metric)."""
     for line in svc.metrics_text().splitlines():
@@ -37,6 +35,8 @@ def published_by(svc) -> float:
             return float(line.split()[1])
     raise AssertionError("no clickstream_snapshots_published_total in /metrics")
 
+
+@pytest.mark.timeout(180)
 def test_three_workers_kill_one_add_one_snapshots_exact(broker, service_factory, tmp_path):
     t_start = time.monotonic()
     asyncio.run(ensure_topics(broker.bootstrap, PARTITIONS))
