@@ -156,8 +156,9 @@ class Settings(BaseSettings):
                                "(about 250 bytes each); beyond, the oldest are forgotten before the horizon, "
                                "counted in clickstream_dedup_evicted_total")
     aggregates: bool = Field(False, description="unique users, top URLs and client-delay quantiles per region "
-                             "and window in every snapshot (off by default: with them the worker reads about half "
-                             "to three quarters as fast as a bare consumer, docs/analytics.md)")
+                             "and window in every snapshot (off by default: with them the worker reads ingest's records "
+                             "about as fast as a bare consumer, records produced straight to Kafka at about two "
+                             "thirds of its rate, docs/analytics.md)")
     top_urls: int = Field(10, ge=1, le=20, description="URLs in a snapshot's top_urls at most")
     unique_users_precision: int = Field(12, ge=10, le=16, description="HyperLogLog precision of unique_users "
                                         "beyond 256 users: 2^p one-byte registers, standard error ~1.04/sqrt(2^p)")
