@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from binascii import Error as BinasciiError
 from binascii import unhexlify
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -96,6 +97,21 @@ Entry = tuple[int, str, list[int], list[int], list[int], list[list[Any]], list[i
 Base = tuple[int, str, dict[str, Any], int]
 # what ``WindowBook.apply`` stages per cell: (the events' Agg, their client delays)
 Staged = tuple[list["Agg | None"], list[int]]
+
+
+def _users_16(aggs: list[bytes]) -> list[int] | None:
+    """The user hashes of agg headers that all start with 16 hex digits and a comma (what
+    ingest writes), in one ``unhexlify``; None for any other batch (AttributeError or
+    TypeError when not all are bytes)."""
+    if b"".join(map(_AT_16, aggs)) != b"," * len(aggs):
+        return None
+    try:
+        raw = array("Q", unhexlify(b"".join(map(_USER_16, aggs))))
+    except BinasciiError:  # a user part that is not 16 hex digits (e.g. ",<15-digit url hash>,")
+        return None
+    if _SWAP:
+        raw.byteswap()
+    return raw.tolist()
 
 
 class WindowAggregates(RecordLog):
@@ -193,13 +209,8 @@ class WindowAggregates(RecordLog):
                 return self._columns_parts(aggs)  # type: ignore[arg-type]
             return self._columns_each(aggs)
         try:
-            if b"".join(map(_AT_16, aggs)) == b"," * len(aggs):  # type: ignore[arg-type]
-                # every user hash is 16 digits (what ingest writes): all of them in one
-                # unhexlify (binascii.Error, a ValueError, on a digit that is not hex)
-                raw = array("Q", unhexlify(b"".join(map(_USER_16, aggs))))  # type: ignore[arg-type]
-                if _SWAP:
-                    raw.byteswap()
-                users = raw.tolist()
+            users = _users_16(aggs)  # type: ignore[arg-type]
+            if users is not None:
                 tail_counts = Counter(map(_TAIL_16, aggs))  # type: ignore[arg-type]
             else:
                 parts = [a.partition(b",") for a in aggs]  # type: ignore[union-attr]  # else AttributeError
@@ -217,8 +228,8 @@ class WindowAggregates(RecordLog):
                     if not sep:
                         raise ValueError("<user hash>,<url hash>,<url> expected")
                     url_h = int(h, 16) if h else -1
-                    if url_h > _MAX64 or (url_h >= 0) != bool(url):
-                        raise ValueError("a url hash of more than 64 bits, or without its url")
+                    if (h and not 0 <= url_h <= _MAX64) or (url_h >= 0) != bool(url):
+                        raise ValueError("a url hash that is not 64 bits, or without its url")
                     known = (url_h, url)
                     if len(tails) >= TAILS_MAX:
                         tails.clear()

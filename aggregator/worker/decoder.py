@@ -134,7 +134,7 @@ class RecordDecoder:
                                 did = parse_id_field(raw_id, region)
                         if aggregating and len(hs) > 1 and hs[1][0] == AGG_HEADER:
                             agg = hs[1][1]  # read a cell at a time (core.aggstate)
-                    except (ValueError, TypeError):
+                    except (ValueError, TypeError, AttributeError):  # AttributeError: a null header value
                         region = None  # not what ingest writes: the value decides
             if region is None:
                 try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import random
+from binascii import unhexlify
 
 import orjson
 import pytest
@@ -192,6 +193,34 @@ def test_padded_and_unpadded_user_hashes_give_the_same_cells():
     assert _cells(books[0].aggs) == _cells(books[1].aggs) == _cells(books[2].aggs)
     assert books[1].aggs.malformed == books[2].aggs.malformed == 0
     assert len(books[0].aggs.cells[T0 - T0 % W]) == 5
+
+
+def test_padded_user_hashes_are_read_in_one_call(monkeypatch):
+    from aggregator.core import aggstate
+
+    calls = []
+    monkeypatch.setattr(aggstate, "unhexlify", lambda b: calls.append(len(b)) or unhexlify(b))
+    aggs = [agg_header_value(user_hash(f"u{i}"), url_hash("/a"), "/a") for i in range(50)]
+    users, urls, _ = WindowAggregates()._columns(aggs)  # type: ignore[arg-type]
+    assert calls == [16 * 50] and users == [user_hash(f"u{i}") for i in range(50)] and urls == {url_hash("/a"): 50}
+    calls.clear()
+    unpadded = [b"%x,%x,/a" % (user_hash(f"u{i}") >> 8, url_hash("/a")) for i in range(50)]
+    assert WindowAggregates()._columns(unpadded)[0] == [user_hash(f"u{i}") >> 8 for i in range(50)]  # type: ignore[arg-type]
+    assert calls == []
+
+
+def test_headers_that_are_not_16_hex_digits_are_read_as_before_in_bulk():
+    """A comma at 16 that is not after 16 hex digits (a header without a user and a 15-digit
+    url hash; a user part int() takes but unhexlify does not) is read by the bulk path;
+    a negative url hash is malformed there as in the one-by-one reading."""
+    url_h = next(h for i in range(1000) if 1 << 56 <= (h := url_hash(f"/p{i}")) < 1 << 60)  # 15 digits
+    no_user = b",%x,/p" % url_h
+    assert no_user.index(b",", 1) == 16
+    wa = WindowAggregates()
+    assert wa._columns([no_user, b"+000000000000001,,", b"0000000000000002,,"]) == ([1, 2], {url_h: 1}, {url_h: b"/p"})
+    assert wa.malformed == 0
+    assert wa._columns([b"0000000000000001,,", b"0000000000000002,-5,"]) == ([1], {}, {})
+    assert wa.malformed == 1
 
 
 def test_a_padded_user_hash_that_is_not_hex_spoils_only_its_own_event():

@@ -156,3 +156,14 @@ def test_aggregates_of_kafka_direct_records_leave_out_what_is_not_a_string_or_ur
     aggs = RecordDecoder(aggregates=True).decode(recs, NOW, 0, False, None, MAX_TS).aggs
     u, a = user_hash("u"), (url_hash(text), text)
     assert aggs == [(None, *a), (u, None, None), (u, None, None), None, None, (None, *a), (u, None, None), (u, *a)]
+
+
+def test_a_null_ingest_header_value_leaves_the_record_to_its_value():
+    """A producer writing straight to Kafka may send a clickstream-ingest header with a null
+    value: the record is read from its value, and the rest of the batch still decodes."""
+    recs = fetched([(b"eu", b'{"region": "eu", "ingest_ts": 5}', [(INGEST_HEADER, None)]),
+                    (b"eu", b"{}", [(INGEST_HEADER, None)]),
+                    (b"us", b"", ingest_header(6, None))])
+    out = RecordDecoder().decode(recs, NOW, 0, False, None, MAX_TS)
+    assert out.events == [("eu", 5, None), ("us", 6, None)]
+    assert out.rejected == {"undecodable": 1}  # no region in its value
