@@ -42,14 +42,16 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     i = res["ingest"]
     assert i["exact"] is True and i["runs"][0]["one_exact"] is True
     run = i["runs"][0]
-    phases = ("max_1000", "alone_1000", "max_10", "half_1000", "one_max_1000", "one_half_1000")
-    assert set(run) >= set(phases)
+    phases = ("max_1000", "alone_1000", "max_10", "half_1000", "one_max_1000", "one_half_1000",
+              "agg_max_1000", "agg_alone_1000")  # agg_: AGG_AGGREGATES on in both processes
+    assert set(run) >= set(phases) and run["agg_exact"] is True
     assert all(run[p]["requests"] > 0 for p in phases)
     assert res["snapshots"]["metrics_n"] > 0 and res["snapshots"]["topic_n"] > 0
     # the report is made from the results: every section and the machine are there
     md = out.read_text()
     for needle in ("## Machine", "nproc", "Python", "worker throughput", "HTTP ingest", "snapshot delay",
                    "peak RSS", "1b. worker", "1c. worker", "1d. worker", "4b. worker", "worker process stopped",
+                   "the same with AGG_AGGREGATES on",
                    res["machine"]["cpu"]):
         assert needle in md, needle
     assert "worker throughput" in proc.stdout  # the printed table

@@ -217,6 +217,21 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
             f"{p3.over_100ms} as sent, {p3.server_over_100ms} in the ingest handler); snapshots seen "
             f"{len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}"
             + ("" if r.exact else f"; COUNTS NOT EXACT: {r.detail}"))
+        if a.aggregates:  # the same, AGG_AGGREGATES on: ingest hashes the user and the URL of each event
+            b = new_broker()
+            try:
+                g = ingest.ingest_run(b.url, duration=a.ingest_duration, window_s=a.window_s, grace_s=a.grace_s,
+                                      big_concurrency=a.big_concurrency, small=False, half=False, aggregates=True)
+            finally:
+                stop_broker(b)
+            for name, p in g.phases.items():
+                run["agg_" + name] = _phase_dict(p)
+            run["agg_exact"] = g.exact
+            exact &= g.exact
+            g1, ga = g.phases["max_1000"], g.phases["alone_1000"]
+            log(f"ingest run {k + 1}{label}, aggregates on: batch 1000 {g1.rate:,.0f}/s (p99 {g1.p99_ms:.0f} ms, "
+                f"CPU ingest {g1.server_cpu:.2f}); worker stopped {ga.rate:,.0f}/s (CPU ingest {ga.server_cpu:.2f})"
+                + ("" if g.exact else f"; COUNTS NOT EXACT: {g.detail}"))
         if one:
             b = new_broker()
             try:
@@ -248,6 +263,9 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
            "max_10_rate": m("max_10", "rate"), "max_10_p50": m("max_10", "p50_ms"), "max_10_p99": m("max_10", "p99_ms"),
            "half_offered": m("half_1000", "offered"), "half_rate": m("half_1000", "rate"),
            "half_p50": m("half_1000", "p50_ms"), "half_p99": m("half_1000", "p99_ms")}
+    if all("agg_max_1000" in run for run in runs):
+        res.update(agg_max_rate=m("agg_max_1000", "rate"), agg_max_p99=m("agg_max_1000", "p99_ms"),
+                   agg_alone_rate=m("agg_alone_1000", "rate"))
     if one:
         res.update(one_max_rate=m("one_max_1000", "rate"), one_max_p99=m("one_max_1000", "p99_ms"),
                    one_half_offered=m("one_half_1000", "offered"), one_half_p50=m("one_half_1000", "p50_ms"),

@@ -191,11 +191,13 @@ class SnapshotWatcher:
 
 def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, grace_s: float = 1.0,
                small_concurrency: int = 32, big_concurrency: int = 8, split: bool = True,
-               small: bool = True) -> IngestRun:
-    """Phases max_1000, max_10 (``small``) and half_1000 (with the snapshot watcher), then the
-    exactness check; ``split``: ingest and worker in two processes, else in one."""
+               small: bool = True, half: bool = True, aggregates: bool = False) -> IngestRun:
+    """Phases max_1000, max_10 (``small``) and half_1000 (``half``, with the snapshot
+    watcher), then the exactness check; ``split``: ingest and worker in two processes, else
+    in one; ``aggregates``: AGG_AGGREGATES on in both."""
     bootstrap = broker_url.split("://", 1)[1]
-    env = {"AGG_WINDOW_SECONDS": str(window_s), "AGG_GRACE_SECONDS": str(grace_s)}
+    env = {"AGG_WINDOW_SECONDS": str(window_s), "AGG_GRACE_SECONDS": str(grace_s),
+           "AGG_AGGREGATES": "true" if aggregates else "false"}
     if split:
         worker = BenchService(broker_url, env=dict(env, AGG_ROLE="worker")).start(wait_ready=None)
         front = BenchService(broker_url, env=dict(env, AGG_ROLE="ingest")).start(wait_ready=None)
@@ -222,16 +224,17 @@ def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, g
         if small:
             phases["max_10"] = loadgen(front.url, 10, duration, small_concurrency, pid=pid, worker_pid=wpid,
                                        name=f"{kind}: batch 10, max")
-        half = phases["max_1000"].rate / 2
-        _caught_up(front.url, worker.url)  # the half-rate phase must not overlap the worker's backlog
-        watcher = SnapshotWatcher(worker.url, bootstrap).start()
-        t_from = time.time() + 1.0
-        phases["half_1000"] = loadgen(front.url, 1000, duration + 5, rate=half, pid=pid, worker_pid=wpid,
-                                      name=f"{kind}: batch 1000, half rate")
-        t_to = time.time()
-        time.sleep(window_s + grace_s + 1.5)  # the last windows of the load close and publish
-        watcher.stop()
-        snaps = watcher.delays(t_from, t_to, grace_s)
+        snaps = SnapshotDelays()
+        if half:
+            _caught_up(front.url, worker.url)  # the half-rate phase must not overlap the worker's backlog
+            watcher = SnapshotWatcher(worker.url, bootstrap).start()
+            t_from = time.time() + 1.0
+            phases["half_1000"] = loadgen(front.url, 1000, duration + 5, rate=phases["max_1000"].rate / 2, pid=pid,
+                                          worker_pid=wpid, name=f"{kind}: batch 1000, half rate")
+            t_to = time.time()
+            time.sleep(window_s + grace_s + 1.5)  # the last windows of the load close and publish
+            watcher.stop()
+            snaps = watcher.delays(t_from, t_to, grace_s)
         worker.check_alive()
         front.check_alive()
         accepted = sum(p.raw["accepted"] for p in phases.values())
