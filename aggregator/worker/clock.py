@@ -26,7 +26,9 @@ def advance_target(now_ms: int, last_record_ms: int | None, highwater: int | Non
     if not quiet:
         return None
     if highwater is not None:
-        caught_up = highwater <= next_offset
+        # an end below the state's offset is a log that started over (or truncated) before the
+        # worker has noticed: its new records are yet to be read, so the clock must wait
+        caught_up = highwater == next_offset
     else:
         caught_up = last_record_ms is not None and now_ms - last_record_ms >= CAUGHT_UP_IDLE_MS
     return now_ms - ADVANCE_SLACK_MS if caught_up else None

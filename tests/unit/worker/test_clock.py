@@ -13,6 +13,7 @@ NOW = 1_000_000
     (NOW - ADVANCE_IDLE_MS, 10, 10, True, NOW - ADVANCE_SLACK_MS),  # quiet long enough
     (NOW - ADVANCE_IDLE_MS + 1, 10, 10, True, None),               # a record just arrived: stream time rules
     (NOW - 10_000, 11, 10, True, None),                            # lag: the backlog decides, not the clock
+    (NOW - 10_000, 3, 10, True, None),                             # the log ends below the state: started over
     (NOW - 10_000, 10, 10, False, None),                           # not fetching (backpressure, rebalance)
     (NOW - CAUGHT_UP_IDLE_MS, None, 10, True, NOW - ADVANCE_SLACK_MS),   # end unknown, idle: caught up
     (NOW - CAUGHT_UP_IDLE_MS + 1, None, 10, True, None),           # end unknown, not idle long enough
