@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from aggregator.core.contract import Agg, AggParts, parse_agg_header
+from aggregator.core.contract import USER_HASH_DIGITS, Agg, AggParts, parse_agg_header
 from aggregator.core.events import REGION_MAX_CHARS
 from aggregator.core.recordlog import RECORD_BYTES, Prepared, RecordLog
 from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams, delay_buckets
@@ -73,12 +73,13 @@ def chunk_events(params: SketchParams) -> int:
 # staged events of a partition beyond which they are added before the checkpoint asks
 FLUSH_EVENTS = 20_000
 _MAX64 = (1 << 64) - 1
-# an agg header whose user hash has 16 digits: its comma, the hash, the rest
-_AT_16, _USER_16, _TAIL_16 = itemgetter(slice(16, 17)), itemgetter(slice(16)), itemgetter(slice(17, None))
+# an agg header whose user hash has its USER_HASH_DIGITS: its comma, the hash, the rest
+_D = USER_HASH_DIGITS
+_AT_16, _USER_16, _TAIL_16 = itemgetter(slice(_D, _D + 1)), itemgetter(slice(_D)), itemgetter(slice(_D + 1, None))
 _SWAP = sys.byteorder == "little"  # the hex digits are big-endian
 _FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)  # of parsed parts
 _TUPLE = {tuple}
-assert array("Q").itemsize == 8
+assert array("Q").itemsize * 2 == _D  # a 64-bit hash: 16 hex digits, 8 bytes
 TAILS_MAX = 50_000
 # a window's input logged beyond this (and beyond twice its cells) is replaced by its cells
 COMPACT_BYTES = 4_000_000

@@ -56,11 +56,16 @@ AggParts = tuple["int | None", "int | None", "bytes | str | None"]
 Agg = AggParts | bytes
 
 
+# the user hash of an agg header: zero-padded to 16 hex digits, so that the worker reads a
+# batch of such headers in bulk (core.aggstate); it still reads a shorter one
+USER_HASH_DIGITS = 16
+USER_HASH_FORMAT = b"%%0%dx" % USER_HASH_DIGITS
+
+
 def agg_header_value(user_h: int | None, url_h: int | None, url: bytes | str | None) -> bytes:
     text = url.encode() if isinstance(url, str) else (url or b"")
-    # the user hash zero-padded to 16 digits: the worker reads a batch of such headers in
-    # bulk (core.aggstate); it still reads a shorter one
-    return b"%s,%s,%s" % (b"" if user_h is None else b"%016x" % user_h, b"" if url_h is None else b"%x" % url_h, text)
+    return b"%s,%s,%s" % (b"" if user_h is None else USER_HASH_FORMAT % user_h, b"" if url_h is None else b"%x" % url_h,
+                          text)
 
 
 def parse_agg_header(value: bytes) -> AggParts:

@@ -28,7 +28,15 @@ from aiohttp import web
 from xxhash import xxh3_64_intdigest
 
 from aggregator import tracing
-from aggregator.core.contract import AGG_HEADER, INGEST_HEADER, OTHER_REGION, Header, ingest_header, ingest_header_value
+from aggregator.core.contract import (
+    AGG_HEADER,
+    INGEST_HEADER,
+    OTHER_REGION,
+    USER_HASH_FORMAT,
+    Header,
+    ingest_header,
+    ingest_header_value,
+)
 from aggregator.core.dedup import event_key, id_field, key_id_fields, request_key
 from aggregator.core.sketches import normalise_url, url_hash
 from aggregator.ingest.body import MAX_ERRORS, BodyError, decode_slices, gunzip_bounded, validate_records
@@ -293,6 +301,9 @@ class IngestHandler:
 _DEDUP = "\0dedup"  # an event's dedup id field while it waits in a batch (never a JSON field)
 
 
+_USER_ONLY, _WITH_USER = USER_HASH_FORMAT + b",,", USER_HASH_FORMAT + b",%s"  # agg_header_value's forms
+
+
 class AggHeaders:
     """The ``clickstream-agg`` header value of an event (core.contract.agg_header_value of
     ``user_hash(user_id)``, ``url_hash(normalise_url(url))`` and the normalised URL).
@@ -319,13 +330,13 @@ class AggHeaders:
         """The header value; None when the event has neither a user nor a URL to count
         (no ``user_id``, and no ``url`` or one that normalises to nothing)."""
         if url is None:
-            return None if user_id is None else b"%016x,," % xxh3_64_intdigest(user_id.encode())
+            return None if user_id is None else _USER_ONLY % xxh3_64_intdigest(user_id.encode())
         part = self._urls.get(url)
         if part is None:
             part = self._url_part(url)
         if user_id is None:
             return None if part == b"," else b"," + part
-        return b"%016x,%s" % (xxh3_64_intdigest(user_id.encode()), part)
+        return _WITH_USER % (xxh3_64_intdigest(user_id.encode()), part)
 
     def _url_part(self, url: str) -> bytes:
         norm = normalise_url(url, self.keep_query)

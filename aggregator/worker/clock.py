@@ -50,6 +50,10 @@ class RebalanceWatch:
         self.since: float | None = None  # monotonic time the current rebalance was first seen
         self.warned = 0.0
 
+    def lasted(self, now: float) -> float | None:
+        """Seconds the current rebalance has lasted (None: none seen)."""
+        return None if self.since is None else now - self.since
+
     def observe(self, rebalancing: bool, now: float) -> tuple[float, bool]:
         """-> (seconds the rebalance has lasted, 0 when none; True: warn now)."""
         if not rebalancing:

@@ -82,9 +82,8 @@ class WorkerService:
         if not self.kafka.recovered():
             return "recovering window state from the changelog"
         if self.app.rebalancing:
-            since = self.rebalance.since
-            lasted = "" if since is None else f" for {time.monotonic() - since:.0f} s"
-            return f"consumer group rebalancing{lasted}"
+            lasted = self.rebalance.lasted(time.monotonic())
+            return "consumer group rebalancing" + ("" if lasted is None else f" for {lasted:.0f} s")
         return self.checkpointer.failing or self.throttle.disk_error
 
     def ready(self) -> bool:

@@ -183,6 +183,22 @@ def _phase_dict(p: ingest.Phase) -> dict:
             "loadgen_cpu": p.loadgen_cpu, "over_100ms": p.over_100ms, "server_over_100ms": p.server_over_100ms}
 
 
+def _another_run(a: argparse.Namespace, new_broker: Callable[[], Any], run: dict, prefix: str,
+                 **kwargs: Any) -> ingest.IngestRun:
+    """One more ingest run on a fresh broker (``kwargs``: its variant), its phases and
+    exactness put into ``run`` under ``prefix``."""
+    b = new_broker()
+    try:
+        r = ingest.ingest_run(b.url, duration=a.ingest_duration, window_s=a.window_s, grace_s=a.grace_s,
+                              big_concurrency=a.big_concurrency, **kwargs)
+    finally:
+        stop_broker(b)
+    for name, p in r.phases.items():
+        run[prefix + name] = _phase_dict(p)
+    run[prefix + "exact"] = r.exact
+    return r
+
+
 def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None = None, one: bool | None = None,
                    label: str = "") -> tuple[dict, dict]:
     """Per run: the split deployment (ingest process + worker process: figure 2 and the
@@ -218,30 +234,14 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
             f"{len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}"
             + ("" if r.exact else f"; COUNTS NOT EXACT: {r.detail}"))
         if a.aggregates:  # the same, AGG_AGGREGATES on: ingest hashes the user and the URL of each event
-            b = new_broker()
-            try:
-                g = ingest.ingest_run(b.url, duration=a.ingest_duration, window_s=a.window_s, grace_s=a.grace_s,
-                                      big_concurrency=a.big_concurrency, small=False, half=False, aggregates=True)
-            finally:
-                stop_broker(b)
-            for name, p in g.phases.items():
-                run["agg_" + name] = _phase_dict(p)
-            run["agg_exact"] = g.exact
+            g = _another_run(a, new_broker, run, "agg_", small=False, half=False, aggregates=True)
             exact &= g.exact
             g1, ga = g.phases["max_1000"], g.phases["alone_1000"]
             log(f"ingest run {k + 1}{label}, aggregates on: batch 1000 {g1.rate:,.0f}/s (p99 {g1.p99_ms:.0f} ms, "
                 f"CPU ingest {g1.server_cpu:.2f}); worker stopped {ga.rate:,.0f}/s (CPU ingest {ga.server_cpu:.2f})"
                 + ("" if g.exact else f"; COUNTS NOT EXACT: {g.detail}"))
         if one:
-            b = new_broker()
-            try:
-                o = ingest.ingest_run(b.url, duration=a.ingest_duration, window_s=a.window_s, grace_s=a.grace_s,
-                                      big_concurrency=a.big_concurrency, split=False, small=False)
-            finally:
-                stop_broker(b)
-            for name, p in o.phases.items():
-                run["one_" + name] = _phase_dict(p)
-            run["one_exact"] = o.exact
+            o = _another_run(a, new_broker, run, "one_", split=False, small=False)
             exact &= o.exact
             delays["one_metrics"] += o.snapshots.metrics_s
             delays["one_topic"] += o.snapshots.topic_s

@@ -32,4 +32,4 @@ def test_a_rebalance_that_lasts_is_timed_and_warned_of_every_period():
     assert seen == [(0.0, False), (10.0, False), (29.5, False), (30.0, True), (59.5, False), (60.0, True)]
     assert w.observe(False, 261.0) == (0.0, False) and w.since is None
     assert w.observe(True, 300.0) == (0.0, False)  # a new rebalance starts its own clock
-    assert w.observe(True, 329.0) == (29.0, False)
+    assert w.observe(True, 329.0) == (29.0, False) and w.lasted(330.0) == 30.0
