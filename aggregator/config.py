@@ -185,6 +185,9 @@ class Settings(BaseSettings):
     spill_max_bytes: int = Field(1 << 30, ge=0, description="spill size at which consumption slows (0: never)")
     log_level: LogLevel = Field("INFO", description="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
     session_timeout: float = Field(6.0, gt=0, description="consumer group session timeout, seconds")
+    stuck_rebalance_seconds: float = Field(600.0, ge=0, description="a rebalance (with its changelog recovery) that "
+                                           "has made no progress for this long makes /healthz answer 503, so that a "
+                                           "liveness check restarts the worker (0: never)")
     state_flush_seconds: float = Field(0.5, gt=0, description="how often window state is written to its changelog")
     role: Role = Field("all", description="what `run` serves: all (HTTP ingest and the worker), "
                                           "ingest (HTTP ingest only), worker (the worker only)")

@@ -83,7 +83,7 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     sinks = [store.add, print_snapshot_table] if print_snapshots else [store.add]
     worker = WorkerService(settings, metrics, sinks)
     services.append(SnapshotHistory(settings.bootstrap(), store, settings.kafka_security()))
-    services.append(_http(settings, metrics, store, probe, worker.not_ready, post, notes))
+    services.append(_http(settings, metrics, store, probe, worker.not_ready, post, notes, worker.not_alive))
     services.append(HeapFreezer(worker.ready))
     fw = faust.Worker(worker.app, *services, **options)
     fw.spinner = None  # a terminal spinner would print escape codes into our log lines
@@ -114,11 +114,12 @@ class HeapFreezer(BackgroundService):
 
 
 def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, probe: BrokerProbe,
-          not_ready: Callable[[], str | None], post: Handler | None, notes: dict[str, str] | None) -> HttpServer:
+          not_ready: Callable[[], str | None], post: Handler | None, notes: dict[str, str] | None,
+          not_alive: Callable[[], str | None] | None = None) -> HttpServer:
     def why() -> str | None:
         return "broker unreachable" if not probe.reachable else not_ready()
 
-    return HttpServer(Routes(metrics, snapshots, why, post, notes), settings.web_host, settings.web_port,
+    return HttpServer(Routes(metrics, snapshots, why, post, notes, not_alive), settings.web_host, settings.web_port,
                       settings.max_body_bytes, max_connections=settings.http_max_connections,
                       header_timeout=settings.http_header_timeout_seconds)
 

@@ -56,10 +56,17 @@ class NoSnapshots:
         return []
 
 
+def _alive() -> None:
+    return None
+
+
 class Routes:
     def __init__(self, metrics: HttpMetrics, snapshots: SnapshotSource, not_ready: Callable[[], str | None],
-                 post_events: Handler | None, notes: dict[str, str] | None = None) -> None:
+                 post_events: Handler | None, notes: dict[str, str] | None = None,
+                 not_alive: Callable[[], str | None] | None = None) -> None:
         self.notes = notes or {}  # shown in every /readyz answer
+        # why this process should be restarted (/healthz 503), or None while it should not
+        self.not_alive = not_alive or _alive
         self.metrics = metrics
         self.registry = metrics.registry
         self.snapshots = snapshots
@@ -109,7 +116,10 @@ class Routes:
                      {"Retry-After": "5"})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
+        reason = self.not_alive()
+        if reason is None:
+            return web.json_response({"status": "alive"})
+        return web.json_response({"status": "stuck", "reason": reason}, status=503)
 
     async def readyz(self, request: web.Request) -> web.Response:
         reason = self.not_ready()

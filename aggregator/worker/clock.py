@@ -36,31 +36,54 @@ def advance_target(now_ms: int, last_record_ms: int | None, highwater: int | Non
 
 class RebalanceWatch:
     """How long the consumer group's rebalance (with the changelog recovery Faust runs
-    before it resumes the streams) has lasted on this worker, and when to say so again.
+    before it resumes the streams) has lasted on this worker, when to say so again, and
+    whether it has stalled.
 
     Faust's recovery can stall after back-to-back rebalances (faust-streaming issues #21,
     #74): the worker then keeps its partitions, heartbeats and counts nothing.  It is not
     ready all that time (``/readyz``); this makes it also loud: a gauge of the seconds,
-    and a warning with Faust's recovery state every ``warn_s`` while it lasts."""
+    and a warning with Faust's recovery state every ``warn_s`` while it lasts.  A long
+    rebalance that moves (a new generation, changelog records recovered) is not a stall:
+    ``stalled`` counts from the last change of ``observe``'s ``progress`` marker, so that
+    ``/healthz`` can fail only a worker that has been stuck for ``stall_s``."""
 
-    __slots__ = ("since", "warned", "warn_s")
+    __slots__ = ("since", "warned", "warn_s", "stall_s", "marker", "moved")
 
-    def __init__(self, warn_s: float) -> None:
+    def __init__(self, warn_s: float, stall_s: float = 0.0) -> None:
         self.warn_s = warn_s
+        self.stall_s = stall_s  # 0: never a stall
         self.since: float | None = None  # monotonic time the current rebalance was first seen
         self.warned = 0.0
+        self.marker: object = None  # the last progress marker seen in this rebalance
+        self.moved = 0.0  # when it last changed (or the rebalance began)
 
     def lasted(self, now: float) -> float | None:
         """Seconds the current rebalance has lasted (None: none seen)."""
         return None if self.since is None else now - self.since
 
-    def observe(self, rebalancing: bool, now: float) -> tuple[float, bool]:
-        """-> (seconds the rebalance has lasted, 0 when none; True: warn now)."""
+    def stalled(self, now: float) -> float | None:
+        """Seconds the current rebalance has gone without progress, when that is ``stall_s``
+        or more (else None)."""
+        if self.since is None or not self.stall_s or now - self.moved < self.stall_s:
+            return None
+        return now - self.moved
+
+    def track(self, rebalancing: bool, now: float, progress: object = None) -> None:
+        """Whether a rebalance runs now, and ``progress``: a marker of its progress (any
+        change counts as progress)."""
         if not rebalancing:
             self.since = None
-            return 0.0, False
+        elif self.since is None:
+            self.since = self.warned = self.moved = now
+            self.marker = progress
+        elif progress != self.marker:
+            self.marker, self.moved = progress, now
+
+    def observe(self, rebalancing: bool, now: float, progress: object = None) -> tuple[float, bool]:
+        """``track``, then -> (seconds the rebalance has lasted, 0 when none; True: warn now)."""
+        self.track(rebalancing, now, progress)
         if self.since is None:
-            self.since = self.warned = now
+            return 0.0, False
         if now - self.warned >= self.warn_s:
             self.warned = now
             return now - self.since, True

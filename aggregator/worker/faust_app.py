@@ -115,6 +115,15 @@ class FaustApp:
         except Exception as exc:  # noqa: BLE001 - a diagnostic: whatever Faust has then
             return f"(Faust's recovery state unavailable: {exc!r})"
 
+    def recovery_progress(self) -> object:
+        """A marker that changes while a rebalance makes progress: the group generation and
+        the changelog records left to recover (None when Faust has none to show; never raises)."""
+        app: Any = self.app
+        try:
+            return (app.consumer_generation_id, app.tables.recovery.active_remaining_total())
+        except Exception:  # noqa: BLE001 - a diagnostic: whatever Faust has then
+            return None
+
     def assigned(self) -> set[int]:
         """Partitions of ``clicks`` assigned to this worker (raises before the consumer exists)."""
         return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == CLICKS}

@@ -69,7 +69,7 @@ class WorkerService:
         self.max_ahead_ms = settings.max_ahead_ms
         self.wake = asyncio.Event()  # set when snapshots wait to be published
         # a rebalance that lasts: a gauge, and a warning every so often (5 session timeouts, >= 30 s)
-        self.rebalance = RebalanceWatch(max(30.0, 5 * settings.session_timeout))
+        self.rebalance = RebalanceWatch(max(30.0, 5 * settings.session_timeout), settings.stuck_rebalance_seconds)
         self.started = False
         # tracing on: a consumer span per batch, linked to the request spans of its records
         kafka.wire(tracing.TracedBatches(self.on_batch), self._holding, self._ticks, self._on_revoked)
@@ -85,6 +85,22 @@ class WorkerService:
             lasted = self.rebalance.lasted(time.monotonic())
             return "consumer group rebalancing" + ("" if lasted is None else f" for {lasted:.0f} s")
         return self.checkpointer.failing or self.throttle.disk_error
+
+    def not_alive(self) -> str | None:
+        """Why the worker should be restarted (None: it should not): a rebalance that has
+        made no progress for AGG_STUCK_REBALANCE_SECONDS (faust-streaming #21, #74)."""
+        joining = self._joining()  # asked here too: the ticks begin only after the first assignment
+        now = time.monotonic()
+        self.rebalance.track(joining, now, self.kafka.recovery_progress() if joining else None)
+        stalled = self.rebalance.stalled(now)
+        if stalled is None:
+            return None
+        return (f"{'starting' if not self.started else 'consumer group rebalance'} without progress for "
+                f"{stalled:.0f} s (AGG_STUCK_REBALANCE_SECONDS): restart this worker")
+
+    def _joining(self) -> bool:
+        """Not counting because the group is (re)balancing, or has not assigned partitions yet."""
+        return not self.started or bool(self.app.rebalancing)
 
     def ready(self) -> bool:
         return self.not_ready() is None
@@ -342,12 +358,14 @@ class WorkerService:
             except TimeoutError:
                 pass
             self.wake.clear()
-            lasted, warn = self.rebalance.observe(self.app.rebalancing, time.monotonic())
+            rebalancing = self.app.rebalancing
+            lasted, warn = self.rebalance.observe(rebalancing, time.monotonic(),
+                                                  self.kafka.recovery_progress() if rebalancing else None)
             self.metrics.rebalancing_for(lasted)
             if warn:
                 log.warning("consumer group rebalancing for %.0f s, counting nothing: %s", lasted,
                             self.kafka.recovery_state())
-            if self.app.rebalancing:
+            if rebalancing:
                 continue
             try:
                 async with self.checkpointer.lock:

@@ -130,3 +130,19 @@ async def test_metrics_restricted_to_the_names_asked_for():
     healthz = [s for fam in text_string_to_metric_families(some) for s in fam.samples
                if s.labels.get("route") == "/healthz" and s.labels.get("code") == "2xx"]
     assert [s.value for s in healthz] == [1.0]
+
+
+async def test_healthz_answers_503_with_the_reason_while_the_process_should_be_restarted():
+    stuck: list[str | None] = ["consumer group rebalance without progress for 600 s"]
+    routes = Routes(Metrics(), NoSnapshots(), lambda: None, None, not_alive=lambda: stuck[0])
+    client = TestClient(TestServer(routes.app(1 << 20), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        r = await client.get("/healthz")
+        assert r.status == 503
+        assert await r.json() == {"status": "stuck", "reason": stuck[0]}
+        stuck[0] = None
+        r = await client.get("/healthz")
+        assert r.status == 200 and await r.json() == {"status": "alive"}
+    finally:
+        await client.close()

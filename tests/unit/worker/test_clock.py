@@ -33,3 +33,24 @@ def test_a_rebalance_that_lasts_is_timed_and_warned_of_every_period():
     assert w.observe(False, 261.0) == (0.0, False) and w.since is None
     assert w.observe(True, 300.0) == (0.0, False)  # a new rebalance starts its own clock
     assert w.observe(True, 329.0) == (29.0, False) and w.lasted(330.0) == 30.0
+
+
+def test_a_rebalance_is_stalled_only_after_stall_s_without_progress():
+    from aggregator.worker.clock import RebalanceWatch
+
+    w = RebalanceWatch(30.0, stall_s=600.0)
+    assert w.stalled(0.0) is None  # no rebalance
+    w.observe(True, 0.0, (5, 1000))
+    w.observe(True, 500.0, (5, 400))  # changelog records recovered: progress
+    assert w.stalled(1099.0) is None and w.stalled(1100.0) == 600.0
+    w.observe(True, 1100.0, (6, 400))  # a new generation: progress too
+    assert w.stalled(1699.0) is None
+    w.observe(True, 1650.0, (6, 400))  # the same marker: no progress
+    assert w.stalled(1700.0) == 600.0
+    w.observe(False, 1701.0, (6, 400))  # it ended: no stall
+    assert w.stalled(5000.0) is None
+    w.observe(True, 5000.0, (6, 400))  # a new rebalance counts from its own start
+    assert w.stalled(5599.0) is None and w.stalled(5600.0) == 600.0
+    never = RebalanceWatch(30.0)  # stall_s 0: never stalled
+    never.observe(True, 0.0)
+    assert never.stalled(10**9) is None
