@@ -111,7 +111,8 @@ class FaustApp:
                     f"recovery started {rec.signal_recovery_start.is_set()}, in recovery {rec.in_recovery}, "
                     f"changelog records to recover {rec.active_remaining_total()}, "
                     f"assigned clicks partitions {sorted(self.assigned())}, paused {paused}, "
-                    f"flow active {consumer.flow_active}")
+                    f"flow active {consumer.flow_active}; changelog partitions to recover: "
+                    f"{_changelog_state(rec, consumer)}")
         except Exception as exc:  # noqa: BLE001 - a diagnostic: whatever Faust has then
             return f"(Faust's recovery state unavailable: {exc!r})"
 
@@ -194,3 +195,30 @@ class FaustApp:
         consumer = self.app.consumer
         if isinstance(consumer, BatchConsumer):
             consumer.mark_safe(faust.types.TP(CLICKS_REPARTITION, partition), offset)
+
+
+def _changelog_state(rec: Any, consumer: Any) -> str:
+    """Per changelog partition Faust's recovery reads: whether Faust fetches it, aiokafka's
+    position in it (and whether aiokafka has it paused) and the offset recovery waits
+    for, to tell a stalled recovery's cause from its log line (never raises)."""
+    try:
+        try:
+            assignment = consumer._thread._ensure_consumer()._subscription.subscription.assignment
+        except Exception:  # noqa: BLE001 - no consumer or no assignment yet
+            assignment = None
+        fetching = consumer._active_partitions or set()
+        out = []
+        for tp in sorted(rec.active_tps):
+            where = "?"
+            if assignment is not None:
+                st = assignment.state_value(tp)
+                if st is None:
+                    where = "not assigned"
+                else:
+                    where = (f"at {st.position}" if st.has_valid_position else "no position") + (
+                        ", paused" if st.paused else "")
+            out.append(f"{tp.partition} ({'fetching' if tp in fetching else 'not fetching'}, {where}, "
+                       f"recovers to {rec.active_highwaters.get(tp)})")
+        return "; ".join(out) or "none"
+    except Exception as exc:  # noqa: BLE001 - a diagnostic: the rest of the line still counts
+        return f"(unavailable: {exc!r})"

@@ -71,6 +71,7 @@ class WorkerService:
         # a rebalance that lasts: a gauge, and a warning every so often (5 session timeouts, >= 30 s)
         self.rebalance = RebalanceWatch(max(30.0, 5 * settings.session_timeout), settings.stuck_rebalance_seconds)
         self.started = False
+        self._stall_logged: float | None = None  # the rebalance whose stall was logged
         # tracing on: a consumer span per batch, linked to the request spans of its records
         kafka.wire(tracing.TracedBatches(self.on_batch), self._holding, self._ticks, self._on_revoked)
 
@@ -95,8 +96,12 @@ class WorkerService:
         stalled = self.rebalance.stalled(now)
         if stalled is None:
             return None
-        return (f"{'starting' if not self.started else 'consumer group rebalance'} without progress for "
-                f"{stalled:.0f} s (AGG_STUCK_REBALANCE_SECONDS): restart this worker")
+        reason = (f"{'starting' if not self.started else 'consumer group rebalance'} without progress for "
+                  f"{stalled:.0f} s (AGG_STUCK_REBALANCE_SECONDS): restart this worker")
+        if self._stall_logged != self.rebalance.since:  # once a stall: what Faust's side was then
+            self._stall_logged = self.rebalance.since
+            log.warning("/healthz: %s; %s", reason, self.kafka.recovery_state())
+        return reason
 
     def _joining(self) -> bool:
         """Not counting because the group is (re)balancing, or has not assigned partitions yet."""

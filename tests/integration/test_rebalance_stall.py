@@ -45,6 +45,9 @@ def test_a_join_without_progress_fails_healthz_until_it_completes(service_factor
         assert body["status"] == "stuck" and "without progress" in body["reason"], body
         assert "AGG_STUCK_REBALANCE_SECONDS" in body["reason"]
         assert http("GET", joining.url + "/readyz")[0] == 503  # and not ready: it counts nothing
+        # the log says it once, with Faust's side of it
+        said = [ln for ln in joining.tail(200_000).splitlines() if "/healthz: starting without progress" in ln]
+        assert len(said) == 1 and "changelog" in said[0], joining.tail()
     finally:
         os.kill(silent.proc.pid, signal.SIGCONT)
     # the silent member answers again: the group completes the rebalance, both count

@@ -68,7 +68,9 @@ class Liveness:
                     continue  # not listening (starting, or killed by the test)
                 if status != 503:
                     continue
-                self.restarts.append(f"{w.data_dir.name}: {orjson.loads(body).get('reason')}")
+                said = [ln for ln in w.tail(400_000).splitlines() if "/healthz:" in ln]  # Faust's side of it
+                self.restarts.append(f"{w.data_dir.name}: {orjson.loads(body).get('reason')}"
+                                     + (f"; its log: {said[-1][:2000]}" if said else ""))
                 try:
                     self.earlier[id(w)] = self.earlier.get(id(w), 0.0) + published_by(w)
                 except (OSError, AssertionError):
