@@ -47,7 +47,7 @@ class RebalanceWatch:
     ``stalled`` counts from the last change of ``observe``'s ``progress`` marker, so that
     ``/healthz`` can fail only a worker that has been stuck for ``stall_s``."""
 
-    __slots__ = ("since", "warned", "warn_s", "stall_s", "marker", "moved")
+    __slots__ = ("since", "warned", "warn_s", "stall_s", "marker", "moved", "stall_said")
 
     def __init__(self, warn_s: float, stall_s: float = 0.0) -> None:
         self.warn_s = warn_s
@@ -56,6 +56,7 @@ class RebalanceWatch:
         self.warned = 0.0
         self.marker: object = None  # the last progress marker seen in this rebalance
         self.moved = 0.0  # when it last changed (or the rebalance began)
+        self.stall_said = False  # this rebalance's stall has been told (``first_stall_report``)
 
     def lasted(self, now: float) -> float | None:
         """Seconds the current rebalance has lasted (None: none seen)."""
@@ -68,6 +69,11 @@ class RebalanceWatch:
             return None
         return now - self.moved
 
+    def first_stall_report(self) -> bool:
+        """True the first time it is asked in a rebalance (a stall is logged once)."""
+        said, self.stall_said = self.stall_said, True
+        return not said
+
     def track(self, rebalancing: bool, now: float, progress: object = None) -> None:
         """Whether a rebalance runs now, and ``progress``: a marker of its progress (any
         change counts as progress)."""
@@ -75,7 +81,7 @@ class RebalanceWatch:
             self.since = None
         elif self.since is None:
             self.since = self.warned = self.moved = now
-            self.marker = progress
+            self.marker, self.stall_said = progress, False
         elif progress != self.marker:
             self.marker, self.moved = progress, now
 

@@ -71,7 +71,6 @@ class WorkerService:
         # a rebalance that lasts: a gauge, and a warning every so often (5 session timeouts, >= 30 s)
         self.rebalance = RebalanceWatch(max(30.0, 5 * settings.session_timeout), settings.stuck_rebalance_seconds)
         self.started = False
-        self._stall_logged: float | None = None  # the rebalance whose stall was logged
         # tracing on: a consumer span per batch, linked to the request spans of its records
         kafka.wire(tracing.TracedBatches(self.on_batch), self._holding, self._ticks, self._on_revoked)
 
@@ -90,22 +89,22 @@ class WorkerService:
     def not_alive(self) -> str | None:
         """Why the worker should be restarted (None: it should not): a rebalance that has
         made no progress for AGG_STUCK_REBALANCE_SECONDS (faust-streaming #21, #74)."""
-        joining = self._joining()  # asked here too: the ticks begin only after the first assignment
         now = time.monotonic()
-        self.rebalance.track(joining, now, self.kafka.recovery_progress() if joining else None)
+        self.rebalance.track(*self._rebalance_state(now))  # here too: the ticks begin after the first assignment
         stalled = self.rebalance.stalled(now)
         if stalled is None:
             return None
         reason = (f"{'starting' if not self.started else 'consumer group rebalance'} without progress for "
                   f"{stalled:.0f} s (AGG_STUCK_REBALANCE_SECONDS): restart this worker")
-        if self._stall_logged != self.rebalance.since:  # once a stall: what Faust's side was then
-            self._stall_logged = self.rebalance.since
+        if self.rebalance.first_stall_report():  # once a stall: what Faust's side was then
             log.warning("/healthz: %s; %s", reason, self.kafka.recovery_state())
         return reason
 
-    def _joining(self) -> bool:
-        """Not counting because the group is (re)balancing, or has not assigned partitions yet."""
-        return not self.started or bool(self.app.rebalancing)
+    def _rebalance_state(self, now: float) -> tuple[bool, float, object]:
+        """What ``RebalanceWatch`` is fed: whether the worker counts nothing because the group
+        is (re)balancing or has not assigned partitions yet, the time, and Faust's progress."""
+        joining = not self.started or bool(self.app.rebalancing)
+        return joining, now, self.kafka.recovery_progress() if joining else None
 
     def ready(self) -> bool:
         return self.not_ready() is None
@@ -363,9 +362,8 @@ class WorkerService:
             except TimeoutError:
                 pass
             self.wake.clear()
-            rebalancing = self.app.rebalancing
-            lasted, warn = self.rebalance.observe(rebalancing, time.monotonic(),
-                                                  self.kafka.recovery_progress() if rebalancing else None)
+            rebalancing, now, progress = self._rebalance_state(time.monotonic())  # started: the group's state
+            lasted, warn = self.rebalance.observe(rebalancing, now, progress)
             self.metrics.rebalancing_for(lasted)
             if warn:
                 log.warning("consumer group rebalancing for %.0f s, counting nothing: %s", lasted,

@@ -54,3 +54,16 @@ def test_a_rebalance_is_stalled_only_after_stall_s_without_progress():
     never = RebalanceWatch(30.0)  # stall_s 0: never stalled
     never.observe(True, 0.0)
     assert never.stalled(10**9) is None
+
+
+def test_a_stall_is_reported_once_a_rebalance():
+    from aggregator.worker.clock import RebalanceWatch
+
+    w = RebalanceWatch(30.0, stall_s=10.0)
+    w.track(True, 0.0, (1, 5))
+    assert w.first_stall_report() and not w.first_stall_report()
+    w.track(True, 5.0, (1, 5))  # the same rebalance: already told
+    assert not w.first_stall_report()
+    w.track(False, 6.0)
+    w.track(True, 7.0, (2, 5))  # a new one is told again
+    assert w.first_stall_report()
