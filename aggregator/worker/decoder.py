@@ -11,8 +11,9 @@ home (``core.repartition``) is another partition is set aside to be forwarded th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Annotated, NamedTuple, Protocol
 
+import msgspec
 import orjson
 
 from aggregator.core.contract import (
@@ -37,6 +38,34 @@ EVENT_ID_MAX = LIMITS["event_id"]
 DLQ_RAW_MAX = 65_536  # bytes of a rejected record's value kept in its dead letter
 
 DeadLetter = tuple[bytes | None, bytes]  # (key, JSON value) for the dead-letter topic
+
+_I64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+
+
+class _Click(msgspec.Struct, forbid_unknown_fields=True):
+    """The typed parse of a record produced straight to Kafka: an object of these fields
+    and no other, of these types.  It builds no dict (about 0.24 against 0.33 us a record
+    for ``orjson.loads``) and its fields are attributes.  A value it refuses (another
+    field, a ``ts`` string or float, a number beyond 64 bits, not an object, not JSON) is
+    read by the full path (``orjson.loads`` and the checks of ``decode``), which is what
+    decides whether and why a record is rejected.  Only what both accept takes this path,
+    with the same values: msgspec leaves the text of fields it skips unchecked (invalid
+    UTF-8, 1e400), so unknown fields are refused here rather than skipped."""
+
+    region: str
+    ingest_ts: _I64 | None = None
+    ts: _I64 | None = None
+    event_id: str | None = None
+    user_id: str | None = None
+    url: str | None = None
+
+
+_CLICK = msgspec.json.Decoder(_Click).decode
+# what the typed parse raises for a value the full path reads (TypeError: a null value)
+_FAST_MISS = (msgspec.DecodeError, msgspec.ValidationError, TypeError)
+# records of a batch the typed parse may refuse before the rest of the batch goes the full
+# way (a producer whose events carry other fields: an exception costs about 1 us)
+FAST_MISSES = 8
 
 
 class Decoded(NamedTuple):
@@ -67,7 +96,7 @@ class RecordDecoder:
     of each region's home partition (``partitions`` = partitions of ``clicks``)."""
 
     def __init__(self, partitions: int = 1, cap: RegionCap | None = None, aggregates: bool = False,
-                 url_keep_query: bool = False) -> None:
+                 url_keep_query: bool = False, fast: bool = True) -> None:
         self.regions: dict[str, str] = {}  # raw region of a JSON value -> region
         self.keys: dict[bytes, str] = {}  # record key -> region, for ingest's records
         self.partitions = partitions
@@ -82,6 +111,7 @@ class RecordDecoder:
         # a URL of a record produced straight to Kafka -> (url hash, normalised url), or
         # (None, None): not a URL to count; cleared when full
         self.urls: dict[str, tuple[int | None, str | None]] = {}
+        self.fast = fast  # the typed parse first (``_Click``); False: every value the full way
 
     def decode(self, records: Sequence[Record], now_ms: int, partition: int, want_offsets: bool,
                dead: list[DeadLetter] | None, max_ts: int, forward: list[Foreign] | None = None) -> Decoded:
@@ -114,12 +144,17 @@ class RecordDecoder:
         aggregating = self.aggregates
         aggs: list[Agg | None] | None = [] if aggregating else None
         urls = self.urls
+        fast = _CLICK if self.fast else None
+        misses = 0
         cts: int | None
+        user: str | None
+        url: str | None
         for rec in records:
             hs = rec.headers
             region = None
             did: DedupId | None = None
             agg: Agg | None = None
+            user = url = None
             if hs and hs[0][0] == header_name:
                 region = keys.get(rec.key) or self._key_region(rec.key)  # type: ignore[arg-type]
                 if region is not None:
@@ -136,6 +171,30 @@ class RecordDecoder:
                             agg = hs[1][1]  # read a cell at a time (core.aggstate)
                     except (ValueError, TypeError, AttributeError):  # AttributeError: a null header value
                         region = None  # not what ingest writes: the value decides
+            if region is None and fast is not None:
+                # the typed parse (see ``_Click``); anything it does not take, the full path reads
+                try:
+                    c = fast(rec.value)  # type: ignore[arg-type]
+                except _FAST_MISS:
+                    c = None
+                    misses += 1
+                    if misses >= FAST_MISSES:
+                        fast = None
+                if c is not None:
+                    region = valid.get(c.region)  # a spelling not seen yet: the full path checks it
+                    if region is not None:
+                        its = c.ingest_ts  # type: ignore[assignment]
+                        if its is None:
+                            its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
+                        cts = c.ts
+                        eid = c.event_id
+                        if eid is not None:
+                            if len(eid) > EVENT_ID_MAX:
+                                region = None  # rejected by the full path, with its reason
+                            else:
+                                did = event_key(region, eid)
+                        user = c.user_id
+                        url = c.url
             if region is None:
                 try:
                     d = loads(rec.value)  # type: ignore[arg-type]  # None raises, as a bad record
@@ -156,23 +215,28 @@ class RecordDecoder:
                             raise EventError("bad_field", f"event_id must be a string of at most {EVENT_ID_MAX} "
                                                           "characters")
                         did = event_key(region, eid)
-                    if aggregating:  # the event's aggregates parts; a user or url not a string: left out
-                        user = d.get("user_id")
-                        url = d.get("url")
-                        user_h = hash_bytes(user.encode()) if type(user) is str else None  # sketches.user_hash
-                        if type(url) is str:
-                            known = urls.get(url)
-                            if known is None:
-                                known = self._url(url)
-                            if known[0] is not None:
-                                agg = (user_h, known[0], known[1])
-                            elif user_h is not None:
-                                agg = (user_h, None, None)
-                        elif user_h is not None:
-                            agg = (user_h, None, None)
+                    # a user or url not a string: left out of the aggregates
+                    user = d.get("user_id")
+                    if type(user) is not str:
+                        user = None
+                    url = d.get("url")
+                    if type(url) is not str:
+                        url = None
                 except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
                     _reject(exc, rec, partition, rejected, dead)
                     continue
+            if aggregating and (user is not None or url is not None):  # parsed from the value
+                user_h = None if user is None else hash_bytes(user.encode())  # sketches.user_hash
+                if url is not None:
+                    known = urls.get(url)
+                    if known is None:
+                        known = self._url(url)
+                    if known[0] is not None:
+                        agg = (user_h, known[0], known[1])
+                    elif user_h is not None:
+                        agg = (user_h, None, None)
+                else:
+                    agg = (user_h, None, None)
             if capped is not None and region not in capped:
                 # before the home: __other__ has one home, so one final snapshot a window
                 region = cap.admit(region, now_ms)  # type: ignore[union-attr]
