@@ -30,7 +30,7 @@ from aggregator.core.dedup import DedupId, event_key, parse_id_field
 from aggregator.core.events import LIMITS, EventError, normalise_region, parse_client_ts
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header
-from aggregator.core.sketches import hash_bytes, normalise_url, url_hash
+from aggregator.core.sketches import UrlCache, hash_bytes
 from aggregator.core.sourcelog import LOG_APPEND_TIME, SourceRecord
 
 CACHE_MAX = 100_000  # spellings remembered per cache: a producer of ever new regions cannot grow it
@@ -107,10 +107,9 @@ class RecordDecoder:
         # with aggregates on, each event's (user hash, url hash, url): from the agg header of
         # an ingest record, computed from the value of any other
         self.aggregates = aggregates
-        self.url_keep_query = url_keep_query
         # a URL of a record produced straight to Kafka -> (url hash, normalised url), or
-        # (None, None): not a URL to count; cleared when full
-        self.urls: dict[str, tuple[int | None, str | None]] = {}
+        # (None, None): not a URL to count; bounded in entries and in the length of a URL
+        self.url_cache = UrlCache(url_keep_query)
         self.fast = fast  # the typed parse first (``_Click``); False: every value the full way
 
     def decode(self, records: Sequence[Record], now_ms: int, partition: int, want_offsets: bool,
@@ -143,7 +142,7 @@ class RecordDecoder:
         ids: list[DedupId | None] | None = None
         aggregating = self.aggregates
         aggs: list[Agg | None] | None = [] if aggregating else None
-        urls = self.urls
+        urls = self.url_cache.known
         fast = _CLICK if self.fast else None
         misses = 0
         cts: int | None
@@ -230,7 +229,7 @@ class RecordDecoder:
                 if url is not None:
                     known = urls.get(url)
                     if known is None:
-                        known = self._url(url)
+                        known = self.url_cache.parts(url)
                     if known[0] is not None:
                         agg = (user_h, known[0], known[1])
                     elif user_h is not None:
@@ -319,16 +318,6 @@ class RecordDecoder:
             if aggs is not None:
                 aggs.append(agg)
         return Decoded(events, [], rejected, future, ids, aggs), repeats
-
-    def _url(self, url: str) -> tuple[int | None, str | None]:
-        """(hash, text) of a URL produced straight to Kafka, normalised; (None, None): not
-        a URL to count.  Remembered in ``urls``, emptied when full."""
-        text = normalise_url(url, self.url_keep_query)
-        known = (None, None) if text is None else (url_hash(text), text)
-        if len(self.urls) >= CACHE_MAX:
-            self.urls.clear()
-        self.urls[url] = known
-        return known
 
     def _home(self, region: str) -> int:
         h = home(region, self.partitions)

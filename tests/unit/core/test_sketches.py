@@ -20,6 +20,7 @@ from aggregator.core.sketches import (
     MAX_URL_CHARS,
     CellAggregates,
     SketchParams,
+    UrlCache,
     delay_buckets,
     hash64,
     hll_estimate,
@@ -100,6 +101,17 @@ BIG = dict(n=30_000, n_users=5_000, n_urls=3_000)
 ])
 def test_normalise_url(raw, want):
     assert normalise_url(raw) == want
+
+
+def test_the_url_cache_answers_as_normalise_url_and_stays_bounded():
+    cache = UrlCache(keep_query=True, max_entries=3, max_chars=50)
+    for raw in ["https://EX.com/a?q=1#f", "  ", "/b", "/b", "/" + "y" * 5000]:
+        text = normalise_url(raw, keep_query=True)
+        assert cache.parts(raw) == ((None, None) if text is None else (url_hash(text), text))
+    assert set(cache.known) == {"https://EX.com/a?q=1#f", "  ", "/b"}  # not the 5001 characters
+    cache.parts("/c")  # a fourth: emptied first
+    assert list(cache.known) == ["/c"]
+    assert UrlCache().parts("https://EX.com/a?q=1") == (url_hash("https://ex.com/a"), "https://ex.com/a")
 
 
 def test_normalise_url_keeps_the_query_when_asked_and_cuts_long_urls():

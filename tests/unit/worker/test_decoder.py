@@ -142,7 +142,7 @@ def test_aggregates_of_kafka_direct_and_ingest_records_are_the_same_parts():
     direct, again, ingest = aggs
     u, h, t = parse_agg_header(ingest)  # type: ignore[arg-type]
     assert direct == again == (u, h, t.decode())  # type: ignore[union-attr]
-    assert len(dec.urls) == 1
+    assert len(dec.url_cache.known) == 1
 
 
 def test_aggregates_of_kafka_direct_records_leave_out_what_is_not_a_string_or_url():
