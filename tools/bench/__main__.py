@@ -82,8 +82,12 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
             # the machine's speed drifts (a shared host): the baseline is the mean of a bare
             # consumer just before and just after the worker, on the same backlog
             bare1 = asyncio.run(throughput.bare(bootstrap, a.n))
+            # one profile per figure, broker and run (1 / 1b / 1c / 1d: figure-1..., -ids, -aggs, -aggs-ingest)
+            figure = "figure-1" + ("-ids" if event_ids else "") + ("-aggs" if aggregates else "") + (
+                "-ingest" if ingest_format else "") + ("-kafka" if kafka else "")
             w = throughput.worker(b.url, a.n, profile_dir=a.profile_dir,
-                                  env={"AGG_AGGREGATES": "true" if aggregates else "false"})
+                                  env={"AGG_AGGREGATES": "true" if aggregates else "false"},
+                                  profile_name=f"{figure}-run{k + 1}")
             bare2 = asyncio.run(throughput.bare(bootstrap, a.n))
             bare = throughput.BareResult(rate=(bare1.rate + bare2.rate) / 2, seconds=(bare1.seconds + bare2.seconds) / 2,
                                          counts=bare1.counts if bare1.counts == bare2.counts else {},

@@ -81,16 +81,20 @@ class WorkerResult:
 
 
 def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
-           profile_dir: str | None = None, env: dict[str, str] | None = None) -> WorkerResult:
+           profile_dir: str | None = None, env: dict[str, str] | None = None,
+           profile_name: str = "worker") -> WorkerResult:
     """Start ``aggregator run`` on the backlog; done when ``pipeline_stage_processed_total``
-    of stage ``window`` (events applied to a window or the late bucket) reaches ``n``."""
+    of stage ``window`` (events applied to a window or the late bucket) reaches ``n``.
+    With ``profile_dir``: a py-spy profile of the worker there, ``<profile_name>-<n>.txt``."""
     svc = BenchService(broker_url, env=dict(env or {})).start(wait_ready=None)
     spy = None
     profile = ""
     try:
-        if profile_dir and shutil.which("py-spy"):
-            profile = os.path.join(profile_dir, f"worker-{n}.txt")
-            spy = subprocess.Popen(["py-spy", "record", "--nonblocking", "-r", "200", "-f", "raw",
+        # py-spy of the bench extras: beside this interpreter (the Makefile's venv is not on PATH)
+        py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+        if profile_dir and py_spy:
+            profile = os.path.join(profile_dir, f"{profile_name}-{n}.txt")
+            spy = subprocess.Popen([py_spy, "record", "--nonblocking", "-r", "200", "-f", "raw",
                                     "-o", profile, "--pid", str(svc.proc.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t_first = c_first = None
