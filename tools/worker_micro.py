@@ -1,0 +1,99 @@
+"""The worker's per-event work in one process, without a broker: decode, window book and
+aggregates flush over real fetched records (aiokafka's record batches, as the worker's
+consumer hands them over), beside a bare ``orjson.loads`` loop over the same values.
+
+    python -m tools.worker_micro                      # 200,000 records produced straight to Kafka
+    python -m tools.worker_micro --events 50000 --runs 3
+
+Each cost is the median of ``--runs`` runs in µs per event, for the aggregates on and off
+and for the decoder's typed parse (msgspec, worker/decoder.py) on and off; the records are
+the ones figure 1c of ``make bench`` produces (16 regions, a user of 5000, a URL of 1000
+pages with a query string, a client ``ts``, an ``ingest_ts``).  It is what the worker adds
+on its own to a consumer's cost; ``make bench`` measures the whole process against a bare
+consumer reading the same backlog from a broker."""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from aggregator.core.aggstate import WindowAggregates
+from aggregator.core.windows import WindowBook
+from aggregator.worker.decoder import RecordDecoder
+from tests.unit.worker.records import fetched
+
+BATCH = 2000  # records per fetched batch (the worker's are up to a partition's fetch)
+NOW_MS = 1_800_000_000_000
+
+
+def backlog(n: int) -> list[list[Any]]:
+    """``n`` records in fetched batches of BATCH, values as tools.bench.common.produce_backlog
+    writes them (key = region), ingest times within one window."""
+    batches = []
+    for start in range(0, n, BATCH):
+        specs = []
+        for i in range(start, min(n, start + BATCH)):
+            region = f"r{i % 16}"
+            its = NOW_MS - 30_000
+            value = orjson.dumps({"region": region, "user_id": f"u{(i * 7919) % 5000}",
+                                  "url": f"/p/{(i * 31) % 1000}?s={i % 7}", "ts": its - i % 2000, "ingest_ts": its})
+            specs.append((region.encode(), value, []))
+        batches.append(fetched(specs, base=start))
+    return batches
+
+
+def worker_pass(batches: Sequence[list[Any]], aggregates: bool, typed: bool) -> float:
+    """Seconds to decode, count and (aggregates on) flush every batch, one partition."""
+    dec = RecordDecoder(1, None, aggregates=aggregates, fast=typed)
+    aggs = WindowAggregates() if aggregates else None
+    book = WindowBook(60_000, 5_000, 60_000, 600_000, 1000, aggs)
+    t = time.perf_counter()
+    for b in batches:
+        d = dec.decode(b, NOW_MS, 0, False, None, NOW_MS + 60_000)
+        book.apply(d.events, b[-1].offset + 1, NOW_MS, d.aggs)
+    if aggs is not None:
+        aggs.flush()
+    return time.perf_counter() - t
+
+
+def bare_pass(batches: Sequence[list[Any]]) -> float:
+    loads = orjson.loads
+    counts: dict[str, int] = {}
+    t = time.perf_counter()
+    for b in batches:
+        for rec in b:
+            region = loads(rec.value)["region"]
+            counts[region] = counts.get(region, 0) + 1
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--runs", type=int, default=7)
+    a = ap.parse_args(argv)
+    batches = backlog(a.events)
+    gc.set_threshold(500_000, 20, 10)  # the worker role's (aggregator/cli.py)
+    cases = {"bare loop (orjson.loads, a dict count)": lambda: bare_pass(batches)}
+    for aggregates in (True, False):
+        for typed in (True, False):
+            label = (f"worker, aggregates {'on' if aggregates else 'off'}, "
+                     f"typed parse {'on' if typed else 'off'}")
+            cases[label] = lambda ag=aggregates, ty=typed: worker_pass(batches, ag, ty)
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(a.runs):  # interleaved, so that a slow moment of the machine hits every case
+        for label, run in cases.items():
+            times[label].append(run())
+    for label, ts in times.items():
+        print(f"{label:<48} {statistics.median(ts) / a.events * 1e6:6.3f} µs/event")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
