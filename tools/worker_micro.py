@@ -26,7 +26,8 @@ import orjson
 from aggregator.core.aggstate import WindowAggregates
 from aggregator.core.windows import WindowBook
 from aggregator.worker.decoder import RecordDecoder
-from tests.unit.worker.records import fetched
+from tools.bench.common import backlog_event
+from tools.records import fetched
 
 BATCH = 2000  # records per fetched batch (the worker's are up to a partition's fetch)
 NOW_MS = 1_800_000_000_000
@@ -41,9 +42,7 @@ def backlog(n: int) -> list[list[Any]]:
         for i in range(start, min(n, start + BATCH)):
             region = f"r{i % 16}"
             its = NOW_MS - 30_000
-            value = orjson.dumps({"region": region, "user_id": f"u{(i * 7919) % 5000}",
-                                  "url": f"/p/{(i * 31) % 1000}?s={i % 7}", "ts": its - i % 2000, "ingest_ts": its})
-            specs.append((region.encode(), value, []))
+            specs.append((region.encode(), orjson.dumps(backlog_event(i, region, its)), []))
         batches.append(fetched(specs, base=start))
     return batches
 

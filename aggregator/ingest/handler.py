@@ -38,7 +38,7 @@ from aggregator.core.contract import (
     ingest_header_value,
 )
 from aggregator.core.dedup import event_key, id_field, key_id_fields, request_key
-from aggregator.core.sketches import normalise_url, url_hash
+from aggregator.core.sketches import UrlCache, url_parts
 from aggregator.ingest.body import MAX_ERRORS, BodyError, decode_slices, gunzip_bounded, validate_records
 from aggregator.ingest.budget import InflightBudget, Reservation
 from aggregator.ingest.producer import IngestProducer, ProducerBusy
@@ -309,22 +309,19 @@ class AggHeaders:
     ``user_hash(user_id)``, ``url_hash(normalise_url(url))`` and the normalised URL).
 
     Per-event ingest work.  The URL part, ``<hex hash>,<normalised url>``, is remembered
-    per raw ``url`` in a dict of at most ``max_entries`` (emptied when full), for URLs of
-    at most CACHE_MAX_CHARS characters (so it stays within a few MB whatever the clients
-    send): a lookup costs ~0.1 us, normalising a URL 1-4 us, and a site has far fewer
-    pages than events.  The user part is hashed every time: users repeat less, and a
+    per raw ``url`` (core.sketches.UrlCache: at most ``max_entries`` URLs of at most 256
+    characters).  The user part is hashed every time: users repeat less, and a
     cache miss costs more than the hash.  The user hash is core.sketches.user_hash
     (XXH3-64 of the UTF-8) called directly: the two Python calls of ``user_hash`` cost
     as much as the hash (~0.35 us an event; tests/unit/ingest/test_agg_header.py keeps
     the two equal)."""
 
-    CACHE_MAX_CHARS = 256
-    __slots__ = ("keep_query", "max_entries", "_urls")
+    __slots__ = ("keep_query", "_cache", "_urls")
 
     def __init__(self, keep_query: bool = False, max_entries: int = 16384) -> None:
         self.keep_query = keep_query
-        self.max_entries = max_entries
-        self._urls: dict[str, bytes] = {}
+        self._cache = UrlCache(self._url_part, max_entries)
+        self._urls = self._cache.known  # read inline per event; ``_cache.parts`` on a miss
 
     def value(self, user_id: str | None, url: str | None) -> bytes | None:
         """The header value; None when the event has neither a user nor a URL to count
@@ -333,20 +330,16 @@ class AggHeaders:
             return None if user_id is None else _USER_ONLY % xxh3_64_intdigest(user_id.encode())
         part = self._urls.get(url)
         if part is None:
-            part = self._url_part(url)
+            part = self._cache.parts(url)
         if user_id is None:
             return None if part == b"," else b"," + part
         return _WITH_USER % (xxh3_64_intdigest(user_id.encode()), part)
 
     def _url_part(self, url: str) -> bytes:
-        norm = normalise_url(url, self.keep_query)
-        part = b"," if norm is None else b"%x,%s" % (url_hash(norm), norm.encode())
-        if len(url) <= self.CACHE_MAX_CHARS:
-            urls = self._urls
-            if len(urls) >= self.max_entries:
-                urls.clear()
-            urls[url] = part
-        return part
+        h, norm = url_parts(url, self.keep_query)
+        if h is None or norm is None:  # nothing to count: both or neither
+            return b","
+        return b"%x,%s" % (h, norm.encode())
 
 
 class _Records:

@@ -11,6 +11,7 @@ home (``core.repartition``) is another partition is set aside to be forwarded th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Annotated, NamedTuple, Protocol
 
 import msgspec
@@ -30,7 +31,7 @@ from aggregator.core.dedup import DedupId, event_key, parse_id_field
 from aggregator.core.events import LIMITS, EventError, normalise_region, parse_client_ts
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header
-from aggregator.core.sketches import UrlCache, hash_bytes
+from aggregator.core.sketches import UrlCache, hash_bytes, url_parts
 from aggregator.core.sourcelog import LOG_APPEND_TIME, SourceRecord
 
 CACHE_MAX = 100_000  # spellings remembered per cache: a producer of ever new regions cannot grow it
@@ -62,7 +63,7 @@ class _Click(msgspec.Struct, forbid_unknown_fields=True):
 
 _CLICK = msgspec.json.Decoder(_Click).decode
 # what the typed parse raises for a value the full path reads (TypeError: a null value)
-_FAST_MISS = (msgspec.DecodeError, msgspec.ValidationError, TypeError)
+_FAST_MISS = (msgspec.DecodeError, TypeError)  # DecodeError: ValidationError too
 # records of a batch the typed parse may refuse before the rest of the batch goes the full
 # way (a producer whose events carry other fields: an exception costs about 1 us)
 FAST_MISSES = 8
@@ -109,7 +110,7 @@ class RecordDecoder:
         self.aggregates = aggregates
         # a URL of a record produced straight to Kafka -> (url hash, normalised url), or
         # (None, None): not a URL to count; bounded in entries and in the length of a URL
-        self.url_cache = UrlCache(url_keep_query)
+        self.url_cache = UrlCache(partial(url_parts, keep_query=url_keep_query))
         self.fast = fast  # the typed parse first (``_Click``); False: every value the full way
 
     def decode(self, records: Sequence[Record], now_ms: int, partition: int, want_offsets: bool,

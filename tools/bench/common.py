@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,6 +52,13 @@ def many_regions(n: int) -> tuple[list[str], list[float]]:
     return [f"m{i:04d}" for i in range(n)], [1.0 / (k + 1) ** 0.8 for k in range(n)]
 
 
+def backlog_event(i: int, region: str, its: int) -> dict[str, Any]:
+    """Event ``i`` of a backlog (``produce_backlog``; tools/worker_micro.py): one of 5000
+    users, one of 1000 pages with a query string, a client ``ts`` 0-2 s before ``its``."""
+    return {"region": region, "user_id": f"u{(i * 7919) % 5000}", "url": f"/p/{(i * 31) % 1000}?s={i % 7}",
+            "ts": its - i % 2000, "ingest_ts": its}
+
+
 async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 200_000,
                           event_ids: bool = False, ingest_format: bool = False,
                           regions: tuple[list[str], list[float]] | None = None) -> dict[str, int]:
@@ -86,8 +94,8 @@ async def produce_backlog(bootstrap: str, n: int, seed: int = 1, chunk: int = 20
             for i, r in enumerate(picked, done):
                 key, pt = route[r]
                 its = now + i // 1000
-                user, url, cts = f"u{(i * 7919) % 5000}", f"/p/{(i * 31) % 1000}?s={i % 7}", its - i % 2000
-                ev = {"region": r, "user_id": user, "url": url, "ts": cts, "ingest_ts": its}
+                ev = backlog_event(i, r, its)
+                user, url, cts = ev["user_id"], ev["url"], ev["ts"]
                 if event_ids:
                     ev["event_id"] = f"{seed}-{i}"
                 headers = None

@@ -46,7 +46,16 @@ The package: ``params`` (SketchParams, hash packing), ``urls`` (normalisation, h
 from aggregator.core.sketches.cell import CellAggregates, max_serialised_bytes
 from aggregator.core.sketches.delays import MAX_DELAY_MS, delay_buckets
 from aggregator.core.sketches.params import SketchParams
-from aggregator.core.sketches.urls import MAX_URL_CHARS, UrlCache, hash64, hash_bytes, normalise_url, url_hash, user_hash
+from aggregator.core.sketches.urls import (
+    MAX_URL_CHARS,
+    UrlCache,
+    hash64,
+    hash_bytes,
+    normalise_url,
+    url_hash,
+    url_parts,
+    user_hash,
+)
 from aggregator.core.sketches.users import hll_estimate
 
 __all__ = [
@@ -62,5 +71,6 @@ __all__ = [
     "max_serialised_bytes",
     "normalise_url",
     "url_hash",
+    "url_parts",
     "user_hash",
 ]

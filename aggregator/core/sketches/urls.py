@@ -5,8 +5,12 @@ the worker (for records produced straight to Kafka)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from xxhash import xxh3_64_intdigest
+
+T = TypeVar("T")
 
 MAX_URL_CHARS = 200       # a normalised URL is cut to this many (ASCII) characters
 
@@ -66,29 +70,36 @@ def normalise_url(url: str, keep_query: bool = False) -> str | None:
     return u or None
 
 
-class UrlCache:
-    """``parts(url)`` -> (:func:`url_hash`, text) of the URL's :func:`normalise_url` form,
-    or (None, None) when it has none to count.  Remembered per raw URL of at most
-    ``max_chars`` characters, at most ``max_entries`` of them (emptied when full): a lookup
-    costs ~0.1 us, normalising 1-4 us, and a site has far fewer pages than events.  So it
-    stays within a few MB whatever producers send."""
+def url_parts(url: str, keep_query: bool = False) -> tuple[int | None, str | None]:
+    """(:func:`url_hash`, text) of the URL's :func:`normalise_url` form, or (None, None)
+    when it has none to count."""
+    text = normalise_url(url, keep_query)
+    return (None, None) if text is None else (xxh3_64_intdigest(text.encode()), text)
 
-    __slots__ = ("keep_query", "max_entries", "max_chars", "known")
 
-    def __init__(self, keep_query: bool = False, max_entries: int = 16384, max_chars: int = 256) -> None:
-        self.keep_query = keep_query
+class UrlCache(Generic[T]):
+    """``parts(url)`` -> ``compute(url)``, remembered per raw URL of at most ``max_chars``
+    characters, at most ``max_entries`` of them (emptied when full): a lookup costs ~0.1 us,
+    normalising a URL 1-4 us, and a site has far fewer pages than events.  So it stays
+    within a few MB whatever producers send.  Per-event loops read ``known`` inline and
+    call ``parts`` on a miss.  The worker keeps :func:`url_parts` of URLs produced straight
+    to Kafka, ingest the URL part of its agg header."""
+
+    __slots__ = ("compute", "max_entries", "max_chars", "known")
+
+    def __init__(self, compute: Callable[[str], T], max_entries: int = 16384, max_chars: int = 256) -> None:
+        self.compute = compute
         self.max_entries = max_entries
         self.max_chars = max_chars
-        self.known: dict[str, tuple[int | None, str | None]] = {}
+        self.known: dict[str, T] = {}
 
-    def parts(self, url: str) -> tuple[int | None, str | None]:
+    def parts(self, url: str) -> T:
         known = self.known.get(url)
         if known is None:
-            text = normalise_url(url, self.keep_query)
-            known = (None, None) if text is None else (xxh3_64_intdigest(text.encode()), text)
+            known = self.compute(url)
             if len(url) <= self.max_chars:
                 if len(self.known) >= self.max_entries:
-                    self.known.clear()
+                    self.known.clear()  # the same dict: loops holding ``known`` see it
                 self.known[url] = known
         return known
 

@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -27,6 +28,7 @@ from aggregator.core.sketches import (
     max_serialised_bytes,
     normalise_url,
     url_hash,
+    url_parts,
     user_hash,
 )
 
@@ -104,14 +106,14 @@ def test_normalise_url(raw, want):
 
 
 def test_the_url_cache_answers_as_normalise_url_and_stays_bounded():
-    cache = UrlCache(keep_query=True, max_entries=3, max_chars=50)
+    cache = UrlCache(partial(url_parts, keep_query=True), max_entries=3, max_chars=50)
     for raw in ["https://EX.com/a?q=1#f", "  ", "/b", "/b", "/" + "y" * 5000]:
         text = normalise_url(raw, keep_query=True)
         assert cache.parts(raw) == ((None, None) if text is None else (url_hash(text), text))
     assert set(cache.known) == {"https://EX.com/a?q=1#f", "  ", "/b"}  # not the 5001 characters
     cache.parts("/c")  # a fourth: emptied first
     assert list(cache.known) == ["/c"]
-    assert UrlCache().parts("https://EX.com/a?q=1") == (url_hash("https://ex.com/a"), "https://ex.com/a")
+    assert UrlCache(url_parts).parts("https://EX.com/a?q=1") == (url_hash("https://ex.com/a"), "https://ex.com/a")
 
 
 def test_normalise_url_keeps_the_query_when_asked_and_cuts_long_urls():
