@@ -2,15 +2,23 @@
 
 ``decode_body`` turns raw bytes into a list of candidate records or raises
 ``BodyError`` with the HTTP status and a message that says why;
-``validate_records`` splits them into accepted events and per-index errors.
+``validate_records`` splits them into accepted events (``Event``) and per-index errors.
+
+``decode_slices``, which the handler uses, first tries each slice with a typed
+msgspec parse straight into ``Event`` structs (``_typed``): no dict per event, and
+the accepted event is the parsed struct itself.  It takes only what the orjson path
+would accept with the same fields (every field known, of its type and within its
+limits); any slice it refuses is parsed by the orjson path, which alone decides
+errors.  tests/unit/ingest/test_body_typed.py holds the two paths equal.
 """
 from __future__ import annotations
 
 import re
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 
 from aggregator.core.events import LIMITS, EventError, validate
@@ -19,6 +27,37 @@ MAX_ERRORS = 100
 # a body is parsed, validated and produced in slices of about this many bytes, so that the
 # Python objects of all its events never live at once (docs/contract.md §3, memory)
 SLICE_BYTES = 1 << 18
+
+
+_TS_MIN, _TS_MAX = -(2**53), 2**53
+
+
+class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
+    """An accepted event as ingest holds and produces it: ``msgspec.json.encode`` of it is
+    its record's value, fields in this order, absent ones left out -- byte for byte what
+    ``orjson.dumps`` gives of ``validate``'s dict plus ``ingest_ts``.  Parsed straight
+    from a body by ``_typed`` (which is why it forbids unknown fields: msgspec would not
+    check the JSON of a field it skips), or built from ``validate``'s dict.  Not tracked
+    by the garbage collector (strings and ints only)."""
+    region: str
+    event_id: Annotated[str, msgspec.Meta(max_length=LIMITS["event_id"])] | None = None
+    user_id: Annotated[str, msgspec.Meta(max_length=LIMITS["user_id"])] | None = None
+    url: Annotated[str, msgspec.Meta(max_length=LIMITS["url"])] | None = None
+    ts: Annotated[int, msgspec.Meta(gt=_TS_MIN, lt=_TS_MAX)] | None = None
+    ingest_ts: int | None = None  # a client's is dropped (validate_records); ingest sets it
+
+
+_TYPED = msgspec.json.Decoder(list[Event]).decode
+
+
+def _typed(buf: bytes) -> list[Event] | None:
+    """``buf`` (a JSON array) as Events, or None: not every element is an object of only
+    Event's fields, each of its type and within its limits (a field with a JSON null
+    counts as absent, as in ``validate``); the orjson path then decides."""
+    try:
+        return _TYPED(buf)
+    except msgspec.DecodeError:  # ValidationError is one too
+        return None
 
 
 class BodyError(Exception):
@@ -57,7 +96,7 @@ _OBJECTS_IN_ONE_LINE = re.compile(rb"\}[ \t\r]*,[ \t\r]*\{")
 _JSON_WS = b" \t\r\n"
 
 
-def _ndjson_objects(body: bytes) -> list[Any] | None:
+def _ndjson_objects(body: bytes, typed: bool = False) -> list[Any] | None:
     """An NDJSON body of one JSON object per line, parsed by one ``orjson.loads`` of
     the lines joined into an array (half the cost of a call per line); None when the
     body is not that simple, and the line-by-line parse decides.
@@ -65,20 +104,36 @@ def _ndjson_objects(body: bytes) -> list[Any] | None:
     Exactly the line-by-line result: when no line holds ``}`` ``,`` ``{`` (whitespace
     between allowed; anywhere, strings included, else None), the only commas that can
     separate two top-level objects are the n-1 that replaced the n-1 newlines; the array
-    must have n items, all objects, so every line was exactly one of them."""
-    b = body.strip(_JSON_WS)  # blank lines at either end are skipped line by line too
-    if not b or b"\x1e" in b or _OBJECTS_IN_ONE_LINE.search(b):
+    must have n items, all objects, so every line was exactly one of them.
+
+    ``typed``: the typed parse first (Events; see ``Event``), the orjson one if it refuses."""
+    joined = _ndjson_array(body)
+    if joined is None:
         return None
+    if typed:
+        events = _typed(joined[0])
+        if events is not None:
+            return events if len(events) == joined[1] else None
     try:
-        items = orjson.loads(b"[" + b.replace(b"\n", b",") + b"]")
+        items = orjson.loads(joined[0])
     except orjson.JSONDecodeError:
         return None  # a blank or bad line somewhere: line by line, with its line number
-    if len(items) != b.count(b"\n") + 1:
+    if len(items) != joined[1]:
         return None
     for obj in items:
         if type(obj) is not dict:
             return None
     return items
+
+
+def _ndjson_array(body: bytes) -> tuple[bytes, int] | None:
+    """(the lines of ``body`` joined into a JSON array, the number of lines) when it may
+    be parsed so (see ``_ndjson_objects``), else None."""
+    b = body.strip(_JSON_WS)  # blank lines at either end are skipped line by line too
+    if not b or b"\x1e" in b or _OBJECTS_IN_ONE_LINE.search(b):
+        return None
+    return b"[" + b.replace(b"\n", b",") + b"]", b.count(b"\n") + 1
+
 
 
 def decode_body(body: bytes, content_type: str) -> list[Any]:
@@ -100,7 +155,8 @@ def decode_body(body: bytes, content_type: str) -> list[Any]:
 
 
 def decode_slices(body: bytes, content_type: str, slice_bytes: int = SLICE_BYTES) -> Iterator[list[Any]]:
-    """``decode_body`` in slices: the lists it yields, joined, are ``decode_body(body, ...)``,
+    """``decode_body`` in slices: the lists it yields, joined, are ``decode_body(body, ...)``
+    (a slice the typed parse takes as Events in place of its dicts, see ``Event``),
     each from about ``slice_bytes`` of the body.  Whatever makes the whole body an error
     (415, a JSON body that does not parse) is raised here, before any slice is given out,
     so nothing of a body that is refused has been produced."""
@@ -110,9 +166,15 @@ def decode_slices(body: bytes, content_type: str, slice_bytes: int = SLICE_BYTES
     if ct in ("application/json", ""):
         spans = _json_array_spans(body, slice_bytes)
         if spans is None:
-            return iter([decode_body(body, ct)])
-        return (orjson.loads(b"[" + body[a:b] + b"]") for a, b in spans)
+            whole = _typed(body)
+            return iter([decode_body(body, ct) if whole is None else whole])
+        return (_json_part(b"[" + body[a:b] + b"]") for a, b in spans)
     return iter([decode_body(body, ct)])
+
+
+def _json_part(buf: bytes) -> list[Any]:
+    items = _typed(buf)
+    return orjson.loads(buf) if items is None else items
 
 
 def _ndjson_slices(body: bytes, slice_bytes: int) -> Iterator[list[Any]]:
@@ -123,7 +185,7 @@ def _ndjson_slices(body: bytes, slice_bytes: int) -> Iterator[list[Any]]:
         end = body.find(b"\n", pos + slice_bytes)
         end = n if end < 0 else end + 1
         part = body[pos:end]
-        fast = _ndjson_objects(part)
+        fast = _ndjson_objects(part, typed=True)
         yield fast if fast is not None else _ndjson_lines(part, lineno)
         lineno += part.count(b"\n")
         pos = end
@@ -208,18 +270,17 @@ class _BadLine:
 # so that a client sending ever new regions cannot grow it
 _REGION_CACHE: dict[str, str] = {}
 _REGION_CACHE_MAX = 10000
-_TS_MIN, _TS_MAX = -(2**53), 2**53
-_STR_FIELDS = tuple(LIMITS.items())
-# the fast path below checks these as length-limited strings: a field of another kind added
-# to core.events must be handled there
+_EVENT_ID_MAX, _USER_ID_MAX, _URL_MAX = LIMITS["event_id"], LIMITS["user_id"], LIMITS["url"]
+# the fast path below checks these as length-limited strings: a field of another kind
+# added to core.events must be handled there (and in Event)
 assert list(LIMITS) == ["event_id", "user_id", "url"], "update ingest._validate_fast"
 
 
-def _validate_fast(obj: Any) -> dict[str, Any] | None:
+def _validate_fast(obj: Any) -> Event | None:
     """``validate(obj)`` for the common record: a dict whose region was accepted before,
     string fields within their limits, ``ts`` absent or an int in range.  Gives exactly
-    what ``validate`` gives (same keys, same order); None when the record needs the full
-    check (which then decides, and raises the error)."""
+    what ``validate`` gives, as an Event; None when the record needs the full check (which
+    then decides, and raises the error)."""
     if type(obj) is not dict:
         return None
     raw = obj.get("region")
@@ -228,28 +289,27 @@ def _validate_fast(obj: Any) -> dict[str, Any] | None:
     region = _REGION_CACHE.get(raw)
     if region is None:
         return None
-    out: dict[str, Any] = {"region": region}
     get = obj.get
-    for name, limit in _STR_FIELDS:
-        v = get(name)
-        if v is not None:
-            if type(v) is not str or len(v) > limit:
-                return None
-            out[name] = v
-    v = get("ts")
-    if v is not None:
-        if type(v) is not int or not _TS_MIN < v < _TS_MAX:
-            return None
-        out["ts"] = v
-    return out
+    eid, user, url, ts = get("event_id"), get("user_id"), get("url"), get("ts")
+    if eid is not None and (type(eid) is not str or len(eid) > _EVENT_ID_MAX):
+        return None
+    if user is not None and (type(user) is not str or len(user) > _USER_ID_MAX):
+        return None
+    if url is not None and (type(url) is not str or len(url) > _URL_MAX):
+        return None
+    if ts is not None and (type(ts) is not int or not _TS_MIN < ts < _TS_MAX):
+        return None
+    return Event(region, eid, user, url, ts)
 
 
 def validate_records(items: list[Any], first_index: int = 0, max_errors: int = MAX_ERRORS,
-                     indices: list[int] | None = None) -> tuple[list[dict], list[dict], dict[str, int]]:
+                     indices: list[int] | None = None) -> tuple[list[Event], list[dict], dict[str, int]]:
     """-> (valid events, first ``max_errors`` errors, rejected counts by reason); an error's
     index counts from ``first_index`` (the slice's place in the body).  With ``indices``
-    (a list), the body index of each valid event is appended to it."""
-    good: list[dict] = []
+    (a list), the body index of each valid event is appended to it.  ``items``: parsed
+    records (dicts and the like), or Events from the typed parse (their region is checked
+    here; the rest was checked by the parse)."""
+    good: list[Event] = []
     append = good.append
     errors: list[dict] = []
     reasons: dict[str, int] = {}
@@ -257,14 +317,26 @@ def validate_records(items: list[Any], first_index: int = 0, max_errors: int = M
     cache = _REGION_CACHE
     for i, obj in enumerate(items, first_index):
         try:
+            if type(obj) is Event:
+                region = cache.get(obj.region)
+                if region is not None:
+                    obj.region = region
+                    if obj.ingest_ts is not None:
+                        obj.ingest_ts = None  # the client's: not a field of an event
+                    append(obj)
+                    if indices is not None:
+                        indices.append(i)
+                    continue
+                obj = msgspec.structs.asdict(obj)  # a region not seen yet: the full check
             ev = fast(obj)
             if ev is None:
                 if isinstance(obj, _BadLine):
                     raise EventError("bad_json", obj.message)
-                ev = validate(obj)
+                checked = validate(obj)
                 raw = obj["region"]
                 if type(raw) is str and raw not in cache and len(cache) < _REGION_CACHE_MAX:
-                    cache[raw] = ev["region"]
+                    cache[raw] = checked["region"]
+                ev = Event(**checked)
             append(ev)
             if indices is not None:
                 indices.append(i)

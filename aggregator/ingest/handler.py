@@ -6,9 +6,10 @@ One ``ingest_ts`` per request (its receipt time).  Records are grouped by region
 (order within a region kept) and appended, without an await per record, to the shared
 per-partition record batches of ``producer.BatchProducer``.
 
-With aggregates on (``AGG_AGGREGATES``), a record of an event with a ``user_id`` or a
-``url`` carries ``clickstream-agg`` right after ``clickstream-ingest``: the hashes and the
-normalised URL the worker's sketches need (core.contract), computed here once per event.
+What each record carries is ingest/records.py's: with aggregates on (``AGG_AGGREGATES``),
+a record of an event with a ``user_id`` or a ``url`` has ``clickstream-agg`` right after
+``clickstream-ingest``: the hashes and the normalised URL the worker's sketches need
+(core.contract), computed there once per event.
 
 With tracing on (``aggregator.tracing``, docs/tracing.md) a request is a span, and a
 sampled one's ``traceparent`` follows ``clickstream-ingest`` (and ``clickstream-agg``) in
@@ -20,28 +21,19 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from aiohttp import web
-from xxhash import xxh3_64_intdigest
 
 from aggregator import tracing
-from aggregator.core.contract import (
-    AGG_HEADER,
-    INGEST_HEADER,
-    OTHER_REGION,
-    USER_HASH_FORMAT,
-    Header,
-    ingest_header,
-    ingest_header_value,
-)
+from aggregator.core.contract import OTHER_REGION
 from aggregator.core.dedup import event_key, id_field, key_id_fields, request_key
-from aggregator.core.sketches import UrlCache, url_parts
-from aggregator.ingest.body import MAX_ERRORS, BodyError, decode_slices, gunzip_bounded, validate_records
+from aggregator.ingest.body import MAX_ERRORS, BodyError, Event, decode_slices, gunzip_bounded, validate_records
 from aggregator.ingest.budget import InflightBudget, Reservation
 from aggregator.ingest.producer import IngestProducer, ProducerBusy
+from aggregator.ingest.records import AggHeaders, Records
 from aggregator.metrics import Metrics
 
 log = logging.getLogger("aggregator.ingest")
@@ -209,19 +201,19 @@ class IngestHandler:
                 mark = sent
 
     @staticmethod
-    def _ids(events: list[dict[str, Any]], kh: int | None, indices: list[int] | None) -> Sequence[bytes | None] | None:
+    def _ids(events: list[Event], kh: int | None, indices: list[int] | None) -> Sequence[bytes | None] | None:
         """The dedup id of each event as its ingest header carries it (core.dedup.id_field):
         its ``event_id`` (with its region, the record's key), else (the request's
         ``Idempotency-Key``, its index in the body); None: no event has one.  A keyed
         request's fields in bulk (core.dedup.key_id_fields: the key's hex once per request)."""
-        eids = [ev.get("event_id") for ev in events]
+        eids = [ev.event_id for ev in events]
         keyed = None if kh is None or indices is None else key_id_fields(kh, indices)
         if keyed is not None and eids.count(None) == len(eids):
             return keyed
         ids: list[bytes | None] | None = None
         for n, eid in enumerate(eids):
             if eid is not None:
-                did: bytes | None = id_field(event_key(events[n]["region"], eid))
+                did: bytes | None = id_field(event_key(events[n].region, eid))
             elif keyed is not None:
                 did = keyed[n]
             else:
@@ -249,7 +241,7 @@ class IngestHandler:
                 return region
         return OTHER_REGION
 
-    async def _submit(self, events: list[dict[str, Any]], ingest_ts: int, per_region: dict[str, int],
+    async def _submit(self, events: list[Event], ingest_ts: int, per_region: dict[str, int],
                       waits: set[asyncio.Future], traceparent: bytes | None = None,
                       ids: Sequence[bytes | None] | None = None) -> None:
         """Append ``events`` to the open record batches of ``clicks``; their delivery futures
@@ -263,26 +255,27 @@ class IngestHandler:
             raise RuntimeError("the ingest producer has not started")
         if not batcher.has_metadata():
             await asyncio.wait_for(batcher.ensure_metadata(), timeout=INGEST_TIMEOUT_S)
-        by_region: dict[str, list[dict[str, Any]]] = {}
+        # region -> (its events, their dedup ids or None)
+        by_region: dict[str, tuple[list[Event], list[bytes | None] | None]] = {}
         for n, ev in enumerate(events):
-            region = ev["region"]
-            values = by_region.get(region)
-            if values is None:
+            region = ev.region
+            entry = by_region.get(region)
+            if entry is None:
                 region = self._region(region, ingest_ts)
                 if region is OTHER_REGION:
-                    ev["region"] = region
-                values = by_region.get(region)
-                if values is None:
-                    values = by_region[region] = []
-            ev["ingest_ts"] = ingest_ts
-            if ids is not None and ids[n] is not None:
-                ev[_DEDUP] = ids[n]  # taken out before it is serialised
-            values.append(ev)
-        records = _Records(ingest_ts, traceparent, self.agg)
+                    ev.region = region
+                entry = by_region.get(region)
+                if entry is None:
+                    entry = by_region[region] = ([], None if ids is None else [])
+            ev.ingest_ts = ingest_ts
+            entry[0].append(ev)
+            if ids is not None:
+                entry[1].append(ids[n])  # type: ignore[union-attr]
+        records = Records(ingest_ts, traceparent, self.agg)
         mark, deadline = batcher.progress(), time.monotonic() + INGEST_TIMEOUT_S
         while True:
             try:
-                waits |= batcher.submit({r: records.of(evs) for r, evs in by_region.items()}, ingest_ts)
+                waits |= batcher.submit({r: records.of(*entry) for r, entry in by_region.items()}, ingest_ts)
                 break
             except ProducerBusy:
                 # wait for room while the broker takes batches; give up after
@@ -294,116 +287,8 @@ class IngestHandler:
                 elif now >= deadline:
                     raise
                 await asyncio.sleep(BUSY_POLL_S)
-        for region, values in by_region.items():
-            per_region[region] = per_region.get(region, 0) + len(values)
-
-
-_DEDUP = "\0dedup"  # an event's dedup id field while it waits in a batch (never a JSON field)
-
-
-_USER_ONLY, _WITH_USER = USER_HASH_FORMAT + b",,", USER_HASH_FORMAT + b",%s"  # agg_header_value's forms
-
-
-class AggHeaders:
-    """The ``clickstream-agg`` header value of an event (core.contract.agg_header_value of
-    ``user_hash(user_id)``, ``url_hash(normalise_url(url))`` and the normalised URL).
-
-    Per-event ingest work.  The URL part, ``<hex hash>,<normalised url>``, is remembered
-    per raw ``url`` (core.sketches.UrlCache: at most ``max_entries`` URLs of at most 256
-    characters).  The user part is hashed every time: users repeat less, and a
-    cache miss costs more than the hash.  The user hash is core.sketches.user_hash
-    (XXH3-64 of the UTF-8) called directly: the two Python calls of ``user_hash`` cost
-    as much as the hash (~0.35 us an event; tests/unit/ingest/test_agg_header.py keeps
-    the two equal)."""
-
-    __slots__ = ("keep_query", "_cache", "_urls")
-
-    def __init__(self, keep_query: bool = False, max_entries: int = 16384) -> None:
-        self.keep_query = keep_query
-        self._cache = UrlCache(self._url_part, max_entries)
-        self._urls = self._cache.known  # read inline per event; ``_cache.parts`` on a miss
-
-    def value(self, user_id: str | None, url: str | None) -> bytes | None:
-        """The header value; None when the event has neither a user nor a URL to count
-        (no ``user_id``, and no ``url`` or one that normalises to nothing)."""
-        if url is None:
-            return None if user_id is None else _USER_ONLY % xxh3_64_intdigest(user_id.encode())
-        part = self._urls.get(url)
-        if part is None:
-            part = self._cache.parts(url)
-        if user_id is None:
-            return None if part == b"," else b"," + part
-        return _WITH_USER % (xxh3_64_intdigest(user_id.encode()), part)
-
-    def _url_part(self, url: str) -> bytes:
-        h, norm = url_parts(url, self.keep_query)
-        if h is None or norm is None:  # nothing to count: both or neither
-            return b","
-        return b"%x,%s" % (h, norm.encode())
-
-
-class _Records:
-    """``(value, headers)`` of events, serialised one by one as the batch takes them."""
-
-    __slots__ = ("plain", "headers", "agg", "ingest_ts", "tail")
-
-    def __init__(self, ingest_ts: int, traceparent: bytes | None, agg: AggHeaders | None = None) -> None:
-        self.ingest_ts = ingest_ts
-        self.plain = ingest_header(ingest_ts, None)  # shared by the records without a client ts
-        self.headers: Callable[..., list[Header]] = (
-            ingest_header if traceparent is None else _with_header((tracing.TRACEPARENT, traceparent)))
-        # what follows the ingest header (and the agg header) on every record
-        self.tail: list[Header] = [] if traceparent is None else [(tracing.TRACEPARENT, traceparent)]
-        if traceparent is not None:
-            self.plain.append((tracing.TRACEPARENT, traceparent))
-        self.agg = agg
-
-    def of(self, events: list[dict[str, Any]]) -> Iterator[tuple[bytes, list[Header]]]:
-        if self.agg is not None:
-            return self._of_agg(events, self.agg)
-        return self._of(events)
-
-    def _of(self, events: list[dict[str, Any]]) -> Iterator[tuple[bytes, list[Header]]]:
-        dumps = orjson.dumps
-        plain = self.plain
-        headers = self.headers
-        for ev in events:
-            cts = ev.get("ts")
-            if _DEDUP in ev:
-                did = ev.pop(_DEDUP)
-                yield dumps(ev), headers(ev["ingest_ts"], cts, did)
-            else:
-                yield dumps(ev), (plain if cts is None else headers(ev["ingest_ts"], cts))
-
-    def _of_agg(self, events: list[dict[str, Any]], agg: AggHeaders) -> Iterator[tuple[bytes, list[Header]]]:
-        """As ``_of``, with ``clickstream-agg`` second (before a ``traceparent``) on the
-        records of events with a user or a URL."""
-        dumps = orjson.dumps
-        plain = self.plain
-        headers = self.headers
-        value = agg.value
-        its = self.ingest_ts
-        first = plain[0]  # the ingest header of an event without client ts or dedup id
-        tail = self.tail
-        for ev in events:
-            cts = ev.get("ts")
-            did = ev.pop(_DEDUP) if _DEDUP in ev else None
-            get = ev.get
-            a = value(get("user_id"), get("url"))
-            if a is None:
-                yield dumps(ev), (plain if cts is None and did is None else headers(its, cts, did))
-            else:
-                ih = first if cts is None and did is None else (INGEST_HEADER, ingest_header_value(its, cts, did))
-                yield dumps(ev), ([ih, (AGG_HEADER, a), *tail] if tail else [ih, (AGG_HEADER, a)])
-
-
-def _with_header(extra: Header) -> Callable[..., list[Header]]:
-    """``ingest_header`` followed by ``extra`` (the request span's ``traceparent``)."""
-    def headers(ingest_ts: int, client_ts: int | None, dedup: bytes | None = None) -> list[Header]:
-        out = ingest_header(ingest_ts, client_ts, dedup)
-        out.append(extra)
-        return out
-    return headers
+        for region, entry in by_region.items():
+            per_region[region] = per_region.get(region, 0) + len(entry[0])
 
 
 async def read_body(request: web.Request, limit: int, held: Reservation | None = None) -> bytes | None:

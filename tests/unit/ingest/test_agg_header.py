@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from aggregator.core.contract import AGG_HEADER, INGEST_HEADER, parse_agg_header, parse_ingest_header
 from aggregator.core.contract import agg_header_value as reference
 from aggregator.core.sketches import normalise_url, url_hash, user_hash
-from aggregator.ingest.handler import _DEDUP, AggHeaders, IngestHandler, _Records
+from aggregator.ingest.body import Event
+from aggregator.ingest.handler import IngestHandler
+from aggregator.ingest.records import AggHeaders, Records
 from aggregator.metrics import Metrics
 from aggregator.tracing import TRACEPARENT
 
@@ -64,20 +66,21 @@ def test_what_it_remembers_is_bounded() -> None:
     assert long not in agg._urls  # long URLs are normalised every time, not kept
 
 
-def records(events: list[dict[str, Any]], traceparent: bytes | None, agg: AggHeaders | None
+def records(events: list[Event], traceparent: bytes | None, agg: AggHeaders | None
             ) -> list[tuple[dict[str, Any], list[tuple[str, bytes]]]]:
     for ev in events:
-        ev["ingest_ts"] = 1_700_000_000_123
-    return [(orjson.loads(v), h) for v, h in _Records(1_700_000_000_123, traceparent, agg).of(events)]
+        ev.ingest_ts = 1_700_000_000_123
+    ids = [None, None, None, b"e:abc", None]  # the fourth event has a dedup id
+    return [(orjson.loads(v), h) for v, h in Records(1_700_000_000_123, traceparent, agg).of(events, ids)]
 
 
-def sample() -> list[dict[str, Any]]:
+def sample() -> list[Event]:
     return [
-        {"region": "eu", "user_id": "u1", "url": "/a?x=1", "ts": 1_700_000_000_000},
-        {"region": "eu"},                                             # neither: no agg header
-        {"region": "eu", "url": "https://Shop.example.com/p/1"},      # url only
-        {"region": "eu", "user_id": "u2", _DEDUP: b"e:abc"},           # user only, a dedup id
-        {"region": "eu", "url": "#frag", "ts": 1_699_999_999_000},    # a url that is nothing to count
+        Event("eu", user_id="u1", url="/a?x=1", ts=1_700_000_000_000),
+        Event("eu"),                                             # neither: no agg header
+        Event("eu", url="https://Shop.example.com/p/1"),         # url only
+        Event("eu", user_id="u2"),                               # user only, a dedup id
+        Event("eu", url="#frag", ts=1_699_999_999_000),          # a url that is nothing to count
     ]
 
 
@@ -96,7 +99,7 @@ def test_records_carry_the_agg_header_second() -> None:
         assert parse_ingest_header(values[0][INGEST_HEADER]) == (1_700_000_000_123, 1_700_000_000_000, None)
         assert parse_ingest_header(values[3][INGEST_HEADER]) == (1_700_000_000_123, None, b"e:abc")
         assert parse_ingest_header(values[4][INGEST_HEADER]) == (1_700_000_000_123, 1_699_999_999_000, None)
-        assert all(_DEDUP not in ev for ev, _ in out)
+        assert out[3][0] == {"region": "eu", "user_id": "u2", "ingest_ts": 1_700_000_000_123}  # no id in the value
         assert out[0][0] == {"region": "eu", "user_id": "u1", "url": "/a?x=1", "ts": 1_700_000_000_000,
                              "ingest_ts": 1_700_000_000_123}  # the value is the event as it came
 
@@ -116,3 +119,19 @@ def test_the_handler_follows_the_settings() -> None:
     assert handler(aggregates=False, url_keep_query=True).agg is None
     on = handler(aggregates=True, url_keep_query=True).agg
     assert on is not None and on.keep_query
+
+
+@given(st.lists(st.tuples(st.none() | st.integers(-(2**53) + 1, 2**53 - 1),
+                          st.none() | st.sampled_from([b"k1f.0", b"k" + b"f" * 32 + b".999", b"e\xc3\xbc-2"])),
+                max_size=8), st.booleans(), st.booleans())
+def test_every_record_carries_the_contract_ingest_header(evs: list, traced: bool, aggregates: bool) -> None:
+    """Whatever path ``Records`` takes (ids or not, traced or not, aggregates or not), each
+    record's headers start with core.contract's ``ingest_header``."""
+    from aggregator.core.contract import ingest_header
+    events = [Event("eu", user_id="u", ts=ts) for ts, _ in evs]
+    ids = [did for _, did in evs]
+    its = 1_700_000_000_123
+    out = list(Records(its, TP if traced else None, AggHeaders() if aggregates else None).of(
+        events, ids if any(d is not None for d in ids) else None))
+    assert [h[0] for _, h in out] == [ingest_header(its, ts, did)[0] for ts, did in evs]
+    assert all((TRACEPARENT, TP) in h for _, h in out) == traced or not out

@@ -76,7 +76,7 @@ EDGE_REGIONS = [
 @pytest.mark.parametrize("raw", EDGE_REGIONS)
 def test_http_ingest_and_kafka_direct_records_agree_on_the_region(raw):
     good, _, http_reasons = validate_records([{"region": raw}])
-    http = good[0]["region"] if good else None
+    http = good[0].region if good else None
     # a record produced straight to Kafka with the region in its value, keyed as a producer would
     decoder = RecordDecoder()
     events, _, kafka_reasons, *_ = decoder.decode(
