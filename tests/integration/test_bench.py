@@ -47,6 +47,7 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     assert set(run) >= set(phases) and run["agg_exact"] is True
     assert all(run[p]["requests"] > 0 for p in phases)
     assert res["snapshots"]["metrics_n"] > 0 and res["snapshots"]["topic_n"] > 0
+    assert run["snapshot_p99_s"]["metrics"] >= 0 and run["snapshot_p99_s"]["topic"] >= 0  # this run's own (not NaN)
     # the report is made from the results: every section and the machine are there
     md = out.read_text()
     for needle in ("## Machine", "nproc", "Python", "worker throughput", "HTTP ingest", "snapshot delay",

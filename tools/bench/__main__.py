@@ -227,6 +227,9 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
         delays["metrics"] += r.snapshots.metrics_s
         delays["topic"] += r.snapshots.topic_s
         poll = r.snapshots.poll_s
+        # this run's own snapshot delay p99 (figure 3 pools every run's snapshots)
+        run["snapshot_p99_s"] = {where: common.percentile(d, 99) if d else float("nan")
+                                 for where, d in (("metrics", r.snapshots.metrics_s), ("topic", r.snapshots.topic_s))}
         p1, p2, p3 = r.phases["max_1000"], r.phases["max_10"], r.phases["half_1000"]
         pa = r.phases.get("alone_1000")
         log(f"ingest run {k + 1}{label}, split: batch 1000 {p1.rate:,.0f}/s (p50 {p1.p50_ms:.0f} ms, p99 {p1.p99_ms:.0f} ms, "
@@ -235,7 +238,8 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
             + f"batch 10 {p2.rate:,.0f}/s (p99 {p2.p99_ms:.0f} ms); half rate {p3.offered:,.0f}/s: "
             f"p50 {p3.p50_ms:.1f} ms p99 {p3.p99_ms:.1f} ms max {p3.max_ms:.0f} ms (over 100 ms: "
             f"{p3.over_100ms} as sent, {p3.server_over_100ms} in the ingest handler); snapshots seen "
-            f"{len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}"
+            f"{len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}, delay p99 "
+            f"{run['snapshot_p99_s']['metrics']:.2f}/{run['snapshot_p99_s']['topic']:.2f} s"
             + ("" if r.exact else f"; COUNTS NOT EXACT: {r.detail}"))
         if a.aggregates:  # the same, AGG_AGGREGATES on: ingest hashes the user and the URL of each event
             g = _another_run(a, new_broker, run, "agg_", small=False, half=False, aggregates=True)

@@ -151,16 +151,22 @@ def table(r: dict[str, Any]) -> str:
 
 def _split_runs_table(runs: list[dict[str, Any]]) -> list[str]:
     md = ["| run | b1000 max ev/s | p50 ms | p99 ms | b10 max ev/s | p50 ms | p99 ms | half offered ev/s | p50 ms | "
-          "p99 ms | max ms | over 100 ms: sent / in handler | CPU (cores) at b1000 max: ingest / worker / loadgen |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "p99 ms | max ms | over 100 ms: sent / in handler | CPU (cores) at b1000 max: ingest / worker / loadgen | "
+          "snapshot delay p99 s: /metrics / topic |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, run in enumerate(runs, 1):
         a, b, c = run["max_1000"], run["max_10"], run["half_1000"]
         md.append(f"| {k} | {a['rate']:,.0f} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | {b['rate']:,.0f} | "
                   f"{b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {c['offered']:,.0f} | {c['p50_ms']:.1f} | "
                   f"{c['p99_ms']:.1f} | {c.get('max_ms', float('nan')):.0f} | {c.get('over_100ms', -1)} / "
                   f"{c.get('server_over_100ms', -1)} | {a['server_cpu']:.2f} / {a.get('worker_cpu', float('nan')):.2f} / "
-                  f"{a['loadgen_cpu']:.2f} |")
+                  f"{a['loadgen_cpu']:.2f} | {_run_snapshot_p99(run)} |")
     return md + [""]
+
+
+def _run_snapshot_p99(run: dict[str, Any]) -> str:
+    p = run.get("snapshot_p99_s")  # not in results written before 2026-12-03
+    return "-" if p is None else f"{p['metrics']:.2f} / {p['topic']:.2f}"
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -297,7 +303,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"`/metrics` every {s['poll_s'] * 1000:.0f} ms (`clickstream_window_end_timestamp_seconds` per region) "
             "and reads `click-snapshots` with a consumer; delay = when a (region, window) snapshot is first seen "
             f"minus window end minus grace ({cfg['grace_s']:g} s), for the windows that ended while the load ran, "
-            "all runs pooled. The /metrics figure includes up to one polling interval.",
+            "all runs pooled (each split run's own p99 is in its table's last column). The /metrics figure "
+            "includes up to one polling interval.",
             "",
         ]
     m = r.get("memory")
