@@ -135,7 +135,6 @@ def _ndjson_array(body: bytes) -> tuple[bytes, int] | None:
     return b"[" + b.replace(b"\n", b",") + b"]", b.count(b"\n") + 1
 
 
-
 def decode_body(body: bytes, content_type: str) -> list[Any]:
     ct = content_type.split(";", 1)[0].strip().lower()
     if ct in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
