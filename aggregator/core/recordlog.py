@@ -13,7 +13,9 @@ their records (``record_keys``).
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 from typing import Any
 
 RECORD_BYTES = 400_000  # JSON bytes per record at most: under statechunks' bound (512 KiB)
@@ -46,6 +48,11 @@ class RecordLog:
     def _size(self, item: Any) -> int:
         raise NotImplementedError
 
+    def _sizes(self, items: Sequence[Any]) -> list[int]:
+        """``_size`` of each item (a subclass may give them without a call per item)."""
+        size_of = self._size
+        return [size_of(item) for item in items]
+
     def _value(self, items: Sequence[Any]) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -64,21 +71,20 @@ class RecordLog:
             by_bucket.setdefault(item[0], []).append(item)
         index = dict(self.written)
         records: list[tuple[str, dict[str, Any]]] = []
-        size_of, value_of = self._size, self._value
+        value_of = self._value
         for b in sorted(by_bucket):
             seq = index.get(b, 0)
-            part: list[Any] = []
-            size = 0
-            for item in by_bucket[b]:
-                n = size_of(item)
-                if part and size + n > RECORD_BYTES:
-                    records.append((self.record_key(partition, b, seq), value_of(part)))
-                    seq += 1
-                    part, size = [], 0
-                part.append(item)
-                size += n
-            records.append((self.record_key(partition, b, seq), value_of(part)))
-            index[b] = seq + 1
+            items = by_bucket[b]
+            # cut greedily: a record takes items while their sizes add up to at most
+            # RECORD_BYTES (always at least one), found by bisecting the running total
+            total = list(accumulate(self._sizes(items), initial=0))
+            start = 0
+            while start < len(items):
+                end = max(start + 1, bisect_right(total, total[start] + RECORD_BYTES, start + 1) - 1)
+                records.append((self.record_key(partition, b, seq), value_of(items[start:end])))
+                seq += 1
+                start = end
+            index[b] = seq
         return records, Prepared(index, len(self.pending), len(self.expiring))
 
     def confirm(self, prepared: Prepared) -> None:
