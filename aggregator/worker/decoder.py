@@ -146,6 +146,7 @@ class RecordDecoder:
         urls = self.url_cache.known
         fast = _CLICK if self.fast else None
         misses = 0
+        last_k, last_kh = b"", 0  # the last request key field of a keyed record, and its digest
         cts: int | None
         user: str | None
         url: str | None
@@ -163,6 +164,17 @@ class RecordDecoder:
                         if len(f) == 2:  # "<ingest_ts>,<ts>": parse_ingest_header's common case, inlined
                             its = int(f[0])
                             cts = int(f[1])
+                        elif len(f) == 3 and f[2][:1] == b"k":
+                            # "<ingest_ts>,[<ts>],k<key hex>.<index>" (a keyed request's event):
+                            # parse_ingest_header and parse_id_field inlined, the key's digest
+                            # parsed once per run of its records
+                            its = int(f[0])
+                            cts = int(f[1]) if f[1] else None
+                            kpart, _, index = f[2].partition(b".")  # no ".": int(b"") raises below
+                            if kpart != last_k:
+                                last_kh = int(kpart[1:], 16)
+                                last_k = kpart
+                            did = (last_kh, int(index))
                         else:
                             its, cts, raw_id = parse_header(hs[0][1])
                             if raw_id is not None:
