@@ -83,7 +83,9 @@ def parse_agg_header(value: bytes) -> AggParts:
 
 def ingest_header_value(ingest_ts: int, client_ts: int | None, dedup: bytes | None = None) -> bytes:
     if dedup is not None:
-        return b"%d,%s,%s" % (ingest_ts, b"" if client_ts is None else b"%d" % client_ts, dedup)
+        if client_ts is None:
+            return b"%d,,%s" % (ingest_ts, dedup)
+        return b"%d,%d,%s" % (ingest_ts, client_ts, dedup)
     if client_ts is None:
         return b"%d" % ingest_ts
     return b"%d,%d" % (ingest_ts, client_ts)

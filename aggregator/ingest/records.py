@@ -5,6 +5,7 @@ aggregates on its ``clickstream-agg`` header (``AggHeaders``); a sampled request
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import repeat
 
 import msgspec
 from xxhash import xxh3_64_intdigest
@@ -89,29 +90,19 @@ class Records:
         plain = self.plain
         headers = self.headers
         its = self.ingest_ts
-        if ids is None:
-            for ev in events:
-                cts = ev.ts
-                yield encode(ev), (plain if cts is None else headers(its, cts))
-            return
-        if self.tail:  # a traceparent after the ingest header
-            for ev, did in zip(events, ids, strict=True):
-                cts = ev.ts
-                if did is not None:
-                    yield encode(ev), headers(its, cts, did)
-                else:
-                    yield encode(ev), (plain if cts is None else headers(its, cts))
-            return
-        pre = b"%d," % its
-        for ev, did in zip(events, ids, strict=True):
+        # a keyed request's ingest header in one formatting (not with a traceparent after it)
+        pre = None if self.tail else b"%d," % its
+        for ev, did in zip(events, repeat(None) if ids is None else ids, strict=False):  # ids: one an event
             cts = ev.ts
-            if did is not None:
-                # core.contract.ingest_header(its, cts, did) in one formatting (every event of a
-                # request with an Idempotency-Key; tests/unit/ingest/test_agg_header.py)
+            if did is None:
+                yield encode(ev), (plain if cts is None else headers(its, cts))
+            elif pre is not None:
+                # core.contract.ingest_header(its, cts, did), inlined: every event of a request
+                # with an Idempotency-Key (tests/unit/ingest/test_agg_header.py holds them equal)
                 yield encode(ev), [(INGEST_HEADER, b"%s,%s" % (pre, did) if cts is None
                                     else b"%s%d,%s" % (pre, cts, did))]
             else:
-                yield encode(ev), (plain if cts is None else headers(its, cts))
+                yield encode(ev), headers(its, cts, did)
 
     def _of_agg(self, events: list[Event], ids: list[bytes | None] | None,
                 agg: AggHeaders) -> Iterator[tuple[bytes, list[Header]]]:
