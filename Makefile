@@ -89,11 +89,11 @@ kafka-stop:
 ## share its Kafka and empty it before each.  The first Kafka starts alone (it assembles the jars
 ## once), the others together.
 test-kafka: $(STAMP)
-	@set -e; i=1; for p in $(KAFKA_PORTS); do \
+	@set -e; i=1; pids=; for p in $(KAFKA_PORTS); do \
 	  d=$(KAFKA_DIR); [ $$i = 1 ] || d=$(KAFKA_DIR)-$$i; \
 	  if [ $$i = 1 ]; then bash scripts/kafka.sh start --port $$p --dir $$d >/dev/null; \
-	  else bash scripts/kafka.sh start --port $$p --dir $$d >/dev/null & fi; i=$$((i + 1)); \
-	done; for j in $$(jobs -p); do wait $$j; done
+	  else bash scripts/kafka.sh start --port $$p --dir $$d >/dev/null & pids="$$pids $$!"; fi; i=$$((i + 1)); \
+	done; for j in $$pids; do wait $$j; done
 	AGG_TEST_BROKER=kafka AGG_TEST_KAFKA="$(foreach p,$(KAFKA_PORTS),127.0.0.1:$(p))" \
 	  $(PY) -m pytest -q -p no:cacheprovider -n $(words $(KAFKA_PORTS)) --dist loadfile tests/integration -rs \
 	  --durations=10
