@@ -4,6 +4,10 @@ consumer hands them over), beside a bare ``orjson.loads`` loop over the same val
 
     python -m tools.worker_micro                      # 200,000 records produced straight to Kafka
     python -m tools.worker_micro --events 50000 --runs 3
+    # instructions an event of one case, free of the machine's noise: the difference of two
+    # runs under valgrind (cachegrind's "I refs"), divided by passes * events
+    valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \
+        python -m tools.worker_micro --events 50000 --case on --passes 0   # then --passes 2
 
 Each cost is the median of ``--runs`` runs in µs per event, for the aggregates on and off
 and for the decoder's typed parse (msgspec, worker/decoder.py) on and off; the records are
@@ -72,13 +76,50 @@ def bare_pass(batches: Sequence[list[Any]]) -> float:
     return time.perf_counter() - t
 
 
+CASES = ("bare", "off", "decode", "on")
+
+
+def warm_passes(batches: Sequence[list[Any]], case: str, passes: int) -> float:
+    """Seconds of ``passes`` passes of one case after a first one, with the decoder (and its
+    caches of regions and URLs) kept across them, as a running worker keeps it: for counting
+    a case's instructions (``--case``, run under valgrind twice, the passes' difference).
+    ``decode``: the decoder alone, aggregates on; ``on``/``off``: decode, window book and
+    flush with the aggregates on / off; ``bare``: the bare loop."""
+    aggregates = case in ("on", "decode")
+    dec = RecordDecoder(1, None, aggregates=aggregates)
+    total = 0.0
+    for i in range(passes + 1):
+        if case == "bare":
+            t = bare_pass(batches)
+        else:
+            aggs = WindowAggregates() if case == "on" else None
+            book = WindowBook(60_000, 5_000, 60_000, 600_000, 1000, aggs)
+            t0 = time.perf_counter()
+            for b in batches:
+                d = dec.decode(b, NOW_MS, 0, False, None, NOW_MS + 60_000)
+                if case != "decode":
+                    book.apply(d.events, b[-1].offset + 1, NOW_MS, d.aggs)
+            if aggs is not None:
+                aggs.flush()
+            t = time.perf_counter() - t0
+        if i:
+            total += t
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--case", choices=CASES, help="only this case, --passes warm passes (for valgrind)")
+    ap.add_argument("--passes", type=int, default=2)
     a = ap.parse_args(argv)
     batches = backlog(a.events)
     gc.set_threshold(500_000, 20, 10)  # the worker role's (aggregator/cli.py)
+    if a.case:
+        t = warm_passes(batches, a.case, a.passes)
+        print(f"{a.case}: {a.passes} warm passes, {t / max(1, a.passes * a.events) * 1e6:.3f} µs/event")
+        return 0
     cases = {"bare loop (orjson.loads, a dict count)": lambda: bare_pass(batches)}
     for aggregates in (True, False):
         for typed in (True, False):

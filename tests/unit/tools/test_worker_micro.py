@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tools.worker_micro import backlog, main, worker_pass
+from tools.worker_micro import CASES, backlog, main, warm_passes, worker_pass
 
 
 def test_the_backlog_is_fetched_batches_the_worker_counts_exactly():
@@ -20,3 +20,11 @@ def test_worker_micro_prints_each_case(capsys):
     for label in labels:
         line = next(ln for ln in out.splitlines() if label in ln)
         assert float(re.search(r"([0-9.]+) µs/event", line).group(1)) > 0
+
+
+def test_each_case_runs_its_warm_passes_and_says_so(capsys):
+    batches = backlog(2_000)
+    for case in CASES:
+        assert warm_passes(batches, case, 2) > warm_passes(batches, case, 0) == 0.0
+    main(["--events", "2000", "--case", "on", "--passes", "1"])
+    assert re.fullmatch(r"on: 1 warm passes, [0-9.]+ µs/event\n", capsys.readouterr().out)
