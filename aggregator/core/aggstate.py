@@ -78,7 +78,7 @@ _D = USER_HASH_DIGITS
 _AT_16, _USER_16, _TAIL_16 = itemgetter(slice(_D, _D + 1)), itemgetter(slice(_D)), itemgetter(slice(_D + 1, None))
 _SWAP = sys.byteorder == "little"  # the hex digits are big-endian
 _FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)  # of parsed parts
-_TUPLE = {tuple}
+_NONE = type(None)
 assert array("Q").itemsize * 2 == _D  # a 64-bit hash: 16 hex digits, 8 bytes
 TAILS_MAX = 50_000
 # a window's input logged beyond this (and beyond twice its cells) is replaced by its cells
@@ -201,12 +201,14 @@ class WindowAggregates(RecordLog):
         in bulk -- the users in one ``unhexlify`` when every user hash has its 16 digits
         (else an ``int`` per user), the rest per distinct URL --, parsed parts (records
         produced straight to Kafka) in bulk too, a mix one by one."""
-        if None in aggs:
+        types = set(map(type, aggs))  # C-level, not a generator step an event
+        if _NONE in types:
             aggs = [a for a in aggs if a is not None]
             if not aggs:
                 return [], {}, {}
-        if type(aggs[0]) is tuple:
-            if set(map(type, aggs)) == _TUPLE:  # C-level, not a generator step an event
+            types.discard(_NONE)
+        if tuple in types:
+            if len(types) == 1:
                 return self._columns_parts(aggs)  # type: ignore[arg-type]
             return self._columns_each(aggs)
         try:
