@@ -92,6 +92,8 @@ def _run(broker, service_factory, produce, regions: list[str]) -> None:
     for r in regions:
         produced[r] = produced.get(r, 0) + 1
 
+    last: dict[str, int] = {}
+
     def settled() -> tuple[dict, dict] | None:
         by_window: dict[tuple[str, int], set[tuple[int, int]]] = {}
         for _, v in read_topic(bootstrap, SNAPSHOTS, idle=1.0):
@@ -101,9 +103,15 @@ def _run(broker, service_factory, produce, regions: list[str]) -> None:
         for (region, _), contents in by_window.items():
             count, late = max(contents)
             totals[region] = totals.get(region, 0) + count + late
+        last.clear()
+        last.update(totals)
         return (by_window, totals) if totals == produced else None
 
-    by_window, totals = wait_for(settled, 60, interval=1.0, what="every produced event in a final snapshot")
+    try:
+        by_window, totals = wait_for(settled, 60, interval=1.0, what="every produced event in a final snapshot")
+    except AssertionError as exc:  # slow, or wrong: say which regions differ, and by how much
+        diff = {r: (last.get(r, 0), n) for r, n in produced.items() if last.get(r, 0) != n}
+        raise AssertionError(f"{exc}: (published, produced) {diff}\n{a.tail(4000)}") from None
     doubled = {k: v for k, v in by_window.items() if len(v) != 1}
     assert not doubled, f"(region, window)s with more than one final count: {doubled}"
     forwarded = read_topic(bootstrap, CLICKS_REPARTITION, idle=1.0)
