@@ -51,15 +51,20 @@ def backlog(n: int) -> list[list[Any]]:
     return batches
 
 
-def worker_pass(batches: Sequence[list[Any]], aggregates: bool, typed: bool) -> float:
-    """Seconds to decode, count and (aggregates on) flush every batch, one partition."""
-    dec = RecordDecoder(1, None, aggregates=aggregates, fast=typed)
-    aggs = WindowAggregates() if aggregates else None
+def worker_pass(batches: Sequence[list[Any]], aggregates: bool, typed: bool,
+                dec: RecordDecoder | None = None, book_too: bool = True) -> float:
+    """Seconds to decode, count and (aggregates on) flush every batch, one partition:
+    with a new decoder, or ``dec`` (its caches as an earlier pass left them); without
+    ``book_too``, the decoder alone."""
+    if dec is None:
+        dec = RecordDecoder(1, None, aggregates=aggregates, fast=typed)
+    aggs = WindowAggregates() if aggregates and book_too else None
     book = WindowBook(60_000, 5_000, 60_000, 600_000, 1000, aggs)
     t = time.perf_counter()
     for b in batches:
         d = dec.decode(b, NOW_MS, 0, False, None, NOW_MS + 60_000)
-        book.apply(d.events, b[-1].offset + 1, NOW_MS, d.aggs)
+        if book_too:
+            book.apply(d.events, b[-1].offset + 1, NOW_MS, d.aggs)
     if aggs is not None:
         aggs.flush()
     return time.perf_counter() - t
@@ -87,24 +92,9 @@ def warm_passes(batches: Sequence[list[Any]], case: str, passes: int) -> float:
     flush with the aggregates on / off; ``bare``: the bare loop."""
     aggregates = case in ("on", "decode")
     dec = RecordDecoder(1, None, aggregates=aggregates)
-    total = 0.0
-    for i in range(passes + 1):
-        if case == "bare":
-            t = bare_pass(batches)
-        else:
-            aggs = WindowAggregates() if case == "on" else None
-            book = WindowBook(60_000, 5_000, 60_000, 600_000, 1000, aggs)
-            t0 = time.perf_counter()
-            for b in batches:
-                d = dec.decode(b, NOW_MS, 0, False, None, NOW_MS + 60_000)
-                if case != "decode":
-                    book.apply(d.events, b[-1].offset + 1, NOW_MS, d.aggs)
-            if aggs is not None:
-                aggs.flush()
-            t = time.perf_counter() - t0
-        if i:
-            total += t
-    return total
+    times = [bare_pass(batches) if case == "bare" else worker_pass(batches, aggregates, True, dec, case != "decode")
+             for _ in range(passes + 1)]
+    return sum(times[1:])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -341,6 +341,9 @@ class WindowAggregates(RecordLog):
         self.base_bytes[ws] = total
         self.input_bytes[ws] = 0
 
+    def _sizes(self, items: Sequence[Entry | Base]) -> list[int]:
+        return list(map(self._size, items))  # a checkpoint writes a few entries a cell, not one an event
+
     def _size(self, e: Entry | Base) -> int:
         if len(e) == 4:
             return e[3]

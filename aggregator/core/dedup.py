@@ -88,8 +88,6 @@ def parse_id_field(raw: bytes, region: str) -> DedupId:
     raise ValueError("dedup id must start with e or k")
 
 
-
-
 class DedupStore(RecordLog):
     """The ids seen on one partition within the horizon; ``horizon_ms`` 0: no dedup.
     At most ``max_ids`` event ids (an idempotency key's bitmap costs a bit per index)."""
@@ -218,13 +216,8 @@ class DedupStore(RecordLog):
         return len(ids_of)
 
     # ------------------------------------------------------------------ changelog
-    def _size(self, item: tuple[int, DedupId]) -> int:
-        # an event id's JSON string (any escapes: at most 6 bytes a character) or a key's share
-        did = item[1]
-        return len(did) * 6 + 3 if isinstance(did, str) else 12
-
     def _sizes(self, items: Sequence[tuple[int, DedupId]]) -> list[int]:
-        # ``_size`` of each, without a call per item (a checkpoint sizes every id it writes)
+        # an event id's JSON string (any escapes: at most 6 bytes a character) or a key's share
         return [len(did) * 6 + 3 if type(did) is str else 12 for _, did in items]
 
     def _value(self, items: Sequence[tuple[int, DedupId]]) -> dict[str, Any]:

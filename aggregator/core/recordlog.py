@@ -45,13 +45,10 @@ class RecordLog:
         self.expired: list[tuple[int, int]] = []  # (bucket, records) no durable state names: delete them
 
     # what a subclass says
-    def _size(self, item: Any) -> int:
-        raise NotImplementedError
-
     def _sizes(self, items: Sequence[Any]) -> list[int]:
-        """``_size`` of each item (a subclass may give them without a call per item)."""
-        size_of = self._size
-        return [size_of(item) for item in items]
+        """Each item's JSON bytes in a record, at most (a checkpoint sizes every item it
+        writes: a subclass gives them in one pass, not a call per item)."""
+        raise NotImplementedError
 
     def _value(self, items: Sequence[Any]) -> dict[str, Any]:
         raise NotImplementedError

@@ -1,12 +1,14 @@
 """core.recordlog's cutting of a bucket's pending items into records of at most
 RECORD_BYTES (by bisecting the running total of their sizes) must be the greedy cut:
 a record takes items while their sizes add up to at most the bound, and always at least
-one.  And core.dedup's bulk sizes and record values must be what the per-item forms give."""
+one.  And core.dedup's sizes must bound each id's bytes in its record, and its record
+values be what the per-item form gives."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,8 +20,8 @@ from aggregator.core.recordlog import RecordLog
 class _Sized(RecordLog):
     TAG = "t"
 
-    def _size(self, item: Any) -> int:
-        return item[2]
+    def _sizes(self, items: Sequence[Any]) -> list[int]:
+        return [item[2] for item in items]
 
     def _value(self, items: Sequence[Any]) -> dict[str, Any]:
         return {"ids": [item[1] for item in items]}
@@ -68,10 +70,13 @@ def test_records_are_the_greedy_cut_of_each_bucket(items: list[tuple[int, int]],
 @given(st.lists(st.one_of(st.text(max_size=8).map(lambda t: event_key("eu", t)),
                           st.tuples(st.sampled_from([request_key("a"), request_key("b"), 5]),
                                     st.integers(0, 2000))), max_size=80))
-def test_dedup_bulk_sizes_and_values_are_the_per_item_ones(dids: list[Any]) -> None:
+def test_dedup_sizes_bound_each_id_and_values_are_the_per_item_ones(dids: list[Any]) -> None:
     store = DedupStore(600_000)
     items = [(0, did) for did in dids]
-    assert store._sizes(items) == [store._size(item) for item in items]
+    # each id's own bytes in the record: its JSON string and a comma, or its index and a comma
+    own = [len(orjson.dumps(did)) + 1 if isinstance(did, str) else len(str(did[1])) + 1 for did in dids]
+    sizes = store._sizes(items)
+    assert len(sizes) == len(dids) and all(s >= n for s, n in zip(sizes, own, strict=True)), (sizes, own)
     want: dict[str, Any] = {}
     for did in dids:  # the record value, one id at a time
         if isinstance(did, str):
