@@ -240,7 +240,7 @@ def batch_links(records: Sequence[Any], limit: int = MAX_LINKS) -> list[Link]:
     return links
 
 
-BatchHandler = Callable[[Any, Sequence[Any]], None]
+BatchHandler = Callable[[Any, Sequence[Any]], "int | None"]
 
 
 class TracedBatches:
@@ -255,11 +255,10 @@ class TracedBatches:
     def __init__(self, handler: BatchHandler) -> None:
         self.handler = handler
 
-    def __call__(self, tp: Any, records: Sequence[Any]) -> None:
+    def __call__(self, tp: Any, records: Sequence[Any]) -> int | None:
         tr = tracer
         if tr is None:
-            self.handler(tp, records)
-            return
+            return self.handler(tp, records)
         links = batch_links(records)
         attrs = {"messaging.system": "kafka", "messaging.operation.type": "process",
                  "messaging.destination.name": tp.topic, "messaging.destination.partition.id": str(tp.partition),
@@ -268,7 +267,7 @@ class TracedBatches:
                  "messaging.kafka.offset.last": records[-1].offset if records else -1,
                  "clickstream.links": len(links)}
         with tr.start_as_current_span(f"process {tp.topic}", kind=SpanKind.CONSUMER, links=links, attributes=attrs):
-            self.handler(tp, records)
+            return self.handler(tp, records)
 
 
 def current_ids() -> tuple[str, str] | None:

@@ -16,6 +16,16 @@ same log after a crash or a rebalance, or a new log).  The log has started over 
   asks for on ``clicks``) later than ``last_ts``: on the same log every record below
   ``next_offset`` was appended no later than the one at ``next_offset - 1``.
 
+A batch that starts exactly at ``next_offset`` cannot tell: a log deleted, created again
+and refilled up to or past that offset between two fetches continues it seamlessly.  So a
+partition is re-read from ``next_offset - 1`` (the record just before, the one the state
+kept the timestamp of) before such a batch is counted when it follows a pause
+(``needs_check``: no batch for ``CHECK_GAP_MS``, or its first record appended that long
+after the last one applied, or the first batch since the partition was opened), and every
+``CHECK_IDLE_MS`` while the partition is quiet and caught up (the new log may hold just
+as many records as the old one and get no more).  Where that record is another one, the
+log is read again from its start, the restart already known (``known``).
+
 Where to count from: the batch's first record; but with broker-stamped times, records
 appended no later than ``last_ts`` were counted before (a log cut short by the broker
 rather than a new one keeps its first records), so counting starts at the first record
@@ -30,6 +40,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 LOG_APPEND_TIME = 1  # a record's timestamp_type when the broker stamped it
+CHECK_GAP_MS = 500  # a batch continuing the state's offset after a pause this long is checked first
+CHECK_IDLE_MS = 2000  # a quiet, caught-up partition is checked this often
 
 
 class SourceRecord(Protocol):
@@ -61,18 +73,34 @@ class Restart:
                 f"{self.count_from} (nothing of the new log is skipped)")
 
 
+def needs_check(next_offset: int, last_ts: int | None, first: SourceRecord, quiet_ms: int | None) -> bool:
+    """Whether a batch whose first record is ``first`` must wait for the partition to be
+    re-read from ``next_offset - 1`` before it is counted: it continues the state's offset
+    after a pause (``quiet_ms``: since the partition's last batch, None: none since it was
+    opened), so the log may have started over in between."""
+    if first.offset != next_offset or next_offset == 0 or last_ts is None:
+        return False  # below: checked as it is; above or a fresh state: nothing to compare with
+    if quiet_ms is None or quiet_ms >= CHECK_GAP_MS:
+        return True
+    return first.timestamp_type == LOG_APPEND_TIME and first.timestamp - last_ts >= CHECK_GAP_MS
+
+
 def restarted(partition: int, next_offset: int, last_ts: int | None, records: Sequence[SourceRecord],
-              log_end: int | None) -> Restart | None:
+              log_end: int | None, known: str | None = None) -> Restart | None:
     """A ``Restart`` if the fetched batch ``records`` (in offset order, not empty) comes from
     a log that started over since the state (``next_offset``; ``last_ts``: the timestamp of
     the record at ``next_offset - 1``, None if unknown) was counted; ``log_end``: the
     partition's end offset, None if unknown.  None: the same log (or nothing below
-    ``next_offset``)."""
+    ``next_offset``).  ``known``: why the log is already known to have started over (found
+    at ``next_offset - 1``; the batch is read from the log's start): only where to count
+    from is asked."""
     first = records[0]
-    if first.offset >= next_offset:
+    if first.offset >= next_offset and known is None:
         return None
     stamped = last_ts is not None and first.timestamp_type == LOG_APPEND_TIME
-    if log_end is not None and log_end < next_offset:
+    if known is not None:
+        why = known
+    elif log_end is not None and log_end < next_offset:
         why = f"its end offset {log_end} is below the state's {next_offset}"
     elif last_ts is None:
         return None  # a state of the earlier format: nothing to compare with

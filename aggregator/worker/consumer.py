@@ -24,7 +24,7 @@ from faust.transport.drivers.aiokafka import Consumer as _Consumer
 from faust.transport.drivers.aiokafka import Transport as _Transport
 from faust.types import TP
 
-BatchHandler = Callable[[TP, list], None]
+BatchHandler = Callable[[TP, list], "int | None"]  # an offset to fetch the partition again from
 
 # Faust hard-codes fetch_max_wait_ms=1500; a broker that holds a fetch that long
 # (Tansu does, for small batches) adds up to 1.5 s to every snapshot's delay.
@@ -154,10 +154,13 @@ class BatchConsumer(_Consumer):
         for tp, recs in records.items():
             handing = handing or tp == start
             if handing and recs and tp.topic in self.batch_topics:
-                try:
-                    await self.seek(tp, recs[0].offset)
-                except Exception:  # noqa: BLE001 - no longer assigned: its next owner starts from the committed offset
-                    pass
+                await self._seek_quietly(tp, recs[0].offset)
+
+    async def _seek_quietly(self, tp: TP, offset: int) -> None:
+        try:
+            await self.seek(tp, offset)
+        except Exception:  # noqa: BLE001 - no longer assigned: its next owner checks the log itself
+            pass
 
     async def on_partitions_revoked(self, revoked: set) -> None:
         await super().on_partitions_revoked(revoked)
@@ -200,8 +203,11 @@ class BatchConsumer(_Consumer):
                     if active is not None and tp not in active and tp not in self._buffered_partitions:
                         continue
                     if tp.topic in batch_topics:
-                        handler(tp, recs)
-                        set_read_offset(tp, recs[-1].offset)
+                        again = handler(tp, recs)
+                        if again is None:
+                            set_read_offset(tp, recs[-1].offset)
+                        else:
+                            await self._seek_quietly(tp, again)
                     else:
                         for rec in recs:
                             await self.wait_first(callback(to_message(tp, rec)),

@@ -36,7 +36,7 @@ from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, FUTURE_TS, Book
 from aggregator.core.ratelimit import RateLimits
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, forward_record, home
-from aggregator.core.sourcelog import restarted
+from aggregator.core.sourcelog import CHECK_IDLE_MS, needs_check, restarted
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
 from aggregator.worker.clock import RebalanceWatch, advance_target
@@ -110,24 +110,43 @@ class WorkerService:
         return self.not_ready() is None
 
     # -------------------------------------------------------------- hot path
-    def on_batch(self, tp: TP, records: Sequence[Record]) -> None:
-        """One call per fetched batch of one partition; no await, no logging per record."""
+    def on_batch(self, tp: TP, records: Sequence[Record]) -> int | None:
+        """One call per fetched batch of one partition; no await, no logging per record.
+        Returns an offset to fetch the partition again from, the batch not counted (a check
+        of its log, core.sourcelog), or None."""
         t0 = time.perf_counter()
         partition = tp.partition
         p = self.partitions.get(partition)
         if p is None:
             if partition not in self.kafka.assigned():
-                return  # fetched before a rebalance moved it: the new owner reads it
+                return None  # fetched before a rebalance moved it: the new owner reads it
             p = self.partitions.open(partition)
         now_ms = int(time.time() * 1000)
         if tp.topic == CLICKS_REPARTITION:
-            return self._on_forwarded(p, records, now_ms, t0)
+            self._on_forwarded(p, records, now_ms, t0)
+            return None
         quiet_since = p.last_record_ms
         p.last_record_ms = now_ms
         book, spill = p.book, p.spill
         start = book.next_offset
         last = records[-1].offset
-        if records[0].offset < start or not p.source_checked:
+        first = records[0]
+        verifying = False
+        if first.offset == start:
+            if not spill.ledger.rebuild and needs_check(start, p.source_ts, first,
+                                                        None if quiet_since is None else
+                                                        now_ms - max(quiet_since, p.checked_ms)):
+                p.last_record_ms = quiet_since
+                return self._verify(p, now_ms)
+        elif first.offset == p.verify_at == start - 1 > 0:  # the re-read the check asked for
+            verifying, p.verify_at = True, None
+            found = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition))
+            if found is not None:  # another log: read it from its start, the restart known
+                p.restart_why = found.why
+                p.last_record_ms = quiet_since
+                return 0
+            p.checked_ms = now_ms
+        if first.offset < start or not p.source_checked:
             start = self._check_source(p, records, start)
         if spill.ledger.rebuild and records[0].offset >= start:
             spill.rebuild_flush(done=True)  # the source starts past the lost spill: nothing to re-read
@@ -137,7 +156,9 @@ class WorkerService:
                 rebuild_replay(p, self.decoder, records, start, now_ms, now_ms + self.max_ahead_ms)
             records = skip_applied(records, start)
             if not records:
-                return
+                if verifying:
+                    p.last_record_ms = quiet_since  # nothing new: still quiet (its clock may follow)
+                return None
         throttle = self.throttle
         foreign: list[Foreign] | None = [] if self.decoder.partitions > 1 else None
         events, offsets, rejected, future, ids, aggs = self.decoder.decode(
@@ -151,12 +172,13 @@ class WorkerService:
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
         held = HeldBatch(events, offsets, future, last + 1, ids, aggs, end_ts=records[-1].timestamp)
         if not throttle.held_here(p) and self._count(p, held, now_ms):
-            return
+            return None
         # the spill disk refused its write: nothing of it is applied; fetch no more of this
         # partition and offer it again every tick, behind any batch held before (contract §6)
         key = TP(tp.topic, tp.partition)  # Faust's own type (aiokafka's is handed in): its resume needs it
         if throttle.hold_batch(p, key, held):
             self.app.consumer.pause_partitions([key])
+        return None
 
     def _count(self, p: PartitionState, b: HeldBatch, now_ms: int) -> bool:
         """Apply a decoded batch to the book (spilling what is over its rate); False:
@@ -196,7 +218,9 @@ class WorkerService:
         say so (error, metric), count it again from where the detector says, and commit
         nothing of a state taken before.  Returns the book's next offset."""
         p.source_checked = True
-        restart = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition))
+        restart = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition),
+                            p.restart_why)
+        p.restart_why = p.verify_at = None
         if restart is None:
             return start
         log.error(restart.message())
@@ -213,6 +237,20 @@ class WorkerService:
         p.source_ts = next((r.timestamp for r in records if r.offset == n - 1), None)
         p.commit_ok = False  # a checkpoint in flight holds a state of the old log: not its offset
         return n
+
+    def _verify(self, p: PartitionState, now_ms: int) -> int:
+        """Ask for the partition to be read again from the record before the book's next
+        offset: a check that its log is still the one counted (core.sourcelog)."""
+        p.verify_at = p.book.next_offset - 1
+        p.verify_ms = now_ms
+        return p.verify_at
+
+    def _verify_idle(self, p: PartitionState, now_ms: int, highwater: int | None) -> bool:
+        """Whether a quiet, caught-up partition is due for that check (a log refilled to just
+        the book's offset gives no batch to check)."""
+        n = p.book.next_offset
+        return (highwater == n > 0 and p.source_checked and p.source_ts is not None and not p.spill.ledger.rebuild
+                and now_ms - max(p.last_record_ms or 0, p.checked_ms, p.verify_ms) >= CHECK_IDLE_MS)
 
     def _mark_safe(self, partition: int, offset: int) -> None:
         """The checkpoint's word that ``offset`` may be committed, unless the partition's log is
@@ -294,10 +332,13 @@ class WorkerService:
                 tally = book.take_tally()
                 self.region_cap.touch(tally, now_ms)  # regions with events keep their place
                 self.metrics.counted(tally)
-            target = advance_target(now_ms, p.last_record_ms, self._highwater(p), book.next_offset,
-                                    fetching and not self.throttle.held_here(p) and self._positioned(p))
+            hw = self._highwater(p)
+            moving = fetching and not self.throttle.held_here(p)
+            target = advance_target(now_ms, p.last_record_ms, hw, book.next_offset, moving and self._positioned(p))
             if target is not None:
                 book.advance_to(target)
+            if moving and self._verify_idle(p, now_ms, hw):
+                await self.kafka.seek(p.partition, self._verify(p, now_ms))
         self.throttle.report(partitions)
         partitions.report()
         await self.checkpointer.checkpoint(parts)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from aggregator.core.sourcelog import LOG_APPEND_TIME, restarted
+from aggregator.core.sourcelog import CHECK_GAP_MS, LOG_APPEND_TIME, needs_check, restarted
 
 CREATE_TIME = 0
 
@@ -84,3 +84,34 @@ def test_gaps_in_offsets_are_searched():
     recs = [Rec(0, 5_000), Rec(5, 5_001), Rec(599, 1_599)]  # compacted or aborted records between
     assert restarted(0, *STATE, recs, 600) is None
     assert restarted(0, *STATE, [Rec(0, 5_000), Rec(5, 5_001), Rec(599, 7_000)], 600).count_from == 0
+
+
+def test_a_batch_continuing_the_state_after_a_pause_is_checked_first():
+    # a log deleted, created again and refilled past 600 between two fetches continues at 600:
+    # only a pause tells, and then the record at 599 is read again before anything is counted
+    at = Rec(600, 1_600)
+    assert not needs_check(*STATE, at, 0)  # a steady stream
+    assert not needs_check(*STATE, at, CHECK_GAP_MS - 1)
+    assert needs_check(*STATE, at, CHECK_GAP_MS)  # no batch for that long
+    assert needs_check(*STATE, at, None)  # the first batch since the partition was opened
+    assert needs_check(*STATE, Rec(600, 1_599 + CHECK_GAP_MS), 0)  # appended that long after the last
+    assert not needs_check(*STATE, Rec(600, 1_598 + CHECK_GAP_MS), 0)
+    assert not needs_check(*STATE, Rec(600, 1_599 + CHECK_GAP_MS, CREATE_TIME), 0)  # a producer's clock
+    # below the state's offset the batch itself is checked; above it, or with nothing to
+    # compare with (a fresh state, a state without a stamp), there is nothing to re-read
+    assert not needs_check(*STATE, Rec(599, 1_599), None)
+    assert not needs_check(*STATE, Rec(601, 1_600), None)
+    assert not needs_check(0, 1_599, Rec(0, 1_600), None)
+    assert not needs_check(600, None, at, None)
+
+
+def test_a_restart_found_at_the_offset_before_is_counted_from_the_log_start():
+    # found on the re-read of 599 (another stamp there); the log read again from its start: a
+    # batch that neither reaches 599 nor starts later than the state's stamp still restarts
+    new = batch(0, 99, 1_000)
+    assert restarted(0, *STATE, new, 900) is None  # by itself it looks like a replay
+    r = restarted(0, *STATE, new, 900, known="the record at offset 599 is another one")
+    assert r is not None and r.count_from == 0 and r.why == "the record at offset 599 is another one"
+    # broker stamps still keep a prefix the state counted (a log cut short, then refilled)
+    r = restarted(0, *STATE, OLD[500:550] + batch(550, 649, 2_000), 900, known="599 differs")
+    assert r is not None and r.count_from == 550
