@@ -42,6 +42,7 @@ from typing import Protocol
 LOG_APPEND_TIME = 1  # a record's timestamp_type when the broker stamped it
 CHECK_GAP_MS = 500  # a batch continuing the state's offset after a pause this long is checked first
 CHECK_IDLE_MS = 2000  # a quiet, caught-up partition is checked this often
+CHECK_TRIES = 3  # re-reads that come back past the record before (gone: retention) before it is let be
 
 
 class SourceRecord(Protocol):
@@ -73,13 +74,19 @@ class Restart:
                 f"{self.count_from} (nothing of the new log is skipped)")
 
 
-def needs_check(next_offset: int, last_ts: int | None, first: SourceRecord, quiet_ms: int | None) -> bool:
+def needs_check(next_offset: int, last_ts: int | None, first: SourceRecord, quiet_ms: int | None,
+                checked_ago_ms: int | None) -> bool:
     """Whether a batch whose first record is ``first`` must wait for the partition to be
     re-read from ``next_offset - 1`` before it is counted: it continues the state's offset
     after a pause (``quiet_ms``: since the partition's last batch, None: none since it was
-    opened), so the log may have started over in between."""
+    opened), so the log may have started over in between.  ``checked_ago_ms``: since a
+    re-read last showed the same log at this very offset (None: none did); one just made
+    is not made again (it may have ended at ``next_offset - 1``, a fetch stops at a
+    segment's end)."""
     if first.offset != next_offset or next_offset == 0 or last_ts is None:
         return False  # below: checked as it is; above or a fresh state: nothing to compare with
+    if checked_ago_ms is not None and checked_ago_ms < CHECK_GAP_MS:
+        return False
     if quiet_ms is None or quiet_ms >= CHECK_GAP_MS:
         return True
     return first.timestamp_type == LOG_APPEND_TIME and first.timestamp - last_ts >= CHECK_GAP_MS
@@ -93,7 +100,9 @@ def restarted(partition: int, next_offset: int, last_ts: int | None, records: Se
     partition's end offset, None if unknown.  None: the same log (or nothing below
     ``next_offset``).  ``known``: why the log is already known to have started over (found
     at ``next_offset - 1``; the batch is read from the log's start): only where to count
-    from is asked."""
+    from is asked, and with broker stamps a batch that holds only records appended no later
+    than ``last_ts`` below ``next_offset`` is the part of a log cut short that the state
+    counted (None: read on)."""
     first = records[0]
     if first.offset >= next_offset and known is None:
         return None
@@ -120,6 +129,11 @@ def restarted(partition: int, next_offset: int, last_ts: int | None, records: Se
             count_from = newer
         elif log_end is not None and log_end < next_offset:
             count_from = log_end  # cut short: what is left of it was counted
+        elif known is not None:
+            past = next((r.offset for r in records if r.offset >= next_offset), None)
+            if past is None:
+                return None  # all of it counted before: the new records come later
+            count_from = past  # never counted, whatever its stamp says
     return Restart(partition, next_offset, log_end, count_from, why)
 
 

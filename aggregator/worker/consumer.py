@@ -159,8 +159,9 @@ class BatchConsumer(_Consumer):
     async def _seek_quietly(self, tp: TP, offset: int) -> None:
         try:
             await self.seek(tp, offset)
-        except Exception:  # noqa: BLE001 - no longer assigned: its next owner checks the log itself
-            pass
+        except Exception as exc:  # noqa: BLE001 - no longer assigned: its next owner reads it from its commit
+            if tp in self.assignment():
+                self.log.warning("seek of %r to %d failed: %r", tp, offset, exc)
 
     async def on_partitions_revoked(self, revoked: set) -> None:
         await super().on_partitions_revoked(revoked)

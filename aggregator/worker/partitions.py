@@ -66,7 +66,8 @@ class BookSettings:
 
 class PartitionState:
     __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot", "source_ts",
-                 "source_checked", "commit_ok", "verify_at", "verify_ms", "checked_ms", "restart_why")
+                 "source_checked", "commit_ok", "clicks_ms", "verify_at", "verify_ms", "verify_tries", "checked_at",
+                 "checked_ms", "restart_why")
 
     def __init__(self, partition: int, book: WindowBook, spill: PartitionSpill,
                  dedup: DedupStore | None = None) -> None:
@@ -85,11 +86,15 @@ class PartitionState:
         self.source_checked = book.next_offset == 0
         self.commit_ok = self.source_checked
         # a batch continuing the state after a pause waits for the log to be re-read from
-        # next_offset - 1 (core.sourcelog.needs_check): the offset asked for and when, when a
-        # re-read last showed the same log, and why the log started over when a re-read
-        # showed another one (it is then read again from its start)
+        # next_offset - 1 (core.sourcelog.needs_check): wall time of its last batch of clicks
+        # (not of clicks-repartition), the offset asked for, when and how many times in a row,
+        # where and when a re-read last showed the same log, and why the log started over when
+        # a re-read showed another one (it is then read again from its start)
+        self.clicks_ms: int | None = None
         self.verify_at: int | None = None
         self.verify_ms = 0
+        self.verify_tries = 0
+        self.checked_at = -1
         self.checked_ms = 0
         self.restart_why: str | None = None
 

@@ -36,7 +36,7 @@ from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, FUTURE_TS, Book
 from aggregator.core.ratelimit import RateLimits
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, forward_record, home
-from aggregator.core.sourcelog import CHECK_IDLE_MS, needs_check, restarted
+from aggregator.core.sourcelog import CHECK_IDLE_MS, CHECK_TRIES, needs_check, restarted
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
 from aggregator.worker.clock import RebalanceWatch, advance_target
@@ -125,27 +125,31 @@ class WorkerService:
         if tp.topic == CLICKS_REPARTITION:
             self._on_forwarded(p, records, now_ms, t0)
             return None
-        quiet_since = p.last_record_ms
-        p.last_record_ms = now_ms
+        quiet_since, clicks_since = p.last_record_ms, p.clicks_ms
+        p.last_record_ms = p.clicks_ms = now_ms
         book, spill = p.book, p.spill
         start = book.next_offset
         last = records[-1].offset
         first = records[0]
         verifying = False
         if first.offset == start:
-            if not spill.ledger.rebuild and needs_check(start, p.source_ts, first,
-                                                        None if quiet_since is None else
-                                                        now_ms - max(quiet_since, p.checked_ms)):
-                p.last_record_ms = quiet_since
-                return self._verify(p, now_ms)
-        elif first.offset == p.verify_at == start - 1 > 0:  # the re-read the check asked for
-            verifying, p.verify_at = True, None
+            if not spill.ledger.rebuild and needs_check(
+                    start, p.source_ts, first, None if clicks_since is None else now_ms - clicks_since,
+                    now_ms - p.checked_ms if p.checked_at == start else None):
+                again = self._verify_batch(p, now_ms)
+                if again is not None:  # not counted: the partition is as quiet as before
+                    p.last_record_ms, p.clicks_ms = quiet_since, clicks_since
+                    return again
+        elif first.offset == p.verify_at == start - 1:  # the re-read the check asked for
+            verifying, p.verify_at, p.verify_tries = True, None, 0
             found = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition))
-            if found is not None:  # another log: read it from its start, the restart known
+            if found is not None and first.offset > 0:  # another log: read it from its start, the restart known
                 p.restart_why = found.why
+                p.source_checked = p.commit_ok = False  # no clock, no commit till it is counted again
                 p.last_record_ms = quiet_since
                 return 0
-            p.checked_ms = now_ms
+            if found is None:
+                p.checked_at, p.checked_ms = start, now_ms
         if first.offset < start or not p.source_checked:
             start = self._check_source(p, records, start)
         if spill.ledger.rebuild and records[0].offset >= start:
@@ -217,9 +221,11 @@ class WorkerService:
         offset: is it still the log the book counted (core.sourcelog)?  If it started over,
         say so (error, metric), count it again from where the detector says, and commit
         nothing of a state taken before.  Returns the book's next offset."""
+        known = p.restart_why
+        restart = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition), known)
+        if restart is None and known is not None:
+            return start  # the part of a log cut short that was counted before: read on, checked
         p.source_checked = True
-        restart = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition),
-                            p.restart_why)
         p.restart_why = p.verify_at = None
         if restart is None:
             return start
@@ -245,12 +251,25 @@ class WorkerService:
         p.verify_ms = now_ms
         return p.verify_at
 
+    def _verify_batch(self, p: PartitionState, now_ms: int) -> int | None:
+        """The same for a batch that continues the book's offset; None: such a batch came
+        back instead of the re-read ``CHECK_TRIES`` times in a row, the record before is gone
+        (deleted by retention), and the log is taken as the one counted."""
+        n = p.book.next_offset
+        p.verify_tries = p.verify_tries + 1 if p.verify_at == n - 1 else 1
+        if p.verify_tries <= CHECK_TRIES:
+            return self._verify(p, now_ms)
+        log.warning("partition %d of clicks: the record at offset %d cannot be read again (deleted by "
+                    "retention?); its log is taken as the one counted", p.partition, n - 1)
+        p.verify_at, p.verify_tries, p.checked_at, p.checked_ms = None, 0, n, now_ms
+        return None
+
     def _verify_idle(self, p: PartitionState, now_ms: int, highwater: int | None) -> bool:
         """Whether a quiet, caught-up partition is due for that check (a log refilled to just
         the book's offset gives no batch to check)."""
         n = p.book.next_offset
         return (highwater == n > 0 and p.source_checked and p.source_ts is not None and not p.spill.ledger.rebuild
-                and now_ms - max(p.last_record_ms or 0, p.checked_ms, p.verify_ms) >= CHECK_IDLE_MS)
+                and now_ms - max(p.clicks_ms or 0, p.checked_ms, p.verify_ms) >= CHECK_IDLE_MS)
 
     def _mark_safe(self, partition: int, offset: int) -> None:
         """The checkpoint's word that ``offset`` may be committed, unless the partition's log is

@@ -90,28 +90,52 @@ def test_a_batch_continuing_the_state_after_a_pause_is_checked_first():
     # a log deleted, created again and refilled past 600 between two fetches continues at 600:
     # only a pause tells, and then the record at 599 is read again before anything is counted
     at = Rec(600, 1_600)
-    assert not needs_check(*STATE, at, 0)  # a steady stream
-    assert not needs_check(*STATE, at, CHECK_GAP_MS - 1)
-    assert needs_check(*STATE, at, CHECK_GAP_MS)  # no batch for that long
-    assert needs_check(*STATE, at, None)  # the first batch since the partition was opened
-    assert needs_check(*STATE, Rec(600, 1_599 + CHECK_GAP_MS), 0)  # appended that long after the last
-    assert not needs_check(*STATE, Rec(600, 1_598 + CHECK_GAP_MS), 0)
-    assert not needs_check(*STATE, Rec(600, 1_599 + CHECK_GAP_MS, CREATE_TIME), 0)  # a producer's clock
+    assert not needs_check(*STATE, at, 0, None)  # a steady stream
+    assert not needs_check(*STATE, at, CHECK_GAP_MS - 1, None)
+    assert needs_check(*STATE, at, CHECK_GAP_MS, None)  # no batch for that long
+    assert needs_check(*STATE, at, None, None)  # the first batch since the partition was opened
+    assert needs_check(*STATE, Rec(600, 1_599 + CHECK_GAP_MS), 0, None)  # appended that long after the last
+    assert not needs_check(*STATE, Rec(600, 1_598 + CHECK_GAP_MS), 0, None)
+    assert not needs_check(*STATE, Rec(600, 1_599 + CHECK_GAP_MS, CREATE_TIME), 0, None)  # a producer's clock
     # below the state's offset the batch itself is checked; above it, or with nothing to
     # compare with (a fresh state, a state without a stamp), there is nothing to re-read
-    assert not needs_check(*STATE, Rec(599, 1_599), None)
-    assert not needs_check(*STATE, Rec(601, 1_600), None)
-    assert not needs_check(0, 1_599, Rec(0, 1_600), None)
-    assert not needs_check(600, None, at, None)
+    assert not needs_check(*STATE, Rec(599, 1_599), None, None)
+    assert not needs_check(*STATE, Rec(601, 1_600), None, None)
+    assert not needs_check(0, 1_599, Rec(0, 1_600), None, None)
+    assert not needs_check(600, None, at, None, None)
+
+
+def test_a_check_just_made_at_the_same_offset_is_not_made_again():
+    # the re-read of 599 may end there (a fetch stops at a segment's end): the batch at 600
+    # that follows is not sent back for the same check, however late its stamp says it came
+    late = Rec(600, 1_599 + 10 * CHECK_GAP_MS)
+    assert needs_check(*STATE, late, None, None)
+    assert not needs_check(*STATE, late, None, 0)
+    assert not needs_check(*STATE, late, CHECK_GAP_MS, CHECK_GAP_MS - 1)
+    assert needs_check(*STATE, late, None, CHECK_GAP_MS)  # long ago: the log may have changed since
 
 
 def test_a_restart_found_at_the_offset_before_is_counted_from_the_log_start():
-    # found on the re-read of 599 (another stamp there); the log read again from its start: a
-    # batch that neither reaches 599 nor starts later than the state's stamp still restarts
-    new = batch(0, 99, 1_000)
+    # found on the re-read of 599 (another record there); the log read again from its start:
+    # a batch that does not reach 599 and has no broker stamps (CreateTime) still restarts
+    new = batch(0, 99, 5, kind=CREATE_TIME)
     assert restarted(0, *STATE, new, 900) is None  # by itself it looks like a replay
     r = restarted(0, *STATE, new, 900, known="the record at offset 599 is another one")
     assert r is not None and r.count_from == 0 and r.why == "the record at offset 599 is another one"
-    # broker stamps still keep a prefix the state counted (a log cut short, then refilled)
-    r = restarted(0, *STATE, OLD[500:550] + batch(550, 649, 2_000), 900, known="599 differs")
+    r = restarted(0, *STATE, batch(0, 99, 2_000), 900, known="599 differs")  # stamped after the state's
+    assert r is not None and r.count_from == 0 and r.why == "599 differs"
+
+
+def test_a_restart_known_skips_the_part_a_log_cut_short_kept_however_long():
+    # the log was cut at 550 and refilled past 600 (an unclean leader election): read again
+    # from its start, its first batches hold only records appended before the state's last
+    # one, counted then; they are read on, never counted again, up to the first new record
+    kept, refilled = OLD[:550], batch(550, 699, 2_000)
+    assert restarted(0, *STATE, kept[:100], 700, known="599 differs") is None
+    assert restarted(0, *STATE, kept[100:400], 700, known="599 differs") is None
+    r = restarted(0, *STATE, kept[400:] + refilled[:20], 700, known="599 differs")
     assert r is not None and r.count_from == 550
+    # records at or past the state's offset are new whatever their stamp (a clock behind)
+    behind = batch(590, 620, 1_000)
+    r = restarted(0, *STATE, behind, 700, known="599 differs")
+    assert r is not None and r.count_from == 600
