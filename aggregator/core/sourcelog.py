@@ -42,7 +42,7 @@ from typing import Protocol
 LOG_APPEND_TIME = 1  # a record's timestamp_type when the broker stamped it
 CHECK_GAP_MS = 500  # a batch continuing the state's offset after a pause this long is checked first
 CHECK_IDLE_MS = 2000  # a quiet, caught-up partition is checked this often
-CHECK_TRIES = 3  # re-reads that come back past the record before (gone: retention) before it is let be
+CHECK_TRIES = 3  # re-reads that do not hold the record before and the next one before the batch is let be
 
 
 class SourceRecord(Protocol):
@@ -66,6 +66,7 @@ class Restart:
     log_end: int | None  # the broker's end offset, when known
     count_from: int  # the first offset counted (again)
     why: str
+    behind: bool = False  # the record at next_offset - 1 is stamped before the state's: the broker's clock is behind
 
     def message(self) -> str:
         end = "unknown" if self.log_end is None else str(self.log_end)
@@ -74,26 +75,20 @@ class Restart:
                 f"{self.count_from} (nothing of the new log is skipped)")
 
 
-def needs_check(next_offset: int, last_ts: int | None, first: SourceRecord, quiet_ms: int | None,
-                checked_ago_ms: int | None) -> bool:
+def needs_check(next_offset: int, last_ts: int | None, first: SourceRecord, quiet_ms: int | None) -> bool:
     """Whether a batch whose first record is ``first`` must wait for the partition to be
     re-read from ``next_offset - 1`` before it is counted: it continues the state's offset
     after a pause (``quiet_ms``: since the partition's last batch, None: none since it was
-    opened), so the log may have started over in between.  ``checked_ago_ms``: since a
-    re-read last showed the same log at this very offset (None: none did); one just made
-    is not made again (it may have ended at ``next_offset - 1``, a fetch stops at a
-    segment's end)."""
+    opened), so the log may have started over in between."""
     if first.offset != next_offset or next_offset == 0 or last_ts is None:
         return False  # below: checked as it is; above or a fresh state: nothing to compare with
-    if checked_ago_ms is not None and checked_ago_ms < CHECK_GAP_MS:
-        return False
     if quiet_ms is None or quiet_ms >= CHECK_GAP_MS:
         return True
     return first.timestamp_type == LOG_APPEND_TIME and first.timestamp - last_ts >= CHECK_GAP_MS
 
 
 def restarted(partition: int, next_offset: int, last_ts: int | None, records: Sequence[SourceRecord],
-              log_end: int | None, known: str | None = None) -> Restart | None:
+              log_end: int | None, known: str | None = None, stamps: bool = True) -> Restart | None:
     """A ``Restart`` if the fetched batch ``records`` (in offset order, not empty) comes from
     a log that started over since the state (``next_offset``; ``last_ts``: the timestamp of
     the record at ``next_offset - 1``, None if unknown) was counted; ``log_end``: the
@@ -102,11 +97,13 @@ def restarted(partition: int, next_offset: int, last_ts: int | None, records: Se
     at ``next_offset - 1``; the batch is read from the log's start): only where to count
     from is asked, and with broker stamps a batch that holds only records appended no later
     than ``last_ts`` below ``next_offset`` is the part of a log cut short that the state
-    counted (None: read on)."""
+    counted (None: read on), unless ``stamps`` is False (a broker's clock found behind: its
+    stamps tell nothing, the whole log is counted)."""
     first = records[0]
     if first.offset >= next_offset and known is None:
         return None
-    stamped = last_ts is not None and first.timestamp_type == LOG_APPEND_TIME
+    stamped = stamps and last_ts is not None and first.timestamp_type == LOG_APPEND_TIME
+    behind = False
     if known is not None:
         why = known
     elif log_end is not None and log_end < next_offset:
@@ -117,6 +114,7 @@ def restarted(partition: int, next_offset: int, last_ts: int | None, records: Se
         if prev.timestamp == last_ts:
             return None
         why = f"the record at offset {next_offset - 1} has timestamp {prev.timestamp}, the state recorded {last_ts}"
+        behind = prev.timestamp < last_ts
     elif stamped and first.timestamp > last_ts:
         why = (f"the record at offset {first.offset} was appended at {first.timestamp}, after the record at "
                f"{next_offset - 1} the state applied ({last_ts})")
@@ -134,7 +132,7 @@ def restarted(partition: int, next_offset: int, last_ts: int | None, records: Se
             if past is None:
                 return None  # all of it counted before: the new records come later
             count_from = past  # never counted, whatever its stamp says
-    return Restart(partition, next_offset, log_end, count_from, why)
+    return Restart(partition, next_offset, log_end, count_from, why, behind)
 
 
 def _at(records: Sequence[SourceRecord], offset: int) -> SourceRecord | None:

@@ -19,6 +19,7 @@ from aggregator.core.aggstate import WindowAggregates
 from aggregator.core.dedup import DEFAULT_MAX_IDS, DedupStore
 from aggregator.core.recordlog import Prepared
 from aggregator.core.sketches import SketchParams
+from aggregator.core.sourcelog import CHECK_TRIES
 from aggregator.core.windows import WindowBook
 from aggregator.metrics import Metrics
 from aggregator.spill.ledger import SpillLedger
@@ -66,8 +67,8 @@ class BookSettings:
 
 class PartitionState:
     __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot", "source_ts",
-                 "source_checked", "commit_ok", "clicks_ms", "verify_at", "verify_ms", "verify_tries", "checked_at",
-                 "checked_ms", "restart_why")
+                 "source_checked", "commit_ok", "clicks_ms", "verify_at", "verify_ms", "verify_tries",
+                 "restart_why", "restart_behind", "known_next")
 
     def __init__(self, partition: int, book: WindowBook, spill: PartitionSpill,
                  dedup: DedupStore | None = None) -> None:
@@ -88,15 +89,15 @@ class PartitionState:
         # a batch continuing the state after a pause waits for the log to be re-read from
         # next_offset - 1 (core.sourcelog.needs_check): wall time of its last batch of clicks
         # (not of clicks-repartition), the offset asked for, when and how many times in a row,
-        # where and when a re-read last showed the same log, and why the log started over when
-        # a re-read showed another one (it is then read again from its start)
+        # and why the log started over when a re-read showed another one (it is then read
+        # again from its start)
         self.clicks_ms: int | None = None
         self.verify_at: int | None = None
         self.verify_ms = 0
         self.verify_tries = 0
-        self.checked_at = -1
-        self.checked_ms = 0
         self.restart_why: str | None = None
+        self.restart_behind = False  # that re-read found the broker's clock behind the state's stamp
+        self.known_next: int | None = None  # where the log read from its start goes on (None: not begun)
 
     def state_value(self, dedup: Prepared | None = None, aggs: Prepared | None = None) -> bytes:
         """The state's value (written as chunks): the book with the spill ledger and the
@@ -109,6 +110,30 @@ class PartitionState:
             state["aggs"] = aggs.to_json()
         state["source_ts"] = self.source_ts
         return orjson.dumps(state)
+
+    def reread(self, now_ms: int, at: int | None = None) -> int:
+        """Ask for the partition to be read again from ``at``, by default the record before
+        the book's next offset: a check that its log is still the one counted (core.sourcelog)."""
+        self.verify_at = self.book.next_offset - 1 if at is None else at
+        self.verify_ms = now_ms
+        return self.verify_at
+
+    def reread_batch(self, now_ms: int, at: int | None = None) -> int | None:
+        """The same for a batch that continues the book's offset (or, ``at`` 0, one that comes
+        before the log that started over was read from its start); None: such a batch came
+        back ``CHECK_TRIES`` times in a row without a re-read that holds the record before and
+        the next one (that record deleted by retention, or the end of a log segment, where a
+        fetch stops), and the batch is taken as it is."""
+        n = self.book.next_offset
+        want = n - 1 if at is None else at
+        self.verify_tries = self.verify_tries + 1 if self.verify_at == want else 1
+        if self.verify_tries <= CHECK_TRIES:
+            return self.reread(now_ms, want)
+        log.warning("partition %d of clicks: offset %d cannot be read again together with offset %d (deleted "
+                    "by retention, or a log segment ends there); going on from what the log gives",
+                    self.partition, want, want + 1)
+        self.verify_at, self.verify_tries = None, 0
+        return None
 
     def commit_offset(self) -> int:
         """The source offset up to which every record is counted or durably spilled."""

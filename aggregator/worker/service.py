@@ -36,7 +36,7 @@ from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, FUTURE_TS, Book
 from aggregator.core.ratelimit import RateLimits
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, forward_record, home
-from aggregator.core.sourcelog import CHECK_IDLE_MS, CHECK_TRIES, needs_check, restarted
+from aggregator.core.sourcelog import CHECK_IDLE_MS, needs_check, restarted
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
 from aggregator.worker.clock import RebalanceWatch, advance_target
@@ -132,24 +132,30 @@ class WorkerService:
         last = records[-1].offset
         first = records[0]
         verifying = False
-        if first.offset == start:
+        if p.restart_why is not None and first.offset >= start and p.known_next != first.offset:
+            # the log is to be read from its start first (a seek refused, or lost to a reset)
+            again = p.reread_batch(now_ms, 0)
+            if again is not None:
+                p.last_record_ms, p.clicks_ms = quiet_since, clicks_since
+                return again
+            p.known_next = first.offset  # what the log gives: it is counted from there
+        if first.offset == start and p.restart_why is None:
             if not spill.ledger.rebuild and needs_check(
-                    start, p.source_ts, first, None if clicks_since is None else now_ms - clicks_since,
-                    now_ms - p.checked_ms if p.checked_at == start else None):
-                again = self._verify_batch(p, now_ms)
+                    start, p.source_ts, first, None if clicks_since is None else now_ms - clicks_since):
+                again = p.reread_batch(now_ms)
                 if again is not None:  # not counted: the partition is as quiet as before
                     p.last_record_ms, p.clicks_ms = quiet_since, clicks_since
                     return again
         elif first.offset == p.verify_at == start - 1:  # the re-read the check asked for
-            verifying, p.verify_at, p.verify_tries = True, None, 0
+            verifying = True
             found = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition))
+            if found is not None or last >= start:  # else it proves nothing of a batch at start (another fetch)
+                p.verify_at, p.verify_tries = None, 0
             if found is not None and first.offset > 0:  # another log: read it from its start, the restart known
-                p.restart_why = found.why
+                p.restart_why, p.restart_behind, p.known_next = found.why, found.behind, None
                 p.source_checked = p.commit_ok = False  # no clock, no commit till it is counted again
                 p.last_record_ms = quiet_since
                 return 0
-            if found is None:
-                p.checked_at, p.checked_ms = start, now_ms
         if first.offset < start or not p.source_checked:
             start = self._check_source(p, records, start)
         if spill.ledger.rebuild and records[0].offset >= start:
@@ -160,8 +166,8 @@ class WorkerService:
                 rebuild_replay(p, self.decoder, records, start, now_ms, now_ms + self.max_ahead_ms)
             records = skip_applied(records, start)
             if not records:
-                if verifying:
-                    p.last_record_ms = quiet_since  # nothing new: still quiet (its clock may follow)
+                if verifying:  # nothing new: still quiet (its clock may follow, the next batch is checked)
+                    p.last_record_ms, p.clicks_ms = quiet_since, clicks_since
                 return None
         throttle = self.throttle
         foreign: list[Foreign] | None = [] if self.decoder.partitions > 1 else None
@@ -222,13 +228,15 @@ class WorkerService:
         say so (error, metric), count it again from where the detector says, and commit
         nothing of a state taken before.  Returns the book's next offset."""
         known = p.restart_why
-        restart = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition), known)
+        restart = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition), known,
+                            not p.restart_behind)
         if restart is None and known is not None:
+            p.known_next = records[-1].offset + 1
             return start  # the part of a log cut short that was counted before: read on, checked
         p.source_checked = True
-        p.restart_why = p.verify_at = None
         if restart is None:
             return start
+        p.restart_why = p.verify_at = None
         log.error(restart.message())
         self.metrics.source_log_reset(p.partition)
         self.kafka.log_restarted(p.partition)
@@ -244,32 +252,13 @@ class WorkerService:
         p.commit_ok = False  # a checkpoint in flight holds a state of the old log: not its offset
         return n
 
-    def _verify(self, p: PartitionState, now_ms: int) -> int:
-        """Ask for the partition to be read again from the record before the book's next
-        offset: a check that its log is still the one counted (core.sourcelog)."""
-        p.verify_at = p.book.next_offset - 1
-        p.verify_ms = now_ms
-        return p.verify_at
-
-    def _verify_batch(self, p: PartitionState, now_ms: int) -> int | None:
-        """The same for a batch that continues the book's offset; None: such a batch came
-        back instead of the re-read ``CHECK_TRIES`` times in a row, the record before is gone
-        (deleted by retention), and the log is taken as the one counted."""
-        n = p.book.next_offset
-        p.verify_tries = p.verify_tries + 1 if p.verify_at == n - 1 else 1
-        if p.verify_tries <= CHECK_TRIES:
-            return self._verify(p, now_ms)
-        log.warning("partition %d of clicks: the record at offset %d cannot be read again (deleted by "
-                    "retention?); its log is taken as the one counted", p.partition, n - 1)
-        p.verify_at, p.verify_tries, p.checked_at, p.checked_ms = None, 0, n, now_ms
-        return None
-
     def _verify_idle(self, p: PartitionState, now_ms: int, highwater: int | None) -> bool:
         """Whether a quiet, caught-up partition is due for that check (a log refilled to just
         the book's offset gives no batch to check)."""
         n = p.book.next_offset
-        return (highwater == n > 0 and p.source_checked and p.source_ts is not None and not p.spill.ledger.rebuild
-                and now_ms - max(p.clicks_ms or 0, p.checked_ms, p.verify_ms) >= CHECK_IDLE_MS)
+        return (highwater == n > 0 and p.source_ts is not None and p.restart_why is None
+                and not p.spill.ledger.rebuild and now_ms - max(p.clicks_ms or 0, p.verify_ms) >= CHECK_IDLE_MS
+                and (p.source_checked or self.kafka.position(p.partition) == n))
 
     def _mark_safe(self, partition: int, offset: int) -> None:
         """The checkpoint's word that ``offset`` may be committed, unless the partition's log is
@@ -357,7 +346,7 @@ class WorkerService:
             if target is not None:
                 book.advance_to(target)
             if moving and self._verify_idle(p, now_ms, hw):
-                await self.kafka.seek(p.partition, self._verify(p, now_ms))
+                await self.kafka.seek(p.partition, p.reread(now_ms))
         self.throttle.report(partitions)
         partitions.report()
         await self.checkpointer.checkpoint(parts)

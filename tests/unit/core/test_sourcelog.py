@@ -90,29 +90,19 @@ def test_a_batch_continuing_the_state_after_a_pause_is_checked_first():
     # a log deleted, created again and refilled past 600 between two fetches continues at 600:
     # only a pause tells, and then the record at 599 is read again before anything is counted
     at = Rec(600, 1_600)
-    assert not needs_check(*STATE, at, 0, None)  # a steady stream
-    assert not needs_check(*STATE, at, CHECK_GAP_MS - 1, None)
-    assert needs_check(*STATE, at, CHECK_GAP_MS, None)  # no batch for that long
-    assert needs_check(*STATE, at, None, None)  # the first batch since the partition was opened
-    assert needs_check(*STATE, Rec(600, 1_599 + CHECK_GAP_MS), 0, None)  # appended that long after the last
-    assert not needs_check(*STATE, Rec(600, 1_598 + CHECK_GAP_MS), 0, None)
-    assert not needs_check(*STATE, Rec(600, 1_599 + CHECK_GAP_MS, CREATE_TIME), 0, None)  # a producer's clock
+    assert not needs_check(*STATE, at, 0)  # a steady stream
+    assert not needs_check(*STATE, at, CHECK_GAP_MS - 1)
+    assert needs_check(*STATE, at, CHECK_GAP_MS)  # no batch for that long
+    assert needs_check(*STATE, at, None)  # the first batch since the partition was opened
+    assert needs_check(*STATE, Rec(600, 1_599 + CHECK_GAP_MS), 0)  # appended that long after the last
+    assert not needs_check(*STATE, Rec(600, 1_598 + CHECK_GAP_MS), 0)
+    assert not needs_check(*STATE, Rec(600, 1_599 + CHECK_GAP_MS, CREATE_TIME), 0)  # a producer's clock
     # below the state's offset the batch itself is checked; above it, or with nothing to
     # compare with (a fresh state, a state without a stamp), there is nothing to re-read
-    assert not needs_check(*STATE, Rec(599, 1_599), None, None)
-    assert not needs_check(*STATE, Rec(601, 1_600), None, None)
-    assert not needs_check(0, 1_599, Rec(0, 1_600), None, None)
-    assert not needs_check(600, None, at, None, None)
-
-
-def test_a_check_just_made_at_the_same_offset_is_not_made_again():
-    # the re-read of 599 may end there (a fetch stops at a segment's end): the batch at 600
-    # that follows is not sent back for the same check, however late its stamp says it came
-    late = Rec(600, 1_599 + 10 * CHECK_GAP_MS)
-    assert needs_check(*STATE, late, None, None)
-    assert not needs_check(*STATE, late, None, 0)
-    assert not needs_check(*STATE, late, CHECK_GAP_MS, CHECK_GAP_MS - 1)
-    assert needs_check(*STATE, late, None, CHECK_GAP_MS)  # long ago: the log may have changed since
+    assert not needs_check(*STATE, Rec(599, 1_599), None)
+    assert not needs_check(*STATE, Rec(601, 1_600), None)
+    assert not needs_check(0, 1_599, Rec(0, 1_600), None)
+    assert not needs_check(600, None, at, None)
 
 
 def test_a_restart_found_at_the_offset_before_is_counted_from_the_log_start():
@@ -139,3 +129,14 @@ def test_a_restart_known_skips_the_part_a_log_cut_short_kept_however_long():
     behind = batch(590, 620, 1_000)
     r = restarted(0, *STATE, behind, 700, known="599 differs")
     assert r is not None and r.count_from == 600
+
+
+def test_a_record_before_stamped_earlier_than_the_state_says_the_clock_is_behind():
+    r = restarted(0, *STATE, batch(500, 650, 1_000), 900)  # 599 stamped 1_099 < 1_599
+    assert r is not None and r.behind
+    assert not restarted(0, *STATE, batch(500, 650, 9_000), 900).behind
+    # then its stamps tell nothing: the log read from its start is counted whole
+    kept_looking = batch(0, 99, 500)
+    assert restarted(0, *STATE, kept_looking, 900, known="599 differs") is None
+    r = restarted(0, *STATE, kept_looking, 900, known="599 differs", stamps=False)
+    assert r is not None and r.count_from == 0
