@@ -154,9 +154,10 @@ class BatchConsumer(_Consumer):
         for tp, recs in records.items():
             handing = handing or tp == start
             if handing and recs and tp.topic in self.batch_topics:
-                await self._seek_quietly(tp, recs[0].offset)
+                await self.seek_quietly(tp, recs[0].offset)
 
-    async def _seek_quietly(self, tp: TP, offset: int) -> None:
+    async def seek_quietly(self, tp: TP, offset: int) -> None:
+        """Seek, and say so only where it failed on a partition still assigned."""
         try:
             await self.seek(tp, offset)
         except Exception as exc:  # noqa: BLE001 - no longer assigned: its next owner reads it from its commit
@@ -208,7 +209,7 @@ class BatchConsumer(_Consumer):
                         if again is None:
                             set_read_offset(tp, recs[-1].offset)
                         else:
-                            await self._seek_quietly(tp, again)
+                            await self.seek_quietly(tp, again)
                     else:
                         for rec in recs:
                             await self.wait_first(callback(to_message(tp, rec)),

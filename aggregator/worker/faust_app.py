@@ -7,7 +7,6 @@ takes to read or write state, or to make an offset safe to commit, is written on
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -19,8 +18,6 @@ from aggregator.config import Settings
 from aggregator.core.contract import APP_ID, CLICKS, CLICKS_REPARTITION, STATE_TABLE
 from aggregator.core.statechunks import decode_state
 from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport
-
-log = logging.getLogger(__name__)
 
 # how soon the consumer group sees a topic that was deleted and created again (aiokafka's
 # default is 5 minutes, during which a recreated `clicks` is not consumed at all; issue 15)
@@ -143,10 +140,9 @@ class FaustApp:
     async def seek(self, partition: int, offset: int) -> None:
         """Fetch the partition of ``clicks`` again from ``offset`` (nothing if it is no longer
         assigned: its next owner checks its log itself)."""
-        try:
-            await self.app.consumer.seek(faust.types.TP(CLICKS, partition), offset)
-        except Exception as exc:  # noqa: BLE001 - revoked meanwhile
-            log.debug("seek of partition %d to %d not done: %r", partition, offset, exc)
+        consumer = self.app.consumer
+        if isinstance(consumer, BatchConsumer):
+            await consumer.seek_quietly(faust.types.TP(CLICKS, partition), offset)
 
     def position(self, partition: int) -> int | None:
         """The consumer's fetch position in the partition of ``clicks`` (None: not known, e.g.

@@ -19,7 +19,7 @@ from aggregator.core.aggstate import WindowAggregates
 from aggregator.core.dedup import DEFAULT_MAX_IDS, DedupStore
 from aggregator.core.recordlog import Prepared
 from aggregator.core.sketches import SketchParams
-from aggregator.core.sourcelog import CHECK_TRIES
+from aggregator.core.sourcelog import CHECK_TRIES, Restart
 from aggregator.core.windows import WindowBook
 from aggregator.metrics import Metrics
 from aggregator.spill.ledger import SpillLedger
@@ -68,7 +68,7 @@ class BookSettings:
 class PartitionState:
     __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot", "source_ts",
                  "source_checked", "commit_ok", "clicks_ms", "verify_at", "verify_ms", "verify_tries",
-                 "restart_why", "restart_behind", "known_next")
+                 "restart_pending", "known_next")
 
     def __init__(self, partition: int, book: WindowBook, spill: PartitionSpill,
                  dedup: DedupStore | None = None) -> None:
@@ -89,14 +89,13 @@ class PartitionState:
         # a batch continuing the state after a pause waits for the log to be re-read from
         # next_offset - 1 (core.sourcelog.needs_check): wall time of its last batch of clicks
         # (not of clicks-repartition), the offset asked for, when and how many times in a row,
-        # and why the log started over when a re-read showed another one (it is then read
-        # again from its start)
+        # and the restart a re-read found (another record there: the log is then read again
+        # from its start)
         self.clicks_ms: int | None = None
         self.verify_at: int | None = None
         self.verify_ms = 0
         self.verify_tries = 0
-        self.restart_why: str | None = None
-        self.restart_behind = False  # that re-read found the broker's clock behind the state's stamp
+        self.restart_pending: Restart | None = None
         self.known_next: int | None = None  # where the log read from its start goes on (None: not begun)
 
     def state_value(self, dedup: Prepared | None = None, aggs: Prepared | None = None) -> bytes:

@@ -125,37 +125,38 @@ class WorkerService:
         if tp.topic == CLICKS_REPARTITION:
             self._on_forwarded(p, records, now_ms, t0)
             return None
-        quiet_since, clicks_since = p.last_record_ms, p.clicks_ms
-        p.last_record_ms = p.clicks_ms = now_ms
+        quiet_since = p.last_record_ms
         book, spill = p.book, p.spill
         start = book.next_offset
         last = records[-1].offset
         first = records[0]
-        verifying = False
-        if p.restart_why is not None and first.offset >= start and p.known_next != first.offset:
+        still_quiet = False
+        # a batch sent back (not counted) or a re-read with nothing new leaves the partition as
+        # quiet as it was: its clock may follow, and its next batch is checked
+        if p.restart_pending is not None and first.offset >= start and p.known_next != first.offset:
             # the log is to be read from its start first (a seek refused, or lost to a reset)
             again = p.reread_batch(now_ms, 0)
             if again is not None:
-                p.last_record_ms, p.clicks_ms = quiet_since, clicks_since
                 return again
             p.known_next = first.offset  # what the log gives: it is counted from there
-        if first.offset == start and p.restart_why is None:
+        if first.offset == start and p.restart_pending is None:
             if not spill.ledger.rebuild and needs_check(
-                    start, p.source_ts, first, None if clicks_since is None else now_ms - clicks_since):
+                    start, p.source_ts, first, None if p.clicks_ms is None else now_ms - p.clicks_ms):
                 again = p.reread_batch(now_ms)
-                if again is not None:  # not counted: the partition is as quiet as before
-                    p.last_record_ms, p.clicks_ms = quiet_since, clicks_since
+                if again is not None:
                     return again
         elif first.offset == p.verify_at == start - 1:  # the re-read the check asked for
-            verifying = True
             found = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition))
             if found is not None or last >= start:  # else it proves nothing of a batch at start (another fetch)
                 p.verify_at, p.verify_tries = None, 0
+            else:
+                still_quiet = True  # nothing new in it
             if found is not None and first.offset > 0:  # another log: read it from its start, the restart known
-                p.restart_why, p.restart_behind, p.known_next = found.why, found.behind, None
+                p.restart_pending, p.known_next = found, None
                 p.source_checked = p.commit_ok = False  # no clock, no commit till it is counted again
-                p.last_record_ms = quiet_since
                 return 0
+        if not still_quiet:
+            p.last_record_ms = p.clicks_ms = now_ms
         if first.offset < start or not p.source_checked:
             start = self._check_source(p, records, start)
         if spill.ledger.rebuild and records[0].offset >= start:
@@ -166,8 +167,6 @@ class WorkerService:
                 rebuild_replay(p, self.decoder, records, start, now_ms, now_ms + self.max_ahead_ms)
             records = skip_applied(records, start)
             if not records:
-                if verifying:  # nothing new: still quiet (its clock may follow, the next batch is checked)
-                    p.last_record_ms, p.clicks_ms = quiet_since, clicks_since
                 return None
         throttle = self.throttle
         foreign: list[Foreign] | None = [] if self.decoder.partitions > 1 else None
@@ -227,16 +226,16 @@ class WorkerService:
         offset: is it still the log the book counted (core.sourcelog)?  If it started over,
         say so (error, metric), count it again from where the detector says, and commit
         nothing of a state taken before.  Returns the book's next offset."""
-        known = p.restart_why
-        restart = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition), known,
-                            not p.restart_behind)
+        known = p.restart_pending
+        restart = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition),
+                            None if known is None else known.why, known is None or not known.behind)
         if restart is None and known is not None:
             p.known_next = records[-1].offset + 1
             return start  # the part of a log cut short that was counted before: read on, checked
         p.source_checked = True
         if restart is None:
             return start
-        p.restart_why = p.verify_at = None
+        p.restart_pending = p.verify_at = None
         log.error(restart.message())
         self.metrics.source_log_reset(p.partition)
         self.kafka.log_restarted(p.partition)
@@ -252,11 +251,11 @@ class WorkerService:
         p.commit_ok = False  # a checkpoint in flight holds a state of the old log: not its offset
         return n
 
-    def _verify_idle(self, p: PartitionState, now_ms: int, highwater: int | None) -> bool:
+    def _reread_due(self, p: PartitionState, now_ms: int, highwater: int | None) -> bool:
         """Whether a quiet, caught-up partition is due for that check (a log refilled to just
         the book's offset gives no batch to check)."""
         n = p.book.next_offset
-        return (highwater == n > 0 and p.source_ts is not None and p.restart_why is None
+        return (highwater == n > 0 and p.source_ts is not None and p.restart_pending is None
                 and not p.spill.ledger.rebuild and now_ms - max(p.clicks_ms or 0, p.verify_ms) >= CHECK_IDLE_MS
                 and (p.source_checked or self.kafka.position(p.partition) == n))
 
@@ -345,7 +344,7 @@ class WorkerService:
             target = advance_target(now_ms, p.last_record_ms, hw, book.next_offset, moving and self._positioned(p))
             if target is not None:
                 book.advance_to(target)
-            if moving and self._verify_idle(p, now_ms, hw):
+            if moving and self._reread_due(p, now_ms, hw):
                 await self.kafka.seek(p.partition, p.reread(now_ms))
         self.throttle.report(partitions)
         partitions.report()

@@ -19,10 +19,12 @@ test processes share the load)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -148,15 +150,22 @@ def restart_empty(b, svc: Service, partitions: int):
     good (a separate fault: this test is about what the worker counts once it reads again)."""
     from aggregator.broker import EmbeddedBroker
 
-    os.killpg(svc.proc.pid, signal.SIGSTOP)
-    try:
+    with stopped(svc):
         b.stop()
         b = EmbeddedBroker(port=b.port).start()
         asyncio.run(create_changelog(b.bootstrap, partitions))
         asyncio.run(ensure_topics(b.bootstrap, partitions))
+    return b
+
+
+@contextlib.contextmanager
+def stopped(svc: Service) -> Iterator[None]:
+    """The service's processes stopped (SIGSTOP) for the block, continued after it."""
+    os.killpg(svc.proc.pid, signal.SIGSTOP)
+    try:
+        yield
     finally:
         os.killpg(svc.proc.pid, signal.SIGCONT)
-    return b
 
 
 def region_with_home(home_partition: int, partitions: int) -> str:
@@ -200,13 +209,10 @@ def recreate_while_stopped(svc: Service, bootstrap: str, region: str, n: int) ->
     """``clicks`` deleted, created again and given ``n`` records of ``region`` while the
     service is stopped (SIGSTOP): the worker sees no rebalance, no error and no gap in
     offsets, and its consumer goes on fetching from where it stood."""
-    os.killpg(svc.proc.pid, signal.SIGSTOP)
-    try:
+    with stopped(svc):
         delete_topic(bootstrap, CLICKS)
         asyncio.run(ensure_topics(bootstrap, 1))
         produce_to(bootstrap, 0, region, n)
-    finally:
-        os.killpg(svc.proc.pid, signal.SIGCONT)
 
 
 @pytest.mark.skipif(not ON_REAL_KAFKA, reason="deletes a topic under a running worker: real Kafka (make test-kafka)")
