@@ -111,7 +111,7 @@ def _run(broker, service_factory, produce, regions: list[str]) -> None:
         by_window, totals = wait_for(settled, 60, interval=1.0, what="every produced event in a final snapshot")
     except AssertionError as exc:  # slow, or wrong: say which regions differ, and by how much
         diff = {r: (last.get(r, 0), n) for r, n in produced.items() if last.get(r, 0) != n}
-        raise AssertionError(f"{exc}: (published, produced) {diff}\n{a.tail(4000)}") from None
+        raise AssertionError(f"{exc}: (published, produced) {diff}\n{a.tail(12000)}") from None
     doubled = {k: v for k, v in by_window.items() if len(v) != 1}
     assert not doubled, f"(region, window)s with more than one final count: {doubled}"
     forwarded = read_topic(bootstrap, CLICKS_REPARTITION, idle=1.0)
