@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiokafka.errors as _errors
 from aiokafka.consumer import fetcher as _fetcher
@@ -106,6 +106,8 @@ _fetcher.FetchResult = _FetchResult
 
 
 class _ConsumerThread(AIOKafkaConsumerThread):
+    fetched_to: Mapping[Any, int | None] = {}  # per partition of the last fetch: where it left aiokafka's position
+
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # both are read by the fetcher the consumer builds at start()
@@ -113,6 +115,41 @@ class _ConsumerThread(AIOKafkaConsumerThread):
         if consumer._value_deserializer is None:
             consumer._value_deserializer = RawTopics(BatchConsumer.batch_topics)
         return consumer
+
+    async def _fetch_records(self, consumer: Any, active_partitions: Any,
+                             timeout: float | None = None,  # noqa: ASYNC109 - Faust's signature
+                             max_records: int | None = None) -> Any:
+        records = await super()._fetch_records(consumer, active_partitions, timeout=timeout,
+                                               max_records=max_records)
+        self.fetched_to = positions(consumer, records)
+        return records
+
+    async def unfetch(self, first: Mapping[Any, int]) -> list[Any]:
+        """:func:`unfetch` the last fetch, run in the consumer's thread (where its seeks run)."""
+        return unfetch(self._ensure_consumer(), self.fetched_to, first)
+
+
+def unfetch(consumer: Any, fetched_to: Mapping[Any, int | None], first: Mapping[Any, int]) -> list[Any]:
+    """Seek each partition back to ``first``, the offset of the first of its fetched records
+    that were not handed over, unless its position has moved since the fetch left it at
+    ``fetched_to`` (a seek of Faust's recovery, or a rebalance): the newer seek stands.
+    Returns the partitions sought back."""
+    now = positions(consumer, first)
+    back = [tp for tp, offset in first.items() if now[tp] is not None and now[tp] == fetched_to.get(tp)]
+    for tp in back:
+        consumer.seek(tp, first[tp])
+    return back
+
+
+def positions(consumer: Any, tps: Any) -> dict[Any, int | None]:
+    """aiokafka's fetch position of each of ``tps`` (None: not assigned, or not known)."""
+    subscription = consumer._subscription.subscription
+    assignment = None if subscription is None else subscription.assignment
+    out: dict[Any, int | None] = {}
+    for tp in tps:
+        state = None if assignment is None else assignment.state_value(tp)
+        out[tp] = state.position if state is not None and state.has_valid_position else None
+    return out
 
 
 class BatchConsumer(_Consumer):
@@ -143,18 +180,33 @@ class BatchConsumer(_Consumer):
         self._committed_offset[tp] = None
         self.safe_offsets.pop(tp, None)
 
+    async def _getmany(self, active_partitions: Any, timeout: float) -> Any:  # noqa: ASYNC109 - Faust's
+        # a copy: Faust's set of active partitions changes while the consumer's thread waits
+        # for records, and aiokafka hands out the records of every partition while the set it
+        # was given is empty (a rebalance pauses them all)
+        return await super()._getmany(None if active_partitions is None else set(active_partitions), timeout)
+
     async def _fetch_again(self, records: Mapping[TP, list], start: TP | None = None) -> None:
-        """Records of batch topics fetched but not handed over (flow stopped for a rebalance,
-        or the generation changed under the loop; from ``start`` on): seek back to the first
-        of them, so that they are fetched again.  Faust's own answer, ``perform_seek``, goes
-        back to the committed offset, and does nothing where none is committed (aiokafka
-        seeks only to a committed offset above 0): a partition whose group offsets are gone
-        (its topic was created again) would skip them for good."""
+        """Records fetched but not handed over (flow stopped for a rebalance, the generation
+        changed under the loop, from ``start`` on; or a partition paused since the fetch): seek
+        back to the first of them, so that they are fetched again, where nothing moved the
+        position since the fetch.  Faust drops them: its ``perform_seek`` goes back to the
+        committed offset, and does nothing where none is committed (aiokafka seeks only to a
+        committed offset above 0), so a partition whose group offsets are gone (its topic was
+        created again) would skip them for good, and a changelog fetched under recovery's
+        feet (Faust commits none) would never be recovered: a recovery that waits forever."""
         handing = start is None
+        first = {}
         for tp, recs in records.items():
             handing = handing or tp == start
-            if handing and recs and tp.topic in self.batch_topics:
-                await self.seek_quietly(tp, recs[0].offset)
+            if handing and recs:
+                first[tp] = recs[0].offset
+        if first:
+            thread = cast(_ConsumerThread, self._thread)
+            back = await thread.call_thread(thread.unfetch, first)
+            if back:  # a few lines a rebalance at most: docs/runbooks.md, a stalled recovery
+                self.log.info("fetched records not handed over, to be fetched again: %s",
+                              ", ".join(f"{tp.topic} {tp.partition} from {first[tp]}" for tp in back))
 
     async def seek_quietly(self, tp: TP, offset: int) -> None:
         """Seek, and say so only where it failed on a partition still assigned."""
@@ -203,6 +255,7 @@ class BatchConsumer(_Consumer):
                         await self._fetch_again(records, tp)
                         break
                     if active is not None and tp not in active and tp not in self._buffered_partitions:
+                        await self._fetch_again({tp: recs})  # paused since it was fetched
                         continue
                     if tp.topic in batch_topics:
                         again = handler(tp, recs)

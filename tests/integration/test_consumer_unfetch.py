@@ -1,0 +1,72 @@
+"""Records the worker's consumer fetched but did not hand over (a rebalance stopped the flow
+under the fetch, or the partition was paused since) are fetched again, unless something
+moved the partition's position since the fetch, such as Faust's recovery seeking a
+changelog (worker/consumer.py ``unfetch``).  Faust drops them.  A changelog fetched and
+dropped that way under a recovery left it waiting forever for records already read past:
+the survivor of a worker SIGKILLed during a rebalance never counted again.
+
+A real consumer on the suite's broker: aiokafka's positions and seeks are what is tested."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from aggregator.broker import ensure_topics
+from aggregator.core.contract import CLICKS as TOPIC
+from aggregator.worker.consumer import positions, unfetch
+
+pytestmark = pytest.mark.integration
+
+
+async def _run(bootstrap: str) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.structs import TopicPartition
+
+    tp = TopicPartition(TOPIC, 0)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i in range(10):
+            await producer.send_and_wait(TOPIC, b"%d" % i, partition=0)
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+
+        async def fetch() -> list[int]:
+            got = await consumer.getmany(tp, timeout_ms=10_000)
+            return [r.offset for r in got.get(tp, [])]
+
+        first = await fetch()
+        assert first and first[0] == 0
+        left = positions(consumer, [tp])
+        assert left == {tp: first[-1] + 1}
+
+        # nothing moved it since: the same records come again
+        assert unfetch(consumer, left, {tp: first[0]}) == [tp]
+        assert positions(consumer, [tp]) == {tp: 0}
+        assert (await fetch())[: len(first)] == first
+
+        # a seek since the fetch (Faust's recovery) stands
+        left = positions(consumer, [tp])
+        consumer.seek(tp, 7)
+        assert unfetch(consumer, left, {tp: 0}) == []
+        assert positions(consumer, [tp]) == {tp: 7}
+        assert (await fetch())[0] == 7
+
+        # a partition no longer assigned has no position: nothing to seek
+        left = positions(consumer, [tp])
+        consumer.assign([TopicPartition(TOPIC, 1)])
+        assert positions(consumer, [tp]) == {tp: None}
+        assert unfetch(consumer, left, {tp: 0}) == []
+    finally:
+        await consumer.stop()
+
+
+def test_records_not_handed_over_are_fetched_again_unless_a_seek_came_since(broker):
+    asyncio.run(ensure_topics(broker.bootstrap, 2))
+    asyncio.run(_run(broker.bootstrap))
