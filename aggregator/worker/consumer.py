@@ -135,7 +135,11 @@ def unfetch(consumer: Any, fetched_to: Mapping[Any, int | None], first: Mapping[
     ``fetched_to`` (a seek of Faust's recovery, or a rebalance): the newer seek stands.
     Returns the partitions sought back."""
     now = positions(consumer, first)
-    back = [tp for tp, offset in first.items() if now[tp] is not None and now[tp] == fetched_to.get(tp)]
+    back = []
+    for tp, offset in first.items():
+        at = now[tp]
+        if at is not None and at == fetched_to.get(tp) and offset < at:  # back, never forward
+            back.append(tp)
     for tp in back:
         consumer.seek(tp, first[tp])
     return back
@@ -150,6 +154,23 @@ def positions(consumer: Any, tps: Any) -> dict[Any, int | None]:
         state = None if assignment is None else assignment.state_value(tp)
         out[tp] = state.position if state is not None and state.has_valid_position else None
     return out
+
+
+class _NeverEmpty:
+    """Faust's live set of active partitions, as aiokafka's fetch asks it (``tp in``), but
+    never empty: given an empty set, aiokafka hands out the records of every partition, and
+    a rebalance pauses them all (the set then empties under a fetch in flight)."""
+
+    __slots__ = ("tps",)
+
+    def __init__(self, tps: set) -> None:
+        self.tps = tps
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self.tps
+
+    def __bool__(self) -> bool:
+        return True
 
 
 class BatchConsumer(_Consumer):
@@ -181,10 +202,9 @@ class BatchConsumer(_Consumer):
         self.safe_offsets.pop(tp, None)
 
     async def _getmany(self, active_partitions: Any, timeout: float) -> Any:  # noqa: ASYNC109 - Faust's
-        # a copy: Faust's set of active partitions changes while the consumer's thread waits
-        # for records, and aiokafka hands out the records of every partition while the set it
-        # was given is empty (a rebalance pauses them all)
-        return await super()._getmany(None if active_partitions is None else set(active_partitions), timeout)
+        # asked only ``tp in`` (aiokafka's Fetcher.fetched_records)
+        live = None if active_partitions is None else cast(Any, _NeverEmpty(active_partitions))
+        return await super()._getmany(live, timeout)
 
     async def _fetch_again(self, records: Mapping[TP, list], start: TP | None = None) -> None:
         """Records fetched but not handed over (flow stopped for a rebalance, the generation
@@ -203,7 +223,11 @@ class BatchConsumer(_Consumer):
                 first[tp] = recs[0].offset
         if first:
             thread = cast(_ConsumerThread, self._thread)
-            back = await thread.call_thread(thread.unfetch, first)
+            try:
+                back = await thread.call_thread(thread.unfetch, first)
+            except Exception as exc:  # noqa: BLE001 - stopping: dropping them is what Faust does
+                self.log.warning("fetched records not handed over could not be fetched again: %r", exc)
+                return
             if back:  # a few lines a rebalance at most: docs/runbooks.md, a stalled recovery
                 self.log.info("fetched records not handed over, to be fetched again: %s",
                               ", ".join(f"{tp.topic} {tp.partition} from {first[tp]}" for tp in back))
