@@ -139,9 +139,8 @@ def unfetch(consumer: Any, fetched_to: Mapping[Any, int | None], first: Mapping[
     for tp, offset in first.items():
         at = now[tp]
         if at is not None and at == fetched_to.get(tp) and offset < at:  # back, never forward
+            consumer.seek(tp, offset)
             back.append(tp)
-    for tp in back:
-        consumer.seek(tp, first[tp])
     return back
 
 

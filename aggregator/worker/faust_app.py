@@ -17,7 +17,7 @@ from faust.tables.recovery import Recovery
 from aggregator.config import Settings
 from aggregator.core.contract import APP_ID, CLICKS, CLICKS_REPARTITION, STATE_TABLE
 from aggregator.core.statechunks import decode_state
-from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport
+from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, positions
 
 # how soon the consumer group sees a topic that was deleted and created again (aiokafka's
 # default is 5 minutes, during which a recreated `clicks` is not consumed at all; issue 15)
@@ -150,12 +150,10 @@ class FaustApp:
         its ``position()`` is a coroutine that waits for that lookup."""
         try:
             consumer = self.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
-            state = consumer._subscription.subscription.assignment.state_value(faust.types.TP(CLICKS, partition))
-        except Exception:  # noqa: BLE001 - no consumer or no assignment yet
+        except Exception:  # noqa: BLE001 - no consumer yet
             return None
-        if state is None or not state.has_valid_position:
-            return None
-        return int(state.position)
+        tp = faust.types.TP(CLICKS, partition)
+        return positions(consumer, [tp])[tp]
 
     # -------------------------------------------------------------------- state
     def stored_state(self, partition: int) -> tuple[dict[str, Any], int | None] | None:

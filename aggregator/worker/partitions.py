@@ -123,8 +123,7 @@ class PartitionState:
         back ``CHECK_TRIES`` times in a row without a re-read that holds the record before and
         the next one (that record deleted by retention, or the end of a log segment, where a
         fetch stops), and the batch is taken as it is."""
-        n = self.book.next_offset
-        want = n - 1 if at is None else at
+        want = self.book.next_offset - 1 if at is None else at
         self.verify_tries = self.verify_tries + 1 if self.verify_at == want else 1
         if self.verify_tries <= CHECK_TRIES:
             return self.reread(now_ms, want)
