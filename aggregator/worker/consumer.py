@@ -124,6 +124,13 @@ class _ConsumerThread(AIOKafkaConsumerThread):
         self.fetched_to = positions(consumer, records)
         return records
 
+    async def seek_here(self, tp: Any, offset: int) -> None:
+        """aiokafka's seek, run in the consumer's thread: aiokafka's fetcher there drops the
+        partition's fetched records and wakes its waiter, which is safe only in that thread,
+        and the seek cannot fall between :func:`unfetch`'s look at the position and its own
+        seek."""
+        self._ensure_consumer().seek(tp, offset)
+
     async def unfetch(self, first: Mapping[Any, int]) -> list[Any]:
         """:func:`unfetch` the last fetch, run in the consumer's thread (where its seeks run)."""
         return unfetch(self._ensure_consumer(), self.fetched_to, first)
@@ -232,12 +239,17 @@ class BatchConsumer(_Consumer):
                               ", ".join(f"{tp.topic} {tp.partition} from {first[tp]}" for tp in back))
 
     async def seek_quietly(self, tp: TP, offset: int) -> None:
-        """Seek, and say so only where it failed on a partition still assigned."""
+        """Seek in the consumer's thread (``_ConsumerThread.seek_here``; Faust's ``seek`` runs
+        aiokafka's from this thread), and say so only where it failed on a partition still
+        assigned."""
+        thread = cast(_ConsumerThread, self._thread)
         try:
-            await self.seek(tp, offset)
+            await thread.call_thread(thread.seek_here, tp, offset)
         except Exception as exc:  # noqa: BLE001 - no longer assigned: its next owner reads it from its commit
             if tp in self.assignment():
                 self.log.warning("seek of %r to %d failed: %r", tp, offset, exc)
+            return
+        self._read_offset[tp] = offset if offset else None  # as Faust's seek
 
     async def on_partitions_revoked(self, revoked: set) -> None:
         await super().on_partitions_revoked(revoked)

@@ -82,3 +82,48 @@ async def _run(bootstrap: str) -> None:
 def test_records_not_handed_over_are_fetched_again_unless_a_seek_came_since(broker):
     asyncio.run(ensure_topics(broker.bootstrap, 2))
     asyncio.run(_run(broker.bootstrap))
+
+
+async def _seek_in_thread(bootstrap: str) -> None:
+    import threading
+
+    import faust
+
+    from aggregator.config import Settings
+    from aggregator.worker.consumer import BatchConsumer
+    from aggregator.worker.faust_app import FaustApp
+
+    consumer = FaustApp(Settings(broker=f"kafka://{bootstrap}")).app.consumer
+    assert isinstance(consumer, BatchConsumer)
+    thread = consumer._thread
+    await thread.start()
+    try:
+        aio = thread._ensure_consumer()
+        tp = faust.types.TP(TOPIC, 0)
+        await thread.call_thread(aio.assign, [tp])
+        seeks: list[tuple[int, object, int]] = []
+        real_seek = aio.seek
+
+        def seek(p: object, offset: int) -> None:  # the real seek, noting the thread it ran in
+            seeks.append((threading.get_ident(), p, offset))
+            real_seek(p, offset)
+
+        aio.seek = seek
+        await consumer.seek_quietly(tp, 3)
+        assert seeks == [(thread._thread.ident, tp, 3)]  # the consumer's thread, not this one
+        assert thread._thread.ident != threading.get_ident()
+        assert positions(aio, [tp]) == {tp: 3}
+        assert consumer._read_offset[tp] == 3  # Faust's own bookkeeping, as its seek keeps it
+        # a partition not assigned: refused in the consumer's thread, quietly
+        await consumer.seek_quietly(faust.types.TP(TOPIC, 1), 5)
+        assert len(seeks) == 2 and positions(aio, [tp]) == {tp: 3}
+    finally:
+        await thread.stop()
+
+
+def test_the_workers_own_seeks_run_in_the_consumers_thread(broker):
+    """Re-reads and batch re-fetches seek through ``seek_quietly``: aiokafka's seek drops the
+    fetcher's records and wakes its waiter, state of the consumer's thread, and a seek from
+    the main thread could fall between ``unfetch``'s look at a position and its seek."""
+    asyncio.run(ensure_topics(broker.bootstrap, 2))
+    asyncio.run(_seek_in_thread(broker.bootstrap))
