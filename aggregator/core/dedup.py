@@ -38,6 +38,7 @@ from aggregator.core.recordlog import RecordLog
 
 BUCKETS = 10  # a horizon is this many buckets
 DEFAULT_MAX_IDS = 1_000_000  # event ids one partition remembers at most (AGG_DEDUP_MAX_IDS)
+KEY_BYTES = 38  # a request key's part of a record's JSON, without its indices: "<32 hex>":[],
 ID_BYTES = 250  # worker memory of one remembered event id of ~20 characters, measured (README)
 
 IDEMPOTENCY_KEY = "idempotency_key"
@@ -175,11 +176,26 @@ class DedupStore(RecordLog):
         for b, did in reversed(self.pending[len(self.pending) - n:]):
             if isinstance(did, str):
                 del self.events[did]
-                self.buckets[b].pop()
+                self._unlist(b, did)
             else:
                 kh, i = did
-                self.keys[kh][1][i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                bitmap = self.keys[kh][1]
+                bitmap[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                if not any(bitmap):  # the batch brought the key: forget it, and its place in its bucket
+                    del self.keys[kh]
+                    self._unlist(b, (kh,))
         del self.pending[len(self.pending) - n:]
+
+    def _unlist(self, b: int, entry: DedupId | tuple[int]) -> None:
+        """Take ``entry`` out of bucket ``b``'s list (it is at or near the end: the batch
+        being undone appended it), and the bucket with it when nothing else is in it."""
+        ids_of = self.buckets[b]
+        for j in range(len(ids_of) - 1, -1, -1):
+            if ids_of[j] == entry:
+                del ids_of[j]
+                break
+        if not ids_of and b not in self.written:
+            del self.buckets[b]
 
     # ------------------------------------------------------------------ horizon
     def expire(self, now_ms: int | None = None) -> int:
@@ -217,8 +233,20 @@ class DedupStore(RecordLog):
 
     # ------------------------------------------------------------------ changelog
     def _sizes(self, items: Sequence[tuple[int, DedupId]]) -> list[int]:
-        # an event id's JSON string (any escapes: at most 6 bytes a character) or a key's share
-        return [len(did) * 6 + 3 if type(did) is str else 12 for _, did in items]
+        # an event id's JSON string (any escapes: at most 6 bytes a character) + quotes and
+        # comma; a key's index (up to 10 digits and a comma) and, where the key differs
+        # from the item before, the key itself (``"<32 hex>":[...],``: 38 bytes); a key seen
+        # again later in the record is counted again, an over-estimate
+        sizes = []
+        last = None
+        for _, did in items:
+            if type(did) is str:
+                sizes.append(len(did) * 6 + 3)
+                continue
+            kh = did[0]
+            sizes.append(11 if kh == last else 11 + KEY_BYTES)
+            last = kh
+        return sizes
 
     def _value(self, items: Sequence[tuple[int, DedupId]]) -> dict[str, Any]:
         return _record_value(did for _, did in items)

@@ -193,7 +193,7 @@ class WorkerService:
         """Apply a decoded batch to the book (spilling what is over its rate); False:
         the spill disk refused, nothing of it was applied."""
         throttle, book = self.throttle, p.book
-        events, offsets, aggs, remembered = b.events, b.offsets, b.aggs, 0
+        events, offsets, aggs, remembered, dups = b.events, b.offsets, b.aggs, 0, None
         if b.ids is not None and p.dedup.horizon_ms:
             # repeats never reach a window, the late bucket or the spill (core.dedup)
             before = len(p.dedup.pending)
@@ -201,16 +201,16 @@ class WorkerService:
                                                                aggs)
             offsets = kept_offsets or []
             remembered = len(p.dedup.pending) - before
-            if dups:
-                self.metrics.duplicates(dups)
         batch: Sequence[BookEvent] = events
         n_window = len(events)
         if throttle.limiting and events:
             limited = throttle.limit(p, events, offsets, self.partitions)
             if limited is None:
                 p.dedup.undo(remembered)  # offered again later, whole
-                return False
+                return False  # its repeats are counted when it is applied, once
             batch, n_window = limited
+        if dups:
+            self.metrics.duplicates(dups)
         t2 = time.perf_counter()
         book.apply(batch, b.end, now_ms, aggs)  # spilled events (markers) are not aggregated: core.aggstate
         p.source_ts = b.end_ts

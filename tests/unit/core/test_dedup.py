@@ -139,6 +139,20 @@ def test_undo_forgets_exactly_the_last_batch() -> None:
     assert len(store.filter(_events(4), batch)[0]) == 3  # offered again: the same answer
 
 
+def test_undo_forgets_the_keys_the_batch_brought_and_their_bucket_entries() -> None:
+    store = DedupStore(H)
+    store.filter(_events(1), [event_key("eu", "a")])
+    buckets = {b: list(ids) for b, ids in store.buckets.items()}
+    n_before = len(store.pending)
+    batch = [event_key("eu", "b"), (request_key("new"), 0), (request_key("new"), 1)]
+    assert len(store.filter(_events(3), batch)[0]) == 3
+    store.undo(len(store.pending) - n_before)
+    assert store.buckets == buckets and store.size() == (1, 0)
+    assert len(store.filter(_events(3), batch)[0]) == 3  # offered again
+    store.expire(T0 + 2 * H)  # everything forgotten once past the horizon, keys included
+    assert store.size() == (0, 0) and store.buckets == {}
+
+
 def test_a_failed_write_is_prepared_again_whole() -> None:
     store = DedupStore(H)
     store.filter(_events(3), [event_key("eu", str(i)) for i in range(3)])
@@ -159,8 +173,10 @@ def test_records_stay_under_the_state_record_bound() -> None:
     store.filter(_events(n), [(kh, i) for i in range(n)])
     records, prepared = store.take_records(0)
     store.filter(_events(5000), [event_key("eu", "\x01" * 120 + str(i)) for i in range(5000)])  # escapes: 6x
+    # a key a request, one event each: the keys' hex, not their indices, fill the records
+    store.filter(_events(n), [(request_key(f"req-{i}"), 0) for i in range(n)])
     records, prepared = store.take_records(0)
-    assert len(records) >= 4
+    assert len(records) >= 9
     assert max(len(orjson.dumps(v)) for _, v in records) <= RECORD_BYTES + 64 < MAX_RECORD_BYTES
     assert sum(prepared.index.values()) == len(records)
 
