@@ -73,6 +73,12 @@ class PartitionSpill:
                 store.ack(region, ack)
             if store.backlog(region) > keep:
                 store.truncate_after(region, keep)
+            if keep and not self._kept_is_backlog(region):
+                # not this backlog's records (a record of them went missing, or they are a stale
+                # spill of a batch another worker has counted since): none of them is trusted
+                store.truncate_after(region, 0)
+                ledger.rebuild.pop(region, None)
+                ledger.reconcile(region, None, 0)
         for region, n in ledger.lost.items():
             log.error("spill p%d: region %r: %d spilled events read from a source log that has started over "
                       "since are not on this disk, and cannot be re-read from the new log: they are lost",
@@ -86,6 +92,22 @@ class PartitionSpill:
             log.warning("spill p%d: region %r: %d spilled events are not on this disk; re-reading "
                         "them from the source log", self.partition, region, n)
         return dict(ledger.rebuild)
+
+    def _kept_is_backlog(self, region: str) -> bool:
+        """Whether the first record kept on disk is the first of the region's backlog: the
+        sequence number after the drained ones, at the ledger's low offset.  Reconciling
+        counts records; this checks what they are."""
+        e = self.ledger.regions[region]
+        first = self.store.read_batch(region, 1)
+        if not first:
+            return False
+        seq, offset = orjson.loads(first[0])[:2]
+        if seq == e[1] and (offset == e[2] or e[2] < 0):
+            return True
+        log.error("spill p%d: region %r: the spill on disk starts at record %d (offset %d), the "
+                  "backlog at record %d (offset %d): not this backlog's records; re-reading them "
+                  "from the source log", self.partition, region, seq, offset, e[1], e[2])
+        return False
 
     def rebuild_add(self, region: str, offset: int, its: int, cts: int | None) -> None:
         lst = self.rebuilding.get(region)

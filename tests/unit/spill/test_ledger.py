@@ -18,6 +18,7 @@ import pytest
 from aggregator.core.ratelimit import RateLimits
 from aggregator.spill.ledger import SPILLED, SpillLedger
 from aggregator.spill.partition import PartitionSpill
+from aggregator.spill.segment import encode_record
 
 
 def ev(region: str, its: int) -> tuple:
@@ -178,6 +179,64 @@ def test_partition_spill_across_a_log_restart_and_a_lost_disk(tmp_path):
         sp_b.rebuild_add("hot", off, its, None)
     sp_b.rebuild_flush(done=True)
     assert sp_b.drain(limits, now=9.0, unlimited=True) == [ev("hot", 20), ev("hot", 21)]
+
+
+def _reopen(path: Path, state: bytes) -> tuple[SpillLedger, PartitionSpill]:
+    led = SpillLedger()
+    led.load(orjson.loads(state))
+    return led, PartitionSpill(path, 0, led, fsync=False)
+
+
+def test_a_stale_spill_of_a_batch_another_worker_counted_is_not_trusted(tmp_path):
+    """Worker A spills offset 51 as record 10 and dies before its state is written; B takes
+    the partition, counts 50-52 at once and spills 53 as record 10; back on A's disk, record
+    10 is offset 51: the backlog is re-read from the source, not drained from that disk."""
+    durable = orjson.dumps({"hot": [10, 10, -1]})
+    led_a, sp_a = _reopen(tmp_path / "a", durable)
+    sp_a.reconcile()
+    sp_a.write(led_a.split([ev("hot", 50), ev("hot", 51)], [50, 51], RateLimits(0, {"hot": 1}), now=0.0))
+    sp_a.close()
+    led_b, sp_b = _reopen(tmp_path / "b", durable)
+    sp_b.reconcile()
+    split = led_b.split([ev("hot", i) for i in range(50, 54)], [50, 51, 52, 53], RateLimits(0, {"hot": 3}), now=0.0)
+    sp_b.write(split)
+    assert [e for e in split.events if e[0] is not None] == [ev("hot", 50), ev("hot", 51), ev("hot", 52)]
+    sp_b.close()
+    led_a2, sp_a2 = _reopen(tmp_path / "a", orjson.dumps(led_b.to_dict()))
+    assert sp_a2.reconcile() == {"hot": 1}
+    assert sp_a2.drain(RateLimits(0), now=0.0, unlimited=True) == []
+    sp_a2.rebuild_add("hot", 53, 53, None)
+    sp_a2.rebuild_flush(done=True)
+    assert sp_a2.drain(RateLimits(0), now=0.0, unlimited=True) == [ev("hot", 53)]
+
+
+def test_a_record_missing_among_the_drained_ones_does_not_shift_the_backlog(tmp_path):
+    """Records 0-2 drained (the state says so), not acknowledged on disk, record 1 corrupt
+    and quarantined on recovery, and records 7-8 of a batch whose state was never written
+    at the tail: counting records would acknowledge record 3 and keep 4-7; the backlog
+    (3-6) is re-read from the source instead."""
+    limits = RateLimits(0, {"hot": 3})
+    led = SpillLedger()
+    sp = PartitionSpill(tmp_path, 0, led, fsync=False)
+    split = led.split([ev("hot", i) for i in range(10)], list(range(10)), limits, now=0.0)
+    sp.write(split)
+    assert len(sp.drain(limits, now=1.0)) == 3
+    state = orjson.dumps(led.to_dict())
+    sp.write(led.split([ev("hot", 10), ev("hot", 11)], [10, 11], limits, now=1.0))
+    sp.close()
+    region_dir = tmp_path / "p0"
+    seg = sorted(region_dir.rglob("*.seg"))[0]
+    first = len(encode_record(orjson.dumps(split.spills["hot"][0])))
+    with open(seg, "r+b") as f:  # a bit flip in record 1
+        f.seek(first + 8)
+        f.write(b"X")
+    led_b, sp_b = _reopen(tmp_path, state)
+    assert sp_b.reconcile() == {"hot": 4}
+    assert sp_b.store.backlog("hot") == 0
+    for off in range(6, 10):
+        sp_b.rebuild_add("hot", off, off, None)
+    sp_b.rebuild_flush(done=True)
+    assert sp_b.drain(limits, now=9.0, unlimited=True) == [ev("hot", i) for i in range(6, 10)]
 
 
 def test_a_log_restart_during_a_rebuild_keeps_what_was_reread_and_loses_the_rest(tmp_path):
