@@ -29,7 +29,7 @@ from aggregator.core.dedup import SOURCES as DEDUP_SOURCES
 disable_created_metrics()
 
 STAGES = ("ingest", "decode", "window", "spill", "publish")
-SPILL_FAULTS = ("corrupt", "torn", "lost")
+SPILL_FAULTS = ("corrupt", "torn", "lost", "excess")
 DIST_NAME = "clickstream-aggregator"
 # Seconds after window end + grace: the snapshot-delay buckets sit at grace + each of these, so
 # the quantiles near the grace are read off buckets a few tenths of a second wide.
@@ -167,7 +167,8 @@ class Metrics:
                                  registry=r)
         self._spill_faults = Counter("clickstream_spill_faults",
                                      "Spill records found damaged on recovery (quarantined, re-read from Kafka), "
-                                     "or lost (not in Kafka any more), by kind", ["kind"], registry=r)
+                                     "lost (not in Kafka any more), or re-read beyond what was spilled by a rebuild (excess), "
+                                     "by kind", ["kind"], registry=r)
         self._rebalancing = Gauge("clickstream_rebalance_seconds",
                                   "How long the current consumer-group rebalance (with its changelog recovery) "
                                   "has lasted on this worker; 0 when none", registry=r)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import orjson
 
@@ -55,6 +56,8 @@ class PartitionSpill:
         self.pending_acks: list[tuple[str, int]] = []
         self.rebuilding: dict[str, list[SpillRecord]] = {}
         self.lost = 0  # spilled events neither on disk nor in the source log any more
+        self.excess = 0  # events a rebuild re-read beyond what was spilled (``rebuild_flush``), not re-spilled
+        self.rebuild_ids: dict[Any, int] = {}  # dedup id -> ingest time, of the events a rebuild re-spilled
         # region -> records at the end of its spill that belong to no committed batch
         # (a failed write's rollback that itself failed): cut off before the next write
         self.uncommitted: dict[str, int] = {}
@@ -119,6 +122,15 @@ class PartitionSpill:
         """Write what a replayed batch re-spilled; ``done``: the replay reached the state's offset."""
         ledger = self.ledger
         for region, lst in self.rebuilding.items():
+            want = max(0, ledger.rebuild.get(region, 0))
+            if len(lst) > want:
+                # more than were spilled: events the first pass did not spill (too far ahead
+                # then, or a repeat of an event before the rebuilt range); which ones is not
+                # known, so the count is kept and the last ones are left out, loudly
+                self.excess += len(lst) - want
+                del lst[want:]
+                if not lst:
+                    continue
             seq = ledger.rebuild_seq(region)
             for rec in lst:
                 rec[0] = seq
@@ -127,6 +139,12 @@ class PartitionSpill:
             ledger.rebuilt(region, lst)
         self.rebuilding = {}
         if done:
+            self.rebuild_ids = {}
+            if self.excess:
+                log.error("spill p%d: the rebuild from the source log re-read %d events more than were "
+                          "spilled (too far ahead, or repeats, the first time): the last ones were left "
+                          "out, so the count is right but some events may sit in a neighbouring window",
+                          self.partition, self.excess)
             for region, left in ledger.rebuild.items():
                 if left:
                     # the source no longer has them (retention, or the offset was committed

@@ -224,9 +224,11 @@ class Partitions:
             for region, (backlog, nbytes) in p.spill.backlog_by_region().items():
                 m.spill_backlog(label(region), backlog, nbytes)
                 total_backlog += backlog
-            if p.spill.lost:
+            if p.spill.lost > 0:
                 m.spill_fault("lost", p.spill.lost)
-                p.spill.lost = 0
+            if p.spill.excess > 0:
+                m.spill_fault("excess", p.spill.excess)
+            p.spill.lost = p.spill.excess = 0
         m.pending("spill", total_backlog)
         m.pending("publish", sum(len(p.book.outbox) for p in self.owned.values()))
         m.pending("decode", sum(p.lag for p in self.owned.values()))

@@ -206,9 +206,17 @@ def rebuild_replay(p: PartitionState, decoder: RecordDecoder, records: Sequence[
     replay = records[:bisect_left(records, start, key=_offset)]
     # bad records went to the dead-letter topic the first time: not again
     # events that were too far ahead were late the first time: never re-spilled
-    events, offsets, *_ = decoder.decode(replay, now_ms, p.partition, True, None, max_ts)
-    for (region, its, cts), offset in zip(events, offsets, strict=True):
+    events, offsets, _, _, ids, _ = decoder.decode(replay, now_ms, p.partition, True, None, max_ts)
+    # a repeat of an event re-spilled here was dropped the first time (core.dedup): not again
+    seen = spill.rebuild_ids if ids is not None and p.dedup.horizon_ms else None
+    horizon = p.dedup.horizon_ms
+    for n, ((region, its, cts), offset) in enumerate(zip(events, offsets, strict=True)):
         if region in rebuild and offset >= lows[region]:
+            if seen is not None and (did := ids[n]) is not None:  # type: ignore[index]
+                first = seen.get(did)
+                if first is not None and its - first < horizon:
+                    continue
+                seen[did] = its
             spill.rebuild_add(region, offset, its, cts)
     spill.rebuild_flush(done=records[-1].offset + 1 >= start)
 

@@ -97,3 +97,49 @@ def test_rebuild_replay_re_spills_the_lost_backlog(tmp_path):
     rebuild_replay(q, RecordDecoder(), recs, q.book.next_offset, 3_000, 10**15)
     assert not q.spill.ledger.rebuild
     assert q.spill.ledger.total_backlog() == backlog
+
+
+def _first_pass_then_rebuild(tmp_path, ids: list[str]) -> tuple[object, object, Metrics]:
+    """``eu`` events with ``ids`` at offsets 100..., one token (the first is counted, the
+    rest spilled), dedup on as the worker applies it; then the spill is lost and a new owner
+    rebuilds it from the records."""
+    books = BookSettings(window_ms=60_000, grace_ms=1000, late_after_ms=600_000, idle_ms=3_600_000,
+                         max_regions=10, dedup_ms=600_000)
+    m = Metrics()
+    parts = Partitions(books, tmp_path / "a", lambda p: None, m)
+    p = parts.open(0)
+    throttle = Throttle(RateLimits(0, "eu=1"), 1 << 30, m)
+    specs = [(b"eu", b'{"region": "eu", "ingest_ts": %d, "event_id": "%s"}' % (1_000 + i, e.encode()), [])
+             for i, e in enumerate(ids)]
+    recs = fetched(specs, base=100)
+    events, offsets, _, _, dids, _ = RecordDecoder().decode(recs, 0, 0, True, None, 10**15)
+    kept, kept_offsets, _, _ = p.dedup.filter(events, dids, offsets)
+    batch, _ = throttle.limit(p, kept, kept_offsets or [], parts)
+    p.book.apply(batch, 100 + len(ids), 2_000)
+    other = Partitions(books, tmp_path / "b", recovered(0, p.state_value()), m)
+    q = other.open(0)
+    rebuild_replay(q, RecordDecoder(), recs, q.book.next_offset, 3_000, 10**15)
+    return p, q, m
+
+
+def test_a_rebuild_leaves_out_repeats_the_first_pass_dropped(tmp_path):
+    p, q, m = _first_pass_then_rebuild(tmp_path, ["a", "b", "b", "c", "c"])
+    assert p.spill.ledger.total_backlog() == 2  # b and c; their repeats were dropped
+    assert not q.spill.ledger.rebuild
+    drained = q.spill.drain(RateLimits(0), 0.0, unlimited=True)
+    assert [its for _, its, _ in drained] == [1_001, 1_003]  # b, c: each once, the first sighting
+    assert q.spill.excess == 0 and q.spill.lost == 0
+
+
+def test_a_rebuild_that_reads_more_than_was_spilled_keeps_the_count_and_says_so(tmp_path):
+    # offset 103 repeats "a", counted before the rebuilt range: the rebuild cannot tell
+    p, q, m = _first_pass_then_rebuild(tmp_path, ["a", "b", "c", "a"])
+    assert p.spill.ledger.total_backlog() == 2
+    drained = q.spill.drain(RateLimits(0), 0.0, unlimited=True)
+    assert len(drained) == 2 and q.spill.excess == 1 and q.spill.lost == 0
+    parts = Partitions(BOOKS, tmp_path / "c", lambda n: None, m)
+    parts.owned[0] = q
+    parts.report()  # the fault goes to the metric, once
+    parts.report()
+    assert value(m, "clickstream_spill_faults_total", kind="excess") == 1
+    assert value(m, "clickstream_spill_faults_total", kind="lost") == 0
