@@ -58,13 +58,24 @@ def request_key(key: str) -> int:
     return int.from_bytes(blake2b(key.encode(), digest_size=16).digest(), "big")
 
 
-def id_field(did: DedupId) -> bytes:
-    """The dedup id as the ingest header's third field: ``e<event_id>`` (UTF-8; the region is
-    the record's key) or ``k<hex>.<index>``."""
+def id_field(did: DedupId, region: str | None = None) -> bytes:
+    """The dedup id as the ingest header's third field of a record of ``region`` (its key):
+    ``e<event_id>`` (UTF-8) for an event id of that region, ``r<region>\n<event_id>`` for
+    one of another (an event counted under ``__other__``: its id stays that of the region
+    it came with, so ids of two regions never merge), or ``k<hex>.<index>``."""
     if isinstance(did, str):
-        return b"e" + did.partition("\n")[2].encode()
+        own, _, eid = did.partition("\n")
+        if region is None or own == region:
+            return b"e" + eid.encode()
+        return b"r" + did.encode()
     kh, i = did
     return b"k%x.%d" % (kh, i)
+
+
+def other_region_id(raw: bytes, region: str) -> bytes:
+    """The id field ``raw`` of an event of ``region`` counted under another (``__other__``):
+    ``e<event_id>`` becomes ``r<region>\n<event_id>``; the others stay as they are."""
+    return b"r" + region.encode() + b"\n" + raw[1:] if raw[:1] == b"e" else raw
 
 
 def key_id_fields(kh: int, indices: Iterable[int]) -> list[bytes]:
@@ -81,6 +92,12 @@ def parse_id_field(raw: bytes, region: str) -> DedupId:
         if len(raw) < 2:
             raise ValueError("an empty event_id")
         return region + "\n" + raw[1:].decode()
+    if kind == b"r":
+        did = raw[1:].decode()
+        own, nl, eid = did.partition("\n")
+        if not (own and nl and eid):
+            raise ValueError("r<region>\\n<event_id> expected")
+        return did
     if kind == b"k":
         kh, dot, i = raw[1:].partition(b".")
         if not dot:

@@ -127,7 +127,7 @@ def forward_record(partition: int, f: Foreign, epoch: int = 0) -> tuple[bytes, b
     the ingest header (ingest time, client time), the source header, and the compact event as
     value (for people reading the topic)."""
     region, its, cts, offset, did, agg = f
-    ingest = ingest_header_value(its, cts, None if did is None else id_field(did))
+    ingest = ingest_header_value(its, cts, None if did is None else id_field(did, region))
     if cts is None:
         value = b'{"region":"%s","ingest_ts":%d}' % (region.encode(), its)
     else:

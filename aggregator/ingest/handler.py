@@ -29,7 +29,7 @@ from aiohttp import web
 
 from aggregator import tracing
 from aggregator.core.contract import OTHER_REGION
-from aggregator.core.dedup import event_key, id_field, key_id_fields, request_key
+from aggregator.core.dedup import event_key, id_field, key_id_fields, other_region_id, request_key
 from aggregator.ingest.body import MAX_ERRORS, BodyError, Event, decode_slices, gunzip_bounded, validate_records
 from aggregator.ingest.budget import InflightBudget, Reservation
 from aggregator.ingest.producer import IngestProducer, ProducerBusy
@@ -260,9 +260,12 @@ class IngestHandler:
         for n, ev in enumerate(events):
             region = ev.region
             entry = by_region.get(region)
+            did = None if ids is None else ids[n]
             if entry is None:
                 region = self._region(region, ingest_ts)
                 if region is OTHER_REGION:
+                    if did is not None:  # an event id keeps the region it came with (core.dedup)
+                        did = other_region_id(did, ev.region)
                     ev.region = region
                 entry = by_region.get(region)
                 if entry is None:
@@ -270,7 +273,7 @@ class IngestHandler:
             ev.ingest_ts = ingest_ts
             entry[0].append(ev)
             if ids is not None:
-                entry[1].append(ids[n])  # type: ignore[union-attr]
+                entry[1].append(did)  # type: ignore[union-attr]
         records = Records(ingest_ts, traceparent, self.agg)
         mark, deadline = batcher.progress(), time.monotonic() + INGEST_TIMEOUT_S
         while True:

@@ -112,6 +112,20 @@ def test_retries_and_repeated_event_ids_count_once(broker, service_factory):
     assert ("ids-b", "event_id") not in dups
 
 
+def test_the_same_event_ids_of_regions_beyond_the_cap_stay_apart(broker, service_factory):
+    """Events of regions over AGG_MAX_REGIONS are counted under ``__other__``; their event ids
+    keep the region they came with, so ``b``'s and ``c``'s id ``e-0`` are two events."""
+    import asyncio
+    asyncio.run(ensure_topics(broker.bootstrap, 4))
+    svc = service_factory("capped", AGG_MAX_REGIONS="1").start()
+    assert _post(svc.url, _body("a", 10, ids="e"), None)[0] == 200  # takes the one place
+    for region in ("b", "c", "b"):  # the second b: 10 repeats
+        assert _post(svc.url, _body(region, 10, ids="e"), None)[0] == 200
+    expected = {"a": 10, "__other__": 20}
+    assert _counted(svc, expected) == expected
+    assert _duplicates(svc)[("__other__", "event_id")] == 10
+
+
 def test_a_worker_killed_between_attempt_and_retry_counts_once(broker, service_factory):
     import asyncio
     asyncio.run(ensure_topics(broker.bootstrap, 4))

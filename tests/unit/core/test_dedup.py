@@ -15,6 +15,7 @@ from aggregator.core.dedup import (
     event_key,
     id_field,
     key_id_fields,
+    other_region_id,
     parse_id_field,
     request_key,
 )
@@ -36,9 +37,20 @@ def test_ids_are_stable_per_region_and_round_trip_the_header_field() -> None:
                 (request_key("k-1"), 7999)):
         assert parse_id_field(id_field(did), "eu") == did
     assert request_key("a") != request_key("b") and request_key("a").bit_length() <= 128
-    for bad in (b"", b"x12", b"kabc", b"e", b"kzz.1", b"e\xff"):
+    for bad in (b"", b"x12", b"kabc", b"e", b"kzz.1", b"e\xff", b"r", b"reu", b"reu\n", b"r\nx"):
         with pytest.raises(ValueError):
             parse_id_field(bad, "eu")
+
+
+def test_an_event_id_counted_under_another_region_keeps_its_own() -> None:
+    """``__other__`` (the region cap) takes events of many regions: their ids stay apart."""
+    for did in (event_key("b", "1"), event_key("c", "1"), event_key("b", "x\ny")):
+        field = id_field(did, "__other__")
+        assert field.startswith(b"r")
+        assert parse_id_field(field, "__other__") == did
+        assert parse_id_field(other_region_id(id_field(did), did.partition("\n")[0]), "__other__") == did
+    assert id_field(event_key("b", "1"), "b") == id_field(event_key("b", "1")) == b"e1"
+    assert other_region_id(id_field((request_key("k"), 3)), "b") == id_field((request_key("k"), 3))
 
 
 def test_key_id_fields_are_the_id_fields_of_the_key_and_each_index() -> None:

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from aggregator.core.contract import CLICKS_REPARTITION, DLQ, STATE_CHANGELOG, ingest_header
+from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import forward_record, home, split
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer
@@ -71,6 +72,24 @@ def test_a_foreign_event_far_ahead_is_forwarded_the_home_makes_it_future_ts():
                                                                                MAX_TS)
     assert events == [] and future == {region: 1} and repeats == 0
     assert orjson.loads(dead[0][1])["partition"] == 0 and orjson.loads(dead[0][1])["offset"] == 7  # in clicks
+
+
+def test_event_ids_of_regions_the_workers_cap_puts_under_other_stay_apart_at_its_home():
+    """Records produced straight to Kafka with the same ``event_id`` in regions over the
+    worker's cap: forwarded to ``__other__``'s home as two events, not one and a repeat."""
+    n = 4
+    cap = RegionCap(1, 60_000)
+    specs = [(None, orjson.dumps({"region": r, "ingest_ts": 1_000, "event_id": "1"}), []) for r in ("a", "b", "c")]
+    foreign: list = []
+    src = (home("__other__", n) + 1) % n  # read where __other__ is not at home
+    RecordDecoder(n, cap).decode(fetched(specs), NOW, src, False, None, MAX_TS, foreign)
+    other = [f for f in foreign if f[0] == "__other__"]
+    assert len(other) == 2
+    fwd = fetched([forward_record(0, f) for f in other], base=0)
+    (events, _, _, _, ids, _), _ = RecordDecoder(n, RegionCap(1, 60_000)).decode_forwarded(
+        fwd, home("__other__", n), {}, None, MAX_TS)
+    assert [e[0] for e in events] == ["__other__", "__other__"]
+    assert ids == ["b\n1", "c\n1"]
 
 
 def test_forwarded_records_are_read_repeats_dropped_bad_ones_dead_lettered():
