@@ -30,7 +30,7 @@ records are deleted (tombstones) after the state that no longer names them is du
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from hashlib import blake2b
 from typing import Any
 
@@ -186,6 +186,24 @@ class DedupStore(RecordLog):
                 kept_aggs.append(aggs[n])  # type: ignore[index]
         self.newest = newest
         return kept, kept_offsets, dups, kept_aggs
+
+    def filter_late(self, counts: Mapping[str, int], ids: Sequence[tuple[str, DedupId]], now_ms: int,
+                    ) -> tuple[dict[str, int], dict[tuple[Any, str], int]]:
+        """Events set aside as too far ahead (``future_ts``: late, not placed), by region in
+        ``counts``, ``ids`` the (region, dedup id) of those that have one: -> (``counts``
+        without the repeats, the repeats as ``filter`` gives them).  Their ids are remembered
+        as seen at the newest ingest time so far (``now_ms`` before any): their own ingest
+        time would move the horizon ahead."""
+        newest = self.newest
+        at = newest or now_ms
+        _, _, dups, _ = self.filter([(region, at, None) for region, _ in ids], [did for _, did in ids])
+        self.newest = newest
+        out = dict(counts)
+        for (region, _source), n in dups.items():
+            out[region] -= n
+            if not out[region]:
+                del out[region]
+        return out, dups
 
     def undo(self, n: int) -> None:
         """Forget the last ``n`` ids ``filter`` remembered (their batch was not applied: the

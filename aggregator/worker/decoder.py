@@ -69,6 +69,17 @@ _FAST_MISS = (msgspec.DecodeError, TypeError)  # DecodeError: ValidationError to
 FAST_MISSES = 8
 
 
+class FutureCounts(dict[str, int]):
+    """Events with an ingest time too far ahead (``future_ts``), by region; ``ids``: the
+    (region, dedup id) of those that have one, for the partition's dedup (core.dedup)."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[tuple[str, DedupId]] = []
+
+
 class Decoded(NamedTuple):
     """What one batch decodes to (one per batch, not per record)."""
 
@@ -135,7 +146,7 @@ class RecordDecoder:
         append = events.append
         offsets: list[int] = []
         rejected: dict[str, int] = {}
-        future: dict[str, int] = {}
+        future = FutureCounts()
         split = forward is not None and self.partitions > 1
         homes = self.homes
         cap = self.cap
@@ -260,7 +271,7 @@ class RecordDecoder:
                     forward.append((region, its, cts, rec.offset, did, agg))  # type: ignore[union-attr]
                     continue
             if its > max_ts:
-                self._future(region, its, max_ts, future, dead, partition, rec.offset, rec)
+                self._future(region, its, max_ts, future, dead, partition, rec.offset, rec, did)
                 continue
             if did is not None and ids is None:
                 ids = [None] * len(events)
@@ -289,7 +300,7 @@ class RecordDecoder:
         events: list[Event] = []
         append = events.append
         rejected: dict[str, int] = {}
-        future: dict[str, int] = {}
+        future = FutureCounts()
         repeats = 0
         ids: list[DedupId | None] | None = None
         aggs: list[Agg | None] | None = [] if self.aggregates else None
@@ -321,7 +332,7 @@ class RecordDecoder:
                 continue
             applied[source] = offset
             if its > max_ts:
-                self._future(region, its, max_ts, future, dead, source, offset, rec)
+                self._future(region, its, max_ts, future, dead, source, offset, rec, did)
                 continue
             if did is not None and ids is None:
                 ids = [None] * len(events)
@@ -339,9 +350,11 @@ class RecordDecoder:
         return h
 
     @staticmethod
-    def _future(region: str, its: int, max_ts: int, future: dict[str, int], dead: list[DeadLetter] | None,
-                partition: int, offset: int, rec: Record) -> None:
+    def _future(region: str, its: int, max_ts: int, future: FutureCounts, dead: list[DeadLetter] | None,
+                partition: int, offset: int, rec: Record, did: DedupId | None) -> None:
         future[region] = future.get(region, 0) + 1
+        if did is not None:
+            future.ids.append((region, did))
         if dead is not None:
             exc = EventError(FUTURE_TS, f"ingest_ts {its} is {its - max_ts} ms past the worker's clock + "
                                         "AGG_MAX_AHEAD_SECONDS")

@@ -215,11 +215,22 @@ class WorkerService:
         book.apply(batch, b.end, now_ms, aggs)  # spilled events (markers) are not aggregated: core.aggstate
         p.source_ts = b.end_ts
         if b.future:
-            book.add_late(b.future, FUTURE_TS)
+            self._add_future(p, b.future, now_ms)
         if book.outbox:
             self.wake.set()
         self.metrics.batch_windowed(n_window, time.perf_counter() - t2)
         return True
+
+    def _add_future(self, p: PartitionState, future: dict[str, int], now_ms: int) -> None:
+        """A batch's ``future_ts`` events into the late bucket, their repeats left out (an
+        event id or a retried request's key, core.dedup): a repeat is counted nowhere."""
+        ids = getattr(future, "ids", None)
+        if ids and p.dedup.horizon_ms:
+            future, dups = p.dedup.filter_late(future, ids, now_ms)
+            if dups:
+                self.metrics.duplicates(dups)
+        if future:
+            p.book.add_late(future, FUTURE_TS)
 
     def _check_source(self, p: PartitionState, records: Sequence[Record], start: int) -> int:
         """The first batch since the partition was opened, or one from below the book's next
@@ -313,7 +324,7 @@ class WorkerService:
         book.apply(events, book.next_offset, now_ms, aggs)
         book.repart_next = records[-1].offset + 1
         if future:
-            book.add_late(future, FUTURE_TS)
+            self._add_future(p, future, now_ms)
         if book.outbox:
             self.wake.set()
         self.metrics.batch_windowed(len(events), time.perf_counter() - t1)

@@ -60,3 +60,27 @@ def test_a_record_a_day_ahead_is_late_future_ts_and_moves_nothing(broker, servic
     assert [d["reason"] for d in letters] == ["future_ts", "future_ts"]
     text = svc.metrics_text()
     assert 'clickstream_late_events_total{reason="future_ts",region="fut"} 2.0' in text
+
+
+def test_repeats_of_an_event_a_day_ahead_are_late_once_and_not_counted_again(broker, service_factory):
+    """An ``event_id`` sent twice a day ahead, then once with a sane clock: one event, late
+    (``future_ts``) once; the two repeats are duplicates, counted nowhere."""
+    bootstrap = broker.bootstrap
+    asyncio.run(ensure_topics(bootstrap, 4))
+    svc = service_factory("ahead-dup").start()
+    now = int(time.time() * 1000)
+    ahead = [(b"dup", orjson.dumps({"region": "dup", "ingest_ts": now + DAY_MS, "event_id": "x"}), None)] * 2
+    normal = [(b"dup", orjson.dumps({"region": "dup", "event_id": "x"}), None)]
+    normal += [(b"dup", orjson.dumps({"region": "dup", "n": i}), None) for i in range(10)]
+    asyncio.run(_produce(bootstrap, [ahead, normal], pause=2.0))
+
+    def settled():
+        snaps = [s for s in svc.snapshots() if s["region"] == "dup"]
+        return snaps if sum(s["count"] for s in snaps) >= 10 and sum(s["late"] for s in snaps) >= 1 else None
+
+    wait_for(settled, 40, what="10 events counted and 1 late")
+    time.sleep(4.5)  # two more windows close: a repeat counted late would show
+    snaps = [s for s in svc.snapshots() if s["region"] == "dup"]
+    assert sum(s["count"] for s in snaps) == 10
+    assert sum(s["late_by_reason"]["future_ts"] for s in snaps) == sum(s["late"] for s in snaps) == 1
+    assert 'clickstream_duplicate_events_total{region="dup",source="event_id"} 2.0' in svc.metrics_text()

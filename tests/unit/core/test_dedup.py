@@ -224,3 +224,16 @@ def test_beyond_max_ids_the_oldest_buckets_go_first_and_are_counted() -> None:
     assert store.size()[0] <= 250 and store.evicted == 300
     assert len(store.filter(_events(1, its=T0 + 5 * step), [event_key("eu", "0-1")])[0]) == 1  # evicted
     assert store.filter(_events(1, its=T0 + 5 * step), [event_key("eu", "4-1")])[0] == []  # kept
+
+
+def test_events_too_far_ahead_are_deduped_without_moving_the_horizon() -> None:
+    store = DedupStore(H)
+    store.filter(_events(1), [event_key("eu", "seen")])
+    ids = [("eu", event_key("eu", "x")), ("eu", event_key("eu", "x")), ("eu", event_key("eu", "seen")),
+           ("us", event_key("us", "y"))]
+    counts, dups = store.filter_late({"eu": 4, "us": 1, "ap": 2}, ids, T0 + 10 * H)
+    assert counts == {"eu": 2, "us": 1, "ap": 2}  # eu: one x and the event without an id (ap has none)
+    assert dups == {("eu", EVENT_ID): 2}
+    assert store.newest == T0  # a day-ahead ingest time would have expired every id
+    assert store.expire() == 0 and store.size() == (3, 0)
+    assert store.filter(_events(1), [event_key("eu", "x")])[0] == []  # its copy with a sane clock
