@@ -155,6 +155,8 @@ class WindowBook:
                     self._close_through(st, now_ms)
                     close_at = self.close_at
                     cur_ws = -1  # the cached window may have closed
+                    if region is not None and region not in last_seen:
+                        self.first_seen[region] = its  # forgotten (idle) by the windows this event closed
             if region is None:
                 continue  # spilled: seen (moves stream time), counted when drained
             if its > last_seen.get(region, -1):

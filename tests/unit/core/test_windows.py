@@ -103,6 +103,22 @@ def test_regions_idle_longer_than_region_idle_get_no_more_snapshots():
     assert starts == [T0, T0 + W]
 
 
+def test_a_region_back_after_idle_gets_its_zero_count_snapshots_again():
+    """The event that brings an idle region back also closes the windows that forget it:
+    the region is seen again from that event on, so a later window without its events
+    still has its snapshot (count 0), as for a region new at that event."""
+    b = book(idle_ms=2 * W)
+    b.apply([("eu", T0, None)], 1, 0)
+    for m in range(1, 4):  # another region closes the windows up to T0 + 2 W, before eu is forgotten
+        b.apply([("us", T0 + m * W, None)], 1 + m, 0)
+    b.apply([("eu", T0 + 9 * W, None)], 6, 0)  # closes the windows that forget eu
+    b.apply([("eu", T0 + 11 * W, None)], 7, 0)  # none in T0 + 10 W
+    b.advance_to(T0 + 12 * W + G + 1)
+    got = snaps_by_key(b)
+    assert got[("eu", T0 + 10 * W)]["count"] == 0
+    assert got[("eu", T0 + 9 * W)]["count"] == got[("eu", T0 + 11 * W)]["count"] == 1
+
+
 def test_backlog_after_downtime_lands_in_its_own_windows():
     """Records read late (after a restart) carry their ingest time: they fill
     their own windows, which close as stream time passes them, none late."""
