@@ -58,6 +58,9 @@ class PartitionSpill:
         self.lost = 0  # spilled events neither on disk nor in the source log any more
         self.excess = 0  # events a rebuild re-read beyond what was spilled (``rebuild_flush``), not re-spilled
         self.rebuild_ids: dict[Any, int] = {}  # dedup id -> ingest time, of the events a rebuild re-spilled
+        # the source offset to fetch again from: records found missing while draining (``_reread``)
+        self.rebuild_from: int | None = None
+        self.rebuild_tries = 0
         # region -> records at the end of its spill that belong to no committed batch
         # (a failed write's rollback that itself failed): cut off before the next write
         self.uncommitted: dict[str, int] = {}
@@ -140,6 +143,7 @@ class PartitionSpill:
         self.rebuilding = {}
         if done:
             self.rebuild_ids = {}
+            self.rebuild_from, self.rebuild_tries = None, 0
             if self.excess:
                 log.error("spill p%d: the rebuild from the source log re-read %d events more than were "
                           "spilled (too far ahead, or repeats, the first time): the last ones were left "
@@ -248,22 +252,56 @@ class PartitionSpill:
             except OSError as e:  # nothing of this region moves: read again at the next drain
                 self.read_error = SpillDiskError("read", self.partition, region, e)
                 continue
-            if len(recs) < n:
+            short = len(recs) < n
+            if short:
                 log.error("spill p%d: region %r: %d records expected on disk, %d found",
                           self.partition, region, n, len(recs))
                 n = len(recs)
-                if n == 0:
-                    continue
+            expect = ledger.regions[region][1]  # the sequence number of the oldest undrained record
+            low = ledger.regions[region][2]
+            taken = 0
             for raw in recs[:n]:
-                _seq, _off, its, cts = loads(raw)
+                seq, off, its, cts = loads(raw)
+                if seq != expect + taken:
+                    break  # a record missing (found damaged while draining): see below
                 if its is not None:
                     events.append((region, its, cts))
                 else:  # a gap: an event lost (log_restarted), counted as such as it drains
                     self.lost += 1
+                taken += 1
+                low = off + 1
+            if taken < n or short:
+                if taken:
+                    ledger.drained(region, taken, low)
+                    self.pending_acks.append((region, taken))
+                self._reread(region, pending + taken, low)
+                continue
             next_low = loads(recs[n])[1] if len(recs) > n else -1
             ledger.drained(region, n, next_low)
             self.pending_acks.append((region, n))
         return events
+
+    def _reread(self, region: str, on_disk: int, low: int) -> None:
+        """Records of ``region`` are missing from the disk while it drains (the store found
+        one damaged and quarantined it): the undrained ones are cut off the disk and re-read
+        from the source log from ``low`` (the offset after the last one drained), as after a
+        restart that finds a spill damaged: ``rebuild_from`` tells the worker where to seek."""
+        ledger = self.ledger
+        self.store.truncate_after(region, on_disk)
+        if region in ledger.fences:  # records of a log that has started over since: not in the source
+            left = ledger.backlog(region)
+            log.error("spill p%d: region %r: %d spilled records of a source log that has started over "
+                      "since are damaged on disk: they are lost", self.partition, region, left)
+            self.lost += left
+            ledger.drained(region, left, -1)
+            return
+        e = ledger.regions[region]
+        e[2] = low
+        ledger.rebuild[region] = e[0] - e[1]
+        self.rebuild_from = low if self.rebuild_from is None else min(self.rebuild_from, low)
+        log.error("spill p%d: region %r: %d spilled records are damaged or missing on disk; "
+                  "re-reading them from the source log from offset %d", self.partition, region,
+                  ledger.rebuild[region], low)
 
     def acked(self) -> None:
         """The state that counts the drained records is durable: drop them from disk."""

@@ -45,6 +45,8 @@ from aggregator.worker.faust_app import FaustApp
 from aggregator.worker.partitions import BookSettings, Partitions, PartitionState
 from aggregator.worker.throttle import HeldBatch, Throttle, rebuild_replay, skip_applied
 
+REREAD_TRIES = 4  # batches sent back before a re-read of a damaged spill starts where the source does
+
 log = logging.getLogger("aggregator.worker")
 
 
@@ -130,6 +132,12 @@ class WorkerService:
         start = book.next_offset
         last = records[-1].offset
         first = records[0]
+        back = spill.rebuild_from
+        if back is not None:  # spilled records found missing while draining: re-read from ``back``
+            if first.offset > back and spill.rebuild_tries < REREAD_TRIES:
+                spill.rebuild_tries += 1
+                return back  # fetched before the seek back: not counted here
+            spill.rebuild_from = None  # the re-read (or the source starts later: what is gone is lost)
         still_quiet = False
         # a batch sent back (not counted) or a re-read with nothing new leaves the partition as
         # quiet as it was: its clock may follow, and its next batch is checked
@@ -345,6 +353,9 @@ class WorkerService:
         for p in parts:
             p.commit_ok = p.source_checked  # the states written below are taken after any restart seen
             self.throttle.drain(p, now_ms)
+            if p.spill.rebuild_from is not None and not p.spill.rebuild_tries:
+                p.spill.rebuild_tries = 1  # then on_batch sends back what was fetched before it
+                await self.kafka.seek(p.partition, p.spill.rebuild_from)
             book = p.book
             if book.tally:
                 tally = book.take_tally()

@@ -249,6 +249,36 @@ def test_sigkill_while_spilling_and_while_draining_and_a_corrupt_spill_record(br
     assert "re-reading them from the source log" in log
 
 
+def test_a_spill_record_damaged_while_the_worker_drains_is_re_read_from_kafka(broker, service_factory):
+    """No restart: a spilled record is damaged on disk while the backlog drains.  The drain
+    finds it by its CRC, and the rest of the region's backlog is re-read from ``clicks``:
+    every count exact, none lost, none twice."""
+    bootstrap = broker.url.split("://")[1]
+    asyncio.run(ensure_topics(bootstrap, 4))
+    svc = service_factory("hotrot", AGG_RATE_LIMITS=f"{HOT}=500").start()
+    truth = Truth()
+    asyncio.run(produce(bootstrap, seconds=6.0, hot_seconds=3.0, truth=truth, seed=3))
+    assert metric(svc.metrics_text(), "clickstream_spill_backlog_events", HOT) > 1000
+    # the newest record is surely not drained (nor read ahead) yet: flip its last payload byte
+    segs = sorted((svc.data_dir / "spill").glob("p*/regions/r-hot/*.seg"))
+    assert segs, "no spill segment on disk"
+    entries = scan_bytes(segs[-1].read_bytes()).entries
+    assert entries, "no complete spill record in the newest segment"
+    with open(segs[-1], "r+b") as f:
+        f.seek(entries[-1].end - 1)
+        byte = f.read(1)[0]
+        f.seek(entries[-1].end - 1)
+        f.write(bytes([byte ^ 0xFF]))
+    snaps = settle(svc, truth, bootstrap)
+    check_exact(truth, snaps)
+    log = svc.tail(200_000)
+    assert "corrupt record (CRC mismatch)" in log and "while draining" in log, log[-3000:]
+    assert "damaged or missing on disk; re-reading them from the source log" in log, log[-3000:]
+    text = svc.metrics_text()
+    assert metric(text, "clickstream_spill_faults_total", "lost", label="kind") == 0
+    assert metric(text, "clickstream_spill_backlog_events", HOT) == 0
+
+
 def test_disk_budget_slows_consumption_and_drops_nothing(broker, service_factory):
     bootstrap = broker.url.split("://")[1]
     asyncio.run(ensure_topics(bootstrap, 4))

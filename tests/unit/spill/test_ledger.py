@@ -239,6 +239,34 @@ def test_a_record_missing_among_the_drained_ones_does_not_shift_the_backlog(tmp_
     assert sp_b.drain(limits, now=9.0, unlimited=True) == [ev("hot", i) for i in range(6, 10)]
 
 
+def test_a_record_damaged_while_draining_is_re_read_from_the_source(tmp_path):
+    """Record 3 (offset 6) is damaged on disk after it was written: the drain takes records
+    0-2, then cuts the rest off the disk and asks for the source from offset 6 on."""
+    limits = RateLimits(0, {"hot": 3})
+    led = SpillLedger()
+    sp = PartitionSpill(tmp_path, 0, led, fsync=False)
+    split = led.split([ev("hot", i) for i in range(10)], list(range(10)), limits, now=0.0)
+    sp.write(split)  # offsets 3-9 spilled as records 0-6
+    seg = sorted((tmp_path / "p0").rglob("*.seg"))[0]
+    sizes = [len(encode_record(orjson.dumps(r))) for r in split.spills["hot"]]
+    with open(seg, "r+b") as f:  # the last byte of record 3's payload
+        f.seek(sum(sizes[:4]) - 1)
+        last = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([last[0] ^ 0xFF]))
+    assert sp.drain(limits, now=9.0, unlimited=True) == [ev("hot", i) for i in (3, 4, 5)]
+    assert sp.rebuild_from == 6 and led.rebuild == {"hot": 4} and led.low_offset(10) == 6
+    assert sp.store.backlog("hot") == 3  # the three drained, until the state that counts them is durable
+    assert sp.drain(limits, now=10.0, unlimited=True) == []  # nothing more till it is re-read
+    sp.acked()
+    for off in range(6, 10):  # the worker's replay from offset 6 (rebuild_replay)
+        sp.rebuild_add("hot", off, off, None)
+    sp.rebuild_flush(done=True)
+    assert sp.rebuild_from is None and sp.lost == 0
+    assert sp.drain(limits, now=11.0, unlimited=True) == [ev("hot", i) for i in range(6, 10)]
+    assert led.total_backlog() == 0
+
+
 def test_a_log_restart_during_a_rebuild_keeps_what_was_reread_and_loses_the_rest(tmp_path):
     limits = RateLimits(0, {"hot": 1})
     led = SpillLedger()
