@@ -116,7 +116,8 @@ class WindowBook:
         the emission time stamped on snapshots that this batch closes.
 
         ``aggs`` (with aggregates on): what each event adds to its cell's aggregates
-        (core.aggstate), parallel to ``events``; without it (spill drains) the events are
+        (core.aggstate), parallel to ``events``; spilled markers add nothing (their events
+        add theirs when drained, from their spill records); without it the events are
         counted but not aggregated.
         """
         W = self.window_ms

@@ -33,18 +33,25 @@ fence is stored as a fourth number of the region's entry while records below it 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import cast
 
-from aggregator.core.contract import BookEvent, Event
+from aggregator.core.contract import Agg, BookEvent, Event, agg_header_value
 from aggregator.core.ratelimit import RateLimits
 
 # An event whose region is None only moves stream time: it was spilled.
 SPILLED = None
 
-# ``[seq, source offset, ingest_ts, client_ts or None]``, the payload of a spill record.
+# ``[seq, source offset, ingest_ts, client_ts or None]`` (and, with aggregates on, the event's
+# agg header as Latin-1 text), the payload of a spill record.
 # A list, not a tuple: ``split`` builds it before it knows the seq and fills that in after.
-SpillRecord = list[int | None]
+SpillRecord = list[int | str | None]
+
+
+def spill_agg(agg: Agg) -> str:
+    """An event's aggregates input as its spill record keeps it: the agg header's bytes
+    (core.contract), as Latin-1 text (any byte, in JSON)."""
+    return (agg if isinstance(agg, bytes) else agg_header_value(*agg)).decode("latin-1")
 
 
 class Split:
@@ -92,8 +99,10 @@ class SpillLedger:
         return low
 
     # ----------------------------------------------------------------- input
-    def split(self, events: list[Event], offsets: list[int], limits: RateLimits, now: float) -> Split | None:
-        """Decide which events of a batch are counted now and which are spilled.
+    def split(self, events: list[Event], offsets: list[int], limits: RateLimits, now: float,
+              aggs: Sequence[Agg | None] | None = None) -> Split | None:
+        """Decide which events of a batch are counted now and which are spilled.  ``aggs``
+        (aggregates on): what each event adds to its cell, kept in its spill record.
 
         Returns None when everything is counted now (the common case)."""
         per: dict[str, int] = {}
@@ -127,7 +136,11 @@ class SpillLedger:
                 lst = spills.get(region)
                 if lst is None:
                     lst = spills[region] = []
-                lst.append([0, offsets[i], e[1], e[2]])
+                agg = None if aggs is None else aggs[i]
+                if agg is None:
+                    lst.append([0, offsets[i], e[1], e[2]])
+                else:
+                    lst.append([0, offsets[i], e[1], e[2], spill_agg(agg)])
                 append((SPILLED, e[1], None))
         for region, lst in spills.items():
             seq = self.regions.get(region, (0,))[0]

@@ -25,9 +25,9 @@ from typing import Any
 
 import orjson
 
-from aggregator.core.contract import Event
+from aggregator.core.contract import Agg, Event
 from aggregator.core.ratelimit import RateLimits
-from aggregator.spill.ledger import SpillLedger, SpillRecord, Split
+from aggregator.spill.ledger import SpillLedger, SpillRecord, Split, spill_agg
 from aggregator.spill.store import SpillStore
 
 log = logging.getLogger("aggregator.spill")
@@ -108,18 +108,20 @@ class PartitionSpill:
         if not first:
             return False
         seq, offset = orjson.loads(first[0])[:2]
-        if seq == e[1] and (offset == e[2] or e[2] < 0):
+        # below a fence the records are of a log that has started over since: their offsets
+        # are not the current log's (``low`` is), and only their sequence numbers tell
+        if seq == e[1] and (offset == e[2] or e[2] < 0 or region in self.ledger.fences):
             return True
         log.error("spill p%d: region %r: the spill on disk starts at record %d (offset %d), the "
                   "backlog at record %d (offset %d): not this backlog's records; re-reading them "
                   "from the source log", self.partition, region, seq, offset, e[1], e[2])
         return False
 
-    def rebuild_add(self, region: str, offset: int, its: int, cts: int | None) -> None:
+    def rebuild_add(self, region: str, offset: int, its: int, cts: int | None, agg: Agg | None = None) -> None:
         lst = self.rebuilding.get(region)
         if lst is None:
             lst = self.rebuilding[region] = []
-        lst.append([0, offset, its, cts])
+        lst.append([0, offset, its, cts] if agg is None else [0, offset, its, cts, spill_agg(agg)])
 
     def rebuild_flush(self, done: bool) -> None:
         """Write what a replayed batch re-spilled; ``done``: the replay reached the state's offset."""
@@ -234,7 +236,15 @@ class PartitionSpill:
         """Take the oldest records of each backlogged region at its rate.
 
         The ledger moves on now; the store acknowledges them in :meth:`acked`."""
+        return self.drain_aggs(limits, now, unlimited)[0]
+
+    def drain_aggs(self, limits: RateLimits, now: float, unlimited: bool = False,
+                   ) -> tuple[list[Event], list[Agg | None] | None]:
+        """:meth:`drain`, with what each event adds to its cell's aggregates (None: no
+        record had it)."""
         events: list[Event] = []
+        aggs: list[Agg | None] = []
+        with_aggs = False
         ledger, store = self.ledger, self.store
         loads = orjson.loads
         self.read_error = None
@@ -261,11 +271,17 @@ class PartitionSpill:
             low = ledger.regions[region][2]
             taken = 0
             for raw in recs[:n]:
-                seq, off, its, cts = loads(raw)
+                rec = loads(raw)
+                seq, off, its, cts = rec[:4]
                 if seq != expect + taken:
                     break  # a record missing (found damaged while draining): see below
                 if its is not None:
                     events.append((region, its, cts))
+                    if len(rec) > 4:
+                        aggs.append(rec[4].encode("latin-1"))
+                        with_aggs = True
+                    else:
+                        aggs.append(None)
                 else:  # a gap: an event lost (log_restarted), counted as such as it drains
                     self.lost += 1
                 taken += 1
@@ -279,7 +295,7 @@ class PartitionSpill:
             next_low = loads(recs[n])[1] if len(recs) > n else -1
             ledger.drained(region, n, next_low)
             self.pending_acks.append((region, n))
-        return events
+        return events, (aggs if with_aggs else None)
 
     def _reread(self, region: str, on_disk: int, low: int) -> None:
         """Records of ``region`` are missing from the disk while it drains (the store found

@@ -212,7 +212,7 @@ class WorkerService:
         batch: Sequence[BookEvent] = events
         n_window = len(events)
         if throttle.limiting and events:
-            limited = throttle.limit(p, events, offsets, self.partitions)
+            limited = throttle.limit(p, events, offsets, self.partitions, aggs)
             if limited is None:
                 p.dedup.undo(remembered)  # offered again later, whole
                 return False  # its repeats are counted when it is applied, once

@@ -87,12 +87,13 @@ class Throttle:
         self._read_errors: dict[int, SpillDiskError] = {}
 
     def limit(self, p: PartitionState, events: list[Event], offsets: list[int],
-              partitions: Partitions) -> tuple[Sequence[BookEvent], int] | None:
+              partitions: Partitions, aggs: Sequence[Agg | None] | None = None,
+              ) -> tuple[Sequence[BookEvent], int] | None:
         """-> (the batch to apply, events of it counted now).  Events over their region's
         rate are written to the spill (fsynced) first and stay in the batch as spilled
         markers: they move stream time, and are counted when drained.  None: the spill
         disk refused the write, nothing of the batch was kept: hold it (:meth:`hold_batch`)."""
-        split = p.spill.ledger.split(events, offsets, self.limits, time.monotonic())
+        split = p.spill.ledger.split(events, offsets, self.limits, time.monotonic(), aggs)
         if split is None:
             return events, len(events)
         t0 = time.perf_counter()
@@ -163,14 +164,14 @@ class Throttle:
         if not p.spill.ledger.total_backlog():
             self._read_errors.pop(p.partition, None)
             return
-        drained = p.spill.drain(self.limits, time.monotonic())
+        drained, aggs = p.spill.drain_aggs(self.limits, time.monotonic())
         if p.spill.read_error is not None:  # that region is read again next time
             self._read_errors[p.partition] = p.spill.read_error
             self.metrics.spill_disk_error("read")
         else:
             self._read_errors.pop(p.partition, None)
         if drained:
-            p.book.apply(drained, p.book.next_offset, now_ms)
+            p.book.apply(drained, p.book.next_offset, now_ms, aggs)
             self.metrics.spill_drained(len(drained))
 
     def report(self, partitions: Partitions) -> None:
@@ -206,7 +207,7 @@ def rebuild_replay(p: PartitionState, decoder: RecordDecoder, records: Sequence[
     replay = records[:bisect_left(records, start, key=_offset)]
     # bad records went to the dead-letter topic the first time: not again
     # events that were too far ahead were late the first time: never re-spilled
-    events, offsets, _, _, ids, _ = decoder.decode(replay, now_ms, p.partition, True, None, max_ts)
+    events, offsets, _, _, ids, aggs = decoder.decode(replay, now_ms, p.partition, True, None, max_ts)
     # a repeat of an event re-spilled here was dropped the first time (core.dedup): not again
     seen = spill.rebuild_ids if ids is not None and p.dedup.horizon_ms else None
     horizon = p.dedup.horizon_ms
@@ -217,7 +218,7 @@ def rebuild_replay(p: PartitionState, decoder: RecordDecoder, records: Sequence[
                 if first is not None and its - first < horizon:
                     continue
                 seen[did] = its
-            spill.rebuild_add(region, offset, its, cts)
+            spill.rebuild_add(region, offset, its, cts, None if aggs is None else aggs[n])
     spill.rebuild_flush(done=records[-1].offset + 1 >= start)
 
 
