@@ -161,10 +161,13 @@ class Throttle:
 
     def drain(self, p: PartitionState, now_ms: int) -> None:
         """Count the oldest spilled events of each backlogged region, at its rate."""
-        if not p.spill.ledger.total_backlog():
+        backlog = p.spill.ledger.total_backlog()
+        if not backlog:
             self._read_errors.pop(p.partition, None)
             return
         drained, aggs = p.spill.drain_aggs(self.limits, time.monotonic())
+        if p.spill.ledger.total_backlog() != backlog:
+            p.book.dirty = True  # the ledger moved (gaps of a lost log drain without events): write it
         if p.spill.read_error is not None:  # that region is read again next time
             self._read_errors[p.partition] = p.spill.read_error
             self.metrics.spill_disk_error("read")

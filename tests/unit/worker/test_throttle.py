@@ -190,3 +190,24 @@ def test_spilled_events_add_their_aggregates_when_drained(tmp_path):
     snap = _aggregated_spill(tmp_path / "b", True)
     assert snap["count"] == 4 and snap["unique_users"] == 3
     assert sorted(u["url"] for u in snap["top_urls"]) == [f"https://x.io/p{i}" for i in range(1, 4)]
+
+
+def test_a_drain_of_gaps_alone_marks_the_state_to_be_written(tmp_path):
+    """Spilled events of a log that started over before they could be re-read are gaps: a
+    drain of nothing but gaps counts no event, yet moves the ledger (and counts them lost):
+    the state must be written, or a crash would count them lost again."""
+    m = Metrics()
+    parts = Partitions(BOOKS, tmp_path / "a", lambda p: None, m)
+    p = parts.open(0)
+    throttle = Throttle(RateLimits(0, "eu=1"), 1 << 30, m)
+    events = [("eu", 1_000 + i, None) for i in range(5)]
+    batch, _ = throttle.limit(p, events, list(range(10, 15)), parts)
+    p.book.apply(batch, 15, 2_000)
+    q = Partitions(BOOKS, tmp_path / "b", recovered(0, p.state_value()), m).open(0)  # the spill is lost
+    assert q.spill.ledger.rebuild == {"eu": 4}
+    assert q.spill.log_restarted() == 0  # the log starts over before any was re-read: 4 gaps, no event
+    q.book.dirty = False
+    throttle.limits = RateLimits(0, "")
+    throttle.drain(q, 3_000)
+    assert q.spill.ledger.total_backlog() == 0 and q.spill.lost == 4
+    assert q.book.dirty
