@@ -166,7 +166,7 @@ class Metrics:
                                  "Partitions not fetched because a batch of theirs waits for the spill disk",
                                  registry=r)
         self._spill_faults = Counter("clickstream_spill_faults",
-                                     "Spill records found damaged on recovery (quarantined, re-read from Kafka), "
+                                     "Spill records found damaged on recovery or while draining (quarantined, re-read), "
                                      "lost (not in Kafka any more), or re-read beyond what was spilled by a rebuild (excess), "
                                      "by kind", ["kind"], registry=r)
         self._rebalancing = Gauge("clickstream_rebalance_seconds",

@@ -233,7 +233,11 @@ class SpillLedger:
         return ack, 0
 
     def rebuilt(self, region: str, records: list[SpillRecord]) -> None:
-        """Records re-spilled from the source log during a rebuild."""
+        """Records re-spilled from the source log during a rebuild; the first of a rebuild of
+        the whole backlog gives its low (the offset it was re-read from is only a bound)."""
+        e = self.regions[region]
+        if records and self.rebuild[region] == e[0] - e[1] and region not in self.fences:
+            e[2] = cast(int, records[0][1])
         self.rebuild[region] -= len(records)
 
     # ---------------------------------------------------------- persistence

@@ -7,8 +7,9 @@ No Faust here; the worker calls these from its batch handler and flush tick:
 * ``acked()``            after the window state holding the drain is durable
 * ``reconcile()``        when the partition is (re)assigned: disk vs ledger
 
-Spill record payload: ``[seq, source_offset, ingest_ts, client_ts_or_null]``
-(orjson), in the region's directory under ``<spill dir>/p<partition>/``; a *gap*
+Spill record payload: ``[seq, source_offset, ingest_ts, client_ts_or_null]`` (orjson; with
+the aggregates on a fifth field, the event's agg header as Latin-1 text, ``ledger.spill_agg``),
+in the region's directory under ``<spill dir>/p<partition>/``; a *gap*
 ``[seq, -1, null, null]`` holds the place of an event lost (``log_restarted``).
 
 A full or failing disk (any ``OSError``) never leaves a batch half-spilled: ``write``
@@ -61,6 +62,8 @@ class PartitionSpill:
         # the source offset to fetch again from: records found missing while draining (``_reread``)
         self.rebuild_from: int | None = None
         self.rebuild_tries = 0
+        self.damaged = 0  # spill records found missing while draining (a fault: reported, then zeroed)
+        self.rebuild_excess = 0  # ``excess`` of the rebuild under way (its closing error line)
         # region -> records at the end of its spill that belong to no committed batch
         # (a failed write's rollback that itself failed): cut off before the next write
         self.uncommitted: dict[str, int] = {}
@@ -133,6 +136,7 @@ class PartitionSpill:
                 # then, or a repeat of an event before the rebuilt range); which ones is not
                 # known, so the count is kept and the last ones are left out, loudly
                 self.excess += len(lst) - want
+                self.rebuild_excess += len(lst) - want
                 del lst[want:]
                 if not lst:
                     continue
@@ -146,11 +150,12 @@ class PartitionSpill:
         if done:
             self.rebuild_ids = {}
             self.rebuild_from, self.rebuild_tries = None, 0
-            if self.excess:
+            if self.rebuild_excess:
                 log.error("spill p%d: the rebuild from the source log re-read %d events more than were "
                           "spilled (too far ahead, or repeats, the first time): the last ones were left "
                           "out, so the count is right but some events may sit in a neighbouring window",
-                          self.partition, self.excess)
+                          self.partition, self.rebuild_excess)
+                self.rebuild_excess = 0
             for region, left in ledger.rebuild.items():
                 if left:
                     # the source no longer has them (retention, or the offset was committed
@@ -185,6 +190,8 @@ class PartitionSpill:
                     ledger.rebuilt(region, gaps)
                     lost += left
             ledger.rebuild = {}
+        self.rebuild_ids = {}
+        self.rebuild_from, self.rebuild_tries = None, 0
         return ledger.log_restarted() - lost
 
     # ---------------------------------------------------------------- input
@@ -243,8 +250,7 @@ class PartitionSpill:
         """:meth:`drain`, with what each event adds to its cell's aggregates (None: no
         record had it)."""
         events: list[Event] = []
-        aggs: list[Agg | None] = []
-        with_aggs = False
+        aggs: list[Agg | None] | None = None
         ledger, store = self.ledger, self.store
         loads = orjson.loads
         self.read_error = None
@@ -262,13 +268,12 @@ class PartitionSpill:
             except OSError as e:  # nothing of this region moves: read again at the next drain
                 self.read_error = SpillDiskError("read", self.partition, region, e)
                 continue
-            short = len(recs) < n
-            if short:
-                log.error("spill p%d: region %r: %d records expected on disk, %d found",
-                          self.partition, region, n, len(recs))
-                n = len(recs)
-            expect = ledger.regions[region][1]  # the sequence number of the oldest undrained record
-            low = ledger.regions[region][2]
+            entry = ledger.regions[region]
+            expect = entry[1]  # the sequence number of the oldest undrained record
+            fence = ledger.fences.get(region)
+            # the offset after the last record taken, of the current log (records below a
+            # fence are of a log that has started over: the ledger's low is the new log's)
+            low = entry[2]
             taken = 0
             for raw in recs[:n]:
                 rec = loads(raw)
@@ -276,45 +281,68 @@ class PartitionSpill:
                 if seq != expect + taken:
                     break  # a record missing (found damaged while draining): see below
                 if its is not None:
+                    if len(rec) > 4 and aggs is None:
+                        aggs = [None] * len(events)
                     events.append((region, its, cts))
-                    if len(rec) > 4:
-                        aggs.append(rec[4].encode("latin-1"))
-                        with_aggs = True
-                    else:
-                        aggs.append(None)
+                    if aggs is not None:
+                        aggs.append(rec[4].encode("latin-1") if len(rec) > 4 else None)
                 else:  # a gap: an event lost (log_restarted), counted as such as it drains
                     self.lost += 1
                 taken += 1
-                low = off + 1
-            if taken < n or short:
-                if taken:
-                    ledger.drained(region, taken, low)
-                    self.pending_acks.append((region, taken))
-                self._reread(region, pending + taken, low)
+                if fence is None or seq >= fence:
+                    low = off + 1
+            after = recs[taken] if len(recs) > taken else None  # what the disk has next
+            next_seq = loads(after)[0] if after is not None else None
+            if taken == n and (n == backlog or next_seq == expect + n):
+                next_low = loads(after)[1] if after is not None else -1
+                ledger.drained(region, n, next_low)
+                self.pending_acks.append((region, n))
                 continue
-            next_low = loads(recs[n])[1] if len(recs) > n else -1
-            ledger.drained(region, n, next_low)
-            self.pending_acks.append((region, n))
-        return events, (aggs if with_aggs else None)
+            # records missing: the store found one damaged (quarantined) or cut a torn tail
+            if taken:
+                ledger.drained(region, taken, low)
+                self.pending_acks.append((region, taken))
+            self._missing(region, pending + taken, entry[0] if next_seq is None else next_seq, low)
+        return events, aggs
 
-    def _reread(self, region: str, on_disk: int, low: int) -> None:
-        """Records of ``region`` are missing from the disk while it drains (the store found
-        one damaged and quarantined it): the undrained ones are cut off the disk and re-read
-        from the source log from ``low`` (the offset after the last one drained), as after a
-        restart that finds a spill damaged: ``rebuild_from`` tells the worker where to seek."""
+    def _missing(self, region: str, on_disk: int, next_seq: int, low: int) -> None:
+        """Records of ``region`` from the next undrained one up to ``next_seq`` (the next on
+        disk) are missing.  Those of a log that has started over cannot be read again: they
+        are lost, loudly, and drained past.  The others are re-read from the source log
+        from ``low`` (the offset after the last one drained), as after a restart that finds
+        a spill damaged: the region's undrained records are cut off the disk and
+        ``rebuild_from`` tells the worker where to seek.  A re-read waits while another
+        rebuild is under way (the next drain finds the records missing again)."""
         ledger = self.ledger
-        self.store.truncate_after(region, on_disk)
-        if region in ledger.fences:  # records of a log that has started over since: not in the source
-            left = ledger.backlog(region)
-            log.error("spill p%d: region %r: %d spilled records of a source log that has started over "
-                      "since are damaged on disk: they are lost", self.partition, region, left)
-            self.lost += left
-            ledger.drained(region, left, -1)
-            return
         e = ledger.regions[region]
+        fence = ledger.fences.get(region)
+        if fence is not None and e[1] < fence:
+            gone = min(next_seq, fence) - e[1]
+            log.error("spill p%d: region %r: %d spilled records of a source log that has started over "
+                      "since are damaged on disk: they are lost", self.partition, region, gone)
+            self.lost += gone
+            self.damaged += gone
+            ledger.drained(region, gone, e[2])
+            return
+        if ledger.rebuild or self.rebuild_from is not None:
+            return
+        if low < 0:
+            log.error("spill p%d: region %r: spilled records are damaged on disk and their source "
+                      "offset is not known: they are lost", self.partition, region)
+            self.lost += ledger.backlog(region)
+            self.damaged += ledger.backlog(region)
+            self.store.truncate_after(region, on_disk, quiet=True)
+            ledger.drained(region, ledger.backlog(region), -1)
+            return
+        try:
+            self.store.truncate_after(region, on_disk)
+        except OSError as exc:  # cut them next time: the drain finds the same records missing
+            self.read_error = SpillDiskError("read", self.partition, region, exc)
+            return
+        self.damaged += next_seq - e[1]
         e[2] = low
         ledger.rebuild[region] = e[0] - e[1]
-        self.rebuild_from = low if self.rebuild_from is None else min(self.rebuild_from, low)
+        self.rebuild_from = low
         log.error("spill p%d: region %r: %d spilled records are damaged or missing on disk; "
                   "re-reading them from the source log from offset %d", self.partition, region,
                   ledger.rebuild[region], low)

@@ -228,7 +228,9 @@ class Partitions:
                 m.spill_fault("lost", p.spill.lost)
             if p.spill.excess > 0:
                 m.spill_fault("excess", p.spill.excess)
-            p.spill.lost = p.spill.excess = 0
+            if p.spill.damaged > 0:
+                m.spill_fault("corrupt", p.spill.damaged)
+            p.spill.lost = p.spill.excess = p.spill.damaged = 0
         m.pending("spill", total_backlog)
         m.pending("publish", sum(len(p.book.outbox) for p in self.owned.values()))
         m.pending("decode", sum(p.lag for p in self.owned.values()))

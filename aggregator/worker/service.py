@@ -291,8 +291,8 @@ class WorkerService:
         throttle = self.throttle
         for p in parts:
             h = throttle.held.get(p.partition)
-            if h is None or h.p is not p:
-                continue
+            if h is None or h.p is not p or p.spill.ledger.rebuild:
+                continue  # (a rebuild under way: its re-spilled records come first)
             while h.batches and self._count(p, h.batches[0], now_ms):
                 h.batches.popleft()
             if not h.batches:

@@ -174,6 +174,8 @@ class Throttle:
         else:
             self._read_errors.pop(p.partition, None)
         if drained:
+            if aggs is None and p.book.aggs is not None:  # their client delays, at least
+                aggs = [None] * len(drained)
             p.book.apply(drained, p.book.next_offset, now_ms, aggs)
             self.metrics.spill_drained(len(drained))
 
@@ -196,6 +198,9 @@ class Throttle:
             self.limits.forget_full(now)
         self.metrics.backpressure(self.hold or bool(self.held))
         self.metrics.spill_held(len(self.held))
+
+
+REBUILD_IDS_PRUNE = 100_000  # dedup ids a rebuild holds before it forgets those a horizon old
 
 
 def rebuild_replay(p: PartitionState, decoder: RecordDecoder, records: Sequence[Record], start: int,
@@ -222,6 +227,12 @@ def rebuild_replay(p: PartitionState, decoder: RecordDecoder, records: Sequence[
                     continue
                 seen[did] = its
             spill.rebuild_add(region, offset, its, cts, None if aggs is None else aggs[n])
+    if seen is not None and len(seen) > REBUILD_IDS_PRUNE:  # bounded: ids a horizon old no longer match
+        newest = max(seen.values())
+        kept = {did: its for did, its in seen.items() if newest - its < horizon}
+        if len(kept) > p.dedup.max_ids:  # as the dedup store, at most max_ids: the newest
+            kept = dict(sorted(kept.items(), key=lambda kv: kv[1])[-p.dedup.max_ids:])
+        spill.rebuild_ids = kept
     spill.rebuild_flush(done=records[-1].offset + 1 >= start)
 
 

@@ -239,6 +239,54 @@ def test_a_record_missing_among_the_drained_ones_does_not_shift_the_backlog(tmp_
     assert sp_b.drain(limits, now=9.0, unlimited=True) == [ev("hot", i) for i in range(6, 10)]
 
 
+def _damage(tmp_path: Path, split, index: int) -> None:
+    """Flip the last payload byte of the ``index``-th spill record of ``split`` on disk."""
+    seg = sorted((tmp_path / "p0").rglob("*.seg"))[0]
+    sizes = [len(encode_record(orjson.dumps(r))) for r in split.spills["hot"]]
+    with open(seg, "r+b") as f:
+        f.seek(sum(sizes[:index + 1]) - 1)
+        last = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([last[0] ^ 0xFF]))
+
+
+def test_a_damaged_record_read_ahead_by_a_rate_limited_drain_keeps_the_low(tmp_path):
+    """A drain at the rate takes records 0-2 and reads one more for the next low: record 3
+    (offset 6) is the damaged one, so the record it reads is record 4 (offset 7).  The low
+    stays 6, and offset 6 is re-read from the source: nothing lost, nothing committed past."""
+    limits = RateLimits(0, {"hot": 3})
+    led = SpillLedger()
+    sp = PartitionSpill(tmp_path, 0, led, fsync=False)
+    split = led.split([ev("hot", i) for i in range(10)], list(range(10)), limits, now=0.0)
+    sp.write(split)  # offsets 3-9 spilled as records 0-6
+    _damage(tmp_path, split, 3)
+    assert sp.drain(limits, now=1.0) == [ev("hot", i) for i in (3, 4, 5)]
+    assert led.low_offset(10) == 6 and sp.rebuild_from == 6 and led.rebuild == {"hot": 4}
+    sp.acked()
+    for off in range(6, 10):
+        sp.rebuild_add("hot", off, off, None)
+    sp.rebuild_flush(done=True)
+    assert sp.lost == 0 and sp.drain(limits, now=9.0, unlimited=True) == [ev("hot", i) for i in range(6, 10)]
+
+
+def test_a_damaged_record_of_a_log_that_started_over_is_lost_alone(tmp_path):
+    """Records 0-6 are of a log that has started over (below the fence), 7-9 of the new one;
+    record 0 is damaged: it alone is lost (nothing has it any more), the rest drain."""
+    limits = RateLimits(0, {"hot": 3})
+    led = SpillLedger()
+    sp = PartitionSpill(tmp_path, 0, led, fsync=False)
+    split = led.split([ev("hot", i) for i in range(10)], list(range(10)), limits, now=0.0)
+    sp.write(split)
+    assert sp.log_restarted() == 7 and led.fences == {"hot": 7}
+    sp.write(led.split([ev("hot", i) for i in range(10, 13)], [0, 1, 2], limits, now=0.0))
+    _damage(tmp_path, split, 0)
+    assert sp.drain(limits, now=9.0, unlimited=True) == []
+    assert sp.lost == 1 and led.backlog("hot") == 9 and not led.rebuild
+    sp.acked()
+    assert sp.drain(limits, now=9.0, unlimited=True) == [ev("hot", i) for i in (*range(4, 10), *range(10, 13))]
+    assert led.total_backlog() == 0 and sp.lost == 1
+
+
 def test_a_record_damaged_while_draining_is_re_read_from_the_source(tmp_path):
     """Record 3 (offset 6) is damaged on disk after it was written: the drain takes records
     0-2, then cuts the rest off the disk and asks for the source from offset 6 on."""
