@@ -36,6 +36,8 @@ class RegionCap:
         if region in seen:
             seen[region] = now_ms
             return region
+        if region == OTHER_REGION:  # counted as such already (ingest's cap): it takes no place
+            return region
         if len(seen) >= self.max_regions and now_ms >= self._next_sweep:
             self._next_sweep = now_ms + SWEEP_EVERY_MS
             self.forget_idle(now_ms)

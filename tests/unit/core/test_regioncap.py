@@ -29,3 +29,12 @@ def test_a_full_cap_looks_for_idle_regions_at_most_once_a_second():
     assert cap.admit("b", 50) == OTHER_REGION   # swept at 50: a not idle yet
     assert cap.admit("b", 500) == OTHER_REGION  # a is idle now, but the next sweep is at 1050
     assert cap.admit("b", 1_050) == "b"
+
+
+def test_events_already_counted_as_other_take_no_place():
+    """Records ingest keyed ``__other__`` (its own cap) may come first: they are counted as
+    ``__other__`` and leave the places to named regions."""
+    cap = RegionCap(1, idle_ms=60_000)
+    assert cap.admit(OTHER_REGION, 0) == OTHER_REGION
+    assert cap.admit("a", 1) == "a" and cap.admit("b", 2) == OTHER_REGION
+    assert set(cap.seen) == {"a"}
