@@ -100,8 +100,8 @@ class WindowBook:
     # ------------------------------------------------------------------ input
     def canonical_region(self, region: str) -> str:
         """The region as counted: beyond ``max_regions`` it is ``__other__``."""
-        if region in self.last_seen or len(self.last_seen) < self.max_regions:
-            return region
+        if region in self.last_seen or len(self.last_seen) - (OTHER_REGION in self.last_seen) < self.max_regions:
+            return region  # (``__other__`` itself takes no place)
         return OTHER_REGION
 
     def apply(self, events: Iterable[BookEvent], next_offset: int, now_ms: int,

@@ -245,10 +245,11 @@ class PartitionSpill:
         The ledger moves on now; the store acknowledges them in :meth:`acked`."""
         return self.drain_aggs(limits, now, unlimited)[0]
 
-    def drain_aggs(self, limits: RateLimits, now: float, unlimited: bool = False,
+    def drain_aggs(self, limits: RateLimits, now: float, unlimited: bool = False, reread: bool = True,
                    ) -> tuple[list[Event], list[Agg | None] | None]:
         """:meth:`drain`, with what each event adds to its cell's aggregates (None: no
-        record had it)."""
+        record had it).  ``reread`` False: records found missing wait to be re-read (the
+        partition holds batches for the spill disk, which must be applied first)."""
         events: list[Event] = []
         aggs: list[Agg | None] | None = None
         ledger, store = self.ledger, self.store
@@ -302,10 +303,10 @@ class PartitionSpill:
             if taken:
                 ledger.drained(region, taken, low)
                 self.pending_acks.append((region, taken))
-            self._missing(region, pending + taken, entry[0] if next_seq is None else next_seq, low)
+            self._missing(region, pending + taken, entry[0] if next_seq is None else next_seq, low, reread)
         return events, aggs
 
-    def _missing(self, region: str, on_disk: int, next_seq: int, low: int) -> None:
+    def _missing(self, region: str, on_disk: int, next_seq: int, low: int, reread: bool = True) -> None:
         """Records of ``region`` from the next undrained one up to ``next_seq`` (the next on
         disk) are missing.  Those of a log that has started over cannot be read again: they
         are lost, loudly, and drained past.  The others are re-read from the source log
@@ -324,7 +325,7 @@ class PartitionSpill:
             self.damaged += gone
             ledger.drained(region, gone, e[2])
             return
-        if ledger.rebuild or self.rebuild_from is not None:
+        if ledger.rebuild or self.rebuild_from is not None or not reread:
             return
         if low < 0:
             log.error("spill p%d: region %r: spilled records are damaged on disk and their source "

@@ -150,6 +150,10 @@ class SpillStore(RecoveryMixin):
                   pos, seg.size)
         r.size_total -= seg.size - pos
         seg.size = pos
+        try:  # cut the file there too: what is appended next (a re-read's records) must follow
+            os.truncate(seg.path, pos)  # the good records, not the damaged bytes (appends are O_APPEND)
+        except OSError as e:
+            log.error("spill: region %r: cutting %s at offset %d failed: %s", r.name, seg.path, pos, e)
         r.backlog = self._count(r)
 
     def _count(self, r: _Region) -> int:

@@ -165,7 +165,8 @@ class Throttle:
         if not backlog:
             self._read_errors.pop(p.partition, None)
             return
-        drained, aggs = p.spill.drain_aggs(self.limits, time.monotonic())
+        # a re-read of missing records waits for batches held here (their seek back would skip them)
+        drained, aggs = p.spill.drain_aggs(self.limits, time.monotonic(), reread=not self.held_here(p))
         if p.spill.ledger.total_backlog() != backlog:
             p.book.dirty = True  # the ledger moved (gaps of a lost log drain without events): write it
         if p.spill.read_error is not None:  # that region is read again next time

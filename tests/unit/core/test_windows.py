@@ -119,6 +119,12 @@ def test_a_region_back_after_idle_gets_its_zero_count_snapshots_again():
     assert got[("eu", T0 + 9 * W)]["count"] == got[("eu", T0 + 11 * W)]["count"] == 1
 
 
+def test_events_already_counted_as_other_take_no_place_in_the_book():
+    b = book(max_regions=1)
+    b.apply([(OTHER_REGION, T0, None), ("y", T0 + 1, None), ("z", T0 + 2, None)], 3, 0)
+    assert b.open_total() == {OTHER_REGION: 2, "y": 1}
+
+
 def test_backlog_after_downtime_lands_in_its_own_windows():
     """Records read late (after a restart) carry their ingest time: they fill
     their own windows, which close as stream time passes them, none late."""

@@ -287,6 +287,35 @@ def test_a_damaged_record_of_a_log_that_started_over_is_lost_alone(tmp_path):
     assert led.total_backlog() == 0 and sp.lost == 1
 
 
+def test_a_damaged_record_header_is_cut_off_so_the_re_read_follows_the_good_records(tmp_path):
+    """A bit flipped in record 3's length field reads as a torn tail: the file is cut there,
+    so the re-read's records (appended before the drained ones are acknowledged) follow the
+    good records, not the damaged bytes; and while the partition holds batches for the spill
+    disk, the re-read waits."""
+    limits = RateLimits(0, {"hot": 3})
+    led = SpillLedger()
+    sp = PartitionSpill(tmp_path, 0, led, fsync=False)
+    split = led.split([ev("hot", i) for i in range(10)], list(range(10)), limits, now=0.0)
+    sp.write(split)
+    seg = sorted((tmp_path / "p0").rglob("*.seg"))[0]
+    sizes = [len(encode_record(orjson.dumps(r))) for r in split.spills["hot"]]
+    with open(seg, "r+b") as f:
+        f.seek(sum(sizes[:3]))
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x01]))
+    assert sp.drain_aggs(limits, now=9.0, unlimited=True, reread=False)[0] == [ev("hot", i) for i in (3, 4, 5)]
+    assert not led.rebuild and sp.rebuild_from is None  # held batches first
+    assert sp.drain(limits, now=9.0, unlimited=True) == []
+    assert led.rebuild == {"hot": 4} and sp.rebuild_from == 6
+    for off in range(6, 10):
+        sp.rebuild_add("hot", off, off, None)
+    sp.rebuild_flush(done=True)
+    sp.acked()
+    assert sp.drain(limits, now=10.0, unlimited=True) == [ev("hot", i) for i in range(6, 10)]
+    assert not led.rebuild and led.total_backlog() == 0
+
+
 def test_a_record_damaged_while_draining_is_re_read_from_the_source(tmp_path):
     """Record 3 (offset 6) is damaged on disk after it was written: the drain takes records
     0-2, then cuts the rest off the disk and asks for the source from offset 6 on."""
