@@ -21,8 +21,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -201,7 +200,7 @@ class IngestHandler:
                 mark = sent
 
     @staticmethod
-    def _ids(events: list[Event], kh: int | None, indices: list[int] | None) -> Sequence[bytes | None] | None:
+    def _ids(events: list[Event], kh: int | None, indices: list[int] | None) -> list[bytes | None] | None:
         """The dedup id of each event as its ingest header carries it (core.dedup.id_field):
         its ``event_id`` (with its region, the record's key), else (the request's
         ``Idempotency-Key``, its index in the body); None: no event has one.  A keyed
@@ -209,7 +208,7 @@ class IngestHandler:
         eids = [ev.event_id for ev in events]
         keyed = None if kh is None or indices is None else key_id_fields(kh, indices)
         if keyed is not None and eids.count(None) == len(eids):
-            return keyed
+            return cast(list[bytes | None], keyed)
         ids: list[bytes | None] | None = None
         for n, eid in enumerate(eids):
             if eid is not None:
@@ -243,7 +242,7 @@ class IngestHandler:
 
     async def _submit(self, events: list[Event], ingest_ts: int, per_region: dict[str, int],
                       waits: set[asyncio.Future], traceparent: bytes | None = None,
-                      ids: Sequence[bytes | None] | None = None) -> None:
+                      ids: list[bytes | None] | None = None) -> None:
         """Append ``events`` to the open record batches of ``clicks``; their delivery futures
         go into ``waits``.  A record's value is serialised as it is appended (so the
         serialised form of a slice never lives at once); with a ``traceparent`` (a sampled
@@ -260,12 +259,11 @@ class IngestHandler:
         for n, ev in enumerate(events):
             region = ev.region
             entry = by_region.get(region)
-            did = None if ids is None else ids[n]
             if entry is None:
                 region = self._region(region, ingest_ts)
                 if region is OTHER_REGION:
-                    if did is not None:  # an event id keeps the region it came with (core.dedup)
-                        did = other_region_id(did, ev.region)
+                    if ids is not None and (did := ids[n]) is not None:  # an event id keeps its region
+                        ids[n] = other_region_id(did, ev.region)  # (core.dedup; idempotent)
                     ev.region = region
                 entry = by_region.get(region)
                 if entry is None:
@@ -273,7 +271,7 @@ class IngestHandler:
             ev.ingest_ts = ingest_ts
             entry[0].append(ev)
             if ids is not None:
-                entry[1].append(did)  # type: ignore[union-attr]
+                entry[1].append(ids[n])  # type: ignore[union-attr]
         records = Records(ingest_ts, traceparent, self.agg)
         mark, deadline = batcher.progress(), time.monotonic() + INGEST_TIMEOUT_S
         while True:

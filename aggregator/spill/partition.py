@@ -63,7 +63,6 @@ class PartitionSpill:
         self.rebuild_from: int | None = None
         self.rebuild_tries = 0
         self.damaged = 0  # spill records found missing while draining (a fault: reported, then zeroed)
-        self.rebuild_excess = 0  # ``excess`` of the rebuild under way (its closing error line)
         # region -> records at the end of its spill that belong to no committed batch
         # (a failed write's rollback that itself failed): cut off before the next write
         self.uncommitted: dict[str, int] = {}
@@ -135,8 +134,11 @@ class PartitionSpill:
                 # more than were spilled: events the first pass did not spill (too far ahead
                 # then, or a repeat of an event before the rebuilt range); which ones is not
                 # known, so the count is kept and the last ones are left out, loudly
+                log.error("spill p%d: region %r: the rebuild from the source log re-read %d events more "
+                          "than were spilled (too far ahead, or repeats, the first time): the last ones "
+                          "were left out, so the count is right but some events may sit in a neighbouring "
+                          "window", self.partition, region, len(lst) - want)
                 self.excess += len(lst) - want
-                self.rebuild_excess += len(lst) - want
                 del lst[want:]
                 if not lst:
                     continue
@@ -150,12 +152,6 @@ class PartitionSpill:
         if done:
             self.rebuild_ids = {}
             self.rebuild_from, self.rebuild_tries = None, 0
-            if self.rebuild_excess:
-                log.error("spill p%d: the rebuild from the source log re-read %d events more than were "
-                          "spilled (too far ahead, or repeats, the first time): the last ones were left "
-                          "out, so the count is right but some events may sit in a neighbouring window",
-                          self.partition, self.rebuild_excess)
-                self.rebuild_excess = 0
             for region, left in ledger.rebuild.items():
                 if left:
                     # the source no longer has them (retention, or the offset was committed
@@ -327,18 +323,18 @@ class PartitionSpill:
             return
         if ledger.rebuild or self.rebuild_from is not None or not reread:
             return
-        if low < 0:
-            log.error("spill p%d: region %r: spilled records are damaged on disk and their source "
-                      "offset is not known: they are lost", self.partition, region)
-            self.lost += ledger.backlog(region)
-            self.damaged += ledger.backlog(region)
-            self.store.truncate_after(region, on_disk, quiet=True)
-            ledger.drained(region, ledger.backlog(region), -1)
-            return
         try:
             self.store.truncate_after(region, on_disk)
         except OSError as exc:  # cut them next time: the drain finds the same records missing
             self.read_error = SpillDiskError("read", self.partition, region, exc)
+            return
+        if low < 0:
+            left = ledger.backlog(region)
+            log.error("spill p%d: region %r: %d spilled records are damaged on disk and their source "
+                      "offset is not known: they are lost", self.partition, region, left)
+            self.lost += left
+            self.damaged += left
+            ledger.drained(region, left, -1)
             return
         self.damaged += next_seq - e[1]
         e[2] = low
