@@ -136,6 +136,9 @@ class Metrics:
         self._state_write_failures = Counter("clickstream_state_write_failures",
                                              "Window-state writes to the changelog the broker did not acknowledge "
                                              "(per partition and attempt; retried)", registry=r)
+        self._snapshot_publish_failures = Counter("clickstream_snapshot_publish_failures",
+                                                  "Snapshot publications to click-snapshots the broker did not "
+                                                  "acknowledge (per partition and attempt; retried)", registry=r)
         self._source_log_resets = Counter("clickstream_source_log_resets",
                                           "Times a partition of clicks was found to have started over (topic "
                                           "recreated, broker back empty); its new log is counted from its start",
@@ -319,6 +322,10 @@ class Metrics:
     def state_write_failed(self, partitions: int) -> None:
         """The broker did not acknowledge the window state of ``partitions`` partitions."""
         self._state_write_failures.inc(partitions)
+
+    def snapshot_publish_failed(self, partitions: int) -> None:
+        """The broker did not acknowledge the snapshots of ``partitions`` partitions."""
+        self._snapshot_publish_failures.inc(partitions)
 
     def source_log_reset(self, partition: int) -> None:
         """A partition of ``clicks`` started over under the worker (core.sourcelog)."""

@@ -176,10 +176,15 @@ class Checkpointer:
         done = [w for w, e in outcome if e is None]
         if failed:
             self._failed(failed, _failure(failed[0].futures) or RuntimeError("state write failed"))
-        elif self.failing is not None:
-            log.warning("window state acknowledged again: offsets and snapshots move on")
+        refused = await self._publish(producer, done)
+        if refused is not None:
+            if self.failing is None:
+                log.error("snapshots not acknowledged by the broker (%r): they stay in the window state and are "
+                          "sent again every checkpoint", refused)
+            self.failing = f"snapshot publishing failing: {refused!r}"
+        elif not failed and self.failing is not None:
+            log.warning("window state and snapshots acknowledged again: offsets and snapshots move on")
             self.failing = None
-        await self._publish(producer, done)
 
     def _failed(self, writes: Sequence[_Write], error: BaseException) -> None:
         for w in writes:
@@ -193,10 +198,16 @@ class Checkpointer:
         self.failing = f"window state writes failing: {error!r}"
         self.metrics.state_write_failed(len(writes))
 
-    async def _publish(self, producer: Producer, done: Sequence[_Write]) -> None:
+    async def _publish(self, producer: Producer, done: Sequence[_Write]) -> BaseException | None:
         """The states in ``done`` are durable: offsets may be committed, drained spill
-        records deleted, and their outboxes published."""
-        published: list[tuple[WindowBook, list[Snapshot]]] = []
+        records deleted, and their outboxes published.  Every durable state is taken as
+        such first (its slot, its records, its offsets), whatever the snapshots do after.
+        A snapshot the broker refuses keeps its book's outbox as it is: the state (which
+        holds the outbox) is written again at the next checkpoint and the snapshots sent
+        again, identical (a consumer of ``click-snapshots`` may see one twice, as after a
+        crash); until then ``/readyz`` says why and the failure is counted.  Returns the first
+        refusal, or None."""
+        sending: list[tuple[WindowBook, list[Snapshot]]] = []
         t0 = time.perf_counter()
         for w in done:
             p = w.p
@@ -206,22 +217,39 @@ class Checkpointer:
             if w.aggs is not None and p.book.aggs is not None:
                 p.book.aggs.confirm(w.aggs)
             p.spill.acked()  # drained records are counted in durable state
-            if w.n_out:
-                snaps = p.book.outbox[:w.n_out]
-                for snap in snaps:
-                    await producer.send(SNAPSHOTS, snap["region"].encode(), orjson.dumps(snap), None, None, None)
-                published.append((p.book, snaps))
             self.mark_safe(p.partition, w.offset)
             if w.repart_offset and self.mark_safe_forwarded is not None:
                 self.mark_safe_forwarded(p.partition, w.repart_offset)
-        if published:
+            if w.n_out:
+                sending.append((p.book, p.book.outbox[:w.n_out]))
+        if not sending:
+            return None
+        futures = [[await _send(producer, SNAPSHOTS, s["region"].encode(), orjson.dumps(s), None)
+                    for s in snaps] for _, snaps in sending]
+        try:
             await producer.flush()
-            out = [s for _, snaps in published for s in snaps]
-            self.metrics.published(out, t0)
-            for sink in self.sinks:
-                try:
-                    sink(out)
-                except Exception:  # a view of the snapshots never stops publishing
-                    log.exception("snapshot sink %r failed", sink)
-            for book, snaps in published:
-                book.published(len(snaps))
+        except Exception:  # noqa: BLE001 - the futures say what was not acknowledged
+            pass
+        published: list[tuple[WindowBook, list[Snapshot]]] = []
+        error: BaseException | None = None
+        for (book, snaps), futs in zip(sending, futures, strict=True):
+            failed = _failure(futs)
+            if failed is None:
+                published.append((book, snaps))
+            else:
+                error = error or failed
+                book.dirty = True  # its state (with the outbox) and the snapshots go again next time
+        if error is not None:
+            self.metrics.snapshot_publish_failed(len(sending) - len(published))
+        if not published:
+            return error
+        out = [s for _, snaps in published for s in snaps]
+        self.metrics.published(out, t0)
+        for sink in self.sinks:
+            try:
+                sink(out)
+            except Exception:  # a view of the snapshots never stops publishing
+                log.exception("snapshot sink %r failed", sink)
+        for book, snaps in published:
+            book.published(len(snaps))
+        return error

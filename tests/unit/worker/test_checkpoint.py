@@ -83,9 +83,9 @@ def test_order_of_a_checkpoint(tmp_path):
         ("send", STATE_CHANGELOG, *header),   # the header that names them,
         ("flush",),                           # state durable before anything depends on it:
         ("confirmed", 0, len(chunks) + 1),
-        ("send", SNAPSHOTS, b"eu", orjson.dumps(outbox[0])),  # its snapshots go out,
+        ("safe", 0, 3),                       # the offset it holds may be committed,
+        ("send", SNAPSHOTS, b"eu", orjson.dumps(outbox[0])),  # its snapshots go out
         ("send", SNAPSHOTS, b"us", orjson.dumps(outbox[1])),
-        ("safe", 0, 3),                       # the offset it holds may be committed
         ("flush",),
     ]
     assert state_of(log, 0)["next_offset"] == 3 and a.state_slot == 0
@@ -162,3 +162,53 @@ def test_refused_dead_letters_hold_every_commit_and_are_sent_again(tmp_path):
     cp.test_producer.refused.clear()
     asyncio.run(cp.checkpoint([p]))
     assert ("safe", 0, 1) in log and cp.dead == [] and cp.failing is None
+
+
+def test_refused_snapshots_stay_in_the_outbox_and_are_sent_again(tmp_path):
+    cp, parts, log, seen, m = setup(tmp_path)
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)  # closes [1000, 2000)
+    cp.test_producer.refused.add(SNAPSHOTS)
+    asyncio.run(cp.checkpoint([p]))
+    assert ("safe", 0, 2) in log and p.state_slot == 0  # the state itself is durable
+    assert [(s["region"], s["count"]) for s in p.book.outbox] == [("eu", 1)] and seen == []
+    assert p.book.dirty  # written again (with its outbox) at the next checkpoint
+    assert cp.failing and "snapshot" in cp.failing and "MessageSizeTooLarge" in cp.failing
+    assert m.registry.get_sample_value("clickstream_snapshot_publish_failures_total") == 1
+    assert not m.registry.get_sample_value("clickstream_snapshots_published_total")
+    asyncio.run(cp.checkpoint([p]))  # still refused
+    assert len(p.book.outbox) == 1 and state_of(log, 0)["outbox"] == p.book.outbox
+    assert m.registry.get_sample_value("clickstream_snapshot_publish_failures_total") == 2
+
+    cp.test_producer.refused.clear()
+    log.clear()
+    asyncio.run(cp.checkpoint([p]))
+    sent = [orjson.loads(e[3]) for e in log if e[0] == "send" and e[1] == SNAPSHOTS]
+    assert [(s["region"], s["window_start"], s["count"]) for s in sent] == [("eu", 1000, 1)]
+    assert seen == sent and p.book.outbox == [] and cp.failing is None
+    assert m.registry.get_sample_value("clickstream_snapshots_published_total") == 1
+
+
+def test_a_snapshot_send_that_raises_leaves_every_durable_state_taken(tmp_path):
+    """A send raising at once (aiokafka's metadata timeout) after the headers are durable:
+    every partition's new slot is taken, so its next state goes to the other slot (writing
+    into the slot a durable header names would leave a state that cannot be read after a
+    crash before the next header)."""
+    cp, parts, log, seen, _ = setup(tmp_path)
+    producer = cp.test_producer
+    send = producer.send
+
+    async def raising(topic, key, value, partition, timestamp, headers):
+        if topic == SNAPSHOTS:
+            raise RuntimeError("KafkaTimeoutError: no metadata for click-snapshots")
+        return await send(topic, key, value, partition, timestamp, headers)
+
+    producer.send = raising
+    a, b = parts.open(0), parts.open(1)
+    a.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)  # closes a window: snapshots
+    b.book.apply([("us", 1_000, None)], 1, 1_000)
+    asyncio.run(cp.checkpoint([a, b]))
+    assert a.state_slot == 0 and b.state_slot == 0
+    assert ("safe", 0, 2) in log and ("safe", 1, 1) in log
+    assert len(a.book.outbox) == 1 and a.book.dirty and not b.book.dirty and seen == []
+    assert cp.failing and "KafkaTimeoutError" in cp.failing
