@@ -346,7 +346,7 @@ class WorkerService:
         partitions = self.partitions
         if only is None:
             self._sync_assignment()
-        fetching = not self.throttle.hold and not app.rebalancing
+        fetching = not self._holding() and not app.rebalancing
         parts = [p for p in partitions if only is None or p.partition in only]
         if self.throttle.held:
             self._retry_held(parts, now_ms)
@@ -368,7 +368,7 @@ class WorkerService:
                 book.advance_to(target)
             if moving and self._reread_due(p, now_ms, hw):
                 await self.kafka.seek(p.partition, p.reread(now_ms))
-        self.throttle.report(partitions)
+        self.throttle.report(partitions, self.checkpointer.failing is not None)  # as of the last checkpoint
         partitions.report()
         await self.checkpointer.checkpoint(parts)
 
@@ -408,7 +408,10 @@ class WorkerService:
         return position is not None and position >= p.book.next_offset
 
     def _holding(self) -> bool:
-        return self.throttle.hold and not self.app.rebalancing
+        """Whether the consumer fetches nothing: the spill is over its bound, or the broker
+        refuses the checkpoint's writes (state, forwards, dead letters or snapshots: what a
+        fetch adds would only pile up in memory until they are acknowledged again)."""
+        return (self.throttle.hold or self.checkpointer.failing is not None) and not self.app.rebalancing
 
     async def _on_revoked(self, app: object, revoked: set[TP], **kwargs: object) -> None:
         self.metrics.rebalanced()

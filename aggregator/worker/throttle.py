@@ -180,8 +180,10 @@ class Throttle:
             p.book.apply(drained, p.book.next_offset, now_ms, aggs)
             self.metrics.spill_drained(len(drained))
 
-    def report(self, partitions: Partitions) -> None:
-        """Per tick: tallies to metrics, and release the hold once the spill has drained."""
+    def report(self, partitions: Partitions, writes_failing: bool = False) -> None:
+        """Per tick: tallies to metrics, and release the hold once the spill has drained
+        (``writes_failing``: the worker does not fetch either, until a checkpoint's writes
+        are acknowledged)."""
         if self.spilled or self.rate_limited:
             self.metrics.limited(self.spilled, self.rate_limited)
             self.spilled, self.rate_limited = {}, {}
@@ -197,7 +199,7 @@ class Throttle:
         if now >= self._next_bucket_sweep:  # buckets stay those of regions being limited
             self._next_bucket_sweep = now + BUCKET_SWEEP_SECONDS
             self.limits.forget_full(now)
-        self.metrics.backpressure(self.hold or bool(self.held))
+        self.metrics.backpressure(self.hold or bool(self.held) or writes_failing)
         self.metrics.spill_held(len(self.held))
 
 

@@ -71,6 +71,30 @@ def test_a_spill_over_its_limit_holds_consumption_until_it_drains(tmp_path):
     assert not throttle.hold and value(m, "clickstream_backpressure") == 0
 
 
+def test_failing_checkpoint_writes_hold_consumption_until_acknowledged(tmp_path):
+    """While the broker refuses the checkpoint's writes (state, forwards, snapshots) the
+    worker fetches nothing (else the forward queue and the outbox grow with every fetch)
+    and says so in ``clickstream_backpressure``."""
+    from types import SimpleNamespace
+
+    from aggregator.worker.service import WorkerService
+
+    m = Metrics()
+    throttle = Throttle(RateLimits(0, ""), 1 << 30, m)
+    parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
+    w = SimpleNamespace(throttle=throttle, checkpointer=SimpleNamespace(failing="window state writes failing: x"),
+                        app=SimpleNamespace(rebalancing=False))
+    assert WorkerService._holding(w)  # type: ignore[arg-type]
+    throttle.report(parts, writes_failing=True)
+    assert value(m, "clickstream_backpressure") == 1
+    w.app.rebalancing = True  # a rebalance's recovery reads on (changelog)
+    assert not WorkerService._holding(w)  # type: ignore[arg-type]
+    w.app.rebalancing, w.checkpointer.failing = False, None
+    assert not WorkerService._holding(w)  # type: ignore[arg-type]
+    throttle.report(parts)
+    assert value(m, "clickstream_backpressure") == 0
+
+
 def test_skip_applied_keeps_records_from_the_state_offset_on():
     recs = fetched([(b"eu", b"{}", [])] * 5, base=10)
     assert [r.offset for r in skip_applied(recs, 12)] == [12, 13, 14]
