@@ -377,6 +377,14 @@ class Metrics:
     def partition_lag(self, partition: int, lag: int) -> None:
         self._consumer_lag.labels(str(partition)).set(lag)
 
+    def partition_gone(self, partition: int) -> None:
+        """The partition is no longer this worker's: its lag is its new owner's to say (a
+        stale series would keep a lag alert firing and add to a summed lag)."""
+        try:
+            self._consumer_lag.remove(str(partition))
+        except KeyError:  # never reported here
+            pass
+
     def backpressure(self, on: bool) -> None:
         self._backpressure.set(1 if on else 0)
 

@@ -203,6 +203,7 @@ class Partitions:
         p = self.owned.pop(partition, None)
         if p is not None:
             p.spill.close()  # stays on disk; the next owner reconciles or re-reads it
+            self.metrics.partition_gone(partition)
 
     def keep_only(self, assigned: set[int]) -> None:
         """A batch fetched before a rebalance can arrive after the revoke: the state it

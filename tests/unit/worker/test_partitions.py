@@ -62,6 +62,19 @@ def test_report_sets_lag_outbox_and_assignment_gauges(tmp_path):
     assert sample(m, "clickstream_assigned_partitions") == 2
 
 
+def test_a_partition_given_up_drops_its_lag_series(tmp_path):
+    m = Metrics()
+    parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
+    parts.open(0), parts.open(1)
+    m.partition_lag(0, 40)
+    m.partition_lag(1, 3)
+    parts.keep_only({1})  # partition 0 moved to another worker: its lag is the new owner's
+    assert sample(m, "clickstream_consumer_lag", partition="0") is None
+    assert sample(m, "clickstream_consumer_lag", partition="1") == 3
+    parts.forget(1)
+    assert sample(m, "clickstream_consumer_lag", partition="1") is None
+
+
 def test_the_source_stamp_is_stored_and_a_recovered_state_must_be_checked_before_commits(tmp_path):
     # core.sourcelog: the broker timestamp of the record at next_offset - 1 travels with the
     # state; a recovered book's offsets are not committed until a batch showed the log is
