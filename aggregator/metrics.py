@@ -157,6 +157,10 @@ class Metrics:
                                                   2.5))
         self._consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"],
                                    registry=r)
+        self._clock_ahead = Gauge("clickstream_worker_clock_ahead_seconds",
+                                  "How far this worker's clock runs ahead of the stamps of the records it "
+                                  "reads at the end of their partitions, when over AGG_MAX_AHEAD_SECONDS "
+                                  "(0: within it); taken off the clock that closes quiet windows", registry=r)
         self._backpressure = Gauge("clickstream_backpressure",
                                    "1 while consumption is paused because the spill reached AGG_SPILL_MAX_BYTES "
                                    "or partitions wait for a spill disk that refuses writes",
@@ -384,6 +388,9 @@ class Metrics:
             self._consumer_lag.remove(str(partition))
         except KeyError:  # never reported here
             pass
+
+    def clock_ahead(self, ms: int) -> None:
+        self._clock_ahead.set(ms / 1000)
 
     def backpressure(self, on: bool) -> None:
         self._backpressure.set(1 if on else 0)

@@ -34,6 +34,52 @@ def advance_target(now_ms: int, last_record_ms: int | None, highwater: int | Non
     return now_ms - ADVANCE_SLACK_MS if caught_up else None
 
 
+SKEW_SPAN_MS = 30_000  # the least lag of caught-up batches is taken per span of this length
+
+
+class ClockSkew:
+    """How far this worker's clock runs ahead of the time its records were stamped with
+    (ingest's clock, or the broker's), seen from caught-up batches: a batch that reaches
+    the end of its partition was written just before it was fetched, so the wall clock
+    minus its newest stamp is the write-to-fetch latency -- or, when that stays over the
+    tolerance (``AGG_MAX_AHEAD_SECONDS``), a clock ahead.  A quiet partition's stream time
+    follows the wall clock (``advance_target``); a clock an hour ahead would close sixty
+    windows early and make every event after it late.  Taken off the wall clock there,
+    the lead keeps windows on the records' time.
+
+    The lead is the least lag seen in the current and the previous span (a fresh record
+    shows at once that the clocks agree again) and is only taken once both spans saw a
+    caught-up batch: a worker that starts and reads the last records of a partition
+    written long ago sees a large lag once, not for two spans, unless those are all it
+    ever reads."""
+
+    __slots__ = ("tolerance_ms", "span", "least", "before", "ahead_ms")
+
+    def __init__(self, tolerance_ms: int) -> None:
+        self.tolerance_ms = tolerance_ms
+        self.span = -1  # the span (wall time // SKEW_SPAN_MS) of ``least``
+        self.least: int | None = None  # the least lag seen in that span
+        self.before: int | None = None  # the least lag of the span before it (None: none seen)
+        self.ahead_ms = 0  # taken off the wall clock: 0, or the lead over the tolerance
+
+    def observe(self, now_ms: int, stamped_ms: int) -> None:
+        """A caught-up batch fetched at ``now_ms`` whose newest record was stamped ``stamped_ms``."""
+        lag = now_ms - stamped_ms
+        span = now_ms // SKEW_SPAN_MS
+        if span != self.span:
+            self.before = self.least if span == self.span + 1 else None
+            self.span, self.least = span, lag
+        elif self.least is None or lag < self.least:
+            self.least = lag
+        assert self.least is not None
+        if self.before is None:  # one span is not enough to say the clock is ahead (above)
+            if self.least <= self.tolerance_ms:
+                self.ahead_ms = 0
+            return
+        lead = min(self.least, self.before)
+        self.ahead_ms = lead if lead > self.tolerance_ms else 0
+
+
 class RebalanceWatch:
     """How long the consumer group's rebalance (with the changelog recovery Faust runs
     before it resumes the streams) has lasted on this worker, when to say so again, and

@@ -39,7 +39,7 @@ from aggregator.core.repartition import Foreign, forward_record, home
 from aggregator.core.sourcelog import CHECK_IDLE_MS, needs_check, restarted
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
-from aggregator.worker.clock import RebalanceWatch, advance_target
+from aggregator.worker.clock import ClockSkew, RebalanceWatch, advance_target
 from aggregator.worker.decoder import Record, RecordDecoder
 from aggregator.worker.faust_app import FaustApp
 from aggregator.worker.partitions import BookSettings, Partitions, PartitionState
@@ -69,6 +69,7 @@ class WorkerService:
         self.checkpointer = Checkpointer(lambda: app.producer, kafka.state_confirmed, self._mark_safe, metrics, sinks,
                                          kafka.mark_safe_forwarded)
         self.max_ahead_ms = settings.max_ahead_ms
+        self.clock_skew = ClockSkew(settings.max_ahead_ms)  # this clock against the records' stamps
         self.wake = asyncio.Event()  # set when snapshots wait to be published
         # a rebalance that lasts: a gauge, and a warning every so often (5 session timeouts, >= 30 s)
         self.rebalance = RebalanceWatch(max(30.0, 5 * settings.session_timeout), settings.stuck_rebalance_seconds)
@@ -189,6 +190,7 @@ class WorkerService:
         self.metrics.batch_decoded(len(records), rejected, t1 - t0)
         held = HeldBatch(events, offsets, future, last + 1, ids, aggs, end_ts=records[-1].timestamp)
         if not throttle.held_here(p) and self._count(p, held, now_ms):
+            self._watch_clock(p, held, now_ms)
             return None
         # the spill disk refused its write: nothing of it is applied; fetch no more of this
         # partition and offer it again every tick, behind any batch held before (contract §6)
@@ -228,6 +230,31 @@ class WorkerService:
             self.wake.set()
         self.metrics.batch_windowed(n_window, time.perf_counter() - t2)
         return True
+
+    def _watch_clock(self, p: PartitionState, b: HeldBatch, now_ms: int) -> None:
+        """A batch that reaches the end of its partition was stamped just now: how far this
+        worker's clock is ahead of its newest stamp (``ClockSkew``); said once when it goes
+        over ``AGG_MAX_AHEAD_SECONDS`` and once when it is back."""
+        hw = self.kafka.highwater(p.partition)
+        if hw is None or b.end < hw:
+            return
+        stamped = b.end_ts if b.end_ts is not None else -1
+        if b.events and b.events[-1][1] > stamped:
+            stamped = b.events[-1][1]
+        if stamped <= 0:
+            return
+        skew = self.clock_skew
+        was = skew.ahead_ms
+        skew.observe(now_ms, stamped)
+        if (skew.ahead_ms > 0) != (was > 0):
+            if skew.ahead_ms:
+                log.error("this worker's clock is %.1f s ahead of the records it reads at the end of their "
+                          "partitions (over AGG_MAX_AHEAD_SECONDS=%.1f): quiet partitions' windows now close by "
+                          "the records' time; set the clock right (NTP)", skew.ahead_ms / 1000,
+                          self.max_ahead_ms / 1000)
+            else:
+                log.warning("this worker's clock agrees with the records' stamps again")
+        self.metrics.clock_ahead(skew.ahead_ms)
 
     def _add_future(self, p: PartitionState, future: dict[str, int], now_ms: int) -> None:
         """A batch's ``future_ts`` events into the late bucket, their repeats left out (an
@@ -365,7 +392,7 @@ class WorkerService:
             moving = fetching and not self.throttle.held_here(p)
             target = advance_target(now_ms, p.last_record_ms, hw, book.next_offset, moving and self._positioned(p))
             if target is not None:
-                book.advance_to(target)
+                book.advance_to(target - self.clock_skew.ahead_ms)
             if moving and self._reread_due(p, now_ms, hw):
                 await self.kafka.seek(p.partition, p.reread(now_ms))
         self.throttle.report(partitions, self.checkpointer.failing is not None)  # as of the last checkpoint

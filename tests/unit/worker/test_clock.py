@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.worker.clock import ADVANCE_IDLE_MS, ADVANCE_SLACK_MS, CAUGHT_UP_IDLE_MS, advance_target
+from aggregator.core.windows import WindowBook
+from aggregator.worker.clock import (
+    ADVANCE_IDLE_MS,
+    ADVANCE_SLACK_MS,
+    CAUGHT_UP_IDLE_MS,
+    SKEW_SPAN_MS,
+    ClockSkew,
+    advance_target,
+)
 
 NOW = 1_000_000
 
@@ -67,3 +75,76 @@ def test_a_stall_is_reported_once_a_rebalance():
     w.track(False, 6.0)
     w.track(True, 7.0, (2, 5))  # a new one is told again
     assert w.first_stall_report()
+
+
+HOUR = 3_600_000
+REAL = 1_700_000_000_000 // SKEW_SPAN_MS * SKEW_SPAN_MS  # the start of a span
+
+
+def test_a_clock_ahead_is_taken_once_two_spans_saw_it_and_dropped_at_the_first_fresh_record():
+    skew = ClockSkew(5_000)
+    skew.observe(REAL + HOUR + 10, REAL)  # caught up, newest record stamped an hour before this clock
+    assert skew.ahead_ms == 0  # one span: maybe the last records of a partition written long ago
+    skew.observe(REAL + HOUR + 20_000, REAL + 19_995)
+    assert skew.ahead_ms == 0
+    skew.observe(REAL + HOUR + SKEW_SPAN_MS + 5, REAL + SKEW_SPAN_MS)  # the next span: still an hour
+    assert skew.ahead_ms == HOUR + 5  # the least lag of both spans
+    skew.observe(REAL + HOUR + 4 * SKEW_SPAN_MS, REAL + 4 * SKEW_SPAN_MS + 100)  # quiet spans between: kept
+    assert skew.ahead_ms == HOUR + 5
+    skew.observe(REAL + HOUR + 5 * SKEW_SPAN_MS, REAL + 5 * SKEW_SPAN_MS + 100)  # two spans again
+    assert skew.ahead_ms == HOUR - 100
+    skew.observe(REAL + 6 * SKEW_SPAN_MS, REAL + 6 * SKEW_SPAN_MS - 40)  # the clock set right: a fresh record
+    assert skew.ahead_ms == 0
+
+
+def test_old_records_read_once_after_a_start_are_not_a_clock_ahead():
+    skew = ClockSkew(5_000)
+    skew.observe(REAL, REAL - HOUR)  # the partition's last records, written an hour ago
+    skew.observe(REAL + SKEW_SPAN_MS + 3, REAL + SKEW_SPAN_MS)  # then fresh ones
+    assert skew.ahead_ms == 0
+    skew.observe(REAL + 2 * SKEW_SPAN_MS, REAL + 2 * SKEW_SPAN_MS - 4_000)  # latency within the tolerance
+    assert skew.ahead_ms == 0
+
+
+def test_windows_of_a_quiet_partition_follow_the_records_time_when_the_clock_is_ahead():
+    """What the worker's tick does with the lead (``advance_to(target - ahead_ms)``): a
+    clock an hour ahead closes no window early, and correctly stamped events after it are
+    counted in their windows, not late."""
+    skew = ClockSkew(5_000)
+    skew.observe(REAL + HOUR, REAL - 2)
+    skew.observe(REAL + HOUR + SKEW_SPAN_MS, REAL + SKEW_SPAN_MS - 2)
+    book = WindowBook(60_000, 5_000, 300_000, HOUR)
+    book.apply([("eu", REAL + SKEW_SPAN_MS, None)], 1, REAL + SKEW_SPAN_MS)
+    now = REAL + HOUR + SKEW_SPAN_MS + 1_000  # this worker's clock
+    target = advance_target(now, now - 1_000, 1, 1, True)
+    assert target is not None
+    book.advance_to(target - skew.ahead_ms)
+    assert book.outbox == []  # without the lead: sixty windows closed early
+    book.apply([("eu", REAL + SKEW_SPAN_MS + 1_000 * i, None) for i in range(1, 11)], 11, now)
+    assert sum(sum(c.values()) for c in book.counts.values()) == 11 and not book.late
+
+
+def test_the_worker_watches_its_clock_on_caught_up_batches_only(caplog):
+    from types import SimpleNamespace
+
+    from aggregator.metrics import Metrics
+    from aggregator.worker.service import WorkerService
+    from aggregator.worker.throttle import HeldBatch
+
+    m = Metrics()
+    w = SimpleNamespace(kafka=SimpleNamespace(highwater=lambda partition: 100), clock_skew=ClockSkew(5_000),
+                        metrics=m, max_ahead_ms=5_000)
+    p = SimpleNamespace(partition=0)
+
+    def batch(end: int, its: int) -> HeldBatch:
+        return HeldBatch([("eu", its, None)], [], {}, end, end_ts=its - 5)
+
+    now = REAL + HOUR
+    WorkerService._watch_clock(w, p, batch(50, REAL), now)  # type: ignore[arg-type]  # behind: a backlog
+    WorkerService._watch_clock(w, p, batch(50, REAL + SKEW_SPAN_MS), now + SKEW_SPAN_MS)  # type: ignore[arg-type]
+    assert w.clock_skew.ahead_ms == 0 and w.clock_skew.least is None  # nothing caught up: nothing seen
+    WorkerService._watch_clock(w, p, batch(100, REAL), now)  # type: ignore[arg-type]
+    WorkerService._watch_clock(w, p, batch(100, REAL + SKEW_SPAN_MS), now + SKEW_SPAN_MS)  # type: ignore[arg-type]
+    assert w.clock_skew.ahead_ms == HOUR
+    assert m.registry.get_sample_value("clickstream_worker_clock_ahead_seconds") == HOUR / 1000
+    assert [r for r in caplog.records if "clock is 3600.0 s ahead" in r.getMessage()]
