@@ -31,6 +31,10 @@ from aggregator.core.contract import CLICKS
 log = logging.getLogger("aggregator.ingest")
 _PARTITIONER = DefaultPartitioner()
 RETRY_S = 1.0  # between attempts to reach the broker
+# full batches (1 MiB each at most) waiting for a stalled broker, over all partitions: the
+# records of requests already answered 503 stay in them (they may still be stored), outside
+# the in-flight budget, so they have a bound of their own
+MAX_SEALED_TOTAL = 32
 
 
 def ingest_producer(bootstrap: str, idempotent: bool = False, **client: Any) -> AIOKafkaProducer:
@@ -133,10 +137,11 @@ def _settle(done: asyncio.Future, outcome: Any) -> None:
 class BatchProducer:
     """Routes records of a topic to per-partition pumps; see the module doc."""
 
-    def __init__(self, producer: Any, topic: str, max_sealed: int = 32) -> None:
+    def __init__(self, producer: Any, topic: str, max_sealed: int = 32, max_sealed_total: int = MAX_SEALED_TOTAL) -> None:
         self.producer = producer
         self.topic = topic
-        self.max_sealed = max_sealed
+        self.max_sealed = max_sealed  # full batches waiting, per partition
+        self.max_sealed_total = max_sealed_total  # and over all partitions
         self.parts: list[int] = []
         self.route: dict[str, tuple[bytes, _Pump]] = {}  # region -> (key, pump of its partition)
         self.pumps: dict[int, _Pump] = {}
@@ -187,6 +192,9 @@ class BatchProducer:
         for (_, pump), _ in routes:
             if pump.busy:
                 raise ProducerBusy(f"partition {pump.partition} has {len(pump.sealed)} batches waiting")
+        waiting = sum(len(p.sealed) for p in self.pumps.values())  # a few partitions: once a request
+        if waiting >= self.max_sealed_total:
+            raise ProducerBusy(f"{waiting} batches wait for the broker")
         waits: set[asyncio.Future] = set()
         for (key, pump), values in routes:
             pump.append(key, values, timestamp, waits)

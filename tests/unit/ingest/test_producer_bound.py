@@ -1,0 +1,74 @@
+"""The ingest producer's queue for a stalled broker is bounded over all partitions: the
+records of requests answered 503 (the broker may still store them, so they are not taken
+back) stay in the producer, outside the in-flight budget, so they need a bound of their
+own.  Before, each partition could hold 32 full batches of 1 MiB: 8 regions on 4
+partitions of a broker that never answers held 128 MiB."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiokafka.producer.message_accumulator import BatchBuilder
+
+from aggregator.ingest.producer import MAX_SEALED_TOTAL, BatchProducer, ProducerBusy
+
+
+class _Stalled:
+    """What BatchProducer uses of aiokafka's producer, for a broker that takes nothing."""
+
+    class client:
+        class cluster:
+            @staticmethod
+            def partitions_for_topic(topic):
+                return {0, 1, 2, 3}
+
+    @staticmethod
+    def create_batch():
+        return BatchBuilder(1 << 20, 0)
+
+    @staticmethod
+    async def send_batch(batch, topic, partition):
+        await asyncio.Event().wait()  # never taken
+
+
+def test_batches_waiting_for_a_stalled_broker_are_bounded_over_all_partitions():
+    async def run() -> tuple[int, int]:
+        batcher = BatchProducer(_Stalled(), "clicks")
+        await batcher.ensure_metadata()
+        value = b"x" * 1000
+        refused = 0
+        for _ in range(200):  # requests of 8 regions x 500 records (4 MB), answered 503 on a timeout
+            try:
+                batcher.submit({f"r{i}": [(value, [])] * 500 for i in range(8)}, 0)
+            except ProducerBusy:
+                refused += 1
+            await asyncio.sleep(0)
+        held = sum(len(p.sealed) + (p.batch is not None) for p in batcher.pumps.values())
+        for p in batcher.pumps.values():
+            if p.task is not None:
+                p.task.cancel()
+        return held, refused
+
+    held, refused = asyncio.run(run())
+    assert refused > 0
+    # at most the bound, plus what one request seals after the check and an open batch a partition
+    assert held <= MAX_SEALED_TOTAL + 8 + 4, held
+
+
+def test_a_request_on_an_idle_producer_is_taken():
+    async def run() -> int:
+        batcher = BatchProducer(_Stalled(), "clicks")
+        await batcher.ensure_metadata()
+        waits = batcher.submit({"eu": [(b"{}", [])]}, 0)
+        for p in batcher.pumps.values():
+            if p.task is not None:
+                p.task.cancel()
+        return len(waits)
+
+    assert asyncio.run(run()) == 1
+    with pytest.raises(ProducerBusy):
+        async def full() -> None:
+            batcher = BatchProducer(_Stalled(), "clicks", max_sealed_total=0)
+            await batcher.ensure_metadata()
+            batcher.submit({"eu": [(b"{}", [])]}, 0)
+        asyncio.run(full())
