@@ -62,7 +62,8 @@ def id_field(did: DedupId, region: str | None = None) -> bytes:
     """The dedup id as the ingest header's third field of a record of ``region`` (its key):
     ``e<event_id>`` (UTF-8) for an event id of that region, ``r<region>\n<event_id>`` for
     one of another (an event counted under ``__other__``: its id stays that of the region
-    it came with, so ids of two regions never merge), or ``k<hex>.<index>``."""
+    it came with, so ids of two regions never merge), or ``k<hex>.<index>``.  The empty
+    event_id, a valid one (contract §2), is ``e`` and ``r<region>\n``."""
     if isinstance(did, str):
         own, _, eid = did.partition("\n")
         if region is None or own == region:
@@ -88,14 +89,12 @@ def key_id_fields(kh: int, indices: Iterable[int]) -> list[bytes]:
 def parse_id_field(raw: bytes, region: str) -> DedupId:
     """``id_field``'s inverse for a record of ``region``; ValueError when it is not one."""
     kind = raw[:1]
-    if kind == b"e":
-        if len(raw) < 2:
-            raise ValueError("an empty event_id")
+    if kind == b"e":  # an empty event_id ("e" alone) is an id like any other
         return region + "\n" + raw[1:].decode()
     if kind == b"r":
         did = raw[1:].decode()
-        own, nl, eid = did.partition("\n")
-        if not (own and nl and eid):
+        own, nl, _ = did.partition("\n")
+        if not (own and nl):  # the event_id after the newline may be empty
             raise ValueError("r<region>\\n<event_id> expected")
         return did
     if kind == b"k":

@@ -5,9 +5,10 @@ import random
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from aggregator.core.contract import OTHER_REGION, ingest_header_value, parse_ingest_header
 from aggregator.core.dedup import (
     EVENT_ID,
     IDEMPOTENCY_KEY,
@@ -19,6 +20,7 @@ from aggregator.core.dedup import (
     parse_id_field,
     request_key,
 )
+from aggregator.core.events import LIMITS
 from aggregator.core.recordlog import RECORD_BYTES
 from aggregator.core.statechunks import MAX_RECORD_BYTES
 
@@ -37,9 +39,12 @@ def test_ids_are_stable_per_region_and_round_trip_the_header_field() -> None:
                 (request_key("k-1"), 7999)):
         assert parse_id_field(id_field(did), "eu") == did
     assert request_key("a") != request_key("b") and request_key("a").bit_length() <= 128
-    for bad in (b"", b"x12", b"kabc", b"e", b"kzz.1", b"e\xff", b"r", b"reu", b"reu\n", b"r\nx"):
+    for bad in (b"", b"x12", b"kabc", b"kzz.1", b"e\xff", b"r", b"reu", b"r\nx"):
         with pytest.raises(ValueError):
             parse_id_field(bad, "eu")
+    # an empty event_id is an id like any other (contract §2: any string up to 128 characters)
+    assert parse_id_field(b"e", "eu") == event_key("eu", "")
+    assert parse_id_field(b"reu\n", "__other__") == event_key("eu", "")
 
 
 def test_an_event_id_counted_under_another_region_keeps_its_own() -> None:
@@ -51,6 +56,42 @@ def test_an_event_id_counted_under_another_region_keeps_its_own() -> None:
         assert parse_id_field(other_region_id(id_field(did), did.partition("\n")[0]), "__other__") == did
     assert id_field(event_key("b", "1"), "b") == id_field(event_key("b", "1")) == b"e1"
     assert other_region_id(id_field((request_key("k"), 3)), "b") == id_field((request_key("k"), 3))
+
+
+# what ingest and the worker accept as an event_id (core.events.LIMITS, contract §2): any
+# string of at most 128 characters -- empty, newlines and commas included; JSON cannot carry
+# a lone surrogate (orjson and msgspec both refuse one), and neither does st.text
+_EVENT_IDS = st.text(max_size=LIMITS["event_id"])
+_REGIONS = st.from_regex(r"[a-z0-9._-]{1,64}", fullmatch=True) | st.just(OTHER_REGION)
+
+
+@given(_REGIONS, _EVENT_IDS, _REGIONS, st.integers(0, (1 << 128) - 1), st.integers(0, (1 << 31) - 1))
+@example("eu", "", "zz", 0, 0)
+@example("eu", "x" * LIMITS["event_id"], "zz", 1, 7)
+@example("eu", "\n", "zz", 2, 8)
+@example("eu", "a,b\nc\n", "zz", 3, 9)
+@example("eu", "ü😀\u2028", OTHER_REGION, (1 << 128) - 1, 999)
+def test_every_valid_dedup_id_round_trips_every_id_form(region: str, eid: str, other: str, kh: int, i: int) -> None:
+    """``id_field``, ``other_region_id`` and ``parse_id_field`` are inverse over the whole
+    validated domain, through the ingest header too: an event_id ingest or the worker
+    accepted (the empty one included) is never refused (dead-lettered) or merged with
+    another when read back; nor is a request key and index."""
+    did = event_key(region, eid)
+    assert parse_id_field(id_field(did), region) == did
+    assert parse_id_field(id_field(did, region), region) == did
+    if other != region:  # counted under another region (the cap): it keeps its own
+        assert id_field(did, other).startswith(b"r")
+        assert parse_id_field(id_field(did, other), other) == did
+    moved = other_region_id(id_field(did), region)
+    assert parse_id_field(moved, OTHER_REGION) == did
+    assert other_region_id(moved, region) == moved  # idempotent
+    keyed = id_field((kh, i))
+    assert parse_id_field(keyed, region) == (kh, i) and key_id_fields(kh, [i]) == [keyed]
+    assert other_region_id(keyed, region) == keyed
+    for field in (moved, keyed):
+        for cts in (None, -5, 1_700_000_000_000):
+            assert parse_ingest_header(ingest_header_value(1_700_000_000_123, cts, field)) == (
+                1_700_000_000_123, cts, field)
 
 
 def test_key_id_fields_are_the_id_fields_of_the_key_and_each_index() -> None:

@@ -9,7 +9,8 @@ import asyncio
 import orjson
 import pytest
 
-from aggregator.core.contract import CLICKS_REPARTITION, DLQ, STATE_CHANGELOG, ingest_header
+from aggregator.core.contract import CLICKS_REPARTITION, DLQ, OTHER_REGION, STATE_CHANGELOG, ingest_header
+from aggregator.core.dedup import event_key
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import forward_record, home, split
 from aggregator.metrics import Metrics
@@ -90,6 +91,29 @@ def test_event_ids_of_regions_the_workers_cap_puts_under_other_stay_apart_at_its
         fwd, home("__other__", n), {}, None, MAX_TS)
     assert [e[0] for e in events] == ["__other__", "__other__"]
     assert ids == ["b\n1", "c\n1"]
+
+
+@pytest.mark.parametrize("eid", ["", "x", "a,b\nc"])
+@pytest.mark.parametrize("capped", [False, True])
+def test_a_forwarded_event_id_is_counted_at_the_home_under_its_id(eid, capped):
+    """Any ``event_id`` the arrival partition accepts -- the empty one too, once dead-lettered
+    ``undecodable`` at the home (its id field ``e`` or ``r<region>\n`` was refused) -- is
+    counted at the home under the same dedup id, alone or under ``__other__``."""
+    n = 4
+    regions = ["zz", "eu"] if capped else ["eu"]  # capped: eu is over a cap of 1, counted as __other__
+    region = OTHER_REGION if capped else "eu"
+    src = (home(region, n) + 1) % n
+    specs = [(None, orjson.dumps({"region": r, "ingest_ts": 1_000, "event_id": eid}), []) for r in regions]
+    foreign: list = []
+    cap = RegionCap(1, 60_000) if capped else None
+    RecordDecoder(n, cap).decode(fetched(specs), NOW, src, False, None, MAX_TS, foreign)
+    fwd = [f for f in foreign if f[0] == region]
+    assert len(fwd) == 1
+    dead: list = []
+    (events, _, rejected, _, ids, _), _ = RecordDecoder(n).decode_forwarded(
+        fetched([forward_record(src, fwd[0])]), home(region, n), {}, dead, MAX_TS)
+    assert rejected == {} and dead == []
+    assert events == [(region, 1_000, None)] and ids == [event_key("eu", eid)]
 
 
 def test_forwarded_records_are_read_repeats_dropped_bad_ones_dead_lettered():
