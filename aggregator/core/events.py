@@ -18,6 +18,9 @@ from typing import Any
 REGION_MAX_CHARS = 64
 REGION_RE = re.compile(rf"[a-z0-9._-]{{1,{REGION_MAX_CHARS}}}\Z")
 LIMITS = {"event_id": 128, "user_id": 128, "url": 2048}
+# a client ``ts`` number (ms) must lie strictly between these (contract §2, "within ±2^53"):
+# the one bound of HTTP ingest and the worker, whichever way a record came in
+TS_MIN, TS_MAX = -(2**53), 2**53
 
 
 class EventError(ValueError):
@@ -35,7 +38,7 @@ def parse_client_ts(ts: object) -> int:
     if isinstance(ts, (int, float)):
         if isinstance(ts, float) and not math.isfinite(ts):
             raise EventError("bad_ts", "ts must be finite")
-        if not -(2**53) < ts < 2**53:
+        if not TS_MIN < ts < TS_MAX:
             raise EventError("bad_ts", "ts out of range")
         return int(ts)
     if isinstance(ts, str) and 10 <= len(ts) <= 40:

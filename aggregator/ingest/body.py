@@ -21,15 +21,12 @@ from typing import Annotated, Any
 import msgspec
 import orjson
 
-from aggregator.core.events import LIMITS, EventError, validate
+from aggregator.core.events import LIMITS, TS_MAX, TS_MIN, EventError, validate
 
 MAX_ERRORS = 100
 # a body is parsed, validated and produced in slices of about this many bytes, so that the
 # Python objects of all its events never live at once (docs/contract.md §3, memory)
 SLICE_BYTES = 1 << 18
-
-
-_TS_MIN, _TS_MAX = -(2**53), 2**53
 
 
 class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
@@ -43,7 +40,7 @@ class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=F
     event_id: Annotated[str, msgspec.Meta(max_length=LIMITS["event_id"])] | None = None
     user_id: Annotated[str, msgspec.Meta(max_length=LIMITS["user_id"])] | None = None
     url: Annotated[str, msgspec.Meta(max_length=LIMITS["url"])] | None = None
-    ts: Annotated[int, msgspec.Meta(gt=_TS_MIN, lt=_TS_MAX)] | None = None
+    ts: Annotated[int, msgspec.Meta(gt=TS_MIN, lt=TS_MAX)] | None = None
     ingest_ts: int | None = None  # a client's is dropped (validate_records); ingest sets it
 
 
@@ -296,7 +293,7 @@ def _validate_fast(obj: Any) -> Event | None:
         return None
     if url is not None and (type(url) is not str or len(url) > _URL_MAX):
         return None
-    if ts is not None and (type(ts) is not int or not _TS_MIN < ts < _TS_MAX):
+    if ts is not None and (type(ts) is not int or not TS_MIN < ts < TS_MAX):
         return None
     return Event(region, eid, user, url, ts)
 

@@ -28,7 +28,7 @@ from aggregator.core.contract import (
     parse_ingest_header,
 )
 from aggregator.core.dedup import DedupId, event_key, parse_id_field
-from aggregator.core.events import LIMITS, EventError, normalise_region, parse_client_ts
+from aggregator.core.events import LIMITS, TS_MAX, TS_MIN, EventError, normalise_region, parse_client_ts
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header
 from aggregator.core.sketches import UrlCache, hash_bytes, url_parts
@@ -41,21 +41,24 @@ DLQ_RAW_MAX = 65_536  # bytes of a rejected record's value kept in its dead lett
 DeadLetter = tuple[bytes | None, bytes]  # (key, JSON value) for the dead-letter topic
 
 _I64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+# a client ts in range (core.events, checked in C): one beyond goes the full way, to bad_ts
+_TS = Annotated[int, msgspec.Meta(gt=TS_MIN, lt=TS_MAX)]
 
 
 class _Click(msgspec.Struct, forbid_unknown_fields=True):
     """The typed parse of a record produced straight to Kafka: an object of these fields
     and no other, of these types.  It builds no dict (about 0.24 against 0.33 us a record
     for ``orjson.loads``) and its fields are attributes.  A value it refuses (another
-    field, a ``ts`` string or float, a number beyond 64 bits, not an object, not JSON) is
-    read by the full path (``orjson.loads`` and the checks of ``decode``), which is what
-    decides whether and why a record is rejected.  Only what both accept takes this path,
-    with the same values: msgspec leaves the text of fields it skips unchecked (invalid
-    UTF-8, 1e400), so unknown fields are refused here rather than skipped."""
+    field, a ``ts`` string, float or out of range, a number beyond 64 bits, not an object,
+    not JSON) is read by the full path (``orjson.loads`` and the checks of ``decode``),
+    which is what decides whether and why a record is rejected.  Only what both accept
+    takes this path, with the same values: msgspec leaves the text of fields it skips
+    unchecked (invalid UTF-8, 1e400), so unknown fields are refused here rather than
+    skipped."""
 
     region: str
     ingest_ts: _I64 | None = None
-    ts: _I64 | None = None
+    ts: _TS | None = None
     event_id: str | None = None
     user_id: str | None = None
     url: str | None = None
@@ -230,8 +233,8 @@ class RecordDecoder:
                             raise EventError("bad_ingest_ts", "ingest_ts must be epoch milliseconds")
                         its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
                     cts = d.get("ts")
-                    if cts is not None and type(cts) is not int:
-                        cts = parse_client_ts(cts)
+                    if cts is not None and (type(cts) is not int or not TS_MIN < cts < TS_MAX):
+                        cts = parse_client_ts(cts)  # the ingest's rule: bad_ts when out of range
                     eid = d.get("event_id")
                     if eid is not None:
                         if type(eid) is not str or len(eid) > EVENT_ID_MAX:

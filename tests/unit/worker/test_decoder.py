@@ -2,11 +2,15 @@
 from their JSON value, one region rule shared with the HTTP ingest, dead letters."""
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregator.core.contract import INGEST_HEADER, ingest_header
-from aggregator.ingest.body import validate_records
+from aggregator.ingest.body import decode_slices, validate_records
 from aggregator.worker.decoder import CACHE_MAX, RecordDecoder
 from tests.unit.worker.records import fetched
 
@@ -90,6 +94,47 @@ def test_http_ingest_and_kafka_direct_records_agree_on_the_region(raw):
     assert (events[0][0] if events else None) == http
     if raw == "\u212a":
         assert http is None  # the Kelvin sign is no "k"
+
+
+def _verdicts(raw: bytes) -> tuple:
+    """What HTTP ingest and the worker (typed parse on, off) make of the JSON object
+    ``raw``, as one body item and as the value of a keyless record produced straight to
+    Kafka: (region, client ts) when accepted, else the rejection counts by reason."""
+    items = [x for s in decode_slices(b"[" + raw + b"]", "application/json") for x in s]
+    good, _, reasons = validate_records(items)
+    out = [(good[0].region, good[0].ts) if good else reasons]
+    for fast in (True, False):
+        d = RecordDecoder(fast=fast).decode(fetched([(None, raw, [])]), NOW, 0, False, [], MAX_TS)
+        out.append((d.events[0][0], d.events[0][2]) if d.events else d.rejected)
+    return tuple(out)
+
+
+EDGE_TS = [2**53 - 1, -(2**53) + 1, 2**53, -(2**53), 2**53 + 1, 2**60, -(2**60), 2**63 - 1, -(2**63), 2**63,
+           2**64, -(2**64), 0, 1_700_000_000_000, 9007199254740992.0, 9007199254740991.0, -9007199254740992.0,
+           1e300, 0.5, "1970-01-01T00:00:01Z", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "x"]
+
+
+@pytest.mark.parametrize("ts", EDGE_TS)
+def test_http_ingest_and_kafka_direct_records_agree_on_the_client_ts(ts):
+    """One bound for a client ts (contract §2, "within ±2^53"; core.events.TS_MIN/TS_MAX):
+    a number beyond it is bad_ts over HTTP and on Kafka, typed parse or not."""
+    http, *kafka = _verdicts(json.dumps({"region": "eu", "ts": ts}).encode())  # json: ints beyond 64 bits too
+    assert kafka == [http, http]
+    if type(ts) is int and not -(2**53) < ts < 2**53:
+        assert http == {"bad_ts": 1}
+
+
+_JSON_TS = st.one_of(st.integers(-(2**65), 2**65), st.integers(-(2**53) - 3, -(2**53) + 3),
+                     st.integers(2**53 - 3, 2**53 + 3), st.floats(allow_nan=False, allow_infinity=False),
+                     st.booleans(), st.none(), st.text(max_size=12),
+                     st.sampled_from(["2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00", "1e3"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["eu", "EU", "e u"]), _JSON_TS)
+def test_http_ingest_and_kafka_direct_records_agree_on_region_and_ts(region, ts):
+    http, *kafka = _verdicts(json.dumps({"region": region, "ts": ts}).encode())
+    assert kafka == [http, http]
 
 
 def test_region_caches_are_bounded():

@@ -43,6 +43,8 @@ EDGES = [
     b'{"region":"eu","ingest_ts":-9223372036854775809}',
     b'{"region":"eu","ts":12345678901234567890123}', b'{"region":"eu","ts":9223372036854775807}',
     b'{"region":"eu","ts":9223372036854775808}', b'{"region":"eu","ingest_ts":-9223372036854775808}',
+    b'{"region":"eu","ts":9007199254740991}', b'{"region":"eu","ts":9007199254740992}',  # the ts bound: 2^53
+    b'{"region":"eu","ts":-9007199254740991}', b'{"region":"eu","ts":-9007199254740992}',
     b'{"region":"eu","ts":1.0}', b'{"region":"eu","ts":1e3}', b'{"region":"eu","ts":-0.0}',
     b'{"region":"eu","ts":true}', b'{"region":"eu","ts":"1970-01-01T00:00:01Z"}', b'{"region":"eu","ts":"x"}',
     b'{"region":"eu","ingest_ts":null,"ts":null,"event_id":null,"user_id":null,"url":null}',
@@ -66,6 +68,7 @@ def test_edge_values_decode_the_same_with_and_without_the_typed_parse(aggregates
     first = on[0]
     assert first.events and first.rejected  # the corpus has both kinds (not a vacuous comparison)
     assert ("eu", 5_004_000, None) in first.events and first.future == {"eu": 2}
+    assert ("eu", NOW, 2**53 - 1) in first.events and ("eu", NOW, 2**53) not in first.events
 
 
 def test_log_append_time_is_the_same_on_both_paths():
@@ -76,7 +79,8 @@ def test_log_append_time_is_the_same_on_both_paths():
 
 _scalar = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
                     st.integers(min_value=NOW - 10**6, max_value=MAX_TS + 10**6),
-                    st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**15, 2**53]),
+                    st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**15, 2**53,
+                                     2**53 - 1, -(2**53), -(2**53) + 1]),
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12),
                     st.sampled_from(["eu", "EU", "us-east", "", "e u", "2026-01-01T00:00:00+00:00",
                                      "/p/1?x=2", "http://A.b:80/x#y", "x" * 129]))
@@ -113,3 +117,14 @@ def test_a_batch_of_values_the_typed_parse_refuses_stops_trying_it(monkeypatch):
     ok = [orjson.dumps({"region": "eu", "user_id": f"u{i}"}) for i in range(50)]
     both(ok)
     assert len(calls) == 100  # values it takes: every record of both batches, each time
+
+
+def test_the_typed_parse_leaves_a_ts_out_of_range_to_the_full_path():
+    """The ts bound (core.events) is a constraint of ``_Click``, checked in C: an
+    out-of-range ts is refused there, and the full path rejects it as bad_ts."""
+    take = decoder_module._CLICK
+    assert take(b'{"region":"eu","ts":9007199254740991}').ts == 2**53 - 1
+    assert take(b'{"region":"eu","ts":-9007199254740991}').ts == -(2**53) + 1
+    for ts in (b"9007199254740992", b"-9007199254740992", b"1152921504606846976"):
+        with pytest.raises(decoder_module._FAST_MISS):
+            take(b'{"region":"eu","ts":%s}' % ts)
