@@ -224,9 +224,13 @@ class RecordDecoder:
             if region is None:
                 try:
                     d = loads(rec.value)  # type: ignore[arg-type]  # None raises, as a bad record
-                    region = valid.get(d["region"])
+                    raw_region = d["region"]  # no object or no region: undecodable
+                    try:
+                        region = valid.get(raw_region)
+                    except TypeError:  # unhashable (a list, an object): bad_region, as over HTTP
+                        region = None
                     if region is None:
-                        region = self._region(d["region"])
+                        region = self._region(raw_region)
                     its = d.get("ingest_ts")
                     if type(its) is not int:
                         if its is not None:

@@ -124,6 +124,14 @@ def test_http_ingest_and_kafka_direct_records_agree_on_the_client_ts(ts):
         assert http == {"bad_ts": 1}
 
 
+@pytest.mark.parametrize("region", [["eu"], [], {"a": 1}, {}, [["eu"]], 5, 1.5, True, None])
+def test_http_ingest_and_kafka_direct_records_agree_on_a_region_not_a_string(region):
+    """A region that is a list or an object is bad_region on Kafka too (it was undecodable:
+    the region cache's lookup raised on an unhashable value)."""
+    http, *kafka = _verdicts(orjson.dumps({"region": region}))
+    assert http == {"bad_region": 1} and kafka == [http, http]
+
+
 _JSON_TS = st.one_of(st.integers(-(2**65), 2**65), st.integers(-(2**53) - 3, -(2**53) + 3),
                      st.integers(2**53 - 3, 2**53 + 3), st.floats(allow_nan=False, allow_infinity=False),
                      st.booleans(), st.none(), st.text(max_size=12),
@@ -131,7 +139,9 @@ _JSON_TS = st.one_of(st.integers(-(2**65), 2**65), st.integers(-(2**53) - 3, -(2
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(["eu", "EU", "e u"]), _JSON_TS)
+@given(st.sampled_from(["eu", "EU", "e u"]) | st.lists(st.sampled_from(["eu", 1]), max_size=2)
+       | st.dictionaries(st.sampled_from(["eu", "region"]), st.sampled_from(["eu", 1]), max_size=2)
+       | st.integers() | st.booleans() | st.none(), _JSON_TS)
 def test_http_ingest_and_kafka_direct_records_agree_on_region_and_ts(region, ts):
     http, *kafka = _verdicts(json.dumps({"region": region, "ts": ts}).encode())
     assert kafka == [http, http]

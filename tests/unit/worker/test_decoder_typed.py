@@ -51,6 +51,7 @@ EDGES = [
     b'{"region":"eu","user_id":7,"url":["/a"]}', b'{"region":"eu","user_id":"","url":""}',
     b'{"region":"eu","url":"  "}', b'{"region":"eu","url":"https://Example.COM:443/A?q=1#f"}',
     b'{"region":"EU","user_id":"u1"}', b'{"region":"e u"}', b'{"region":null}', b'{"Region":"eu"}', b'{}',
+    b'{"region":["eu"]}', b'{"region":{"eu":1}}', b'{"region":5}',  # not a string: bad_region
     b'{"region":"eu","event_id":""}', b'{"region":"eu","event_id":"' + b"x" * 129 + b'"}',
     b'{"region":"eu","event_id":"' + b"x" * 128 + b'"}', b'{"region":"eu","event_id":5}',
     b'{"region":"eu","url":"\\ud83d\\ude00"}', b'{"region":"eu","url":"\\udc00\\ud800"}',
@@ -69,6 +70,7 @@ def test_edge_values_decode_the_same_with_and_without_the_typed_parse(aggregates
     assert first.events and first.rejected  # the corpus has both kinds (not a vacuous comparison)
     assert ("eu", 5_004_000, None) in first.events and first.future == {"eu": 2}
     assert ("eu", NOW, 2**53 - 1) in first.events and ("eu", NOW, 2**53) not in first.events
+    assert first.rejected["bad_region"] == 5  # "e u", null, a list, an object, a number
 
 
 def test_log_append_time_is_the_same_on_both_paths():
