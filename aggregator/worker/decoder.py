@@ -236,15 +236,16 @@ class RecordDecoder:
                         if its is not None:
                             raise EventError("bad_ingest_ts", "ingest_ts must be epoch milliseconds")
                         its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
-                    cts = d.get("ts")
-                    if cts is not None and (type(cts) is not int or not TS_MIN < cts < TS_MAX):
-                        cts = parse_client_ts(cts)  # the ingest's rule: bad_ts when out of range
+                    # event_id before ts, as core.events.validate: the same reason as over HTTP
                     eid = d.get("event_id")
                     if eid is not None:
                         if type(eid) is not str or len(eid) > EVENT_ID_MAX:
                             raise EventError("bad_field", f"event_id must be a string of at most {EVENT_ID_MAX} "
                                                           "characters")
                         did = event_key(region, eid)
+                    cts = d.get("ts")
+                    if cts is not None and (type(cts) is not int or not TS_MIN < cts < TS_MAX):
+                        cts = parse_client_ts(cts)  # the ingest's rule: bad_ts when out of range
                     # a user or url not a string: left out of the aggregates
                     user = d.get("user_id")
                     if type(user) is not str:

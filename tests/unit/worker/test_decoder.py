@@ -6,7 +6,7 @@ import json
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aggregator.core.contract import INGEST_HEADER, ingest_header
@@ -138,12 +138,21 @@ _JSON_TS = st.one_of(st.integers(-(2**65), 2**65), st.integers(-(2**53) - 3, -(2
                      st.sampled_from(["2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00", "1e3"]))
 
 
+_JSON_EVENT_ID = st.one_of(st.text(max_size=130), st.sampled_from(["", "x" * 128, "x" * 129]),
+                           st.integers(), st.none(), st.lists(st.text(max_size=2), max_size=2))
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(["eu", "EU", "e u"]) | st.lists(st.sampled_from(["eu", 1]), max_size=2)
        | st.dictionaries(st.sampled_from(["eu", "region"]), st.sampled_from(["eu", 1]), max_size=2)
-       | st.integers() | st.booleans() | st.none(), _JSON_TS)
-def test_http_ingest_and_kafka_direct_records_agree_on_region_and_ts(region, ts):
-    http, *kafka = _verdicts(json.dumps({"region": region, "ts": ts}).encode())
+       | st.integers() | st.booleans() | st.none(), _JSON_TS, st.none() | _JSON_EVENT_ID)
+@example("eu", "x", 5)
+@example("eu", 2**53, "x" * 129)
+def test_http_ingest_and_kafka_direct_records_agree_on_region_ts_and_event_id(region, ts, eid):
+    """The fields both check (contract §2): the same verdict, and the same reason when more
+    than one is bad (region, then event_id, then ts)."""
+    obj = {"region": region, "ts": ts} if eid is None else {"region": region, "ts": ts, "event_id": eid}
+    http, *kafka = _verdicts(json.dumps(obj).encode())
     assert kafka == [http, http]
 
 
