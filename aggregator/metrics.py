@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
@@ -74,6 +75,12 @@ def _add_counts(counter: Counter, counts: Mapping[str, int] | Mapping[tuple[str,
                 counter.labels(*key).inc(n)
             else:
                 counter.labels(key).inc(n)
+
+
+
+def _drop(metric: Counter | Gauge, *labels: str) -> None:
+    with suppress(KeyError):  # a series never set: nothing to remove
+        metric.remove(*labels)
 
 
 class Metrics:
@@ -260,25 +267,13 @@ class Metrics:
             self._ingested_by_region.pop(region, None)
             for metric in (self._ingested, self._counted, self._window_events, self._window_end, self._rate_limited,
                            self._spilled, self._spill_backlog, self._spill_bytes, self._window_users):
-                try:
-                    metric.remove(region)
-                except KeyError:
-                    pass  # never had that label
+                _drop(metric, region)
             for reason in LATE_REASONS:
-                try:
-                    self._late.remove(region, reason)
-                except KeyError:
-                    pass
+                _drop(self._late, region, reason)
             for source in DEDUP_SOURCES:
-                try:
-                    self._duplicates.remove(region, source)
-                except KeyError:
-                    pass
+                _drop(self._duplicates, region, source)
             for q in DELAY_QUANTILES.values():
-                try:
-                    self._window_delay.remove(region, q)
-                except KeyError:
-                    pass
+                _drop(self._window_delay, region, q)
         return idle
 
     # ---------------------------------------------------------------- ingest
@@ -384,10 +379,7 @@ class Metrics:
     def partition_gone(self, partition: int) -> None:
         """The partition is no longer this worker's: its lag is its new owner's to say (a
         stale series would keep a lag alert firing and add to a summed lag)."""
-        try:
-            self._consumer_lag.remove(str(partition))
-        except KeyError:  # never reported here
-            pass
+        _drop(self._consumer_lag, str(partition))
 
     def clock_ahead(self, ms: int) -> None:
         self._clock_ahead.set(ms / 1000)
@@ -426,10 +418,7 @@ class Metrics:
         for key, q in DELAY_QUANTILES.items():
             v = None if delays is None else delays.get(key)
             if v is None:
-                try:
-                    self._window_delay.remove(region, q)
-                except KeyError:
-                    pass
+                _drop(self._window_delay, region, q)
             else:
                 self._window_delay.labels(region, q).set(v / 1000)
 

@@ -62,6 +62,22 @@ class ClockSkew:
         self.before: int | None = None  # the least lag of the span before it (None: none seen)
         self.ahead_ms = 0  # taken off the wall clock: 0, or the lead over the tolerance
 
+    def batch(self, now_ms: int, end: int, highwater: int | None, end_ts: int | None, last_its: int | None) -> bool:
+        """A batch applied up to offset ``end`` (its last record's broker timestamp
+        ``end_ts``, its last event's ingest time ``last_its``), fetched when the partition
+        ended at ``highwater``: observed if it was caught up.  True when that changed
+        whether the clock is ahead."""
+        if highwater is None or end < highwater:
+            return False
+        stamped = -1 if end_ts is None else end_ts
+        if last_its is not None and last_its > stamped:
+            stamped = last_its
+        if stamped <= 0:
+            return False
+        was = self.ahead_ms > 0
+        self.observe(now_ms, stamped)
+        return (self.ahead_ms > 0) != was
+
     def observe(self, now_ms: int, stamped_ms: int) -> None:
         """A caught-up batch fetched at ``now_ms`` whose newest record was stamped ``stamped_ms``."""
         lag = now_ms - stamped_ms

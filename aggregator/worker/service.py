@@ -36,13 +36,14 @@ from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, FUTURE_TS, Book
 from aggregator.core.ratelimit import RateLimits
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, forward_record, home
-from aggregator.core.sourcelog import CHECK_IDLE_MS, needs_check, restarted
+from aggregator.core.sourcelog import needs_check, restarted
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
 from aggregator.worker.clock import ClockSkew, RebalanceWatch, advance_target
 from aggregator.worker.decoder import Record, RecordDecoder
 from aggregator.worker.faust_app import FaustApp
 from aggregator.worker.partitions import BookSettings, Partitions, PartitionState
+from aggregator.worker.sourcecheck import check_source, reread_due
 from aggregator.worker.throttle import HeldBatch, Throttle, rebuild_replay, skip_applied
 
 REREAD_TRIES = 4  # batches sent back before a re-read of a damaged spill starts where the source does
@@ -232,21 +233,9 @@ class WorkerService:
         return True
 
     def _watch_clock(self, p: PartitionState, b: HeldBatch, now_ms: int) -> None:
-        """A batch that reaches the end of its partition was stamped just now: how far this
-        worker's clock is ahead of its newest stamp (``ClockSkew``); said once when it goes
-        over ``AGG_MAX_AHEAD_SECONDS`` and once when it is back."""
-        hw = self.kafka.highwater(p.partition)
-        if hw is None or b.end < hw:
-            return
-        stamped = b.end_ts if b.end_ts is not None else -1
-        if b.events and b.events[-1][1] > stamped:
-            stamped = b.events[-1][1]
-        if stamped <= 0:
-            return
+        """Is this worker's clock ahead of what it reads (``ClockSkew``)?  Said when that changes."""
         skew = self.clock_skew
-        was = skew.ahead_ms
-        skew.observe(now_ms, stamped)
-        if (skew.ahead_ms > 0) != (was > 0):
+        if skew.batch(now_ms, b.end, self.kafka.highwater(p.partition), b.end_ts, b.events[-1][1] if b.events else None):
             if skew.ahead_ms:
                 log.error("this worker's clock is %.1f s ahead of the records it reads at the end of their "
                           "partitions (over AGG_MAX_AHEAD_SECONDS=%.1f): quiet partitions' windows now close by "
@@ -254,7 +243,6 @@ class WorkerService:
                           self.max_ahead_ms / 1000)
             else:
                 log.warning("this worker's clock agrees with the records' stamps again")
-        self.metrics.clock_ahead(skew.ahead_ms)
 
     def _add_future(self, p: PartitionState, future: dict[str, int], now_ms: int) -> None:
         """A batch's ``future_ts`` events into the late bucket, their repeats left out (an
@@ -268,42 +256,10 @@ class WorkerService:
             p.book.add_late(future, FUTURE_TS)
 
     def _check_source(self, p: PartitionState, records: Sequence[Record], start: int) -> int:
-        """The first batch since the partition was opened, or one from below the book's next
-        offset: is it still the log the book counted (core.sourcelog)?  If it started over,
-        say so (error, metric), count it again from where the detector says, and commit
-        nothing of a state taken before.  Returns the book's next offset."""
-        known = p.restart_pending
-        restart = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition),
-                            None if known is None else known.why, known is None or not known.behind)
-        if restart is None and known is not None:
-            p.known_next = records[-1].offset + 1
-            return start  # the part of a log cut short that was counted before: read on, checked
-        p.source_checked = True
-        if restart is None:
-            return start
-        p.restart_pending = p.verify_at = None
-        log.error(restart.message())
-        self.metrics.source_log_reset(p.partition)
-        self.kafka.log_restarted(p.partition)
-        n = p.book.next_offset = restart.count_from
-        p.book.log_epoch += 1  # what its forwarded records carry from now on (core.repartition)
-        p.book.dirty = True
-        old = p.spill.log_restarted()
-        if old:
-            log.warning("partition %d: %d spilled events read from the old log stay in the spill and are counted "
-                        "as it drains; their offsets no longer hold commits back", p.partition, old)
-        # the stamp of the record before it, if this batch has it (the next batch applied sets it)
-        p.source_ts = next((r.timestamp for r in records if r.offset == n - 1), None)
-        p.commit_ok = False  # a checkpoint in flight holds a state of the old log: not its offset
-        return n
+        return check_source(p, records, start, self.kafka, self.metrics)
 
     def _reread_due(self, p: PartitionState, now_ms: int, highwater: int | None) -> bool:
-        """Whether a quiet, caught-up partition is due for that check (a log refilled to just
-        the book's offset gives no batch to check)."""
-        n = p.book.next_offset
-        return (highwater == n > 0 and p.source_ts is not None and p.restart_pending is None
-                and not p.spill.ledger.rebuild and now_ms - max(p.clicks_ms or 0, p.verify_ms) >= CHECK_IDLE_MS
-                and (p.source_checked or self.kafka.position(p.partition) == n))
+        return reread_due(p, now_ms, highwater, self.kafka)
 
     def _mark_safe(self, partition: int, offset: int) -> None:
         """The checkpoint's word that ``offset`` may be committed, unless the partition's log is
@@ -396,6 +352,7 @@ class WorkerService:
             if moving and self._reread_due(p, now_ms, hw):
                 await self.kafka.seek(p.partition, p.reread(now_ms))
         self.throttle.report(partitions, self.checkpointer.failing is not None)  # as of the last checkpoint
+        self.metrics.clock_ahead(self.clock_skew.ahead_ms)
         partitions.report()
         await self.checkpointer.checkpoint(parts)
 
