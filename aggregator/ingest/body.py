@@ -27,6 +27,10 @@ MAX_ERRORS = 100
 # a body is parsed, validated and produced in slices of about this many bytes, so that the
 # Python objects of all its events never live at once (docs/contract.md §3, memory)
 SLICE_BYTES = 1 << 18
+# a gzip body of more members is a 400 (docs/contract.md §3); its bytes are fed to the
+# decompressor in slices of GZIP_FEED_BYTES (gunzip_bounded)
+GZIP_MAX_MEMBERS = 64
+GZIP_FEED_BYTES = 1 << 16
 
 
 class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
@@ -69,22 +73,33 @@ def gunzip_bounded(data: bytes, limit: int) -> bytes:
 
     Every member of a multi-member gzip body is decompressed (RFC 1952; what
     ``gzip.decompress`` does), so nothing after the first member is silently
-    dropped; bytes that are not a further gzip member are a 400."""
+    dropped; bytes that are not a further gzip member are a 400, and so is a body of
+    more than GZIP_MAX_MEMBERS members.  The body is fed to the decompressor in
+    slices of GZIP_FEED_BYTES, so what is left over after a member (``unused_data``)
+    is never more than one slice: linear time, however many members."""
     out = bytearray()
-    rest = data
+    view = memoryview(data)
+    pos, n = 0, len(data)
+    members = 0
     while True:
+        members += 1
+        if members > GZIP_MAX_MEMBERS:
+            raise BodyError(400, f"gzip body has more than {GZIP_MAX_MEMBERS} members")
         d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            # max_length is never 0 here (0 would mean "unbounded")
-            out += d.decompress(rest, limit + 1 - len(out))
-        except zlib.error as exc:
-            raise BodyError(400, f"body is not valid gzip: {exc}") from None
-        if len(out) > limit or d.unconsumed_tail:
-            raise BodyError(413, f"body exceeds {limit} bytes after decompression")
-        if not d.eof:
-            raise BodyError(400, "gzip body is truncated")
-        rest = d.unused_data
-        if not rest:
+        while not d.eof:
+            if pos >= n:
+                raise BodyError(400, "gzip body is truncated")
+            chunk = view[pos:pos + GZIP_FEED_BYTES]
+            pos += len(chunk)
+            try:
+                # max_length is never 0 here (0 would mean "unbounded")
+                out += d.decompress(chunk, limit + 1 - len(out))
+            except zlib.error as exc:
+                raise BodyError(400, f"body is not valid gzip: {exc}") from None
+            if len(out) > limit or d.unconsumed_tail:
+                raise BodyError(413, f"body exceeds {limit} bytes after decompression")
+        pos -= len(d.unused_data)  # the start of the next member, within the last slice
+        if pos >= n:
             return bytes(out)
 
 

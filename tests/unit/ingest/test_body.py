@@ -15,7 +15,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.ingest.body import MAX_ERRORS, BodyError, decode_body, gunzip_bounded, validate_records
+from aggregator.ingest.body import (
+    GZIP_MAX_MEMBERS,
+    MAX_ERRORS,
+    BodyError,
+    decode_body,
+    gunzip_bounded,
+    validate_records,
+)
 
 NDJSON = "application/x-ndjson"
 JSON = "application/json"
@@ -92,6 +99,23 @@ def test_gzip_bomb_is_413_without_decompressing_it_all():
     assert err.status == 413
     assert "after decompression" in err.message
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_gzip_of_many_members_is_refused_at_once_and_a_few_still_work():
+    member = gzip.compress(b"", mtime=0)  # 20 bytes: an 8 MiB body of them took 150 s, 1 MiB 1 s
+    t0 = time.perf_counter()
+    err = body_error_gz(member * ((1 << 20) // len(member)), 8 << 20)
+    assert err.status == 400 and f"more than {GZIP_MAX_MEMBERS} members" in err.message
+    assert time.perf_counter() - t0 < 0.5
+    assert body_error_gz(member * (GZIP_MAX_MEMBERS + 1), 1000).status == 400
+    assert gunzip_bounded(member * GZIP_MAX_MEMBERS, 1000) == b""
+    # members larger than a feed slice, at the limit and one byte over it
+    blob = bytes(range(256)) * 1024  # 256 KiB, 4 feed slices each
+    two = gzip.compress(blob) + gzip.compress(blob)
+    assert gunzip_bounded(two, 2 * len(blob)) == blob + blob
+    assert body_error_gz(two, 2 * len(blob) - 1).status == 413
+    assert body_error_gz(two[:-1], 2 * len(blob)).status == 400  # the second truncated
+    assert body_error_gz(two + b"x" * 100_000, 4 * len(blob)).status == 400  # junk after, over a slice
 
 
 def test_415_for_other_content_types():
