@@ -225,8 +225,11 @@ class IngestHandler:
     def _region(self, region: str, now_ms: int) -> str:
         """``region`` when it is let through (its time noted), else ``__other__``: at the cap,
         regions not seen within ``region_idle_ms`` are forgotten (at most every REGION_SWEEP_S),
-        so a new region can take the place of one gone idle."""
+        so a new region can take the place of one gone idle.  A client's own ``__other__``
+        is counted as such and takes no place, as at the worker (core.regioncap)."""
         regions = self.regions
+        if region == OTHER_REGION:
+            return region
         if region in regions or len(regions) < self.max_regions:
             regions[region] = now_ms
             return region

@@ -148,6 +148,16 @@ def test_idle_regions_leave_the_cap() -> None:
     assert list(h2.regions) == ["y"]
 
 
+def test_a_clients_own_other_region_takes_no_place() -> None:
+    """As at the worker (core.regioncap.RegionCap.admit): ``__other__`` from a client is
+    counted under ``__other__`` and leaves the cap's places to named regions."""
+    h = handler(1, idle_ms=3_600_000)
+    assert h._region(OTHER_REGION, 1000) == OTHER_REGION
+    assert h._region("eu", 1000) == "eu"
+    assert h._region(OTHER_REGION, 2000) == OTHER_REGION
+    assert list(h.regions) == ["eu"]
+
+
 def test_cap_without_idle_regions_never_grows() -> None:
     h = handler(3, idle_ms=3_600_000)
     for i in range(100):
