@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from aggregator import tracing
 from aggregator.core.contract import OTHER_REGION
@@ -113,6 +114,14 @@ class IngestHandler:
             except TimeoutError:
                 m.ingest_failed()
                 resp = error(408, f"the body did not arrive within {self.body_timeout_s:g} s")
+                resp.force_close()
+                return resp
+            except (ConnectionError, HttpProcessingError) as exc:
+                # the client went away mid-body (connection lost, chunked or Content-Length
+                # body cut short): its failure, not ours; nothing of it is produced
+                m.ingest_failed()
+                log.debug("ingest: the body was cut short: %r", exc)
+                resp = error(400, "the body was cut short: the connection was lost before its end")
                 resp.force_close()
                 return resp
             if body is None:

@@ -222,3 +222,51 @@ async def test_a_body_that_does_not_arrive_in_time_is_408() -> None:
         assert r.headers.get("Connection", "").lower() == "close"
     finally:
         await client.close()
+
+
+async def test_a_client_that_goes_away_mid_body_is_a_4xx_without_a_traceback(caplog: Any) -> None:
+    """A body cut short (Content-Length not reached, a chunk not finished) and the
+    connection closed: an ingest failure answered 400, not a 5xx with a traceback.  The
+    app runs as HttpServer runs it (aiohttp's TestServer would cancel the handler)."""
+    import asyncio
+    import logging
+
+    from aiohttp import web
+
+    from aggregator.web.server import NoSnapshots, Routes
+
+    m = Metrics(5.0, 60.0)
+    h = IngestHandler(None, m, "", 1 << 20, 10, budget=InflightBudget(1 << 20))  # type: ignore[arg-type]
+    runner = web.AppRunner(Routes(m, NoSnapshots(), lambda: None, h).app(1 << 20), access_log=None,
+                           auto_decompress=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+
+    def count(name: str, **labels: str) -> float:
+        return m.registry.get_sample_value(name, labels) or 0.0
+
+    head = b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    cut = [head + b"Content-Length: 100\r\n\r\n" + b'[{"region":"eu"}]',
+           head + b"Transfer-Encoding: chunked\r\n\r\n" + b'40\r\n[{"region":"eu"}]']
+    try:
+        caplog.set_level(logging.DEBUG)
+        for data in cut:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(data)
+            await w.drain()
+            w.write_eof()
+            await asyncio.wait_for(r.read(), 5)
+            w.close()
+        for _ in range(200):
+            if count("clickstream_http_requests_total", code="4xx", route="/v1/events") >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert count("clickstream_http_requests_total", code="4xx", route="/v1/events") == 2
+        assert count("clickstream_http_requests_total", code="5xx", route="/v1/events") == 0
+        assert count("pipeline_stage_errors_total", stage="ingest") == 2
+        assert h.budget.used == 0
+        assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR]
+    finally:
+        await runner.cleanup()
