@@ -27,6 +27,13 @@ MAX_ERRORS = 100
 # a body is parsed, validated and produced in slices of about this many bytes, so that the
 # Python objects of all its events never live at once (docs/contract.md §3, memory)
 SLICE_BYTES = 1 << 18
+# a JSON body is cut between two objects of its array at most this far past a slice's
+# size, and an NDJSON line is at most this long, else the body is a 400: parsed into
+# Python objects, a part of a body can be some 40 times its size (docs/contract.md §3)
+ITEM_MAX_BYTES = 1 << 18
+# the probes of cuts that fail (inside a string or a nested value) may read at most this
+# many times the body (msgspec skips JSON some 10 times faster than orjson builds it)
+PROBE_FACTOR = 8
 # a gzip body of more members is a 400 (docs/contract.md §3); its bytes are fed to the
 # decompressor in slices of GZIP_FEED_BYTES (gunzip_bounded)
 GZIP_MAX_MEMBERS = 64
@@ -165,22 +172,42 @@ def decode_body(body: bytes, content_type: str) -> list[Any]:
     raise BodyError(415, f"unsupported content type {ct!r}: use application/json or application/x-ndjson")
 
 
-def decode_slices(body: bytes, content_type: str, slice_bytes: int = SLICE_BYTES) -> Iterator[list[Any]]:
+def decode_slices(body: bytes, content_type: str, slice_bytes: int = SLICE_BYTES,
+                  item_max: int = ITEM_MAX_BYTES) -> Iterator[list[Any]]:
     """``decode_body`` in slices: the lists it yields, joined, are ``decode_body(body, ...)``
     (a slice the typed parse takes as Events in place of its dicts, see ``Event``),
     each from about ``slice_bytes`` of the body.  Whatever makes the whole body an error
     (415, a JSON body that does not parse) is raised here, before any slice is given out,
-    so nothing of a body that is refused has been produced."""
+    so nothing of a body that is refused has been produced.
+
+    No slice is longer than ``slice_bytes`` + ``item_max``: a body that cannot be cut so
+    (an NDJSON line longer than ``item_max``; a JSON body with no place to cut between
+    two objects of its array within ``item_max`` past a slice's size: one big value, or
+    array items that are not objects) is a 400, not parsed whole."""
     ct = content_type.split(";", 1)[0].strip().lower()
     if ct in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
+        _check_lines(body, item_max)
         return _ndjson_slices(body, slice_bytes)
     if ct in ("application/json", ""):
-        spans = _json_array_spans(body, slice_bytes)
+        spans = _json_array_spans(body, slice_bytes, item_max)
         if spans is None:
             whole = _typed(body)
             return iter([decode_body(body, ct) if whole is None else whole])
         return (_json_part(b"[" + body[a:b] + b"]") for a, b in spans)
     return iter([decode_body(body, ct)])
+
+
+def _check_lines(body: bytes, item_max: int) -> None:
+    """400 when a line of ``body`` is longer than ``item_max`` bytes (a few ``rfind`` per
+    ``item_max`` of body, not a look per line)."""
+    pos, n = 0, len(body)
+    while n - pos > item_max:
+        nl = body.rfind(b"\n", pos, pos + item_max + 1)
+        if nl < 0:
+            lineno = body.count(b"\n", 0, pos) + 1
+            raise BodyError(400, f"line {lineno} is longer than {item_max} bytes: an event is at most "
+                                 f"{item_max} bytes of JSON")
+        pos = nl + 1
 
 
 def _json_part(buf: bytes) -> list[Any]:
@@ -206,18 +233,22 @@ def _ndjson_slices(body: bytes, slice_bytes: int) -> Iterator[list[Any]]:
 _NEXT_OBJECT = re.compile(rb"\}[ \t\r\n]*,[ \t\r\n]*\{")
 
 
-def _json_array_spans(body: bytes, slice_bytes: int) -> list[tuple[int, int]] | None:
+def _json_array_spans(body: bytes, slice_bytes: int,
+                      item_max: int = ITEM_MAX_BYTES) -> list[tuple[int, int]] | None:
     """A big JSON array as ``[(start, end)]`` spans whose ``[body[start:end]]`` parse to
-    consecutive parts of the array; None for a body that is parsed whole (small, not an
-    array, or not cut into parts that parse).  Every part is parsed here once (and its
-    objects dropped), so a body that is not valid JSON is a 400 before anything of it is
-    produced.
+    consecutive parts of the array; None for a body that is parsed whole (small, or not
+    cut into parts, and at most ``slice_bytes`` + ``item_max`` long).  Every part is
+    parsed here once (and its objects dropped), so a body that is not valid JSON is a 400
+    before anything of it is produced; so is a body longer than that which cannot be cut
+    into parts that long (docs/contract.md §3).
 
     Exact: a cut is made at ``}`` ``,`` ``{``; when ``[`` + the part before it parses, the
     parser is at the top level of the array after it (it reads the body left to right,
     in the state the array's own ``[`` leaves it), so the comma separates two elements.
     A part that does not parse is joined to the next one (the cut was inside a string or
-    a nested value); the last one not parsing is the body's error."""
+    a nested value): the next cuts are probed with msgspec's skipping parse (no objects
+    built), within PROBE_FACTOR times the body, and the one it takes is parsed by orjson,
+    whose error, if any, is the body's (the cut is between two elements then)."""
     if len(body) <= slice_bytes:
         return None
     start = 0
@@ -226,33 +257,76 @@ def _json_array_spans(body: bytes, slice_bytes: int) -> list[tuple[int, int]] | 
     end = len(body)
     while end > start and body[end - 1] in _JSON_WS:
         end -= 1
+    part_max = slice_bytes + item_max
     if end - start < 2 or body[start] != 0x5B or body[end - 1] != 0x5D:  # [ ... ]
+        if end - start > part_max:
+            raise _uncut(body, f"a JSON body that is not an array is one event, at most {item_max} bytes")
         return None
     start += 1
     end -= 1
+    probes = PROBE_FACTOR * len(body)  # bytes the probes may still read
     spans: list[tuple[int, int]] = []
     a = start
     while a < end:
         search_from = a + slice_bytes
+        limit = min(end, a + part_max)
+        probe = False
         while True:
-            m = _NEXT_OBJECT.search(body, search_from, end) if search_from < end else None
-            if m is None and not spans:
-                return None  # one part: the whole body, parsed once as it is
+            m = _NEXT_OBJECT.search(body, search_from, limit + 1) if search_from < limit else None
+            if m is None:
+                if end > limit:  # no place to cut within part_max
+                    raise _uncut(body, f"no place to cut it between two objects in bytes {a}-{limit}: "
+                                               f"a JSON body of over {slice_bytes} bytes must be an array of "
+                                               f"event objects, each at most {item_max} bytes")
+                if not spans:
+                    return None  # one part: the whole body, parsed once as it is
             b = m.start() + 1 if m is not None else end
+            buf = b"[" + body[a:b] + b"]"
+            if probe and m is not None:
+                probes -= len(buf)
+                if probes < 0:
+                    raise _uncut(body, f"too many objects nested in arrays to cut it between two of "
+                                               f"its events (bytes {a}-{b}): send it as NDJSON")
+                try:
+                    _SKIP(buf)
+                except msgspec.DecodeError:
+                    search_from = m.end()  # not between two elements: the next cut
+                    continue
+                m = None  # between two elements: orjson's error is the body's
             try:
-                orjson.loads(b"[" + body[a:b] + b"]")
+                orjson.loads(buf)
             except orjson.JSONDecodeError as exc:
                 if m is None:
                     raise BodyError(400, f"body is not valid JSON: {exc.msg} (near byte {a + max(exc.pos - 1, 0)})"
                                     ) from None
                 search_from = m.end()  # join the next part
+                probe = True
                 continue
             break
         spans.append((a, b))
-        if m is None:
+        if b == end:
             break
-        a = m.end() - 1  # the "{" of the next element
+        a = body.index(b"{", b)  # the "{" of the next element
     return spans
+
+
+_SKIP = msgspec.json.Decoder(msgspec.Raw).decode
+
+
+def _uncut(body: bytes, why: str) -> BodyError:
+    """The 400 of a JSON body not cut into parts: its JSON error when it is not valid
+    JSON, else ``why``."""
+    return BodyError(400, _invalid(body) or f"body not taken: {why}")
+
+
+def _invalid(buf: bytes) -> str | None:
+    """"body is not valid JSON: <why>" when ``buf`` is not, else None (msgspec's skipping
+    parse: no objects built)."""
+    try:
+        _SKIP(buf)
+    except msgspec.DecodeError as exc:
+        return f"body is not valid JSON: {exc}"
+    return None
 
 
 def _ndjson_lines(body: bytes, first_line: int = 1) -> list[Any]:

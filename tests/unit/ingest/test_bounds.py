@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.core.contract import OTHER_REGION
-from aggregator.ingest.body import BodyError, Event, decode_body, decode_slices, validate_records
+from aggregator.ingest.body import SLICE_BYTES, BodyError, Event, decode_body, decode_slices, validate_records
 from aggregator.ingest.budget import InflightBudget, Reservation
 from aggregator.ingest.handler import IngestHandler
 from aggregator.metrics import Metrics
@@ -270,3 +270,68 @@ async def test_a_client_that_goes_away_mid_body_is_a_4xx_without_a_traceback(cap
         assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR]
     finally:
         await runner.cleanup()
+
+
+# ------------------------------------------------------------------ what one body may cost
+
+
+def peak_of(body: bytes, ct: str) -> tuple[int, BodyError | None]:
+    """(bytes allocated at the peak while ``body`` is decoded and validated slice by slice,
+    the BodyError it was refused with, or None)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        err = None
+        try:
+            for items in decode_slices(body, ct):
+                validate_records(items)
+                del items
+        except BodyError as exc:
+            err = exc
+        return tracemalloc.get_traced_memory()[1] - base, err
+    finally:
+        tracemalloc.stop()
+
+
+N = 2 << 20  # over SLICE_BYTES + ITEM_MAX_BYTES
+
+
+def bound(body: bytes) -> int:
+    """What a body may cost: a small multiple of it, plus the objects of one slice (a
+    slice of the smallest items parses to some 30-40 times its size)."""
+    return len(body) + 40 * SLICE_BYTES
+
+
+@pytest.mark.parametrize("body, ct", [
+    (b"[" + b"[]," * (N // 3) + b"[]]", JSON),                                  # items that are not objects
+    (b"[" + b"[{}]," * (N // 5) + b"[{}]]", JSON),
+    (b"[" + b'[{"region":"eu"}],' * (N // 18) + b'[{"region":"eu"}]]', JSON),
+    (b'{"region":"eu","x":[' + b"[]," * (N // 3) + b"[]]}", JSON),               # one huge object
+    (b'[{"region":"eu","x":[' + b"{}," * (N // 3) + b"{}]}]", JSON),             # one huge item
+    (b'{"region":"eu"}\n' * 100 + b'{"region":"eu","x":[' + b"[]," * (N // 3) + b"[]]}", NDJSON),  # one huge line
+], ids=["lists", "lists-of-objects", "lists-of-events", "object", "item", "ndjson-line"])
+def test_a_body_that_cannot_be_cut_is_refused_without_being_parsed_whole(body: bytes, ct: str) -> None:
+    """Parsed whole these took 30-40 times their size (an 8 MiB body: 267-314 MiB)."""
+    peak, err = peak_of(body, ct)
+    assert err is not None and err.status == 400
+    assert "at most" in err.message or "cut" in err.message
+    assert peak < bound(body)
+
+
+def test_a_big_body_costs_a_small_multiple_of_itself() -> None:
+    nest = b'{"region":"eu","p":{"items":[{"a":1},{"b":2},{"c":3}]}}'
+    for body, ct in ((b"[" + b",".join([b'{"region":"eu"}'] * (N // 16)) + b"]", JSON),
+                     (b"[" + b",".join([nest] * (N // len(nest))) + b"]", JSON),  # cuts in nested arrays first
+                     (b"\n".join([b'{"region":"eu"}'] * (N // 16)), NDJSON)):
+        peak, err = peak_of(body, ct)
+        assert err is None and peak < bound(body)
+    # items that are not objects among objects are still rejected one by one
+    body = b"[" + b",".join([b'{"region":"eu"}', b'{"region":"eu"}', b"[]", b"7"] * (N // 38)) + b"]"
+    assert len(list(decode_slices(body, JSON))) > 1
+    reasons: dict[str, int] = {}
+    for items in decode_slices(body, JSON):
+        for k, v in validate_records(items)[2].items():
+            reasons[k] = reasons.get(k, 0) + v
+    assert reasons == {"not_an_object": 2 * (N // 38)}
