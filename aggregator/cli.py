@@ -100,7 +100,8 @@ def load_settings(kwargs: dict[str, Any], fields: Collection[str]) -> config.Set
     the TOML file; Failure lines are printed by ``main``."""
     flags = {name: kwargs.pop(name) for name in list(kwargs) if name in config.Settings.model_fields}
     try:
-        settings = config_load.load(flags, config_file=kwargs.pop("config_file", None), only=fields)
+        settings = config_load.load(flags, config_file=kwargs.pop("config_file", None), only=fields,
+                                    strict_env=True)
         if "kafka_security_protocol" in fields:
             settings.kafka_security()  # TLS files readable, SASL complete: checked before anything starts
         return settings

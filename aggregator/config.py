@@ -26,6 +26,7 @@ from pydantic_settings import (
 )
 
 from aggregator.broker.security import KafkaSecurity
+from aggregator.core.events import REGION_MAX_CHARS, REGION_RE
 from aggregator.core.ratelimit import parse_rate_limits
 from aggregator.core.sketches import SketchParams
 
@@ -80,6 +81,9 @@ def _rate_limits(v: object) -> object:
     else:
         raise ValueError("expected region=rate,... (e.g. eu=5000,us-east=20000)")
     for region, rate in rates.items():
+        if not (region.isascii() and REGION_RE.match(region)):  # the rule of an event's region (core.events)
+            raise ValueError(f"region {region!r} can never occur: a region is 1-{REGION_MAX_CHARS} characters "
+                             "of [a-z0-9._-]")
         if not math.isfinite(rate) or rate < 0:
             raise ValueError(f"rate for region {region!r} must be a number >= 0 (got {rate:g})")
     return rates
@@ -184,7 +188,9 @@ class Settings(BaseSettings):
     spill_dir: str = Field("", description="spill directory (default DATA_DIR/spill)")
     spill_max_bytes: int = Field(1 << 30, ge=0, description="spill size at which consumption slows (0: never)")
     log_level: LogLevel = Field("INFO", description="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    session_timeout: float = Field(6.0, gt=0, description="consumer group session timeout, seconds")
+    session_timeout: float = Field(6.0, ge=6, le=90, description="consumer group session timeout, seconds, "
+                                   "6..90: Kafka refuses less than its group.min.session.timeout.ms (6 s by "
+                                   "default), and Faust more than its 90 s broker request timeout")
     stuck_rebalance_seconds: float = Field(600.0, ge=0, description="a rebalance (with its changelog recovery) that "
                                            "has made no progress for this long makes /healthz answer 503, so that a "
                                            "liveness check restarts the worker (0: never)")
@@ -220,6 +226,15 @@ class Settings(BaseSettings):
         if body is not None and v < body:
             raise ValueError(f"must be >= AGG_MAX_BODY_BYTES ({body}), or no body of that size is ever taken "
                              f"(got {v})")
+        return v
+
+    @field_validator("topic_min_insync_replicas")
+    @classmethod
+    def _min_isr(cls, v: int, info: ValidationInfo) -> int:
+        rf = info.data.get("topic_replication_factor")
+        if rf is not None and v > rf:
+            raise ValueError(f"must be <= AGG_TOPIC_REPLICATION_FACTOR ({rf}): a topic with fewer replicas than "
+                             f"its min.insync.replicas acknowledges no write (got {v})")
         return v
 
     @field_validator("kafka_sasl_username", "kafka_sasl_password")

@@ -6,6 +6,7 @@ sources it gives the model and the error lines: every problem becomes one line n
 variable and the flag (``SettingsError.lines``), and secret values never appear in them."""
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Collection, Iterator, Mapping
@@ -31,6 +32,43 @@ from aggregator.config import (
     env_name,
     flag_name,
 )
+
+LOG_FORMAT_ENV = "AGG_LOG_FORMAT"  # read by aggregator.logs: json (the default) or text
+LOG_FORMATS = ("json", "text")
+# AGG_* names that are not settings but are read elsewhere: the settings file, the log
+# format, the secrets' _FILE forms; and, by prefix, the test suite's and the benchmarks'
+NOT_SETTINGS = frozenset({CONFIG_ENV, LOG_FORMAT_ENV, *(env_name(n) + "_FILE" for n in Settings.SECRETS)})
+NOT_SETTINGS_PREFIXES = ("AGG_TEST_", "AGG_BENCH_")
+
+
+def log_format(value: str | None) -> str:
+    """``AGG_LOG_FORMAT``'s value, lower-cased (json when unset); ValueError when it is neither."""
+    fmt = (value or "json").strip().lower()
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"{LOG_FORMAT_ENV}: expected json or text (got {value!r})")
+    return fmt
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """One line per ``AGG_*`` variable of ``env`` that nothing reads (a typo such as
+    ``AGG_WINDOW_SECOND`` would otherwise be ignored), naming the closest known name;
+    and a bad ``AGG_LOG_FORMAT``."""
+    known = {env_name(n) for n in FIELDS} | NOT_SETTINGS
+    out = []
+    for var in sorted(env):
+        upper = var.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper.startswith(NOT_SETTINGS_PREFIXES):
+            continue
+        # compared without the prefix, which every name shares (it made any name look close)
+        close = difflib.get_close_matches(upper[len(ENV_PREFIX):], sorted(k[len(ENV_PREFIX):] for k in known), n=1)
+        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+        out.append(f"{var}: no such setting{hint}; the settings are listed in docs/contract.md §7")
+    if LOG_FORMAT_ENV in env:
+        try:
+            log_format(env[LOG_FORMAT_ENV])
+        except ValueError as exc:
+            out.append(str(exc))
+    return out
 
 
 def names(name: str) -> str:
@@ -87,16 +125,19 @@ def _toml(settings_cls: type[BaseSettings], path: str | None, problems: list[str
 
 
 def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
-         config_file: str | None = None, only: Collection[str] | None = None) -> Settings:
+         config_file: str | None = None, only: Collection[str] | None = None,
+         strict_env: bool = False) -> Settings:
     """Flags (non-None values, by field name), over ``AGG_*`` (and ``AGG_<NAME>_FILE``),
     over the TOML file (``config_file``, else ``AGG_CONFIG``), over the defaults.
 
     ``only``: the fields the command uses; the environment and the TOML file are read for
     those alone (the others keep their defaults), so ``aggregator broker`` is not stopped
-    by a bad ``AGG_WINDOW_SECONDS`` it never uses.  Raises SettingsError."""
+    by a bad ``AGG_WINDOW_SECONDS`` it never uses.  ``strict_env`` (the commands): an
+    ``AGG_*`` variable that is no setting of any command is a problem too
+    (``unknown_variables``).  Raises SettingsError."""
     env = os.environ if env is None else env
     keep = set(FIELDS if only is None else only)
-    problems: list[str] = []
+    problems: list[str] = unknown_variables(env) if strict_env else []
     flag_values = {k: v for k, v in (flags or {}).items() if v is not None}
     unknown = set(flag_values) - set(FIELDS)
     if unknown:

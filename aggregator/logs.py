@@ -1,5 +1,6 @@
 """Logging for every command: one JSON object per line on stderr (``AGG_LOG_FORMAT=text``
-for plain lines); the libraries' chatter is kept at WARNING and above.  With tracing on
+for plain lines; json or text, in any case: the commands refuse anything else before they
+start, config_load.unknown_variables); the libraries' chatter is kept at WARNING and above.  With tracing on
 (docs/tracing.md), a JSON line written inside a span carries its ``trace_id`` and ``span_id``."""
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import sys
 
 from aggregator import tracing
+from aggregator.config_load import LOG_FORMAT_ENV, log_format
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,7 +27,11 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("AGG_LOG_FORMAT", "json") == "json":
+    try:
+        fmt = log_format(os.environ.get(LOG_FORMAT_ENV))
+    except ValueError:
+        fmt = "json"  # checked by the commands before they start; the default otherwise
+    if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -9,9 +9,9 @@ from aggregator.config import Settings, SettingsError
 from aggregator.config_load import load
 
 
-def problems(env=None, flags=None, config_file=None, only=None) -> list[str]:
+def problems(env=None, flags=None, config_file=None, only=None, strict_env=False) -> list[str]:
     with pytest.raises(SettingsError) as err:
-        load(flags, env=env or {}, config_file=config_file, only=only)
+        load(flags, env=env or {}, config_file=config_file, only=only, strict_env=strict_env)
     return err.value.lines
 
 
@@ -31,7 +31,20 @@ def test_defaults_and_derived_values_are_the_old_ones():
     ({"AGG_WINDOW_SECONDS": "0"}, "AGG_WINDOW_SECONDS / --window-seconds: must be >= 1 (got 0)"),
     ({"AGG_WINDOW_SECONDS": "nan"}, "AGG_WINDOW_SECONDS / --window-seconds: expected a finite number (got nan)"),
     ({"AGG_GRACE_SECONDS": "-0.5"}, "AGG_GRACE_SECONDS / --grace-seconds: must be >= 0 (got -0.5)"),
-    ({"AGG_SESSION_TIMEOUT": "0"}, "AGG_SESSION_TIMEOUT / --session-timeout: must be > 0 (got 0)"),
+    ({"AGG_SESSION_TIMEOUT": "0"}, "AGG_SESSION_TIMEOUT / --session-timeout: must be >= 6 (got 0)"),
+    # Kafka's group.min.session.timeout.ms (6 s) and Faust's broker request timeout (90 s):
+    # outside them the worker started and then failed
+    ({"AGG_SESSION_TIMEOUT": "5.5"}, "AGG_SESSION_TIMEOUT / --session-timeout: must be >= 6 (got 5.5)"),
+    ({"AGG_SESSION_TIMEOUT": "91"}, "AGG_SESSION_TIMEOUT / --session-timeout: must be <= 90 (got 91)"),
+    ({"AGG_TOPIC_REPLICATION_FACTOR": "3", "AGG_TOPIC_MIN_INSYNC_REPLICAS": "5"},
+     "AGG_TOPIC_MIN_INSYNC_REPLICAS / --topic-min-insync-replicas: must be <= AGG_TOPIC_REPLICATION_FACTOR (3): "
+     "a topic with fewer replicas than its min.insync.replicas acknowledges no write (got 5)"),
+    ({"AGG_RATE_LIMITS": "eu=5,bad!region=5"},
+     "AGG_RATE_LIMITS / --rate-limits: region 'bad!region' can never occur: a region is 1-64 characters of "
+     "[a-z0-9._-] (got eu=5,bad!region=5)"),
+    ({"AGG_RATE_LIMITS": "m\u00fcnchen=5"},
+     "AGG_RATE_LIMITS / --rate-limits: region 'm\u00fcnchen' can never occur: a region is 1-64 characters of "
+     "[a-z0-9._-] (got m\u00fcnchen=5)"),
     ({"AGG_WEB_PORT": "70000"}, "AGG_WEB_PORT / --web-port: must be a port number, 0..65535 (got 70000)"),
     ({"AGG_PARTITIONS": "x"}, "AGG_PARTITIONS / --partitions: expected a whole number (got x)"),
     ({"AGG_PARTITIONS": "0"}, "AGG_PARTITIONS / --partitions: must be >= 1 (got 0)"),
@@ -72,9 +85,34 @@ def test_good_values_parse_case_insensitively():
     assert s.faust_broker() == ["kafka://k1:9092", "kafka://k2:9093"]
 
 
-def test_unknown_agg_variables_are_not_errors():
+def test_unknown_agg_variables_are_not_errors_unless_strict():
     # AGG_LOG_FORMAT (read by aggregator.logs) and the tests' AGG_TEST_* are not settings
     assert load(env={"AGG_LOG_FORMAT": "text", "AGG_TEST_BROKER": "kafka"}).web_port == 8080
+    assert load(env={"AGG_WINDOW_SECOND": "5"}).window_seconds == 60  # load() for a library caller
+
+
+def test_the_commands_refuse_unknown_agg_variables_naming_the_closest_setting():
+    assert problems({"AGG_WINDOW_SECOND": "5", "AGG_NOTHING_LIKE_IT": "1", "AGG_WINDOW_SECONDS": "0"},
+                    strict_env=True) == [
+        "AGG_NOTHING_LIKE_IT: no such setting; the settings are listed in docs/contract.md §7",
+        "AGG_WINDOW_SECOND: no such setting (did you mean AGG_WINDOW_SECONDS?); the settings are listed in "
+        "docs/contract.md §7",
+        "AGG_WINDOW_SECONDS / --window-seconds: must be >= 1 (got 0)"]
+    # read elsewhere, not settings: the TOML file, the log format, the secrets' files, the
+    # test suite's and the benchmarks' variables; and settings of other commands
+    ok = {"AGG_CONFIG": "", "AGG_LOG_FORMAT": "TEXT", "AGG_INGEST_TOKEN_FILE": "/dev/null",
+          "AGG_TEST_BROKER": "kafka", "AGG_TEST_KAFKA": "127.0.0.1:19092", "AGG_BENCH_ANYTHING": "1",
+          "AGG_WINDOW_SECONDS": "5"}
+    assert load(env=ok, strict_env=True, only=("broker_port", "log_level")).broker_port == 0
+    assert problems({"AGG_BROKER_PORTS": "1"}, strict_env=True, only=("broker_port", "log_level")) == [
+        "AGG_BROKER_PORTS: no such setting (did you mean AGG_BROKER_PORT?); the settings are listed in "
+        "docs/contract.md §7"]
+
+
+def test_log_format_is_json_or_text():
+    from aggregator.config_load import log_format
+    assert [log_format(v) for v in (None, "", "json", "JSON", " Text ")] == ["json", "json", "json", "json", "text"]
+    assert problems({"AGG_LOG_FORMAT": "xml"}, strict_env=True) == ["AGG_LOG_FORMAT: expected json or text (got 'xml')"]
 
 
 def test_precedence_flags_over_env_over_toml_over_defaults(tmp_path):
@@ -154,6 +192,16 @@ def test_keyword_construction_and_mutation_as_the_code_does(monkeypatch):
         s.partitions = 0
     with pytest.raises(ValidationError):
         Settings(window_seconds=0)
+
+
+def test_rate_limit_regions_follow_the_region_rule_in_toml_too(tmp_path):
+    cfg = tmp_path / "agg.toml"
+    cfg.write_text('[rate_limits]\n"EU" = 5\n"us east" = 7\n')
+    assert problems(config_file=str(cfg)) == [
+        "AGG_RATE_LIMITS / --rate-limits: region 'us east' can never occur: a region is 1-64 characters of "
+        "[a-z0-9._-] (got {'EU': 5, 'us east': 7})"]
+    cfg.write_text('[rate_limits]\n"EU" = 5\n"__other__" = 7\n')
+    assert load(env={}, config_file=str(cfg)).rate_limits == {"eu": 5.0, "__other__": 7.0}
 
 
 def test_rate_limits_feed_the_rate_limiter():
