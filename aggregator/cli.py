@@ -244,7 +244,7 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
     from aggregator import roles
     from aggregator.broker import BrokerError
     from aggregator.broker.embedded import MEMORY_ONLY
-    from aggregator.dirlock import DirInUse, lock_dirs
+    from aggregator.dirlock import DirInUse, DirUnusable, lock_dirs
 
     if settings.role != "all" and not settings.broker:
         raise Failure(f"--role {settings.role} needs AGG_BROKER: the embedded broker of one `aggregator run` "
@@ -256,13 +256,21 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
         tracing.config_from_env()  # bad OTEL_* settings fail here, before anything starts
     except tracing.TracingError as exc:
         raise Failure(str(exc)) from None
+    if not settings.broker and settings.broker_port and settings.web_port == settings.broker_port:
+        # check_port_free would find the port free: the embedded broker takes it after the check
+        raise Failure(f"AGG_WEB_PORT / --web-port: {settings.web_port} is also AGG_BROKER_PORT, the embedded "
+                      "broker's port: give them different ports")
     check_port_free(settings.web_host, settings.web_port)
     tune_gc(settings.role)
     if settings.role != "ingest":  # the ingest role keeps nothing on disk
         try:
             HELD_LOCKS.extend(lock_dirs(settings.data_dir, settings.spill_path))  # until the process exits
-        except (DirInUse, OSError) as exc:
-            raise Failure(str(exc)) from None
+        except (DirInUse, DirUnusable) as exc:
+            raise Failure(f"{state_dir_setting(settings, exc.path)}: {exc}") from None
+    # recorded before settings.broker becomes the embedded broker's address: the ingest
+    # producer is idempotent on an external Kafka only (the embedded broker grants no
+    # producer ids, and asking logs an aiokafka error at every start)
+    external_broker = bool(settings.broker)
     broker = None
     if not settings.broker:
         broker = start_embedded_broker(settings)
@@ -276,12 +284,15 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
             problem = str(exc)
         if problem:
             raise Failure(problem)
-        print(f"aggregator{'' if settings.role == 'all' else f' ({settings.role})'}: HTTP on "
-              f"http://{settings.web_host}:{settings.web_port} ({ROUTES[settings.role]})", flush=True)
+        def announce(port: int) -> None:  # once listening: the port bound (AGG_WEB_PORT=0: a free one)
+            print(f"aggregator{'' if settings.role == 'all' else f' ({settings.role})'}: HTTP on "
+                  f"http://{settings.web_host}:{port} ({ROUTES[settings.role]})", flush=True)
+
         interrupted = note_sigint()
         try:
             roles.run(settings, print_snapshots=print_snapshots,  # exits by SystemExit
-                      notes={"broker": MEMORY_ONLY} if broker else None)
+                      notes={"broker": MEMORY_ONLY} if broker else None, external_broker=external_broker,
+                      announce=announce)
         except SystemExit as exc:
             if interrupted and exc.code in (0, None):
                 raise Interrupted from None
@@ -290,6 +301,14 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
     finally:
         if broker:
             broker.stop()
+
+
+def state_dir_setting(settings: config.Settings, path: Any) -> str:
+    """The setting that names the local state directory ``path`` (a resolved path)."""
+    from pathlib import Path
+    if settings.spill_dir and Path(settings.spill_dir).resolve() == Path(path).resolve():
+        return "AGG_SPILL_DIR / --spill-dir"
+    return "AGG_DATA_DIR / --data-dir"
 
 
 def note_sigint() -> list[bool]:

@@ -22,16 +22,27 @@ class DirInUse(RuntimeError):
         self.path = path
 
 
+class DirUnusable(RuntimeError):
+    """The directory cannot be made, or its lock file not opened (a bad path, no permission)."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"cannot use {path} as a state directory: {exc.strerror or exc}")
+        self.path = path
+
+
 class DirLock:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self.fd: int | None = None
 
     def acquire(self) -> DirLock:
-        """Take the lock or raise ``DirInUse`` at once (never waits)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock or raise ``DirInUse`` at once (never waits); ``DirUnusable`` when
+        the directory cannot be made or written."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise DirUnusable(self.directory, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -50,7 +61,8 @@ class DirLock:
 
 
 def lock_dirs(*dirs: str | os.PathLike[str]) -> list[DirLock]:
-    """Locks on every distinct directory, in order; releases those taken if one is in use."""
+    """Locks on every distinct directory, in order; releases those taken if one is in use
+    or unusable."""
     taken: list[DirLock] = []
     seen: set[Path] = set()
     try:
@@ -60,7 +72,7 @@ def lock_dirs(*dirs: str | os.PathLike[str]) -> list[DirLock]:
                 continue
             seen.add(p)
             taken.append(DirLock(p).acquire())
-    except DirInUse:
+    except (DirInUse, DirUnusable):
         for lock in taken:
             lock.release()
         raise

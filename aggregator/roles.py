@@ -41,9 +41,13 @@ from aggregator.web.server import Handler, HttpServer, NoSnapshots, Routes, Snap
 log = logging.getLogger("aggregator")
 
 
-def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str] | None = None) -> None:
+def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str] | None = None,
+        external_broker: bool = True, announce: Callable[[int], None] | None = None) -> None:
     """Run the role of ``settings`` until a signal stops it (raises SystemExit); ``notes`` are
-    shown in every ``/readyz`` answer (e.g. that the embedded broker keeps nothing)."""
+    shown in every ``/readyz`` answer (e.g. that the embedded broker keeps nothing).
+    ``external_broker``: False when ``settings.broker`` is the embedded broker this process
+    started (cli.cmd_run sets it to that broker's address); ``announce`` is called with the
+    HTTP port once it is bound."""
     try:
         tracing.setup_from_env()  # off unless OTEL_TRACES_EXPORTER names an exporter (docs/tracing.md)
     except tracing.TracingError as exc:
@@ -57,7 +61,7 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     if settings.role in ("all", "ingest"):
         # idempotent on Kafka; the embedded broker (Tansu) does not grant producer ids
         producer = IngestProducer(settings.bootstrap(), settings.kafka_security().aiokafka_kwargs(),
-                                  idempotent=bool(settings.broker))
+                                  idempotent=external_broker)
         post = IngestHandler(producer, metrics, settings.ingest_token, settings.max_body_bytes, settings.max_regions,
                              region_idle_ms=settings.idle_ms,
                              budget=InflightBudget(settings.ingest_max_inflight_bytes),
@@ -70,7 +74,8 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
         assert producer is not None
         ingest = producer
         services.append(_http(settings, metrics, NoSnapshots(), probe,
-                              lambda: None if ingest.ready else "connecting to the broker", post, notes))
+                              lambda: None if ingest.ready else "connecting to the broker", post, notes,
+                              announce=announce))
         services.append(HeapFreezer(lambda: ingest.ready))
         mode.Worker(*services, **options).execute_from_commandline()
         return
@@ -83,7 +88,8 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     sinks = [store.add, print_snapshot_table] if print_snapshots else [store.add]
     worker = WorkerService(settings, metrics, sinks)
     services.append(SnapshotHistory(settings.bootstrap(), store, settings.kafka_security()))
-    services.append(_http(settings, metrics, store, probe, worker.not_ready, post, notes, worker.not_alive))
+    services.append(_http(settings, metrics, store, probe, worker.not_ready, post, notes, worker.not_alive,
+                          announce))
     services.append(HeapFreezer(worker.ready))
     fw = faust.Worker(worker.app, *services, **options)
     fw.spinner = None  # a terminal spinner would print escape codes into our log lines
@@ -115,13 +121,14 @@ class HeapFreezer(BackgroundService):
 
 def _http(settings: Settings, metrics: Metrics, snapshots: SnapshotSource, probe: BrokerProbe,
           not_ready: Callable[[], str | None], post: Handler | None, notes: dict[str, str] | None,
-          not_alive: Callable[[], str | None] | None = None) -> HttpServer:
+          not_alive: Callable[[], str | None] | None = None,
+          announce: Callable[[int], None] | None = None) -> HttpServer:
     def why() -> str | None:
         return "broker unreachable" if not probe.reachable else not_ready()
 
     return HttpServer(Routes(metrics, snapshots, why, post, notes, not_alive), settings.web_host, settings.web_port,
                       settings.max_body_bytes, max_connections=settings.http_max_connections,
-                      header_timeout=settings.http_header_timeout_seconds)
+                      header_timeout=settings.http_header_timeout_seconds, on_listening=announce)
 
 
 def print_snapshot_table(snaps: Sequence[Snapshot]) -> None:

@@ -271,12 +271,15 @@ class HttpServer(mode.Service):
     mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
 
     def __init__(self, routes: Routes, host: str, port: int, max_body_bytes: int, max_connections: int = 1000,
-                 header_timeout: float = 10.0, **kwargs: Any) -> None:
+                 header_timeout: float = 10.0, on_listening: Callable[[int], None] | None = None,
+                 **kwargs: Any) -> None:
+        """``on_listening``: called with the port bound (a free one for ``port`` 0) once listening."""
         super().__init__(**kwargs)
         self.routes = routes
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
+        self.on_listening = on_listening
         self.gate = ConnectionGate(max_connections, header_timeout)
         routes.gate = self.gate
         self.runner: web.AppRunner | None = None
@@ -290,9 +293,13 @@ class HttpServer(mode.Service):
         self.runner = web.AppRunner(self.routes.app(self.max_body_bytes), access_log=None, auto_decompress=False,
                                     keepalive_timeout=self.gate.header_timeout)
         await self.runner.setup()
-        await _Site(self.runner, self.host, self.port, self.gate).start()
+        site = _Site(self.runner, self.host, self.port, self.gate)
+        await site.start()
+        self.port = site.bound_port() or self.port  # AGG_WEB_PORT=0: the free port the system chose
         self.sweeper = asyncio.get_running_loop().create_task(self.gate.run())
         log.info("HTTP listening on http://%s:%s", self.host, self.port)
+        if self.on_listening is not None:
+            self.on_listening(self.port)
 
     async def on_stop(self) -> None:
         if self.sweeper is not None:
@@ -302,6 +309,12 @@ class HttpServer(mode.Service):
             log.info("HTTP: stopping (finishing the requests in flight)")
             await self.runner.cleanup()  # stops listening, waits for the handlers in flight
             self.runner = None
+
+    def bound_port(self) -> int | None:
+        """The port of the first listening socket (None before start)."""
+        srv = self._server
+        sockets = getattr(srv, "sockets", None) or ()
+        return int(sockets[0].getsockname()[1]) if sockets else None
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

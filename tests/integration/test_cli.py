@@ -145,3 +145,63 @@ def test_debug_shows_the_traceback(tmp_path):
     code, lines, _ = aggregator("--debug", "run", env={"AGG_WINDOW_SECONDS": "-1", "AGG_DATA_DIR": str(tmp_path)})
     assert code != 0 and any(ln.startswith("Traceback") for ln in lines)
 
+
+
+def test_a_state_directory_that_cannot_be_made_names_its_setting(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    bad = tmp_path / "file" / "sub"
+    assert_one_error(aggregator("run", env={"AGG_DATA_DIR": str(bad), "AGG_WEB_PORT": str(free_port())}),
+                     f"error: AGG_DATA_DIR / --data-dir: cannot use {bad} as a state directory: Not a directory")
+    assert_one_error(aggregator("run", env={"AGG_DATA_DIR": str(tmp_path / "d"), "AGG_SPILL_DIR": str(bad),
+                                            "AGG_WEB_PORT": str(free_port())}),
+                     f"error: AGG_SPILL_DIR / --spill-dir: cannot use {bad} as a state directory: Not a directory")
+    assert not no_broker_children()
+
+
+def test_web_port_equal_to_the_embedded_brokers_port_is_refused(tmp_path):
+    port = free_port()
+    assert_one_error(aggregator("run", env={"AGG_WEB_PORT": str(port), "AGG_BROKER_PORT": str(port),
+                                            "AGG_DATA_DIR": str(tmp_path)}),
+                     f"error: AGG_WEB_PORT / --web-port: {port} is also AGG_BROKER_PORT, the embedded broker's port: "
+                     "give them different ports")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unknown_agg_variable_stops_every_command_naming_the_closest_setting(tmp_path):
+    line = ("error: AGG_WINDOW_SECOND: no such setting (did you mean AGG_WINDOW_SECONDS?); the settings are listed "
+            "in docs/contract.md §7")
+    assert_one_error(aggregator("run", env={"AGG_WINDOW_SECOND": "5", "AGG_DATA_DIR": str(tmp_path)}), line)
+    assert_one_error(aggregator("broker", env={"AGG_WINDOW_SECOND": "5"}), line)
+    assert_one_error(aggregator("run", env={"AGG_LOG_FORMAT": "xml", "AGG_DATA_DIR": str(tmp_path)}),
+                     "error: AGG_LOG_FORMAT: expected json or text (got 'xml')")
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_on_a_free_port_names_it_and_the_embedded_broker_gets_no_idempotent_producer(tmp_path):
+    """AGG_WEB_PORT=0 used to announce http://127.0.0.1:0; and every start on the embedded broker
+    logged aiokafka's InitProducerIdRequest error and a warning that batches may be stored twice."""
+    import re
+    import urllib.request
+
+    out = tmp_path / "out.txt"
+    env = dict(CLEAN_ENV, PYTHONPATH=str(REPO), AGG_WEB_PORT="0", AGG_DATA_DIR=str(tmp_path / "data"))
+    with out.open("w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "aggregator", "run"], env=env, cwd=str(REPO), stdout=f,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "ingest ready" not in out.read_text() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        text = out.read_text()
+        assert "ingest ready" in text, text
+        found = re.findall(r"^aggregator: HTTP on http://127\.0\.0\.1:(\d+) ", text, re.M)
+        assert len(found) == 1 and found[0] != "0", text
+        with urllib.request.urlopen(f"http://127.0.0.1:{found[0]}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+        assert f'"HTTP listening on http://127.0.0.1:{found[0]}"' in text, text
+        assert "InitProducerIdRequest" not in text and "stored twice" not in text, text
+        assert '"level": "error"' not in text, text
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+    assert not no_broker_children()

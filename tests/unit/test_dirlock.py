@@ -43,3 +43,13 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         holder.kill()  # SIGKILL: no cleanup runs
         holder.wait()
     DirLock(tmp_path).acquire().release()
+
+
+def test_a_directory_that_cannot_be_made_is_dir_unusable_and_releases_the_others(tmp_path):
+    from aggregator.dirlock import DirUnusable
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(DirUnusable) as err:
+        lock_dirs(tmp_path / "data", tmp_path / "file" / "spill")
+    assert err.value.path == tmp_path / "file" / "spill"
+    assert str(err.value) == f"cannot use {tmp_path / 'file' / 'spill'} as a state directory: Not a directory"
+    DirLock(tmp_path / "data").acquire().release()  # the first lock was given back
