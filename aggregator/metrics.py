@@ -113,6 +113,9 @@ class Metrics:
                                         "Time from a request's arrival to its answer, by route template", ["route"],
                                         buckets=HTTP_BUCKETS, registry=r)
         self._http_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._http_refused = Counter("clickstream_http_connections_refused",
+                                     "HTTP connections refused over AGG_HTTP_MAX_CONNECTIONS (answered 503 + "
+                                     "Retry-After and closed before a request was read)", registry=r)
         self._ingested = Counter("clickstream_events_ingested", "Events accepted over HTTP (broker acknowledged)",
                                  ["region"], registry=r)
         self._counted = Counter("clickstream_events", "Events counted into a window", ["region"], registry=r)
@@ -235,6 +238,10 @@ class Metrics:
         count, duration = self._http_child(route, status_class(status))
         count.inc()
         duration.observe(seconds)
+
+    def http_connections_refused(self, n: int = 1) -> None:
+        """``n`` connections refused over the connection cap (web.server)."""
+        self._http_refused.inc(n)
 
     def _http_child(self, route: str, code: str) -> tuple[Counter, Histogram]:
         key = (route, code)

@@ -44,6 +44,8 @@ class HttpMetrics(Protocol):
 
     def http_request(self, route: str, status: int, seconds: float) -> None: ...
 
+    def http_connections_refused(self, n: int = 1) -> None: ...
+
 
 class SnapshotSource(Protocol):
     def query(self, region: str | None, since: int | None) -> list[Snapshot]: ...
@@ -175,10 +177,10 @@ class _Conn(asyncio.Protocol):
         self.transport = transport
         if len(self.gate.conns) >= self.gate.max_connections:
             self.refused = True
-            self.gate.refused += 1
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(REFUSED)
             transport.close()
+            self.gate.refuse()
             return
         self.gate.conns[transport] = self
         self.inner.connection_made(transport)
@@ -206,21 +208,44 @@ class _Conn(asyncio.Protocol):
             self.inner.resume_writing()
 
 
+REFUSED_LOG_INTERVAL = 10.0  # seconds: one warning at most per interval while connections are refused
+
+
 class ConnectionGate:
     """The connection cap and the header timeout of the HTTP server.
 
     A connection over ``max_connections`` gets a 503 with ``Retry-After`` and is closed
-    before aiohttp sees it.  A connection not in a handler (sending a request's headers,
-    or idle between requests) for longer than ``header_timeout`` is closed by a sweep
-    every quarter of it (a byte a second never completes the headers); a handler bounds
-    its own body read (ingest: ``AGG_HTTP_BODY_TIMEOUT_SECONDS``)."""
+    before aiohttp sees it: counted (``on_refused``, the metric
+    ``clickstream_http_connections_refused_total``) and logged, one warning per
+    ``REFUSED_LOG_INTERVAL`` at most, with the number refused since the last one.
+    A connection not in a handler (sending a request's headers, or idle between
+    requests) for longer than ``header_timeout`` is closed by a sweep every quarter of it
+    (a byte a second never completes the headers); a handler bounds its own body read
+    (ingest: ``AGG_HTTP_BODY_TIMEOUT_SECONDS``)."""
 
-    def __init__(self, max_connections: int, header_timeout: float) -> None:
+    def __init__(self, max_connections: int, header_timeout: float,
+                 on_refused: Callable[[int], None] | None = None) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.conns: dict[asyncio.BaseTransport, _Conn] = {}
         self.refused = 0    # connections refused over the cap
         self.timed_out = 0  # connections closed by the header timeout
+        self.on_refused = on_refused
+        self._refused_logged = 0   # self.refused at the last warning
+        self._next_refused_log = 0.0  # monotonic time before which no further warning is logged
+
+    def refuse(self) -> None:
+        """A connection over the cap was answered 503 and closed."""
+        self.refused += 1
+        if self.on_refused is not None:
+            self.on_refused(1)
+        now = time.monotonic()
+        if now >= self._next_refused_log:
+            self._next_refused_log = now + REFUSED_LOG_INTERVAL
+            log.warning("HTTP: %d connection(s) refused with 503 since the last such line: %d open, "
+                        "AGG_HTTP_MAX_CONNECTIONS is %d", self.refused - self._refused_logged, len(self.conns),
+                        self.max_connections)
+            self._refused_logged = self.refused
 
     def protocol(self, make: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _Conn(self, make())
@@ -266,6 +291,12 @@ class _Site(web.TCPSite):
         self._server = await asyncio.get_running_loop().create_server(
             self.gate.protocol(server), self._host, self._port)
 
+    def bound_port(self) -> int | None:
+        """The port of the first listening socket (None before start)."""
+        srv = self._server
+        sockets = getattr(srv, "sockets", None) or ()
+        return int(sockets[0].getsockname()[1]) if sockets else None
+
 
 class HttpServer(mode.Service):
     mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
@@ -280,7 +311,7 @@ class HttpServer(mode.Service):
         self.port = port
         self.max_body_bytes = max_body_bytes
         self.on_listening = on_listening
-        self.gate = ConnectionGate(max_connections, header_timeout)
+        self.gate = ConnectionGate(max_connections, header_timeout, routes.metrics.http_connections_refused)
         routes.gate = self.gate
         self.runner: web.AppRunner | None = None
         self.sweeper: asyncio.Task | None = None
@@ -309,12 +340,6 @@ class HttpServer(mode.Service):
             log.info("HTTP: stopping (finishing the requests in flight)")
             await self.runner.cleanup()  # stops listening, waits for the handlers in flight
             self.runner = None
-
-    def bound_port(self) -> int | None:
-        """The port of the first listening socket (None before start)."""
-        srv = self._server
-        sockets = getattr(srv, "sockets", None) or ()
-        return int(sockets[0].getsockname()[1]) if sockets else None
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

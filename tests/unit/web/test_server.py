@@ -146,3 +146,42 @@ async def test_healthz_answers_503_with_the_reason_while_the_process_should_be_r
         assert r.status == 200 and await r.json() == {"status": "alive"}
     finally:
         await client.close()
+
+
+
+def refused(m: Metrics) -> float | None:
+    return m.registry.get_sample_value("clickstream_http_connections_refused_total")
+
+
+async def test_connections_over_the_cap_are_counted_and_logged_once_per_interval(caplog):
+    """A connection refused over AGG_HTTP_MAX_CONNECTIONS used to be answered 503 with no
+    metric and no log line; one warning per interval at most, however many are refused."""
+    import asyncio
+    import logging
+
+    from aggregator.web.server import HttpServer
+
+    m = Metrics()
+    ports: list[int] = []
+    server = HttpServer(Routes(m, NoSnapshots(), lambda: None, None), "127.0.0.1", 0, 1 << 20, max_connections=1,
+                        on_listening=ports.append)
+    assert refused(m) == 0  # exported at 0 from the start
+    caplog.set_level(logging.WARNING, logger="aggregator.web")
+    await server.on_start()
+    try:
+        assert ports == [server.port] and server.port != 0
+        held = await asyncio.open_connection("127.0.0.1", server.port)  # takes the only slot
+        await asyncio.sleep(0.05)
+        answers = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            answers.append(await reader.read())
+            writer.close()
+        assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers), answers
+        assert refused(m) == 3
+        lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert lines == ["HTTP: 1 connection(s) refused with 503 since the last such line: 1 open, "
+                         "AGG_HTTP_MAX_CONNECTIONS is 1"], lines
+        held[1].close()
+    finally:
+        await server.on_stop()
