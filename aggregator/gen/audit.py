@@ -274,9 +274,9 @@ def fetch_topic_snapshots(bootstrap: str, security: KafkaSecurity = PLAINTEXT, i
         await check_login(address, security)
         c = AIOKafkaConsumer(bootstrap_servers=address, group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", **security.aiokafka_kwargs())
-        await c.start()
         out: list[Snapshot] = []
         try:
+            await c.start()  # in the try: a consumer that could not start is closed too
             parts = c.partitions_for_topic(SNAPSHOTS) or set()
             if not parts:
                 await c._client.force_metadata_update()

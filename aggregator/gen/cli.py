@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,7 +25,15 @@ import click
 from aggregator import config
 from aggregator.broker.embedded import BrokerError
 from aggregator.broker.security import PLAINTEXT, KafkaSecurity
-from aggregator.cli import KAFKA_CLIENT_FIELDS, Failure, _config_option, _debug_option, load_settings, settings_options
+from aggregator.cli import (
+    KAFKA_CLIENT_FIELDS,
+    Failure,
+    _config_option,
+    _debug_option,
+    load_settings,
+    quiet_kafka_client,
+    settings_options,
+)
 from aggregator.core.contract import Snapshot
 from aggregator.gen.audit import (
     DELAY_TOLERANCE,
@@ -52,6 +64,49 @@ def default_url(settings: config.Settings) -> str:
     elif ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{settings.web_port}"
+
+
+MAX_SKEW = 10.0
+
+
+def check_skew(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """--skew: a finite Zipf exponent, 0..MAX_SKEW (nan or inf made every weight nan or 0)."""
+    if not (math.isfinite(value) and 0 <= value <= MAX_SKEW):
+        raise click.BadParameter(f"{value!r} is not a number in 0..{MAX_SKEW:g}")
+    return value
+
+
+def check_urls(urls: str, option: str = "gen: --url") -> list[str]:
+    """The comma-separated base URLs, each http(s)://host[:port][/path]; Failure naming the bad one."""
+    out = []
+    for raw in urls.split(","):
+        u = raw.strip().rstrip("/")
+        if not u:
+            continue
+        try:
+            parts = urllib.parse.urlsplit(u)
+            parts.port  # noqa: B018 - raises ValueError on a port that is not one
+        except ValueError as exc:
+            raise Failure(f"{option}: {u!r} is not a URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise Failure(f"{option}: {u!r} is not an http:// or https:// URL with a host "
+                          "(e.g. http://127.0.0.1:8080)")
+        out.append(u)
+    if not out:
+        raise Failure(f"{option}: no URL given")
+    return out
+
+
+def check_writable(path: str, option: str = "gen: --truth") -> None:
+    """Failure unless ``path`` can be written (checked before anything is sent)."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise Failure(f"{option}: {path} is a directory")
+    if not parent.is_dir():
+        raise Failure(f"{option}: cannot write {path}: no directory {parent}")
+    if not os.access(p if p.exists() else parent, os.W_OK):
+        raise Failure(f"{option}: cannot write {path}: permission denied")
 
 
 def wait_for_service(url: str, wait: float) -> None:
@@ -109,7 +164,8 @@ CTX = {"show_default": True}
 @click.option("--count", type=click.IntRange(min=0), default=0, help="events to send (0: rate x duration)")
 @click.option("--duration", type=click.FloatRange(min=0), default=60.0, help="seconds, when --count is not given")
 @click.option("--regions", type=click.IntRange(min=1), default=8, help="number of regions")
-@click.option("--skew", type=float, default=1.1, help="Zipf exponent of region popularity")
+@click.option("--skew", type=float, default=1.1, callback=check_skew,
+              help=f"Zipf exponent of region popularity, 0..{MAX_SKEW:g}")
 @click.option("--batch", type=click.IntRange(min=1), default=100, help="events per request")
 @click.option("--concurrency", type=click.IntRange(min=1), default=4, help="requests in flight")
 @click.option("--bad-fraction", type=click.FloatRange(0, 1), default=0.0, help="fraction of malformed records")
@@ -134,8 +190,10 @@ CTX = {"show_default": True}
 def gen_command(**kw: Any) -> int:
     """Send a synthetic click-stream over HTTP (or straight to Kafka), with exact ground truth."""
     settings = load_settings(kw, GEN_FIELDS)
-    url = ",".join(u.strip().rstrip("/") for u in (kw["url"] or default_url(settings)).split(",") if u.strip())
+    url = ",".join(check_urls(kw["url"] or default_url(settings)))
     kafka = kafka_bootstrap(kw["kafka"], settings)
+    if kw["truth"]:
+        check_writable(kw["truth"])  # not after every event has been sent
     count = kw["count"] or int(kw["rate"] * kw["duration"])
     if not kafka:
         for one in url.split(","):
@@ -165,12 +223,18 @@ def gen_command(**kw: Any) -> int:
             # the aggregates' truth only when it is written: it holds the recent windows' users
             aggregates=bool(kw["truth"]), url_keep_query=settings.url_keep_query)
 
+    from aiokafka.errors import KafkaError
+
     try:
-        truth = asyncio.run(quiet_generate())
+        with quiet_kafka_client():  # aiokafka's line per failed connection: the one below instead
+            truth = asyncio.run(quiet_generate())
         if failures:
             raise failures[0]
     except BrokerError as exc:  # a refused Kafka login or TLS: one line
         raise Failure(f"gen: {exc}") from None
+    except KafkaError as exc:  # before RuntimeError, its base: not an HTTP problem
+        raise Failure(f"gen: producing to Kafka at {kafka} failed: {exc} (is a broker "
+                      "running there? --kafka, or AGG_BROKER)") from None
     except aiohttp.ClientResponseError as exc:
         hint = ": is AGG_INGEST_TOKEN / --token right?" if exc.status in (401, 403) else ""
         raise Failure(f"gen: POST {url}/v1/events answered {exc.status} {exc.message}{hint}") from None
@@ -197,7 +261,10 @@ def gen_command(**kw: Any) -> int:
 def audit_command(**kw: Any) -> int:
     """Compare published snapshots with a generator's ground truth (exit 1 on a mismatch)."""
     settings = load_settings(kw, AUDIT_FIELDS)
-    url = (kw["url"] or default_url(settings)).rstrip("/")
+    urls = check_urls(kw["url"] or default_url(settings), "audit: --url")
+    if len(urls) > 1:
+        raise Failure("audit: --url: one URL (each service lists its own recent snapshots; --kafka reads them all)")
+    url = urls[0]
     kafka = kafka_bootstrap(kw["kafka"], settings)
     try:
         with open(kw["truth"]) as f:
@@ -217,10 +284,15 @@ def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: floa
               security: KafkaSecurity = PLAINTEXT, top_n: int = 10) -> int:
     def fetch() -> list[Snapshot]:
         if kafka:
+            from aiokafka.errors import KafkaError
             try:
-                return fetch_topic_snapshots(kafka, security)
+                with quiet_kafka_client():  # aiokafka's line per failed connection: the one below instead
+                    return fetch_topic_snapshots(kafka, security)
             except BrokerError as exc:  # a refused login or TLS: one line
                 raise Failure(f"audit: {exc}") from None
+            except KafkaError as exc:
+                raise Failure(f"audit: cannot read click-snapshots from Kafka at {kafka}: "
+                              f"{exc} (is a broker running there? --kafka, or AGG_BROKER)") from None
         try:
             return fetch_snapshots(url)
         except (urllib.error.URLError, OSError) as exc:

@@ -205,3 +205,34 @@ def test_run_on_a_free_port_names_it_and_the_embedded_broker_gets_no_idempotent_
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=30)
     assert not no_broker_children()
+
+
+def test_gen_and_audit_refuse_bad_arguments_before_sending_anything(tmp_path):
+    port = free_port()  # nothing listens: a check after sending would wait 10 s and say so instead
+    url = f"http://127.0.0.1:{port}"
+    assert_one_error(aggregator("gen", "--skew", "nan", "--url", url),
+                     "error: aggregator gen: invalid value for '--skew': nan is not a number in 0..10 "
+                     "(see aggregator gen --help)")
+    assert_one_error(aggregator("gen", "--url", "notaurl"),
+                     "error: gen: --url: 'notaurl' is not an http:// or https:// URL with a host "
+                     "(e.g. http://127.0.0.1:8080)")
+    assert_one_error(aggregator("gen", "--url", url, "--truth", "/nonexistent/t.json"),
+                     "error: gen: --truth: cannot write /nonexistent/t.json: no directory /nonexistent")
+    truth = tmp_path / "t.json"
+    truth.write_text('{"counts": {}}')
+    assert_one_error(aggregator("audit", "--truth", str(truth), "--url", "ftp://x"),
+                     "error: audit: --url: 'ftp://x' is not an http:// or https:// URL with a host "
+                     "(e.g. http://127.0.0.1:8080)")
+
+
+def test_gen_and_audit_against_no_kafka_are_one_line_with_a_kafka_hint(tmp_path):
+    truth = tmp_path / "t.json"
+    truth.write_text('{"counts": {}}')
+    bootstrap = f"127.0.0.1:{free_port()}"
+    for args, start in ((("audit", "--truth", str(truth)), "error: audit: cannot read click-snapshots from Kafka"),
+                        (("gen", "--count", "10"), "error: gen: producing to Kafka")):
+        code, lines, took = aggregator(*args, "--kafka", bootstrap, timeout=60)
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"{start} at {bootstrap}"), lines
+        assert lines[0].endswith("(is a broker running there? --kafka, or AGG_BROKER)"), lines
+        assert "--url" not in lines[0] and took < 30, (lines, took)
