@@ -66,6 +66,15 @@ EXTRA_METRICS = {
     "clickstream_window_unique_users": "gauge",
     "clickstream_window_client_delay_seconds": "gauge",
 }
+# in docs/contract.md §5 and used by alert rules only (fault counters, the published count)
+ALERT_METRICS = {
+    "clickstream_snapshots_published_total": "counter",
+    "clickstream_state_write_failures_total": "counter",
+    "clickstream_snapshot_publish_failures_total": "counter",
+    "clickstream_spill_disk_errors_total": "counter",
+    "clickstream_source_log_resets_total": "counter",
+    "clickstream_dedup_evicted_total": "counter",
+}
 # prometheus_client's process, GC and platform collectors (contract §5 "standard"): the
 # dashboard may use them, it need not use them all.
 STANDARD_METRICS = {
@@ -80,7 +89,7 @@ STANDARD_METRICS = {
     "python_gc_collections_total": "counter",
     "python_info": "gauge",
 }
-KNOWN_METRICS = {**CONTRACT_METRICS, **EXTRA_METRICS, **STANDARD_METRICS}
+KNOWN_METRICS = {**CONTRACT_METRICS, **EXTRA_METRICS, **ALERT_METRICS, **STANDARD_METRICS}
 SERVICE_METRICS = {**CONTRACT_METRICS, **EXTRA_METRICS}
 HISTOGRAMS = {n for n, t in KNOWN_METRICS.items() if t == "histogram"}
 
@@ -104,6 +113,11 @@ EXPECTED_ALERTS = {
     "ClickstreamIngestBudgetBurnSlow",
     "ClickstreamFreshnessBudgetBurnFast",
     "ClickstreamFreshnessBudgetBurnSlow",
+    "ClickstreamStateWritesFailing",
+    "ClickstreamSnapshotPublishFailing",
+    "ClickstreamSpillDiskErrors",
+    "ClickstreamSourceLogReset",
+    "ClickstreamDedupEvicting",
 }
 
 METRIC_RE = re.compile(r"(?<![\w:])(?:clickstream|pipeline_stage|process|python)_\w+(?![\w:])")
@@ -422,10 +436,21 @@ def test_slo_alerts_are_multi_window_burn_rates(alert_rules):
 def test_alert_expressions(alert_rules):
     exprs = {r["alert"]: " ".join(r["expr"].split()) for r in alert_rules}
     # staleness from the service's own window length and grace, not a hard-coded 60 s window
-    assert exprs["ClickstreamSnapshotsStale"] == (
-        "time() - max by (job) (clickstream_window_end_timestamp_seconds) > on (job) "
-        "3 * max by (job) (clickstream_window_seconds) + max by (job) (clickstream_grace_seconds)"
-    )
+    threshold = "3 * max by (job) (clickstream_window_seconds) + max by (job) (clickstream_grace_seconds)"
+    assert exprs["ClickstreamSnapshotsStale"].startswith(
+        "( time() - max by (job) (clickstream_window_end_timestamp_seconds) > on (job) " + threshold + " ) or ( ")
+    # after a restart, before the first window closes (no window-end gauge yet): workers with
+    # partitions that have published nothing since they started
+    assert ("min by (job) (time() - (process_start_time_seconds and on (job, instance) "
+            "clickstream_assigned_partitions > 0)) > on (job) " + threshold) in exprs["ClickstreamSnapshotsStale"]
+    assert "unless on (job) sum by (job) (clickstream_snapshots_published_total) > 0" in exprs[
+        "ClickstreamSnapshotsStale"]
+    for alert, counter in (("ClickstreamStateWritesFailing", "clickstream_state_write_failures_total"),
+                           ("ClickstreamSnapshotPublishFailing", "clickstream_snapshot_publish_failures_total"),
+                           ("ClickstreamSpillDiskErrors", "clickstream_spill_disk_errors_total"),
+                           ("ClickstreamDedupEvicting", "clickstream_dedup_evicted_total")):
+        assert exprs[alert] == f"sum by (instance) (increase({counter}[5m])) > 0", alert
+    assert "increase(clickstream_source_log_resets_total[10m])" in exprs["ClickstreamSourceLogReset"]
     assert exprs["ClickstreamTargetMissing"] == 'absent(up{job="clickstream"})'
     assert "clickstream_late_events_total" in exprs["ClickstreamLateEventsSpiking"]
     assert "deriv(clickstream_spill_backlog_events[" in exprs["ClickstreamSpillBacklogGrowing"]
