@@ -161,8 +161,8 @@ class Settings(BaseSettings):
                                "counted in clickstream_dedup_evicted_total")
     aggregates: bool = Field(False, description="unique users, top URLs and client-delay quantiles per region "
                              "and window in every snapshot (off by default: with them the worker reads ingest's records "
-                             "about as fast as a bare consumer, records produced straight to Kafka at about two "
-                             "thirds of its rate, docs/analytics.md)")
+                             "at or above a bare consumer's rate, records produced straight to Kafka at 66-72 % "
+                             "of it, docs/analytics.md)")
     top_urls: int = Field(10, ge=1, le=20, description="URLs in a snapshot's top_urls at most")
     unique_users_precision: int = Field(12, ge=10, le=16, description="HyperLogLog precision of unique_users "
                                         "beyond 256 users: 2^p one-byte registers, standard error ~1.04/sqrt(2^p)")
