@@ -113,9 +113,8 @@ class Metrics:
                                         "Time from a request's arrival to its answer, by route template", ["route"],
                                         buckets=HTTP_BUCKETS, registry=r)
         self._http_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
-        self._http_refused = Counter("clickstream_http_connections_refused",
-                                     "HTTP connections refused over AGG_HTTP_MAX_CONNECTIONS (answered 503 + "
-                                     "Retry-After and closed before a request was read)", registry=r)
+        self._http_refused = Counter("clickstream_http_connections_refused", "HTTP connections refused over "
+                                     "AGG_HTTP_MAX_CONNECTIONS (answered 503, closed unread)", registry=r)
         self._ingested = Counter("clickstream_events_ingested", "Events accepted over HTTP (broker acknowledged)",
                                  ["region"], registry=r)
         self._counted = Counter("clickstream_events", "Events counted into a window", ["region"], registry=r)
@@ -167,10 +166,8 @@ class Metrics:
                                                   2.5))
         self._consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"],
                                    registry=r)
-        self._clock_ahead = Gauge("clickstream_worker_clock_ahead_seconds",
-                                  "How far this worker's clock runs ahead of the stamps of the records it "
-                                  "reads at the end of their partitions, when over AGG_MAX_AHEAD_SECONDS "
-                                  "(0: within it); taken off the clock that closes quiet windows", registry=r)
+        self._clock_ahead = Gauge("clickstream_worker_clock_ahead_seconds", "How far this worker's clock runs "
+                                  "ahead of the records it reads (0: within AGG_MAX_AHEAD_SECONDS)", registry=r)
         self._backpressure = Gauge("clickstream_backpressure",
                                    "1 while consumption is paused because the spill reached AGG_SPILL_MAX_BYTES "
                                    "or partitions wait for a spill disk that refuses writes",
@@ -239,8 +236,7 @@ class Metrics:
         count.inc()
         duration.observe(seconds)
 
-    def http_connections_refused(self, n: int = 1) -> None:
-        """``n`` connections refused over the connection cap (web.server)."""
+    def http_connections_refused(self, n: int = 1) -> None:  # over the connection cap (web.server)
         self._http_refused.inc(n)
 
     def _http_child(self, route: str, code: str) -> tuple[Counter, Histogram]:
@@ -329,8 +325,7 @@ class Metrics:
         """The broker did not acknowledge the window state of ``partitions`` partitions."""
         self._state_write_failures.inc(partitions)
 
-    def snapshot_publish_failed(self, partitions: int) -> None:
-        """The broker did not acknowledge the snapshots of ``partitions`` partitions."""
+    def snapshot_publish_failed(self, partitions: int) -> None:  # snapshots of partitions not acknowledged
         self._snapshot_publish_failures.inc(partitions)
 
     def source_log_reset(self, partition: int) -> None:
@@ -383,9 +378,7 @@ class Metrics:
     def partition_lag(self, partition: int, lag: int) -> None:
         self._consumer_lag.labels(str(partition)).set(lag)
 
-    def partition_gone(self, partition: int) -> None:
-        """The partition is no longer this worker's: its lag is its new owner's to say (a
-        stale series would keep a lag alert firing and add to a summed lag)."""
+    def partition_gone(self, partition: int) -> None:  # moved: its lag is its new owner's to say
         _drop(self._consumer_lag, str(partition))
 
     def clock_ahead(self, ms: int) -> None:
