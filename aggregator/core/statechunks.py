@@ -11,11 +11,13 @@ most ``MAX_RECORD_BYTES`` each, then a small header that names them:
 * header: key ``<partition>`` (the key a whole state had before), value
   ``{"chunks": {"slot": s, "n": n, "crc": crc32 of the state}}``.
 
-A new state goes to the slot the current header does not name, and its header is sent
-only after every chunk is confirmed: a crash (or a failed write) in between leaves
-the previous header naming the previous slot, whose chunks are untouched.  Keys repeat
-(two slots of at most as many chunks as the state ever needed), so the compacted
-changelog stays bounded.  Every key and value is JSON because Faust's table recovery
+A new state goes to a slot no stored header may name (the current one, or one whose
+header was sent but not acknowledged: the broker may have stored it; worker.checkpoint
+``free_slot``), and its header is sent only after every chunk is confirmed: a crash (or
+a failed write) in between leaves the latest header naming chunks that are untouched.
+Keys repeat (slots 0 and 1 in turn while writes pass, one more for each header not
+acknowledged in a row; at most as many chunks as the state ever needed), so the
+compacted changelog stays bounded.  Every key and value is JSON because Faust's table recovery
 decodes them as JSON.  Pure: no I/O.
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ def chunk_key(partition: int, slot: int, i: int) -> str:
 
 
 def encode_chunks(partition: int, state: bytes, slot: int) -> tuple[list[tuple[bytes, bytes]], tuple[bytes, bytes]]:
-    """-> (the chunk records, the header record) of ``state`` in ``slot`` (0 or 1)."""
+    """-> (the chunk records, the header record) of ``state`` in ``slot``."""
     text = state.decode()
     pieces = [text[i:i + PIECE_CHARS] for i in range(0, len(text), PIECE_CHARS)] or [""]
     chunks = [(orjson.dumps(chunk_key(partition, slot, i)), orjson.dumps({"c": piece}))

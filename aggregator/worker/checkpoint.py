@@ -51,6 +51,18 @@ class Producer(Protocol):
     def flush(self) -> Awaitable[None]: ...
 
 
+def free_slot(confirmed: int | None, maybe: set[int]) -> int:
+    """The slot a new state goes to: never the one the last confirmed header names, nor
+    one whose header was sent and not acknowledged since (it may be stored: a request
+    that timed out), so that a crash before the new header always leaves whichever
+    header is latest naming chunks that are whole.  0 and 1 in turn while writes pass."""
+    taken = maybe if confirmed is None else {confirmed, *maybe}
+    slot = 0
+    while slot in taken:
+        slot += 1
+    return slot
+
+
 class _Write:
     """One partition's state on its way to the changelog (core.statechunks)."""
 
@@ -59,7 +71,7 @@ class _Write:
 
     def __init__(self, p: PartitionState) -> None:
         self.p = p
-        self.slot = 0 if p.state_slot is None else 1 - p.state_slot  # never the slot the header names
+        self.slot = free_slot(p.state_slot, p.maybe_slots)
         # the dedup ids new since the last durable state, as records beside the chunks; the
         # state names them (and the earlier ones still within the horizon: core.dedup)
         p.dedup.expire()
@@ -172,6 +184,9 @@ class Checkpointer:
         if ok:
             await producer.flush()
         outcome = [(w, _failure(w.futures)) for w in ok]
+        for w, e in outcome:
+            if e is not None:
+                w.p.maybe_slots.add(w.slot)  # its header may be stored all the same
         failed += [w for w, e in outcome if e is not None]
         done = [w for w, e in outcome if e is None]
         if failed:
@@ -188,7 +203,7 @@ class Checkpointer:
 
     def _failed(self, writes: Sequence[_Write], error: BaseException) -> None:
         for w in writes:
-            w.p.book.dirty = True  # written again next time; the slot stays free
+            w.p.book.dirty = True  # written again next time (to a slot no stored header may name)
             w.p.dedup.expired[:0] = w.expired  # deleted next time
             if w.p.book.aggs is not None:
                 w.p.book.aggs.expired[:0] = w.aggs_expired
@@ -212,6 +227,7 @@ class Checkpointer:
         for w in done:
             p = w.p
             p.state_slot = w.slot
+            p.maybe_slots.clear()  # the latest header is this one now
             self.confirmed(p.partition, [*w.chunks, w.header, *((key, None) for key in w.tombstones)])
             p.dedup.confirm(w.dedup)
             if w.aggs is not None and p.book.aggs is not None:

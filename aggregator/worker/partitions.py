@@ -66,7 +66,7 @@ class BookSettings:
 
 
 class PartitionState:
-    __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot", "source_ts",
+    __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot", "maybe_slots", "source_ts",
                  "source_checked", "commit_ok", "clicks_ms", "verify_at", "verify_ms", "verify_tries",
                  "restart_pending", "known_next")
 
@@ -79,6 +79,9 @@ class PartitionState:
         self.lag = 0
         self.last_record_ms: int | None = None  # wall time of the last fetched batch
         self.state_slot: int | None = None  # the changelog slot of its last confirmed state (core.statechunks)
+        # slots whose header was sent but not acknowledged since: the broker may have stored
+        # it all the same (a timeout), so one of them may be what the changelog names now
+        self.maybe_slots: set[int] = set()
         # the source log (core.sourcelog): the broker timestamp of the record at book.next_offset - 1;
         # whether a batch has shown that the log is still the one the book counted (a fresh
         # book has nothing to check); and whether its states' offsets may be committed: not

@@ -212,3 +212,72 @@ def test_a_snapshot_send_that_raises_leaves_every_durable_state_taken(tmp_path):
     assert ("safe", 0, 2) in log and ("safe", 1, 1) in log
     assert len(a.book.outbox) == 1 and a.book.dirty and not b.book.dirty and seen == []
     assert cp.failing and "KafkaTimeoutError" in cp.failing
+
+
+def test_a_header_not_acknowledged_but_stored_never_has_its_chunks_overwritten(tmp_path):
+    """A header write that times out may be stored all the same.  The next state must then
+    go to a slot neither that header nor the one before names: written into either, a
+    crash before its own header leaves the latest stored header naming chunks that no
+    longer match it (a worker that cannot start)."""
+    cp, parts, log, _, _ = setup(tmp_path)
+    producer = cp.test_producer
+    flush = producer.flush
+    ambiguous = {"on": False}
+
+    async def flaky_flush():
+        if ambiguous["on"]:  # the broker stores the header, but its answer is lost: a timeout
+            for topic, fut in producer.pending:
+                if not fut.done():
+                    fut.set_exception(TimeoutError("request timed out"))
+            producer.pending = []
+            log.append(("flush",))
+            return
+        await flush()
+
+    producer.flush = flaky_flush
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None)], 1, 1_000)
+    asyncio.run(cp.checkpoint([p]))  # slot 0, acknowledged
+    assert p.state_slot == 0
+
+    p.book.apply([("eu", 1_100, None)], 2, 1_100)
+    w_chunks_ok = producer.send
+
+    async def send(topic, key, value, partition, timestamp, headers):
+        fut = await w_chunks_ok(topic, key, value, partition, timestamp, headers)
+        if topic == STATE_CHANGELOG and orjson.loads(key) == 0:  # the header: stored, answer lost
+            ambiguous["on"] = True
+        return fut
+
+    producer.send = send
+    asyncio.run(cp.checkpoint([p]))  # chunks of slot 1 acknowledged; its header stored, not acknowledged
+    ambiguous["on"] = False
+    producer.send = w_chunks_ok
+    assert p.state_slot == 0 and p.book.dirty and cp.failing
+    stored, slot = decode_state(0, *_changelog(log))
+    assert slot == 1 and stored["next_offset"] == 2  # it was stored: recovery would read it
+
+    # the next state: its chunks, then a crash before its header
+    p.book.apply([("eu", 1_200, None)], 3, 1_200)
+    from aggregator.worker.checkpoint import _Write
+    p.book.dirty = False
+    w = _Write(p)
+    assert w.slot == 2  # neither 0 (the last acknowledged) nor 1 (stored, maybe)
+    for key, value in w.chunks:
+        log.append(("send", STATE_CHANGELOG, key, value))
+    state, slot = decode_state(0, *_changelog(log))  # recovery after the crash: whole
+    assert slot == 1 and state["next_offset"] == 2
+
+    # and once a header is acknowledged again, slots 0 and 1 take turns as before
+    p.book.dirty = True
+    asyncio.run(cp.checkpoint([p]))
+    assert p.state_slot == 2 and not p.maybe_slots and cp.failing is None
+    p.book.apply([("eu", 1_300, None)], 4, 1_300)
+    asyncio.run(cp.checkpoint([p]))
+    assert p.state_slot == 0
+
+
+def _changelog(log: list) -> tuple:
+    """(the header value, a chunk lookup) of the changelog ``log``'s sends leave (latest per key)."""
+    data = {orjson.loads(e[2]): orjson.loads(e[3]) for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG}
+    return data.get(0), data.get
