@@ -55,7 +55,7 @@ class Log:
 
 @pytest.fixture
 def worker(tmp_path):
-    settings = load(env={"AGG_BOOTSTRAP": "127.0.0.1:1", "AGG_SPILL_DIR": str(tmp_path / "spill"),
+    settings = load(env={"AGG_SPILL_DIR": str(tmp_path / "spill"),
                          "AGG_PARTITIONS": "1"})
     w = WorkerService(settings, Metrics(), [])
     w.end = 0
