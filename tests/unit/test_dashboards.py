@@ -74,6 +74,7 @@ ALERT_METRICS = {
     "clickstream_spill_disk_errors_total": "counter",
     "clickstream_source_log_resets_total": "counter",
     "clickstream_dedup_evicted_total": "counter",
+    "clickstream_worker_clock_ahead_seconds": "gauge",
 }
 # prometheus_client's process, GC and platform collectors (contract §5 "standard"): the
 # dashboard may use them, it need not use them all.
@@ -118,6 +119,7 @@ EXPECTED_ALERTS = {
     "ClickstreamSpillDiskErrors",
     "ClickstreamSourceLogReset",
     "ClickstreamDedupEvicting",
+    "ClickstreamWorkerClockAhead",
 }
 
 METRIC_RE = re.compile(r"(?<![\w:])(?:clickstream|pipeline_stage|process|python)_\w+(?![\w:])")
