@@ -34,7 +34,7 @@ RETRY_S = 1.0  # between attempts to reach the broker
 # full batches (1 MiB each at most) waiting for a stalled broker, over all partitions: the
 # records of requests already answered 503 stay in them (they may still be stored), outside
 # the in-flight budget, so they have a bound of their own
-MAX_SEALED_TOTAL = 32
+MAX_SEALED_TOTAL = 64
 
 
 def ingest_producer(bootstrap: str, idempotent: bool = False, **client: Any) -> AIOKafkaProducer:
@@ -192,9 +192,12 @@ class BatchProducer:
         for (_, pump), _ in routes:
             if pump.busy:
                 raise ProducerBusy(f"partition {pump.partition} has {len(pump.sealed)} batches waiting")
-        waiting = sum(len(p.sealed) for p in self.pumps.values())  # a few partitions: once a request
-        if waiting >= self.max_sealed_total:
-            raise ProducerBusy(f"{waiting} batches wait for the broker")
+        # over all partitions too, but only a request that would add to a partition with
+        # batches waiting already: one stalled partition must not refuse the healthy ones
+        if any(pump.sealed for (_, pump), _ in routes):
+            waiting = sum(len(p.sealed) for p in self.pumps.values())  # a few partitions: once a request
+            if waiting >= self.max_sealed_total:
+                raise ProducerBusy(f"{waiting} batches wait for the broker")
         waits: set[asyncio.Future] = set()
         for (key, pump), values in routes:
             pump.append(key, values, timestamp, waits)

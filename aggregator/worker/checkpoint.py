@@ -141,16 +141,21 @@ class Checkpointer:
         self.forward: list[Forward] = []  # forwarded records waiting for the next checkpoint
         self.failing: str | None = None  # why the last checkpoint's writes failed (None: they did not)
 
-    async def checkpoint(self, parts: Iterable[PartitionState]) -> None:
+    async def checkpoint(self, parts: Iterable[PartitionState], every: bool = True) -> None:
         """Write the changed states of ``parts``, confirm, mark safe, publish.  Callers
-        hold ``lock``.  A state the broker does not acknowledge is written again at the
-        next checkpoint; until then its offsets are not committed and its snapshots wait."""
+        hold ``lock``.  ``every``: ``parts`` are all the partitions owned (not a revoke's),
+        so a checkpoint with nothing left refused may say writes pass again.  A state the
+        broker does not acknowledge is written again at the next checkpoint; until then its
+        offsets are not committed and its snapshots wait."""
         writes = []
         for p in parts:
             if p.book.dirty:
                 p.book.dirty = False
                 writes.append(_Write(p))
         if not writes and not self.dead and not self.forward:
+            if every and self.failing is not None:  # what failed is gone (its partition revoked): nothing waits
+                log.warning("no window state, forward or snapshot waits for the broker any more: fetching resumes")
+                self.failing = None
             return
         producer = self.producer()
         dead, self.dead = self.dead, []
@@ -197,7 +202,7 @@ class Checkpointer:
                 log.error("snapshots not acknowledged by the broker (%r): they stay in the window state and are "
                           "sent again every checkpoint", refused)
             self.failing = f"snapshot publishing failing: {refused!r}"
-        elif not failed and self.failing is not None:
+        elif not failed and every and self.failing is not None:  # ``every``: no other partition still fails
             log.warning("window state and snapshots acknowledged again: offsets and snapshots move on")
             self.failing = None
 

@@ -354,7 +354,7 @@ class WorkerService:
         self.throttle.report(partitions, self.checkpointer.failing is not None)  # as of the last checkpoint
         self.metrics.clock_ahead(self.clock_skew.ahead_ms)
         partitions.report()
-        await self.checkpointer.checkpoint(parts)
+        await self.checkpointer.checkpoint(parts, only is None)
 
     def _sync_assignment(self) -> None:
         try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from aggregator.ingest.producer import MAX_SEALED_TOTAL, BatchProducer, ProducerBusy
@@ -55,20 +54,41 @@ def test_batches_waiting_for_a_stalled_broker_are_bounded_over_all_partitions():
     assert held <= MAX_SEALED_TOTAL + 8 + 4, held
 
 
-def test_a_request_on_an_idle_producer_is_taken():
-    async def run() -> int:
-        batcher = BatchProducer(_Stalled(), "clicks")
+def test_one_stalled_partition_does_not_refuse_the_healthy_ones():
+    """The bound over all partitions refuses only what would add to a partition with
+    batches waiting: with one partition's leader stuck, ingest goes on for the others."""
+
+    class _OneStalled(_Stalled):
+        @staticmethod
+        async def send_batch(batch, topic, partition):
+            if partition == 0:
+                await asyncio.Event().wait()
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+    async def run() -> tuple[list[str], int]:
+        batcher = BatchProducer(_OneStalled(), "clicks", max_sealed_total=4)
         await batcher.ensure_metadata()
-        waits = batcher.submit({"eu": [(b"{}", [])]}, 0)
+        stuck = next(r for r in (f"r{i}" for i in range(100)) if batcher.partition_of(r) == 0)
+        healthy = next(r for r in (f"r{i}" for i in range(100)) if batcher.partition_of(r) != 0)
+        value = b"x" * 1000
+        refused: list[str] = []
+        taken = 0
+        for _ in range(60):
+            for region in (stuck, healthy):
+                try:
+                    batcher.submit({region: [(value, [])] * 2000}, 0)  # 2 MB: sealed batches
+                    taken += region == healthy
+                except ProducerBusy:
+                    refused.append(region)
+                for _ in range(5):
+                    await asyncio.sleep(0)  # the healthy partition's pump hands its batches over
         for p in batcher.pumps.values():
             if p.task is not None:
                 p.task.cancel()
-        return len(waits)
+        return refused, taken
 
-    assert asyncio.run(run()) == 1
-    with pytest.raises(ProducerBusy):
-        async def full() -> None:
-            batcher = BatchProducer(_Stalled(), "clicks", max_sealed_total=0)
-            await batcher.ensure_metadata()
-            batcher.submit({"eu": [(b"{}", [])]}, 0)
-        asyncio.run(full())
+    refused, taken = asyncio.run(run())
+    assert refused and set(refused) == {refused[0]}  # only the stalled partition's region
+    assert taken == 60

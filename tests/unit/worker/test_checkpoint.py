@@ -281,3 +281,24 @@ def _changelog(log: list) -> tuple:
     """(the header value, a chunk lookup) of the changelog ``log``'s sends leave (latest per key)."""
     data = {orjson.loads(e[2]): orjson.loads(e[3]) for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG}
     return data.get(0), data.get
+
+
+def test_a_failure_whose_partition_is_gone_no_longer_holds_the_worker(tmp_path):
+    """A refused write of a partition revoked since: no remaining book is dirty and nothing
+    else waits, so the next full checkpoint says writes pass (the worker holds fetching
+    while ``failing`` is set: else it would hold for good).  A revoke's checkpoint of
+    other partitions does not clear a failure of those it does not cover."""
+    cp, parts, log, _, _ = setup(tmp_path)
+    a, b = parts.open(0), parts.open(1)
+    a.book.apply([("eu", 1_000, None)], 1, 1_000)
+    b.book.dirty = False
+    cp.test_producer.refused.add(STATE_CHANGELOG)
+    asyncio.run(cp.checkpoint([a, b]))
+    assert cp.failing and a.book.dirty
+    cp.test_producer.refused.clear()
+    b.book.apply([("us", 1_000, None)], 1, 1_000)
+    asyncio.run(cp.checkpoint([b], every=False))  # a revoke of b alone: a still waits
+    assert cp.failing and a.book.dirty
+    parts.forget(0)  # a revoked (its refused state is its next owner's business)
+    asyncio.run(cp.checkpoint(list(parts)))
+    assert cp.failing is None
