@@ -34,41 +34,38 @@ def advance_target(now_ms: int, last_record_ms: int | None, highwater: int | Non
     return now_ms - ADVANCE_SLACK_MS if caught_up else None
 
 
-SKEW_SPAN_MS = 30_000  # the least lag of caught-up batches is taken per span of this length
+SKEW_SPAN_MS = 30_000  # the least lag of live batches is taken per span of this length
+SKEW_SPANS = 4  # ... over the last this many spans
 
 
 class ClockSkew:
     """How far this worker's clock runs ahead of the time its records were stamped with
-    (ingest's clock, or the broker's), seen from caught-up batches: a batch that reaches
-    the end of its partition was written just before it was fetched, so the wall clock
-    minus its newest stamp is the write-to-fetch latency -- or, when that stays over the
-    tolerance (``AGG_MAX_AHEAD_SECONDS``), a clock ahead.  A quiet partition's stream time
-    follows the wall clock (``advance_target``); a clock an hour ahead would close sixty
-    windows early and make every event after it late.  Taken off the wall clock there,
-    the lead keeps windows on the records' time.
+    (ingest's clock, or the broker's), seen from *live* batches: a batch that reaches the
+    end of its partition, whose batch before did too, was written just before it was
+    fetched, so the wall clock minus its newest stamp is the write-to-fetch latency -- or,
+    when that stays over the tolerance (``AGG_MAX_AHEAD_SECONDS``), a clock ahead.  (The
+    first batch a worker reads of a partition may be its tail written long ago: not live.)
+    A quiet partition's stream time follows the wall clock (``advance_target``); a clock
+    an hour ahead would close sixty windows early and make every event after it late.
+    Taken off the wall clock there, the lead keeps windows on the records' time.
 
-    The lead is the least lag seen in the current and the previous span (a fresh record
-    shows at once that the clocks agree again) and is only taken once both spans saw a
-    caught-up batch: a worker that starts and reads the last records of a partition
-    written long ago sees a large lag once, not for two spans, unless those are all it
-    ever reads."""
+    The lead is the least lag of the live batches of the last SKEW_SPANS spans, taken
+    once two spans saw one (one batch of old stamps is not a clock ahead), dropped at once
+    when a fresh record shows the clocks agree, and otherwise kept while nothing is read
+    (a lead dropped too early would close quiet windows early: late events; one kept too
+    long only holds them open until the next record)."""
 
-    __slots__ = ("tolerance_ms", "span", "least", "before", "ahead_ms")
+    __slots__ = ("tolerance_ms", "spans", "ahead_ms")
 
     def __init__(self, tolerance_ms: int) -> None:
         self.tolerance_ms = tolerance_ms
-        self.span = -1  # the span (wall time // SKEW_SPAN_MS) of ``least``
-        self.least: int | None = None  # the least lag seen in that span
-        self.before: int | None = None  # the least lag of the span before it (None: none seen)
+        self.spans: dict[int, int] = {}  # span (wall time // SKEW_SPAN_MS) -> least lag seen in it
         self.ahead_ms = 0  # taken off the wall clock: 0, or the lead over the tolerance
 
-    def batch(self, now_ms: int, end: int, highwater: int | None, end_ts: int | None, last_its: int | None) -> bool:
-        """A batch applied up to offset ``end`` (its last record's broker timestamp
-        ``end_ts``, its last event's ingest time ``last_its``), fetched when the partition
-        ended at ``highwater``: observed if it was caught up.  True when that changed
-        whether the clock is ahead."""
-        if highwater is None or end < highwater:
-            return False
+    def batch(self, now_ms: int, end_ts: int | None, last_its: int | None) -> bool:
+        """A live batch (its last record's broker timestamp ``end_ts``, its last event's
+        ingest time ``last_its``) fetched at ``now_ms``.  True when that changed whether
+        the clock is ahead."""
         stamped = -1 if end_ts is None else end_ts
         if last_its is not None and last_its > stamped:
             stamped = last_its
@@ -79,21 +76,18 @@ class ClockSkew:
         return (self.ahead_ms > 0) != was
 
     def observe(self, now_ms: int, stamped_ms: int) -> None:
-        """A caught-up batch fetched at ``now_ms`` whose newest record was stamped ``stamped_ms``."""
         lag = now_ms - stamped_ms
         span = now_ms // SKEW_SPAN_MS
-        if span != self.span:
-            self.before = self.least if span == self.span + 1 else None
-            self.span, self.least = span, lag
-        elif self.least is None or lag < self.least:
-            self.least = lag
-        assert self.least is not None
-        if self.before is None:  # one span is not enough to say the clock is ahead (above)
-            if self.least <= self.tolerance_ms:
-                self.ahead_ms = 0
-            return
-        lead = min(self.least, self.before)
-        self.ahead_ms = lead if lead > self.tolerance_ms else 0
+        spans = self.spans
+        for old in [s for s in spans if not span - SKEW_SPANS < s <= span]:  # (or the clock went back)
+            del spans[old]
+        if span not in spans or lag < spans[span]:
+            spans[span] = lag
+        lead = min(spans.values())
+        if lead <= self.tolerance_ms:
+            self.ahead_ms = 0
+        elif len(spans) >= 2:
+            self.ahead_ms = lead
 
 
 class RebalanceWatch:

@@ -234,8 +234,10 @@ class WorkerService:
 
     def _watch_clock(self, p: PartitionState, b: HeldBatch, now_ms: int) -> None:
         """Is this worker's clock ahead of what it reads (``ClockSkew``)?  Said when that changes."""
+        hw = self.kafka.highwater(p.partition)
+        live, p.clock_live = p.clock_live, hw is not None and b.end >= hw
         skew = self.clock_skew
-        if skew.batch(now_ms, b.end, self.kafka.highwater(p.partition), b.end_ts, b.events[-1][1] if b.events else None):
+        if live and p.clock_live and skew.batch(now_ms, b.end_ts, b.events[-1][1] if b.events else None):
             if skew.ahead_ms:
                 log.error("this worker's clock is %.1f s ahead of the records it reads at the end of their "
                           "partitions (over AGG_MAX_AHEAD_SECONDS=%.1f): quiet partitions' windows now close by "

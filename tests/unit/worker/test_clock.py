@@ -83,23 +83,32 @@ REAL = 1_700_000_000_000 // SKEW_SPAN_MS * SKEW_SPAN_MS  # the start of a span
 
 def test_a_clock_ahead_is_taken_once_two_spans_saw_it_and_dropped_at_the_first_fresh_record():
     skew = ClockSkew(5_000)
-    skew.observe(REAL + HOUR + 10, REAL)  # caught up, newest record stamped an hour before this clock
-    assert skew.ahead_ms == 0  # one span: maybe the last records of a partition written long ago
+    skew.observe(REAL + HOUR + 10, REAL)  # newest record stamped an hour before this clock
+    assert skew.ahead_ms == 0  # one span: maybe a replay of old records
     skew.observe(REAL + HOUR + 20_000, REAL + 19_995)
     assert skew.ahead_ms == 0
     skew.observe(REAL + HOUR + SKEW_SPAN_MS + 5, REAL + SKEW_SPAN_MS)  # the next span: still an hour
     assert skew.ahead_ms == HOUR + 5  # the least lag of both spans
-    skew.observe(REAL + HOUR + 4 * SKEW_SPAN_MS, REAL + 4 * SKEW_SPAN_MS + 100)  # quiet spans between: kept
-    assert skew.ahead_ms == HOUR + 5
-    skew.observe(REAL + HOUR + 5 * SKEW_SPAN_MS, REAL + 5 * SKEW_SPAN_MS + 100)  # two spans again
+    skew.observe(REAL + HOUR + 3 * SKEW_SPAN_MS, REAL + 3 * SKEW_SPAN_MS + 100)  # a batch a minute: still seen
     assert skew.ahead_ms == HOUR - 100
     skew.observe(REAL + 6 * SKEW_SPAN_MS, REAL + 6 * SKEW_SPAN_MS - 40)  # the clock set right: a fresh record
     assert skew.ahead_ms == 0
 
 
-def test_old_records_read_once_after_a_start_are_not_a_clock_ahead():
+def test_a_lead_is_seen_at_a_batch_a_minute_and_kept_while_nothing_is_read():
     skew = ClockSkew(5_000)
-    skew.observe(REAL, REAL - HOUR)  # the partition's last records, written an hour ago
+    for minute in range(3):  # spans 0, 2, 4: never two in a row
+        t = REAL + minute * 60_000
+        skew.observe(t + HOUR, t)
+    assert skew.ahead_ms == HOUR
+    assert skew.spans and max(skew.spans) - min(skew.spans) < 4  # the last four spans only
+    # nothing read for an hour: the lead stays (dropping it would close quiet windows early)
+    assert skew.ahead_ms == HOUR
+
+
+def test_old_records_once_then_fresh_ones_are_not_a_clock_ahead():
+    skew = ClockSkew(5_000)
+    skew.observe(REAL, REAL - HOUR)  # a replay's old records
     skew.observe(REAL + SKEW_SPAN_MS + 3, REAL + SKEW_SPAN_MS)  # then fresh ones
     assert skew.ahead_ms == 0
     skew.observe(REAL + 2 * SKEW_SPAN_MS, REAL + 2 * SKEW_SPAN_MS - 4_000)  # latency within the tolerance
@@ -124,7 +133,9 @@ def test_windows_of_a_quiet_partition_follow_the_records_time_when_the_clock_is_
     assert sum(sum(c.values()) for c in book.counts.values()) == 11 and not book.late
 
 
-def test_the_worker_watches_its_clock_on_caught_up_batches_only(caplog):
+def test_the_worker_watches_its_clock_on_live_batches_only(caplog):
+    """Only a batch that reaches its partition's end after one that did too: a worker that
+    starts reads the tails of its partitions, written maybe an hour ago, as first batches."""
     from types import SimpleNamespace
 
     from aggregator.worker.service import WorkerService
@@ -132,16 +143,24 @@ def test_the_worker_watches_its_clock_on_caught_up_batches_only(caplog):
 
     w = SimpleNamespace(kafka=SimpleNamespace(highwater=lambda partition: 100), clock_skew=ClockSkew(5_000),
                         max_ahead_ms=5_000)
-    p = SimpleNamespace(partition=0)
+    parts = [SimpleNamespace(partition=n, clock_live=False) for n in range(3)]
 
     def batch(end: int, its: int) -> HeldBatch:
         return HeldBatch([("eu", its, None)], [], {}, end, end_ts=its - 5)
 
     now = REAL + HOUR
-    WorkerService._watch_clock(w, p, batch(50, REAL), now)  # type: ignore[arg-type]  # behind: a backlog
-    WorkerService._watch_clock(w, p, batch(50, REAL + SKEW_SPAN_MS), now + SKEW_SPAN_MS)  # type: ignore[arg-type]
-    assert w.clock_skew.ahead_ms == 0 and w.clock_skew.least is None  # nothing caught up: nothing seen
-    WorkerService._watch_clock(w, p, batch(100, REAL), now)  # type: ignore[arg-type]
-    WorkerService._watch_clock(w, p, batch(100, REAL + SKEW_SPAN_MS), now + SKEW_SPAN_MS)  # type: ignore[arg-type]
+    # the old tails of two partitions, in two spans: first batches, not live
+    WorkerService._watch_clock(w, parts[0], batch(100, REAL), now)  # type: ignore[arg-type]
+    WorkerService._watch_clock(w, parts[1], batch(100, REAL), now + SKEW_SPAN_MS)  # type: ignore[arg-type]
+    assert w.clock_skew.ahead_ms == 0 and not w.clock_skew.spans
+    # a partition behind its end: not live either
+    WorkerService._watch_clock(w, parts[2], batch(50, REAL), now)  # type: ignore[arg-type]
+    WorkerService._watch_clock(w, parts[2], batch(60, REAL), now + SKEW_SPAN_MS)  # type: ignore[arg-type]
+    assert not w.clock_skew.spans
+    # fresh records an hour behind this clock on a live partition, in two spans: ahead
+    WorkerService._watch_clock(w, parts[0], batch(100, REAL + 2 * SKEW_SPAN_MS),  # type: ignore[arg-type]
+                               now + 2 * SKEW_SPAN_MS)
+    WorkerService._watch_clock(w, parts[0], batch(100, REAL + 3 * SKEW_SPAN_MS),  # type: ignore[arg-type]
+                               now + 3 * SKEW_SPAN_MS)
     assert w.clock_skew.ahead_ms == HOUR
     assert [r for r in caplog.records if "clock is 3600.0 s ahead" in r.getMessage()]
