@@ -16,8 +16,9 @@ header was sent but not acknowledged: the broker may have stored it; worker.chec
 ``free_slot``), and its header is sent only after every chunk is confirmed: a crash (or
 a failed write) in between leaves the latest header naming chunks that are untouched.
 Keys repeat (slots 0 and 1 in turn while writes pass, one more for each header not
-acknowledged in a row; at most as many chunks as the state ever needed), so the
-compacted changelog stays bounded.  Every key and value is JSON because Faust's table recovery
+acknowledged in a row, whose chunks are deleted once no stored header can name them;
+at most as many chunks as the state ever needed), so the compacted changelog stays
+bounded.  Every key and value is JSON because Faust's table recovery
 decodes them as JSON.  Pure: no I/O.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ import orjson
 
 from aggregator.core.contract import CLICKS_REPARTITION, DLQ, SNAPSHOTS, STATE_CHANGELOG, Header, Snapshot
 from aggregator.core.recordlog import Prepared
-from aggregator.core.statechunks import encode_chunks
+from aggregator.core.statechunks import chunk_key, encode_chunks
 from aggregator.core.windows import WindowBook
 from aggregator.metrics import Metrics
 from aggregator.worker.decoder import DeadLetter
@@ -67,7 +67,7 @@ class _Write:
     """One partition's state on its way to the changelog (core.statechunks)."""
 
     __slots__ = ("p", "slot", "chunks", "header", "offset", "repart_offset", "n_out", "futures", "dedup",
-                 "expired", "aggs", "aggs_expired", "tombstones")
+                 "expired", "aggs", "aggs_expired", "tombstones", "stale_slots")
 
     def __init__(self, p: PartitionState) -> None:
         self.p = p
@@ -89,6 +89,13 @@ class _Write:
             tombstones += book_aggs.record_keys(p.partition, self.aggs_expired)
         self.tombstones = [orjson.dumps(key) for key in tombstones]
         self.chunks, self.header = encode_chunks(p.partition, p.state_value(self.dedup, self.aggs), self.slot)
+        # slots above 1 are taken only after headers not acknowledged (``free_slot``); once no
+        # stored header can name one, its chunks are deleted, so the changelog stays bounded
+        self.stale_slots = [t for t in p.extra_slots if t not in (p.state_slot, self.slot) and t not in p.maybe_slots]
+        self.tombstones += [orjson.dumps(chunk_key(p.partition, t, i)) for t in self.stale_slots
+                            for i in range(p.extra_slots[t])]
+        if self.slot > 1:
+            p.extra_slots[self.slot] = max(p.extra_slots.get(self.slot, 0), len(self.chunks))
         self.chunks += [(orjson.dumps(key), orjson.dumps(value)) for key, value in records]
         self.offset = p.commit_offset()
         self.repart_offset = p.book.repart_next
@@ -233,6 +240,8 @@ class Checkpointer:
             p = w.p
             p.state_slot = w.slot
             p.maybe_slots.clear()  # the latest header is this one now
+            for t in w.stale_slots:
+                p.extra_slots.pop(t, None)
             self.confirmed(p.partition, [*w.chunks, w.header, *((key, None) for key in w.tombstones)])
             p.dedup.confirm(w.dedup)
             if w.aggs is not None and p.book.aggs is not None:

@@ -67,7 +67,7 @@ class BookSettings:
 
 class PartitionState:
     __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot", "maybe_slots",
-                 "clock_live", "source_ts",
+                 "extra_slots", "clock_live", "source_ts",
                  "source_checked", "commit_ok", "clicks_ms", "verify_at", "verify_ms", "verify_tries",
                  "restart_pending", "known_next")
 
@@ -83,6 +83,7 @@ class PartitionState:
         # slots whose header was sent but not acknowledged since: the broker may have stored
         # it all the same (a timeout), so one of them may be what the changelog names now
         self.maybe_slots: set[int] = set()
+        self.extra_slots: dict[int, int] = {}  # slots above 1 written since it was opened -> their chunks
         self.clock_live = False  # its last batch reached its end (worker.clock.ClockSkew)
         # the source log (core.sourcelog): the broker timestamp of the record at book.next_offset - 1;
         # whether a batch has shown that the log is still the one the book counted (a fresh

@@ -279,7 +279,8 @@ def test_a_header_not_acknowledged_but_stored_never_has_its_chunks_overwritten(t
 
 def _changelog(log: list) -> tuple:
     """(the header value, a chunk lookup) of the changelog ``log``'s sends leave (latest per key)."""
-    data = {orjson.loads(e[2]): orjson.loads(e[3]) for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG}
+    data = {orjson.loads(e[2]): None if e[3] is None else orjson.loads(e[3])
+            for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG}
     return data.get(0), data.get
 
 
@@ -302,3 +303,51 @@ def test_a_failure_whose_partition_is_gone_no_longer_holds_the_worker(tmp_path):
     parts.forget(0)  # a revoked (its refused state is its next owner's business)
     asyncio.run(cp.checkpoint(list(parts)))
     assert cp.failing is None
+
+
+def test_slots_taken_after_headers_not_acknowledged_are_deleted_once_no_header_names_them(tmp_path):
+    """Each header not acknowledged in a row takes one more slot (above); their chunks are
+    deleted (tombstones) once an acknowledged header makes sure no stored one names them,
+    so a storm of timeouts does not leave a state's worth of chunks per timeout for good."""
+    cp, parts, log, _, _ = setup(tmp_path)
+    producer = cp.test_producer
+    flush, send = producer.flush, producer.send
+    mode = {"lose_header_answers": False, "header_sent": False}
+
+    async def flaky_send(topic, key, value, partition, timestamp, headers):
+        fut = await send(topic, key, value, partition, timestamp, headers)
+        if mode["lose_header_answers"] and topic == STATE_CHANGELOG and orjson.loads(key) == 0:
+            mode["header_sent"] = True
+        return fut
+
+    async def flaky_flush():
+        if mode["header_sent"]:  # stored, but the answer is lost
+            for _, fut in producer.pending:
+                fut.set_exception(TimeoutError("request timed out"))
+            producer.pending = []
+            mode["header_sent"] = False
+            return
+        await flush()
+
+    producer.send, producer.flush = flaky_send, flaky_flush
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None)], 1, 1_000)
+    asyncio.run(cp.checkpoint([p]))
+    assert p.state_slot == 0
+    mode["lose_header_answers"] = True
+    p.book.apply([("eu", 1_050, None)], 2, 1_050)
+    for _ in range(3):
+        asyncio.run(cp.checkpoint([p]))  # slots 1, 2, 3: headers maybe stored
+    assert p.maybe_slots == {1, 2, 3}
+    mode["lose_header_answers"] = False
+    asyncio.run(cp.checkpoint([p]))
+    assert p.state_slot == 4 and cp.failing is None
+    for i in range(2):  # slots 0 and 1 again; 2, 3 and 4 deleted when no header can name them
+        p.book.apply([("eu", 1_100 + i, None)], 3 + i, 1_100 + i)
+        asyncio.run(cp.checkpoint([p]))
+    assert p.state_slot == 1 and p.extra_slots == {}
+    latest = {orjson.loads(e[2]): e[3] for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG}
+    for slot in (2, 3, 4):
+        assert latest[f"0/{slot}/0"] is None  # tombstoned
+    state, slot = decode_state(0, *_changelog(log))
+    assert slot == 1 and state["next_offset"] == 4
