@@ -155,17 +155,6 @@ class FaustApp:
         tp = faust.types.TP(CLICKS, partition)
         return positions(consumer, [tp])[tp]
 
-    def member_lost(self) -> bool:
-        """Whether the group no longer knows this worker: aiokafka reset its generation (a
-        heartbeat found the session expired or the generation gone), so the partitions it
-        held may be another worker's already, and a state written for them now would
-        overwrite the new owner's.  Kafka's consumer calls this "partitions lost"."""
-        try:
-            coordinator = self.app.consumer._thread._ensure_consumer()._coordinator  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - no consumer yet: nothing held
-            return False
-        return coordinator is not None and coordinator.generation < 0 and not coordinator.member_id
-
     # -------------------------------------------------------------------- state
     def stored_state(self, partition: int) -> tuple[dict[str, Any], int | None] | None:
         """The partition's state in the table (recovered from the changelog, or confirmed

@@ -404,14 +404,6 @@ class WorkerService:
         parts = [tp.partition for tp in revoked if tp.topic == CLICKS]
         if not parts:
             return
-        if self.kafka.member_lost():
-            # not revoked but lost: another worker may own them and have written their state
-            log.warning("partitions %s lost (the consumer group no longer knows this worker: its session "
-                        "expired): their state is not written here; their owner counts on from the last "
-                        "durable state", sorted(parts))
-            for partition in parts:
-                self.partitions.forget(partition)
-            return
         try:
             async with self.checkpointer.lock:
                 await self.tick(parts)
@@ -435,7 +427,7 @@ class WorkerService:
             if warn:
                 log.warning("consumer group rebalancing for %.0f s, counting nothing: %s", lasted,
                             self.kafka.recovery_state())
-            if rebalancing or self.kafka.member_lost():  # lost: the partitions are given up (_on_revoked)
+            if rebalancing:
                 continue
             try:
                 async with self.checkpointer.lock:
