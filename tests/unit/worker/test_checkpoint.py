@@ -61,9 +61,25 @@ def setup(tmp_path):
 
 def state_of(log: list, partition: int) -> dict:
     """The state the changelog sends of ``log`` hold for ``partition`` (the last header's)."""
-    data = {orjson.loads(e[2]): orjson.loads(e[3]) for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG}
-    state, _ = decode_state(partition, data.get(partition), data.get)
+    state, _ = decode_state(partition, *_changelog(log, partition))
     return state
+
+
+def _changelog(log: list, partition: int = 0) -> tuple:
+    """(``partition``'s header value, a chunk lookup) of what the changelog sends of ``log``
+    leave (the latest per key; None: deleted)."""
+    data = {orjson.loads(e[2]): None if e[3] is None else orjson.loads(e[3])
+            for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG}
+    return data.get(partition), data.get
+
+
+def _refusing(tmp_path, topic: str) -> tuple:
+    """A partition with a window closed (eu: 1 event in [1000, 2000)), the broker refusing ``topic``."""
+    cp, parts, log, seen, m = setup(tmp_path)
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)
+    cp.test_producer.refused.add(topic)
+    return cp, p, log, seen, m
 
 
 def test_order_of_a_checkpoint(tmp_path):
@@ -115,10 +131,7 @@ def test_snapshots_closed_after_the_state_was_written_wait_for_the_next_checkpoi
 
 
 def test_a_refused_state_write_commits_nothing_publishes_nothing_and_is_retried(tmp_path):
-    cp, parts, log, seen, m = setup(tmp_path)
-    p = parts.open(0)
-    p.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)  # closes [1000, 2000)
-    cp.test_producer.refused.add(STATE_CHANGELOG)
+    cp, p, log, seen, m = _refusing(tmp_path, STATE_CHANGELOG)
     asyncio.run(cp.checkpoint([p]))
     assert not [e for e in log if e[0] in ("safe", "confirmed") or e[1:2] == (SNAPSHOTS,)]
     assert [e for e in log if e[0] == "send"] == [e for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG]
@@ -165,10 +178,7 @@ def test_refused_dead_letters_hold_every_commit_and_are_sent_again(tmp_path):
 
 
 def test_refused_snapshots_stay_in_the_outbox_and_are_sent_again(tmp_path):
-    cp, parts, log, seen, m = setup(tmp_path)
-    p = parts.open(0)
-    p.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)  # closes [1000, 2000)
-    cp.test_producer.refused.add(SNAPSHOTS)
+    cp, p, log, seen, m = _refusing(tmp_path, SNAPSHOTS)
     asyncio.run(cp.checkpoint([p]))
     assert ("safe", 0, 2) in log and p.state_slot == 0  # the state itself is durable
     assert [(s["region"], s["count"]) for s in p.book.outbox] == [("eu", 1)] and seen == []
@@ -276,12 +286,6 @@ def test_a_header_not_acknowledged_but_stored_never_has_its_chunks_overwritten(t
     asyncio.run(cp.checkpoint([p]))
     assert p.state_slot == 0
 
-
-def _changelog(log: list) -> tuple:
-    """(the header value, a chunk lookup) of the changelog ``log``'s sends leave (latest per key)."""
-    data = {orjson.loads(e[2]): None if e[3] is None else orjson.loads(e[3])
-            for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG}
-    return data.get(0), data.get
 
 
 def test_a_failure_whose_partition_is_gone_no_longer_holds_the_worker(tmp_path):
