@@ -230,11 +230,12 @@ class Metrics:
             for code in STATUS_CLASSES:
                 self._http_child(route, code)
 
-    def http_request(self, route: str, status: int, seconds: float) -> None:
-        """A request to ``route`` (a route template, never a raw path) was answered ``status``."""
+    def http_request(self, route: str, status: int, seconds: float | None) -> None:
+        """``route``: a route template, never a raw path; ``seconds`` None: not timed (refused by the parser)."""
         count, duration = self._http_child(route, status_class(status))
         count.inc()
-        duration.observe(seconds)
+        if seconds is not None:
+            duration.observe(seconds)
 
     def http_connections_refused(self, n: int = 1) -> None:  # over the connection cap (web.server)
         self._http_refused.inc(n)

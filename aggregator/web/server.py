@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import mode
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 from aiohttp.typedefs import Handler as AioHandler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
@@ -42,7 +44,7 @@ class HttpMetrics(Protocol):
 
     def http_routes(self, routes: Iterable[str]) -> None: ...
 
-    def http_request(self, route: str, status: int, seconds: float) -> None: ...
+    def http_request(self, route: str, status: int, seconds: float | None) -> None: ...
 
     def http_connections_refused(self, n: int = 1) -> None: ...
 
@@ -277,6 +279,44 @@ class ConnectionGate:
             self.sweep(time.monotonic())
 
 
+class ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger, for one server: a request aiohttp's own parser refuses (a
+    malformed request line, header or chunk size: the client's error, which aiohttp answers
+    400 and closes) is counted as ``clickstream_http_requests_total{route="unmatched",
+    code="4xx"}`` and logged as one warning line per ``REFUSED_LOG_INTERVAL`` at most, with
+    the number since the last one, instead of an error with a traceback per request;
+    everything else goes to aiohttp's logger as before."""
+
+    def __init__(self, metrics: HttpMetrics) -> None:
+        super().__init__(server_logger, {})
+        self.metrics = metrics
+        self.malformed = 0
+        self._logged = 0  # self.malformed at the last warning
+        self._next_log = 0.0
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        if not self._refused(exc_info, args):
+            self.logger.error(msg, *args, exc_info=exc_info, **kw)
+
+    def debug(self, msg: object, *args: object, **kw: Any) -> None:  # a first request not HTTP at all
+        if not self._refused(kw.get("exc_info"), args):
+            self.logger.debug(msg, *args, **kw)
+
+    def _refused(self, exc: object, args: tuple[object, ...]) -> bool:
+        if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
+            return False
+        self.malformed += 1
+        self.metrics.http_request(UNMATCHED, exc.code, None)
+        now = time.monotonic()
+        if now >= self._next_log:
+            self._next_log = now + REFUSED_LOG_INTERVAL
+            first = str(exc.message).strip().splitlines()[0].rstrip(":") if exc.message else type(exc).__name__
+            log.warning("HTTP: %d malformed request(s) answered %d since the last such line, the last from %s: %s",
+                        self.malformed - self._logged, exc.code, args[0] if args else "?", first[:200])
+            self._logged = self.malformed
+        return True
+
+
 class _Site(web.TCPSite):
     """``TCPSite`` whose connections go through a ``ConnectionGate``."""
 
@@ -322,7 +362,8 @@ class HttpServer(mode.Service):
         # compressed bytes); ingest decompresses with its own bound instead.
         # keepalive_timeout: an idle connection is closed by the gate's header timeout anyway
         self.runner = web.AppRunner(self.routes.app(self.max_body_bytes), access_log=None, auto_decompress=False,
-                                    keepalive_timeout=self.gate.header_timeout)
+                                    keepalive_timeout=self.gate.header_timeout,
+                                    logger=ServerLog(self.routes.metrics))
         await self.runner.setup()
         site = _Site(self.runner, self.host, self.port, self.gate)
         await site.start()

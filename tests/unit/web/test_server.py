@@ -185,3 +185,57 @@ async def test_connections_over_the_cap_are_counted_and_logged_once_per_interval
         held[1].close()
     finally:
         await server.on_stop()
+
+
+async def test_requests_the_parser_refuses_are_counted_and_logged_without_a_traceback(caplog):
+    """A malformed chunk size or header line is answered 400 by aiohttp's parser, before any
+    route: it used to be logged as an error with a traceback per request (a client could
+    fill the log) and counted nowhere.  Now: counted as unmatched 4xx, one warning line per
+    interval, no traceback."""
+    import asyncio
+    import logging
+
+    from aggregator.web.server import HttpServer
+
+    m = Metrics()
+    server = HttpServer(Routes(m, NoSnapshots(), lambda: None, None), "127.0.0.1", 0, 1 << 20)
+    caplog.set_level(logging.DEBUG)
+    await server.on_start()
+    head = b"POST /v1/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    try:
+        answers = []
+        for raw in (head + b"zz\r\nabc\r\n0\r\n\r\n", head + b"f" * 40 + b"\r\nx\r\n0\r\n\r\n",
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", b"NOT-HTTP\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(raw)
+            answers.append(await asyncio.wait_for(reader.read(), 5))
+            writer.close()
+        assert all(a.startswith(b"HTTP/1.0 400 ") for a in answers), answers
+        assert requests(m, "unmatched", "4xx") == 4
+        assert server.runner is not None and requests(m, "/healthz", "2xx") == 0
+        tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+        assert tracebacks == []
+        lines = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith(
+            "HTTP: 1 malformed request(s) answered 400 since the last such line, the last from 127.0.0.1: "
+            "Invalid character in chunk size"), lines
+    finally:
+        await server.on_stop()
+
+
+def test_other_errors_still_reach_aiohttps_logger_with_their_traceback(caplog):
+    import logging
+
+    from aggregator.web.server import ServerLog
+
+    m = Metrics()
+    log = ServerLog(m)
+    caplog.set_level(logging.DEBUG, logger="aiohttp.server")
+    try:
+        raise RuntimeError("a bug in a handler")
+    except RuntimeError as exc:
+        log.exception("Error handling request from %s", "127.0.0.1", exc_info=exc)
+    log.debug("Ignored premature client disconnection")
+    assert [(r.name, r.levelno, bool(r.exc_info)) for r in caplog.records] == [
+        ("aiohttp.server", logging.ERROR, True), ("aiohttp.server", logging.DEBUG, False)]
+    assert requests(m, "unmatched", "4xx") is None  # not counted: no series made
