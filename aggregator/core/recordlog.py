@@ -10,6 +10,12 @@ the records and the index for a state about to be written, changing nothing;
 again, whole.  Buckets the subclass drops go to ``expiring`` (left out of the next
 index), then, once a state without them is durable, to ``expired``: the caller deletes
 their records (``record_keys``).
+
+A write that fails may still have been stored, header and all (a timeout is not a
+refusal), and that header names the records it was sent with.  So a key is never written
+again with other content while such a header may be the latest: the records of a write not
+confirmed are kept (``unconfirmed``) and sent again as they are by the next
+``take_records``, and what the log gained since goes to the keys after them.
 """
 from __future__ import annotations
 
@@ -43,6 +49,10 @@ class RecordLog:
         self.written: dict[int, int] = {}  # bucket -> records the durable state names
         self.expiring: list[tuple[int, int]] = []  # (bucket, records) left out of the state being written
         self.expired: list[tuple[int, int]] = []  # (bucket, records) no durable state names: delete them
+        # per bucket, the records sent by writes not confirmed since the last durable state
+        # (keys from ``written``'s count on), how many of the bucket's pending items they hold,
+        # and the bucket's record count with them
+        self.unconfirmed: dict[int, tuple[list[tuple[str, dict[str, Any]]], int, int]] = {}
 
     # what a subclass says
     def _sizes(self, items: Sequence[Any]) -> list[int]:
@@ -66,28 +76,56 @@ class RecordLog:
         by_bucket: dict[int, list[Any]] = {}
         for item in self.pending:
             by_bucket.setdefault(item[0], []).append(item)
+        self._expire_unconfirmed(by_bucket)
         index = dict(self.written)
         records: list[tuple[str, dict[str, Any]]] = []
         value_of = self._value
+        sent: dict[int, tuple[list[tuple[str, dict[str, Any]]], int, int]] = {}
         for b in sorted(by_bucket):
-            seq = index.get(b, 0)
             items = by_bucket[b]
+            # what a write not confirmed sent of the bucket: again, as it was (its items are
+            # the first of the bucket's pending ones: a bucket's items are only appended, or
+            # dropped all together, which ends it)
+            mine, start, _ = self.unconfirmed.get(b, ([], 0, 0))
+            mine = list(mine)
+            seq = index.get(b, 0) + len(mine)
+            items = items[start:]
             # cut greedily: a record takes items while their sizes add up to at most
             # RECORD_BYTES (always at least one), found by bisecting the running total
             total = list(accumulate(self._sizes(items), initial=0))
             start = 0
             while start < len(items):
                 end = max(start + 1, bisect_right(total, total[start] + RECORD_BYTES, start + 1) - 1)
-                records.append((self.record_key(partition, b, seq), value_of(items[start:end])))
+                mine.append((self.record_key(partition, b, seq), value_of(items[start:end])))
                 seq += 1
                 start = end
+            records += mine
             index[b] = seq
+            sent[b] = (mine, len(by_bucket[b]), seq)
+        self.unconfirmed = sent
         return records, Prepared(index, len(self.pending), len(self.expiring))
+
+    def _expire_unconfirmed(self, live: dict[int, list[Any]]) -> None:
+        """Buckets of writes not confirmed that have nothing pending now were dropped (their
+        window closed, a compaction or the horizon ended them): their records, up to the
+        last one sent, go with the bucket (``expiring``), not only the ones ``written`` names."""
+        for b, (_, _, end) in list(self.unconfirmed.items()):
+            if b in live:
+                continue
+            del self.unconfirmed[b]
+            for i, (eb, n) in enumerate(self.expiring):
+                if eb == b:
+                    self.expiring[i] = (b, max(n, end))
+                    break
+            else:
+                if b not in self.written:  # else still live, with nothing new: written as it is
+                    self.expiring.append((b, end))
 
     def confirm(self, prepared: Prepared) -> None:
         """The state holding ``prepared`` is durable: its pending items are written, and the
         records of the buckets it no longer names may be deleted."""
         self.written.update(prepared.index)
+        self.unconfirmed = {}  # the state naming them is durable: they are written
         del self.pending[:prepared.n_pending]
         self.expired += self.expiring[:prepared.n_expiring]
         del self.expiring[:prepared.n_expiring]
