@@ -127,6 +127,9 @@ class WorkerService:
             p = self.partitions.open(partition)
         now_ms = int(time.time() * 1000)
         if tp.topic == CLICKS_REPARTITION:
+            if self.throttle.held_here(p):  # applied after the held batches of clicks, as without the hold
+                self.app.consumer.pause_partitions([TP(CLICKS_REPARTITION, partition)])
+                return records[0].offset  # fetched again once they are applied
             self._on_forwarded(p, records, now_ms, t0)
             return None
         quiet_since = p.last_record_ms
@@ -194,10 +197,11 @@ class WorkerService:
             self._watch_clock(p, held, now_ms)
             return None
         # the spill disk refused its write: nothing of it is applied; fetch no more of this
-        # partition and offer it again every tick, behind any batch held before (contract §6)
-        key = TP(tp.topic, tp.partition)  # Faust's own type (aiokafka's is handed in): its resume needs it
-        if throttle.hold_batch(p, key, held):
-            self.app.consumer.pause_partitions([key])
+        # partition and offer it again every tick, behind any batch held before (contract §6);
+        # nor what is forwarded to it: applied now, it would move stream time past the held batch
+        keys = (TP(CLICKS, partition), TP(CLICKS_REPARTITION, partition))  # Faust's type: its resume needs it
+        if throttle.hold_batch(p, keys, held):
+            self.app.consumer.pause_partitions(keys)
         return None
 
     def _count(self, p: PartitionState, b: HeldBatch, now_ms: int) -> bool:
@@ -282,7 +286,7 @@ class WorkerService:
                 h.batches.popleft()
             if not h.batches:
                 throttle.release(p.partition)
-                self.app.consumer.resume_partitions([cast(TP, h.key)])
+                self.app.consumer.resume_partitions(cast(tuple[TP, ...], h.keys))
 
     def _forward(self, partition: int, foreign: Sequence[Foreign], epoch: int) -> None:
         """Queue foreign events for their home partitions, with the log epoch of the source

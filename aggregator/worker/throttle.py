@@ -4,8 +4,9 @@ back at each region's rate, and hold consumption while the spill is too big
 
 A spill disk that refuses a write (full, failing, read-only) holds the batch that needed
 it: nothing of it is applied (the spill write is rolled back, the book's next offset
-stays), the worker stops fetching that partition and offers the held batches again at
-every tick, in order, until the disk takes them.  Other partitions go on.  While any
+stays), the worker stops fetching that partition (and what is forwarded to it through
+``clicks-repartition``) and offers the held batches again at every tick, in order, until
+the disk takes them.  Other partitions go on.  While any
 batch is held or a drain cannot read, ``disk_error`` says why (``/readyz``).
 
 Owns the token buckets, the backpressure flag and the per-tick tallies of spilled and
@@ -63,11 +64,11 @@ class HeldBatch:
 class Held:
     """One partition's held batches, in source order, and what its fetching is paused by."""
 
-    __slots__ = ("p", "key", "batches")
+    __slots__ = ("p", "keys", "batches")
 
-    def __init__(self, p: PartitionState, key: object) -> None:
+    def __init__(self, p: PartitionState, keys: object) -> None:
         self.p = p
-        self.key = key  # the consumer's handle on the partition (its TP)
+        self.keys = keys  # the consumer's handles on the partition (its TPs of clicks and clicks-repartition)
         self.batches: deque[HeldBatch] = deque()
 
 
@@ -123,12 +124,12 @@ class Throttle:
         h = self.held.get(p.partition)
         return h is not None and h.p is p
 
-    def hold_batch(self, p: PartitionState, key: object, batch: HeldBatch) -> bool:
-        """Keep ``batch`` for later; True when the partition was not held yet (pause it)."""
+    def hold_batch(self, p: PartitionState, keys: object, batch: HeldBatch) -> bool:
+        """Keep ``batch`` for later; True when the partition was not held yet (pause ``keys``)."""
         h = self.held.get(p.partition)
         new = h is None or h.p is not p
         if new:
-            h = self.held[p.partition] = Held(p, key)
+            h = self.held[p.partition] = Held(p, keys)
         assert h is not None
         h.batches.append(batch)
         if new:
