@@ -130,7 +130,7 @@ class WorkerService:
             if self.throttle.held_here(p):  # applied after the held batches of clicks, as without the hold
                 self.app.consumer.pause_partitions([TP(CLICKS_REPARTITION, partition)])
                 return records[0].offset  # fetched again once they are applied
-            self._on_forwarded(p, records, now_ms, t0)
+            self._on_forwarded(p, records, now_ms)
             return None
         quiet_since = p.last_record_ms
         book, spill = p.book, p.spill
@@ -300,7 +300,7 @@ class WorkerService:
             out.append((home(f[0], n) if h is None else h, *forward_record(partition, f, epoch)))
         self.metrics.repartitioned(len(foreign))
 
-    def _on_forwarded(self, p: PartitionState, records: Sequence[Record], now_ms: int, t0: float) -> None:
+    def _on_forwarded(self, p: PartitionState, records: Sequence[Record], now_ms: int) -> None:
         """A batch of ``clicks-repartition``: events other partitions forwarded to this one,
         counted like its own (not rate-limited: the spill accounting is by offset of
         ``clicks``).  What was applied before is dropped by its source's (log epoch, offset)
@@ -309,11 +309,15 @@ class WorkerService:
         (the broker back empty), and then they are new."""
         book = p.book
         p.last_record_ms = now_ms
-        (events, _, rejected, future, ids, aggs), _ = self.decoder.decode_forwarded(
+        (events, _, rejected, future, ids, aggs), repeats = self.decoder.decode_forwarded(
             records, p.partition, book.forwarded, self.checkpointer.dead, now_ms + self.max_ahead_ms,
             book.forwarded_epochs)
         t1 = time.perf_counter()
-        self.metrics.batch_decoded(len(records), rejected, t1 - t0)
+        if rejected:  # by reason; not in stage "decode", which counts the records read from clicks
+            self.metrics.rejected(rejected)
+        if repeats:  # after a source's crash or refused forwards: one line per batch
+            log.info("partition %d: %d forwarded records dropped as repeats (their source offsets applied "
+                     "before)", p.partition, repeats)
         if ids is not None and p.dedup.horizon_ms:
             events, _, dups, aggs = p.dedup.filter(events, ids, None, aggs)
             if dups:

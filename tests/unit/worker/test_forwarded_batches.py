@@ -96,3 +96,28 @@ def test_forwarded_batches_wait_behind_a_batch_held_for_the_spill_disk(tmp_path)
     assert not w.throttle.held_here(p) and not w.app.consumer.paused
     assert w.on_batch(TP(CLICKS_REPARTITION, HOME), _forwarded()) is None  # fetched again
     assert _windows(w) == expected  # no closed_window late events
+
+
+def _sample(m: Metrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+def test_forwarded_records_are_not_counted_as_records_read_from_clicks(tmp_path, caplog):
+    m = Metrics()
+    w = _worker(tmp_path, m)
+    caplog.set_level("INFO", "aggregator.worker")
+    assert w.on_batch(TP(CLICKS_REPARTITION, HOME), _forwarded()) is None
+    assert _sample(m, "pipeline_stage_processed_total", stage="decode") == 0  # read from clicks: none
+    assert _sample(m, "pipeline_stage_processed_total", stage="window") == 1
+    assert not any("repeat" in r.getMessage() for r in caplog.records)
+    # the same record again (its source forwarded it again after a crash): dropped, and said
+    again = fetched([forward_record(1, (COLD, T + 10_000, None, 0, None, None))], base=1)
+    assert w.on_batch(TP(CLICKS_REPARTITION, HOME), again) is None
+    assert _sample(m, "pipeline_stage_processed_total", stage="decode") == 0
+    assert _sample(m, "pipeline_stage_processed_total", stage="window") == 1
+    assert [r.getMessage() for r in caplog.records if "repeat" in r.getMessage()] == [
+        "partition 0: 1 forwarded records dropped as repeats (their source offsets applied before)"]
+    # a record no worker wrote: rejected by reason, not a decode error of clicks
+    assert w.on_batch(TP(CLICKS_REPARTITION, HOME), fetched([(b"x", b"{}", [])], base=2)) is None
+    assert _sample(m, "clickstream_rejected_events_total", reason="undecodable") == 1
+    assert _sample(m, "pipeline_stage_errors_total", stage="decode") == 0
