@@ -77,7 +77,6 @@ def _add_counts(counter: Counter, counts: Mapping[str, int] | Mapping[tuple[str,
                 counter.labels(key).inc(n)
 
 
-
 def _drop(metric: Counter | Gauge, *labels: str) -> None:
     with suppress(KeyError):  # a series never set: nothing to remove
         metric.remove(*labels)
@@ -118,8 +117,7 @@ class Metrics:
         self._ingested = Counter("clickstream_events_ingested", "Events accepted over HTTP (broker acknowledged)",
                                  ["region"], registry=r)
         self._counted = Counter("clickstream_events", "Events counted into a window", ["region"], registry=r)
-        self._window_events = Gauge("clickstream_window_events", "Count of the last closed window", ["region"],
-                                    registry=r)
+        self._window_events = Gauge("clickstream_window_events", "Count of the last closed window", ["region"], registry=r)
         self._window_end = Gauge("clickstream_window_end_timestamp_seconds",
                                  "End of the last closed window (epoch seconds)", ["region"], registry=r)
         # with aggregates on (AGG_AGGREGATES): from the snapshot of the last closed window;
@@ -130,8 +128,7 @@ class Metrics:
         self._window_delay = Gauge("clickstream_window_client_delay_seconds",
                                    "Client delay (ingest time - client ts) of the last closed window's events, "
                                    "at quantile 0.5, 0.9, 0.99 (within 1 %)", ["region", "quantile"], registry=r)
-        self._late = Counter("clickstream_late_events", "Events put in the late bucket", ["region", "reason"],
-                             registry=r)
+        self._late = Counter("clickstream_late_events", "Events put in the late bucket", ["region", "reason"], registry=r)
         self._rate_limited = Counter("clickstream_rate_limited_events", "Events over their region's rate limit",
                                      ["region"], registry=r)
         self._spilled = Counter("clickstream_spilled_events", "Events written to the spill", ["region"], registry=r)
@@ -157,15 +154,13 @@ class Metrics:
                                            "earlier", buckets=OVERDUE_BUCKETS, registry=r)
         self._stage_pending = Gauge("pipeline_stage_in_pending", "Items waiting to be processed by a stage", ["stage"],
                                     registry=r)
-        self._stage_processed = Counter("pipeline_stage_processed", "Items processed by a stage", ["stage"],
-                                        registry=r)
+        self._stage_processed = Counter("pipeline_stage_processed", "Items processed by a stage", ["stage"], registry=r)
         self._stage_errors = Counter("pipeline_stage_errors", "Items a stage failed on", ["stage"], registry=r)
         self._stage_duration = Histogram("pipeline_stage_duration_seconds", "Time a stage spends on one batch",
                                          ["stage"], registry=r,
                                          buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                                                   2.5))
-        self._consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"],
-                                   registry=r)
+        self._consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"], registry=r)
         self._clock_ahead = Gauge("clickstream_worker_clock_ahead_seconds", "How far this worker's clock runs "
                                   "ahead of the records it reads (0: within AGG_MAX_AHEAD_SECONDS)", registry=r)
         self._backpressure = Gauge("clickstream_backpressure",
@@ -186,17 +181,14 @@ class Metrics:
         self._rebalancing = Gauge("clickstream_rebalance_seconds",
                                   "How long the current consumer-group rebalance (with its changelog recovery) "
                                   "has lasted on this worker; 0 when none", registry=r)
-        self._rebalances = Counter("clickstream_rebalances", "Consumer-group rebalances this worker took part in",
-                                   registry=r)
+        self._rebalances = Counter("clickstream_rebalances", "Consumer-group rebalances this worker took part in", registry=r)
         self._recovered = Counter("clickstream_state_recovered_partitions",
                                   "Partitions whose window state was recovered from the changelog", registry=r)
-        self._assigned = Gauge("clickstream_assigned_partitions", "Partitions of clicks this worker counts",
-                               registry=r)
+        self._assigned = Gauge("clickstream_assigned_partitions", "Partitions of clicks this worker counts", registry=r)
         self._broker_reachable = Gauge("clickstream_broker_reachable",
                                        "1 while a bootstrap address of the broker accepts connections (probed "
                                        "every second)", registry=r)
-        self._snapshots_published = Counter("clickstream_snapshots_published", "Final snapshots published",
-                                            registry=r)
+        self._snapshots_published = Counter("clickstream_snapshots_published", "Final snapshots published", registry=r)
         self._duplicates = Counter("clickstream_duplicate_events",
                                    "Events dropped as repeats within AGG_DEDUP_SECONDS, by the id that made them "
                                    "one (idempotency_key or event_id)", ["region", "source"], registry=r)
@@ -269,16 +261,23 @@ class Metrics:
         for region in idle:
             del self._region_seen[region]
             self._ingested_by_region.pop(region, None)
-            for metric in (self._ingested, self._counted, self._window_events, self._window_end, self._rate_limited,
-                           self._spilled, self._spill_backlog, self._spill_bytes, self._window_users):
+            for metric in (self._ingested, self._counted, self._rate_limited, self._spilled):
                 _drop(metric, region)
             for reason in LATE_REASONS:
                 _drop(self._late, region, reason)
             for source in DEDUP_SOURCES:
                 _drop(self._duplicates, region, source)
+        self.regions_gone(idle)
+        return idle
+
+    def regions_gone(self, regions: Iterable[str]) -> None:
+        """Drop the last-window and spill gauges of ``regions`` (idle, or their home partition
+        moved to another worker: the new owner says them); counters stay."""
+        for region in regions:
+            for metric in (self._window_events, self._window_end, self._window_users, self._spill_backlog, self._spill_bytes):
+                _drop(metric, region)
             for q in DELAY_QUANTILES.values():
                 _drop(self._window_delay, region, q)
-        return idle
 
     # ---------------------------------------------------------------- ingest
     def ingest_waiting(self, n: int) -> None:

@@ -139,6 +139,12 @@ class PartitionState:
         self.verify_at, self.verify_tries = None, 0
         return None
 
+    def regions(self) -> set[str]:
+        """The region labels its book and spill hold (each region has one home partition)."""
+        book = self.book
+        held = set(book.last_seen).union(*book.counts.values(), *book.late.values())
+        return held | {book.canonical_region(r) for r in self.spill.backlog_by_region()}
+
     def commit_offset(self) -> int:
         """The source offset up to which every record is counted or durably spilled."""
         return self.spill.ledger.low_offset(self.book.next_offset)
@@ -208,8 +214,12 @@ class Partitions:
     def forget(self, partition: int) -> None:
         p = self.owned.pop(partition, None)
         if p is not None:
+            # its regions' last-window and spill gauges are the new owner's to say (not
+            # __other__ while another book here holds it too); its lag the same
+            gone = p.regions().difference(*(q.regions() for q in self.owned.values()))
             p.spill.close()  # stays on disk; the next owner reconciles or re-reads it
             self.metrics.partition_gone(partition)
+            self.metrics.regions_gone(gone)
 
     def keep_only(self, assigned: set[int]) -> None:
         """A batch fetched before a rebalance can arrive after the revoke: the state it

@@ -2,8 +2,11 @@
 reported as metrics."""
 from __future__ import annotations
 
+import time
+
 import orjson
 
+from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
 from aggregator.worker.partitions import BookSettings, Partitions
 from tests.unit.worker.records import recovered
@@ -73,6 +76,45 @@ def test_a_partition_given_up_drops_its_lag_series(tmp_path):
     assert sample(m, "clickstream_consumer_lag", partition="1") == 3
     parts.forget(1)
     assert sample(m, "clickstream_consumer_lag", partition="1") is None
+
+
+REGION_GAUGES = ("clickstream_window_events", "clickstream_window_end_timestamp_seconds",
+                 "clickstream_window_unique_users", "clickstream_spill_backlog_events", "clickstream_spill_bytes")
+
+
+def test_a_partition_given_up_drops_the_gauges_of_the_regions_it_was_home_to(tmp_path):
+    # found by a review (/tmp/rev11): after a rebalance the old owner kept exporting the
+    # last-window and spill gauges of regions whose home moved, and the dashboards'
+    # max by (region) showed its stale values beside the new owner's
+    m = Metrics()
+    parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
+    a, b = parts.open(0), parts.open(1)
+    split = a.spill.ledger.split([("eu", 1_000 + i, None) for i in range(5)], list(range(5)),
+                                 RateLimits(0, {"eu": 2}), now=0.0)
+    a.spill.write(split)  # three of eu's events wait in partition 0's spill
+    a.book.apply(split.events, 5, 1_004)
+    a.book.apply([("__other__", 1_100, None), ("eu", 3_500, None)], 7, 3_500)
+    b.book.apply([("us", 1_000, None), ("__other__", 1_100, None), ("us", 3_500, None)], 3, 3_500)
+    for p in (a, b):
+        m.counted(p.book.take_tally())
+        # as published with aggregates on (AGG_AGGREGATES)
+        m.published([dict(s, unique_users=1, client_delay_ms={"p50": 1.0, "p90": 2.0, "p99": 3.0})
+                     for s in p.book.outbox], time.perf_counter())
+    parts.report()
+    for region in ("eu", "us", "__other__"):
+        assert sample(m, "clickstream_window_events", region=region) is not None
+    assert sample(m, "clickstream_spill_backlog_events", region="eu") == 3
+    parts.forget(0)
+    for name in REGION_GAUGES:
+        assert sample(m, name, region="eu") is None, name
+    for q in ("0.5", "0.9", "0.99"):
+        assert sample(m, "clickstream_window_client_delay_seconds", region="eu", quantile=q) is None
+    # counters stay; regions of the partition kept, and __other__ (held by both), keep theirs
+    assert sample(m, "clickstream_events_total", region="eu") == 3
+    assert sample(m, "clickstream_window_events", region="us") is not None
+    assert sample(m, "clickstream_window_events", region="__other__") is not None
+    parts.forget(1)
+    assert sample(m, "clickstream_window_events", region="__other__") is None
 
 
 def test_the_source_stamp_is_stored_and_a_recovered_state_must_be_checked_before_commits(tmp_path):
