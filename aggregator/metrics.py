@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from importlib.metadata import PackageNotFoundError, version
 
@@ -38,6 +38,7 @@ DELAY_OFFSETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 # clickstream_snapshot_overdue_seconds: the same offsets, independent of the grace, so the
 # freshness SLO (docs/runbooks.md) can name a bucket (le="5") whatever AGG_GRACE_SECONDS is.
 OVERDUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
 SWEEP_SECONDS = 60.0  # how often region labels are checked for idleness
@@ -71,10 +72,7 @@ def _add_counts(counter: Counter, counts: Mapping[str, int] | Mapping[tuple[str,
     """Add a local ``{label: n}`` (or ``{(l1, l2): n}``) tally to a counter."""
     for key, n in counts.items():
         if n:
-            if isinstance(key, tuple):
-                counter.labels(*key).inc(n)
-            else:
-                counter.labels(key).inc(n)
+            counter.labels(*key).inc(n) if isinstance(key, tuple) else counter.labels(key).inc(n)
 
 
 def _drop(metric: Counter | Gauge, *labels: str) -> None:
@@ -87,23 +85,21 @@ class Metrics:
     settings' (``AGG_GRACE_SECONDS``, ``AGG_WINDOW_SECONDS``): they place the snapshot-delay
     buckets and are exported as gauges, so alert rules derive their thresholds from them."""
 
-    def __init__(self, grace_seconds: float = 5.0, window_seconds: float = 60.0,
-                 region_idle_seconds: float = 3600.0) -> None:
+    def __init__(self, grace_seconds: float = 5.0, window_seconds: float = 60.0, region_idle_seconds: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         # collectors without describe() (process, GC, platform) also answer ``/metrics?name[]=``
         r = self.registry = CollectorRegistry(support_collectors_without_names=True)
         self.grace_seconds = grace_seconds
         # region labels of regions without events for region_idle_seconds are dropped
         # (issue 15, fault 11): Kafka-direct producers can name any number of regions over time
         self.region_idle_seconds = region_idle_seconds
+        self._clock = clock  # monotonic seconds (the idle sweep's)
         self._region_seen: dict[str, float] = {}  # region label -> monotonic time of its last event
-        self._next_sweep = time.monotonic() + SWEEP_SECONDS
-        ProcessCollector(registry=r)
-        GCCollector(registry=r)
-        PlatformCollector(registry=r)
+        self._next_sweep = clock() + SWEEP_SECONDS
+        ProcessCollector(registry=r), GCCollector(registry=r), PlatformCollector(registry=r)
         Gauge("clickstream_build_info", "1, labelled with the package and Python versions of this process",
               ["version", "python"], registry=r).labels(package_version(), platform.python_version()).set(1)
-        Gauge("clickstream_window_seconds", "Tumbling window length (AGG_WINDOW_SECONDS)",
-              registry=r).set(window_seconds)
+        Gauge("clickstream_window_seconds", "Tumbling window length (AGG_WINDOW_SECONDS)", registry=r).set(window_seconds)
         Gauge("clickstream_grace_seconds", "Grace after a window end before it closes (AGG_GRACE_SECONDS)",
               registry=r).set(grace_seconds)
         self._http_requests = Counter("clickstream_http_requests", "HTTP requests answered, by route template and "
@@ -157,9 +153,7 @@ class Metrics:
         self._stage_processed = Counter("pipeline_stage_processed", "Items processed by a stage", ["stage"], registry=r)
         self._stage_errors = Counter("pipeline_stage_errors", "Items a stage failed on", ["stage"], registry=r)
         self._stage_duration = Histogram("pipeline_stage_duration_seconds", "Time a stage spends on one batch",
-                                         ["stage"], registry=r,
-                                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                                                  2.5))
+                                         ["stage"], registry=r, buckets=STAGE_BUCKETS)
         self._consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"], registry=r)
         self._clock_ahead = Gauge("clickstream_worker_clock_ahead_seconds", "How far this worker's clock runs "
                                   "ahead of the records it reads (0: within AGG_MAX_AHEAD_SECONDS)", registry=r)
@@ -236,17 +230,21 @@ class Metrics:
         key = (route, code)
         child = self._http_children.get(key)
         if child is None:  # bounded: the app's route templates (+ "unmatched") x five classes
-            child = self._http_children[key] = (self._http_requests.labels(route, code),
-                                                self._http_duration.labels(route))
+            child = self._http_children[key] = (self._http_requests.labels(route, code), self._http_duration.labels(route))
         return child
 
     # ---------------------------------------------------------------- regions
     def _seen(self, regions: Iterable[str]) -> None:
         """Regions with events now (called per batch or tick, with its tally's keys)."""
-        now = time.monotonic()
-        seen = self._region_seen
+        now = self._clock()
         for region in regions:
-            seen[region] = now
+            self._region_seen[region] = now
+        self.sweep(now)
+
+    def sweep(self, now: float | None = None) -> None:
+        """The idle sweep, at most every SWEEP_SECONDS: also from paths that run without events
+        (the broker probe every second, the worker's tick), so a service gone quiet drops them."""
+        now = self._clock() if now is None else now
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_SECONDS
             self.forget_idle_regions(now)
@@ -255,8 +253,7 @@ class Metrics:
         """Drop every series labelled with a region that has had no event for
         ``region_idle_seconds``; -> the regions dropped.  A counter that comes back starts
         at 0 again (Prometheus' rate() and increase() take that as a reset)."""
-        now = time.monotonic() if now is None else now
-        horizon = now - self.region_idle_seconds
+        horizon = (self._clock() if now is None else now) - self.region_idle_seconds
         idle = [r for r, t in self._region_seen.items() if t < horizon]
         for region in idle:
             del self._region_seen[region]
@@ -396,8 +393,9 @@ class Metrics:
     def assigned(self, n: int) -> None:
         self._assigned.set(n)
 
-    def broker_reachable(self, up: bool) -> None:
+    def broker_reachable(self, up: bool) -> None:  # every second, in every role
         self._broker_reachable.set(1 if up else 0)
+        self.sweep()
 
     def repartitioned(self, events: int) -> None:
         """Events of a batch forwarded to their region's home partition."""
@@ -432,12 +430,13 @@ class Metrics:
             r = snap["region"]
             if snap["count"] or snap["late"]:
                 self._seen((r,))
-            self._window_events.labels(r).set(snap["count"])
-            self._window_end.labels(r).set(snap["window_end"] / 1000)
-            if "unique_users" in snap:
-                self._window_users.labels(r).set(snap["unique_users"])
-            if "client_delay_ms" in snap:
-                self._set_delays(r, snap["client_delay_ms"])
+            if r in self._region_seen:  # not a zero-count snapshot of a region swept as idle
+                self._window_events.labels(r).set(snap["count"])
+                self._window_end.labels(r).set(snap["window_end"] / 1000)
+                if "unique_users" in snap:
+                    self._window_users.labels(r).set(snap["unique_users"])
+                if "client_delay_ms" in snap:
+                    self._set_delays(r, snap["client_delay_ms"])
             for reason, k in snap["late_by_reason"].items():
                 if k:
                     self._late.labels(r, reason).inc(k)

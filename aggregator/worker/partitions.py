@@ -267,3 +267,4 @@ class Partitions:
                 aggs.malformed = 0
         sizes = [p.dedup.size() for p in self.owned.values()]
         m.dedup_size(sum(e for e, _ in sizes), sum(k for _, k in sizes))
+        m.sweep()  # idle regions' series go while nothing arrives too

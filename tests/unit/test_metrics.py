@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.metrics import Metrics, snapshot_delay_buckets, status_class
+from aggregator.metrics import SWEEP_SECONDS, Metrics, snapshot_delay_buckets, status_class
 
 
 def snap(region: str, window_end_s: float) -> dict:
@@ -185,3 +185,48 @@ def test_window_aggregates_follow_the_last_snapshot_and_go_with_the_region():
     assert value("clickstream_window_unique_users", region="eu") is None
     for q in ("0.5", "0.9", "0.99"):
         assert value("clickstream_window_client_delay_seconds", region="eu", quantile=q) is None
+
+
+def _region_series(m: Metrics, region: str) -> list[str]:
+    return [line for line in generate_latest(m.registry).decode().splitlines()
+            if f'region="{region}"' in line and not line.startswith("#")]
+
+
+def test_idle_regions_are_dropped_when_the_whole_service_goes_quiet():
+    # found by a review (/tmp/rev11/idle_metrics.py): the sweep ran only when some region
+    # had events, so after traffic stopped every region series stayed, the window end froze
+    # and ClickstreamSnapshotsStale paged for no fault; the broker probe (every second, every
+    # role) runs it now
+    clock = [1000.0]
+    m = Metrics(grace_seconds=2, window_seconds=10, region_idle_seconds=60, clock=lambda: clock[0])
+    m.counted({"c": 5})
+    m.published([dict(snap("c", 2000), count=5)], time.perf_counter())
+    for k in range(1, 7):  # zero-count snapshots for the idle horizon, then nothing
+        clock[0] += 10
+        m.published([dict(snap("c", 2000 + 10 * k), count=0)], time.perf_counter())
+        m.broker_reachable(True)
+    assert _region_series(m, "c")  # not idle yet
+    clock[0] += 65
+    m.broker_reachable(True)
+    assert _region_series(m, "c") == []
+
+
+def test_a_zero_count_snapshot_does_not_bring_back_a_region_swept_as_idle():
+    # found by a review (/tmp/rev11/idle_metrics.py): published() re-created the gauges of a
+    # region swept as idle for its last zero-count snapshot, without marking it seen, so no
+    # later sweep removed them
+    clock = [1000.0]
+    m = Metrics(grace_seconds=2, window_seconds=10, region_idle_seconds=60, clock=lambda: clock[0])
+    m.counted({"a": 5, "b": 5})
+    m.published([snap("a", 1000), snap("b", 1000)], time.perf_counter())
+    clock[0] += 61
+    m.counted({"b": 5})
+    m.sweep(clock[0] + SWEEP_SECONDS)
+    assert _region_series(m, "a") == []
+    m.published([dict(snap("a", 1060), count=0), snap("b", 1060)], time.perf_counter())
+    assert _region_series(m, "a") == []
+    assert m.registry.get_sample_value("clickstream_window_end_timestamp_seconds", {"region": "b"}) == 1060
+    # a snapshot with events (or late ones) brings it back, to be swept again when idle
+    m.published([dict(snap("a", 1070), count=0, late=1)], time.perf_counter())
+    assert m.registry.get_sample_value("clickstream_window_end_timestamp_seconds", {"region": "a"}) == 1070
+    assert "a" in m.forget_idle_regions(clock[0] + 61)

@@ -134,3 +134,20 @@ def test_the_source_stamp_is_stored_and_a_recovered_state_must_be_checked_before
     del old["source_ts"]
     r = Partitions(BOOKS, tmp_path / "c", recovered(0, orjson.dumps(old)), Metrics()).open(0)
     assert r.book.next_offset == 600 and r.source_ts is None
+
+
+def test_the_tick_report_drops_idle_regions_while_nothing_arrives(tmp_path):
+    # found by a review (/tmp/rev11): the idle sweep ran only when events were counted
+    clock = [1000.0]
+    m = Metrics(region_idle_seconds=60, clock=lambda: clock[0])
+    parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)
+    m.counted(p.book.take_tally())
+    m.published(p.book.outbox, time.perf_counter())
+    assert sample(m, "clickstream_window_end_timestamp_seconds", region="eu") == 2
+    clock[0] += 3600
+    p.book.advance_to(3_600_000)  # a quiet partition's clock moves on (worker.clock)
+    parts.report()
+    assert sample(m, "clickstream_window_end_timestamp_seconds", region="eu") is None
+    assert sample(m, "clickstream_events_total", region="eu") is None
