@@ -89,12 +89,12 @@ class Metrics:
                  clock: Callable[[], float] = time.monotonic) -> None:
         # collectors without describe() (process, GC, platform) also answer ``/metrics?name[]=``
         r = self.registry = CollectorRegistry(support_collectors_without_names=True)
-        self.grace_seconds = grace_seconds
+        self.grace_seconds, self._clock = grace_seconds, clock  # clock: monotonic seconds (the idle sweep's)
         # region labels of regions without events for region_idle_seconds are dropped
         # (issue 15, fault 11): Kafka-direct producers can name any number of regions over time
         self.region_idle_seconds = region_idle_seconds
-        self._clock = clock  # monotonic seconds (the idle sweep's)
         self._region_seen: dict[str, float] = {}  # region label -> monotonic time of its last event
+        self._live: set[str] = set()  # regions the worker's window books still report: never idle
         self._next_sweep = clock() + SWEEP_SECONDS
         ProcessCollector(registry=r), GCCollector(registry=r), PlatformCollector(registry=r)
         Gauge("clickstream_build_info", "1, labelled with the package and Python versions of this process",
@@ -241,9 +241,10 @@ class Metrics:
             self._region_seen[region] = now
         self.sweep(now)
 
-    def sweep(self, now: float | None = None) -> None:
-        """The idle sweep, at most every SWEEP_SECONDS: also from paths that run without events
-        (the broker probe every second, the worker's tick), so a service gone quiet drops them."""
+    def sweep(self, now: float | None = None, live: Iterable[str] | None = None) -> None:
+        """The idle sweep, at most every SWEEP_SECONDS, also without events (broker probe; worker tick with
+        ``live``: the regions its books still report, never idle), so a quiet service drops them."""
+        self._live = self._live if live is None else set(live)
         now = self._clock() if now is None else now
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_SECONDS
@@ -254,7 +255,7 @@ class Metrics:
         ``region_idle_seconds``; -> the regions dropped.  A counter that comes back starts
         at 0 again (Prometheus' rate() and increase() take that as a reset)."""
         horizon = (self._clock() if now is None else now) - self.region_idle_seconds
-        idle = [r for r, t in self._region_seen.items() if t < horizon]
+        idle = [r for r, t in self._region_seen.items() if t < horizon and r not in self._live]
         for region in idle:
             del self._region_seen[region]
             self._ingested_by_region.pop(region, None)

@@ -267,4 +267,8 @@ class Partitions:
                 aggs.malformed = 0
         sizes = [p.dedup.size() for p in self.owned.values()]
         m.dedup_size(sum(e for e, _ in sizes), sum(k for _, k in sizes))
-        m.sweep()  # idle regions' series go while nothing arrives too
+        # idle regions' series go while nothing arrives too, but not while a book's stream time is
+        # within its idle horizon of the region's last event (a stuck worker's frozen window end is
+        # what ClickstreamSnapshotsStale sees)
+        m.sweep(live={r for p in self.owned.values() for r, seen in p.book.last_seen.items()
+                      if seen >= p.book.stream_time - p.book.idle_ms})

@@ -151,3 +151,24 @@ def test_the_tick_report_drops_idle_regions_while_nothing_arrives(tmp_path):
     parts.report()
     assert sample(m, "clickstream_window_end_timestamp_seconds", region="eu") is None
     assert sample(m, "clickstream_events_total", region="eu") is None
+
+
+def test_a_stuck_book_keeps_its_regions_window_end_so_snapshots_stale_can_fire(tmp_path):
+    # found by a review (/tmp/rev11): with the sweep running without events, a worker stuck
+    # while its regions have traffic (its book's clock not moving, nothing counted) had its
+    # window-end gauges dropped after AGG_REGION_IDLE_SECONDS, and ClickstreamSnapshotsStale
+    # (newest window end per job) resolved with the worker still stuck
+    clock = [1000.0]
+    m = Metrics(region_idle_seconds=60, clock=lambda: clock[0])
+    parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)
+    m.counted(p.book.take_tally())
+    m.published(p.book.outbox, time.perf_counter())
+    clock[0] += 3600  # stuck: the book's stream time stays where it was
+    parts.report()
+    assert sample(m, "clickstream_window_end_timestamp_seconds", region="eu") == 2
+    p.book.advance_to(3_600_000)  # it moves on (windows close, the region is forgotten)
+    clock[0] += 60
+    parts.report()
+    assert sample(m, "clickstream_window_end_timestamp_seconds", region="eu") is None
