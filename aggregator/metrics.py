@@ -431,7 +431,7 @@ class Metrics:
             r = snap["region"]
             if snap["count"] or snap["late"]:
                 self._seen((r,))
-            if r in self._region_seen:  # not a zero-count snapshot of a region swept as idle
+            if r in self._region_seen or r in self._live:  # not a zero-count one of a region swept as idle
                 self._window_events.labels(r).set(snap["count"])
                 self._window_end.labels(r).set(snap["window_end"] / 1000)
                 if "unique_users" in snap:

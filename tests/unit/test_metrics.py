@@ -230,3 +230,17 @@ def test_a_zero_count_snapshot_does_not_bring_back_a_region_swept_as_idle():
     m.published([dict(snap("a", 1070), count=0, late=1)], time.perf_counter())
     assert m.registry.get_sample_value("clickstream_window_end_timestamp_seconds", {"region": "a"}) == 1070
     assert "a" in m.forget_idle_regions(clock[0] + 61)
+
+
+def test_zero_count_snapshots_of_a_region_its_book_still_holds_set_the_gauges():
+    """After a restart the recovered book publishes zero-count snapshots of a quiet region
+    before any event of it arrives: they are its window end (what ClickstreamSnapshotsStale
+    watches), so they are exported while the book holds the region live."""
+    clock = [1000.0]
+    m = Metrics(grace_seconds=2, window_seconds=10, region_idle_seconds=60, clock=lambda: clock[0])
+    m.sweep(live={"q"})  # the worker's tick: its books hold "q" within their idle horizon
+    m.published([dict(snap("q", 2000), count=0)], time.perf_counter())
+    assert m.registry.get_sample_value("clickstream_window_end_timestamp_seconds", {"region": "q"}) == 2000
+    m.sweep(live=set())  # the book forgot it (idle in its own stream time)
+    m.published([dict(snap("r", 2010), count=0)], time.perf_counter())
+    assert _region_series(m, "r") == []
