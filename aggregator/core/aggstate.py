@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from aggregator.core.contract import USER_HASH_DIGITS, Agg, AggParts, parse_agg_header
+from aggregator.core.contract import USER_HASH_DIGITS, Agg, AggParts, parse_agg_header, parse_hash64
 from aggregator.core.events import REGION_MAX_CHARS
 from aggregator.core.recordlog import RECORD_BYTES, Prepared, RecordLog
 from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams, delay_buckets
@@ -217,9 +217,7 @@ class WindowAggregates(RecordLog):
                 tail_counts = Counter(map(_TAIL_16, aggs))  # type: ignore[arg-type]
             else:
                 parts = [a.partition(b",") for a in aggs]  # type: ignore[union-attr]  # else AttributeError
-                users = [int(u, 16) for u, _, _ in parts if u]
-                if users and max(users) > _MAX64:
-                    raise ValueError("a hash of more than 64 bits")
+                users = [parse_hash64(u) for u, _, _ in parts if u]  # not int(u, 16): no sign, no "0x"
                 tail_counts = Counter([t for _, _, t in parts])
             urls: dict[int, int] = {}
             texts: dict[int, bytes | str] = {}
@@ -230,9 +228,9 @@ class WindowAggregates(RecordLog):
                     h, sep, url = tail.partition(b",")
                     if not sep:
                         raise ValueError("<user hash>,<url hash>,<url> expected")
-                    url_h = int(h, 16) if h else -1
-                    if (h and not 0 <= url_h <= _MAX64) or (url_h >= 0) != bool(url):
-                        raise ValueError("a url hash that is not 64 bits, or without its url")
+                    url_h = parse_hash64(h) if h else -1
+                    if (url_h >= 0) != bool(url):
+                        raise ValueError("a url hash without its url")
                     known = (url_h, url)
                     if len(tails) >= TAILS_MAX:
                         tails.clear()
@@ -273,7 +271,7 @@ class WindowAggregates(RecordLog):
             except ValueError:
                 self.malformed += 1
                 continue
-            if (user is not None and user > _MAX64) or (url_h is not None and url_h > _MAX64):
+            if (user is not None and not 0 <= user <= _MAX64) or (url_h is not None and not 0 <= url_h <= _MAX64):
                 self.malformed += 1
                 continue
             if user is not None:
@@ -328,15 +326,15 @@ class WindowAggregates(RecordLog):
         if gen >= 1000:
             return
         new = ws * 1000 + gen
+        bases: list[Base] = []  # first: should a cell not serialise, the log is left as it was
+        for region, cell in sorted(self.cells[ws].items()):
+            value = cell.to_json()
+            bases.append((new, region, value, 40 + len(region) * 6 + len(orjson.dumps(value))))
         self.pending = [e for e in self.pending if e[0] != old]
         if old in self.written:
             self.expiring.append((old, self.written.pop(old)))
-        total = 0
-        for region, cell in sorted(self.cells[ws].items()):
-            value = cell.to_json()
-            n = 40 + len(region) * 6 + len(orjson.dumps(value))
-            self.pending.append((new, region, value, n))
-            total += n
+        self.pending.extend(bases)
+        total = sum(b[3] for b in bases)
         self.bucket_of[ws] = new
         self.base_bytes[ws] = total
         self.input_bytes[ws] = 0

@@ -68,17 +68,29 @@ def agg_header_value(user_h: int | None, url_h: int | None, url: bytes | str | N
                           text)
 
 
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+def parse_hash64(text: bytes) -> int:
+    """A 64-bit hash written as 1-16 hex digits (ValueError else).  Not ``int(text, 16)``
+    alone, which also takes a sign, ``0x``, ``_`` and whitespace: a forged ``-1`` would
+    reach the sketches, whose state cannot hold a negative hash."""
+    if not 0 < len(text) <= 16 or text.translate(None, _HEX_DIGITS):
+        raise ValueError("a hash of 1-16 hex digits expected")
+    return int(text, 16)
+
+
 def parse_agg_header(value: bytes) -> AggParts:
     """-> (user hash, url hash, url bytes), parts None when empty; ValueError when it is not
-    what ingest writes."""
+    what ingest writes (a hash that is not 1-16 hex digits included)."""
     u, sep, rest = value.partition(b",")
     h, sep2, url = rest.partition(b",")
     if not (sep and sep2):
         raise ValueError("<user hash>,<url hash>,<url> expected")
-    url_h = int(h, 16) if h else None
+    url_h = parse_hash64(h) if h else None
     if (url_h is None) != (not url):
         raise ValueError("a url hash needs its url, and a url its hash")
-    return (int(u, 16) if u else None), url_h, (url or None)
+    return (parse_hash64(u) if u else None), url_h, (url or None)
 
 
 def ingest_header_value(ingest_ts: int, client_ts: int | None, dedup: bytes | None = None) -> bytes:

@@ -211,14 +211,18 @@ def test_padded_user_hashes_are_read_in_one_call(monkeypatch):
 
 def test_headers_that_are_not_16_hex_digits_are_read_as_before_in_bulk():
     """A comma at 16 that is not after 16 hex digits (a header without a user and a 15-digit
-    url hash; a user part int() takes but unhexlify does not) is read by the bulk path;
-    a negative url hash is malformed there as in the one-by-one reading."""
+    url hash) is read by the bulk path; a user part int() takes but that is not hex digits
+    only (a sign) is malformed, and so is a negative url hash, there as in the one-by-one
+    reading."""
     url_h = next(h for i in range(1000) if 1 << 56 <= (h := url_hash(f"/p{i}")) < 1 << 60)  # 15 digits
     no_user = b",%x,/p" % url_h
     assert no_user.index(b",", 1) == 16
     wa = WindowAggregates()
-    assert wa._columns([no_user, b"+000000000000001,,", b"0000000000000002,,"]) == ([1, 2], {url_h: 1}, {url_h: b"/p"})
+    assert wa._columns([no_user, b"1,,", b"0000000000000002,,"]) == ([1, 2], {url_h: 1}, {url_h: b"/p"})
     assert wa.malformed == 0
+    assert wa._columns([no_user, b"+000000000000001,,", b"0000000000000002,,"]) == ([2], {url_h: 1}, {url_h: b"/p"})
+    assert wa.malformed == 1
+    wa.malformed = 0
     assert wa._columns([b"0000000000000001,,", b"0000000000000002,-5,"]) == ([1], {}, {})
     assert wa.malformed == 1
 
@@ -245,6 +249,52 @@ def test_a_malformed_agg_header_adds_nothing_and_is_counted():
     assert users == [user_hash("u1")] and (url_hs, url_counts) == ([url_hash("/a")], [1])
     assert texts == [[url_hash("/a"), "/a"]]
     orjson.dumps(records)  # every hash fits in 64 bits
+
+
+@pytest.mark.parametrize("forged", [b"-1,,", b" -1,,", b"0x1,,", b"1_0,,", b",-5,/x", b"0000000000000001,-5,/x",
+                                    b",0x5,/x", b"0000000000000001, 5,/x"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_hash_that_is_not_1_to_16_hex_digits_is_malformed_on_every_path(forged, mixed):
+    """A forged agg header with a negative hash (any producer can write one) reached a cell,
+    and every later checkpoint then raised OverflowError: the partition was stuck."""
+    good = [b"%016x,," % (i + 1) for i in range(10)]
+    aggs = WindowAggregates()
+    for a in [*good, forged, *([(user_hash("u"), None, None)] if mixed else [])]:
+        aggs.add(T0, "eu", a, None)
+    aggs.flush()
+    assert aggs.malformed == 1
+    cell = aggs.cells[T0]["eu"]
+    assert cell.urls._urls == {} and cell.users._users == set(range(1, 11)) | ({user_hash("u")} if mixed else set())
+    stored: dict = {}
+    _checkpoint(aggs, 0, stored)
+    again = WindowAggregates()
+    again.load(0, {str(T0): 1}, stored.get, {T0})
+    assert _cells(again) == _cells(aggs)
+
+
+def test_a_compaction_that_fails_leaves_the_log_as_it_was(monkeypatch):
+    """The bases are built before the log changes: an exception there (a cell that does not
+    serialise) leaves pending, written and expiring as they were, for the next try."""
+    from aggregator.core import aggstate
+
+    aggs = WindowAggregates()
+    aggs.add(T0, "eu", (1, 7, "/a"), 5)
+    _checkpoint(aggs, 0, {})
+    aggs.add(T0, "eu", (2, 7, "/a"), 5)
+    aggs.flush()
+    aggs.input_bytes[T0] = aggstate.COMPACT_BYTES + 1
+    before = (list(aggs.pending), dict(aggs.written), list(aggs.expiring), dict(aggs.bucket_of))
+
+    def refuse(self):
+        raise OverflowError("a cell that does not serialise")
+
+    with monkeypatch.context() as m:
+        m.setattr(CellAggregates, "to_json", refuse)
+        with pytest.raises(OverflowError):
+            aggs.take_records(0)
+    assert (aggs.pending, aggs.written, aggs.expiring, aggs.bucket_of) == before
+    records, _ = aggs.take_records(0)  # compacts now
+    assert [k for k, _ in records] == [aggs.record_key(0, T0 * 1000 + 1, 0)]
 
 
 def test_a_record_of_the_earlier_one_entry_per_event_format_is_still_replayed():

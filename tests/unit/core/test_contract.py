@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.core.contract import ingest_header, parse_ingest_header
+from aggregator.core.contract import ingest_header, parse_agg_header, parse_ingest_header
 from aggregator.core.dedup import id_field, parse_id_field
 
 
@@ -27,3 +27,19 @@ def test_ingest_header_round_trips(ingest_ts, client_ts, did):
 def test_ingest_header_that_ingest_did_not_write_is_refused(value):
     with pytest.raises(ValueError):
         parse_ingest_header(value)
+
+
+@pytest.mark.parametrize("value", [b"0000000000000001,,", b"1,,", b"ffffffffffffffff,,", b"FF,ab,/a", b",ab,/a"])
+def test_agg_header_hashes_of_1_to_16_hex_digits_are_read(value):
+    u, h, url = parse_agg_header(value)
+    assert all(x is None or 0 <= x < 2**64 for x in (u, h))
+
+
+@pytest.mark.parametrize("value", [b"-1,,", b"+1,,", b"0x1,,", b"1_0,,", b" 1,,", b"1 ,,", b"1\n,,",
+                                   b"1" * 17 + b",,", b"00000000000000001,,", b",-5,/x", b",0x5,/x",
+                                   b",+5,/x", b"\xd9\xa1,,"])
+def test_agg_header_hashes_int_would_take_are_refused(value):
+    """int(x, 16) takes a sign, "0x", "_", whitespace and non-ASCII digits: a forged
+    negative hash reached a cell and every later checkpoint raised OverflowError."""
+    with pytest.raises(ValueError):
+        parse_agg_header(value)
