@@ -133,13 +133,18 @@ class UniqueUsers:
                 self._raise(i, r)
 
     def _raise(self, i: int, r: int) -> None:
-        """Register ``i`` goes up to rank ``r`` (rare: at most rmax times per register)."""
+        """Register ``i`` goes up to rank ``r`` (rare: at most rmax times per register).
+        The callers compare ``r`` before it is clamped to rmax (which keeps their loops
+        short): a rank past rmax (a hash below ``2**hll_p``) comes here again each time the
+        hash is seen, and must not count as a rise once the register is at rmax."""
         regs = self._regs
         assert regs is not None
         rmax = self._rmax
         if r > rmax:
             r = rmax
         old = regs[i]
+        if old >= r:
+            return
         if self._hip is not None:
             self._hip += self._scale / self._kxq
         self._kxq -= (1 << (rmax - old)) - (1 << (rmax - r) if r < rmax else 0)
