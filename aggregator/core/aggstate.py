@@ -81,6 +81,9 @@ _FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)  # of pars
 _NONE = type(None)
 assert array("Q").itemsize * 2 == _D  # a 64-bit hash: 16 hex digits, 8 bytes
 TAILS_MAX = 50_000
+# tails longer than this are not kept in ``tails`` (ingest's are at most a 16-digit url hash,
+# a comma and MAX_URL_CHARS; a forged header's may be anything): as UrlCache's max_chars
+TAIL_MAX_BYTES = 16 + 1 + 256
 # a window's input logged beyond this (and beyond twice its cells) is replaced by its cells
 COMPACT_BYTES = 4_000_000
 _GEN_BUCKETS = 10**14  # buckets at or above: window start * 1000 + generation (below: a window start)
@@ -128,7 +131,8 @@ class WindowAggregates(RecordLog):
         self.stage: dict[int, dict[str, Staged]] = {}
         self.malformed = 0  # agg headers that could not be read (their events add nothing)
         self.n_staged = 0  # events staged (``WindowBook.apply`` adds, ``flush`` resets)
-        # the ``<url hash>,<url>`` part of agg headers -> (url hash or -1: none, url); cleared when full
+        # the ``<url hash>,<url>`` part of agg headers -> (url hash or -1: none, url), of at most
+        # TAIL_MAX_BYTES; cleared when full
         self.tails: dict[bytes, tuple[int, bytes]] = {}
         # per open window: the bucket its records go to now (the window start, or after a
         # compaction ``_compact`` its start * 1000 + generation), the input bytes logged since
@@ -232,9 +236,10 @@ class WindowAggregates(RecordLog):
                     if (url_h >= 0) != bool(url):
                         raise ValueError("a url hash without its url")
                     known = (url_h, url)
-                    if len(tails) >= TAILS_MAX:
-                        tails.clear()
-                    tails[tail] = known
+                    if len(tail) <= TAIL_MAX_BYTES:
+                        if len(tails) >= TAILS_MAX:
+                            tails.clear()
+                        tails[tail] = known
                 url_h, url = known
                 if url_h >= 0:
                     urls[url_h] = urls.get(url_h, 0) + n

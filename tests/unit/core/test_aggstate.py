@@ -272,6 +272,28 @@ def test_a_hash_that_is_not_1_to_16_hex_digits_is_malformed_on_every_path(forged
     assert _cells(again) == _cells(aggs)
 
 
+def test_only_short_agg_header_tails_are_cached():
+    """Forged headers with long URLs were cached whole, up to TAILS_MAX of them (2,000 of
+    10 KB held 40 MB after their window closed); a long tail is parsed each time instead,
+    to the same cells."""
+    from aggregator.core.aggstate import TAIL_MAX_BYTES
+
+    long = [b"%016x,%x,/%s%d" % (i + 1, i + 1, b"x" * 10_000, i) for i in range(50)]
+    longest = "/" + "x" * (MAX_URL_CHARS - 1)
+    short = [agg_header_value(user_hash(f"u{i}"), url_hash(longest), longest) for i in range(3)]
+    aggs = WindowAggregates()
+    for _ in range(2):
+        for a in [*long, *short]:
+            aggs.add(T0, "eu", a, None)
+        aggs.flush()
+    assert list(aggs.tails) == [short[0][17:]] and len(short[0]) - 17 <= TAIL_MAX_BYTES
+    cell = aggs.cells[T0]["eu"]
+    assert cell.urls._urls[1] == 2 and len(cell.urls._texts[1]) == MAX_URL_CHARS
+    assert cell.urls._urls[url_hash(longest)] == 6
+    aggs.close(T0)
+    assert sum(map(len, aggs.tails)) < 1000
+
+
 def test_a_compaction_that_fails_leaves_the_log_as_it_was(monkeypatch):
     """The bases are built before the log changes: an exception there (a cell that does not
     serialise) leaves pending, written and expiring as they were, for the next try."""
