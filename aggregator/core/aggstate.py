@@ -381,10 +381,17 @@ class WindowAggregates(RecordLog):
         self.pending = []  # the replay re-logged what is written already
 
     def _replay(self, ws: int, value: dict[str, Any]) -> None:
+        """Add a logged record of window ``ws`` to its cells, and its size to the window's
+        ``input_bytes`` (a base: ``base_bytes``, input from 0), as when it was logged: so a
+        restart does not allow another COMPACT_BYTES before the window is compacted."""
         per_window = self.cells.setdefault(ws, {})
+        if "b" in value:
+            self.input_bytes[ws] = self.base_bytes[ws] = 0
         for region, base in value.get("b", ()):
             per_window[region] = CellAggregates.from_json(base)
+            self.base_bytes[ws] += 40 + len(region) * 6 + len(orjson.dumps(base))  # as ``_compact``
         if "c" not in value:  # the earlier format: one entry per event
+            self.input_bytes[ws] = self.input_bytes.get(ws, 0) + len(orjson.dumps(value))
             texts = value.get("t", {})
             for i, (region, user, url_h, delay) in enumerate(zip(value["r"], value["u"], value["h"], value["d"],
                                                                  strict=True)):
@@ -393,9 +400,13 @@ class WindowAggregates(RecordLog):
                     cell = per_window[region] = CellAggregates(self.params)
                 cell.add(user, url_h, texts.get(str(i)), delay)
             return
-        for region, users, url_hs, url_ns, texts, bucket_ids, bucket_ns, dz in value["c"]:
+        size = self.input_bytes.get(ws, 0)
+        for entry in value["c"]:
+            region, users, url_hs, url_ns, texts, bucket_ids, bucket_ns, dz = entry
             cell = per_window.get(region)
             if cell is None:
                 cell = per_window[region] = CellAggregates(self.params)
             cell.add_batch(users, dict(zip(url_hs, url_ns, strict=True)), dict(texts),
                            dict(zip(bucket_ids, bucket_ns, strict=True)), dz)
+            size += self._size((ws, *entry))
+        self.input_bytes[ws] = size

@@ -396,6 +396,7 @@ def test_a_busy_window_logs_its_cells_as_a_base_so_its_records_stay_bounded(monk
         again = WindowAggregates()
         again.load(0, index, stored.get, {T0})
         assert _cells(again) == _cells(book.aggs), step
+        assert (again.input_bytes, again.base_bytes) == (book.aggs.input_bytes, book.aggs.base_bytes), step
     assert len(book.aggs.cells) == 1 and len(buckets) > 3  # compacted several times
     assert len(index) == 1  # a state names one bucket of the window
     assert max(sizes) < 3 * 200_000 + 2 * max_cells_bytes(book.aggs)
@@ -404,3 +405,26 @@ def test_a_busy_window_logs_its_cells_as_a_base_so_its_records_stay_bounded(monk
 
 def max_cells_bytes(aggs: WindowAggregates) -> int:
     return sum(len(orjson.dumps(c.to_json())) for per in aggs.cells.values() for c in per.values())
+
+
+def test_a_restart_does_not_allow_another_compact_bytes_of_records(monkeypatch):
+    """load() restored bucket_of but not input_bytes/base_bytes, so each recovery forgot the
+    input already logged and the window's records grew by up to COMPACT_BYTES a restart."""
+    from aggregator.core import aggstate
+
+    monkeypatch.setattr(aggstate, "COMPACT_BYTES", 100_000)
+    stored: dict = {}
+    aggs = WindowAggregates()
+    n, sizes = 0, []
+    for _ in range(5):
+        for _ in range(4):
+            for _ in range(1000):
+                n += 1
+                aggs.add(T0, "eu", (user_hash(f"u{n}"), None, None), None)
+            index = _checkpoint(aggs, 0, stored)
+        sizes.append(sum(len(orjson.dumps(v)) for v in stored.values()))
+        logged = (aggs.input_bytes, aggs.base_bytes)
+        aggs = WindowAggregates()
+        aggs.load(0, index, stored.get, {T0})  # a crash and recovery
+        assert (aggs.input_bytes, aggs.base_bytes) == logged
+    assert max(sizes) < 2 * 100_000
