@@ -52,11 +52,12 @@ class DelayGeometry:
         return self.table[delay] if delay < _TABLE_MS else self.index(min(delay, MAX_DELAY_MS))
 
     def value(self, i: int) -> float:
-        """The value bucket ``i`` answers: within the accuracy of every delay in it."""
+        """The value bucket ``i`` answers: within the accuracy of every delay in it (a
+        float always, also when clamped to an integer bound: snapshots carry ``5.0``)."""
         v = 2 * self.gamma ** i / (self.gamma + 1)
         lo, hi = self.lo.get(i), self.hi.get(i)
         if lo is not None and hi is not None and i != self.table[_TABLE_MS - 1]:
-            v = min(max(v, lo), hi)
+            v = float(min(max(v, lo), hi))
         return v
 
 

@@ -444,6 +444,18 @@ def test_small_delays_are_exact_and_negative_ones_count_as_zero():
     assert abs(huge.delay_quantile(0.5) - MAX_DELAY_MS) <= P.delay_accuracy * MAX_DELAY_MS
 
 
+def test_delay_quantiles_are_floats_also_for_one_integer_buckets():
+    """A bucket of one integer (delays up to 58 ms) answered its int bound: the snapshot
+    JSON mixed 5 and 148.2 (contract §4: numbers in ms to 0.1 ms)."""
+    cell = CellAggregates()
+    for d in (5, 5, 7, 3000, -2):
+        cell.add(None, None, None, d)
+    assert all(type(v) is float for v in cell.delay_quantiles([0, 0.25, 0.5, 0.75, 1]))
+    assert orjson.dumps(cell.client_delay_ms()) == b'{"p50":5.0,"p90":7.0,"p99":7.0}'
+    geo = cell.delays._geo
+    assert all(type(geo.value(i)) is float for i in range(geo.n_buckets))
+
+
 @pytest.mark.parametrize("delays", [
     [0, 1, 2, 0, 16_383, 5, 0],            # zeros within the table: the bulk path
     [3, -1, 0, 7, 16_384, 2**40, 0, -90],  # negatives and values past the table: one by one
