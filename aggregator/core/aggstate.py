@@ -118,6 +118,11 @@ def _users_16(aggs: list[bytes]) -> list[int] | None:
     return raw.tolist()
 
 
+def _check_region(region: Any) -> None:
+    if type(region) is not str or not 0 < len(region) <= REGION_MAX_CHARS:
+        raise ValueError("a malformed region in aggregates records")
+
+
 class WindowAggregates(RecordLog):
     TAG = "g"
 
@@ -375,7 +380,10 @@ class WindowAggregates(RecordLog):
                 value = record(self.record_key(partition, b, seq))
                 if not isinstance(value, dict):
                     raise ValueError(f"partition {partition}: aggregates record {b}/{seq} is missing")
-                self._replay(ws, value)
+                try:
+                    self._replay(ws, value)
+                except (KeyError, TypeError, IndexError, AttributeError, OverflowError) as exc:
+                    raise ValueError(f"partition {partition}: aggregates record {b}/{seq} is malformed: {exc}") from exc
             self.written[b] = int(n)
             self.bucket_of[ws] = b
         self.pending = []  # the replay re-logged what is written already
@@ -388,6 +396,7 @@ class WindowAggregates(RecordLog):
         if "b" in value:
             self.input_bytes[ws] = self.base_bytes[ws] = 0
         for region, base in value.get("b", ()):
+            _check_region(region)
             per_window[region] = CellAggregates.from_json(base)
             self.base_bytes[ws] += 40 + len(region) * 6 + len(orjson.dumps(base))  # as ``_compact``
         if "c" not in value:  # the earlier format: one entry per event
@@ -395,17 +404,24 @@ class WindowAggregates(RecordLog):
             texts = value.get("t", {})
             for i, (region, user, url_h, delay) in enumerate(zip(value["r"], value["u"], value["h"], value["d"],
                                                                  strict=True)):
+                _check_region(region)
+                text = texts.get(str(i))
+                if not (all(x is None or (type(x) is int and 0 <= x <= _MAX64) for x in (user, url_h))
+                        and (delay is None or type(delay) is int) and (text is None or type(text) is str)):
+                    raise ValueError("a malformed aggregates entry")
                 cell = per_window.get(region)
                 if cell is None:
                     cell = per_window[region] = CellAggregates(self.params)
-                cell.add(user, url_h, texts.get(str(i)), delay)
+                cell.add(user, url_h, text, delay)
             return
         size = self.input_bytes.get(ws, 0)
         for entry in value["c"]:
             region, users, url_hs, url_ns, texts, bucket_ids, bucket_ns, dz = entry
+            _check_region(region)
             cell = per_window.get(region)
             if cell is None:
                 cell = per_window[region] = CellAggregates(self.params)
+            cell.check_batch(users, url_hs, url_ns, texts, bucket_ids, bucket_ns, dz)
             cell.add_batch(users, dict(zip(url_hs, url_ns, strict=True)), dict(texts),
                            dict(zip(bucket_ids, bucket_ns, strict=True)), dz)
             size += self._size((ws, *entry))

@@ -6,6 +6,7 @@ and gives them one state value, one merge and one result.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -68,6 +69,27 @@ class CellAggregates:
         if buckets or dz:
             self.delays.add_counts(buckets, dz)
         return read
+
+    def check_batch(self, users: Any, url_hs: Any, url_ns: Any, texts: Any, bucket_ids: Any, bucket_ns: Any,
+                    dz: Any) -> None:
+        """ValueError unless these are ``add_batch``'s parts as a logged batch holds them (lists
+        of ints: hashes of 64 bits, URL counts > 0, delay buckets of this accuracy and counts
+        >= 0; ``[[url hash, text of at most MAX_URL_CHARS], ...]``).  Recovery checks every
+        logged batch, so the lists go through C-level ``array`` conversions."""
+        try:
+            if not all(type(x) is list for x in (users, url_hs, url_ns, texts, bucket_ids, bucket_ns)):
+                raise TypeError("lists expected")
+            array("Q", users)
+            ns, ids = array("Q", url_ns), array("Q", bucket_ids)
+            if len(array("Q", url_hs)) != len(ns) or len(ids) != len(array("Q", bucket_ns)):
+                raise ValueError("hashes and counts differ in length")
+            for h, text in texts:
+                if type(h) is not int or not 0 <= h < 1 << 64 or type(text) is not str or len(text) > MAX_URL_CHARS:
+                    raise ValueError("bad url text")
+        except (TypeError, OverflowError) as exc:
+            raise ValueError(f"bad logged batch: {exc}") from exc
+        if (ns and min(ns) < 1) or (ids and max(ids) >= self.delays.n_buckets) or type(dz) is not int or dz < 0:
+            raise ValueError("bad logged batch: a count or delay bucket out of range")
 
     def holds_url(self, url_h: int) -> bool:
         """Whether the URL has a counter now (``add`` reads a URL's text only when not)."""

@@ -187,12 +187,14 @@ class DelaySketch:
         d = obj.get("d")
         if d is None:
             return
-        self._dz = int(d[0])
+        if type(d) is not list or not d or not all(type(x) is int for x in d[:2]):
+            raise ValueError("bad delays")
+        self._dz = d[0]
         if self._dz < 0:
             raise ValueError("negative count")
         if len(d) > 1:
-            b = self._alloc()
-            first = int(d[1])
-            b[first:first + len(d) - 2] = array("I", d[2:])
-            if len(b) != self._geo.n_buckets:
+            first = d[1]
+            if not 0 <= first <= self._geo.n_buckets - (len(d) - 2):
                 raise ValueError("bad delay buckets")
+            b = self._alloc()
+            b[first:first + len(d) - 2] = array("I", d[2:])  # ints 0..2**32-1 (else TypeError, OverflowError)

@@ -150,10 +150,12 @@ class TopUrls:
             hashes = unpack(packed)
             if not len(hashes) == len(counts) == len(texts) <= self._url_cap:
                 raise ValueError("bad url counters")
-            if not all(type(c) is int and c > 0 for c in counts) or not all(type(t) is str for t in texts):
+            if not all(type(c) is int and c > 0 for c in counts) or \
+                    not all(type(t) is str and len(t) <= MAX_URL_CHARS for t in texts):
                 raise ValueError("bad url counter")
             self._urls = dict(zip(hashes, counts, strict=True))
             self._texts = dict(zip(hashes, texts, strict=True))
-        self.offset = int(obj.get("o", 0))
-        if self.offset < 0:
-            raise ValueError("negative count")
+        offset = obj.get("o", 0)
+        if type(offset) is not int or offset < 0:
+            raise ValueError("bad offset")
+        self.offset = offset

@@ -224,6 +224,8 @@ class UniqueUsers:
             self._users, self._regs = None, regs
             self._set_kxq()
             if "hip" in obj:
+                if type(obj["hip"]) not in (int, float):
+                    raise ValueError("bad HIP estimate")
                 self._hip = float(obj["hip"])
                 if not self._exact_users < self._hip < 2.0**64:
                     raise ValueError("bad HIP estimate")

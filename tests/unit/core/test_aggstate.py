@@ -340,6 +340,39 @@ def test_a_record_of_the_earlier_one_entry_per_event_format_is_still_replayed():
         {r: orjson.dumps(c.to_json()) for r, c in direct.items()}
 
 
+GOOD_BATCH = ["eu", [1, 2], [9], [3], [[9, "/a"]], [4], [2], 1]
+
+
+@pytest.mark.parametrize("at, bad", [
+    (1, ["zz", "yy"]), (1, [-1]), (1, [2**64]), (1, [1.5]), (1, "12"), (2, [-9]), (3, [-3]), (3, [0]),
+    (3, [1, 1]), (4, [[9, "x" * (MAX_URL_CHARS + 1)]]), (4, [[9, 5]]), (4, [[-9, "/a"]]), (4, ["ab"]),
+    (5, [10**6]), (5, [-1]), (6, [-2]), (7, -4), (7, 1.5), (0, 5), (0, ""),
+])
+def test_a_malformed_logged_batch_is_refused_at_recovery(at, bad):
+    """Values that do not fit a cell were half-accepted: added to it, to fail later (a
+    string user hash at the next checkpoint) or count wrongly (a negative count)."""
+    stored = {WindowAggregates().record_key(0, T0, 0): {"c": [GOOD_BATCH]}}
+    good = WindowAggregates()
+    good.load(0, {str(T0): 1}, stored.get, {T0})
+    assert good.cells[T0]["eu"].result()["top_urls"] == [{"url": "/a", "count": 3}]
+    entry = list(GOOD_BATCH)
+    entry[at] = bad
+    stored = {good.record_key(0, T0, 0): {"c": [entry]}}
+    with pytest.raises(ValueError):
+        WindowAggregates().load(0, {str(T0): 1}, stored.get, {T0})
+
+
+@pytest.mark.parametrize("value", [
+    {"c": [GOOD_BATCH[:7]]}, {"c": 5}, {"b": [["eu", {"p": [12, 256, 128, 0.01], "o": "1"}]]}, {"b": [[5, {}]]},
+    {"r": ["eu"], "u": ["zz"], "h": [None], "d": [None]}, {"r": ["eu"], "u": [None], "h": [-1], "d": [None]},
+    {"r": ["eu"], "u": [None], "h": [None], "d": [1.5]}, {"r": ["eu"], "u": [1], "h": [None]},
+])
+def test_a_malformed_aggregates_record_is_a_value_error(value):
+    stored = {WindowAggregates().record_key(0, T0, 0): value}
+    with pytest.raises(ValueError):
+        WindowAggregates().load(0, {str(T0): 1}, stored.get, {T0})
+
+
 def test_top_urls_merged_a_batch_at_a_time_stay_within_the_misra_gries_bound():
     """1,000 URLs evenly, plus one with a tenth of the events, over 128 counters, in batches
     of up to 1,000 distinct URLs: the leader's count is off by at most the offset taken off,

@@ -529,6 +529,13 @@ def test_serialised_size_stays_under_the_stated_bound():
     {"p": P.key(), "t": ["AAAAAAAAAAA=", [0], ["/a"]]}, {"p": P.key(), "t": ["AAAAAAAAAAA=", [1], [5]]},
     {"p": P.key(), "t": ["AAAAAAAAAAA=", [1, 2], ["/a"]]}, {"p": P.key(), "t": ["AAAAAAAAAAA=", [True], ["/a"]]},
     {"p": P.key(), "d": [0, 5000, 1]}, {"p": P.key(), "d": [-1]}, {"p": P.key(), "o": -3},
+    # half-accepted before: a negative or float first bucket, an offset that is not an int,
+    # a text longer than a cell keeps, counts that are not ints >= 0, a HIP that is text
+    {"p": P.key(), "d": [0, -2, 7]}, {"p": P.key(), "d": [0, 4.7, 7]}, {"p": P.key(), "d": [0.5]},
+    {"p": P.key(), "d": [0, 3, -1]}, {"p": P.key(), "d": [0, 3, 1.5]}, {"p": P.key(), "d": [0, 1075, 1, 1]},
+    {"p": P.key(), "d": "AAAA"}, {"p": P.key(), "o": "12"}, {"p": P.key(), "o": 3.9},
+    {"p": P.key(), "t": ["AAAAAAAAAAA=", [1], ["x" * (MAX_URL_CHARS + 1)]]},
+    {"p": P.key(), "uh": base64.b64encode(bytes(4096)).decode(), "hip": "5000"},
 ])
 def test_from_json_refuses_what_is_not_a_state(bad):
     with pytest.raises(ValueError, match="not a CellAggregates state"):
