@@ -333,7 +333,7 @@ class WindowAggregates(RecordLog):
         its cells plus about twice their size of input, however many events it gets."""
         old = self.bucket_of.get(ws, ws)
         gen = old % 1000 + 1 if old >= _GEN_BUCKETS else 1
-        if gen >= 1000:
+        if gen >= 1000 or ws * 1000 < _GEN_BUCKETS:  # a start before 1973: its buckets would read as starts
             return
         new = ws * 1000 + gen
         bases: list[Base] = []  # first: should a cell not serialise, the log is left as it was

@@ -461,3 +461,27 @@ def test_a_restart_does_not_allow_another_compact_bytes_of_records(monkeypatch):
         aggs.load(0, index, stored.get, {T0})  # a crash and recovery
         assert (aggs.input_bytes, aggs.base_bytes) == logged
     assert max(sizes) < 2 * 100_000
+
+
+@pytest.mark.parametrize("ws", [T0, 60_000 * 1000, 0])
+def test_a_window_starting_before_1973_is_not_compacted_and_keeps_its_cells(monkeypatch, ws):
+    """window_of() tells a compaction's bucket (start * 1000 + generation) from a window
+    start by >= 10**14: the bucket of a start before 10**11 ms read as a closed window's,
+    its base was dropped and the cells were gone after recovery. Such a window is not
+    compacted (its records are its input, as before compaction existed)."""
+    from aggregator.core import aggstate
+
+    aggs = WindowAggregates()
+    for i in range(300):
+        aggs.add(ws, "eu", (i + 1, 7, "/a"), 5)
+    stored: dict = {}
+    _checkpoint(aggs, 0, stored)
+    aggs.add(ws, "eu", (1000, 7, "/a"), 5)
+    aggs.flush()
+    aggs.input_bytes[ws] = aggstate.COMPACT_BYTES + 1
+    _checkpoint(aggs, 0, stored)
+    index = _checkpoint(aggs, 0, stored)
+    assert list(index) == [str(ws * 1000 + 1 if ws == T0 else ws)]
+    again = WindowAggregates()
+    again.load(0, index, stored.get, {ws})
+    assert _cells(again) == _cells(aggs) and (ws, "eu") in _cells(again)
