@@ -7,6 +7,7 @@ takes to read or write state, or to make an offset safe to commit, is written on
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -18,6 +19,8 @@ from aggregator.config import Settings
 from aggregator.core.contract import APP_ID, CLICKS, CLICKS_REPARTITION, STATE_TABLE
 from aggregator.core.statechunks import decode_state
 from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, positions
+
+log = logging.getLogger("aggregator.worker")
 
 # how soon the consumer group sees a topic that was deleted and created again (aiokafka's
 # default is 5 minutes, during which a recreated `clicks` is not consumed at all; issue 15)
@@ -35,6 +38,31 @@ async def _seek_offsets(self: Recovery, consumer: Any, tps: Any, offsets: Any, t
 
 
 Recovery._seek_offsets = _seek_offsets  # type: ignore[method-assign]
+_faust_build_offsets = Recovery._build_offsets
+
+
+async def _build_offsets(self: Recovery, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+    """Faust's ``Recovery._build_offsets``, then an offset at or past the end of its
+    changelog partition is read from the start again: the changelog started over (the
+    broker came back without its data) while this worker kept, in memory, how far it had
+    read the old one.  Faust would stop the whole process with ConsistencyError ("persisted
+    offset ... higher than the last offset"): seen with two workers, on the one that kept
+    running, for a partition it had read as a standby.  Its state is then the old log's,
+    which the worker's own check of ``clicks`` (core.sourcelog) treats as for one worker."""
+    await _faust_build_offsets(self, consumer, tps, destination, title)
+    if not tps:
+        return
+    ends = await consumer.highwaters(*tps)
+    for tp in tps:
+        end, read = ends.get(tp), destination.get(tp, -1)
+        if end is not None and read >= 0 and read >= end:
+            log.warning("changelog %s partition %d (%s): read to offset %d, but it ends at %d: it started over "
+                        "(the broker came back without its data); reading it from its start", tp.topic,
+                        tp.partition, title, read, end)
+            destination[tp] = -1
+
+
+Recovery._build_offsets = _build_offsets  # type: ignore[method-assign]
 
 
 class _App(faust.App):

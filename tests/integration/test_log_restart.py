@@ -373,3 +373,55 @@ def totals(final: dict) -> Counter:
     for (region, _), n in final.items():
         out[region] += n
     return out
+
+
+@pytest.mark.skipif(ON_REAL_KAFKA, reason="the embedded broker forgets everything when restarted; Kafka keeps it")
+def test_two_workers_survive_a_broker_back_empty_and_count_the_new_log(tmp_path):
+    """Two workers in one group, each with a partition and the other's as a standby (Faust's
+    default).  The broker comes back empty and one worker is restarted (a stuck recovery's
+    remedy): at the rebalance the worker that kept running still held how far it had read
+    the other partition's changelog, above the new changelog's end, and Faust stopped the
+    whole process (ConsistencyError; /tmp/rev10/empty_broker_two_workers.py).  Now that
+    changelog is read again from its start and both go on counting."""
+    from aggregator.broker import EmbeddedBroker
+
+    b = EmbeddedBroker().start()
+    env = {"AGG_PARTITIONS": "2", "AGG_GRACE_SECONDS": "10"}
+    a = Service(b.url, tmp_path / "a", **env)
+    w = Service(b.url, tmp_path / "b", **env)
+    try:
+        a.start()
+        w.start()
+        wait_for(lambda: metric(a, "clickstream_assigned_partitions") == 1 == metric(w, "clickstream_assigned_partitions"),
+                 60, what="one partition each")
+        regions = [region_with_home(0, 2), region_with_home(1, 2)]
+        for i, region in enumerate(regions):
+            produce_to(b.bootstrap, i, region, N // 2)  # each to its home: both workers count
+        wait_for(lambda: sum(counted(w, r) for r in regions) >= N, 60, what="the first log counted")
+        time.sleep(1.5)  # states (and the standbys' copies) written
+        for s in (a, w):
+            os.killpg(s.proc.pid, signal.SIGSTOP)
+        b.stop()
+        b = EmbeddedBroker(port=b.port).start()
+        asyncio.run(create_changelog(b.bootstrap, 2))
+        asyncio.run(ensure_topics(b.bootstrap, 2))
+        os.killpg(w.proc.pid, signal.SIGCONT)
+        a.kill()
+        a.start(wait_ready=120)
+        wait_for(lambda: metric(a, "clickstream_assigned_partitions") + metric(w, "clickstream_assigned_partitions")
+                 == 2, 60, what="both partitions assigned again")
+        for i, region in enumerate(regions):
+            produce_to(b.bootstrap, i, region, N // 4)
+        wait_for(lambda: sum(counted(w, r) for r in regions) >= N + N // 2, 90,
+                 what="the new log counted")
+        time.sleep(2.0)  # nothing more turns up
+        assert sum(counted(w, r) for r in regions) == N + N // 2  # /v1/snapshots: every worker lists all
+        assert w.proc.poll() is None and a.proc.poll() is None
+        crashed = [line for s in (a, w) for line in s.tail(400_000).splitlines() if "ConsistencyError" in line]
+        assert crashed == []
+    finally:
+        for s in (a, w):
+            with contextlib.suppress(ProcessLookupError, AttributeError):
+                os.killpg(s.proc.pid, signal.SIGCONT)
+            s.kill()
+        b.stop()
