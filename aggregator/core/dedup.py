@@ -121,6 +121,11 @@ class DedupStore(RecordLog):
         self.keys: dict[int, list[Any]] = {}  # request key -> [its bucket, bytearray bitmap of indices]
         self.buckets: dict[int, list[Any]] = {}  # bucket -> the event ids and request keys first seen in it
         self.newest = 0  # the newest ingest time seen (ms)
+        # the lowest bucket an id may go to: above every bucket dropped, whose records are
+        # deleted after the next durable state; a bucket made again under the same keys would
+        # have its new records deleted with them (an event of an old ingest time: forwarded,
+        # another ingest's clock), so such an id goes to this bucket instead
+        self.floor = 0
 
     def size(self) -> tuple[int, int]:
         """-> (event ids, request keys) remembered."""
@@ -141,6 +146,7 @@ class DedupStore(RecordLog):
         seen_events, seen_keys, buckets, pending = self.events, self.keys, self.buckets, self.pending
         bucket_ms = self.bucket_ms
         newest = self.newest
+        floor = self.floor
         for n, (ev, did) in enumerate(zip(events, ids, strict=True)):
             if did is not None:
                 its = ev[1]
@@ -152,6 +158,8 @@ class DedupStore(RecordLog):
                         dups[d] = dups.get(d, 0) + 1
                         continue
                     b = its // bucket_ms
+                    if b < floor:
+                        b = floor
                     seen_events[did] = b
                     ids_of = buckets.get(b)
                     if ids_of is None:
@@ -163,6 +171,8 @@ class DedupStore(RecordLog):
                     byte, bit = i >> 3, 1 << (i & 7)
                     if entry is None:
                         b = its // bucket_ms
+                        if b < floor:
+                            b = floor
                         entry = seen_keys[kh] = [b, bytearray(byte + 1)]
                         ids_of = buckets.get(b)
                         if ids_of is None:
@@ -255,6 +265,7 @@ class DedupStore(RecordLog):
 
     def _drop(self, b: int) -> int:
         ids_of = self.buckets.pop(b)
+        self.floor = max(self.floor, b + 1)
         for did in ids_of:
             if isinstance(did, str):
                 self.events.pop(did, None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import orjson
 import pytest
@@ -282,3 +283,41 @@ def test_events_too_far_ahead_are_deduped_without_moving_the_horizon() -> None:
     assert store.newest == T0  # a day-ahead ingest time would have expired every id
     assert store.expire() == 0 and store.size() == (3, 0)
     assert store.filter(_events(1), [event_key("eu", "x")])[0] == []  # its copy with a sane clock
+
+
+@pytest.mark.parametrize("first_write_ok", [False, True])
+def test_a_dropped_bucket_is_not_made_again_under_keys_about_to_be_deleted(first_write_ok: bool) -> None:
+    """Found by a review (/tmp/rev12/dedup_recreated_bucket.py): a bucket dropped (max_ids)
+    then given an id again (an event of an old ingest time) got records at its keys from 0,
+    and the same write deleted them (the dropped bucket's tombstones after the records): the
+    durable state named a missing record and recovery failed.  Such an id goes to the lowest
+    bucket not dropped."""
+    changelog: dict[str, bytes] = {}
+    store = DedupStore(H, max_ids=4)
+
+    def write(ok: bool = True) -> Any:
+        store.expire()
+        records, prepared = store.take_records(0)
+        expired = store.take_expired()
+        changelog.update((k, orjson.dumps(v)) for k, v in records)
+        if not ok:  # the header timed out: nothing confirmed, the deletes given back
+            store.expired[:0] = expired
+            return prepared
+        for key in store.record_keys(0, expired):  # after the records, in the same flush
+            changelog.pop(key, None)
+        changelog["header"] = orjson.dumps(prepared.to_json())
+        store.confirm(prepared)
+        return prepared
+
+    ev = [("eu", 1000, None), ("eu", 1001, None)]
+    store.filter(ev, [event_key("eu", "a"), event_key("eu", "b")])
+    write(first_write_ok)
+    store.filter([("eu", 61_000, None), ("eu", 121_000, None), ("eu", 121_001, None)],
+                 [event_key("eu", x) for x in "cde"])
+    write()  # over max_ids: the oldest bucket goes
+    store.filter([("eu", 2000, None)], [event_key("eu", "f")])  # its ingest time in the dropped bucket
+    write()
+    again = DedupStore(H, max_ids=4)
+    again.load(0, orjson.loads(changelog["header"]),
+               lambda k: orjson.loads(changelog[k]) if k in changelog else None)
+    assert sorted(again.events) == sorted(event_key("eu", x) for x in "cdef")
