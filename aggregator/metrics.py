@@ -242,8 +242,7 @@ class Metrics:
         self.sweep(now)
 
     def sweep(self, now: float | None = None, live: Iterable[str] | None = None) -> None:
-        """The idle sweep, at most every SWEEP_SECONDS, also without events (broker probe; worker tick with
-        ``live``: the regions its books still report, never idle), so a quiet service drops them."""
+        """The idle sweep, at most every SWEEP_SECONDS, also without events (broker probe; worker tick: ``live``)."""
         self._live = self._live if live is None else set(live)
         now = self._clock() if now is None else now
         if now >= self._next_sweep:
@@ -251,9 +250,8 @@ class Metrics:
             self.forget_idle_regions(now)
 
     def forget_idle_regions(self, now: float | None = None) -> list[str]:
-        """Drop every series labelled with a region that has had no event for
-        ``region_idle_seconds``; -> the regions dropped.  A counter that comes back starts
-        at 0 again (Prometheus' rate() and increase() take that as a reset)."""
+        """Drop the series of regions without events for ``region_idle_seconds`` (-> them); a
+        counter that comes back starts at 0 (rate() and increase() take it as a reset)."""
         horizon = (self._clock() if now is None else now) - self.region_idle_seconds
         idle = [r for r, t in self._region_seen.items() if t < horizon and r not in self._live]
         for region in idle:
@@ -431,7 +429,9 @@ class Metrics:
             r = snap["region"]
             if snap["count"] or snap["late"]:
                 self._seen((r,))
-            if r in self._region_seen or r in self._live:  # not a zero-count one of a region swept as idle
+            if r in self._live:  # its book holds it: swept an idle period after the book forgets it
+                self._region_seen.setdefault(r, self._clock())
+            if r in self._region_seen:  # not a zero-count one of a region swept as idle
                 self._window_events.labels(r).set(snap["count"])
                 self._window_end.labels(r).set(snap["window_end"] / 1000)
                 if "unique_users" in snap:

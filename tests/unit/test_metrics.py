@@ -244,3 +244,19 @@ def test_zero_count_snapshots_of_a_region_its_book_still_holds_set_the_gauges():
     m.sweep(live=set())  # the book forgot it (idle in its own stream time)
     m.published([dict(snap("r", 2010), count=0)], time.perf_counter())
     assert _region_series(m, "r") == []
+
+
+def test_gauges_set_for_a_live_region_are_swept_once_its_book_forgets_it():
+    """Found by a review (/tmp/rev12/live_leak.py): gauges a zero-count snapshot set because
+    the region's book held it (after a restart) were never swept, since the region was never
+    marked seen: the frozen window end made ClickstreamSnapshotsStale fire on a quiet service."""
+    clock = [1000.0]
+    m = Metrics(grace_seconds=2, window_seconds=10, region_idle_seconds=60, clock=lambda: clock[0])
+    m.sweep(live={"q"})
+    m.published([dict(snap("q", 2000), count=0)], time.perf_counter())
+    assert _region_series(m, "q")
+    clock[0] += 30
+    m.sweep(live=set())  # the book forgot it
+    clock[0] += 31 + SWEEP_SECONDS
+    m.broker_reachable(True)
+    assert _region_series(m, "q") == []
