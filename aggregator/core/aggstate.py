@@ -32,12 +32,13 @@ from binascii import Error as BinasciiError
 from binascii import unhexlify
 from collections import Counter
 from collections.abc import Callable, Sequence
+from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
 import orjson
 
-from aggregator.core.contract import USER_HASH_DIGITS, Agg, AggParts, parse_agg_header, parse_hash64
+from aggregator.core.contract import HEX_DIGITS, USER_HASH_DIGITS, Agg, AggParts, parse_agg_header, parse_hash64
 from aggregator.core.events import REGION_MAX_CHARS
 from aggregator.core.recordlog import RECORD_BYTES, Prepared, RecordLog
 from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams, delay_buckets
@@ -226,7 +227,12 @@ class WindowAggregates(RecordLog):
                 tail_counts = Counter(map(_TAIL_16, aggs))  # type: ignore[arg-type]
             else:
                 parts = [a.partition(b",") for a in aggs]  # type: ignore[union-attr]  # else AttributeError
-                users = [parse_hash64(u) for u, _, _ in parts if u]  # not int(u, 16): no sign, no "0x"
+                us = [u for u, _, _ in parts if u]
+                # hex digits only, 16 at most (not int(u, 16) alone: no sign, no "0x"), checked
+                # over the batch in C, not a parse_hash64 call an event
+                if b"".join(us).translate(None, HEX_DIGITS) or (us and max(map(len, us)) > USER_HASH_DIGITS):
+                    raise ValueError("a user hash that is not 1-16 hex digits")
+                users = list(map(int, us, repeat(16)))
                 tail_counts = Counter([t for _, _, t in parts])
             urls: dict[int, int] = {}
             texts: dict[int, bytes | str] = {}
@@ -381,19 +387,19 @@ class WindowAggregates(RecordLog):
                 if not isinstance(value, dict):
                     raise ValueError(f"partition {partition}: aggregates record {b}/{seq} is missing")
                 try:
-                    self._replay(ws, value)
+                    self._replay(ws, value, seq == 0)
                 except (KeyError, TypeError, IndexError, AttributeError, OverflowError) as exc:
                     raise ValueError(f"partition {partition}: aggregates record {b}/{seq} is malformed: {exc}") from exc
             self.written[b] = int(n)
             self.bucket_of[ws] = b
         self.pending = []  # the replay re-logged what is written already
 
-    def _replay(self, ws: int, value: dict[str, Any]) -> None:
+    def _replay(self, ws: int, value: dict[str, Any], first: bool = True) -> None:
         """Add a logged record of window ``ws`` to its cells, and its size to the window's
         ``input_bytes`` (a base: ``base_bytes``, input from 0), as when it was logged: so a
         restart does not allow another COMPACT_BYTES before the window is compacted."""
         per_window = self.cells.setdefault(ws, {})
-        if "b" in value:
+        if "b" in value and (first or ws not in self.base_bytes):  # a base may take several records
             self.input_bytes[ws] = self.base_bytes[ws] = 0
         for region, base in value.get("b", ()):
             _check_region(region)

@@ -68,14 +68,14 @@ def agg_header_value(user_h: int | None, url_h: int | None, url: bytes | str | N
                           text)
 
 
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
+HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 def parse_hash64(text: bytes) -> int:
     """A 64-bit hash written as 1-16 hex digits (ValueError else).  Not ``int(text, 16)``
     alone, which also takes a sign, ``0x``, ``_`` and whitespace: a forged ``-1`` would
     reach the sketches, whose state cannot hold a negative hash."""
-    if not 0 < len(text) <= 16 or text.translate(None, _HEX_DIGITS):
+    if not 0 < len(text) <= 16 or text.translate(None, HEX_DIGITS):
         raise ValueError("a hash of 1-16 hex digits expected")
     return int(text, 16)
 

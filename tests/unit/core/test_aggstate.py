@@ -485,3 +485,29 @@ def test_a_window_starting_before_1973_is_not_compacted_and_keeps_its_cells(monk
     again = WindowAggregates()
     again.load(0, index, stored.get, {ws})
     assert _cells(again) == _cells(aggs) and (ws, "eu") in _cells(again)
+
+
+def test_recovery_counts_every_record_of_a_base_that_takes_several():
+    """Found by a review (/tmp/rev12/base_bytes_reload.py): a compaction's bases over more
+    than one record (a few dozen busy regions) were counted from the last record only, so a
+    recovered window compacted again much earlier than the uninterrupted one."""
+    import random
+
+    from aggregator.core.contract import agg_header_value
+
+    rnd = random.Random(2)
+    ws = 1_700_000_000_000
+    w = WindowAggregates()
+    for r in range(40):
+        for _ in range(1500):
+            page = rnd.randrange(300)  # a cell keeps 128 URL texts of ~200 bytes: ~30 KB each
+            url = b"/u%d/" % page + b"x" * 190
+            w.add(ws, f"r{r:02d}", agg_header_value(rnd.getrandbits(64), page + 1, url), rnd.randrange(1, 5000))
+    w.flush()
+    w.input_bytes[ws] = 10**9  # past the threshold: compacted at this checkpoint
+    records, prepared = w.take_records(0)
+    w.confirm(prepared)
+    assert sum(1 for _, v in records if v.get("b")) >= 2  # the base takes several records
+    again = WindowAggregates()
+    again.load(0, prepared.to_json(), dict(records).get, {ws})
+    assert (again.base_bytes[ws], again.input_bytes[ws]) == (w.base_bytes[ws], w.input_bytes[ws])
