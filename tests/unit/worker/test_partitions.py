@@ -136,15 +136,21 @@ def test_the_source_stamp_is_stored_and_a_recovered_state_must_be_checked_before
     assert r.book.next_offset == 600 and r.source_ts is None
 
 
-def test_the_tick_report_drops_idle_regions_while_nothing_arrives(tmp_path):
-    # found by a review (/tmp/rev11): the idle sweep ran only when events were counted
-    clock = [1000.0]
+def _published_window(tmp_path, clock: list[float]):
+    """(metrics on ``clock``, partitions, partition 0) after a window of "eu" was published."""
     m = Metrics(region_idle_seconds=60, clock=lambda: clock[0])
     parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
     p = parts.open(0)
     p.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)
     m.counted(p.book.take_tally())
     m.published(p.book.outbox, time.perf_counter())
+    return m, parts, p
+
+
+def test_the_tick_report_drops_idle_regions_while_nothing_arrives(tmp_path):
+    # found by a review (/tmp/rev11): the idle sweep ran only when events were counted
+    clock = [1000.0]
+    m, parts, p = _published_window(tmp_path, clock)
     assert sample(m, "clickstream_window_end_timestamp_seconds", region="eu") == 2
     clock[0] += 3600
     p.book.advance_to(3_600_000)  # a quiet partition's clock moves on (worker.clock)
@@ -159,12 +165,7 @@ def test_a_stuck_book_keeps_its_regions_window_end_so_snapshots_stale_can_fire(t
     # window-end gauges dropped after AGG_REGION_IDLE_SECONDS, and ClickstreamSnapshotsStale
     # (newest window end per job) resolved with the worker still stuck
     clock = [1000.0]
-    m = Metrics(region_idle_seconds=60, clock=lambda: clock[0])
-    parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
-    p = parts.open(0)
-    p.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)
-    m.counted(p.book.take_tally())
-    m.published(p.book.outbox, time.perf_counter())
+    m, parts, p = _published_window(tmp_path, clock)
     clock[0] += 3600  # stuck: the book's stream time stays where it was
     parts.report()
     assert sample(m, "clickstream_window_end_timestamp_seconds", region="eu") == 2
