@@ -61,8 +61,14 @@ class BookSettings:
         self.top_urls = top_urls
 
     def new_book(self) -> WindowBook:
+        """A book holds the regions whose home its partition is, named by the caps of the
+        workers that read them (each admits up to ``max_regions``; the worker's decoder,
+        core.regioncap): its own bound is that over every partition's worker, so it never
+        names a region otherwise (at a home that is not ``__other__``'s, a second final
+        ``__other__`` snapshot of the window)."""
         aggs = None if self.sketches is None else WindowAggregates(self.sketches, self.top_urls)
-        return WindowBook(self.window_ms, self.grace_ms, self.late_after_ms, self.idle_ms, self.max_regions, aggs)
+        return WindowBook(self.window_ms, self.grace_ms, self.late_after_ms, self.idle_ms,
+                          self.max_regions * max(1, self.partitions), aggs)
 
 
 class PartitionState:

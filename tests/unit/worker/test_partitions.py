@@ -9,7 +9,7 @@ import orjson
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
 from aggregator.worker.partitions import BookSettings, Partitions
-from tests.unit.worker.records import recovered
+from tests.unit.worker.records import fetched, recovered
 
 BOOKS = BookSettings(window_ms=1000, grace_ms=100, late_after_ms=60_000, idle_ms=60_000, max_regions=10)
 
@@ -173,3 +173,41 @@ def test_a_stuck_book_keeps_its_regions_window_end_so_snapshots_stale_can_fire(t
     clock[0] += 60
     parts.report()
     assert sample(m, "clickstream_window_end_timestamp_seconds", region="eu") is None
+
+
+def test_forwarded_regions_admitted_by_another_workers_cap_keep_their_names():
+    """Found by a review (/tmp/rev10/two_other.py): two workers, each with its own region cap
+    (2 here).  Worker A names two regions whose home is H (a partition of worker B) and sends
+    two more, over its cap, as __other__ to __other__'s home.  H's book held at most 2 regions
+    and renamed A's forwarded ones __other__ there: two final __other__ snapshots a window."""
+    from aggregator.core.contract import OTHER_REGION
+    from aggregator.core.regioncap import RegionCap
+    from aggregator.core.repartition import forward_record, home
+    from aggregator.worker.decoder import RecordDecoder
+
+    n, now = 4, 10_000_000
+    max_ts = now + 5_000
+    other_home = home(OTHER_REGION, n)
+    h = next(x for x in range(2, n) if x != other_home)  # B's, not __other__'s home
+    s = next(x for x in (0, 1) if x != other_home)  # A's
+    names = [f"cap-{i}" for i in range(500)]
+    at_h = [r for r in names if home(r, n) == h][:4]
+    elsewhere = [r for r in names if home(r, n) not in (h, s)][:2]
+    books = BookSettings(2000, 1000, 300_000, 3_600_000, max_regions=2, partitions=n)
+    dec_a, dec_b = RecordDecoder(n, RegionCap(2, 3_600_000)), RecordDecoder(n, RegionCap(2, 3_600_000))
+    fwd: list = []
+    dec_a.decode(fetched([(None, orjson.dumps({"region": r, "ingest_ts": 1_000}), []) for r in at_h[:2] + elsewhere]),
+                 now, s, False, None, max_ts, fwd)
+    assert sorted(f[0] for f in fwd) == sorted([*at_h[:2], OTHER_REGION, OTHER_REGION])
+    own = dec_b.decode(fetched([(None, orjson.dumps({"region": r, "ingest_ts": 1_000}), []) for r in at_h[2:]]),
+                       now, h, False, None, max_ts, [])
+    book_h, book_o = books.new_book(), books.new_book()
+    book_h.apply(own.events, 2, now)
+    for part, book in ((h, book_h), (other_home, book_o)):
+        recs = fetched([forward_record(s, f) for f in fwd if home(f[0], n) == part])
+        (events, *_), _ = RecordDecoder(n).decode_forwarded(recs, part, book.forwarded, None, max_ts,
+                                                             book.forwarded_epochs)
+        book.apply(events, book.next_offset, now)
+        book.apply([(at_h[2], 100_000, None)], book.next_offset, now)  # stream time on: window 0 closes
+    final = [(s_["region"], s_["count"]) for b in (book_h, book_o) for s_ in b.outbox if s_["window_start"] == 0]
+    assert sorted(final) == sorted([(r, 1) for r in at_h] + [(OTHER_REGION, 2)])
