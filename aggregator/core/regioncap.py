@@ -16,6 +16,8 @@ Pure: the caller passes the time (ingest time of the batch, ms).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from aggregator.core.contract import OTHER_REGION
 
 SWEEP_EVERY_MS = 1_000  # a full cap looks for idle regions at most this often
@@ -45,6 +47,16 @@ class RegionCap:
             seen[region] = now_ms
             return region
         return OTHER_REGION
+
+    def hold(self, regions: Iterable[str], now_ms: int) -> None:
+        """The regions of a window book this worker takes over (recovered: a restart, a
+        rebalance) keep their names: they take places first, past ``max_regions`` if need be
+        (no new region is named until enough of them are idle), so restarts do not name a
+        further ``max_regions`` regions each into the same books."""
+        seen = self.seen
+        for region in regions:
+            if region != OTHER_REGION and region not in seen:
+                seen[region] = now_ms
 
     def touch(self, regions: dict[str, int] | list[str], now_ms: int) -> None:
         """Regions that had events (once per batch or tick, not per event)."""

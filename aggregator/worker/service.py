@@ -124,7 +124,7 @@ class WorkerService:
         if p is None:
             if partition not in self.kafka.assigned():
                 return None  # fetched before a rebalance moved it: the new owner reads it
-            p = self.partitions.open(partition)
+            p = self._open(partition)
         now_ms = int(time.time() * 1000)
         if tp.topic == CLICKS_REPARTITION:
             if self.throttle.held_here(p):  # applied after the held batches of clicks, as without the hold
@@ -377,7 +377,13 @@ class WorkerService:
             # nothing new to read, their open windows must still close and publish)
             for partition in owned:
                 if partition not in self.partitions:
-                    self.partitions.open(partition)
+                    self._open(partition)
+
+    def _open(self, partition: int) -> PartitionState:
+        """The partition's state; the regions its book holds keep their places in the cap."""
+        p = self.partitions.open(partition)
+        self.region_cap.hold(p.book.last_seen, int(time.time() * 1000))
+        return p
 
     def _highwater(self, p: PartitionState) -> int | None:
         """The partition's end offset as of the last fetch (None: not known yet); sets the lag

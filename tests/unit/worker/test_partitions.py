@@ -211,3 +211,38 @@ def test_forwarded_regions_admitted_by_another_workers_cap_keep_their_names():
         book.apply([(at_h[2], 100_000, None)], book.next_offset, now)  # stream time on: window 0 closes
     final = [(s_["region"], s_["count"]) for b in (book_h, book_o) for s_ in b.outbox if s_["window_start"] == 0]
     assert sorted(final) == sorted([(r, 1) for r in at_h] + [(OTHER_REGION, 2)])
+
+
+def test_a_restarted_worker_keeps_the_names_its_recovered_books_hold():
+    """Found by a review (/tmp/rev13/book_bound.py): the region cap is not state, the book's
+    regions are; each restart's fresh cap named a further AGG_MAX_REGIONS regions into the
+    same book, past the cap (labels, snapshot regions).  The regions of a book taken over
+    now take their places in the cap first (RegionCap.hold, as the worker does on open)."""
+    from aggregator.core.contract import OTHER_REGION
+    from aggregator.core.regioncap import RegionCap
+    from aggregator.core.repartition import home
+
+    n, cap_size = 2, 2
+    h = 1 - home(OTHER_REGION, n)
+    names = [f"r{i}" for i in range(200) if home(f"r{i}", n) == h][:8]
+    books = BookSettings(60_000, 5_000, 3_600_000, 600_000, cap_size, partitions=n)
+    t, state = 1_700_000_000_000, None
+    forwarded = []
+    for restart in range(4):
+        book = books.new_book()
+        cap = RegionCap(cap_size, 600_000)  # a (re)started worker
+        if state is not None:
+            book.load(state)
+            cap.hold(book.last_seen, t)
+        batch = []
+        for r in names[2 * restart: 2 * restart + 2] + names[:1]:  # new regions, then an old one
+            t += 1000
+            name = cap.admit(r, t)
+            if home(name, n) == h:
+                batch.append((name, t, None))
+            else:
+                forwarded.append(name)  # to its home (the decoder's forward)
+        book.apply(batch, book.next_offset + len(batch), t)
+        state = book.to_dict()
+    assert sorted(book.last_seen) == names[:2]  # the first start's regions: no more names
+    assert set(forwarded) == {OTHER_REGION}  # the others counted at __other__'s home
