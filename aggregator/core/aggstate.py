@@ -32,13 +32,12 @@ from binascii import Error as BinasciiError
 from binascii import unhexlify
 from collections import Counter
 from collections.abc import Callable, Sequence
-from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
 import orjson
 
-from aggregator.core.contract import HEX_DIGITS, USER_HASH_DIGITS, Agg, AggParts, parse_agg_header, parse_hash64
+from aggregator.core.contract import USER_HASH_DIGITS, Agg, AggParts, parse_agg_header, parse_hash64, parse_hashes64
 from aggregator.core.events import REGION_MAX_CHARS
 from aggregator.core.recordlog import RECORD_BYTES, Prepared, RecordLog
 from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams, delay_buckets
@@ -117,6 +116,11 @@ def _users_16(aggs: list[bytes]) -> list[int] | None:
     if _SWAP:
         raw.byteswap()
     return raw.tolist()
+
+
+def _base_size(region: str, value: dict[str, Any]) -> int:
+    """JSON bytes of a logged base (a region's cell, ``_compact``) in its record, at most."""
+    return 40 + len(region) * 6 + len(orjson.dumps(value))
 
 
 def _check_region(region: Any) -> None:
@@ -227,12 +231,7 @@ class WindowAggregates(RecordLog):
                 tail_counts = Counter(map(_TAIL_16, aggs))  # type: ignore[arg-type]
             else:
                 parts = [a.partition(b",") for a in aggs]  # type: ignore[union-attr]  # else AttributeError
-                us = [u for u, _, _ in parts if u]
-                # hex digits only, 16 at most (not int(u, 16) alone: no sign, no "0x"), checked
-                # over the batch in C, not a parse_hash64 call an event
-                if b"".join(us).translate(None, HEX_DIGITS) or (us and max(map(len, us)) > USER_HASH_DIGITS):
-                    raise ValueError("a user hash that is not 1-16 hex digits")
-                users = list(map(int, us, repeat(16)))
+                users = parse_hashes64([u for u, _, _ in parts if u])
                 tail_counts = Counter([t for _, _, t in parts])
             urls: dict[int, int] = {}
             texts: dict[int, bytes | str] = {}
@@ -342,10 +341,9 @@ class WindowAggregates(RecordLog):
         if gen >= 1000 or ws * 1000 < _GEN_BUCKETS:  # a start before 1973: its buckets would read as starts
             return
         new = ws * 1000 + gen
-        bases: list[Base] = []  # first: should a cell not serialise, the log is left as it was
-        for region, cell in sorted(self.cells[ws].items()):
-            value = cell.to_json()
-            bases.append((new, region, value, 40 + len(region) * 6 + len(orjson.dumps(value))))
+        # first: should a cell not serialise, the log is left as it was
+        bases: list[Base] = [(new, region, value, _base_size(region, value))
+                             for region, value in ((r, c.to_json()) for r, c in sorted(self.cells[ws].items()))]
         self.pending = [e for e in self.pending if e[0] != old]
         if old in self.written:
             self.expiring.append((old, self.written.pop(old)))
@@ -404,7 +402,7 @@ class WindowAggregates(RecordLog):
         for region, base in value.get("b", ()):
             _check_region(region)
             per_window[region] = CellAggregates.from_json(base)
-            self.base_bytes[ws] += 40 + len(region) * 6 + len(orjson.dumps(base))  # as ``_compact``
+            self.base_bytes[ws] += _base_size(region, base)
         if "c" not in value:  # the earlier format: one entry per event
             self.input_bytes[ws] = self.input_bytes.get(ws, 0) + len(orjson.dumps(value))
             texts = value.get("t", {})

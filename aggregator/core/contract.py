@@ -6,6 +6,7 @@ spells these.
 """
 from __future__ import annotations
 
+from itertools import repeat
 from typing import NotRequired, TypedDict
 
 # --- Kafka topics (contract §4)
@@ -75,9 +76,18 @@ def parse_hash64(text: bytes) -> int:
     """A 64-bit hash written as 1-16 hex digits (ValueError else).  Not ``int(text, 16)``
     alone, which also takes a sign, ``0x``, ``_`` and whitespace: a forged ``-1`` would
     reach the sketches, whose state cannot hold a negative hash."""
-    if not 0 < len(text) <= 16 or text.translate(None, HEX_DIGITS):
+    if not 0 < len(text) <= USER_HASH_DIGITS or text.translate(None, HEX_DIGITS):
         raise ValueError("a hash of 1-16 hex digits expected")
     return int(text, 16)
+
+
+def parse_hashes64(texts: list[bytes]) -> list[int]:
+    """``parse_hash64`` of each (none empty), checked over the list in C-level passes: for
+    per-batch paths, not a Python call an event."""
+    sizes = list(map(len, texts))
+    if b"".join(texts).translate(None, HEX_DIGITS) or (sizes and not 0 < min(sizes) <= max(sizes) <= USER_HASH_DIGITS):
+        raise ValueError("a hash of 1-16 hex digits expected")
+    return list(map(int, texts, repeat(16)))
 
 
 def parse_agg_header(value: bytes) -> AggParts:

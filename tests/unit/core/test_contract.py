@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.core.contract import ingest_header, parse_agg_header, parse_ingest_header
+from aggregator.core.contract import ingest_header, parse_agg_header, parse_hash64, parse_hashes64, parse_ingest_header
 from aggregator.core.dedup import id_field, parse_id_field
 
 
@@ -43,3 +43,15 @@ def test_agg_header_hashes_int_would_take_are_refused(value):
     negative hash reached a cell and every later checkpoint raised OverflowError."""
     with pytest.raises(ValueError):
         parse_agg_header(value)
+
+
+@given(st.lists(st.one_of(st.binary(max_size=18), st.sampled_from([b"0", b"ff", b"F" * 16, b"1" * 17, b"-1", b"0x1"])),
+                max_size=6))
+def test_the_batch_hash_parse_takes_and_refuses_what_the_single_one_does(texts):
+    try:
+        want = [parse_hash64(t) for t in texts]
+    except ValueError:
+        with pytest.raises(ValueError):
+            parse_hashes64(texts)
+    else:
+        assert parse_hashes64(texts) == want
