@@ -362,7 +362,7 @@ class WindowAggregates(RecordLog):
         return (_ENTRY_BYTES + len(e[1]) * _CHAR_BYTES + _USER_BYTES * len(e[2]) + _URL_BYTES * len(e[3])
                 + _BUCKET_BYTES * len(e[6]) + sum(_TEXT_BYTES + len(t) * _CHAR_BYTES for _, t in e[5]))
 
-    def _value(self, entries: Sequence[Entry]) -> dict[str, Any]:
+    def _value(self, entries: Sequence[Entry | Base]) -> dict[str, Any]:
         """``{"c": [[region, user hashes, url hashes, their events, [[url hash, text], ...],
         delay buckets, their events, delays <= 0], ...]}``: the logged batches in order."""
         bases = [[e[1], e[2]] for e in entries if len(e) == 4]

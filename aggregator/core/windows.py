@@ -173,9 +173,10 @@ class WindowBook:
                 if ws < self.first_open:
                     self._add_late(region, CLOSED_WINDOW, st)
                     continue
-                per_window = counts.get(ws)  # type: ignore[assignment]
-                if per_window is None:
-                    per_window = counts[ws] = {}
+                pw = counts.get(ws)
+                if pw is None:
+                    pw = counts[ws] = {}
+                per_window = pw
                 if cells is not None:
                     staged_w = cells.staged_window(ws)
                 cur_ws = ws

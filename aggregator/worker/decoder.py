@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Annotated, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 import orjson
@@ -33,6 +33,7 @@ from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header
 from aggregator.core.sketches import UrlCache, hash_bytes, url_parts
 from aggregator.core.sourcelog import LOG_APPEND_TIME, SourceRecord
+from aggregator.worker.click import parse_click
 
 CACHE_MAX = 100_000  # spellings remembered per cache: a producer of ever new regions cannot grow it
 EVENT_ID_MAX = LIMITS["event_id"]
@@ -40,31 +41,6 @@ DLQ_RAW_MAX = 65_536  # bytes of a rejected record's value kept in its dead lett
 
 DeadLetter = tuple[bytes | None, bytes]  # (key, JSON value) for the dead-letter topic
 
-_I64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
-# a client ts in range (core.events, checked in C): one beyond goes the full way, to bad_ts
-_TS = Annotated[int, msgspec.Meta(gt=TS_MIN, lt=TS_MAX)]
-
-
-class _Click(msgspec.Struct, forbid_unknown_fields=True):
-    """The typed parse of a record produced straight to Kafka: an object of these fields
-    and no other, of these types.  It builds no dict (about 0.24 against 0.33 us a record
-    for ``orjson.loads``) and its fields are attributes.  A value it refuses (another
-    field, a ``ts`` string, float or out of range, a number beyond 64 bits, not an object,
-    not JSON) is read by the full path (``orjson.loads`` and the checks of ``decode``),
-    which is what decides whether and why a record is rejected.  Only what both accept
-    takes this path, with the same values: msgspec leaves the text of fields it skips
-    unchecked (invalid UTF-8, 1e400), so unknown fields are refused here rather than
-    skipped."""
-
-    region: str
-    ingest_ts: _I64 | None = None
-    ts: _TS | None = None
-    event_id: str | None = None
-    user_id: str | None = None
-    url: str | None = None
-
-
-_CLICK = msgspec.json.Decoder(_Click).decode
 # what the typed parse raises for a value the full path reads (TypeError: a null value)
 _FAST_MISS = (msgspec.DecodeError, TypeError)  # DecodeError: ValidationError too
 # records of a batch the typed parse may refuse before the rest of the batch goes the full
@@ -103,7 +79,7 @@ class Record(SourceRecord, Protocol):
     @property
     def value(self) -> bytes | None: ...
     @property
-    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+    def headers(self) -> Sequence[tuple[str, bytes | None]]: ...  # Kafka allows a null header value
 
 
 class RecordDecoder:
@@ -125,7 +101,7 @@ class RecordDecoder:
         # a URL of a record produced straight to Kafka -> (url hash, normalised url), or
         # (None, None): not a URL to count; bounded in entries and in the length of a URL
         self.url_cache = UrlCache(partial(url_parts, keep_query=url_keep_query))
-        self.fast = fast  # the typed parse first (``_Click``); False: every value the full way
+        self.fast = fast  # the typed parse first (``worker.click.Click``); False: every value the full way
 
     def decode(self, records: Sequence[Record], now_ms: int, partition: int, want_offsets: bool,
                dead: list[DeadLetter] | None, max_ts: int, forward: list[Foreign] | None = None) -> Decoded:
@@ -158,7 +134,7 @@ class RecordDecoder:
         aggregating = self.aggregates
         aggs: list[Agg | None] | None = [] if aggregating else None
         urls = self.url_cache.known
-        fast = _CLICK if self.fast else None
+        fast = parse_click if self.fast else None
         misses = 0
         last_k, last_kh = b"", 0  # the last request key field of a keyed record, and its digest
         cts: int | None
@@ -174,7 +150,7 @@ class RecordDecoder:
                 region = keys.get(rec.key) or self._key_region(rec.key)  # type: ignore[arg-type]
                 if region is not None:
                     try:
-                        f = hs[0][1].split(b",", 2)
+                        f = hs[0][1].split(b",", 2)  # type: ignore[union-attr]  # None: AttributeError
                         if len(f) == 2:  # "<ingest_ts>,<ts>": parse_ingest_header's common case, inlined
                             its = int(f[0])
                             cts = int(f[1])
@@ -190,7 +166,7 @@ class RecordDecoder:
                                 last_k = kpart
                             did = (last_kh, int(index))
                         else:
-                            its, cts, raw_id = parse_header(hs[0][1])
+                            its, cts, raw_id = parse_header(hs[0][1])  # type: ignore[arg-type]
                             if raw_id is not None:
                                 did = parse_id_field(raw_id, region)
                         if aggregating and len(hs) > 1 and hs[1][0] == AGG_HEADER:
@@ -198,7 +174,7 @@ class RecordDecoder:
                     except (ValueError, TypeError, AttributeError):  # AttributeError: a null header value
                         region = None  # not what ingest writes: the value decides
             if region is None and fast is not None:
-                # the typed parse (see ``_Click``); anything it does not take, the full path reads
+                # the typed parse (see ``worker.click.Click``); anything it does not take, the full path reads
                 try:
                     c = fast(rec.value)  # type: ignore[arg-type]
                 except _FAST_MISS:
@@ -209,9 +185,9 @@ class RecordDecoder:
                 if c is not None:
                     region = valid.get(c.region)  # a spelling not seen yet: the full path checks it
                     if region is not None:
-                        its = c.ingest_ts  # type: ignore[assignment]
-                        if its is None:
-                            its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
+                        c_its = c.ingest_ts
+                        its = c_its if c_its is not None else (
+                            rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms)
                         cts = c.ts
                         eid = c.event_id
                         if eid is not None:
@@ -231,28 +207,30 @@ class RecordDecoder:
                         region = None
                     if region is None:
                         region = self._region(raw_region)
-                    its = d.get("ingest_ts")
-                    if type(its) is not int:
-                        if its is not None:
-                            raise EventError("bad_ingest_ts", "ingest_ts must be epoch milliseconds")
+                    # the fields as JSON gave them (Any), checked before they take their types
+                    # (a compiled decoder checks each typed assignment: tools/native.py)
+                    raw: Any = d.get("ingest_ts")
+                    if type(raw) is int:
+                        its = raw
+                    elif raw is None:
                         its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
+                    else:
+                        raise EventError("bad_ingest_ts", "ingest_ts must be epoch milliseconds")
                     # event_id before ts, as core.events.validate: the same reason as over HTTP
-                    eid = d.get("event_id")
-                    if eid is not None:
-                        if type(eid) is not str or len(eid) > EVENT_ID_MAX:
+                    raw = d.get("event_id")
+                    if raw is not None:
+                        if type(raw) is not str or len(raw) > EVENT_ID_MAX:
                             raise EventError("bad_field", f"event_id must be a string of at most {EVENT_ID_MAX} "
                                                           "characters")
-                        did = event_key(region, eid)
-                    cts = d.get("ts")
-                    if cts is not None and (type(cts) is not int or not TS_MIN < cts < TS_MAX):
-                        cts = parse_client_ts(cts)  # the ingest's rule: bad_ts when out of range
+                        did = event_key(region, raw)
+                    raw = d.get("ts")
+                    # out of range: the ingest's rule (parse_client_ts), bad_ts
+                    cts = raw if raw is None or (type(raw) is int and TS_MIN < raw < TS_MAX) else parse_client_ts(raw)
                     # a user or url not a string: left out of the aggregates
-                    user = d.get("user_id")
-                    if type(user) is not str:
-                        user = None
-                    url = d.get("url")
-                    if type(url) is not str:
-                        url = None
+                    raw = d.get("user_id")
+                    user = raw if type(raw) is str else None
+                    raw = d.get("url")
+                    url = raw if type(raw) is str else None
                 except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
                     _reject(exc, rec, partition, rejected, dead)
                     continue
@@ -317,13 +295,13 @@ class RecordDecoder:
             try:
                 if len(hs) < 2 or hs[0][0] != INGEST_HEADER or hs[1][0] != SOURCE_HEADER:
                     raise EventError("undecodable", "not a record forwarded by a worker (headers)")
-                source, offset, epoch = parse_source_header(hs[1][1])
-                its, cts, raw_id = parse_ingest_header(hs[0][1])
+                source, offset, epoch = parse_source_header(hs[1][1])  # type: ignore[arg-type]  # a null value raises
+                its, cts, raw_id = parse_ingest_header(hs[0][1])  # type: ignore[arg-type]
                 region = keys.get(rec.key) or self._key_region(rec.key)  # type: ignore[arg-type]
                 if region is None:
                     raise EventError("bad_region", "the key of a forwarded record is not a region")
                 did = None if raw_id is None else parse_id_field(raw_id, region)
-                agg = parse_agg_header(hs[2][1]) if len(hs) > 2 and hs[2][0] == AGG_HEADER else None
+                agg = parse_agg_header(hs[2][1]) if len(hs) > 2 and hs[2][0] == AGG_HEADER else None  # type: ignore[arg-type]
             except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
                 _reject(exc, rec, partition, rejected, dead)
                 continue

@@ -1,4 +1,4 @@
-"""The decoder's typed parse of records produced straight to Kafka (``_Click``, msgspec)
+"""The decoder's typed parse of records produced straight to Kafka (``worker.click.Click``, msgspec)
 must take only what the full path (``orjson.loads`` and its checks) accepts, with the same
 values: every batch below decodes to the same events, dedup ids, aggregates, rejection
 counts and dead letters with the typed parse on and off."""
@@ -104,13 +104,13 @@ def test_random_events_decode_the_same_with_and_without_the_typed_parse(objs, as
 
 def test_a_batch_of_values_the_typed_parse_refuses_stops_trying_it(monkeypatch):
     calls = []
-    real = decoder_module._CLICK
+    real = decoder_module.parse_click
 
     def counting(value):
         calls.append(value)
         return real(value)
 
-    monkeypatch.setattr(decoder_module, "_CLICK", counting)
+    monkeypatch.setattr(decoder_module, "parse_click", counting)
     values = [orjson.dumps({"region": "eu", "session": i}) for i in range(50)]  # another field each
     on, off = both(values)
     assert on == off and len(on[0].events) == 50
@@ -122,9 +122,9 @@ def test_a_batch_of_values_the_typed_parse_refuses_stops_trying_it(monkeypatch):
 
 
 def test_the_typed_parse_leaves_a_ts_out_of_range_to_the_full_path():
-    """The ts bound (core.events) is a constraint of ``_Click``, checked in C: an
+    """The ts bound (core.events) is a constraint of ``Click``, checked in C: an
     out-of-range ts is refused there, and the full path rejects it as bad_ts."""
-    take = decoder_module._CLICK
+    take = decoder_module.parse_click
     assert take(b'{"region":"eu","ts":9007199254740991}').ts == 2**53 - 1
     assert take(b'{"region":"eu","ts":-9007199254740991}').ts == -(2**53) + 1
     for ts in (b"9007199254740992", b"-9007199254740992", b"1152921504606846976"):
