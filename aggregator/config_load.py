@@ -35,9 +35,11 @@ from aggregator.config import (
 
 LOG_FORMAT_ENV = "AGG_LOG_FORMAT"  # read by aggregator.logs: json (the default) or text
 LOG_FORMATS = ("json", "text")
+NATIVE_ENV = "AGG_NATIVE"  # read by aggregator/__init__.py: off, 0 or false runs the compiled modules' sources
 # AGG_* names that are not settings but are read elsewhere: the settings file, the log
-# format, the secrets' _FILE forms; and, by prefix, the test suite's and the benchmarks'
-NOT_SETTINGS = frozenset({CONFIG_ENV, LOG_FORMAT_ENV, *(env_name(n) + "_FILE" for n in Settings.SECRETS)})
+# format, the compiled hot path's switch, the secrets' _FILE forms; and, by prefix, the
+# test suite's and the benchmarks'
+NOT_SETTINGS = frozenset({CONFIG_ENV, LOG_FORMAT_ENV, NATIVE_ENV, *(env_name(n) + "_FILE" for n in Settings.SECRETS)})
 NOT_SETTINGS_PREFIXES = ("AGG_TEST_", "AGG_BENCH_")
 
 
