@@ -15,7 +15,7 @@ KAFKA_PORTS ?= $(shell seq $(KAFKA_PORT) $$(($(KAFKA_PORT) + $(KAFKA_JOBS) - 1))
 # with `-c $(LOCK)`, so the tests run against the versions the image ships.
 LOCK   := constraints.txt
 
-.PHONY: venv lock image run lint test test-unit test-integration test-kafka kafka kafka-stop bench clean
+.PHONY: venv lock image run lint test test-unit test-integration test-kafka kafka kafka-stop bench clean native native-clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,19 @@ $(STAMP): pyproject.toml $(LOCK)
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+## make native: the worker's hot path compiled with mypyc (the list is tools/native.py's), an
+## extension module beside each source; rebuilt when one of them changes.  Without a C compiler
+## the manifest says none is compiled and everything runs as pure Python (README, "Compiled hot path").
+NATIVE     := aggregator/_native.json
+NATIVE_SRC := $(shell $(PYTHON) tools/native.py sources)
+$(NATIVE): $(STAMP) $(NATIVE_SRC) tools/native.py
+	$(PY) tools/native.py build || { rm -f $@; exit 1; }
+
+native: $(NATIVE)
+
+native-clean:
+	$(PYTHON) tools/native.py clean
 
 ## make lock: rewrite constraints.txt from the venv (pip freeze) after installing what
 ## pyproject.toml asks for: a new dependency at its newest version, the others as they are.
@@ -51,7 +64,7 @@ image:
 	  -t $(IMAGE):$(VERSION) .
 
 ## make run: embedded broker + service + a modest synthetic stream; snapshots print as windows close
-run: $(STAMP)
+run: $(STAMP) $(NATIVE)
 	PY=$(PY) bash scripts/demo.sh
 
 ## make lint: ruff (rules in pyproject.toml) over the code and tests; mypy on the package
@@ -63,17 +76,19 @@ lint: $(STAMP)
 ## make test: lint, then the whole suite (unit, integration against the embedded broker, crash tests),
 ## in TEST_JOBS processes (pytest-xdist; a module's tests stay in one): each integration test has a
 ## broker of its own, and most of their time is waiting for windows to close (on two cores, four
-## processes keep them busy about a third of the time: 5.5 minutes instead of 9.5 with two)
+## processes keep them busy about a third of the time: 5.5 minutes instead of 9.5 with two);
+## then the unit tests of the compiled modules' packages once more as pure Python (AGG_NATIVE=off)
 TEST_JOBS ?= 4
-test: $(STAMP) lint
+test: $(STAMP) $(NATIVE) lint
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile -rs --durations=10
+	AGG_NATIVE=off $(PY) -m pytest -q -p no:cacheprovider tests/unit/core tests/unit/worker
 
 ## make test-unit: tests/unit, no broker and no service process (seconds)
-test-unit: $(STAMP)
+test-unit: $(STAMP) $(NATIVE)
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 ## make test-integration: tests/integration, against the embedded broker
-test-integration: $(STAMP)
+test-integration: $(STAMP) $(NATIVE)
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile tests/integration
 
 ## make kafka: a single-node Apache Kafka 4.x (KRaft) on 127.0.0.1:$(KAFKA_PORT), jars from Maven Central
@@ -89,7 +104,7 @@ kafka-stop:
 ## JVMs and the bench's test beside the others, two had a test time out, one with other work running), each with its own Kafka; a
 ## process's tests share its Kafka and empty it before each.  The first Kafka starts alone (it
 ## assembles the jars once), the others together.
-test-kafka: $(STAMP)
+test-kafka: $(STAMP) $(NATIVE)
 	@set -e; i=1; pids=; for p in $(KAFKA_PORTS); do \
 	  d=$(KAFKA_DIR); [ $$i = 1 ] || d=$(KAFKA_DIR)-$$i; \
 	  if [ $$i = 1 ]; then bash scripts/kafka.sh start --port $$p --dir $$d >/dev/null; \
@@ -103,9 +118,10 @@ test-kafka: $(STAMP)
 ## prints a table and writes docs/benchmarks.md.  Smaller (its table only; --out FILE writes one):
 ## make bench BENCH_ARGS="--n 200000 --memory-n 0"
 BENCH_ARGS ?=
-bench: $(STAMP)
+bench: $(STAMP) $(NATIVE)
 	$(PY) -m tools.bench $(BENCH_ARGS)
 
 clean:
 	-for d in $(KAFKA_DIR) $(wildcard $(KAFKA_DIR)-*); do bash scripts/kafka.sh stop --dir $$d; done
+	-$(PYTHON) tools/native.py clean
 	rm -rf $(VENV) var *.egg-info
