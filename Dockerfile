@@ -14,12 +14,24 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
+# A C compiler for mypyc (the worker's hot path compiled, below); in this stage only. The
+# versions follow the base image's Debian release (bookworm).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc=4:12.2.* libc6-dev=2.36-* \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # constraints.txt pins every dependency (the code relies on aiokafka and Faust internals);
 # `make lock` regenerates it from the tested virtualenv. Only the runtime ones are installed.
 COPY constraints.txt pyproject.toml README.md ./
 COPY aggregator ./aggregator
+COPY tools/native.py ./tools/native.py
 RUN pip install --prefix=/install --constraint constraints.txt .
+# The worker's hot path compiled with mypyc (the locked mypy, installed outside /install so it
+# stays out of the runtime) beside the installed sources: an extension module per listed
+# module and the manifest the package's guard checks (README, "Compiled hot path").
+RUN pip install --constraint constraints.txt mypy \
+    && python /src/tools/native.py build \
+       --root "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib", vars={"base": "/install"}))')"
 
 FROM ${PYTHON_IMAGE}
 # OCI labels; `make image` passes VERSION (pyproject.toml), REVISION and SOURCE (git).
