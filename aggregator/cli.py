@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+import aggregator
 from aggregator import config, config_load
 from aggregator.logs import setup_logging
 
@@ -286,7 +287,8 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
             raise Failure(problem)
         def announce(port: int) -> None:  # once listening: the port bound (AGG_WEB_PORT=0: a free one)
             print(f"aggregator{'' if settings.role == 'all' else f' ({settings.role})'}: HTTP on "
-                  f"http://{settings.web_host}:{port} ({ROUTES[settings.role]})", flush=True)
+                  f"http://{settings.web_host}:{port} ({ROUTES[settings.role]}) "
+                  f"compiled={'yes' if aggregator.NATIVE else 'no'}", flush=True)
 
         interrupted = note_sigint()
         try:
