@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+import aggregator
 from aggregator.core.contract import AGG_HEADER, CLICKS, agg_header_value, ingest_header
 from aggregator.core.sketches import normalise_url, url_hash, user_hash
 from tools.harness import REPO, ServiceProc, http
@@ -215,6 +216,8 @@ def machine() -> dict[str, str]:
         "cpu": cpu, "nproc": str(os.cpu_count()), "memory": mem,
         "os": f"{platform.system()} {platform.release()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
+        # the service processes inherit this process's environment (AGG_NATIVE) and tree
+        "compiled": "yes" if aggregator.NATIVE else "no",
         "commit": f"{git('rev-parse', '--abbrev-ref', 'HEAD')} {commit}",
         "packages": ", ".join(f"{k} {v}" for k, v in versions.items()),
         "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "-",

@@ -190,6 +190,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"| memory | {mach['memory']} |",
         f"| OS | {mach['os']} |",
         f"| Python | {mach['python']} |",
+        f"| compiled hot path (mypyc, tools/native.py) | {mach.get('compiled', '-')} |",
         f"| git | {mach['commit']} |",
         f"| packages | {mach['packages']} |",
         f"| load average at start | {mach['loadavg']} |",
