@@ -16,7 +16,7 @@ _I64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 _TS = Annotated[int, msgspec.Meta(gt=TS_MIN, lt=TS_MAX)]
 
 
-class Click(msgspec.Struct, forbid_unknown_fields=True):
+class Click(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """The typed parse of a record produced straight to Kafka: an object of these fields
     and no other, of these types.  It builds no dict (about 0.24 against 0.33 us a record
     for ``orjson.loads``) and its fields are attributes.  A value it refuses (another
@@ -25,7 +25,12 @@ class Click(msgspec.Struct, forbid_unknown_fields=True):
     which is what decides whether and why a record is rejected.  Only what both accept
     takes this path, with the same values: msgspec leaves the text of fields it skips
     unchecked (invalid UTF-8, 1e400), so unknown fields are refused here rather than
-    skipped."""
+    skipped.
+
+    ``gc=False``: its fields are strings, integers and None, which cannot make a cycle;
+    without the collector's header and bookkeeping a record costs 1.4 % fewer instructions
+    an event on figure 1c's records, compiled (15,551 against 15,336, cachegrind, see
+    tools/worker_micro.py)."""
 
     region: str
     ingest_ts: _I64 | None = None
