@@ -8,6 +8,8 @@ from binascii import unhexlify
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aggregator.core.aggstate import WindowAggregates
 from aggregator.core.contract import agg_header_value
@@ -511,3 +513,23 @@ def test_recovery_counts_every_record_of_a_base_that_takes_several():
     again = WindowAggregates()
     again.load(0, prepared.to_json(), dict(records).get, {ws})
     assert (again.base_bytes[ws], again.input_bytes[ws]) == (w.base_bytes[ws], w.input_bytes[ws])
+
+
+_HASH = st.integers(0, (1 << 64) - 1)
+
+
+@given(st.lists(st.tuples(st.one_of(st.none(), _HASH),
+                          st.one_of(st.none(), st.tuples(st.sampled_from([1, 2, 3, (1 << 64) - 1]),
+                                                         st.sampled_from(["/a", "/b", "https://x.example/c"])))),
+                max_size=60))
+def test_parts_of_kafka_direct_records_are_read_in_bulk_as_one_by_one(raw):
+    """The decoder's parts (user hash, url hash, url; None where the event has none) read by
+    ``_columns`` all at once give what the one-by-one reading gives: users in order, each
+    URL's count, each URL's first text."""
+    parts = [(u, None, None) if url is None else (u, url[0], f"{url[1]}#{i}") for i, (u, url) in enumerate(raw)]
+    wa = WindowAggregates()
+    bulk = wa._columns(list(parts))  # type: ignore[arg-type]
+    assert bulk == wa._columns_each(list(parts))  # type: ignore[arg-type]
+    assert bulk[0] == [u for u, _, _ in parts if u is not None]
+    assert bulk[1] == dict(collections.Counter(h for _, h, _ in parts if h is not None))
+    assert all(bulk[2][h] == next(t for _, h2, t in parts if h2 == h) for h in bulk[2])
