@@ -345,9 +345,10 @@ class WindowAggregates(RecordLog):
         if gen >= 1000 or ws * 1000 < _GEN_BUCKETS:  # a start before 1973: its buckets would read as starts
             return
         new = ws * 1000 + gen
-        # first: should a cell not serialise, the log is left as it was
-        bases: list[Base] = [(new, region, value, _base_size(region, value))
-                             for region, value in ((r, c.to_json()) for r, c in sorted(self.cells[ws].items()))]
+        bases: list[Base] = []  # first: should a cell not serialise, the log is left as it was
+        for region, cell in sorted(self.cells[ws].items()):
+            value = cell.to_json()
+            bases.append((new, region, value, _base_size(region, value)))
         self.pending = [e for e in self.pending if e[0] != old]
         if old in self.written:
             self.expiring.append((old, self.written.pop(old)))
