@@ -546,3 +546,17 @@ def test_parameters_are_checked():
     for kw in (dict(hll_p=3), dict(exact_users=99), dict(url_capacity=10), dict(delay_accuracy=0.5)):
         with pytest.raises(ValueError, match="must be within"):
             SketchParams(**kw)
+
+
+def test_repeats_within_a_batch_leave_the_state_of_the_batch_without_them():
+    """``add_batch`` takes repeats out only while the users are exact; a HyperLogLog adds them
+    as they come.  Either way a batch with repeats leaves the bytes of the same batch with
+    each user once (in the order first seen), so logged batches of either kind replay alike."""
+    rng = random.Random(11)
+    with_repeats, without = CellAggregates(), CellAggregates()
+    for _ in range(30):
+        users = [user_hash(f"u{rng.randrange(3000)}") for _ in range(rng.randrange(1, 900))]
+        with_repeats.add_batch(users, {}, {}, {})
+        without.add_batch(list(dict.fromkeys(users)), {}, {}, {})
+        assert state_bytes(with_repeats) == state_bytes(without)
+    assert not with_repeats.users.exact  # the HyperLogLog's path was taken too
