@@ -2,10 +2,11 @@
 
     .venv/bin/python -m tools.broker_probe                    # embedded broker, 60k ev/s, 90 s
     .venv/bin/python -m tools.broker_probe --no-consume       # produce only
+    .venv/bin/python -m tools.broker_probe --per-batch 40     # the same records in 25x the batches
     .venv/bin/python -m tools.broker_probe --bootstrap 127.0.0.1:19092 --pid PID   # any broker
 
-Produces records like the ingest does (batches of 1000 over 4 partitions, acks=all, open loop
-at --rate) and, unless --no-consume, reads them back with one consumer that keeps up.  Every
+Produces records like the ingest does (--per-batch records a request, default 1000, over 4
+partitions: one record batch each; acks=all, open loop at --rate) and, unless --no-consume, reads them back with one consumer that keeps up.  Every
 5 s it prints the records held, the broker process's CPU (cores) and RSS over that interval,
 and the produce acknowledgement p50/p99/max.  No service involved: this is the broker's cost.
 """
@@ -27,7 +28,8 @@ PER_BATCH = 1000
 PARTITIONS = 4
 
 
-async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume: bool) -> None:
+async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume: bool,
+                per_batch: int = PER_BATCH) -> None:
     await ensure_topics(bootstrap, PARTITIONS)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=1 << 20,
                                 enable_idempotence=False)
@@ -50,7 +52,7 @@ async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume:
         futs = []
         for part in range(PARTITIONS):
             b = producer.create_batch()
-            for _ in range(PER_BATCH // PARTITIONS):
+            for _ in range(max(1, per_batch // PARTITIONS)):
                 b.append(timestamp=None, key=b"r00", value=value, headers=[])
             b.close()
             futs.append(await producer.send_batch(b, CLICKS, partition=part))
@@ -58,7 +60,7 @@ async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume:
         state["lats"].append(time.monotonic() - sched)  # the interval's list when it is acknowledged
 
     ctask = asyncio.create_task(consumer()) if consume else None
-    interval, t0, i, sent = PER_BATCH / rate, time.monotonic(), 0, 0
+    interval, t0, i, sent = per_batch / rate, time.monotonic(), 0, 0
     state: dict[str, list[float]] = {"lats": []}
     tasks: set = set()
     mark, cpu0 = t0, cpu_seconds(pid) if pid else 0.0
@@ -72,7 +74,7 @@ async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume:
         tasks.add(t)
         t.add_done_callback(tasks.discard)
         i += 1
-        sent += PER_BATCH
+        sent += per_batch
         if time.monotonic() - mark >= 5:
             now, cpu = time.monotonic(), cpu_seconds(pid) if pid else 0.0
             ms = [x * 1000 for x in state["lats"]] or [float("nan")]
@@ -94,6 +96,8 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=60000, help="records per second produced")
     ap.add_argument("--duration", type=float, default=90)
     ap.add_argument("--no-consume", dest="consume", action="store_false")
+    ap.add_argument("--per-batch", type=int, default=PER_BATCH,
+                    help="records a produce request (one record batch a partition)")
     ap.add_argument("--bootstrap", default=None, help="a running broker (default: start the embedded one)")
     ap.add_argument("--pid", type=int, default=0, help="that broker's process id, for its CPU and RSS")
     a = ap.parse_args()
@@ -102,7 +106,7 @@ def main() -> int:
         broker = EmbeddedBroker().start()
         a.bootstrap, a.pid = broker.bootstrap, broker.proc.pid
     try:
-        asyncio.run(probe(a.bootstrap, a.pid, a.rate, a.duration, a.consume))
+        asyncio.run(probe(a.bootstrap, a.pid, a.rate, a.duration, a.consume, a.per_batch))
     finally:
         if broker:
             broker.stop()
