@@ -2,13 +2,14 @@
 
     .venv/bin/python -m tools.broker_probe                    # embedded broker, 60k ev/s, 90 s
     .venv/bin/python -m tools.broker_probe --no-consume       # produce only
-    .venv/bin/python -m tools.broker_probe --per-batch 40     # the same records in 25x the batches
+    .venv/bin/python -m tools.broker_probe --per-batch 200    # the same records in 5x the batches
     .venv/bin/python -m tools.broker_probe --bootstrap 127.0.0.1:19092 --pid PID   # any broker
 
 Produces records like the ingest does (--per-batch records a request, default 1000, over 4
-partitions: one record batch each; acks=all, open loop at --rate) and, unless --no-consume, reads them back with one consumer that keeps up.  Every
-5 s it prints the records held, the broker process's CPU (cores) and RSS over that interval,
-and the produce acknowledgement p50/p99/max.  No service involved: this is the broker's cost.
+partitions: one record batch each; acks=all, open loop at --rate) and, unless --no-consume,
+reads them back with one consumer that keeps up.  Every 5 s it prints the records held, the
+broker process's CPU (cores) and RSS over that interval, and the produce acknowledgement
+p50/p99/max.  No service involved: this is the broker's cost.
 """
 from __future__ import annotations
 
