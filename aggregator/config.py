@@ -175,6 +175,9 @@ class Settings(BaseSettings):
     ingest_max_inflight_bytes: int = Field(32 * 1024 * 1024, ge=1, description="bytes of request bodies ingest "
                                            "works on at once (after decompression); beyond: 503 + Retry-After at "
                                            "once; at least AGG_MAX_BODY_BYTES")
+    ingest_linger_ms: float = Field(10.0, ge=0, le=1000, description="a partition's record batch that ingest "
+                                    "opens while none is in flight waits this long for more requests' records "
+                                    "before it is sent (fewer, larger batches; 0: at once)")
     http_header_timeout_seconds: float = Field(10.0, gt=0, description="a connection must send a request's "
                                                "headers (and, idle, its next request) within this, else it is "
                                                "closed")

@@ -7,7 +7,10 @@ delivery future.  A pump task per partition hands the open batch to aiokafka
 arriving meanwhile go into the next open batch.  So under load one produce request carries
 the records of every request that arrived during the previous round trip, instead of one
 batch per request and partition (aiokafka keeps at most one pending batch per partition,
-so per-request batches queue behind each other, one round trip each).
+so per-request batches queue behind each other, one round trip each).  A batch opened while
+the pump is idle waits until it is ``linger_s`` old (AGG_INGEST_LINGER_MS) before it goes, so
+that requests a few milliseconds apart share it: the embedded broker's fetches cost a little
+per record batch it holds (docs/performance.md), and every broker and the worker pay per batch.
 
 aiokafka's ``DefaultPartitioner`` picks the partition of each region (murmur2 of the key,
 like the Java client), computed once per region: the same region lands in the same
@@ -35,6 +38,7 @@ RETRY_S = 1.0  # between attempts to reach the broker
 # records of requests already answered 503 stay in them (they may still be stored), outside
 # the in-flight budget, so they have a bound of their own
 MAX_SEALED_TOTAL = 64
+LINGER_S = 0.010  # AGG_INGEST_LINGER_MS's default
 
 
 def ingest_producer(bootstrap: str, idempotent: bool = False, **client: Any) -> AIOKafkaProducer:
@@ -54,9 +58,10 @@ class ProducerBusy(Exception):
 
 
 class _Pump:
-    __slots__ = ("producer", "topic", "partition", "batch", "done", "sealed", "task", "max_sealed", "sent")
+    __slots__ = ("producer", "topic", "partition", "batch", "done", "sealed", "task", "max_sealed", "sent",
+                 "linger_s", "opened")
 
-    def __init__(self, producer: Any, topic: str, partition: int, max_sealed: int) -> None:
+    def __init__(self, producer: Any, topic: str, partition: int, max_sealed: int, linger_s: float = 0.0) -> None:
         self.producer = producer
         self.topic = topic
         self.partition = partition
@@ -66,10 +71,14 @@ class _Pump:
         self.task: asyncio.Task | None = None
         self.max_sealed = max_sealed
         self.sent = 0  # batches aiokafka has taken (it takes one when the previous one is delivered)
+        self.linger_s = linger_s
+        self.opened = 0.0  # loop time the open batch got its first record
 
     def _open(self) -> None:
+        loop = asyncio.get_running_loop()
         self.batch = self.producer.create_batch()
-        self.done = asyncio.get_running_loop().create_future()
+        self.done = loop.create_future()
+        self.opened = loop.time()
 
     def append(self, key: bytes, values: Iterable[tuple[bytes, list]], timestamp: int, waits: set) -> None:
         if self.batch is None:
@@ -94,6 +103,12 @@ class _Pump:
                 if self.sealed:
                     batch, done = self.sealed.popleft()
                 elif self.batch is not None:
+                    # lingers only when young: one opened while a batch was in flight has
+                    # waited its round trip, and a full one is sealed (above) at once
+                    wait = self.opened + self.linger_s - asyncio.get_running_loop().time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                        continue
                     batch, done = self.batch, self.done
                     self.batch = self.done = None
                 else:
@@ -137,8 +152,10 @@ def _settle(done: asyncio.Future, outcome: Any) -> None:
 class BatchProducer:
     """Routes records of a topic to per-partition pumps; see the module doc."""
 
-    def __init__(self, producer: Any, topic: str, max_sealed: int = 32, max_sealed_total: int = MAX_SEALED_TOTAL) -> None:
+    def __init__(self, producer: Any, topic: str, max_sealed: int = 32, max_sealed_total: int = MAX_SEALED_TOTAL,
+                 linger_s: float = 0.0) -> None:
         self.producer = producer
+        self.linger_s = linger_s
         self.topic = topic
         self.max_sealed = max_sealed  # full batches waiting, per partition
         self.max_sealed_total = max_sealed_total  # and over all partitions
@@ -170,7 +187,7 @@ class BatchProducer:
         partition = _PARTITIONER(key, self.parts, self.parts)
         pump = self.pumps.get(partition)
         if pump is None:
-            pump = self.pumps[partition] = _Pump(self.producer, self.topic, partition, self.max_sealed)
+            pump = self.pumps[partition] = _Pump(self.producer, self.topic, partition, self.max_sealed, self.linger_s)
         route = self.route[region] = (key, pump)
         return route
 
@@ -210,9 +227,10 @@ class IngestProducer(BackgroundService):
     503) and, on stop, sends what is still batched."""
 
     def __init__(self, bootstrap: str, client: dict[str, Any] | None = None, idempotent: bool = False,
-                 **kwargs: Any) -> None:
+                 linger_s: float = LINGER_S, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bootstrap = bootstrap
+        self.linger_s = linger_s
         self.client = client or {}  # more aiokafka settings (TLS/SASL)
         self.idempotent = idempotent
         # made in on_start: aiokafka's producer binds to the running event loop
@@ -222,7 +240,7 @@ class IngestProducer(BackgroundService):
 
     async def on_start(self) -> None:
         self.producer = ingest_producer(self.bootstrap, self.idempotent, **self.client)
-        self.batcher = BatchProducer(self.producer, CLICKS)
+        self.batcher = BatchProducer(self.producer, CLICKS, linger_s=self.linger_s)
         await super().on_start()
 
     async def background(self) -> None:
@@ -255,7 +273,7 @@ class IngestProducer(BackgroundService):
             pass
         self.idempotent = False
         self.producer = ingest_producer(self.bootstrap, False, **self.client)
-        self.batcher = BatchProducer(self.producer, CLICKS)
+        self.batcher = BatchProducer(self.producer, CLICKS, linger_s=self.linger_s)
 
     async def on_stop(self) -> None:
         log.info("ingest: stopping (sending what is still batched)")

@@ -1,0 +1,63 @@
+"""AGG_INGEST_LINGER_MS: a record batch opened while its partition's pump is idle waits
+until it is that old before it goes, so that requests a few milliseconds apart share one
+batch (the embedded broker's fetches cost per batch it holds: docs/performance.md).  With
+0 each such request is sent at once, in its own batch."""
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka.producer.message_accumulator import BatchBuilder
+
+from aggregator.ingest.producer import BatchProducer
+
+
+class _Broker:
+    """What BatchProducer uses of aiokafka's producer: real batches, acknowledged at once;
+    ``sent`` holds (loop time, records) of each batch handed over."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, int]] = []
+
+    class client:
+        class cluster:
+            @staticmethod
+            def partitions_for_topic(topic):
+                return {0}
+
+    @staticmethod
+    def create_batch():
+        return BatchBuilder(1 << 20, 0)
+
+    async def send_batch(self, batch, topic, partition):
+        self.sent.append((asyncio.get_running_loop().time(), batch.record_count()))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+def _three_requests_5ms_apart(linger_s: float) -> tuple[list[tuple[float, int]], float]:
+    async def run() -> tuple[list[tuple[float, int]], float]:
+        broker = _Broker()
+        batcher = BatchProducer(broker, "clicks", linger_s=linger_s)
+        await batcher.ensure_metadata()
+        t0 = asyncio.get_running_loop().time()
+        waits: set = set()
+        for _ in range(3):
+            waits |= batcher.submit({"eu": [(b"{}", [])] * 10}, 0)
+            await asyncio.sleep(0.005)
+        await asyncio.wait_for(asyncio.gather(*waits), 5)
+        return [(t - t0, n) for t, n in broker.sent], asyncio.get_running_loop().time() - t0
+
+    return asyncio.run(run())
+
+
+def test_requests_within_the_linger_share_one_batch():
+    sent, _ = _three_requests_5ms_apart(0.2)
+    assert [n for _, n in sent] == [30]
+    assert sent[0][0] >= 0.2  # it waited for its age, not for a full batch
+
+
+def test_without_linger_each_request_goes_at_once():
+    sent, elapsed = _three_requests_5ms_apart(0.0)
+    assert [n for _, n in sent] == [10, 10, 10]
+    assert elapsed < 0.2
