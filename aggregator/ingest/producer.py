@@ -39,6 +39,7 @@ RETRY_S = 1.0  # between attempts to reach the broker
 # the in-flight budget, so they have a bound of their own
 MAX_SEALED_TOTAL = 64
 LINGER_S = 0.010  # AGG_INGEST_LINGER_MS's default
+STOP_HAND_OVER_S = 5.0  # on stop, how long the pumps may take to hand their batches over
 
 
 def ingest_producer(bootstrap: str, idempotent: bool = False, **client: Any) -> AIOKafkaProducer:
@@ -59,7 +60,7 @@ class ProducerBusy(Exception):
 
 class _Pump:
     __slots__ = ("producer", "topic", "partition", "batch", "done", "sealed", "task", "max_sealed", "sent",
-                 "linger_s", "opened")
+                 "linger_s", "opened", "nap")
 
     def __init__(self, producer: Any, topic: str, partition: int, max_sealed: int, linger_s: float = 0.0) -> None:
         self.producer = producer
@@ -73,6 +74,7 @@ class _Pump:
         self.sent = 0  # batches aiokafka has taken (it takes one when the previous one is delivered)
         self.linger_s = linger_s
         self.opened = 0.0  # loop time the open batch got its first record
+        self.nap: asyncio.Future | None = None  # while the open batch lingers: resolved to end it early
 
     def _open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -89,6 +91,8 @@ class _Pump:
                 # full: queue it for the pump, go on in a new batch
                 waits.add(self.done)
                 self.sealed.append((self.batch, self.done))
+                if self.nap is not None:  # a full batch goes at once
+                    _wake(self.nap)
                 self._open()
                 append = self.batch.append
                 if append(timestamp=timestamp, key=key, value=value, headers=headers) is None:
@@ -105,9 +109,16 @@ class _Pump:
                 elif self.batch is not None:
                     # lingers only when young: one opened while a batch was in flight has
                     # waited its round trip, and a full one is sealed (above) at once
-                    wait = self.opened + self.linger_s - asyncio.get_running_loop().time()
+                    loop = asyncio.get_running_loop()
+                    wait = self.opened + self.linger_s - loop.time()
                     if wait > 0:
-                        await asyncio.sleep(wait)
+                        nap = self.nap = loop.create_future()
+                        timer = loop.call_later(wait, _wake, nap)
+                        try:
+                            await nap
+                        finally:
+                            timer.cancel()
+                            self.nap = None
                         continue
                     batch, done = self.batch, self.done
                     self.batch = self.done = None
@@ -127,9 +138,19 @@ class _Pump:
         finally:
             self.task = None
 
+    def stop_lingering(self) -> None:
+        self.linger_s = 0.0
+        if self.nap is not None:
+            _wake(self.nap)
+
     @property
     def busy(self) -> bool:
         return len(self.sealed) >= self.max_sealed
+
+
+def _wake(nap: asyncio.Future) -> None:
+    if not nap.done():
+        nap.set_result(None)
 
 
 def _settle(done: asyncio.Future, outcome: Any) -> None:
@@ -220,6 +241,16 @@ class BatchProducer:
             pump.append(key, values, timestamp, waits)
         return waits
 
+    async def hand_over(self, within_s: float) -> None:
+        """Stop lingering and wait (up to ``within_s``) until every pump has handed its
+        batches to aiokafka, whose ``stop`` then sends them."""
+        self.linger_s = 0.0
+        for pump in self.pumps.values():
+            pump.stop_lingering()
+        tasks = [p.task for p in self.pumps.values() if p.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=within_s)
+
 
 class IngestProducer(BackgroundService):
     """The producer behind ``POST /v1/events`` as a service: it connects in the background
@@ -279,5 +310,7 @@ class IngestProducer(BackgroundService):
         log.info("ingest: stopping (sending what is still batched)")
         self.ready = False
         await super().on_stop()  # no connect attempt overlaps the stop below
+        if self.batcher is not None:
+            await self.batcher.hand_over(STOP_HAND_OVER_S)
         if self.producer is not None:
             await self.producer.stop()  # sends what is still batched

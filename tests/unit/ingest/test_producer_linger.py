@@ -61,3 +61,36 @@ def test_without_linger_each_request_goes_at_once():
     sent, elapsed = _three_requests_5ms_apart(0.0)
     assert [n for _, n in sent] == [10, 10, 10]
     assert elapsed < 0.2
+
+
+def test_a_lingering_batch_is_handed_over_at_once_on_stop():
+    async def run() -> tuple[list[int], float]:
+        broker = _Broker()
+        batcher = BatchProducer(broker, "clicks", linger_s=30.0)
+        await batcher.ensure_metadata()
+        waits = batcher.submit({"eu": [(b"{}", [])] * 10}, 0)
+        await asyncio.sleep(0.01)
+        assert broker.sent == []  # lingering
+        t0 = asyncio.get_running_loop().time()
+        await batcher.hand_over(5.0)
+        await asyncio.wait_for(asyncio.gather(*waits), 1)
+        return [n for _, n in broker.sent], asyncio.get_running_loop().time() - t0
+
+    sent, took = asyncio.run(run())
+    assert sent == [10]
+    assert took < 1.0
+
+
+def test_a_full_batch_does_not_linger():
+    async def run() -> list[int]:
+        broker = _Broker()
+        batcher = BatchProducer(broker, "clicks", linger_s=30.0)
+        await batcher.ensure_metadata()
+        waits = batcher.submit({"eu": [(b"x" * 1000, [])] * 10}, 0)  # lingers
+        await asyncio.sleep(0.01)
+        waits |= batcher.submit({"eu": [(b"x" * 1000, [])] * 1100}, 0)  # fills it past 1 MiB
+        await asyncio.sleep(0.05)
+        return [n for _, n in broker.sent]
+
+    sent = asyncio.run(run())
+    assert sent and sum(sent) > 1000  # the full batch went without waiting out the 30 s
