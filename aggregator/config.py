@@ -33,6 +33,7 @@ from aggregator.core.sketches import SketchParams
 ENV_PREFIX = "AGG_"
 CONFIG_ENV = "AGG_CONFIG"
 ROLES = ("all", "ingest", "worker")
+EMBEDDED_LINGER_MS = 10.0  # AGG_INGEST_LINGER_MS of -1 with the embedded broker (docs/performance.md)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -175,9 +176,10 @@ class Settings(BaseSettings):
     ingest_max_inflight_bytes: int = Field(32 * 1024 * 1024, ge=1, description="bytes of request bodies ingest "
                                            "works on at once (after decompression); beyond: 503 + Retry-After at "
                                            "once; at least AGG_MAX_BODY_BYTES")
-    ingest_linger_ms: float = Field(10.0, ge=0, le=1000, description="a partition's record batch that ingest "
+    ingest_linger_ms: float = Field(-1.0, ge=-1, le=1000, description="a partition's record batch that ingest "
                                     "opens while none is in flight waits this long for more requests' records "
-                                    "before it is sent (fewer, larger batches; 0: at once)")
+                                    "before it is sent (fewer, larger batches; 0: at once); -1: 10 with the "
+                                    "embedded broker, whose fetches cost per batch it holds, 0 with Kafka")
     http_header_timeout_seconds: float = Field(10.0, gt=0, description="a connection must send a request's "
                                                "headers (and, idle, its next request) within this, else it is "
                                                "closed")
@@ -229,6 +231,13 @@ class Settings(BaseSettings):
         if body is not None and v < body:
             raise ValueError(f"must be >= AGG_MAX_BODY_BYTES ({body}), or no body of that size is ever taken "
                              f"(got {v})")
+        return v
+
+    @field_validator("ingest_linger_ms")
+    @classmethod
+    def _linger(cls, v: float) -> float:
+        if v < 0 and v != -1:
+            raise ValueError(f"must be -1 (10 with the embedded broker, 0 with Kafka) or 0..1000 ms (got {v:g})")
         return v
 
     @field_validator("topic_min_insync_replicas")
@@ -291,6 +300,11 @@ class Settings(BaseSettings):
     @property
     def spill_path(self) -> Path:
         return Path(self.spill_dir) if self.spill_dir else Path(self.data_dir) / "spill"
+
+    def linger_s(self, embedded: bool) -> float:
+        """AGG_INGEST_LINGER_MS in seconds, its -1 resolved for the broker in use."""
+        ms = self.ingest_linger_ms
+        return (EMBEDDED_LINGER_MS if embedded else 0.0) / 1000 if ms < 0 else ms / 1000
 
     def bootstrap(self) -> str:
         """``host:port[,host:port]`` for aiokafka from ``kafka://...``."""

@@ -214,3 +214,15 @@ def test_rate_limits_feed_the_rate_limiter():
 def test_every_field_documents_itself():
     for name in config.FIELDS:
         assert config.describe(name), name
+
+
+def test_ingest_linger_follows_the_broker_unless_set():
+    """-1 (the default): 10 ms with the embedded broker, whose fetches cost per record batch
+    it holds; 0 with Kafka, where the linger only adds latency (docs/performance.md)."""
+    auto = load(env={})
+    assert (auto.linger_s(embedded=True), auto.linger_s(embedded=False)) == (0.010, 0.0)
+    fixed = load(env={"AGG_INGEST_LINGER_MS": "5"})
+    assert (fixed.linger_s(embedded=True), fixed.linger_s(embedded=False)) == (0.005, 0.005)
+    assert problems({"AGG_INGEST_LINGER_MS": "-0.5"}) == [
+        "AGG_INGEST_LINGER_MS / --ingest-linger-ms: must be -1 (10 with the embedded broker, 0 with Kafka) or "
+        "0..1000 ms (got -0.5)"]
