@@ -53,7 +53,7 @@ async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume:
         futs = []
         for part in range(PARTITIONS):
             b = producer.create_batch()
-            for _ in range(max(1, per_batch // PARTITIONS)):
+            for _ in range(per_part):
                 b.append(timestamp=None, key=b"r00", value=value, headers=[])
             b.close()
             futs.append(await producer.send_batch(b, CLICKS, partition=part))
@@ -61,7 +61,8 @@ async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume:
         state["lats"].append(time.monotonic() - sched)  # the interval's list when it is acknowledged
 
     ctask = asyncio.create_task(consumer()) if consume else None
-    interval, t0, i, sent = per_batch / rate, time.monotonic(), 0, 0
+    per_part = max(1, per_batch // PARTITIONS)  # records a partition's batch; a request sends one each
+    interval, t0, i, sent = per_part * PARTITIONS / rate, time.monotonic(), 0, 0
     state: dict[str, list[float]] = {"lats": []}
     tasks: set = set()
     mark, cpu0 = t0, cpu_seconds(pid) if pid else 0.0
@@ -75,7 +76,7 @@ async def probe(bootstrap: str, pid: int, rate: float, duration: float, consume:
         tasks.add(t)
         t.add_done_callback(tasks.discard)
         i += 1
-        sent += per_batch
+        sent += per_part * PARTITIONS
         if time.monotonic() - mark >= 5:
             now, cpu = time.monotonic(), cpu_seconds(pid) if pid else 0.0
             ms = [x * 1000 for x in state["lats"]] or [float("nan")]

@@ -38,7 +38,6 @@ RETRY_S = 1.0  # between attempts to reach the broker
 # records of requests already answered 503 stay in them (they may still be stored), outside
 # the in-flight budget, so they have a bound of their own
 MAX_SEALED_TOTAL = 64
-LINGER_S = 0.010  # IngestProducer's default: AGG_INGEST_LINGER_MS's -1 with the embedded broker
 STOP_HAND_OVER_S = 5.0  # on stop, how long the pumps may take to hand their batches over
 
 
@@ -258,7 +257,7 @@ class IngestProducer(BackgroundService):
     503) and, on stop, sends what is still batched."""
 
     def __init__(self, bootstrap: str, client: dict[str, Any] | None = None, idempotent: bool = False,
-                 linger_s: float = LINGER_S, **kwargs: Any) -> None:
+                 linger_s: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bootstrap = bootstrap
         self.linger_s = linger_s
