@@ -35,7 +35,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 # the settings each command reads (its flags, AGG_* variables and TOML keys)
 RUN_FIELDS: tuple[str, ...] = config.FIELDS
-BROKER_FIELDS = ("broker_port", "log_level")
+BROKER_FIELDS = ("broker_port", "log_level", "partitions")
 KAFKA_CLIENT_FIELDS = ("broker", "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username",
                        "kafka_sasl_password", "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
                        "kafka_ssl_key_password")
@@ -164,7 +164,15 @@ def start_embedded_broker(settings: config.Settings) -> Any:
 
 def cmd_broker(settings: config.Settings) -> int:
     broker = start_embedded_broker(settings)
-    print(f"embedded broker on {broker.url} (Ctrl-C to stop)", flush=True)
+    try:
+        # the service's topics with the embedded broker's partition count: the processes
+        # started against it take the broker's defaults with them
+        settings.broker = broker.url
+        settings.for_embedded_broker()
+        wait_for_topics(settings)
+    except BaseException:
+        broker.stop()
+        raise
     stop = {"signal": 0}
 
     def _stop(signum: int, _frame: object) -> None:
@@ -172,6 +180,7 @@ def cmd_broker(settings: config.Settings) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    print(f"embedded broker on {broker.url} (Ctrl-C to stop)", flush=True)
     try:
         while not stop["signal"] and broker.exited() is None:
             time.sleep(0.2)
@@ -276,6 +285,7 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
     if not settings.broker:
         broker = start_embedded_broker(settings)
         settings.broker = broker.url
+        settings.for_embedded_broker()
         print(f"embedded broker on {broker.url}\nnote: {MEMORY_ONLY}", flush=True)
     try:
         wait_for_topics(settings)
@@ -342,8 +352,9 @@ def check_partitions(settings: config.Settings) -> str | None:
     if clicks is None:
         return f"topic {CLICKS} has no partitions on {settings.bootstrap()}"
     if clicks != settings.partitions:
-        print(f"note: {CLICKS} has {clicks} partitions (AGG_PARTITIONS is {settings.partitions}): using {clicks}",
-              flush=True)
+        if "partitions" in settings.model_fields_set:  # set, not the default: say it is not what is used
+            print(f"note: {CLICKS} has {clicks} partitions (AGG_PARTITIONS is {settings.partitions}): using "
+                  f"{clicks}", flush=True)
         settings.partitions = clicks
     changelog = counts.get(STATE_CHANGELOG)
     if settings.role != "ingest" and changelog is not None and changelog != clicks:

@@ -34,6 +34,8 @@ ENV_PREFIX = "AGG_"
 CONFIG_ENV = "AGG_CONFIG"
 ROLES = ("all", "ingest", "worker")
 EMBEDDED_LINGER_MS = 10.0  # AGG_INGEST_LINGER_MS of -1 with the embedded broker (docs/performance.md)
+KAFKA_PARTITIONS = 4  # AGG_PARTITIONS's default
+EMBEDDED_PARTITIONS = 1  # AGG_PARTITIONS on the embedded broker unless it is set (docs/performance.md)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -148,7 +150,9 @@ class Settings(BaseSettings):
                                                                "to answer before it gives up")
     web_host: str = Field("127.0.0.1", min_length=1, description="HTTP listen address")
     web_port: Port = Field(8080, description="HTTP listen port")
-    partitions: int = Field(4, ge=1, description="partitions of `clicks` when the service creates it")
+    partitions: int = Field(KAFKA_PARTITIONS, ge=1, description="partitions of `clicks` when the service creates it; unless "
+                            "set, 1 on the embedded broker, whose fetches cost per batch it holds (a "
+                            "request's events make a batch in each partition they go to)")
     data_dir: str = Field("./var", min_length=1, description="local state directory")
     window_seconds: float = Field(60.0, ge=1, description="tumbling window length")
     grace_seconds: float = Field(5.0, ge=0, description="grace after a window end before it closes")
@@ -300,6 +304,11 @@ class Settings(BaseSettings):
     @property
     def spill_path(self) -> Path:
         return Path(self.spill_dir) if self.spill_dir else Path(self.data_dir) / "spill"
+
+    def for_embedded_broker(self) -> None:
+        """The defaults that differ on the embedded broker: AGG_PARTITIONS, unless it is set."""
+        if "partitions" not in self.model_fields_set:
+            self.partitions = EMBEDDED_PARTITIONS
 
     def linger_s(self, embedded: bool) -> float:
         """AGG_INGEST_LINGER_MS in seconds, its -1 resolved for the broker in use."""

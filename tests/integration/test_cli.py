@@ -77,7 +77,7 @@ def test_web_port_in_use_is_reported_before_the_broker_starts(tmp_path):
 def test_broker_takes_only_its_own_options():
     assert_one_error(aggregator("broker", "--window-seconds", "5"),
                      "error: aggregator broker: no such option: --window-seconds: it is a setting of `aggregator run`; "
-                     "`aggregator broker` takes --broker-port, --log-level and --config")
+                     "`aggregator broker` takes --broker-port, --log-level, --partitions and --config")
 
 
 def test_bad_toml(tmp_path):
@@ -182,12 +182,18 @@ def test_an_unknown_agg_variable_stops_every_command_naming_the_closest_setting(
 
 def test_run_on_a_free_port_names_it_and_the_embedded_broker_gets_no_idempotent_producer(tmp_path):
     """AGG_WEB_PORT=0 used to announce http://127.0.0.1:0; and every start on the embedded broker
-    logged aiokafka's InitProducerIdRequest error and a warning that batches may be stored twice."""
+    logged aiokafka's InitProducerIdRequest error and a warning that batches may be stored twice.
+    The embedded broker's topics get one partition (AGG_PARTITIONS unset)."""
+    import asyncio
     import re
     import urllib.request
 
+    from aggregator.broker import partition_counts
+
     out = tmp_path / "out.txt"
-    env = dict(CLEAN_ENV, PYTHONPATH=str(REPO), AGG_WEB_PORT="0", AGG_DATA_DIR=str(tmp_path / "data"))
+    broker_port = free_port()
+    env = dict(CLEAN_ENV, PYTHONPATH=str(REPO), AGG_WEB_PORT="0", AGG_DATA_DIR=str(tmp_path / "data"),
+               AGG_BROKER_PORT=str(broker_port))
     with out.open("w") as f:
         p = subprocess.Popen([sys.executable, "-m", "aggregator", "run"], env=env, cwd=str(REPO), stdout=f,
                              stderr=subprocess.STDOUT, text=True)
@@ -204,6 +210,9 @@ def test_run_on_a_free_port_names_it_and_the_embedded_broker_gets_no_idempotent_
         assert f'"HTTP listening on http://127.0.0.1:{found[0]}"' in text, text
         assert "InitProducerIdRequest" not in text and "stored twice" not in text, text
         assert '"level": "error"' not in text, text
+        counts = asyncio.run(partition_counts(f"127.0.0.1:{broker_port}", ["clicks", "clicks-repartition"]))
+        assert counts == {"clicks": 1, "clicks-repartition": 1}, counts
+        assert "note: clicks has" not in text, text
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=30)

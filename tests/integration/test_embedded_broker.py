@@ -84,3 +84,36 @@ def test_a_killed_service_leaves_no_orphan_broker_and_says_it_keeps_nothing(tmp_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, 1), ({"AGG_PARTITIONS": "3"}, 3)])
+def test_aggregator_broker_creates_the_topics_with_the_embedded_partition_count(env, expected):
+    """``aggregator broker`` creates the service's topics before it says where it listens, with
+    one partition of ``clicks`` unless AGG_PARTITIONS says otherwise: processes started against
+    it (AGG_BROKER) find them and use them as they are."""
+    import asyncio
+    import subprocess
+    import sys
+    import time
+
+    from aggregator.broker import partition_counts
+    from tests.conftest import REPO
+    from tools.harness import free_port
+
+    port = free_port()
+    full = {k: v for k, v in os.environ.items() if not k.startswith("AGG_")}
+    full.update(env, AGG_BROKER_PORT=str(port), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "aggregator", "broker"], env=full, cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        said = f"embedded broker on kafka://127.0.0.1:{port}"
+        lines = []
+        while not (lines and lines[-1].startswith(said)):  # said once the topics are there
+            assert time.monotonic() < deadline and proc.poll() is None, lines
+            lines.append(proc.stdout.readline())
+        counts = asyncio.run(partition_counts(f"127.0.0.1:{port}", ["clicks", "clicks-repartition"]))
+        assert counts == {"clicks": expected, "clicks-repartition": expected}, counts
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -226,3 +226,17 @@ def test_ingest_linger_follows_the_broker_unless_set():
     assert problems({"AGG_INGEST_LINGER_MS": "-0.5"}) == [
         "AGG_INGEST_LINGER_MS / --ingest-linger-ms: must be -1 (10 with the embedded broker, 0 with Kafka) or "
         "0..1000 ms (got -0.5)"]
+
+
+def test_partitions_on_the_embedded_broker_are_one_unless_set():
+    """The embedded broker's fetches cost per record batch it holds, and a request makes a
+    batch in each partition its events go to: one partition there, 4 on Kafka, as set where set
+    (a flag, the environment or the file)."""
+    auto = load(env={})
+    assert auto.partitions == 4
+    auto.for_embedded_broker()
+    assert auto.partitions == 1
+    for fixed in (load(env={"AGG_PARTITIONS": "4"}), load({"partitions": 6}, env={})):
+        before = fixed.partitions
+        fixed.for_embedded_broker()
+        assert fixed.partitions == before

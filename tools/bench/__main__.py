@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import orjson
 
 from aggregator.broker import EmbeddedBroker, ensure_topics
+from aggregator.config import EMBEDDED_PARTITIONS, KAFKA_PARTITIONS
 from tools.bench import common, ingest, report, throughput
 from tools.bench.otlp_sink import OtlpSink
 from tools.kafka import ScriptKafka, kafka_usable
@@ -72,7 +73,7 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
     runs = []
     exact = True
     for k in range(a.runs):
-        b: EmbeddedBroker | ScriptKafka = kafka_broker(a) if kafka else fresh_broker(a.partitions)[0]
+        b: EmbeddedBroker | ScriptKafka = kafka_broker(a) if kafka else fresh_broker(a.partitions or EMBEDDED_PARTITIONS)[0]
         bootstrap = b.bootstrap
         try:
             t = time.perf_counter()
@@ -136,7 +137,7 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
 def memory_section(a: argparse.Namespace, rss: list[tuple[int, float]]) -> dict:
     rates, bares, peaks = [], [], []
     for k in range(a.memory_runs):
-        b, bootstrap = fresh_broker(a.partitions)
+        b, bootstrap = fresh_broker(a.partitions or EMBEDDED_PARTITIONS)
         try:
             t = time.perf_counter()
             truth = asyncio.run(common.produce_backlog(bootstrap, a.memory_n, seed=100 + k))
@@ -163,7 +164,7 @@ def aggregates_memory_section(a: argparse.Namespace) -> dict:
     out = []
     regions = common.many_regions(a.aggregates_regions)
     for n in a.aggregates_memory_n:
-        b, bootstrap = fresh_broker(a.partitions)
+        b, bootstrap = fresh_broker(a.partitions or EMBEDDED_PARTITIONS)
         try:
             t = time.perf_counter()
             truth = asyncio.run(common.produce_backlog(bootstrap, n, seed=200, ingest_format=True, regions=regions))
@@ -208,7 +209,7 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
     """Per run: the split deployment (ingest process + worker process: figure 2 and the
     snapshot delay of figure 3), then, unless --no-one, ``aggregator run`` as one process.
     ``new_broker()`` gives a started broker per run (default: a fresh embedded one)."""
-    new_broker = new_broker or (lambda: fresh_broker(a.partitions)[0])
+    new_broker = new_broker or (lambda: fresh_broker(a.partitions or EMBEDDED_PARTITIONS)[0])
     one = a.one if one is None else one
     runs = []
     delays: dict[str, list[float]] = {"metrics": [], "topic": [], "one_metrics": [], "one_topic": []}
@@ -288,7 +289,8 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
 
 def kafka_broker(a: argparse.Namespace) -> ScriptKafka:
     """A fresh Apache Kafka (scripts/kafka.sh) with the service's topics."""
-    return with_topics(ScriptKafka(base_dir=a.kafka_dir or None).start(), a.partitions)
+    return with_topics(ScriptKafka(base_dir=a.kafka_dir or None).start(),
+                       a.partitions or KAFKA_PARTITIONS)
 
 
 def _nan_back(x: Any) -> Any:
@@ -407,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip figures 1c and 1d (the worker with unique users, top URLs and delay quantiles on)")
     ap.add_argument("--no-dedup", dest="dedup", action="store_false",
                     help="skip figure 1b (the backlog again with an event_id on every record: dedup state on)")
-    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--partitions", type=int, default=None,
+                    help="partitions of the topics (default: the service's, 1 on the embedded broker, 4 on Kafka)")
     ap.add_argument("--ingest-duration", type=float, default=10.0, help="seconds per ingest phase (0: skip ingest)")
     ap.add_argument("--window-s", type=float, default=2.0, help="window length during the ingest runs")
     ap.add_argument("--grace-s", type=float, default=1.0, help="grace during the ingest runs")
@@ -453,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python -m tools.bench", *(argv if argv is not None else sys.argv[1:])]).strip(),
         "machine": common.machine(),
-        "config": {"partitions": a.partitions, "zipf_s": common.ZIPF_S, "top_share": common.top_share(),
+        "config": {"partitions": {"embedded": a.partitions or EMBEDDED_PARTITIONS,
+                                  "kafka": a.partitions or KAFKA_PARTITIONS},
+                   "zipf_s": common.ZIPF_S, "top_share": common.top_share(),
                    "window_s": a.window_s, "grace_s": a.grace_s, "ingest_duration": a.ingest_duration,
                    "big_concurrency": a.big_concurrency, "small_concurrency": a.small_concurrency},
         "notes": [],

@@ -216,7 +216,7 @@ def markdown(r: dict[str, Any]) -> str:
         md += [
             f"**1. Worker throughput.** {w['n']:,} compact JSON click events "
             f"(`{{\"region\",\"user_id\",\"ingest_ts\"}}`, 16 regions, Zipf s={cfg['zipf_s']}, the first region "
-            f"{cfg['top_share']:.0%} of the events) are produced to `clicks` ({cfg['partitions']} partitions, "
+            f"{cfg['top_share']:.0%} of the events) are produced to `clicks` ({_partitions(cfg['partitions'])}, "
             "key = region) before anything reads them. Then, on that backlog: the **bare consumer** "
             "(aiokafka `getmany`, `orjson.loads` of each value, a count per region in a dict), "
             "**the worker** (`aggregator run`, default settings) started against it, and the bare consumer "
@@ -329,3 +329,10 @@ def markdown(r: dict[str, Any]) -> str:
         md += ["## Notes", ""] + [f"- {x}" for x in r["notes"]] + [""]
     md += ["## Raw results", "", "```json", r["json"], "```", ""]
     return "\n".join(md)
+
+
+def _partitions(p: Any) -> str:
+    """The topics' partitions of a run's config (one count in results before the brokers differed)."""
+    if isinstance(p, dict):
+        return f"{p['embedded']} partition{'s' * (p['embedded'] != 1)} on the embedded broker, {p['kafka']} on Kafka"
+    return f"{p} partitions"
