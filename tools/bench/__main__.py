@@ -102,7 +102,7 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
             if not run["exact"]:
                 log(f"run {k + 1}: COUNTS DIFFER: produced {truth}, bare {bare.counts}, worker {w.counts} late {w.late}")
             if a.faust_n and not (event_ids or aggregates or kafka):
-                f = throughput.plain_faust(b.url, min(a.faust_n, a.n))
+                f = throughput.plain_faust(b.url, min(a.faust_n, a.n), a.partitions or EMBEDDED_PARTITIONS)
                 run["faust"] = f.rate
             runs.append(run)
             tag = (" (event ids)" if event_ids else "") + (" (aggregates on" if aggregates else "") + (

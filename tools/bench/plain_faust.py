@@ -2,7 +2,7 @@
 counts: an agent over ``clicks`` and a tumbling windowed table updated once per event.
 
     BENCH_BROKER=kafka://127.0.0.1:9092 BENCH_N=20000 BENCH_OUT=/tmp/r.json BENCH_DATA=/tmp/d \\
-        python -m tools.bench.plain_faust worker -l warn
+        BENCH_PARTITIONS=4 python -m tools.bench.plain_faust worker -l warn
 
 ``clicks`` is already keyed by region, so no ``group_by`` (which would add a repartition
 topic and be slower still).  When the agent has counted ``BENCH_N`` events it writes
@@ -21,6 +21,7 @@ import orjson
 
 N = int(os.environ.get("BENCH_N", "20000"))
 OUT = os.environ.get("BENCH_OUT", "plain-faust.json")
+PARTITIONS = int(os.environ.get("BENCH_PARTITIONS", "4"))  # of clicks: a table has as many as its source
 
 app = faust.App(
     f"bench-plain-faust-{uuid.uuid4().hex[:8]}",
@@ -28,14 +29,14 @@ app = faust.App(
     datadir=os.path.join(os.environ.get("BENCH_DATA", "."), "faust"),
     web_enabled=False,
     topic_replication_factor=1,
-    topic_partitions=4,
+    topic_partitions=PARTITIONS,
     broker_session_timeout=6,
     broker_heartbeat_interval=1.5,
     consumer_auto_offset_reset="earliest",
 )
 clicks = app.topic("clicks", key_type=bytes, value_type=bytes, value_serializer="raw",
                    key_serializer="raw", internal=False)
-counts = app.Table("bench-region-counts", default=int, partitions=4).tumbling(
+counts = app.Table("bench-region-counts", default=int, partitions=PARTITIONS).tumbling(
     timedelta(seconds=60), expires=timedelta(hours=1))
 
 state = {"seen": 0, "t0": 0.0}

@@ -159,11 +159,12 @@ class FaustResult:
     n: int
 
 
-def plain_faust(broker_url: str, n: int, timeout: float = 300.0) -> FaustResult:
-    """The plain-Faust reference on the first ``n`` records of the same topic."""
+def plain_faust(broker_url: str, n: int, partitions: int, timeout: float = 300.0) -> FaustResult:
+    """The plain-Faust reference on the first ``n`` records of the same topic (``partitions``)."""
     data = tempfile.mkdtemp(prefix="bench-faust-")
     out = os.path.join(data, "result.json")
-    env = dict(os.environ, BENCH_BROKER=broker_url, BENCH_N=str(n), BENCH_OUT=out, BENCH_DATA=data)
+    env = dict(os.environ, BENCH_BROKER=broker_url, BENCH_N=str(n), BENCH_OUT=out, BENCH_DATA=data,
+               BENCH_PARTITIONS=str(partitions))
     with open(os.path.join(data, "faust.log"), "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tools.bench.plain_faust", "worker", "-l", "warn"],
                                 env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
