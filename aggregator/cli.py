@@ -155,11 +155,15 @@ def _register_gen() -> None:
 
 # ------------------------------------------------------------------ run, broker
 def start_embedded_broker(settings: config.Settings) -> Any:
+    """The embedded broker, started, and ``settings`` pointed at it with its own defaults."""
     from aggregator.broker import BrokerError, EmbeddedBroker
     try:
-        return EmbeddedBroker(settings.broker_port).start()
+        broker = EmbeddedBroker(settings.broker_port).start()
     except BrokerError as exc:
         raise Failure(str(exc)) from None
+    settings.broker = broker.url
+    settings.for_embedded_broker()
+    return broker
 
 
 def cmd_broker(settings: config.Settings) -> int:
@@ -167,8 +171,6 @@ def cmd_broker(settings: config.Settings) -> int:
     try:
         # the service's topics with the embedded broker's partition count: the processes
         # started against it take the broker's defaults with them
-        settings.broker = broker.url
-        settings.for_embedded_broker()
         wait_for_topics(settings)
     except BaseException:
         broker.stop()
@@ -284,8 +286,6 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
     broker = None
     if not settings.broker:
         broker = start_embedded_broker(settings)
-        settings.broker = broker.url
-        settings.for_embedded_broker()
         print(f"embedded broker on {broker.url}\nnote: {MEMORY_ONLY}", flush=True)
     try:
         wait_for_topics(settings)

@@ -73,7 +73,7 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
     runs = []
     exact = True
     for k in range(a.runs):
-        b: EmbeddedBroker | ScriptKafka = kafka_broker(a) if kafka else fresh_broker(a.partitions or EMBEDDED_PARTITIONS)[0]
+        b: EmbeddedBroker | ScriptKafka = kafka_broker(a) if kafka else fresh_broker(a.partitions_embedded)[0]
         bootstrap = b.bootstrap
         try:
             t = time.perf_counter()
@@ -102,7 +102,7 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
             if not run["exact"]:
                 log(f"run {k + 1}: COUNTS DIFFER: produced {truth}, bare {bare.counts}, worker {w.counts} late {w.late}")
             if a.faust_n and not (event_ids or aggregates or kafka):
-                f = throughput.plain_faust(b.url, min(a.faust_n, a.n), a.partitions or EMBEDDED_PARTITIONS)
+                f = throughput.plain_faust(b.url, min(a.faust_n, a.n), a.partitions_embedded)
                 run["faust"] = f.rate
             runs.append(run)
             tag = (" (event ids)" if event_ids else "") + (" (aggregates on" if aggregates else "") + (
@@ -137,7 +137,7 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
 def memory_section(a: argparse.Namespace, rss: list[tuple[int, float]]) -> dict:
     rates, bares, peaks = [], [], []
     for k in range(a.memory_runs):
-        b, bootstrap = fresh_broker(a.partitions or EMBEDDED_PARTITIONS)
+        b, bootstrap = fresh_broker(a.partitions_embedded)
         try:
             t = time.perf_counter()
             truth = asyncio.run(common.produce_backlog(bootstrap, a.memory_n, seed=100 + k))
@@ -164,7 +164,7 @@ def aggregates_memory_section(a: argparse.Namespace) -> dict:
     out = []
     regions = common.many_regions(a.aggregates_regions)
     for n in a.aggregates_memory_n:
-        b, bootstrap = fresh_broker(a.partitions or EMBEDDED_PARTITIONS)
+        b, bootstrap = fresh_broker(a.partitions_embedded)
         try:
             t = time.perf_counter()
             truth = asyncio.run(common.produce_backlog(bootstrap, n, seed=200, ingest_format=True, regions=regions))
@@ -209,7 +209,7 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
     """Per run: the split deployment (ingest process + worker process: figure 2 and the
     snapshot delay of figure 3), then, unless --no-one, ``aggregator run`` as one process.
     ``new_broker()`` gives a started broker per run (default: a fresh embedded one)."""
-    new_broker = new_broker or (lambda: fresh_broker(a.partitions or EMBEDDED_PARTITIONS)[0])
+    new_broker = new_broker or (lambda: fresh_broker(a.partitions_embedded)[0])
     one = a.one if one is None else one
     runs = []
     delays: dict[str, list[float]] = {"metrics": [], "topic": [], "one_metrics": [], "one_topic": []}
@@ -289,8 +289,7 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
 
 def kafka_broker(a: argparse.Namespace) -> ScriptKafka:
     """A fresh Apache Kafka (scripts/kafka.sh) with the service's topics."""
-    return with_topics(ScriptKafka(base_dir=a.kafka_dir or None).start(),
-                       a.partitions or KAFKA_PARTITIONS)
+    return with_topics(ScriptKafka(base_dir=a.kafka_dir or None).start(), a.partitions_kafka)
 
 
 def _nan_back(x: Any) -> Any:
@@ -438,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure nothing: write --out again from the raw results of an earlier report "
                          "(its JSON block), e.g. after the report's wording changed")
     a = ap.parse_args(argv)
+    # the topics' partitions per broker: as asked, else the service's default there
+    a.partitions_embedded = a.partitions or EMBEDDED_PARTITIONS
+    a.partitions_kafka = a.partitions or KAFKA_PARTITIONS
     left_out = skipped(a)
     if a.out is None and not a.render and left_out:
         # docs/benchmarks.md is the last full run: a partial one would replace it with part of a table
@@ -456,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python -m tools.bench", *(argv if argv is not None else sys.argv[1:])]).strip(),
         "machine": common.machine(),
-        "config": {"partitions": {"embedded": a.partitions or EMBEDDED_PARTITIONS,
-                                  "kafka": a.partitions or KAFKA_PARTITIONS},
+        "config": {"partitions": {"embedded": a.partitions_embedded, "kafka": a.partitions_kafka},
                    "zipf_s": common.ZIPF_S, "top_share": common.top_share(),
                    "window_s": a.window_s, "grace_s": a.grace_s, "ingest_duration": a.ingest_duration,
                    "big_concurrency": a.big_concurrency, "small_concurrency": a.small_concurrency},
