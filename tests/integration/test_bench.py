@@ -43,8 +43,12 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     assert i["exact"] is True and i["runs"][0]["one_exact"] is True
     run = i["runs"][0]
     phases = ("max_1000", "alone_1000", "max_10", "half_1000", "one_max_1000", "one_half_1000",
-              "agg_max_1000", "agg_alone_1000")  # agg_: AGG_AGGREGATES on in both processes
-    assert set(run) >= set(phases) and run["agg_exact"] is True
+              "agg_max_1000", "agg_alone_1000",  # agg_: AGG_AGGREGATES on in both processes
+              "fresh_half_1000")  # the half-rate phase again on a fresh embedded broker (issue 16's row)
+    assert set(run) >= set(phases) and run["agg_exact"] is True and run["fresh_exact"] is True
+    # offered half of the same run's maximum, as the phase on the broker of the maxima
+    assert run["fresh_half_1000"]["offered"] == pytest.approx(run["max_1000"]["rate"] / 2, rel=0.01)
+    assert "fresh_half_p99" in i
     assert all(run[p]["requests"] > 0 for p in phases)
     assert res["snapshots"]["metrics_n"] > 0 and res["snapshots"]["topic_n"] > 0
     assert run["snapshot_p99_s"]["metrics"] >= 0 and run["snapshot_p99_s"]["topic"] >= 0  # this run's own (not NaN)
@@ -52,7 +56,7 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     md = out.read_text()
     for needle in ("## Machine", "nproc", "Python", "worker throughput", "HTTP ingest", "snapshot delay",
                    "peak RSS", "1b. worker", "1c. worker", "1d. worker", "4b. worker", "worker process stopped",
-                   "the same with AGG_AGGREGATES on",
+                   "the same with AGG_AGGREGATES on", "on a fresh broker", "Half rate on a fresh embedded broker",
                    res["machine"]["cpu"]):
         assert needle in md, needle
     assert "worker throughput" in proc.stdout  # the printed table
@@ -67,7 +71,7 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     assert again.read_text() == md
     # ... also when a figure is NaN (orjson writes null; e.g. --memory-n 0 leaves rates NaN)
     res["memory"]["large_rate"] = float("nan")
-    res["ingest"]["half_p99"] = float("nan")
+    res["ingest"]["half_p99"] = res["ingest"]["fresh_half_p99"] = float("nan")
     raw_nan = orjson.dumps(res, option=orjson.OPT_INDENT_2).decode()
     with_nan = tmp_path / "nan.md"
     with_nan.write_text(markdown({**res, "json": raw_nan}))

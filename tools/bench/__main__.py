@@ -205,10 +205,13 @@ def _another_run(a: argparse.Namespace, new_broker: Callable[[], Any], run: dict
 
 
 def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None = None, one: bool | None = None,
-                   label: str = "") -> tuple[dict, dict]:
+                   label: str = "", fresh_half: bool = False) -> tuple[dict, dict]:
     """Per run: the split deployment (ingest process + worker process: figure 2 and the
     snapshot delay of figure 3), then, unless --no-one, ``aggregator run`` as one process.
-    ``new_broker()`` gives a started broker per run (default: a fresh embedded one)."""
+    ``new_broker()`` gives a started broker per run (default: a fresh embedded one).
+    ``fresh_half``: the half-rate phase once more on a fresh broker and fresh processes (the
+    embedded broker's cost grows with the events it holds, and it holds every event of the
+    maximum-rate phases before: docs/performance.md)."""
     new_broker = new_broker or (lambda: fresh_broker(a.partitions_embedded)[0])
     one = a.one if one is None else one
     runs = []
@@ -242,6 +245,13 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
             f"{len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}, delay p99 "
             f"{run['snapshot_p99_s']['metrics']:.2f}/{run['snapshot_p99_s']['topic']:.2f} s"
             + ("" if r.exact else f"; COUNTS NOT EXACT: {r.detail}"))
+        if fresh_half:
+            h = _another_run(a, new_broker, run, "fresh_", half_rate=p1.rate / 2)
+            exact &= h.exact
+            ph = h.phases["half_1000"]
+            log(f"ingest run {k + 1}{label}, half rate on a fresh broker: {ph.offered:,.0f}/s: p50 {ph.p50_ms:.1f} ms "
+                f"p99 {ph.p99_ms:.1f} ms max {ph.max_ms:.0f} ms (CPU ingest {ph.server_cpu:.2f} worker "
+                f"{ph.worker_cpu:.2f})" + ("" if h.exact else f"; COUNTS NOT EXACT: {h.detail}"))
         if a.aggregates:  # the same, AGG_AGGREGATES on: ingest hashes the user and the URL of each event
             g = _another_run(a, new_broker, run, "agg_", small=False, half=False, aggregates=True)
             exact &= g.exact
@@ -272,6 +282,9 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
            "max_10_rate": m("max_10", "rate"), "max_10_p50": m("max_10", "p50_ms"), "max_10_p99": m("max_10", "p99_ms"),
            "half_offered": m("half_1000", "offered"), "half_rate": m("half_1000", "rate"),
            "half_p50": m("half_1000", "p50_ms"), "half_p99": m("half_1000", "p99_ms")}
+    if all("fresh_half_1000" in run for run in runs):
+        res.update(fresh_half_offered=m("fresh_half_1000", "offered"), fresh_half_rate=m("fresh_half_1000", "rate"),
+                   fresh_half_p50=m("fresh_half_1000", "p50_ms"), fresh_half_p99=m("fresh_half_1000", "p99_ms"))
     if all("agg_max_1000" in run for run in runs):
         res.update(agg_max_rate=m("agg_max_1000", "rate"), agg_max_p99=m("agg_max_1000", "p99_ms"),
                    agg_alone_rate=m("agg_alone_1000", "rate"))
@@ -366,7 +379,7 @@ def measure(a: argparse.Namespace, results: dict) -> bool:
             ok = False
     if a.ingest_duration > 0:
         if a.kafka != "only":
-            results["ingest"], results["snapshots"] = ingest_section(a)
+            results["ingest"], results["snapshots"] = ingest_section(a, fresh_half=True)
             ok &= results["ingest"]["exact"]
         if not why:
             try:

@@ -14,7 +14,8 @@ One run:
      snapshots of the short windows (``window_s``, ``grace_s``) are watched on /metrics and
      on ``click-snapshots``: delay = first seen - window end (- grace);
 then every accepted event is checked to be ingested, and counted into a window or the late
-bucket, exactly.
+bucket, exactly.  ``ingest_run(..., half_rate=R)`` runs phase c alone at R (the bench's
+half-rate phase again on a fresh embedded broker: tools/bench/__main__.py).
 """
 from __future__ import annotations
 
@@ -191,10 +192,12 @@ class SnapshotWatcher:
 
 def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, grace_s: float = 1.0,
                small_concurrency: int = 32, big_concurrency: int = 8, split: bool = True,
-               small: bool = True, half: bool = True, aggregates: bool = False) -> IngestRun:
+               small: bool = True, half: bool = True, aggregates: bool = False,
+               half_rate: float = 0.0) -> IngestRun:
     """Phases max_1000, max_10 (``small``) and half_1000 (``half``, with the snapshot
     watcher), then the exactness check; ``split``: ingest and worker in two processes, else
-    in one; ``aggregates``: AGG_AGGREGATES on in both."""
+    in one; ``aggregates``: AGG_AGGREGATES on in both.  ``half_rate``: only the half-rate
+    phase, at this offered rate (half of a maximum measured in another run)."""
     bootstrap = broker_url.split("://", 1)[1]
     env = {"AGG_WINDOW_SECONDS": str(window_s), "AGG_GRACE_SECONDS": str(grace_s),
            "AGG_AGGREGATES": "true" if aggregates else "false"}
@@ -209,9 +212,10 @@ def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, g
         pid, wpid = front.proc.pid, (worker.proc.pid if split else 0)
         kind = "split" if split else "one process"
         phases: dict[str, Phase] = {}
-        phases["max_1000"] = loadgen(front.url, 1000, duration, big_concurrency, pid=pid, worker_pid=wpid,
-                                     name=f"{kind}: batch 1000, max")
-        if split:
+        if not half_rate:
+            phases["max_1000"] = loadgen(front.url, 1000, duration, big_concurrency, pid=pid, worker_pid=wpid,
+                                         name=f"{kind}: batch 1000, max")
+        if split and not half_rate:
             # the ingest process's own capacity: the same load with the worker process stopped
             # (SIGSTOP), so that the two cores are the ingest's, the broker's and the load
             # generator's; the worker catches up afterwards and counts it all the same
@@ -221,7 +225,7 @@ def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, g
                                                name=f"{kind}: batch 1000, max, worker stopped")
             finally:
                 os.kill(wpid, signal.SIGCONT)
-        if small:
+        if small and not half_rate:
             phases["max_10"] = loadgen(front.url, 10, duration, small_concurrency, pid=pid, worker_pid=wpid,
                                        name=f"{kind}: batch 10, max")
         snaps = SnapshotDelays()
@@ -229,8 +233,8 @@ def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, g
             _caught_up(front.url, worker.url)  # the half-rate phase must not overlap the worker's backlog
             watcher = SnapshotWatcher(worker.url, bootstrap).start()
             t_from = time.time() + 1.0
-            phases["half_1000"] = loadgen(front.url, 1000, duration + 5, rate=phases["max_1000"].rate / 2, pid=pid,
-                                          worker_pid=wpid, name=f"{kind}: batch 1000, half rate")
+            phases["half_1000"] = loadgen(front.url, 1000, duration + 5, rate=half_rate or phases["max_1000"].rate / 2,
+                                          pid=pid, worker_pid=wpid, name=f"{kind}: batch 1000, half rate")
             t_to = time.time()
             time.sleep(window_s + grace_s + 1.5)  # the last windows of the load close and publish
             watcher.stop()

@@ -46,12 +46,20 @@ def _ingest_rows(i: dict[str, Any], s: dict[str, Any] | None, on: str) -> list[t
                 f"{i['max_10_rate'] / i['max_1000_rate']:.0%}" if i["max_1000_rate"] else "-", "info"))
     out.append(("   batch 10 latency p50 / p99", f"{_num(i['max_10_p50'], 'ms')} / {_num(i['max_10_p99'], 'ms')}",
                 "", "", "info"))
-    out.append((f"   batch 1000 at half the max ({_num(i['half_offered'], 'ev/s')} offered) p50",
-                _num(i["half_p50"], "ms"), "", "", "info"))
-    out.append(("   ... p99", _num(i["half_p99"], "ms"), "goal < 50 ms", f"{i['half_p99'] / 50:.0%}",
-                "PASS" if i["half_p99"] < 50 else "FAIL"))
-    out.append(("   ... achieved", _num(i["half_rate"], "ev/s"), f"offered {_num(i['half_offered'], 'ev/s')}",
-                f"{i['half_rate'] / i['half_offered']:.0%}" if i["half_offered"] else "-", "info"))
+    # the goal's row: on a fresh broker where the run measured it so (the embedded broker), else
+    # after the maximum-rate phases on the same broker
+    h = "fresh_half" if "fresh_half_p99" in i else "half"
+    where = ", on a fresh broker," if h == "fresh_half" else ""
+    out.append((f"   batch 1000 at half the max ({_num(i[h + '_offered'], 'ev/s')} offered){where} p50",
+                _num(i[h + "_p50"], "ms"), "", "", "info"))
+    out.append(("   ... p99", _num(i[h + "_p99"], "ms"), "goal < 50 ms", f"{i[h + '_p99'] / 50:.0%}",
+                "PASS" if i[h + "_p99"] < 50 else "FAIL"))
+    out.append(("   ... achieved", _num(i[h + "_rate"], "ev/s"), f"offered {_num(i[h + '_offered'], 'ev/s')}",
+                f"{i[h + '_rate'] / i[h + '_offered']:.0%}" if i[h + "_offered"] else "-", "info"))
+    if h == "fresh_half":
+        out.append(("   the same after the maximum-rate phases, on their broker, p50 / p99",
+                    f"{_num(i['half_p50'], 'ms')} / {_num(i['half_p99'], 'ms')}",
+                    "it holds their events (docs/performance.md)", "", "info"))
     if "one_max_rate" in i:
         out.append(("   one process (ingest + worker, role all), batch 1000, max", _num(i["one_max_rate"], "ev/s"),
                     "goal >= 100,000 ev/s", f"{i['one_max_rate'] / 100000:.0%}", "info"))
@@ -270,6 +278,26 @@ def markdown(r: dict[str, Any]) -> str:
         ]
     if i:
         md += ["On the embedded broker:", ""] + _split_runs_table(i["runs"])
+        if all("fresh_half_1000" in run for run in i["runs"]):
+            md += [
+                "**Half rate on a fresh embedded broker.** Each run then measures the half-rate phase once "
+                "more, at the same offered rate, on a fresh embedded broker with fresh ingest and worker "
+                "processes (and the snapshot watcher), and checks its counts the same way. Issue 16's "
+                "50 ms goal is read here on the embedded broker: the embedded broker keeps every event in "
+                "memory and its cost of serving fetches grows with the events it holds (docs/performance.md: "
+                "about 0.45 of a core in the half-rate phase after the maximum-rate phases, which leave it "
+                "several million events), so the phase in the table above also measures what the phases "
+                "before it left behind. Apache Kafka's cost does not grow so; its half-rate row is the one "
+                "in its table.",
+                "",
+                "| run | offered ev/s | p50 ms | p99 ms | max ms | CPU (cores): ingest / worker / loadgen |",
+                "|---|---|---|---|---|---|",
+            ]
+            for j, run in enumerate(i["runs"], 1):
+                c = run["fresh_half_1000"]
+                md.append(f"| {j} | {c['offered']:,.0f} | {c['p50_ms']:.1f} | {c['p99_ms']:.1f} | {c['max_ms']:.0f} | "
+                          f"{c['server_cpu']:.2f} / {c['worker_cpu']:.2f} / {c['loadgen_cpu']:.2f} |")
+            md.append("")
         if "one_max_rate" in i:
             md += [
                 "**One process.** `aggregator run` with the default role `all` serves ingest and runs the worker "
