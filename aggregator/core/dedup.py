@@ -23,6 +23,11 @@ ingest time) of the first time it was seen, and a bucket is forgotten once the
 partition's stream time is a whole horizon past its end: a repeat is dropped as long
 as it comes within the horizon of the first sighting (and possibly a bucket longer).
 
+A request's ids are remembered as runs: consecutive indices of one key that one batch
+brings (all of a request's events that go to one partition, usually) are one pending item
+``(bucket, [key, first, last])`` and one ``[first, last]`` in a record (runs of three or
+more), not an item and a number an event.
+
 Written incrementally: what a checkpoint adds is ``take_records()`` (changelog records
 of at most ``recordlog.RECORD_BYTES`` each (core.recordlog), keyed by bucket and sequence number), named in the
 partition's state (``Prepared.to_json()``); buckets that expire leave the index and their
@@ -147,6 +152,11 @@ class DedupStore(RecordLog):
         bucket_ms = self.bucket_ms
         newest = self.newest
         floor = self.floor
+        # the run of a request's indices this call appended last, and its bucket: an index
+        # that follows it extends it (only a run of this call: ``undo`` takes this call's
+        # items back whole, and a checkpoint may have taken earlier ones)
+        run: list[int] | None = None
+        run_b = -1
         for n, (ev, did) in enumerate(zip(events, ids, strict=True)):
             if did is not None:
                 its = ev[1]
@@ -165,6 +175,7 @@ class DedupStore(RecordLog):
                     if ids_of is None:
                         ids_of = buckets[b] = []
                     ids_of.append(did)
+                    pending.append((b, did))
                 else:
                     kh, i = did
                     entry = seen_keys.get(kh)
@@ -187,7 +198,12 @@ class DedupStore(RecordLog):
                         continue
                     bitmap[byte] |= bit
                     b = entry[0]
-                pending.append((b, did))
+                    if run is not None and run[2] == i - 1 and run[0] == kh and run_b == b:
+                        run[2] = i
+                    else:
+                        run = [kh, i, i]
+                        run_b = b
+                        pending.append((b, run))
             kept.append(ev)
             if kept_offsets is not None:
                 kept_offsets.append(offsets[n])  # type: ignore[index]
@@ -215,16 +231,18 @@ class DedupStore(RecordLog):
         return out, dups
 
     def undo(self, n: int) -> None:
-        """Forget the last ``n`` ids ``filter`` remembered (their batch was not applied: the
-        spill disk refused it, and it is offered again later)."""
+        """Forget what the last ``n`` pending items hold: the ids ``filter`` remembered in
+        the call that appended them (their batch was not applied: the spill disk refused it,
+        and it is offered again later); ``n`` is how much that call grew ``pending``."""
         for b, did in reversed(self.pending[len(self.pending) - n:]):
             if isinstance(did, str):
                 del self.events[did]
                 self._unlist(b, did)
             else:
-                kh, i = did
+                kh, first, last = did
                 bitmap = self.keys[kh][1]
-                bitmap[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                for i in range(first, last + 1):
+                    bitmap[i >> 3] &= ~(1 << (i & 7)) & 0xFF
                 if not any(bitmap):  # the batch brought the key: forget it, and its place in its bucket
                     del self.keys[kh]
                     self._unlist(b, (kh,))
@@ -277,24 +295,25 @@ class DedupStore(RecordLog):
         return len(ids_of)
 
     # ------------------------------------------------------------------ changelog
-    def _sizes(self, items: Sequence[tuple[int, DedupId]]) -> list[int]:
+    def _sizes(self, items: Sequence[tuple[int, Any]]) -> list[int]:
         # an event id's JSON string (any escapes: at most 6 bytes a character) + quotes and
-        # comma; a key's index (up to 10 digits and a comma) and, where the key differs
-        # from the item before, the key itself (``"<32 hex>":[...],``: 38 bytes); a key seen
-        # again later in the record is counted again, an over-estimate
+        # comma; a run of a key's indices (``[first,last],``: up to 24 bytes; one or two: 11 each)
+        # and, where the key differs from the item before, the key itself (``"<32 hex>":[...],``:
+        # 38 bytes); a key seen again later in the record is counted again, an over-estimate
         sizes = []
         last = None
         for _, did in items:
             if type(did) is str:
                 sizes.append(len(did) * 6 + 3)
                 continue
-            kh = did[0]
-            sizes.append(11 if kh == last else 11 + KEY_BYTES)
+            kh, first, end = did
+            size = 24 if end - first >= 2 else 11 * (end - first + 1)
+            sizes.append(size if kh == last else size + KEY_BYTES)
             last = kh
         return sizes
 
-    def _value(self, items: Sequence[tuple[int, DedupId]]) -> dict[str, Any]:
-        return _record_value(did for _, did in items)
+    def _value(self, items: Sequence[tuple[int, Any]]) -> dict[str, Any]:
+        return _record_value([did for _, did in items])
 
     def load(self, partition: int, index: Any, record: Callable[[str], Any]) -> None:
         """Restore from a state's ``index`` and the stored records (``record(key)`` -> its
@@ -324,26 +343,37 @@ class DedupStore(RecordLog):
                 entry = self.keys[kh] = [b, bytearray()]
                 ids_of.append((kh,))
             bitmap = entry[1]
-            for i in indices:
-                byte = i >> 3
+            for x in indices:
+                if type(x) is int:
+                    first = last = x
+                else:  # a run, [first, last]
+                    first, last = x
+                    if not (type(first) is int and type(last) is int and first <= last):
+                        raise ValueError(f"a malformed run of indices: {x!r}")
+                byte = last >> 3
                 if byte >= len(bitmap):
                     bitmap.extend(bytes(byte + 1 - len(bitmap)))
-                bitmap[byte] |= 1 << (i & 7)
+                for i in range(first, last + 1):
+                    bitmap[i >> 3] |= 1 << (i & 7)
 
 
-def _record_value(dids: Iterable[DedupId]) -> dict[str, Any]:
-    """``{"e": ["<region>\\n<event_id>", ...], "k": {"<key hex>": [indices]}}``."""
+def _record_value(dids: Iterable[Any]) -> dict[str, Any]:
+    """``{"e": ["<region>\\n<event_id>", ...], "k": {"<key hex>": [index or [first, last], ...]}}``
+    of pending ids: event ids, and runs ``[key, first, last]`` of a request's indices."""
     events: list[str] = []
-    keys: dict[str, list[int]] = {}
-    last, indices = None, []  # a request's ids come one after the other: its key's hex once
+    keys: dict[str, list[Any]] = {}
+    last, indices = None, []  # a request's runs come one after the other: its key's hex once
     for did in dids:
         if isinstance(did, str):
             events.append(did)
         else:
-            kh, i = did
+            kh, first, end = did
             if kh != last:
                 last, indices = kh, keys.setdefault(f"{kh:032x}", [])
-            indices.append(i)
+            if end - first >= 2:
+                indices.append([first, end])
+            else:  # one or two numbers are shorter than a run
+                indices += range(first, end + 1)
     value: dict[str, Any] = {}
     if events:
         value["e"] = events

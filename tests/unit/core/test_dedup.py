@@ -321,3 +321,46 @@ def test_a_dropped_bucket_is_not_made_again_under_keys_about_to_be_deleted(first
     again.load(0, orjson.loads(changelog["header"]),
                lambda k: orjson.loads(changelog[k]) if k in changelog else None)
     assert sorted(again.events) == sorted(event_key("eu", x) for x in "cdef")
+
+
+def test_a_requests_indices_are_remembered_as_runs() -> None:
+    """A request's consecutive indices that one batch brings are one pending item and one
+    ``[first, last]`` in a record (a checkpoint of 1000 keyed events is a few bytes, not
+    1000 numbers); a gap starts a new run; a later batch starts its own runs, so that
+    ``undo`` takes back exactly what its call remembered."""
+    kh = request_key("req")
+    store = DedupStore(H)
+    store.filter(_events(1000), [(kh, i) for i in range(1000)])
+    assert len(store.pending) == 1
+    before = len(store.pending)
+    # a retry of part of it (dropped) and the rest of a larger body: runs of this call only
+    kept, _, dups, _ = store.filter(_events(600), [(kh, i) for i in [*range(900, 1000), *range(1000, 1200),
+                                                                     *range(1300, 1600)]])
+    assert len(kept) == 500 and dups == {("eu", IDEMPOTENCY_KEY): 100}
+    assert len(store.pending) - before == 2  # [1000, 1199] and [1300, 1599], not an extension of [0, 999]
+    records, prepared = store.take_records(0)
+    assert [v["k"] for _, v in records] == [{f"{kh:032x}": [[0, 999], [1000, 1199], [1300, 1599]]}]
+    assert len(orjson.dumps(records[0][1])) < 100
+    # undo of the second call forgets its runs and nothing of the first
+    store.undo(len(store.pending) - before)
+    kept, _, _, _ = store.filter(_events(3), [(kh, 999), (kh, 1000), (kh, 1599)])
+    assert len(kept) == 2
+    # restored from its records, whole runs and single indices alike
+    stored: dict[str, object] = {}
+    again = _round_trip(store, 0, stored)
+    kept, _, _, _ = again.filter(_events(5), [(kh, 0), (kh, 999), (kh, 1000), (kh, 1599), (kh, 1600)])
+    assert kept == _events(1)  # only 1600 is new
+
+
+def test_records_of_single_indices_still_load_and_a_malformed_run_is_refused() -> None:
+    """Records written before runs (a key's indices as numbers) load as they did; a run that
+    is not ``[first, last]`` of integers, first <= last, is a ValueError (recovery refuses
+    the state), not a silent bitmap."""
+    kh = request_key("old")
+    store = DedupStore(H)
+    store.load(0, {"0": 1}, {"0/d/0/0": {"k": {f"{kh:032x}": [0, 1, 2, 7]}}}.get)
+    kept, _, _, _ = store.filter(_events(5), [(kh, i) for i in (0, 1, 2, 3, 7)])
+    assert len(kept) == 1
+    for bad in ([5, 1], [1, "2"], [1.0, 2], [1, 2, 3]):
+        with pytest.raises(ValueError):
+            DedupStore(H).load(0, {"0": 1}, {"0/d/0/0": {"k": {f"{kh:032x}": [bad]}}}.get)
