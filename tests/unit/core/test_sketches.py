@@ -32,6 +32,7 @@ from aggregator.core.sketches import (
     url_parts,
     user_hash,
 )
+from aggregator.core.sketches.users import UniqueUsers
 
 ROOT = Path(__file__).resolve().parents[3]
 P = SketchParams()
@@ -560,3 +561,17 @@ def test_repeats_within_a_batch_leave_the_state_of_the_batch_without_them():
         without.add_batch(list(dict.fromkeys(users)), {}, {}, {})
         assert state_bytes(with_repeats) == state_bytes(without)
     assert not with_repeats.users.exact  # the HyperLogLog's path was taken too
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, (1 << 64) - 1), min_size=101, max_size=140, unique=True), st.sampled_from([4, 10, 14]))
+def test_the_switch_to_a_hyperloglog_sums_kxq_from_the_users_registers(users, p):
+    """``_to_hll`` takes _kxq from the registers its exact users set, not from a count of
+    every register per rank; it must be the full count's value (HIP's next steps use it),
+    also for hashes that rank past rmax and users that share a register."""
+    u = UniqueUsers(SketchParams(hll_p=p, exact_users=100))
+    u.add_many([*users, *users[:5], 3, 1 << 63])
+    assert not u.exact
+    kxq = u._kxq
+    u._set_kxq()
+    assert kxq == u._kxq
