@@ -51,6 +51,8 @@ EVENT_ID = "event_id"
 SOURCES = (IDEMPOTENCY_KEY, EVENT_ID)  # the label values of clickstream_duplicate_events_total
 
 DedupId = str | tuple[int, int]  # "<region>\n<event_id>", or (request key's digest, index)
+# what a pending item holds: an event id, or a run [request key's digest, first, last index]
+PendingId = str | list[int]
 
 
 def event_key(region: str, event_id: str) -> str:
@@ -295,7 +297,7 @@ class DedupStore(RecordLog):
         return len(ids_of)
 
     # ------------------------------------------------------------------ changelog
-    def _sizes(self, items: Sequence[tuple[int, Any]]) -> list[int]:
+    def _sizes(self, items: Sequence[tuple[int, PendingId]]) -> list[int]:
         # an event id's JSON string (any escapes: at most 6 bytes a character) + quotes and
         # comma; a run of a key's indices (``[first,last],``: up to 24 bytes; one or two: 11 each)
         # and, where the key differs from the item before, the key itself (``"<32 hex>":[...],``:
@@ -303,7 +305,7 @@ class DedupStore(RecordLog):
         sizes = []
         last = None
         for _, did in items:
-            if type(did) is str:
+            if isinstance(did, str):
                 sizes.append(len(did) * 6 + 3)
                 continue
             kh, first, end = did
@@ -312,8 +314,8 @@ class DedupStore(RecordLog):
             last = kh
         return sizes
 
-    def _value(self, items: Sequence[tuple[int, Any]]) -> dict[str, Any]:
-        return _record_value([did for _, did in items])
+    def _value(self, items: Sequence[tuple[int, PendingId]]) -> dict[str, Any]:
+        return _record_value(did for _, did in items)
 
     def load(self, partition: int, index: Any, record: Callable[[str], Any]) -> None:
         """Restore from a state's ``index`` and the stored records (``record(key)`` -> its
@@ -357,7 +359,7 @@ class DedupStore(RecordLog):
                     bitmap[i >> 3] |= 1 << (i & 7)
 
 
-def _record_value(dids: Iterable[Any]) -> dict[str, Any]:
+def _record_value(dids: Iterable[PendingId]) -> dict[str, Any]:
     """``{"e": ["<region>\\n<event_id>", ...], "k": {"<key hex>": [index or [first, last], ...]}}``
     of pending ids: event ids, and runs ``[key, first, last]`` of a request's indices."""
     events: list[str] = []
