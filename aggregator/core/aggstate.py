@@ -16,9 +16,9 @@ window closes its cells become the snapshot's fields (in the book's outbox, whic
 state) and its records are deleted after the state that no longer names them is durable.
 
 Per event, ``WindowBook.apply`` only appends the event's ``Agg`` (for ingest's records the
-agg header's value as it came) and delay to its cell's staged lists; ``flush`` (at 20,000
-staged events, at the checkpoint, and before a window closes) reads the headers of a cell
-in bulk and adds them with ``CellAggregates.add_batch``: the per-event work is a few
+agg header's value as it came) and delay code to its cell's staged lists; ``flush`` (at
+5,000 to 20,000 staged events, see FLUSH_MIN; at the checkpoint; before a window closes)
+reads the headers of a cell in bulk and adds them with ``CellAggregates.add_batch``: the per-event work is a few
 C-level list and ``int`` operations.  A URL's text is logged only when the cell took it
 (``add_batch`` returns those), which is exactly what replaying the batch needs.  Once a
 window's logged input outgrows its cells, the cells themselves are logged as its base
@@ -40,7 +40,8 @@ import orjson
 from aggregator.core.contract import USER_HASH_DIGITS, Agg, AggParts, parse_agg_header, parse_hash64, parse_hashes64
 from aggregator.core.events import REGION_MAX_CHARS
 from aggregator.core.recordlog import RECORD_BYTES, Prepared, RecordLog
-from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams, delay_buckets
+from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams
+from aggregator.core.sketches.delays import code_buckets, delay_code
 from aggregator.core.sketches.delays import geometry as delay_geometry
 
 EMPTY_RESULT: dict[str, Any] = {"unique_users": 0, "top_urls": [], "client_delay_ms": None}
@@ -70,8 +71,10 @@ def chunk_events(params: SketchParams) -> int:
     return max(1, min(CHUNK_MAX, c))
 
 
-# staged events of a partition beyond which they are added before the checkpoint asks
-FLUSH_EVENTS = 20_000
+# staged events of a partition added before the checkpoint asks: at FLUSH_MIN once their cells
+# get FLUSH_CELL_EVENTS each on average (sooner costs less while they are in the CPU's caches:
+# docs/performance.md), else at FLUSH_EVENTS (a cell's batch costs a merge and a logged entry)
+FLUSH_MIN, FLUSH_EVENTS, FLUSH_CELL_EVENTS = 5_000, 20_000, 300
 _MAX64 = (1 << 64) - 1
 # an agg header whose user hash has its USER_HASH_DIGITS: its comma, the hash, the rest
 _D = USER_HASH_DIGITS
@@ -98,8 +101,9 @@ def window_of(bucket: int) -> int:
 Entry = tuple[int, str, list[int], list[int], list[int], list[list[Any]], list[int], list[int], int]
 # A logged base: a cell as it was, whole (bucket, region, CellAggregates.to_json(), its size)
 Base = tuple[int, str, dict[str, Any], int]
-# what ``WindowBook.apply`` stages per cell: (the events' Agg, their client delays)
-Staged = tuple[list["Agg | None"], list[int]]
+# what ``WindowBook.apply`` stages per cell: (the events' Agg, their client delays' codes,
+# ``WindowAggregates.delay_code``: objects of the geometry's table, not new integers)
+Staged = tuple[list["Agg | None"], list[Any]]
 
 
 def _users_16(aggs: list[bytes]) -> list[int] | None:
@@ -135,6 +139,9 @@ class WindowAggregates(RecordLog):
         self.params = params or SketchParams()
         self.top_n = top_n
         self.chunk = chunk_events(self.params)
+        self.geo = delay_geometry(self.params.delay_accuracy)
+        # ``delay_code`` by delay 0..TABLE_MS-1, objects ``WindowBook.apply`` stages as they are
+        self.delay_codes: list[Any] = self.geo.ztable
         self.cells: dict[int, dict[str, CellAggregates]] = {}  # window start -> region -> cell
         # window start -> region -> what a batch adds to the cell, not added yet (``flush``)
         self.stage: dict[int, dict[str, Staged]] = {}
@@ -173,7 +180,12 @@ class WindowAggregates(RecordLog):
         aggs, delays = self.staged(ws, region)
         aggs.append(agg)
         if delay is not None:
-            delays.append(delay)
+            delays.append(delay_code(self.delay_codes, delay))
+
+    def flush_due(self) -> bool:
+        """Whether ``WindowBook.apply`` adds what is staged now (see FLUSH_MIN)."""
+        n = self.n_staged
+        return n >= FLUSH_MIN and (n >= FLUSH_EVENTS or n >= FLUSH_CELL_EVENTS * sum(map(len, self.stage.values())))
 
     def flush(self) -> None:
         """Add what is staged to the cells, a cell at a time (``CellAggregates.add_batch``),
@@ -199,7 +211,7 @@ class WindowAggregates(RecordLog):
 
     def _add(self, ws: int, region: str, cell: CellAggregates, aggs: list[Agg | None], delays: list[int]) -> None:
         users, urls, texts = self._columns(aggs)
-        buckets, dz = delay_buckets(delays, self.params)
+        buckets, dz = code_buckets(delays, self.geo)
         if not (users or urls or buckets or dz):
             return
         read = cell.add_batch(users, urls, texts, buckets, dz)

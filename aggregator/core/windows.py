@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
-from aggregator.core.aggstate import FLUSH_EVENTS, Staged, WindowAggregates
+from aggregator.core.aggstate import FLUSH_MIN, Staged, WindowAggregates
 from aggregator.core.contract import CLIENT_DELAY, CLOSED_WINDOW, LATE_REASONS, OTHER_REGION, Agg, BookEvent, Snapshot
 
 __all__ = ["CLIENT_DELAY", "CLOSED_WINDOW", "OTHER_REGION", "WindowBook", "first_open_window", "window_start"]
@@ -138,6 +138,9 @@ class WindowBook:
         # ``tally`` when the window changes, before windows close, and at the end (one
         # count an event, not two)
         run: dict[str, int] = {}
+        # the delays' codes (sketches.delays.delay_code) for delays in the table: its objects
+        codes: list[Any] = [] if cells is None else cells.delay_codes
+        table_n = len(codes)
         for (region, its, cts), agg in pairs:
             if region not in last_seen and region is not None:
                 region = self.canonical_region(region)
@@ -187,12 +190,13 @@ class WindowBook:
                     staged = cells.staged(ws, region)
                 staged[0].append(agg)
                 if cts is not None:
-                    staged[1].append(its - cts)
+                    d = its - cts
+                    staged[1].append(codes[d] if 0 <= d < table_n else (-1 if d < 0 else -d))
         if run:
             _add_run(run, per_window, tally)
         if cells is not None:
             cells.n_staged += len(aggs)  # type: ignore[arg-type]
-            if cells.n_staged >= FLUSH_EVENTS:
+            if cells.n_staged >= FLUSH_MIN and cells.flush_due():
                 cells.flush()  # else at the checkpoint (take_records) or when a window closes
         self.stream_time = st
         self.next_offset = next_offset

@@ -20,7 +20,7 @@ from typing import Any
 from aggregator.core.sketches.params import SketchParams
 
 MAX_DELAY_MS = 2**31 - 1  # larger client delays are clamped to this (~24.8 days)
-_TABLE_MS = 1 << 14       # delays below this find their bucket in a table, not with log()
+TABLE_MS = 1 << 14        # delays below this find their bucket in a table, not with log()
 
 
 class DelayGeometry:
@@ -32,14 +32,14 @@ class DelayGeometry:
         self.gamma = (1 + accuracy) / (1 - accuracy)
         self.inv_log_gamma = 1 / math.log(self.gamma)
         self.n_buckets = self.index(MAX_DELAY_MS) + 1
-        # bucket of each delay 1.._TABLE_MS-1 (index 0 unused), and the smallest and largest
+        # bucket of each delay 1..TABLE_MS-1 (index 0 unused), and the smallest and largest
         # delay of each bucket within the table: a bucket holding one integer is exact.
-        self.table = [0, *(self.index(d) for d in range(1, _TABLE_MS))]
+        self.table = [0, *(self.index(d) for d in range(1, TABLE_MS))]
         # the same with -1 for a delay of 0 (no bucket: counted as <= 0), for bulk lookups
         self.ztable = [-1, *self.table[1:]]
         self.lo: dict[int, int] = {}
         self.hi: dict[int, int] = {}
-        for d in range(1, _TABLE_MS):
+        for d in range(1, TABLE_MS):
             i = self.table[d]
             self.lo.setdefault(i, d)
             self.hi[i] = d
@@ -49,14 +49,14 @@ class DelayGeometry:
 
     def bucket(self, delay: int) -> int:
         """The bucket of a delay > 0."""
-        return self.table[delay] if delay < _TABLE_MS else self.index(min(delay, MAX_DELAY_MS))
+        return self.table[delay] if delay < TABLE_MS else self.index(min(delay, MAX_DELAY_MS))
 
     def value(self, i: int) -> float:
         """The value bucket ``i`` answers: within the accuracy of every delay in it (a
         float always, also when clamped to an integer bound: snapshots carry ``5.0``)."""
         v = 2 * self.gamma ** i / (self.gamma + 1)
         lo, hi = self.lo.get(i), self.hi.get(i)
-        if lo is not None and hi is not None and i != self.table[_TABLE_MS - 1]:
+        if lo is not None and hi is not None and i != self.table[TABLE_MS - 1]:
             v = float(min(max(v, lo), hi))
         return v
 
@@ -66,13 +66,49 @@ def geometry(accuracy: float) -> DelayGeometry:
     return DelayGeometry(accuracy)
 
 
+def delay_code(codes: list[Any], delay: int) -> Any:
+    """What ``WindowAggregates`` stages of a client delay (ms), ``codes`` its geometry's
+    ``ztable``: the delay's bucket, -1 for a delay <= 0, minus the delay past the table.
+    ``WindowBook.apply`` does the same inline."""
+    if 0 <= delay < TABLE_MS:
+        return codes[delay]
+    return -1 if delay < 0 else -delay
+
+
+def code_buckets(codes: list[int], geo: DelayGeometry) -> tuple[dict[int, int], int]:
+    """Staged delay codes (``delay_code``) -> (buckets -> events, events with a
+    delay <= 0), as :func:`delay_buckets` gives them for the delays.  Counted in a list of
+    all buckets when the codes are at least a fifth as many as the buckets (a compiled loop
+    of ~18 ns a code, against ~39 for a ``Counter``, plus ~4 ns a bucket to read it out)."""
+    n = geo.n_buckets
+    if len(codes) * 5 < n:
+        counts = Counter(codes)
+        dz = counts.pop(-1, 0)
+        out: dict[int, int] = {}
+        for c, k in counts.items():
+            if c < 0:  # a delay beyond the table
+                c = geo.bucket(-c)
+            out[c] = out.get(c, 0) + k
+        return out, dz
+    per_bucket = [0] * n
+    dz = 0
+    for c in codes:
+        if c >= 0:
+            per_bucket[c] += 1
+        elif c == -1:
+            dz += 1
+        else:
+            per_bucket[geo.bucket(-c)] += 1
+    return {i: k for i, k in enumerate(per_bucket) if k}, dz
+
+
 def delay_buckets(delays: Sequence[int], params: SketchParams) -> tuple[dict[int, int], int]:
     """Client delays (ms) -> (their buckets -> events, events with a delay <= 0): in bulk
     (C-level) when every delay is within the table."""
     if not delays:
         return {}, 0
     geo = geometry(params.delay_accuracy)
-    if min(delays) >= 0 and max(delays) < _TABLE_MS:
+    if min(delays) >= 0 and max(delays) < TABLE_MS:
         # a delay of 0 (same millisecond; common) maps to -1, taken out as the <= 0 count
         counts = Counter(map(geo.ztable.__getitem__, delays))
         dz = counts.pop(-1, 0)

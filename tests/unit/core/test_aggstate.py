@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.core.aggstate import WindowAggregates
+from aggregator.core.aggstate import FLUSH_CELL_EVENTS, FLUSH_EVENTS, FLUSH_MIN, WindowAggregates
 from aggregator.core.contract import agg_header_value
 from aggregator.core.recordlog import RECORD_BYTES
 from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams, normalise_url, url_hash, user_hash
@@ -99,6 +99,24 @@ def test_exact_results_match_a_direct_count_and_the_url_text_is_logged_only_when
     assert snap["count"] == 11 and snap["unique_users"] == 4
     assert snap["top_urls"] == [{"url": "/a", "count": 5}, {"url": "/b", "count": 3}, {"url": "/c", "count": 2}]
     assert 0.99 * 240 <= snap["client_delay_ms"]["p50"] <= 1.01 * 240
+
+
+@pytest.mark.parametrize("n", [7, 3000])  # few delays (counted with a Counter) and many (in a list)
+def test_client_delays_staged_by_apply_give_the_cell_of_one_by_one_adds(n):
+    """Delays of 0, below 0, within the bucket table and past it (up to the late rule's
+    300 s), staged as codes by ``WindowBook.apply``: the cell's delays as ``add`` makes them."""
+    rng = random.Random(n)
+    book = WindowBook(W, 5_000, 300_000, 3_600_000, 100, WindowAggregates())
+    direct = CellAggregates()
+    events, aggs = [], []
+    for i in range(n):
+        delay = rng.choice([0, -rng.randrange(1, 10**6), rng.randrange(1, 16_384), rng.randrange(16_384, 300_000)])
+        events.append(("eu", T0 + i, T0 + i - delay))
+        aggs.append(None)
+        direct.add(None, None, None, delay)
+    book.apply(events, len(events), T0, aggs)
+    book.aggs.flush()
+    assert orjson.dumps(book.aggs.cells[T0]["eu"].to_json()) == orjson.dumps(direct.to_json())
 
 
 def test_events_without_aggregates_or_drained_from_the_spill_are_counted_not_aggregated():
@@ -533,3 +551,19 @@ def test_parts_of_kafka_direct_records_are_read_in_bulk_as_one_by_one(raw):
     assert bulk[0] == [u for u, _, _ in parts if u is not None]
     assert bulk[1] == dict(collections.Counter(h for _, h, _ in parts if h is not None))
     assert all(bulk[2][h] == next(t for _, h2, t in parts if h2 == h) for h in bulk[2])
+
+
+def test_staged_events_are_added_sooner_when_their_cells_are_few():
+    """``WindowBook.apply`` adds the staged events at FLUSH_MIN once their cells get
+    FLUSH_CELL_EVENTS each on average, and at FLUSH_EVENTS whatever they get."""
+    def staged_after(regions: int, n: int) -> int:
+        book = WindowBook(W, 5_000, 300_000, 3_600_000, 10_000, WindowAggregates())
+        events = [(f"r{i % regions}", T0 + i % 1000, None) for i in range(n)]
+        book.apply(events, n, T0, [(i, None, None) for i in range(n)])
+        return book.aggs.n_staged
+
+    assert staged_after(4, FLUSH_MIN - 1) == FLUSH_MIN - 1  # too few to add yet
+    assert staged_after(4, FLUSH_MIN) == 0  # few cells: added at FLUSH_MIN
+    many = FLUSH_MIN // FLUSH_CELL_EVENTS + 1  # cells that would get fewer than FLUSH_CELL_EVENTS each
+    assert staged_after(many, FLUSH_MIN) == FLUSH_MIN
+    assert staged_after(1000, FLUSH_EVENTS) == 0  # many cells: added at FLUSH_EVENTS

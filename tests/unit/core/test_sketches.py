@@ -17,6 +17,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator.core.aggstate import WindowAggregates
 from aggregator.core.sketches import (
     MAX_DELAY_MS,
     MAX_URL_CHARS,
@@ -32,6 +33,7 @@ from aggregator.core.sketches import (
     url_parts,
     user_hash,
 )
+from aggregator.core.sketches.delays import code_buckets, delay_code
 from aggregator.core.sketches.users import UniqueUsers
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -473,6 +475,22 @@ def test_delay_buckets_in_bulk_equal_the_per_event_path(delays):
     for d in delays:
         one.add(None, None, None, d)
     assert orjson.dumps(bulk.to_json()) == orjson.dumps(one.to_json())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(-5, 40), st.integers(-2**40, 2**40), st.integers(16_380, 16_390)),
+                max_size=600))
+def test_staged_delay_codes_count_as_the_delays(delays):
+    """What ``WindowBook.apply`` stages (``delay_code``) counts, on either path
+    of ``code_buckets`` (a ``Counter`` for few codes, a list of every bucket for many), to
+    what ``delay_buckets`` gives for the delays themselves."""
+    aggs = WindowAggregates(P)
+    codes = [delay_code(aggs.delay_codes, d) for d in delays]
+    assert code_buckets(codes, aggs.geo) == delay_buckets(delays, P)
+    if codes:
+        times = aggs.geo.n_buckets // len(codes) + 1  # enough codes for the list path
+        buckets, dz = delay_buckets(delays, P)
+        assert code_buckets(codes * times, aggs.geo) == ({k: v * times for k, v in buckets.items()}, dz * times)
 
 
 # --- size -------------------------------------------------------------------------------------
