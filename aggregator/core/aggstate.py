@@ -7,8 +7,8 @@ in that window, and the log of what went into them.
 A cell is a few KiB to ~46 KiB, and every active region's cell changes between two
 checkpoints, so writing the cells themselves each checkpoint would cost megabytes a
 tick.  What a checkpoint writes instead is the cells' *input* since the last one -- per
-batch and cell, the user hashes, url hashes, client delays and the URL texts the cell
-read -- as changelog records keyed by window and sequence number, named in the
+batch and cell, the user hashes that changed it, url hashes, client delays and the URL
+texts the cell read -- as changelog records keyed by window and sequence number, named in the
 partition's state by ``Prepared.to_json()``.  After a crash the cells are rebuilt by
 adding the logged batches again in the same order, which gives byte-identical cells
 (core.sketches is deterministic), so a re-published snapshot is identical.  When a
@@ -214,7 +214,7 @@ class WindowAggregates(RecordLog):
         buckets, dz = code_buckets(delays, self.geo)
         if not (users or urls or buckets or dz):
             return
-        read = cell.add_batch(users, urls, texts, buckets, dz)
+        read, users = cell.add_batch(users, urls, texts, buckets, dz)  # users: those that changed the cell
         entry = (self.bucket_of.get(ws, ws), region, users, list(urls), list(urls.values()), read, list(buckets),
                  list(buckets.values()), dz)
         self.pending.append(entry)

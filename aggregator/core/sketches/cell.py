@@ -51,27 +51,25 @@ class CellAggregates:
         if delay_ms is not None:
             self.delays.add(delay_ms)
 
-    def add_batch(self, users: Sequence[int], urls: Mapping[int, int], texts: Mapping[int, str | bytes],
-                  buckets: Mapping[int, int], dz: int = 0) -> list[list[Any]]:
+    def add_batch(self, users: list[int], urls: Mapping[int, int], texts: Mapping[int, str | bytes],
+                  buckets: Mapping[int, int], dz: int = 0) -> tuple[list[list[Any]], list[int]]:
         """A batch of events at once, as ``WindowAggregates`` stages them: ``users`` their
         user hashes (in order), ``urls`` url hash -> events, ``texts`` the texts of (at
         least) the URLs new to the cell, ``buckets`` delay bucket (``delay_buckets``) ->
-        events, ``dz`` events with a delay <= 0.  -> ``[[url hash, text], ...]`` of the
-        URLs that got a counter (what a replay of the batch needs of ``texts``).
+        events, ``dz`` events with a delay <= 0.  -> (``[[url hash, text], ...]`` of the
+        URLs that got a counter, the user hashes that changed the cell's users
+        (``UniqueUsers.add_logged``)): what a replay of the batch needs of ``texts`` and
+        ``users``.
 
         The state after it depends on the cell and the batch only (deterministic, so a
         logged batch replays into the same cell), not on how events are cut into batches
         for the exact parts; the URL counters are Misra-Gries merged a batch at a time
         (every count added, then purged back to capacity), the error bound unchanged."""
-        if users:
-            u = self.users
-            # repeats within the batch are taken out while exact (its loop adds one by one past
-            # a bulk's room); a HyperLogLog's loop costs less per repeat than taking it out
-            u.add_many(list(dict.fromkeys(users)) if u.exact and len(users) > 8 else users)
+        changed = self.users.add_logged(users) if users else []
         read = self.urls.add_counts(urls, texts) if urls else []
         if buckets or dz:
             self.delays.add_counts(buckets, dz)
-        return read
+        return read, changed
 
     def check_batch(self, users: Any, url_hs: Any, url_ns: Any, texts: Any, bucket_ids: Any, bucket_ns: Any,
                     dz: Any) -> None:

@@ -120,6 +120,44 @@ class UniqueUsers:
                     self._hll_update(it)
                     return
 
+    def add_logged(self, users: list[int]) -> list[int]:
+        """``add_many`` of a batch's hashes -> the ones that changed the state, in order: the
+        first sighting of each hash new to the exact set, then (past the switch) each that
+        raised a register.  The others change nothing, so adding only these to the state
+        this one had gives the same state (what a logged batch needs)."""
+        exact = self._users
+        if exact is None:
+            return self._hll_changed(users)
+        fresh = [u for u in dict.fromkeys(users) if u not in exact]
+        limit = self._exact_users
+        if len(exact) + len(fresh) <= limit:
+            exact.update(fresh)
+            return fresh
+        for k, user in enumerate(fresh):  # past the limit within this batch
+            exact.add(user)
+            if len(exact) > limit:
+                self._to_hll()
+                # a repeat of a hash seen before the switch is in the registers already
+                return fresh[:k + 1] + self._hll_changed(fresh[k + 1:])
+        return fresh  # not reached: ``fresh`` passes the limit
+
+    def _hll_changed(self, users: Sequence[int | None]) -> list[int]:
+        # ``int | None`` elements, as ``_hll_update``'s: compiled code keeps them as objects
+        # instead of trying each 64-bit hash as a machine integer first
+        regs = self._regs
+        assert regs is not None
+        mask = self._mask
+        changed: list[int] = []
+        for user in users:
+            if user is None:
+                continue
+            i = user & mask
+            r = 65 - user.bit_length()
+            if regs[i] < r:
+                self._raise(i, r)
+                changed.append(user)
+        return changed
+
     def _hll_update(self, users: Iterable[int | None]) -> None:
         regs = self._regs
         assert regs is not None

@@ -567,6 +567,30 @@ def test_parameters_are_checked():
             SketchParams(**kw)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**32), st.sampled_from([(300, 50), (3000, 400), (20_000, 1500)]))
+def test_the_users_a_batch_logs_replay_to_the_same_cell(seed, shape):
+    """``add_batch`` answers the user hashes that changed the cell (new to its exact set,
+    then raising a register, across the switch too): a cell fed only those, batch by batch,
+    has the same bytes as one fed every hash; what is left out of the log are the repeats."""
+    pool, batch = shape
+    rng = random.Random(seed)
+    users_pool = [user_hash(f"u{i}") for i in range(pool)] + [rng.randrange(1 << 12)]  # a rank past rmax
+    full, replayed = CellAggregates(), CellAggregates()
+    logged_total = fed = 0
+    for _ in range(12):
+        users = [rng.choice(users_pool) for _ in range(rng.randrange(1, batch))]
+        _, logged = full.add_batch(users, {}, {}, {})
+        assert set(logged) <= set(users) and len(logged) == len(set(logged))
+        replayed.add_batch(logged, {}, {}, {})
+        assert state_bytes(replayed) == state_bytes(full)
+        logged_total += len(logged)
+        fed += len(users)
+    assert logged_total <= len(set(users_pool))  # each hash changes a cell at most once...
+    if fed > 3 * pool:
+        assert logged_total < fed  # ... so repeats are not logged
+
+
 def test_repeats_within_a_batch_leave_the_state_of_the_batch_without_them():
     """``add_batch`` takes repeats out only while the users are exact; a HyperLogLog adds them
     as they come.  Either way a batch with repeats leaves the bytes of the same batch with
