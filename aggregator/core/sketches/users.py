@@ -141,9 +141,13 @@ class UniqueUsers:
                 return fresh[:k + 1] + self._hll_changed(fresh[k + 1:])
         return fresh  # not reached: ``fresh`` passes the limit
 
-    def _hll_changed(self, users: Sequence[int | None]) -> list[int]:
-        # ``int | None`` elements, as ``_hll_update``'s: compiled code keeps them as objects
-        # instead of trying each 64-bit hash as a machine integer first
+    def _hll_update(self, users: Iterable[int | None]) -> None:
+        self._hll_changed(users)
+
+    def _hll_changed(self, users: Iterable[int | None]) -> list[int]:
+        """Hashes into the registers -> those that raised one.  ``int | None`` elements:
+        compiled code keeps them as objects instead of trying each 64-bit hash as a
+        machine integer first."""
         regs = self._regs
         assert regs is not None
         mask = self._mask
@@ -153,25 +157,13 @@ class UniqueUsers:
                 continue
             i = user & mask
             r = 65 - user.bit_length()
-            if regs[i] < r:
-                self._raise(i, r)
+            if regs[i] < r and self._raise(i, r):
                 changed.append(user)
         return changed
 
-    def _hll_update(self, users: Iterable[int | None]) -> None:
-        regs = self._regs
-        assert regs is not None
-        mask = self._mask
-        for user in users:
-            if user is None:
-                continue
-            i = user & mask
-            r = 65 - user.bit_length()
-            if regs[i] < r:
-                self._raise(i, r)
-
-    def _raise(self, i: int, r: int) -> None:
-        """Register ``i`` goes up to rank ``r`` (rare: at most rmax times per register).
+    def _raise(self, i: int, r: int) -> bool:
+        """Register ``i`` goes up to rank ``r`` (rare: at most rmax times per register);
+        -> whether it rose.
         The callers compare ``r`` before it is clamped to rmax (which keeps their loops
         short): a rank past rmax (a hash below ``2**hll_p``) comes here again each time the
         hash is seen, and must not count as a rise once the register is at rmax."""
@@ -182,11 +174,12 @@ class UniqueUsers:
             r = rmax
         old = regs[i]
         if old >= r:
-            return
+            return False
         if self._hip is not None:
             self._hip += self._scale / self._kxq
         self._kxq -= (1 << (rmax - old)) - (1 << (rmax - r) if r < rmax else 0)
         regs[i] = r
+        return True
 
     def _set_kxq(self) -> None:
         regs = self._regs

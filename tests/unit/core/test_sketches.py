@@ -575,7 +575,7 @@ def test_the_users_a_batch_logs_replay_to_the_same_cell(seed, shape):
     has the same bytes as one fed every hash; what is left out of the log are the repeats."""
     pool, batch = shape
     rng = random.Random(seed)
-    users_pool = [user_hash(f"u{i}") for i in range(pool)] + [rng.randrange(1 << 12)]  # a rank past rmax
+    users_pool = [user_hash(f"u{i}") for i in range(pool)] + [5, rng.randrange(1 << 12)]  # ranks past rmax
     full, replayed = CellAggregates(), CellAggregates()
     logged_total = fed = 0
     for _ in range(12):
