@@ -8,8 +8,8 @@ A cell is a few KiB to ~46 KiB, and every active region's cell changes between t
 checkpoints, so writing the cells themselves each checkpoint would cost megabytes a
 tick.  What a checkpoint writes instead is the cells' *input* since the last one -- per
 batch and cell, the user hashes that changed it, url hashes, client delays and the URL
-texts the cell read -- as changelog records keyed by window and sequence number, named in the
-partition's state by ``Prepared.to_json()``.  After a crash the cells are rebuilt by
+texts the cell read -- as changelog records keyed by window and sequence number, named in
+the partition's state by ``Prepared.to_json()``.  After a crash the cells are rebuilt by
 adding the logged batches again in the same order, which gives byte-identical cells
 (core.sketches is deterministic), so a re-published snapshot is identical.  When a
 window closes its cells become the snapshot's fields (in the book's outbox, which is
@@ -18,8 +18,8 @@ state) and its records are deleted after the state that no longer names them is 
 Per event, ``WindowBook.apply`` only appends the event's ``Agg`` (for ingest's records the
 agg header's value as it came) and delay code to its cell's staged lists; ``flush`` (at
 5,000 to 20,000 staged events, see FLUSH_MIN; at the checkpoint; before a window closes)
-reads the headers of a cell in bulk and adds them with ``CellAggregates.add_batch``: the per-event work is a few
-C-level list and ``int`` operations.  A URL's text is logged only when the cell took it
+reads the headers of a cell in bulk and adds them with ``CellAggregates.add_batch``: the
+per-event work is a few C-level list and ``int`` operations.  A URL's text is logged only when the cell took it
 (``add_batch`` returns those), which is exactly what replaying the batch needs.  Once a
 window's logged input outgrows its cells, the cells themselves are logged as its base
 (``_compact``), so a window's records stay bounded.
@@ -102,7 +102,7 @@ Entry = tuple[int, str, list[int], list[int], list[int], list[list[Any]], list[i
 # A logged base: a cell as it was, whole (bucket, region, CellAggregates.to_json(), its size)
 Base = tuple[int, str, dict[str, Any], int]
 # what ``WindowBook.apply`` stages per cell: (the events' Agg, their client delays' codes,
-# ``WindowAggregates.delay_code``: objects of the geometry's table, not new integers)
+# ``sketches.delays.delay_code``: objects of the geometry's table, not new integers)
 Staged = tuple[list["Agg | None"], list[Any]]
 
 

@@ -103,26 +103,10 @@ def code_buckets(codes: list[int], geo: DelayGeometry) -> tuple[dict[int, int], 
 
 
 def delay_buckets(delays: Sequence[int], params: SketchParams) -> tuple[dict[int, int], int]:
-    """Client delays (ms) -> (their buckets -> events, events with a delay <= 0): in bulk
-    (C-level) when every delay is within the table."""
-    if not delays:
-        return {}, 0
+    """Client delays (ms) -> (their buckets -> events, events with a delay <= 0)."""
     geo = geometry(params.delay_accuracy)
-    if min(delays) >= 0 and max(delays) < TABLE_MS:
-        # a delay of 0 (same millisecond; common) maps to -1, taken out as the <= 0 count
-        counts = Counter(map(geo.ztable.__getitem__, delays))
-        dz = counts.pop(-1, 0)
-        return dict(counts), dz
-    out: dict[int, int] = {}
-    dz = 0
-    bucket = geo.bucket
-    for d in delays:
-        if d <= 0:
-            dz += 1
-            continue
-        i = bucket(d)
-        out[i] = out.get(i, 0) + 1
-    return out, dz
+    codes = geo.ztable
+    return code_buckets([delay_code(codes, d) for d in delays], geo)
 
 
 class DelaySketch:

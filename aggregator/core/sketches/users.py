@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from collections.abc import Iterable
+from typing import Any
 
 from aggregator.core.sketches.params import SketchParams, b64, pack, unpack
 
@@ -99,29 +99,10 @@ class UniqueUsers:
 
     def add_many(self, users: Iterable[int | None]) -> None:
         """Users' hashes in order (None: an event without one)."""
-        exact = cast("set[int | None] | None", self._users)
-        if exact is None:
-            self._hll_update(users)
-            return
-        limit = self._exact_users
-        if isinstance(users, Sequence) and len(users) <= 8 * limit:  # bounded cost of trying
-            new = set(users)
-            new.discard(None)
-            new -= exact
-            if len(exact) + len(new) <= limit:  # stays exact: the whole batch at once
-                exact |= new
-                return
-        it = iter(users)
-        for user in it:
-            if user is not None:
-                exact.add(user)
-                if len(exact) > limit:
-                    self._to_hll()
-                    self._hll_update(it)
-                    return
+        self.add_logged([u for u in users if u is not None])
 
     def add_logged(self, users: list[int]) -> list[int]:
-        """``add_many`` of a batch's hashes -> the ones that changed the state, in order: the
+        """A batch's hashes in order -> the ones that changed the state, in order: the
         first sighting of each hash new to the exact set, then (past the switch) each that
         raised a register.  The others change nothing, so adding only these to the state
         this one had gives the same state (what a logged batch needs)."""

@@ -481,15 +481,16 @@ def test_delay_buckets_in_bulk_equal_the_per_event_path(delays):
 @given(st.lists(st.one_of(st.integers(-5, 40), st.integers(-2**40, 2**40), st.integers(16_380, 16_390)),
                 max_size=600))
 def test_staged_delay_codes_count_as_the_delays(delays):
-    """What ``WindowBook.apply`` stages (``delay_code``) counts, on either path
-    of ``code_buckets`` (a ``Counter`` for few codes, a list of every bucket for many), to
-    what ``delay_buckets`` gives for the delays themselves."""
+    """What ``WindowBook.apply`` stages (``delay_code``) counts, on either path of
+    ``code_buckets`` (a ``Counter`` for few codes, a list of every bucket for many), to the
+    delays' buckets one by one (``DelayGeometry.bucket``) and their count <= 0."""
     aggs = WindowAggregates(P)
     codes = [delay_code(aggs.delay_codes, d) for d in delays]
-    assert code_buckets(codes, aggs.geo) == delay_buckets(delays, P)
+    buckets = Counter(aggs.geo.bucket(d) for d in delays if d > 0)
+    dz = sum(1 for d in delays if d <= 0)
+    assert code_buckets(codes, aggs.geo) == (dict(buckets), dz)
     if codes:
         times = aggs.geo.n_buckets // len(codes) + 1  # enough codes for the list path
-        buckets, dz = delay_buckets(delays, P)
         assert code_buckets(codes * times, aggs.geo) == ({k: v * times for k, v in buckets.items()}, dz * times)
 
 
