@@ -101,9 +101,18 @@ def window_of(bucket: int) -> int:
 Entry = tuple[int, str, list[int], list[int], list[int], list[list[Any]], list[int], list[int], int]
 # A logged base: a cell as it was, whole (bucket, region, CellAggregates.to_json(), its size)
 Base = tuple[int, str, dict[str, Any], int]
-# what ``WindowBook.apply`` stages per cell: (the events' Agg, their client delays' codes,
-# ``sketches.delays.delay_code``: objects of the geometry's table, not new integers)
-Staged = tuple[list["Agg | None"], list[Any]]
+
+
+class Staged:
+    """What ``WindowBook.apply`` stages per cell: the events' ``Agg``s, their client delays'
+    codes (``delay_code``: the geometry table's objects, not new integers) and ``run``: its
+    events not in the book's counts yet (``apply`` adds them at the end of a run)."""
+    __slots__ = ("aggs", "codes", "run")
+
+    def __init__(self) -> None:
+        self.aggs: list[Agg | None] = []
+        self.codes: list[Any] = []
+        self.run = 0
 
 
 def _users_16(aggs: list[bytes]) -> list[int] | None:
@@ -159,28 +168,19 @@ class WindowAggregates(RecordLog):
 
     # ------------------------------------------------------------------ per batch
     def staged_window(self, ws: int) -> dict[str, Staged]:
-        """Window ``ws``'s staged lists by region (``WindowBook.apply`` holds it while it
-        counts into that window)."""
+        """Window ``ws``'s staged cells by region (``WindowBook.apply`` holds it while it
+        counts into that window, and adds a ``Staged`` for a region new to it)."""
         per_window = self.stage.get(ws)
         if per_window is None:
             per_window = self.stage[ws] = {}
         return per_window
 
-    def staged(self, ws: int, region: str) -> Staged:
-        """The lists ``WindowBook.apply`` appends an event's ``Agg`` and client delay to;
-        ``flush`` adds them to the cell."""
-        per_window = self.staged_window(ws)
-        cell = per_window.get(region)
-        if cell is None:
-            cell = per_window[region] = ([], [])
-        return cell
-
     def add(self, ws: int, region: str, agg: Agg | None, delay: int | None) -> None:
         """One event counted in window ``ws`` of ``region`` (added at the next ``flush``)."""
-        aggs, delays = self.staged(ws, region)
-        aggs.append(agg)
+        staged = self.staged_window(ws).setdefault(region, Staged())
+        staged.aggs.append(agg)
         if delay is not None:
-            delays.append(delay_code(self.delay_codes, delay))
+            staged.codes.append(delay_code(self.delay_codes, delay))
 
     def flush_due(self) -> bool:
         """Whether ``WindowBook.apply`` adds what is staged now (see FLUSH_MIN)."""
@@ -198,7 +198,8 @@ class WindowAggregates(RecordLog):
             cells = self.cells.get(ws)
             if cells is None:
                 cells = self.cells[ws] = {}
-            for region, (aggs, delays) in per_window.items():
+            for region, cell_staged in per_window.items():
+                aggs, delays = cell_staged.aggs, cell_staged.codes
                 cell = cells.get(region)
                 if cell is None:
                     cell = cells[region] = CellAggregates(self.params)

@@ -141,11 +141,18 @@ class WindowBook:
         # the delays' codes (sketches.delays.delay_code) for delays in the table: its objects
         codes: list[Any] = [] if cells is None else cells.delay_codes
         table_n = len(codes)
+        seen: int | None
         for (region, its, cts), agg in pairs:
-            if region not in last_seen and region is not None:
-                region = self.canonical_region(region)
-                if region not in last_seen:
-                    self.first_seen[region] = its
+            # one look-up an event: the region's last ingest time (None: not seen, or a spilled marker)
+            if region is not None:
+                seen = last_seen.get(region)
+                if seen is None:
+                    region = self.canonical_region(region)
+                    seen = last_seen.get(region)
+                    if seen is None:
+                        self.first_seen[region] = its
+            else:
+                seen = None
             if its > st:
                 st = its
                 if close_at < 0:
@@ -155,15 +162,19 @@ class WindowBook:
                     if run:
                         _add_run(run, per_window, tally)
                         run = {}
+                    if cells is not None:
+                        _add_staged_runs(staged_w, per_window, tally)
                     self.stream_time = st
                     self._close_through(st, now_ms)
                     close_at = self.close_at
                     cur_ws = -1  # the cached window may have closed
-                    if region is not None and region not in last_seen:
-                        self.first_seen[region] = its  # forgotten (idle) by the windows this event closed
+                    if region is not None:
+                        seen = last_seen.get(region)
+                        if seen is None:
+                            self.first_seen[region] = its  # forgotten (idle) by the windows this event closed
             if region is None:
                 continue  # spilled: seen (moves stream time), counted when drained
-            if its > last_seen.get(region, -1):
+            if its > (-1 if seen is None else seen):
                 last_seen[region] = its
             if cts is not None and its - cts > late_after:
                 self._add_late(region, CLIENT_DELAY, st)
@@ -173,6 +184,8 @@ class WindowBook:
                 if run:
                     _add_run(run, per_window, tally)
                     run = {}
+                if cells is not None:
+                    _add_staged_runs(staged_w, per_window, tally)
                 if ws < self.first_open:
                     self._add_late(region, CLOSED_WINDOW, st)
                     continue
@@ -183,18 +196,21 @@ class WindowBook:
                 if cells is not None:
                     staged_w = cells.staged_window(ws)
                 cur_ws = ws
-            run[region] = run.get(region, 0) + 1
-            if cells is not None:
+            if cells is None:
+                run[region] = run.get(region, 0) + 1
+            else:  # the run's count in the staged cell: one look-up an event, not three
                 staged = staged_w.get(region)
                 if staged is None:
-                    staged = cells.staged(ws, region)
-                staged[0].append(agg)
+                    staged = staged_w[region] = Staged()
+                staged.run += 1
+                staged.aggs.append(agg)
                 if cts is not None:
                     d = its - cts
-                    staged[1].append(codes[d] if 0 <= d < table_n else (-1 if d < 0 else -d))
+                    staged.codes.append(codes[d] if 0 <= d < table_n else (-1 if d < 0 else -d))
         if run:
             _add_run(run, per_window, tally)
         if cells is not None:
+            _add_staged_runs(staged_w, per_window, tally)
             cells.n_staged += len(aggs)  # type: ignore[arg-type]
             if cells.n_staged >= FLUSH_MIN and cells.flush_due():
                 cells.flush()  # else at the checkpoint (take_records) or when a window closes
@@ -370,3 +386,13 @@ def _add_run(run: dict[str, int], per_window: dict[str, int], tally: dict[str, i
     for region, n in run.items():
         per_window[region] = per_window.get(region, 0) + n
         tally[region] = tally.get(region, 0) + n
+
+
+def _add_staged_runs(staged_w: dict[str, Staged], per_window: dict[str, int], tally: dict[str, int]) -> None:
+    """``_add_run`` of the runs counted in a window's staged cells (aggregates on), zeroed."""
+    for region, staged in staged_w.items():
+        n = staged.run
+        if n:
+            per_window[region] = per_window.get(region, 0) + n
+            tally[region] = tally.get(region, 0) + n
+            staged.run = 0
