@@ -22,7 +22,6 @@ at the end of a batch.  That is what makes replay after a crash exact.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import repeat
 from typing import Any
 
 from aggregator.core.aggstate import FLUSH_MIN, Staged, WindowAggregates
@@ -128,7 +127,13 @@ class WindowBook:
         st = self.stream_time
         close_at = self.close_at
         cells = self.aggs if aggs is not None else None
-        pairs = zip(events, aggs if cells is not None else repeat(None), strict=False)  # type: ignore[arg-type]
+        # indexed lists, not a zip: compiled, an index is cheaper than an iterator's step
+        evs: list[BookEvent] = events if isinstance(events, list) else list(events)
+        agg_l: list[Any] = []  # Any: an agg is only passed on, untyped costs no check an event
+        if cells is not None and aggs is not None:
+            agg_l = aggs if isinstance(aggs, list) else list(aggs)
+        n = len(evs) if cells is None else min(len(evs), len(agg_l))
+        agg: Any = None
         # the window of the event before, its counts and staged cells (core.aggstate, added at
         # the end): a batch rarely spans two
         cur_ws = -1
@@ -142,7 +147,10 @@ class WindowBook:
         codes: list[Any] = [] if cells is None else cells.delay_codes
         table_n = len(codes)
         seen: int | None
-        for (region, its, cts), agg in pairs:
+        for i in range(n):
+            region, its, cts = evs[i]
+            if cells is not None:
+                agg = agg_l[i]
             # one look-up an event: the region's last ingest time (None: not seen, or a spilled marker)
             if region is not None:
                 seen = last_seen.get(region)
