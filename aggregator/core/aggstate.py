@@ -40,7 +40,7 @@ import orjson
 from aggregator.core.contract import USER_HASH_DIGITS, Agg, AggParts, parse_agg_header, parse_hash64, parse_hashes64
 from aggregator.core.events import REGION_MAX_CHARS
 from aggregator.core.recordlog import RECORD_BYTES, Prepared, RecordLog
-from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams
+from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, Parts, SketchParams, count_parts
 from aggregator.core.sketches.delays import code_buckets, delay_code
 from aggregator.core.sketches.delays import geometry as delay_geometry
 
@@ -223,19 +223,18 @@ class WindowAggregates(RecordLog):
 
     def _columns(self, aggs: list[Agg | None]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
         """(user hashes in order, url hash -> events, url hash -> its text) of the events'
-        ``Agg``s: agg headers as ingest writes them (``<user hash>,<url hash>,<url>``, hex)
-        in bulk -- the users in one ``unhexlify`` when every user hash has its 16 digits
-        (else an ``int`` per user), the rest per distinct URL --, parsed parts (records
-        produced straight to Kafka) in bulk too, a mix one by one."""
+        ``Agg``s: agg headers as ingest writes them (``<user hash>,<url hash>,<url>``, hex) in bulk
+        -- the users in one ``unhexlify`` when every user hash has its 16 digits (else an ``int``
+        per user), the rest per distinct URL --, parts in bulk too, a mix one by one."""
         types = set(map(type, aggs))  # C-level, not a generator step an event
         if _NONE in types:
             aggs = [a for a in aggs if a is not None]
             if not aggs:
                 return [], {}, {}
             types.discard(_NONE)
-        if tuple in types:
+        if Parts in types or tuple in types:  # Parts: the decoder's, of records produced straight to Kafka
             if len(types) == 1:
-                return self._columns_parts(aggs)  # type: ignore[arg-type]
+                return count_parts(aggs) if Parts in types else self._columns_parts(aggs)  # type: ignore[arg-type]
             return self._columns_each(aggs)
         try:
             users = _users_16(aggs)  # type: ignore[arg-type]
@@ -299,7 +298,7 @@ class WindowAggregates(RecordLog):
             if a is None:
                 continue
             try:
-                user, url_h, url = parse_agg_header(a) if isinstance(a, bytes) else a
+                user, url_h, url = parse_agg_header(a) if isinstance(a, bytes) else a.as_tuple() if isinstance(a, Parts) else a
             except ValueError:
                 self.malformed += 1
                 continue

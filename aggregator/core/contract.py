@@ -9,6 +9,8 @@ from __future__ import annotations
 from itertools import repeat
 from typing import NotRequired, TypedDict
 
+from aggregator.core.sketches.urls import Parts
+
 # --- Kafka topics (contract §4)
 CLICKS = "clicks"
 DLQ = "clicks-dlq"
@@ -52,9 +54,10 @@ AGG_HEADER = "clickstream-agg"
 Header = tuple[str, bytes]
 # What the aggregates of an event are made of: (user hash, url hash, normalised url as
 # ASCII bytes or str), parts None when the event has none, or the value of its agg header
-# as it came (parsed a batch at a time, core.aggstate); None: nothing to aggregate.
+# as it came (parsed a batch at a time, core.aggstate), or ``Parts`` (core.sketches: the
+# worker's decoder, of a record produced straight to Kafka); None: nothing to aggregate.
 AggParts = tuple["int | None", "int | None", "bytes | str | None"]
-Agg = AggParts | bytes
+Agg = AggParts | bytes | Parts
 
 
 # the user hash of an agg header: zero-padded to 16 hex digits, so that the worker reads a
@@ -67,6 +70,13 @@ def agg_header_value(user_h: int | None, url_h: int | None, url: bytes | str | N
     text = url.encode() if isinstance(url, str) else (url or b"")
     return b"%s,%s,%s" % (b"" if user_h is None else USER_HASH_FORMAT % user_h, b"" if url_h is None else b"%x" % url_h,
                           text)
+
+
+def agg_bytes(agg: Agg) -> bytes:
+    """An event's aggregates input as its agg header (a spill record and a forwarded record keep it)."""
+    if isinstance(agg, bytes):
+        return agg
+    return agg_header_value(*(agg.as_tuple() if isinstance(agg, Parts) else agg))
 
 
 HEX_DIGITS = b"0123456789abcdefABCDEF"

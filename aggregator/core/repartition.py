@@ -40,7 +40,7 @@ from aggregator.core.contract import (
     Agg,
     Event,
     Header,
-    agg_header_value,
+    agg_bytes,
     ingest_header_value,
 )
 from aggregator.core.dedup import DedupId, id_field
@@ -134,7 +134,7 @@ def forward_record(partition: int, f: Foreign, epoch: int = 0) -> tuple[bytes, b
         value = b'{"region":"%s","ingest_ts":%d,"ts":%d}' % (region.encode(), its, cts)
     headers = [(INGEST_HEADER, ingest), (SOURCE_HEADER, source_header(partition, offset, epoch))]
     if agg is not None:
-        headers.append((AGG_HEADER, agg if isinstance(agg, bytes) else agg_header_value(*agg)))
+        headers.append((AGG_HEADER, agg_bytes(agg)))
     return region.encode(), value, headers
 
 

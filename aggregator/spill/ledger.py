@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import cast
 
-from aggregator.core.contract import Agg, BookEvent, Event, agg_header_value
+from aggregator.core.contract import Agg, BookEvent, Event, agg_bytes
 from aggregator.core.ratelimit import RateLimits
 
 # An event whose region is None only moves stream time: it was spilled.
@@ -51,7 +51,7 @@ SpillRecord = list[int | str | None]
 def spill_agg(agg: Agg) -> str:
     """An event's aggregates input as its spill record keeps it: the agg header's bytes
     (core.contract), as Latin-1 text (any byte, in JSON)."""
-    return (agg if isinstance(agg, bytes) else agg_header_value(*agg)).decode("latin-1")
+    return agg_bytes(agg).decode("latin-1")
 
 
 class Split:

@@ -11,7 +11,6 @@ home (``core.repartition``) is another partition is set aside to be forwarded th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
@@ -32,7 +31,7 @@ from aggregator.core.dedup import DedupId, event_key, parse_id_field
 from aggregator.core.events import LIMITS, TS_MAX, TS_MIN, EventError, normalise_region, parse_client_ts
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header
-from aggregator.core.sketches import UrlCache, hash_bytes, url_parts
+from aggregator.core.sketches import NO_URL, Parts, UrlCache, UrlEntry, hash_bytes, url_parts
 from aggregator.core.sourcelog import LOG_APPEND_TIME, SourceRecord
 from aggregator.worker.click import parse_click
 
@@ -96,12 +95,14 @@ class RecordDecoder:
         # the worker's region cap over all its partitions (core.regioncap): an event counted
         # here whose region is not admitted is counted as __other__
         self.cap = cap
-        # with aggregates on, each event's (user hash, url hash, url): from the agg header of
-        # an ingest record, computed from the value of any other
+        # with aggregates on, each event's aggregates input: the agg header of an ingest record,
+        # ``Parts`` (user hash, URL entry) computed from the value of any other
         self.aggregates = aggregates
-        # a URL of a record produced straight to Kafka -> (url hash, normalised url), or
-        # (None, None): not a URL to count; bounded in entries and in the length of a URL
-        self.url_cache = UrlCache(partial(url_parts, keep_query=url_keep_query))
+        # a URL of a record produced straight to Kafka -> its UrlEntry, NO_URL: not a URL to
+        # count; bounded in entries and in the length of a URL
+        self.url_cache = UrlCache(self._url_entry)
+        self.url_keep_query = url_keep_query
+        self.url_entries: dict[int, UrlEntry] = {}  # url hash -> its one entry (core.sketches.count_parts)
         self.fast = fast  # the typed parse first (``worker.click.Click``); False: every value the full way
 
     def decode(self, records: Sequence[Record], now_ms: int, partition: int, want_offsets: bool,
@@ -243,12 +244,12 @@ class RecordDecoder:
                     known = urls.get(url)
                     if known is None:
                         known = self.url_cache.parts(url)
-                    if known[0] is not None:
-                        agg = (user_h, known[0], known[1])
+                    if known.h >= 0:
+                        agg = Parts(user_h, known)
                     elif user_h is not None:
-                        agg = (user_h, None, None)
+                        agg = Parts(user_h, None)
                 else:
-                    agg = (user_h, None, None)
+                    agg = Parts(user_h, None)
             if capped is not None and region not in capped:
                 # before the home: __other__ has one home, so one final snapshot a window
                 region = cap.admit(region, now_ms)  # type: ignore[union-attr]
@@ -332,6 +333,19 @@ class RecordDecoder:
             if aggs is not None:
                 aggs.append(agg)
         return Decoded(events, [], rejected, future, ids, aggs), repeats
+
+    def _url_entry(self, url: str) -> UrlEntry:
+        """The entry a raw URL is counted by: one per URL hash (raw URLs that normalise alike
+        share it), NO_URL for one with nothing to count."""
+        h, text = url_parts(url, self.url_keep_query)
+        if h is None or text is None:
+            return NO_URL
+        e = self.url_entries.get(h)
+        if e is None:
+            if len(self.url_entries) >= CACHE_MAX:
+                self.url_entries.clear()  # entries still staged count on; count_parts sums equal hashes
+            e = self.url_entries[h] = UrlEntry(h, text)
+        return e
 
     def _home(self, region: str) -> int:
         h = home(region, self.partitions)

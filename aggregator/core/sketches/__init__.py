@@ -48,7 +48,11 @@ from aggregator.core.sketches.delays import MAX_DELAY_MS, delay_buckets
 from aggregator.core.sketches.params import SketchParams
 from aggregator.core.sketches.urls import (
     MAX_URL_CHARS,
+    NO_URL,
+    Parts,
     UrlCache,
+    UrlEntry,
+    count_parts,
     hash64,
     hash_bytes,
     normalise_url,
@@ -61,9 +65,13 @@ from aggregator.core.sketches.users import hll_estimate
 __all__ = [
     "MAX_DELAY_MS",
     "MAX_URL_CHARS",
+    "NO_URL",
     "CellAggregates",
+    "Parts",
     "SketchParams",
     "UrlCache",
+    "UrlEntry",
+    "count_parts",
     "delay_buckets",
     "hash64",
     "hash_bytes",

@@ -123,3 +123,85 @@ def user_hash(user_id: str) -> int:
 def url_hash(normalised_url: str) -> int:
     """The hash a URL is counted under: of its :func:`normalise_url` form."""
     return hash64(normalised_url)
+
+
+class UrlEntry:
+    """A counted URL as the worker's decoder keeps it for records produced straight to Kafka
+    (one per URL hash): its hash and normalised text, and ``n``, its events in the cell batch
+    ``count_parts`` call ``gen`` is counting (a count an event without a dict look-up)."""
+
+    __slots__ = ("h", "text", "gen", "n")
+
+    def __init__(self, h: int, text: str) -> None:
+        self.h = h  # -1: a URL with nothing to count (NO_URL)
+        self.text = text
+        self.gen = 0
+        self.n = 0
+
+
+NO_URL = UrlEntry(-1, "")  # what the decoder's URL cache keeps for a URL with nothing to count
+
+
+class Parts:
+    """What an event of a record produced straight to Kafka adds to its cell's aggregates:
+    its user hash and URL (None: none).  An agg (core.contract) like the tuple of parts."""
+
+    __slots__ = ("user", "url")
+
+    def __init__(self, user: int | None, url: UrlEntry | None) -> None:
+        self.user = user
+        self.url = url
+
+    def as_tuple(self) -> tuple[int | None, int | None, str | None]:
+        """(user hash, url hash, url), as ``parse_agg_header`` gives them."""
+        url = self.url
+        return (self.user, None, None) if url is None else (self.user, url.h, url.text)
+
+    def __eq__(self, other: object) -> bool:  # equal to Parts and to tuples of the same parts
+        return self.as_tuple() == (other.as_tuple() if isinstance(other, Parts) else other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable entries: not a dict key
+
+    def __repr__(self) -> str:
+        return f"Parts{self.as_tuple()!r}"
+
+
+class _Gen:
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+_GEN = _Gen()  # count_parts' calls, in this process: a UrlEntry's ``gen`` says which counted it
+
+
+def count_parts(parts: list[Parts]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
+    """(user hashes in order, url hash -> events, url hash -> its text) of a cell batch's
+    parts: each event's URL counted in its entry (``UrlEntry.n``, for this call's ``gen``),
+    one dict write per distinct URL of the batch, not a look-up and a write per event."""
+    gen = _GEN.n = _GEN.n + 1
+    users: list[int] = []
+    touched: list[UrlEntry] = []
+    for p in parts:
+        user = p.user
+        if user is not None:
+            users.append(user)
+        e = p.url
+        if e is not None:
+            if e.gen != gen:
+                e.gen = gen
+                e.n = 1
+                touched.append(e)
+            else:
+                e.n += 1
+    urls: dict[int, int] = {}
+    texts: dict[int, bytes | str] = {}
+    for e in touched:  # in the order of their first events; entries of one hash summed
+        n = urls.get(e.h)
+        if n is None:
+            urls[e.h] = e.n
+            texts[e.h] = e.text
+        else:
+            urls[e.h] = n + e.n
+    return users, urls, texts

@@ -12,9 +12,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.core.aggstate import FLUSH_CELL_EVENTS, FLUSH_EVENTS, FLUSH_MIN, WindowAggregates
-from aggregator.core.contract import agg_header_value
+from aggregator.core.contract import agg_bytes, agg_header_value
 from aggregator.core.recordlog import RECORD_BYTES
-from aggregator.core.sketches import MAX_URL_CHARS, CellAggregates, SketchParams, normalise_url, url_hash, user_hash
+from aggregator.core.sketches import (
+    MAX_URL_CHARS,
+    CellAggregates,
+    Parts,
+    SketchParams,
+    UrlEntry,
+    normalise_url,
+    url_hash,
+    user_hash,
+)
 from aggregator.core.statechunks import MAX_RECORD_BYTES
 from aggregator.core.windows import WindowBook
 
@@ -552,6 +561,33 @@ def test_parts_of_kafka_direct_records_are_read_in_bulk_as_one_by_one(raw):
     assert bulk[0] == [u for u, _, _ in parts if u is not None]
     assert bulk[1] == dict(collections.Counter(h for _, h, _ in parts if h is not None))
     assert all(bulk[2][h] == next(t for _, h2, t in parts if h2 == h) for h in bulk[2])
+
+
+_ENTRIES = [UrlEntry(1, "/a"), UrlEntry(1, "/a"), UrlEntry(2, "/b"), UrlEntry((1 << 64) - 1, "https://x.example/c")]
+
+
+@given(st.lists(st.lists(st.tuples(st.one_of(st.none(), _HASH), st.one_of(st.none(), st.sampled_from(_ENTRIES))),
+                         max_size=40), max_size=4),
+       st.integers(0, 3))
+def test_the_decoders_parts_counted_in_their_url_entries_give_the_tuples_columns(batches, stale):
+    """``Parts`` (user hash, URL entry; the decoder's, of records produced straight to Kafka)
+    are counted in their entries (``count_parts``): each batch gives the columns of the same
+    events as tuples, whatever the batch before left in the entries (two entries of one hash,
+    as after the decoder's entries were cleared, are summed), and a mix of parts, tuples
+    and agg headers is read one by one alike."""
+    wa = WindowAggregates()
+    _ENTRIES[stale].n = 999  # a count left by an earlier batch: not this one's
+    for raw in batches:
+        parts = [Parts(u, e) for u, e in raw]
+        tuples = [p.as_tuple() for p in parts]
+        got = wa._columns(list(parts))  # type: ignore[arg-type]
+        assert got == wa._columns_parts(tuples)  # type: ignore[arg-type]
+        assert got[1] == dict(collections.Counter(h for _, h, _ in tuples if h is not None))
+        mixed = [a if i % 3 else agg_header_value(*a.as_tuple()) if i % 2 else a.as_tuple() for i, a in enumerate(parts)]
+        users, urls, texts = wa._columns(mixed)  # type: ignore[arg-type]
+        assert (users, urls) == got[:2]
+        assert {h: t.decode() if isinstance(t, bytes) else t for h, t in texts.items()} == got[2]  # headers': bytes
+        assert [agg_bytes(p) for p in parts] == [agg_header_value(*t) for t in tuples]
 
 
 def test_staged_events_are_added_sooner_when_their_cells_are_few():

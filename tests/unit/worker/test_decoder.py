@@ -207,6 +207,10 @@ def test_aggregates_of_kafka_direct_and_ingest_records_are_the_same_parts():
     u, h, t = parse_agg_header(ingest)  # type: ignore[arg-type]
     assert direct == again == (u, h, t.decode())  # type: ignore[union-attr]
     assert len(dec.url_cache.known) == 1
+    # another spelling of the same page: its own cache key, the same entry (core.sketches.count_parts)
+    other = orjson.dumps({"region": "eu", "ingest_ts": 7, "user_id": "ü-1", "url": "https://shop.example/a/b"})
+    (spelled,) = dec.decode(fetched([(b"eu", other, [])]), NOW, 0, False, None, MAX_TS).aggs  # type: ignore[misc]
+    assert spelled.url is direct.url and len(dec.url_cache.known) == 2  # type: ignore[union-attr]
 
 
 def test_aggregates_of_kafka_direct_records_leave_out_what_is_not_a_string_or_url():
