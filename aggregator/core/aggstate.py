@@ -15,14 +15,13 @@ adding the logged batches again in the same order, which gives byte-identical ce
 window closes its cells become the snapshot's fields (in the book's outbox, which is
 state) and its records are deleted after the state that no longer names them is durable.
 
-Per event, ``WindowBook.apply`` only appends the event's ``Agg`` (for ingest's records the
-agg header's value as it came) and delay code to its cell's staged lists; ``flush`` (at
-5,000 to 20,000 staged events, see FLUSH_MIN; at the checkpoint; before a window closes)
-reads the headers of a cell in bulk and adds them with ``CellAggregates.add_batch``: the
-per-event work is a few C-level list and ``int`` operations.  A URL's text is logged only when the cell took it
-(``add_batch`` returns those), which is exactly what replaying the batch needs.  Once a
-window's logged input outgrows its cells, the cells themselves are logged as its base
-(``_compact``), so a window's records stay bounded.
+Per event, ``WindowBook.apply`` only appends the event's ``Agg`` (an ingest record's agg
+header as it came, the decoder's ``Parts``) and delay code to its cell's ``Staged``; ``flush``
+(at 5,000 to 20,000 staged events, see FLUSH_MIN; at the checkpoint; before a window closes)
+reads a cell's in bulk and adds them with ``CellAggregates.add_batch``.  A URL's text is
+logged only when the cell took it (``add_batch`` returns those), which is exactly what
+replaying the batch needs.  Once a window's logged input outgrows its cells, the cells
+themselves are logged as its base (``_compact``), so a window's records stay bounded.
 """
 from __future__ import annotations
 
@@ -222,17 +221,21 @@ class WindowAggregates(RecordLog):
         self.input_bytes[ws] = self.input_bytes.get(ws, 0) + self._size(entry)
 
     def _columns(self, aggs: list[Agg | None]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
-        """(user hashes in order, url hash -> events, url hash -> its text) of the events'
-        ``Agg``s: agg headers as ingest writes them (``<user hash>,<url hash>,<url>``, hex) in bulk
-        -- the users in one ``unhexlify`` when every user hash has its 16 digits (else an ``int``
-        per user), the rest per distinct URL --, parts in bulk too, a mix one by one."""
+        """(user hashes in order, url hash -> events, url hash -> its text) of the events' ``Agg``s:
+        agg headers (``<user hash>,<url hash>,<url>``, hex) in bulk -- users in one ``unhexlify`` when
+        each has its 16 digits, the rest per distinct URL --, Parts and tuples too, a mix one by one."""
+        if aggs and type(aggs[0]) is Parts:  # the decoder's, of records produced straight to Kafka
+            try:  # with no pass over the types first: another kind among them raises
+                return count_parts(aggs)  # type: ignore[arg-type]
+            except (TypeError, AttributeError):  # what it counted is never read (its entries' gen)
+                pass
         types = set(map(type, aggs))  # C-level, not a generator step an event
         if _NONE in types:
             aggs = [a for a in aggs if a is not None]
             if not aggs:
                 return [], {}, {}
             types.discard(_NONE)
-        if Parts in types or tuple in types:  # Parts: the decoder's, of records produced straight to Kafka
+        if Parts in types or tuple in types:
             if len(types) == 1:
                 return count_parts(aggs) if Parts in types else self._columns_parts(aggs)  # type: ignore[arg-type]
             return self._columns_each(aggs)
@@ -272,9 +275,7 @@ class WindowAggregates(RecordLog):
 
     @staticmethod
     def _columns_parts(aggs: list[AggParts]) -> tuple[list[int], dict[int, int], dict[int, bytes | str]]:
-        """``_columns`` of parts the decoder computed (64-bit hashes by construction), in one
-        loop: 613 instructions an event fewer than itemgetter maps, a ``Counter`` and a
-        reversed ``zip`` when compiled, 492 fewer when not (cachegrind, figure 1c's records)."""
+        """``_columns`` of parsed parts (forwarded records'), in one loop (docs/performance.md)."""
         users: list[int] = []
         urls: dict[int, int] = {}
         texts: dict[int, bytes | str] = {}

@@ -588,6 +588,8 @@ def test_the_decoders_parts_counted_in_their_url_entries_give_the_tuples_columns
         assert (users, urls) == got[:2]
         assert {h: t.decode() if isinstance(t, bytes) else t for h, t in texts.items()} == got[2]  # headers': bytes
         assert [agg_bytes(p) for p in parts] == [agg_header_value(*t) for t in tuples]
+        if parts:  # parts first, then another kind: counted again the general way, nothing twice
+            assert wa._columns([parts[0], None, *tuples[1:]]) == got  # type: ignore[arg-type]
 
 
 def test_staged_events_are_added_sooner_when_their_cells_are_few():
