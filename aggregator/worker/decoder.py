@@ -342,7 +342,7 @@ class RecordDecoder:
             return NO_URL
         e = self.url_entries.get(h)
         if e is None:
-            if len(self.url_entries) >= CACHE_MAX:
+            if len(self.url_entries) >= self.url_cache.max_entries:  # bounded as the URL cache (a few MB)
                 self.url_entries.clear()  # entries still staged count on; count_parts sums equal hashes
             e = self.url_entries[h] = UrlEntry(h, text)
         return e

@@ -235,3 +235,14 @@ def test_a_null_ingest_header_value_leaves_the_record_to_its_value():
     out = RecordDecoder().decode(recs, NOW, 0, False, None, MAX_TS)
     assert out.events == [("eu", 5, None), ("us", 6, None)]
     assert out.rejected == {"undecodable": 1}  # no region in its value
+
+
+def test_the_url_entries_stay_as_bounded_as_the_url_cache():
+    """One UrlEntry per URL hash, at most as many as the URL cache holds URLs (cleared when
+    full, like it): a producer of ever new URLs cannot grow them."""
+    dec = RecordDecoder(aggregates=True)
+    dec.url_cache.max_entries = 4
+    values = [orjson.dumps({"region": "eu", "ingest_ts": 7, "url": f"/p{i}"}) for i in range(10)]
+    aggs = dec.decode(fetched([(b"eu", v, []) for v in values]), NOW, 0, False, None, MAX_TS).aggs
+    assert aggs is not None and [a.as_tuple()[2] for a in aggs] == [f"/p{i}" for i in range(10)]  # type: ignore[union-attr]
+    assert 0 < len(dec.url_entries) <= 4 and len(dec.url_cache.known) <= 4
