@@ -160,7 +160,7 @@ class Parts:
     def __eq__(self, other: object) -> bool:  # equal to Parts and to tuples of the same parts
         return self.as_tuple() == (other.as_tuple() if isinstance(other, Parts) else other)
 
-    __hash__ = None  # type: ignore[assignment]  # mutable entries: not a dict key
+    __hash__ = None  # type: ignore[assignment]  # compared by value, and its entry counts: no dict key
 
     def __repr__(self) -> str:
         return f"Parts{self.as_tuple()!r}"

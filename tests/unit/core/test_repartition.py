@@ -237,3 +237,16 @@ def test_forwarding_over_n_partitions_gives_the_single_partition_totals(n, data)
     assert all(len(counts) == 1 for counts in seen.values())  # one final count per (region, window)
     got = {k: c for k, (c,) in ((k, tuple(v)) for k, v in seen.items()) if c}
     assert got == expected
+
+
+def test_an_event_forwarded_with_the_decoders_parts_carries_the_agg_header_of_their_tuple():
+    """A record produced straight to Kafka is forwarded with its ``Parts`` (user hash, URL
+    entry) written as the agg header ingest would write; so is its spill record."""
+    from aggregator.core.contract import AGG_HEADER, agg_header_value
+    from aggregator.core.sketches import Parts, UrlEntry
+    from aggregator.spill.ledger import spill_agg
+
+    for parts in (Parts(7, UrlEntry(9, "/a")), Parts(7, None), Parts(None, UrlEntry(9, "/a"))):
+        _, _, headers = forward_record(0, ("eu", 5, None, 0, None, parts))
+        assert headers[-1] == (AGG_HEADER, agg_header_value(*parts.as_tuple()))
+        assert spill_agg(parts) == agg_header_value(*parts.as_tuple()).decode("latin-1")
