@@ -139,9 +139,9 @@ class WindowBook:
         cur_ws = -1
         per_window: dict[str, int] = {}
         staged_w: dict[str, Staged] = {}
-        # this run of events of the window ``cur_ws``, by region: added to ``per_window`` and
-        # ``tally`` when the window changes, before windows close, and at the end (one
-        # count an event, not two)
+        # this run of events of the window ``cur_ws``, by region (aggregates on: in its staged
+        # cells, ``Staged.run``): added to ``per_window`` and ``tally`` when the window changes,
+        # before windows close, and at the end (``_end_run``; one count an event, not two)
         run: dict[str, int] = {}
         # the delays' codes (sketches.delays.delay_code) for delays in the table: its objects
         codes: list[Any] = [] if cells is None else cells.delay_codes
@@ -167,11 +167,7 @@ class WindowBook:
                     self._start(st)
                     close_at = self.close_at
                 elif st > close_at:
-                    if run:
-                        _add_run(run, per_window, tally)
-                        run = {}
-                    if cells is not None:
-                        _add_staged_runs(staged_w, per_window, tally)
+                    _end_run(run, staged_w, per_window, tally)
                     self.stream_time = st
                     self._close_through(st, now_ms)
                     close_at = self.close_at
@@ -189,11 +185,7 @@ class WindowBook:
                 continue
             ws = its - its % W
             if ws != cur_ws:
-                if run:
-                    _add_run(run, per_window, tally)
-                    run = {}
-                if cells is not None:
-                    _add_staged_runs(staged_w, per_window, tally)
+                _end_run(run, staged_w, per_window, tally)
                 if ws < self.first_open:
                     self._add_late(region, CLOSED_WINDOW, st)
                     continue
@@ -215,10 +207,8 @@ class WindowBook:
                 if cts is not None:
                     d = its - cts
                     staged.codes.append(codes[d] if 0 <= d < table_n else (-1 if d < 0 else -d))
-        if run:
-            _add_run(run, per_window, tally)
+        _end_run(run, staged_w, per_window, tally)
         if cells is not None:
-            _add_staged_runs(staged_w, per_window, tally)
             cells.n_staged += len(aggs)  # type: ignore[arg-type]
             if cells.n_staged >= FLUSH_MIN and cells.flush_due():
                 cells.flush()  # else at the checkpoint (take_records) or when a window closes
@@ -389,18 +379,16 @@ class WindowBook:
         return bool(self.counts or self.late or self.pending_late)
 
 
-def _add_run(run: dict[str, int], per_window: dict[str, int], tally: dict[str, int]) -> None:
-    """A run of events of one window (``WindowBook.apply``) into its counts and the tally."""
+def _end_run(run: dict[str, int], staged_w: dict[str, Staged], per_window: dict[str, int],
+             tally: dict[str, int]) -> None:
+    """The run of events of one window (``WindowBook.apply``) into its counts and the tally:
+    ``run`` (aggregates off) and the runs kept in the window's staged cells (aggregates on);
+    both emptied."""
+    for region, staged in staged_w.items():
+        if staged.run:
+            run[region] = run.get(region, 0) + staged.run
+            staged.run = 0
     for region, n in run.items():
         per_window[region] = per_window.get(region, 0) + n
         tally[region] = tally.get(region, 0) + n
-
-
-def _add_staged_runs(staged_w: dict[str, Staged], per_window: dict[str, int], tally: dict[str, int]) -> None:
-    """``_add_run`` of the runs counted in a window's staged cells (aggregates on), zeroed."""
-    for region, staged in staged_w.items():
-        n = staged.run
-        if n:
-            per_window[region] = per_window.get(region, 0) + n
-            tally[region] = tally.get(region, 0) + n
-            staged.run = 0
+    run.clear()

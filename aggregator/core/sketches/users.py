@@ -122,9 +122,6 @@ class UniqueUsers:
                 return fresh[:k + 1] + self._hll_changed(fresh[k + 1:])
         return fresh  # not reached: ``fresh`` passes the limit
 
-    def _hll_update(self, users: Iterable[int | None]) -> None:
-        self._hll_changed(users)
-
     def _hll_changed(self, users: Iterable[int | None]) -> list[int]:
         """Hashes into the registers -> those that raised one.  ``int | None`` elements:
         compiled code keeps them as objects instead of trying each 64-bit hash as a
@@ -195,7 +192,7 @@ class UniqueUsers:
                 if len(self._users) > self._exact_users:
                     self._to_hll()
             else:
-                self._hll_update(sorted(other._users))  # one by one: HIP stays valid
+                self._hll_changed(sorted(other._users))  # one by one: HIP stays valid
         else:
             assert other._regs is not None
             if self._users is not None:
@@ -203,7 +200,7 @@ class UniqueUsers:
                 mine = sorted(self._users)
                 self._users, self._regs = None, bytearray(other._regs)
                 self._hip, self._kxq = other._hip, other._kxq
-                self._hll_update(mine)
+                self._hll_changed(mine)
             else:
                 assert self._regs is not None
                 self._regs[:] = bytes(map(max, self._regs, other._regs))
