@@ -303,6 +303,10 @@ class BatchConsumer(_Consumer):
                             await self.wait_first(callback(to_message(tp, rec)),
                                                   self.suspend_flow.wait())
                             set_read_offset(tp, rec.offset)
+                # the records die here, in this thread, while they are in its caches: else the
+                # last reference is the consumer thread's (mode's method queue keeps its last
+                # call, the fetch, till the next one), which then frees them all, holding the GIL
+                cast(dict, records).clear()  # Faust types it a Mapping; it is the fetch's dict
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 return
