@@ -24,6 +24,8 @@ from faust.transport.drivers.aiokafka import Consumer as _Consumer
 from faust.transport.drivers.aiokafka import Transport as _Transport
 from faust.types import TP
 
+from aggregator.worker.arenas import ArenaKeeper
+
 BatchHandler = Callable[[TP, list], "int | None"]  # an offset to fetch the partition again from
 
 # Faust hard-codes fetch_max_wait_ms=1500; a broker that holds a fetch that long
@@ -187,6 +189,7 @@ class BatchConsumer(_Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.safe_offsets: dict[TP, int] = {}
+        self.arenas = ArenaKeeper()  # the fetched records' memory, kept from fetch to fetch
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -265,6 +268,7 @@ class BatchConsumer(_Consumer):
         handler = self.batch_handler or _no_handler
         to_message = self._to_message
         hold = self.hold
+        keep = self.arenas.keep
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 if hold is not None and hold():
@@ -294,6 +298,7 @@ class BatchConsumer(_Consumer):
                         continue
                     if tp.topic in batch_topics:
                         again = handler(tp, recs)
+                        keep(recs)
                         if again is None:
                             set_read_offset(tp, recs[-1].offset)
                         else:

@@ -1,0 +1,45 @@
+"""Keep the memory that fetched records use, instead of giving it back to the kernel after
+every fetch and faulting it in again for the next one.
+
+CPython's small-object allocator (pymalloc) carves objects out of 1 MiB arenas it maps
+from the kernel, and unmaps an arena as soon as its last object is freed (it keeps one
+empty arena at most).  A fetch of four partitions is some 60,000 records (a record
+object, its value and key, a headers list: about 500 bytes each), so each fetch maps
+tens of fresh arenas, and the fetch before freed as many.  Every page of a fresh arena
+costs a page fault on first touch; on a virtual machine such a fault took 15-25 µs
+here, most of the consumer thread's time in the kernel (docs/performance.md).
+
+:class:`ArenaKeeper` holds on to one record in each 256 KiB block of addresses that
+records were seen in: an arena with a live object is never unmapped, and its free
+pools serve the next fetch, whatever their size class.  The process then keeps the
+high-water mark of its fetched records' memory, as a JVM keeps its heap; it does not
+grow past it (the arenas kept are reused, not added to), and ``limit`` bounds the
+blocks kept.  Pure Python: no Faust, no aiokafka; ``id`` is the object's address in
+CPython."""
+from __future__ import annotations
+
+from typing import Any
+
+BLOCK_BITS = 18  # 256 KiB: a 1 MiB arena, wherever it starts, has three blocks of its own
+STRIDE = 64  # a record in 64 is looked at: some 8 in each block for records of ~500 bytes
+LIMIT = 2048  # blocks kept at most: 512 MiB of address space, far above the worker's peak
+
+
+class ArenaKeeper:
+    __slots__ = ("kept", "limit", "stride")
+
+    def __init__(self, limit: int = LIMIT, stride: int = STRIDE) -> None:
+        self.kept: dict[int, Any] = {}
+        self.limit = limit
+        self.stride = stride
+
+    def keep(self, records: list[Any]) -> None:
+        """Hold one of ``records`` in each block they lie in that holds none yet (up to
+        ``limit`` blocks).  Called once per fetched batch, before its records are freed."""
+        kept = self.kept
+        if len(kept) >= self.limit:
+            return
+        for rec in records[::self.stride]:
+            kept.setdefault(id(rec) >> BLOCK_BITS, rec)
+        while len(kept) > self.limit:
+            kept.popitem()
