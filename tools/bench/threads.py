@@ -19,12 +19,11 @@ import asyncio
 import os
 import signal
 import subprocess
-import time
 from typing import Any
 
 from tools.bench import common, throughput
 from tools.bench.__main__ import fresh_broker, kafka_broker, stop_broker
-from tools.bench.common import PROCESSED, BenchService, by_label, metrics
+from tools.bench.common import proc_status
 
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 
@@ -43,50 +42,31 @@ def threads(pid: int) -> dict[int, tuple[int, int, int]]:
     return out
 
 
-def rss_mb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) // 1024
-    return 0
-
-
 def run_worker(url: str, n: int, env: dict[str, str], perf: str | None) -> dict[str, Any]:
-    svc = BenchService(url, env=env).start(wait_ready=None)
-    try:
-        pid = svc.proc.pid
-        first: tuple[float, int, dict, int] | None = None
-        recorder = None
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            try:
-                done = by_label(metrics(svc.url, names=(PROCESSED,)).get(PROCESSED, {}), "stage").get("window", 0)
-            except OSError:
-                continue
-            if done and first is None:
-                first = (time.perf_counter(), done, threads(pid), rss_mb(pid))
-                if perf:
-                    recorder = subprocess.Popen(["perf", "record", "-F", "1999", "-g", "-p", str(pid), "-o", perf],
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if first is not None and done >= n:
-                break
-        else:
-            raise TimeoutError(f"the worker counted {done if first else 0} of {n} events in 600 s")
-        last = (time.perf_counter(), done, threads(pid), rss_mb(pid))
-        if recorder is not None:
-            recorder.send_signal(signal.SIGINT)
-            recorder.wait(timeout=60)
-        events = last[1] - first[1]
-        per = {}
-        for tid, (cpu, sys_, faults) in last[2].items():
-            cpu0, sys0, faults0 = first[2].get(tid, (0, 0, 0))
-            if cpu > cpu0:
-                per["main" if tid == pid else f"thread {tid}"] = (
-                    round((cpu - cpu0) * TICK_US / events, 2), round((sys_ - sys0) * TICK_US / events, 2), faults - faults0)
-        return {"rate": events / (last[0] - first[0]), "threads": per, "rss": (first[3], last[3])}
-    finally:
-        svc.stop()
+    """tools.bench.throughput's worker run, with its threads read at the first and the last
+    event counted (and perf recording in between)."""
+    seen: dict[str, tuple[int, dict, float]] = {}
+    recorder: list[subprocess.Popen] = []
+
+    def marks(which: str, pid: int) -> None:
+        seen[which] = (pid, threads(pid), proc_status(pid, "VmRSS"))
+        if which == "first" and perf:
+            recorder.append(subprocess.Popen(["perf", "record", "-F", "1999", "-g", "-p", str(pid), "-o", perf],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        elif which == "last" and recorder:
+            recorder[0].send_signal(signal.SIGINT)
+            recorder[0].wait(timeout=60)
+
+    w = throughput.worker(url, n, poll=0.05, env=env, marks=marks)
+    events = w.rate * w.seconds
+    (pid, first, rss0), (_, last, rss1) = seen["first"], seen["last"]
+    per = {}
+    for tid, (cpu, sys_, faults) in last.items():
+        cpu0, sys0, faults0 = first.get(tid, (0, 0, 0))
+        if cpu > cpu0:
+            per["main" if tid == pid else f"thread {tid}"] = (
+                round((cpu - cpu0) * TICK_US / events, 2), round((sys_ - sys0) * TICK_US / events, 2), faults - faults0)
+    return {"rate": w.rate, "threads": per, "rss": (round(rss0), round(rss1))}
 
 
 def main() -> None:

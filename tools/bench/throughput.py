@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -82,10 +83,12 @@ class WorkerResult:
 
 def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
            profile_dir: str | None = None, env: dict[str, str] | None = None,
-           profile_name: str = "worker") -> WorkerResult:
+           profile_name: str = "worker", marks: Callable[[str, int], None] | None = None) -> WorkerResult:
     """Start ``aggregator run`` on the backlog; done when ``pipeline_stage_processed_total``
     of stage ``window`` (events applied to a window or the late bucket) reaches ``n``.
-    With ``profile_dir``: a py-spy profile of the worker there, ``<profile_name>-<n>.txt``."""
+    With ``profile_dir``: a py-spy profile of the worker there, ``<profile_name>-<n>.txt``.
+    ``marks("first" | "last", pid)`` is called when the first and the last event are seen
+    counted (tools.bench.threads reads the worker's threads there)."""
     svc = BenchService(broker_url, env=dict(env or {})).start(wait_ready=None)
     spy = None
     profile = ""
@@ -115,8 +118,12 @@ def worker(broker_url: str, n: int, poll: float = 0.1, timeout: float = 600.0,
                 t_prev = now
             elif t_first is None:
                 t_first, c_first, cpu_first = now, done, cpu_seconds(svc.proc.pid)
+                if marks is not None:
+                    marks("first", svc.proc.pid)
             if done >= n:
                 t_last, cpu_last = now, cpu_seconds(svc.proc.pid)
+                if marks is not None:
+                    marks("last", svc.proc.pid)
                 break
         # exact counts: the per-region counter is taken from the books at each state flush
         counts: dict[str, float] = {}
