@@ -389,6 +389,9 @@ WORKER_GC_THRESHOLDS = (500_000, 20, 10)  # roles with a worker (worker, all)
 
 def tune_gc(role: str) -> None:
     gc.set_threshold(*(GC_THRESHOLDS if role == "ingest" else WORKER_GC_THRESHOLDS))
+    if role != "ingest":
+        from aggregator.worker.arenas import keep_heap
+        keep_heap()  # the fetched bytes' memory, kept from fetch to fetch (worker/arenas.py)
 
 
 # ------------------------------------------------------------------ entry point

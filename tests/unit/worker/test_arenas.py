@@ -1,13 +1,14 @@
 """worker/arenas.py: the fetched records' memory is kept from fetch to fetch, bounded."""
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from aggregator.worker.arenas import BLOCK_BITS, ArenaKeeper
+from aggregator.worker.arenas import BLOCK_BITS, MALLOC_ENV, ArenaKeeper, keep_heap
 
 _CHILD = r"""
 import re, sys
@@ -95,3 +96,51 @@ def test_stride_looks_at_every_nth_record():
     held = {id(r) for r in keeper.kept.values()}
     assert held <= {id(records[i]) for i in (0, 3, 6, 9)}
     assert held
+
+
+_HEAP_CHILD = r"""
+import resource, sys, threading
+from aggregator.worker.arenas import keep_heap
+
+if sys.argv[1] == "keep":
+    assert keep_heap({})
+faults = []
+received = bytes(256 << 10)
+
+def fetches():  # what aiokafka does with each 12 MiB fetch response, in the consumer's thread
+    for _ in range(8):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        buffer = bytearray()
+        while len(buffer) < 12 << 20:
+            buffer.extend(received)  # asyncio's StreamReader: what each recv gave
+        response = bytes(buffer)  # readexactly: the response, whole
+        buffer.clear()
+        partitions = [response[i << 22:(i + 1) << 22] for i in range(3)]  # a partition's bytes each
+        del response, partitions
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+
+t = threading.Thread(target=fetches)
+t.start()
+t.join()
+print(sum(faults[1:]))  # after the first fetch
+"""
+
+
+def _heap_faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", _HEAP_CHILD, mode], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[3], timeout=60).stdout
+    return int(out)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_fetch_buffers_are_faulted_in_again_only_without_keep_heap():
+    # glibc's defaults: the response's 12 MiB are mapped for each fetch and unmapped when
+    # freed (3,072 pages, twice: the buffer and the response), every fetch
+    assert _heap_faults("free") > 7 * 3000
+    # kept: the heap's pages stay mapped and serve the next fetch
+    assert _heap_faults("keep") < 500
+
+
+def test_keep_heap_leaves_an_operators_malloc_settings_alone():
+    for name in MALLOC_ENV:
+        assert keep_heap({name: ""}) is False
