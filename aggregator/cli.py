@@ -273,7 +273,7 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
         raise Failure(f"AGG_WEB_PORT / --web-port: {settings.web_port} is also AGG_BROKER_PORT, the embedded "
                       "broker's port: give them different ports")
     check_port_free(settings.web_host, settings.web_port)
-    tune_gc(settings.role)
+    tune_memory(settings.role)
     if settings.role != "ingest":  # the ingest role keeps nothing on disk
         try:
             HELD_LOCKS.extend(lock_dirs(settings.data_dir, settings.spill_path))  # until the process exits
@@ -387,11 +387,13 @@ GC_THRESHOLDS = (50_000, 20, 10)
 WORKER_GC_THRESHOLDS = (500_000, 20, 10)  # roles with a worker (worker, all)
 
 
-def tune_gc(role: str) -> None:
+def tune_memory(role: str) -> None:
+    """The collector's thresholds for ``role``; with a worker, glibc's malloc set to keep
+    the fetch responses' blocks from fetch to fetch (worker/arenas.py)."""
     gc.set_threshold(*(GC_THRESHOLDS if role == "ingest" else WORKER_GC_THRESHOLDS))
     if role != "ingest":
         from aggregator.worker.arenas import keep_heap
-        keep_heap()  # the fetched bytes' memory, kept from fetch to fetch (worker/arenas.py)
+        keep_heap()
 
 
 # ------------------------------------------------------------------ entry point

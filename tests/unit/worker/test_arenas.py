@@ -10,6 +10,14 @@ import pytest
 
 from aggregator.worker.arenas import BLOCK_BITS, MALLOC_ENV, ArenaKeeper, keep_heap
 
+
+def _child(script: str, mode: str) -> str:
+    """What ``script`` prints, run with ``mode`` in a fresh interpreter (its allocator state
+    and malloc settings its own)."""
+    return subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[3], timeout=60).stdout
+
+
 _CHILD = r"""
 import re, sys
 from aggregator.worker.arenas import ArenaKeeper
@@ -47,9 +55,7 @@ def _arenas(mode: str) -> tuple[int, int, int]:
     """pymalloc's arenas mapped (from CPython's own allocator statistics) in a fresh
     interpreter: with a fetch's records alive, once they are freed, and with the next
     fetch's alive."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[3], timeout=60).stdout
-    before, after, again = map(int, out.split())
+    before, after, again = map(int, _child(_CHILD, mode).split())
     return before, after, again
 
 
@@ -127,9 +133,7 @@ print(sum(faults[1:]))  # after the first fetch
 
 
 def _heap_faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _HEAP_CHILD, mode], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[3], timeout=60).stdout
-    return int(out)
+    return int(_child(_HEAP_CHILD, mode))
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
