@@ -48,6 +48,7 @@ class TopUrls:
             self._texts[url_h] = _text(url)
             if len(urls) > self._url_cap:
                 self._purge()
+                self._compact()
         else:
             urls[url_h] = c + 1
 
@@ -60,6 +61,7 @@ class TopUrls:
         get = counts.get
         for h, c in urls.items():
             counts[h] = get(h, 0) + c
+        purged = len(counts) > cap
         while len(counts) > cap:
             self._purge()
         read: list[list[Any]] = []
@@ -67,6 +69,8 @@ class TopUrls:
             if h in counts:  # a text is read only for a new URL that keeps its counter
                 known[h] = text = _text(texts.get(h))
                 read.append([h, text])
+        if purged:
+            self._compact()
         return read
 
     def add_many(self, url_hs: Sequence[int | None], urls: Sequence[str | bytes | None]) -> None:
@@ -104,6 +108,7 @@ class TopUrls:
                     self._purge()
             else:
                 counts[h] = c + 1
+        self._compact()  # (the batch had more new URLs than room: purged, most likely)
 
     def _purge(self) -> None:
         """Misra-Gries, a batch at a time: take the median count off every counter."""
@@ -118,6 +123,13 @@ class TopUrls:
                 counts[h] = c - d
         self.offset += d
 
+    def _compact(self) -> None:
+        """The counters and texts in dicts of their size: a purge leaves them with the tables a
+        batch's URLs grew them to (a dict does not shrink), some 36 KiB in a busy cell; the
+        order of their items is kept (nothing reads it, but the same state is the same)."""
+        self._urls = dict(self._urls)
+        self._texts = dict(self._texts)
+
     def merge(self, other: TopUrls) -> None:
         counts, texts = self._urls, self._texts
         for h, c in other._urls.items():
@@ -125,8 +137,10 @@ class TopUrls:
             if h not in texts:
                 texts[h] = other._texts[h]
         self.offset += other.offset
-        while len(counts) > self._url_cap:
-            self._purge()
+        if len(counts) > self._url_cap:
+            while len(counts) > self._url_cap:
+                self._purge()
+            self._compact()
 
     def top(self, n: int) -> list[dict[str, Any]]:
         """The ``n`` most frequent URLs, most frequent first; ties by URL text, then hash."""

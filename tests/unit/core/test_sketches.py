@@ -417,6 +417,27 @@ def test_top_urls_are_capped_at_the_capacity():
         assert len(cell.top_urls(10_000)) <= P.url_capacity
 
 
+def test_url_counters_shrink_back_after_a_purge():
+    # a batch of many new URLs grows the counters' dict past the capacity before the purge;
+    # a dict does not shrink, so the purged counters are copied into one of their size
+    from aggregator.core.sketches.params import SketchParams
+    from aggregator.core.sketches.topurls import TopUrls
+
+    def fresh_size(t: TopUrls) -> int:
+        return sys.getsizeof(dict(t._urls))
+
+    batch = {url_hash(f"/{i}"): 1000 - i for i in range(1000)}
+    t = TopUrls(SketchParams())
+    t.add_counts(batch, {h: f"/{h}" for h in batch})
+    assert t.offset > 0 and SketchParams().url_capacity // 2 < len(t._urls) <= SketchParams().url_capacity
+    assert sys.getsizeof(t._urls) == fresh_size(t) < sys.getsizeof(batch) / 4
+    t2 = TopUrls(SketchParams())
+    t2.add_many([url_hash(f"/{i}") for i in range(1000)], [f"/{i}" for i in range(1000)])
+    assert t2._urls and sys.getsizeof(t2._urls) == fresh_size(t2)
+    t.merge(t2)
+    assert sys.getsizeof(t._urls) == fresh_size(t)
+
+
 def true_quantile(values, q):
     s = sorted(max(v, 0) for v in values)
     return s[int(q * (len(s) - 1))]
