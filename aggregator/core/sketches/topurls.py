@@ -48,7 +48,6 @@ class TopUrls:
             self._texts[url_h] = _text(url)
             if len(urls) > self._url_cap:
                 self._purge()
-                self._compact()
         else:
             urls[url_h] = c + 1
 
@@ -108,7 +107,6 @@ class TopUrls:
                     self._purge()
             else:
                 counts[h] = c + 1
-        self._compact()  # (the batch had more new URLs than room: purged, most likely)
 
     def _purge(self) -> None:
         """Misra-Gries, a batch at a time: take the median count off every counter."""
@@ -124,9 +122,10 @@ class TopUrls:
         self.offset += d
 
     def _compact(self) -> None:
-        """The counters and texts in dicts of their size: a purge leaves them with the tables a
-        batch's URLs grew them to (a dict does not shrink), some 36 KiB in a busy cell; the
-        order of their items is kept (nothing reads it, but the same state is the same)."""
+        """The counters and texts in dicts of their size, after a purge of counters that a batch
+        or a merge grew past the capacity at once (``add`` and ``add_many`` purge at one over
+        it): a dict keeps the table it grew to, some 36 KiB in a busy cell.  The order of
+        their items is kept (nothing reads it, but the same state is the same)."""
         self._urls = dict(self._urls)
         self._texts = dict(self._texts)
 
