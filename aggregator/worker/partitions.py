@@ -33,6 +33,14 @@ StoredState = Callable[[int], "tuple[dict[str, Any], int | None] | None"]
 StoredRecord = Callable[[str], Any]
 
 
+STATE_FORMAT = 1  # the "v" of a window state this version writes and reads (core.windows.WindowBook.to_dict)
+
+
+class StateFormatUnknown(RuntimeError):
+    """A stored state in a format this version does not read (a later version's, after a
+    rollback): read as this one's, its fields could be misread; refused instead."""
+
+
 class PartitionCountChanged(RuntimeError):
     """A stored state holds open windows counted under another partition count of ``clicks``:
     the homes of regions moved, so continuing would give some (region, window) two final
@@ -181,7 +189,8 @@ class Partitions:
     def open(self, partition: int) -> PartitionState:
         """The partition's state, recovered from its stored value (if any) and its spill
         reconciled with the ledger.  Raises ``PartitionCountChanged`` when the stored book
-        holds open windows counted with another partition count (docs/contract.md §1)."""
+        holds open windows counted with another partition count (docs/contract.md §1), and
+        ``StateFormatUnknown`` for a state in a format this version does not read."""
         book = self.books.new_book()
         ledger = SpillLedger()
         dedup = DedupStore(self.books.dedup_ms, self.books.dedup_max_ids)
@@ -189,6 +198,12 @@ class Partitions:
         slot = None
         if stored is not None:
             state, slot = stored
+            v = state.get("v", STATE_FORMAT)
+            if type(v) is not int or not 1 <= v <= STATE_FORMAT:
+                raise StateFormatUnknown(
+                    f"partition {partition}: its window state is in format {v!r}, and this version of the "
+                    f"service reads format {STATE_FORMAT} at most (written by a later version?): run that "
+                    "version or a later one; this one would misread it")
             book.load(state)
             ledger.load(state.get("spill"))
             dedup.load(partition, state.get("dedup"), self.record)

@@ -16,7 +16,13 @@ from aggregator.core.repartition import forward_record, home, split
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer
 from aggregator.worker.decoder import RecordDecoder
-from aggregator.worker.partitions import BookSettings, PartitionCountChanged, Partitions
+from aggregator.worker.partitions import (
+    STATE_FORMAT,
+    BookSettings,
+    PartitionCountChanged,
+    Partitions,
+    StateFormatUnknown,
+)
 from tests.unit.worker.records import fetched
 from tests.unit.worker.test_checkpoint import RecordingProducer
 
@@ -217,6 +223,24 @@ def test_a_state_with_open_windows_under_another_partition_count_refuses(tmp_pat
     # nothing open (every window published): the new count is adopted
     stored.update(counts={}, late={})
     assert grown.open(0).book.partitions == 6
+
+
+def test_a_state_in_a_format_this_version_does_not_read_refuses(tmp_path):
+    _, parts, _, _ = _setup(tmp_path)
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None)], 1, 1_000)
+    stored = orjson.loads(p.state_value())
+    assert stored["v"] == STATE_FORMAT  # what this version writes
+    for v, ok in ((STATE_FORMAT, True), (None, False), (STATE_FORMAT + 1, False), ("1", False), (0, False)):
+        state = {**stored, "v": v}
+        again = Partitions(parts.books, tmp_path / f"b{v}", lambda q, s=state: (s, None), Metrics())
+        if ok:
+            assert again.open(0).book.next_offset == 1
+        else:
+            with pytest.raises(StateFormatUnknown, match=f"format {v!r}, and this version"):
+                again.open(0)
+    del stored["v"]  # a state written before the field: this version's format
+    assert Partitions(parts.books, tmp_path / "old", lambda q: (stored, None), Metrics()).open(0).book.next_offset == 1
 
 
 def test_book_state_keeps_the_repartition_fields(tmp_path):
