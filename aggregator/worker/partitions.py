@@ -36,12 +36,17 @@ StoredRecord = Callable[[str], Any]
 STATE_FORMAT = 1  # the "v" of a window state this version writes and reads (core.windows.WindowBook.to_dict)
 
 
-class StateFormatUnknown(RuntimeError):
+class Refused(RuntimeError):
+    """A stored state this worker does not count from; said once, and kept in
+    ``Partitions.refused`` (the reason /readyz gives) while the partition is assigned."""
+
+
+class StateFormatUnknown(Refused):
     """A stored state in a format this version does not read (a later version's, after a
     rollback): read as this one's, its fields could be misread; refused instead."""
 
 
-class PartitionCountChanged(RuntimeError):
+class PartitionCountChanged(Refused):
     """A stored state holds open windows counted under another partition count of ``clicks``:
     the homes of regions moved, so continuing would give some (region, window) two final
     snapshots."""
@@ -173,6 +178,7 @@ class Partitions:
         self.record: StoredRecord = record or (lambda key: None)
         self.metrics = metrics
         self.owned: dict[int, PartitionState] = {}
+        self.refused: dict[int, str] = {}  # partition -> why its stored state is not counted (Refused)
 
     def __iter__(self) -> Iterator[PartitionState]:
         return iter(list(self.owned.values()))
@@ -200,10 +206,10 @@ class Partitions:
             state, slot = stored
             v = state.get("v", STATE_FORMAT)
             if type(v) is not int or not 1 <= v <= STATE_FORMAT:
-                raise StateFormatUnknown(
+                raise self._refuse(partition, StateFormatUnknown(
                     f"partition {partition}: its window state is in format {v!r}, and this version of the "
                     f"service reads format {STATE_FORMAT} at most (written by a later version?): run that "
-                    "version or a later one; this one would misread it")
+                    "version or a later one; this one would misread it"))
             book.load(state)
             ledger.load(state.get("spill"))
             dedup.load(partition, state.get("dedup"), self.record)
@@ -215,11 +221,11 @@ class Partitions:
                      len(book.counts), len(book.outbox), ledger.total_backlog(), *dedup.size())
         n = self.books.partitions
         if book.partitions and book.partitions != n and book.holds_open_data():
-            raise PartitionCountChanged(
+            raise self._refuse(partition, PartitionCountChanged(
                 f"partition {partition}: its window state has open windows counted when clicks had "
                 f"{book.partitions} partitions, now it has {n}: regions' home partitions moved, and continuing "
                 "would publish two final snapshots for some (region, window); go back to "
-                f"{book.partitions} partitions until every window is published")
+                f"{book.partitions} partitions until every window is published"))
         book.partitions = n  # stored with the next state written
         spill = PartitionSpill(self.spill_root, partition, ledger)
         spill.reconcile()
@@ -231,6 +237,17 @@ class Partitions:
             ts = stored[0].get("source_ts")
             p.source_ts = ts if isinstance(ts, int) else None
         return p
+
+    def _refuse(self, partition: int, exc: Refused) -> Refused:
+        """``exc``, said once (error level) and kept as the partition's reason."""
+        if self.refused.get(partition) != str(exc):
+            log.error("%s; not counting it", exc)
+        self.refused[partition] = str(exc)
+        return exc
+
+    def refusal(self) -> str | None:
+        """Why a stored state of an assigned partition is not counted here (/readyz), if any."""
+        return next(iter(self.refused.values()), None)
 
     def forget(self, partition: int) -> None:
         p = self.owned.pop(partition, None)
@@ -249,6 +266,7 @@ class Partitions:
         for partition in [p for p in self.owned if p not in assigned]:
             log.warning("partition %d is not assigned here (any more): dropping its window book", partition)
             self.forget(partition)
+        self.refused = {p: why for p, why in self.refused.items() if p in assigned}  # its new owner says it
 
     def spill_bytes(self) -> int:
         return sum(p.spill.total_bytes() for p in self.owned.values())

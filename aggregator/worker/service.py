@@ -5,20 +5,17 @@ consumer group, changelog-backed table, recovery, offset commits):
 
 * ``consumer.BatchConsumer`` hands each fetched batch of ``clicks`` to ``on_batch``
   (with tracing on, inside a span linked to the request spans of its records);
-* ``decoder.RecordDecoder`` turns records into events (dead letters aside), and sets
-  aside those whose region's home is another partition, which the checkpoint forwards
-  there through ``clicks-repartition`` (core.repartition);
+* ``decoder.RecordDecoder`` turns records into events (dead letters aside), and sets aside
+  those whose region's home is another partition, forwarded through ``clicks-repartition``;
 * ``throttle.Throttle`` spills what is over a region's rate and drains it back;
 * ``partitions.Partitions`` holds each owned partition's book, spill and lag;
 * ``clock.advance_target`` lets a quiet, caught-up partition's stream time follow the clock;
 * ``checkpoint.Checkpointer`` writes state, confirms it, marks offsets safe, publishes.
 
-Per owned partition, the whole state (window book, spill ledger, next source offset)
-is one record of the table ``window-state`` (key = partition number).  After a crash
-it is recovered from the changelog, records before the book's ``next_offset`` are
-skipped, and the outbox is published again with identical content.  Unless the
-partition's log has started over (its topic created again, the broker back empty):
-``core.sourcelog`` tells, and the new log is counted from its start.
+Per owned partition, the whole state (window book, spill ledger, next source offset) is
+written to the table ``window-state`` (core.statechunks).  After a crash it is recovered,
+records before the book's ``next_offset`` are skipped, and the outbox is published again,
+identical; a log that started over is counted from its start (``core.sourcelog``).
 """
 from __future__ import annotations
 
@@ -42,7 +39,7 @@ from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
 from aggregator.worker.clock import ClockSkew, RebalanceWatch, advance_target
 from aggregator.worker.decoder import Record, RecordDecoder
 from aggregator.worker.faust_app import FaustApp
-from aggregator.worker.partitions import BookSettings, Partitions, PartitionState
+from aggregator.worker.partitions import BookSettings, Partitions, PartitionState, Refused
 from aggregator.worker.sourcecheck import check_source, reread_due
 from aggregator.worker.throttle import HeldBatch, Throttle, rebuild_replay, skip_applied
 
@@ -79,8 +76,8 @@ class WorkerService:
         kafka.wire(tracing.TracedBatches(self.on_batch), self._holding, self._ticks, self._on_revoked)
 
     # ------------------------------------------------------------ readiness
-    def not_ready(self) -> str | None:
-        """Why the worker cannot count yet (None: it can)."""
+    def not_ready(self, refusals: bool = True) -> str | None:
+        """Why the worker cannot count yet (None: it can); ``refusals`` False: but for partitions refused."""
         if not self.started:
             return "starting"
         if not self.kafka.recovered():
@@ -88,7 +85,7 @@ class WorkerService:
         if self.app.rebalancing:
             lasted = self.rebalance.lasted(time.monotonic())
             return "consumer group rebalancing" + ("" if lasted is None else f" for {lasted:.0f} s")
-        return self.checkpointer.failing or self.throttle.disk_error
+        return self.checkpointer.failing or self.throttle.disk_error or (self.partitions.refusal() if refusals else None)
 
     def not_alive(self) -> str | None:
         """Why the worker should be restarted (None: it should not): a rebalance that has
@@ -125,6 +122,9 @@ class WorkerService:
             if partition not in self.kafka.assigned():
                 return None  # fetched before a rebalance moved it: the new owner reads it
             p = self._open(partition)
+            if p is None:  # its stored state is refused: not fetched here, /readyz says why
+                self.app.consumer.pause_partitions([TP(CLICKS, partition), TP(CLICKS_REPARTITION, partition)])
+                return records[0].offset
         now_ms = int(time.time() * 1000)
         if tp.topic == CLICKS_REPARTITION:
             if self.throttle.held_here(p):  # applied after the held batches of clicks, as without the hold
@@ -264,9 +264,6 @@ class WorkerService:
     def _check_source(self, p: PartitionState, records: Sequence[Record], start: int) -> int:
         return check_source(p, records, start, self.kafka, self.metrics)
 
-    def _reread_due(self, p: PartitionState, now_ms: int, highwater: int | None) -> bool:
-        return reread_due(p, now_ms, highwater, self.kafka)
-
     def _mark_safe(self, partition: int, offset: int) -> None:
         """The checkpoint's word that ``offset`` may be committed, unless the partition's log is
         not checked yet or started over since the state was taken (``_check_source``)."""
@@ -359,7 +356,7 @@ class WorkerService:
             target = advance_target(now_ms, p.last_record_ms, hw, book.next_offset, moving and self._positioned(p))
             if target is not None:
                 book.advance_to(target - self.clock_skew.ahead_ms)
-            if moving and self._reread_due(p, now_ms, hw):
+            if moving and reread_due(p, now_ms, hw, self.kafka):
                 await self.kafka.seek(p.partition, p.reread(now_ms))
         self.throttle.report(partitions, self.checkpointer.failing is not None)  # as of the last checkpoint
         self.metrics.clock_ahead(self.clock_skew.ahead_ms)
@@ -372,16 +369,19 @@ class WorkerService:
         except Exception:  # noqa: BLE001 - unknown: keep everything
             return
         self.partitions.keep_only(owned)
-        if self.ready():
+        if self.not_ready(refusals=False) is None:
             # the state of assigned partitions that have no new record (after a restart with
             # nothing new to read, their open windows must still close and publish)
             for partition in owned:
-                if partition not in self.partitions:
+                if partition not in self.partitions and partition not in self.partitions.refused:
                     self._open(partition)
 
-    def _open(self, partition: int) -> PartitionState:
-        """The partition's state; the regions its book holds keep their places in the cap."""
-        p = self.partitions.open(partition)
+    def _open(self, partition: int) -> PartitionState | None:
+        """The partition's state (its book's regions keep their places in the cap); None: refused."""
+        try:
+            p = self.partitions.open(partition)
+        except Refused:
+            return None
         self.region_cap.hold(p.book.last_seen, int(time.time() * 1000))
         return p
 

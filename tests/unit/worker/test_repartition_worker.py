@@ -243,6 +243,35 @@ def test_a_state_in_a_format_this_version_does_not_read_refuses(tmp_path):
     assert Partitions(parts.books, tmp_path / "old", lambda q: (stored, None), Metrics()).open(0).book.next_offset == 1
 
 
+def test_a_refused_state_is_said_once_kept_out_of_counting_and_named_by_readyz(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from aggregator.config_load import load
+    from aggregator.worker.service import WorkerService
+
+    w = WorkerService(load(env={"AGG_SPILL_DIR": str(tmp_path / "spill"), "AGG_PARTITIONS": "2"}), Metrics(), [])
+    _, parts, _, _ = _setup(tmp_path)
+    state = {**orjson.loads(parts.open(0).state_value()), "v": STATE_FORMAT + 1}
+    w.partitions = Partitions(w.partitions.books, tmp_path / "w", lambda q: (state, None) if q == 1 else None,
+                              Metrics())
+    paused: list = []
+    w.app = SimpleNamespace(consumer=SimpleNamespace(pause_partitions=paused.extend), rebalancing=False)
+    w.kafka = SimpleNamespace(assigned=lambda: {0, 1}, recovered=lambda: True, highwater=lambda *a: None)
+    w.started = True
+    assert w.not_ready() is None
+    batch = fetched([(b"eu", orjson.dumps({"region": "eu"}), [])], base=0)
+    for _ in range(2):  # fetched again after a rebalance: refused again, said once
+        assert w.on_batch(SimpleNamespace(topic="clicks", partition=1), batch) == 0
+    assert [(tp.topic, tp.partition) for tp in paused] == [("clicks", 1), ("clicks-repartition", 1)] * 2
+    assert 1 not in w.partitions and w.not_ready().startswith("partition 1: its window state is in format 2")
+    assert [r.levelname for r in caplog.records if "format 2" in r.getMessage()] == ["ERROR"]
+    w._sync_assignment()  # the tick's look at the assignment does not open it again (nor fail)
+    assert 1 not in w.partitions and 0 in w.partitions
+    assert w.on_batch(SimpleNamespace(topic="clicks", partition=0), batch) is None  # the other one counts
+    w.partitions.keep_only({0})  # moved to another worker: its refusal is that one's to say
+    assert w.not_ready() is None
+
+
 def test_book_state_keeps_the_repartition_fields(tmp_path):
     _, parts, _, _ = _setup(tmp_path)
     book = parts.books.new_book()
