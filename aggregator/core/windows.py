@@ -27,7 +27,10 @@ from typing import Any
 from aggregator.core.aggstate import FLUSH_MIN, Staged, WindowAggregates
 from aggregator.core.contract import CLIENT_DELAY, CLOSED_WINDOW, LATE_REASONS, OTHER_REGION, Agg, BookEvent, Snapshot
 
-__all__ = ["CLIENT_DELAY", "CLOSED_WINDOW", "OTHER_REGION", "WindowBook", "first_open_window", "window_start"]
+__all__ = ["CLIENT_DELAY", "CLOSED_WINDOW", "OTHER_REGION", "STATE_FORMAT", "WindowBook", "first_open_window",
+           "window_start"]
+
+STATE_FORMAT = 1  # the "v" of the state ``to_dict`` writes; worker.partitions refuses a later one
 
 
 def window_start(ts_ms: int, window_ms: int) -> int:
@@ -337,7 +340,7 @@ class WindowBook:
     # ---------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
         return {
-            "v": 1,
+            "v": STATE_FORMAT,
             "next_offset": self.next_offset,
             "stream_time": self.stream_time,
             "first_open": self.first_open,

@@ -20,7 +20,7 @@ from aggregator.core.dedup import DEFAULT_MAX_IDS, DedupStore
 from aggregator.core.recordlog import Prepared
 from aggregator.core.sketches import SketchParams
 from aggregator.core.sourcelog import CHECK_TRIES, Restart
-from aggregator.core.windows import WindowBook
+from aggregator.core.windows import STATE_FORMAT, WindowBook
 from aggregator.metrics import Metrics
 from aggregator.spill.ledger import SpillLedger
 from aggregator.spill.partition import PartitionSpill
@@ -31,9 +31,6 @@ log = logging.getLogger("aggregator.worker")
 StoredState = Callable[[int], "tuple[dict[str, Any], int | None] | None"]
 # key of a changelog record of the state (a dedup record, core.dedup) -> its JSON value or None
 StoredRecord = Callable[[str], Any]
-
-
-STATE_FORMAT = 1  # the "v" of a window state this version writes and reads (core.windows.WindowBook.to_dict)
 
 
 class Refused(RuntimeError):
