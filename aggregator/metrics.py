@@ -148,8 +148,7 @@ class Metrics:
         self._snapshot_overdue = Histogram("clickstream_snapshot_overdue_seconds",
                                            "Window end + grace (when it may close) to snapshot publication, 0 if "
                                            "earlier", buckets=OVERDUE_BUCKETS, registry=r)
-        self._stage_pending = Gauge("pipeline_stage_in_pending", "Items waiting to be processed by a stage", ["stage"],
-                                    registry=r)
+        self._stage_pending = Gauge("pipeline_stage_in_pending", "Items waiting for a stage", ["stage"], registry=r)
         self._stage_processed = Counter("pipeline_stage_processed", "Items processed by a stage", ["stage"], registry=r)
         self._stage_errors = Counter("pipeline_stage_errors", "Items a stage failed on", ["stage"], registry=r)
         self._stage_duration = Histogram("pipeline_stage_duration_seconds", "Time a stage spends on one batch",
@@ -166,8 +165,7 @@ class Metrics:
                                           "write (a batch held and retried), rollback, read (a drain retried)",
                                           ["op"], registry=r)
         self._spill_held = Gauge("clickstream_spill_held_partitions",
-                                 "Partitions not fetched because a batch of theirs waits for the spill disk",
-                                 registry=r)
+                                 "Partitions not fetched because a batch of theirs waits for the spill disk", registry=r)
         self._spill_faults = Counter("clickstream_spill_faults",
                                      "Spill records found damaged on recovery or while draining (quarantined, re-read), "
                                      "lost (not in Kafka any more), or re-read beyond what was spilled by a rebuild (excess), "
@@ -179,6 +177,8 @@ class Metrics:
         self._recovered = Counter("clickstream_state_recovered_partitions",
                                   "Partitions whose window state was recovered from the changelog", registry=r)
         self._assigned = Gauge("clickstream_assigned_partitions", "Partitions of clicks this worker counts", registry=r)
+        self._refused = Gauge("clickstream_refused_partitions", "Partitions of clicks assigned here whose stored "
+                              "window state is refused (not fetched; /readyz says why)", registry=r)
         self._broker_reachable = Gauge("clickstream_broker_reachable",
                                        "1 while a bootstrap address of the broker accepts connections (probed "
                                        "every second)", registry=r)
@@ -389,8 +389,9 @@ class Metrics:
     def spill_held(self, partitions: int) -> None:
         self._spill_held.set(partitions)
 
-    def assigned(self, n: int) -> None:
+    def assigned(self, n: int, refused: int = 0) -> None:
         self._assigned.set(n)
+        self._refused.set(refused)
 
     def broker_reachable(self, up: bool) -> None:  # every second, in every role
         self._broker_reachable.set(1 if up else 0)

@@ -287,7 +287,7 @@ class Partitions:
         m.pending("spill", total_backlog)
         m.pending("publish", sum(len(p.book.outbox) for p in self.owned.values()))
         m.pending("decode", sum(p.lag for p in self.owned.values()))
-        m.assigned(len(self.owned))
+        m.assigned(len(self.owned), len(self.refused))
         for p in self.owned.values():
             if p.dedup.evicted:
                 log.warning("partition %d: %d dedup ids forgotten before AGG_DEDUP_SECONDS passed (more than "

@@ -75,6 +75,7 @@ ALERT_METRICS = {
     "clickstream_source_log_resets_total": "counter",
     "clickstream_dedup_evicted_total": "counter",
     "clickstream_worker_clock_ahead_seconds": "gauge",
+    "clickstream_refused_partitions": "gauge",
 }
 # prometheus_client's process, GC and platform collectors (contract §5 "standard"): the
 # dashboard may use them, it need not use them all.
@@ -120,6 +121,7 @@ EXPECTED_ALERTS = {
     "ClickstreamSourceLogReset",
     "ClickstreamDedupEvicting",
     "ClickstreamWorkerClockAhead",
+    "ClickstreamPartitionRefused",
 }
 
 METRIC_RE = re.compile(r"(?<![\w:])(?:clickstream|pipeline_stage|process|python)_\w+(?![\w:])")
@@ -460,6 +462,7 @@ def test_alert_expressions(alert_rules):
     assert "clickstream_consumer_lag" in exprs["ClickstreamConsumerLagHigh"]
     assert exprs["ClickstreamWorkerDown"] == 'up{job="clickstream"} == 0'
     assert exprs["ClickstreamBrokerUnreachable"] == "min by (instance) (clickstream_broker_reachable) == 0"
+    assert exprs["ClickstreamPartitionRefused"] == "max by (instance) (clickstream_refused_partitions) > 0"
 
 
 def test_alert_rules_use_only_contract_metrics_and_bounded_labels(alert_rules):

@@ -252,8 +252,8 @@ def test_a_refused_state_is_said_once_kept_out_of_counting_and_named_by_readyz(t
     w = WorkerService(load(env={"AGG_SPILL_DIR": str(tmp_path / "spill"), "AGG_PARTITIONS": "2"}), Metrics(), [])
     _, parts, _, _ = _setup(tmp_path)
     state = {**orjson.loads(parts.open(0).state_value()), "v": STATE_FORMAT + 1}
-    w.partitions = Partitions(w.partitions.books, tmp_path / "w", lambda q: (state, None) if q == 1 else None,
-                              Metrics())
+    m = Metrics()
+    w.partitions = Partitions(w.partitions.books, tmp_path / "w", lambda q: (state, None) if q == 1 else None, m)
     paused: list = []
     w.app = SimpleNamespace(consumer=SimpleNamespace(pause_partitions=paused.extend), rebalancing=False)
     w.kafka = SimpleNamespace(assigned=lambda: {0, 1}, recovered=lambda: True, highwater=lambda *a: None)
@@ -270,8 +270,13 @@ def test_a_refused_state_is_said_once_kept_out_of_counting_and_named_by_readyz(t
     assert 1 not in w.partitions
     assert 0 in w.partitions
     assert w.on_batch(SimpleNamespace(topic="clicks", partition=0), batch) is None  # the other one counts
+    w.partitions.report()
+    assert m.registry.get_sample_value("clickstream_refused_partitions") == 1
+    assert m.registry.get_sample_value("clickstream_assigned_partitions") == 1
     w.partitions.keep_only({0})  # moved to another worker: its refusal is that one's to say
     assert w.not_ready() is None
+    w.partitions.report()
+    assert m.registry.get_sample_value("clickstream_refused_partitions") == 0
 
 
 def test_book_state_keeps_the_repartition_fields(tmp_path):
