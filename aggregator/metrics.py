@@ -190,6 +190,8 @@ class Metrics:
                                 "idempotency keys)", ["kind"], registry=r)
         self._dedup_evicted = Counter("clickstream_dedup_evicted", "Dedup ids forgotten before AGG_DEDUP_SECONDS "
                                       "passed, because more than AGG_DEDUP_MAX_IDS were remembered", registry=r)
+        self._forwards_lost = Counter("clickstream_forwards_lost", "Forwarded events the broker did not acknowledge "
+                                      "while a later forward to their home was: lost unless it stored them", registry=r)
         self._repartitioned = Counter("clickstream_repartitioned_events",
                                       "Events of clicks forwarded to their region's home partition "
                                       "(clicks-repartition)", registry=r)
@@ -276,8 +278,7 @@ class Metrics:
                 _drop(self._window_delay, region, q)
 
     # ---------------------------------------------------------------- ingest
-    def ingest_waiting(self, n: int) -> None:
-        """``n`` records were handed to the broker (negative: answered, either way)."""
+    def ingest_waiting(self, n: int) -> None:  # ``n`` records handed to the broker (negative: answered)
         self._ingest_pending.inc(n)
 
     def ingest_accepted(self, per_region: Mapping[str, int], items: int, started: float) -> None:
@@ -297,8 +298,7 @@ class Metrics:
         """A body that could not be parsed (1), or ``n`` records the broker did not take."""
         self._ingest_errors.inc(n)
 
-    def rejected(self, reasons: Mapping[str, int]) -> None:
-        """Records refused (HTTP or Kafka), by reason."""
+    def rejected(self, reasons: Mapping[str, int]) -> None:  # records refused (HTTP or Kafka), by reason
         _add_counts(self._rejected, reasons)
 
     # ---------------------------------------------------------------- worker
@@ -331,13 +331,11 @@ class Metrics:
     def spill_drained(self, events: int) -> None:
         self._stage_processed.labels("spill").inc(events)
 
-    def counted(self, per_region: Mapping[str, int]) -> None:
-        """Events counted into windows since the last report."""
+    def counted(self, per_region: Mapping[str, int]) -> None:  # events counted into windows since the last report
         self._seen(per_region)
         _add_counts(self._counted, per_region)
 
-    def duplicates(self, dups: Mapping[tuple[str, str], int]) -> None:
-        """Events dropped as repeats, by (region, source)."""
+    def duplicates(self, dups: Mapping[tuple[str, str], int]) -> None:  # events dropped as repeats, by (region, source)
         self._seen(region for region, _ in dups)
         for (region, source), n in dups.items():
             self._duplicates.labels(region, source).inc(n)
@@ -362,8 +360,7 @@ class Metrics:
         self._spill_backlog.labels(region).set(events)
         self._spill_bytes.labels(region).set(nbytes)
 
-    def spill_fault(self, kind: str, n: int) -> None:
-        """Spill records found ``corrupt`` or ``torn`` on recovery, or ``lost``."""
+    def spill_fault(self, kind: str, n: int) -> None:  # spill records found corrupt or torn on recovery, or lost
         if n:
             self._spill_faults.labels(kind).inc(n)
 
@@ -400,6 +397,9 @@ class Metrics:
     def repartitioned(self, events: int) -> None:
         """Events of a batch forwarded to their region's home partition."""
         self._repartitioned.inc(events)
+
+    def forwards_lost(self, events: int) -> None:  # overtaken by a later forward to their home (checkpoint)
+        self._forwards_lost.inc(events)
 
     def rebalanced(self) -> None:
         self._rebalances.inc()

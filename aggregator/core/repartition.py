@@ -121,6 +121,22 @@ def parse_source_header(value: bytes) -> tuple[int, int, int]:
     return int(p), int(o), int(e) if sep else 0
 
 
+def overtaken(sent: Sequence[tuple[int, int]], acknowledged: Sequence[bool]) -> list[int]:
+    """Of forwards ``sent`` in order as (home, source partition), with whether the broker
+    acknowledged each: the indices of those not acknowledged while a later one of the same
+    source to the same home was.  The home's mark for that source is past them (``Watermarks``),
+    so it would drop them as repeats however often they are sent again: lost, unless the broker
+    stored them after all (a request that timed out)."""
+    failed: dict[tuple[int, int], list[int]] = {}
+    lost: list[int] = []
+    for i, (lane, ok) in enumerate(zip(sent, acknowledged, strict=True)):
+        if not ok:
+            failed.setdefault(lane, []).append(i)
+        elif lane in failed:
+            lost += failed.pop(lane)
+    return sorted(lost)
+
+
 def forward_record(partition: int, f: Foreign, epoch: int = 0) -> tuple[bytes, bytes, list[Header]]:
     """-> (key, value, headers) of the ``clicks-repartition`` record forwarding foreign event
     ``f`` read from ``partition`` of ``clicks`` (whose log epoch is ``epoch``): key = region,

@@ -29,6 +29,7 @@ import orjson
 
 from aggregator.core.contract import CLICKS_REPARTITION, DLQ, SNAPSHOTS, STATE_CHANGELOG, Header, Snapshot
 from aggregator.core.recordlog import Prepared
+from aggregator.core.repartition import overtaken, parse_source_header
 from aggregator.core.statechunks import chunk_key, encode_chunks
 from aggregator.core.windows import WindowBook
 from aggregator.metrics import Metrics
@@ -181,9 +182,10 @@ class Checkpointer:
         error = _failure(dead_futures)
         if error is not None:  # their records are before offsets about to be committed: all wait
             # Sent again in order.  The home drops what is at or below the highest source offset it
-            # applied, so this is exact as long as the broker never takes a later forward to a
-            # partition after refusing an earlier one (aiokafka has one batch per partition in
-            # flight; a refusal after its retries with a later batch accepted would lose the earlier)
+            # applied, so this is exact unless the broker took a later forward to a partition after
+            # refusing an earlier one (aiokafka has one batch per partition in flight; a refusal
+            # after its retries, with a later batch accepted): those are said and not sent again
+            forward = self._drop_overtaken(forward, dead_futures[len(dead):])
             self.dead[:0] = dead
             self.forward[:0] = forward
             return self._failed(writes, error)
@@ -212,6 +214,21 @@ class Checkpointer:
         elif not failed and every and self.failing is not None:  # ``every``: no other partition still fails
             log.warning("window state and snapshots acknowledged again: offsets and snapshots move on")
             self.failing = None
+
+    def _drop_overtaken(self, forward: list[Forward], futures: Sequence[object]) -> list[Forward]:
+        """``forward`` without those a later forward of the same source to the same home overtook
+        (core.repartition.overtaken): their home drops them as repeats; said and counted here."""
+        lost = overtaken([(home, parse_source_header(headers[1][1])[0]) for home, _, _, headers in forward],
+                         [_failure((fut,)) is None for fut in futures])
+        if not lost:
+            return forward
+        log.error("%d records forwarded to %s were not acknowledged by the broker while a later one of the same "
+                  "source partition to the same home was: the home has passed them and would drop them as "
+                  "repeats, so they are lost unless the broker stored them after all (docs/contract.md §1)",
+                  len(lost), CLICKS_REPARTITION)
+        self.metrics.forwards_lost(len(lost))
+        gone = set(lost)
+        return [f for i, f in enumerate(forward) if i not in gone]
 
     def _failed(self, writes: Sequence[_Write], error: BaseException) -> None:
         for w in writes:

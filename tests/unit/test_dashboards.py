@@ -76,6 +76,7 @@ ALERT_METRICS = {
     "clickstream_dedup_evicted_total": "counter",
     "clickstream_worker_clock_ahead_seconds": "gauge",
     "clickstream_refused_partitions": "gauge",
+    "clickstream_forwards_lost_total": "counter",
 }
 # prometheus_client's process, GC and platform collectors (contract §5 "standard"): the
 # dashboard may use them, it need not use them all.
@@ -122,6 +123,7 @@ EXPECTED_ALERTS = {
     "ClickstreamDedupEvicting",
     "ClickstreamWorkerClockAhead",
     "ClickstreamPartitionRefused",
+    "ClickstreamForwardsLost",
 }
 
 METRIC_RE = re.compile(r"(?<![\w:])(?:clickstream|pipeline_stage|process|python)_\w+(?![\w:])")
@@ -455,6 +457,7 @@ def test_alert_expressions(alert_rules):
                            ("ClickstreamDedupEvicting", "clickstream_dedup_evicted_total")):
         assert exprs[alert] == f"sum by (instance) (increase({counter}[5m])) > 0", alert
     assert "increase(clickstream_source_log_resets_total[10m])" in exprs["ClickstreamSourceLogReset"]
+    assert exprs["ClickstreamForwardsLost"] == "sum by (instance) (increase(clickstream_forwards_lost_total[10m])) > 0"
     assert exprs["ClickstreamTargetMissing"] == 'absent(up{job="clickstream"})'
     assert "clickstream_late_events_total" in exprs["ClickstreamLateEventsSpiking"]
     assert "deriv(clickstream_spill_backlog_events[" in exprs["ClickstreamSpillBacklogGrowing"]

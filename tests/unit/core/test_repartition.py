@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import orjson
+import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from aggregator.core.repartition import (
     forward_record,
     home,
     murmur2,
+    overtaken,
     parse_source_header,
     split,
 )
@@ -250,3 +252,22 @@ def test_an_event_forwarded_with_the_decoders_parts_carries_the_agg_header_of_th
         _, _, headers = forward_record(0, ("eu", 5, None, 0, None, parts))
         assert headers[-1] == (AGG_HEADER, agg_header_value(*parts.as_tuple()))
         assert spill_agg(parts) == agg_header_value(*parts.as_tuple()).decode("latin-1")
+
+
+@pytest.mark.parametrize(("acks", "lost"), [
+    ([True, True, True, True], []),
+    ([False, False, False, False], []),  # none taken: all sent again, in order
+    ([False, True, True, True], [0]),  # 0 -> 2 refused, a later 0 -> 2 taken
+    ([True, False, True, True], []),  # 1 -> 2 refused: only 0 -> 2 taken after it (another source's mark)
+    ([False, False, True, True], [0]),  # 1 -> 2 at index 1 still has no later 1 -> 2 taken
+    ([True, True, False, True], []),  # 0 -> 3 taken after 0 -> 2 refused: another home
+])
+def test_overtaken_forwards_are_those_a_later_one_of_their_lane_passed(acks, lost):
+    sent = [(2, 0), (2, 1), (3, 0), (2, 0)]  # (home, source partition)
+    assert overtaken(sent + [(2, 1)], acks + [False]) == lost
+    assert overtaken(sent + [(2, 1)], acks + [True]) == sorted(lost + ([] if acks[1] else [1]))
+
+
+def test_every_forward_a_later_one_passed_is_overtaken_and_only_those():
+    assert overtaken([(2, 0)] * 3, [False, False, True]) == [0, 1]
+    assert overtaken([(2, 0)] * 3, [False, True, False]) == [0]  # the last is sent again, after the taken one

@@ -25,18 +25,19 @@ class RecordingProducer:
     def __init__(self, log: list) -> None:
         self.log = log
         self.refused: set[str] = set()
+        self.refused_values: set[bytes] = set()  # single records refused (the rest of the topic taken)
         self.pending: list = []
 
     async def send(self, topic, key, value, partition, timestamp, headers):
         self.log.append(("send", topic, key, value))
         fut = asyncio.get_running_loop().create_future()
-        self.pending.append((topic, fut))
+        self.pending.append((topic, value, fut))
         return fut
 
     async def flush(self):
         self.log.append(("flush",))
-        for topic, fut in self.pending:
-            if topic in self.refused:
+        for topic, value, fut in self.pending:
+            if topic in self.refused or value in self.refused_values:
                 fut.set_exception(RuntimeError(f"MessageSizeTooLargeError on {topic}"))
             else:
                 fut.set_result(None)
@@ -236,7 +237,7 @@ def test_a_header_not_acknowledged_but_stored_never_has_its_chunks_overwritten(t
 
     async def flaky_flush():
         if ambiguous["on"]:  # the broker stores the header, but its answer is lost: a timeout
-            for topic, fut in producer.pending:
+            for topic, _, fut in producer.pending:
                 if not fut.done():
                     fut.set_exception(TimeoutError("request timed out"))
             producer.pending = []
@@ -326,7 +327,7 @@ def test_slots_taken_after_headers_not_acknowledged_are_deleted_once_no_header_n
 
     async def flaky_flush():
         if mode["header_sent"]:  # stored, but the answer is lost
-            for _, fut in producer.pending:
+            for _, _, fut in producer.pending:
                 fut.set_exception(TimeoutError("request timed out"))
             producer.pending = []
             mode["header_sent"] = False

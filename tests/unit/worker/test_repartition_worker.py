@@ -210,6 +210,28 @@ def test_a_refused_forward_holds_every_state_and_is_sent_again(tmp_path):
     assert DLQ not in [e[1] for e in log if e[0] == "send"]
 
 
+def test_a_forward_overtaken_by_a_later_one_to_its_home_is_said_counted_and_not_sent_again(tmp_path, caplog):
+    cp, parts, log, producer = _setup(tmp_path)
+    p = parts.open(0)
+    p.book.apply([("eu", 1_000, None)], 10, 1_000)
+    lanes = [(0, 2, 3), (1, 2, 5), (0, 2, 4), (0, 3, 6)]  # (source partition, home, source offset), in send order
+    sent = [(home_p, *forward_record(src, ("us", 1_000 + off, None, off, None, None))) for src, home_p, off in lanes]
+    cp.forward.extend(sent)
+    # the broker refuses 0 -> 2 at offset 3 and takes 0 -> 2 at offset 4: the home's mark passes 3
+    producer.refused_values |= {sent[0][2], sent[3][2]}
+    asyncio.run(cp.checkpoint([p]))
+    assert cp.failing and not [e for e in log if e[0] in ("safe", "confirmed")]
+    assert parts.metrics.registry.get_sample_value("clickstream_forwards_lost_total") == 1
+    assert [r.levelname for r in caplog.records if "forwarded to clicks-repartition" in r.getMessage()] == ["ERROR"]
+    assert cp.forward == sent[1:]  # 0 -> 3 at offset 6 was not overtaken: sent again, in order
+    producer.refused_values.clear()
+    log.clear()
+    asyncio.run(cp.checkpoint([p]))
+    assert [e[3] for e in log if e[0] == "send" and e[1] == CLICKS_REPARTITION] == [f[2] for f in sent[1:]]
+    assert ("safe", 0, 10) in log
+    assert parts.metrics.registry.get_sample_value("clickstream_forwards_lost_total") == 1
+
+
 def test_a_state_with_open_windows_under_another_partition_count_refuses(tmp_path):
     _, parts, _, _ = _setup(tmp_path, partitions=4)
     p = parts.open(0)
