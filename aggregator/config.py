@@ -26,6 +26,7 @@ from pydantic_settings import (
 )
 
 from aggregator.broker.security import KafkaSecurity
+from aggregator.core.dedup import MAX_KEY_INDEX
 from aggregator.core.events import REGION_MAX_CHARS, REGION_RE
 from aggregator.core.ratelimit import parse_rate_limits
 from aggregator.core.sketches import SketchParams
@@ -176,7 +177,8 @@ class Settings(BaseSettings):
     region_idle_seconds: float = Field(3600.0, gt=0, description="regions seen within this get zero-count snapshots")
     max_regions: int = Field(1000, ge=1, description="region cardinality cap; beyond it: __other__")
     ingest_token: str = _secret("bearer token required by POST /v1/events (empty: none)")
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body limit, after decompression too")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, le=MAX_KEY_INDEX, description="request body limit, after "
+                                "decompression too (16 MiB at most: an event's index in its body is a dedup id)")
     ingest_max_inflight_bytes: int = Field(32 * 1024 * 1024, ge=1, description="bytes of request bodies ingest "
                                            "works on at once (after decompression); beyond: 503 + Retry-After at "
                                            "once; at least AGG_MAX_BODY_BYTES")

@@ -1,6 +1,6 @@
 """Exact duplicate detection within a horizon: ``Idempotency-Key`` retries and ``event_id``s.
 
-Pure: standard library only.  One ``DedupStore`` per partition of ``clicks``, part of
+Pure: standard library and core only.  One ``DedupStore`` per partition of ``clicks``, part of
 the partition's exactly-once state (docs/contract.md §3, "Retries").
 
 What identifies an event (its *dedup id*, computed once where the event enters):
@@ -39,9 +39,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from hashlib import blake2b
 from typing import Any
 
+from aggregator.core.events import LIMITS, REGION_MAX_CHARS
 from aggregator.core.recordlog import RecordLog
 
 BUCKETS = 10  # a horizon is this many buckets
+# An event's index in a body is below the body's length (AGG_MAX_BODY_BYTES is at most this),
+# so a keyed id's index is below it too: a header with another index is not what ingest wrote,
+# and a bitmap never grows past MAX_KEY_INDEX / 8 bytes (2 MiB) for one
+MAX_KEY_INDEX = 1 << 24
+KEY_HEX_MAX = 32  # a request key's digest (blake2b, 16 bytes) in hex
 DEFAULT_MAX_IDS = 1_000_000  # event ids one partition remembers at most (AGG_DEDUP_MAX_IDS)
 KEY_BYTES = 38  # a request key's part of a record's JSON, without its indices: "<32 hex>":[],
 ID_BYTES = 250  # worker memory of one remembered event id of ~20 characters, measured (README)
@@ -94,22 +100,35 @@ def key_id_fields(kh: int, indices: Iterable[int]) -> list[bytes]:
 
 
 def parse_id_field(raw: bytes, region: str) -> DedupId:
-    """``id_field``'s inverse for a record of ``region``; ValueError when it is not one."""
+    """``id_field``'s inverse for a record of ``region``; ValueError when it is not one (nor
+    within what ingest writes: an event_id of at most 128 characters, a region of at most
+    64, a key's index below ``MAX_KEY_INDEX``)."""
     kind = raw[:1]
     if kind == b"e":  # an empty event_id ("e" alone) is an id like any other
-        return region + "\n" + raw[1:].decode()
+        eid = raw[1:].decode()
+        if len(eid) > LIMITS["event_id"]:
+            raise ValueError("event_id over 128 characters")
+        return region + "\n" + eid
     if kind == b"r":
         did = raw[1:].decode()
-        own, nl, _ = did.partition("\n")
-        if not (own and nl):  # the event_id after the newline may be empty
-            raise ValueError("r<region>\\n<event_id> expected")
+        own, nl, eid = did.partition("\n")
+        if not (own and nl) or len(own) > REGION_MAX_CHARS or len(eid) > LIMITS["event_id"]:
+            raise ValueError("r<region>\\n<event_id> expected")  # the event_id after the newline may be empty
         return did
     if kind == b"k":
         kh, dot, i = raw[1:].partition(b".")
-        if not dot:
+        if not dot or len(kh) > KEY_HEX_MAX:
             raise ValueError("k<hex>.<index> expected")
-        return int(kh, 16), int(i)
+        return int(kh, 16), key_index(i)
     raise ValueError("dedup id must start with e or k")
+
+
+def key_index(raw: bytes) -> int:
+    """A keyed id's index in its body; ValueError when it is not one ingest writes."""
+    i = int(raw)
+    if not 0 <= i < MAX_KEY_INDEX:
+        raise ValueError(f"a body index must be 0 to {MAX_KEY_INDEX - 1}")
+    return i
 
 
 class DedupStore(RecordLog):

@@ -27,7 +27,7 @@ from aggregator.core.contract import (
     parse_agg_header,
     parse_ingest_header,
 )
-from aggregator.core.dedup import DedupId, event_key, parse_id_field
+from aggregator.core.dedup import KEY_HEX_MAX, DedupId, event_key, key_index, parse_id_field
 from aggregator.core.events import LIMITS, TS_MAX, TS_MIN, EventError, normalise_region, parse_client_ts
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header
@@ -165,9 +165,11 @@ class RecordDecoder:
                             cts = int(f[1]) if f[1] else None
                             kpart, _, index = f[2].partition(b".")  # no ".": int(b"") raises below
                             if kpart != last_k:
+                                if len(kpart) > KEY_HEX_MAX + 1:
+                                    raise ValueError("not a request key's digest")
                                 last_kh = int(kpart[1:], 16)
                                 last_k = kpart
-                            did = (last_kh, int(index))
+                            did = (last_kh, key_index(index))
                         else:
                             its, cts, raw_id = parse_header(hs[0][1])  # type: ignore[arg-type]
                             if raw_id is not None:

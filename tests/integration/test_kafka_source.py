@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.broker import ensure_topics
 from aggregator.core.contract import CLICKS, DLQ, INGEST_HEADER, SNAPSHOTS
+from aggregator.core.dedup import request_key
 from tests.conftest import wait_for
 from tests.integration.conftest import read_topic
 
@@ -93,6 +94,11 @@ def test_records_with_the_ingest_header_are_counted_from_key_and_header(broker, 
         (b"EU", orjson.dumps({"region": "eu"}), [(H, b"%d" % now)]),       # not ingest's key: the value
         (b"eu", orjson.dumps({"region": "us"}), [(H, b"soon")]),           # not ingest's header: the value
         (b"a/b", b"not json", [(H, b"%d" % now)]),                         # neither: dead letter
+        # dedup ids ingest never writes (a body index below 0 or past any body, an event_id
+        # over 128 characters): the value, never a worker stopped or a bitmap of gigabytes
+        (b"us", orjson.dumps({"region": "us"}), [(H, b"%d,,k%x.-1" % (now, request_key("x")))]),
+        (b"us", orjson.dumps({"region": "us"}), [(H, b"%d,,k%x.99999999999" % (now, request_key("x")))]),
+        (b"us", orjson.dumps({"region": "us"}), [(H, b"%d,,e%s" % (now, b"x" * 129))]),
     ]
     asyncio.run(_produce(bootstrap, records))
 
@@ -103,7 +109,7 @@ def test_records_with_the_ingest_header_are_counted_from_key_and_header(broker, 
             c = tot.setdefault(sn["region"], [0, 0])
             c[0] += sn["count"]
             c[1] += sn["late_by_reason"]["client_delay"]
-        return tot if tot.get("eu") == [2, 1] and tot.get("us") == [1, 0] else None
+        return tot if tot.get("eu") == [2, 1] and tot.get("us") == [4, 0] else None
 
     tot = wait_for(counted, 30, what="header records counted")
     assert set(tot) == {"eu", "us"}, tot

@@ -13,6 +13,7 @@ from aggregator.core.contract import OTHER_REGION, ingest_header_value, parse_in
 from aggregator.core.dedup import (
     EVENT_ID,
     IDEMPOTENCY_KEY,
+    MAX_KEY_INDEX,
     DedupStore,
     event_key,
     id_field,
@@ -37,10 +38,12 @@ def test_ids_are_stable_per_region_and_round_trip_the_header_field() -> None:
     assert event_key("eu", "a") == event_key("eu", "a") != event_key("us", "a")
     assert event_key("eu", "a") != event_key("eu", "b")
     for did in (event_key("eu", "x"), event_key("eu", "a,b\nc ü"), (request_key("k-1"), 0),
-                (request_key("k-1"), 7999)):
+                (request_key("k-1"), 7999), (request_key("k-1"), MAX_KEY_INDEX - 1), event_key("eu", "ü" * 128)):
         assert parse_id_field(id_field(did), "eu") == did
     assert request_key("a") != request_key("b") and request_key("a").bit_length() <= 128
-    for bad in (b"", b"x12", b"kabc", b"kzz.1", b"e\xff", b"r", b"reu", b"r\nx"):
+    # nor what ingest never writes: a body index out of any body, an over-long digest, event_id or region
+    for bad in (b"", b"x12", b"kabc", b"kzz.1", b"e\xff", b"r", b"reu", b"r\nx", b"k1f.-1", b"k1f.%d" % MAX_KEY_INDEX,
+                b"k" + b"f" * 33 + b".1", b"e" + b"x" * 129, b"reu\n" + b"x" * 129, b"r" + b"a" * 65 + b"\nx"):
         with pytest.raises(ValueError):
             parse_id_field(bad, "eu")
     # an empty event_id is an id like any other (contract §2: any string up to 128 characters)
@@ -66,7 +69,7 @@ _EVENT_IDS = st.text(max_size=LIMITS["event_id"])
 _REGIONS = st.from_regex(r"[a-z0-9._-]{1,64}", fullmatch=True) | st.just(OTHER_REGION)
 
 
-@given(_REGIONS, _EVENT_IDS, _REGIONS, st.integers(0, (1 << 128) - 1), st.integers(0, (1 << 31) - 1))
+@given(_REGIONS, _EVENT_IDS, _REGIONS, st.integers(0, (1 << 128) - 1), st.integers(0, MAX_KEY_INDEX - 1))
 @example("eu", "", "zz", 0, 0)
 @example("eu", "x" * LIMITS["event_id"], "zz", 1, 7)
 @example("eu", "\n", "zz", 2, 8)

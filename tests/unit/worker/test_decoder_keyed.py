@@ -18,11 +18,13 @@ from tests.unit.worker.records import fetched
 NOW = 1_800_000_000_000
 MAX_TS = NOW + 60_000
 VALUE_TS = 7  # the value's ingest_ts: an event with it was decided by its value
-KEYS = [b"k%x" % request_key("a"), b"k%x" % request_key("b"), b"k0", b"k+1f", b"kZZ", b"k", b"k 1f ", b"e"]
+KEYS = [b"k%x" % request_key("a"), b"k%x" % request_key("b"), b"k0", b"k+1f", b"kZZ", b"k", b"k 1f ", b"e",
+        b"k" + b"f" * 33]  # a digest longer than any request key's
 fields = st.one_of(
     st.builds(lambda k, i: k + b"." + i, st.sampled_from(KEYS),
-              st.sampled_from([b"0", b"7", b"999", b"", b"x", b" 3", b"1.2", b"-1"])),
-    st.sampled_from([b"kabc", b"", b"e", b"eid-1"]),
+              st.sampled_from([b"0", b"7", b"999", b"", b"x", b" 3", b"1.2", b"-1", b"16777215", b"16777216",
+                               b"99999999999"])),
+    st.sampled_from([b"kabc", b"", b"e", b"eid-1", b"e" + b"x" * 128, b"e" + b"x" * 129]),
 )
 headers = st.builds(lambda its, cts, f: b"%s,%s,%s" % (its, cts, f),
                     st.sampled_from([b"1799999999000", b"12", b"", b"x"]),
