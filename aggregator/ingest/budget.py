@@ -1,10 +1,12 @@
 """The global in-flight budget of ``POST /v1/events``: bytes of request bodies being read,
 parsed or produced at once in this process (``AGG_INGEST_MAX_INFLIGHT_BYTES``).
 
-A request takes its ``Content-Length`` before it reads a byte of its body (a chunked one
-takes each chunk as it arrives, a gzip one what its body inflates to beyond that), and
-gives everything back when answered.  A request that does not fit is answered 503 with
-``Retry-After`` at once: memory follows this setting, not the traffic."""
+A request takes the bytes of its body as they arrive (a gzip one also what its body
+inflates to beyond that), and gives everything back when answered: a connection that
+sends nothing holds nothing, so slow clients cannot lock the others out.  A request
+that does not fit (its ``Content-Length`` beyond what is free when it starts, or its
+bytes when they arrive) is answered 503 with ``Retry-After`` at once: memory follows
+this setting, not the traffic."""
 from __future__ import annotations
 
 
@@ -16,6 +18,10 @@ class InflightBudget:
             raise ValueError("the in-flight budget must be at least 1 byte")
         self.limit = limit
         self.used = 0
+
+    def fits(self, n: int) -> bool:
+        """Whether ``n`` bytes would fit now (nothing reserved)."""
+        return n <= 0 or self.used + n <= self.limit
 
     def take(self, n: int) -> bool:
         """Reserve ``n`` bytes; False (nothing reserved) when they do not fit."""

@@ -96,7 +96,9 @@ class IngestHandler:
         kh = request_key(key) if key is not None and self.dedup else None
         held = Reservation(self.budget)
         try:
-            if not held.take(request.content_length or 0):
+            # a body that cannot fit now is refused before a byte of it is read; one that may
+            # takes its bytes as they arrive, so a connection that sends none holds none
+            if not self.budget.fits(request.content_length or 0):
                 return over_budget(self.budget)
             return await self._handle(request, span, held, ingest_ts, t0, kh)
         finally:
@@ -306,8 +308,7 @@ class IngestHandler:
 
 async def read_body(request: web.Request, limit: int, held: Reservation | None = None) -> bytes | None:
     """The whole body, refused with 413 as soon as it passes ``limit`` bytes; with ``held``,
-    the bytes beyond what it holds (a chunked body) are taken from the in-flight budget
-    as they arrive: None when they do not fit."""
+    its bytes are taken from the in-flight budget as they arrive: None when they do not fit."""
     # StreamReader.read(n) returns what is buffered, not n bytes: read to EOF
     chunks: list[bytes] = []
     size = 0
@@ -328,7 +329,7 @@ def over_budget(budget: InflightBudget) -> web.Response:
     """503 at once: the bodies in flight already fill ``AGG_INGEST_MAX_INFLIGHT_BYTES``."""
     resp = error(503, f"ingest is at its in-flight limit ({budget.limit} bytes of bodies): retry later",
                  {"Retry-After": "1"})
-    resp.force_close()  # the body is not read: do not keep the connection to drain it
+    resp.force_close()  # the body is not read (to its end): do not keep the connection to drain it
     return resp
 
 

@@ -5,9 +5,12 @@ read from ``/proc``, a worker process counting what it acknowledged.
 The budget, the slices and the region cap without a broker: tests/unit/ingest/."""
 from __future__ import annotations
 
+import fcntl
 import gzip
 import select
 import socket
+import struct
+import termios
 import threading
 import time
 from urllib.parse import urlsplit
@@ -49,6 +52,11 @@ def connect(url: str) -> socket.socket:
     return socket.create_connection((u.hostname, u.port), timeout=10)
 
 
+def unacked(s: socket.socket) -> int:
+    """Bytes sent on ``s`` that the peer's kernel has not acknowledged yet (Linux SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
 def post_async(url: str, body: bytes, headers: dict, out: list) -> threading.Thread:
     def run() -> None:
         t = time.perf_counter()
@@ -88,14 +96,23 @@ def test_memory_bounded_by_configuration(service_factory):
     peak = vm(pid)
     assert peak["VmHWM"] < RSS_BOUND_MB, peak
 
-    # four bodies that never arrive hold the whole budget (their Content-Length): the
-    # next request is refused at once, before a byte of its body is read
-    holds = []
-    for _ in range(4):
-        s = connect(ingest.url)
-        s.sendall(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
-                  b"Content-Length: %d\r\n\r\n" % (8 * MiB))
-        holds.append(s)
+    # four bodies announced and never sent hold none of the budget: others are served
+    head = (b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+            b"Content-Length: %d\r\n\r\n" % (8 * MiB))
+    holds = [connect(ingest.url) for _ in range(4)]
+    for s in holds:
+        s.sendall(head)
+    t = time.perf_counter()
+    assert http("POST", ingest.url + "/v1/events", b'{"region":"rss-b"}\n', NDJSON)[0] == 200
+    assert time.perf_counter() - t < 1.0
+    # four bodies sent but for their last byte fill it (8 MiB - 1 each, as they arrive): the
+    # next request is refused at once, before a byte of its body is read.  Bytes are taken as
+    # they arrive, so a request may only probe once the server has them all (else it could
+    # take room one of the four needs, and that one would be refused)
+    for s in holds:
+        s.sendall(b" " * (8 * MiB - 1))
+    wait_for(lambda: all(unacked(s) == 0 for s in holds), 10, interval=0.05, what="the bodies acknowledged")
+    time.sleep(0.5)  # and read off the server's socket buffers by the handlers
 
     def refused() -> tuple | None:
         t = time.perf_counter()
@@ -123,9 +140,9 @@ def test_memory_bounded_by_configuration(service_factory):
 def _slow(url: str, body_phase: bool) -> socket.socket:
     s = connect(url)
     s.setblocking(False)
-    if body_phase:  # whole headers, then a body a byte a second
+    if body_phase:  # whole headers announcing 8 MiB (four would fill the in-flight budget), then a byte a second
         s.send(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
-               b"Content-Length: 1000\r\n\r\n")
+               b"Content-Length: %d\r\n\r\n" % (8 * MiB))
     return s
 
 

@@ -208,6 +208,43 @@ async def test_over_budget_is_503_at_once_by_content_length_or_as_chunks_arrive(
         await client.close()
 
 
+async def test_a_body_that_does_not_arrive_holds_none_of_the_budget() -> None:
+    """Bytes are taken as they arrive: connections that announce bodies and send nothing do
+    not lock others out; the bytes they did send count."""
+    import asyncio
+
+    client, h = await ingest_client(budget=1000)
+    try:
+        host, port = client.server.host, client.server.port
+        stalled = []
+        for _ in range(3):  # each announces 900 bytes, three send nothing, the last 600 of them
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                         b"Content-Length: 900\r\n\r\n")
+            stalled.append(writer)
+        stalled[-1].write(b"z" * 600)
+        for w in stalled:
+            await w.drain()
+        for _ in range(100):  # the 600 bytes reach the handler
+            if h.budget.used == 600:
+                break
+            await asyncio.sleep(0.01)
+        assert h.budget.used == 600
+        r = await client.post("/v1/events", data=b"x" * 400, headers={"Content-Type": JSON})
+        assert r.status == 400  # read and parsed (not JSON): it fit beside them
+        r = await client.post("/v1/events", data=b"x" * 401, headers={"Content-Type": JSON})
+        assert r.status == 503 and r.headers["Retry-After"] == "1"  # 600 + 401 do not fit
+        for w in stalled:
+            w.close()
+        for _ in range(100):
+            if h.budget.used == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert h.budget.used == 0  # given back when they go
+    finally:
+        await client.close()
+
+
 async def test_a_body_that_does_not_arrive_in_time_is_408() -> None:
     import asyncio
 
