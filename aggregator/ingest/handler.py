@@ -21,6 +21,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any, cast
 
 import orjson
@@ -168,7 +169,7 @@ class IngestHandler:
                     ids = self._ids(good, kh, indices) if self.dedup else None
                     await self._submit(good, ingest_ts, per_region, waits, traceparent, ids)
             if waits:
-                await self._acknowledged(waits)
+                await self._acknowledged(waits, per_region)
         except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
             log.warning("ingest: broker did not take %d records: %r", accepted, exc)
             if reasons:
@@ -189,14 +190,16 @@ class IngestHandler:
             "accepted": accepted, "rejected": total - accepted,
             "ingest_ts": ingest_ts, "errors": errors}), content_type="application/json")
 
-    async def _acknowledged(self, waits: set[asyncio.Future]) -> None:
+    async def _acknowledged(self, waits: set[asyncio.Future], regions: Iterable[str]) -> None:
         """Until every batch of ``waits`` is delivered (raises the broker's error), or
         INGEST_TIMEOUT_S pass in which none of them is delivered and the broker takes no
-        batch at all (TimeoutError)."""
+        batch of the partitions of ``regions`` (the request's) (TimeoutError): one stalled
+        partition is not waited for while the others move."""
         batcher = self.producer.batcher
         assert batcher is not None
         pending = waits
-        mark = batcher.progress()
+        partitions = {batcher.partition_of(r) for r in regions}
+        mark = batcher.progress(partitions)
         while pending:
             # asyncio.wait, not gather: a request that gives up must not cancel the futures
             # other requests' records share
@@ -205,7 +208,7 @@ class IngestHandler:
             for fut in done:
                 fut.result()  # raises the broker's error
             if not done:
-                sent = batcher.progress()
+                sent = batcher.progress(partitions)
                 if sent == mark:
                     raise TimeoutError(f"the broker acknowledged nothing within {INGEST_TIMEOUT_S} s")
                 mark = sent
@@ -287,16 +290,17 @@ class IngestHandler:
             if ids is not None:
                 entry[1].append(ids[n])  # type: ignore[union-attr]
         records = Records(ingest_ts, traceparent, self.agg)
-        mark, deadline = batcher.progress(), time.monotonic() + INGEST_TIMEOUT_S
+        partitions = {batcher.partition_of(r) for r in by_region}
+        mark, deadline = batcher.progress(partitions), time.monotonic() + INGEST_TIMEOUT_S
         while True:
             try:
                 waits |= batcher.submit({r: records.of(*entry) for r, entry in by_region.items()}, ingest_ts)
                 break
             except ProducerBusy:
-                # wait for room while the broker takes batches; give up after
-                # INGEST_TIMEOUT_S without one (not after INGEST_TIMEOUT_S of waiting: the
-                # slices of concurrent big bodies take turns)
-                now, sent = time.monotonic(), batcher.progress()
+                # wait for room while the broker takes batches of these partitions; give up
+                # after INGEST_TIMEOUT_S without one (not after INGEST_TIMEOUT_S of waiting:
+                # the slices of concurrent big bodies take turns)
+                now, sent = time.monotonic(), batcher.progress(partitions)
                 if sent != mark:
                     mark, deadline = sent, now + INGEST_TIMEOUT_S
                 elif now >= deadline:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -211,10 +211,11 @@ class BatchProducer:
         route = self.route[region] = (key, pump)
         return route
 
-    def progress(self) -> int:
-        """Batches handed to the broker so far, all partitions: a request that waits for
-        room or for its acknowledgements gives up only when this has not moved for a while."""
-        return sum(p.sent for p in self.pumps.values())
+    def progress(self, partitions: Collection[int]) -> int:
+        """Batches of ``partitions`` handed to the broker so far: a request that waits for
+        room or for its acknowledgements gives up only when this (of its own partitions)
+        has not moved for a while."""
+        return sum(p.sent for n, p in self.pumps.items() if n in partitions)
 
     def partition_of(self, region: str) -> int:
         return (self.route.get(region) or self._route(region))[1].partition

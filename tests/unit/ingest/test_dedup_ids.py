@@ -48,7 +48,10 @@ class _Batcher:
     def has_metadata(self) -> bool:
         return True
 
-    def progress(self) -> int:
+    def progress(self, partitions: object) -> int:
+        return 0
+
+    def partition_of(self, region: str) -> int:
         return 0
 
     def submit(self, by_region: dict, ts: int) -> set:

@@ -54,18 +54,21 @@ def test_batches_waiting_for_a_stalled_broker_are_bounded_over_all_partitions():
     assert held <= MAX_SEALED_TOTAL + 8 + 4, held
 
 
+class _OneStalled(_Stalled):
+    """A broker whose leader of partition 0 takes nothing; the others take everything at once."""
+
+    @staticmethod
+    async def send_batch(batch, topic, partition):
+        if partition == 0:
+            await asyncio.Event().wait()
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
 def test_one_stalled_partition_does_not_refuse_the_healthy_ones():
     """The bound over all partitions refuses only what would add to a partition with
     batches waiting: with one partition's leader stuck, ingest goes on for the others."""
-
-    class _OneStalled(_Stalled):
-        @staticmethod
-        async def send_batch(batch, topic, partition):
-            if partition == 0:
-                await asyncio.Event().wait()
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_result(None)
-            return fut
 
     async def run() -> tuple[list[str], int]:
         batcher = BatchProducer(_OneStalled(), "clicks", max_sealed_total=4)
@@ -92,3 +95,46 @@ def test_one_stalled_partition_does_not_refuse_the_healthy_ones():
     refused, taken = asyncio.run(run())
     assert refused and set(refused) == {refused[0]}  # only the stalled partition's region
     assert taken == 60
+
+
+def test_a_request_on_a_stalled_partition_gives_up_while_the_others_move(monkeypatch):
+    """A request waits for its acknowledgements while the broker takes batches of its own
+    partitions, not anyone's: with partition 0's leader stuck and other requests flowing,
+    one on partition 0 is answered 503 (TimeoutError here) after INGEST_TIMEOUT_S, not never."""
+    import time
+    from types import SimpleNamespace
+
+    import pytest
+
+    from aggregator.ingest import handler
+    from aggregator.metrics import Metrics
+
+    monkeypatch.setattr(handler, "INGEST_TIMEOUT_S", 0.3)
+
+    async def run() -> float:
+        batcher = BatchProducer(_OneStalled(), "clicks")
+        await batcher.ensure_metadata()
+        h = handler.IngestHandler(SimpleNamespace(batcher=batcher), Metrics(), "", 1 << 20, 10)  # type: ignore[arg-type]
+        stuck = next(r for r in (f"r{i}" for i in range(100)) if batcher.partition_of(r) == 0)
+        healthy = next(r for r in (f"r{i}" for i in range(100)) if batcher.partition_of(r) != 0)
+        waits = batcher.submit({stuck: [(b"x", [])]}, 0)
+
+        async def others() -> None:
+            while True:
+                batcher.submit({healthy: [(b"y", [])]}, 0)
+                await asyncio.sleep(0.02)
+
+        flowing = asyncio.create_task(others())
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(TimeoutError, match="acknowledged nothing"):  # not wait_for's
+                await asyncio.wait_for(h._acknowledged(waits, [stuck]), 5)
+            return time.monotonic() - t0
+        finally:
+            flowing.cancel()
+            for p in batcher.pumps.values():
+                if p.task is not None:
+                    p.task.cancel()
+
+    took = asyncio.run(run())
+    assert took < 2, took
