@@ -177,6 +177,8 @@ class Metrics:
         self._recovered = Counter("clickstream_state_recovered_partitions",
                                   "Partitions whose window state was recovered from the changelog", registry=r)
         self._assigned = Gauge("clickstream_assigned_partitions", "Partitions of clicks this worker counts", registry=r)
+        self._idempotent = Gauge("clickstream_ingest_idempotent_producer", "1 while ingest produces with Kafka's "
+                                 "idempotent producer, 0 without (the broker refused it, or the embedded one)", registry=r)
         self._refused = Gauge("clickstream_refused_partitions", "Partitions of clicks assigned here whose stored "
                               "window state is refused (not fetched; /readyz says why)", registry=r)
         self._broker_reachable = Gauge("clickstream_broker_reachable",
@@ -294,8 +296,7 @@ class Metrics:
         self._ingest_processed.inc(items)
         self._ingest_duration.observe(time.perf_counter() - started)
 
-    def ingest_failed(self, n: int = 1) -> None:
-        """A body that could not be parsed (1), or ``n`` records the broker did not take."""
+    def ingest_failed(self, n: int = 1) -> None:  # a body not parsed (1), or n records the broker did not take
         self._ingest_errors.inc(n)
 
     def rejected(self, reasons: Mapping[str, int]) -> None:  # records refused (HTTP or Kafka), by reason
@@ -317,15 +318,13 @@ class Metrics:
         self._stage_processed.labels("spill").inc(events)
         self._stage_duration.labels("spill").observe(seconds)
 
-    def state_write_failed(self, partitions: int) -> None:
-        """The broker did not acknowledge the window state of ``partitions`` partitions."""
+    def state_write_failed(self, partitions: int) -> None:  # window states the broker did not acknowledge
         self._state_write_failures.inc(partitions)
 
     def snapshot_publish_failed(self, partitions: int) -> None:  # snapshots of partitions not acknowledged
         self._snapshot_publish_failures.inc(partitions)
 
-    def source_log_reset(self, partition: int) -> None:
-        """A partition of ``clicks`` started over under the worker (core.sourcelog)."""
+    def source_log_reset(self, partition: int) -> None:  # started over under the worker (core.sourcelog)
         self._source_log_resets.labels(str(partition)).inc()
 
     def spill_drained(self, events: int) -> None:
@@ -364,8 +363,7 @@ class Metrics:
         if n:
             self._spill_faults.labels(kind).inc(n)
 
-    def pending(self, stage: str, n: int) -> None:
-        """Items waiting in ``stage`` (decode: consumer lag; spill: backlog; publish: outbox)."""
+    def pending(self, stage: str, n: int) -> None:  # items waiting in stage (decode: lag; spill: backlog; publish: outbox)
         self._stage_pending.labels(stage).set(n)
 
     def partition_lag(self, partition: int, lag: int) -> None:
@@ -386,6 +384,9 @@ class Metrics:
     def spill_held(self, partitions: int) -> None:
         self._spill_held.set(partitions)
 
+    def ingest_idempotent(self, on: bool) -> None:
+        self._idempotent.set(1 if on else 0)
+
     def assigned(self, n: int, refused: int = 0) -> None:
         self._assigned.set(n)
         self._refused.set(refused)
@@ -394,8 +395,7 @@ class Metrics:
         self._broker_reachable.set(1 if up else 0)
         self.sweep()
 
-    def repartitioned(self, events: int) -> None:
-        """Events of a batch forwarded to their region's home partition."""
+    def repartitioned(self, events: int) -> None:  # events of a batch forwarded to their region's home partition
         self._repartitioned.inc(events)
 
     def forwards_lost(self, events: int) -> None:  # overtaken by a later forward to their home (checkpoint)

@@ -61,7 +61,8 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     if settings.role in ("all", "ingest"):
         # idempotent on Kafka; the embedded broker (Tansu) does not grant producer ids
         producer = IngestProducer(settings.bootstrap(), settings.kafka_security().aiokafka_kwargs(),
-                                  idempotent=external_broker, linger_s=settings.linger_s(not external_broker))
+                                  idempotent=external_broker, linger_s=settings.linger_s(not external_broker),
+                                  on_idempotence=metrics.ingest_idempotent)
         post = IngestHandler(producer, metrics, settings.ingest_token, settings.max_body_bytes, settings.max_regions,
                              region_idle_ms=settings.idle_ms,
                              budget=InflightBudget(settings.ingest_max_inflight_bytes),

@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import BrokerResponseError, KafkaConnectionError
 from aiokafka.partitioner import DefaultPartitioner
 
 from aggregator.background import BackgroundService
@@ -258,12 +258,14 @@ class IngestProducer(BackgroundService):
     503) and, on stop, sends what is still batched."""
 
     def __init__(self, bootstrap: str, client: dict[str, Any] | None = None, idempotent: bool = False,
-                 linger_s: float = 0.0, **kwargs: Any) -> None:
+                 linger_s: float = 0.0, on_idempotence: Callable[[bool], None] = lambda on: None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bootstrap = bootstrap
         self.linger_s = linger_s
         self.client = client or {}  # more aiokafka settings (TLS/SASL)
         self.idempotent = idempotent
+        self.on_idempotence = on_idempotence  # told whether records go out idempotent (a gauge)
         # made in on_start: aiokafka's producer binds to the running event loop
         self.producer: AIOKafkaProducer | None = None
         self.batcher: BatchProducer | None = None
@@ -277,22 +279,29 @@ class IngestProducer(BackgroundService):
     async def background(self) -> None:
         """Connect, retrying every RETRY_S, until the broker knows ``clicks``."""
         assert self.producer is not None
+        self.on_idempotence(self.idempotent)
         while True:
             try:
-                await self.producer.start()
+                try:
+                    await self.producer.start()
+                except BrokerResponseError as exc:
+                    # the broker's answer to a producer id request (start asks for one): an error
+                    # it would answer again (authorisation, a version it lacks) -- go on without
+                    if not (self.idempotent and not exc.retriable):
+                        raise
+                    log.error("ingest: the broker refused Kafka's idempotent producer (%r): producing without "
+                              "it, so a batch the client library retries after a lost answer can be stored twice "
+                              "(events with an Idempotency-Key or event_id are still counted once); "
+                              "clickstream_ingest_idempotent_producer is 0", exc)
+                    await self._without_idempotence()
+                    continue
                 if await self.producer.partitions_for(CLICKS):
                     self.ready = True
                     log.info("ingest ready: producing to %s", CLICKS)
                     return
             except (KafkaConnectionError, TimeoutError) as exc:
                 log.warning("ingest: broker not reachable yet (%r); retrying", exc)
-            except Exception as exc:  # noqa: BLE001 - any other failure: the broker is not ready yet
-                if self.idempotent:  # it refused a producer id (Tansu does): go on without
-                    log.warning("ingest: the broker refused Kafka's idempotent producer (%r): producing without "
-                                "it, so a batch the client library retries after a lost answer can be stored twice "
-                                "(events with an Idempotency-Key or event_id are still counted once)", exc)
-                    await self._without_idempotence()
-                    continue
+            except Exception as exc:  # noqa: BLE001 - any other failure (clicks not created yet ...): not ready yet
                 log.warning("ingest: broker not ready yet (%r); retrying", exc)
             await asyncio.sleep(RETRY_S)
 
@@ -303,6 +312,7 @@ class IngestProducer(BackgroundService):
         except Exception:  # noqa: BLE001 - it never started: nothing to stop
             pass
         self.idempotent = False
+        self.on_idempotence(False)
         self.producer = ingest_producer(self.bootstrap, False, **self.client)
         self.batcher = BatchProducer(self.producer, CLICKS, linger_s=self.linger_s)
 
