@@ -26,6 +26,7 @@ from prometheus_client import (
 
 from aggregator.core.contract import LATE_REASONS, Snapshot
 from aggregator.core.dedup import SOURCES as DEDUP_SOURCES
+from aggregator.quantile_gauge import QuantileGauge
 
 disable_created_metrics()
 
@@ -75,7 +76,7 @@ def _add_counts(counter: Counter, counts: Mapping[str, int] | Mapping[tuple[str,
             counter.labels(*key).inc(n) if isinstance(key, tuple) else counter.labels(key).inc(n)
 
 
-def _drop(metric: Counter | Gauge, *labels: str) -> None:
+def _drop(metric: Counter | Gauge | QuantileGauge, *labels: str) -> None:
     with suppress(KeyError):  # a series never set: nothing to remove
         metric.remove(*labels)
 
@@ -121,9 +122,9 @@ class Metrics:
         self._window_users = Gauge("clickstream_window_unique_users",
                                    "Distinct user_ids of the last closed window (exact up to 256, then a "
                                    "HyperLogLog estimate within 5 %)", ["region"], registry=r)
-        self._window_delay = Gauge("clickstream_window_client_delay_seconds",
-                                   "Client delay (ingest time - client ts) of the last closed window's events, "
-                                   "at quantile 0.5, 0.9, 0.99 (within 1 %)", ["region", "quantile"], registry=r)
+        self._window_delay = QuantileGauge("clickstream_window_client_delay_seconds",
+                                           "Client delay (ingest time - client ts) of the last closed window's "
+                                           "events, at quantile 0.5, 0.9, 0.99 (within 1 %)", ["region", "quantile"], r)
         self._late = Counter("clickstream_late_events", "Events put in the late bucket", ["region", "reason"], registry=r)
         self._rate_limited = Counter("clickstream_rate_limited_events", "Events over their region's rate limit",
                                      ["region"], registry=r)
@@ -346,8 +347,7 @@ class Metrics:
         self._dedup_ids.labels("event_id").set(event_ids)
         self._dedup_ids.labels("idempotency_key").set(keys)
 
-    def limited(self, spilled: Mapping[str, int], rate_limited: Mapping[str, int]) -> None:
-        """Events written to the spill, and events over their region's rate, by region."""
+    def limited(self, spilled: Mapping[str, int], rate_limited: Mapping[str, int]) -> None:  # spilled, over-rate events
         self._seen(spilled)
         self._seen(rate_limited)
         _add_counts(self._spilled, spilled)

@@ -64,7 +64,7 @@ EXTRA_METRICS = {
     "clickstream_http_request_duration_seconds": "histogram",
     "clickstream_snapshot_overdue_seconds": "histogram",
     "clickstream_window_unique_users": "gauge",
-    "clickstream_window_client_delay_seconds": "gauge",
+    "clickstream_window_client_delay_seconds": "summary",
 }
 # in docs/contract.md §5 and used by alert rules only (fault counters, the published count)
 ALERT_METRICS = {

@@ -178,6 +178,9 @@ def test_window_aggregates_follow_the_last_snapshot_and_go_with_the_region():
     # URLs never become label values
     text = generate_latest(m.registry).decode()
     assert "/a" not in text and 'url="' not in text
+    # a quantile label is a summary's (promtool refuses it on a gauge): typed so, quantiles only
+    assert "# TYPE clickstream_window_client_delay_seconds summary" in text
+    assert "clickstream_window_client_delay_seconds_sum" not in text
     # idle regions: both go with the other region series
     m.published([a], time.perf_counter())
     m._region_seen["eu"] = time.monotonic() - 101
