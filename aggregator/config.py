@@ -165,10 +165,8 @@ class Settings(BaseSettings):
     dedup_max_ids: int = Field(1_000_000, ge=1, description="event ids one partition remembers for dedup at most "
                                "(about 250 bytes each); beyond, the oldest are forgotten before the horizon, "
                                "counted in clickstream_dedup_evicted_total")
-    aggregates: bool = Field(False, description="unique users, top URLs and client-delay quantiles per region "
-                             "and window in every snapshot (off by default: with them the worker reads ingest's records "
-                             "at or above a bare consumer's rate, records produced straight to Kafka at 66-72 % "
-                             "of it, docs/analytics.md)")
+    aggregates: bool = Field(True, description="unique users, top URLs and client-delay quantiles per region "
+                             "and window in every snapshot (false: counts only; ingest and workers must agree)")
     top_urls: int = Field(10, ge=1, le=20, description="URLs in a snapshot's top_urls at most")
     unique_users_precision: int = Field(12, ge=10, le=16, description="HyperLogLog precision of unique_users "
                                         "beyond 256 users: 2^p one-byte registers, standard error ~1.04/sqrt(2^p)")
