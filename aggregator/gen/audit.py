@@ -4,7 +4,7 @@ Counts are checked exactly.  With aggregates in the truth (``aggregates``) and i
 snapshots, per (region, window) cell (``audit_aggregates``):
 
 * ``unique_users``: exact while the truth has at most ``SketchParams.exact_users`` (256)
-  users, else within ``UNIQUE_USERS_TOLERANCE`` (5 %, core.sketches' stated bound);
+  users, else within the sketches' stated bound (``SketchParams.users_bound``: 5 % at the default precision);
 * ``top_urls``: the true top 3 URLs, where they are unambiguous (counts strictly
   decreasing and the 3rd strictly above the 4th), first in that order, each count within
   ``URL_COUNT_TOLERANCE`` (5 %) of the truth;
@@ -26,7 +26,7 @@ from aggregator.core.contract import snapshot_content as content
 from aggregator.core.sketches import SketchParams
 
 EXACT_USERS = SketchParams().exact_users  # unique users are exact up to this many
-UNIQUE_USERS_TOLERANCE = 0.05
+UNIQUE_USERS_TOLERANCE = SketchParams().users_bound  # at the default precision; audit(users_bound=...)
 URL_COUNT_TOLERANCE = 0.05
 DELAY_TOLERANCE = SketchParams().delay_accuracy  # relative, at the same rank
 DELAY_ROUNDING_MS = 0.05  # the snapshot's quantiles are rounded to 0.1 ms
@@ -74,7 +74,7 @@ def missing_windows(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> set[tupl
 
 
 def audit(truth: TruthJSON, snapshots: Sequence[Snapshot], spilled_regions: Set[str] = frozenset(),
-          top_n: int = 10) -> list[str]:
+          top_n: int = 10, users_bound: float = UNIQUE_USERS_TOLERANCE) -> list[str]:
     """Return a list of mismatches (empty: the published numbers are exact).
 
     ``spilled_regions``: regions over their rate limit.  Their spilled events
@@ -145,7 +145,7 @@ def audit(truth: TruthJSON, snapshots: Sequence[Snapshot], spilled_regions: Set[
             g = late.get(region, {}).get(reason, 0)
             if e != g:
                 problems.append(f"{region} late {reason}: {g} != expected {e}")
-    problems += audit_aggregates(truth, published, spilled_regions, top_n)
+    problems += audit_aggregates(truth, published, spilled_regions, top_n, users_bound)
     return problems
 
 
@@ -154,7 +154,8 @@ def has_aggregates(snap: Mapping[str, Any]) -> bool:
 
 
 def audit_aggregates(truth: TruthJSON, published: Mapping[tuple[str, int], Snapshot],
-                     spilled_regions: Set[str] = frozenset(), top_n: int = 10) -> list[str]:
+                     spilled_regions: Set[str] = frozenset(), top_n: int = 10,
+                     users_bound: float = UNIQUE_USERS_TOLERANCE) -> list[str]:
     """Problems of the aggregates of the published cells against the truth's (module
     docstring); nothing when the truth has none or no snapshot carries them (aggregates
     off: counts only), but a snapshot without them where others have them is one."""
@@ -176,11 +177,12 @@ def audit_aggregates(truth: TruthJSON, published: Mapping[tuple[str, int], Snaps
             if not has_aggregates(snap):
                 problems.append(f"{where}: no unique_users/top_urls/client_delay_ms in the snapshot")
                 continue
-            problems += check_cell(where, cell, snap, top_n)
+            problems += check_cell(where, cell, snap, top_n, users_bound)
     return problems
 
 
-def check_cell(where: str, cell: CellTruthJSON, snap: Mapping[str, Any], top_n: int = 10) -> list[str]:
+def check_cell(where: str, cell: CellTruthJSON, snap: Mapping[str, Any], top_n: int = 10,
+               users_bound: float = UNIQUE_USERS_TOLERANCE) -> list[str]:
     """The problems of one cell's published aggregates against its truth."""
     out: list[str] = []
     want_u, got_u = cell["unique_users"], snap.get("unique_users")
@@ -189,9 +191,9 @@ def check_cell(where: str, cell: CellTruthJSON, snap: Mapping[str, Any], top_n: 
     elif want_u <= EXACT_USERS:
         if got_u != want_u:
             out.append(f"{where}: unique_users {got_u} != {want_u} (exact up to {EXACT_USERS} users)")
-    elif abs(got_u - want_u) > UNIQUE_USERS_TOLERANCE * want_u:
+    elif abs(got_u - want_u) > users_bound * want_u:
         out.append(f"{where}: unique_users {got_u} off by {abs(got_u - want_u) / want_u:.1%} from {want_u} "
-                   f"(bound {UNIQUE_USERS_TOLERANCE:.0%})")
+                   f"(bound {users_bound:.1%})")
     out += _check_top(where, cell, snap.get("top_urls"), top_n)
     out += _check_delays(where, cell.get("client_delay_ms"), snap.get("client_delay_ms"))
     return out

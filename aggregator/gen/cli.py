@@ -35,6 +35,7 @@ from aggregator.cli import (
     settings_options,
 )
 from aggregator.core.contract import Snapshot
+from aggregator.core.sketches import SketchParams
 from aggregator.gen.audit import (
     DELAY_TOLERANCE,
     EXACT_USERS,
@@ -50,7 +51,7 @@ from aggregator.gen.generator import generate
 
 GEN_FIELDS = ("window_seconds", "late_after_seconds", "ingest_token", "url_keep_query", "web_host", "web_port",
               *KAFKA_CLIENT_FIELDS)
-AUDIT_FIELDS = ("top_urls", "web_host", "web_port", *KAFKA_CLIENT_FIELDS)
+AUDIT_FIELDS = ("top_urls", "unique_users_precision", "web_host", "web_port", *KAFKA_CLIENT_FIELDS)
 USE_BROKER = "\0AGG_BROKER"  # --kafka given without a value
 CONNECT_WAIT = 10.0  # seconds gen waits for the service to answer before it starts
 URL_HELP = "service base URL  [default: http://AGG_WEB_HOST:AGG_WEB_PORT, i.e. http://127.0.0.1:8080]"
@@ -272,7 +273,7 @@ def audit_command(**kw: Any) -> int:
     except (OSError, ValueError) as exc:
         raise Failure(f"audit: cannot read the truth file {kw['truth']}: {exc}") from None
     return run_audit(truth, url, kafka, kw["spilled_regions"], kw["wait"], settings.kafka_security(),
-                     top_n=settings.top_urls)
+                     top_n=settings.top_urls, users_bound=SketchParams(hll_p=settings.unique_users_precision).users_bound)
 
 
 def fetch_snapshots(url: str) -> list[Snapshot]:
@@ -281,7 +282,7 @@ def fetch_snapshots(url: str) -> list[Snapshot]:
 
 
 def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: float,
-              security: KafkaSecurity = PLAINTEXT, top_n: int = 10) -> int:
+              security: KafkaSecurity = PLAINTEXT, top_n: int = 10, users_bound: float = UNIQUE_USERS_TOLERANCE) -> int:
     def fetch() -> list[Snapshot]:
         if kafka:
             from aiokafka.errors import KafkaError
@@ -306,9 +307,9 @@ def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: floa
         time.sleep(0.5)
         snaps = fetch()
     spilled = frozenset(r.strip().lower() for r in spilled_regions.split(",") if r.strip())
-    problems = audit(truth, snaps, spilled, top_n)
+    problems = audit(truth, snaps, spilled, top_n, users_bound)
     print(table(truth, snaps))
-    note = aggregates_note(truth, snaps, spilled)
+    note = aggregates_note(truth, snaps, spilled, users_bound)
     if note:
         print("\n" + note)
     dup = truth.get("duplicates") or {}
@@ -325,7 +326,8 @@ def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: floa
     return 0
 
 
-def aggregates_note(truth: Any, snaps: list[Snapshot], spilled: frozenset[str]) -> str:
+def aggregates_note(truth: Any, snaps: list[Snapshot], spilled: frozenset[str],
+                    users_bound: float = UNIQUE_USERS_TOLERANCE) -> str:
     """One line on what the aggregates' audit covered ('' when the truth has none)."""
     cells = truth.get("aggregates") or {}
     if not cells:
@@ -337,6 +339,6 @@ def aggregates_note(truth: Any, snaps: list[Snapshot], spilled: frozenset[str]) 
                 if c["unique_users"] <= EXACT_USERS)
     skipped = len(truth.get("aggregates_incomplete") or [])
     return (f"audit: aggregates of {n} cells checked ({exact} with unique users <= {EXACT_USERS}: exact; "
-            f"{n - exact} above: within {UNIQUE_USERS_TOLERANCE:.0%}; top 3 URLs where unambiguous; delay "
+            f"{n - exact} above: within {users_bound:.1%}; top 3 URLs where unambiguous; delay "
             f"quantiles within {DELAY_TOLERANCE:.0%})"
             + (f"; {skipped} cells not checked (events answered after their cell was folded)" if skipped else ""))

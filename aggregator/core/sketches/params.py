@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import sys
 from array import array
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ class SketchParams:
 
     def key(self) -> list[Any]:
         return [self.hll_p, self.exact_users, self.url_capacity, self.delay_accuracy]
+
+    @property
+    def users_bound(self) -> float:
+        """The relative bound stated for ``unique_users`` beyond ``exact_users``: three standard
+        errors of the estimate (1.04 / sqrt(2^hll_p)), rounded up to half a percent -- 5 % at
+        the default precision 12, 10 % at 10, 1.5 % at 16."""
+        return math.ceil(3 * 1.04 / math.sqrt(1 << self.hll_p) * 200) / 200
 
 
 def b64(raw: bytes) -> str:

@@ -58,9 +58,18 @@ def test_unique_users_within_five_percent_above_it() -> None:
     t = truth(cell(10_000, TOP, delay=DELAY))
     assert audit(t, [snap(10_499)]) == audit(t, [snap(9_501)]) == []
     problems = audit(t, [snap(10_600)])
-    assert problems == [f"eu window {WS}: unique_users 10600 off by 6.0% from 10000 (bound 5%)"]
+    assert problems == [f"eu window {WS}: unique_users 10600 off by 6.0% from 10000 (bound 5.0%)"]
     assert audit(truth(cell(257, TOP, delay=DELAY)), [snap(269)]) == []  # 5 % of 257: 12.85
     assert audit(truth(cell(257, TOP, delay=DELAY)), [snap(270)]) != []
+
+
+def test_the_unique_users_bound_follows_the_precision() -> None:
+    """Three standard errors (1.04 / sqrt(2^p)), rounded up to half a percent: the 5 % of the
+    default precision would be 1.5 standard errors at precision 10, and loose at 16."""
+    assert [SketchParams(hll_p=p).users_bound for p in (10, 12, 14, 16)] == [0.1, 0.05, 0.025, 0.015]
+    t = truth(cell(10_000, TOP, delay=DELAY))
+    assert audit(t, [snap(10_900)], users_bound=SketchParams(hll_p=10).users_bound) == []
+    assert audit(t, [snap(10_200)], users_bound=SketchParams(hll_p=16).users_bound) != []
 
 
 def test_top_three_in_order_with_counts_within_five_percent() -> None:
@@ -204,7 +213,7 @@ def test_the_audit_says_what_it_checked() -> None:
     t = truth(cell(100, TOP, delay=DELAY))
     t["aggregates"]["us"] = {str(WS): cell(1000, TOP, delay=DELAY)}
     assert aggregates_note(t, [snap()], frozenset()) == (
-        "audit: aggregates of 2 cells checked (1 with unique users <= 256: exact; 1 above: within 5%; top 3 URLs "
+        "audit: aggregates of 2 cells checked (1 with unique users <= 256: exact; 1 above: within 5.0%; top 3 URLs "
         "where unambiguous; delay quantiles within 1%)")
     assert "of 1 cells checked" in aggregates_note(t, [snap()], frozenset({"us"}))
     assert "no snapshot carries them" in aggregates_note(t, [snap(users=None)], frozenset())
