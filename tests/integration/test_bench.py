@@ -34,6 +34,7 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     # figure 1b (dedup state: every event id remembered), 1c and 1d (aggregates on)
     assert res["worker_dedup"]["exact"] is True and res["worker_dedup"]["dedup_ids"] == 3000
     assert res["worker_aggs"]["exact"] is True and res["worker_aggs_ingest"]["exact"] is True
+    assert res["worker_ingest"]["exact"] is True  # 1e: ingest's records, aggregates off
     assert w["bare_rate"] > 0 and w["worker_rate"] > 0 and w["faust_rate"] > 0
     assert [n for n, _ in res["memory"]["peak_rss"]] == [3000, 6000]
     assert all(mb > 0 for _, mb in res["memory"]["peak_rss"])
@@ -94,8 +95,8 @@ def test_bench_ingest_on_apache_kafka_counts_exactly(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(raw.read_text())
     assert "ingest" not in res and "worker" not in res  # --kafka only: no embedded-broker runs
-    # figures 1, 1c and 1d on Apache Kafka: counts exact
-    for key in ("worker_kafka", "worker_aggs_kafka", "worker_aggs_ingest_kafka"):
+    # figures 1, 1c, 1d and 1e on Apache Kafka: counts exact
+    for key in ("worker_kafka", "worker_aggs_kafka", "worker_aggs_ingest_kafka", "worker_ingest_kafka"):
         assert res[key]["n"] == 3000 and res[key]["exact"] is True, key
     i = res["ingest_kafka"]
     assert i["exact"] is True and i["runs"][0]["exact"] is True

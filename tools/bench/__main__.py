@@ -68,8 +68,9 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
     """Figure 1, aggregates off (or, with ``event_ids``, 1b: every record has an
     ``event_id``, so the worker keeps dedup state for all of them; with ``aggregates``,
     1c/1d: unique users, top URLs and delay quantiles on, records produced straight to
-    Kafka or, ``ingest_format``, as the HTTP ingest writes them); each run on a fresh
-    embedded broker, or with ``kafka`` a fresh Apache Kafka."""
+    Kafka or, ``ingest_format``, as the HTTP ingest writes them; ``ingest_format`` alone,
+    1e: those records, aggregates off); each run on a fresh embedded broker, or with
+    ``kafka`` a fresh Apache Kafka."""
     runs = []
     exact = True
     for k in range(a.runs):
@@ -83,7 +84,7 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
             # the machine's speed drifts (a shared host): the baseline is the mean of a bare
             # consumer just before and just after the worker, on the same backlog
             bare1 = asyncio.run(throughput.bare(bootstrap, a.n))
-            # one profile per figure, broker and run (1 / 1b / 1c / 1d: figure-1..., -ids, -aggs, -aggs-ingest)
+            # one profile per figure, broker and run (1 / 1b / 1c / 1d / 1e: figure-1..., -ids, -aggs, -aggs-ingest, -ingest)
             figure = "figure-1" + ("-ids" if event_ids else "") + ("-aggs" if aggregates else "") + (
                 "-ingest" if ingest_format else "") + ("-kafka" if kafka else "")
             w = throughput.worker(b.url, a.n, profile_dir=a.profile_dir,
@@ -355,6 +356,8 @@ def measure(a: argparse.Namespace, results: dict) -> bool:
             ok &= exact
             results["worker_aggs_ingest"], _, exact = worker_section(a, aggregates=True, ingest_format=True)
             ok &= exact
+            results["worker_ingest"], _, exact = worker_section(a, ingest_format=True)  # 1e: beside 1d
+            ok &= exact
         if a.aggregates and a.aggregates_memory_n:
             results["aggregates_memory"] = aggregates_memory_section(a)
         if a.memory_n:
@@ -363,7 +366,7 @@ def measure(a: argparse.Namespace, results: dict) -> bool:
             results["memory"] = {"peak_rss": rss, "large_runs": 0, "large_rate": float("nan"),
                                  "large_bare": float("nan")}
     if not a.skip_worker and a.n and not why:
-        # figures 1, 1c and 1d again on Apache Kafka (the aggregates' goal is on both brokers)
+        # figures 1, 1c, 1d and 1e again on Apache Kafka (the aggregates' goal is on both brokers)
         try:
             results["worker_kafka"], _, exact = worker_section(a, kafka=True)
             ok &= exact
@@ -373,9 +376,11 @@ def measure(a: argparse.Namespace, results: dict) -> bool:
                 results["worker_aggs_ingest_kafka"], _, exact = worker_section(
                     a, aggregates=True, ingest_format=True, kafka=True)
                 ok &= exact
+                results["worker_ingest_kafka"], _, exact = worker_section(a, ingest_format=True, kafka=True)
+                ok &= exact
         except Exception as exc:  # noqa: BLE001 - the embedded figures are still reported
             log(f"the worker runs on Apache Kafka failed: {exc!r}"[:1500])
-            results["notes"].append(f"Figures 1, 1c and 1d were not measured on Apache Kafka: {exc!r}"[:600] + ".")
+            results["notes"].append(f"Figures 1, 1c, 1d and 1e were not measured on Apache Kafka: {exc!r}"[:600] + ".")
             ok = False
     if a.ingest_duration > 0:
         if a.kafka != "only":

@@ -117,6 +117,13 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                         "PASS" if g["ratio"] >= 1.0 else "FAIL"))
             out.append(("   peak RSS / counts exact", f"{_num(g['rss'], 'MB')} / {'yes' if g['exact'] else 'NO'}",
                         "per region = produced", "", "PASS" if g["exact"] else "FAIL"))
+    for key, label in (("worker_ingest", "1e. worker, aggregates off, ingest's records (beside 1d)"),
+                       ("worker_ingest_kafka", "1e. worker, aggregates off, ingest's records, Apache Kafka")):
+        g = r.get(key)
+        if g:
+            out.append((f"{label}, N={g['n']:,}", _num(g["worker_rate"], "ev/s"),
+                        f"bare consumer {_num(g['bare_rate'], 'ev/s')}", f"{g['ratio']:.0%}",
+                        "info" if g["exact"] else "FAIL"))
     d = r.get("worker_dedup")
     if d:
         out.append((f"1b. worker, an event_id on every record (dedup state on), N={d['n']:,}",
@@ -223,11 +230,13 @@ def markdown(r: dict[str, Any]) -> str:
     if w:
         md += [
             f"**1. Worker throughput.** {w['n']:,} compact JSON click events "
-            f"(`{{\"region\",\"user_id\",\"ingest_ts\"}}`, 16 regions, Zipf s={cfg['zipf_s']}, the first region "
+            f"(`{{\"region\",\"user_id\",\"url\",\"ts\",\"ingest_ts\"}}`: 5,000 users, 1,000 pages with a query "
+            f"string, a client `ts` 0-2 s before `ingest_ts`; 16 regions, Zipf s={cfg['zipf_s']}, the first region "
             f"{cfg['top_share']:.0%} of the events) are produced to `clicks` ({_partitions(cfg['partitions'])}, "
             "key = region) before anything reads them. Then, on that backlog: the **bare consumer** "
             "(aiokafka `getmany`, `orjson.loads` of each value, a count per region in a dict), "
-            "**the worker** (`aggregator run`, default settings) started against it, and the bare consumer "
+            "**the worker** (`aggregator run`, default settings but `AGG_AGGREGATES=false`: counts only) started "
+            "against it, and the bare consumer "
             "again; the baseline is the mean of the two bare runs around the worker, because the shared "
             "machine's speed drifts from minute to minute. CPU per event (user + system time of the "
             "consumer's process over the measured interval) is shown beside the rates. Rates run from the first "
@@ -236,6 +245,14 @@ def markdown(r: dict[str, Any]) -> str:
             "join is left out of both alike; the worker's rate from process start is shown too. "
             "Counts are checked exact per region against what was produced "
             "(`clickstream_events_total`, and the bare consumer's dict).",
+            "",
+            "**1b-1e** are the same measurement on other backlogs or settings, each against its own bare "
+            "consumer: **1b** every record with a distinct `event_id` (the worker keeps dedup state for all); "
+            "**1c** the worker with `AGG_AGGREGATES=true` (unique users, top URLs, delay quantiles: the "
+            "default) on the same records as figure 1, produced straight to Kafka (the worker parses each "
+            "value once); **1d** the same with the records as the HTTP ingest writes them (the "
+            "`clickstream-ingest` and `clickstream-agg` headers: the worker reads no value); **1e** those "
+            "records with the aggregates off, beside 1d. Issue 18's goal is 1c and 1d at 100 % or more.",
             "",
             f"The **plain-Faust** reference (`tools/bench/plain_faust.py`: an agent over `clicks`, "
             f"`orjson.loads`, a tumbling 60 s windowed table `table[region] += 1` per event) reads only the first "
@@ -256,7 +273,8 @@ def markdown(r: dict[str, Any]) -> str:
     i, k = r.get("ingest"), r.get("ingest_kafka")
     if i or k:
         md += [
-            f"**2. HTTP ingest.** An ingest process (`aggregator run --role ingest`) and a worker process "
+            f"**2. HTTP ingest.** An ingest process (`aggregator run --role ingest`, `AGG_AGGREGATES=false` "
+            "but where said) and a worker process "
             f"(`--role worker`, counting everything ingested while it is measured) on the same machine, "
             f"with {cfg['window_s']:g} s windows and "
             f"{cfg['grace_s']:g} s grace, on a fresh broker per run. The load generator "
