@@ -49,8 +49,8 @@ from aggregator.gen.audit import (
 )
 from aggregator.gen.generator import generate
 
-GEN_FIELDS = ("window_seconds", "late_after_seconds", "ingest_token", "url_keep_query", "web_host", "web_port",
-              *KAFKA_CLIENT_FIELDS)
+GEN_FIELDS = ("window_seconds", "late_after_seconds", "ingest_token", "url_keep_query", "dedup_seconds", "web_host",
+              "web_port", *KAFKA_CLIENT_FIELDS)
 AUDIT_FIELDS = ("top_urls", "unique_users_precision", "web_host", "web_port", *KAFKA_CLIENT_FIELDS)
 USE_BROKER = "\0AGG_BROKER"  # --kafka given without a value
 CONNECT_WAIT = 10.0  # seconds gen waits for the service to answer before it starts
@@ -222,7 +222,8 @@ def gen_command(**kw: Any) -> int:
             burst_start=kw["burst_start"], burst_duration=kw["burst_duration"], clock_skew_ms=kw["clock_skew_ms"],
             security=security, retry_fraction=kw["retry_fraction"],
             # the aggregates' truth only when it is written: it holds the recent windows' users
-            aggregates=bool(kw["truth"]), url_keep_query=settings.url_keep_query)
+            aggregates=bool(kw["truth"]), url_keep_query=settings.url_keep_query,
+            reuse_within_ms=int(settings.dedup_seconds * 500))
 
     from aiokafka.errors import KafkaError
 

@@ -72,7 +72,7 @@ class EventSource:
     def __init__(self, seed: int, regions: int, skew: float = 1.1, bad_fraction: float = 0.0,
                  delayed_fraction: float = 0.0, late_after_ms: int = 300_000,
                  hot_region: str = "", burst_multiplier: float = 1.0, clock_skew_ms: int = 0,
-                 reuse_fraction: float = 0.0) -> None:
+                 reuse_fraction: float = 0.0, reuse_within_ms: int = 300_000) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.names = region_names(regions)
@@ -91,7 +91,11 @@ class EventSource:
         # a fraction of events repeat the (region, event_id) of a recent accepted one: a
         # duplicate the service drops (docs/contract.md §3, Retries); last_dups: their indices
         self.reuse_fraction = reuse_fraction
-        self.pool: collections.deque[tuple[str, str]] = collections.deque(maxlen=10_000)
+        # (region, event_id, when it was sent): only ids sent within reuse_within_ms are repeated,
+        # so each repeat lands within the service's dedup horizon (half of AGG_DEDUP_SECONDS)
+        self.reuse_within_ms = reuse_within_ms
+        self.pool: collections.deque[tuple[str, str, int]] = collections.deque(maxlen=10_000)
+        self.sent_ms = 0  # the time of the last batch made (when its accepted events were sent)
         self.last_dups: set[int] = set()
         self.last_parts: list[Parts] = []
         self.user_pools = {n: user_pool(i) for i, n in enumerate(self.names)}
@@ -112,7 +116,7 @@ class EventSource:
         if self.reuse_fraction:
             for i, (line, r) in enumerate(zip(lines, regs, strict=True)):
                 if r is not None and i not in rejected:
-                    self.pool.append((r, orjson.loads(line)["event_id"]))
+                    self.pool.append((r, orjson.loads(line)["event_id"], self.sent_ms))
 
     def batch(self, n: int, now_ms: int, burst: bool = False
               ) -> tuple[list[bytes], list[str | None], list[int]]:
@@ -127,10 +131,14 @@ class EventSource:
         self.last_dups = set()
         parts: list[Parts] = []
         self.last_parts = parts
+        self.sent_ms = now_ms
+        pool = self.pool
+        while pool and pool[0][2] < now_ms - self.reuse_within_ms:
+            pool.popleft()  # too old to be a repeat the service drops
         for i in range(n):
             self.n += 1
-            if self.pool and rng.random() < self.reuse_fraction:
-                r, eid = self.pool[rng.randrange(len(self.pool))]
+            if pool and rng.random() < self.reuse_fraction:
+                r, eid, _ = pool[rng.randrange(len(pool))]
                 lines.append(orjson.dumps({"region": r, "event_id": eid, "user_id": "dup"}))
                 regs.append(r)
                 delayed.append(now_ms)
@@ -172,7 +180,8 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                    progress_interval: float = 5.0, kafka: str = "", hot_region: str = "",
                    burst_multiplier: float = 1.0, burst_start: float = 0.0, burst_duration: float = 0.0,
                    clock_skew_ms: int = 0, security: KafkaSecurity = PLAINTEXT,
-                   retry_fraction: float = 0.0, aggregates: bool = True, url_keep_query: bool = False) -> Truth:
+                   retry_fraction: float = 0.0, aggregates: bool = True, url_keep_query: bool = False,
+                   reuse_within_ms: int = 300_000) -> Truth:
     """Send ``count`` events at ``rate``/s over HTTP to ``url`` (or, with ``kafka`` a
     bootstrap address, produce them straight to topic ``clicks`` with value = event plus
     ``ingest_ts`` = now ms, with TLS/SASL as ``security`` says) and return the exact ground
@@ -183,14 +192,15 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
     requests go round-robin.  ``retry_fraction``: that fraction of accepted bodies is sent
     again with the same key (half at once, half after up to 2 s; to another process when
     there are several), and that fraction of events (over HTTP or Kafka) repeats the
-    ``event_id`` of a recent accepted one; the truth counts each event once.
+    ``event_id`` of one accepted within ``reuse_within_ms`` (half the service's
+    AGG_DEDUP_SECONDS: a repeat it drops); the truth counts each event once.
 
     ``aggregates``: the truth also holds the exact aggregates of every cell (``Truth``),
     URLs normalised as the service does with ``url_keep_query`` (AGG_URL_KEEP_QUERY)."""
     source = EventSource(seed, regions, skew=skew, bad_fraction=bad_fraction,
                          delayed_fraction=delayed_fraction, late_after_ms=late_after_ms,
                          hot_region=hot_region, burst_multiplier=burst_multiplier,
-                         clock_skew_ms=clock_skew_ms, reuse_fraction=retry_fraction)
+                         clock_skew_ms=clock_skew_ms, reuse_fraction=retry_fraction, reuse_within_ms=reuse_within_ms)
     urls = [u.rstrip("/") for u in url.split(",") if u.strip()]
     retry_rng = random.Random(seed ^ 0x5EED)
     requests = 0

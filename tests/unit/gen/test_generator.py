@@ -42,6 +42,25 @@ def test_hot_region_burst_and_clock_skew():
     assert all(now - 5000 - 2000 < ts <= now - 5000 for ts in ts_calm)  # skewed producer clock
 
 
+def test_repeated_event_ids_are_ones_sent_within_the_reuse_horizon():
+    """At a low rate the pool of accepted ids spans more than the service's dedup horizon:
+    only ids sent within ``reuse_within_ms`` are repeated (an older one would be counted
+    again by the service, as it should, and the audit would call it a double count)."""
+    src = EventSource(3, 4, reuse_fraction=0.5, reuse_within_ms=60_000)
+    t0 = 1_700_000_000_000
+    lines, regs, _ = src.batch(100, t0)
+    src.accepted(lines, regs, set())
+    old = {orjson.loads(x)["event_id"] for x in lines}
+    lines, regs, _ = src.batch(100, t0 + 30_000)  # within the minute: repeats of the first batch
+    assert src.last_dups and {orjson.loads(lines[i])["event_id"] for i in src.last_dups} <= old
+    src.accepted([x for i, x in enumerate(lines) if i not in src.last_dups],
+                 [r for i, r in enumerate(regs) if i not in src.last_dups], set())
+    second = {orjson.loads(x)["event_id"] for i, x in enumerate(lines) if i not in src.last_dups}
+    lines, _, _ = src.batch(100, t0 + 61_000)  # the first batch's ids are too old now
+    repeated = {orjson.loads(lines[i])["event_id"] for i in src.last_dups}
+    assert repeated and repeated <= second and not repeated & old
+
+
 def test_rate_summary_says_when_target_not_sustained():
     ok = rate_summary(950, 1.0, 1000)
     assert len(ok) == 1 and "achieved 950/s" in ok[0]
