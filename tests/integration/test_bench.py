@@ -42,6 +42,7 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     assert res["aggregates_memory"]["regions"] == 300 and [n for n, _, _ in res["aggregates_memory"]["runs"]] == [4000]
     i = res["ingest"]
     assert i["exact"] is True and i["runs"][0]["one_exact"] is True
+    assert i["dedup_keys"] > 0 and i["worker_rss"] > 0  # the dedup state at the bench rate
     run = i["runs"][0]
     phases = ("max_1000", "alone_1000", "max_10", "half_1000", "one_max_1000", "one_half_1000",
               "agg_max_1000", "agg_alone_1000",  # agg_: AGG_AGGREGATES on in both processes
@@ -95,8 +96,9 @@ def test_bench_ingest_on_apache_kafka_counts_exactly(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(raw.read_text())
     assert "ingest" not in res and "worker" not in res  # --kafka only: no embedded-broker runs
-    # figures 1, 1c, 1d and 1e on Apache Kafka: counts exact
-    for key in ("worker_kafka", "worker_aggs_kafka", "worker_aggs_ingest_kafka", "worker_ingest_kafka"):
+    # figures 1, 1b, 1c, 1d and 1e on Apache Kafka: counts exact
+    for key in ("worker_kafka", "worker_dedup_kafka", "worker_aggs_kafka", "worker_aggs_ingest_kafka",
+                "worker_ingest_kafka"):
         assert res[key]["n"] == 3000 and res[key]["exact"] is True, key
     i = res["ingest_kafka"]
     assert i["exact"] is True and i["runs"][0]["exact"] is True

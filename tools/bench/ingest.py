@@ -32,7 +32,16 @@ from functools import partial
 import orjson
 
 from aggregator.core.contract import SNAPSHOTS
-from tools.bench.common import INGESTED, PROCESSED, WINDOW_END, BenchService, by_label, cpu_seconds, metrics
+from tools.bench.common import (
+    INGESTED,
+    PROCESSED,
+    WINDOW_END,
+    BenchService,
+    by_label,
+    cpu_seconds,
+    metrics,
+    proc_status,
+)
 from tools.harness import REPO, http
 
 
@@ -69,6 +78,8 @@ class IngestRun:
     late: int
     exact: bool
     detail: str = ""
+    dedup_keys: int = 0          # idempotency keys the worker remembers at the end (loadgen sends one a request)
+    worker_rss_mb: float = 0.0   # the worker process's peak RSS (with its dedup state)
 
 
 def loadgen(url: str, batch: int, duration: float, concurrency: int = 8, rate: float = 0.0,
@@ -261,11 +272,13 @@ def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, g
             if exact or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        keys = int(by_label(m.get("clickstream_dedup_ids", {}), "kind").get("idempotency_key", 0))
         detail = "" if exact else (f"expected {sum(expected.values())} per loadgen answers, ingested "
                                    f"{sum(ingested.values())}, counted {sum(counted.values())}, late {late}, "
                                    f"in closed windows {sum(closed.values())}")
         return IngestRun(phases=phases, snapshots=snaps, accepted=accepted, counted=sum(counted.values()),
-                         late=late, exact=exact, detail=detail)
+                         late=late, exact=exact, detail=detail, dedup_keys=keys,
+                         worker_rss_mb=proc_status(wpid or pid, "VmHWM"))
     finally:
         front.stop()
         if split:
