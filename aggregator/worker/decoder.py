@@ -27,7 +27,7 @@ from aggregator.core.contract import (
     parse_agg_header,
     parse_ingest_header,
 )
-from aggregator.core.dedup import KEY_HEX_MAX, DedupId, event_key, key_index, parse_id_field
+from aggregator.core.dedup import KEY_HEX_MAX, MAX_KEY_INDEX, DedupId, event_key, parse_id_field
 from aggregator.core.events import LIMITS, TS_MAX, TS_MIN, EventError, normalise_region, parse_client_ts
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header
@@ -138,6 +138,7 @@ class RecordDecoder:
         fast = parse_click if self.fast else None
         misses = 0
         last_k, last_kh = b"", 0  # the last request key field of a keyed record, and its digest
+        max_index = MAX_KEY_INDEX  # read once
         # module globals read once (compiled code looks each up in the module's dict per use)
         fields, hash_, key_of, id_max, log_append = astuple, hash_bytes, event_key, EVENT_ID_MAX, LOG_APPEND_TIME
         cts: int | None
@@ -169,7 +170,10 @@ class RecordDecoder:
                                     raise ValueError("not a request key's digest")
                                 last_kh = int(kpart[1:], 16)
                                 last_k = kpart
-                            did = (last_kh, key_index(index))
+                            i = int(index)
+                            if not 0 <= i < max_index:  # key_index inlined: not what ingest writes
+                                raise ValueError("a body index out of any body")
+                            did = (last_kh, i)
                         else:
                             its, cts, raw_id = parse_header(hs[0][1])  # type: ignore[arg-type]
                             if raw_id is not None:

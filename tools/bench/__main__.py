@@ -106,9 +106,9 @@ def worker_section(a: argparse.Namespace, event_ids: bool = False, aggregates: b
                 f = throughput.plain_faust(b.url, min(a.faust_n, a.n), a.partitions_embedded)
                 run["faust"] = f.rate
             runs.append(run)
-            tag = (" (event ids)" if event_ids else "") + (" (aggregates on" if aggregates else "") + (
-                ", ingest's records)" if ingest_format else ")" if aggregates else "") + (
-                " (Apache Kafka)" if kafka else "")
+            tag = (" (event ids)" if event_ids else "") + (
+                " (aggregates on" + (", ingest's records)" if ingest_format else ")") if aggregates
+                else " (ingest's records)" if ingest_format else "") + (" (Apache Kafka)" if kafka else "")
             log(f"run {k + 1}{tag}: bare {bare.rate:,.0f}/s (before {bare1.rate:,.0f}, after {bare2.rate:,.0f})  "
                 f"worker {w.rate:,.0f}/s ({w.rate / bare.rate:.0%}; "
                 f"from start {w.rate_from_start:,.0f}/s)  CPU/event bare {bare.cpu_us:.2f} us worker {w.cpu_us:.2f} us"
