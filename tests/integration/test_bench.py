@@ -90,6 +90,7 @@ def test_bench_ingest_on_apache_kafka_counts_exactly(tmp_path):
     out, raw = tmp_path / "benchmarks.md", tmp_path / "results.json"
     proc = subprocess.run(
         [sys.executable, "-m", "tools.bench", "--n", "3000", "--faust-n", "0", "--memory-n", "0", "--runs", "1",
+         "--aggregates-memory-n", "4000", "--aggregates-regions", "300",
          "--ingest-duration", "1.5", "--kafka", "only", "--kafka-dir", str(tmp_path), "--out", str(out),
          "--json", str(raw)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -100,6 +101,8 @@ def test_bench_ingest_on_apache_kafka_counts_exactly(tmp_path):
     for key in ("worker_kafka", "worker_dedup_kafka", "worker_aggs_kafka", "worker_aggs_ingest_kafka",
                 "worker_ingest_kafka"):
         assert res[key]["n"] == 3000 and res[key]["exact"] is True, key
+    # figure 4b on Apache Kafka (counts exact, else the run raises)
+    assert [n for n, _, _ in res["aggregates_memory_kafka"]["runs"]] == [4000]
     i = res["ingest_kafka"]
     assert i["exact"] is True and i["runs"][0]["exact"] is True
     assert all(i["runs"][0][p]["requests"] > 0 for p in ("max_1000", "max_10", "half_1000"))
