@@ -33,6 +33,11 @@ BatchHandler = Callable[[TP, list], "int | None"]  # an offset to fetch the part
 # Faust hard-codes fetch_max_wait_ms=1500; a broker that holds a fetch that long
 # (Tansu does, for small batches) adds up to 1.5 s to every snapshot's delay.
 FETCH_MAX_WAIT_MS = 100
+# one fetch response at most (aiokafka's default is 50 MB): with four partitions of 4 MiB
+# each (faust_app.FETCH_MAX_BYTES) the worker held 16 MiB responses and went over figure 4b's
+# 300 MB at 3M events on Kafka (311-319 MB); 12 MiB gave 262-285 MB at no cost to figure 1c
+# seen in alternating rounds (docs/performance.md); one partition's fetches are unchanged
+FETCH_RESPONSE_MAX_BYTES = 12 * 1024 * 1024
 
 
 class RawTopics:
@@ -145,6 +150,7 @@ class _ConsumerThread(AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         # both are read by the fetcher the consumer builds at start()
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        consumer._fetch_max_bytes = FETCH_RESPONSE_MAX_BYTES
         if consumer._value_deserializer is None:
             consumer._value_deserializer = RawTopics(BatchConsumer.batch_topics)
         return consumer
