@@ -26,7 +26,7 @@ from pydantic_settings import (
 )
 
 from aggregator.broker.security import KafkaSecurity
-from aggregator.core.dedup import MAX_KEY_INDEX
+from aggregator.core.dedupid import MAX_KEY_INDEX
 from aggregator.core.events import REGION_MAX_CHARS, REGION_RE
 from aggregator.core.ratelimit import parse_rate_limits
 from aggregator.core.sketches import SketchParams

@@ -25,7 +25,7 @@ from prometheus_client import (
 )
 
 from aggregator.core.contract import LATE_REASONS, Snapshot
-from aggregator.core.dedup import SOURCES as DEDUP_SOURCES
+from aggregator.core.dedupid import SOURCES as DEDUP_SOURCES
 from aggregator.quantile_gauge import QuantileGauge
 
 disable_created_metrics()

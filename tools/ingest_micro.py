@@ -22,7 +22,7 @@ import time
 
 from aiokafka import AIOKafkaProducer
 
-from aggregator.core.dedup import request_key
+from aggregator.core.dedupid import request_key
 from aggregator.ingest import body as ingest_body
 from aggregator.ingest.body import decode_slices, validate_records
 from aggregator.ingest.handler import IngestHandler

@@ -1,22 +1,16 @@
 """Exact duplicate detection within a horizon: ``Idempotency-Key`` retries and ``event_id``s.
 
-Pure: standard library and core only.  One ``DedupStore`` per partition of ``clicks``, part of
+Pure: standard library and core only.  What identifies an event (its dedup id) is
+core.dedupid's.  One ``DedupStore`` per partition of ``clicks``, part of
 the partition's exactly-once state (docs/contract.md §3, "Retries").
-
-What identifies an event (its *dedup id*, computed once where the event enters):
-
-* an event with an ``event_id``: ``event_key(region, event_id)``, the region and the id
-  themselves (so an id is counted once *per region*; no digest: hashing cost more than
-  the rest of the dedup, and a string cannot collide);
-* else, in a request with an ``Idempotency-Key``: ``(request_key(key), index)``, the
-  128-bit digest of the key and the event's index in the body.  A retry of the same
-  body with the same key repeats every (key, index), whichever ingest process takes it.
 
 Exact: a dedup id is stored whole, never as a filter that could call two distinct ids
 one; only request keys are digests, and two distinct keys collide only if their 128-bit
 digests do (for N keys within the horizon, probability below N²/2¹²⁹).  An idempotency key keeps a
 bitmap of the indices seen (one bit per index up to the highest), so a request of 1000
-events costs about 250 bytes, not 1000 ids.
+events costs about 250 bytes, not 1000 ids; an index far past the bitmap's end (a body
+whose items were mostly refused) goes to a set instead (``_mark``), so a key's memory
+follows the events it brought, never the body's length.
 
 Bounded by the horizon: an id belongs to the *bucket* (``horizon / BUCKETS`` of
 ingest time) of the first time it was seen, and a bucket is forgotten once the
@@ -36,99 +30,22 @@ records are deleted (tombstones) after the state that no longer names them is du
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from hashlib import blake2b
+from itertools import chain
 from typing import Any
 
-from aggregator.core.events import LIMITS, REGION_MAX_CHARS
+from aggregator.core.dedupid import EVENT_ID, IDEMPOTENCY_KEY, DedupId
 from aggregator.core.recordlog import RecordLog
 
 BUCKETS = 10  # a horizon is this many buckets
-# An event's index in a body is below the body's length (AGG_MAX_BODY_BYTES is at most this),
-# so a keyed id's index is below it too: a header with another index is not what ingest wrote,
-# and a bitmap never grows past MAX_KEY_INDEX / 8 bytes (2 MiB) for one
-MAX_KEY_INDEX = 1 << 24
-KEY_HEX_MAX = 32  # a request key's digest (blake2b, 16 bytes) in hex
+# a key's bitmap grows by less than this many bytes for one index; an index further past its
+# end goes to the key's set of far indices (``_mark``)
+SPARSE_BYTES = 256
 DEFAULT_MAX_IDS = 1_000_000  # event ids one partition remembers at most (AGG_DEDUP_MAX_IDS)
 KEY_BYTES = 38  # a request key's part of a record's JSON, without its indices: "<32 hex>":[],
 ID_BYTES = 250  # worker memory of one remembered event id of ~20 characters, measured (README)
 
-IDEMPOTENCY_KEY = "idempotency_key"
-EVENT_ID = "event_id"
-SOURCES = (IDEMPOTENCY_KEY, EVENT_ID)  # the label values of clickstream_duplicate_events_total
-
-DedupId = str | tuple[int, int]  # "<region>\n<event_id>", or (request key's digest, index)
 # what a pending item holds: an event id, or a run [request key's digest, first, last index]
 PendingId = str | list[int]
-
-
-def event_key(region: str, event_id: str) -> str:
-    """The dedup id of an event with ``event_id`` counted in ``region``."""
-    return region + "\n" + event_id
-
-
-def request_key(key: str) -> int:
-    """The digest of an ``Idempotency-Key``."""
-    return int.from_bytes(blake2b(key.encode(), digest_size=16).digest(), "big")
-
-
-def id_field(did: DedupId, region: str | None = None) -> bytes:
-    """The dedup id as the ingest header's third field of a record of ``region`` (its key):
-    ``e<event_id>`` (UTF-8) for an event id of that region, ``r<region>\n<event_id>`` for
-    one of another (an event counted under ``__other__``: its id stays that of the region
-    it came with, so ids of two regions never merge), or ``k<hex>.<index>``.  The empty
-    event_id, a valid one (contract §2), is ``e`` and ``r<region>\n``."""
-    if isinstance(did, str):
-        own, _, eid = did.partition("\n")
-        if region is None or own == region:
-            return b"e" + eid.encode()
-        return b"r" + did.encode()
-    kh, i = did
-    return b"k%x.%d" % (kh, i)
-
-
-def other_region_id(raw: bytes, region: str) -> bytes:
-    """The id field ``raw`` of an event of ``region`` counted under another (``__other__``):
-    ``e<event_id>`` becomes ``r<region>\n<event_id>``; the others stay as they are."""
-    return b"r" + region.encode() + b"\n" + raw[1:] if raw[:1] == b"e" else raw
-
-
-def key_id_fields(kh: int, indices: Iterable[int]) -> list[bytes]:
-    """``id_field((kh, i))`` for each body index ``i`` of one request: the key's hex made
-    once, not once per event (ingest's per-event path)."""
-    prefix = b"k%x." % kh
-    return [prefix + b"%d" % i for i in indices]
-
-
-def parse_id_field(raw: bytes, region: str) -> DedupId:
-    """``id_field``'s inverse for a record of ``region``; ValueError when it is not one (nor
-    within what ingest writes: an event_id of at most 128 characters, a region of at most
-    64, a key's index below ``MAX_KEY_INDEX``)."""
-    kind = raw[:1]
-    if kind == b"e":  # an empty event_id ("e" alone) is an id like any other
-        eid = raw[1:].decode()
-        if len(eid) > LIMITS["event_id"]:
-            raise ValueError("event_id over 128 characters")
-        return region + "\n" + eid
-    if kind == b"r":
-        did = raw[1:].decode()
-        own, nl, eid = did.partition("\n")
-        if not (own and nl) or len(own) > REGION_MAX_CHARS or len(eid) > LIMITS["event_id"]:
-            raise ValueError("r<region>\\n<event_id> expected")  # the event_id after the newline may be empty
-        return did
-    if kind == b"k":
-        kh, dot, i = raw[1:].partition(b".")
-        if not dot or len(kh) > KEY_HEX_MAX:
-            raise ValueError("k<hex>.<index> expected")
-        return int(kh, 16), key_index(i)
-    raise ValueError("dedup id must start with e or k")
-
-
-def key_index(raw: bytes) -> int:
-    """A keyed id's index in its body; ValueError when it is not one ingest writes."""
-    i = int(raw)
-    if not 0 <= i < MAX_KEY_INDEX:
-        raise ValueError(f"a body index must be 0 to {MAX_KEY_INDEX - 1}")
-    return i
 
 
 class DedupStore(RecordLog):
@@ -144,7 +61,8 @@ class DedupStore(RecordLog):
         self.evicted = 0  # ids forgotten before their horizon because of max_ids
         self.bucket_ms = max(1, horizon_ms // BUCKETS)
         self.events: dict[str, int] = {}  # event id -> its bucket
-        self.keys: dict[int, list[Any]] = {}  # request key -> [its bucket, bytearray bitmap of indices]
+        # request key -> [its bucket, bytearray bitmap of indices, set of far indices or None (``_mark``)]
+        self.keys: dict[int, list[Any]] = {}
         self.buckets: dict[int, list[Any]] = {}  # bucket -> the event ids and request keys first seen in it
         self.newest = 0  # the newest ingest time seen (ms)
         # the lowest bucket an id may go to: above every bucket dropped, whose records are
@@ -205,19 +123,26 @@ class DedupStore(RecordLog):
                         b = its // bucket_ms
                         if b < floor:
                             b = floor
-                        entry = seen_keys[kh] = [b, bytearray(byte + 1)]
+                        entry = seen_keys[kh] = [b, bytearray(byte + 1) if byte < SPARSE_BYTES else bytearray(), None]
                         ids_of = buckets.get(b)
                         if ids_of is None:
                             ids_of = buckets[b] = []
                         ids_of.append((kh,))
                     bitmap = entry[1]
                     if byte >= len(bitmap):
-                        bitmap.extend(bytes(byte + 1 - len(bitmap)))
+                        if byte - len(bitmap) < SPARSE_BYTES and entry[2] is None:
+                            bitmap.extend(bytes(byte + 1 - len(bitmap)))
+                            bitmap[byte] |= bit
+                        elif not _mark(entry, i):
+                            d = (ev[0], IDEMPOTENCY_KEY)
+                            dups[d] = dups.get(d, 0) + 1
+                            continue
                     elif bitmap[byte] & bit:
                         d = (ev[0], IDEMPOTENCY_KEY)
                         dups[d] = dups.get(d, 0) + 1
                         continue
-                    bitmap[byte] |= bit
+                    else:
+                        bitmap[byte] |= bit
                     b = entry[0]
                     if run is not None and run[2] == i - 1 and run[0] == kh and run_b == b:
                         run[2] = i
@@ -261,10 +186,13 @@ class DedupStore(RecordLog):
                 self._unlist(b, did)
             else:
                 kh, first, last = did
-                bitmap = self.keys[kh][1]
+                _, bitmap, far = self.keys[kh]
                 for i in range(first, last + 1):
-                    bitmap[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-                if not any(bitmap):  # the batch brought the key: forget it, and its place in its bucket
+                    if i >> 3 < len(bitmap):
+                        bitmap[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                    else:
+                        far.discard(i)
+                if not (any(bitmap) or far):  # the batch brought the key: forget it, and its place in its bucket
                     del self.keys[kh]
                     self._unlist(b, (kh,))
         del self.pending[len(self.pending) - n:]
@@ -336,9 +264,26 @@ class DedupStore(RecordLog):
     def _value(self, items: Sequence[tuple[int, PendingId]]) -> dict[str, Any]:
         return _record_value(did for _, did in items)
 
-    def load(self, partition: int, index: Any, record: Callable[[str], Any]) -> None:
+    def load(self, partition: int, index: Any, record: Callable[[str], Any], bucket_ms: Any = None,
+             now_ms: int = 0, gone: Any = None) -> None:
         """Restore from a state's ``index`` and the stored records (``record(key)`` -> its
-        JSON value, None when missing: ValueError)."""
+        JSON value, None when missing: ValueError).  ``bucket_ms``: the bucket length the
+        records were written with (None: a state of an earlier version, written with this
+        one's); another (``AGG_DEDUP_SECONDS`` changed) moves every id to the bucket of this
+        length that holds the end of its own (``_rebucket``; ``now_ms``: the wall clock).
+        ``gone``: the buckets the state left out (``restore_gone``): no id goes to one again
+        before their records are deleted (``floor``)."""
+        if bucket_ms is not None and bucket_ms != self.bucket_ms and (index or gone):
+            if type(bucket_ms) is not int or bucket_ms < 1:
+                raise ValueError(f"partition {partition}: a dedup bucket length of {bucket_ms!r}")
+            old = DedupStore(self.horizon_ms, self.max_ids)
+            old.bucket_ms = bucket_ms
+            old.load(partition, index, record, gone=gone)
+            self._rebucket(old, now_ms)
+            return
+        dropped = self.restore_gone(gone)
+        if dropped:
+            self.floor = max(self.floor, max(dropped) + 1)
         if not index:
             return
         for b_text, n in sorted(index.items(), key=lambda kv: int(kv[0])):
@@ -352,6 +297,41 @@ class DedupStore(RecordLog):
             self.written[b] = int(n)
             self.newest = max(self.newest, (b + 1) * self.bucket_ms - 1)
 
+    def _rebucket(self, old: DedupStore, now_ms: int) -> None:
+        """Take the ids of ``old`` (restored with its own bucket length) into buckets of this
+        one's: each to the bucket that holds its old bucket's end, so it is kept at least as
+        long as the old bucket would be.  They are all written again (pending) and ``old``'s
+        records deleted once a state without them is durable (``expiring``).  Its bucket
+        numbers must stay apart from this one's until then (the same record keys): a longer
+        bucket numbers lower, and HorizonClash when its numbers could reach the old ones
+        within a horizon of now (a horizon of hours raised by a second or so)."""
+        newest = old.newest
+        numbers = [*old.written, *(b for b, _ in old.expired)]  # of records still stored
+        if self.bucket_ms > old.bucket_ms and (max(newest, now_ms) + self.horizon_ms) // self.bucket_ms >= min(numbers):
+            raise HorizonClash(
+                f"the dedup state was written with buckets of {old.bucket_ms} ms and AGG_DEDUP_SECONDS now makes "
+                f"them {self.bucket_ms} ms: too close to move the state without its records meeting; set "
+                f"AGG_DEDUP_SECONDS back to {old.bucket_ms * BUCKETS / 1000:g}, or change it by more")
+        # a shorter bucket numbers later: every id goes above the old numbers (``floor``)
+        floor = max(numbers) + 1 if self.bucket_ms < old.bucket_ms else 0
+        pending = self.pending
+        for b, ids_of in sorted(old.buckets.items()):
+            nb = max(((b + 1) * old.bucket_ms - 1) // self.bucket_ms, floor)
+            mine = self.buckets.setdefault(nb, [])
+            for did in ids_of:
+                mine.append(did)
+                if isinstance(did, str):
+                    self.events[did] = nb
+                    pending.append((nb, did))
+                    continue
+                kh = did[0]
+                entry = self.keys[kh] = [nb, *old.keys[kh][1:]]
+                pending += ((nb, run) for run in _runs(kh, entry))
+        self.newest = newest
+        self.floor = floor
+        self.expiring += sorted(old.written.items())
+        self.expired += old.expired
+
     def _load_value(self, b: int, value: dict[str, Any], ids_of: list[Any]) -> None:
         for did in value.get("e", ()):
             if did not in self.events:
@@ -361,7 +341,7 @@ class DedupStore(RecordLog):
             kh = int(kh_text, 16)
             entry = self.keys.get(kh)
             if entry is None:
-                entry = self.keys[kh] = [b, bytearray()]
+                entry = self.keys[kh] = [b, bytearray(), None]
                 ids_of.append((kh,))
             bitmap = entry[1]
             for x in indices:
@@ -372,10 +352,60 @@ class DedupStore(RecordLog):
                     if not (type(first) is int and type(last) is int and first <= last):
                         raise ValueError(f"a malformed run of indices: {x!r}")
                 byte = last >> 3
-                if byte >= len(bitmap):
-                    bitmap.extend(bytes(byte + 1 - len(bitmap)))
-                for i in range(first, last + 1):
-                    bitmap[i >> 3] |= 1 << (i & 7)
+                if byte - len(bitmap) < SPARSE_BYTES and entry[2] is None:
+                    if byte >= len(bitmap):
+                        bitmap.extend(bytes(byte + 1 - len(bitmap)))
+                    for i in range(first, last + 1):
+                        bitmap[i >> 3] |= 1 << (i & 7)
+                    continue
+                for i in range(first, last + 1):  # as ``filter`` marks them (far ones in the set)
+                    if i >> 3 < len(bitmap):
+                        bitmap[i >> 3] |= 1 << (i & 7)
+                    else:
+                        _mark(entry, i)
+
+
+class HorizonClash(ValueError):
+    """Stored dedup records that cannot be moved to the buckets of the horizon set now."""
+
+
+def _mark(entry: list[Any], i: int) -> bool:
+    """Mark index ``i`` past the end of a key's bitmap (``entry``: ``[bucket, bitmap, set of
+    far indices or None]``); -> False when it was marked already.  Within SPARSE_BYTES of
+    the end the bitmap grows to it, taking in the far indices it now covers; further, ``i``
+    goes to the set.  So a key costs memory by the events it brought (a bit each while they
+    are dense, SPARSE_BYTES or a set entry each at most), not by the length of a body whose
+    items were mostly refused (2.8M items of ``{}``, then four events: 350 KB a partition)."""
+    bitmap, far = entry[1], entry[2]
+    byte = i >> 3
+    if byte - len(bitmap) >= SPARSE_BYTES:
+        if far is None:
+            entry[2] = {i}
+        elif i in far:
+            return False
+        else:
+            far.add(i)
+        return True
+    bitmap.extend(bytes(byte + 1 - len(bitmap)))
+    for j in [j for j in far or () if j >> 3 < len(bitmap)]:
+        far.discard(j)
+        bitmap[j >> 3] |= 1 << (j & 7)
+    if bitmap[byte] >> (i & 7) & 1:
+        return False
+    bitmap[byte] |= 1 << (i & 7)
+    return True
+
+
+def _runs(kh: int, entry: list[Any]) -> list[list[int]]:
+    """The runs ``[kh, first, last]`` of the indices a key's ``entry`` marks."""
+    bitmap, far = entry[1], entry[2]
+    runs: list[list[int]] = []
+    for i in chain((i for i in range(len(bitmap) * 8) if bitmap[i >> 3] >> (i & 7) & 1), sorted(far or ())):
+        if runs and runs[-1][2] == i - 1:
+            runs[-1][2] = i
+        else:
+            runs.append([kh, i, i])
+    return runs
 
 
 def _record_value(dids: Iterable[PendingId]) -> dict[str, Any]:

@@ -9,7 +9,8 @@ the records and the index for a state about to be written, changing nothing;
 ``confirm`` applies it once that state is durable, so a write that fails is prepared
 again, whole.  Buckets the subclass drops go to ``expiring`` (left out of the next
 index), then, once a state without them is durable, to ``expired``: the caller deletes
-their records (``record_keys``).
+their records (``record_keys``).  The state names the buckets it leaves out (``gone``), so
+the owner that restores it deletes them should the one that wrote it stop first.
 
 A write that fails may still have been stored, header and all (a timeout is not a
 refusal), and that header names the records it was sent with.  So a key is never written
@@ -30,15 +31,22 @@ RECORD_BYTES = 400_000  # JSON bytes per record at most: under statechunks' boun
 class Prepared:
     """What a state about to be written holds of a ``RecordLog``."""
 
-    __slots__ = ("index", "n_pending", "n_expiring")
+    __slots__ = ("index", "n_pending", "n_expiring", "gone")
 
-    def __init__(self, index: dict[int, int], n_pending: int, n_expiring: int) -> None:
+    def __init__(self, index: dict[int, int], n_pending: int, n_expiring: int,
+                 gone: list[tuple[int, int]] | None = None) -> None:
         self.index = index  # bucket -> records
         self.n_pending = n_pending
         self.n_expiring = n_expiring
+        # (bucket, records) the state leaves out: deleted after it is durable, and named in it
+        # so a crash or a revoke before the deletes leaves them to the next owner (``restore_gone``)
+        self.gone = gone or []
 
     def to_json(self) -> dict[str, int]:
         return {str(b): n for b, n in sorted(self.index.items())}
+
+    def gone_json(self) -> list[list[int]]:
+        return [[b, n] for b, n in self.gone]
 
 
 class RecordLog:
@@ -103,7 +111,7 @@ class RecordLog:
             index[b] = seq
             sent[b] = (mine, len(by_bucket[b]), seq)
         self.unconfirmed = sent
-        return records, Prepared(index, len(self.pending), len(self.expiring))
+        return records, Prepared(index, len(self.pending), len(self.expiring), list(self.expiring))
 
     def _expire_unconfirmed(self, live: dict[int, list[Any]]) -> None:
         """Buckets of writes not confirmed that have nothing pending now were dropped (their
@@ -129,6 +137,18 @@ class RecordLog:
         del self.pending[:prepared.n_pending]
         self.expired += self.expiring[:prepared.n_expiring]
         del self.expiring[:prepared.n_expiring]
+
+    def restore_gone(self, gone: Any) -> list[int]:
+        """A restored state's ``Prepared.gone_json()``: their records are deleted with the next
+        write (the owner that wrote the state may have stopped before it deleted them);
+        -> their buckets.  ValueError when it is not a list of ``[bucket, records]``."""
+        pairs = []
+        for item in gone or ():
+            if not (isinstance(item, list) and len(item) == 2 and all(type(x) is int and x >= 0 for x in item)):
+                raise ValueError(f"a malformed bucket of records to delete: {item!r}")
+            pairs.append((item[0], item[1]))
+        self.expired += pairs
+        return [b for b, _ in pairs]
 
     def take_expired(self) -> list[tuple[int, int]]:
         """(bucket, records) to delete; given back with ``expired[:0] = ...`` when the

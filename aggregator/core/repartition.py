@@ -43,7 +43,7 @@ from aggregator.core.contract import (
     agg_bytes,
     ingest_header_value,
 )
-from aggregator.core.dedup import DedupId, id_field
+from aggregator.core.dedupid import DedupId, id_field
 
 # A foreign event: (region, ingest_ts, client_ts or None, its offset in the source partition,
 # its dedup id (core.dedup) or None, what it adds to aggregates (core.aggstate) or None)

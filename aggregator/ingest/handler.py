@@ -30,7 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from aggregator import tracing
 from aggregator.core.contract import OTHER_REGION
-from aggregator.core.dedup import event_key, id_field, key_id_fields, other_region_id, request_key
+from aggregator.core.dedupid import event_key, id_field, key_id_fields, other_region_id, request_key
 from aggregator.ingest.body import MAX_ERRORS, BodyError, Event, decode_slices, gunzip_bounded, validate_records
 from aggregator.ingest.budget import InflightBudget, Reservation
 from aggregator.ingest.producer import IngestProducer, ProducerBusy

@@ -27,7 +27,7 @@ from aggregator.core.contract import (
     parse_agg_header,
     parse_ingest_header,
 )
-from aggregator.core.dedup import KEY_HEX_MAX, MAX_KEY_INDEX, DedupId, event_key, parse_id_field
+from aggregator.core.dedupid import KEY_HEX_MAX, MAX_KEY_INDEX, DedupId, event_key, parse_id_field
 from aggregator.core.events import LIMITS, TS_MAX, TS_MIN, EventError, normalise_region, parse_client_ts
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, home, parse_source_header

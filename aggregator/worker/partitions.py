@@ -9,6 +9,7 @@ stored state comes through a callable.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import orjson
 
 from aggregator.core.aggstate import WindowAggregates
-from aggregator.core.dedup import DEFAULT_MAX_IDS, DedupStore
+from aggregator.core.dedup import DEFAULT_MAX_IDS, DedupStore, HorizonClash
 from aggregator.core.recordlog import Prepared
 from aggregator.core.sketches import SketchParams
 from aggregator.core.sourcelog import CHECK_TRIES, Restart
@@ -47,6 +48,13 @@ class PartitionCountChanged(Refused):
     """A stored state holds open windows counted under another partition count of ``clicks``:
     the homes of regions moved, so continuing would give some (region, window) two final
     snapshots."""
+
+
+class SettingChanged(Refused):
+    """A stored state a setting changed since would have misread: open windows of another
+    ``AGG_WINDOW_SECONDS``, open windows' aggregates made with other sketch parameters
+    (``AGG_UNIQUE_USERS_PRECISION``), dedup ids that cannot move to the buckets of a changed
+    ``AGG_DEDUP_SECONDS`` (core.dedup.HorizonClash)."""
 
 
 class BookSettings:
@@ -125,11 +133,17 @@ class PartitionState:
         indexes of the dedup and aggregates records (written beside the chunks)."""
         state = self.book.to_dict()
         state["spill"] = self.spill.ledger.to_dict()
-        if dedup is not None and dedup.index:
+        if dedup is not None and (dedup.index or dedup.gone):
             state["dedup"] = dedup.to_json()
-        if aggs is not None and aggs.index:
+            state["dedup_bucket_ms"] = self.dedup.bucket_ms  # AGG_DEDUP_SECONDS may change (core.dedup.load)
+            state["dedup_gone"] = dedup.gone_json()
+        if aggs is not None and (aggs.index or aggs.gone):
             state["aggs"] = aggs.to_json()
+            state["aggs_gone"] = aggs.gone_json()
         state["source_ts"] = self.source_ts
+        state["window_ms"] = self.book.window_ms  # the settings its open windows were made with
+        if self.book.aggs is not None:
+            state["aggs_params"] = self.book.aggs.params.key()
         return orjson.dumps(state)
 
     def reread(self, now_ms: int, at: int | None = None) -> int:
@@ -207,11 +221,17 @@ class Partitions:
                     f"partition {partition}: its window state is in format {v!r}, and this version of the "
                     f"service reads format {STATE_FORMAT} at most (written by a later version?): run that "
                     "version or a later one; this one would misread it"))
+            self._check_settings(partition, state, book)
             book.load(state)
             ledger.load(state.get("spill"))
-            dedup.load(partition, state.get("dedup"), self.record)
+            try:
+                dedup.load(partition, state.get("dedup"), self.record, state.get("dedup_bucket_ms"),
+                           int(time.time() * 1000), state.get("dedup_gone"))
+            except HorizonClash as exc:
+                raise self._refuse(partition, SettingChanged(f"partition {partition}: {exc}")) from None
             if book.aggs is not None:
                 book.aggs.load(partition, state.get("aggs"), self.record, set(book.counts))
+                book.aggs.restore_gone(state.get("aggs_gone"))
             self.metrics.state_recovered()
             log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished "
                      "snapshots, %d spilled events to drain, %d + %d dedup ids)", partition, book.next_offset,
@@ -234,6 +254,24 @@ class Partitions:
             ts = stored[0].get("source_ts")
             p.source_ts = ts if isinstance(ts, int) else None
         return p
+
+    def _check_settings(self, partition: int, state: dict[str, Any], book: WindowBook) -> None:
+        """SettingChanged when the stored state's open windows were made under another window
+        length or its aggregates under other sketch parameters (a state of an earlier
+        version names neither: read as before)."""
+        open_windows = bool(state.get("counts") or state.get("late") or state.get("pending_late"))
+        was = state.get("window_ms", book.window_ms)
+        if open_windows and was != book.window_ms:
+            raise self._refuse(partition, SettingChanged(
+                f"partition {partition}: its window state has open windows of {was} ms and AGG_WINDOW_SECONDS "
+                f"makes them {book.window_ms} ms: windows of two lengths would meet; go back to "
+                f"AGG_WINDOW_SECONDS={was / 1000:g} until every window is published"))
+        params = state.get("aggs_params")
+        if book.aggs is not None and state.get("aggs") and params is not None and params != book.aggs.params.key():
+            raise self._refuse(partition, SettingChanged(
+                f"partition {partition}: the aggregates of its open windows were made with sketch parameters "
+                f"{params} and these settings give {book.aggs.params.key()} (AGG_UNIQUE_USERS_PRECISION: the first): "
+                "rebuilt under these they would come out wrong; go back until every window is published"))
 
     def _refuse(self, partition: int, exc: Refused) -> Refused:
         """``exc``, said once (error level) and kept as the partition's reason."""

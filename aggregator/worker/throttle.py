@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from operator import attrgetter
 
 from aggregator.core.contract import Agg, BookEvent, Event
-from aggregator.core.dedup import DedupId
+from aggregator.core.dedupid import DedupId
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
 from aggregator.spill.partition import SpillDiskError

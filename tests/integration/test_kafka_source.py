@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.broker import ensure_topics
 from aggregator.core.contract import CLICKS, DLQ, INGEST_HEADER, SNAPSHOTS
-from aggregator.core.dedup import request_key
+from aggregator.core.dedupid import request_key
 from tests.conftest import wait_for
 from tests.integration.conftest import read_topic
 

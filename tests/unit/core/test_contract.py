@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.core.contract import ingest_header, parse_agg_header, parse_hash64, parse_hashes64, parse_ingest_header
-from aggregator.core.dedup import id_field, parse_id_field
+from aggregator.core.dedupid import id_field, parse_id_field
 
 
 @given(st.integers(0, 2**53), st.one_of(st.none(), st.integers(-(2**53) + 1, 2**53 - 1)),

@@ -10,11 +10,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aggregator.core.contract import OTHER_REGION, ingest_header_value, parse_ingest_header
-from aggregator.core.dedup import (
+from aggregator.core.dedup import DedupStore, HorizonClash
+from aggregator.core.dedupid import (
     EVENT_ID,
     IDEMPOTENCY_KEY,
     MAX_KEY_INDEX,
-    DedupStore,
     event_key,
     id_field,
     key_id_fields,
@@ -184,14 +184,14 @@ def test_undo_forgets_exactly_the_last_batch() -> None:
     store = DedupStore(H)
     kh = request_key("k")
     store.filter(_events(2), [event_key("eu", "a"), (kh, 0)])
-    before = (dict(store.events), {k: (b, bytes(m)) for k, (b, m) in store.keys.items()}, list(store.pending))
+    before = (dict(store.events), {k: (b, bytes(m)) for k, (b, m, _) in store.keys.items()}, list(store.pending))
     batch = [event_key("eu", "b"), (kh, 1), event_key("eu", "a"), (kh, 9)]
     n_before = len(store.pending)
     kept, _, _, _ = store.filter(_events(4), batch)
     assert len(kept) == 3
     store.undo(len(store.pending) - n_before)
     assert store.events == before[0] and list(store.pending) == before[2]
-    assert {k: (b, bytes(m).rstrip(b"\0")) for k, (b, m) in store.keys.items()} == \
+    assert {k: (b, bytes(m).rstrip(b"\0")) for k, (b, m, _) in store.keys.items()} == \
         {k: (b, m.rstrip(b"\0")) for k, (b, m) in before[1].items()}
     assert len(store.filter(_events(4), batch)[0]) == 3  # offered again: the same answer
 
@@ -262,6 +262,48 @@ def test_against_a_reference_set(stream: list[tuple[int, bool, int]], cut: int) 
     restored = _round_trip(store, 0, {})
     rest, _, _, _ = restored.filter(events[cut:], ids[cut:])
     assert [e[2] for e in kept + rest] == expected
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 20)), max_size=120), st.integers(0, 120),
+       st.integers(0, 120))
+@settings(max_examples=300)
+def test_far_apart_indices_against_a_reference_set(stream: list[tuple[int, int]], cut: int, undo_at: int) -> None:
+    """Indices of a key far apart (a body whose items were mostly refused) go to a set, not a
+    bitmap grown to them; near ones grow the bitmap and take in the set's; any batching, an
+    undone batch and a restore keep exactly the first sighting of every (key, index)."""
+    ids: list[object] = [(request_key(str(k)), i) for k, i in stream]
+    expected = [n for n, did in enumerate(ids) if did not in ids[:n]]
+    store = DedupStore(H)
+    events = [("r", T0 + n, n) for n in range(len(ids))]
+    cut = min(cut, len(ids))
+    undo_at = min(undo_at, cut)
+    kept, _, _, _ = store.filter(events[:undo_at], ids[:undo_at])
+    n_before = len(store.pending)
+    store.filter(events[undo_at:cut], ids[undo_at:cut])
+    store.undo(len(store.pending) - n_before)  # not applied: offered again
+    more, _, _, _ = store.filter(events[undo_at:cut], ids[undo_at:cut])
+    restored = _round_trip(store, 0, {})
+    rest, _, _, _ = restored.filter(events[cut:], ids[cut:])
+    assert [e[2] for e in kept + more + rest] == expected
+
+
+def test_a_key_costs_memory_by_its_events_not_by_its_body_length() -> None:
+    """Found by a review: a key's bitmap grew to its highest index, and an index counts every
+    item of the body, refused ones too: 2.8M items of ``{}`` then four events cost 350 KB a
+    partition for the horizon.  Far indices go to a set now; dense ones stay a bit each."""
+    kh = request_key("sparse")
+    store = DedupStore(H)
+    far = [2_800_000, 2_800_001, 2_800_002, 5_000_000]
+    assert len(store.filter(_events(5), [(kh, 0), *((kh, i) for i in far)])[0]) == 5
+    _, bitmap, spread = store.keys[kh]
+    assert len(bitmap) == 1 and spread == set(far)
+    assert store.filter(_events(5), [(kh, 0), *((kh, i) for i in far)])[0] == []  # all repeats
+    dense = request_key("dense")
+    store.filter(_events(1000), [(dense, i) for i in range(0, 4000, 4)])  # one partition's share of a body
+    assert len(store.keys[dense][1]) == 500 and store.keys[dense][2] is None
+    restored = _round_trip(store, 0, {})
+    assert restored.keys[kh][2] == set(far) and len(restored.keys[kh][1]) == 1
+    assert restored.filter(_events(5), [(kh, 0), *((kh, i) for i in far)])[0] == []
 
 
 def test_beyond_max_ids_the_oldest_buckets_go_first_and_are_counted() -> None:
@@ -367,3 +409,103 @@ def test_records_of_single_indices_still_load_and_a_malformed_run_is_refused() -
     for bad in ([5, 1], [1, "2"], [1.0, 2], [1, 2, 3]):
         with pytest.raises(ValueError):
             DedupStore(H).load(0, {"0": 1}, {"0/d/0/0": {"k": {f"{kh:032x}": [bad]}}}.get)
+
+
+def _restored_under(h_old: int, h_new: int, now: int = T0) -> tuple[DedupStore, DedupStore, list[Any], dict[str, Any]]:
+    """A store of horizon ``h_old`` holding event ids and one key's indices over three of
+    its buckets, written as a checkpoint would; -> (it, a store of horizon ``h_new``
+    restored from what it wrote, the ids, the stored records)."""
+    old = DedupStore(h_old)
+    kh = request_key("k")
+    ids: list[Any] = []
+    for step in range(3):
+        batch = [event_key("eu", f"e{step}"), (kh, 3 * step), (kh, 3 * step + 1), (kh, 3 * step + 2)]
+        old.filter(_events(len(batch), its=T0 + step * old.bucket_ms), batch)
+        ids += batch
+    records, prepared = old.take_records(0)
+    stored = {key: orjson.loads(orjson.dumps(value)) for key, value in records}
+    old.confirm(prepared)
+    new = DedupStore(h_new)
+    new.load(0, orjson.loads(orjson.dumps(prepared.to_json())), stored.get, old.bucket_ms, now)
+    return old, new, ids, stored
+
+
+@pytest.mark.parametrize("h_old,h_new", [(60_000, H), (H, 60_000), (H, H + 1_000)])
+def test_a_changed_horizon_keeps_every_id_for_the_new_horizon_and_rewrites_its_records(h_old: int, h_new: int) -> None:
+    """Found by a review: the state named buckets by number only, so a restart under another
+    ``AGG_DEDUP_SECONDS`` read them at the new length (60 s -> 600 s: ``newest`` ten times the
+    truth, every new id dropped at once, retries counted twice).  Now the length is stored
+    and the ids move to the new buckets, each kept at least the new horizon."""
+    old, new, ids, stored = _restored_under(h_old, h_new)
+    assert new.bucket_ms == h_new // 10 != old.bucket_ms
+    # a restored store's stream time is the end of its newest bucket, at the old length
+    assert new.newest == (old.newest // old.bucket_ms + 1) * old.bucket_ms - 1
+    assert new.size() == old.size() == (3, 1)
+    first_end = (T0 // old.bucket_ms + 1) * old.bucket_ms - 1  # the end of the first ids' old bucket
+    new.expire(first_end + h_new - 1)
+    assert new.filter(_events(len(ids), its=new.newest), ids)[0] == []  # every id still a repeat
+    # their records are written again under the new buckets, the old ones deleted once durable
+    old_keys = set(stored)
+    records, prepared = new.take_records(0)
+    assert {int(k.split("/")[2]) for k, _ in records}.isdisjoint({int(k.split("/")[2]) for k in old_keys})
+    stored.update({key: orjson.loads(orjson.dumps(value)) for key, value in records})
+    new.confirm(prepared)
+    deleted = set(new.record_keys(0, new.take_expired()))
+    assert deleted == old_keys
+    again = DedupStore(h_new)
+    again.load(0, orjson.loads(orjson.dumps(prepared.to_json())), {k: v for k, v in stored.items()
+                                                                   if k not in deleted}.get, new.bucket_ms, T0)
+    assert again.size() == (3, 1) and again.filter(_events(len(ids), its=again.newest), ids)[0] == []
+    # and forgotten once a whole new horizon has passed the last bucket
+    again.expire(T0 + 3 * old.bucket_ms + h_new + 2 * again.bucket_ms)
+    assert again.size() == (0, 0)
+
+
+def test_a_horizon_changed_too_little_for_its_records_to_move_is_refused() -> None:
+    """Moving the ids writes them under the new bucket numbers while the old records wait to
+    be deleted: a longer bucket numbers lower, and a horizon of hours raised by 0.1 s would
+    reach the old numbers (the same keys): refused, never mixed."""
+    ten_hours = 36_000_000
+    with pytest.raises(HorizonClash, match="AGG_DEDUP_SECONDS back to 36000"):
+        _restored_under(ten_hours, ten_hours + 100)
+    _, new, ids, _ = _restored_under(ten_hours, 2 * ten_hours)  # numbers far apart: moved
+    assert new.filter(_events(len(ids), its=new.newest), ids)[0] == []
+
+
+def test_a_state_without_its_bucket_length_is_read_with_the_current_one() -> None:
+    """A state of an earlier version names no length: read as before, not refused."""
+    old = DedupStore(H)
+    old.filter(_events(1), [event_key("eu", "x")])
+    records, prepared = old.take_records(0)
+    new = DedupStore(H)
+    new.load(0, prepared.to_json(), dict(records).get)
+    assert new.size() == (1, 0) and new.newest == old.bucket_ms * (T0 // old.bucket_ms + 1) - 1
+    with pytest.raises(ValueError):
+        DedupStore(H).load(0, prepared.to_json(), dict(records).get, "60000")
+
+
+def test_the_buckets_a_state_leaves_out_are_deleted_by_the_store_that_restores_it() -> None:
+    """The state names what it leaves out (``Prepared.gone``): a store restored from it
+    deletes those records with its next write, and no id goes to one of those buckets
+    before then (its new records would be deleted with them)."""
+    store = DedupStore(H)
+    store.filter(_events(1), [event_key("eu", "old")])
+    records, prepared = store.take_records(0)
+    stored = dict(records)
+    store.confirm(prepared)
+    store.filter(_events(1, its=T0 + 2 * H), [event_key("eu", "new")])
+    store.expire()
+    records, prepared = store.take_records(0)
+    stored.update(records)
+    first = T0 // store.bucket_ms
+    assert prepared.gone == [(first, 1)]
+    store.confirm(prepared)  # and the owner stops before its next write deletes them
+    again = DedupStore(H)
+    again.load(0, prepared.to_json(), stored.get, store.bucket_ms, T0, orjson.loads(orjson.dumps(prepared.gone_json())))
+    assert again.record_keys(0, again.take_expired()) == [f"0/d/{first}/0"]
+    assert again.size() == (1, 0) and again.floor == first + 1
+    again.filter(_events(1), [event_key("eu", "late")])  # an old ingest time (another ingest's clock)
+    assert again.events[event_key("eu", "late")] == first + 1
+    for bad in ([[1]], [[1, -1]], [["1", 1]], "x"):
+        with pytest.raises(ValueError):
+            DedupStore(H).load(0, {}, stored.get, gone=bad)

@@ -13,7 +13,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aggregator.core import recordlog
-from aggregator.core.dedup import DedupStore, _record_value, event_key, request_key
+from aggregator.core.dedup import DedupStore, _record_value
+from aggregator.core.dedupid import event_key, request_key
 from aggregator.core.recordlog import RecordLog
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.core.contract import INGEST_HEADER, SOURCE_HEADER, parse_ingest_header
-from aggregator.core.dedup import parse_id_field, request_key
+from aggregator.core.dedupid import parse_id_field, request_key
 from aggregator.core.repartition import (
     Watermarks,
     forward_record,

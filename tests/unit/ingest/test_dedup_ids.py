@@ -8,7 +8,8 @@ import orjson
 import pytest
 
 from aggregator.core.contract import OTHER_REGION
-from aggregator.core.dedup import DedupStore, event_key, id_field, parse_id_field, request_key
+from aggregator.core.dedup import DedupStore
+from aggregator.core.dedupid import event_key, id_field, parse_id_field, request_key
 from aggregator.ingest.body import Event, decode_slices, validate_records
 from aggregator.ingest.handler import IngestHandler
 from aggregator.metrics import Metrics

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.core.contract import INGEST_HEADER, parse_ingest_header
-from aggregator.core.dedup import parse_id_field, request_key
+from aggregator.core.dedupid import parse_id_field, request_key
 from aggregator.worker.decoder import RecordDecoder
 from tests.unit.worker.records import fetched
 

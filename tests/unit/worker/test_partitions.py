@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import orjson
+import pytest
 
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
@@ -40,6 +41,106 @@ def test_state_written_by_one_owner_is_recovered_by_the_next(tmp_path):
     assert q.book.outbox == p.book.outbox
     assert q.book.counts == p.book.counts
     assert sample(m, "clickstream_state_recovered_partitions_total") == 1
+
+
+def _dedup_state(tmp_path, dedup_ms: int, its: int) -> tuple[bytes, dict, list]:
+    """A partition's state with dedup ids of ``dedup_ms``'s buckets, and its dedup records."""
+    from aggregator.core.dedupid import event_key
+
+    p = Partitions(BookSettings(1000, 100, 60_000, 60_000, 10, dedup_ms=dedup_ms), tmp_path / "a",
+                   lambda p: None, Metrics()).open(1)
+    ids = [event_key("eu", f"e{i}") for i in range(5)]
+    assert len(p.dedup.filter([("eu", its, None)] * 5, ids)[0]) == 5
+    records, prepared = p.dedup.take_records(1)
+    return p.state_value(prepared), {k: orjson.loads(orjson.dumps(v)) for k, v in records}, ids
+
+
+def test_dedup_ids_outlive_a_restart_under_another_horizon(tmp_path):
+    """The state names its dedup bucket length (core.dedup.DedupStore.load): after
+    AGG_DEDUP_SECONDS went from 60 to 600, the ids are still repeats, the horizon intact."""
+    now = int(time.time() * 1000)
+    value, records, ids = _dedup_state(tmp_path, 60_000, now)
+    assert orjson.loads(value)["dedup_bucket_ms"] == 6_000
+    m = Metrics()
+    parts = Partitions(BookSettings(1000, 100, 60_000, 60_000, 10, dedup_ms=600_000), tmp_path / "b",
+                       recovered(1, value), m, record=records.get)
+    q = parts.open(1)
+    assert q.dedup.bucket_ms == 60_000 and now <= q.dedup.newest < now + 6_000
+    assert q.dedup.filter([("eu", now, None)] * 5, ids)[0] == []
+
+
+def test_a_dedup_state_that_cannot_move_to_the_new_horizon_is_refused_loudly(tmp_path, caplog):
+    """A horizon of hours raised by 0.1 s: its records could not move without meeting the old
+    ones (core.dedup.HorizonClash): refused, said once, the reason kept for /readyz."""
+    from aggregator.worker.partitions import SettingChanged
+
+    now = int(time.time() * 1000)
+    value, records, _ = _dedup_state(tmp_path, 36_000_000, now)
+    parts = Partitions(BookSettings(1000, 100, 60_000, 60_000, 10, dedup_ms=36_000_100), tmp_path / "b",
+                       recovered(1, value), Metrics(), record=records.get)
+    with caplog.at_level("ERROR"), pytest.raises(SettingChanged):
+        parts.open(1)
+    assert "AGG_DEDUP_SECONDS back to 36000" in parts.refused[1] and 1 not in parts
+    assert sum("not counting it" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_records_a_state_leaves_out_are_deleted_by_whoever_restores_it(tmp_path):
+    """Found by a review: the records of expired dedup buckets and closed windows' aggregates
+    were deleted only with the owner's next write, so a crash or a revoke in between left
+    them in the changelog for good (and in every later owner's table).  The state names
+    them now; the owner that restores it deletes them with its next write."""
+    from aggregator.core.contract import agg_header_value
+    from aggregator.core.dedupid import event_key
+    from aggregator.core.sketches import SketchParams
+
+    books = BookSettings(1000, 100, 60_000, 60_000, 10, dedup_ms=60_000, sketches=SketchParams())
+    p = Partitions(books, tmp_path / "a", lambda p: None, Metrics()).open(1)
+    t = 1_800_000_000_000
+    p.dedup.filter([("eu", t, None)], [event_key("eu", "a")])
+    p.book.apply([("eu", t, None)], 1, t, [agg_header_value(1, None, None)])
+    assert p.book.aggs is not None
+    for log in (p.dedup, p.book.aggs):
+        log.confirm(log.take_records(1)[1])
+    p.dedup.expire(t + 10 * 60_000)  # the id's bucket ends, and the event's window closes
+    p.book.apply([("eu", t + 5_000, None)], 2, t + 5_000, [None])
+    (_, dedup), (_, aggs) = p.dedup.take_records(1), p.book.aggs.take_records(1)
+    assert dedup.gone and aggs.gone
+    value = p.state_value(dedup, aggs)
+    # the owner stops before its next write: the next one restores the state
+    q = Partitions(books, tmp_path / "b", recovered(1, value), Metrics(), record=lambda key: {}).open(1)
+    assert q.book.aggs is not None
+    assert q.dedup.take_expired() == dedup.gone and q.book.aggs.take_expired() == aggs.gone
+
+
+def test_open_windows_made_under_other_settings_are_refused_loudly(tmp_path, caplog):
+    """Found by a review: AGG_WINDOW_SECONDS or AGG_UNIQUE_USERS_PRECISION changed across a
+    restart while windows were open was read silently (windows of two lengths; aggregates
+    replayed under other sketch parameters, unique users low).  The state names both now,
+    and open windows made under others are refused, as for a changed partition count."""
+    from aggregator.core.contract import agg_header_value
+    from aggregator.core.sketches import SketchParams
+    from aggregator.worker.partitions import SettingChanged
+
+    books = BookSettings(1000, 100, 60_000, 60_000, 10, sketches=SketchParams())
+    p = Partitions(books, tmp_path / "a", lambda p: None, Metrics()).open(1)
+    p.book.apply([("eu", 1_000, None)], 1, 1_000, [agg_header_value(1, None, None)])
+    assert p.book.aggs is not None
+    records, prepared = p.book.aggs.take_records(1)
+    value = p.state_value(None, prepared)
+    stored = {k: orjson.loads(orjson.dumps(v)) for k, v in records}
+    changed = {"window": BookSettings(2000, 100, 60_000, 60_000, 10, sketches=SketchParams()),
+               "precision": BookSettings(1000, 100, 60_000, 60_000, 10, sketches=SketchParams(hll_p=14))}
+    for what, settings in changed.items():
+        parts = Partitions(settings, tmp_path / what, recovered(1, value), Metrics(), record=stored.get)
+        with caplog.at_level("ERROR"), pytest.raises(SettingChanged):
+            parts.open(1)
+        assert ("AGG_WINDOW_SECONDS=1" if what == "window" else "AGG_UNIQUE_USERS_PRECISION") in parts.refused[1]
+    # the same settings: counted as before
+    q = Partitions(books, tmp_path / "same", recovered(1, value), Metrics(), record=stored.get).open(1)
+    assert q.book.counts == p.book.counts and q.book.aggs is not None and q.book.aggs.cells
+    # once every window is published, a new window length is taken
+    p.book.counts.clear()
+    Partitions(changed["window"], tmp_path / "later", recovered(1, p.state_value()), Metrics()).open(1)
 
 
 def test_keep_only_drops_partitions_assigned_elsewhere(tmp_path):

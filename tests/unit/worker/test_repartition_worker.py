@@ -9,11 +9,12 @@ import asyncio
 import orjson
 import pytest
 
-from aggregator.core.contract import CLICKS_REPARTITION, DLQ, OTHER_REGION, STATE_CHANGELOG, ingest_header
-from aggregator.core.dedup import event_key
+from aggregator.core.aggstate import WindowAggregates
+from aggregator.core.contract import AGG_HEADER, CLICKS_REPARTITION, DLQ, OTHER_REGION, STATE_CHANGELOG, ingest_header
+from aggregator.core.dedupid import event_key
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import forward_record, home, split
-from aggregator.core.windows import STATE_FORMAT
+from aggregator.core.windows import STATE_FORMAT, WindowBook
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer
 from aggregator.worker.decoder import RecordDecoder
