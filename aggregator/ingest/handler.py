@@ -250,8 +250,11 @@ class IngestHandler:
         if now_ms - self._swept_ms >= REGION_SWEEP_S * 1000:
             self._swept_ms = now_ms
             cutoff = now_ms - self.region_idle_ms
-            for r in [r for r, seen in regions.items() if seen < cutoff]:
+            idle = [r for r, seen in regions.items() if seen < cutoff]
+            for r in idle:
                 del regions[r]
+            if self.producer is not None and self.producer.batcher is not None:
+                self.producer.batcher.forget(idle)  # its routes go with them
             if len(regions) < self.max_regions:
                 regions[region] = now_ms
                 return region

@@ -211,6 +211,12 @@ class BatchProducer:
         route = self.route[region] = (key, pump)
         return route
 
+    def forget(self, regions: Iterable[str]) -> None:
+        """Regions ingest no longer lets through (idle at its cap): their routes go, so the
+        routes follow the regions let through, not every region ever seen."""
+        for region in regions:
+            self.route.pop(region, None)
+
     def progress(self, partitions: Collection[int]) -> int:
         """Batches of ``partitions`` handed to the broker so far: a request that waits for
         room or for its acknowledgements gives up only when this (of its own partitions)

@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.core.contract import OTHER_REGION
+from aggregator.core.contract import CLICKS, OTHER_REGION
 from aggregator.ingest.body import SLICE_BYTES, BodyError, Event, decode_body, decode_slices, validate_records
 from aggregator.ingest.budget import InflightBudget, Reservation
 from aggregator.ingest.handler import IngestHandler
+from aggregator.ingest.producer import BatchProducer, IngestProducer
 from aggregator.metrics import Metrics
 from tests.unit.ingest.test_body import JSON, NDJSON, PROPS, bodies, records
 
@@ -146,6 +147,19 @@ def test_idle_regions_leave_the_cap() -> None:
     assert h2._region("y", t + 1_200) == OTHER_REGION          # x idle now, but swept 0.7 s ago
     assert h2._region("y", t + 1_600) == "y"
     assert list(h2.regions) == ["y"]
+
+
+def test_routes_follow_the_regions_let_through() -> None:
+    """Found by a review: ingest's producer kept a route for every region it had sent, so
+    clients rotating region names grew it without bound under the cap; the routes of the
+    regions the cap forgets (idle) now go with them."""
+    prod = IngestProducer("127.0.0.1:9")
+    prod.batcher = batcher = BatchProducer(None, CLICKS)
+    batcher.parts = [0, 1, 2, 3]
+    h = IngestHandler(prod, Metrics(5.0, 60.0), "", 1 << 20, 2, region_idle_ms=1_000)
+    for n in range(50):
+        batcher.partition_of(h._region(f"r{n}", 1_000_000 + n * 2_000))  # as _submit does
+    assert len(h.regions) == 2 and set(batcher.route) <= {*h.regions, OTHER_REGION}
 
 
 def test_a_clients_own_other_region_takes_no_place() -> None:

@@ -55,6 +55,9 @@ class _Batcher:
     def partition_of(self, region: str) -> int:
         return 0
 
+    def forget(self, regions: object) -> None:
+        pass
+
     def submit(self, by_region: dict, ts: int) -> set:
         self.out += [(region.encode(), value, headers) for region, recs in by_region.items()
                      for value, headers in recs]
