@@ -312,10 +312,18 @@ class RecordDecoder:
                 if region is None:
                     raise EventError("bad_region", "the key of a forwarded record is not a region")
                 did = None if raw_id is None else parse_id_field(raw_id, region)
-                agg = agg_of(hs[2][1]) if len(hs) > 2 and hs[2][0] == agg_name else None  # type: ignore[arg-type]
             except Exception as exc:  # noqa: BLE001 - a bad record never stops the stage
                 _reject(exc, rec, partition, rejected, dead)
                 continue
+            agg: Agg | None = None
+            if len(hs) > 2 and hs[2][0] == agg_name:
+                raw_agg = hs[2][1]
+                try:
+                    agg = agg_of(raw_agg)  # type: ignore[arg-type]
+                except (ValueError, TypeError, AttributeError):
+                    # not what ingest writes (forwarded as it came): the event still counts, its
+                    # aggregates nothing (core.aggstate counts it malformed), as at its home
+                    agg = raw_agg if isinstance(raw_agg, bytes) else None
             if epoch or source in epochs:
                 known = epochs.get(source, 0)
                 if epoch != known:

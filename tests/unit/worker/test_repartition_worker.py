@@ -123,6 +123,31 @@ def test_a_forwarded_event_id_is_counted_at_the_home_under_its_id(eid, capped):
     assert events == [(region, 1_000, None)] and ids == [event_key("eu", eid)]
 
 
+def test_a_forwarded_event_with_a_malformed_agg_header_is_counted_its_aggregates_not():
+    """Found by a review: contract §4 says an event whose clickstream-agg header is not as
+    ingest writes it is still counted (its aggregates nothing).  At its home it was; read
+    where it is not at home, it was forwarded as it came and the home dead-lettered it
+    ``undecodable``, one count short."""
+    n = 4
+    region = "eu"
+    src = (home(region, n) + 1) % n
+    headers = [*ingest_header(1_000, None), (AGG_HEADER, b"-1,,")]
+    foreign: list = []
+    RecordDecoder(n, aggregates=True).decode(fetched([(region.encode(), b"", headers)]), NOW, src, False, None,
+                                             MAX_TS, foreign)
+    assert len(foreign) == 1
+    dead: list = []
+    decoder = RecordDecoder(n, aggregates=True)
+    (events, _, rejected, _, _, aggs), _ = decoder.decode_forwarded(fetched([forward_record(src, foreign[0])]),
+                                                                    home(region, n), {}, dead, MAX_TS)
+    assert rejected == {} and dead == [] and events == [(region, 1_000, None)]
+    book = WindowBook(60_000, 5_000, 60_000, 60_000, 10, WindowAggregates())
+    book.apply(events, 1, 1_000, aggs)
+    assert book.aggs is not None
+    book.aggs.take_records(0)
+    assert book.aggs.malformed == 1
+
+
 def test_forwarded_records_are_read_repeats_dropped_bad_ones_dead_lettered():
     specs = [forward_record(1, ("eu", 10, None, 5, None, None)), forward_record(2, ("us", 11, 3, 9, None, None)),
              forward_record(1, ("eu", 12, None, 6, None, None)),
