@@ -121,7 +121,7 @@ class Metrics:
         # URLs are never label values (the top pages are in /v1/snapshots)
         self._window_users = Gauge("clickstream_window_unique_users",
                                    "Distinct user_ids of the last closed window (exact up to 256, then a "
-                                   "HyperLogLog estimate within 5 %)", ["region"], registry=r)
+                                   "HyperLogLog estimate, within 5 % at the default precision)", ["region"], registry=r)
         self._window_delay = QuantileGauge("clickstream_window_client_delay_seconds",
                                            "Client delay (ingest time - client ts) of the last closed window's "
                                            "events, at quantile 0.5, 0.9, 0.99 (within 1 %)", ["region", "quantile"], r)

@@ -18,8 +18,9 @@ One :class:`CellAggregates` holds the aggregates of one (region, window) cell:
   the median count ``d`` is taken off every counter, counters that reach 0 go, and
   ``d`` is added to the cell's ``offset``.  A URL's true count is then within
   ``[counter, counter + offset]`` and ``offset <= 2 N / (url_capacity + 1)`` for N
-  URL events; the reported count is ``counter + offset``, exact for a URL that was
-  never dropped (the leading URLs of a skewed stream).  The URL text is kept beside
+  URL events; the reported count is ``counter + offset``, exact for a URL seen before
+  the first purge and never dropped since (the leading URLs of a skewed stream); one first
+  seen after purges is over-counted by up to the offset it found.  The URL text is kept beside
   the counter, for the candidates only, and dropped with it.
 * **client delay** (ingest time minus the client's ``ts``, ms): DDSketch-style
   logarithmic buckets, ``gamma = (1 + a) / (1 - a)`` for the relative accuracy ``a``

@@ -14,14 +14,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from aggregator.core.sketches.params import SketchParams, pack, unpack
-from aggregator.core.sketches.urls import MAX_URL_CHARS
+from aggregator.core.sketches.urls import MAX_URL_CHARS, percent_encode
 
 
 def _text(url: str | bytes | None) -> str:
-    """A URL's text as a cell keeps it (bytes as they came in a header: at most
-    ``MAX_URL_CHARS``, undecodable bytes replaced, so a forged header cannot grow a cell)."""
+    """A URL's text as a cell keeps it.  Bytes as they came in a header: ingest writes the
+    normalised text (printable ASCII, no character JSON escapes); anything else (a forged
+    header) is percent-encoded and cut to ``MAX_URL_CHARS`` too, so it is one JSON byte a
+    character and cannot grow a cell past its stated bound (cell.max_serialised_bytes)."""
     if isinstance(url, bytes):
-        return url[:MAX_URL_CHARS].decode(errors="replace")
+        text = url[:MAX_URL_CHARS].decode(errors="replace")
+        return text if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text \
+            else percent_encode(text)[:MAX_URL_CHARS]
     return url or ""
 
 

@@ -23,7 +23,8 @@ _ENCODE = {c: f"%{c:02X}" for c in [*range(0x21), 0x22, 0x5C, 0x7F]}
 _NEEDS_ENCODING = re.compile(r'[^\x21\x23-\x5b\x5d-\x7e]')
 
 
-def _encode(text: str) -> str:
+def percent_encode(text: str) -> str:
+    """``text`` with every character but printable ASCII (and ``"``, ``\\``) percent-encoded as UTF-8."""
     if _NEEDS_ENCODING.search(text) is None:
         return text
     return "".join(_ENCODE.get(ord(ch), ch) if ord(ch) < 0x80 else "".join(f"%{b:02X}" for b in ch.encode())
@@ -61,7 +62,7 @@ def normalise_url(url: str, keep_query: bool = False) -> str | None:
             cut = u.find("?")
             if cut >= 0:
                 u = u[:cut]
-    u = _encode(u)
+    u = percent_encode(u)
     if len(u) > MAX_URL_CHARS:
         u = u[:MAX_URL_CHARS]
         pct = u.rfind("%", MAX_URL_CHARS - 2)

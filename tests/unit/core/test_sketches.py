@@ -180,6 +180,21 @@ def test_url_text_as_bytes_is_stored_as_text():
     assert cell.top_urls(5) == [{"url": "/a", "count": 1}, {"url": "/b", "count": 1}]
 
 
+def test_url_text_of_a_forged_header_keeps_the_stated_bound():
+    """Found by a review: header bytes were decoded with undecodable bytes replaced (U+FFFD,
+    3 bytes in JSON each), so 128 URLs of 200 bytes 0xff made a cell of 78,844 bytes against
+    the stated 46,178.  A text that is not what ingest writes is percent-encoded and cut."""
+    cell = CellAggregates()
+    for i in range(P.url_capacity):
+        cell.add(None, i, bytes([i]) + b"\xff" * (MAX_URL_CHARS - 1), None)
+    assert len(state_bytes(cell)) <= max_serialised_bytes()
+    cell = CellAggregates()
+    cell.add(None, 1, b'/a"b\\c\x00d \xc3\xbc', None)
+    assert cell.top_urls(1) == [{"url": "/a%22b%5Cc%00d%20%C3%BC", "count": 1}]
+    cell.add(None, 2, b"/ok/%C3%BC", None)  # as ingest writes it: kept as it is
+    assert cell.top_urls(2)[1] == {"url": "/ok/%C3%BC", "count": 1}
+
+
 # --- state: round trip, determinism, replay ------------------------------------------------
 
 @pytest.mark.parametrize("shape", [SMALL, BIG], ids=["exact", "sketch"])
