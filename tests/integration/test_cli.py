@@ -122,16 +122,21 @@ def test_version():
     assert code == 0 and lines == [f"aggregator {version('clickstream-aggregator')}"]
 
 
-def test_ctrl_c_on_gen_against_nothing_is_one_line():
+def test_ctrl_c_on_gen_waiting_for_the_service_is_one_line():
     env = dict(CLEAN_ENV, PYTHONPATH=str(REPO))
-    p = subprocess.Popen([sys.executable, "-m", "aggregator", "gen", "--url", f"http://127.0.0.1:{free_port()}"],
-                         env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # imported and waiting for the service to answer (it gives up after 10 s): on a loaded
-    # machine the imports alone have taken over 2.5 s, and a SIGINT among them is Python's
-    # own KeyboardInterrupt traceback, not the command's
-    time.sleep(6)
-    p.send_signal(signal.SIGINT)
-    out, _ = p.communicate(timeout=10)
+    # a listener that never answers: gen's first /healthz connecting to it shows gen is past
+    # its imports (a SIGINT among them is Python's own KeyboardInterrupt traceback, not the
+    # command's) and waiting for the service; a fixed sleep was too short or too long on a
+    # loaded machine (gen gave up after its 10 s first)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(60)
+        p = subprocess.Popen([sys.executable, "-m", "aggregator", "gen", "--url",
+                              f"http://127.0.0.1:{silent.getsockname()[1]}"],
+                             env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        conn, _ = silent.accept()
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=10)
+        conn.close()
     assert p.returncode == 130, out
     assert out.strip().splitlines() == ["aggregator: interrupted"], out
 

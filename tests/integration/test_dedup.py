@@ -185,7 +185,7 @@ def test_a_retry_after_a_503_that_stored_part_of_the_body_counts_once(stoppable_
         finally:
             os.kill(pid, signal.SIGCONT)
         assert answers and answers[0][0] == 503, answers[:1]  # the stall came mid-body
-        for _ in range(30):
+        for retries in range(1, 31):
             status, ans = _post(svc.url, body, "stall-1")
             if status == 200:
                 break
@@ -193,8 +193,9 @@ def test_a_retry_after_a_503_that_stored_part_of_the_body_counts_once(stoppable_
         assert status == 200 and ans["accepted"] == n
         expected = dict.fromkeys(regions, n // 4)
         assert _counted(svc, expected, timeout=60, late=True) == expected
-        # the retry found what the first attempt had stored (or the broker stored after the stall)
-        assert 0 < sum(v for (r, src), v in _duplicates(svc).items() if r in regions) <= n
+        # the retries found what the attempts before had stored (or the broker stored after
+        # the stall): at most a body's worth each (a loaded machine answers several 503)
+        assert 0 < sum(v for (r, src), v in _duplicates(svc).items() if r in regions) <= n * retries
     finally:
         svc.kill()
 
