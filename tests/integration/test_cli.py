@@ -122,6 +122,14 @@ def test_version():
     assert code == 0 and lines == [f"aggregator {version('clickstream-aggregator')}"]
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT at its default and not blocked, as a shell starts a
+    command.  A child inherits an ignored or blocked SIGINT, and the test process's may be
+    either after other tests ran in it (twice gen never saw the signal, under pytest-xdist)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_on_gen_waiting_for_the_service_is_one_line():
     env = dict(CLEAN_ENV, PYTHONPATH=str(REPO))
     # a listener that never answers: gen's first /healthz connecting to it shows gen is past
@@ -132,7 +140,8 @@ def test_ctrl_c_on_gen_waiting_for_the_service_is_one_line():
         silent.settimeout(60)
         p = subprocess.Popen([sys.executable, "-m", "aggregator", "gen", "--url",
                               f"http://127.0.0.1:{silent.getsockname()[1]}"],
-                             env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=_sigint_as_from_a_terminal)
         conn, _ = silent.accept()
         p.send_signal(signal.SIGINT)
         out, _ = p.communicate(timeout=10)
