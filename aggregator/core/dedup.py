@@ -351,13 +351,6 @@ class DedupStore(RecordLog):
                     first, last = x
                     if not (type(first) is int and type(last) is int and first <= last):
                         raise ValueError(f"a malformed run of indices: {x!r}")
-                byte = last >> 3
-                if byte - len(bitmap) < SPARSE_BYTES and entry[2] is None:
-                    if byte >= len(bitmap):
-                        bitmap.extend(bytes(byte + 1 - len(bitmap)))
-                    for i in range(first, last + 1):
-                        bitmap[i >> 3] |= 1 << (i & 7)
-                    continue
                 for i in range(first, last + 1):  # as ``filter`` marks them (far ones in the set)
                     if i >> 3 < len(bitmap):
                         bitmap[i >> 3] |= 1 << (i & 7)

@@ -221,8 +221,8 @@ class Partitions:
                     f"partition {partition}: its window state is in format {v!r}, and this version of the "
                     f"service reads format {STATE_FORMAT} at most (written by a later version?): run that "
                     "version or a later one; this one would misread it"))
-            self._check_settings(partition, state, book)
             book.load(state)
+            self._check_settings(partition, state, book)
             ledger.load(state.get("spill"))
             try:
                 dedup.load(partition, state.get("dedup"), self.record, state.get("dedup_bucket_ms"),
@@ -256,12 +256,12 @@ class Partitions:
         return p
 
     def _check_settings(self, partition: int, state: dict[str, Any], book: WindowBook) -> None:
-        """SettingChanged when the stored state's open windows were made under another window
-        length or its aggregates under other sketch parameters (a state of an earlier
-        version names neither: read as before)."""
-        open_windows = bool(state.get("counts") or state.get("late") or state.get("pending_late"))
+        """SettingChanged when the stored state (loaded into ``book``, before its dedup ids and
+        aggregates) has open windows made under another window length or aggregates made
+        under other sketch parameters (a state of an earlier version names neither: read as
+        before)."""
         was = state.get("window_ms", book.window_ms)
-        if open_windows and was != book.window_ms:
+        if was != book.window_ms and book.holds_open_data():
             raise self._refuse(partition, SettingChanged(
                 f"partition {partition}: its window state has open windows of {was} ms and AGG_WINDOW_SECONDS "
                 f"makes them {book.window_ms} ms: windows of two lengths would meet; go back to "
