@@ -18,7 +18,7 @@ from faust.tables.recovery import Recovery
 from aggregator.config import Settings
 from aggregator.core.contract import APP_ID, CLICKS, CLICKS_REPARTITION, STATE_TABLE
 from aggregator.core.statechunks import decode_state
-from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, positions
+from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, end_seen, positions
 
 log = logging.getLogger("aggregator.worker")
 
@@ -171,6 +171,16 @@ class FaustApp:
         consumer = self.app.consumer
         if isinstance(consumer, BatchConsumer):
             await consumer.seek_quietly(faust.types.TP(CLICKS, partition), offset)
+
+    def end_seen(self, partition: int, topic: str = CLICKS) -> tuple[int | None, int] | None:
+        """The partition's end offset as of the last fetch answered for it (None: the broker
+        gave none) and when that fetch was sent, wall ms (``consumer.end_seen``); None: no
+        fetch answered since it was assigned."""
+        try:
+            consumer = self.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - no consumer yet
+            return None
+        return end_seen(consumer, faust.types.TP(topic, partition))
 
     def position(self, partition: int) -> int | None:
         """The consumer's fetch position in the partition of ``clicks`` (None: not known, e.g.

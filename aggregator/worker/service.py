@@ -243,10 +243,9 @@ class WorkerService:
         skew = self.clock_skew
         if live and p.clock_live and skew.batch(now_ms, b.end_ts, b.events[-1][1] if b.events else None):
             if skew.ahead_ms:
-                log.error("this worker's clock is %.1f s ahead of the records it reads at the end of their "
-                          "partitions (over AGG_MAX_AHEAD_SECONDS=%.1f): quiet partitions' windows now close by "
-                          "the records' time; set the clock right (NTP)", skew.ahead_ms / 1000,
-                          self.max_ahead_ms / 1000)
+                log.error("this worker's clock is %.1f s ahead of the records it reads at the end of their partitions "
+                          "(over AGG_MAX_AHEAD_SECONDS=%.1f): quiet partitions' windows now close by the records' "
+                          "time; set the clock right (NTP)", skew.ahead_ms / 1000, self.max_ahead_ms / 1000)
             else:
                 log.warning("this worker's clock agrees with the records' stamps again")
 
@@ -331,12 +330,11 @@ class WorkerService:
     async def tick(self, only: Sequence[int] | None = None) -> None:
         """Drain spills, advance quiet partitions' clocks, then checkpoint: every owned
         partition, or ``only`` these (a revoke)."""
-        app = self.app
         now_ms = int(time.time() * 1000)
         partitions = self.partitions
         if only is None:
             self._sync_assignment()
-        fetching = not self._holding() and not app.rebalancing
+        fetching = not self._holding() and not self.app.rebalancing
         parts = [p for p in partitions if only is None or p.partition in only]
         if self.throttle.held:
             self._retry_held(parts, now_ms)
@@ -351,9 +349,10 @@ class WorkerService:
                 tally = book.take_tally()
                 self.region_cap.touch(tally, now_ms)  # regions with events keep their place
                 self.metrics.counted(tally)
-            hw = self._highwater(p)
+            hw, seen_ms = self._highwater(p)
             moving = fetching and not self.throttle.held_here(p)
-            target = advance_target(now_ms, p.last_record_ms, hw, book.next_offset, moving and self._positioned(p))
+            target = advance_target(now_ms, p.last_record_ms, hw, seen_ms, book.next_offset,
+                                    moving and self._positioned(p))
             if target is not None:
                 book.advance_to(target - self.clock_skew.ahead_ms)
             if moving and reread_due(p, now_ms, hw, self.kafka):
@@ -385,17 +384,18 @@ class WorkerService:
         self.region_cap.hold(p.book.last_seen, int(time.time() * 1000))
         return p
 
-    def _highwater(self, p: PartitionState) -> int | None:
-        """The partition's end offset as of the last fetch (None: not known yet); sets the lag
-        (of ``clicks`` and of ``clicks-repartition``).  While records forwarded to it wait,
-        the partition is not caught up: the end offset given is past what it has applied."""
-        hw = self.kafka.highwater(p.partition)
-        forwarded = self.kafka.highwater(p.partition, CLICKS_REPARTITION)
+    def _highwater(self, p: PartitionState) -> tuple[int | None, int | None]:
+        """The partition's end offset as of the last fetch (None: not known yet) and when that
+        fetch was sent (the older for ``clicks-repartition``; None: none answered); sets the lag.
+        While records forwarded to it wait, the end given is past what it has applied."""
+        hw, seen_ms = self.kafka.end_seen(p.partition) or (None, None)
+        forwarded, fseen_ms = self.kafka.end_seen(p.partition, CLICKS_REPARTITION) or (None, None)
         waiting = 0 if forwarded is None else max(0, forwarded - p.book.repart_next)
         if hw is not None:
             p.lag = max(0, hw - p.book.next_offset) + waiting
             self.metrics.partition_lag(p.partition, p.lag)
-        return p.book.next_offset + waiting if waiting else hw
+        seen_ms = min((t for t in (seen_ms, fseen_ms) if t is not None), default=None)
+        return (p.book.next_offset + waiting if waiting else hw), seen_ms
 
     def _positioned(self, p: PartitionState) -> bool:
         """Whether the consumer is where the partition's state says: not so before its log is

@@ -16,19 +16,23 @@ from aggregator.worker.clock import (
 NOW = 1_000_000
 
 
-@pytest.mark.parametrize(("last", "highwater", "next_offset", "fetching", "expected"), [
-    (None, 10, 10, True, NOW - ADVANCE_SLACK_MS),                 # assigned, nothing new, caught up
-    (NOW - ADVANCE_IDLE_MS, 10, 10, True, NOW - ADVANCE_SLACK_MS),  # quiet long enough
-    (NOW - ADVANCE_IDLE_MS + 1, 10, 10, True, None),               # a record just arrived: stream time rules
-    (NOW - 10_000, 11, 10, True, None),                            # lag: the backlog decides, not the clock
-    (NOW - 10_000, 3, 10, True, None),                             # the log ends below the state: started over
-    (NOW - 10_000, 10, 10, False, None),                           # not fetching (backpressure, rebalance)
-    (NOW - CAUGHT_UP_IDLE_MS, None, 10, True, NOW - ADVANCE_SLACK_MS),   # end unknown, idle: caught up
-    (NOW - CAUGHT_UP_IDLE_MS + 1, None, 10, True, None),           # end unknown, not idle long enough
-    (None, None, 0, True, None),                                   # nothing known at all
+@pytest.mark.parametrize(("last", "highwater", "seen", "next_offset", "fetching", "expected"), [
+    (None, 10, NOW - 50, 10, True, NOW - 50 - ADVANCE_SLACK_MS),    # assigned, nothing new, caught up
+    (NOW - ADVANCE_IDLE_MS, 10, NOW, 10, True, NOW - ADVANCE_SLACK_MS),  # quiet long enough
+    (NOW - ADVANCE_IDLE_MS + 1, 10, NOW, 10, True, None),           # a record just arrived: stream time rules
+    (NOW - 10_000, 11, NOW, 10, True, None),                        # lag: the backlog decides, not the clock
+    (NOW - 10_000, 3, NOW, 10, True, None),                         # the log ends below the state: started over
+    (NOW - 10_000, 10, NOW, 10, False, None),                       # not fetching (backpressure, rebalance)
+    # the last answered fetch was sent before the worker stood still for 9 s: caught up as of then only
+    (NOW - 10_000, 10, NOW - 9_000, 10, True, NOW - 9_000 - ADVANCE_SLACK_MS),
+    (NOW - 10_000, 10, NOW + 5, 10, True, NOW - ADVANCE_SLACK_MS),  # a clock stepped back: never past now
+    (NOW - CAUGHT_UP_IDLE_MS, None, None, 10, True, NOW - ADVANCE_SLACK_MS),   # end unknown, idle: caught up
+    (NOW - CAUGHT_UP_IDLE_MS, None, NOW - 9_000, 10, True, NOW - 9_000 - ADVANCE_SLACK_MS),  # ... as of the fetch
+    (NOW - CAUGHT_UP_IDLE_MS + 1, None, NOW, 10, True, None),       # end unknown, not idle long enough
+    (None, None, None, 0, True, None),                              # nothing known at all
 ])
-def test_advance_target(last, highwater, next_offset, fetching, expected):
-    assert advance_target(NOW, last, highwater, next_offset, fetching) == expected
+def test_advance_target(last, highwater, seen, next_offset, fetching, expected):
+    assert advance_target(NOW, last, highwater, seen, next_offset, fetching) == expected
 
 
 def test_a_rebalance_that_lasts_is_timed_and_warned_of_every_period():
@@ -125,7 +129,7 @@ def test_windows_of_a_quiet_partition_follow_the_records_time_when_the_clock_is_
     book = WindowBook(60_000, 5_000, 300_000, HOUR)
     book.apply([("eu", REAL + SKEW_SPAN_MS, None)], 1, REAL + SKEW_SPAN_MS)
     now = REAL + HOUR + SKEW_SPAN_MS + 1_000  # this worker's clock
-    target = advance_target(now, now - 1_000, 1, 1, True)
+    target = advance_target(now, now - 1_000, 1, now - 100, 1, True)
     assert target is not None
     book.advance_to(target - skew.ahead_ms)
     assert book.outbox == []  # without the lead: sixty windows closed early
