@@ -37,7 +37,7 @@ async def _produce(bootstrap: str, region: str, n: int, ingest_ts: int | None) -
         await p.stop()
 
 
-@pytest.mark.parametrize("round_", range(3))
+@pytest.mark.parametrize("round_", range(2))  # before the fix, 2 rounds in 3 failed
 def test_records_written_while_the_worker_stood_still_are_counted_in_their_window(broker, service_factory,
                                                                                      round_):
     bootstrap = broker.bootstrap
