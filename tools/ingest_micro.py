@@ -71,8 +71,8 @@ def one_pass(work: list[bytes], aggregates: bool, typed: bool, batcher: _Unsent)
     spent = 0.0
     try:
         for n, body in enumerate(work):
-            kh = request_key(f"micro-{n}")
             t = time.perf_counter()
+            kh = request_key(f"micro-{n}", body)  # the handler's digest of key and body
             waits: set = set()
             per_region: dict[str, int] = {}
             total = 0

@@ -5,12 +5,14 @@ library and core only.
 * an event with an ``event_id``: ``event_key(region, event_id)``, the region and the id
   themselves (so an id is counted once *per region*; no digest: hashing cost more than
   the rest of the dedup, and a string cannot collide);
-* else, in a request with an ``Idempotency-Key``: ``(request_key(key), index)``, the
-  128-bit digest of the key and the event's index in the body.  A retry of the same
-  body with the same key repeats every (key, index), whichever ingest process takes it.
+* else, in a request with an ``Idempotency-Key``: ``(request_key(key, body), index)``, the
+  128-bit digest of the key and the body, and the event's index in the body.  A retry of
+  the same body with the same key repeats every (key, index), whichever ingest process
+  takes it; another body under the same key is another request.
 """
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 from hashlib import blake2b
 
@@ -34,9 +36,14 @@ def event_key(region: str, event_id: str) -> str:
     return region + "\n" + event_id
 
 
-def request_key(key: str) -> int:
-    """The digest of an ``Idempotency-Key``."""
-    return int.from_bytes(blake2b(key.encode(), digest_size=16).digest(), "big")
+def request_key(key: str, body: bytes = b"") -> int:
+    """The digest of an ``Idempotency-Key`` and of the (decompressed) body it came with: the
+    same key on another body (two clients that both chose "batch-1") is another request,
+    not a retry whose events are dropped as repeats.  The body counts by its length and
+    CRC-32 (24 µs for 110 KB where BLAKE2b took 129; a collision needs the same key, which
+    only its client knows)."""
+    return int.from_bytes(blake2b(b"%d %d %s" % (len(body), zlib.crc32(body), key.encode()),
+                                  digest_size=16).digest(), "big")
 
 
 def id_field(did: DedupId, region: str | None = None) -> bytes:

@@ -94,20 +94,19 @@ class IngestHandler:
         if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable()
                                     and " " not in key):
             return error(400, f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters")
-        kh = request_key(key) if key is not None and self.dedup else None
         held = Reservation(self.budget)
         try:
             # a body that cannot fit now is refused before a byte of it is read; one that may
             # takes its bytes as they arrive, so a connection that sends none holds none
             if not self.budget.fits(request.content_length or 0):
                 return over_budget(self.budget)
-            return await self._handle(request, span, held, ingest_ts, t0, kh)
+            return await self._handle(request, span, held, ingest_ts, t0, key if self.dedup else None)
         finally:
             held.release()
 
     async def _handle(self, request: web.Request, span: Any, held: Reservation, ingest_ts: int,
-                      t0: float, kh: int | None) -> web.Response:
-        """``kh``: the digest of the request's ``Idempotency-Key`` (core.dedup), or None."""
+                      t0: float, key: str | None) -> web.Response:
+        """``key``: the request's ``Idempotency-Key`` (None: none, or dedup off)."""
         m = self.metrics
         limit = self.max_body_bytes
         try:
@@ -140,6 +139,9 @@ class IngestHandler:
                     return over_budget(self.budget)
             elif enc not in ("", "identity"):
                 raise BodyError(415, f"unsupported content encoding {enc!r}: use gzip or none")
+            # the key and the body it names (core.dedupid): another body under the same key is
+            # another request, counted; a retry sends the same one
+            kh = None if key is None else request_key(key, body)
             slices = decode_slices(body, request.headers.get("Content-Type", "application/json"))
         except BodyError as exc:
             m.ingest_failed()

@@ -5,6 +5,7 @@ SIGSTOP), through a second ingest process, and across a SIGKILL of the worker be
 attempt and retry — and every final count is exact."""
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import socket
@@ -37,8 +38,13 @@ def _body(region: str, n: int, bad: int = 0, ids: str | None = None) -> bytes:
     return orjson.dumps(events)
 
 
-def _post(url: str, body: bytes, key: str | None, timeout: float = 30.0) -> tuple[int, dict | None]:
+def _post(url: str, body: bytes, key: str | None, timeout: float = 30.0,
+          gzip_mtime: int | None = None) -> tuple[int, dict | None]:
+    """POST ``body`` (gzip-compressed with ``gzip_mtime`` in its header when given)."""
     headers = {"Content-Type": "application/json"}
+    if gzip_mtime is not None:
+        body = gzip.compress(body, mtime=gzip_mtime)
+        headers["Content-Encoding"] = "gzip"
     if key is not None:
         headers["Idempotency-Key"] = key
     req = urllib.request.Request(url + "/v1/events", data=body, headers=headers, method="POST")
@@ -112,7 +118,15 @@ def test_retries_and_repeated_event_ids_count_once(broker, service_factory):
     assert _post(svc.url, _body("retry", 5), "k" * 256)[0] == 400
     # 6. a different key is a different request
     assert _post(svc.url, _body("retry", 10), "body-4")[0] == 200
-    expected = {"retry": 310, "timeout": 500, "other": 200, "ids": 150, "ids-b": 100}
+    # 7. two clients that chose the same key for bodies of their own: two requests, both counted
+    assert _post(svc.url, _body("shared", 40), "batch-1")[0] == 200
+    assert _post(second.url, orjson.dumps([{"region": "shared", "user_id": "x"}] * 25), "batch-1")[0] == 200
+    # 8. a retry compressed again (other gzip bytes, the same body): counted once
+    body = _body("gz", 60)
+    assert gzip.compress(body, mtime=1) != gzip.compress(body, mtime=2)
+    assert _post(svc.url, body, "body-5", gzip_mtime=1)[0] == 200
+    assert _post(second.url, body, "body-5", gzip_mtime=2)[0] == 200
+    expected = {"retry": 310, "timeout": 500, "other": 200, "ids": 150, "ids-b": 100, "shared": 65, "gz": 60}
     assert _counted(svc, expected) == expected
     dups = _duplicates(svc)
     assert dups[("retry", "idempotency_key")] == 300
@@ -120,6 +134,8 @@ def test_retries_and_repeated_event_ids_count_once(broker, service_factory):
     assert dups[("other", "idempotency_key")] == 200
     assert dups[("ids", "event_id")] == 100
     assert ("ids-b", "event_id") not in dups
+    assert ("shared", "idempotency_key") not in dups
+    assert dups[("gz", "idempotency_key")] == 60
 
 
 def test_the_same_event_ids_of_regions_beyond_the_cap_stay_apart(broker, service_factory):

@@ -41,6 +41,9 @@ def test_ids_are_stable_per_region_and_round_trip_the_header_field() -> None:
                 (request_key("k-1"), 7999), (request_key("k-1"), MAX_KEY_INDEX - 1), event_key("eu", "ü" * 128)):
         assert parse_id_field(id_field(did), "eu") == did
     assert request_key("a") != request_key("b") and request_key("a").bit_length() <= 128
+    # a key names a body: the same key on another body (or length) is another request
+    assert request_key("a", b"[1]") == request_key("a", b"[1]") != request_key("a", b"[2]")
+    assert request_key("a", b"[1]") != request_key("a", b"[1] ") != request_key("a")
     # nor what ingest never writes: a body index out of any body, an over-long digest, event_id or region
     for bad in (b"", b"x12", b"kabc", b"kzz.1", b"e\xff", b"r", b"reu", b"r\nx", b"k1f.-1", b"k1f.%d" % MAX_KEY_INDEX,
                 b"k" + b"f" * 33 + b".1", b"e" + b"x" * 129, b"reu\n" + b"x" * 129, b"r" + b"a" * 65 + b"\nx"):
