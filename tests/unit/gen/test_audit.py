@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from aggregator.gen.audit import audit, missing_windows
+from aggregator.gen.audit import audit, missing_windows, over_counted
 
 W = 2000
 
@@ -96,6 +96,20 @@ def test_spilled_region_is_checked_by_the_identity():
     # the other regions stay exact per window
     assert audit(TRUTH, moved[:2] + [snap("us-east", 10000, 1)], {"eu-west"}) == [
         "us-east window 10000: count 1 != expected 2"]
+
+
+def test_double_counts_are_counted_in_windows_and_in_the_late_bucket():
+    assert over_counted(TRUTH, good_snaps() + [copy.deepcopy(good_snaps()[0])]) == 0  # re-published
+    twice_late = good_snaps()
+    twice_late[3] = snap("us-east", 12000, 0, closed_window=2)  # us-east's 2 events again, late
+    assert over_counted(TRUTH, twice_late) == 2
+    twice = good_snaps()
+    twice[0] = snap("eu-west", 10000, 7)
+    assert over_counted(TRUTH, twice) == 2
+    # a spilled region's events counted late instead of in their window are not counted twice
+    moved = [snap("eu-west", 10000, 3), snap("eu-west", 12000, 3, client_delay=2, closed_window=2),
+             snap("us-east", 10000, 2)]
+    assert over_counted(TRUTH, moved) == 0
 
 
 def test_wrong_late_counts_are_caught():
