@@ -9,7 +9,7 @@ one; only request keys are digests, and two distinct keys collide only if their 
 digests do (for N keys within the horizon, probability below N²/2¹²⁹).  An idempotency key keeps a
 bitmap of the indices seen (one bit per index up to the highest), so a request of 1000
 events costs about 250 bytes, not 1000 ids; an index far past the bitmap's end (a body
-whose items were mostly refused) goes to a set instead (``_mark``), so a key's memory
+whose items were mostly refused) goes to a set instead (``keybits.mark``), so a key's memory
 follows the events it brought, never the body's length.
 
 Bounded by the horizon: an id belongs to the *bucket* (``horizon / BUCKETS`` of
@@ -30,16 +30,13 @@ records are deleted (tombstones) after the state that no longer names them is du
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import chain
 from typing import Any
 
 from aggregator.core.dedupid import EVENT_ID, IDEMPOTENCY_KEY, DedupId
+from aggregator.core.keybits import SPARSE_BYTES, mark, runs
 from aggregator.core.recordlog import RecordLog
 
 BUCKETS = 10  # a horizon is this many buckets
-# a key's bitmap grows by less than this many bytes for one index; an index further past its
-# end goes to the key's set of far indices (``_mark``)
-SPARSE_BYTES = 256
 DEFAULT_MAX_IDS = 1_000_000  # event ids one partition remembers at most (AGG_DEDUP_MAX_IDS)
 KEY_BYTES = 38  # a request key's part of a record's JSON, without its indices: "<32 hex>":[],
 ID_BYTES = 250  # worker memory of one remembered event id of ~20 characters, measured (README)
@@ -61,7 +58,7 @@ class DedupStore(RecordLog):
         self.evicted = 0  # ids forgotten before their horizon because of max_ids
         self.bucket_ms = max(1, horizon_ms // BUCKETS)
         self.events: dict[str, int] = {}  # event id -> its bucket
-        # request key -> [its bucket, bytearray bitmap of indices, set of far indices or None (``_mark``)]
+        # request key -> [its bucket, bytearray bitmap of indices, set of far indices or None (``keybits.mark``)]
         self.keys: dict[int, list[Any]] = {}
         self.buckets: dict[int, list[Any]] = {}  # bucket -> the event ids and request keys first seen in it
         self.newest = 0  # the newest ingest time seen (ms)
@@ -133,7 +130,7 @@ class DedupStore(RecordLog):
                         if byte - len(bitmap) < SPARSE_BYTES and entry[2] is None:
                             bitmap.extend(bytes(byte + 1 - len(bitmap)))
                             bitmap[byte] |= bit
-                        elif not _mark(entry, i):
+                        elif not mark(entry, i):
                             d = (ev[0], IDEMPOTENCY_KEY)
                             dups[d] = dups.get(d, 0) + 1
                             continue
@@ -326,7 +323,7 @@ class DedupStore(RecordLog):
                     continue
                 kh = did[0]
                 entry = self.keys[kh] = [nb, *old.keys[kh][1:]]
-                pending += ((nb, run) for run in _runs(kh, entry))
+                pending += ((nb, run) for run in runs(kh, entry))
         self.newest = newest
         self.floor = floor
         self.expiring += sorted(old.written.items())
@@ -355,50 +352,11 @@ class DedupStore(RecordLog):
                     if i >> 3 < len(bitmap):
                         bitmap[i >> 3] |= 1 << (i & 7)
                     else:
-                        _mark(entry, i)
+                        mark(entry, i)
 
 
 class HorizonClash(ValueError):
     """Stored dedup records that cannot be moved to the buckets of the horizon set now."""
-
-
-def _mark(entry: list[Any], i: int) -> bool:
-    """Mark index ``i`` past the end of a key's bitmap (``entry``: ``[bucket, bitmap, set of
-    far indices or None]``); -> False when it was marked already.  Within SPARSE_BYTES of
-    the end the bitmap grows to it, taking in the far indices it now covers; further, ``i``
-    goes to the set.  So a key costs memory by the events it brought (a bit each while they
-    are dense, SPARSE_BYTES or a set entry each at most), not by the length of a body whose
-    items were mostly refused (2.8M items of ``{}``, then four events: 350 KB a partition)."""
-    bitmap, far = entry[1], entry[2]
-    byte = i >> 3
-    if byte - len(bitmap) >= SPARSE_BYTES:
-        if far is None:
-            entry[2] = {i}
-        elif i in far:
-            return False
-        else:
-            far.add(i)
-        return True
-    bitmap.extend(bytes(byte + 1 - len(bitmap)))
-    for j in [j for j in far or () if j >> 3 < len(bitmap)]:
-        far.discard(j)
-        bitmap[j >> 3] |= 1 << (j & 7)
-    if bitmap[byte] >> (i & 7) & 1:
-        return False
-    bitmap[byte] |= 1 << (i & 7)
-    return True
-
-
-def _runs(kh: int, entry: list[Any]) -> list[list[int]]:
-    """The runs ``[kh, first, last]`` of the indices a key's ``entry`` marks."""
-    bitmap, far = entry[1], entry[2]
-    runs: list[list[int]] = []
-    for i in chain((i for i in range(len(bitmap) * 8) if bitmap[i >> 3] >> (i & 7) & 1), sorted(far or ())):
-        if runs and runs[-1][2] == i - 1:
-            runs[-1][2] = i
-        else:
-            runs.append([kh, i, i])
-    return runs
 
 
 def _record_value(dids: Iterable[PendingId]) -> dict[str, Any]:
