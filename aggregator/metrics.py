@@ -157,10 +157,8 @@ class Metrics:
         self._consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"], registry=r)
         self._clock_ahead = Gauge("clickstream_worker_clock_ahead_seconds", "How far this worker's clock runs "
                                   "ahead of the records it reads (0: within AGG_MAX_AHEAD_SECONDS)", registry=r)
-        self._backpressure = Gauge("clickstream_backpressure",
-                                   "1 while consumption is paused because the spill reached AGG_SPILL_MAX_BYTES "
-                                   "or partitions wait for a spill disk that refuses writes",
-                                   registry=r)
+        self._backpressure = Gauge("clickstream_backpressure", "1 while consumption is paused because the spill reached "
+                                   "AGG_SPILL_MAX_BYTES or partitions wait for a spill disk that refuses writes", registry=r)
         self._spill_disk_errors = Counter("clickstream_spill_disk_errors",
                                           "Spill disk operations that failed (full, I/O error, read-only), by op: "
                                           "write (a batch held and retried), rollback, read (a drain retried)",
@@ -171,9 +169,8 @@ class Metrics:
                                      "Spill records found damaged on recovery or while draining (quarantined, re-read), "
                                      "lost (not in Kafka any more), or re-read beyond what was spilled by a rebuild (excess), "
                                      "by kind", ["kind"], registry=r)
-        self._rebalancing = Gauge("clickstream_rebalance_seconds",
-                                  "How long the current consumer-group rebalance (with its changelog recovery) "
-                                  "has lasted on this worker; 0 when none", registry=r)
+        self._rebalancing = Gauge("clickstream_rebalance_seconds", "How long the current consumer-group rebalance "
+                                  "(with its changelog recovery) has lasted on this worker; 0 when none", registry=r)
         self._rebalances = Counter("clickstream_rebalances", "Consumer-group rebalances this worker took part in", registry=r)
         self._recovered = Counter("clickstream_state_recovered_partitions",
                                   "Partitions whose window state was recovered from the changelog", registry=r)
@@ -182,9 +179,8 @@ class Metrics:
                                  "idempotent producer, 0 without (the broker refused it, or the embedded one)", registry=r)
         self._refused = Gauge("clickstream_refused_partitions", "Partitions of clicks assigned here whose stored "
                               "window state is refused (not fetched; /readyz says why)", registry=r)
-        self._broker_reachable = Gauge("clickstream_broker_reachable",
-                                       "1 while a bootstrap address of the broker accepts connections (probed "
-                                       "every second)", registry=r)
+        self._broker_reachable = Gauge("clickstream_broker_reachable", "1 while a bootstrap address of the broker "
+                                       "accepts connections (probed every second)", registry=r)
         self._snapshots_published = Counter("clickstream_snapshots_published", "Final snapshots published", registry=r)
         self._duplicates = Counter("clickstream_duplicate_events",
                                    "Events dropped as repeats within AGG_DEDUP_SECONDS, by the id that made them "
@@ -195,9 +191,10 @@ class Metrics:
                                       "passed, because more than AGG_DEDUP_MAX_IDS were remembered", registry=r)
         self._forwards_lost = Counter("clickstream_forwards_lost", "Forwarded events the broker did not acknowledge "
                                       "while a later forward to their home was: lost unless it stored them", registry=r)
-        self._repartitioned = Counter("clickstream_repartitioned_events",
-                                      "Events of clicks forwarded to their region's home partition "
-                                      "(clicks-repartition)", registry=r)
+        self._repartitioned = Counter("clickstream_repartitioned_events", "Events of clicks forwarded to their "
+                                      "region's home partition (clicks-repartition)", registry=r)
+        self._fenced = Counter("clickstream_worker_fenced", "Times this worker held its writes because its group may "
+                               "have dropped it (no heartbeat answered for half AGG_SESSION_TIMEOUT)", registry=r)
         for kind in SPILL_FAULTS:
             self._spill_faults.labels(kind)
         for op in ("write", "rollback", "read"):  # exported at 0 from the start
@@ -400,6 +397,9 @@ class Metrics:
 
     def forwards_lost(self, events: int) -> None:  # overtaken by a later forward to their home (checkpoint)
         self._forwards_lost.inc(events)
+
+    def fenced(self) -> None:  # the checkpoint holds its writes: the group may have dropped this worker
+        self._fenced.inc()
 
     def rebalanced(self) -> None:
         self._rebalances.inc()

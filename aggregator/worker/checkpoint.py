@@ -137,7 +137,8 @@ class Checkpointer:
     def __init__(self, producer: Callable[[], Producer],
                  confirmed: Callable[[int, list[tuple[bytes, bytes | None]]], None],
                  mark_safe: Callable[[int, int], None], metrics: Metrics, sinks: Sequence[SnapshotSink],
-                 mark_safe_forwarded: Callable[[int, int], None] | None = None) -> None:
+                 mark_safe_forwarded: Callable[[int, int], None] | None = None,
+                 fence: Callable[[], str | None] | None = None) -> None:
         self.producer = producer  # looked up at each checkpoint: Faust creates its producer late
         self.confirmed = confirmed  # partition, records -> acknowledged state records (None: deleted), kept in the table
         self.mark_safe = mark_safe  # partition, offset -> the consumer may commit up to offset
@@ -148,6 +149,31 @@ class Checkpointer:
         self.dead: list[DeadLetter] = []  # dead letters waiting for the next checkpoint
         self.forward: list[Forward] = []  # forwarded records waiting for the next checkpoint
         self.failing: str | None = None  # why the last checkpoint's writes failed (None: they did not)
+        # why this worker may no longer own its partitions (None: it does), looked up at each
+        # checkpoint; while it says so nothing is written (``fenced``: what it said)
+        self.fence = fence
+        self.fenced: str | None = None
+
+    def held(self) -> str | None:
+        """Why the writes wait (None: they do not): the broker refuses them, or the group may
+        have dropped this worker (``_fenced``)."""
+        return self.fenced or self.failing
+
+    def _fenced(self) -> bool:
+        """Whether the group may have given this worker's partitions to another (``fence``): a
+        worker that stood still longer than its session writes nothing, neither the state
+        of partitions another worker may count by now (it would overwrite the new owner's)
+        nor their snapshots, until a heartbeat shows the group still has it, or the revoke
+        that follows drops what it holds (the next owner counts on from the last state)."""
+        why = None if self.fence is None else self.fence()
+        if why is not None and self.fenced is None:
+            log.log(logging.ERROR if "dropped" in why else logging.WARNING,
+                    "window state, snapshots and forwards held: %s", why)
+            self.metrics.fenced()
+        elif why is None and self.fenced is not None:
+            log.warning("window state, snapshots and forwards written again: this worker is a member of its group")
+        self.fenced = why
+        return why is not None
 
     async def checkpoint(self, parts: Iterable[PartitionState], every: bool = True) -> None:
         """Write the changed states of ``parts``, confirm, mark safe, publish.  Callers
@@ -155,6 +181,8 @@ class Checkpointer:
         so a checkpoint with nothing left refused may say writes pass again.  A state the
         broker does not acknowledge is written again at the next checkpoint; until then its
         offsets are not committed and its snapshots wait."""
+        if self._fenced():  # written once this worker knows the group still has it
+            return
         writes = []
         for p in parts:
             if p.book.dirty:

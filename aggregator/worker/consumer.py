@@ -14,7 +14,6 @@ the changelog (and Faust flushes the producer before every commit).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -22,7 +21,6 @@ import aiokafka.errors as _errors
 import google_crc32c
 from aiokafka.consumer import fetcher as _fetcher
 from aiokafka.record.memory_records import MemoryRecords
-from aiokafka.structs import TopicPartition
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as _Consumer
 from faust.transport.drivers.aiokafka import Transport as _Transport
@@ -143,41 +141,6 @@ class _FetchResult(_fetcher.FetchResult):
 _fetcher.PartitionRecords = _PartitionRecords
 _fetcher.MemoryRecords = _MemoryRecords
 _fetcher.FetchResult = _FetchResult
-
-_aiokafka_proc_fetch_request = _fetcher.Fetcher._proc_fetch_request
-
-
-async def _proc_fetch_request(self: Any, assignment: Any, node_id: int, request: Any) -> Any:
-    """aiokafka's, then each partition the answer gave an end offset is stamped with that end
-    and with when the request was sent (``end_seen``, read by :func:`end_seen`): the log held
-    every record appended before then below that end.  A quiet partition's stream time may
-    follow the wall clock only up to there (worker/clock.py): the time of the answer would not
-    do for a process that stood still (SIGSTOP, a paused VM) with an answer of before unread."""
-    sent_ms = int(time.time() * 1000)
-    done = await _aiokafka_proc_fetch_request(self, assignment, node_id, request)
-    for topic, partitions in request.topics:
-        for partition, *_ in partitions:
-            state = assignment.state_value(TopicPartition(topic, partition))
-            # aiokafka stamps ``timestamp`` where it takes the end offset from this answer
-            if state is not None and state.timestamp is not None and state.timestamp >= sent_ms:
-                state.end_seen = (state.highwater, sent_ms)
-    return done
-
-
-_fetcher.Fetcher._proc_fetch_request = _proc_fetch_request
-
-
-def end_seen(consumer: Any, tp: Any) -> tuple[int | None, int] | None:
-    """``tp``'s end offset as of the last fetch answered for it (None: the broker gave none)
-    and when that fetch was sent (wall ms); None: no fetch answered since it was assigned."""
-    subscription = consumer._subscription.subscription
-    state = None if subscription is None else subscription.assignment.state_value(tp)
-    seen = getattr(state, "end_seen", None)
-    if seen is None:
-        return None
-    end, sent_ms = seen
-    return (None if end is None or end < 0 else int(end)), sent_ms
-
 
 class _ConsumerThread(AIOKafkaConsumerThread):
     fetched_to: Mapping[Any, int | None] = {}  # per partition of the last fetch: where it left aiokafka's position

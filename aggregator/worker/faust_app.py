@@ -8,6 +8,7 @@ takes to read or write state, or to make an offset safe to commit, is written on
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -18,7 +19,8 @@ from faust.tables.recovery import Recovery
 from aggregator.config import Settings
 from aggregator.core.contract import APP_ID, CLICKS, CLICKS_REPARTITION, STATE_TABLE
 from aggregator.core.statechunks import decode_state
-from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, end_seen, positions
+from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, positions
+from aggregator.worker.stamps import end_seen, not_member
 
 log = logging.getLogger("aggregator.worker")
 
@@ -72,6 +74,7 @@ class _App(faust.App):
 
 class FaustApp:
     def __init__(self, s: Settings) -> None:
+        self.session_s = s.session_timeout
         # TLS/SASL for Faust's consumer, producer and topic creation; the changelog (and
         # Faust's leader topic) get the replication factor of the topics the service creates
         self.app = _App(
@@ -172,9 +175,18 @@ class FaustApp:
         if isinstance(consumer, BatchConsumer):
             await consumer.seek_quietly(faust.types.TP(CLICKS, partition), offset)
 
+    def not_member(self) -> str | None:
+        """Why the group may have given this worker's partitions to another (``stamps.not_member``;
+        None: it cannot have), for the checkpoint's fence."""
+        try:
+            consumer = self.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - no consumer yet
+            return None
+        return not_member(consumer, self.session_s, time.monotonic())
+
     def end_seen(self, partition: int, topic: str = CLICKS) -> tuple[int | None, int] | None:
         """The partition's end offset as of the last fetch answered for it (None: the broker
-        gave none) and when that fetch was sent, wall ms (``consumer.end_seen``); None: no
+        gave none) and when that fetch was sent, wall ms (``stamps.end_seen``); None: no
         fetch answered since it was assigned."""
         try:
             consumer = self.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]

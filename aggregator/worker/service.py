@@ -65,7 +65,7 @@ class WorkerService:
                              settings.sketch_params() if settings.aggregates else None, settings.top_urls)
         self.partitions = Partitions(books, settings.spill_path, kafka.stored_state, metrics, kafka.stored_record)
         self.checkpointer = Checkpointer(lambda: app.producer, kafka.state_confirmed, self._mark_safe, metrics, sinks,
-                                         kafka.mark_safe_forwarded)
+                                         kafka.mark_safe_forwarded, kafka.not_member)
         self.max_ahead_ms = settings.max_ahead_ms
         self.clock_skew = ClockSkew(settings.max_ahead_ms)  # this clock against the records' stamps
         self.wake = asyncio.Event()  # set when snapshots wait to be published
@@ -410,8 +410,8 @@ class WorkerService:
     def _holding(self) -> bool:
         """Whether the consumer fetches nothing: the spill is over its bound, or the broker
         refuses the checkpoint's writes (state, forwards, dead letters or snapshots: what a
-        fetch adds would only pile up in memory until they are acknowledged again)."""
-        return (self.throttle.hold or self.checkpointer.failing is not None) and not self.app.rebalancing
+        fetch adds would only pile up in memory until they are acknowledged again) or holds them."""
+        return (self.throttle.hold or self.checkpointer.held() is not None) and not self.app.rebalancing
 
     async def _on_revoked(self, app: object, revoked: set[TP], **kwargs: object) -> None:
         self.metrics.rebalanced()

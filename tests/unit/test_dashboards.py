@@ -77,6 +77,7 @@ ALERT_METRICS = {
     "clickstream_worker_clock_ahead_seconds": "gauge",
     "clickstream_refused_partitions": "gauge",
     "clickstream_forwards_lost_total": "counter",
+    "clickstream_worker_fenced_total": "counter",
 }
 # prometheus_client's process, GC and platform collectors (contract §5 "standard"): the
 # dashboard may use them, it need not use them all.
@@ -124,6 +125,7 @@ EXPECTED_ALERTS = {
     "ClickstreamWorkerClockAhead",
     "ClickstreamPartitionRefused",
     "ClickstreamForwardsLost",
+    "ClickstreamWorkerFenced",
 }
 
 METRIC_RE = re.compile(r"(?<![\w:])(?:clickstream|pipeline_stage|process|python)_\w+(?![\w:])")
@@ -458,6 +460,7 @@ def test_alert_expressions(alert_rules):
         assert exprs[alert] == f"sum by (instance) (increase({counter}[5m])) > 0", alert
     assert "increase(clickstream_source_log_resets_total[10m])" in exprs["ClickstreamSourceLogReset"]
     assert exprs["ClickstreamForwardsLost"] == "sum by (instance) (increase(clickstream_forwards_lost_total[10m])) > 0"
+    assert exprs["ClickstreamWorkerFenced"] == "sum by (instance) (increase(clickstream_worker_fenced_total[10m])) > 0"
     assert exprs["ClickstreamTargetMissing"] == 'absent(up{job="clickstream"})'
     assert "clickstream_late_events_total" in exprs["ClickstreamLateEventsSpiking"]
     assert "deriv(clickstream_spill_backlog_events[" in exprs["ClickstreamSpillBacklogGrowing"]

@@ -356,3 +356,32 @@ def test_slots_taken_after_headers_not_acknowledged_are_deleted_once_no_header_n
         assert latest[f"0/{slot}/0"] is None  # tombstoned
     state, slot = decode_state(0, *_changelog(log))
     assert slot == 1 and state["next_offset"] == 4
+
+
+def test_a_fenced_checkpoint_writes_nothing_and_writes_it_all_once_the_fence_lifts(tmp_path, caplog):
+    """While the group may have given this worker's partitions to another (``fence``: no
+    heartbeat answered for half the session, or dropped), nothing goes out: no state (it
+    would overwrite the new owner's), no dead letter, no snapshot; the books stay dirty and
+    the outbox whole.  Once the fence lifts, the same checkpoint goes out in full."""
+    cp, parts, log, seen, m = setup(tmp_path)
+    why: list[str | None] = ["no heartbeat answered for 3.3 s, over half AGG_SESSION_TIMEOUT (6 s)"]
+    cp.fence = lambda: why[0]
+    a = parts.open(0)
+    a.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)
+    cp.dead.append((b"x", b'{"reason": "bad_region"}'))
+    outbox = list(a.book.outbox)
+    for _ in range(2):
+        asyncio.run(cp.checkpoint([a]))
+    assert log == [] and seen == [] and a.book.dirty and a.book.outbox == outbox and cp.dead
+    assert cp.held() == why[0] and cp.fenced == why[0]
+    assert m.registry.get_sample_value("clickstream_worker_fenced_total") == 1  # once a hold, not a tick
+    assert [r.levelname for r in caplog.records if "held" in r.getMessage()] == ["WARNING"]
+    why[0] = None
+    asyncio.run(cp.checkpoint([a]))
+    assert ("safe", 0, 2) in log and seen == outbox and cp.held() is None
+    assert state_of(log, 0)["next_offset"] == 2
+    why[0] = "the group dropped this worker (AGG_SESSION_TIMEOUT passed without a heartbeat): it rejoins"
+    a.book.apply([("eu", 3_000, None)], 3, 3_000)
+    asyncio.run(cp.checkpoint([a]))
+    assert [r.levelname for r in caplog.records if "held" in r.getMessage()] == ["WARNING", "ERROR"]
+    assert state_of(log, 0)["next_offset"] == 2  # nothing more written

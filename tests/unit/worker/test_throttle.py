@@ -77,13 +77,15 @@ def test_failing_checkpoint_writes_hold_consumption_until_acknowledged(tmp_path)
     and says so in ``clickstream_backpressure``."""
     from types import SimpleNamespace
 
+    from aggregator.worker.checkpoint import Checkpointer
     from aggregator.worker.service import WorkerService
 
     m = Metrics()
     throttle = Throttle(RateLimits(0, ""), 1 << 30, m)
     parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
-    w = SimpleNamespace(throttle=throttle, checkpointer=SimpleNamespace(failing="window state writes failing: x"),
-                        app=SimpleNamespace(rebalancing=False))
+    checkpointer = Checkpointer(lambda: None, lambda p, r: None, lambda p, o: None, m, [])  # type: ignore[arg-type,return-value]
+    checkpointer.failing = "window state writes failing: x"
+    w = SimpleNamespace(throttle=throttle, checkpointer=checkpointer, app=SimpleNamespace(rebalancing=False))
     assert WorkerService._holding(w)  # type: ignore[arg-type]
     throttle.report(parts, writes_failing=True)
     assert value(m, "clickstream_backpressure") == 1
@@ -91,6 +93,9 @@ def test_failing_checkpoint_writes_hold_consumption_until_acknowledged(tmp_path)
     assert not WorkerService._holding(w)  # type: ignore[arg-type]
     w.app.rebalancing, w.checkpointer.failing = False, None
     assert not WorkerService._holding(w)  # type: ignore[arg-type]
+    w.checkpointer.fenced = "the group dropped this worker"  # its writes held (Checkpointer._fenced): so is fetching
+    assert WorkerService._holding(w)  # type: ignore[arg-type]
+    w.checkpointer.fenced = None
     throttle.report(parts)
     assert value(m, "clickstream_backpressure") == 0
 
