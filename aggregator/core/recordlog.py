@@ -155,3 +155,19 @@ class RecordLog:
         delete fails."""
         taken, self.expired = self.expired, []
         return taken
+
+
+class LeftRecords(RecordLog):
+    """The records of a restored state that its new owner does not keep (``AGG_AGGREGATES``
+    turned off across a restart: the aggregates' records of its open windows): named as
+    gone by the next state written, deleted once that state is durable, like a log's
+    expired buckets.  ``index`` and ``gone``: the state's index and gone list (JSON)."""
+
+    def __init__(self, tag: str, index: Any, gone: Any) -> None:
+        super().__init__()
+        self.TAG = tag
+        for b, n in (index or {}).items():
+            if not (str(b).isdigit() and type(n) is int and n >= 0):
+                raise ValueError(f"a malformed index entry of records: {b!r}: {n!r}")
+            self.expiring.append((int(b), n))
+        self.restore_gone(gone)

@@ -80,7 +80,7 @@ class _Write:
         self.expired = p.dedup.take_expired()
         tombstones = p.dedup.record_keys(p.partition, self.expired)
         # the aggregates' input since the last durable state, the same way (core.aggstate)
-        book_aggs = p.book.aggs
+        book_aggs = p.aggs_log()  # (what a restored state left of them, with AGG_AGGREGATES off)
         self.aggs: Prepared | None = None
         self.aggs_expired: list[tuple[int, int]] = []
         if book_aggs is not None:
@@ -262,8 +262,9 @@ class Checkpointer:
         for w in writes:
             w.p.book.dirty = True  # written again next time (to a slot no stored header may name)
             w.p.dedup.expired[:0] = w.expired  # deleted next time
-            if w.p.book.aggs is not None:
-                w.p.book.aggs.expired[:0] = w.aggs_expired
+            aggs = w.p.aggs_log()
+            if aggs is not None:
+                aggs.expired[:0] = w.aggs_expired
         if self.failing is None:
             log.error("window state not acknowledged by the broker (%r): offsets are not committed and snapshots "
                       "wait until a write succeeds; retrying every checkpoint", error)
@@ -289,8 +290,9 @@ class Checkpointer:
                 p.extra_slots.pop(t, None)
             self.confirmed(p.partition, [*w.chunks, w.header, *((key, None) for key in w.tombstones)])
             p.dedup.confirm(w.dedup)
-            if w.aggs is not None and p.book.aggs is not None:
-                p.book.aggs.confirm(w.aggs)
+            aggs = p.aggs_log()
+            if w.aggs is not None and aggs is not None:
+                aggs.confirm(w.aggs)
             p.spill.acked()  # drained records are counted in durable state
             self.mark_safe(p.partition, w.offset)
             if w.repart_offset and self.mark_safe_forwarded is not None:

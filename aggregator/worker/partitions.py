@@ -18,7 +18,7 @@ import orjson
 
 from aggregator.core.aggstate import WindowAggregates
 from aggregator.core.dedup import DEFAULT_MAX_IDS, DedupStore, HorizonClash
-from aggregator.core.recordlog import Prepared
+from aggregator.core.recordlog import LeftRecords, Prepared, RecordLog
 from aggregator.core.sketches import SketchParams
 from aggregator.core.sourcelog import CHECK_TRIES, Restart
 from aggregator.core.windows import STATE_FORMAT, WindowBook
@@ -93,7 +93,7 @@ class PartitionState:
     __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot", "maybe_slots",
                  "extra_slots", "clock_live", "source_ts",
                  "source_checked", "commit_ok", "clicks_ms", "verify_at", "verify_ms", "verify_tries",
-                 "restart_pending", "known_next")
+                 "restart_pending", "known_next", "aggs_left")
 
     def __init__(self, partition: int, book: WindowBook, spill: PartitionSpill,
                  dedup: DedupStore | None = None) -> None:
@@ -127,6 +127,11 @@ class PartitionState:
         self.verify_tries = 0
         self.restart_pending: Restart | None = None
         self.known_next: int | None = None  # where the log read from its start goes on (None: not begun)
+        self.aggs_left: LeftRecords | None = None  # a restored state's aggregates records, AGG_AGGREGATES off
+
+    def aggs_log(self) -> RecordLog | None:
+        """The records log of the aggregates: the book's, or what a restored state left of them."""
+        return self.book.aggs if self.book.aggs is not None else self.aggs_left
 
     def state_value(self, dedup: Prepared | None = None, aggs: Prepared | None = None) -> bytes:
         """The state's value (written as chunks): the book with the spill ledger and the
@@ -213,6 +218,7 @@ class Partitions:
         dedup = DedupStore(self.books.dedup_ms, self.books.dedup_max_ids)
         stored = self.stored(partition)
         slot = None
+        left = None
         if stored is not None:
             state, slot = stored
             v = state.get("v", STATE_FORMAT)
@@ -232,6 +238,8 @@ class Partitions:
             if book.aggs is not None:
                 book.aggs.load(partition, state.get("aggs"), self.record, set(book.counts))
                 book.aggs.restore_gone(state.get("aggs_gone"))
+            elif state.get("aggs") or state.get("aggs_gone"):  # AGG_AGGREGATES turned off: their records go
+                left = LeftRecords(WindowAggregates.TAG, state.get("aggs"), state.get("aggs_gone"))
             self.metrics.state_recovered()
             log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished "
                      "snapshots, %d spilled events to drain, %d + %d dedup ids)", partition, book.next_offset,
@@ -250,6 +258,7 @@ class Partitions:
         self.metrics.spill_fault("torn", sum(spill.store.torn_tails.values()))
         p = self.owned[partition] = PartitionState(partition, book, spill, dedup)
         p.state_slot = slot
+        p.aggs_left = left
         if stored is not None:
             ts = stored[0].get("source_ts")
             p.source_ts = ts if isinstance(ts, int) else None

@@ -385,3 +385,36 @@ def test_a_fenced_checkpoint_writes_nothing_and_writes_it_all_once_the_fence_lif
     asyncio.run(cp.checkpoint([a]))
     assert [r.levelname for r in caplog.records if "held" in r.getMessage()] == ["WARNING", "ERROR"]
     assert state_of(log, 0)["next_offset"] == 2  # nothing more written
+
+
+def test_aggregates_records_of_a_state_restored_with_aggregates_off_are_deleted(tmp_path):
+    """Found by a review: with AGG_AGGREGATES turned off across a restart, the aggregates
+    records of the windows open in the restored state were never deleted (the book has no
+    aggregates log to name them), so they stayed in the changelog for good.  The next state
+    names them as gone, and once it is durable the write after it deletes them."""
+    from aggregator.core.contract import agg_header_value
+    from aggregator.core.sketches import SketchParams
+    from tests.unit.worker.records import recovered
+
+    on = BookSettings(1000, 100, 60_000, 60_000, 10, sketches=SketchParams())
+    p = Partitions(on, tmp_path / "a", lambda p: None, Metrics()).open(0)
+    t = 1_800_000_000_000
+    p.book.apply([("eu", t, None)], 1, t, [agg_header_value(1, None, None)])  # its window stays open
+    records, aggs = p.book.aggs.take_records(0)
+    assert records and aggs.index
+    keys = {orjson.dumps(k) for k, _ in records}
+    log: list = []
+    producer = RecordingProducer(log)
+    cp = Checkpointer(lambda: producer, lambda part, recs: None, lambda part, o: None, Metrics(), [])
+    off = Partitions(BOOKS, tmp_path / "b", recovered(0, p.state_value(None, aggs)), Metrics())
+    q = off.open(0)
+    assert q.book.aggs is None and q.aggs_left is not None
+    q.book.apply([("eu", t + 10, None)], 2, t + 10)
+    asyncio.run(cp.checkpoint([q]))
+    assert state_of(log, 0)["aggs_gone"] == [[b, n] for b, n in sorted(aggs.index.items())]
+    assert not keys & {e[2] for e in log if e[0] == "send" and e[3] is None}  # named, not yet deleted
+    q.book.apply([("eu", t + 20, None)], 3, t + 20)
+    asyncio.run(cp.checkpoint([q]))
+    deleted = {e[2] for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG and e[3] is None}
+    assert keys <= deleted
+    assert "aggs_gone" not in state_of(log, 0)  # gone for good: the next state names nothing
