@@ -35,6 +35,8 @@ class _Far(set[int]):
     def push(self, i: int) -> None:
         self.add(i)
         heappush(self.heap, i)
+        if len(self.heap) > 2 * len(self) + 64:  # indices undone and marked again, over and over
+            self.heap = sorted(self)  # (a sorted list is a heap)
 
     def take_below(self, end: int) -> list[int]:
         """Remove and return the indices below ``end``."""

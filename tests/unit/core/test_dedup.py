@@ -333,6 +333,25 @@ def test_a_run_that_starts_far_grows_the_bitmap_and_a_run_below_far_ones_takes_t
     assert restored.filter(_events(len(head)), [(kh, i) for i in head])[0] == []
 
 
+def test_far_indices_undone_and_marked_again_keep_the_heap_bounded() -> None:
+    """Found by a review: ``undo`` takes a far index out of the set but not out of its heap,
+    and a batch held for the spill disk is offered again every tick: 2,000 rounds of 1,000
+    far indices left a heap of 2,000,000.  The heap is rebuilt from the set once it holds
+    over twice as many."""
+    kh = request_key("held")
+    store = DedupStore(H)
+    store.filter(_events(1), [(kh, 0)])
+    far = [(kh, 1_000_000 + 64 * i) for i in range(100)]  # sparse: they stay in the set
+    for _ in range(200):
+        n_before = len(store.pending)
+        assert len(store.filter(_events(len(far)), far)[0]) == len(far)
+        store.undo(len(store.pending) - n_before)
+    assert len(store.filter(_events(len(far)), far)[0]) == len(far)
+    entry = store.keys[kh]
+    assert len(entry[2]) == len(far) and len(entry[2].heap) <= 2 * len(far) + 64
+    assert store.filter(_events(len(far)), far)[0] == []  # every one a repeat now
+
+
 def test_beyond_max_ids_the_oldest_buckets_go_first_and_are_counted() -> None:
     store = DedupStore(H, max_ids=250)
     step = H // 10
