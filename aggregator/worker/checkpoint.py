@@ -138,7 +138,7 @@ class Checkpointer:
                  confirmed: Callable[[int, list[tuple[bytes, bytes | None]]], None],
                  mark_safe: Callable[[int, int], None], metrics: Metrics, sinks: Sequence[SnapshotSink],
                  mark_safe_forwarded: Callable[[int, int], None] | None = None,
-                 fence: Callable[[], str | None] | None = None) -> None:
+                 fence: Callable[[], tuple[int, str] | None] | None = None) -> None:
         self.producer = producer  # looked up at each checkpoint: Faust creates its producer late
         self.confirmed = confirmed  # partition, records -> acknowledged state records (None: deleted), kept in the table
         self.mark_safe = mark_safe  # partition, offset -> the consumer may commit up to offset
@@ -149,8 +149,9 @@ class Checkpointer:
         self.dead: list[DeadLetter] = []  # dead letters waiting for the next checkpoint
         self.forward: list[Forward] = []  # forwarded records waiting for the next checkpoint
         self.failing: str | None = None  # why the last checkpoint's writes failed (None: they did not)
-        # why this worker may no longer own its partitions (None: it does), looked up at each
-        # checkpoint; while it says so nothing is written (``fenced``: what it said)
+        # why this worker may no longer own its partitions, and the log level to say it at (None:
+        # it does), looked up at each checkpoint and again before the headers; while it says so
+        # no state, snapshot or forward is written (``fenced``: what it said)
         self.fence = fence
         self.fenced: str | None = None
 
@@ -165,11 +166,12 @@ class Checkpointer:
         of partitions another worker may count by now (it would overwrite the new owner's)
         nor their snapshots, until a heartbeat shows the group still has it, or the revoke
         that follows drops what it holds (the next owner counts on from the last state)."""
-        why = None if self.fence is None else self.fence()
-        if why is not None and self.fenced is None:
-            log.log(logging.ERROR if "dropped" in why else logging.WARNING,
-                    "window state, snapshots and forwards held: %s", why)
-            self.metrics.fenced()
+        said = None if self.fence is None else self.fence()
+        why = None if said is None else said[1]
+        if said is not None and self.fenced is None:
+            log.log(said[0], "window state, snapshots and forwards held: %s", why)
+            if said[0] > logging.INFO:  # not a shutdown's leave
+                self.metrics.fenced()
         elif why is None and self.fenced is not None:
             log.warning("window state, snapshots and forwards written again: this worker is a member of its group")
         self.fenced = why
@@ -220,6 +222,9 @@ class Checkpointer:
         outcome = [(w, _failure(w.futures)) for w in writes]
         failed = [w for w, e in outcome if e is not None]
         ok = [w for w, e in outcome if e is None]
+        if ok and self._fenced():  # the chunks took so long that the group may have moved on
+            self._again(ok)
+            ok = []
         # 2. the headers of the states whose chunks are all confirmed: now the new slot counts
         for w in ok:
             w.futures = [await _send(producer, STATE_CHANGELOG, w.header[0], w.header[1], w.p.partition)]
@@ -259,17 +264,23 @@ class Checkpointer:
         return [f for i, f in enumerate(forward) if i not in gone]
 
     def _failed(self, writes: Sequence[_Write], error: BaseException) -> None:
-        for w in writes:
-            w.p.book.dirty = True  # written again next time (to a slot no stored header may name)
-            w.p.dedup.expired[:0] = w.expired  # deleted next time
-            aggs = w.p.aggs_log()
-            if aggs is not None:
-                aggs.expired[:0] = w.aggs_expired
+        self._again(writes)
         if self.failing is None:
             log.error("window state not acknowledged by the broker (%r): offsets are not committed and snapshots "
                       "wait until a write succeeds; retrying every checkpoint", error)
         self.failing = f"window state writes failing: {error!r}"
         self.metrics.state_write_failed(len(writes))
+
+    @staticmethod
+    def _again(writes: Sequence[_Write]) -> None:
+        """States not written (refused, or held by the fence after their chunks): written
+        again next time, to a slot no stored header may name, their deletes with them."""
+        for w in writes:
+            w.p.book.dirty = True
+            w.p.dedup.expired[:0] = w.expired
+            aggs = w.p.aggs_log()
+            if aggs is not None:
+                aggs.expired[:0] = w.aggs_expired
 
     async def _publish(self, producer: Producer, done: Sequence[_Write]) -> BaseException | None:
         """The states in ``done`` are durable: offsets may be committed, drained spill

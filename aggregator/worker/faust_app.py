@@ -8,7 +8,6 @@ takes to read or write state, or to make an offset safe to commit, is written on
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -20,7 +19,7 @@ from aggregator.config import Settings
 from aggregator.core.contract import APP_ID, CLICKS, CLICKS_REPARTITION, STATE_TABLE
 from aggregator.core.statechunks import decode_state
 from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, positions
-from aggregator.worker.stamps import end_seen, not_member
+from aggregator.worker.stamps import end_seen, member_clock, not_member
 
 log = logging.getLogger("aggregator.worker")
 
@@ -175,14 +174,14 @@ class FaustApp:
         if isinstance(consumer, BatchConsumer):
             await consumer.seek_quietly(faust.types.TP(CLICKS, partition), offset)
 
-    def not_member(self) -> str | None:
+    def not_member(self) -> tuple[int, str] | None:
         """Why the group may have given this worker's partitions to another (``stamps.not_member``;
         None: it cannot have), for the checkpoint's fence."""
         try:
             consumer = self.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - no consumer yet
             return None
-        return not_member(consumer, self.session_s, time.monotonic())
+        return not_member(consumer, self.session_s, member_clock())
 
     def end_seen(self, partition: int, topic: str = CLICKS) -> tuple[int | None, int] | None:
         """The partition's end offset as of the last fetch answered for it (None: the broker

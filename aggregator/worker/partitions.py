@@ -89,6 +89,11 @@ class BookSettings:
                           self.max_regions * max(1, self.partitions), aggs)
 
 
+# the key tag of the aggregates' records: WindowAggregates.TAG, which the compiled class keeps
+# per instance (read on the class it is a descriptor); tests/unit/worker/test_checkpoint.py
+# deletes records WindowAggregates wrote under it
+AGGS_TAG = "g"
+
 class PartitionState:
     __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot", "maybe_slots",
                  "extra_slots", "clock_live", "source_ts",
@@ -239,7 +244,7 @@ class Partitions:
                 book.aggs.load(partition, state.get("aggs"), self.record, set(book.counts))
                 book.aggs.restore_gone(state.get("aggs_gone"))
             elif state.get("aggs") or state.get("aggs_gone"):  # AGG_AGGREGATES turned off: their records go
-                left = LeftRecords(WindowAggregates.TAG, state.get("aggs"), state.get("aggs_gone"))
+                left = LeftRecords(AGGS_TAG, state.get("aggs"), state.get("aggs_gone"))
             self.metrics.state_recovered()
             log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished "
                      "snapshots, %d spilled events to drain, %d + %d dedup ids)", partition, book.next_offset,

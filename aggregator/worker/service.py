@@ -357,7 +357,7 @@ class WorkerService:
                 book.advance_to(target - self.clock_skew.ahead_ms)
             if moving and reread_due(p, now_ms, hw, self.kafka):
                 await self.kafka.seek(p.partition, p.reread(now_ms))
-        self.throttle.report(partitions, self.checkpointer.failing is not None)  # as of the last checkpoint
+        self.throttle.report(partitions, self.checkpointer.held() is not None)  # as of the last checkpoint
         self.metrics.clock_ahead(self.clock_skew.ahead_ms)
         partitions.report()
         await self.checkpointer.checkpoint(parts, only is None)

@@ -7,7 +7,7 @@ classes; both run in the consumer's thread):
   partition's stream time follows the wall clock only up to there (worker/clock.py).
 * ``not_member``: whether the group may have given this worker's partitions to another,
   from when the last request the coordinator answered as this member's was sent (a
-  heartbeat, a SyncGroup; monotonic).  The coordinator drops a member a session timeout
+  heartbeat, a SyncGroup; on a clock that counts suspend).  The coordinator drops a member a session timeout
   after the last heartbeat it received, so a member that saw one answered within half the
   session has at least the other half before another worker is given its partitions (and
   more: that worker must still join and recover).  The checkpoint's fence
@@ -53,8 +53,18 @@ _aiokafka_do_heartbeat = _group.GroupCoordinator._do_heartbeat
 _aiokafka_sync_group = _group.CoordinatorGroupRebalance._send_sync_group_request
 
 
+def member_clock() -> float:
+    """Seconds on a clock that counts a suspended machine's sleep too (CLOCK_BOOTTIME where
+    there is one): a worker suspended past its session must not find its last heartbeat
+    recent."""
+    return time.clock_gettime(_CLOCK)
+
+
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
 async def _do_heartbeat(self: Any) -> Any:
-    sent = time.monotonic()
+    sent = member_clock()
     ok = await _aiokafka_do_heartbeat(self)
     if ok:  # also "rebalance in progress": the member stays while it rejoins
         self.member_seen = sent
@@ -62,7 +72,7 @@ async def _do_heartbeat(self: Any) -> Any:
 
 
 async def _send_sync_group_request(self: Any, request: Any) -> Any:
-    sent = time.monotonic()
+    sent = member_clock()
     assignment = await _aiokafka_sync_group(self, request)
     if assignment is not None:
         coordinator = self._coordinator
@@ -90,19 +100,24 @@ _group.GroupCoordinator._do_heartbeat = _do_heartbeat
 _group.CoordinatorGroupRebalance._send_sync_group_request = _send_sync_group_request
 
 
-def not_member(consumer: Any, session_s: float, now: float) -> str | None:
-    """Why the group may have given this consumer's partitions to another (None: it cannot
-    have, or the consumer never was a member): the coordinator said it no longer knows it,
-    or no heartbeat was answered for over half the session timeout (``now``: monotonic)."""
+def not_member(consumer: Any, session_s: float, now: float) -> tuple[int, str] | None:
+    """Why the group may have given this consumer's partitions to another, with the log
+    level to say it at (None: it cannot have, or the consumer never was a member): it is
+    leaving its group (a shutdown: info), the coordinator said it no longer knows it
+    (error), or no heartbeat was answered for over half the session timeout (warning;
+    ``now``: ``member_clock()``)."""
     coordinator: Any = getattr(consumer, "_coordinator", None)
     seen = getattr(coordinator, "member_seen", None)
     if seen is None:
         return None
+    closing = getattr(coordinator, "_closing", None)
+    if closing is not None and closing.done():
+        return logging.INFO, "this worker is leaving its group (shutting down)"
     if coordinator.generation < 0 or coordinator.member_id == "":  # reset_generation(): dropped
-        return "the group dropped this worker (AGG_SESSION_TIMEOUT passed without a heartbeat): it rejoins"
+        return logging.ERROR, "the group dropped this worker (AGG_SESSION_TIMEOUT passed without a heartbeat): it rejoins"
     if now - seen > session_s / 2:
-        return (f"no heartbeat answered for {now - seen:.1f} s, over half AGG_SESSION_TIMEOUT ({session_s:g} s): "
-                "the group may have given this worker's partitions to another")
+        return logging.WARNING, (f"no heartbeat answered for {now - seen:.1f} s, over half AGG_SESSION_TIMEOUT "
+                                 f"({session_s:g} s): the group may have given this worker's partitions to another")
     return None
 
 

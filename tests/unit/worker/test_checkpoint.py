@@ -5,6 +5,7 @@ integration tests (crash, scale, broker outage)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import orjson
 
@@ -365,7 +366,8 @@ def test_a_fenced_checkpoint_writes_nothing_and_writes_it_all_once_the_fence_lif
     the outbox whole.  Once the fence lifts, the same checkpoint goes out in full."""
     cp, parts, log, seen, m = setup(tmp_path)
     why: list[str | None] = ["no heartbeat answered for 3.3 s, over half AGG_SESSION_TIMEOUT (6 s)"]
-    cp.fence = lambda: why[0]
+    level = [logging.WARNING]
+    cp.fence = lambda: None if why[0] is None else (level[0], why[0])
     a = parts.open(0)
     a.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)
     cp.dead.append((b"x", b'{"reason": "bad_region"}'))
@@ -380,7 +382,7 @@ def test_a_fenced_checkpoint_writes_nothing_and_writes_it_all_once_the_fence_lif
     asyncio.run(cp.checkpoint([a]))
     assert ("safe", 0, 2) in log and seen == outbox and cp.held() is None
     assert state_of(log, 0)["next_offset"] == 2
-    why[0] = "the group dropped this worker (AGG_SESSION_TIMEOUT passed without a heartbeat): it rejoins"
+    why[0], level[0] = "the group dropped this worker (AGG_SESSION_TIMEOUT passed without a heartbeat): it rejoins", logging.ERROR
     a.book.apply([("eu", 3_000, None)], 3, 3_000)
     asyncio.run(cp.checkpoint([a]))
     assert [r.levelname for r in caplog.records if "held" in r.getMessage()] == ["WARNING", "ERROR"]
@@ -418,3 +420,32 @@ def test_aggregates_records_of_a_state_restored_with_aggregates_off_are_deleted(
     deleted = {e[2] for e in log if e[0] == "send" and e[1] == STATE_CHANGELOG and e[3] is None}
     assert keys <= deleted
     assert "aggs_gone" not in state_of(log, 0)  # gone for good: the next state names nothing
+
+
+def test_a_fence_that_comes_while_the_chunks_are_written_holds_the_header(tmp_path):
+    """Found by a review: the fence was looked at once, before the chunks; a flush that took
+    longer than the session (a stalled broker, a stopped process) still sent the header, the
+    offsets and the snapshots after the group had moved on.  It is looked at again before
+    the headers: the chunks went to a slot no header names, the rest waits."""
+    cp, parts, log, seen, m = setup(tmp_path)
+    producer = cp.test_producer
+    said: list = [None]
+    cp.fence = lambda: said[0]
+    flush = producer.flush
+
+    async def slow_flush():  # the group drops the worker while its chunks are flushed
+        said[0] = (logging.ERROR, "the group dropped this worker (AGG_SESSION_TIMEOUT passed without a heartbeat)")
+        await flush()
+
+    producer.flush = slow_flush
+    a = parts.open(0)
+    a.book.apply([("eu", 1_000, None), ("eu", 2_500, None)], 2, 2_500)
+    outbox = list(a.book.outbox)
+    asyncio.run(cp.checkpoint([a]))
+    assert log and all(e[0] == "flush" or (e[1] == STATE_CHANGELOG and e[2] != b"0") for e in log)  # chunks only
+    assert not any(e[0] in ("safe", "confirmed") for e in log) and seen == []
+    assert a.book.dirty and a.book.outbox == outbox and a.state_slot is None
+    producer.flush = flush
+    said[0] = None
+    asyncio.run(cp.checkpoint([a]))
+    assert ("safe", 0, 2) in log and seen == outbox and state_of(log, 0)["next_offset"] == 2
