@@ -174,32 +174,33 @@ class FaustApp:
         if isinstance(consumer, BatchConsumer):
             await consumer.seek_quietly(faust.types.TP(CLICKS, partition), offset)
 
+    def _aiokafka(self) -> Any:
+        """The aiokafka consumer under Faust's (its subscription and group state are read from
+        this thread), or None before it exists."""
+        try:
+            return self.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - no consumer yet
+            return None
+
     def not_member(self) -> tuple[int, str] | None:
         """Why the group may have given this worker's partitions to another (``stamps.not_member``;
         None: it cannot have), for the checkpoint's fence."""
-        try:
-            consumer = self.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - no consumer yet
-            return None
-        return not_member(consumer, self.session_s, member_clock())
+        consumer = self._aiokafka()
+        return None if consumer is None else not_member(consumer, self.session_s, member_clock())
 
     def end_seen(self, partition: int, topic: str = CLICKS) -> tuple[int | None, int] | None:
         """The partition's end offset as of the last fetch answered for it (None: the broker
         gave none) and when that fetch was sent, wall ms (``stamps.end_seen``); None: no
         fetch answered since it was assigned."""
-        try:
-            consumer = self.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - no consumer yet
-            return None
-        return end_seen(consumer, faust.types.TP(topic, partition))
+        consumer = self._aiokafka()
+        return None if consumer is None else end_seen(consumer, faust.types.TP(topic, partition))
 
     def position(self, partition: int) -> int | None:
         """The consumer's fetch position in the partition of ``clicks`` (None: not known, e.g.
         while it is looked up after an assignment).  Read from aiokafka's subscription state:
         its ``position()`` is a coroutine that waits for that lookup."""
-        try:
-            consumer = self.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - no consumer yet
+        consumer = self._aiokafka()
+        if consumer is None:
             return None
         tp = faust.types.TP(CLICKS, partition)
         return positions(consumer, [tp])[tp]

@@ -94,6 +94,7 @@ class BookSettings:
 # deletes records WindowAggregates wrote under it
 AGGS_TAG = "g"
 
+
 class PartitionState:
     __slots__ = ("partition", "book", "spill", "dedup", "lag", "last_record_ms", "state_slot", "maybe_slots",
                  "extra_slots", "clock_live", "source_ts",
