@@ -160,12 +160,10 @@ class FaustApp:
         return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == CLICKS}
 
     def highwater(self, partition: int, topic: str = CLICKS) -> int | None:
-        """The partition's end offset as of the last fetch (None: not known yet)."""
-        try:
-            hw = self.app.consumer.highwater(faust.types.TP(topic, partition))
-        except Exception:  # noqa: BLE001 - no consumer yet
-            return None
-        return None if hw is None or hw < 0 else int(hw)
+        """The partition's end offset as of the last fetch answered for it (None: not known
+        yet); the end of :meth:`end_seen`, so the clock and the source-log checks read one."""
+        seen = self.end_seen(partition, topic)
+        return None if seen is None else seen[0]
 
     async def seek(self, partition: int, offset: int) -> None:
         """Fetch the partition of ``clicks`` again from ``offset`` (nothing if it is no longer
