@@ -131,14 +131,17 @@ def parse_ingest_header(value: bytes) -> tuple[int, int | None, bytes | None]:
     """-> (ingest_ts, client ts or None, dedup id field or None); ValueError when it is not
     what ingest writes."""
     f = value.split(b",", 2)  # one call, not two partitions: this runs once per record
+    its = int(f[0])
+    if its < 0:
+        raise ValueError("an ingest time before the epoch")
     if len(f) == 2:
-        return int(f[0]), int(f[1]), None
+        return its, int(f[1]), None
     if len(f) == 1:
-        return int(f[0]), None, None
-    its, cts, dedup = f
+        return its, None, None
+    dedup = f[2]
     if not dedup:
         raise ValueError("an empty dedup id")
-    return int(its), (int(cts) if cts else None), dedup
+    return its, (int(f[1]) if f[1] else None), dedup
 
 
 # --- what the window book counts

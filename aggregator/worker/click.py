@@ -11,7 +11,8 @@ import msgspec
 
 from aggregator.core.events import TS_MAX, TS_MIN
 
-_I64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+# an ingest time before the epoch goes the full way, to bad_ingest_ts
+_ITS = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 # a client ts in range (core.events, checked in C): one beyond goes the full way, to bad_ts
 _TS = Annotated[int, msgspec.Meta(gt=TS_MIN, lt=TS_MAX)]
 
@@ -33,7 +34,7 @@ class Click(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     tools/worker_micro.py)."""
 
     region: str
-    ingest_ts: _I64 | None = None
+    ingest_ts: _ITS | None = None
     ts: _TS | None = None
     event_id: str | None = None
     user_id: str | None = None

@@ -158,11 +158,15 @@ class RecordDecoder:
                         if len(f) == 2:  # "<ingest_ts>,<ts>": parse_ingest_header's common case, inlined
                             its = int(f[0])
                             cts = int(f[1])
+                            if its < 0:
+                                raise ValueError("an ingest time before the epoch")
                         elif len(f) == 3 and f[2][:1] == b"k":
                             # "<ingest_ts>,[<ts>],k<key hex>.<index>" (a keyed request's event):
                             # parse_ingest_header and parse_id_field inlined, the key's digest
                             # parsed once per run of its records
                             its = int(f[0])
+                            if its < 0:
+                                raise ValueError("an ingest time before the epoch")
                             cts = int(f[1]) if f[1] else None
                             kpart, _, index = f[2].partition(b".")  # no ".": int(b"") raises below
                             if kpart != last_k:
@@ -220,12 +224,12 @@ class RecordDecoder:
                     # the fields as JSON gave them (Any), checked before they take their types
                     # (a compiled decoder checks each typed assignment: tools/native.py)
                     raw: Any = d.get("ingest_ts")
-                    if type(raw) is int:
+                    if type(raw) is int and raw >= 0:
                         its = raw
                     elif raw is None:
                         its = rec.timestamp if rec.timestamp_type == LOG_APPEND_TIME else now_ms
                     else:
-                        raise EventError("bad_ingest_ts", "ingest_ts must be epoch milliseconds")
+                        raise EventError("bad_ingest_ts", "ingest_ts must be epoch milliseconds, not negative")
                     # event_id before ts, as core.events.validate: the same reason as over HTTP
                     raw = d.get("event_id")
                     if raw is not None:

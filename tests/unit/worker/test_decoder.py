@@ -64,6 +64,22 @@ def test_bad_records_are_counted_by_reason_and_dead_lettered_with_what_they_were
     assert all(d["error"] for _, d in letters)
 
 
+def test_an_ingest_time_before_the_epoch_is_bad_ingest_ts_from_value_or_header():
+    """A window book's stream time starts below 0: a negative ingest time would be filed
+    late in a window never published, and keep the partition's state open for good."""
+    recs = fetched([(None, b'{"region": "eu", "ingest_ts": -1}', []),
+                    (b"eu", b'{"region": "eu", "ingest_ts": -60000}', ingest_header(-60_000, None)),
+                    (b"eu", b'{"region": "eu"}', [(INGEST_HEADER, b"-5,3")]),  # the value decides
+                    (b"eu", b'{"region": "eu"}', [(INGEST_HEADER, b"-5,,k0a.1")]),
+                    (None, b'{"region": "eu", "ingest_ts": 0}', [])], base=0)
+    for fast in (True, False):
+        dead: list = []
+        events, _, rejected = RecordDecoder(fast=fast).decode(recs, NOW, 0, True, dead, MAX_TS)[:3]
+        assert rejected == {"bad_ingest_ts": 2}
+        assert [orjson.loads(v)["reason"] for _, v in dead] == ["bad_ingest_ts"] * 2
+        assert events == [("eu", NOW, None), ("eu", NOW, None), ("eu", 0, None)]
+
+
 def test_no_dead_letters_when_not_asked():
     events, _, rejected = RecordDecoder().decode(fetched([(None, b"[]", [])]), NOW, 0, False, None, MAX_TS)[:3]
     assert events == [] and rejected == {"undecodable": 1}
