@@ -161,7 +161,7 @@ class Metrics:
                                    "AGG_SPILL_MAX_BYTES or partitions wait for a spill disk that refuses writes", registry=r)
         self._spill_disk_errors = Counter("clickstream_spill_disk_errors",
                                           "Spill disk operations that failed (full, I/O error, read-only), by op: "
-                                          "write (a batch held and retried), rollback, read (a drain retried)",
+                                          "write (a batch held and retried), rollback, read (a drain retried), open (retried)",
                                           ["op"], registry=r)
         self._spill_held = Gauge("clickstream_spill_held_partitions",
                                  "Partitions not fetched because a batch of theirs waits for the spill disk", registry=r)
@@ -197,7 +197,7 @@ class Metrics:
                                "have dropped it (no heartbeat answered for half AGG_SESSION_TIMEOUT)", registry=r)
         for kind in SPILL_FAULTS:
             self._spill_faults.labels(kind)
-        for op in ("write", "rollback", "read"):  # exported at 0 from the start
+        for op in ("write", "rollback", "read", "open"):  # exported at 0 from the start
             self._spill_disk_errors.labels(op)
         for stage in STAGES:
             self._stage_pending.labels(stage)

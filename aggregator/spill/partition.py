@@ -41,7 +41,7 @@ class SpillDiskError(Exception):
     write, nothing of the batch was kept: the ledger and the disk are as before it."""
 
     def __init__(self, op: str, partition: int, region: str, error: OSError) -> None:
-        super().__init__(f"{error} (spill {op}, partition {partition}, region {region!r})")
+        super().__init__(f"{error} (spill {op}, partition {partition}" + (f", region {region!r})" if region else ")"))
         self.op = op
         self.partition = partition
         self.region = region

@@ -24,7 +24,7 @@ from aggregator.core.sourcelog import CHECK_TRIES, Restart
 from aggregator.core.windows import STATE_FORMAT, WindowBook
 from aggregator.metrics import Metrics
 from aggregator.spill.ledger import SpillLedger
-from aggregator.spill.partition import PartitionSpill
+from aggregator.spill.partition import PartitionSpill, SpillDiskError
 
 log = logging.getLogger("aggregator.worker")
 
@@ -218,7 +218,9 @@ class Partitions:
         """The partition's state, recovered from its stored value (if any) and its spill
         reconciled with the ledger.  Raises ``PartitionCountChanged`` when the stored book
         holds open windows counted with another partition count (docs/contract.md §1), and
-        ``StateFormatUnknown`` for a state in a format this version does not read."""
+        ``StateFormatUnknown`` for a state in a format this version does not read;
+        ``SpillDiskError`` when the spill disk refuses to open or reconcile its spill (nothing
+        is kept: opened again later, from the stored state)."""
         book = self.books.new_book()
         ledger = SpillLedger()
         dedup = DedupStore(self.books.dedup_ms, self.books.dedup_max_ids)
@@ -246,10 +248,6 @@ class Partitions:
                 book.aggs.restore_gone(state.get("aggs_gone"))
             elif state.get("aggs") or state.get("aggs_gone"):  # AGG_AGGREGATES turned off: their records go
                 left = LeftRecords(AGGS_TAG, state.get("aggs"), state.get("aggs_gone"))
-            self.metrics.state_recovered()
-            log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished "
-                     "snapshots, %d spilled events to drain, %d + %d dedup ids)", partition, book.next_offset,
-                     len(book.counts), len(book.outbox), ledger.total_backlog(), *dedup.size())
         n = self.books.partitions
         if book.partitions and book.partitions != n and book.holds_open_data():
             raise self._refuse(partition, PartitionCountChanged(
@@ -258,8 +256,16 @@ class Partitions:
                 "would publish two final snapshots for some (region, window); go back to "
                 f"{book.partitions} partitions until every window is published"))
         book.partitions = n  # stored with the next state written
-        spill = PartitionSpill(self.spill_root, partition, ledger)
-        spill.reconcile()
+        try:
+            spill = PartitionSpill(self.spill_root, partition, ledger)
+            spill.reconcile()  # a crash at any step of it is recovered the same way: so is a failure
+        except OSError as e:  # the spill disk refused: the partition waits, opened again every tick
+            raise SpillDiskError("open", partition, "", e) from None
+        if stored is not None:
+            self.metrics.state_recovered()
+            log.info("partition %d: recovered window state at offset %d (%d open windows, %d unpublished "
+                     "snapshots, %d spilled events to drain, %d + %d dedup ids)", partition, book.next_offset,
+                     len(book.counts), len(book.outbox), ledger.total_backlog(), *dedup.size())
         self.metrics.spill_fault("corrupt", sum(spill.store.corrupt_records.values()))
         self.metrics.spill_fault("torn", sum(spill.store.torn_tails.values()))
         p = self.owned[partition] = PartitionState(partition, book, spill, dedup)

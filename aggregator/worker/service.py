@@ -39,8 +39,8 @@ from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
 from aggregator.worker.clock import ClockSkew, RebalanceWatch, advance_target
 from aggregator.worker.decoder import Record, RecordDecoder
 from aggregator.worker.faust_app import FaustApp
-from aggregator.worker.partitions import BookSettings, Partitions, PartitionState, Refused
-from aggregator.worker.sourcecheck import check_source, reread_due
+from aggregator.worker.partitions import BookSettings, Partitions, PartitionState, Refused, SpillDiskError
+from aggregator.worker.sourcecheck import check_source, log_end, positioned, reread_due
 from aggregator.worker.throttle import HeldBatch, Throttle, rebuild_replay, skip_applied
 
 REREAD_TRIES = 4  # batches sent back before a re-read of a damaged spill starts where the source does
@@ -122,7 +122,7 @@ class WorkerService:
             if partition not in self.kafka.assigned():
                 return None  # fetched before a rebalance moved it: the new owner reads it
             p = self._open(partition)
-            if p is None:  # its stored state is refused: not fetched here, /readyz says why
+            if p is None:  # its stored state is refused, or its spill disk: not fetched here, /readyz says why
                 self.app.consumer.pause_partitions([TP(CLICKS, partition), TP(CLICKS_REPARTITION, partition)])
                 return records[0].offset
         now_ms = int(time.time() * 1000)
@@ -349,10 +349,10 @@ class WorkerService:
                 tally = book.take_tally()
                 self.region_cap.touch(tally, now_ms)  # regions with events keep their place
                 self.metrics.counted(tally)
-            hw, seen_ms = self._highwater(p)
+            hw, seen_ms = log_end(p, self.kafka, self.metrics)
             moving = fetching and not self.throttle.held_here(p)
             target = advance_target(now_ms, p.last_record_ms, hw, seen_ms, book.next_offset,
-                                    moving and self._positioned(p))
+                                    moving and positioned(p, self.kafka))
             if target is not None:
                 book.advance_to(target - self.clock_skew.ahead_ms)
             if moving and reread_due(p, now_ms, hw, self.kafka):
@@ -368,6 +368,11 @@ class WorkerService:
         except Exception:  # noqa: BLE001 - unknown: keep everything
             return
         self.partitions.keep_only(owned)
+        for partition in list(self.throttle.unopened):  # the spill disk refused to open them: again
+            if partition not in owned:
+                self.throttle.opened(partition)  # revoked: its next owner opens it
+            elif self._open(partition) is not None:
+                self.app.consumer.resume_partitions([TP(CLICKS, partition), TP(CLICKS_REPARTITION, partition)])
         if self.not_ready(refusals=False) is None:
             # the state of assigned partitions that have no new record (after a restart with
             # nothing new to read, their open windows must still close and publish)
@@ -381,31 +386,12 @@ class WorkerService:
             p = self.partitions.open(partition)
         except Refused:
             return None
+        except SpillDiskError as e:  # nothing of it kept: opened again every tick (contract §6)
+            self.throttle.open_failed(partition, e)
+            return None
+        self.throttle.opened(partition)
         self.region_cap.hold(p.book.last_seen, int(time.time() * 1000))
         return p
-
-    def _highwater(self, p: PartitionState) -> tuple[int | None, int | None]:
-        """The partition's end offset as of the last fetch (None: not known yet) and when that
-        fetch was sent (the older for ``clicks-repartition``; None: none answered); sets the lag.
-        While records forwarded to it wait, the end given is past what it has applied."""
-        hw, seen_ms = self.kafka.end_seen(p.partition) or (None, None)
-        forwarded, fseen_ms = self.kafka.end_seen(p.partition, CLICKS_REPARTITION) or (None, None)
-        waiting = 0 if forwarded is None else max(0, forwarded - p.book.repart_next)
-        if hw is not None:
-            p.lag = max(0, hw - p.book.next_offset) + waiting
-            self.metrics.partition_lag(p.partition, p.lag)
-        seen_ms = min((t for t in (seen_ms, fseen_ms) if t is not None), default=None)
-        return (p.book.next_offset + waiting if waiting else hw), seen_ms
-
-    def _positioned(self, p: PartitionState) -> bool:
-        """Whether the consumer is where the partition's state says: not so before its log is
-        checked while the consumer reads from below the state's offset (a replay, or a log
-        that started over: counted in order, its events must not find their windows closed
-        by the clock) or does not know where it is yet."""
-        if p.source_checked:
-            return True
-        position = self.kafka.position(p.partition)
-        return position is not None and position >= p.book.next_offset
 
     def _holding(self) -> bool:
         """Whether the consumer fetches nothing: the spill is over its bound, or the broker

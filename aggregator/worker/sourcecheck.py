@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+from aggregator.core.contract import CLICKS, CLICKS_REPARTITION
 from aggregator.core.sourcelog import CHECK_IDLE_MS, restarted
 from aggregator.metrics import Metrics
 from aggregator.worker.decoder import Record
@@ -25,6 +26,8 @@ class _Kafka(Protocol):
     def log_restarted(self, partition: int) -> None: ...
 
     def position(self, partition: int) -> int | None: ...
+
+    def end_seen(self, partition: int, topic: str = CLICKS) -> tuple[int | None, int] | None: ...
 
 
 def check_source(p: PartitionState, records: Sequence[Record], start: int, kafka: _Kafka, metrics: Metrics) -> int:
@@ -63,3 +66,28 @@ def reread_due(p: PartitionState, now_ms: int, highwater: int | None, kafka: _Ka
     return (highwater == n > 0 and p.source_ts is not None and p.restart_pending is None
             and not p.spill.ledger.rebuild and now_ms - max(p.clicks_ms or 0, p.verify_ms) >= CHECK_IDLE_MS
             and (p.source_checked or kafka.position(p.partition) == n))
+
+
+def log_end(p: PartitionState, kafka: _Kafka, metrics: Metrics) -> tuple[int | None, int | None]:
+    """The partition's end offset as of the last fetch (None: not known yet) and when that
+    fetch was sent (the older for ``clicks-repartition``; None: none answered); sets the lag.
+    While records forwarded to it wait, the end given is past what it has applied."""
+    hw, seen_ms = kafka.end_seen(p.partition) or (None, None)
+    forwarded, fseen_ms = kafka.end_seen(p.partition, CLICKS_REPARTITION) or (None, None)
+    waiting = 0 if forwarded is None else max(0, forwarded - p.book.repart_next)
+    if hw is not None:
+        p.lag = max(0, hw - p.book.next_offset) + waiting
+        metrics.partition_lag(p.partition, p.lag)
+    seen_ms = min((t for t in (seen_ms, fseen_ms) if t is not None), default=None)
+    return (p.book.next_offset + waiting if waiting else hw), seen_ms
+
+
+def positioned(p: PartitionState, kafka: _Kafka) -> bool:
+    """Whether the consumer is where the partition's state says: not so before its log is
+    checked while the consumer reads from below the state's offset (a replay, or a log
+    that started over: counted in order, its events must not find their windows closed
+    by the clock) or does not know where it is yet."""
+    if p.source_checked:
+        return True
+    position = kafka.position(p.partition)
+    return position is not None and position >= p.book.next_offset

@@ -86,6 +86,7 @@ class Throttle:
         self.disk_error: str | None = None  # why the spill disk holds batches or drains
         self._write_error: SpillDiskError | None = None
         self._read_errors: dict[int, SpillDiskError] = {}
+        self.unopened: dict[int, SpillDiskError] = {}  # partition -> why its spill could not be opened
 
     def limit(self, p: PartitionState, events: list[Event], offsets: list[int],
               partitions: Partitions, aggs: Sequence[Agg | None] | None = None,
@@ -136,6 +137,18 @@ class Throttle:
             self._update_disk_error()
         return new
 
+    def open_failed(self, partition: int, e: SpillDiskError) -> None:
+        """The spill disk refused to open the partition's spill: it waits, not fetched."""
+        if partition not in self.unopened:
+            self.metrics.spill_disk_error(e.op)
+        self.unopened[partition] = e
+        self._update_disk_error()
+
+    def opened(self, partition: int) -> None:
+        """The partition's spill is open (or the partition is no longer assigned)."""
+        if self.unopened.pop(partition, None) is not None:
+            self._update_disk_error()
+
     def release(self, partition: int) -> Held | None:
         """The partition's held batches are all applied (or it is gone): stop holding it."""
         h = self.held.pop(partition, None)
@@ -146,6 +159,8 @@ class Throttle:
         """``disk_error`` from the held partitions and this tick's drains; one log line
         when the disk starts refusing, one when it works again."""
         e = self._write_error if self.held else None
+        if e is None and self.unopened:
+            e = next(iter(self.unopened.values()))
         if e is None and self._read_errors:
             e = next(iter(self._read_errors.values()))
         if e is None:
@@ -157,7 +172,7 @@ class Throttle:
         reason = disk_reason(e)
         if self.disk_error is None:
             log.error("%s; partitions %s wait (not fetched, nothing of them lost) and are retried every tick; "
-                      "partitions that do not need the disk go on", reason, sorted(self.held))
+                      "partitions that do not need the disk go on", reason, sorted({*self.held, *self.unopened}))
         self.disk_error = reason
 
     def drain(self, p: PartitionState, now_ms: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 import orjson
@@ -145,5 +146,74 @@ def test_a_full_spill_disk_holds_what_needs_it_counts_the_rest_and_recovers_exac
         assert metric(text, "clickstream_spill_held_partitions") == 0
         assert metric(text, "clickstream_backpressure") == 0
         assert metric(text, "clickstream_spill_backlog_events") == 0
+        svc.check_alive()
+        svc.kill()  # before the tmpfs goes
+
+
+def test_a_spill_the_full_disk_cannot_reconcile_at_start_waits_and_recovers_exactly(broker, service_factory,
+                                                                                    tmp_path):
+    """A worker killed with a spill on disk restarts while the disk is full, and its recovery
+    must write (a torn tail is saved to quarantine before the segment is cut).  Before, that
+    OSError left ``Partitions.open``: the batch handler raised and the process exited (or,
+    opened by a tick, no partition was written or published again, /readyz 200).  Now that
+    partition waits, unfetched, with /readyz 503 saying why; the others are counted; once
+    the disk has room it is opened and every accepted event is published exactly once."""
+    hot, cold = two_regions()
+    bootstrap = broker.url.split("://")[1]
+    with small_tmpfs(tmp_path / "spill") as disk:
+        svc = service_factory("svc", AGG_SPILL_DIR=str(disk), AGG_RATE_LIMITS=f"{hot}={HOT_RATE}",
+                              AGG_PARTITIONS=str(PARTITIONS)).start()
+        accepted = {hot: 0, cold: 0}
+
+        def post(region: str, n: int) -> None:
+            status, _, body = svc.post([{"region": region, "user_id": f"u{i}"} for i in range(n)])
+            assert status == 200 and body["accepted"] == n, body
+            accepted[region] += n
+
+        post(cold, 10)
+        post(hot, 1000)  # ~900 over the rate: spilled, drained at 100/s
+        wait_for(lambda: metric(svc.metrics_text(), "clickstream_spill_backlog_events") > 300, 20,
+                 what="a spill backlog")
+        time.sleep(1.5)  # a state written with it (AGG_STATE_FLUSH_SECONDS: 0.5); either way it is recovered
+        svc.kill()
+        segments = sorted(disk.glob(f"p{partition_of(hot)}/regions/*/*.seg"))
+        assert segments, sorted(disk.rglob("*"))
+        with open(segments[-1], "ab") as f:  # what a write cut short by the kill leaves
+            f.write(b"\x00\x00\x01\x00torn")
+        filler = fill_leaving(disk, 0)
+
+        svc.start(wait_ready=None)
+
+        def refused() -> dict | None:
+            svc.check_alive()
+            try:
+                status, _, raw = http("GET", svc.url + "/readyz")
+            except OSError:
+                return None
+            body = json.loads(raw)
+            return body if status == 503 and "spill disk full" in body.get("reason", "") else None
+
+        body = wait_for(refused, 60, what="/readyz 503 saying the spill disk is full")
+        assert "spill open" in body["reason"], body
+        post(cold, 25)
+        wait_for(lambda: totals(published(bootstrap)).get(cold, 0) == accepted[cold], 30, interval=1.0,
+                 what="every cold event published while the hot partition waits")
+        svc.check_alive()  # before: the process exited
+        assert refused() is not None
+        assert metric(svc.metrics_text(), "clickstream_spill_disk_errors_total", 'op="open"') == 1
+
+        filler.unlink()
+        wait_for(lambda: http("GET", svc.url + "/readyz")[0] == 200, 20, what="/readyz 200 once the disk has room")
+        post(hot, 20)
+
+        def all_published() -> bool:
+            return totals(published(bootstrap)) == accepted
+
+        try:
+            wait_for(all_published, 90, interval=2.0, what="every accepted event published")
+        except AssertionError:
+            raise AssertionError(f"published {totals(published(bootstrap))}, accepted {accepted}\n"
+                                 f"{svc.tail()}") from None
+        assert "spill disk works again" in svc.tail(200_000)
         svc.check_alive()
         svc.kill()  # before the tmpfs goes
