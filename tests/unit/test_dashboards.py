@@ -78,6 +78,7 @@ ALERT_METRICS = {
     "clickstream_refused_partitions": "gauge",
     "clickstream_forwards_lost_total": "counter",
     "clickstream_worker_fenced_total": "counter",
+    "clickstream_http_connections_refused_total": "counter",
 }
 # prometheus_client's process, GC and platform collectors (contract §5 "standard"): the
 # dashboard may use them, it need not use them all.
@@ -437,6 +438,15 @@ def test_slo_alerts_are_multi_window_burn_rates(alert_rules):
         assert name.startswith("job:") and "sum by (job)" in expr, name
     ingest = " ".join(recorded["job:clickstream_ingest_errors:ratio_rate5m"].split())
     assert 'route="/v1/events", code="5xx"' in ingest
+    # a connection refused at the cap (answered 503 before any request is read) is one
+    # failed ingest request: in the errors and in the total of every window
+    for window in ("5m", "30m", "1h", "6h"):
+        expr = " ".join(recorded[f"job:clickstream_ingest_errors:ratio_rate{window}"].split())
+        refused = f"or rate(clickstream_http_connections_refused_total[{window}])"
+        assert expr == (
+            f'sum by (job) ( rate(clickstream_http_requests_total{{route="/v1/events", code="5xx"}}[{window}]) '
+            f"{refused} ) / "
+            f'sum by (job) ( rate(clickstream_http_requests_total{{route="/v1/events"}}[{window}]) {refused} )'), expr
     fresh = " ".join(recorded["job:clickstream_snapshots_overdue:ratio_rate5m"].split())
     assert "clickstream_snapshot_overdue_seconds_bucket{le=" in fresh
 
