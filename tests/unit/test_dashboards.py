@@ -62,6 +62,7 @@ EXTRA_METRICS = {
     "clickstream_grace_seconds": "gauge",
     "clickstream_http_requests_total": "counter",
     "clickstream_http_request_duration_seconds": "histogram",
+    "clickstream_http_connections_refused_total": "counter",
     "clickstream_snapshot_overdue_seconds": "histogram",
     "clickstream_window_unique_users": "gauge",
     "clickstream_window_client_delay_seconds": "summary",
@@ -78,7 +79,6 @@ ALERT_METRICS = {
     "clickstream_refused_partitions": "gauge",
     "clickstream_forwards_lost_total": "counter",
     "clickstream_worker_fenced_total": "counter",
-    "clickstream_http_connections_refused_total": "counter",
 }
 # prometheus_client's process, GC and platform collectors (contract §5 "standard"): the
 # dashboard may use them, it need not use them all.
@@ -295,6 +295,37 @@ def test_overview_row_on_top(dashboard):
     exprs = "\n".join(t["expr"] for p in overview for t in p["targets"])
     assert "[30d]" in exprs and "/ 0.001" in exprs and "/ 0.01" in exprs  # the two SLOs' budgets
     assert all(p["gridPos"]["y"] < 5 for p in overview)
+
+
+def _row_panels(dashboard: dict, title: str) -> list[dict]:
+    """The panels under the (expanded) row called ``title``, up to the next row."""
+    panels = dashboard["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == title)
+    out = []
+    for p in panels[start + 1:]:
+        if p["type"] == "row":
+            break
+        out.append(p)
+    return out
+
+
+def test_refused_connections_panel_and_ingest_sli(dashboard):
+    # connections refused at AGG_HTTP_MAX_CONNECTIONS are answered before any request is
+    # read: their own panel in the HTTP row, and failed requests in the ingest SLI panels
+    refused = "clickstream_http_connections_refused_total"
+    http = {p["title"]: p for p in _row_panels(dashboard, "HTTP, SLIs and build")}
+    panel = http["Connections refused at the cap"]
+    assert [t["expr"] for t in panel["targets"]] == [
+        f'sum by (instance) (rate({refused}{{job=~"$job", instance=~"$instance"}}[$__rate_interval]))']
+    assert panel["fieldConfig"]["defaults"]["unit"] == "cps"
+    overview = {p["title"]: p for p in _row_panels(dashboard, "Overview")}
+    for title, fn, window in (("Ingest budget left (30d)", "increase", "30d"),
+                              ("SLIs: ingest errors, late snapshots", "rate", "5m")):
+        panel = overview.get(title) or http[title]
+        expr = panel["targets"][0]["expr"]
+        numerator, _, denominator = expr.partition(" / sum(")
+        for part in (numerator, denominator):
+            assert f'or {fn}({refused}{{job=~"$job", instance=~"$instance"}}[{window}])' in part, (title, expr)
 
 
 def test_every_panel_has_targets_with_expr(dashboard):
