@@ -62,6 +62,7 @@ EXTRA_METRICS = {
     "clickstream_grace_seconds": "gauge",
     "clickstream_http_requests_total": "counter",
     "clickstream_http_request_duration_seconds": "histogram",
+    "clickstream_http_connections_refused_total": "counter",
     "clickstream_snapshot_overdue_seconds": "histogram",
     "clickstream_window_unique_users": "gauge",
     "clickstream_window_client_delay_seconds": "summary",
@@ -296,6 +297,37 @@ def test_overview_row_on_top(dashboard):
     assert all(p["gridPos"]["y"] < 5 for p in overview)
 
 
+def _row_panels(dashboard: dict, title: str) -> list[dict]:
+    """The panels under the (expanded) row called ``title``, up to the next row."""
+    panels = dashboard["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == title)
+    out = []
+    for p in panels[start + 1:]:
+        if p["type"] == "row":
+            break
+        out.append(p)
+    return out
+
+
+def test_refused_connections_panel_and_ingest_sli(dashboard):
+    # connections refused at AGG_HTTP_MAX_CONNECTIONS are answered before any request is
+    # read: their own panel in the HTTP row, and failed requests in the ingest SLI panels
+    refused = "clickstream_http_connections_refused_total"
+    http = {p["title"]: p for p in _row_panels(dashboard, "HTTP, SLIs and build")}
+    panel = http["Connections refused at the cap"]
+    assert [t["expr"] for t in panel["targets"]] == [
+        f'sum by (instance) (rate({refused}{{job=~"$job", instance=~"$instance"}}[$__rate_interval]))']
+    assert panel["fieldConfig"]["defaults"]["unit"] == "cps"
+    overview = {p["title"]: p for p in _row_panels(dashboard, "Overview")}
+    for title, fn, window in (("Ingest budget left (30d)", "increase", "30d"),
+                              ("SLIs: ingest errors, late snapshots", "rate", "5m")):
+        panel = overview.get(title) or http[title]
+        expr = panel["targets"][0]["expr"]
+        numerator, _, denominator = expr.partition(" / sum(")
+        for part in (numerator, denominator):
+            assert f'or {fn}({refused}{{job=~"$job", instance=~"$instance"}}[{window}])' in part, (title, expr)
+
+
 def test_every_panel_has_targets_with_expr(dashboard):
     panels = [p for p in _panels(dashboard) if p["type"] != "row"]
     assert len(panels) >= 15
@@ -437,6 +469,15 @@ def test_slo_alerts_are_multi_window_burn_rates(alert_rules):
         assert name.startswith("job:") and "sum by (job)" in expr, name
     ingest = " ".join(recorded["job:clickstream_ingest_errors:ratio_rate5m"].split())
     assert 'route="/v1/events", code="5xx"' in ingest
+    # a connection refused at the cap (answered 503 before any request is read) is one
+    # failed ingest request: in the errors and in the total of every window
+    for window in ("5m", "30m", "1h", "6h"):
+        expr = " ".join(recorded[f"job:clickstream_ingest_errors:ratio_rate{window}"].split())
+        refused = f"or rate(clickstream_http_connections_refused_total[{window}])"
+        assert expr == (
+            f'sum by (job) ( rate(clickstream_http_requests_total{{route="/v1/events", code="5xx"}}[{window}]) '
+            f"{refused} ) / "
+            f'sum by (job) ( rate(clickstream_http_requests_total{{route="/v1/events"}}[{window}]) {refused} )'), expr
     fresh = " ".join(recorded["job:clickstream_snapshots_overdue:ratio_rate5m"].split())
     assert "clickstream_snapshot_overdue_seconds_bucket{le=" in fresh
 
