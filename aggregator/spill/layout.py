@@ -159,3 +159,26 @@ class _Region:
 
     def live_bytes(self) -> int:
         return self.size_total - self.head_off
+
+
+DISK_ID = "disk-id"  # in a partition's spill directory: the id a window state names it by
+
+
+def disk_id(root: str, fsync: bool) -> str:
+    """The id of the spill directory ``root`` (16 hex digits), made and stored at its first
+    use.  A window state names the directory its spill backlog is on: the records of another
+    directory (a stale spill left on a host the partition comes back to) are never taken
+    for it, even where their sequence numbers and first record agree."""
+    path = os.path.join(root, DISK_ID)
+    try:
+        with open(path, "rb") as f:
+            got = f.read(64).strip()
+        if len(got) == 16 and all(c in b"0123456789abcdef" for c in got):
+            return got.decode()
+    except FileNotFoundError:
+        pass
+    made = os.urandom(8).hex()
+    _write_atomic(path, made.encode(), fsync)
+    if fsync:
+        _fsync_dir(root)
+    return made

@@ -5,7 +5,8 @@ No Faust here; the worker calls these from its batch handler and flush tick:
 * ``write(split)``       before the batch is applied: spill records are fsynced first
 * ``drain(limits, now)`` at each tick: oldest records of each backlogged region, at its rate
 * ``acked()``            after the window state holding the drain is durable
-* ``reconcile()``        when the partition is (re)assigned: disk vs ledger
+* ``reconcile(disk)``    when the partition is (re)assigned: disk vs ledger (``disk``: the
+                         id of the spill directory the state's backlog was written on)
 
 Spill record payload: ``[seq, source_offset, ingest_ts, client_ts_or_null]`` (orjson; with
 the aggregates on a fifth field, the event's agg header as Latin-1 text, ``ledger.spill_agg``),
@@ -28,6 +29,7 @@ import orjson
 
 from aggregator.core.contract import Agg, Event
 from aggregator.core.ratelimit import RateLimits
+from aggregator.spill.layout import disk_id
 from aggregator.spill.ledger import SpillLedger, SpillRecord, Split, spill_agg
 from aggregator.spill.store import SpillStore
 
@@ -54,6 +56,7 @@ class PartitionSpill:
         self.partition = partition
         self.ledger = ledger
         self.store = SpillStore(os.path.join(os.fspath(root), f"p{partition}"), max_bytes=0, fsync=fsync)
+        self.disk = disk_id(self.store.root, fsync)  # what the window state names this directory by
         self.pending_acks: list[tuple[str, int]] = []
         self.rebuilding: dict[str, list[SpillRecord]] = {}
         self.lost = 0  # spilled events neither on disk nor in the source log any more
@@ -69,10 +72,23 @@ class PartitionSpill:
         self.read_error: SpillDiskError | None = None  # the last drain could not read a region
 
     # ------------------------------------------------------------ recovery
-    def reconcile(self) -> dict[str, int]:
-        """Make the disk agree with the ledger; returns regions to rebuild -> events."""
+    def reconcile(self, written_on: str | None = None) -> dict[str, int]:
+        """Make the disk agree with the ledger; returns regions to rebuild -> events.
+        ``written_on``: the id of the spill directory the ledger's state was written with
+        (None: not known, a state of an earlier version).  Another directory's id: that
+        state's backlog is on another host's disk, and what this one holds is a spill
+        left here before (the partition comes back to a host): none of it is trusted."""
         store, ledger = self.store, self.ledger
+        if written_on is not None and written_on != self.disk and ledger.total_backlog():
+            log.warning("spill p%d: the window state's spill backlog was written in another spill directory "
+                        "(%s, this one is %s): this one's records are not taken for it", self.partition,
+                        written_on, self.disk)
         for region in sorted(set(ledger.regions) | set(store.regions())):
+            if written_on is not None and written_on != self.disk:
+                if store.backlog(region):
+                    store.truncate_after(region, 0)
+                ledger.reconcile(region, None, 0)  # the backlog (if any) is re-read from the source
+                continue
             on_disk = store.backlog(region)
             first = store.read_batch(region, 1)
             first_seq = orjson.loads(first[0])[0] if first else None

@@ -144,6 +144,7 @@ class PartitionState:
         indexes of the dedup and aggregates records (written beside the chunks)."""
         state = self.book.to_dict()
         state["spill"] = self.spill.ledger.to_dict()
+        state["spill_disk"] = self.spill.disk  # the spill directory its backlog is in (spill.reconcile)
         if dedup is not None and (dedup.index or dedup.gone):
             state["dedup"] = dedup.to_json()
             state["dedup_bucket_ms"] = self.dedup.bucket_ms  # AGG_DEDUP_SECONDS may change (core.dedup.load)
@@ -258,7 +259,8 @@ class Partitions:
         book.partitions = n  # stored with the next state written
         try:
             spill = PartitionSpill(self.spill_root, partition, ledger)
-            spill.reconcile()  # a crash at any step of it is recovered the same way: so is a failure
+            # a crash at any step of it is recovered the same way: so is a failure
+            spill.reconcile(None if stored is None else stored[0].get("spill_disk"))
         except OSError as e:  # the spill disk refused: the partition waits, opened again every tick
             raise SpillDiskError("open", partition, "", e) from None
         if stored is not None:

@@ -522,3 +522,41 @@ def test_spill_missing_from_disk_and_source_is_counted_lost_and_spilling_goes_on
     sp_b.write(split)
     assert led_b.backlog("hot") == 2
     assert sp_b.drain(limits, now=9.0, unlimited=True) == [ev("hot", 9)] * 2
+
+
+def test_a_stale_spill_whose_first_record_agrees_is_not_taken_for_another_disks_backlog(tmp_path):
+    """A spills offsets 1105, 1115, 1120 as records 20-22 and dies before its state is
+    written; B, from the same state, spills 1105, 1110, 1115 as records 20-22 and writes
+    its state.  Back on A's disk the first record agrees (20 at 1105) and there are enough:
+    only the directory B's state names tells they are not its backlog.  They are re-read
+    from the source, not drained from A's disk (1110 would be lost, 1120 counted twice)."""
+    def spill(path: Path, offsets: list[int]) -> tuple[SpillLedger, PartitionSpill]:
+        led, sp = _reopen(path, orjson.dumps({"eu": [20, 20, -1]}))
+        sp.reconcile()
+        split = led.split([ev("eu", o) for o in offsets], offsets, RateLimits(0, {"eu": 1}), now=0.0)
+        sp.write(split)
+        assert [e for e in split.events if e[0] is not None] == [ev("eu", 1100)]  # the rest spilled
+        return led, sp
+
+    _, sp_a = spill(tmp_path / "a", [1100, 1105, 1115, 1120])
+    disk_a = sp_a.disk
+    sp_a.close()
+    led_b, sp_b = spill(tmp_path / "b", [1100, 1105, 1110, 1115])
+    state_b, disk_b = orjson.dumps(led_b.to_dict()), sp_b.disk
+    sp_b.close()
+    assert disk_a != disk_b and len(disk_a) == 16
+
+    _, sp_a2 = _reopen(tmp_path / "a", state_b)
+    assert sp_a2.disk == disk_a  # kept across openings
+    assert sp_a2.reconcile(disk_b) == {"eu": 3}
+    assert sp_a2.drain(RateLimits(0), now=0.0, unlimited=True) == []
+    for o in (1105, 1110, 1115):  # the replay of the source from the ledger's low offset
+        sp_a2.rebuild_add("eu", o, o, None)
+    sp_a2.rebuild_flush(done=True)
+    assert sp_a2.drain(RateLimits(0), now=0.0, unlimited=True) == [ev("eu", o) for o in (1105, 1110, 1115)]
+    sp_a2.close()
+
+    # B's own disk, named by its own state: drained from there, as before
+    _, sp_b2 = _reopen(tmp_path / "b", state_b)
+    assert sp_b2.reconcile(disk_b) == {}
+    assert sp_b2.drain(RateLimits(0), now=0.0, unlimited=True) == [ev("eu", o) for o in (1105, 1110, 1115)]

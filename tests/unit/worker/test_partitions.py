@@ -43,6 +43,30 @@ def test_state_written_by_one_owner_is_recovered_by_the_next(tmp_path):
     assert sample(m, "clickstream_state_recovered_partitions_total") == 1
 
 
+def test_a_partition_back_on_a_host_does_not_drain_the_spill_it_left_there(tmp_path):
+    """The state names the spill directory its backlog is in: A's spill, left when A died
+    before its state was written, has the record numbers and first record of the backlog
+    B's state holds; back on A it is re-read from the source instead (spill.reconcile)."""
+    def spill_on(root, offsets):
+        p = Partitions(BOOKS, root, lambda n: None, Metrics()).open(0)
+        split = p.spill.ledger.split([("eu", o, None) for o in offsets], offsets, RateLimits(0, {"eu": 1}), now=0.0)
+        p.spill.write(split)
+        assert [e for e in split.events if e[0] is not None] == [("eu", 10, None)]  # the rest spilled
+        p.book.apply(split.events, offsets[-1] + 1, 0)
+        return p
+
+    a = spill_on(tmp_path / "a", [10, 11, 13, 14])  # A: records 0-2 are offsets 11, 13, 14
+    a.spill.close()
+    b = spill_on(tmp_path / "b", [10, 11, 12, 13])  # B: records 0-2 are offsets 11, 12, 13
+    value = b.state_value()
+    assert orjson.loads(value)["spill_disk"] == b.spill.disk != a.spill.disk
+    b.spill.close()
+    back = Partitions(BOOKS, tmp_path / "a", recovered(0, value), Metrics()).open(0)
+    assert back.spill.ledger.rebuild == {"eu": 3} and back.spill.store.backlog("eu") == 0
+    again = Partitions(BOOKS, tmp_path / "b", recovered(0, value), Metrics()).open(0)  # B's own disk
+    assert again.spill.ledger.rebuild == {} and again.spill.store.backlog("eu") == 3
+
+
 def _dedup_state(tmp_path, dedup_ms: int, its: int) -> tuple[bytes, dict, list]:
     """A partition's state with dedup ids of ``dedup_ms``'s buckets, and its dedup records."""
     from aggregator.core.dedupid import event_key
