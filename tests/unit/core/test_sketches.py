@@ -565,7 +565,9 @@ def test_state_format():
     first = sorted([url_hash("/a"), url_hash("/b")])
     counts = {url_hash("/a"): 2, url_hash("/b"): 1}
     texts = {url_hash("/a"): "/a", url_hash("/b"): "/b"}
-    five = cell.to_json()["d"][1]
+    # bucket i holds (gamma**(i-1), gamma**i], gamma = (1 + a) / (1 - a) (docs/analytics.md)
+    gamma = (1 + P.delay_accuracy) / (1 - P.delay_accuracy)
+    five = next(i for i in range(1, 1000) if gamma ** (i - 1) < 5 <= gamma ** i)
     assert cell.to_json() == {"p": [12, 256, 128, 0.01], "ux": pack([1, 2]),
                               "t": [pack(first), [counts[h] for h in first], [texts[h] for h in first]],
                               "d": [1, five, 1]}
