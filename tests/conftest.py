@@ -5,6 +5,7 @@ tests/integration/conftest.py; everything under tests/integration/ is marked
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import subprocess
@@ -29,6 +30,21 @@ def require_tool(name: str, install_hint: str) -> str:
             pytest.fail(f"{name} missing in CI ({install_hint})")
         pytest.skip(f"{name} not installed ({install_hint})")
     return path
+
+
+OTLP_EXPORTER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+
+
+def require_module(name: str, install_hint: str) -> Any:
+    """A module the test venv installs (the Makefile's ``.[test,bench]``): missing, it fails
+    under CI and skips elsewhere, like ``require_tool`` (``pytest.importorskip`` would
+    skip under CI too)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} missing in CI ({install_hint}): {exc}")
+        pytest.skip(f"{name} not installed ({install_hint})")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects on the marks

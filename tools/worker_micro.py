@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -51,26 +51,38 @@ def backlog(n: int) -> list[list[Any]]:
     return batches
 
 
+class Pass(NamedTuple):
+    """One pass: its seconds, the events the decoder handed over, and the window book it
+    filled (left empty without ``book_too``): what the tests check a pass did."""
+
+    seconds: float
+    decoded: int
+    book: WindowBook
+
+
 def worker_pass(batches: Sequence[list[Any]], aggregates: bool, typed: bool,
-                dec: RecordDecoder | None = None, book_too: bool = True) -> float:
-    """Seconds to decode, count and (aggregates on) flush every batch, one partition:
-    with a new decoder, or ``dec`` (its caches as an earlier pass left them); without
-    ``book_too``, the decoder alone."""
+                dec: RecordDecoder | None = None, book_too: bool = True) -> Pass:
+    """Decode, count and (aggregates on) flush every batch, one partition: with a new
+    decoder, or ``dec`` (its caches as an earlier pass left them); without ``book_too``,
+    the decoder alone."""
     if dec is None:
         dec = RecordDecoder(1, None, aggregates=aggregates, fast=typed)
     aggs = WindowAggregates() if aggregates and book_too else None
     book = WindowBook(60_000, 5_000, 60_000, 600_000, 1000, aggs)
+    decoded = 0
     t = time.perf_counter()
     for b in batches:
         d = dec.decode(b, NOW_MS, 0, False, None, NOW_MS + 60_000)
+        decoded += len(d.events)
         if book_too:
             book.apply(d.events, b[-1].offset + 1, NOW_MS, d.aggs)
     if aggs is not None:
         aggs.flush()
-    return time.perf_counter() - t
+    return Pass(time.perf_counter() - t, decoded, book)
 
 
-def bare_pass(batches: Sequence[list[Any]]) -> float:
+def bare_pass(batches: Sequence[list[Any]]) -> tuple[float, dict[str, int]]:
+    """Seconds of the bare loop, and its count per region."""
     loads = orjson.loads
     counts: dict[str, int] = {}
     t = time.perf_counter()
@@ -78,23 +90,30 @@ def bare_pass(batches: Sequence[list[Any]]) -> float:
         for rec in b:
             region = loads(rec.value)["region"]
             counts[region] = counts.get(region, 0) + 1
-    return time.perf_counter() - t
+    return time.perf_counter() - t, counts
 
 
 CASES = ("bare", "off", "decode", "on")
 
 
-def warm_passes(batches: Sequence[list[Any]], case: str, passes: int) -> float:
-    """Seconds of ``passes`` passes of one case after a first one, with the decoder (and its
+def warm_passes(batches: Sequence[list[Any]], case: str, passes: int) -> tuple[float, int]:
+    """Seconds of ``passes`` passes of one case after a first one, and the events those
+    passes counted (decoded, for ``decode``), with the decoder (and its
     caches of regions and URLs) kept across them, as a running worker keeps it: for counting
     a case's instructions (``--case``, run under valgrind twice, the passes' difference).
     ``decode``: the decoder alone, aggregates on; ``on``/``off``: decode, window book and
     flush with the aggregates on / off; ``bare``: the bare loop."""
     aggregates = case in ("on", "decode")
     dec = RecordDecoder(1, None, aggregates=aggregates)
-    times = [bare_pass(batches) if case == "bare" else worker_pass(batches, aggregates, True, dec, case != "decode")
-             for _ in range(passes + 1)]
-    return sum(times[1:])
+    runs: list[tuple[float, int]] = []
+    for _ in range(passes + 1):
+        if case == "bare":
+            t, counts = bare_pass(batches)
+            runs.append((t, sum(counts.values())))
+        else:
+            one = worker_pass(batches, aggregates, True, dec, case != "decode")
+            runs.append((one.seconds, one.decoded if case == "decode" else sum(one.book.open_total().values())))
+    return sum(t for t, _ in runs[1:]), sum(n for _, n in runs[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,15 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     batches = backlog(a.events)
     gc.set_threshold(500_000, 20, 10)  # the worker role's (aggregator/cli.py)
     if a.case:
-        t = warm_passes(batches, a.case, a.passes)
+        t, _ = warm_passes(batches, a.case, a.passes)
         print(f"{a.case}: {a.passes} warm passes, {t / max(1, a.passes * a.events) * 1e6:.3f} µs/event")
         return 0
-    cases = {"bare loop (orjson.loads, a dict count)": lambda: bare_pass(batches)}
+    cases = {"bare loop (orjson.loads, a dict count)": lambda: bare_pass(batches)[0]}
     for aggregates in (True, False):
         for typed in (True, False):
             label = (f"worker, aggregates {'on' if aggregates else 'off'}, "
                      f"typed parse {'on' if typed else 'off'}")
-            cases[label] = lambda ag=aggregates, ty=typed: worker_pass(batches, ag, ty)
+            cases[label] = lambda ag=aggregates, ty=typed: worker_pass(batches, ag, ty).seconds
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(a.runs):  # interleaved, so that a slow moment of the machine hits every case
         for label, run in cases.items():

@@ -66,6 +66,8 @@ async def _run(bootstrap: str) -> None:
             if tp in fetcher._records:
                 break
             await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the fetcher held no records of the partition after 10 s")
         assert await fetcher.fetched_records(_NeverEmpty(set()), timeout=0.5) == {}
         assert positions(consumer, [tp]) == {tp: 0}
         assert (await fetcher.fetched_records(set(), timeout=0.5))[tp][0].offset == 0

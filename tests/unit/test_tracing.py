@@ -13,6 +13,7 @@ from opentelemetry.trace import SpanKind
 from aggregator import tracing
 from aggregator.logs import JsonFormatter
 from aggregator.tracing import TracingConfig, TracingError, config_from_env
+from tests.conftest import OTLP_EXPORTER, require_module
 from tests.unit.worker.records import fetched
 
 
@@ -98,7 +99,7 @@ def test_service_name(monkeypatch):
 
 
 def test_otlp_exporter_is_made_from_env(monkeypatch):
-    pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    require_module(OTLP_EXPORTER, "pip install '.[otlp]'")  # fails under CI when missing
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
     exp = tracing._exporter("otlp", "http/protobuf")
     try:

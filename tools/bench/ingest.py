@@ -286,13 +286,17 @@ def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, g
 
 
 def _caught_up(front_url: str, worker_url: str, timeout: float = 60.0) -> None:
-    """Wait until the worker has applied every event ingested so far."""
+    """Wait until the worker has applied every event ingested so far; RuntimeError after
+    ``timeout`` (a half-rate phase over the worker's backlog would measure the backlog)."""
     deadline = time.monotonic() + timeout
     while True:
         ingested = sum(metrics(front_url, names=(INGESTED,)).get(INGESTED, {}).values())
         applied = by_label(metrics(worker_url, names=(PROCESSED,)).get(PROCESSED, {}), "stage").get("window", 0)
-        if applied >= ingested or time.monotonic() > deadline:
+        if applied >= ingested:
             return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the worker did not catch up within {timeout:.0f} s: applied {applied:.0f} "
+                               f"of {ingested:.0f} events ingested")
         time.sleep(0.2)
 
 

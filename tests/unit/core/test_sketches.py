@@ -1,7 +1,6 @@
 """The sketch layer (aggregator/core/sketches/): state round trips, merge, replay after a
 checkpoint, and the stated bounds against exact counts on seeded data."""
 import base64
-import hashlib
 import math
 import os
 import random
@@ -385,21 +384,43 @@ def test_a_hash_ranked_past_rmax_raises_its_register_once(path):
     assert restored(cell).to_json() == cell.to_json()
 
 
-def test_hyperloglog_states_of_ordinary_hashes_are_the_bytes_written_before():
+def reference_registers(hashes, p):
+    """HyperLogLog registers by the documented rule (docs/analytics.md), apart from
+    aggregator/core/sketches/users.py: the hash's low ``p`` bits pick the register, the
+    rank is the leading zeros of the other 64 - p bits + 1 (all zero: 64 - p + 1), and a
+    register holds the largest rank it was given."""
+    regs = bytearray(1 << p)
+    for h in hashes:
+        rest = h >> p
+        rank = (64 - p) - rest.bit_length() + 1
+        regs[h & ((1 << p) - 1)] = max(regs[h & ((1 << p) - 1)], rank)
+    return bytes(regs)
+
+
+def test_hyperloglog_states_of_ordinary_hashes_follow_the_documented_rule():
     """Clamping the rank before the comparison changed nothing for hashes of 2**hll_p and
-    more: the same users give the bytes the earlier version wrote (and a state written
-    before replays to them)."""
+    more: batched and one by one, the state is the same bytes after every batch; its exact
+    set, then its registers, are what the documented rule gives for the users seen; the
+    estimate is within the stated bound."""
     rng = random.Random(5)
     batched, one_by_one = CellAggregates(), CellAggregates()
-    digest = hashlib.sha256()
+    seen: set[int] = set()
     for _ in range(40):
-        users = [user_hash(f"u{rng.randrange(5000)}") for _ in range(rng.randrange(1, 400))]
+        ids = [f"u{rng.randrange(5000)}" for _ in range(rng.randrange(1, 400))]
+        users = [user_hash(u) for u in ids]
         batched.add_batch(users, {}, {}, {})
         for u in users:
             one_by_one.add(u, None, None, None)
-        digest.update(state_bytes(batched) + state_bytes(one_by_one))
-    assert digest.hexdigest() == "e679f22f005e71ab917d303bf6a6f9db0d666b894a05f3fa9402ffd2fe29d2d8"
-    assert batched.unique_users() == one_by_one.unique_users() == 4207
+        assert state_bytes(batched) == state_bytes(one_by_one)
+        seen.update(xxhash.xxh3_64_intdigest(u.encode()) for u in ids)  # the documented user hash
+        state = batched.to_json()
+        if len(seen) <= P.exact_users:
+            assert state["ux"] == pack(seen)
+        else:
+            assert base64.b64decode(state["uh"]) == reference_registers(seen, P.hll_p)
+    assert len(seen) > P.exact_users  # the registers were checked
+    assert abs(batched.unique_users() - len(seen)) <= P.users_bound * len(seen)
+    assert restored(batched).to_json() == batched.to_json()
 
 
 def assert_top_urls_within_bounds(cell, truth, n):
@@ -544,7 +565,9 @@ def test_state_format():
     first = sorted([url_hash("/a"), url_hash("/b")])
     counts = {url_hash("/a"): 2, url_hash("/b"): 1}
     texts = {url_hash("/a"): "/a", url_hash("/b"): "/b"}
-    five = cell.to_json()["d"][1]
+    # bucket i holds (gamma**(i-1), gamma**i], gamma = (1 + a) / (1 - a) (docs/analytics.md)
+    gamma = (1 + P.delay_accuracy) / (1 - P.delay_accuracy)
+    five = next(i for i in range(1, 1000) if gamma ** (i - 1) < 5 <= gamma ** i)
     assert cell.to_json() == {"p": [12, 256, 128, 0.01], "ux": pack([1, 2]),
                               "t": [pack(first), [counts[h] for h in first], [texts[h] for h in first]],
                               "d": [1, five, 1]}

@@ -101,7 +101,6 @@ def test_a_request_on_a_stalled_partition_gives_up_while_the_others_move(monkeyp
     """A request waits for its acknowledgements while the broker takes batches of its own
     partitions, not anyone's: with partition 0's leader stuck and other requests flowing,
     one on partition 0 is answered 503 (TimeoutError here) after INGEST_TIMEOUT_S, not never."""
-    import time
     from types import SimpleNamespace
 
     import pytest
@@ -111,7 +110,7 @@ def test_a_request_on_a_stalled_partition_gives_up_while_the_others_move(monkeyp
 
     monkeypatch.setattr(handler, "INGEST_TIMEOUT_S", 0.3)
 
-    async def run() -> float:
+    async def run() -> None:
         batcher = BatchProducer(_OneStalled(), "clicks")
         await batcher.ensure_metadata()
         h = handler.IngestHandler(SimpleNamespace(batcher=batcher), Metrics(), "", 1 << 20, 10)  # type: ignore[arg-type]
@@ -125,16 +124,14 @@ def test_a_request_on_a_stalled_partition_gives_up_while_the_others_move(monkeyp
                 await asyncio.sleep(0.02)
 
         flowing = asyncio.create_task(others())
-        t0 = time.monotonic()
         try:
-            with pytest.raises(TimeoutError, match="acknowledged nothing"):  # not wait_for's
+            # the handler's own TimeoutError, not wait_for's: it gave up while the others moved
+            with pytest.raises(TimeoutError, match="acknowledged nothing"):
                 await asyncio.wait_for(h._acknowledged(waits, [stuck]), 5)
-            return time.monotonic() - t0
         finally:
             flowing.cancel()
             for p in batcher.pumps.values():
                 if p.task is not None:
                     p.task.cancel()
 
-    took = asyncio.run(run())
-    assert took < 2, took
+    asyncio.run(run())

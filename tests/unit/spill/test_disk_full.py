@@ -70,8 +70,9 @@ def test_a_write_on_a_full_disk_keeps_nothing_and_works_once_space_returns(tmpfs
         store.append("eu", payloads(200, "big", 100))
     assert exc.value.errno == errno.ENOSPC
     assert store.backlog("eu") == 5 and os.path.getsize(seg) == size  # the partial write is cut off
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as exc:
         store.append("new-region", payloads(200, "big", 100))
+    assert exc.value.errno == errno.ENOSPC
     assert store.backlog("new-region") == 0
     filler.unlink()
     store.append("eu", payloads(3, "after"))

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 
-from tools.bench.common import REGIONS, percentile, pick_regions, top_share
+import pytest
+
+from tools.bench import ingest
+from tools.bench.common import INGESTED, PROCESSED, REGIONS, percentile, pick_regions, top_share
 from tools.bench.loadgen import bodies
 
 
@@ -51,3 +54,20 @@ def test_only_a_full_run_writes_the_default_report():
     assert skipped(full) == []
     partial = argparse.Namespace(**{**vars(full), "ingest_duration": 0.0, "kafka": "only"})
     assert skipped(partial) == ["--ingest-duration 0", "--kafka only"]
+
+
+def test_a_worker_that_does_not_catch_up_stops_the_half_rate_phase(monkeypatch):
+    """The half-rate phase waits for the worker's backlog; a worker still behind after the
+    timeout is an error, not a phase measured over the backlog."""
+    applied = {"window": 90.0}
+
+    def fake_metrics(url: str, names: tuple[str, ...] = ()) -> dict:
+        if url == "front":
+            return {INGESTED: {(("region", "eu"),): 60.0, (("region", "us"),): 40.0}}
+        return {PROCESSED: {(("stage", "window"),): applied["window"], (("stage", "decode"),): 500.0}}
+
+    monkeypatch.setattr(ingest, "metrics", fake_metrics)
+    with pytest.raises(RuntimeError, match="did not catch up within 0 s: applied 90 of 100"):
+        ingest._caught_up("front", "worker", timeout=0.0)
+    applied["window"] = 100.0
+    ingest._caught_up("front", "worker", timeout=0.0)  # caught up: returns

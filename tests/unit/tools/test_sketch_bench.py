@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+import orjson
+
+from aggregator.core.sketches import CellAggregates
 from tools.sketch_bench import main, synthetic
 
 
@@ -17,8 +20,18 @@ def test_synthetic_events_are_seeded_and_complete():
 
 def test_sketch_bench_prints_each_cost(capsys):
     main(["--events", "5000", "--runs", "1", "--users", "500", "--urls", "100"])
-    out = capsys.readouterr().out
-    for label in ("bare loop", "CellAggregates.add", "add_many, one batch", "add_many, batches of 1000"):
-        line = next(ln for ln in out.splitlines() if label in ln)
-        assert float(re.search(r"([0-9.]+) µs/event", line).group(1)) > 0
-    assert re.search(r"state of this cell: \d+ bytes", out)
+    lines = capsys.readouterr().out.splitlines()
+    events = synthetic(5000, n_users=500, n_urls=100)  # what main measured
+    users, urls = len({e[0] for e in events}), len({e[1] for e in events})
+    assert re.fullmatch(rf"5000 events, {users} distinct users, {urls} distinct URLs, median of 1 runs, "
+                        r"Python [0-9.]+\S*", lines[0]), lines[0]
+    cost = r"-?[0-9]+\.[0-9]{3}"
+    assert re.fullmatch(rf"  bare loop over the tuples +{cost} µs/event", lines[1]), lines[1]
+    for label, line in zip(("CellAggregates.add", "add_many, one batch", "add_many, batches of 1000"), lines[2:5],
+                           strict=True):
+        assert line.startswith(f"  {label}") and re.search(rf" {cost} µs/event  \({cost} over the bare loop\)$", line)
+    cell = CellAggregates()
+    cell.add_many(*(list(c) for c in zip(*events, strict=True)))
+    assert re.fullmatch(rf"  state of this cell: {len(orjson.dumps(cell.to_json()))} bytes; "
+                        r"to_json\+dumps [0-9.]+ ms, loads\+from_json [0-9.]+ ms, result\(\) [0-9.]+ ms", lines[5])
+    assert len(lines) == 6
