@@ -279,8 +279,9 @@ class ConnectionGate:
     ``REFUSED_LOG_INTERVAL`` at most, with the number refused since the last one.
     A connection not in a handler (sending a request's headers, or idle between
     requests) for longer than ``header_timeout`` is closed by a sweep every quarter of it
-    (a byte a second never completes the headers); a handler bounds its own body read
-    (ingest: ``AGG_HTTP_BODY_TIMEOUT_SECONDS``)."""
+    (a byte a second never completes the headers; aborted, its answer dropped, when it has
+    not read the last one); a handler bounds its own body read (ingest:
+    ``AGG_HTTP_BODY_TIMEOUT_SECONDS``)."""
 
     def __init__(self, max_connections: int, header_timeout: float,
                  on_refused: Callable[[int], None] | None = None) -> None:
@@ -326,7 +327,11 @@ class ConnectionGate:
         late = [c for c in self.conns.values() if not c.busy and c.idle_since < cutoff]
         for c in late:
             assert c.transport is not None
-            c.transport.close()
+            # close() would wait for an unflushed answer its client no longer reads
+            if isinstance(c.transport, asyncio.WriteTransport) and c.transport.get_write_buffer_size():
+                c.transport.abort()
+            else:
+                c.transport.close()
         self.timed_out += len(late)
         return len(late)
 

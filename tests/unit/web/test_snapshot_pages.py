@@ -1,6 +1,7 @@
 """GET /v1/snapshots on a real aiohttp server on 127.0.0.1: a bounded page, paging with
 ``after`` = ``next`` that lists every snapshot once, a small bound on the answers built or
-sent at once (503 beyond), and a client that does not read cut off."""
+sent at once (503 beyond), a client that does not read cut off, and the idle sweep aborting
+a connection whose answer is still unflushed (close() would wait for it forever)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from aggregator.core.snapshots import SnapshotStore
 from aggregator.metrics import Metrics
-from aggregator.web.server import SNAPSHOTS_LIMIT, SNAPSHOTS_MAX_LIMIT, Routes
+from aggregator.web.server import SNAPSHOTS_LIMIT, SNAPSHOTS_MAX_LIMIT, ConnectionGate, Routes, _Conn
 from tests.unit.core.test_snapshot_store import snap
 
 
@@ -108,3 +109,30 @@ async def test_a_client_that_does_not_read_its_answer_is_cut_off():
     finally:
         await client.close()
 
+
+class FakeTransport(asyncio.WriteTransport):
+    def __init__(self, unflushed: int) -> None:
+        super().__init__()
+        self.unflushed = unflushed
+        self.how: str | None = None
+
+    def get_write_buffer_size(self) -> int:
+        return self.unflushed
+
+    def close(self) -> None:
+        self.how = "close"
+
+    def abort(self) -> None:
+        self.how = "abort"
+
+
+def test_the_idle_sweep_aborts_a_connection_whose_answer_is_unflushed():
+    gate = ConnectionGate(10, header_timeout=1.0)
+    ts = [FakeTransport(0), FakeTransport(5 << 20)]
+    for t in ts:
+        conn = _Conn(gate, asyncio.Protocol())
+        conn.transport = t
+        conn.idle_since = 0.0
+        gate.conns[t] = conn
+    assert gate.sweep(100.0) == 2
+    assert [t.how for t in ts] == ["close", "abort"]
