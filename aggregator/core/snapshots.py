@@ -14,6 +14,41 @@ from collections.abc import Iterable
 
 from aggregator.core.contract import Snapshot, snapshot_content
 
+INT_FIELDS = ("window_start", "window_end", "count", "late", "emitted_at")
+
+
+def _int(v: object) -> bool:
+    return type(v) is int  # not a bool, not a float
+
+
+def snapshot_problem(s: object) -> str | None:
+    """Why ``s`` (a decoded record of ``click-snapshots``) is not a snapshot of the contract
+    (docs/contract.md §4), or None when it is one: what the store and its queries rely on."""
+    if type(s) is not dict:
+        return f"not a JSON object ({type(s).__name__})"
+    region = s.get("region")
+    if type(region) is not str or not region:
+        return "no region"
+    for f in INT_FIELDS:
+        if not _int(s.get(f)):
+            return f"no integer {f}"
+    if s["window_end"] <= s["window_start"]:
+        return "window_end not after window_start"
+    lbr = s.get("late_by_reason")
+    if type(lbr) is not dict or not all(_int(v) for v in lbr.values()):  # (older versions had fewer reasons)
+        return "no late_by_reason of integers"
+    if "unique_users" in s and not _int(s["unique_users"]):
+        return "unique_users not an integer"
+    top = s.get("top_urls", [])
+    if type(top) is not list or not all(type(t) is dict and type(t.get("url")) is str and _int(t.get("count"))
+                                        for t in top):
+        return "top_urls not a list of {url, count}"
+    delay = s.get("client_delay_ms")
+    if delay is not None and (type(delay) is not dict
+                              or not all(type(v) in (int, float) for v in delay.values())):
+        return "client_delay_ms not an object of numbers"
+    return None
+
 
 class SnapshotStore:
     """The most recent final snapshots, bounded."""

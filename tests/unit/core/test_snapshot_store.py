@@ -69,3 +69,19 @@ def test_paging_past_evicted_snapshots_goes_on_from_the_oldest_kept():
     page, after, more = st.page(None, None, after, 10)
     assert [s["window_start"] for s in page] == [6000, 8000, 10_000, 12_000, 14_000] and not more
 
+
+BAD = [{}, 5, [], "x", None, {"region": "eu", "window_start": 0},  # no window_end: every ?since= was a 500
+       {**snap("eu", 0, 1), "count": "3"}, {**snap("eu", 0, 1), "window_end": True},
+       {**snap("eu", 0, 1), "region": ""}, {**snap("eu", 0, 1), "late_by_reason": [1]},
+       {**snap("eu", 0, 1), "top_urls": [{"url": 1, "count": 1}]}, {**snap("eu", 0, 1), "unique_users": 1.5},
+       {**snap("eu", 0, 1), "client_delay_ms": {"p50": "1"}}, {**snap("eu", 0, 1), "window_end": 0}]
+
+
+def test_what_is_not_a_snapshot_is_named():
+    from aggregator.core.snapshots import snapshot_problem
+
+    assert [b for b in BAD if snapshot_problem(b) is None] == []
+    good = {**snap("eu", 0, 1), "unique_users": 3, "top_urls": [{"url": "/a", "count": 2}],
+            "client_delay_ms": {"p50": 1.0, "p90": 2.5, "p99": 3}}
+    for s in (snap("eu", 0, 1), good, {**good, "client_delay_ms": None}, {**good, "extra": [1]}):
+        assert snapshot_problem(s) is None, s
