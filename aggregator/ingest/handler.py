@@ -131,14 +131,17 @@ class IngestHandler:
                 return over_budget(self.budget)
             if span is not None:
                 span.set_attribute("http.request.body.size", len(body))
-            enc = request.headers.get("Content-Encoding", "").strip().lower()
-            if enc in ("gzip", "x-gzip"):
+            # the codings in the order applied, over every Content-Encoding line (RFC 9110 §8.4)
+            codings = [c for c in (c.strip().lower() for h in request.headers.getall("Content-Encoding", [])
+                                   for c in h.split(",")) if c not in ("", "identity")]
+            for enc in codings:
+                if enc not in ("gzip", "x-gzip"):
+                    raise BodyError(415, f"unsupported content encoding {enc!r}: use gzip or none")
+            for _ in codings:  # undone last first: each is gzip
                 body = gunzip_bounded(body, limit)
                 if not held.take(len(body) - held.held):  # what it inflated to counts
                     m.ingest_failed()
                     return over_budget(self.budget)
-            elif enc not in ("", "identity"):
-                raise BodyError(415, f"unsupported content encoding {enc!r}: use gzip or none")
             # the key and the body it names (core.dedupid): another body under the same key is
             # another request, counted; a retry sends the same one
             kh = None if key is None else request_key(key, body)
