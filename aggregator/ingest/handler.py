@@ -90,7 +90,10 @@ class IngestHandler:
         limit = self.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return error(413, f"body exceeds {limit} bytes")
-        key = request.headers.get("Idempotency-Key")
+        keys = request.headers.getall("Idempotency-Key", [])
+        if len(keys) > 1:  # which one would a retry repeat?
+            return error(400, "more than one Idempotency-Key header: send one key per body")
+        key = keys[0] if keys else None
         if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable()
                                     and " " not in key):
             return error(400, f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters")

@@ -68,6 +68,19 @@ async def test_content_encoding_lines_and_lists_are_one_list_of_codings():
         await client.close()
 
 
+async def test_two_idempotency_keys_are_a_400():
+    client, producer = await client_for()
+    try:
+        status, ans = await post(client, BODY, ("Idempotency-Key", "a"), ("Idempotency-Key", "b"))
+        assert status == 400 and "more than one Idempotency-Key" in ans["error"]
+        status, ans = await post(client, BODY, ("Idempotency-Key", "a"), ("Idempotency-Key", "a"))
+        assert status == 400
+        assert producer.batcher.out == []  # nothing of them stored
+        assert (await post(client, BODY, ("Idempotency-Key", "a")))[0] == 200
+    finally:
+        await client.close()
+
+
 class _AnyTs:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, int)
