@@ -82,10 +82,12 @@ class IngestHandler:
         ingest_ts = int(time.time() * 1000)
         t0 = time.perf_counter()
         if self.token:
-            auth = request.headers.get("Authorization", "")
+            # the scheme is case-insensitive (RFC 9110 §11.1): ``bearer x`` is ``Bearer x``
+            scheme, _, cred = request.headers.get("Authorization", "").partition(" ")
             # headers arrive as surrogate-escaped UTF-8: a non-ASCII header must be a 401, not a 500
-            if not hmac.compare_digest(auth.encode("utf-8", "surrogateescape"),
-                                       f"Bearer {self.token}".encode("utf-8", "surrogateescape")):
+            if not (hmac.compare_digest(cred.lstrip(" ").encode("utf-8", "surrogateescape"),
+                                        self.token.encode("utf-8", "surrogateescape"))
+                    and scheme.lower() == "bearer"):
                 return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         limit = self.max_body_bytes
         if request.content_length is not None and request.content_length > limit:

@@ -81,6 +81,18 @@ async def test_two_idempotency_keys_are_a_400():
         await client.close()
 
 
+async def test_the_bearer_scheme_is_case_insensitive():
+    client, _ = await client_for()
+    try:
+        for auth in (f"bearer {TOKEN}", f"BEARER {TOKEN}", f"Bearer {TOKEN}", f"bEaReR  {TOKEN}"):
+            assert (await post(client, BODY, ("Authorization", auth)))[0] == 200, auth
+        for auth in (f"bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN, "bearer", f"bearer{TOKEN}", f"Bearer {TOKEN.upper()}"):
+            status, ans = await post(client, BODY, ("Authorization", auth))
+            assert status == 401 and "bearer token" in ans["error"], auth
+    finally:
+        await client.close()
+
+
 class _AnyTs:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, int)
