@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -182,10 +183,18 @@ class ServiceProc:
         return status, hdrs, (json.loads(raw) if raw else None)
 
     def snapshots(self) -> list[dict]:
-        status, _, raw = http("GET", self.url + "/v1/snapshots")
-        if status != 200:
-            raise AssertionError(f"/v1/snapshots answered {status}: {raw[:500]!r}")
-        return json.loads(raw)["snapshots"]
+        """Every snapshot the service lists, page by page (``after`` = each answer's ``next``)."""
+        snaps: list[dict] = []
+        query = "?limit=2000"
+        while True:
+            status, _, raw = http("GET", self.url + "/v1/snapshots" + query)
+            if status != 200:
+                raise AssertionError(f"/v1/snapshots answered {status}: {raw[:500]!r}")
+            page = json.loads(raw)
+            snaps += page["snapshots"]
+            if not page["more"]:
+                return snaps
+            query = "?limit=2000&after=" + urllib.parse.quote(page["next"])
 
     def metrics_text(self) -> str:
         status, _, raw = http("GET", self.url + "/metrics")

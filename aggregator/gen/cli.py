@@ -278,8 +278,16 @@ def audit_command(**kw: Any) -> int:
 
 
 def fetch_snapshots(url: str) -> list[Snapshot]:
-    with urllib.request.urlopen(url + "/v1/snapshots", timeout=10) as resp:
-        return json.loads(resp.read())["snapshots"]
+    """Every snapshot ``url`` lists, page by page (docs/contract.md §3: ``after`` = ``next``)."""
+    snaps: list[Snapshot] = []
+    query = "?limit=2000"
+    while True:
+        with urllib.request.urlopen(url + "/v1/snapshots" + query, timeout=10) as resp:
+            page = json.loads(resp.read())
+        snaps += page["snapshots"]
+        if not page.get("more"):  # (a service of before pages answered everything at once)
+            return snaps
+        query = "?limit=2000&after=" + urllib.parse.quote(page["next"])
 
 
 def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: float,

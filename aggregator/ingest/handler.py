@@ -82,15 +82,20 @@ class IngestHandler:
         ingest_ts = int(time.time() * 1000)
         t0 = time.perf_counter()
         if self.token:
-            auth = request.headers.get("Authorization", "")
+            # the scheme is case-insensitive (RFC 9110 §11.1): ``bearer x`` is ``Bearer x``
+            scheme, _, cred = request.headers.get("Authorization", "").partition(" ")
             # headers arrive as surrogate-escaped UTF-8: a non-ASCII header must be a 401, not a 500
-            if not hmac.compare_digest(auth.encode("utf-8", "surrogateescape"),
-                                       f"Bearer {self.token}".encode("utf-8", "surrogateescape")):
+            if not (hmac.compare_digest(cred.lstrip(" ").encode("utf-8", "surrogateescape"),
+                                        self.token.encode("utf-8", "surrogateescape"))
+                    and scheme.lower() == "bearer"):
                 return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         limit = self.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return error(413, f"body exceeds {limit} bytes")
-        key = request.headers.get("Idempotency-Key")
+        keys = request.headers.getall("Idempotency-Key", [])
+        if len(keys) > 1:  # which one would a retry repeat?
+            return error(400, "more than one Idempotency-Key header: send one key per body")
+        key = keys[0] if keys else None
         if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable()
                                     and " " not in key):
             return error(400, f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters")
@@ -131,14 +136,17 @@ class IngestHandler:
                 return over_budget(self.budget)
             if span is not None:
                 span.set_attribute("http.request.body.size", len(body))
-            enc = request.headers.get("Content-Encoding", "").strip().lower()
-            if enc in ("gzip", "x-gzip"):
+            # the codings in the order applied, over every Content-Encoding line (RFC 9110 §8.4)
+            codings = [c for c in (c.strip().lower() for h in request.headers.getall("Content-Encoding", [])
+                                   for c in h.split(",")) if c not in ("", "identity")]
+            for enc in codings:
+                if enc not in ("gzip", "x-gzip"):
+                    raise BodyError(415, f"unsupported content encoding {enc!r}: use gzip or none")
+            for _ in codings:  # undone last first: each is gzip
                 body = gunzip_bounded(body, limit)
                 if not held.take(len(body) - held.held):  # what it inflated to counts
                     m.ingest_failed()
                     return over_budget(self.budget)
-            elif enc not in ("", "identity"):
-                raise BodyError(415, f"unsupported content encoding {enc!r}: use gzip or none")
             # the key and the body it names (core.dedupid): another body under the same key is
             # another request, counted; a retry sends the same one
             kh = None if key is None else request_key(key, body)

@@ -50,14 +50,31 @@ class HttpMetrics(Protocol):
 
 
 class SnapshotSource(Protocol):
-    def query(self, region: str | None, since: int | None) -> list[Snapshot]: ...
+    """core.snapshots.SnapshotStore: ``page`` -> (snapshots, the number to go on after, more)."""
+
+    instance: str
+
+    def page(self, region: str | None, since: int | None, after: int | None,
+             limit: int) -> tuple[list[Snapshot], int, bool]: ...
 
 
 class NoSnapshots:
     """The snapshot source of a process that runs no worker (``AGG_ROLE=ingest``)."""
 
-    def query(self, region: str | None, since: int | None) -> list[Snapshot]:
-        return []
+    instance = "none"
+
+    def page(self, region: str | None, since: int | None, after: int | None,
+             limit: int) -> tuple[list[Snapshot], int, bool]:
+        return [], after or 0, False
+
+
+# GET /v1/snapshots (docs/contract.md §3): a page is at most SNAPSHOTS_MAX_LIMIT snapshots
+# (SNAPSHOTS_LIMIT unless ``limit`` says), at most SNAPSHOT_VIEWS answers are built or sent at
+# once (beyond: 503), and one not taken by its client within SNAPSHOT_SEND_S is cut off
+SNAPSHOTS_LIMIT = 1000
+SNAPSHOTS_MAX_LIMIT = 2000
+SNAPSHOT_VIEWS = 4
+SNAPSHOT_SEND_S = 10.0
 
 
 def _alive() -> None:
@@ -77,6 +94,9 @@ class Routes:
         self.not_ready = not_ready  # why this process is not ready, or None when it is
         self.post_events = post_events or self.no_ingest
         self.gate: ConnectionGate | None = None  # the server's, which learns when a handler runs
+        self.snapshot_views = 0  # GET /v1/snapshots answers being built or sent
+        self.max_snapshot_views = SNAPSHOT_VIEWS
+        self.snapshot_send_s = SNAPSHOT_SEND_S
 
     def app(self, max_body_bytes: int) -> web.Application:
         app = web.Application(client_max_size=max_body_bytes + 1, middlewares=[self.count_requests])
@@ -145,15 +165,52 @@ class Routes:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)
 
-    async def get_snapshots(self, request: web.Request) -> web.Response:
-        region = request.query.get("region")
-        since_raw = request.query.get("since")
+    async def get_snapshots(self, request: web.Request) -> web.StreamResponse:
+        """A page of the recent snapshots (``next``, given back as ``after``, goes on), written
+        within its view's slot: at most ``max_snapshot_views`` pages are in memory at once."""
+        q = request.query
+        region = q.get("region")
         try:
-            since = int(since_raw) if since_raw is not None else None
+            since = int(q["since"]) if "since" in q else None
         except ValueError:
             return error(400, "since must be epoch milliseconds")
-        snaps = self.snapshots.query(region, since)
-        return web.Response(body=orjson.dumps({"snapshots": snaps}), content_type="application/json")
+        try:
+            limit = int(q.get("limit", SNAPSHOTS_LIMIT))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= SNAPSHOTS_MAX_LIMIT:
+            return error(400, f"limit must be an integer from 1 to {SNAPSHOTS_MAX_LIMIT}")
+        src = self.snapshots
+        after = None
+        if "after" in q:
+            instance, _, num = q["after"].partition(".")
+            if not num.isdigit() or not num.isascii():
+                return error(400, "after must be the next of an earlier answer")
+            if instance != src.instance:
+                return error(400, "after is the next of another process (another worker, or before a restart): "
+                                  "start again without it (or with since)")
+            after = int(num)
+        if self.snapshot_views >= self.max_snapshot_views:
+            return error(503, "too many snapshot requests at once: retry in a second", {"Retry-After": "1"})
+        self.snapshot_views += 1
+        try:
+            snaps, nxt, more = src.page(region, since, after, limit)
+            body = orjson.dumps({"snapshots": snaps, "next": f"{src.instance}.{nxt}", "more": more})
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = len(body)
+            try:
+                async with asyncio.timeout(self.snapshot_send_s):
+                    await resp.prepare(request)
+                    await resp.write(body)
+                    await resp.write_eof()
+            except TimeoutError:  # a client that does not read: its page is dropped with the connection
+                if request.transport is not None:
+                    request.transport.abort()
+            except ConnectionError:  # the client went away
+                pass
+            return resp
+        finally:
+            self.snapshot_views -= 1
 
 
 _REFUSED_BODY = b'{"error":"too many connections: retry in a second"}'
@@ -222,8 +279,9 @@ class ConnectionGate:
     ``REFUSED_LOG_INTERVAL`` at most, with the number refused since the last one.
     A connection not in a handler (sending a request's headers, or idle between
     requests) for longer than ``header_timeout`` is closed by a sweep every quarter of it
-    (a byte a second never completes the headers); a handler bounds its own body read
-    (ingest: ``AGG_HTTP_BODY_TIMEOUT_SECONDS``)."""
+    (a byte a second never completes the headers; aborted, its answer dropped, when it has
+    not read the last one); a handler bounds its own body read (ingest:
+    ``AGG_HTTP_BODY_TIMEOUT_SECONDS``)."""
 
     def __init__(self, max_connections: int, header_timeout: float,
                  on_refused: Callable[[int], None] | None = None) -> None:
@@ -269,7 +327,11 @@ class ConnectionGate:
         late = [c for c in self.conns.values() if not c.busy and c.idle_since < cutoff]
         for c in late:
             assert c.transport is not None
-            c.transport.close()
+            # close() would wait for an unflushed answer its client no longer reads
+            if isinstance(c.transport, asyncio.WriteTransport) and c.transport.get_write_buffer_size():
+                c.transport.abort()
+            else:
+                c.transport.close()
         self.timed_out += len(late)
         return len(late)
 

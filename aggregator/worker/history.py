@@ -6,12 +6,15 @@ several workers each listed only its own partitions' regions.  ``SnapshotHistory
 the tail of ``click-snapshots`` at start (at most the store's size of the newest
 records) and then follows it, so every worker lists the recent snapshots of every
 region, across restarts.  What this process publishes is also added directly (no wait
-for the round trip); the store lists identical re-publications once.
+for the round trip); the store lists identical re-publications once.  A record that is
+not a snapshot (not JSON, or not a snapshot's shape) is skipped, with one warning per
+fetched batch: it never reaches the store, where it would break the view.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -19,8 +22,8 @@ import orjson
 from aggregator.background import BackgroundService
 from aggregator.broker.admin import partition_counts
 from aggregator.broker.security import PLAINTEXT, KafkaSecurity
-from aggregator.core.contract import SNAPSHOTS
-from aggregator.core.snapshots import SnapshotStore
+from aggregator.core.contract import SNAPSHOTS, Snapshot
+from aggregator.core.snapshots import SnapshotStore, snapshot_problem
 
 log = logging.getLogger("aggregator.worker")
 RETRY_S = 1.0
@@ -34,6 +37,7 @@ class SnapshotHistory(BackgroundService):
         self.security = security
         self.store = store
         self.loaded = False  # the tail that existed at start has been read
+        self.skipped = 0  # records of click-snapshots that were not snapshots
 
     async def background(self) -> None:
         while True:
@@ -64,13 +68,12 @@ class SnapshotHistory(BackgroundService):
                 consumer.seek(tp, max(begins[tp], ends[tp] - keep))
             while True:
                 batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
-                for recs in batch.values():
-                    snaps = []
-                    for rec in recs:
-                        try:
-                            snaps.append(orjson.loads(rec.value))
-                        except (orjson.JSONDecodeError, TypeError):
-                            continue  # not ours: nothing to list
+                for tp, recs in batch.items():
+                    snaps, bad = parse_snapshots(recs)
+                    if bad:
+                        self.skipped += len(bad)
+                        log.warning("snapshot history: %d record(s) of %s partition %d skipped: not snapshots "
+                                    "(offset %d: %s)", len(bad), SNAPSHOTS, tp.partition, *bad[0])
                     self.store.add(snaps)
                 if not self.loaded and await self._caught_up(consumer, ends):
                     self.loaded = True
@@ -85,3 +88,23 @@ class SnapshotHistory(BackgroundService):
             if await consumer.position(tp) < end:
                 return False
         return True
+
+
+def parse_snapshots(recs: Iterable[Any]) -> tuple[list[Snapshot], list[tuple[int, str]]]:
+    """The snapshots among the records ``recs`` of ``click-snapshots`` (``.value``,
+    ``.offset``), and (offset, why) of each that is not one: not JSON, or not a snapshot's
+    shape (core.snapshots.snapshot_problem), which the store and its queries would fail on."""
+    snaps: list[Snapshot] = []
+    bad: list[tuple[int, str]] = []
+    for rec in recs:
+        try:
+            s = orjson.loads(rec.value)
+        except (orjson.JSONDecodeError, TypeError):
+            bad.append((rec.offset, "not JSON"))
+            continue
+        problem = snapshot_problem(s)
+        if problem is None:
+            snaps.append(s)
+        else:
+            bad.append((rec.offset, problem))
+    return snaps, bad

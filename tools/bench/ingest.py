@@ -42,7 +42,7 @@ from tools.bench.common import (
     metrics,
     proc_status,
 )
-from tools.harness import REPO, http
+from tools.harness import REPO
 
 
 @dataclass
@@ -266,7 +266,7 @@ def ingest_run(broker_url: str, duration: float = 10.0, window_s: float = 2.0, g
             counted = {k: int(v) for k, v in by_label(m.get("clickstream_events_total", {}), "region").items()}
             late = int(sum(m.get("clickstream_late_events_total", {}).values()))
             closed = {}
-            for snap in orjson.loads(_get(worker.url + "/v1/snapshots"))["snapshots"]:
+            for snap in worker.snapshots():
                 closed[snap["region"]] = closed.get(snap["region"], 0) + snap["count"] + snap["late"]
             exact = ingested == expected and closed == expected
             if exact or time.monotonic() > deadline:
@@ -298,10 +298,3 @@ def _caught_up(front_url: str, worker_url: str, timeout: float = 60.0) -> None:
             raise RuntimeError(f"the worker did not catch up within {timeout:.0f} s: applied {applied:.0f} "
                                f"of {ingested:.0f} events ingested")
         time.sleep(0.2)
-
-
-def _get(url: str) -> bytes:
-    status, _, raw = http("GET", url, timeout=10)
-    if status != 200:
-        raise OSError(f"{url} answered {status}")
-    return raw
