@@ -131,9 +131,28 @@ Protocol = Annotated[Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], 
 Mechanism = Annotated[Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], _choice(SASL_MECHANISMS, upper=True)]
 
 
-def _secret(description: str) -> Any:
+def _secret(description: str, default: str | None = "") -> Any:
     """A secret string: also from ``AGG_<NAME>_FILE``; never shown (repr, errors, help)."""
-    return Field(default="", description=description, repr=False, json_schema_extra={"secret": True})
+    return Field(default=default, description=description, repr=False, json_schema_extra={"secret": True})
+
+
+def _token(v: object) -> object:
+    """AGG_INGEST_TOKEN: unset (None, the default) is no token; a token that is set (variable,
+    its _FILE, flag or TOML) must be one a request can send, as aiohttp strips the outer
+    whitespace of a header's value and refuses control characters in it."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        if not v:
+            raise ValueError("set but empty, which would turn authentication off: give a token, or unset it "
+                             "(and AGG_INGEST_TOKEN_FILE) for none")
+        if v.strip() != v or not v.isprintable():
+            raise ValueError("begins or ends with whitespace or holds a control character (a token file may "
+                             "end in one newline, no more): no request's Authorization header can match it")
+    return v
+
+
+Token = Annotated[str, BeforeValidator(_token)]
 
 
 # The sources of the Settings being built: set by config_load.load() for the time it
@@ -174,7 +193,8 @@ class Settings(BaseSettings):
                                  "and path only)")
     region_idle_seconds: float = Field(3600.0, gt=0, description="regions seen within this get zero-count snapshots")
     max_regions: int = Field(1000, ge=1, description="region cardinality cap; beyond it: __other__")
-    ingest_token: str = _secret("bearer token required by POST /v1/events (empty: none)")
+    ingest_token: Token = _secret("bearer token required by POST /v1/events (unset: none; set, it must not be "
+                                  "empty nor begin or end with whitespace)", default=None)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, le=MAX_KEY_INDEX, description="request body limit, after "
                                 "decompression too (16 MiB at most: an event's index in its body is a dedup id)")
     ingest_max_inflight_bytes: int = Field(32 * 1024 * 1024, ge=1, description="bytes of request bodies ingest "
@@ -361,7 +381,7 @@ def default_text(name: str) -> str:
     """The default as a user writes it (help, README)."""
     f = Settings.model_fields[name]
     value = f.get_default(call_default_factory=True)
-    if name == "rate_limits":
+    if name == "rate_limits" or value is None:
         return ""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))

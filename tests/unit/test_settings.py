@@ -1,12 +1,17 @@
 """The settings model (aggregator/config.py) and its loading (aggregator/config_load.py):
 ranges, choices, syntax, sources and their precedence, secrets.  Each problem is one line
 naming the variable and the flag."""
+import os
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
 from aggregator import config
 from aggregator.config import Settings, SettingsError
 from aggregator.config_load import load
+from tools.harness import REPO
 
 
 def problems(env=None, flags=None, config_file=None, only=None, strict_env=False) -> list[str]:
@@ -240,3 +245,68 @@ def test_partitions_on_the_embedded_broker_are_one_unless_set():
         before = fixed.partitions
         fixed.for_embedded_broker()
         assert fixed.partitions == before
+
+
+# ---------------------------------------------------------------- the ingest token
+TOKEN = "AGG_INGEST_TOKEN / --ingest-token: "
+EMPTY_TOKEN = (TOKEN + "set but empty, which would turn authentication off: give a token, or unset it "
+               "(and AGG_INGEST_TOKEN_FILE) for none")
+SPACED_TOKEN = (TOKEN + "begins or ends with whitespace or holds a control character (a token file may end in one "
+                "newline, no more): no request's Authorization header can match it")
+
+
+@pytest.mark.parametrize(("content", "line"), [
+    ("", EMPTY_TOKEN), ("\n", EMPTY_TOKEN), ("\r\n", EMPTY_TOKEN),
+    ("  \n", SPACED_TOKEN), ("tok \n", SPACED_TOKEN), ("tok\n\n", SPACED_TOKEN), ("\ttok", SPACED_TOKEN),
+])
+def test_a_token_file_that_is_empty_or_padded_is_refused(tmp_path, content, line):
+    """An empty token is no token: from a file (/dev/null, a stray newline) it silently
+    turned authentication off.  aiohttp strips a header value's outer whitespace, so a
+    padded token could never match.  The file's one trailing newline is not the token's."""
+    f = tmp_path / "token"
+    f.write_text(content, newline="")
+    assert problems({"AGG_INGEST_TOKEN_FILE": str(f)}) == [line]
+    f.write_text("tok\r\n", newline="")
+    assert load(env={"AGG_INGEST_TOKEN_FILE": str(f)}).ingest_token == "tok"
+
+
+def test_an_empty_token_from_a_variable_flag_or_toml_is_refused_unset_is_none(tmp_path):
+    assert problems({"AGG_INGEST_TOKEN_FILE": "/dev/null"}) == [EMPTY_TOKEN]
+    assert problems({"AGG_INGEST_TOKEN": ""}) == [EMPTY_TOKEN]
+    assert problems({"AGG_INGEST_TOKEN": "secret"}, flags={"ingest_token": ""}) == [EMPTY_TOKEN]
+    toml = tmp_path / "agg.toml"
+    toml.write_text('ingest_token = ""\n')
+    assert problems(config_file=str(toml)) == [EMPTY_TOKEN]
+    for padded in ("s3cret ", " s3cret", "s3cret\n", "s3\x00cret", "s3cret\u00a0"):
+        lines = problems({"AGG_INGEST_TOKEN": padded})
+        assert lines == [SPACED_TOKEN] and not any(padded in ln for ln in lines)
+    assert load(env={}).ingest_token == ""  # unset: no token (the default)
+    assert load(env={"AGG_INGEST_TOKEN": "a b~c"}).ingest_token == "a b~c"
+    assert config.default_text("ingest_token") == ""
+    with pytest.raises(ValidationError):
+        Settings(ingest_token="")
+
+
+# ---------------------------------------------------------------- the command itself
+def run_refused(tmp_path, env, *args) -> list[str]:
+    """``python -m aggregator run ARGS`` with ``env`` (and no other AGG_* variable): it must
+    stop before anything starts (status 2, nothing in its data directory) -> its output lines.
+    Should the settings pass, it starts no broker: it looks for none where none is, a second."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("AGG_")}
+    full.update(PYTHONPATH=str(REPO), AGG_DATA_DIR=str(tmp_path / "data"), AGG_BROKER="kafka://127.0.0.1:1",
+                AGG_BROKER_WAIT_SECONDS="1", AGG_WEB_PORT="0", **env)
+    p = subprocess.run([sys.executable, "-m", "aggregator", "run", *args], env=full, cwd=str(REPO),
+                       capture_output=True, text=True, timeout=30)
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    assert (p.returncode, len(lines)) == (2, 1), lines
+    assert not (tmp_path / "data").exists(), lines
+    return lines
+
+
+@pytest.mark.parametrize(("env", "args", "line"), [
+    ({"AGG_INGEST_TOKEN_FILE": "/dev/null"}, (), EMPTY_TOKEN),
+    ({"AGG_INGEST_TOKEN": "secret"}, ("--ingest-token", ""), EMPTY_TOKEN),
+    ({"AGG_INGEST_TOKEN": "secret "}, (), SPACED_TOKEN),
+])
+def test_run_refuses_bad_settings_in_one_line_without_a_traceback(tmp_path, env, args, line):
+    assert run_refused(tmp_path, env, *args) == ["error: " + line]
