@@ -37,6 +37,10 @@ ROLES = ("all", "ingest", "worker")
 EMBEDDED_LINGER_MS = 10.0  # AGG_INGEST_LINGER_MS of -1 with the embedded broker (docs/performance.md)
 KAFKA_PARTITIONS = 4  # AGG_PARTITIONS's default
 EMBEDDED_PARTITIONS = 1  # AGG_PARTITIONS on the embedded broker unless it is set (docs/performance.md)
+# Kafka's own ceilings: CreateTopics carries a topic's partition count as an int32 and its
+# replication factor as an int16; above them the request cannot even be encoded
+KAFKA_MAX_PARTITIONS = 2**31 - 1
+KAFKA_MAX_REPLICATION_FACTOR = 2**15 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -170,9 +174,10 @@ class Settings(BaseSettings):
                                                                "to answer before it gives up")
     web_host: str = Field("127.0.0.1", min_length=1, description="HTTP listen address")
     web_port: Port = Field(8080, description="HTTP listen port")
-    partitions: int = Field(KAFKA_PARTITIONS, ge=1, description="partitions of `clicks` when the service creates it; unless "
-                            "set, 1 on the embedded broker, whose fetches cost per batch it holds (a "
-                            "request's events make a batch in each partition they go to)")
+    partitions: int = Field(KAFKA_PARTITIONS, ge=1, le=KAFKA_MAX_PARTITIONS, description="partitions of `clicks` when "
+                            "the service creates it (1..2147483647, Kafka's limit); unless set, 1 on the embedded "
+                            "broker, whose fetches cost per batch it holds (a request's events make a batch in each "
+                            "partition they go to)")
     data_dir: str = Field("./var", min_length=1, description="local state directory")
     window_seconds: float = Field(60.0, ge=1, description="tumbling window length")
     grace_seconds: float = Field(5.0, ge=0, description="grace after a window end before it closes")
@@ -235,7 +240,8 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: str = Field("", description="client certificate (PEM), with --kafka-ssl-keyfile")
     kafka_ssl_keyfile: str = Field("", description="client private key (PEM), with --kafka-ssl-certfile")
     kafka_ssl_key_password: str = _secret("password of the client private key")
-    topic_replication_factor: int = Field(1, ge=1, description="replication factor of the topics the service creates")
+    topic_replication_factor: int = Field(1, ge=1, le=KAFKA_MAX_REPLICATION_FACTOR, description="replication factor of "
+                                          "the topics the service creates (1..32767, Kafka's limit)")
     topic_min_insync_replicas: int = Field(0, ge=0, description="min.insync.replicas of the topics the service "
                                                                 "creates (0: the broker's default)")
 

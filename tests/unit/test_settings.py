@@ -68,6 +68,11 @@ def test_defaults_and_derived_values_are_the_old_ones():
      "AGG_BROKER / --broker: 'http://k1:9092': the only scheme is kafka:// (or none: host:port)"),
     ({"AGG_TOPIC_REPLICATION_FACTOR": "0"},
      "AGG_TOPIC_REPLICATION_FACTOR / --topic-replication-factor: must be >= 1 (got 0)"),
+    # Kafka's ceilings (CreateTopics: int32 partitions, int16 replication factor): above them
+    # the service waited for the broker and then said that none answered
+    ({"AGG_PARTITIONS": "2147483648"}, "AGG_PARTITIONS / --partitions: must be <= 2147483647 (got 2147483648)"),
+    ({"AGG_TOPIC_REPLICATION_FACTOR": "32768"},
+     "AGG_TOPIC_REPLICATION_FACTOR / --topic-replication-factor: must be <= 32767 (got 32768)"),
     ({"AGG_KAFKA_SECURITY_PROTOCOL": "TLS"}, "AGG_KAFKA_SECURITY_PROTOCOL / --kafka-security-protocol: expected one "
                                              "of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL (got 'TLS')"),
 ])
@@ -307,6 +312,9 @@ def run_refused(tmp_path, env, *args) -> list[str]:
     ({"AGG_INGEST_TOKEN_FILE": "/dev/null"}, (), EMPTY_TOKEN),
     ({"AGG_INGEST_TOKEN": "secret"}, ("--ingest-token", ""), EMPTY_TOKEN),
     ({"AGG_INGEST_TOKEN": "secret "}, (), SPACED_TOKEN),
+    ({"AGG_PARTITIONS": "2147483648"}, (), "AGG_PARTITIONS / --partitions: must be <= 2147483647 (got 2147483648)"),
+    ({"AGG_TOPIC_REPLICATION_FACTOR": "40000"}, (),
+     "AGG_TOPIC_REPLICATION_FACTOR / --topic-replication-factor: must be <= 32767 (got 40000)"),
 ])
 def test_run_refuses_bad_settings_in_one_line_without_a_traceback(tmp_path, env, args, line):
     assert run_refused(tmp_path, env, *args) == ["error: " + line]
