@@ -41,6 +41,13 @@ EMBEDDED_PARTITIONS = 1  # AGG_PARTITIONS on the embedded broker unless it is se
 # replication factor as an int16; above them the request cannot even be encoded
 KAFKA_MAX_PARTITIONS = 2**31 - 1
 KAFKA_MAX_REPLICATION_FACTOR = 2**15 - 1
+# Upper bounds of the durations, beyond what a deployment needs (their descriptions say them):
+# without them a huge value passed and then broke every state write (its milliseconds beyond
+# 64 bits) or left a wait that never ends
+HOUR, DAY = 3600.0, 86400.0
+MAX_HORIZON_SECONDS = 30 * DAY  # AGG_LATE_AFTER_SECONDS, AGG_REGION_IDLE_SECONDS
+MAX_DEDUP_SECONDS = 7 * DAY  # the ids are kept as long: memory (AGG_DEDUP_MAX_IDS) and recovery time
+MAX_FLUSH_SECONDS = 60.0  # a quiet window closes up to one flush tick late; offsets are committed as often
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -170,8 +177,8 @@ class Settings(BaseSettings):
 
     broker: str = Field("", description="external Kafka, kafka://host:9092[,host2:9092]; empty: embedded broker")
     broker_port: Port = Field(0, description="port of the embedded broker (0: a free port)")
-    broker_wait_seconds: float = Field(10.0, gt=0, description="how long `run` waits at start for the broker "
-                                                               "to answer before it gives up")
+    broker_wait_seconds: float = Field(10.0, gt=0, le=HOUR, description="how long `run` waits at start for the "
+                                       "broker to answer before it gives up (at most 3600)")
     web_host: str = Field("127.0.0.1", min_length=1, description="HTTP listen address")
     web_port: Port = Field(8080, description="HTTP listen port")
     partitions: int = Field(KAFKA_PARTITIONS, ge=1, le=KAFKA_MAX_PARTITIONS, description="partitions of `clicks` when "
@@ -179,13 +186,16 @@ class Settings(BaseSettings):
                             "broker, whose fetches cost per batch it holds (a request's events make a batch in each "
                             "partition they go to)")
     data_dir: str = Field("./var", min_length=1, description="local state directory")
-    window_seconds: float = Field(60.0, ge=1, description="tumbling window length")
-    grace_seconds: float = Field(5.0, ge=0, description="grace after a window end before it closes")
-    late_after_seconds: float = Field(300.0, gt=0, description="client ts older than this vs ingest time is late")
-    max_ahead_seconds: float = Field(5.0, gt=0, description="ingest times further ahead of the worker's clock "
-                                                           "are late (future_ts) and never move stream time")
-    dedup_seconds: float = Field(600.0, ge=0, description="an Idempotency-Key retry or a repeated event_id "
-                                 "within this of the first is counted once (0: no dedup)")
+    window_seconds: float = Field(60.0, ge=1, le=DAY, description="tumbling window length (1..86400)")
+    grace_seconds: float = Field(5.0, ge=0, le=DAY, description="grace after a window end before it closes "
+                                 "(0..86400)")
+    late_after_seconds: float = Field(300.0, gt=0, le=MAX_HORIZON_SECONDS, description="client ts older than this "
+                                      "vs ingest time is late (at most 2592000: 30 days)")
+    max_ahead_seconds: float = Field(5.0, gt=0, le=DAY, description="ingest times further ahead of the worker's "
+                                     "clock are late (future_ts) and never move stream time (at most 86400)")
+    dedup_seconds: float = Field(600.0, ge=0, le=MAX_DEDUP_SECONDS, description="an Idempotency-Key retry or a "
+                                 "repeated event_id within this of the first is counted once (0: no dedup; at "
+                                 "most 604800: 7 days)")
     dedup_max_ids: int = Field(1_000_000, ge=1, description="event ids one partition remembers for dedup at most "
                                "(about 250 bytes each); beyond, the oldest are forgotten before the horizon, "
                                "counted in clickstream_dedup_evicted_total")
@@ -196,7 +206,8 @@ class Settings(BaseSettings):
                                         "beyond 256 users: 2^p one-byte registers, standard error ~1.04/sqrt(2^p)")
     url_keep_query: bool = Field(False, description="count URLs with their query string (default: scheme, host "
                                  "and path only)")
-    region_idle_seconds: float = Field(3600.0, gt=0, description="regions seen within this get zero-count snapshots")
+    region_idle_seconds: float = Field(3600.0, gt=0, le=MAX_HORIZON_SECONDS, description="regions seen within this "
+                                       "get zero-count snapshots (at most 2592000: 30 days)")
     max_regions: int = Field(1000, ge=1, description="region cardinality cap; beyond it: __other__")
     ingest_token: Token = _secret("bearer token required by POST /v1/events (unset: none; set, it must not be "
                                   "empty nor begin or end with whitespace)", default=None)
@@ -207,13 +218,13 @@ class Settings(BaseSettings):
                                            "once; at least AGG_MAX_BODY_BYTES")
     ingest_linger_ms: float = Field(-1.0, ge=-1, le=1000, description="a partition's record batch that ingest "
                                     "opens while none is in flight waits this long for more requests' records "
-                                    "before it is sent (fewer, larger batches; 0: at once); -1: 10 with the "
+                                    "before it is sent (0..1000: fewer, larger batches; 0: at once); -1: 10 with the "
                                     "embedded broker, whose fetches cost per batch it holds, 0 with Kafka")
-    http_header_timeout_seconds: float = Field(10.0, gt=0, description="a connection must send a request's "
-                                               "headers (and, idle, its next request) within this, else it is "
-                                               "closed")
-    http_body_timeout_seconds: float = Field(30.0, gt=0, description="a POST /v1/events body must arrive "
-                                             "within this, else 408 and the connection is closed")
+    http_header_timeout_seconds: float = Field(10.0, gt=0, le=HOUR, description="a connection must send a "
+                                               "request's headers (and, idle, its next request) within this, else "
+                                               "it is closed (at most 3600)")
+    http_body_timeout_seconds: float = Field(30.0, gt=0, le=HOUR, description="a POST /v1/events body must arrive "
+                                             "within this, else 408 and the connection is closed (at most 3600)")
     http_max_connections: int = Field(1000, ge=1, description="open HTTP connections at most; one more is "
                                       "answered 503 + Retry-After and closed")
     rate_limit: float = Field(0.0, ge=0, description="default per-region events/s (0: unlimited)")
@@ -225,10 +236,12 @@ class Settings(BaseSettings):
     session_timeout: float = Field(6.0, ge=6, le=90, description="consumer group session timeout, seconds, "
                                    "6..90: Kafka refuses less than its group.min.session.timeout.ms (6 s by "
                                    "default), and Faust more than its 90 s broker request timeout")
-    stuck_rebalance_seconds: float = Field(600.0, ge=0, description="a rebalance (with its changelog recovery) that "
-                                           "has made no progress for this long makes /healthz answer 503, so that a "
-                                           "liveness check restarts the worker (0: never)")
-    state_flush_seconds: float = Field(0.5, gt=0, description="how often window state is written to its changelog")
+    stuck_rebalance_seconds: float = Field(600.0, ge=0, le=DAY, description="a rebalance (with its changelog "
+                                           "recovery) that has made no progress for this long makes /healthz answer "
+                                           "503, so that a liveness check restarts the worker (0: never; at most "
+                                           "86400)")
+    state_flush_seconds: float = Field(0.5, gt=0, le=MAX_FLUSH_SECONDS, description="how often window state is "
+                                       "written to its changelog (at most 60)")
     role: Role = Field("all", description="what `run` serves: all (HTTP ingest and the worker), "
                                           "ingest (HTTP ingest only), worker (the worker only)")
     kafka_security_protocol: Protocol = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")

@@ -292,6 +292,44 @@ def test_an_empty_token_from_a_variable_flag_or_toml_is_refused_unset_is_none(tm
         Settings(ingest_token="")
 
 
+# ---------------------------------------------------------------- durations
+MAXIMA = {"AGG_BROKER_WAIT_SECONDS": "3600", "AGG_WINDOW_SECONDS": "86400", "AGG_GRACE_SECONDS": "86400",
+          "AGG_LATE_AFTER_SECONDS": "2592000", "AGG_MAX_AHEAD_SECONDS": "86400", "AGG_DEDUP_SECONDS": "604800",
+          "AGG_REGION_IDLE_SECONDS": "2592000", "AGG_HTTP_HEADER_TIMEOUT_SECONDS": "3600",
+          "AGG_HTTP_BODY_TIMEOUT_SECONDS": "3600", "AGG_STUCK_REBALANCE_SECONDS": "86400",
+          "AGG_STATE_FLUSH_SECONDS": "60", "AGG_SESSION_TIMEOUT": "90"}
+
+
+def test_every_duration_has_an_upper_bound():
+    """AGG_WINDOW_SECONDS=1e17 passed, and then every state write failed (orjson: "Integer
+    exceeds 64-bit range"); the other durations likewise, or waits that never end."""
+    durations = [n for n, f in Settings.model_fields.items() if f.annotation is float and n != "rate_limit"]
+    assert sorted(config.env_name(n) for n in durations if n != "ingest_linger_ms") == sorted(MAXIMA)
+    for name in durations:
+        var = config.env_name(name)
+        top = MAXIMA.get(var, "1000")
+        assert load(env={var: top}), var
+        assert problems({var: "1e17"}) == [f"{var} / {config.flag_name(name)}: must be <= {top} (got 1e17)"]
+        assert top in config.describe(name) or f"{int(top):,}" in config.describe(name), name
+
+
+def test_the_longest_durations_still_make_state_that_can_be_written():
+    import time
+
+    import orjson
+
+    from aggregator.core.dedup import DedupStore
+    from aggregator.worker.partitions import BookSettings
+    s = load(env=MAXIMA)
+    book = BookSettings(s.window_ms, s.grace_ms, s.late_after_ms, s.idle_ms, s.max_regions, s.partitions,
+                        s.dedup_ms, s.dedup_max_ids).new_book()
+    now = int(time.time() * 1000)
+    book.apply([("eu", now, now - s.late_after_ms)], 1, now)
+    assert book.advance_to(now + s.window_ms + s.grace_ms + 1)
+    assert orjson.loads(orjson.dumps({**book.to_dict(), "window_ms": book.window_ms}))["window_ms"] == 86_400_000
+    assert DedupStore(s.dedup_ms).bucket_ms > 0
+
+
 # ---------------------------------------------------------------- the command itself
 def run_refused(tmp_path, env, *args) -> list[str]:
     """``python -m aggregator run ARGS`` with ``env`` (and no other AGG_* variable): it must
@@ -315,6 +353,8 @@ def run_refused(tmp_path, env, *args) -> list[str]:
     ({"AGG_PARTITIONS": "2147483648"}, (), "AGG_PARTITIONS / --partitions: must be <= 2147483647 (got 2147483648)"),
     ({"AGG_TOPIC_REPLICATION_FACTOR": "40000"}, (),
      "AGG_TOPIC_REPLICATION_FACTOR / --topic-replication-factor: must be <= 32767 (got 40000)"),
+    ({"AGG_WINDOW_SECONDS": "1e17"}, (), "AGG_WINDOW_SECONDS / --window-seconds: must be <= 86400 (got 1e17)"),
+    ({"AGG_DEDUP_SECONDS": "2e17"}, (), "AGG_DEDUP_SECONDS / --dedup-seconds: must be <= 604800 (got 2e17)"),
 ])
 def test_run_refuses_bad_settings_in_one_line_without_a_traceback(tmp_path, env, args, line):
     assert run_refused(tmp_path, env, *args) == ["error: " + line]
