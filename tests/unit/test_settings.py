@@ -330,6 +330,54 @@ def test_the_longest_durations_still_make_state_that_can_be_written():
     assert DedupStore(s.dedup_ms).bucket_ms > 0
 
 
+WHOLE_MS = "must be a whole number of milliseconds (0.001 s steps): the service counts in them"
+
+
+@pytest.mark.parametrize(("env", "line"), [
+    # sub-millisecond values were 0 ms: no lateness margin, dedup off in the worker while
+    # ingest still attached dedup ids; 1.0009 s windows were 1000 ms long
+    ({"AGG_LATE_AFTER_SECONDS": "0.0001"}, f"AGG_LATE_AFTER_SECONDS / --late-after-seconds: {WHOLE_MS} (got 0.0001)"),
+    ({"AGG_MAX_AHEAD_SECONDS": "0.0009"}, f"AGG_MAX_AHEAD_SECONDS / --max-ahead-seconds: {WHOLE_MS} (got 0.0009)"),
+    ({"AGG_REGION_IDLE_SECONDS": "0.0001"},
+     f"AGG_REGION_IDLE_SECONDS / --region-idle-seconds: {WHOLE_MS} (got 0.0001)"),
+    ({"AGG_DEDUP_SECONDS": "0.0005"}, f"AGG_DEDUP_SECONDS / --dedup-seconds: {WHOLE_MS} (got 0.0005)"),
+    ({"AGG_WINDOW_SECONDS": "1.0009"}, f"AGG_WINDOW_SECONDS / --window-seconds: {WHOLE_MS} (got 1.0009)"),
+    ({"AGG_GRACE_SECONDS": "2.5005"}, f"AGG_GRACE_SECONDS / --grace-seconds: {WHOLE_MS} (got 2.5005)"),
+    # loops and timeouts: a flush tick that spins, connections closed at once
+    ({"AGG_STATE_FLUSH_SECONDS": "1e-9"}, "AGG_STATE_FLUSH_SECONDS / --state-flush-seconds: must be >= 0.01 (got 1e-9)"),
+    ({"AGG_HTTP_HEADER_TIMEOUT_SECONDS": "1e-9"},
+     "AGG_HTTP_HEADER_TIMEOUT_SECONDS / --http-header-timeout-seconds: must be >= 0.1 (got 1e-9)"),
+    ({"AGG_HTTP_BODY_TIMEOUT_SECONDS": "0.05"},
+     "AGG_HTTP_BODY_TIMEOUT_SECONDS / --http-body-timeout-seconds: must be >= 0.1 (got 0.05)"),
+    ({"AGG_BROKER_WAIT_SECONDS": "0.001"}, "AGG_BROKER_WAIT_SECONDS / --broker-wait-seconds: must be >= 0.1 (got 0.001)"),
+    ({"AGG_STUCK_REBALANCE_SECONDS": "0.5"}, "AGG_STUCK_REBALANCE_SECONDS / --stuck-rebalance-seconds: must be 0 "
+                                             "(never) or >= 1: /healthz would fail a worker at every rebalance (got 0.5)"),
+])
+def test_durations_below_a_millisecond_or_a_sensible_minimum_are_refused(env, line):
+    assert problems(env) == [line]
+
+
+def test_a_duration_in_whole_ms_is_that_many_ms_wherever_it_is_used(tmp_path):
+    import random
+    rng = random.Random(7)
+    for ms in [1, 2, 3, 7, 999, 1001, 1009, 60_001, 2_591_999_999, 2_592_000_000,
+               *(rng.randrange(1, 2_592_000_001) for _ in range(2000))]:
+        s = load(env={"AGG_LATE_AFTER_SECONDS": str(ms / 1000)})
+        assert s.late_after_ms == ms, ms
+    toml = tmp_path / "agg.toml"
+    toml.write_text("window_seconds = 1.001\ndedup_seconds = 0.001\ngrace_seconds = 0.1\n")
+    s = load(env={}, config_file=str(toml))
+    assert (s.window_ms, s.dedup_ms, s.grace_ms) == (1001, 1, 100)
+    assert s.window_ms / 1000 == s.window_seconds  # what clickstream_window_seconds shows
+    # dedup is on in ingest (roles: dedup_ms > 0) exactly when the worker's horizon is
+    from aggregator.core.dedup import DedupStore
+    for value in ("0", "0.001", "0.002", "600"):
+        s = load(env={"AGG_DEDUP_SECONDS": value})
+        assert (s.dedup_seconds > 0) == (s.dedup_ms > 0) == bool(DedupStore(s.dedup_ms).horizon_ms), value
+    assert load(env={"AGG_STUCK_REBALANCE_SECONDS": "0"}).stuck_rebalance_seconds == 0
+    assert load(env={"AGG_STATE_FLUSH_SECONDS": "0.01"}).state_flush_seconds == 0.01
+
+
 # ---------------------------------------------------------------- the command itself
 def run_refused(tmp_path, env, *args) -> list[str]:
     """``python -m aggregator run ARGS`` with ``env`` (and no other AGG_* variable): it must
@@ -355,6 +403,10 @@ def run_refused(tmp_path, env, *args) -> list[str]:
      "AGG_TOPIC_REPLICATION_FACTOR / --topic-replication-factor: must be <= 32767 (got 40000)"),
     ({"AGG_WINDOW_SECONDS": "1e17"}, (), "AGG_WINDOW_SECONDS / --window-seconds: must be <= 86400 (got 1e17)"),
     ({"AGG_DEDUP_SECONDS": "2e17"}, (), "AGG_DEDUP_SECONDS / --dedup-seconds: must be <= 604800 (got 2e17)"),
+    ({"AGG_DEDUP_SECONDS": "0.0005"}, (), f"AGG_DEDUP_SECONDS / --dedup-seconds: {WHOLE_MS} (got 0.0005)"),
+    ({}, ("--window-seconds", "1.0009"), f"AGG_WINDOW_SECONDS / --window-seconds: {WHOLE_MS} (got 1.0009)"),
+    ({"AGG_STATE_FLUSH_SECONDS": "1e-9"}, (),
+     "AGG_STATE_FLUSH_SECONDS / --state-flush-seconds: must be >= 0.01 (got 1e-9)"),
 ])
 def test_run_refuses_bad_settings_in_one_line_without_a_traceback(tmp_path, env, args, line):
     assert run_refused(tmp_path, env, *args) == ["error: " + line]
