@@ -37,6 +37,21 @@ ROLES = ("all", "ingest", "worker")
 EMBEDDED_LINGER_MS = 10.0  # AGG_INGEST_LINGER_MS of -1 with the embedded broker (docs/performance.md)
 KAFKA_PARTITIONS = 4  # AGG_PARTITIONS's default
 EMBEDDED_PARTITIONS = 1  # AGG_PARTITIONS on the embedded broker unless it is set (docs/performance.md)
+# Kafka's own ceilings: CreateTopics carries a topic's partition count as an int32 and its
+# replication factor as an int16; above them the request cannot even be encoded
+KAFKA_MAX_PARTITIONS = 2**31 - 1
+KAFKA_MAX_REPLICATION_FACTOR = 2**15 - 1
+# Upper bounds of the durations, beyond what a deployment needs (their descriptions say them):
+# without them a huge value passed and then broke every state write (its milliseconds beyond
+# 64 bits) or left a wait that never ends
+HOUR, DAY = 3600.0, 86400.0
+MAX_HORIZON_SECONDS = 30 * DAY  # AGG_LATE_AFTER_SECONDS, AGG_REGION_IDLE_SECONDS
+MAX_DEDUP_SECONDS = 7 * DAY  # the ids are kept as long: memory (AGG_DEDUP_MAX_IDS) and recovery time
+MAX_FLUSH_SECONDS = 60.0  # a quiet window closes up to one flush tick late; offsets are committed as often
+# The durations the service counts in milliseconds: each must be a whole number of them (0.0001
+# became 0 ms, 1.0009 s windows ran 1000 ms long while the gauge said 1.0009)
+IN_MS = ("window_seconds", "grace_seconds", "late_after_seconds", "max_ahead_seconds", "dedup_seconds",
+         "region_idle_seconds")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -131,9 +146,28 @@ Protocol = Annotated[Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], 
 Mechanism = Annotated[Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], _choice(SASL_MECHANISMS, upper=True)]
 
 
-def _secret(description: str) -> Any:
+def _secret(description: str, default: str | None = "") -> Any:
     """A secret string: also from ``AGG_<NAME>_FILE``; never shown (repr, errors, help)."""
-    return Field(default="", description=description, repr=False, json_schema_extra={"secret": True})
+    return Field(default=default, description=description, repr=False, json_schema_extra={"secret": True})
+
+
+def _token(v: object) -> object:
+    """AGG_INGEST_TOKEN: unset (None, the default) is no token; a token that is set (variable,
+    its _FILE, flag or TOML) must be one a request can send, as aiohttp strips the outer
+    whitespace of a header's value and refuses control characters in it."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        if not v:
+            raise ValueError("set but empty, which would turn authentication off: give a token, or unset it "
+                             "(and AGG_INGEST_TOKEN_FILE) for none")
+        if v.strip() != v or not v.isprintable():
+            raise ValueError("begins or ends with whitespace or holds a control character (a token file may "
+                             "end in one newline, no more): no request's Authorization header can match it")
+    return v
+
+
+Token = Annotated[str, BeforeValidator(_token)]
 
 
 # The sources of the Settings being built: set by config_load.load() for the time it
@@ -147,21 +181,26 @@ class Settings(BaseSettings):
 
     broker: str = Field("", description="external Kafka, kafka://host:9092[,host2:9092]; empty: embedded broker")
     broker_port: Port = Field(0, description="port of the embedded broker (0: a free port)")
-    broker_wait_seconds: float = Field(10.0, gt=0, description="how long `run` waits at start for the broker "
-                                                               "to answer before it gives up")
+    broker_wait_seconds: float = Field(10.0, ge=0.1, le=HOUR, description="how long `run` waits at start for the "
+                                       "broker to answer before it gives up (0.1..3600)")
     web_host: str = Field("127.0.0.1", min_length=1, description="HTTP listen address")
     web_port: Port = Field(8080, description="HTTP listen port")
-    partitions: int = Field(KAFKA_PARTITIONS, ge=1, description="partitions of `clicks` when the service creates it; unless "
-                            "set, 1 on the embedded broker, whose fetches cost per batch it holds (a "
-                            "request's events make a batch in each partition they go to)")
+    partitions: int = Field(KAFKA_PARTITIONS, ge=1, le=KAFKA_MAX_PARTITIONS, description="partitions of `clicks` when "
+                            "the service creates it (1..2147483647, Kafka's limit); unless set, 1 on the embedded "
+                            "broker, whose fetches cost per batch it holds (a request's events make a batch in each "
+                            "partition they go to)")
     data_dir: str = Field("./var", min_length=1, description="local state directory")
-    window_seconds: float = Field(60.0, ge=1, description="tumbling window length")
-    grace_seconds: float = Field(5.0, ge=0, description="grace after a window end before it closes")
-    late_after_seconds: float = Field(300.0, gt=0, description="client ts older than this vs ingest time is late")
-    max_ahead_seconds: float = Field(5.0, gt=0, description="ingest times further ahead of the worker's clock "
-                                                           "are late (future_ts) and never move stream time")
-    dedup_seconds: float = Field(600.0, ge=0, description="an Idempotency-Key retry or a repeated event_id "
-                                 "within this of the first is counted once (0: no dedup)")
+    window_seconds: float = Field(60.0, ge=1, le=DAY, description="tumbling window length (1..86400, "
+                                  "in whole ms)")
+    grace_seconds: float = Field(5.0, ge=0, le=DAY, description="grace after a window end before it closes "
+                                 "(0..86400, in whole ms)")
+    late_after_seconds: float = Field(300.0, gt=0, le=MAX_HORIZON_SECONDS, description="client ts older than this "
+                                      "vs ingest time is late (0.001..2592000: 30 days, in whole ms)")
+    max_ahead_seconds: float = Field(5.0, gt=0, le=DAY, description="ingest times further ahead of the worker's "
+                                     "clock are late (future_ts) and never move stream time (0.001..86400, in whole ms)")
+    dedup_seconds: float = Field(600.0, ge=0, le=MAX_DEDUP_SECONDS, description="an Idempotency-Key retry or a "
+                                 "repeated event_id within this of the first is counted once (0: no dedup; else "
+                                 "0.001..604800: 7 days, in whole ms)")
     dedup_max_ids: int = Field(1_000_000, ge=1, description="event ids one partition remembers for dedup at most "
                                "(about 250 bytes each); beyond, the oldest are forgotten before the horizon, "
                                "counted in clickstream_dedup_evicted_total")
@@ -172,9 +211,11 @@ class Settings(BaseSettings):
                                         "beyond 256 users: 2^p one-byte registers, standard error ~1.04/sqrt(2^p)")
     url_keep_query: bool = Field(False, description="count URLs with their query string (default: scheme, host "
                                  "and path only)")
-    region_idle_seconds: float = Field(3600.0, gt=0, description="regions seen within this get zero-count snapshots")
+    region_idle_seconds: float = Field(3600.0, gt=0, le=MAX_HORIZON_SECONDS, description="regions seen within this "
+                                       "get zero-count snapshots (0.001..2592000: 30 days, in whole ms)")
     max_regions: int = Field(1000, ge=1, description="region cardinality cap; beyond it: __other__")
-    ingest_token: str = _secret("bearer token required by POST /v1/events (empty: none)")
+    ingest_token: Token = _secret("bearer token required by POST /v1/events (unset: none; set, it must not be "
+                                  "empty nor begin or end with whitespace)", default=None)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, le=MAX_KEY_INDEX, description="request body limit, after "
                                 "decompression too (16 MiB at most: an event's index in its body is a dedup id)")
     ingest_max_inflight_bytes: int = Field(32 * 1024 * 1024, ge=1, description="bytes of request bodies ingest "
@@ -182,13 +223,13 @@ class Settings(BaseSettings):
                                            "once; at least AGG_MAX_BODY_BYTES")
     ingest_linger_ms: float = Field(-1.0, ge=-1, le=1000, description="a partition's record batch that ingest "
                                     "opens while none is in flight waits this long for more requests' records "
-                                    "before it is sent (fewer, larger batches; 0: at once); -1: 10 with the "
+                                    "before it is sent (0..1000: fewer, larger batches; 0: at once); -1: 10 with the "
                                     "embedded broker, whose fetches cost per batch it holds, 0 with Kafka")
-    http_header_timeout_seconds: float = Field(10.0, gt=0, description="a connection must send a request's "
-                                               "headers (and, idle, its next request) within this, else it is "
-                                               "closed")
-    http_body_timeout_seconds: float = Field(30.0, gt=0, description="a POST /v1/events body must arrive "
-                                             "within this, else 408 and the connection is closed")
+    http_header_timeout_seconds: float = Field(10.0, ge=0.1, le=HOUR, description="a connection must send a "
+                                               "request's headers (and, idle, its next request) within this, else "
+                                               "it is closed (0.1..3600)")
+    http_body_timeout_seconds: float = Field(30.0, ge=0.1, le=HOUR, description="a POST /v1/events body must "
+                                             "arrive within this, else 408 and the connection is closed (0.1..3600)")
     http_max_connections: int = Field(1000, ge=1, description="open HTTP connections at most; one more is "
                                       "answered 503 + Retry-After and closed")
     rate_limit: float = Field(0.0, ge=0, description="default per-region events/s (0: unlimited)")
@@ -200,10 +241,12 @@ class Settings(BaseSettings):
     session_timeout: float = Field(6.0, ge=6, le=90, description="consumer group session timeout, seconds, "
                                    "6..90: Kafka refuses less than its group.min.session.timeout.ms (6 s by "
                                    "default), and Faust more than its 90 s broker request timeout")
-    stuck_rebalance_seconds: float = Field(600.0, ge=0, description="a rebalance (with its changelog recovery) that "
-                                           "has made no progress for this long makes /healthz answer 503, so that a "
-                                           "liveness check restarts the worker (0: never)")
-    state_flush_seconds: float = Field(0.5, gt=0, description="how often window state is written to its changelog")
+    stuck_rebalance_seconds: float = Field(600.0, ge=0, le=DAY, description="a rebalance (with its changelog "
+                                           "recovery) that has made no progress for this long makes /healthz answer "
+                                           "503, so that a liveness check restarts the worker (0: never; else "
+                                           "1..86400)")
+    state_flush_seconds: float = Field(0.5, ge=0.01, le=MAX_FLUSH_SECONDS, description="how often window state is "
+                                       "written to its changelog (0.01..60)")
     role: Role = Field("all", description="what `run` serves: all (HTTP ingest and the worker), "
                                           "ingest (HTTP ingest only), worker (the worker only)")
     kafka_security_protocol: Protocol = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
@@ -215,7 +258,8 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: str = Field("", description="client certificate (PEM), with --kafka-ssl-keyfile")
     kafka_ssl_keyfile: str = Field("", description="client private key (PEM), with --kafka-ssl-certfile")
     kafka_ssl_key_password: str = _secret("password of the client private key")
-    topic_replication_factor: int = Field(1, ge=1, description="replication factor of the topics the service creates")
+    topic_replication_factor: int = Field(1, ge=1, le=KAFKA_MAX_REPLICATION_FACTOR, description="replication factor of "
+                                          "the topics the service creates (1..32767, Kafka's limit)")
     topic_min_insync_replicas: int = Field(0, ge=0, description="min.insync.replicas of the topics the service "
                                                                 "creates (0: the broker's default)")
 
@@ -226,6 +270,21 @@ class Settings(BaseSettings):
         v = v.strip()
         if v:
             parse_broker(v)
+        return v
+
+    @field_validator(*IN_MS)
+    @classmethod
+    def _whole_ms(cls, v: float) -> float:
+        ms = v * 1000  # within the bounds (checked first): exact to far below a millisecond
+        if abs(ms - round(ms)) > 1e-6:
+            raise ValueError("must be a whole number of milliseconds (0.001 s steps): the service counts in them")
+        return v
+
+    @field_validator("stuck_rebalance_seconds")
+    @classmethod
+    def _stuck(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError("must be 0 (never) or >= 1: /healthz would fail a worker at every rebalance")
         return v
 
     @field_validator("ingest_max_inflight_bytes")
@@ -279,27 +338,27 @@ class Settings(BaseSettings):
 
     @property
     def window_ms(self) -> int:
-        return int(self.window_seconds * 1000)
+        return round(self.window_seconds * 1000)
 
     @property
     def grace_ms(self) -> int:
-        return int(self.grace_seconds * 1000)
+        return round(self.grace_seconds * 1000)
 
     @property
     def late_after_ms(self) -> int:
-        return int(self.late_after_seconds * 1000)
+        return round(self.late_after_seconds * 1000)
 
     @property
     def dedup_ms(self) -> int:
-        return int(self.dedup_seconds * 1000)
+        return round(self.dedup_seconds * 1000)
 
     @property
     def max_ahead_ms(self) -> int:
-        return int(self.max_ahead_seconds * 1000)
+        return round(self.max_ahead_seconds * 1000)
 
     @property
     def idle_ms(self) -> int:
-        return int(self.region_idle_seconds * 1000)
+        return round(self.region_idle_seconds * 1000)
 
     @property
     def spill_path(self) -> Path:
@@ -361,7 +420,7 @@ def default_text(name: str) -> str:
     """The default as a user writes it (help, README)."""
     f = Settings.model_fields[name]
     value = f.get_default(call_default_factory=True)
-    if name == "rate_limits":
+    if name == "rate_limits" or value is None:
         return ""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))

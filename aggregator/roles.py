@@ -66,7 +66,7 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
         post = IngestHandler(producer, metrics, settings.ingest_token, settings.max_body_bytes, settings.max_regions,
                              region_idle_ms=settings.idle_ms,
                              budget=InflightBudget(settings.ingest_max_inflight_bytes),
-                             body_timeout_s=settings.http_body_timeout_seconds, dedup=settings.dedup_seconds > 0,
+                             body_timeout_s=settings.http_body_timeout_seconds, dedup=settings.dedup_ms > 0,
                              aggregates=settings.aggregates, url_keep_query=settings.url_keep_query)
         services.append(producer)
     options: dict[str, Any] = {"loglevel": settings.log_level.lower(), "quiet": True, "redirect_stdouts": False,

@@ -223,7 +223,7 @@ def gen_command(**kw: Any) -> int:
             security=security, retry_fraction=kw["retry_fraction"],
             # the aggregates' truth only when it is written: it holds the recent windows' users
             aggregates=bool(kw["truth"]), url_keep_query=settings.url_keep_query,
-            reuse_within_ms=int(settings.dedup_seconds * 500))
+            reuse_within_ms=settings.dedup_ms // 2)
 
     from aiokafka.errors import KafkaError
 

@@ -1,12 +1,17 @@
 """The settings model (aggregator/config.py) and its loading (aggregator/config_load.py):
 ranges, choices, syntax, sources and their precedence, secrets.  Each problem is one line
 naming the variable and the flag."""
+import os
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
 from aggregator import config
 from aggregator.config import Settings, SettingsError
 from aggregator.config_load import load
+from tools.harness import REPO
 
 
 def problems(env=None, flags=None, config_file=None, only=None, strict_env=False) -> list[str]:
@@ -63,6 +68,11 @@ def test_defaults_and_derived_values_are_the_old_ones():
      "AGG_BROKER / --broker: 'http://k1:9092': the only scheme is kafka:// (or none: host:port)"),
     ({"AGG_TOPIC_REPLICATION_FACTOR": "0"},
      "AGG_TOPIC_REPLICATION_FACTOR / --topic-replication-factor: must be >= 1 (got 0)"),
+    # Kafka's ceilings (CreateTopics: int32 partitions, int16 replication factor): above them
+    # the service waited for the broker and then said that none answered
+    ({"AGG_PARTITIONS": "2147483648"}, "AGG_PARTITIONS / --partitions: must be <= 2147483647 (got 2147483648)"),
+    ({"AGG_TOPIC_REPLICATION_FACTOR": "32768"},
+     "AGG_TOPIC_REPLICATION_FACTOR / --topic-replication-factor: must be <= 32767 (got 32768)"),
     ({"AGG_KAFKA_SECURITY_PROTOCOL": "TLS"}, "AGG_KAFKA_SECURITY_PROTOCOL / --kafka-security-protocol: expected one "
                                              "of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL (got 'TLS')"),
 ])
@@ -240,3 +250,163 @@ def test_partitions_on_the_embedded_broker_are_one_unless_set():
         before = fixed.partitions
         fixed.for_embedded_broker()
         assert fixed.partitions == before
+
+
+# ---------------------------------------------------------------- the ingest token
+TOKEN = "AGG_INGEST_TOKEN / --ingest-token: "
+EMPTY_TOKEN = (TOKEN + "set but empty, which would turn authentication off: give a token, or unset it "
+               "(and AGG_INGEST_TOKEN_FILE) for none")
+SPACED_TOKEN = (TOKEN + "begins or ends with whitespace or holds a control character (a token file may end in one "
+                "newline, no more): no request's Authorization header can match it")
+
+
+@pytest.mark.parametrize(("content", "line"), [
+    ("", EMPTY_TOKEN), ("\n", EMPTY_TOKEN), ("\r\n", EMPTY_TOKEN),
+    ("  \n", SPACED_TOKEN), ("tok \n", SPACED_TOKEN), ("tok\n\n", SPACED_TOKEN), ("\ttok", SPACED_TOKEN),
+])
+def test_a_token_file_that_is_empty_or_padded_is_refused(tmp_path, content, line):
+    """An empty token is no token: from a file (/dev/null, a stray newline) it silently
+    turned authentication off.  aiohttp strips a header value's outer whitespace, so a
+    padded token could never match.  The file's one trailing newline is not the token's."""
+    f = tmp_path / "token"
+    f.write_text(content, newline="")
+    assert problems({"AGG_INGEST_TOKEN_FILE": str(f)}) == [line]
+    f.write_text("tok\r\n", newline="")
+    assert load(env={"AGG_INGEST_TOKEN_FILE": str(f)}).ingest_token == "tok"
+
+
+def test_an_empty_token_from_a_variable_flag_or_toml_is_refused_unset_is_none(tmp_path):
+    assert problems({"AGG_INGEST_TOKEN_FILE": "/dev/null"}) == [EMPTY_TOKEN]
+    assert problems({"AGG_INGEST_TOKEN": ""}) == [EMPTY_TOKEN]
+    assert problems({"AGG_INGEST_TOKEN": "secret"}, flags={"ingest_token": ""}) == [EMPTY_TOKEN]
+    toml = tmp_path / "agg.toml"
+    toml.write_text('ingest_token = ""\n')
+    assert problems(config_file=str(toml)) == [EMPTY_TOKEN]
+    for padded in ("s3cret ", " s3cret", "s3cret\n", "s3\x00cret", "s3cret\u00a0"):
+        lines = problems({"AGG_INGEST_TOKEN": padded})
+        assert lines == [SPACED_TOKEN] and not any(padded in ln for ln in lines)
+    assert load(env={}).ingest_token == ""  # unset: no token (the default)
+    assert load(env={"AGG_INGEST_TOKEN": "a b~c"}).ingest_token == "a b~c"
+    assert config.default_text("ingest_token") == ""
+    with pytest.raises(ValidationError):
+        Settings(ingest_token="")
+
+
+# ---------------------------------------------------------------- durations
+MAXIMA = {"AGG_BROKER_WAIT_SECONDS": "3600", "AGG_WINDOW_SECONDS": "86400", "AGG_GRACE_SECONDS": "86400",
+          "AGG_LATE_AFTER_SECONDS": "2592000", "AGG_MAX_AHEAD_SECONDS": "86400", "AGG_DEDUP_SECONDS": "604800",
+          "AGG_REGION_IDLE_SECONDS": "2592000", "AGG_HTTP_HEADER_TIMEOUT_SECONDS": "3600",
+          "AGG_HTTP_BODY_TIMEOUT_SECONDS": "3600", "AGG_STUCK_REBALANCE_SECONDS": "86400",
+          "AGG_STATE_FLUSH_SECONDS": "60", "AGG_SESSION_TIMEOUT": "90"}
+
+
+def test_every_duration_has_an_upper_bound():
+    """AGG_WINDOW_SECONDS=1e17 passed, and then every state write failed (orjson: "Integer
+    exceeds 64-bit range"); the other durations likewise, or waits that never end."""
+    durations = [n for n, f in Settings.model_fields.items() if f.annotation is float and n != "rate_limit"]
+    assert sorted(config.env_name(n) for n in durations if n != "ingest_linger_ms") == sorted(MAXIMA)
+    for name in durations:
+        var = config.env_name(name)
+        top = MAXIMA.get(var, "1000")
+        assert load(env={var: top}), var
+        assert problems({var: "1e17"}) == [f"{var} / {config.flag_name(name)}: must be <= {top} (got 1e17)"]
+        assert top in config.describe(name) or f"{int(top):,}" in config.describe(name), name
+
+
+def test_the_longest_durations_still_make_state_that_can_be_written():
+    import time
+
+    import orjson
+
+    from aggregator.core.dedup import DedupStore
+    from aggregator.worker.partitions import BookSettings
+    s = load(env=MAXIMA)
+    book = BookSettings(s.window_ms, s.grace_ms, s.late_after_ms, s.idle_ms, s.max_regions, s.partitions,
+                        s.dedup_ms, s.dedup_max_ids).new_book()
+    now = int(time.time() * 1000)
+    book.apply([("eu", now, now - s.late_after_ms)], 1, now)
+    assert book.advance_to(now + s.window_ms + s.grace_ms + 1)
+    assert orjson.loads(orjson.dumps({**book.to_dict(), "window_ms": book.window_ms}))["window_ms"] == 86_400_000
+    assert DedupStore(s.dedup_ms).bucket_ms > 0
+
+
+WHOLE_MS = "must be a whole number of milliseconds (0.001 s steps): the service counts in them"
+
+
+@pytest.mark.parametrize(("env", "line"), [
+    # sub-millisecond values were 0 ms: no lateness margin, dedup off in the worker while
+    # ingest still attached dedup ids; 1.0009 s windows were 1000 ms long
+    ({"AGG_LATE_AFTER_SECONDS": "0.0001"}, f"AGG_LATE_AFTER_SECONDS / --late-after-seconds: {WHOLE_MS} (got 0.0001)"),
+    ({"AGG_MAX_AHEAD_SECONDS": "0.0009"}, f"AGG_MAX_AHEAD_SECONDS / --max-ahead-seconds: {WHOLE_MS} (got 0.0009)"),
+    ({"AGG_REGION_IDLE_SECONDS": "0.0001"},
+     f"AGG_REGION_IDLE_SECONDS / --region-idle-seconds: {WHOLE_MS} (got 0.0001)"),
+    ({"AGG_DEDUP_SECONDS": "0.0005"}, f"AGG_DEDUP_SECONDS / --dedup-seconds: {WHOLE_MS} (got 0.0005)"),
+    ({"AGG_WINDOW_SECONDS": "1.0009"}, f"AGG_WINDOW_SECONDS / --window-seconds: {WHOLE_MS} (got 1.0009)"),
+    ({"AGG_GRACE_SECONDS": "2.5005"}, f"AGG_GRACE_SECONDS / --grace-seconds: {WHOLE_MS} (got 2.5005)"),
+    # loops and timeouts: a flush tick that spins, connections closed at once
+    ({"AGG_STATE_FLUSH_SECONDS": "1e-9"}, "AGG_STATE_FLUSH_SECONDS / --state-flush-seconds: must be >= 0.01 (got 1e-9)"),
+    ({"AGG_HTTP_HEADER_TIMEOUT_SECONDS": "1e-9"},
+     "AGG_HTTP_HEADER_TIMEOUT_SECONDS / --http-header-timeout-seconds: must be >= 0.1 (got 1e-9)"),
+    ({"AGG_HTTP_BODY_TIMEOUT_SECONDS": "0.05"},
+     "AGG_HTTP_BODY_TIMEOUT_SECONDS / --http-body-timeout-seconds: must be >= 0.1 (got 0.05)"),
+    ({"AGG_BROKER_WAIT_SECONDS": "0.001"}, "AGG_BROKER_WAIT_SECONDS / --broker-wait-seconds: must be >= 0.1 (got 0.001)"),
+    ({"AGG_STUCK_REBALANCE_SECONDS": "0.5"}, "AGG_STUCK_REBALANCE_SECONDS / --stuck-rebalance-seconds: must be 0 "
+                                             "(never) or >= 1: /healthz would fail a worker at every rebalance (got 0.5)"),
+])
+def test_durations_below_a_millisecond_or_a_sensible_minimum_are_refused(env, line):
+    assert problems(env) == [line]
+
+
+def test_a_duration_in_whole_ms_is_that_many_ms_wherever_it_is_used(tmp_path):
+    import random
+    rng = random.Random(7)
+    for ms in [1, 2, 3, 7, 999, 1001, 1009, 60_001, 2_591_999_999, 2_592_000_000,
+               *(rng.randrange(1, 2_592_000_001) for _ in range(2000))]:
+        s = load(env={"AGG_LATE_AFTER_SECONDS": str(ms / 1000)})
+        assert s.late_after_ms == ms, ms
+    toml = tmp_path / "agg.toml"
+    toml.write_text("window_seconds = 1.001\ndedup_seconds = 0.001\ngrace_seconds = 0.1\n")
+    s = load(env={}, config_file=str(toml))
+    assert (s.window_ms, s.dedup_ms, s.grace_ms) == (1001, 1, 100)
+    assert s.window_ms / 1000 == s.window_seconds  # what clickstream_window_seconds shows
+    # dedup is on in ingest (roles: dedup_ms > 0) exactly when the worker's horizon is
+    from aggregator.core.dedup import DedupStore
+    for value in ("0", "0.001", "0.002", "600"):
+        s = load(env={"AGG_DEDUP_SECONDS": value})
+        assert (s.dedup_seconds > 0) == (s.dedup_ms > 0) == bool(DedupStore(s.dedup_ms).horizon_ms), value
+    assert load(env={"AGG_STUCK_REBALANCE_SECONDS": "0"}).stuck_rebalance_seconds == 0
+    assert load(env={"AGG_STATE_FLUSH_SECONDS": "0.01"}).state_flush_seconds == 0.01
+
+
+# ---------------------------------------------------------------- the command itself
+def run_refused(tmp_path, env, *args) -> list[str]:
+    """``python -m aggregator run ARGS`` with ``env`` (and no other AGG_* variable): it must
+    stop before anything starts (status 2, nothing in its data directory) -> its output lines.
+    Should the settings pass, it starts no broker: it looks for none where none is, a second."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("AGG_")}
+    full.update(PYTHONPATH=str(REPO), AGG_DATA_DIR=str(tmp_path / "data"), AGG_BROKER="kafka://127.0.0.1:1",
+                AGG_BROKER_WAIT_SECONDS="1", AGG_WEB_PORT="0", **env)
+    p = subprocess.run([sys.executable, "-m", "aggregator", "run", *args], env=full, cwd=str(REPO),
+                       capture_output=True, text=True, timeout=30)
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    assert (p.returncode, len(lines)) == (2, 1), lines
+    assert not (tmp_path / "data").exists(), lines
+    return lines
+
+
+@pytest.mark.parametrize(("env", "args", "line"), [
+    ({"AGG_INGEST_TOKEN_FILE": "/dev/null"}, (), EMPTY_TOKEN),
+    ({"AGG_INGEST_TOKEN": "secret"}, ("--ingest-token", ""), EMPTY_TOKEN),
+    ({"AGG_INGEST_TOKEN": "secret "}, (), SPACED_TOKEN),
+    ({"AGG_PARTITIONS": "2147483648"}, (), "AGG_PARTITIONS / --partitions: must be <= 2147483647 (got 2147483648)"),
+    ({"AGG_TOPIC_REPLICATION_FACTOR": "40000"}, (),
+     "AGG_TOPIC_REPLICATION_FACTOR / --topic-replication-factor: must be <= 32767 (got 40000)"),
+    ({"AGG_WINDOW_SECONDS": "1e17"}, (), "AGG_WINDOW_SECONDS / --window-seconds: must be <= 86400 (got 1e17)"),
+    ({"AGG_DEDUP_SECONDS": "2e17"}, (), "AGG_DEDUP_SECONDS / --dedup-seconds: must be <= 604800 (got 2e17)"),
+    ({"AGG_DEDUP_SECONDS": "0.0005"}, (), f"AGG_DEDUP_SECONDS / --dedup-seconds: {WHOLE_MS} (got 0.0005)"),
+    ({}, ("--window-seconds", "1.0009"), f"AGG_WINDOW_SECONDS / --window-seconds: {WHOLE_MS} (got 1.0009)"),
+    ({"AGG_STATE_FLUSH_SECONDS": "1e-9"}, (),
+     "AGG_STATE_FLUSH_SECONDS / --state-flush-seconds: must be >= 0.01 (got 1e-9)"),
+])
+def test_run_refuses_bad_settings_in_one_line_without_a_traceback(tmp_path, env, args, line):
+    assert run_refused(tmp_path, env, *args) == ["error: " + line]
