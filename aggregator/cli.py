@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gc
 import logging
 import signal
 import socket
@@ -20,7 +19,7 @@ from typing import Any
 import click
 
 import aggregator
-from aggregator import config, config_load
+from aggregator import config, config_load, process
 from aggregator.logs import setup_logging
 
 HELD_LOCKS: list[Any] = []  # the local state directories (DirLock) this process owns
@@ -273,7 +272,10 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
         raise Failure(f"AGG_WEB_PORT / --web-port: {settings.web_port} is also AGG_BROKER_PORT, the embedded "
                       "broker's port: give them different ports")
     check_port_free(settings.web_host, settings.web_port)
-    tune_memory(settings.role)
+    problem = process.open_files(settings.http_max_connections, 0 if settings.role == "ingest" else settings.max_regions)
+    if problem:
+        raise Failure(problem)
+    process.tune_memory(settings.role)
     if settings.role != "ingest":  # the ingest role keeps nothing on disk
         try:
             HELD_LOCKS.extend(lock_dirs(settings.data_dir, settings.spill_path))  # until the process exits
@@ -363,37 +365,6 @@ def check_partitions(settings: config.Settings) -> str | None:
                 "partitions, or start from new state (delete the changelog topic and the consumer group "
                 f"{APP_ID}) after every window has been published")
     return None
-
-
-# CPython collects its youngest generation every 700 net container allocations, the
-# middle one every 10 of those, and the whole heap once enough has been promoted.  The
-# worker keeps each fetched batch (up to hundreds of thousands of records, header lists
-# and event tuples) alive while it counts it: with the default thresholds every batch
-# was promoted into the oldest generation, and collections that walk the whole heap
-# (Faust, aiokafka, aiohttp) ran every second batch or so, about a third of the worker's
-# CPU.  With (50000, 20, 10) a batch was no longer promoted, but the youngest generation
-# was still collected four or five times while each fetched batch was alive (the count is
-# of *net* allocations, so what a batch allocates counts until it is freed), each time
-# walking the live batch: 0.6-1.0 s of collection per million events of ingest's records
-# (gc.callbacks), 5-85 ms a pause.  The worker's threshold is now above what one round of
-# fetches keeps alive (4 partitions x 4 MiB), so a collection mostly finds the batches
-# already freed by reference counting: no collection after start-up over the same 1M
-# events, 0.5-1 us less CPU an event, and figure 4b (3M events, 1000 regions) 91k -> 130k
-# events/s at 265 -> 275 MB peak RSS.  Ingest allocates per request, not per fetched
-# batch; it keeps (50000, 20, 10), which its memory tests were measured with.
-# Once a role is ready, roles.HeapFreezer freezes what is alive then, so that full
-# collections walk only what came after (worker: ~100 ms instead of ~160-200 ms each).
-GC_THRESHOLDS = (50_000, 20, 10)
-WORKER_GC_THRESHOLDS = (500_000, 20, 10)  # roles with a worker (worker, all)
-
-
-def tune_memory(role: str) -> None:
-    """The collector's thresholds for ``role``; with a worker, glibc's malloc set to keep
-    the fetch responses' blocks from fetch to fetch (worker/arenas.py)."""
-    gc.set_threshold(*(GC_THRESHOLDS if role == "ingest" else WORKER_GC_THRESHOLDS))
-    if role != "ingest":
-        from aggregator.worker.arenas import keep_heap
-        keep_heap()
 
 
 # ------------------------------------------------------------------ entry point

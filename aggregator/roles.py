@@ -102,7 +102,7 @@ class HeapFreezer(BackgroundService):
     and aiokafka set up: ~150k objects in the worker, ~70k in ingest, nearly all living as
     long as the process) out of the garbage collector's reach, with ``gc.freeze``.  A full
     collection walks every tracked object; these were most of them.  Garbage cycles left
-    from start-up, if any, stay frozen with them: a bounded amount, once (cli.GC_THRESHOLDS
+    from start-up, if any, stay frozen with them: a bounded amount, once (process.GC_THRESHOLDS
     has the rest of the GC tuning)."""
 
     POLL_S = 0.5
