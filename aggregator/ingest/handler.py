@@ -142,7 +142,9 @@ class IngestHandler:
             for enc in codings:
                 if enc not in ("gzip", "x-gzip"):
                     raise BodyError(415, f"unsupported content encoding {enc!r}: use gzip or none")
-            for _ in codings:  # undone last first: each is gzip
+            if len(codings) > 1:  # each layer inflates up to the body limit, on the event loop: one
+                raise BodyError(415, "more than one gzip layer: compress the body once")
+            for _ in codings:
                 body = gunzip_bounded(body, limit)
                 if not held.take(len(body) - held.held):  # what it inflated to counts
                     m.ingest_failed()

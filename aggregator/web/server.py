@@ -184,7 +184,7 @@ class Routes:
         after = None
         if "after" in q:
             instance, _, num = q["after"].partition(".")
-            if not num.isdigit() or not num.isascii():
+            if not (num.isdigit() and num.isascii() and len(num) <= 20):
                 return error(400, "after must be the next of an earlier answer")
             if instance != src.instance:
                 return error(400, "after is the next of another process (another worker, or before a restart): "

@@ -52,18 +52,18 @@ async def test_content_encoding_lines_and_lists_are_one_list_of_codings():
                         [("Content-Encoding", "GZIP")]):
             assert await post(client, gz, *headers) == (200, {"accepted": 2, "rejected": 0, "ingest_ts": any_ts,
                                                               "errors": []}), headers
-        twice = gzip.compress(gz)  # gzip applied twice: undone twice
+        # gzip applied twice: refused, as every layer would inflate up to the body limit on the
+        # event loop (1,500 layers in one header line took 0.8 s of a 1 MiB limit)
+        twice = gzip.compress(gz)
         for headers in ([("Content-Encoding", "gzip"), ("Content-Encoding", "x-gzip")],
-                        [("Content-Encoding", "gzip, gzip")]):
+                        [("Content-Encoding", "gzip, gzip")], [("Content-Encoding", ", ".join(["gzip"] * 1000))]):
             status, ans = await post(client, twice, *headers)
-            assert (status, ans["accepted"]) == (200, 2), (headers, ans)
+            assert status == 415 and "one gzip layer" in ans["error"], (headers, ans)
         for headers in ([("Content-Encoding", "identity"), ("Content-Encoding", "br")],
                         [("Content-Encoding", "gzip, deflate")], [("Content-Encoding", "br")]):
             status, ans = await post(client, gz, *headers)
             assert status == 415 and "encoding" in ans["error"], (headers, ans)
-        status, ans = await post(client, gz, ("Content-Encoding", "gzip"), ("Content-Encoding", "gzip"))
-        assert status == 400, ans  # said twice, applied once: not gzip the second time
-        assert len(producer.batcher.out) == 2 * 6
+        assert len(producer.batcher.out) == 2 * 4
     finally:
         await client.close()
 

@@ -47,7 +47,7 @@ async def test_a_page_is_bounded_and_paging_lists_every_snapshot_once():
         page = await (await client.get(f"/v1/snapshots?after={page['next']}")).json()
         assert [s["count"] for s in page["snapshots"]] == [9999] and page["more"] is False
         for bad in (f"limit={SNAPSHOTS_MAX_LIMIT + 1}", "limit=0", "limit=x", "after=12", "after=abc.x",
-                    "after=deadbeef.5", "since=yesterday"):
+                    "after=deadbeef.5", "since=yesterday", f"after={store.instance}.{'9' * 5000}"):
             r = await client.get("/v1/snapshots?" + bad)
             assert r.status == 400, bad
             assert "error" in await r.json()
