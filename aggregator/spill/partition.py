@@ -56,7 +56,11 @@ class PartitionSpill:
         self.partition = partition
         self.ledger = ledger
         self.store = SpillStore(os.path.join(os.fspath(root), f"p{partition}"), max_bytes=0, fsync=fsync)
-        self.disk = disk_id(self.store.root, fsync)  # what the window state names this directory by
+        self.disk: str | None = None  # what the window state names this directory by
+        try:
+            self._ensure_disk()
+        except OSError:  # a full disk: made with the first record written (a state names "" till then)
+            pass
         self.pending_acks: list[tuple[str, int]] = []
         self.rebuilding: dict[str, list[SpillRecord]] = {}
         self.lost = 0  # spilled events neither on disk nor in the source log any more
@@ -71,11 +75,17 @@ class PartitionSpill:
         self.uncommitted: dict[str, int] = {}
         self.read_error: SpillDiskError | None = None  # the last drain could not read a region
 
+    def _ensure_disk(self) -> None:
+        """The directory's id (``layout.disk_id``), made before the first record is written."""
+        if self.disk is None:
+            self.disk = disk_id(self.store.root, self.store.fsync)
+
     # ------------------------------------------------------------ recovery
     def reconcile(self, written_on: str | None = None) -> dict[str, int]:
         """Make the disk agree with the ledger; returns regions to rebuild -> events.
         ``written_on``: the id of the spill directory the ledger's state was written with
-        (None: not known, a state of an earlier version).  Another directory's id: that
+        (None: not known, a state of an earlier version; "": none, no record of its backlog
+        was written where it was taken).  Another directory's id (or ""): that
         state's backlog is on another host's disk, and what this one holds is a spill
         left here before (the partition comes back to a host): none of it is trusted."""
         store, ledger = self.store, self.ledger
@@ -162,6 +172,7 @@ class PartitionSpill:
             for rec in lst:
                 rec[0] = seq
                 seq += 1
+            self._ensure_disk()
             self.store.append(region, [orjson.dumps(r) for r in lst])
             ledger.rebuilt(region, lst)
         self.rebuilding = {}
@@ -198,6 +209,7 @@ class PartitionSpill:
                               "being re-read from it; they are lost", self.partition, region, left)
                     seq = ledger.rebuild_seq(region)
                     gaps: list[SpillRecord] = [[seq + i, -1, None, None] for i in range(left)]
+                    self._ensure_disk()
                     self.store.append(region, [orjson.dumps(r) for r in gaps])
                     ledger.rebuilt(region, gaps)
                     lost += left
@@ -219,6 +231,7 @@ class PartitionSpill:
         done: list[tuple[str, int]] = []
         for region, lst in split.spills.items():
             try:
+                self._ensure_disk()
                 store.append(region, [dumps(r) for r in lst])
             except OSError as e:  # SpillStore.append keeps nothing of a failed call
                 self._roll_back(done)

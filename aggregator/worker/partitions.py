@@ -144,7 +144,7 @@ class PartitionState:
         indexes of the dedup and aggregates records (written beside the chunks)."""
         state = self.book.to_dict()
         state["spill"] = self.spill.ledger.to_dict()
-        state["spill_disk"] = self.spill.disk  # the spill directory its backlog is in (spill.reconcile)
+        state["spill_disk"] = self.spill.disk or ""  # the spill directory its backlog is in (spill.reconcile)
         if dedup is not None and (dedup.index or dedup.gone):
             state["dedup"] = dedup.to_json()
             state["dedup_bucket_ms"] = self.dedup.bucket_ms  # AGG_DEDUP_SECONDS may change (core.dedup.load)

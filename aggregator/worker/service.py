@@ -77,7 +77,8 @@ class WorkerService:
 
     # ------------------------------------------------------------ readiness
     def not_ready(self, refusals: bool = True) -> str | None:
-        """Why the worker cannot count yet (None: it can); ``refusals`` False: but for partitions refused."""
+        """Why the worker cannot count yet (None: it can); ``refusals`` False: but for partitions
+        refused or waiting for the spill disk (the others can be opened)."""
         if not self.started:
             return "starting"
         if not self.kafka.recovered():
@@ -85,7 +86,9 @@ class WorkerService:
         if self.app.rebalancing:
             lasted = self.rebalance.lasted(time.monotonic())
             return "consumer group rebalancing" + ("" if lasted is None else f" for {lasted:.0f} s")
-        return self.checkpointer.failing or self.throttle.disk_error or (self.partitions.refusal() if refusals else None)
+        if not refusals:
+            return self.checkpointer.failing
+        return self.checkpointer.failing or self.throttle.disk_error or self.partitions.refusal()
 
     def not_alive(self) -> str | None:
         """Why the worker should be restarted (None: it should not): a rebalance that has
@@ -381,7 +384,10 @@ class WorkerService:
                     self._open(partition)
 
     def _open(self, partition: int) -> PartitionState | None:
-        """The partition's state (its book's regions keep their places in the cap); None: refused."""
+        """The partition's state (its book's regions keep their places in the cap); None: refused,
+        or its spill could not be opened (and is not due to be tried again yet)."""
+        if not self.throttle.open_due(partition):
+            return None
         try:
             p = self.partitions.open(partition)
         except Refused:

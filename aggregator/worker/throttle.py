@@ -33,6 +33,7 @@ from aggregator.worker.partitions import Partitions, PartitionState
 
 log = logging.getLogger("aggregator.worker")
 _offset = attrgetter("offset")
+OPEN_RETRY_S, OPEN_RETRY_MAX_S = 0.5, 10.0  # a spill the disk would not let open: first retry, longest delay
 RESUME_BELOW = 0.9  # consumption resumes once the spill is below this share of its limit
 BUCKET_SWEEP_SECONDS = 60.0  # how often token buckets that have refilled are dropped
 
@@ -87,6 +88,7 @@ class Throttle:
         self._write_error: SpillDiskError | None = None
         self._read_errors: dict[int, SpillDiskError] = {}
         self.unopened: dict[int, SpillDiskError] = {}  # partition -> why its spill could not be opened
+        self._open_retry: dict[int, tuple[float, float]] = {}  # partition -> (next try, monotonic; delay)
 
     def limit(self, p: PartitionState, events: list[Event], offsets: list[int],
               partitions: Partitions, aggs: Sequence[Agg | None] | None = None,
@@ -138,14 +140,23 @@ class Throttle:
         return new
 
     def open_failed(self, partition: int, e: SpillDiskError) -> None:
-        """The spill disk refused to open the partition's spill: it waits, not fetched."""
+        """The spill disk refused to open the partition's spill: it waits, not fetched, and is
+        tried again after a delay that doubles up to OPEN_RETRY_MAX_S (an opening reads the
+        whole stored state, its dedup ids and aggregates: ~0.3 s for a million ids)."""
         if partition not in self.unopened:
             self.metrics.spill_disk_error(e.op)
         self.unopened[partition] = e
+        delay = min(OPEN_RETRY_MAX_S, 2 * self._open_retry.get(partition, (0.0, OPEN_RETRY_S / 2))[1])
+        self._open_retry[partition] = (time.monotonic() + delay, delay)
         self._update_disk_error()
+
+    def open_due(self, partition: int) -> bool:
+        """Whether a partition whose spill could not be opened is to be tried again now."""
+        return partition not in self.unopened or time.monotonic() >= self._open_retry[partition][0]
 
     def opened(self, partition: int) -> None:
         """The partition's spill is open (or the partition is no longer assigned)."""
+        self._open_retry.pop(partition, None)
         if self.unopened.pop(partition, None) is not None:
             self._update_disk_error()
 

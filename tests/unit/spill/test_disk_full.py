@@ -240,3 +240,38 @@ def test_a_drain_that_cannot_read_is_retried_and_nothing_is_lost(tmp_path):
     assert throttle.disk_error is None
     assert p.book.open_total() == {"eu": 40}
     assert p.spill.store.backlog("eu") == 0
+
+
+def test_a_spill_free_partition_opens_on_a_full_disk_and_names_its_directory_once_it_writes(tmpfs):
+    """The directory's id (a state names the directory its backlog is in) is made with the
+    first record written, so a partition with nothing to spill opens on a full disk as it did
+    before the id: its state names no directory ("") until then, which no directory matches."""
+    PartitionSpill(tmpfs / "spill", 0, SpillLedger()).close()  # its directories, then the id
+    (tmpfs / "spill" / "p0" / "disk-id").unlink()  # as a version before the id left it
+    filler = fill(tmpfs)
+    ledger = SpillLedger()
+    sp = PartitionSpill(tmpfs / "spill", 0, ledger)
+    assert sp.disk is None and sp.reconcile() == {}
+    split = ledger.split([("eu", 1, None), ("eu", 2, None)], [1, 2], RateLimits(0, {"eu": 1}), now=0.0)
+    with pytest.raises(SpillDiskError) as exc:
+        sp.write(split)
+    assert exc.value.error.errno == errno.ENOSPC and ledger.total_backlog() == 0 and sp.disk is None
+    filler.unlink()
+    assert sp.write(split) == 1
+    assert sp.disk is not None and (tmpfs / "spill" / "p0" / "disk-id").read_text() == sp.disk
+    sp.close()
+
+
+def test_a_spill_that_cannot_open_is_tried_again_ever_less_often():
+    throttle = Throttle(RateLimits(0), 0, Metrics())
+    e = SpillDiskError("open", 3, "", OSError(errno.ENOSPC, "No space left on device"))
+    delays = []
+    for _ in range(7):
+        throttle.open_failed(3, e)
+        assert not throttle.open_due(3)  # not at once: an opening reads the whole stored state
+        delays.append(throttle._open_retry[3][1])
+    assert delays == [0.5, 1, 2, 4, 8, 10, 10]
+    assert throttle.disk_error is not None and "spill open, partition 3" in throttle.disk_error
+    assert throttle.open_due(4)  # another partition: no wait
+    throttle.opened(3)
+    assert throttle.open_due(3) and throttle.disk_error is None and not throttle.unopened

@@ -240,3 +240,23 @@ def test_a_drain_of_gaps_alone_marks_the_state_to_be_written(tmp_path):
     throttle.drain(q, 3_000)
     assert q.spill.ledger.total_backlog() == 0 and q.spill.lost == 4
     assert q.book.dirty
+
+
+def test_a_spill_disk_that_refuses_does_not_keep_quiet_partitions_from_being_opened():
+    """/readyz says the disk refuses; the tick still opens assigned partitions with nothing
+    new to read (their open windows must close and publish): only a failing checkpoint, a
+    rebalance or a recovery stops that (WorkerService._sync_assignment)."""
+    from types import SimpleNamespace
+
+    from aggregator.spill.partition import SpillDiskError
+    from aggregator.worker.service import WorkerService
+
+    throttle = Throttle(RateLimits(0, ""), 1 << 30, Metrics())
+    throttle.open_failed(2, SpillDiskError("open", 2, "", OSError(28, "No space left on device")))
+    w = SimpleNamespace(started=True, kafka=SimpleNamespace(recovered=lambda: True), app=SimpleNamespace(rebalancing=False),
+                        checkpointer=SimpleNamespace(failing=None), throttle=throttle,
+                        partitions=SimpleNamespace(refusal=lambda: None))
+    assert WorkerService.not_ready(w).startswith("spill disk full: ")  # type: ignore[arg-type]
+    assert WorkerService.not_ready(w, refusals=False) is None  # type: ignore[arg-type]
+    w.checkpointer.failing = "window state writes failing: x"
+    assert WorkerService.not_ready(w, refusals=False) == "window state writes failing: x"  # type: ignore[arg-type]
