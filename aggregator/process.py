@@ -61,5 +61,9 @@ def open_files(max_connections: int, spill_writers: int) -> str | None:
                 + f" need about {need} open files, and this process may open {hard} at most (RLIMIT_NOFILE): "
                 "raise that limit (ulimit -n, systemd LimitNOFILE=, docker --ulimit nofile=)"
                 + (f" or lower AGG_HTTP_MAX_CONNECTIONS to {fits} or less" if fits >= 1 else ""))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    except (ValueError, OSError) as exc:  # above the kernel's own ceiling (fs.nr_open)
+        return (f"AGG_HTTP_MAX_CONNECTIONS={max_connections} and AGG_MAX_REGIONS={spill_writers} need about {need} "
+                f"open files, and the open-file limit cannot be raised that far ({exc}): lower them")
     return None
