@@ -77,7 +77,7 @@ class FaustApp:
         # TLS/SASL for Faust's consumer, producer and topic creation; the changelog (and
         # Faust's leader topic) get the replication factor of the topics the service creates
         self.app = _App(
-            APP_ID, broker=s.faust_broker(), datadir=str(s.data_dir) + "/faust", **s.kafka_security().faust_settings(),
+            APP_ID, env={}, broker=s.faust_broker(), datadir=str(s.data_dir) + "/faust", **s.kafka_security().faust_settings(),
             topic_partitions=s.partitions, topic_replication_factor=s.topic_replication_factor,
             table_cleanup_interval=3600,
             web_enabled=False, broker_session_timeout=s.session_timeout,

@@ -20,3 +20,16 @@ def test_each_changelog_partition_in_recovery_is_named_with_what_is_known_of_it(
                                                "3 (fetching, ?, recovers to 90)")
     # whatever goes wrong reading Faust's side, the rest of the log line stays
     assert _changelog_state(None, consumer).startswith("(unavailable: ")
+
+
+def test_fausts_own_environment_variables_do_not_override_the_validated_settings(monkeypatch):
+    """Faust reads unprefixed variables (BROKER_URL, PRODUCER_ACKS, WEB_PORT...) over what the
+    app is given: one pointed the worker at another cluster or made its producer acks=1, and
+    the WEB_PORT a Kubernetes Service named ``web`` injects stopped it with a ValueError."""
+    for name, value in {"BROKER_URL": "kafka://other:9092", "PRODUCER_ACKS": "1",
+                        "WEB_PORT": "tcp://10.96.0.12:80", "TOPIC_REPLICATION_FACTOR": "7",
+                        "BROKER_SESSION_TIMEOUT": "60"}.items():
+        monkeypatch.setenv(name, value)
+    conf = FaustApp(Settings(broker="kafka://127.0.0.1:1", session_timeout=9)).app.conf
+    assert [str(u) for u in conf.broker] == ["kafka://127.0.0.1:1"]
+    assert (conf.producer_acks, conf.topic_replication_factor, conf.broker_session_timeout) == (-1, 1, 9)
