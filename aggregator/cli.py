@@ -235,18 +235,24 @@ def wait_for_topics(settings: config.Settings) -> None:
 
     wait = settings.broker_wait_seconds
 
+    errors: list[Exception] = []
+
     async def bounded() -> None:
         await asyncio.wait_for(ensure_topics(settings.bootstrap(), settings.partitions, retries=1_000_000,
                                              security=settings.kafka_security(),
                                              replication_factor=settings.topic_replication_factor,
-                                             min_insync_replicas=settings.topic_min_insync_replicas), wait)
+                                             min_insync_replicas=settings.topic_min_insync_replicas,
+                                             worker=settings.role != "ingest", errors=errors), wait)
 
     with quiet_kafka_client():
         try:
             asyncio.run(bounded())
         except TimeoutError:
+            e = errors[-1] if errors else None
+            last = "" if e is None else f" (the last try: {e if type(e).__name__ in str(e) else f'{type(e).__name__}: {e}'})"
             raise Failure(f"AGG_BROKER: no Kafka broker answered at {settings.bootstrap()} within {wait:g} s "
-                          "(AGG_BROKER_WAIT_SECONDS): is it running, and is the address right?") from None
+                          f"(AGG_BROKER_WAIT_SECONDS){last}: is it running, is the address right, and does it "
+                          "speak AGG_KAFKA_SECURITY_PROTOCOL?") from None
         except BrokerError as exc:
             raise Failure(str(exc)) from None
 

@@ -3,7 +3,8 @@
 # loopback, assembled from Maven Central: no Docker, no tarball.
 #
 #   scripts/kafka.sh start  [--port 19092] [--dir var/kafka] [--version 4.4.0] [--heap 512m]
-#                           [--sasl-ssl CERTDIR --sasl-port P --sasl-user NAME:PASSWORD ...]
+#                           [--sasl-ssl CERTDIR --sasl-port P --sasl-user NAME:PASSWORD ...
+#                            [--acl-super NAME ...]]
 #   scripts/kafka.sh stop   [--port ...] [--dir ...] [--kill]
 #   scripts/kafka.sh status [--dir ...]
 #   scripts/kafka.sh fetch  [--version ...]     # only assemble / check the jar cache
@@ -24,6 +25,9 @@
 # its certificate chain) and CERTDIR/ca.pem, and SASL with SCRAM-SHA-512,
 # SCRAM-SHA-256 and PLAIN for every --sasl-user (SCRAM credentials are written when the
 # storage is formatted).  The PLAINTEXT listener stays (inter-broker traffic, tools).
+# --acl-super NAME turns Kafka's authorizer on (StandardAuthorizer): NAME and the
+# PLAINTEXT listener's ANONYMOUS are super users, every other SASL user may do only
+# what an ACL allows (created over the PLAINTEXT listener).
 # Like the port, these are fixed when DIR is first configured.
 set -euo pipefail
 
@@ -39,6 +43,7 @@ KILL=0
 SASL_DIR=
 SASL_PORT=
 SASL_USERS=()
+ACL_SUPERS=()
 PORT_SET=${KAFKA_PORT:+1}
 TIMEOUT=${KAFKA_START_TIMEOUT:-120}
 LOG4J_VERSION=2.24.3
@@ -55,6 +60,7 @@ while [ $# -gt 0 ]; do
     --sasl-ssl) SASL_DIR=$(cd "$2" && pwd); shift 2 ;;
     --sasl-port) SASL_PORT=$2; shift 2 ;;
     --sasl-user) SASL_USERS+=("$2"); shift 2 ;;
+    --acl-super) ACL_SUPERS+=("$2"); shift 2 ;;
     *) echo "kafka.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -195,6 +201,16 @@ sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required$plain_users;
+EOF
+  fi
+  if [ ${#ACL_SUPERS[@]} -gt 0 ]; then
+    local supers="User:ANONYMOUS" n
+    for n in "${ACL_SUPERS[@]}"; do supers+=";User:$n"; done
+    cat >>"$DIR/server.properties" <<EOF
+# --acl-super: the authorizer on; nothing is allowed but what an ACL allows, except to these
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=$supers
+allow.everyone.if.no.acl.found=false
 EOF
   fi
   cat >"$DIR/log4j2.properties" <<'EOF'

@@ -63,6 +63,9 @@ class SaslSsl:
 
     ca: ThrowawayCA
     users: dict[str, str] = field(default_factory=dict)
+    # non-empty: the authorizer is on, these users (and the PLAINTEXT listener) are super
+    # users, the others may do what an ACL allows
+    super_users: tuple[str, ...] = ()
 
 
 class ScriptKafka(BrokerAddress):
@@ -93,6 +96,8 @@ class ScriptKafka(BrokerAddress):
             sasl = ["--sasl-ssl", str(self.sasl.ca.dir), "--sasl-port", str(self.sasl_port)]
             for name, password in self.sasl.users.items():
                 sasl += ["--sasl-user", f"{name}:{password}"]
+            for name in self.sasl.super_users:
+                sasl += ["--acl-super", name]
         try:
             res = self._script("start", "--port", str(self.port), "--heap", self.heap, "--timeout",
                                str(int(timeout)), *sasl, timeout=timeout + 30)

@@ -5,17 +5,22 @@ import asyncio
 
 from aggregator.broker.embedded import BrokerError
 from aggregator.broker.security import PLAINTEXT, KafkaSecurity, check_login
-from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, DLQ, SNAPSHOTS
+from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, DLQ, LEADER_TOPIC, SNAPSHOTS, STATE_CHANGELOG
 
 
 async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
                         security: KafkaSecurity = PLAINTEXT, replication_factor: int = 1,
-                        min_insync_replicas: int = 0) -> None:
+                        min_insync_replicas: int = 0, worker: bool = False,
+                        errors: list[Exception] | None = None) -> None:
     """Create ``clicks``, ``clicks-dlq``, ``click-snapshots`` and ``clicks-repartition``
-    with explicit configs, ``replication_factor`` replicas each and, when > 0,
-    ``min.insync.replicas``.  ``clicks-repartition`` gets as many partitions as ``clicks``
-    has (which may differ from ``partitions`` when it exists already); when it exists with
-    another count, ``BrokerError`` says so (a region's home is its partition in both).
+    (``worker``: and the worker's window-state changelog, compacted, and Faust's leader
+    topic, which Faust itself is not let create: it would ask to create them even where they
+    exist, which a principal without CREATE is refused) with explicit configs,
+    ``replication_factor`` replicas each and, when > 0, ``min.insync.replicas``.
+    ``clicks-repartition`` and the changelog get as many partitions as ``clicks`` has
+    (which may differ from ``partitions`` when it exists already); when
+    ``clicks-repartition`` exists with another count, ``BrokerError`` says so (a region's
+    home is its partition in both).  Each failed try's error is appended to ``errors``.
 
     ``clicks`` asks for ``LogAppendTime``; brokers that ignore it are handled
     by the worker (it stamps the read time, docs/contract.md §1).  A refused login or an
@@ -49,7 +54,11 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
                     f"region's home partition is the same in both; once every window is published and "
                     f"{CLICKS_REPARTITION} is consumed, delete it (it is created again with {n})")
             forwarded = NewTopic(CLICKS_REPARTITION, n, replication_factor, topic_configs=dict(common))
-            todo = [t for t in [*specs, forwarded] if t.name not in existing]
+            insync = {k: v for k, v in common.items() if k == "min.insync.replicas"}
+            faust = [NewTopic(STATE_CHANGELOG, n, replication_factor, topic_configs={"cleanup.policy": "compact",
+                                                                                      **insync}),
+                     NewTopic(LEADER_TOPIC, 1, replication_factor, topic_configs=dict(insync))] if worker else []
+            todo = [t for t in [*specs, forwarded, *faust] if t.name not in existing]
             if todo:
                 resp = await admin.create_topics(todo)
                 for name, code, *_ in getattr(resp, "topic_errors", []):
@@ -62,6 +71,9 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
             raise
         except Exception as exc:  # noqa: BLE001 - broker not up yet: retry
             last = exc
+            if errors is not None:
+                errors.append(exc)
+                del errors[:-1]
             await asyncio.sleep(0.5)
         finally:
             try:

@@ -25,6 +25,8 @@ CLICKS_REPARTITION = "clicks-repartition"
 APP_ID = "clickstream-aggregator"
 STATE_TABLE = "window-state"
 STATE_CHANGELOG = f"{APP_ID}-{STATE_TABLE}-changelog"
+# Faust's leader assignor's topic (one partition): its group members subscribe to it
+LEADER_TOPIC = f"{APP_ID}-__assignor-__leader"
 
 # --- regions (contract §2)
 OTHER_REGION = "__other__"  # what regions beyond AGG_MAX_REGIONS are counted as

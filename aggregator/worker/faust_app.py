@@ -79,6 +79,8 @@ class FaustApp:
         self.app = _App(
             APP_ID, env={}, broker=s.faust_broker(), datadir=str(s.data_dir) + "/faust", **s.kafka_security().faust_settings(),
             topic_partitions=s.partitions, topic_replication_factor=s.topic_replication_factor,
+            topic_allow_declare=False,  # `run` creates every topic (broker.admin): Faust asked to even where
+            # they existed, which a principal without CREATE is refused (a managed Kafka's ACLs)
             table_cleanup_interval=3600,
             web_enabled=False, broker_session_timeout=s.session_timeout,
             broker_heartbeat_interval=max(0.5, s.session_timeout / 4), broker_commit_interval=s.state_flush_seconds,

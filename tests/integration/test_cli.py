@@ -58,8 +58,9 @@ def test_unreachable_broker_is_one_line_after_the_bounded_wait(tmp_path):
     code, lines, took = aggregator("run", env={"AGG_BROKER": "kafka://127.0.0.1:1", "AGG_BROKER_WAIT_SECONDS": "2",
                                                "AGG_DATA_DIR": str(tmp_path), "AGG_WEB_PORT": str(free_port())})
     assert code == 2 and lines == [
-        "error: AGG_BROKER: no Kafka broker answered at 127.0.0.1:1 within 2 s (AGG_BROKER_WAIT_SECONDS): "
-        "is it running, and is the address right?"], lines
+        "error: AGG_BROKER: no Kafka broker answered at 127.0.0.1:1 within 2 s (AGG_BROKER_WAIT_SECONDS) (the last "
+        "try: KafkaConnectionError: Unable to bootstrap from [('127.0.0.1', 1, <AddressFamily.AF_INET: 2>)]): is it "
+        "running, is the address right, and does it speak AGG_KAFKA_SECURITY_PROTOCOL?"], lines
     assert 2 <= took < 10
 
 

@@ -19,8 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.broker import ensure_topics
 from aggregator.broker.security import KafkaSecurity
-from aggregator.core.contract import CLICKS, STATE_CHANGELOG
+from aggregator.core.contract import (
+    APP_ID,
+    CLICKS,
+    CLICKS_REPARTITION,
+    DLQ,
+    LEADER_TOPIC,
+    SNAPSHOTS,
+    STATE_CHANGELOG,
+)
 from tests.conftest import require_tool
 from tests.integration.conftest import ON_REAL_KAFKA, Service
 from tools.harness import REPO, wait_for
@@ -28,7 +37,8 @@ from tools.kafka import SaslSsl, ScriptKafka, make_test_ca
 
 pytestmark = pytest.mark.skipif(not ON_REAL_KAFKA, reason="needs Apache Kafka (make test-kafka: AGG_TEST_BROKER=kafka)")
 
-USER, PASSWORD = "aggregator", "scram-secret-1"
+USER, PASSWORD = "aggregator", "scram-secret-1"  # a super user (the authorizer is on)
+APP, APP_PASSWORD = "clicks-app", "scram-secret-2"  # may do what its ACLs allow, no more
 WINDOW_MS = 2000  # Service.DEFAULTS: AGG_WINDOW_SECONDS=2
 
 
@@ -42,10 +52,10 @@ class SecureKafka:
         return KafkaSecurity(protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username=USER,
                              sasl_password=PASSWORD, ssl_cafile=str(self.cafile))
 
-    def env(self, password: str = PASSWORD, cafile: bool = True) -> dict[str, str]:
+    def env(self, password: str = PASSWORD, cafile: bool = True, user: str = USER) -> dict[str, str]:
         """The AGG_* security settings of a client of this broker."""
         env = {"AGG_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "AGG_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
-               "AGG_KAFKA_SASL_USERNAME": USER, "AGG_KAFKA_SASL_PASSWORD": password}
+               "AGG_KAFKA_SASL_USERNAME": user, "AGG_KAFKA_SASL_PASSWORD": password}
         if cafile:
             env["AGG_KAFKA_SSL_CAFILE"] = str(self.cafile)
         return env
@@ -56,7 +66,8 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKaf
     require_tool("openssl", "apt-get install openssl")  # the throwaway CA: fails under CI when missing
     base = tmp_path_factory.mktemp("sasl-kafka")
     ca = make_test_ca(base / "ca")
-    kafka = ScriptKafka(base_dir=str(base), sasl=SaslSsl(ca, {USER: PASSWORD})).start()
+    kafka = ScriptKafka(base_dir=str(base),
+                        sasl=SaslSsl(ca, {USER: PASSWORD, APP: APP_PASSWORD}, super_users=(USER,))).start()
     try:
         yield SecureKafka(kafka, ca.ca)
     finally:
@@ -113,7 +124,7 @@ def test_service_gen_and_audit_over_sasl_ssl(secure_kafka: SecureKafka, tmp_path
     svc = Service(url, tmp_path / "svc", AGG_TOPIC_MIN_INSYNC_REPLICAS="1", **secure_kafka.env())
     try:
         svc.start(wait_ready=60)
-        # the topics it created (the changelog by Faust) carry AGG_TOPIC_MIN_INSYNC_REPLICAS as their own
+        # the topics it created (the changelog too) carry AGG_TOPIC_MIN_INSYNC_REPLICAS as their own
         # setting, not the broker's default
         for topic in (CLICKS, STATE_CHANGELOG):
             entry = topic_config(secure_kafka, topic, "min.insync.replicas")
@@ -163,5 +174,67 @@ def test_service_gen_and_audit_over_sasl_ssl(secure_kafka: SecureKafka, tmp_path
         assert res.returncode != 0
         assert "refused the SASL login" in res.stderr
         svc.check_alive()
+    finally:
+        svc.stop()
+
+
+# Kafka's ACL codes (CreateAcls): resource, pattern, operation and permission types
+TOPIC, GROUP, LITERAL, ALLOW = 2, 3, 3, 3
+READ, WRITE = 3, 4
+# the README's ACL table, `--role all` (ingest and worker), the topics made by a platform team:
+# no Create, and no Describe where Read or Write is granted (they imply it)
+ALL_ROLE_ACLS = [(TOPIC, CLICKS, READ), (TOPIC, CLICKS, WRITE), (TOPIC, CLICKS_REPARTITION, READ),
+                 (TOPIC, CLICKS_REPARTITION, WRITE), (TOPIC, DLQ, WRITE), (TOPIC, SNAPSHOTS, READ),
+                 (TOPIC, SNAPSHOTS, WRITE), (TOPIC, STATE_CHANGELOG, READ), (TOPIC, STATE_CHANGELOG, WRITE),
+                 (TOPIC, LEADER_TOPIC, READ), (GROUP, APP_ID, READ)]
+
+
+def grant(kafka: ScriptKafka, user: str, acls: list[tuple[int, str, int]]) -> None:
+    """ACLs allowing ``user`` these (resource type, name, operation), made over the PLAINTEXT
+    listener (a super user there)."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.protocol.admin import CreateAclsRequest
+
+    async def send() -> None:
+        client = AIOKafkaClient(bootstrap_servers=kafka.bootstrap)
+        await client.bootstrap()
+        try:
+            node = next(iter(client.cluster.brokers())).nodeId
+            for rt, name, op in acls:  # aiokafka's request carries one
+                resp = await client.send(node, CreateAclsRequest(rt, name, LITERAL, f"User:{user}", "*", op, ALLOW))
+                assert [r[0] for r in resp.creation_responses] == [0], (name, op, resp)
+        finally:
+            await client.close()
+
+    asyncio.run(send())
+
+
+def test_run_counts_with_the_documented_acls_and_no_create_right(secure_kafka: SecureKafka, tmp_path: Path) -> None:
+    """A managed cluster's platform team made the topics; the service's principal has the
+    ACLs of the README's table and no Create.  Before, Faust asked to create the changelog
+    and its leader topic at every start (they existed), Kafka refused it, and the worker
+    stopped with TopicAuthorizationFailedError; now `run` makes every topic, and finds them."""
+    asyncio.run(ensure_topics(secure_kafka.kafka.bootstrap, 4, worker=True))  # as a super user
+    grant(secure_kafka.kafka, APP, ALL_ROLE_ACLS)
+    svc = Service(f"kafka://{secure_kafka.bootstrap}", tmp_path / "svc",
+                  **secure_kafka.env(user=APP, password=APP_PASSWORD))
+    try:
+        svc.start(wait_ready=90)
+        regions = {"acl-north": 21, "acl-south": 8}
+        for region, n in regions.items():
+            status, _, ans = svc.post([{"region": region, "event_id": f"{region}-{j}"} for j in range(n)])
+            assert status == 200 and ans["accepted"] == n, ans
+
+        def counted() -> dict[str, int] | None:
+            totals = dict.fromkeys(regions, 0)
+            for s in svc.snapshots():
+                if s["region"] in totals:
+                    totals[s["region"]] += s["count"]
+            return totals if totals == regions else None
+
+        wait_for(counted, 45, what="the events counted in published snapshots")
+        svc.check_alive()
+        log = svc.tail(400_000)
+        assert "AuthorizationFailed" not in log and "Traceback" not in log, log[-4000:]
     finally:
         svc.stop()
