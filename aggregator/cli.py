@@ -301,6 +301,11 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
             problem = check_partitions(settings)
         except BrokerError as exc:
             problem = str(exc)
+        if external_broker and not problem:  # topics a platform team (or an earlier version) made
+            from aggregator.broker.topiccheck import check_topics
+            problem, warnings = check_topics(settings.bootstrap(), settings.kafka_security(), settings.role != "ingest")
+            for line in warnings:
+                print(f"warning: {line}", flush=True)
         if problem:
             raise Failure(problem)
         def announce(port: int) -> None:  # once listening: the port bound (AGG_WEB_PORT=0: a free one)
