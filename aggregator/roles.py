@@ -75,7 +75,8 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
         assert producer is not None
         ingest = producer
         services.append(_http(settings, metrics, NoSnapshots(), probe,
-                              lambda: None if ingest.ready else "connecting to the broker", post, notes,
+                              lambda: ingest.refused or (None if ingest.ready else "connecting to the broker"), post,
+                              notes,
                               announce=announce))
         services.append(HeapFreezer(lambda: ingest.ready))
         mode.Worker(*services, **options).execute_from_commandline()
@@ -89,8 +90,9 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     sinks = [store.add, print_snapshot_table] if print_snapshots else [store.add]
     worker = WorkerService(settings, metrics, sinks)
     services.append(SnapshotHistory(settings.bootstrap(), store, settings.kafka_security()))
-    services.append(_http(settings, metrics, store, probe, worker.not_ready, post, notes, worker.not_alive,
-                          announce))
+    refused = (lambda: producer.refused) if producer is not None else (lambda: None)
+    services.append(_http(settings, metrics, store, probe, lambda: refused() or worker.not_ready(), post, notes,
+                          worker.not_alive, announce))
     services.append(HeapFreezer(worker.ready))
     fw = faust.Worker(worker.app, *services, **options)
     fw.spinner = None  # a terminal spinner would print escape codes into our log lines

@@ -182,11 +182,15 @@ class IngestHandler:
                     await self._submit(good, ingest_ts, per_region, waits, traceparent, ids)
             if waits:
                 await self._acknowledged(waits, per_region)
+                self.producer.acknowledged()
         except Exception as exc:  # noqa: BLE001 - any broker failure is a 503
-            log.warning("ingest: broker did not take %d records: %r", accepted, exc)
             if reasons:
                 m.rejected(reasons)
             m.ingest_failed(accepted)
+            refused = self.producer.refusing(exc)  # an authorization error: said once, and in /readyz
+            if refused is not None:
+                return error(503, refused, {"Retry-After": "2"})
+            log.warning("ingest: broker did not take %d records: %r", accepted, exc)
             return error(503, "the broker did not acknowledge the records in time; part of them may have "
                               "been stored", {"Retry-After": "2"})
         finally:

@@ -25,7 +25,12 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import BrokerResponseError, KafkaConnectionError
+from aiokafka.errors import (
+    BrokerResponseError,
+    ClusterAuthorizationFailedError,
+    KafkaConnectionError,
+    TopicAuthorizationFailedError,
+)
 from aiokafka.partitioner import DefaultPartitioner
 
 from aggregator.background import BackgroundService
@@ -276,6 +281,26 @@ class IngestProducer(BackgroundService):
         self.producer: AIOKafkaProducer | None = None
         self.batcher: BatchProducer | None = None
         self.ready = False
+        self.refused: str | None = None  # why the broker refuses ingest's writes (its ACLs), for /readyz
+
+    def refusing(self, exc: BaseException) -> str | None:
+        """The reason to answer, when ``exc`` (a request's records not acknowledged) is an
+        authorization error the broker would answer again: said in one error line when it
+        starts, and by /readyz until a batch is acknowledged again; None for another error."""
+        if not isinstance(exc, (TopicAuthorizationFailedError, ClusterAuthorizationFailedError)):
+            return None
+        reason = (f"the broker refuses ingest's writes to {CLICKS} ({type(exc).__name__}): grant this "
+                  f"principal Write on topic {CLICKS} (README, ACLs)")
+        if self.refused is None:
+            log.error("ingest: %s; requests are answered 503 and /readyz says so until it may", reason)
+        self.refused = reason
+        return reason
+
+    def acknowledged(self) -> None:
+        """A request's records were acknowledged: the broker takes ingest's writes."""
+        if self.refused is not None:
+            self.refused = None
+            log.warning("ingest: the broker takes ingest's writes to %s again", CLICKS)
 
     async def on_start(self) -> None:
         self.producer = ingest_producer(self.bootstrap, self.idempotent, **self.client)

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.skipif(not ON_REAL_KAFKA, reason="needs Apache Kafka (m
 
 USER, PASSWORD = "aggregator", "scram-secret-1"  # a super user (the authorizer is on)
 APP, APP_PASSWORD = "clicks-app", "scram-secret-2"  # may do what its ACLs allow, no more
+INGEST, INGEST_PASSWORD = "clicks-ingest", "scram-secret-3"  # likewise
 WINDOW_MS = 2000  # Service.DEFAULTS: AGG_WINDOW_SECONDS=2
 
 
@@ -67,7 +68,8 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKaf
     base = tmp_path_factory.mktemp("sasl-kafka")
     ca = make_test_ca(base / "ca")
     kafka = ScriptKafka(base_dir=str(base),
-                        sasl=SaslSsl(ca, {USER: PASSWORD, APP: APP_PASSWORD}, super_users=(USER,))).start()
+                        sasl=SaslSsl(ca, {USER: PASSWORD, APP: APP_PASSWORD, INGEST: INGEST_PASSWORD},
+                                     super_users=(USER,))).start()
     try:
         yield SecureKafka(kafka, ca.ca)
     finally:
@@ -180,7 +182,7 @@ def test_service_gen_and_audit_over_sasl_ssl(secure_kafka: SecureKafka, tmp_path
 
 # Kafka's ACL codes (CreateAcls): resource, pattern, operation and permission types
 TOPIC, GROUP, LITERAL, ALLOW = 2, 3, 3, 3
-READ, WRITE = 3, 4
+READ, WRITE, DESCRIBE = 3, 4, 8
 # the README's ACL table, `--role all` (ingest and worker), the topics made by a platform team:
 # no Create, and no Describe where Read or Write is granted (they imply it)
 ALL_ROLE_ACLS = [(TOPIC, CLICKS, READ), (TOPIC, CLICKS, WRITE), (TOPIC, CLICKS_REPARTITION, READ),
@@ -236,5 +238,39 @@ def test_run_counts_with_the_documented_acls_and_no_create_right(secure_kafka: S
         svc.check_alive()
         log = svc.tail(400_000)
         assert "AuthorizationFailed" not in log and "Traceback" not in log, log[-4000:]
+    finally:
+        svc.stop()
+
+
+def test_ingest_refused_its_writes_says_so_in_each_answer_and_readyz(secure_kafka: SecureKafka,
+                                                                      tmp_path: Path) -> None:
+    """A principal that may describe the topics but not write to ``clicks``: before, every
+    POST was a 503 "did not acknowledge ... in time" and /readyz stayed 200.  Now the answer
+    and /readyz name the refusal (one error line in the log), until a write is allowed."""
+    from tools.harness import http
+
+    asyncio.run(ensure_topics(secure_kafka.kafka.bootstrap, 4))  # made in advance, as a super user
+    grant(secure_kafka.kafka, INGEST, [(TOPIC, t, DESCRIBE) for t in (CLICKS, CLICKS_REPARTITION, DLQ, SNAPSHOTS)])
+    svc = Service(f"kafka://{secure_kafka.bootstrap}", tmp_path / "ingest", AGG_ROLE="ingest",
+                  **secure_kafka.env(user=INGEST, password=INGEST_PASSWORD))
+    says = (f"the broker refuses ingest's writes to {CLICKS} (TopicAuthorizationFailedError): grant this "
+            f"principal Write on topic {CLICKS} (README, ACLs)")
+    try:
+        svc.start(wait_ready=60)
+        for _ in range(2):
+            status, _, ans = svc.post([{"region": "acl-east"}] * 3)
+            assert (status, ans) == (503, {"error": says}), ans
+        status, _, raw = http("GET", svc.url + "/readyz")
+        assert (status, json.loads(raw)["reason"]) == (503, says)
+        assert svc.tail(400_000).count(f"ingest: {says}") == 1  # one line, not one a request
+        grant(secure_kafka.kafka, INGEST, [(TOPIC, CLICKS, WRITE)])
+
+        def accepted() -> dict | None:
+            status, _, ans = svc.post([{"region": "acl-east"}] * 3)
+            return ans if status == 200 else None
+
+        assert wait_for(accepted, 30, interval=1.0, what="a POST accepted once Write is granted")["accepted"] == 3
+        assert http("GET", svc.url + "/readyz")[0] == 200
+        assert "takes ingest's writes to clicks again" in svc.tail(400_000)
     finally:
         svc.stop()
