@@ -81,8 +81,9 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
         services.append(HeapFreezer(lambda: ingest.ready))
         mode.Worker(*services, **options).execute_from_commandline()
         return
-    import faust  # the ingest role runs without loading Faust
-
+    # the ingest role runs without loading Faust; aggregator.worker drops Faust's own variables
+    # from the environment before it loads Faust (worker/__init__.py)
+    from aggregator.worker.faust_app import FaustWorker
     from aggregator.worker.history import SnapshotHistory
     from aggregator.worker.service import WorkerService
 
@@ -94,7 +95,7 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     services.append(_http(settings, metrics, store, probe, lambda: refused() or worker.not_ready(), post, notes,
                           worker.not_alive, announce))
     services.append(HeapFreezer(worker.ready))
-    fw = faust.Worker(worker.app, *services, **options)
+    fw = FaustWorker(worker.app, *services, **options)
     fw.spinner = None  # a terminal spinner would print escape codes into our log lines
     fw.execute_from_commandline()
 

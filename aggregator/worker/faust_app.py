@@ -13,6 +13,7 @@ from typing import Any
 
 import faust
 import orjson
+from aiokafka.errors import GroupAuthorizationFailedError, TopicAuthorizationFailedError
 from faust.tables.recovery import Recovery
 
 from aggregator.config import Settings
@@ -22,6 +23,7 @@ from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTranspo
 from aggregator.worker.stamps import end_seen, member_clock, not_member
 
 log = logging.getLogger("aggregator.worker")
+FaustWorker = faust.Worker  # what runs the worker role's services (roles.py)
 
 # how soon the consumer group sees a topic that was deleted and created again (aiokafka's
 # default is 5 minutes, during which a recreated `clicks` is not consumed at all; issue 15)
@@ -74,6 +76,7 @@ class _App(faust.App):
 class FaustApp:
     def __init__(self, s: Settings) -> None:
         self.session_s = s.session_timeout
+        self._refused_said: str | None = None
         # TLS/SASL for Faust's consumer, producer and topic creation; the changelog (and
         # Faust's leader topic) get the replication factor of the topics the service creates
         self.app = _App(
@@ -181,6 +184,22 @@ class FaustApp:
             return self.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - no consumer yet
             return None
+
+    def refused(self) -> str | None:
+        """Why the broker refuses this worker's group or its topics (an authorization error
+        aiokafka holds for a caller that, before an assignment, never comes: the worker would
+        wait without a word); said in one error line the first time.  None: no such error."""
+        coordinator = getattr(self._aiokafka(), "_coordinator", None)
+        exc = getattr(coordinator, "_pending_exception", None)
+        if not isinstance(exc, (GroupAuthorizationFailedError, TopicAuthorizationFailedError)):
+            return None
+        what = f"group {APP_ID}" if isinstance(exc, GroupAuthorizationFailedError) else "its topics"
+        reason = (f"the broker refuses this worker's consumer {what} ({type(exc).__name__}): grant this principal "
+                  "the ACLs of the README's table (Read on the group, Read and Write on the topics), then restart it")
+        if reason != self._refused_said:
+            log.error("%s", reason)
+            self._refused_said = reason
+        return reason
 
     def not_member(self) -> tuple[int, str] | None:
         """Why the group may have given this worker's partitions to another (``stamps.not_member``;

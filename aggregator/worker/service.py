@@ -79,6 +79,8 @@ class WorkerService:
     def not_ready(self, refusals: bool = True) -> str | None:
         """Why the worker cannot count yet (None: it can); ``refusals`` False: but for partitions
         refused or waiting for the spill disk (the others can be opened)."""
+        if (refused := self.kafka.refused()) is not None:  # (before the start: it never comes then)
+            return refused
         if not self.started:
             return "starting"
         if not self.kafka.recovered():
@@ -93,6 +95,8 @@ class WorkerService:
     def not_alive(self) -> str | None:
         """Why the worker should be restarted (None: it should not): a rebalance that has
         made no progress for AGG_STUCK_REBALANCE_SECONDS (faust-streaming #21, #74)."""
+        if (refused := self.kafka.refused()) is not None:  # aiokafka waits for good: a restart, once granted
+            return refused
         now = time.monotonic()
         self.rebalance.track(*self._rebalance_state(now))  # here too: the ticks begin after the first assignment
         stalled = self.rebalance.stalled(now)

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.skipif(not ON_REAL_KAFKA, reason="needs Apache Kafka (m
 USER, PASSWORD = "aggregator", "scram-secret-1"  # a super user (the authorizer is on)
 APP, APP_PASSWORD = "clicks-app", "scram-secret-2"  # may do what its ACLs allow, no more
 INGEST, INGEST_PASSWORD = "clicks-ingest", "scram-secret-3"  # likewise
+NO_GROUP, NO_GROUP_PASSWORD = "clicks-no-group", "scram-secret-4"  # likewise
 WINDOW_MS = 2000  # Service.DEFAULTS: AGG_WINDOW_SECONDS=2
 
 
@@ -68,7 +69,8 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKaf
     base = tmp_path_factory.mktemp("sasl-kafka")
     ca = make_test_ca(base / "ca")
     kafka = ScriptKafka(base_dir=str(base),
-                        sasl=SaslSsl(ca, {USER: PASSWORD, APP: APP_PASSWORD, INGEST: INGEST_PASSWORD},
+                        sasl=SaslSsl(ca, {USER: PASSWORD, APP: APP_PASSWORD, INGEST: INGEST_PASSWORD,
+                                     NO_GROUP: NO_GROUP_PASSWORD},
                                      super_users=(USER,))).start()
     try:
         yield SecureKafka(kafka, ca.ca)
@@ -272,5 +274,39 @@ def test_ingest_refused_its_writes_says_so_in_each_answer_and_readyz(secure_kafk
         assert wait_for(accepted, 30, interval=1.0, what="a POST accepted once Write is granted")["accepted"] == 3
         assert http("GET", svc.url + "/readyz")[0] == 200
         assert "takes ingest's writes to clicks again" in svc.tail(400_000)
+    finally:
+        svc.stop()
+
+
+def test_a_worker_refused_its_consumer_group_says_so_instead_of_waiting(secure_kafka: SecureKafka,
+                                                                      tmp_path: Path) -> None:
+    """No Read on the group: aiokafka keeps the GroupAuthorizationFailedError for a caller
+    that never comes before an assignment, and the worker waited without a word (/readyz
+    "starting", nothing logged).  Now /readyz and /healthz say why (one error line), so a
+    liveness check restarts it until the right is granted."""
+    from tools.harness import http
+
+    asyncio.run(ensure_topics(secure_kafka.kafka.bootstrap, 4, worker=True))
+    grant(secure_kafka.kafka, NO_GROUP, [a for a in ALL_ROLE_ACLS if a[0] != GROUP])
+    svc = Service(f"kafka://{secure_kafka.bootstrap}", tmp_path / "svc",
+                  **secure_kafka.env(user=NO_GROUP, password=NO_GROUP_PASSWORD))
+    says = (f"the broker refuses this worker's consumer group {APP_ID} (GroupAuthorizationFailedError): grant this "
+            "principal the ACLs of the README's table (Read on the group, Read and Write on the topics), then "
+            "restart it")
+    try:
+        svc.start(wait_ready=None)
+
+        def refused() -> bool:
+            svc.check_alive()
+            try:
+                status, _, raw = http("GET", svc.url + "/readyz")
+            except OSError:
+                return False
+            return status == 503 and json.loads(raw)["reason"] == says
+
+        wait_for(refused, 60, what="/readyz naming the refused group")
+        status, _, raw = http("GET", svc.url + "/healthz")
+        assert status == 503 and says in raw.decode(), raw
+        assert svc.tail(400_000).count(says) == 1  # one error line
     finally:
         svc.stop()

@@ -33,3 +33,22 @@ def test_fausts_own_environment_variables_do_not_override_the_validated_settings
     conf = FaustApp(Settings(broker="kafka://127.0.0.1:1", session_timeout=9)).app.conf
     assert [str(u) for u in conf.broker] == ["kafka://127.0.0.1:1"]
     assert (conf.producer_acks, conf.topic_replication_factor, conf.broker_session_timeout) == (-1, 1, 9)
+
+
+
+def test_fausts_prefixed_variables_read_at_its_import_are_dropped_first():
+    """faust/types/_env.py reads FAUST_WEB_PORT (a Kubernetes Service named faust-web injects
+    tcp://...) as an int when Faust is imported: the import stopped with a ValueError."""
+    import os
+    import subprocess
+    import sys
+
+    from tools.harness import REPO
+
+    env = dict(os.environ, FAUST_WEB_PORT="tcp://10.96.0.12:80", F_CONSOLE_PORT="tcp://10.96.0.13:80",
+               FAUST_BLOCKING_TIMEOUT="soon", PYTHONPATH=str(REPO))
+    code = ("from aggregator.config import Settings; from aggregator.worker.faust_app import FaustApp; "
+            "FaustApp(Settings(broker='kafka://127.0.0.1:1')); print('built')")
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(REPO), capture_output=True, text=True,
+                       timeout=60)
+    assert (p.returncode, p.stdout.strip()) == (0, "built"), p.stderr[-2000:]

@@ -253,7 +253,8 @@ def test_a_spill_disk_that_refuses_does_not_keep_quiet_partitions_from_being_ope
 
     throttle = Throttle(RateLimits(0, ""), 1 << 30, Metrics())
     throttle.open_failed(2, SpillDiskError("open", 2, "", OSError(28, "No space left on device")))
-    w = SimpleNamespace(started=True, kafka=SimpleNamespace(recovered=lambda: True), app=SimpleNamespace(rebalancing=False),
+    w = SimpleNamespace(started=True, kafka=SimpleNamespace(recovered=lambda: True, refused=lambda: None),
+                        app=SimpleNamespace(rebalancing=False),
                         checkpointer=SimpleNamespace(failing=None), throttle=throttle,
                         partitions=SimpleNamespace(refusal=lambda: None))
     assert WorkerService.not_ready(w).startswith("spill disk full: ")  # type: ignore[arg-type]
