@@ -303,7 +303,9 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
             problem = str(exc)
         if external_broker and not problem:  # topics a platform team (or an earlier version) made
             from aggregator.broker.topiccheck import check_topics
-            problem, warnings = check_topics(settings.bootstrap(), settings.kafka_security(), settings.role != "ingest")
+            with quiet_kafka_client():
+                problem, warnings = check_topics(settings.bootstrap(), settings.kafka_security(),
+                                                 settings.role != "ingest")
             for line in warnings:
                 print(f"warning: {line}", flush=True)
         if problem:

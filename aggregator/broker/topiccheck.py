@@ -23,8 +23,8 @@ def judge(configs: Mapping[str, Mapping[str, str]], replicas: Mapping[str, int],
     warnings: list[str] = []
     problem: str | None = None
     changelog = configs.get(STATE_CHANGELOG)
-    if worker and changelog is not None:
-        policy = {p.strip() for p in changelog.get("cleanup.policy", "delete").split(",")}
+    if worker and changelog is not None and "cleanup.policy" in changelog:  # judged on what the broker says
+        policy = {p.strip() for p in changelog["cleanup.policy"].split(",")}
         limit = _int(changelog.get("max.message.bytes"))
         if "compact" not in policy:
             problem = (f"topic {STATE_CHANGELOG} has cleanup.policy={','.join(sorted(policy))}: the window state "
@@ -33,7 +33,7 @@ def judge(configs: Mapping[str, Mapping[str, str]], replicas: Mapping[str, int],
         elif limit is not None and limit < MAX_RECORD_BYTES + BATCH_OVERHEAD:
             problem = (f"topic {STATE_CHANGELOG} has max.message.bytes={limit}: the window state is written in "
                        f"records of up to {MAX_RECORD_BYTES} bytes, which it would refuse: raise it")
-        elif "delete" in policy:
+        elif "delete" in policy and changelog.get("retention.ms") != "-1":
             warnings.append(f"topic {STATE_CHANGELOG} has cleanup.policy=compact,delete: retention "
                             f"(retention.ms={changelog.get('retention.ms')}) can remove the latest state of a "
                             "partition not written since, its counts with it: prefer compact alone")
@@ -41,6 +41,10 @@ def judge(configs: Mapping[str, Mapping[str, str]], replicas: Mapping[str, int],
         c = configs.get(topic)
         if c is None:
             continue
+        if "compact" in c.get("cleanup.policy", ""):
+            warnings.append(f"topic {topic} is compacted (cleanup.policy={c['cleanup.policy']}): its records are "
+                            "keyed by region, so compaction keeps the last of each region and events not counted "
+                            "yet (a backlog, a spill rebuild) are lost: use cleanup.policy=delete")
         retention = _int(c.get("retention.ms"))
         if retention is not None and 0 <= retention < RETENTION_FLOOR_MS and "delete" in c.get("cleanup.policy", ""):
             warnings.append(f"topic {topic} keeps records {retention / 3_600_000:g} h (retention.ms): a partition "
@@ -48,8 +52,10 @@ def judge(configs: Mapping[str, Mapping[str, str]], replicas: Mapping[str, int],
                             "meanwhile; keep a day or more")
         limit = _int(c.get("max.message.bytes"))
         if limit is not None and limit < INGEST_BATCH_BYTES + BATCH_OVERHEAD:
-            warnings.append(f"topic {topic} has max.message.bytes={limit}: ingest writes record batches of up to "
-                            f"{INGEST_BATCH_BYTES} bytes, which it would refuse (answered 503): raise it to 1048588")
+            warnings.append(f"topic {topic} has max.message.bytes={limit}: "
+                            + ("ingest writes" if topic == CLICKS else "workers forward")
+                            + f" record batches of up to {INGEST_BATCH_BYTES} bytes, which it would refuse: raise it "
+                            "to 1048588")
     if configs.get(CLICKS, {}).get("message.timestamp.type") == "CreateTime":
         warnings.append(f"topic {CLICKS} has message.timestamp.type=CreateTime: records produced straight to it "
                         "without ingest_ts are stamped with the time a worker reads them, and a log that started "
@@ -78,8 +84,8 @@ async def topic_facts(bootstrap: str, topics: list[str], *, security: KafkaSecur
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, **security.aiokafka_kwargs())
-    await admin.start()
     try:
+        await admin.start()
         described = await admin.describe_topics(topics)
         replicas = {t["topic"]: len(t["partitions"][0]["replicas"]) for t in described
                     if t["error_code"] == 0 and t["partitions"]}

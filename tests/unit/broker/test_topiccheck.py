@@ -46,13 +46,26 @@ def test_short_retention_small_messages_create_time_and_thin_replicas_are_warned
         f"topic {CLICKS} keeps records 1 h (retention.ms): a partition uncounted longer (a worker down, a spill "
         "backlog draining) loses the events deleted meanwhile; keep a day or more",
         f"topic {CLICKS} has max.message.bytes=500000: ingest writes record batches of up to 1048576 bytes, which "
-        "it would refuse (answered 503): raise it to 1048588",
+        "it would refuse: raise it to 1048588",
         f"topic {CLICKS} has message.timestamp.type=CreateTime: records produced straight to it without ingest_ts "
         "are stamped with the time a worker reads them, and a log that started over is noticed later "
         "(contract §1, §4); LogAppendTime is better",
         f"topics {CLICKS} have fewer replicas than the cluster's 5 brokers allow (up to 3): a broker lost loses "
         "their records; AGG_TOPIC_REPLICATION_FACTOR sets it for the topics the service creates"]
-    # a compacted clicks, or retention -1 (forever): no retention warning
+    # retention -1 (forever): no retention warning; a compacted clicks: one of its own
     assert judge(with_(CLICKS, **{"retention.ms": "-1"}), {}, 1, worker=True) == (None, [])
+    assert judge(with_(CLICKS, **{"cleanup.policy": "compact"}), {}, 1, worker=True) == (None, [
+        f"topic {CLICKS} is compacted (cleanup.policy=compact): its records are keyed by region, so compaction "
+        "keeps the last of each region and events not counted yet (a backlog, a spill rebuild) are lost: use "
+        "cleanup.policy=delete"])
+
+
+def test_only_what_the_broker_says_is_judged():
+    """The embedded broker (Tansu) describes only the configs a topic was created with: a
+    changelog without a cleanup.policy in its answer is not taken for a deleting one."""
+    assert judge({STATE_CHANGELOG: {"min.insync.replicas": "2"}}, {}, 1, worker=True) == (None, [])
+    # compact,delete with retention -1 deletes nothing
+    assert judge(with_(STATE_CHANGELOG, **{"cleanup.policy": "compact,delete", "retention.ms": "-1"}), {}, 1,
+                 worker=True) == (None, [])
     # one broker: one replica is all there can be
     assert judge(GOOD, {CLICKS: 1}, 1, worker=True) == (None, [])
