@@ -27,6 +27,9 @@ ROUNDS = 3
 
 
 def set_max_message_bytes(bootstrap: str, topic: str, value: int) -> None:
+    """The changelog's max.message.bytes.  AlterConfigs (not the incremental one) replaces a
+    topic's whole config: its compaction is given again, or the topic becomes a deleting one,
+    which a worker's next start refuses (broker/topiccheck.py)."""
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -35,7 +38,8 @@ def set_max_message_bytes(bootstrap: str, topic: str, value: int) -> None:
         await admin.start()
         try:
             await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic,
-                                                      configs={"max.message.bytes": str(value)})])
+                                                      configs={"max.message.bytes": str(value),
+                                                               "cleanup.policy": "compact"})])
         finally:
             await admin.close()
 
