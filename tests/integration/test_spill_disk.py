@@ -80,19 +80,36 @@ def totals(snaps: dict[tuple[str, int], dict]) -> dict[str, int]:
     return t
 
 
+def hot_and_cold(service_factory, disk: Path, hot: str, cold: str) -> tuple:
+    """A service spilling on ``disk`` what ``hot`` sends over HOT_RATE; the events accepted
+    per region; and a POST of ``n`` events of a region that must be accepted whole."""
+    svc = service_factory("svc", AGG_SPILL_DIR=str(disk), AGG_RATE_LIMITS=f"{hot}={HOT_RATE}",
+                          AGG_PARTITIONS=str(PARTITIONS)).start()
+    accepted = {hot: 0, cold: 0}
+
+    def post(region: str, n: int) -> None:
+        status, _, body = svc.post([{"region": region, "user_id": f"u{i}"} for i in range(n)])
+        assert status == 200 and body["accepted"] == n, body
+        accepted[region] += n
+
+    return svc, accepted, post
+
+
+def all_published(bootstrap: str, accepted: dict[str, int], svc) -> None:
+    """Until every accepted event is in the published snapshots, once (count + late)."""
+    try:
+        wait_for(lambda: totals(published(bootstrap)) == accepted, 90, interval=2.0,
+                 what="every accepted event published")
+    except AssertionError:
+        raise AssertionError(f"published {totals(published(bootstrap))}, accepted {accepted}\n{svc.tail()}") from None
+
+
 def test_a_full_spill_disk_holds_what_needs_it_counts_the_rest_and_recovers_exactly(broker, service_factory,
                                                                                    tmp_path):
     hot, cold = two_regions()
     bootstrap = broker.url.split("://")[1]
     with small_tmpfs(tmp_path / "spill") as disk:
-        svc = service_factory("svc", AGG_SPILL_DIR=str(disk), AGG_RATE_LIMITS=f"{hot}={HOT_RATE}",
-                              AGG_PARTITIONS=str(PARTITIONS)).start()
-        accepted = {hot: 0, cold: 0}
-
-        def post(region: str, n: int) -> None:
-            status, _, body = svc.post([{"region": region, "user_id": f"u{i}"} for i in range(n)])
-            assert status == 200 and body["accepted"] == n, body
-            accepted[region] += n
+        svc, accepted, post = hot_and_cold(service_factory, disk, hot, cold)
 
         post(cold, 10)
         post(hot, 50)  # under its rate: no spill yet
@@ -134,14 +151,7 @@ def test_a_full_spill_disk_holds_what_needs_it_counts_the_rest_and_recovers_exac
         assert log.count("spill disk full") == 1, log[-3000:]  # one line when it starts, not one per batch
         assert "spill disk works again" in log
 
-        def all_published() -> bool:
-            return totals(published(bootstrap)) == accepted
-
-        try:
-            wait_for(all_published, 90, interval=2.0, what="every accepted event published")
-        except AssertionError:
-            raise AssertionError(f"published {totals(published(bootstrap))}, accepted {accepted}\n"
-                                 f"{svc.tail()}") from None
+        all_published(bootstrap, accepted, svc)
         text = svc.metrics_text()
         assert metric(text, "clickstream_spill_held_partitions") == 0
         assert metric(text, "clickstream_backpressure") == 0
@@ -161,14 +171,7 @@ def test_a_spill_the_full_disk_cannot_reconcile_at_start_waits_and_recovers_exac
     hot, cold = two_regions()
     bootstrap = broker.url.split("://")[1]
     with small_tmpfs(tmp_path / "spill") as disk:
-        svc = service_factory("svc", AGG_SPILL_DIR=str(disk), AGG_RATE_LIMITS=f"{hot}={HOT_RATE}",
-                              AGG_PARTITIONS=str(PARTITIONS)).start()
-        accepted = {hot: 0, cold: 0}
-
-        def post(region: str, n: int) -> None:
-            status, _, body = svc.post([{"region": region, "user_id": f"u{i}"} for i in range(n)])
-            assert status == 200 and body["accepted"] == n, body
-            accepted[region] += n
+        svc, accepted, post = hot_and_cold(service_factory, disk, hot, cold)
 
         post(cold, 10)
         post(hot, 1000)  # ~900 over the rate: spilled, drained at 100/s
@@ -206,14 +209,7 @@ def test_a_spill_the_full_disk_cannot_reconcile_at_start_waits_and_recovers_exac
         wait_for(lambda: http("GET", svc.url + "/readyz")[0] == 200, 20, what="/readyz 200 once the disk has room")
         post(hot, 20)
 
-        def all_published() -> bool:
-            return totals(published(bootstrap)) == accepted
-
-        try:
-            wait_for(all_published, 90, interval=2.0, what="every accepted event published")
-        except AssertionError:
-            raise AssertionError(f"published {totals(published(bootstrap))}, accepted {accepted}\n"
-                                 f"{svc.tail()}") from None
+        all_published(bootstrap, accepted, svc)
         assert "spill disk works again" in svc.tail(200_000)
         svc.check_alive()
         svc.kill()  # before the tmpfs goes
