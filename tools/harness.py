@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -183,18 +182,10 @@ class ServiceProc:
         return status, hdrs, (json.loads(raw) if raw else None)
 
     def snapshots(self) -> list[dict]:
-        """Every snapshot the service lists, page by page (``after`` = each answer's ``next``)."""
-        snaps: list[dict] = []
-        query = "?limit=2000"
-        while True:
-            status, _, raw = http("GET", self.url + "/v1/snapshots" + query)
-            if status != 200:
-                raise AssertionError(f"/v1/snapshots answered {status}: {raw[:500]!r}")
-            page = json.loads(raw)
-            snaps += page["snapshots"]
-            if not page["more"]:
-                return snaps
-            query = "?limit=2000&after=" + urllib.parse.quote(page["next"])
+        """Every snapshot the service lists, page by page (the audit's own reader)."""
+        from aggregator.gen.cli import fetch_snapshots
+
+        return list(fetch_snapshots(self.url))
 
     def metrics_text(self) -> str:
         status, _, raw = http("GET", self.url + "/metrics")
