@@ -3,7 +3,7 @@
 
 Each snapshot stored gets the next number of this store (``seq``), so an answer can be
 cut into bounded pages: ``page`` returns at most ``limit`` of them from a number on, and
-where to go on from.  The numbers are this store's only (another process, or this one
+where to go on from; ``recent`` the newest ``limit`` of them.  The numbers are this store's only (another process, or this one
 after a restart, numbers its own): ``instance`` names them in a cursor."""
 from __future__ import annotations
 
@@ -97,3 +97,17 @@ class SnapshotStore:
                 out.append(s)
                 last = n
         return out, max(self.seq, after or 0), False
+
+    def recent(self, region: str | None, limit: int) -> tuple[list[Snapshot], int, bool]:
+        """-> (the newest ``limit`` snapshots that match, oldest first; the number to go on
+        after (the end: a poller from there sees only what is stored later); whether older
+        ones match too).  What ``GET /v1/snapshots`` answers without ``since`` or ``after``."""
+        out: list[Snapshot] = []
+        for s in reversed(self.items):
+            if region is None or s["region"] == region:
+                if len(out) == limit:
+                    out.reverse()
+                    return out, self.seq, True
+                out.append(s)
+        out.reverse()
+        return out, self.seq, False

@@ -278,9 +278,10 @@ def audit_command(**kw: Any) -> int:
 
 
 def fetch_snapshots(url: str) -> list[Snapshot]:
-    """Every snapshot ``url`` lists, page by page (docs/contract.md §3: ``after`` = ``next``)."""
+    """Every snapshot ``url`` holds, page by page from the oldest (docs/contract.md §3:
+    ``since=0``, then ``after`` = ``next``)."""
     snaps: list[Snapshot] = []
-    query = "?limit=2000"
+    query = "?limit=2000&since=0"
     while True:
         with urllib.request.urlopen(url + "/v1/snapshots" + query, timeout=10) as resp:
             page = json.loads(resp.read())

@@ -29,7 +29,16 @@ from aiohttp.typedefs import Handler as AioHandler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from aggregator.core.contract import Snapshot
+from aggregator.web.snapshots import (  # noqa: F401 (re-exported: what roles and tests know it by)
+    SNAPSHOT_SEND_S,
+    SNAPSHOT_VIEWS,
+    SNAPSHOTS_LIMIT,
+    SNAPSHOTS_MAX_LIMIT,
+    NoSnapshots,
+    SnapshotSource,
+    snapshot_answer,
+    snapshot_query,
+)
 
 log = logging.getLogger("aggregator.web")
 
@@ -47,34 +56,6 @@ class HttpMetrics(Protocol):
     def http_request(self, route: str, status: int, seconds: float | None) -> None: ...
 
     def http_connections_refused(self, n: int = 1) -> None: ...
-
-
-class SnapshotSource(Protocol):
-    """core.snapshots.SnapshotStore: ``page`` -> (snapshots, the number to go on after, more)."""
-
-    instance: str
-
-    def page(self, region: str | None, since: int | None, after: int | None,
-             limit: int) -> tuple[list[Snapshot], int, bool]: ...
-
-
-class NoSnapshots:
-    """The snapshot source of a process that runs no worker (``AGG_ROLE=ingest``)."""
-
-    instance = "none"
-
-    def page(self, region: str | None, since: int | None, after: int | None,
-             limit: int) -> tuple[list[Snapshot], int, bool]:
-        return [], after or 0, False
-
-
-# GET /v1/snapshots (docs/contract.md §3): a page is at most SNAPSHOTS_MAX_LIMIT snapshots
-# (SNAPSHOTS_LIMIT unless ``limit`` says), at most SNAPSHOT_VIEWS answers are built or sent at
-# once (beyond: 503), and one not taken by its client within SNAPSHOT_SEND_S is cut off
-SNAPSHOTS_LIMIT = 1000
-SNAPSHOTS_MAX_LIMIT = 2000
-SNAPSHOT_VIEWS = 4
-SNAPSHOT_SEND_S = 10.0
 
 
 def _alive() -> None:
@@ -166,36 +147,17 @@ class Routes:
         return web.Response(body=body, headers=headers)
 
     async def get_snapshots(self, request: web.Request) -> web.StreamResponse:
-        """A page of the recent snapshots (``next``, given back as ``after``, goes on), written
+        """The newest snapshots, or a page from ``since`` or ``after`` on (web.snapshots), written
         within its view's slot: at most ``max_snapshot_views`` pages are in memory at once."""
-        q = request.query
-        region = q.get("region")
-        try:
-            since = int(q["since"]) if "since" in q else None
-        except ValueError:
-            return error(400, "since must be epoch milliseconds")
-        try:
-            limit = int(q.get("limit", SNAPSHOTS_LIMIT))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= SNAPSHOTS_MAX_LIMIT:
-            return error(400, f"limit must be an integer from 1 to {SNAPSHOTS_MAX_LIMIT}")
         src = self.snapshots
-        after = None
-        if "after" in q:
-            instance, _, num = q["after"].partition(".")
-            if not (num.isdigit() and num.isascii() and len(num) <= 20):
-                return error(400, "after must be the next of an earlier answer")
-            if instance != src.instance:
-                return error(400, "after is the next of another process (another worker, or before a restart): "
-                                  "start again without it (or with since)")
-            after = int(num)
+        query = snapshot_query(request.query, src.instance)
+        if isinstance(query, str):
+            return error(400, query)
         if self.snapshot_views >= self.max_snapshot_views:
             return error(503, "too many snapshot requests at once: retry in a second", {"Retry-After": "1"})
         self.snapshot_views += 1
         try:
-            snaps, nxt, more = src.page(region, since, after, limit)
-            body = orjson.dumps({"snapshots": snaps, "next": f"{src.instance}.{nxt}", "more": more})
+            body = orjson.dumps(snapshot_answer(src, query))
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             resp.content_length = len(body)
             try:

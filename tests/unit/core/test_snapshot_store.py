@@ -85,3 +85,15 @@ def test_what_is_not_a_snapshot_is_named():
             "client_delay_ms": {"p50": 1.0, "p90": 2.5, "p99": 3}}
     for s in (snap("eu", 0, 1), good, {**good, "client_delay_ms": None}, {**good, "extra": [1]}):
         assert snapshot_problem(s) is None, s
+
+
+def test_recent_is_the_newest_that_match_oldest_first_and_says_whether_older_ones_match():
+    st = SnapshotStore(maxlen=100)
+    assert st.recent(None, 5) == ([], 0, False)
+    st.add([snap(r, ws, ws // 2000) for ws in range(0, 20_000, 2000) for r in ("eu", "us")])  # 20
+    for region, limit in ((None, 5), ("eu", 3), ("eu", 10), ("us", 11), ("zz", 4), (None, 20)):
+        every = st.query(region, None)
+        got, end, older = st.recent(region, limit)
+        assert got == every[-limit:] and end == st.seq and older == (len(every) > limit)
+    got, _, _ = st.recent("eu", 2)
+    assert [s["window_start"] for s in got] == [16_000, 18_000]  # oldest first within the answer

@@ -1,7 +1,8 @@
-"""GET /v1/snapshots on a real aiohttp server on 127.0.0.1: a bounded page, paging with
-``after`` = ``next`` that lists every snapshot once, a small bound on the answers built or
-sent at once (503 beyond), a client that does not read cut off, and the idle sweep aborting
-a connection whose answer is still unflushed (close() would wait for it forever)."""
+"""GET /v1/snapshots on a real aiohttp server on 127.0.0.1: the newest snapshots by default, a
+bounded page, paging from ``since`` with ``after`` = ``next`` that lists every snapshot once,
+a small bound on the answers built or sent at once (503 beyond), a client that does not read
+cut off, and the idle sweep aborting a connection whose answer is still unflushed (close()
+would wait for it forever)."""
 from __future__ import annotations
 
 import asyncio
@@ -27,11 +28,15 @@ async def test_a_page_is_bounded_and_paging_lists_every_snapshot_once():
     store.add([snap(f"r{i % 700}", 60_000 * (i // 700), i) for i in range(2500)])  # 700 regions share a window_end
     client, _ = await client_for(store)
     try:
-        first = await (await client.get("/v1/snapshots")).json()
-        assert len(first["snapshots"]) == SNAPSHOTS_LIMIT and first["more"] is True
-        for since in (None, 60_000):
+        first = await (await client.get("/v1/snapshots")).json()  # the newest, oldest first; older ones exist
+        newest = [s["count"] for s in store.query(None, None)][-SNAPSHOTS_LIMIT:]
+        assert [s["count"] for s in first["snapshots"]] == newest
+        assert first["more"] is False and first["older"] is True
+        one = await (await client.get("/v1/snapshots?region=r3")).json()  # all of them fit: no older
+        assert one["snapshots"] == store.query("r3", None) and len(one["snapshots"]) == 4 and one["older"] is False
+        for since in (0, 60_000):  # from the oldest (since=0) on, page by page
             seen: list[int] = []
-            query = "limit=300" + ("" if since is None else f"&since={since}")
+            query = f"limit=300&since={since}"
             while True:
                 r = await client.get("/v1/snapshots?" + query)
                 assert r.status == 200
@@ -40,12 +45,13 @@ async def test_a_page_is_bounded_and_paging_lists_every_snapshot_once():
                 seen += [s["count"] for s in page["snapshots"]]
                 if not page["more"]:
                     break
-                query = f"limit=300&after={page['next']}" + ("" if since is None else f"&since={since}")
+                query = f"limit=300&after={page['next']}&since={since}"
             want = [s["count"] for s in store.query(None, since)]
             assert seen == want and len(set(seen)) == len(seen)  # every one, once, oldest first
         store.add([snap("late", 0, 9999)])  # stored after the last page: the next poll from its `next` has it
-        page = await (await client.get(f"/v1/snapshots?after={page['next']}")).json()
-        assert [s["count"] for s in page["snapshots"]] == [9999] and page["more"] is False
+        for nxt in (page["next"], first["next"]):  # (the newest's `next` is the end too)
+            got = await (await client.get(f"/v1/snapshots?after={nxt}")).json()
+            assert [s["count"] for s in got["snapshots"]] == [9999] and got["more"] is False
         for bad in (f"limit={SNAPSHOTS_MAX_LIMIT + 1}", "limit=0", "limit=x", "after=12", "after=abc.x",
                     "after=deadbeef.5", "since=yesterday", f"after={store.instance}.{'9' * 5000}"):
             r = await client.get("/v1/snapshots?" + bad)
