@@ -21,6 +21,8 @@ _DEFAULT_PORT = {"http": ":80", "https": ":443", "ws": ":80", "wss": ":443"}
 # the normalised text is ASCII without control characters, one byte per character in JSON.
 _ENCODE = {c: f"%{c:02X}" for c in [*range(0x21), 0x22, 0x5C, 0x7F]}
 _NEEDS_ENCODING = re.compile(r'[^\x21\x23-\x5b\x5d-\x7e]')
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def percent_encode(text: str) -> str:
@@ -37,19 +39,22 @@ def normalise_url(url: str, keep_query: bool = False) -> str | None:
     * surrounding whitespace is dropped; an empty URL is None;
     * the fragment (``#...``) is always dropped, the query string (``?...``) unless
       ``keep_query``;
-    * with a scheme (``https://Example.COM:443/A``): scheme and host lower-cased, user
-      info (``user:pw@``) and the scheme's default port (80, 443) dropped, an empty path
-      becomes ``/`` -> ``https://example.com/A``; the path keeps its case;
+    * with a scheme (``https://Example.COM:443/A``): scheme and the host's ASCII letters
+      lower-cased (no other case folding), user info (``user:pw@``) and the scheme's
+      default port (80, 443) dropped, an empty path becomes ``/`` ->
+      ``https://example.com/A``; the path keeps its case;
     * without one (``/home``, ``home``): the path as given;
-    * characters other than printable ASCII (and ``"``, ``\\``, spaces) are
-      percent-encoded as UTF-8; existing percent-escapes are left as they are;
-    * the result is cut to ``MAX_URL_CHARS`` characters.
+    * existing percent-escapes get upper-case hex digits (``%c3%bc`` -> ``%C3%BC``, RFC 3986
+      6.2.2.1); characters other than printable ASCII (and ``"``, ``\\``, spaces) are
+      percent-encoded as UTF-8 (so ``ü`` and ``%c3%bc`` are one URL);
+    * the result is cut to ``MAX_URL_CHARS`` characters, never within an escape or within
+      the escapes of one UTF-8 character.
     """
     u = url.strip()
     m = _ABSOLUTE.match(u)
     if m is not None:
         scheme, host, path, query = m.groups()
-        scheme, host = scheme.lower(), host.lower()
+        scheme, host = scheme.lower(), host.translate(_ASCII_LOWER)
         port = _DEFAULT_PORT.get(scheme)
         if port is not None and host.endswith(port):
             host = host[:-len(port)]
@@ -62,13 +67,39 @@ def normalise_url(url: str, keep_query: bool = False) -> str | None:
             cut = u.find("?")
             if cut >= 0:
                 u = u[:cut]
+    # every character gives at least one of the result: what lies beyond would be cut anyway
+    # (a long URL costs no more than a short one: a worker reads URLs of any length from Kafka)
+    u = u[:MAX_URL_CHARS + 1]
+    if "%" in u:
+        u = _ESCAPE.sub(_upper, u)
     u = percent_encode(u)
     if len(u) > MAX_URL_CHARS:
         u = u[:MAX_URL_CHARS]
         pct = u.rfind("%", MAX_URL_CHARS - 2)
         if pct >= 0:  # no escape cut in half
             u = u[:pct]
+        u = _whole_utf8(u)
     return u or None
+
+
+def _upper(m: re.Match[str]) -> str:
+    return m.group().upper()
+
+
+def _whole_utf8(u: str) -> str:
+    """``u`` without the escapes, at its end, of a UTF-8 character cut short (``%C3`` of
+    ``%C3%A9``): the text of a cut URL still decodes."""
+    end = len(u)
+    i = end
+    while i >= 3 and u[i - 3] == "%" and end - i < 12 and _ESCAPE.fullmatch(u, i - 3, i) is not None:
+        b = int(u[i - 2:i], 16)
+        i -= 3
+        if b < 0x80:  # ASCII: nothing of a longer character follows it
+            return u
+        if b >= 0xC0:  # a lead byte: its character needs 2, 3 or 4 bytes
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return u if (end - i) // 3 >= need else u[:i]
+    return u
 
 
 def url_parts(url: str, keep_query: bool = False) -> tuple[int | None, str | None]:

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import urllib.parse
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,7 @@ from aggregator.core.sketches import (
     user_hash,
 )
 from aggregator.core.sketches.delays import code_buckets, delay_code
+from aggregator.core.sketches.urls import percent_encode
 from aggregator.core.sketches.users import UniqueUsers
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -100,12 +102,27 @@ BIG = dict(n=30_000, n_users=5_000, n_urls=3_000)
     ("/caf\u00e9 menu", "/caf%C3%A9%20menu"),
     ('/a"b\\c', "/a%22b%5Cc"),
     ("/already%20encoded", "/already%20encoded"),
+    ("/a%2fb%c3%a9", "/a%2Fb%C3%A9"),  # escapes' hex upper-cased (RFC 3986 6.2.2.1)
+    ("https://B\u00fccher.DE/x", "https://b%C3%BCcher.de/x"),
+    ("https://b%c3%bccher.de/x", "https://b%C3%BCcher.de/x"),  # the same page, escaped by its sender
+    ("https://\u212a.example/a", "https://%E2%84%AA.example/a"),  # KELVIN SIGN: no Unicode folding onto k
+    ("%zz/%4", "%zz/%4"),  # not escapes: left alone
     ("", None),
     ("   ", None),
     ("?only=query", None),
 ])
 def test_normalise_url(raw, want):
     assert normalise_url(raw) == want
+
+
+def test_normalise_url_is_its_own_fixed_point():
+    rng = random.Random(5)
+    alphabet = ["a", "B", "/", "?", "#", "%", "%c3", "%A9", "\u00e9", "\u212a", "\U0001F600", " ", ":", "@", "."]
+    for _ in range(5000):
+        raw = rng.choice(["https://", "HTTP://", ""]) + "".join(rng.choice(alphabet) for _ in range(rng.randrange(90)))
+        for keep in (False, True):
+            once = normalise_url(raw, keep)
+            assert once is None or normalise_url(once, keep) == once, raw
 
 
 def test_the_url_cache_answers_as_normalise_url_and_stays_bounded():
@@ -127,6 +144,14 @@ def test_normalise_url_keeps_the_query_when_asked_and_cuts_long_urls():
     assert cut == "/" + "x" * (MAX_URL_CHARS - 2)
     long = normalise_url("/" + "x" * 5000)
     assert long is not None and len(long) == MAX_URL_CHARS
+    for tail in ("\u00e9", "\u2603", "\U0001F600"):  # the cut falls within one character's escapes
+        for pad in range(MAX_URL_CHARS - 12, MAX_URL_CHARS):
+            text = normalise_url("/" + "a" * pad + tail * 3)
+            assert text is not None and len(text) <= MAX_URL_CHARS
+            assert urllib.parse.unquote(text, errors="strict")  # whole UTF-8 characters only
+            assert text.startswith("/" + "a" * pad) and (len(text) - 1 - pad) % len(percent_encode(tail)) == 0
+    huge = "/" + "\u00e9" * 400_000  # from Kafka, a URL of any length: the same as its first characters'
+    assert normalise_url(huge) == normalise_url(huge[:MAX_URL_CHARS + 1])
     # one byte per character in JSON: printable ASCII, nothing JSON escapes
     text = normalise_url("/\u2603\u0000\t\"\\" + "\U0001F600")
     assert text is not None and text.isascii() and text.isprintable()
