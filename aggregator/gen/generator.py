@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import random
+import secrets
 import sys
 import time
 from bisect import bisect_right
@@ -61,7 +62,7 @@ NO_TS, NO_USER, NO_URL = 0.03, 0.03, 0.03  # fractions of good events without th
 class EventSource:
     """The synthetic stream, a pure function of the seed: the same seed gives the same
     sequence of records (regions, users, urls, bad and delayed records); only the
-    client ``ts`` depends on the wall clock.
+    client ``ts`` depends on the wall clock, and the event ids on ``run``.
 
     Users: ``u<n>`` from the region's pool (``user_pool``).  URLs: ``/p/<k>`` with page
     ``k`` Zipf-like over PAGES, written in a few forms that normalise to the same URL (a
@@ -72,8 +73,11 @@ class EventSource:
     def __init__(self, seed: int, regions: int, skew: float = 1.1, bad_fraction: float = 0.0,
                  delayed_fraction: float = 0.0, late_after_ms: int = 300_000,
                  hot_region: str = "", burst_multiplier: float = 1.0, clock_skew_ms: int = 0,
-                 reuse_fraction: float = 0.0, reuse_within_ms: int = 300_000) -> None:
+                 reuse_fraction: float = 0.0, reuse_within_ms: int = 300_000, run: str = "") -> None:
         self.seed = seed
+        # ids are ``<run><seed>-<n>``: a run id (``generate`` makes one) keeps a second run of
+        # the same seed from repeating the first one's ids, which a service drops within its horizon
+        self.id_prefix = f"{run}{seed}-"
         self.rng = random.Random(seed)
         self.names = region_names(regions)
         if hot_region and hot_region not in self.names:
@@ -147,7 +151,7 @@ class EventSource:
                 continue
             if rng.random() < self.bad_fraction:
                 lines.append(orjson.dumps({"region": "bad region/" + str(rng.randrange(9)),
-                                           "event_id": f"{self.seed}-{self.n}"}))
+                                           "event_id": f"{self.id_prefix}{self.n}"}))
                 regs.append(None)
                 delayed.append(0)
                 parts.append((None, None, None))
@@ -155,7 +159,7 @@ class EventSource:
             r = rng.choices(self.names, weights)[0]
             d = rng.random() < self.delayed_fraction
             ts = now_ms + self.clock_skew_ms - (self.late_after_ms + 60_000 if d else rng.randrange(0, 2000))
-            ev: dict[str, Any] = {"region": r, "event_id": f"{self.seed}-{self.n}"}
+            ev: dict[str, Any] = {"region": r, "event_id": f"{self.id_prefix}{self.n}"}
             user = url = None
             if rng.random() >= NO_USER:
                 user = ev["user_id"] = f"u{rng.randrange(self.user_pools[r])}"
@@ -196,11 +200,16 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
     AGG_DEDUP_SECONDS: a repeat it drops); the truth counts each event once.
 
     ``aggregates``: the truth also holds the exact aggregates of every cell (``Truth``),
-    URLs normalised as the service does with ``url_keep_query`` (AGG_URL_KEEP_QUERY)."""
+    URLs normalised as the service does with ``url_keep_query`` (AGG_URL_KEEP_QUERY).
+
+    Event ids and keys carry a random run id: two runs of one seed within the service's
+    dedup horizon are two sets of events, not one sent twice."""
+    run = secrets.token_hex(4) + "-"
     source = EventSource(seed, regions, skew=skew, bad_fraction=bad_fraction,
                          delayed_fraction=delayed_fraction, late_after_ms=late_after_ms,
                          hot_region=hot_region, burst_multiplier=burst_multiplier,
-                         clock_skew_ms=clock_skew_ms, reuse_fraction=retry_fraction, reuse_within_ms=reuse_within_ms)
+                         clock_skew_ms=clock_skew_ms, reuse_fraction=retry_fraction, reuse_within_ms=reuse_within_ms,
+                         run=run)
     urls = [u.rstrip("/") for u in url.split(",") if u.strip()]
     retry_rng = random.Random(seed ^ 0x5EED)
     requests = 0
@@ -249,7 +258,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
         n_req = requests
         requests += 1
         target = urls[n_req % len(urls)]
-        key = f"gen-{seed}-{n_req}"
+        key = f"gen-{run}{seed}-{n_req}"
         body = b"\n".join(lines)
         ans = await send(session, target, body, key)
         bad = {e["index"] for e in ans["errors"]}

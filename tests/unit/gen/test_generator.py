@@ -128,3 +128,16 @@ def test_truth_aggregates_of_a_cell_and_folding():
                  "delays": 3, "client_delay_ms": {"p50": 5, "p90": 5, "p99": 5}}  # [0, 5, 10]: rank floor(q * 2)
     assert Truth(1000, aggregates=True, url_keep_query=True).url_keep_query
     assert "aggregates" not in Truth(1000).to_json()  # off: counts only, as before
+
+
+def test_two_runs_of_one_seed_share_the_stream_but_no_event_id():
+    """A service drops an event_id it saw within AGG_DEDUP_SECONDS: a second run of the same
+    seed against it must not look like the first one sent again (its audit failed so)."""
+    now = 1_700_000_000_000
+    a, b = EventSource(1, 8, run="r1-"), EventSource(1, 8, run="r2-")
+    la, ra, _ = a.batch(5_000, now)
+    lb, rb, _ = b.batch(5_000, now)
+    assert ra == rb  # the same regions, users and urls
+    ids_a = {orjson.loads(x).get("event_id") for x in la}
+    ids_b = {orjson.loads(x).get("event_id") for x in lb}
+    assert len(ids_a) == 5_000 and not ids_a & ids_b
