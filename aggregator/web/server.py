@@ -88,7 +88,7 @@ class Routes:
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
         ])
-        self.metrics.http_routes([r.canonical for r in app.router.resources()])
+        self.metrics.http_routes([*(r.canonical for r in app.router.resources()), UNMATCHED])
         return app
 
     @web.middleware
@@ -104,7 +104,11 @@ class Routes:
             response = await handler(request)
             status = response.status
             return response
-        except web.HTTPException as exc:  # 404/405 of the router, or an answer raised by a handler
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:  # the router's: JSON like every error
+            status = exc.status
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return error(status, f"{exc.reason.lower()}: {request.method} {request.path}"[:200], allow)
+        except web.HTTPException as exc:  # an answer raised by a handler
             status = exc.status
             raise
         finally:

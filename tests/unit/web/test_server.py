@@ -33,7 +33,7 @@ async def test_every_route_starts_at_zero_for_every_status_class():
     m = Metrics()
     client = await client_for(m)
     try:
-        for route in ROUTES:
+        for route in (*ROUTES, "unmatched"):  # (unmatched: a 404 ratio is 0, not absent, until one comes)
             for code in ("2xx", "4xx", "5xx"):
                 assert requests(m, route, code) == 0, (route, code)
     finally:
@@ -49,8 +49,11 @@ async def test_requests_counted_by_route_template_and_status_class():
         assert (await client.get("/v1/snapshots?region=eu&since=1")).status == 200
         assert (await client.get("/v1/snapshots?since=yesterday")).status == 400
         assert (await client.post("/v1/events", data=b"[]")).status == 503
-        assert (await client.get("/wp-admin/x.php")).status == 404
-        assert (await client.get("/v1/events")).status == 405
+        r = await client.get("/wp-admin/x.php")
+        assert r.status == 404 and r.content_type == "application/json"
+        assert (await r.json())["error"] == "not found: GET /wp-admin/x.php"  # JSON like every error answer
+        r = await client.get("/v1/events")
+        assert r.status == 405 and r.headers["Allow"] == "POST" and "error" in await r.json()
     finally:
         await client.close()
     assert requests(m, "/healthz", "2xx") == 3
