@@ -25,7 +25,7 @@ WORKDIR /src
 COPY constraints.txt pyproject.toml README.md ./
 COPY aggregator ./aggregator
 COPY tools/native.py ./tools/native.py
-RUN pip install --prefix=/install --constraint constraints.txt .
+RUN pip install --prefix=/install --constraint constraints.txt ".[otlp]"
 # The worker's hot path compiled with mypyc (the locked mypy, installed outside /install so it
 # stays out of the runtime) beside the installed sources: an extension module per listed
 # module and the manifest the package's guard checks (README, "Compiled hot path").
@@ -64,6 +64,8 @@ EXPOSE 8080
 VOLUME ["/data"]
 # /healthz on the port and address the service was given at run time (AGG_WEB_PORT,
 # AGG_WEB_HOST; a wildcard address is reached on loopback), not a port fixed at build time.
+# It reads the environment only: set the port there (not by --web-port or an AGG_CONFIG file)
+# or override the check. Containers that run no HTTP server (gen) disable it (compose).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os,sys,urllib.request as u; h=os.environ.get('AGG_WEB_HOST') or '127.0.0.1'; h={'0.0.0.0':'127.0.0.1','::':'::1'}.get(h,h); h='['+h+']' if ':' in h else h; p=os.environ.get('AGG_WEB_PORT') or '8080'; sys.exit(0 if u.urlopen('http://%s:%s/healthz' % (h,p), timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["aggregator"]

@@ -24,6 +24,6 @@ echo
 echo "service ready: http://127.0.0.1:$PORT/metrics  http://127.0.0.1:$PORT/v1/snapshots"
 echo "sending ~200 events/s over 8 regions; a table (count, late, unique users, top page) prints as each ${AGG_WINDOW_SECONDS}s window closes (Ctrl-C to stop)"
 $PY -m aggregator gen --url "http://127.0.0.1:$PORT" --rate 200 --duration 86400 --regions 8 \
-  --delayed-fraction 0.01 --bad-fraction 0.005 --window-seconds "$AGG_WINDOW_SECONDS" &
+  --delayed-fraction 0.01 --bad-fraction 0.002 --window-seconds "$AGG_WINDOW_SECONDS" &
 GEN=$!
 wait "$GEN"
