@@ -146,12 +146,14 @@ class TokenEndpoint(AbstractTokenProvider):
 
         self.fetches += 1
         form = {"grant_type": "client_credentials", **({"scope": self.scope} if self.scope else {})}
+        # as Kafka's Java client sends them (not URL-encoded: its default)
+        basic = base64.b64encode(f"{self.client_id}:{self._secret}".encode()).decode()
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         where = f"the OAuth token endpoint {self.url}"
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-                    self.url, data=form, auth=aiohttp.BasicAuth(self.client_id, self._secret),
-                    headers={"Accept": "application/json", "Cache-Control": "no-cache"},
+                    self.url, data=form, headers={"Authorization": f"Basic {basic}", "Accept": "application/json",
+                                                  "Cache-Control": "no-cache"},
                     allow_redirects=False) as resp:
                 body = await resp.content.read(MAX_ANSWER_BYTES)
                 status = resp.status
@@ -200,6 +202,8 @@ def _refusal(where: str, client_id: str, status: int, answer: dict[str, Any] | N
         check = ERROR_SETTINGS[code]
     else:  # 400 invalid_request, invalid_grant, ...: the client's settings; 404, 5xx: the address
         check = CLIENT_SETTINGS if status in (400, 401, 403) else URL_SETTING
+    if status >= 500:
+        return f'{where} failed to answer client "{client_id}" (HTTP {status}, {said}): check {check}'
     return f'{where} refused client "{client_id}" (HTTP {status}, {said}): check {check}'
 
 
