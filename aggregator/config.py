@@ -260,6 +260,7 @@ class Settings(BaseSettings):
     kafka_sasl_oauthbearer_client_secret: str = _secret("OAUTHBEARER: client secret at the token endpoint")
     kafka_sasl_oauthbearer_scope: str = Field("", description="OAUTHBEARER: scope asked of the token endpoint (empty: none)")
     kafka_sasl_oauthbearer_token_file: str = Field("", description="OAUTHBEARER: file of the token, read again when it changes")
+    kafka_sasl_oauthbearer_extensions: str = Field("", description="OAUTHBEARER: SASL extensions sent with each token: k=v,...")
     kafka_ssl_cafile: str = Field("", description="CA bundle (PEM) that signed the brokers' certificates "
                                                   "(empty: the system's)")
     kafka_ssl_certfile: str = Field("", description="client certificate (PEM), with --kafka-ssl-keyfile")

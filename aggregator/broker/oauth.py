@@ -7,7 +7,8 @@ Two sources, one of them per process (``KafkaSecurity`` checks that):
   (and ``scope``) with the client id and secret as HTTP basic auth.  The access token is kept
   and a new one fetched once 80 % of its lifetime has passed (the lifetime from
   ``expires_in``, else the JWT's ``exp`` claim, else ``DEFAULT_LIFETIME_S``); one fetch at a
-  time however many connections log in at once; every request bounded by ``timeout_s``.
+  time however many connections log in at once, in whichever thread and event loop (Faust's
+  consumer runs its own); every request bounded by ``timeout_s``.
 - ``TokenFile``: a token another process keeps fresh on disk (a sidecar, a Kubernetes
   projected service-account token), read again whenever the file changes.
 
@@ -30,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import functools
 import json
 import logging
 import os
+import re
+import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +52,7 @@ URL_SETTING = "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"
 CLIENT_SETTINGS = "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID / AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"
 SCOPE_SETTING = "AGG_KAFKA_SASL_OAUTHBEARER_SCOPE"
 FILE_SETTING = "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE"
+EXTENSION_KEY = re.compile(r"[A-Za-z]+")  # RFC 7628 §3.1 (and Kafka's check); "auth" is the token's own
 DEFAULT_LIFETIME_S = 60.0  # a token with neither expires_in nor exp: assumed short-lived
 REFRESH_FRACTION = 0.8     # a new token once this much of the lifetime has passed (Kafka's default)
 MIN_REFRESH_S = 1.0        # however short-lived the tokens: not more than one fetch a second
@@ -82,26 +86,38 @@ def jwt_expiry(token: str) -> float | None:
     return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
-class _OneAtATime:
-    """An ``asyncio.Lock`` per event loop (a process may run its start-up checks in one loop
-    and its service in another)."""
+def parse_extensions(text: str) -> dict[str, str]:
+    """``AGG_KAFKA_SASL_OAUTHBEARER_EXTENSIONS``: ``key=value,key=value`` (SASL extensions sent
+    with the token, e.g. Confluent Cloud's ``logicalCluster`` and ``identityPoolId``);
+    ValueError naming the first bad item."""
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not EXTENSION_KEY.fullmatch(key) or key == "auth" or not value.isprintable():
+            raise ValueError(f"{item!r} is not key=value with a key of letters (not auth) and a printable value")
+        out[key] = value
+    return out
 
-    def __init__(self) -> None:
-        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
-    def lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        lock = self._locks.get(loop)
-        if lock is None:
-            lock = self._locks[loop] = asyncio.Lock()
-        return lock
+class _Extensions(AbstractTokenProvider):
+    """The SASL extensions aiokafka sends with each token."""
+
+    extensions_given: dict[str, str]
+
+    def extensions(self) -> dict[str, str]:
+        return dict(self.extensions_given)
 
 
-class TokenEndpoint(AbstractTokenProvider):
+class TokenEndpoint(_Extensions):
     """Access tokens from an OAuth 2 token endpoint (client-credentials grant)."""
 
     def __init__(self, url: str, client_id: str, client_secret: str, scope: str = "", *,
-                 timeout_s: float = TIMEOUT_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 timeout_s: float = TIMEOUT_S, clock: Callable[[], float] = time.monotonic,
+                 extensions: dict[str, str] | None = None) -> None:
+        self.extensions_given = extensions or {}
         self.url = url
         self.client_id = client_id
         self._secret = client_secret
@@ -110,35 +126,66 @@ class TokenEndpoint(AbstractTokenProvider):
         self._clock = clock
         self._token = ""
         self._refresh_at = self._expires_at = self._retry_at = 0.0
-        self._one = _OneAtATime()
+        # the fetch in flight: a thread-safe future, since Faust's consumer runs an event loop
+        # of its own in a thread of its own, beside the one of everything else
+        self._guard = threading.Lock()
+        self._inflight: concurrent.futures.Future[str] | None = None
         self.fetches = 0  # tokens asked for (tests, logs)
 
     def __repr__(self) -> str:
         return f"TokenEndpoint({self.url!r}, client_id={self.client_id!r})"
 
-    async def token(self) -> str:
-        if self._token and self._clock() < self._refresh_at:
+    def _current(self) -> str | None:
+        """The token when no fetch is due (or one failed a moment ago and it is still valid)."""
+        now = self._clock()
+        if self._token and (now < self._refresh_at or (now < self._retry_at and now < self._expires_at)):
             return self._token
-        async with self._one.lock():
-            now = self._clock()
-            if self._token and (now < self._refresh_at or (now < self._retry_at and now < self._expires_at)):
-                return self._token  # fetched while this call waited, or refreshed a moment ago in vain
-            try:
-                token, lifetime = await self._fetch()
-            except OAuthTokenError as exc:
-                if self._token and self._clock() < self._expires_at:
-                    log.warning("could not refresh the Kafka OAuth token (the current one is valid for "
-                                "%.0f s more): %s", self._expires_at - self._clock(), exc)
-                    self._retry_at = self._clock() + RETRY_S
-                    return self._token
-                raise
-            now = self._clock()
-            self._token = token
-            self._expires_at = now + lifetime
-            self._refresh_at = now + max(MIN_REFRESH_S, lifetime * REFRESH_FRACTION)
-            log.info("got a Kafka OAuth token for client %r from %s, valid for %.0f s",
-                     self.client_id, self.url, lifetime)
-            return token
+        return None
+
+    async def token(self) -> str:
+        current = self._current()
+        if current is not None:
+            return current
+        with self._guard:
+            fetching = self._inflight
+            if fetching is None:
+                current = self._current()  # a fetch ended since the look above
+                if current is not None:
+                    return current
+                mine = self._inflight = concurrent.futures.Future()
+        if fetching is not None:  # another login (of any thread) is fetching: its result
+            return await asyncio.wrap_future(fetching)
+        try:
+            token = await self._refresh()
+        except asyncio.CancelledError:
+            mine.set_exception(OAuthTokenError(f"the token request to {self.url} was cancelled"))
+            raise
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        else:
+            mine.set_result(token)
+        finally:
+            with self._guard:
+                self._inflight = None
+        return token
+
+    async def _refresh(self) -> str:
+        try:
+            token, lifetime = await self._fetch()
+        except OAuthTokenError as exc:
+            if self._token and self._clock() < self._expires_at:
+                log.warning("could not refresh the Kafka OAuth token (the current one is valid for "
+                            "%.0f s more): %s", self._expires_at - self._clock(), exc)
+                self._retry_at = self._clock() + RETRY_S
+                return self._token
+            raise
+        now = self._clock()
+        self._token = token
+        self._expires_at = now + lifetime
+        self._refresh_at = now + max(MIN_REFRESH_S, lifetime * REFRESH_FRACTION)
+        log.info("got a Kafka OAuth token for client %r from %s, valid for %.0f s", self.client_id, self.url, lifetime)
+        return token
 
     async def _fetch(self) -> tuple[str, float]:
         """One token request: (access token, lifetime in seconds)."""
@@ -216,11 +263,12 @@ def _snippet(body: bytes) -> str:
     return _one_line(body.decode("utf-8", "replace"))
 
 
-class TokenFile(AbstractTokenProvider):
+class TokenFile(_Extensions):
     """The token in a file that something else keeps fresh: read again when the file changes
     (its inode, size or modification time: a rename over it, as Kubernetes does, too)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, extensions: dict[str, str] | None = None) -> None:
+        self.extensions_given = extensions or {}
         self.path = path
         self._seen: tuple[int, int, int, int] | None = None
         self._token = ""
@@ -256,12 +304,13 @@ class TokenFile(AbstractTokenProvider):
 
 
 @functools.lru_cache(maxsize=4)
-def provider(url: str, client_id: str, client_secret: str, scope: str, token_file: str) -> AbstractTokenProvider:
+def provider(url: str, client_id: str, client_secret: str, scope: str, token_file: str,
+             extensions: str = "") -> AbstractTokenProvider:
     """The one token provider of the process per set of settings, shared by every client
     (``Settings.kafka_security()`` makes a new ``KafkaSecurity`` per call)."""
     if token_file:
-        return TokenFile(token_file)
-    return TokenEndpoint(url, client_id, client_secret, scope)
+        return TokenFile(token_file, parse_extensions(extensions))
+    return TokenEndpoint(url, client_id, client_secret, scope, extensions=parse_extensions(extensions))
 
 
 class _OAuthLogin(_aiokafka_conn.OAuthAuthenticator):

@@ -29,7 +29,7 @@ SETTINGS = {"protocol": "kafka_security_protocol", "sasl_mechanism": "kafka_sasl
             "ssl_cafile": "kafka_ssl_cafile", "ssl_certfile": "kafka_ssl_certfile",
             "ssl_keyfile": "kafka_ssl_keyfile", "ssl_key_password": "kafka_ssl_key_password",
             **{f"oauth_{n}": f"kafka_sasl_oauthbearer_{n}"
-               for n in ("token_endpoint_url", "client_id", "client_secret", "scope", "token_file")}}
+               for n in ("token_endpoint_url", "client_id", "client_secret", "scope", "token_file", "extensions")}}
 OAUTH = {name: "AGG_" + setting.upper() for name, setting in SETTINGS.items() if name.startswith("oauth_")}
 
 
@@ -57,6 +57,7 @@ class KafkaSecurity:
     oauth_client_secret: str = field(default="", repr=False)
     oauth_scope: str = ""
     oauth_token_file: str = ""
+    oauth_extensions: str = ""  # key=value,... sent with the token (Confluent Cloud's logicalCluster, ...)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocol", self.protocol.strip().upper())
@@ -93,7 +94,7 @@ class KafkaSecurity:
         from aggregator.broker.oauth import provider
 
         return provider(self.oauth_token_endpoint_url, self.oauth_client_id, self.oauth_client_secret,
-                        self.oauth_scope, self.oauth_token_file)
+                        self.oauth_scope, self.oauth_token_file, self.oauth_extensions)
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -196,7 +197,14 @@ def _oauth_problems(sec: KafkaSecurity) -> list[str]:
     if sec.sasl_username or sec.sasl_password:
         out.append("AGG_KAFKA_SASL_USERNAME/PASSWORD are for PLAIN and SCRAM, not OAUTHBEARER: unset them "
                    "(OAUTHBEARER logs in with AGG_KAFKA_SASL_OAUTHBEARER_*)")
-    endpoint = [env for name, env in OAUTH.items() if name != "oauth_token_file" and getattr(sec, name)]
+    from aggregator.broker.oauth import parse_extensions
+
+    try:
+        parse_extensions(sec.oauth_extensions)
+    except ValueError as exc:
+        out.append(f"{OAUTH['oauth_extensions']}: {exc}")
+    endpoint = [env for name, env in OAUTH.items()
+                if name not in ("oauth_token_file", "oauth_extensions") and getattr(sec, name)]
     if sec.oauth_token_file and endpoint:
         out.append(f"AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE and {', '.join(endpoint)}: give one token source, "
                    "the token file or the token endpoint, not both")

@@ -56,7 +56,9 @@ class OAuthKafka:
         return {"AGG_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "AGG_KAFKA_SASL_MECHANISM": "OAUTHBEARER",
                 "AGG_KAFKA_SSL_CAFILE": str(self.cafile),
                 "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": self.endpoint.url,
-                "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": CLIENT, "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": secret}
+                "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": CLIENT, "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": secret,
+                # as Confluent Cloud needs them; a broker that does not validate them ignores them
+                "AGG_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": "logicalCluster=lkc-test1,identityPoolId=pool-test1"}
 
     def file_env(self, token_file: Path) -> dict[str, str]:
         """The AGG_* settings of a client logging in with the token in ``token_file``."""

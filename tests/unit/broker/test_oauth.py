@@ -73,6 +73,29 @@ async def test_one_fetch_however_many_logins_ask_at_once(endpoint: Endpoint) -> 
     assert set(got) == {endpoint.issued[0].token}
 
 
+def test_one_fetch_across_threads_and_their_event_loops() -> None:
+    """Faust's consumer logs in from an event loop of its own, in a thread of its own."""
+    import threading
+
+    ep = Endpoint({CLIENT: SECRET}, lifetime_s=100, delay_s=0.3).start_in_thread()
+    try:
+        tokens = TokenEndpoint(ep.url, CLIENT, SECRET)
+        got: list[str] = []
+
+        async def logins() -> None:
+            got.extend(await asyncio.gather(*(tokens.token() for _ in range(10))))
+
+        threads = [threading.Thread(target=asyncio.run, args=(logins(),)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(got) == 30 and set(got) == {ep.issued[0].token}
+        assert ep.requests == 1 and tokens.fetches == 1
+    finally:
+        ep.stop_thread()
+
+
 async def test_the_lifetime_from_the_jwt_exp_without_expires_in(endpoint: Endpoint) -> None:
     endpoint.expires_in = False
     clock = Clock()

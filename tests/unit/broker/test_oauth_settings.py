@@ -135,3 +135,23 @@ async def test_check_login_refuses_a_missing_token_file(tmp_path: Path) -> None:
     sec = KafkaSecurity(protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER", oauth_token_file=str(tmp_path / "none"))
     with pytest.raises(KafkaLoginError, match=r"^AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE: cannot read"):
         await check_login(f"127.0.0.1:{closed_port()}", sec, timeout_s=2)
+
+
+def test_sasl_extensions_go_with_every_token() -> None:
+    from aggregator.broker.oauth import _OAuthLogin
+
+    env = {**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": URL + "?ext",
+           "AGG_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": " logicalCluster=lkc-abc12, identityPoolId=pool-XyZ "}
+    provider = config_load.load(env=env).kafka_security().token_provider
+    assert provider.extensions() == {"logicalCluster": "lkc-abc12", "identityPoolId": "pool-XyZ"}
+    login = _OAuthLogin(sasl_oauth_token_provider=provider)  # what aiokafka sends (RFC 7628 §3.1)
+    assert login._build_oauth_client_request("tok", login._token_extensions()) == \
+        "n,,\x01auth=Bearer tok\x01logicalCluster=lkc-abc12\x01identityPoolId=pool-XyZ\x01\x01"
+
+
+@pytest.mark.parametrize("bad", ["logicalCluster", "logical-cluster=x", "auth=x", "a=b\x01c"])
+def test_bad_sasl_extensions_fail_in_one_line(bad: str) -> None:
+    with pytest.raises(config.SettingsError) as ei:
+        config_load.load(env={**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": bad}).kafka_security()
+    assert len(ei.value.lines) == 1
+    assert ei.value.lines[0].startswith("AGG_KAFKA_SASL_OAUTHBEARER_EXTENSIONS: "), ei.value.lines
