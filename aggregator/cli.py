@@ -35,9 +35,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 # the settings each command reads (its flags, AGG_* variables and TOML keys)
 RUN_FIELDS: tuple[str, ...] = config.FIELDS
 BROKER_FIELDS = ("broker_port", "log_level", "partitions")
-KAFKA_CLIENT_FIELDS = ("broker", "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username",
-                       "kafka_sasl_password", "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
-                       "kafka_ssl_key_password")
+KAFKA_CLIENT_FIELDS = ("broker", *(name for name in config.FIELDS if name.startswith("kafka_")))
 
 
 class Failure(Exception):

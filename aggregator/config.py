@@ -25,6 +25,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from aggregator.broker.security import SETTINGS as SECURITY_SETTINGS
 from aggregator.broker.security import KafkaSecurity
 from aggregator.core.dedupid import MAX_KEY_INDEX
 from aggregator.core.events import REGION_MAX_CHARS, REGION_RE
@@ -54,7 +55,7 @@ IN_MS = ("window_seconds", "grace_seconds", "late_after_seconds", "max_ahead_sec
          "region_idle_seconds")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 
 
 def env_name(name: str) -> str:
@@ -143,7 +144,7 @@ RateLimits = Annotated[dict[str, float], NoDecode, BeforeValidator(_rate_limits)
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], _choice(LOG_LEVELS, upper=True)]
 Role = Annotated[Literal["all", "ingest", "worker"], _choice(ROLES, upper=False)]
 Protocol = Annotated[Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], _choice(SECURITY_PROTOCOLS, upper=True)]
-Mechanism = Annotated[Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], _choice(SASL_MECHANISMS, upper=True)]
+Mechanism = Annotated[Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"], _choice(SASL_MECHANISMS, upper=True)]
 
 
 def _secret(description: str, default: str | None = "") -> Any:
@@ -250,9 +251,16 @@ class Settings(BaseSettings):
     role: Role = Field("all", description="what `run` serves: all (HTTP ingest and the worker), "
                                           "ingest (HTTP ingest only), worker (the worker only)")
     kafka_security_protocol: Protocol = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
-    kafka_sasl_mechanism: Mechanism = Field("PLAIN", description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
-    kafka_sasl_username: str = Field("", description="SASL user (needed by the SASL_* protocols)")
-    kafka_sasl_password: str = _secret("SASL password (needed by the SASL_* protocols)")
+    kafka_sasl_mechanism: Mechanism = Field("PLAIN", description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER")
+    kafka_sasl_username: str = Field("", description="SASL user (needed by the SASL_* protocols but with OAUTHBEARER)")
+    kafka_sasl_password: str = _secret("SASL password (needed by the SASL_* protocols but with OAUTHBEARER)")
+    # OAUTHBEARER (aggregator/broker/oauth.py): a token endpoint (client credentials) or a token file, one of them
+    kafka_sasl_oauthbearer_token_endpoint_url: str = Field("", description="OAUTHBEARER: OAuth 2 token endpoint URL")
+    kafka_sasl_oauthbearer_client_id: str = Field("", description="OAUTHBEARER: client id at the token endpoint")
+    kafka_sasl_oauthbearer_client_secret: str = _secret("OAUTHBEARER: client secret at the token endpoint")
+    kafka_sasl_oauthbearer_scope: str = Field("", description="OAUTHBEARER: scope asked of the token endpoint (empty: none)")
+    kafka_sasl_oauthbearer_token_file: str = Field("", description="OAUTHBEARER: file of the token, read again when it changes")
+    kafka_sasl_oauthbearer_extensions: str = Field("", description="OAUTHBEARER: SASL extensions sent with each token: k=v,...")
     kafka_ssl_cafile: str = Field("", description="CA bundle (PEM) that signed the brokers' certificates "
                                                   "(empty: the system's)")
     kafka_ssl_certfile: str = Field("", description="client certificate (PEM), with --kafka-ssl-keyfile")
@@ -316,7 +324,7 @@ class Settings(BaseSettings):
     @classmethod
     def _sasl(cls, v: str, info: ValidationInfo) -> str:
         protocol = info.data.get("kafka_security_protocol", "")
-        if protocol.startswith("SASL_") and not v:
+        if protocol.startswith("SASL_") and not v and info.data.get("kafka_sasl_mechanism") != "OAUTHBEARER":
             raise ValueError(f"required with AGG_KAFKA_SECURITY_PROTOCOL={protocol}")
         return v
 
@@ -334,7 +342,8 @@ class Settings(BaseSettings):
         return _readable(v)
 
     # --------------------------------------------------------------- derived
-    SECRETS: ClassVar[frozenset[str]] = frozenset({"ingest_token", "kafka_sasl_password", "kafka_ssl_key_password"})
+    SECRETS: ClassVar[frozenset[str]] = frozenset({"ingest_token", "kafka_sasl_password", "kafka_ssl_key_password",
+                                                   "kafka_sasl_oauthbearer_client_secret"})
 
     @property
     def window_ms(self) -> int:
@@ -389,11 +398,7 @@ class Settings(BaseSettings):
         """TLS and SASL of every Kafka client (aggregator.broker.security); SettingsError with
         one line per problem (the model has checked most of them already)."""
         try:
-            return KafkaSecurity(
-                protocol=self.kafka_security_protocol, sasl_mechanism=self.kafka_sasl_mechanism,
-                sasl_username=self.kafka_sasl_username, sasl_password=self.kafka_sasl_password,
-                ssl_cafile=self.kafka_ssl_cafile, ssl_certfile=self.kafka_ssl_certfile,
-                ssl_keyfile=self.kafka_ssl_keyfile, ssl_key_password=self.kafka_ssl_key_password)
+            return KafkaSecurity(**{name: getattr(self, setting) for name, setting in SECURITY_SETTINGS.items()})
         except ValueError as exc:
             raise SettingsError(str(exc).splitlines()) from None
 

@@ -4,7 +4,7 @@
 #
 #   scripts/kafka.sh start  [--port 19092] [--dir var/kafka] [--version 4.4.0] [--heap 512m]
 #                           [--sasl-ssl CERTDIR --sasl-port P --sasl-user NAME:PASSWORD ...
-#                            [--acl-super NAME ...]]
+#                            [--acl-super NAME ...] [--oauthbearer [--reauth-ms MS]]]
 #   scripts/kafka.sh stop   [--port ...] [--dir ...] [--kill]
 #   scripts/kafka.sh status [--dir ...]
 #   scripts/kafka.sh fetch  [--version ...]     # only assemble / check the jar cache
@@ -25,6 +25,13 @@
 # its certificate chain) and CERTDIR/ca.pem, and SASL with SCRAM-SHA-512,
 # SCRAM-SHA-256 and PLAIN for every --sasl-user (SCRAM credentials are written when the
 # storage is formatted).  The PLAINTEXT listener stays (inter-broker traffic, tools).
+# --oauthbearer adds SASL/OAUTHBEARER to that listener with Kafka's unsecured validator
+# (OAuthBearerUnsecuredValidatorCallbackHandler): it takes any unsigned JWT ("alg":"none")
+# with a "sub" (the principal) and an "exp" not passed, so it is for tests only (with
+# --acl-super, a token naming a super user is one); --sasl-user is optional then.
+# --reauth-ms MS ends (or, for clients that can, re-authenticates) an OAUTHBEARER
+# session after MS or when its token expires, whichever comes first
+# (connections.max.reauth.ms, for OAUTHBEARER on that listener only).
 # --acl-super NAME turns Kafka's authorizer on (StandardAuthorizer): NAME and the
 # PLAINTEXT listener's ANONYMOUS are super users, every other SASL user may do only
 # what an ACL allows (created over the PLAINTEXT listener).
@@ -44,6 +51,8 @@ SASL_DIR=
 SASL_PORT=
 SASL_USERS=()
 ACL_SUPERS=()
+OAUTH=0
+REAUTH_MS=0
 PORT_SET=${KAFKA_PORT:+1}
 TIMEOUT=${KAFKA_START_TIMEOUT:-120}
 LOG4J_VERSION=2.24.3
@@ -61,13 +70,16 @@ while [ $# -gt 0 ]; do
     --sasl-port) SASL_PORT=$2; shift 2 ;;
     --sasl-user) SASL_USERS+=("$2"); shift 2 ;;
     --acl-super) ACL_SUPERS+=("$2"); shift 2 ;;
+    --oauthbearer) OAUTH=1; shift ;;
+    --reauth-ms) REAUTH_MS=$2; shift 2 ;;
     *) echo "kafka.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 DIR=${DIR:-$HERE/var/kafka}
 if [ -n "$SASL_DIR" ]; then
   [ -n "$SASL_PORT" ] || { echo "kafka.sh: --sasl-ssl needs --sasl-port" >&2; exit 2; }
-  [ ${#SASL_USERS[@]} -gt 0 ] || { echo "kafka.sh: --sasl-ssl needs at least one --sasl-user" >&2; exit 2; }
+  [ ${#SASL_USERS[@]} -gt 0 ] || [ "$OAUTH" = 1 ] \
+    || { echo "kafka.sh: --sasl-ssl needs at least one --sasl-user (or --oauthbearer)" >&2; exit 2; }
   for f in broker.pem ca.pem; do
     [ -f "$SASL_DIR/$f" ] || { echo "kafka.sh: $SASL_DIR/$f is missing" >&2; exit 2; }
   done
@@ -188,8 +200,9 @@ auto.create.topics.enable=false
 delete.topic.enable=true
 EOF
   if [ -n "$SASL_DIR" ]; then
-    local plain_users="" u
-    for u in "${SASL_USERS[@]}"; do plain_users+=" user_${u%%:*}=\"${u#*:}\""; done
+    local plain_users="" u mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
+    for u in ${SASL_USERS[@]+"${SASL_USERS[@]}"}; do plain_users+=" user_${u%%:*}=\"${u#*:}\""; done
+    [ "$OAUTH" = 1 ] && mechanisms+=,OAUTHBEARER
     cat >>"$DIR/server.properties" <<EOF
 # --sasl-ssl: TLS (PEM key and chain, PEM CA) and SASL on the SASL_SSL listener
 ssl.keystore.type=PEM
@@ -197,11 +210,20 @@ ssl.keystore.location=$SASL_DIR/broker.pem
 ssl.truststore.type=PEM
 ssl.truststore.location=$SASL_DIR/ca.pem
 ssl.client.auth=none
-sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
+sasl.enabled.mechanisms=$mechanisms
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required$plain_users;
 EOF
+    if [ "$OAUTH" = 1 ]; then
+      # the broker logs itself in too (its own unsigned token, sub "kafka"); clients' tokens
+      # go to the unsecured validator (Kafka's default for OAUTHBEARER, named here to be plain)
+      cat >>"$DIR/server.properties" <<EOF
+listener.name.sasl_ssl.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required unsecuredLoginStringClaim_sub="kafka";
+listener.name.sasl_ssl.oauthbearer.sasl.server.callback.handler.class=org.apache.kafka.common.security.oauthbearer.internals.unsecured.OAuthBearerUnsecuredValidatorCallbackHandler
+listener.name.sasl_ssl.oauthbearer.connections.max.reauth.ms=$REAUTH_MS
+EOF
+    fi
   fi
   if [ ${#ACL_SUPERS[@]} -gt 0 ]; then
     local supers="User:ANONYMOUS" n
@@ -234,7 +256,7 @@ format_storage() {
   local -a scram=()
   id=$(java -cp "$LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)
   if [ -n "$SASL_DIR" ]; then
-    for u in "${SASL_USERS[@]}"; do
+    for u in ${SASL_USERS[@]+"${SASL_USERS[@]}"}; do
       scram+=(--add-scram "SCRAM-SHA-512=[name=${u%%:*},password=${u#*:}]"
               --add-scram "SCRAM-SHA-256=[name=${u%%:*},password=${u#*:}]")
     done

@@ -6,7 +6,8 @@ tests that stop a broker (``data_dir``: kept, so a restart finds its records aga
 
 ``make_test_ca`` writes a throwaway CA and a broker certificate for 127.0.0.1 (openssl CLI);
 ``ScriptKafka(sasl=SaslSsl(certs, {"user": "password"}))`` adds a SASL_SSL listener
-(``sasl_bootstrap``) with SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN for those users."""
+(``sasl_bootstrap``) with SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN for those users, and
+(``oauthbearer=True``) OAUTHBEARER with Kafka's unsecured validator (unsigned JWTs)."""
 from __future__ import annotations
 
 import os
@@ -66,6 +67,10 @@ class SaslSsl:
     # non-empty: the authorizer is on, these users (and the PLAINTEXT listener) are super
     # users, the others may do what an ACL allows
     super_users: tuple[str, ...] = ()
+    # OAUTHBEARER too, with Kafka's unsecured validator: any unsigned JWT with a sub and an exp;
+    # reauth_ms > 0: a session ends then or when its token expires (connections.max.reauth.ms)
+    oauthbearer: bool = False
+    reauth_ms: int = 0
 
 
 class ScriptKafka(BrokerAddress):
@@ -98,6 +103,8 @@ class ScriptKafka(BrokerAddress):
                 sasl += ["--sasl-user", f"{name}:{password}"]
             for name in self.sasl.super_users:
                 sasl += ["--acl-super", name]
+            if self.sasl.oauthbearer:
+                sasl += ["--oauthbearer", "--reauth-ms", str(self.sasl.reauth_ms)]
         try:
             res = self._script("start", "--port", str(self.port), "--heap", self.heap, "--timeout",
                                str(int(timeout)), *sasl, timeout=timeout + 30)

@@ -1,0 +1,231 @@
+"""The service logging in to Apache Kafka with SASL/OAUTHBEARER over SASL_SSL: a token
+endpoint on loopback (tools/oauth_endpoint.py: the client-credentials grant, unsigned JWTs
+with sub = the client id, a short lifetime) and a broker taking them (scripts/kafka.sh
+--sasl-ssl --oauthbearer: Kafka's unsecured validator; connections.max.reauth.ms set, so
+the broker ends each session when its token expires, and aiokafka, which cannot
+re-authenticate, connects again with the token the provider has then).
+
+Every Kafka client of ``aggregator run`` (admin, Faust consumer, producer and changelog,
+ingest producer, snapshot history), ``gen --kafka`` (here with a token file) and ``audit
+--kafka`` log in with tokens; events sent after several token lifetimes are still counted
+exactly, so the refreshed tokens are the ones used.  A wrong client secret, a token file
+that is missing, and a token the broker refuses each end ``run`` at start in one line.
+
+Runs under ``make test-kafka`` only (it starts an Apache Kafka of its own, like
+tests/integration/test_kafka_security.py); the unit side is tests/unit/broker/test_oauth*.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.integration.conftest import ON_REAL_KAFKA, Service
+from tools.harness import REPO, wait_for
+from tools.kafka import SaslSsl, ScriptKafka, make_test_ca
+from tools.oauth_endpoint import TokenEndpoint, unsigned_jwt
+
+pytestmark = pytest.mark.skipif(not ON_REAL_KAFKA, reason="needs Apache Kafka (make test-kafka: AGG_TEST_BROKER=kafka)")
+
+CLIENT, SECRET = "clicks-service", "client-secret-1"
+LIFETIME_S = 15   # of each token: the broker ends a session when its token expires
+REAUTH_MS = 60_000  # connections.max.reauth.ms: > 0 turns session expiry on (the token's is shorter)
+WINDOW_MS = 2000  # Service.DEFAULTS: AGG_WINDOW_SECONDS=2
+
+
+@dataclass
+class OAuthKafka:
+    kafka: ScriptKafka
+    endpoint: TokenEndpoint
+    cafile: Path
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka.sasl_bootstrap
+
+    def env(self, secret: str = SECRET) -> dict[str, str]:
+        """The AGG_* settings of a client logging in with the token endpoint."""
+        return {"AGG_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "AGG_KAFKA_SASL_MECHANISM": "OAUTHBEARER",
+                "AGG_KAFKA_SSL_CAFILE": str(self.cafile),
+                "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": self.endpoint.url,
+                "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": CLIENT, "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": secret,
+                # as Confluent Cloud needs them; a broker that does not validate them ignores them
+                "AGG_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": "logicalCluster=lkc-test1,identityPoolId=pool-test1"}
+
+    def file_env(self, token_file: Path) -> dict[str, str]:
+        """The AGG_* settings of a client logging in with the token in ``token_file``."""
+        return {"AGG_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "AGG_KAFKA_SASL_MECHANISM": "OAUTHBEARER",
+                "AGG_KAFKA_SSL_CAFILE": str(self.cafile), "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE": str(token_file)}
+
+
+@pytest.fixture(scope="module")
+def oauth_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthKafka]:
+    require_tool("openssl", "apt-get install openssl")  # the throwaway CA: fails under CI when missing
+    base = tmp_path_factory.mktemp("oauth-kafka")
+    ca = make_test_ca(base / "ca")
+    endpoint = TokenEndpoint({CLIENT: SECRET}, lifetime_s=LIFETIME_S).start_in_thread()
+    try:
+        kafka = ScriptKafka(base_dir=str(base), sasl=SaslSsl(ca, oauthbearer=True, reauth_ms=REAUTH_MS)).start()
+        try:
+            yield OAuthKafka(kafka, endpoint, ca.ca)
+        finally:
+            kafka.stop()
+    finally:
+        endpoint.stop_thread()
+
+
+def aggregator(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("AGG_")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-m", "aggregator", *args], env=full, cwd=str(REPO),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def refused_at_start(oauth_kafka: OAuthKafka, tmp_path: Path, env: dict[str, str]) -> str:
+    """``aggregator run`` with ``env``: it must end at once with status 2 and one line; that line."""
+    env = {**env, "AGG_BROKER": f"kafka://{oauth_kafka.bootstrap}", "AGG_DATA_DIR": str(tmp_path),
+           "AGG_WEB_PORT": "0"}
+    started = time.monotonic()
+    res = aggregator("run", env=env, timeout=60)
+    took = time.monotonic() - started
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stdout + res.stderr and "HTTP on" not in res.stdout
+    assert took < 20, f"took {took:.1f}s"
+    return lines[0]
+
+
+def test_a_wrong_client_secret_ends_run_in_one_line(oauth_kafka: OAuthKafka, tmp_path: Path) -> None:
+    line = refused_at_start(oauth_kafka, tmp_path, oauth_kafka.env(secret="not-the-secret"))
+    assert line == (f'error: the OAuth token endpoint {oauth_kafka.endpoint.url} refused client "{CLIENT}" '
+                    "(HTTP 401, invalid_client: Bad client credentials): check AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID / "
+                    "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET")
+
+
+def test_a_missing_token_file_ends_run_in_one_line(oauth_kafka: OAuthKafka, tmp_path: Path) -> None:
+    line = refused_at_start(oauth_kafka, tmp_path, oauth_kafka.file_env(tmp_path / "no-token"))
+    assert line == f"error: AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE: cannot read {tmp_path / 'no-token'} " \
+                   "(No such file or directory)"
+
+
+def test_a_token_the_broker_refuses_ends_run_in_one_line(oauth_kafka: OAuthKafka, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text(unsigned_jwt(CLIENT, -60) + "\n")  # expired a minute ago
+    line = refused_at_start(oauth_kafka, tmp_path, oauth_kafka.file_env(token))
+    assert line.startswith(f"error: Kafka at {oauth_kafka.bootstrap} refused the OAUTHBEARER token (SASL_SSL, "
+                           f"OAUTHBEARER with the token in {token}; broker said: "), line
+    assert "invalid_token" in line
+
+
+def test_the_broker_ends_a_session_when_its_token_expires(oauth_kafka: OAuthKafka) -> None:
+    """What makes the service's later logins evidence of refreshed tokens: a session lives
+    no longer than its token (aiokafka cannot re-authenticate, so the broker closes it)."""
+    from aiokafka.abc import AbstractTokenProvider
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import KafkaConnectionError
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    from aggregator.broker.security import KafkaSecurity
+
+    class ShortLived(AbstractTokenProvider):
+        async def token(self) -> str:
+            return unsigned_jwt(CLIENT, 3)
+
+    async def session_lifetime() -> float:
+        tls = KafkaSecurity(protocol="SSL", ssl_cafile=str(oauth_kafka.cafile)).ssl_context
+        host, port = oauth_kafka.bootstrap.rsplit(":", 1)
+        conn = await create_conn(host, int(port), security_protocol="SASL_SSL", ssl_context=tls,
+                                 sasl_mechanism="OAUTHBEARER", sasl_oauth_token_provider=ShortLived())
+        opened = time.monotonic()
+        try:
+            while time.monotonic() - opened < 15:
+                await conn.send(MetadataRequest([]))
+                await asyncio.sleep(0.5)
+        except KafkaConnectionError:
+            return time.monotonic() - opened
+        finally:
+            conn.close()
+        raise AssertionError("the broker kept the session beyond its token's expiry")
+
+    assert 1.5 < asyncio.run(session_lifetime()) < 6
+
+
+def test_service_gen_and_audit_over_oauthbearer(oauth_kafka: OAuthKafka, tmp_path: Path) -> None:
+    endpoint = oauth_kafka.endpoint
+    url = f"kafka://{oauth_kafka.bootstrap}"
+    svc = Service(url, tmp_path / "svc", **oauth_kafka.env())
+    counts: dict[str, dict[str, int]] = {}
+
+    def post(tag: str, region: str, n: int) -> None:
+        events = [{"region": region, "event_id": f"{tag}-{j}"} for j in range(n)]
+        status, _, ans = svc.post(events)
+        assert status == 200 and ans["accepted"] == n, ans
+        ws = str(ans["ingest_ts"] - ans["ingest_ts"] % WINDOW_MS)
+        per = counts.setdefault(region, {})
+        per[ws] = per.get(ws, 0) + n
+
+    def counted() -> bool:
+        totals: dict[str, int] = {}
+        for s in svc.snapshots():
+            totals[s["region"]] = totals.get(s["region"], 0) + s["count"]
+        return totals == {r: sum(per.values()) for r, per in counts.items()}
+
+    try:
+        before = len(endpoint.issued)
+        svc.start(wait_ready=90)
+        started = time.time()
+        assert len(endpoint.issued) > before  # the service asked for its token
+        post("first", "eu-west", 30)
+        post("first", "us-east", 12)
+        wait_for(counted, 30, what="the first HTTP events counted in published snapshots")
+
+        # past three token lifetimes: every session the service opened with its first tokens
+        # has been ended by the broker, so what it does now it does with refreshed tokens
+        while time.time() < started + 3 * LIFETIME_S + 2:
+            time.sleep(1)
+            svc.check_alive()
+        issued = [i for i in endpoint.issued if i.at >= started - 1]
+        assert len(issued) >= 3, f"only {len(issued)} tokens issued in {time.time() - started:.0f}s"
+        post("later", "eu-west", 7)
+        post("later", "ap-south", 9)
+        wait_for(counted, 40, what="the events sent after the first tokens expired, counted")
+        svc.check_alive()
+
+        # gen --kafka logs in with a token file; audit --kafka with the token endpoint
+        token = tmp_path / "token"
+        token.write_text(unsigned_jwt("clicks-gen", 600) + "\n")
+        gen_truth = tmp_path / "gen.json"
+        res = aggregator("gen", "--kafka", oauth_kafka.bootstrap, "--count", "600", "--rate", "0",
+                         "--regions", "4", "--window-seconds", str(WINDOW_MS / 1000), "--truth", str(gen_truth),
+                         env=oauth_kafka.file_env(token))
+        assert res.returncode == 0, res.stderr[-3000:]
+        truth = json.loads(gen_truth.read_text())
+        assert truth["accepted"] == 600
+        for region, per in counts.items():  # one truth for the whole topic
+            mine = truth["counts"].setdefault(region, {})
+            for ws, n in per.items():
+                mine[ws] = mine.get(ws, 0) + n
+        all_truth = tmp_path / "all.json"
+        all_truth.write_text(json.dumps(truth))
+        res = aggregator("audit", "--kafka", oauth_kafka.bootstrap, "--truth", str(all_truth), "--wait", "30",
+                         env=oauth_kafka.env(), timeout=90)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + svc.tail()
+        assert "match the ground truth exactly" in res.stdout
+
+        # audit --kafka with a wrong secret: one line, no traceback
+        res = aggregator("audit", "--kafka", oauth_kafka.bootstrap, "--truth", str(all_truth),
+                         env=oauth_kafka.env(secret="nope"), timeout=60)
+        assert res.returncode != 0 and "Traceback" not in res.stderr
+        assert f'refused client "{CLIENT}" (HTTP 401, invalid_client' in res.stderr
+        svc.check_alive()
+    finally:
+        svc.stop()

@@ -1,0 +1,229 @@
+"""The OAUTHBEARER token sources (aggregator/broker/oauth.py) against a real token endpoint
+on 127.0.0.1 (tools/oauth_endpoint.py, aiohttp): a token kept until 80 % of its lifetime
+(``expires_in``, else the JWT's ``exp``, else the default), one fetch however many logins
+ask at once, the endpoint's refusals and silences as one line naming the setting; and the
+token file, read again when it changes.  The login to a real Kafka is in
+tests/integration/test_kafka_oauth.py."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from aggregator.broker.oauth import (
+    DEFAULT_LIFETIME_S,
+    OAuthTokenError,
+    TokenEndpoint,
+    TokenFile,
+    jwt_expiry,
+)
+from tools.oauth_endpoint import TokenEndpoint as Endpoint
+from tools.oauth_endpoint import unsigned_jwt
+
+CLIENT, SECRET = "svc-clicks", "s3cret"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def endpoint() -> Endpoint:
+    ep = await Endpoint({CLIENT: SECRET}, lifetime_s=100).start()
+    yield ep
+    await ep.stop()
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def test_the_token_is_kept_and_refreshed_before_it_expires(endpoint: Endpoint) -> None:
+    clock = Clock()
+    tokens = TokenEndpoint(endpoint.url, CLIENT, SECRET, clock=clock)
+    first = await tokens.token()
+    assert first == endpoint.issued[0].token and endpoint.issued[0].client_id == CLIENT
+    clock.now += 79  # within 80 % of expires_in=100: the same token, no request
+    assert await tokens.token() == first
+    assert endpoint.requests == 1
+    clock.now += 2   # past 80 %, still 19 s before it expires: a new one
+    second = await tokens.token()
+    assert endpoint.requests == 2 and second == endpoint.issued[1].token
+    clock.now += 50
+    assert await tokens.token() == second and endpoint.requests == 2
+
+
+async def test_one_fetch_however_many_logins_ask_at_once(endpoint: Endpoint) -> None:
+    endpoint.delay_s = 0.3
+    tokens = TokenEndpoint(endpoint.url, CLIENT, SECRET)
+    got = await asyncio.gather(*(tokens.token() for _ in range(25)))
+    assert endpoint.requests == 1 and tokens.fetches == 1
+    assert set(got) == {endpoint.issued[0].token}
+
+
+def test_one_fetch_across_threads_and_their_event_loops() -> None:
+    """Faust's consumer logs in from an event loop of its own, in a thread of its own."""
+    import threading
+
+    ep = Endpoint({CLIENT: SECRET}, lifetime_s=100, delay_s=0.3).start_in_thread()
+    try:
+        tokens = TokenEndpoint(ep.url, CLIENT, SECRET)
+        got: list[str] = []
+
+        async def logins() -> None:
+            got.extend(await asyncio.gather(*(tokens.token() for _ in range(10))))
+
+        threads = [threading.Thread(target=asyncio.run, args=(logins(),)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(got) == 30 and set(got) == {ep.issued[0].token}
+        assert ep.requests == 1 and tokens.fetches == 1
+    finally:
+        ep.stop_thread()
+
+
+async def test_the_lifetime_from_the_jwt_exp_without_expires_in(endpoint: Endpoint) -> None:
+    endpoint.expires_in = False
+    clock = Clock()
+    tokens = TokenEndpoint(endpoint.url, CLIENT, SECRET, clock=clock)
+    token = await tokens.token()
+    exp = jwt_expiry(token)
+    assert exp is not None and abs(exp - (time.time() + 100)) < 3
+    clock.now += 75
+    assert await tokens.token() == token and endpoint.requests == 1
+    clock.now += 10  # past 80 % of the exp claim's ~100 s
+    await tokens.token()
+    assert endpoint.requests == 2
+
+
+async def test_an_opaque_token_without_expires_in_gets_the_default_lifetime(endpoint: Endpoint) -> None:
+    endpoint.expires_in, endpoint.jwt = False, False
+    clock = Clock()
+    tokens = TokenEndpoint(endpoint.url, CLIENT, SECRET, clock=clock)
+    token = await tokens.token()
+    assert jwt_expiry(token) is None
+    clock.now += DEFAULT_LIFETIME_S * 0.8 - 1
+    assert await tokens.token() == token and endpoint.requests == 1
+    clock.now += 2
+    await tokens.token()
+    assert endpoint.requests == 2
+
+
+async def test_the_scope_is_asked_for(endpoint: Endpoint) -> None:
+    tokens = TokenEndpoint(endpoint.url, CLIENT, SECRET, "kafka.read kafka.write")
+    await tokens.token()
+    assert endpoint.issued[0].scope == "kafka.read kafka.write"
+
+
+async def test_a_wrong_secret_is_one_line_naming_the_settings(endpoint: Endpoint) -> None:
+    tokens = TokenEndpoint(endpoint.url, CLIENT, "not-the-secret")
+    with pytest.raises(OAuthTokenError) as err:
+        await tokens.token()
+    msg = str(err.value)
+    assert msg == (f'the OAuth token endpoint {endpoint.url} refused client "{CLIENT}" (HTTP 401, invalid_client: '
+                   "Bad client credentials): check AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID / "
+                   "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET")
+    assert "not-the-secret" not in msg
+
+
+@pytest.mark.parametrize(("fail_with", "says"), [
+    ((400, {"error": "invalid_scope", "error_description": "scope\n kafka is not\tallowed"}),
+     "(HTTP 400, invalid_scope: scope kafka is not allowed): check AGG_KAFKA_SASL_OAUTHBEARER_SCOPE"),
+    ((400, {"error": "invalid_request"}), "(HTTP 400, invalid_request): check AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID"),
+    ((404, "<html>\n<body>Not Found</body>\n</html>"),
+     "(HTTP 404, <html> <body>Not Found</body> </html>): check AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"),
+    ((200, {"token_type": "Bearer"}), "answered HTTP 200 without an access_token"),
+    ((502, "bad gateway"), 'failed to answer client "svc-clicks" (HTTP 502, bad gateway): check '
+                           "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"),
+])
+async def test_error_answers_are_one_clear_line(endpoint: Endpoint, fail_with: tuple, says: str) -> None:
+    endpoint.fail_with = fail_with
+    with pytest.raises(OAuthTokenError) as err:
+        await TokenEndpoint(endpoint.url, CLIENT, SECRET).token()
+    assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+async def test_an_endpoint_that_is_not_there_or_silent(endpoint: Endpoint) -> None:
+    url = f"http://127.0.0.1:{closed_port()}/oauth2/token"
+    with pytest.raises(OAuthTokenError) as err:
+        await TokenEndpoint(url, CLIENT, SECRET).token()
+    assert str(err.value).startswith(f"cannot reach the OAuth token endpoint {url} (")
+    assert str(err.value).endswith("): check AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")
+    endpoint.delay_s = 2
+    started = time.monotonic()
+    with pytest.raises(OAuthTokenError, match=r"\(no answer within 0.3 s\)"):
+        await TokenEndpoint(endpoint.url, CLIENT, SECRET, timeout_s=0.3).token()
+    assert time.monotonic() - started < 1.5
+
+
+async def test_a_failed_refresh_keeps_the_valid_token_and_retries_later(endpoint: Endpoint) -> None:
+    clock = Clock()
+    tokens = TokenEndpoint(endpoint.url, CLIENT, SECRET, clock=clock)
+    first = await tokens.token()
+    endpoint.fail_with = (503, "busy")
+    clock.now += 85  # due for a refresh, 15 s left
+    assert await tokens.token() == first and endpoint.requests == 2
+    assert await tokens.token() == first and endpoint.requests == 2  # not at every login
+    clock.now += 3
+    endpoint.fail_with = None
+    second = await tokens.token()
+    assert endpoint.requests == 3 and second == endpoint.issued[-1].token and len(endpoint.issued) == 2
+    endpoint.fail_with = (503, "busy")
+    clock.now += 101  # expired: no token to fall back on
+    with pytest.raises(OAuthTokenError, match="HTTP 503"):
+        await tokens.token()
+
+
+def test_jwt_expiry() -> None:
+    assert abs(jwt_expiry(unsigned_jwt("a", 60)) - (time.time() + 60)) < 2  # type: ignore[operator]
+    assert jwt_expiry("opaque-token") is None
+    assert jwt_expiry("a.b.c") is None
+    assert jwt_expiry(unsigned_jwt("a", 60).replace(".", "x", 1)) is None
+
+
+async def test_the_token_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("token-one\n")
+    tokens = TokenFile(str(path))
+    assert await tokens.token() == "token-one"
+    assert await tokens.token() == "token-one" and tokens.reads == 1  # unchanged: not read again
+    # a sidecar writes the next one beside it and renames it over (as Kubernetes does)
+    (tmp_path / "next").write_text("token-two")
+    os.replace(tmp_path / "next", path)
+    assert await tokens.token() == "token-two" and tokens.reads == 2
+    # rewritten in place, the same size: the modification time tells
+    st = path.stat()
+    path.write_text("token-thr")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert await tokens.token() == "token-thr"
+    # caught between a truncate and a write, or gone for a moment: the last token
+    path.write_text("")
+    assert await tokens.token() == "token-thr"
+    path.unlink()
+    assert await tokens.token() == "token-thr"
+    path.write_text("token-four")
+    assert await tokens.token() == "token-four"
+
+
+async def test_a_missing_or_empty_token_file_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(OAuthTokenError) as err:
+        await TokenFile(str(tmp_path / "nope")).token()
+    assert str(err.value) == (f"AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE: cannot read {tmp_path / 'nope'} "
+                              "(No such file or directory)")
+    (tmp_path / "empty").write_text(" \n")
+    with pytest.raises(OAuthTokenError, match=r"AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE: .*empty is empty"):
+        await TokenFile(str(tmp_path / "empty")).token()

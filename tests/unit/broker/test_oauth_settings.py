@@ -1,0 +1,157 @@
+"""The OAUTHBEARER settings (``AGG_KAFKA_SASL_OAUTHBEARER_*``): exactly one token source,
+one line per problem, none of them without OAUTHBEARER; what aiokafka and Faust are handed
+(one token provider per process); and ``check_login`` refusing a token source that gives
+no token before it connects to any broker."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import faust
+import pytest
+from aiokafka.abc import AbstractTokenProvider
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+from aggregator import config, config_load
+from aggregator.broker.oauth import TokenEndpoint, TokenFile
+from aggregator.broker.security import KafkaLoginError, KafkaSecurity, check_login
+from tools.oauth_endpoint import TokenEndpoint as Endpoint
+
+URL = "https://login.example.com/oauth2/token"
+OAUTH = {"AGG_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "AGG_KAFKA_SASL_MECHANISM": "oauthbearer"}
+ENDPOINT = {**OAUTH, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": URL,
+            "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "svc", "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s3cret"}
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_a_token_endpoint_over_sasl_ssl() -> None:
+    s = config_load.load(env={**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_SCOPE": "kafka"})
+    sec = s.kafka_security()
+    kw = sec.aiokafka_kwargs()
+    provider = kw.pop("sasl_oauth_token_provider")
+    assert isinstance(provider, TokenEndpoint) and isinstance(provider, AbstractTokenProvider)
+    assert (provider.url, provider.client_id, provider.scope) == (URL, "svc", "kafka")
+    assert kw == {"security_protocol": "SASL_SSL", "sasl_mechanism": "OAUTHBEARER", "ssl_context": sec.ssl_context}
+    assert sec.ssl_context is not None
+    # every client of the process shares the one provider (its cached token, its one fetch)
+    assert s.kafka_security().token_provider is provider
+    creds = sec.faust_settings()["broker_credentials"]
+    assert isinstance(creds, faust.OAuthCredentials) and creds.oauth_cb is provider
+    assert credentials_to_aiokafka_auth(creds) == sec.aiokafka_kwargs()
+    assert "s3cret" not in repr(sec) + repr(provider) + sec.describe()
+    assert sec.describe() == f'SASL_SSL, OAUTHBEARER with client "svc" of {URL}'
+
+
+def test_a_token_file_over_sasl_plaintext(tmp_path: Path) -> None:
+    sec = config_load.load(env={**OAUTH, "AGG_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                                "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE": str(tmp_path / "token")}).kafka_security()
+    kw = sec.aiokafka_kwargs()
+    assert isinstance(kw.pop("sasl_oauth_token_provider"), TokenFile)
+    assert kw == {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "OAUTHBEARER"}
+    creds = sec.faust_settings()["broker_credentials"]
+    assert credentials_to_aiokafka_auth(creds) == {**sec.aiokafka_kwargs(), "ssl_context": None}
+
+
+def test_the_client_secret_from_a_file(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("from-a-file\n")
+    env = {k: v for k, v in ENDPOINT.items() if k != "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"}
+    s = config_load.load(env={**env, "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE": str(tmp_path / "secret")})
+    assert s.kafka_security().oauth_client_secret == "from-a-file"
+    assert "kafka_sasl_oauthbearer_client_secret" in config.Settings.SECRETS
+    assert "from-a-file" not in repr(s)
+
+
+def without(*names: str) -> dict[str, str]:
+    return {k: v for k, v in ENDPOINT.items() if k not in names}
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    (OAUTH, "AGG_KAFKA_SASL_MECHANISM=OAUTHBEARER needs a token source: AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL "
+            "with _CLIENT_ID and _CLIENT_SECRET, or AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE"),
+    ({**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE": "/run/token"},
+     "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE and AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL, "
+     "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID, AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET: give one token source"),
+    (without("AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"),
+     "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL is needed with AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID"),
+    (without("AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"),
+     "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET (or AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE) is needed with "
+     "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"),
+    (without("AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID"),
+     "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID is needed with AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"),
+    ({**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "login.example.com/token"},
+     "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL: expected an http:// or https:// URL, got 'login.example.com/token'"),
+    ({**ENDPOINT, "AGG_KAFKA_SASL_USERNAME": "u"}, "AGG_KAFKA_SASL_USERNAME/PASSWORD are for PLAIN and SCRAM"),
+    # any of them without OAUTHBEARER
+    ({"AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE": "/run/token"},
+     "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE set but AGG_KAFKA_SASL_MECHANISM is PLAIN and AGG_KAFKA_SECURITY_PROTOCOL "
+     "PLAINTEXT: they need OAUTHBEARER over SASL_SSL (or SASL_PLAINTEXT)"),
+    ({**ENDPOINT, "AGG_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "AGG_KAFKA_SASL_USERNAME": "u",
+      "AGG_KAFKA_SASL_PASSWORD": "p"}, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL, "
+     "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID, AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET set but AGG_KAFKA_SASL_MECHANISM "
+     "is SCRAM-SHA-512"),
+    ({**ENDPOINT, "AGG_KAFKA_SECURITY_PROTOCOL": "SSL"}, "set but AGG_KAFKA_SASL_MECHANISM is OAUTHBEARER and "
+     "AGG_KAFKA_SECURITY_PROTOCOL SSL"),
+    ({"AGG_KAFKA_SASL_OAUTHBEARER_SCOPE": "kafka"}, "AGG_KAFKA_SASL_OAUTHBEARER_SCOPE set but"),
+    ({"AGG_KAFKA_SASL_MECHANISM": "OAUTH"}, "AGG_KAFKA_SASL_MECHANISM / --kafka-sasl-mechanism: expected "
+     "one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER"),
+    ({"AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE": "/nonexistent/secret"},
+     "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE: cannot read '/nonexistent/secret'"),
+])
+def test_bad_oauth_settings_fail_in_one_line(env: dict[str, str], says: str) -> None:
+    with pytest.raises(config.SettingsError) as ei:
+        config_load.load(env=env).kafka_security()
+    lines = ei.value.lines
+    assert len(lines) == 1 and says in lines[0], lines
+    assert "s3cret" not in lines[0]
+
+
+async def test_check_login_refuses_a_token_endpoint_that_refuses_the_client() -> None:
+    endpoint = await Endpoint({"svc": "right"}).start()
+    try:
+        sec = KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism="OAUTHBEARER",
+                            oauth_token_endpoint_url=endpoint.url + "?wrong", oauth_client_id="svc",
+                            oauth_client_secret="wrong")
+        # before any broker is asked: nobody listens on the bootstrap address
+        with pytest.raises(KafkaLoginError) as ei:
+            await check_login(f"127.0.0.1:{closed_port()}", sec, timeout_s=2)
+        assert str(ei.value).startswith(f'the OAuth token endpoint {endpoint.url}?wrong refused client "svc" (HTTP 401')
+        ok = KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism="OAUTHBEARER",
+                           oauth_token_endpoint_url=endpoint.url + "?right", oauth_client_id="svc",
+                           oauth_client_secret="right")
+        await check_login(f"127.0.0.1:{closed_port()}", ok, timeout_s=2)  # a token: the broker left to the retries
+        assert len(endpoint.issued) == 1
+    finally:
+        await endpoint.stop()
+
+
+async def test_check_login_refuses_a_missing_token_file(tmp_path: Path) -> None:
+    sec = KafkaSecurity(protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER", oauth_token_file=str(tmp_path / "none"))
+    with pytest.raises(KafkaLoginError, match=r"^AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE: cannot read"):
+        await check_login(f"127.0.0.1:{closed_port()}", sec, timeout_s=2)
+
+
+def test_sasl_extensions_go_with_every_token() -> None:
+    from aggregator.broker.oauth import _OAuthLogin
+
+    env = {**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": URL + "?ext",
+           "AGG_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": " logicalCluster=lkc-abc12, identityPoolId=pool-XyZ "}
+    provider = config_load.load(env=env).kafka_security().token_provider
+    assert provider.extensions() == {"logicalCluster": "lkc-abc12", "identityPoolId": "pool-XyZ"}
+    login = _OAuthLogin(sasl_oauth_token_provider=provider)  # what aiokafka sends (RFC 7628 §3.1)
+    assert login._build_oauth_client_request("tok", login._token_extensions()) == \
+        "n,,\x01auth=Bearer tok\x01logicalCluster=lkc-abc12\x01identityPoolId=pool-XyZ\x01\x01"
+
+
+@pytest.mark.parametrize("bad", ["logicalCluster", "logical-cluster=x", "auth=x", "a=b\x01c"])
+def test_bad_sasl_extensions_fail_in_one_line(bad: str) -> None:
+    with pytest.raises(config.SettingsError) as ei:
+        config_load.load(env={**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": bad}).kafka_security()
+    assert len(ei.value.lines) == 1
+    assert ei.value.lines[0].startswith("AGG_KAFKA_SASL_OAUTHBEARER_EXTENSIONS: "), ei.value.lines
