@@ -1,17 +1,10 @@
 """Compare published snapshots with a generator's ground truth.
 
-Counts are checked exactly.  With aggregates in the truth (``aggregates``) and in the
-snapshots, per (region, window) cell (``audit_aggregates``):
-
-* ``unique_users``: exact while the truth has at most ``SketchParams.exact_users`` (256)
-  users, else within the sketches' stated bound (``SketchParams.users_bound``: 5 % at the default precision);
-* ``top_urls``: the true top 3 URLs, where they are unambiguous (counts strictly
-  decreasing and the 3rd strictly above the 4th), first in that order, each count within
-  ``URL_COUNT_TOLERANCE`` (5 %) of the truth;
-* ``client_delay_ms``: p50/p90/p99 each within the sketch's relative accuracy
-  (``SketchParams.delay_accuracy``, 1 %) of the truth's delay at the same rank
-  (``floor(q * (n - 1))``, the rank core.sketches states its bound for), plus 0.05 ms for
-  the snapshot's rounding to 0.1 ms; null exactly when no counted event carried a ``ts``.
+Counts are checked exactly.  With aggregates in the truth (``aggregates``), every
+snapshot must carry them (unless the service runs with them off: ``aggregates=False``,
+``audit --no-aggregates``, and then none may), and per (region, window) cell
+``audit_aggregates`` checks them: against the truth's exact aggregates, and of every
+snapshot what needs no truth (gen/audit_cells.py says which checks and bounds).
 """
 from __future__ import annotations
 
@@ -23,25 +16,24 @@ from typing import Any, NotRequired, TypedDict
 from aggregator.broker.security import PLAINTEXT, KafkaSecurity, check_login
 from aggregator.core.contract import SNAPSHOTS, Snapshot
 from aggregator.core.contract import snapshot_content as content
-from aggregator.core.sketches import SketchParams
+from aggregator.gen.audit_cells import (
+    DELAY_ROUNDING_MS,
+    DELAY_TOLERANCE,
+    EXACT_USERS,
+    UNIQUE_USERS_TOLERANCE,
+    URL_CAPACITY,
+    URL_COUNT_TOLERANCE,
+    CellTruthJSON,
+    check_cell,
+    check_snapshot,
+    has_aggregates,
+    unambiguous_top,
+)
 
-EXACT_USERS = SketchParams().exact_users  # unique users are exact up to this many
-UNIQUE_USERS_TOLERANCE = SketchParams().users_bound  # at the default precision; audit(users_bound=...)
-URL_COUNT_TOLERANCE = 0.05
-DELAY_TOLERANCE = SketchParams().delay_accuracy  # relative, at the same rank
-DELAY_ROUNDING_MS = 0.05  # the snapshot's quantiles are rounded to 0.1 ms
-TOP_CHECKED = 3
-
-
-class CellTruthJSON(TypedDict):
-    """The exact aggregates of one (region, window) cell (gen.truth.CellTruth)."""
-
-    unique_users: int
-    top_urls: list[list[Any]]  # [[normalised url, count]], most frequent first (ties by url), at most 20
-    url_next: int  # the count of the URL after the listed ones (0: none)
-    url_events: int  # events of the cell with a URL to count
-    delays: int  # events of the cell with a client ts
-    client_delay_ms: dict[str, int] | None  # {"p50", "p90", "p99"}: the delay at rank floor(q * (n - 1))
+__all__ = ["DELAY_ROUNDING_MS", "DELAY_TOLERANCE", "EXACT_USERS", "UNIQUE_USERS_TOLERANCE", "URL_CAPACITY",
+           "URL_COUNT_TOLERANCE", "CellTruthJSON", "TruthJSON", "audit", "audit_aggregates", "check_cell",
+           "fetch_topic_snapshots", "has_aggregates", "missing_windows", "over_counted", "table",
+           "unambiguous_top"]
 
 
 class TruthJSON(TypedDict):
@@ -74,7 +66,7 @@ def missing_windows(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> set[tupl
 
 
 def audit(truth: TruthJSON, snapshots: Sequence[Snapshot], spilled_regions: Set[str] = frozenset(),
-          top_n: int = 10, users_bound: float = UNIQUE_USERS_TOLERANCE) -> list[str]:
+          top_n: int = 10, users_bound: float = UNIQUE_USERS_TOLERANCE, aggregates: bool = True) -> list[str]:
     """Return a list of mismatches (empty: the published numbers are exact).
 
     ``spilled_regions``: regions over their rate limit.  Their spilled events
@@ -88,8 +80,9 @@ def audit(truth: TruthJSON, snapshots: Sequence[Snapshot], spilled_regions: Set[
     and late counts per region and reason. Identical re-publications (same content,
     ``emitted_at`` aside) are allowed; extra windows with a count of 0 are fine
     (regions seen recently get zero-count snapshots).  Then the aggregates
-    (``audit_aggregates``; ``top_n``: the service's AGG_TOP_URLS), except for spilled
-    regions, whose events may be counted in a later window."""
+    (``audit_aggregates``; ``top_n``: the service's AGG_TOP_URLS; ``aggregates``: its
+    AGG_AGGREGATES), against the truth except for spilled regions, whose events may be
+    counted in a later window."""
     problems: list[str] = []
     published: dict[tuple[str, int], Snapshot] = {}
     late: dict[str, dict[str, int]] = {}
@@ -145,104 +138,42 @@ def audit(truth: TruthJSON, snapshots: Sequence[Snapshot], spilled_regions: Set[
             g = late.get(region, {}).get(reason, 0)
             if e != g:
                 problems.append(f"{region} late {reason}: {g} != expected {e}")
-    problems += audit_aggregates(truth, published, spilled_regions, top_n, users_bound)
+    problems += audit_aggregates(truth, published, spilled_regions, top_n, users_bound, aggregates)
     return problems
-
-
-def has_aggregates(snap: Mapping[str, Any]) -> bool:
-    return "unique_users" in snap or "top_urls" in snap or "client_delay_ms" in snap
 
 
 def audit_aggregates(truth: TruthJSON, published: Mapping[tuple[str, int], Snapshot],
                      spilled_regions: Set[str] = frozenset(), top_n: int = 10,
-                     users_bound: float = UNIQUE_USERS_TOLERANCE) -> list[str]:
-    """Problems of the aggregates of the published cells against the truth's (module
-    docstring); nothing when the truth has none or no snapshot carries them (aggregates
-    off: counts only), but a snapshot without them where others have them is one."""
-    cells = truth.get("aggregates")
-    if not cells:
-        return []
+                     users_bound: float = UNIQUE_USERS_TOLERANCE, aggregates: bool = True) -> list[str]:
+    """Problems of the aggregates of the published snapshots (gen/audit_cells.py).
+
+    ``aggregates`` False (the service's AGG_AGGREGATES off): a snapshot carrying them is
+    the one problem.  Else, when the truth has them, no snapshot may lack them: none
+    carrying them is one problem, not a "not checked".  Every snapshot that carries them
+    is checked for what needs no truth (``check_snapshot``: order, length, the empty
+    aggregates of a window that counted nothing), and against its truth cell unless its
+    region spilled (its events may be counted in a later window) or the truth has no cell
+    for it (``aggregates_incomplete``)."""
     with_aggs = [key for key, s in published.items() if has_aggregates(s)]
+    if not aggregates:
+        return [f"{len(with_aggs)} snapshots carry unique_users/top_urls/client_delay_ms, but the aggregates are "
+                "off (--no-aggregates, AGG_AGGREGATES=false)"] if with_aggs else []
+    cells = truth.get("aggregates")
     if not with_aggs:
-        return []
+        return [] if cells is None or not published else [
+            "no snapshot carries unique_users/top_urls/client_delay_ms, but the truth has the aggregates (a service "
+            "with AGG_AGGREGATES off? audit --no-aggregates then)"]
     problems: list[str] = []
-    for region, per in sorted(cells.items()):
-        if region in spilled_regions:
+    for key, snap in sorted(published.items()):
+        where = f"{key[0]} window {key[1]}"
+        if not has_aggregates(snap):
+            problems.append(f"{where}: no unique_users/top_urls/client_delay_ms in the snapshot")
             continue
-        for ws, cell in sorted(per.items(), key=lambda kv: int(kv[0])):
-            snap = published.get((region, int(ws)))
-            if snap is None:
-                continue  # reported as missing already
-            where = f"{region} window {ws}"
-            if not has_aggregates(snap):
-                problems.append(f"{where}: no unique_users/top_urls/client_delay_ms in the snapshot")
-                continue
+        problems += check_snapshot(where, snap, top_n)
+        cell = (cells or {}).get(key[0], {}).get(str(key[1]))
+        if cell is not None and key[0] not in spilled_regions:
             problems += check_cell(where, cell, snap, top_n, users_bound)
     return problems
-
-
-def check_cell(where: str, cell: CellTruthJSON, snap: Mapping[str, Any], top_n: int = 10,
-               users_bound: float = UNIQUE_USERS_TOLERANCE) -> list[str]:
-    """The problems of one cell's published aggregates against its truth."""
-    out: list[str] = []
-    want_u, got_u = cell["unique_users"], snap.get("unique_users")
-    if not isinstance(got_u, int):
-        out.append(f"{where}: unique_users {got_u!r}, expected {want_u}")
-    elif want_u <= EXACT_USERS:
-        if got_u != want_u:
-            out.append(f"{where}: unique_users {got_u} != {want_u} (exact up to {EXACT_USERS} users)")
-    elif abs(got_u - want_u) > users_bound * want_u:
-        out.append(f"{where}: unique_users {got_u} off by {abs(got_u - want_u) / want_u:.1%} from {want_u} "
-                   f"(bound {users_bound:.1%})")
-    out += _check_top(where, cell, snap.get("top_urls"), top_n)
-    out += _check_delays(where, cell.get("client_delay_ms"), snap.get("client_delay_ms"))
-    return out
-
-
-def unambiguous_top(cell: CellTruthJSON, k: int = TOP_CHECKED) -> list[tuple[str, int]]:
-    """The true top ``k`` URLs when their order is certain (counts strictly decreasing and
-    the k-th strictly above the next), else those of them that are: the leading run of
-    strictly decreasing counts each strictly above the one after it."""
-    counts = [(str(u), int(c)) for u, c in cell["top_urls"]] + [("", int(cell.get("url_next", 0)))]
-    out = []
-    for i in range(min(k, len(counts) - 1)):
-        if counts[i][1] > counts[i + 1][1]:
-            out.append(counts[i])
-        else:
-            break
-    return out
-
-
-def _check_top(where: str, cell: CellTruthJSON, got: Any, top_n: int) -> list[str]:
-    want = unambiguous_top(cell, min(TOP_CHECKED, top_n))
-    if not want:
-        return []
-    if not isinstance(got, list):
-        return [f"{where}: top_urls {got!r}, expected a list starting {want}"]
-    out = []
-    for i, (url, n) in enumerate(want):
-        if i >= len(got) or not isinstance(got[i], dict):
-            out.append(f"{where}: top_urls[{i}] missing, expected {url} ({n})")
-            continue
-        g_url, g_n = got[i].get("url"), got[i].get("count")
-        if g_url != url:
-            out.append(f"{where}: top_urls[{i}] is {g_url} ({g_n}), expected {url} ({n})")
-        elif not isinstance(g_n, int) or abs(g_n - n) > URL_COUNT_TOLERANCE * n:
-            out.append(f"{where}: top_urls[{i}] {url} count {g_n} not within {URL_COUNT_TOLERANCE:.0%} of {n}")
-    return out
-
-
-def _check_delays(where: str, want: Mapping[str, int] | None, got: Any) -> list[str]:
-    if want is None:
-        return [] if got is None else [f"{where}: client_delay_ms {got}, expected null (no event had a ts)"]
-    if not isinstance(got, dict):
-        return [f"{where}: client_delay_ms {got!r}, expected about {dict(want)}"]
-    out = []
-    for name, v in want.items():
-        g = got.get(name)
-        if not isinstance(g, (int, float)) or abs(g - v) > DELAY_TOLERANCE * v + DELAY_ROUNDING_MS:
-            out.append(f"{where}: client_delay_ms {name} {g} not within {DELAY_TOLERANCE:.0%} of {v} ms")
-    return out
 
 
 def over_counted(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> int:

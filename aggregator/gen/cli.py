@@ -2,9 +2,10 @@
 
 Both read the service's settings where they share a meaning: ``AGG_WINDOW_SECONDS``,
 ``AGG_LATE_AFTER_SECONDS``, ``AGG_INGEST_TOKEN`` and ``AGG_URL_KEEP_QUERY`` (gen),
-``AGG_TOP_URLS`` (audit), ``AGG_WEB_HOST``/``AGG_WEB_PORT`` for the default ``--url``,
-and ``AGG_BROKER`` (with the Kafka security settings) for a bare ``--kafka``; so a
-generator and an audit started in the service's environment agree with it."""
+``AGG_AGGREGATES``, ``AGG_TOP_URLS`` and ``AGG_UNIQUE_USERS_PRECISION`` (audit),
+``AGG_WEB_HOST``/``AGG_WEB_PORT`` for the default ``--url``, and ``AGG_BROKER`` (with
+the Kafka security settings) for a bare ``--kafka``; so a generator and an audit
+started in the service's environment agree with it."""
 from __future__ import annotations
 
 import asyncio
@@ -40,6 +41,7 @@ from aggregator.gen.audit import (
     DELAY_TOLERANCE,
     EXACT_USERS,
     UNIQUE_USERS_TOLERANCE,
+    URL_CAPACITY,
     audit,
     fetch_topic_snapshots,
     has_aggregates,
@@ -51,7 +53,7 @@ from aggregator.gen.generator import generate
 
 GEN_FIELDS = ("window_seconds", "late_after_seconds", "ingest_token", "url_keep_query", "dedup_seconds", "web_host",
               "web_port", *KAFKA_CLIENT_FIELDS)
-AUDIT_FIELDS = ("top_urls", "unique_users_precision", "web_host", "web_port", *KAFKA_CLIENT_FIELDS)
+AUDIT_FIELDS = ("aggregates", "top_urls", "unique_users_precision", "web_host", "web_port", *KAFKA_CLIENT_FIELDS)
 USE_BROKER = "\0AGG_BROKER"  # --kafka given without a value
 CONNECT_WAIT = 10.0  # seconds gen waits for the service to answer before it starts
 URL_HELP = "service base URL  [default: http://AGG_WEB_HOST:AGG_WEB_PORT, i.e. http://127.0.0.1:8080]"
@@ -258,10 +260,14 @@ def gen_command(**kw: Any) -> int:
                "one service's /v1/snapshots (which lists the recent ones only)")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0,
               help="seconds to wait for every window of the truth to be published (0: don't)")
+@click.option("--no-aggregates", is_flag=True,
+              help="the service runs with AGG_AGGREGATES off: check counts only, and that no snapshot carries "
+                   "aggregates (without it, a truth with aggregates and snapshots without them fail)")
 @_config_option
 @_debug_option
 def audit_command(**kw: Any) -> int:
     """Compare published snapshots with a generator's ground truth (exit 1 on a mismatch)."""
+    no_aggregates = kw.pop("no_aggregates")
     settings = load_settings(kw, AUDIT_FIELDS)
     urls = check_urls(kw["url"] or default_url(settings), "audit: --url")
     if len(urls) > 1:
@@ -274,7 +280,8 @@ def audit_command(**kw: Any) -> int:
     except (OSError, ValueError) as exc:
         raise Failure(f"audit: cannot read the truth file {kw['truth']}: {exc}") from None
     return run_audit(truth, url, kafka, kw["spilled_regions"], kw["wait"], settings.kafka_security(),
-                     top_n=settings.top_urls, users_bound=SketchParams(hll_p=settings.unique_users_precision).users_bound)
+                     top_n=settings.top_urls, users_bound=SketchParams(hll_p=settings.unique_users_precision).users_bound,
+                     aggregates=settings.aggregates and not no_aggregates)
 
 
 def fetch_snapshots(url: str) -> list[Snapshot]:
@@ -292,7 +299,8 @@ def fetch_snapshots(url: str) -> list[Snapshot]:
 
 
 def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: float,
-              security: KafkaSecurity = PLAINTEXT, top_n: int = 10, users_bound: float = UNIQUE_USERS_TOLERANCE) -> int:
+              security: KafkaSecurity = PLAINTEXT, top_n: int = 10, users_bound: float = UNIQUE_USERS_TOLERANCE,
+              aggregates: bool = True) -> int:
     def fetch() -> list[Snapshot]:
         if kafka:
             from aiokafka.errors import KafkaError
@@ -317,9 +325,9 @@ def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: floa
         time.sleep(0.5)
         snaps = fetch()
     spilled = frozenset(r.strip().lower() for r in spilled_regions.split(",") if r.strip())
-    problems = audit(truth, snaps, spilled, top_n, users_bound)
+    problems = audit(truth, snaps, spilled, top_n, users_bound, aggregates)
     print(table(truth, snaps))
-    note = aggregates_note(truth, snaps, spilled, users_bound)
+    note = aggregates_note(truth, snaps, spilled, users_bound, aggregates)
     if note:
         print("\n" + note)
     dup = truth.get("duplicates") or {}
@@ -337,18 +345,21 @@ def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: floa
 
 
 def aggregates_note(truth: Any, snaps: list[Snapshot], spilled: frozenset[str],
-                    users_bound: float = UNIQUE_USERS_TOLERANCE) -> str:
+                    users_bound: float = UNIQUE_USERS_TOLERANCE, aggregates: bool = True) -> str:
     """One line on what the aggregates' audit covered ('' when the truth has none)."""
+    if not aggregates:
+        return "audit: aggregates off (--no-aggregates, AGG_AGGREGATES=false): counts only, and no snapshot may carry them"
     cells = truth.get("aggregates") or {}
     if not cells:
         return ""
     if not any(has_aggregates(s) for s in snaps):
-        return "audit: the truth has aggregates but no snapshot carries them (AGG_AGGREGATES off?): not checked"
+        return ("audit: the truth has aggregates but no snapshot carries them (AGG_AGGREGATES off? then "
+                "--no-aggregates): a mismatch")
     n = sum(len(per) for r, per in cells.items() if r not in spilled)
     exact = sum(1 for r, per in cells.items() if r not in spilled for c in per.values()
                 if c["unique_users"] <= EXACT_USERS)
     skipped = len(truth.get("aggregates_incomplete") or [])
     return (f"audit: aggregates of {n} cells checked ({exact} with unique users <= {EXACT_USERS}: exact; "
-            f"{n - exact} above: within {users_bound:.1%}; top 3 URLs where unambiguous; delay "
-            f"quantiles within {DELAY_TOLERANCE:.0%})"
+            f"{n - exact} above: within {users_bound:.1%}; top URLs exact up to {URL_CAPACITY} distinct, else "
+            f"within the Misra-Gries bound, in order; delay quantiles within {DELAY_TOLERANCE:.0%})"
             + (f"; {skipped} cells not checked (events answered after their cell was folded)" if skipped else ""))

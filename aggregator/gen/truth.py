@@ -13,7 +13,8 @@ from aggregator.core.sketches import MAX_DELAY_MS, normalise_url
 from aggregator.gen.audit import CellTruthJSON, TruthJSON
 
 # What the truth keeps of a cell's URLs: the TRUTH_TOP_URLS most frequent with their counts,
-# and the count of the next one (the audit's test of an unambiguous top 3 needs the 4th).
+# the count of the next one (the audit's test of an unambiguous top 3 needs the 4th), and
+# how many distinct URLs there were (whether the service's counters are exact).
 TRUTH_TOP_URLS = 20
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 # One event's parts for the aggregates: (user_id, url, client ts), each None when absent.
@@ -57,8 +58,8 @@ class CellTruth:
             delay = {name: exact_quantile(self.delays, q) for name, q in QUANTILES}
         return {"unique_users": len(self.users), "top_urls": [[u, c] for u, c in top],
                 "url_next": ranked[TRUTH_TOP_URLS][1] if len(ranked) > TRUTH_TOP_URLS else 0,
-                "url_events": sum(self.urls.values()), "delays": sum(self.delays.values()),
-                "client_delay_ms": delay}
+                "url_events": sum(self.urls.values()), "url_distinct": len(self.urls),
+                "delays": sum(self.delays.values()), "client_delay_ms": delay}
 
 
 class Truth:

@@ -72,26 +72,56 @@ def test_the_unique_users_bound_follows_the_precision() -> None:
     assert audit(t, [snap(10_200)], users_bound=SketchParams(hll_p=16).users_bound) != []
 
 
-def test_top_three_in_order_with_counts_within_five_percent() -> None:
+def test_top_urls_exact_up_to_the_url_capacity() -> None:
+    """At most 128 distinct URLs (here 4): the list is the truth's, counts and order."""
     t = truth(cell(100, TOP, delay=DELAY))
-    assert audit(t, [snap(top=[["/a", 52], ["/b", 29], ["/c", 20]])]) == []  # only the top 3 are checked
-    swapped = audit(t, [snap(top=[["/b", 30], ["/a", 50], ["/c", 20]])])
-    assert swapped == [f"eu window {WS}: top_urls[0] is /b (30), expected /a (50)",
-                       f"eu window {WS}: top_urls[1] is /a (50), expected /b (30)"]
-    assert audit(t, [snap(top=[["/a", 50], ["/b", 30], ["/c", 22]])]) == [
-        f"eu window {WS}: top_urls[2] /c count 22 not within 5% of 20"]
-    assert audit(t, [snap(top=[["/a", 50]])]) == [f"eu window {WS}: top_urls[1] missing, expected /b (30)",
-                                                  f"eu window {WS}: top_urls[2] missing, expected /c (20)"]
-    # AGG_TOP_URLS=1: only the first can be checked
+    assert audit(t, [snap(top=[["/a", 52], ["/b", 29], ["/c", 20], ["/d", 10]])]) == [
+        f"eu window {WS}: top_urls[0] /a count 52, true count 50 (exact: at most 128 distinct URLs)",
+        f"eu window {WS}: top_urls[1] /b count 29, true count 30 (exact: at most 128 distinct URLs)"]
+    swapped = audit(t, [snap(top=[["/b", 30], ["/a", 50], ["/c", 20], ["/d", 10]])])
+    assert swapped == [f"eu window {WS}: top_urls[1] /a (50) out of order after /b (30): most frequent first, "
+                       "ties by URL"]
+    assert audit(t, [snap(top=[["/a", 50]])]) == [
+        f"eu window {WS}: top_urls lacks {u} (true count {n}) though it lists 1 URLs of 10 (exact: at most 128 "
+        "distinct URLs)" for u, n in TOP[1:]]
+    # AGG_TOP_URLS=1: the first only
     assert audit(t, [snap(top=[["/a", 50]])], top_n=1) == []
 
 
-def test_ambiguous_places_are_not_checked() -> None:
+SKETCHED = [["/a", 500], ["/b", 300], ["/c", 200], ["/d", 100]]  # of 1290 URL events over 500 URLs
+
+
+def sketched(top: list[list[Any]] = SKETCHED, url_next: int = 5) -> dict:
+    return dict(cell(100, top, url_next, delay=DELAY), url_events=1290, url_distinct=500)
+
+
+def test_top_three_in_order_within_five_percent_beyond_the_capacity() -> None:
+    """Past 128 distinct URLs counts are within the Misra-Gries bound (here + 20); and, as
+    measured on skewed streams, the true top 3 come first in order, within 5 %."""
+    t = truth(sketched())
+    assert audit(t, [snap(top=[["/a", 510], ["/b", 300], ["/c", 200], ["/d", 100]])]) == []
+    swapped = audit(t, [snap(top=[["/b", 320], ["/a", 500], ["/c", 200], ["/d", 100]])])
+    assert swapped == [f"eu window {WS}: top_urls[1] /a (500) out of order after /b (320): most frequent first, "
+                       "ties by URL",
+                       f"eu window {WS}: top_urls[0] is /b (320), expected /a (500)",
+                       f"eu window {WS}: top_urls[1] is /a (500), expected /b (300)"]
+    assert audit(t, [snap(top=[["/a", 500], ["/b", 300], ["/c", 211], ["/d", 100]])]) == [
+        f"eu window {WS}: top_urls[2] /c count 211 not within 5% of 200"]
+    assert audit(t, [snap(top=[["/a", 500]])], top_n=1) == []
+
+
+def test_ambiguous_places_take_any_url_that_can_rank_there() -> None:
     tied_3rd_4th = cell(100, [["/a", 50], ["/b", 30], ["/c", 10], ["/d", 10]], delay=DELAY)
     assert [u for u, _ in unambiguous_top(tied_3rd_4th)] == ["/a", "/b"]
     t = truth(tied_3rd_4th)
-    assert audit(t, [snap(top=[["/a", 50], ["/b", 30], ["/d", 10]])]) == []  # /c or /d: either is right
-    assert audit(t, [snap(top=[["/b", 30], ["/a", 50], ["/d", 10]])]) != []  # but /a, /b are certain
+    # exact (4 distinct URLs): ties go by URL, so /c is 3rd
+    assert audit(t, [snap(top=[["/a", 50], ["/b", 30], ["/c", 10]])], top_n=3) == []
+    assert audit(t, [snap(top=[["/a", 50], ["/b", 30], ["/d", 10]])], top_n=3) != []
+    # beyond the capacity /c or /d: either is right (their counts may be over by up to 20)
+    ts = truth(sketched([["/a", 500], ["/b", 300], ["/c", 100], ["/d", 100]]))
+    assert audit(ts, [snap(top=[["/a", 500], ["/b", 300], ["/d", 110]])], top_n=3) == []
+    assert audit(ts, [snap(top=[["/a", 500], ["/b", 300], ["/c", 100]])], top_n=3) == []
+    assert audit(ts, [snap(top=[["/b", 300], ["/a", 300], ["/d", 110]])], top_n=3) != []  # /a, /b are certain
     # the 3rd above the 21st URL that is not listed: the next count decides
     twenty = [[f"/u{i:02d}", 100 - i] for i in range(20)]
     assert len(unambiguous_top(cell(100, twenty, url_next=5))) == 3
@@ -119,8 +149,9 @@ def test_delay_quantiles_within_their_relative_bound() -> None:
 
 def test_snapshots_without_aggregates() -> None:
     t = truth(cell(100, TOP, delay=DELAY))
-    assert audit(t, [snap(users=None)]) == []  # aggregates off: counts only, nothing to check
-    other = copy.deepcopy(snap())
+    assert audit(t, [snap(users=None)]) != []  # none at all: a problem (test_audit_strict.py)
+    assert audit(t, [snap(users=None)], aggregates=False) == []  # aggregates off: counts only
+    other = copy.deepcopy(snap(users=0, top=[], delay=None))  # a quiet window's: empty aggregates
     other["window_start"], other["window_end"], other["count"] = WS + W, WS + 2 * W, 0
     assert audit(t, [snap(users=None), other]) == [
         f"eu window {WS}: no unique_users/top_urls/client_delay_ms in the snapshot"]
@@ -183,6 +214,10 @@ def test_generator_truth_and_sketched_snapshots_agree() -> None:
     assert users[0] <= EXACT_USERS < users[-1], users  # both sides of the exact threshold
     assert sum(1 for c in cells if len(unambiguous_top(c)) == 3) >= len(cells) // 2  # a clear top 3 mostly
     assert all(c["client_delay_ms"] is not None for c in cells)
+    assert all(c["url_distinct"] > 128 for c in cells)  # top_urls from Misra-Gries counters beyond the exact
+    small, small_snaps, _ = stream(seed=6, events=3000, windows=3)  # and at most 128 distinct URLs: exact
+    assert audit(small, small_snaps) == []
+    assert all(c["url_distinct"] <= 128 for per in small["aggregates"].values() for c in per.values())
     assert all(c["url_events"] < c["unique_users"] * 100 for c in cells)
     # the truth's counts are the snapshots' counts
     assert {(r, int(w)): n for r, per in tj["counts"].items() for w, n in per.items()} == {
@@ -198,7 +233,7 @@ def test_tampered_sketch_answers_are_caught(tamper: str) -> None:
         want = "unique_users"
     elif tamper == "top":
         big["top_urls"][0], big["top_urls"][1] = big["top_urls"][1], big["top_urls"][0]
-        want = "top_urls[0]"
+        want = "top_urls[1]"  # out of order after [0]
     else:
         big["client_delay_ms"]["p90"] *= 1.03
         want = "client_delay_ms p90"
@@ -213,8 +248,9 @@ def test_the_audit_says_what_it_checked() -> None:
     t = truth(cell(100, TOP, delay=DELAY))
     t["aggregates"]["us"] = {str(WS): cell(1000, TOP, delay=DELAY)}
     assert aggregates_note(t, [snap()], frozenset()) == (
-        "audit: aggregates of 2 cells checked (1 with unique users <= 256: exact; 1 above: within 5.0%; top 3 URLs "
-        "where unambiguous; delay quantiles within 1%)")
+        "audit: aggregates of 2 cells checked (1 with unique users <= 256: exact; 1 above: within 5.0%; top URLs "
+        "exact up to 128 distinct, else within the Misra-Gries bound, in order; delay quantiles within 1%)")
     assert "of 1 cells checked" in aggregates_note(t, [snap()], frozenset({"us"}))
     assert "no snapshot carries them" in aggregates_note(t, [snap(users=None)], frozenset())
+    assert "aggregates off" in aggregates_note(t, [snap(users=None)], frozenset(), aggregates=False)
     assert aggregates_note({"counts": {}}, [snap()], frozenset()) == ""

@@ -118,14 +118,15 @@ def test_truth_aggregates_of_a_cell_and_folding():
     eu = tj["aggregates"]["eu"]
     assert str(base) not in eu and tj["aggregates_incomplete"] == [["eu", base]]
     us = tj["aggregates"]["us"][str(base)]
-    assert us == {"unique_users": 0, "top_urls": [], "url_next": 0, "url_events": 0, "delays": 1,
+    assert us == {"unique_users": 0, "top_urls": [], "url_next": 0, "url_events": 0, "url_distinct": 0, "delays": 1,
                   "client_delay_ms": {"p50": 0, "p90": 0, "p99": 0}}  # ts ahead of ingest: delay 0
     t2 = Truth(1000, aggregates=True)
     t2.add(["eu"] * 4, base + 10, [("u1", "/a?x=1", base), ("u1", "/a", base + 5), ("u2", "/b", None),
                                    ("u3", "#x", base + 1000)])
     c = t2.to_json()["aggregates"]["eu"][str(base)]
     assert c == {"unique_users": 2 + 1, "top_urls": [["/a", 2], ["/b", 1]], "url_next": 0, "url_events": 3,
-                 "delays": 3, "client_delay_ms": {"p50": 5, "p90": 5, "p99": 5}}  # [0, 5, 10]: rank floor(q * 2)
+                 "url_distinct": 2, "delays": 3,
+                 "client_delay_ms": {"p50": 5, "p90": 5, "p99": 5}}  # [0, 5, 10]: rank floor(q * 2)
     assert Truth(1000, aggregates=True, url_keep_query=True).url_keep_query
     assert "aggregates" not in Truth(1000).to_json()  # off: counts only, as before
 
