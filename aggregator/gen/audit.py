@@ -32,7 +32,7 @@ from aggregator.gen.audit_cells import (
 
 __all__ = ["DELAY_ROUNDING_MS", "DELAY_TOLERANCE", "EXACT_USERS", "UNIQUE_USERS_TOLERANCE", "URL_CAPACITY",
            "URL_COUNT_TOLERANCE", "CellTruthJSON", "TruthJSON", "audit", "audit_aggregates", "check_cell",
-           "fetch_topic_snapshots", "has_aggregates", "missing_windows", "over_counted", "table",
+           "fetch_topic_snapshots", "has_aggregates", "missing_windows", "of_this_run", "over_counted", "table",
            "unambiguous_top"]
 
 
@@ -174,6 +174,16 @@ def audit_aggregates(truth: TruthJSON, published: Mapping[tuple[str, int], Snaps
         if cell is not None and key[0] not in spilled_regions:
             problems += check_cell(where, cell, snap, top_n, users_bound)
     return problems
+
+
+def of_this_run(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> list[Snapshot]:
+    """The snapshots from the truth's first window on: a service also lists those of earlier
+    runs (the README's quick start runs ``gen`` twice against one service), which are not
+    this run's double counts or unexpected windows.  (A run that starts in a window still
+    holding other traffic cannot be audited: that window's count is over.)"""
+    windows = [int(w) for per in truth["counts"].values() for w in per]
+    first = min(windows, default=0)
+    return [s for s in snapshots if int(s["window_start"]) >= first]
 
 
 def over_counted(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> int:

@@ -46,6 +46,7 @@ from aggregator.gen.audit import (
     fetch_topic_snapshots,
     has_aggregates,
     missing_windows,
+    of_this_run,
     over_counted,
     table,
 )
@@ -325,6 +326,7 @@ def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: floa
         time.sleep(0.5)
         snaps = fetch()
     spilled = frozenset(r.strip().lower() for r in spilled_regions.split(",") if r.strip())
+    snaps = of_this_run(truth, snaps)  # not the snapshots of earlier runs the service still lists
     problems = audit(truth, snaps, spilled, top_n, users_bound, aggregates)
     print(table(truth, snaps))
     note = aggregates_note(truth, snaps, spilled, users_bound, aggregates)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from aggregator.gen.audit import audit, missing_windows, over_counted
+from aggregator.gen.audit import audit, missing_windows, of_this_run, over_counted
 
 W = 2000
 
@@ -110,6 +110,13 @@ def test_double_counts_are_counted_in_windows_and_in_the_late_bucket():
     moved = [snap("eu-west", 10000, 3), snap("eu-west", 12000, 3, client_delay=2, closed_window=2),
              snap("us-east", 10000, 2)]
     assert over_counted(TRUTH, moved) == 0
+    # what the service holds of earlier runs is not this run's; a later or unknown window is
+    others = [snap("eu-west", 4000, 900), snap("eu-west", 20_000, 1, closed_window=1)]
+    assert over_counted(TRUTH, of_this_run(TRUTH, good_snaps() + others[:1])) == 0
+    assert over_counted(TRUTH, of_this_run(TRUTH, good_snaps() + others)) == 2
+    assert over_counted(TRUTH, of_this_run(TRUTH, twice + others[:1])) == 2
+    assert audit(TRUTH, of_this_run(TRUTH, good_snaps() + others[:1])) == []
+    assert audit(TRUTH, good_snaps() + others[:1]) == ["eu-west window 4000: unexpected count 900"]
 
 
 def test_wrong_late_counts_are_caught():
