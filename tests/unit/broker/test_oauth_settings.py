@@ -4,7 +4,6 @@ one line per problem, none of them without OAUTHBEARER; what aiokafka and Faust 
 no token before it connects to any broker."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import faust
@@ -15,20 +14,13 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from aggregator import config, config_load
 from aggregator.broker.oauth import TokenEndpoint, TokenFile
 from aggregator.broker.security import KafkaLoginError, KafkaSecurity, check_login
+from tests.unit.broker.test_oauth import closed_port
 from tools.oauth_endpoint import TokenEndpoint as Endpoint
 
 URL = "https://login.example.com/oauth2/token"
 OAUTH = {"AGG_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "AGG_KAFKA_SASL_MECHANISM": "oauthbearer"}
 ENDPOINT = {**OAUTH, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": URL,
             "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "svc", "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s3cret"}
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_a_token_endpoint_over_sasl_ssl() -> None:
