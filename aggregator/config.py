@@ -30,7 +30,7 @@ from aggregator.core.dedupid import MAX_KEY_INDEX
 from aggregator.core.events import REGION_MAX_CHARS, REGION_RE
 from aggregator.core.ratelimit import parse_rate_limits
 from aggregator.core.sketches import SketchParams
-from aggregator.core.topics import Topics, prefix_problem
+from aggregator.core.topics import MAX_PREFIX_CHARS, Topics, prefix_problem
 
 ENV_PREFIX = "AGG_"
 CONFIG_ENV = "AGG_CONFIG"
@@ -265,7 +265,7 @@ class Settings(BaseSettings):
                                                                 "creates (0: the broker's default)")
     topic_prefix: str = Field("", description="prepended to the name of every topic the service uses and of its "
                               "consumer group: team-a. gives team-a.clicks, ..., group team-a.clickstream-aggregator "
-                              "(empty: the names unprefixed); characters of [a-zA-Z0-9._-], at most 204 of them")
+                              f"(empty: the names unprefixed); characters of [a-zA-Z0-9._-], at most {MAX_PREFIX_CHARS}")
 
     # --------------------------------------------------------------- validators
     @field_validator("broker")
