@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aggregator.broker.embedded import BrokerError
 from aggregator.broker.security import PLAINTEXT, KafkaSecurity, check_login
 from aggregator.core.topics import DEFAULT, Topics
+
+VISIBLE_WAIT_S = 10.0  # how long topics just created may take to show in the broker's metadata
 
 
 async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
@@ -70,6 +73,7 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
                         raise BrokerError(f"cannot create topic {name} (replication factor {replication_factor}"
                                           f"{f', min.insync.replicas {min_insync_replicas}' if min_insync_replicas else ''}"
                                           f"): {for_code(code).__name__} ({_message(resp, name) or code})")
+                await _visible(admin, [t.name for t in todo])
             return
         except BrokerError:
             raise
@@ -86,6 +90,17 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
                 pass
     via = "" if security.protocol == "PLAINTEXT" else f" over {security.describe()}"
     raise BrokerError(f"cannot reach broker {bootstrap}{via} to create topics: {last}")
+
+
+async def _visible(admin: Any, names: list[str]) -> None:
+    """Until the broker's metadata has each of ``names`` with its partitions (at most
+    VISIBLE_WAIT_S): Kafka answers CreateTopics before its metadata shows the topics, and
+    `run` counts their partitions next (two deployments creating theirs at once: ~0.1 s)."""
+    deadline = asyncio.get_running_loop().time() + VISIBLE_WAIT_S
+    while not set(names) <= set(_counts(await admin.describe_topics(names))):
+        if asyncio.get_running_loop().time() > deadline:
+            return  # the partition check that follows says what is missing
+        await asyncio.sleep(0.1)
 
 
 def _counts(described: list) -> dict[str, int]:
