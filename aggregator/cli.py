@@ -34,7 +34,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 # the settings each command reads (its flags, AGG_* variables and TOML keys)
 RUN_FIELDS: tuple[str, ...] = config.FIELDS
-BROKER_FIELDS = ("broker_port", "log_level", "partitions")
+BROKER_FIELDS = ("broker_port", "log_level", "partitions", "topic_prefix")
 KAFKA_CLIENT_FIELDS = ("broker", *(name for name in config.FIELDS if name.startswith("kafka_")))
 
 
@@ -240,7 +240,8 @@ def wait_for_topics(settings: config.Settings) -> None:
                                              security=settings.kafka_security(),
                                              replication_factor=settings.topic_replication_factor,
                                              min_insync_replicas=settings.topic_min_insync_replicas,
-                                             worker=settings.role != "ingest", errors=errors), wait)
+                                             worker=settings.role != "ingest", errors=errors,
+                                             topics=settings.topics), wait)
 
     with quiet_kafka_client():
         try:
@@ -303,7 +304,7 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
             from aggregator.broker.topiccheck import check_topics
             with quiet_kafka_client():
                 problem, warnings = check_topics(settings.bootstrap(), settings.kafka_security(),
-                                                 settings.role != "ingest")
+                                                 settings.role != "ingest", settings.topics)
             for line in warnings:
                 print(f"warning: {line}", flush=True)
         if problem:
@@ -357,24 +358,24 @@ def check_partitions(settings: config.Settings) -> str | None:
     else, or grown); refuse (a message) when the window state's changelog has another count:
     its records are keyed by partition of ``clicks``."""
     from aggregator.broker import partition_counts
-    from aggregator.core.contract import APP_ID, CLICKS, STATE_CHANGELOG
 
-    counts = asyncio.run(partition_counts(settings.bootstrap(), [CLICKS, STATE_CHANGELOG],
+    t = settings.topics  # the names behind AGG_TOPIC_PREFIX
+    counts = asyncio.run(partition_counts(settings.bootstrap(), [t.clicks, t.state_changelog],
                                           security=settings.kafka_security()))
-    clicks = counts.get(CLICKS)
+    clicks = counts.get(t.clicks)
     if clicks is None:
-        return f"topic {CLICKS} has no partitions on {settings.bootstrap()}"
+        return f"topic {t.clicks} has no partitions on {settings.bootstrap()}"
     if clicks != settings.partitions:
         if "partitions" in settings.model_fields_set:  # set, not the default: say it is not what is used
-            print(f"note: {CLICKS} has {clicks} partitions (AGG_PARTITIONS is {settings.partitions}): using "
+            print(f"note: {t.clicks} has {clicks} partitions (AGG_PARTITIONS is {settings.partitions}): using "
                   f"{clicks}", flush=True)
         settings.partitions = clicks
-    changelog = counts.get(STATE_CHANGELOG)
+    changelog = counts.get(t.state_changelog)
     if settings.role != "ingest" and changelog is not None and changelog != clicks:
-        return (f"{STATE_CHANGELOG} has {changelog} partitions but {CLICKS} has {clicks}: the window state is "
-                f"kept per partition of {CLICKS}, so the two must match; give {CLICKS} back {changelog} "
+        return (f"{t.state_changelog} has {changelog} partitions but {t.clicks} has {clicks}: the window state is "
+                f"kept per partition of {t.clicks}, so the two must match; give {t.clicks} back {changelog} "
                 "partitions, or start from new state (delete the changelog topic and the consumer group "
-                f"{APP_ID}) after every window has been published")
+                f"{t.app_id}) after every window has been published")
     return None
 
 

@@ -31,6 +31,7 @@ from aggregator.core.dedupid import MAX_KEY_INDEX
 from aggregator.core.events import REGION_MAX_CHARS, REGION_RE
 from aggregator.core.ratelimit import parse_rate_limits
 from aggregator.core.sketches import SketchParams
+from aggregator.core.topics import MAX_PREFIX_CHARS, Topics, prefix_problem
 
 ENV_PREFIX = "AGG_"
 CONFIG_ENV = "AGG_CONFIG"
@@ -270,6 +271,9 @@ class Settings(BaseSettings):
                                           "the topics the service creates (1..32767, Kafka's limit)")
     topic_min_insync_replicas: int = Field(0, ge=0, description="min.insync.replicas of the topics the service "
                                                                 "creates (0: the broker's default)")
+    topic_prefix: str = Field("", description="prepended to the name of every topic the service uses and of its "
+                              "consumer group: team-a. gives team-a.clicks, ..., group team-a.clickstream-aggregator "
+                              f"(empty: the names unprefixed); characters of [a-zA-Z0-9._-], at most {MAX_PREFIX_CHARS}")
 
     # --------------------------------------------------------------- validators
     @field_validator("broker")
@@ -318,6 +322,14 @@ class Settings(BaseSettings):
         if rf is not None and v > rf:
             raise ValueError(f"must be <= AGG_TOPIC_REPLICATION_FACTOR ({rf}): a topic with fewer replicas than "
                              f"its min.insync.replicas acknowledges no write (got {v})")
+        return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        problem = prefix_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
     @field_validator("kafka_sasl_username", "kafka_sasl_password")
@@ -389,6 +401,11 @@ class Settings(BaseSettings):
 
     def faust_broker(self) -> list[str]:
         return [h if "://" in h else f"kafka://{h}" for h in (e.strip() for e in self.broker.split(","))]
+
+    @property
+    def topics(self) -> Topics:
+        """The topic names and consumer group, AGG_TOPIC_PREFIX before each (core.topics)."""
+        return Topics(self.topic_prefix)
 
     def sketch_params(self) -> SketchParams:
         """The parameters of the per-window aggregates (core.sketches)."""

@@ -62,7 +62,7 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
         # idempotent on Kafka; the embedded broker (Tansu) does not grant producer ids
         producer = IngestProducer(settings.bootstrap(), settings.kafka_security().aiokafka_kwargs(),
                                   idempotent=external_broker, linger_s=settings.linger_s(not external_broker),
-                                  on_idempotence=metrics.ingest_idempotent)
+                                  on_idempotence=metrics.ingest_idempotent, topic=settings.topics.clicks)
         post = IngestHandler(producer, metrics, settings.ingest_token, settings.max_body_bytes, settings.max_regions,
                              region_idle_ms=settings.idle_ms,
                              budget=InflightBudget(settings.ingest_max_inflight_bytes),
@@ -90,7 +90,8 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     store = SnapshotStore()
     sinks = [store.add, print_snapshot_table] if print_snapshots else [store.add]
     worker = WorkerService(settings, metrics, sinks)
-    services.append(SnapshotHistory(settings.bootstrap(), store, settings.kafka_security()))
+    services.append(SnapshotHistory(settings.bootstrap(), store, settings.kafka_security(),
+                                    topic=settings.topics.snapshots))
     refused = (lambda: producer.refused) if producer is not None else (lambda: None)
     services.append(_http(settings, metrics, store, probe, lambda: refused() or worker.not_ready(), post, notes,
                           worker.not_alive, announce))

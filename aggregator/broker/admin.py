@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aggregator.broker.embedded import BrokerError
 from aggregator.broker.security import PLAINTEXT, KafkaSecurity, check_login
-from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, DLQ, LEADER_TOPIC, SNAPSHOTS, STATE_CHANGELOG
+from aggregator.core.topics import DEFAULT, Topics
+
+VISIBLE_WAIT_S = 10.0  # how long topics just created may take to show in the broker's metadata
 
 
 async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
                         security: KafkaSecurity = PLAINTEXT, replication_factor: int = 1,
                         min_insync_replicas: int = 0, worker: bool = False,
-                        errors: list[Exception] | None = None) -> None:
+                        errors: list[Exception] | None = None, topics: Topics = DEFAULT) -> None:
     """Create ``clicks``, ``clicks-dlq``, ``click-snapshots`` and ``clicks-repartition``
     (``worker``: and the worker's window-state changelog, compacted, and Faust's leader
     topic, which Faust itself is not let create: it would ask to create them even where they
@@ -24,18 +27,20 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
 
     ``clicks`` asks for ``LogAppendTime``; brokers that ignore it are handled
     by the worker (it stamps the read time, docs/contract.md §1).  A refused login or an
-    untrusted broker certificate raises ``KafkaLoginError`` at once (no retries)."""
+    untrusted broker certificate raises ``KafkaLoginError`` at once (no retries).  The names
+    are those of ``topics`` (AGG_TOPIC_PREFIX before each)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+    clicks, repart = topics.clicks, topics.clicks_repartition
     common = {"retention.ms": "604800000", "cleanup.policy": "delete"}
     if min_insync_replicas > 0:
         common["min.insync.replicas"] = str(min_insync_replicas)
     specs = [
-        NewTopic(CLICKS, partitions, replication_factor,
+        NewTopic(clicks, partitions, replication_factor,
                  topic_configs={"message.timestamp.type": "LogAppendTime", **common}),
-        NewTopic(DLQ, 1, replication_factor, topic_configs=dict(common)),
-        NewTopic(SNAPSHOTS, 1, replication_factor, topic_configs=dict(common)),
+        NewTopic(topics.dlq, 1, replication_factor, topic_configs=dict(common)),
+        NewTopic(topics.snapshots, 1, replication_factor, topic_configs=dict(common)),
     ]
     last: Exception | None = None
     for _ in range(retries):
@@ -45,21 +50,21 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
             await check_login(bootstrap, security)
             await admin.start()
             existing = set(await admin.list_topics())
-            counts = _counts(await admin.describe_topics([t for t in (CLICKS, CLICKS_REPARTITION)
+            counts = _counts(await admin.describe_topics([t for t in (clicks, repart)
                                                           if t in existing])) if existing else {}
-            if CLICKS in existing and CLICKS not in counts:  # listed, not described (yet): the count decides
-                raise ConnectionError(f"{CLICKS} exists but was not described")  # the changelog's: try again
-            n = counts.get(CLICKS, partitions)
-            if CLICKS_REPARTITION in counts and counts[CLICKS_REPARTITION] != n:
+            if clicks in existing and clicks not in counts:  # listed, not described (yet): the count decides
+                raise ConnectionError(f"{clicks} exists but was not described")  # the changelog's: try again
+            n = counts.get(clicks, partitions)
+            if repart in counts and counts[repart] != n:
                 raise BrokerError(
-                    f"{CLICKS_REPARTITION} has {counts[CLICKS_REPARTITION]} partitions but {CLICKS} has {n}: a "
+                    f"{repart} has {counts[repart]} partitions but {clicks} has {n}: a "
                     f"region's home partition is the same in both; once every window is published and "
-                    f"{CLICKS_REPARTITION} is consumed, delete it (it is created again with {n})")
-            forwarded = NewTopic(CLICKS_REPARTITION, n, replication_factor, topic_configs=dict(common))
+                    f"{repart} is consumed, delete it (it is created again with {n})")
+            forwarded = NewTopic(repart, n, replication_factor, topic_configs=dict(common))
             insync = {k: v for k, v in common.items() if k == "min.insync.replicas"}
-            faust = [NewTopic(STATE_CHANGELOG, n, replication_factor, topic_configs={"cleanup.policy": "compact",
-                                                                                      **insync}),
-                     NewTopic(LEADER_TOPIC, 1, replication_factor, topic_configs=dict(insync))] if worker else []
+            compact = {"cleanup.policy": "compact", **insync}
+            faust = [NewTopic(topics.state_changelog, n, replication_factor, topic_configs=compact),
+                     NewTopic(topics.leader_topic, 1, replication_factor, topic_configs=dict(insync))] if worker else []
             todo = [t for t in [*specs, forwarded, *faust] if t.name not in existing]
             if todo:
                 resp = await admin.create_topics(todo)
@@ -68,6 +73,7 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
                         raise BrokerError(f"cannot create topic {name} (replication factor {replication_factor}"
                                           f"{f', min.insync.replicas {min_insync_replicas}' if min_insync_replicas else ''}"
                                           f"): {for_code(code).__name__} ({_message(resp, name) or code})")
+                await _visible(admin, [t.name for t in todo])
             return
         except BrokerError:
             raise
@@ -84,6 +90,17 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
                 pass
     via = "" if security.protocol == "PLAINTEXT" else f" over {security.describe()}"
     raise BrokerError(f"cannot reach broker {bootstrap}{via} to create topics: {last}")
+
+
+async def _visible(admin: Any, names: list[str]) -> None:
+    """Until the broker's metadata has each of ``names`` with its partitions (at most
+    VISIBLE_WAIT_S): Kafka answers CreateTopics before its metadata shows the topics, and
+    `run` counts their partitions next (two deployments creating theirs at once: ~0.1 s)."""
+    deadline = asyncio.get_running_loop().time() + VISIBLE_WAIT_S
+    while not set(names) <= set(_counts(await admin.describe_topics(names))):
+        if asyncio.get_running_loop().time() > deadline:
+            return  # the partition check that follows says what is missing
+        await asyncio.sleep(0.1)
 
 
 def _counts(described: list) -> dict[str, int]:

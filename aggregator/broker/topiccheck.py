@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from aggregator.broker.security import PLAINTEXT, KafkaSecurity
-from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, STATE_CHANGELOG
 from aggregator.core.statechunks import MAX_RECORD_BYTES
+from aggregator.core.topics import DEFAULT, Topics
 
 RETENTION_FLOOR_MS = 24 * 3600 * 1000  # a worker down over a weekend night, a spill backlog draining
 INGEST_BATCH_BYTES = 1 << 20  # ingest's record batches (ingest/producer.py), plus Kafka's batch overhead
@@ -15,29 +15,29 @@ BATCH_OVERHEAD = 12
 
 
 def judge(configs: Mapping[str, Mapping[str, str]], replicas: Mapping[str, int], brokers: int,
-          worker: bool) -> tuple[str | None, list[str]]:
+          worker: bool, topics: Topics = DEFAULT) -> tuple[str | None, list[str]]:
     """-> (why `run` must not start, or None; what it should say, starting or not).
     ``configs``: topic -> its config (name -> value) as the broker describes it (topics it
     would not describe are left out); ``replicas``: topic -> replicas of its partitions;
-    ``brokers``: how many brokers the cluster has."""
+    ``brokers``: how many brokers the cluster has; ``topics``: the names (AGG_TOPIC_PREFIX)."""
     warnings: list[str] = []
     problem: str | None = None
-    changelog = configs.get(STATE_CHANGELOG)
+    changelog = configs.get(topics.state_changelog)
     if worker and changelog is not None and "cleanup.policy" in changelog:  # judged on what the broker says
         policy = {p.strip() for p in changelog["cleanup.policy"].split(",")}
         limit = _int(changelog.get("max.message.bytes"))
         if "compact" not in policy:
-            problem = (f"topic {STATE_CHANGELOG} has cleanup.policy={','.join(sorted(policy))}: the window state "
+            problem = (f"topic {topics.state_changelog} has cleanup.policy={','.join(sorted(policy))}: the window state "
                        "must be compacted (its keys repeat; with delete the log grows without end and retention "
                        "removes the latest state of a quiet partition, its counts with it): set cleanup.policy=compact")
         elif limit is not None and limit < MAX_RECORD_BYTES + BATCH_OVERHEAD:
-            problem = (f"topic {STATE_CHANGELOG} has max.message.bytes={limit}: the window state is written in "
+            problem = (f"topic {topics.state_changelog} has max.message.bytes={limit}: the window state is written in "
                        f"records of up to {MAX_RECORD_BYTES} bytes, which it would refuse: raise it")
         elif "delete" in policy and changelog.get("retention.ms") != "-1":
-            warnings.append(f"topic {STATE_CHANGELOG} has cleanup.policy=compact,delete: retention "
+            warnings.append(f"topic {topics.state_changelog} has cleanup.policy=compact,delete: retention "
                             f"(retention.ms={changelog.get('retention.ms')}) can remove the latest state of a "
                             "partition not written since, its counts with it: prefer compact alone")
-    for topic in (CLICKS, CLICKS_REPARTITION):
+    for topic in (topics.clicks, topics.clicks_repartition):
         c = configs.get(topic)
         if c is None:
             continue
@@ -53,11 +53,11 @@ def judge(configs: Mapping[str, Mapping[str, str]], replicas: Mapping[str, int],
         limit = _int(c.get("max.message.bytes"))
         if limit is not None and limit < INGEST_BATCH_BYTES + BATCH_OVERHEAD:
             warnings.append(f"topic {topic} has max.message.bytes={limit}: "
-                            + ("ingest writes" if topic == CLICKS else "workers forward")
+                            + ("ingest writes" if topic == topics.clicks else "workers forward")
                             + f" record batches of up to {INGEST_BATCH_BYTES} bytes, which it would refuse: raise it "
                             "to 1048588")
-    if configs.get(CLICKS, {}).get("message.timestamp.type") == "CreateTime":
-        warnings.append(f"topic {CLICKS} has message.timestamp.type=CreateTime: records produced straight to it "
+    if configs.get(topics.clicks, {}).get("message.timestamp.type") == "CreateTime":
+        warnings.append(f"topic {topics.clicks} has message.timestamp.type=CreateTime: records produced straight to it "
                         "without ingest_ts are stamped with the time a worker reads them, and a log that started "
                         "over is noticed later (contract §1, §4); LogAppendTime is better")
     thin = sorted(t for t, n in replicas.items() if n < min(3, brokers))
@@ -105,17 +105,16 @@ async def topic_facts(bootstrap: str, topics: list[str], *, security: KafkaSecur
     return configs, replicas, brokers
 
 
-def check_topics(bootstrap: str, security: KafkaSecurity, worker: bool) -> tuple[str | None, list[str]]:
+def check_topics(bootstrap: str, security: KafkaSecurity, worker: bool,
+                 topics: Topics = DEFAULT) -> tuple[str | None, list[str]]:
     """``judge`` of the topics a role of ``aggregator run`` uses (``worker``: the changelog and
     the assignor topic too), as the broker describes them; a broker that cannot be asked
     gives a warning and no refusal."""
     import asyncio
 
-    from aggregator.core.contract import DLQ, LEADER_TOPIC, SNAPSHOTS
-
-    topics = [CLICKS, CLICKS_REPARTITION, DLQ, SNAPSHOTS, *([STATE_CHANGELOG, LEADER_TOPIC] if worker else [])]
     try:
-        configs, replicas, brokers = asyncio.run(topic_facts(bootstrap, topics, security=security))
+        configs, replicas, brokers = asyncio.run(topic_facts(bootstrap, list(topics.topics(worker)),
+                                                             security=security))
     except Exception as exc:  # noqa: BLE001 - a check, not a condition to start
         return None, [f"the topics' configs could not be checked ({type(exc).__name__}: {exc})"]
-    return judge(configs, replicas, brokers, worker)
+    return judge(configs, replicas, brokers, worker, topics)

@@ -217,10 +217,11 @@ def table(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> str:
     return "\n".join(lines)
 
 
-def fetch_topic_snapshots(bootstrap: str, security: KafkaSecurity = PLAINTEXT, idle: float = 2.0) -> list[Snapshot]:
-    """Every snapshot on ``click-snapshots``, read up to the end offsets seen at the start
-    (or until nothing arrives for ``idle`` seconds), with TLS/SASL as ``security`` says
-    (a refused login raises ``KafkaLoginError``)."""
+def fetch_topic_snapshots(bootstrap: str, security: KafkaSecurity = PLAINTEXT, idle: float = 2.0,
+                          topic: str = SNAPSHOTS) -> list[Snapshot]:
+    """Every snapshot on ``topic`` (the service's ``click-snapshots``), read up to the end
+    offsets seen at the start (or until nothing arrives for ``idle`` seconds), with TLS/SASL
+    as ``security`` says (a refused login raises ``KafkaLoginError``)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     async def read() -> list[Snapshot]:
@@ -231,11 +232,11 @@ def fetch_topic_snapshots(bootstrap: str, security: KafkaSecurity = PLAINTEXT, i
         out: list[Snapshot] = []
         try:
             await c.start()  # in the try: a consumer that could not start is closed too
-            parts = c.partitions_for_topic(SNAPSHOTS) or set()
+            parts = c.partitions_for_topic(topic) or set()
             if not parts:
                 await c._client.force_metadata_update()
-                parts = c.partitions_for_topic(SNAPSHOTS) or set()
-            tps = [TopicPartition(SNAPSHOTS, p) for p in sorted(parts)]
+                parts = c.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
             if not tps:
                 return out
             c.assign(tps)

@@ -4,8 +4,9 @@ Both read the service's settings where they share a meaning: ``AGG_WINDOW_SECOND
 ``AGG_LATE_AFTER_SECONDS``, ``AGG_INGEST_TOKEN`` and ``AGG_URL_KEEP_QUERY`` (gen),
 ``AGG_AGGREGATES``, ``AGG_TOP_URLS`` and ``AGG_UNIQUE_USERS_PRECISION`` (audit),
 ``AGG_WEB_HOST``/``AGG_WEB_PORT`` for the default ``--url``, and ``AGG_BROKER`` (with
-the Kafka security settings) for a bare ``--kafka``; so a generator and an audit
-started in the service's environment agree with it."""
+the Kafka security settings) for a bare ``--kafka``, whose topic names carry
+``AGG_TOPIC_PREFIX``; so a generator and an audit started in the service's environment
+agree with it."""
 from __future__ import annotations
 
 import asyncio
@@ -35,7 +36,7 @@ from aggregator.cli import (
     quiet_kafka_client,
     settings_options,
 )
-from aggregator.core.contract import Snapshot
+from aggregator.core.contract import SNAPSHOTS, Snapshot
 from aggregator.core.sketches import SketchParams
 from aggregator.gen.audit import (
     DELAY_TOLERANCE,
@@ -53,12 +54,14 @@ from aggregator.gen.audit import (
 from aggregator.gen.generator import generate
 
 GEN_FIELDS = ("window_seconds", "late_after_seconds", "ingest_token", "url_keep_query", "dedup_seconds", "web_host",
-              "web_port", *KAFKA_CLIENT_FIELDS)
-AUDIT_FIELDS = ("aggregates", "top_urls", "unique_users_precision", "web_host", "web_port", *KAFKA_CLIENT_FIELDS)
+              "web_port", *KAFKA_CLIENT_FIELDS, "topic_prefix")
+AUDIT_FIELDS = ("aggregates", "top_urls", "unique_users_precision", "web_host", "web_port", *KAFKA_CLIENT_FIELDS,
+                "topic_prefix")
 USE_BROKER = "\0AGG_BROKER"  # --kafka given without a value
 CONNECT_WAIT = 10.0  # seconds gen waits for the service to answer before it starts
 URL_HELP = "service base URL  [default: http://AGG_WEB_HOST:AGG_WEB_PORT, i.e. http://127.0.0.1:8080]"
-KAFKA_HELP = ("; without a value: AGG_BROKER. Kafka security from the AGG_KAFKA_* variables")
+KAFKA_HELP = ("; without a value: AGG_BROKER. Kafka security from the AGG_KAFKA_* variables, the topic's name "
+              "prefixed by AGG_TOPIC_PREFIX")
 
 
 def default_url(settings: config.Settings) -> str:
@@ -180,6 +183,7 @@ CTX = {"show_default": True}
               help="write ground truth JSON here: counts, and the exact unique users, URL counts and client-delay "
                    "quantiles of every (region, window)")
 @_kafka_option("produce straight to topic clicks at this Kafka bootstrap (host:port) instead of HTTP")
+@settings_options(("topic_prefix",))
 @click.option("--hot-region", default="", help="a region that bursts (added if not among --regions)")
 @click.option("--burst-multiplier", type=click.FloatRange(min=0), default=1000.0,
               help="hot region's traffic x this during the burst")
@@ -226,7 +230,7 @@ def gen_command(**kw: Any) -> int:
             security=security, retry_fraction=kw["retry_fraction"],
             # the aggregates' truth only when it is written: it holds the recent windows' users
             aggregates=bool(kw["truth"]), url_keep_query=settings.url_keep_query,
-            reuse_within_ms=settings.dedup_ms // 2)
+            reuse_within_ms=settings.dedup_ms // 2, topic=settings.topics.clicks)
 
     from aiokafka.errors import KafkaError
 
@@ -259,6 +263,7 @@ def gen_command(**kw: Any) -> int:
 @click.option("--url", default=None, help=URL_HELP + " (/v1/snapshots)")
 @_kafka_option("read every snapshot from topic click-snapshots at this Kafka bootstrap (host:port) instead of "
                "one service's /v1/snapshots (which lists the recent ones only)")
+@settings_options(("topic_prefix",))
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0,
               help="seconds to wait for every window of the truth to be published (0: don't)")
 @click.option("--no-aggregates", is_flag=True,
@@ -282,7 +287,7 @@ def audit_command(**kw: Any) -> int:
         raise Failure(f"audit: cannot read the truth file {kw['truth']}: {exc}") from None
     return run_audit(truth, url, kafka, kw["spilled_regions"], kw["wait"], settings.kafka_security(),
                      top_n=settings.top_urls, users_bound=SketchParams(hll_p=settings.unique_users_precision).users_bound,
-                     aggregates=settings.aggregates and not no_aggregates)
+                     aggregates=settings.aggregates and not no_aggregates, topic=settings.topics.snapshots)
 
 
 def fetch_snapshots(url: str) -> list[Snapshot]:
@@ -301,17 +306,18 @@ def fetch_snapshots(url: str) -> list[Snapshot]:
 
 def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: float,
               security: KafkaSecurity = PLAINTEXT, top_n: int = 10, users_bound: float = UNIQUE_USERS_TOLERANCE,
-              aggregates: bool = True) -> int:
+              aggregates: bool = True, topic: str = SNAPSHOTS) -> int:
+    """Audit the snapshots of ``url``, or with ``kafka`` those of its topic ``topic``."""
     def fetch() -> list[Snapshot]:
         if kafka:
             from aiokafka.errors import KafkaError
             try:
                 with quiet_kafka_client():  # aiokafka's line per failed connection: the one below instead
-                    return fetch_topic_snapshots(kafka, security)
+                    return fetch_topic_snapshots(kafka, security, topic=topic)
             except BrokerError as exc:  # a refused login or TLS: one line
                 raise Failure(f"audit: {exc}") from None
             except KafkaError as exc:
-                raise Failure(f"audit: cannot read click-snapshots from Kafka at {kafka}: "
+                raise Failure(f"audit: cannot read {topic} from Kafka at {kafka}: "
                               f"{exc} (is a broker running there? --kafka, or AGG_BROKER)") from None
         try:
             return fetch_snapshots(url)

@@ -185,11 +185,12 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
                    burst_multiplier: float = 1.0, burst_start: float = 0.0, burst_duration: float = 0.0,
                    clock_skew_ms: int = 0, security: KafkaSecurity = PLAINTEXT,
                    retry_fraction: float = 0.0, aggregates: bool = True, url_keep_query: bool = False,
-                   reuse_within_ms: int = 300_000) -> Truth:
+                   reuse_within_ms: int = 300_000, topic: str = CLICKS) -> Truth:
     """Send ``count`` events at ``rate``/s over HTTP to ``url`` (or, with ``kafka`` a
-    bootstrap address, produce them straight to topic ``clicks`` with value = event plus
-    ``ingest_ts`` = now ms, with TLS/SASL as ``security`` says) and return the exact ground
-    truth.  A refused Kafka login raises ``KafkaLoginError`` before anything is sent.
+    bootstrap address, produce them straight to ``topic``, the service's ``clicks``, with
+    value = event plus ``ingest_ts`` = now ms, with TLS/SASL as ``security`` says) and return
+    the exact ground truth.  A refused Kafka login raises ``KafkaLoginError`` before anything
+    is sent.
 
     Every request carries an ``Idempotency-Key``, so a retry after a 503 or a broken
     connection counts once.  ``url`` may list several ingest processes (comma-separated):
@@ -294,7 +295,7 @@ async def generate(url: str, rate: float, count: int, regions: int, seed: int, b
             d = orjson.loads(line)
             d["ingest_ts"] = ingest_ts
             key = (r if r is not None else str(d.get("region", ""))).encode()
-            futs.append(await producer.send(CLICKS, orjson.dumps(d), key=key))
+            futs.append(await producer.send(topic, orjson.dumps(d), key=key))
         await asyncio.gather(*futs)  # acknowledged by the broker
         ok_regions = []
         ok_parts = []

@@ -270,9 +270,10 @@ class IngestProducer(BackgroundService):
 
     def __init__(self, bootstrap: str, client: dict[str, Any] | None = None, idempotent: bool = False,
                  linger_s: float = 0.0, on_idempotence: Callable[[bool], None] = lambda on: None,
-                 **kwargs: Any) -> None:
+                 topic: str = CLICKS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bootstrap = bootstrap
+        self.topic = topic  # ``clicks``, AGG_TOPIC_PREFIX before it
         self.linger_s = linger_s
         self.client = client or {}  # more aiokafka settings (TLS/SASL)
         self.idempotent = idempotent
@@ -289,8 +290,8 @@ class IngestProducer(BackgroundService):
         starts, and by /readyz until a batch is acknowledged again; None for another error."""
         if not isinstance(exc, (TopicAuthorizationFailedError, ClusterAuthorizationFailedError)):
             return None
-        reason = (f"the broker refuses ingest's writes to {CLICKS} ({type(exc).__name__}): grant this "
-                  f"principal Write on topic {CLICKS} (README, ACLs)")
+        reason = (f"the broker refuses ingest's writes to {self.topic} ({type(exc).__name__}): grant this "
+                  f"principal Write on topic {self.topic} (README, ACLs)")
         if self.refused is None:
             log.error("ingest: %s; requests are answered 503 and /readyz says so until it may", reason)
         self.refused = reason
@@ -300,11 +301,11 @@ class IngestProducer(BackgroundService):
         """A request's records were acknowledged: the broker takes ingest's writes."""
         if self.refused is not None:
             self.refused = None
-            log.warning("ingest: the broker takes ingest's writes to %s again", CLICKS)
+            log.warning("ingest: the broker takes ingest's writes to %s again", self.topic)
 
     async def on_start(self) -> None:
         self.producer = ingest_producer(self.bootstrap, self.idempotent, **self.client)
-        self.batcher = BatchProducer(self.producer, CLICKS, linger_s=self.linger_s)
+        self.batcher = BatchProducer(self.producer, self.topic, linger_s=self.linger_s)
         await super().on_start()
 
     async def background(self) -> None:
@@ -326,9 +327,9 @@ class IngestProducer(BackgroundService):
                               "clickstream_ingest_idempotent_producer is 0", exc)
                     await self._without_idempotence()
                     continue
-                if await self.producer.partitions_for(CLICKS):
+                if await self.producer.partitions_for(self.topic):
                     self.ready = True
-                    log.info("ingest ready: producing to %s", CLICKS)
+                    log.info("ingest ready: producing to %s", self.topic)
                     return
             except (KafkaConnectionError, TimeoutError) as exc:
                 log.warning("ingest: broker not reachable yet (%r); retrying", exc)
@@ -345,7 +346,7 @@ class IngestProducer(BackgroundService):
         self.idempotent = False
         self.on_idempotence(False)
         self.producer = ingest_producer(self.bootstrap, False, **self.client)
-        self.batcher = BatchProducer(self.producer, CLICKS, linger_s=self.linger_s)
+        self.batcher = BatchProducer(self.producer, self.topic, linger_s=self.linger_s)
 
     async def on_stop(self) -> None:
         log.info("ingest: stopping (sending what is still batched)")

@@ -27,10 +27,11 @@ from typing import Protocol
 
 import orjson
 
-from aggregator.core.contract import CLICKS_REPARTITION, DLQ, SNAPSHOTS, STATE_CHANGELOG, Header, Snapshot
+from aggregator.core.contract import Header, Snapshot
 from aggregator.core.recordlog import Prepared
 from aggregator.core.repartition import overtaken, parse_source_header
 from aggregator.core.statechunks import chunk_key, encode_chunks
+from aggregator.core.topics import DEFAULT, Topics
 from aggregator.core.windows import WindowBook
 from aggregator.metrics import Metrics
 from aggregator.worker.decoder import DeadLetter
@@ -138,7 +139,7 @@ class Checkpointer:
                  confirmed: Callable[[int, list[tuple[bytes, bytes | None]]], None],
                  mark_safe: Callable[[int, int], None], metrics: Metrics, sinks: Sequence[SnapshotSink],
                  mark_safe_forwarded: Callable[[int, int], None] | None = None,
-                 fence: Callable[[], tuple[int, str] | None] | None = None) -> None:
+                 fence: Callable[[], tuple[int, str] | None] | None = None, topics: Topics = DEFAULT) -> None:
         self.producer = producer  # looked up at each checkpoint: Faust creates its producer late
         self.confirmed = confirmed  # partition, records -> acknowledged state records (None: deleted), kept in the table
         self.mark_safe = mark_safe  # partition, offset -> the consumer may commit up to offset
@@ -154,6 +155,7 @@ class Checkpointer:
         # no state, snapshot or forward is written (``fenced``: what it said)
         self.fence = fence
         self.fenced: str | None = None
+        self.topics = topics  # where state, dead letters, forwards and snapshots go (AGG_TOPIC_PREFIX)
 
     def held(self) -> str | None:
         """Why the writes wait (None: they do not): the broker refuses them, or the group may
@@ -196,17 +198,18 @@ class Checkpointer:
                 self.failing = None
             return
         producer = self.producer()
+        changelog = self.topics.state_changelog
         dead, self.dead = self.dead, []
         forward, self.forward = self.forward, []
         # 1. the chunks (into the slot the current header does not name), the dead letters and
         # the forwarded records (in the order they were read: a repeat after a crash is a prefix)
         for w in writes:
             for key, value in w.chunks:
-                w.futures.append(await _send(producer, STATE_CHANGELOG, key, value, w.p.partition))
+                w.futures.append(await _send(producer, changelog, key, value, w.p.partition))
             for key in w.tombstones:  # of dedup records a durable state no longer names
-                w.futures.append(await _send(producer, STATE_CHANGELOG, key, None, w.p.partition))
-        dead_futures = [await _send(producer, DLQ, key, value, None) for key, value in dead]
-        dead_futures += [await _send(producer, CLICKS_REPARTITION, key, value, home, headers)
+                w.futures.append(await _send(producer, changelog, key, None, w.p.partition))
+        dead_futures = [await _send(producer, self.topics.dlq, key, value, None) for key, value in dead]
+        dead_futures += [await _send(producer, self.topics.clicks_repartition, key, value, home, headers)
                          for home, key, value, headers in forward]
         await producer.flush()
         error = _failure(dead_futures)
@@ -227,7 +230,7 @@ class Checkpointer:
             ok = []
         # 2. the headers of the states whose chunks are all confirmed: now the new slot counts
         for w in ok:
-            w.futures = [await _send(producer, STATE_CHANGELOG, w.header[0], w.header[1], w.p.partition)]
+            w.futures = [await _send(producer, changelog, w.header[0], w.header[1], w.p.partition)]
         if ok:
             await producer.flush()
         outcome = [(w, _failure(w.futures)) for w in ok]
@@ -258,7 +261,7 @@ class Checkpointer:
         log.error("%d records forwarded to %s were not acknowledged by the broker while a later one of the same "
                   "source partition to the same home was: the home has passed them and would drop them as "
                   "repeats, so they are lost unless the broker stored them after all (docs/contract.md §1)",
-                  len(lost), CLICKS_REPARTITION)
+                  len(lost), self.topics.clicks_repartition)
         self.metrics.forwards_lost(len(lost))
         gone = set(lost)
         return [f for i, f in enumerate(forward) if i not in gone]
@@ -312,7 +315,7 @@ class Checkpointer:
                 sending.append((p.book, p.book.outbox[:w.n_out]))
         if not sending:
             return None
-        futures = [[await _send(producer, SNAPSHOTS, s["region"].encode(), orjson.dumps(s), None)
+        futures = [[await _send(producer, self.topics.snapshots, s["region"].encode(), orjson.dumps(s), None)
                     for s in snaps] for _, snaps in sending]
         try:
             await producer.flush()

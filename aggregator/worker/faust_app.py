@@ -17,7 +17,7 @@ from aiokafka.errors import GroupAuthorizationFailedError, TopicAuthorizationFai
 from faust.tables.recovery import Recovery
 
 from aggregator.config import Settings
-from aggregator.core.contract import APP_ID, CLICKS, CLICKS_REPARTITION, STATE_TABLE
+from aggregator.core.contract import STATE_TABLE
 from aggregator.core.statechunks import decode_state
 from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, positions
 from aggregator.worker.stamps import end_seen, member_clock, not_member
@@ -76,11 +76,14 @@ class _App(faust.App):
 class FaustApp:
     def __init__(self, s: Settings) -> None:
         self.session_s = s.session_timeout
+        # the topics and the group (the app id, which Faust's changelog and leader topic are named
+        # after), AGG_TOPIC_PREFIX before each
+        self.topics = t = s.topics
         self._refused_said: str | None = None
         # TLS/SASL for Faust's consumer, producer and topic creation; the changelog (and
         # Faust's leader topic) get the replication factor of the topics the service creates
         self.app = _App(
-            APP_ID, env={}, broker=s.faust_broker(), datadir=str(s.data_dir) + "/faust", **s.kafka_security().faust_settings(),
+            t.app_id, env={}, broker=s.faust_broker(), datadir=str(s.data_dir) + "/faust", **s.kafka_security().faust_settings(),
             topic_partitions=s.partitions, topic_replication_factor=s.topic_replication_factor,
             topic_allow_declare=False,  # `run` creates every topic (broker.admin): Faust asked to even where
             # they existed, which a principal without CREATE is refused (a managed Kafka's ACLs)
@@ -91,13 +94,13 @@ class FaustApp:
             consumer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
             stream_wait_empty=False, producer_acks=-1, logging_config=None, key_serializer="raw",
             value_serializer="raw")
-        self.clicks = self.app.topic(CLICKS, key_type=bytes, value_type=bytes, partitions=s.partitions,
+        self.clicks = self.app.topic(t.clicks, key_type=bytes, value_type=bytes, partitions=s.partitions,
                                      internal=False)
         # records forwarded to their region's home partition (core.repartition).  Same partition
         # count, same consumer group: Faust's assignor puts the two topics in one co-partitioned
         # group (assignor.partition_assignor._get_copartitioned_groups), so partition p of both
         # is assigned to the same worker
-        self.forwarded = self.app.topic(CLICKS_REPARTITION, key_type=bytes, value_type=bytes,
+        self.forwarded = self.app.topic(t.clicks_repartition, key_type=bytes, value_type=bytes,
                                         partitions=s.partitions, internal=False)
         insync = {"min.insync.replicas": str(s.topic_min_insync_replicas)} if s.topic_min_insync_replicas > 0 else {}
         self.table = self.app.Table(STATE_TABLE, partitions=s.partitions, extra_topic_configs=insync)
@@ -109,7 +112,7 @@ class FaustApp:
         fetched while ``hold()``);
         ``ticks`` runs as the app's task; ``on_revoked(app, revoked)`` before a rebalance
         takes partitions away."""
-        BatchConsumer.batch_topics = frozenset({CLICKS, CLICKS_REPARTITION})
+        BatchConsumer.batch_topics = frozenset({self.topics.clicks, self.topics.clicks_repartition})
         BatchConsumer.batch_handler = on_batch
         BatchConsumer.hold = hold
 
@@ -141,7 +144,7 @@ class FaustApp:
         try:
             rec = app.tables.recovery
             consumer = app.consumer
-            paused = sorted(tp.partition for tp in consumer._paused_partitions if tp.topic == CLICKS)
+            paused = sorted(tp.partition for tp in consumer._paused_partitions if tp.topic == self.topics.clicks)
             return (f"generation {app.consumer_generation_id} (recovery's {rec._generation_id}), "
                     f"recovery started {rec.signal_recovery_start.is_set()}, in recovery {rec.in_recovery}, "
                     f"changelog records to recover {rec.active_remaining_total()}, "
@@ -162,11 +165,12 @@ class FaustApp:
 
     def assigned(self) -> set[int]:
         """Partitions of ``clicks`` assigned to this worker (raises before the consumer exists)."""
-        return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == CLICKS}
+        return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.topics.clicks}
 
-    def highwater(self, partition: int, topic: str = CLICKS) -> int | None:
+    def highwater(self, partition: int, topic: str | None = None) -> int | None:
         """The partition's end offset as of the last fetch answered for it (None: not known
-        yet); the end of :meth:`end_seen`, so the clock and the source-log checks read one."""
+        yet; ``topic`` None: ``clicks``); the end of :meth:`end_seen`, so the clock and the
+        source-log checks read one."""
         seen = self.end_seen(partition, topic)
         return None if seen is None else seen[0]
 
@@ -175,7 +179,7 @@ class FaustApp:
         assigned: its next owner checks its log itself)."""
         consumer = self.app.consumer
         if isinstance(consumer, BatchConsumer):
-            await consumer.seek_quietly(faust.types.TP(CLICKS, partition), offset)
+            await consumer.seek_quietly(faust.types.TP(self.topics.clicks, partition), offset)
 
     def _aiokafka(self) -> Any:
         """The aiokafka consumer under Faust's (its subscription and group state are read from
@@ -193,7 +197,7 @@ class FaustApp:
         exc = getattr(coordinator, "_pending_exception", None)
         if not isinstance(exc, (GroupAuthorizationFailedError, TopicAuthorizationFailedError)):
             return None
-        what = f"group {APP_ID}" if isinstance(exc, GroupAuthorizationFailedError) else "its topics"
+        what = f"group {self.topics.app_id}" if isinstance(exc, GroupAuthorizationFailedError) else "its topics"
         reason = (f"the broker refuses this worker's consumer {what} ({type(exc).__name__}): grant this principal "
                   "the ACLs of the README's table (Read on the group, Read and Write on the topics), then restart it")
         if reason != self._refused_said:
@@ -207,12 +211,13 @@ class FaustApp:
         consumer = self._aiokafka()
         return None if consumer is None else not_member(consumer, self.session_s, member_clock())
 
-    def end_seen(self, partition: int, topic: str = CLICKS) -> tuple[int | None, int] | None:
+    def end_seen(self, partition: int, topic: str | None = None) -> tuple[int | None, int] | None:
         """The partition's end offset as of the last fetch answered for it (None: the broker
         gave none) and when that fetch was sent, wall ms (``stamps.end_seen``); None: no
-        fetch answered since it was assigned."""
+        fetch answered since it was assigned; ``topic`` None: ``clicks``."""
         consumer = self._aiokafka()
-        return None if consumer is None else end_seen(consumer, faust.types.TP(topic, partition))
+        tp = faust.types.TP(topic or self.topics.clicks, partition)
+        return None if consumer is None else end_seen(consumer, tp)
 
     def position(self, partition: int) -> int | None:
         """The consumer's fetch position in the partition of ``clicks`` (None: not known, e.g.
@@ -221,7 +226,7 @@ class FaustApp:
         consumer = self._aiokafka()
         if consumer is None:
             return None
-        tp = faust.types.TP(CLICKS, partition)
+        tp = faust.types.TP(self.topics.clicks, partition)
         return positions(consumer, [tp])[tp]
 
     # -------------------------------------------------------------------- state
@@ -255,20 +260,20 @@ class FaustApp:
         next commit may go up to it."""
         consumer = self.app.consumer
         if isinstance(consumer, BatchConsumer):
-            consumer.mark_safe(faust.types.TP(CLICKS, partition), offset)
+            consumer.mark_safe(faust.types.TP(self.topics.clicks, partition), offset)
 
     def log_restarted(self, partition: int) -> None:
         """The partition of ``clicks`` started over (core.sourcelog): its new offsets are below
         those committed on the old log, and Faust commits only offsets above the last one."""
         consumer = self.app.consumer
         if isinstance(consumer, BatchConsumer):
-            consumer.log_restarted(faust.types.TP(CLICKS, partition))
+            consumer.log_restarted(faust.types.TP(self.topics.clicks, partition))
 
     def mark_safe_forwarded(self, partition: int, offset: int) -> None:
         """The same for the partition of ``clicks-repartition``."""
         consumer = self.app.consumer
         if isinstance(consumer, BatchConsumer):
-            consumer.mark_safe(faust.types.TP(CLICKS_REPARTITION, partition), offset)
+            consumer.mark_safe(faust.types.TP(self.topics.clicks_repartition, partition), offset)
 
 
 def _changelog_state(rec: Any, consumer: Any) -> str:

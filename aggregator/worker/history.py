@@ -31,9 +31,10 @@ RETRY_S = 1.0
 
 class SnapshotHistory(BackgroundService):
     def __init__(self, bootstrap: str, store: SnapshotStore, security: KafkaSecurity = PLAINTEXT,
-                 **kwargs: Any) -> None:
+                 topic: str = SNAPSHOTS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bootstrap = bootstrap
+        self.topic = topic  # ``click-snapshots``, AGG_TOPIC_PREFIX before it
         self.security = security
         self.store = store
         self.loaded = False  # the tail that existed at start has been read
@@ -46,7 +47,7 @@ class SnapshotHistory(BackgroundService):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - broker away: the view waits, the rest goes on
-                log.warning("snapshot history: cannot read %s (%r); retrying", SNAPSHOTS, exc)
+                log.warning("snapshot history: cannot read %s (%r); retrying", self.topic, exc)
             await asyncio.sleep(RETRY_S)
 
     async def _read(self) -> None:
@@ -56,10 +57,10 @@ class SnapshotHistory(BackgroundService):
                                     auto_offset_reset="earliest", **self.security.aiokafka_kwargs())
         await consumer.start()
         try:
-            n = (await partition_counts(self.bootstrap, [SNAPSHOTS], security=self.security)).get(SNAPSHOTS)
+            n = (await partition_counts(self.bootstrap, [self.topic], security=self.security)).get(self.topic)
             if not n:
-                raise RuntimeError(f"{SNAPSHOTS} has no partitions yet")
-            tps = [TopicPartition(SNAPSHOTS, p) for p in range(n)]
+                raise RuntimeError(f"{self.topic} has no partitions yet")
+            tps = [TopicPartition(self.topic, p) for p in range(n)]
             consumer.assign(tps)
             ends = await consumer.end_offsets(tps)
             begins = await consumer.beginning_offsets(tps)
@@ -73,12 +74,12 @@ class SnapshotHistory(BackgroundService):
                     if bad:
                         self.skipped += len(bad)
                         log.warning("snapshot history: %d record(s) of %s partition %d skipped: not snapshots "
-                                    "(offset %d: %s)", len(bad), SNAPSHOTS, tp.partition, *bad[0])
+                                    "(offset %d: %s)", len(bad), self.topic, tp.partition, *bad[0])
                     self.store.add(snaps)
                 if not self.loaded and await self._caught_up(consumer, ends):
                     self.loaded = True
                     log.info("snapshot history: %d recent snapshots loaded from %s", len(self.store.items),
-                             SNAPSHOTS)
+                             self.topic)
         finally:
             await consumer.stop()
 

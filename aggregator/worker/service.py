@@ -29,7 +29,7 @@ from faust.types import TP
 
 from aggregator import tracing
 from aggregator.config import Settings
-from aggregator.core.contract import CLICKS, CLICKS_REPARTITION, FUTURE_TS, BookEvent
+from aggregator.core.contract import FUTURE_TS, BookEvent
 from aggregator.core.ratelimit import RateLimits
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, forward_record, home
@@ -54,6 +54,7 @@ class WorkerService:
         self.metrics = metrics
         self.kafka = kafka = FaustApp(settings)
         self.app = app = kafka.app
+        self.clicks_topic, self.repart_topic = kafka.topics.clicks, kafka.topics.clicks_repartition  # prefixed
         # the region cap holds over all partitions of this worker (core.regioncap)
         self.region_cap = RegionCap(settings.max_regions, settings.idle_ms)
         self.decoder = RecordDecoder(settings.partitions, self.region_cap, settings.aggregates,
@@ -65,7 +66,7 @@ class WorkerService:
                              settings.sketch_params() if settings.aggregates else None, settings.top_urls)
         self.partitions = Partitions(books, settings.spill_path, kafka.stored_state, metrics, kafka.stored_record)
         self.checkpointer = Checkpointer(lambda: app.producer, kafka.state_confirmed, self._mark_safe, metrics, sinks,
-                                         kafka.mark_safe_forwarded, kafka.not_member)
+                                         kafka.mark_safe_forwarded, kafka.not_member, kafka.topics)
         self.max_ahead_ms = settings.max_ahead_ms
         self.clock_skew = ClockSkew(settings.max_ahead_ms)  # this clock against the records' stamps
         self.wake = asyncio.Event()  # set when snapshots wait to be published
@@ -130,12 +131,12 @@ class WorkerService:
                 return None  # fetched before a rebalance moved it: the new owner reads it
             p = self._open(partition)
             if p is None:  # its stored state is refused, or its spill disk: not fetched here, /readyz says why
-                self.app.consumer.pause_partitions([TP(CLICKS, partition), TP(CLICKS_REPARTITION, partition)])
+                self.app.consumer.pause_partitions([TP(self.clicks_topic, partition), TP(self.repart_topic, partition)])
                 return records[0].offset
         now_ms = int(time.time() * 1000)
-        if tp.topic == CLICKS_REPARTITION:
+        if tp.topic == self.repart_topic:
             if self.throttle.held_here(p):  # applied after the held batches of clicks, as without the hold
-                self.app.consumer.pause_partitions([TP(CLICKS_REPARTITION, partition)])
+                self.app.consumer.pause_partitions([TP(self.repart_topic, partition)])
                 return records[0].offset  # fetched again once they are applied
             self._on_forwarded(p, records, now_ms)
             return None
@@ -206,7 +207,7 @@ class WorkerService:
         # the spill disk refused its write: nothing of it is applied; fetch no more of this
         # partition and offer it again every tick, behind any batch held before (contract §6);
         # nor what is forwarded to it: applied now, it would move stream time past the held batch
-        keys = (TP(CLICKS, partition), TP(CLICKS_REPARTITION, partition))  # Faust's type: its resume needs it
+        keys = (TP(self.clicks_topic, partition), TP(self.repart_topic, partition))  # Faust's type: its resume needs it
         if throttle.hold_batch(p, keys, held):
             self.app.consumer.pause_partitions(keys)
         return None
@@ -379,7 +380,7 @@ class WorkerService:
             if partition not in owned:
                 self.throttle.opened(partition)  # revoked: its next owner opens it
             elif self._open(partition) is not None:
-                self.app.consumer.resume_partitions([TP(CLICKS, partition), TP(CLICKS_REPARTITION, partition)])
+                self.app.consumer.resume_partitions([TP(self.clicks_topic, partition), TP(self.repart_topic, partition)])
         if self.not_ready(refusals=False) is None:
             # the state of assigned partitions that have no new record (after a restart with
             # nothing new to read, their open windows must still close and publish)
@@ -411,7 +412,7 @@ class WorkerService:
 
     async def _on_revoked(self, app: object, revoked: set[TP], **kwargs: object) -> None:
         self.metrics.rebalanced()
-        parts = [tp.partition for tp in revoked if tp.topic == CLICKS]
+        parts = [tp.partition for tp in revoked if tp.topic == self.clicks_topic]
         if not parts:
             return
         try:

@@ -11,8 +11,8 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from aggregator.core.contract import CLICKS, CLICKS_REPARTITION
 from aggregator.core.sourcelog import CHECK_IDLE_MS, restarted
+from aggregator.core.topics import Topics
 from aggregator.metrics import Metrics
 from aggregator.worker.decoder import Record
 from aggregator.worker.partitions import PartitionState
@@ -21,13 +21,15 @@ log = logging.getLogger("aggregator.worker")
 
 
 class _Kafka(Protocol):
+    topics: Topics  # the names behind AGG_TOPIC_PREFIX
+
     def highwater(self, partition: int) -> int | None: ...
 
     def log_restarted(self, partition: int) -> None: ...
 
     def position(self, partition: int) -> int | None: ...
 
-    def end_seen(self, partition: int, topic: str = CLICKS) -> tuple[int | None, int] | None: ...
+    def end_seen(self, partition: int, topic: str | None = None) -> tuple[int | None, int] | None: ...
 
 
 def check_source(p: PartitionState, records: Sequence[Record], start: int, kafka: _Kafka, metrics: Metrics) -> int:
@@ -73,7 +75,7 @@ def log_end(p: PartitionState, kafka: _Kafka, metrics: Metrics) -> tuple[int | N
     fetch was sent (the older for ``clicks-repartition``; None: none answered); sets the lag.
     While records forwarded to it wait, the end given is past what it has applied."""
     hw, seen_ms = kafka.end_seen(p.partition) or (None, None)
-    forwarded, fseen_ms = kafka.end_seen(p.partition, CLICKS_REPARTITION) or (None, None)
+    forwarded, fseen_ms = kafka.end_seen(p.partition, kafka.topics.clicks_repartition) or (None, None)
     waiting = 0 if forwarded is None else max(0, forwarded - p.book.repart_next)
     if hw is not None:
         p.lag = max(0, hw - p.book.next_offset) + waiting

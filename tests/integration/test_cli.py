@@ -78,7 +78,7 @@ def test_web_port_in_use_is_reported_before_the_broker_starts(tmp_path):
 def test_broker_takes_only_its_own_options():
     assert_one_error(aggregator("broker", "--window-seconds", "5"),
                      "error: aggregator broker: no such option: --window-seconds: it is a setting of `aggregator run`; "
-                     "`aggregator broker` takes --broker-port, --log-level, --partitions and --config")
+                     "`aggregator broker` takes --broker-port, --log-level, --partitions, --topic-prefix and --config")
 
 
 def test_bad_toml(tmp_path):

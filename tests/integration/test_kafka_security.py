@@ -30,6 +30,7 @@ from aggregator.core.contract import (
     SNAPSHOTS,
     STATE_CHANGELOG,
 )
+from aggregator.core.topics import Topics
 from tests.conftest import require_tool
 from tests.integration.conftest import ON_REAL_KAFKA, Service
 from tools.harness import REPO, wait_for
@@ -41,6 +42,8 @@ USER, PASSWORD = "aggregator", "scram-secret-1"  # a super user (the authorizer 
 APP, APP_PASSWORD = "clicks-app", "scram-secret-2"  # may do what its ACLs allow, no more
 INGEST, INGEST_PASSWORD = "clicks-ingest", "scram-secret-3"  # likewise
 NO_GROUP, NO_GROUP_PASSWORD = "clicks-no-group", "scram-secret-4"  # likewise
+TEAM, TEAM_PASSWORD = "team-a-app", "scram-secret-5"  # ACLs on names under its prefix only
+TEAM_PREFIX = "team-a."
 WINDOW_MS = 2000  # Service.DEFAULTS: AGG_WINDOW_SECONDS=2
 
 
@@ -70,7 +73,7 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKaf
     ca = make_test_ca(base / "ca")
     kafka = ScriptKafka(base_dir=str(base),
                         sasl=SaslSsl(ca, {USER: PASSWORD, APP: APP_PASSWORD, INGEST: INGEST_PASSWORD,
-                                     NO_GROUP: NO_GROUP_PASSWORD},
+                                     NO_GROUP: NO_GROUP_PASSWORD, TEAM: TEAM_PASSWORD},
                                      super_users=(USER,))).start()
     try:
         yield SecureKafka(kafka, ca.ca)
@@ -183,8 +186,8 @@ def test_service_gen_and_audit_over_sasl_ssl(secure_kafka: SecureKafka, tmp_path
 
 
 # Kafka's ACL codes (CreateAcls): resource, pattern, operation and permission types
-TOPIC, GROUP, LITERAL, ALLOW = 2, 3, 3, 3
-READ, WRITE, DESCRIBE = 3, 4, 8
+TOPIC, GROUP, LITERAL, PREFIXED, ALLOW = 2, 3, 3, 4, 3
+READ, WRITE, CREATE, DESCRIBE = 3, 4, 5, 8
 # the README's ACL table, `--role all` (ingest and worker), the topics made by a platform team:
 # no Create, and no Describe where Read or Write is granted (they imply it)
 ALL_ROLE_ACLS = [(TOPIC, CLICKS, READ), (TOPIC, CLICKS, WRITE), (TOPIC, CLICKS_REPARTITION, READ),
@@ -193,9 +196,9 @@ ALL_ROLE_ACLS = [(TOPIC, CLICKS, READ), (TOPIC, CLICKS, WRITE), (TOPIC, CLICKS_R
                  (TOPIC, LEADER_TOPIC, READ), (GROUP, APP_ID, READ)]
 
 
-def grant(kafka: ScriptKafka, user: str, acls: list[tuple[int, str, int]]) -> None:
+def grant(kafka: ScriptKafka, user: str, acls: list[tuple[int, str, int]], pattern: int = LITERAL) -> None:
     """ACLs allowing ``user`` these (resource type, name, operation), made over the PLAINTEXT
-    listener (a super user there)."""
+    listener (a super user there); ``pattern`` PREFIXED: on every name that begins with it."""
     from aiokafka.client import AIOKafkaClient
     from aiokafka.protocol.admin import CreateAclsRequest
 
@@ -205,7 +208,7 @@ def grant(kafka: ScriptKafka, user: str, acls: list[tuple[int, str, int]]) -> No
         try:
             node = next(iter(client.cluster.brokers())).nodeId
             for rt, name, op in acls:  # aiokafka's request carries one
-                resp = await client.send(node, CreateAclsRequest(rt, name, LITERAL, f"User:{user}", "*", op, ALLOW))
+                resp = await client.send(node, CreateAclsRequest(rt, name, pattern, f"User:{user}", "*", op, ALLOW))
                 assert [r[0] for r in resp.creation_responses] == [0], (name, op, resp)
         finally:
             await client.close()
@@ -308,5 +311,56 @@ def test_a_worker_refused_its_consumer_group_says_so_instead_of_waiting(secure_k
         status, _, raw = http("GET", svc.url + "/healthz")
         assert status == 503 and says in raw.decode(), raw
         assert svc.tail(400_000).count(says) == 1  # one error line
+    finally:
+        svc.stop()
+
+
+def test_run_counts_with_prefixed_acls_only(secure_kafka: SecureKafka, tmp_path: Path) -> None:
+    """A managed cluster that grants a team topics and groups under its prefix only (PREFIXED
+    ACLs on ``team-a.``): with AGG_TOPIC_PREFIX=team-a. the service creates its topics there,
+    joins group ``team-a.clickstream-aggregator`` and counts end to end; gen --kafka and
+    audit --kafka, given the same prefix, write and read there too.  Any unprefixed name it
+    asked for (the other tests' topics exist) would be refused: nothing is."""
+    t = Topics(TEAM_PREFIX)
+    grant(secure_kafka.kafka, TEAM, [(TOPIC, TEAM_PREFIX, op) for op in (READ, WRITE, CREATE)]
+          + [(GROUP, TEAM_PREFIX, READ)], pattern=PREFIXED)
+    env = {**secure_kafka.env(user=TEAM, password=TEAM_PASSWORD), "AGG_TOPIC_PREFIX": TEAM_PREFIX}
+    svc = Service(f"kafka://{secure_kafka.bootstrap}", tmp_path / "svc", **env)
+    try:
+        svc.start(wait_ready=90)
+        for topic, policy in ((t.clicks, "delete"), (t.state_changelog, "compact")):  # made by the service
+            assert topic_config(secure_kafka, topic, "cleanup.policy")["config_value"] == policy
+        regions = {"team-north": 17, "team-south": 6}
+        truth: dict = {"counts": {}}
+        for region, n in regions.items():
+            status, _, ans = svc.post([{"region": region, "event_id": f"{region}-{j}"} for j in range(n)])
+            assert status == 200 and ans["accepted"] == n, ans
+            truth["counts"][region] = {str(ans["ingest_ts"] - ans["ingest_ts"] % WINDOW_MS): n}
+
+        def counted() -> dict[str, int] | None:
+            totals = dict.fromkeys(regions, 0)
+            for s in svc.snapshots():
+                if s["region"] in totals:
+                    totals[s["region"]] += s["count"]
+            return totals if totals == regions else None
+
+        wait_for(counted, 45, what="the HTTP events counted in published snapshots")
+
+        gen_truth = tmp_path / "gen.json"
+        res = aggregator("gen", "--kafka", secure_kafka.bootstrap, "--count", "300", "--rate", "0", "--regions", "3",
+                         "--window-seconds", str(WINDOW_MS / 1000), "--truth", str(gen_truth), env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        generated = json.loads(gen_truth.read_text())
+        assert generated["accepted"] == 300
+        generated["counts"].update(truth["counts"])  # one truth for the whole topic (other regions)
+        all_truth = tmp_path / "all.json"
+        all_truth.write_text(json.dumps(generated))
+        res = aggregator("audit", "--kafka", secure_kafka.bootstrap, "--truth", str(all_truth), "--wait", "30",
+                         env=env, timeout=90)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + svc.tail()
+        assert "match the ground truth exactly" in res.stdout
+        svc.check_alive()
+        log = svc.tail(400_000)
+        assert "AuthorizationFailed" not in log and "Traceback" not in log, log[-4000:]
     finally:
         svc.stop()
