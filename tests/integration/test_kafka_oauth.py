@@ -16,10 +16,6 @@ tests/integration/test_kafka_security.py); the unit side is tests/unit/broker/te
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +25,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.integration.conftest import ON_REAL_KAFKA, Service
-from tools.harness import REPO, wait_for
+from tests.integration.kafka_flows import Counts, aggregator, gen_and_audit, post, wait_counted
 from tools.kafka import SaslSsl, ScriptKafka, make_test_ca
 from tools.oauth_endpoint import TokenEndpoint, unsigned_jwt
 
@@ -38,7 +34,6 @@ pytestmark = pytest.mark.skipif(not ON_REAL_KAFKA, reason="needs Apache Kafka (m
 CLIENT, SECRET = "clicks-service", "client-secret-1"
 LIFETIME_S = 15   # of each token: the broker ends a session when its token expires
 REAUTH_MS = 60_000  # connections.max.reauth.ms: > 0 turns session expiry on (the token's is shorter)
-WINDOW_MS = 2000  # Service.DEFAULTS: AGG_WINDOW_SECONDS=2
 
 
 @dataclass
@@ -80,13 +75,6 @@ def oauth_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthKafka
             kafka.stop()
     finally:
         endpoint.stop_thread()
-
-
-def aggregator(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("AGG_")}
-    full.update(env)
-    return subprocess.run([sys.executable, "-m", "aggregator", *args], env=full, cwd=str(REPO),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def refused_at_start(oauth_kafka: OAuthKafka, tmp_path: Path, env: dict[str, str]) -> str:
@@ -163,30 +151,16 @@ def test_service_gen_and_audit_over_oauthbearer(oauth_kafka: OAuthKafka, tmp_pat
     endpoint = oauth_kafka.endpoint
     url = f"kafka://{oauth_kafka.bootstrap}"
     svc = Service(url, tmp_path / "svc", **oauth_kafka.env())
-    counts: dict[str, dict[str, int]] = {}
-
-    def post(tag: str, region: str, n: int) -> None:
-        events = [{"region": region, "event_id": f"{tag}-{j}"} for j in range(n)]
-        status, _, ans = svc.post(events)
-        assert status == 200 and ans["accepted"] == n, ans
-        ws = str(ans["ingest_ts"] - ans["ingest_ts"] % WINDOW_MS)
-        per = counts.setdefault(region, {})
-        per[ws] = per.get(ws, 0) + n
-
-    def counted() -> bool:
-        totals: dict[str, int] = {}
-        for s in svc.snapshots():
-            totals[s["region"]] = totals.get(s["region"], 0) + s["count"]
-        return totals == {r: sum(per.values()) for r, per in counts.items()}
+    counts: Counts = {}
 
     try:
         before = len(endpoint.issued)
         svc.start(wait_ready=90)
         started = time.time()
         assert len(endpoint.issued) > before  # the service asked for its token
-        post("first", "eu-west", 30)
-        post("first", "us-east", 12)
-        wait_for(counted, 30, what="the first HTTP events counted in published snapshots")
+        post(svc, counts, "first", "eu-west", 30)
+        post(svc, counts, "first", "us-east", 12)
+        wait_counted(svc, counts, 30, what="the first HTTP events counted in published snapshots")
 
         # past three token lifetimes: every session the service opened with its first tokens
         # has been ended by the broker, so what it does now it does with refreshed tokens
@@ -195,31 +169,16 @@ def test_service_gen_and_audit_over_oauthbearer(oauth_kafka: OAuthKafka, tmp_pat
             svc.check_alive()
         issued = [i for i in endpoint.issued if i.at >= started - 1]
         assert len(issued) >= 3, f"only {len(issued)} tokens issued in {time.time() - started:.0f}s"
-        post("later", "eu-west", 7)
-        post("later", "ap-south", 9)
-        wait_for(counted, 40, what="the events sent after the first tokens expired, counted")
+        post(svc, counts, "later", "eu-west", 7)
+        post(svc, counts, "later", "ap-south", 9)
+        wait_counted(svc, counts, 40, what="the events sent after the first tokens expired, counted")
         svc.check_alive()
 
         # gen --kafka logs in with a token file; audit --kafka with the token endpoint
         token = tmp_path / "token"
         token.write_text(unsigned_jwt("clicks-gen", 600) + "\n")
-        gen_truth = tmp_path / "gen.json"
-        res = aggregator("gen", "--kafka", oauth_kafka.bootstrap, "--count", "600", "--rate", "0",
-                         "--regions", "4", "--window-seconds", str(WINDOW_MS / 1000), "--truth", str(gen_truth),
-                         env=oauth_kafka.file_env(token))
-        assert res.returncode == 0, res.stderr[-3000:]
-        truth = json.loads(gen_truth.read_text())
-        assert truth["accepted"] == 600
-        for region, per in counts.items():  # one truth for the whole topic
-            mine = truth["counts"].setdefault(region, {})
-            for ws, n in per.items():
-                mine[ws] = mine.get(ws, 0) + n
-        all_truth = tmp_path / "all.json"
-        all_truth.write_text(json.dumps(truth))
-        res = aggregator("audit", "--kafka", oauth_kafka.bootstrap, "--truth", str(all_truth), "--wait", "30",
-                         env=oauth_kafka.env(), timeout=90)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + svc.tail()
-        assert "match the ground truth exactly" in res.stdout
+        all_truth = gen_and_audit(oauth_kafka.bootstrap, tmp_path, svc, counts, oauth_kafka.file_env(token),
+                                  oauth_kafka.env())
 
         # audit --kafka with a wrong secret: one line, no traceback
         res = aggregator("audit", "--kafka", oauth_kafka.bootstrap, "--truth", str(all_truth),

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +30,8 @@ from aggregator.core.contract import (
 from aggregator.core.topics import Topics
 from tests.conftest import require_tool
 from tests.integration.conftest import ON_REAL_KAFKA, Service
-from tools.harness import REPO, wait_for
+from tests.integration.kafka_flows import Counts, aggregator, gen_and_audit, post, wait_counted
+from tools.harness import wait_for
 from tools.kafka import SaslSsl, ScriptKafka, make_test_ca
 
 pytestmark = pytest.mark.skipif(not ON_REAL_KAFKA, reason="needs Apache Kafka (make test-kafka: AGG_TEST_BROKER=kafka)")
@@ -44,7 +42,6 @@ INGEST, INGEST_PASSWORD = "clicks-ingest", "scram-secret-3"  # likewise
 NO_GROUP, NO_GROUP_PASSWORD = "clicks-no-group", "scram-secret-4"  # likewise
 TEAM, TEAM_PASSWORD = "team-a-app", "scram-secret-5"  # ACLs on names under its prefix only
 TEAM_PREFIX = "team-a."
-WINDOW_MS = 2000  # Service.DEFAULTS: AGG_WINDOW_SECONDS=2
 
 
 class SecureKafka:
@@ -99,13 +96,6 @@ def topic_config(kafka: SecureKafka, topic: str, name: str) -> dict:
     return asyncio.run(ask())
 
 
-def aggregator(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("AGG_")}
-    full.update(env)
-    return subprocess.run([sys.executable, "-m", "aggregator", *args], env=full, cwd=str(REPO),
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.parametrize(("case", "says"), [
     ("wrong password", f'refused the SASL login for user "{USER}" (SCRAM-SHA-512): check '
                        "AGG_KAFKA_SASL_USERNAME / AGG_KAFKA_SASL_PASSWORD"),
@@ -139,41 +129,14 @@ def test_service_gen_and_audit_over_sasl_ssl(secure_kafka: SecureKafka, tmp_path
             assert entry["config_source"] == 1, entry  # DYNAMIC_TOPIC_CONFIG (broker default: 4 or 5)
 
         # events over HTTP: counted exactly, per region and window
-        http_counts: dict[str, dict[str, int]] = {}
+        http_counts: Counts = {}
         for i, (region, n) in enumerate([("eu-west", 30), ("us-east", 12), ("eu-west", 5)]):
-            events = [{"region": region, "event_id": f"http-{i}-{j}"} for j in range(n)]
-            status, _, ans = svc.post(events)
-            assert status == 200 and ans["accepted"] == n, ans
-            ws = str(ans["ingest_ts"] - ans["ingest_ts"] % WINDOW_MS)
-            per = http_counts.setdefault(region, {})
-            per[ws] = per.get(ws, 0) + n
-
-        def counted() -> dict[str, int] | None:
-            totals: dict[str, int] = {}
-            for s in svc.snapshots():
-                totals[s["region"]] = totals.get(s["region"], 0) + s["count"]
-            return totals if totals == {"eu-west": 35, "us-east": 12} else None
-
-        wait_for(counted, 30, what="the HTTP events counted in published snapshots")
+            post(svc, http_counts, f"http-{i}", region, n)
+        wait_counted(svc, http_counts, 30, what="the HTTP events counted in published snapshots")
 
         # gen --kafka produces over SASL_SSL; audit --kafka reads click-snapshots over it
-        gen_truth = tmp_path / "gen.json"
-        res = aggregator("gen", "--kafka", secure_kafka.bootstrap, "--count", "600", "--rate", "0",
-                         "--regions", "4", "--window-seconds", str(WINDOW_MS / 1000), "--truth", str(gen_truth),
-                         env=secure_kafka.env())
-        assert res.returncode == 0, res.stderr[-3000:]
-        truth = json.loads(gen_truth.read_text())
-        assert truth["accepted"] == 600
-        for region, per in http_counts.items():  # one truth for the whole topic
-            mine = truth["counts"].setdefault(region, {})
-            for ws, n in per.items():
-                mine[ws] = mine.get(ws, 0) + n
-        all_truth = tmp_path / "all.json"
-        all_truth.write_text(json.dumps(truth))
-        res = aggregator("audit", "--kafka", secure_kafka.bootstrap, "--truth", str(all_truth), "--wait", "30",
-                         env=secure_kafka.env(), timeout=90)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + svc.tail()
-        assert "match the ground truth exactly" in res.stdout
+        all_truth = gen_and_audit(secure_kafka.bootstrap, tmp_path, svc, http_counts, secure_kafka.env(),
+                                  secure_kafka.env())
 
         # and audit --kafka with a wrong password: one line, no traceback
         res = aggregator("audit", "--kafka", secure_kafka.bootstrap, "--truth", str(all_truth),
@@ -227,19 +190,10 @@ def test_run_counts_with_the_documented_acls_and_no_create_right(secure_kafka: S
                   **secure_kafka.env(user=APP, password=APP_PASSWORD))
     try:
         svc.start(wait_ready=90)
-        regions = {"acl-north": 21, "acl-south": 8}
-        for region, n in regions.items():
-            status, _, ans = svc.post([{"region": region, "event_id": f"{region}-{j}"} for j in range(n)])
-            assert status == 200 and ans["accepted"] == n, ans
-
-        def counted() -> dict[str, int] | None:
-            totals = dict.fromkeys(regions, 0)
-            for s in svc.snapshots():
-                if s["region"] in totals:
-                    totals[s["region"]] += s["count"]
-            return totals if totals == regions else None
-
-        wait_for(counted, 45, what="the events counted in published snapshots")
+        counts: Counts = {}
+        for region, n in {"acl-north": 21, "acl-south": 8}.items():
+            post(svc, counts, region, region, n)
+        wait_counted(svc, counts, 45, what="the events counted in published snapshots")
         svc.check_alive()
         log = svc.tail(400_000)
         assert "AuthorizationFailed" not in log and "Traceback" not in log, log[-4000:]
@@ -330,35 +284,11 @@ def test_run_counts_with_prefixed_acls_only(secure_kafka: SecureKafka, tmp_path:
         svc.start(wait_ready=90)
         for topic, policy in ((t.clicks, "delete"), (t.state_changelog, "compact")):  # made by the service
             assert topic_config(secure_kafka, topic, "cleanup.policy")["config_value"] == policy
-        regions = {"team-north": 17, "team-south": 6}
-        truth: dict = {"counts": {}}
-        for region, n in regions.items():
-            status, _, ans = svc.post([{"region": region, "event_id": f"{region}-{j}"} for j in range(n)])
-            assert status == 200 and ans["accepted"] == n, ans
-            truth["counts"][region] = {str(ans["ingest_ts"] - ans["ingest_ts"] % WINDOW_MS): n}
-
-        def counted() -> dict[str, int] | None:
-            totals = dict.fromkeys(regions, 0)
-            for s in svc.snapshots():
-                if s["region"] in totals:
-                    totals[s["region"]] += s["count"]
-            return totals if totals == regions else None
-
-        wait_for(counted, 45, what="the HTTP events counted in published snapshots")
-
-        gen_truth = tmp_path / "gen.json"
-        res = aggregator("gen", "--kafka", secure_kafka.bootstrap, "--count", "300", "--rate", "0", "--regions", "3",
-                         "--window-seconds", str(WINDOW_MS / 1000), "--truth", str(gen_truth), env=env)
-        assert res.returncode == 0, res.stderr[-3000:]
-        generated = json.loads(gen_truth.read_text())
-        assert generated["accepted"] == 300
-        generated["counts"].update(truth["counts"])  # one truth for the whole topic (other regions)
-        all_truth = tmp_path / "all.json"
-        all_truth.write_text(json.dumps(generated))
-        res = aggregator("audit", "--kafka", secure_kafka.bootstrap, "--truth", str(all_truth), "--wait", "30",
-                         env=env, timeout=90)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + svc.tail()
-        assert "match the ground truth exactly" in res.stdout
+        counts: Counts = {}
+        for region, n in {"team-north": 17, "team-south": 6}.items():
+            post(svc, counts, region, region, n)
+        wait_counted(svc, counts, 45, what="the HTTP events counted in published snapshots")
+        gen_and_audit(secure_kafka.bootstrap, tmp_path, svc, counts, env, env, n=300, regions=3)
         svc.check_alive()
         log = svc.tail(400_000)
         assert "AuthorizationFailed" not in log and "Traceback" not in log, log[-4000:]
