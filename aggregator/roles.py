@@ -12,7 +12,9 @@ Every part with a lifecycle is a ``mode.Service`` handed to one ``mode.Worker`` 
 for the roles with a worker), which starts them in order, stops them in reverse order on
 SIGTERM/SIGINT and exits: the ingest producer first (so it is there to flush last), then
 the HTTP server (so it answers ``/healthz`` while the worker recovers, and finishes the
-requests in flight before the producer flushes), then the Faust app.
+requests in flight before the producer flushes), then the Faust app.  A stop that has not
+ended ``stopbound.STOP_BOUND_S`` after the signal (the broker is gone) ends there, and one
+that did not leave the consumer group says so: one line, status ``stopbound.EXIT_UNCLEAN_STOP``.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Any
 
 import mode
 
-from aggregator import tracing
+from aggregator import stopbound, tracing
 from aggregator.background import BackgroundService
 from aggregator.broker.probe import BrokerProbe
 from aggregator.config import Settings
@@ -79,7 +81,9 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
                               notes,
                               announce=announce))
         services.append(HeapFreezer(lambda: ingest.ready))
-        mode.Worker(*services, **options).execute_from_commandline()
+        mw = mode.Worker(*services, **options)
+        stopbound.install(mw, settings.role, lambda: probe.reachable)
+        mw.execute_from_commandline()
         return
     # the ingest role runs without loading Faust; aggregator.worker drops Faust's own variables
     # from the environment before it loads Faust (worker/__init__.py)
@@ -98,6 +102,7 @@ def run(settings: Settings, print_snapshots: bool = False, notes: dict[str, str]
     services.append(HeapFreezer(worker.ready))
     fw = FaustWorker(worker.app, *services, **options)
     fw.spinner = None  # a terminal spinner would print escape codes into our log lines
+    stopbound.install(fw, settings.role, lambda: probe.reachable, worker.kafka.not_left)
     fw.execute_from_commandline()
 
 

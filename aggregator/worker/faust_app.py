@@ -20,7 +20,7 @@ from aggregator.config import Settings
 from aggregator.core.contract import STATE_TABLE
 from aggregator.core.statechunks import decode_state
 from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, positions
-from aggregator.worker.stamps import end_seen, member_clock, not_member
+from aggregator.worker.stamps import end_seen, member_clock, not_left, not_member
 
 log = logging.getLogger("aggregator.worker")
 FaustWorker = faust.Worker  # what runs the worker role's services (roles.py)
@@ -210,6 +210,11 @@ class FaustApp:
         None: it cannot have), for the checkpoint's fence."""
         consumer = self._aiokafka()
         return None if consumer is None else not_member(consumer, self.session_s, member_clock())
+
+    def not_left(self) -> str | None:
+        """Once the consumer has closed: why it did not leave its group ("": it left; None:
+        it was no member then, or it has not closed; ``stamps.not_left``)."""
+        return not_left(self._aiokafka())
 
     def end_seen(self, partition: int, topic: str | None = None) -> tuple[int | None, int] | None:
         """The partition's end offset as of the last fetch answered for it (None: the broker

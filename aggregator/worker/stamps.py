@@ -22,6 +22,8 @@ from typing import Any
 
 from aiokafka.consumer import fetcher as _fetcher
 from aiokafka.consumer import group_coordinator as _group
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.structs import TopicPartition
 
 log = logging.getLogger("aggregator.worker")
@@ -36,7 +38,16 @@ async def _proc_fetch_request(self: Any, assignment: Any, node_id: int, request:
     follow the wall clock only up to there (worker/clock.py): the time of the answer would not
     do for a process that stood still (SIGSTOP, a paused VM) with an answer of before unread."""
     sent_ms = int(time.time() * 1000)
-    done = await _aiokafka_proc_fetch_request(self, assignment, node_id, request)
+    try:
+        done = await _aiokafka_proc_fetch_request(self, assignment, node_id, request)
+    except asyncio.CancelledError:
+        if not self._closed:
+            raise
+        # aiokafka 0.14's Fetcher.close() cancels and awaits each fetch, expecting False back
+        # (as aiokafka's own handler for a cancelled send gives); one cancelled in its sleep
+        # after a failed fetch (the broker away) raised instead, out of the consumer's stop:
+        # Faust's consumer thread died without a word to mode, which waited 60 s for it
+        return False
     for topic, partitions in request.topics:
         for partition, *_ in partitions:
             state = assignment.state_value(TopicPartition(topic, partition))
@@ -96,8 +107,32 @@ async def _first_heartbeat(coordinator: Any) -> None:
         log.debug("the heartbeat after a join failed: %r", exc)
 
 
+async def _maybe_leave_group(self: Any) -> None:
+    """aiokafka's ``_maybe_leave_group`` (the same one attempt, at close or after
+    max.poll.interval idle), with how it went kept on the coordinator for :func:`not_left`:
+    aiokafka logged a failure and went on, and a stop that had not left the group said so
+    nowhere (with the broker away, in one traceback-free line now: roles.py)."""
+    if self.generation > 0 and self._group_instance_id is None:
+        try:
+            await self._send_req(LeaveGroupRequest(self.group_id, self.member_id))
+        except KafkaError as err:
+            self.not_left = f"its LeaveGroup request failed: {type(err).__name__}"
+        else:
+            self.not_left = ""
+    else:
+        self.not_left = None
+    self.reset_generation()
+
+
 _group.GroupCoordinator._do_heartbeat = _do_heartbeat
 _group.CoordinatorGroupRebalance._send_sync_group_request = _send_sync_group_request
+_group.GroupCoordinator._maybe_leave_group = _maybe_leave_group
+
+
+def not_left(consumer: Any) -> str | None:
+    """Why the consumer, closed, did not leave its group ("": it left; None: it was no
+    member then, or has not closed)."""
+    return getattr(getattr(consumer, "_coordinator", None), "not_left", None)
 
 
 def not_member(consumer: Any, session_s: float, now: float) -> tuple[int, str] | None:

@@ -1,0 +1,120 @@
+"""A stop that ends in time (aggregator/stopbound.py): with the broker gone a worker's stop
+took about a minute, past the 30 s grace of Docker and Kubernetes, and ended in tracebacks;
+now it ends within STOP_BOUND_S, and one that did not leave the group says so in one line
+and exits EXIT_UNCLEAN_STOP."""
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from aggregator import stopbound
+from aggregator.stopbound import EXIT_UNCLEAN_STOP, STOP_BOUND_S, StopBound
+from tests.conftest import REPO
+
+UNCLEAN = "stopped without leaving the consumer group cleanly"
+
+
+def test_the_bound_is_below_the_usual_grace_and_the_status_is_distinct():
+    assert STOP_BOUND_S <= 20 < 30
+    assert EXIT_UNCLEAN_STOP not in (0, 1, 2, 130)
+
+
+def test_a_stop_past_the_bound_says_one_line_and_exits(caplog):
+    exits: list[int] = []
+    b = StopBound(lambda what: f"line: {what}", bound_s=0.2, exit_fn=exits.append)
+    with caplog.at_level(logging.ERROR, "aggregator"):
+        b.arm("SIGTERM")
+        b.arm("SIGINT")  # once: the first signal's clock
+        assert b.thread is not None
+        b.thread.join(5)
+    assert exits == [EXIT_UNCLEAN_STOP]
+    assert [r.getMessage() for r in caplog.records] == ["line: the stop had not ended 0.2 s after SIGTERM"]
+
+
+def test_a_line_said_already_is_not_said_again(caplog):
+    exits: list[int] = []
+    b = StopBound(lambda what: "from the bound", bound_s=0.1, exit_fn=exits.append)
+    with caplog.at_level(logging.ERROR, "aggregator"):
+        b.say(lambda: "from the stop")
+        b.arm("SIGTERM")
+        b.thread.join(5)
+    assert exits == [EXIT_UNCLEAN_STOP]
+    assert [r.getMessage() for r in caplog.records] == ["from the stop"]
+
+
+class FakeWorker:
+    def __init__(self) -> None:
+        self.signals: list[object] = []
+        self.stopped = 0
+
+    def _schedule_shutdown(self, signum: object) -> None:
+        self.signals.append(signum)
+
+    def stop_and_shutdown(self) -> None:
+        self.stopped += 1
+
+
+@pytest.mark.parametrize(("not_left", "reachable", "unclean"), [
+    ("", False, None),                     # left the group (the broker went after)
+    (None, True, None),                    # no member, the broker there: nothing to leave
+    ("its LeaveGroup request failed: GroupCoordinatorNotAvailableError", True,
+     "its LeaveGroup request failed: GroupCoordinatorNotAvailableError"),
+    (None, False, "the broker is unreachable"),
+])
+def test_after_the_stop_a_worker_that_did_not_leave_says_so(caplog, not_left, reachable, unclean):
+    w = FakeWorker()
+    stopbound.install(w, "worker", lambda: reachable, lambda: not_left, bound_s=60)
+    w._schedule_shutdown(signal.SIGTERM)
+    assert w.signals == [signal.SIGTERM]
+    with caplog.at_level(logging.ERROR, "aggregator"):
+        if unclean is None:
+            w.stop_and_shutdown()
+        else:
+            with pytest.raises(SystemExit) as exc:
+                w.stop_and_shutdown()
+            assert exc.value.code == EXIT_UNCLEAN_STOP
+    assert w.stopped == 1
+    lines = [r.getMessage() for r in caplog.records]
+    if unclean is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith(f"{UNCLEAN} ({unclean}); exit status 3")
+
+
+def test_ingest_has_only_the_bound():
+    w = FakeWorker()
+    stopbound.install(w, "ingest", lambda: False, None, bound_s=60)
+    w.stop_and_shutdown()  # no group to leave: status 0
+    assert w.stopped == 1
+
+
+def test_a_hung_stop_ends_the_real_process_within_the_bound():
+    """os._exit from the bound's thread, while the main thread is stuck in the stop."""
+    code = textwrap.dedent("""
+        import signal, time
+        from aggregator import logs, stopbound
+        logs.setup_logging("INFO")
+        class Hung:
+            def _schedule_shutdown(self, signum): pass
+            def stop_and_shutdown(self):
+                time.sleep(60)
+        w = Hung()
+        stopbound.install(w, "worker", lambda: False, lambda: None, bound_s=1.0)
+        w._schedule_shutdown(signal.SIGTERM)
+        w.stop_and_shutdown()
+    """)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=30)
+    took = time.monotonic() - t0
+    assert p.returncode == EXIT_UNCLEAN_STOP, p.stderr
+    assert took < 10, took
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert UNCLEAN in lines[0] and "the stop had not ended 1 s after SIGTERM; the broker is unreachable" in lines[0]
+    assert "Traceback" not in p.stderr
