@@ -32,6 +32,7 @@ log = logging.getLogger("aggregator")
 
 STOP_BOUND_S = 20.0    # from the stop signal to the exit, at most (below the usual 30 s grace)
 EXIT_UNCLEAN_STOP = 3  # stopped on request, but not cleanly (docs/contract.md §3)
+LAST_WORDS_S = 1.0     # how long the bound waits for its line before it exits anyway
 
 
 class StopBound:
@@ -46,6 +47,8 @@ class StopBound:
         self.exit = exit_fn
         self.what = ""
         self.said = False
+        self.signalled = False  # armed by a stop signal (not by a crash or an end of its own)
+        self.done = False  # the stop has ended: what the process does after it is not bounded
         self.thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -57,6 +60,10 @@ class StopBound:
             self.thread = threading.Thread(target=self._watch, name="stop-bound", daemon=True)
             self.thread.start()
 
+    def disarm(self) -> None:
+        with self._lock:
+            self.done = True
+
     def say(self, line: Callable[[], str]) -> None:
         """Log ``line()``, unless a line was said already."""
         with self._lock:
@@ -67,22 +74,32 @@ class StopBound:
 
     def _watch(self) -> None:
         time.sleep(self.bound_s)
+        with self._lock:
+            if self.done:
+                return
+        # the line from a thread of its own, given a second: a log handler stuck on a full
+        # pipe (the main thread blocked in it, holding its lock) must not keep the exit waiting
+        words = threading.Thread(target=self._last_words, name="stop-bound-line", daemon=True)
+        words.start()
+        words.join(LAST_WORDS_S)
+        self.exit(EXIT_UNCLEAN_STOP)
+
+    def _last_words(self) -> None:
         try:
             self.say(lambda: self.why(f"the stop had not ended {self.bound_s:g} s after {self.what}"))
             sys.stderr.flush()
             sys.stdout.flush()
-        except Exception:  # noqa: BLE001 - exit, whatever the line did
+        except Exception:  # noqa: BLE001 - the exit comes whatever the line did
             pass
-        finally:
-            self.exit(EXIT_UNCLEAN_STOP)
 
 
 def install(worker: Any, role: str, reachable: Callable[[], bool],
             not_left: Callable[[], str | None] | None = None, bound_s: float = STOP_BOUND_S) -> StopBound:
     """Bound the stop of the mode ``worker`` (``role``'s) and say how it ended.  The bound is
     armed by its first stop signal (``_schedule_shutdown``, SIGTERM and SIGINT alike) or when
-    it stops for another reason (``stop_and_shutdown``, after a crash).  When the stop has
-    ended in time, a worker that did not leave its group (``not_left()``: why, "" when it
+    it stops for another reason (``stop_and_shutdown``, after a crash), and disarmed when
+    the stop has ended.  When a stop on a signal has ended in time, a worker that did not
+    leave its group (``not_left()``: why, "" when it
     left, None when it was no member; ``reachable()``: the broker's state) says so in one
     line and the process exits ``EXIT_UNCLEAN_STOP`` instead of 0."""
     def why(what: str) -> str:
@@ -92,14 +109,18 @@ def install(worker: Any, role: str, reachable: Callable[[], bool],
     schedule, stop_and_shutdown = worker._schedule_shutdown, worker.stop_and_shutdown
 
     def on_signal(signum: Any) -> None:
+        bound.signalled = True
         bound.arm(getattr(signum, "name", str(signum)))
         schedule(signum)
 
     def on_stop() -> None:
         bound.arm("the stop began")
-        stop_and_shutdown()  # raises the reason of a crash: the stop is a crash's then
-        if not_left is None:
-            return  # ingest: only the bound
+        try:
+            stop_and_shutdown()  # raises the reason of a crash: the stop is a crash's then
+        finally:
+            bound.disarm()  # it ended in time: what follows (the embedded broker's stop) is not cut off
+        if not_left is None or not bound.signalled:
+            return  # ingest: only the bound; a crash, or an end of its own: mode's status stands
         reason = not_left()
         if reason == "" or (reason is None and reachable()):
             return  # it left the group, or was no member (and not for want of a broker)

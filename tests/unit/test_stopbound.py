@@ -118,3 +118,54 @@ def test_a_hung_stop_ends_the_real_process_within_the_bound():
     assert len(lines) == 1, lines
     assert UNCLEAN in lines[0] and "the stop had not ended 1 s after SIGTERM; the broker is unreachable" in lines[0]
     assert "Traceback" not in p.stderr
+
+
+def test_a_stop_that_has_ended_is_not_cut_off():
+    """What follows a clean stop (the embedded broker's stop, a tracer's flush) is not the
+    stop: once it has ended the bound does nothing (it killed pytest's own workers 60 s on)."""
+    exits: list[int] = []
+    b = StopBound(lambda what: "late", bound_s=0.2, exit_fn=exits.append)
+    b.arm("SIGTERM")
+    b.disarm()
+    b.thread.join(5)
+    assert exits == [] and not b.said
+    w = FakeWorker()
+    bound = stopbound.install(w, "worker", lambda: True, lambda: "", bound_s=60)
+    w._schedule_shutdown(signal.SIGTERM)
+    w.stop_and_shutdown()
+    assert bound.done and bound.thread is not None and bound.thread.is_alive()  # asleep, disarmed
+
+
+def test_a_crash_keeps_its_own_status_with_the_broker_away(caplog):
+    """No stop signal: the worker ended by itself (a crash, whose status mode gives); the
+    broker being away does not make it a stop on request that did not end cleanly."""
+    w = FakeWorker()
+    stopbound.install(w, "worker", lambda: False, lambda: None, bound_s=60)
+    with caplog.at_level(logging.ERROR, "aggregator"):
+        w.stop_and_shutdown()  # no SystemExit(3)
+    assert w.stopped == 1 and caplog.records == []
+
+
+def test_a_log_handler_stuck_on_a_full_pipe_does_not_hold_the_exit():
+    """The main thread blocked in a handler (holding its lock): the bound's line cannot be
+    written, and the process still ends at the bound (plus the line's second)."""
+    code = textwrap.dedent("""
+        import logging, signal, threading
+        from aggregator import stopbound
+        class Stuck(logging.Handler):
+            def emit(self, record):
+                threading.Event().wait()  # a pipe nobody reads
+        logging.getLogger().addHandler(Stuck())
+        class W:
+            def _schedule_shutdown(self, signum): pass
+            def stop_and_shutdown(self):
+                logging.getLogger("aiokafka").error("the broker is gone")
+        w = W()
+        stopbound.install(w, "worker", lambda: False, lambda: None, bound_s=1.0)
+        w._schedule_shutdown(signal.SIGTERM)
+        w.stop_and_shutdown()
+    """)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=30)
+    assert p.returncode == EXIT_UNCLEAN_STOP, p.stderr
+    assert time.monotonic() - t0 < 10
