@@ -57,6 +57,9 @@ DEFAULT_LIFETIME_S = 60.0  # a token with neither expires_in nor exp: assumed sh
 REFRESH_FRACTION = 0.8     # a new token once this much of the lifetime has passed (Kafka's default)
 MIN_REFRESH_S = 1.0        # however short-lived the tokens: not more than one fetch a second
 RETRY_S = 2.0              # after a failed refresh, while the old token is still valid
+# without a valid token, failed requests are not repeated for 2, 4, ... up to 30 s: every
+# client's reconnects (aiokafka's, several a second) ask for a token
+MAX_BACKOFF_S = 30.0
 TIMEOUT_S = 10.0           # one token request, connection to the last byte
 MAX_ANSWER_BYTES = 1 << 20
 # the OAuth error codes (RFC 6749 §5.2) that name a setting to check
@@ -126,6 +129,9 @@ class TokenEndpoint(_Extensions):
         self._clock = clock
         self._token = ""
         self._refresh_at = self._expires_at = self._retry_at = 0.0
+        self._failed: str | None = None  # why the last request failed while no token was valid
+        self._failed_until = 0.0
+        self._backoff_s = 0.0
         # the fetch in flight: a thread-safe future, since Faust's consumer runs an event loop
         # of its own in a thread of its own, beside the one of everything else
         self._guard = threading.Lock()
@@ -153,24 +159,32 @@ class TokenEndpoint(_Extensions):
                 if current is not None:
                     return current
                 mine = self._inflight = concurrent.futures.Future()
+                # running: a waiter that is cancelled (aiokafka cancels fetches on a revoke) can
+                # no longer cancel the shared future under every other waiter and the fetcher
+                mine.set_running_or_notify_cancel()
         if fetching is not None:  # another login (of any thread) is fetching: its result
             return await asyncio.wrap_future(fetching)
         try:
             token = await self._refresh()
         except asyncio.CancelledError:
-            mine.set_exception(OAuthTokenError(f"the token request to {self.url} was cancelled"))
+            if not mine.done():
+                mine.set_exception(OAuthTokenError(f"the token request to {self.url} was cancelled"))
             raise
         except BaseException as exc:
-            mine.set_exception(exc)
+            if not mine.done():
+                mine.set_exception(exc)
             raise
         else:
-            mine.set_result(token)
+            if not mine.done():
+                mine.set_result(token)
         finally:
             with self._guard:
                 self._inflight = None
         return token
 
     async def _refresh(self) -> str:
+        if self._failed is not None and self._clock() < self._failed_until:
+            raise OAuthTokenError(self._failed)  # asked again too soon: the last answer stands
         try:
             token, lifetime = await self._fetch()
         except OAuthTokenError as exc:
@@ -179,7 +193,12 @@ class TokenEndpoint(_Extensions):
                             "%.0f s more): %s", self._expires_at - self._clock(), exc)
                 self._retry_at = self._clock() + RETRY_S
                 return self._token
+            self._backoff_s = min(MAX_BACKOFF_S, max(RETRY_S, 2 * self._backoff_s))
+            self._failed, self._failed_until = str(exc), self._clock() + self._backoff_s
+            if self._token:  # it had one (at start, a failure is the one line of the refusal)
+                log.error("no Kafka OAuth token (asked again in %.0f s): %s", self._backoff_s, exc)
             raise
+        self._failed, self._backoff_s = None, 0.0
         now = self._clock()
         self._token = token
         self._expires_at = now + lifetime
@@ -212,8 +231,10 @@ class TokenEndpoint(_Extensions):
             raise OAuthTokenError(_refusal(where, self.client_id, status, answer, body))
         token = answer.get("access_token") if answer is not None else None
         if not isinstance(token, str) or not token.strip():
-            raise OAuthTokenError(f"{where} answered HTTP 200 without an access_token (got "
-                                  f"{_snippet(body)}): check {URL_SETTING}")
+            got = f"a JSON object with {', '.join(sorted(answer)) or 'no keys'}" if answer is not None \
+                else f"{len(body)} bytes that are not a JSON object"  # never the body: it may hold a token
+            raise OAuthTokenError(f"{where} answered HTTP 200 without an access_token (got {got}): "
+                                  f"check {URL_SETTING}")
         return token.strip(), _lifetime(token.strip(), answer)
 
 

@@ -227,3 +227,58 @@ async def test_a_missing_or_empty_token_file_names_the_setting(tmp_path: Path) -
     (tmp_path / "empty").write_text(" \n")
     with pytest.raises(OAuthTokenError, match=r"AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE: .*empty is empty"):
         await TokenFile(str(tmp_path / "empty")).token()
+
+
+async def test_a_cancelled_login_leaves_the_shared_fetch_to_the_others(endpoint: Endpoint) -> None:
+    """aiokafka cancels a fetch on a revoke: that login's wait ends, and only it; the fetch
+    and every other login waiting on it get the token (they got CancelledError and
+    InvalidStateError, which stop aiokafka's sender loop without a word)."""
+    endpoint.delay_s = 0.4
+    tokens = TokenEndpoint(endpoint.url, CLIENT, SECRET)
+    fetcher = asyncio.ensure_future(tokens.token())
+    await asyncio.sleep(0.05)  # the fetch is in flight
+    other = asyncio.ensure_future(tokens.token())
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(tokens.token(), 0.1)  # a third, cancelled while it waits
+    assert await fetcher == await other == endpoint.issued[0].token
+    assert endpoint.requests == 1
+
+
+async def test_without_a_valid_token_failures_are_not_asked_again_at_every_login(endpoint: Endpoint,
+                                                                                 caplog) -> None:
+    """A secret rotated or an identity provider down: each client's reconnects (several a
+    second) must not each ask the endpoint; the answer stands 2, 4, ... up to 30 s."""
+    clock = Clock()
+    tokens = TokenEndpoint(endpoint.url, CLIENT, SECRET, clock=clock)
+    first = await tokens.token()
+    endpoint.fail_with = (401, {"error": "invalid_client"})
+    clock.now += 101  # expired
+    for _ in range(20):
+        with pytest.raises(OAuthTokenError, match="invalid_client"):
+            await tokens.token()
+    assert endpoint.requests == 2  # the first token's, and one failed
+    waits, last = [], clock.now
+    for _ in range(6):  # when does it ask again? (a login every half second)
+        before = endpoint.requests
+        while endpoint.requests == before:
+            clock.now += 0.5
+            with pytest.raises(OAuthTokenError):
+                await tokens.token()
+        waits.append(clock.now - last)
+        last = clock.now
+    assert waits == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert sum("no Kafka OAuth token (asked again in" in r.getMessage() for r in caplog.records) == 7
+    endpoint.fail_with = None
+    clock.now += 30
+    before = endpoint.requests
+    assert await tokens.token() == endpoint.issued[-1].token and endpoint.requests == before + 1
+    assert len(endpoint.issued) == 2 and endpoint.issued[0].token == first
+
+
+async def test_a_200_without_a_token_never_quotes_the_answer(endpoint: Endpoint) -> None:
+    """A provider that names the field otherwise (accessToken) would put the token in a log line."""
+    endpoint.fail_with = (200, {"accessToken": "eyJ-secret-material", "expires": 60})
+    with pytest.raises(OAuthTokenError) as err:
+        await TokenEndpoint(endpoint.url, CLIENT, SECRET).token()
+    assert "secret-material" not in str(err.value)
+    assert "a JSON object with accessToken, expires" in str(err.value)
