@@ -22,7 +22,6 @@ _DEFAULT_PORT = {"http": ":80", "https": ":443", "ws": ":80", "wss": ":443"}
 _ENCODE = {c: f"%{c:02X}" for c in [*range(0x21), 0x22, 0x5C, 0x7F]}
 _NEEDS_ENCODING = re.compile(r'[^\x21\x23-\x5b\x5d-\x7e]')
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def percent_encode(text: str) -> str:
@@ -39,8 +38,8 @@ def normalise_url(url: str, keep_query: bool = False) -> str | None:
     * surrounding whitespace is dropped; an empty URL is None;
     * the fragment (``#...``) is always dropped, the query string (``?...``) unless
       ``keep_query``;
-    * with a scheme (``https://Example.COM:443/A``): scheme and the host's ASCII letters
-      lower-cased (no other case folding), user info (``user:pw@``) and the scheme's
+    * with a scheme (``https://Example.COM:443/A``): scheme and host lower-cased (but for
+      letters whose lower case has ASCII in it: the KELVIN SIGN stays), user info (``user:pw@``) and the scheme's
       default port (80, 443) dropped, an empty path becomes ``/`` ->
       ``https://example.com/A``; the path keeps its case;
     * without one (``/home``, ``home``): the path as given;
@@ -48,13 +47,13 @@ def normalise_url(url: str, keep_query: bool = False) -> str | None:
       6.2.2.1); characters other than printable ASCII (and ``"``, ``\\``, spaces) are
       percent-encoded as UTF-8 (so ``ü`` and ``%c3%bc`` are one URL);
     * the result is cut to ``MAX_URL_CHARS`` characters, never within an escape or within
-      the escapes of one UTF-8 character.
+      the escapes of one UTF-8 character (a sender's own escapes are not checked).
     """
     u = url.strip()
     m = _ABSOLUTE.match(u)
     if m is not None:
         scheme, host, path, query = m.groups()
-        scheme, host = scheme.lower(), host.translate(_ASCII_LOWER)
+        scheme, host = scheme.lower(), host.lower() if host.isascii() else _lower_host(host)
         port = _DEFAULT_PORT.get(scheme)
         if port is not None and host.endswith(port):
             host = host[:-len(port)]
@@ -80,6 +79,17 @@ def normalise_url(url: str, keep_query: bool = False) -> str | None:
             u = u[:pct]
         u = _whole_utf8(u)
     return u or None
+
+
+def _lower_host(host: str) -> str:
+    """``host`` lower-cased, but for a letter whose lower case has ASCII in it: ``MÜNCHEN``
+    and ``münchen`` are one host, while the KELVIN SIGN (lower case ``k``) and ``İ`` (``i``
+    and a dot) stay as they are, never folded onto another host's ASCII letters."""
+    out: list[str] = []
+    for ch in host:
+        low = ch.lower()
+        out.append(low if ch.isascii() or not any(c.isascii() for c in low) else ch)
+    return "".join(out)
 
 
 def _upper(m: re.Match[str]) -> str:

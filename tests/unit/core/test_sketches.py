@@ -106,6 +106,8 @@ BIG = dict(n=30_000, n_users=5_000, n_urls=3_000)
     ("https://B\u00fccher.DE/x", "https://b%C3%BCcher.de/x"),
     ("https://b%c3%bccher.de/x", "https://b%C3%BCcher.de/x"),  # the same page, escaped by its sender
     ("https://\u212a.example/a", "https://%E2%84%AA.example/a"),  # KELVIN SIGN: no Unicode folding onto k
+    ("https://M\u00dcNCHEN.de/", "https://m%C3%BCnchen.de/"),  # one host with https://münchen.de/
+    ("https://\u0130stanbul.example/", "https://%C4%B0stanbul.example/"),  # İ: its lower case is i and a dot
     ("%zz/%4", "%zz/%4"),  # not escapes: left alone
     ("", None),
     ("   ", None),
