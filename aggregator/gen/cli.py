@@ -178,7 +178,9 @@ CTX = {"show_default": True}
 @click.option("--bad-fraction", type=click.FloatRange(0, 1), default=0.0, help="fraction of malformed records")
 @click.option("--delayed-fraction", type=click.FloatRange(0, 1), default=0.0, help="fraction with an old client ts")
 @settings_options(("late_after_seconds", "window_seconds", "ingest_token"), rename={"ingest_token": "--token"})
-@click.option("--seed", type=int, default=1, help="random seed: the same seed gives the same stream")
+@click.option("--seed", type=int, default=1,
+              help="random seed: the same seed gives the same stream of regions, users and URLs (event ids and "
+                   "Idempotency-Keys also carry a random run id: a rerun is new events, not a retry)")
 @click.option("--truth", default="", metavar="FILE",
               help="write ground truth JSON here: counts, and the exact unique users, URL counts and client-delay "
                    "quantiles of every (region, window)")

@@ -111,6 +111,9 @@ class Routes:
         except web.HTTPException as exc:  # an answer raised by a handler
             status = exc.status
             raise
+        except Exception:  # a bug in a handler: logged with its traceback, answered in JSON like every error
+            log.exception("%s %s: the handler failed", request.method, request.path)
+            return error(500, "internal server error: the service logged it")
         finally:
             if gate is not None:
                 gate.end(request.transport)

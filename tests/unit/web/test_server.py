@@ -68,13 +68,15 @@ async def test_requests_counted_by_route_template_and_status_class():
                                        {"route": "/healthz"}) == 3
 
 
-async def test_a_handler_that_raises_is_counted_as_5xx():
+async def test_a_handler_that_raises_is_counted_as_5xx(caplog):
     m = Metrics()
     client = await client_for(m, post=boom)
     try:
-        assert (await client.post("/v1/events", data=b"[]")).status == 500
+        r = await client.post("/v1/events", data=b"[]")
+        assert r.status == 500 and (await r.json()) == {"error": "internal server error: the service logged it"}
     finally:
         await client.close()
+    assert any("POST /v1/events: the handler failed" in rec.getMessage() and rec.exc_info for rec in caplog.records)
     assert requests(m, "/v1/events", "5xx") == 1
     assert requests(m, "/v1/events", "2xx") == 0
 
