@@ -261,6 +261,7 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
     from aggregator.broker import BrokerError
     from aggregator.broker.embedded import MEMORY_ONLY
     from aggregator.dirlock import DirInUse, DirUnusable, lock_dirs
+    from aggregator.web.starting import while_starting
 
     if settings.role != "all" and not settings.broker:
         raise Failure(f"--role {settings.role} needs AGG_BROKER: the embedded broker of one `aggregator run` "
@@ -291,24 +292,26 @@ def cmd_run(settings: config.Settings, print_snapshots: bool = False) -> int:
     # producer ids, and asking logs an aiokafka error at every start)
     external_broker = bool(settings.broker)
     broker = None
-    if not settings.broker:
-        broker = start_embedded_broker(settings)
-        print(f"embedded broker on {broker.url}\nnote: {MEMORY_ONLY}", flush=True)
+    waiting = f"starting: waiting for the broker and its topics (at most {settings.broker_wait_seconds:g} s)"
     try:
-        wait_for_topics(settings)
-        try:
-            problem = check_partitions(settings)
-        except BrokerError as exc:
-            problem = str(exc)
-        if external_broker and not problem:  # topics a platform team (or an earlier version) made
-            from aggregator.broker.topiccheck import check_topics
-            with quiet_kafka_client():
-                problem, warnings = check_topics(settings.bootstrap(), settings.kafka_security(),
-                                                 settings.role != "ingest", settings.topics)
-            for line in warnings:
-                print(f"warning: {line}", flush=True)
-        if problem:
-            raise Failure(problem)
+        with while_starting(settings.web_host, settings.web_port, waiting):  # /healthz, /readyz meanwhile
+            if not settings.broker:
+                broker = start_embedded_broker(settings)
+                print(f"embedded broker on {broker.url}\nnote: {MEMORY_ONLY}", flush=True)
+            wait_for_topics(settings)
+            try:
+                problem = check_partitions(settings)
+            except BrokerError as exc:
+                problem = str(exc)
+            if external_broker and not problem:  # topics a platform team (or an earlier version) made
+                from aggregator.broker.topiccheck import check_topics
+                with quiet_kafka_client():
+                    problem, warnings = check_topics(settings.bootstrap(), settings.kafka_security(),
+                                                     settings.role != "ingest", settings.topics)
+                for line in warnings:
+                    print(f"warning: {line}", flush=True)
+            if problem:
+                raise Failure(problem)
         def announce(port: int) -> None:  # once listening: the port bound (AGG_WEB_PORT=0: a free one)
             print(f"aggregator{'' if settings.role == 'all' else f' ({settings.role})'}: HTTP on "
                   f"http://{settings.web_host}:{port} ({ROUTES[settings.role]}) "

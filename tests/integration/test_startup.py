@@ -5,13 +5,16 @@ from ``clicks`` is refused in one line."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
 
-from aggregator.broker import ensure_topics
+from aggregator.broker import EmbeddedBroker, ensure_topics, free_port
 from aggregator.core.contract import CLICKS, STATE_CHANGELOG
 from tests.conftest import wait_for
+from tests.integration.conftest import ON_REAL_KAFKA, Service
+from tools.harness import http
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +90,51 @@ def test_a_state_changelog_with_another_partition_count_is_refused(broker, servi
     assert len(errors) == 1, svc.tail()
     assert f"{STATE_CHANGELOG} has 2 partitions but {CLICKS} has 4" in errors[0]
     assert "Traceback" not in svc.tail()
+
+
+def _probe(svc, path: str) -> tuple[int, dict] | None:
+    try:
+        status, _, body = http("GET", svc.url + path, timeout=2)
+    except OSError:
+        return None  # nothing listens (yet)
+    return status, json.loads(body)
+
+
+@pytest.mark.skipif(ON_REAL_KAFKA, reason="its own embedded broker: the same under make test-kafka")
+def test_while_run_waits_for_its_broker_the_probes_are_answered_then_the_service_takes_the_port(tmp_path):
+    """Before, nothing listened until the broker had answered (up to AGG_BROKER_WAIT_SECONDS):
+    a liveness probe could not tell waiting from hanging, /readyz could not say why."""
+    port = free_port()
+    svc = Service(f"kafka://127.0.0.1:{port}", tmp_path / "svc", AGG_BROKER_WAIT_SECONDS="60")
+    broker = EmbeddedBroker(port)
+    try:
+        svc.start(wait_ready=None)
+        assert wait_for(lambda: _probe(svc, "/healthz"), 20, what="/healthz while waiting") == (200, {"status": "alive"})
+        status, body = _probe(svc, "/readyz")
+        assert status == 503 and body["reason"].startswith("starting: waiting for the broker and its topics"), body
+        status, _, raw = http("POST", svc.url + "/v1/events", b'[{"region": "eu"}]',
+                              {"Content-Type": "application/json"})
+        assert status == 503 and "not ready: starting" in json.loads(raw)["error"]
+        broker.start()  # the broker comes: the service's own server takes over the port
+        svc.wait_ready(60)
+        assert _count(svc, [{"region": "eu"}] * 7) == 7
+        assert wait_for(lambda: sum(s["count"] for s in svc.snapshots() if s["region"] == "eu") == 7 or None, 30,
+                        what="the 7 events counted")
+        assert "HTTP on" in svc.tail() and "Traceback" not in svc.tail()
+    finally:
+        svc.kill()
+        broker.stop()
+
+
+@pytest.mark.skipif(ON_REAL_KAFKA, reason="no broker at all: the same under make test-kafka")
+def test_a_broker_that_never_answers_still_ends_run_in_one_line_after_the_probes(tmp_path):
+    svc = Service(f"kafka://127.0.0.1:{free_port()}", tmp_path / "svc", AGG_BROKER_WAIT_SECONDS="4")
+    try:
+        svc.start(wait_ready=None)
+        assert wait_for(lambda: _probe(svc, "/readyz"), 10, what="/readyz while waiting")[0] == 503
+        assert svc.proc.wait(20) == 2
+        errors = _errors(svc)
+        assert len(errors) == 1 and "no Kafka broker answered" in errors[0], svc.tail()
+        assert _probe(svc, "/healthz") is None  # the port is free again
+    finally:
+        svc.kill()

@@ -1,0 +1,61 @@
+"""The HTTP port while ``aggregator run`` waits for its broker at start (docs/contract.md §3).
+
+The routes of web/server.py listen only once the broker has answered and the topics are
+checked (up to AGG_BROKER_WAIT_SECONDS).  Until then a probe found nothing listening: a
+liveness check could not tell a process that waits from one that hangs, and ``/readyz``
+could not say why it was not ready.  ``while_starting`` serves the port meanwhile, from a
+thread of its own (the wait blocks the main thread): ``/healthz`` 200, ``/readyz`` 503 with
+the reason, every other request 503 with ``Retry-After``; it stops, freeing the port, before
+the service's own server binds it."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import orjson
+from aiohttp import web
+
+STOP_WAIT_S = 5.0
+
+
+def _json(status: int, body: dict[str, str], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def starting_app(reason: str) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        return _json(200, {"status": "alive"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        return _json(503, {"status": "not ready", "reason": reason})
+
+    async def other(request: web.Request) -> web.Response:
+        return _json(503, {"error": f"not ready: {reason}"}, {"Retry-After": "5"})
+
+    app = web.Application()
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.route("*", "/{any:.*}", other)])
+    return app
+
+
+@contextlib.contextmanager
+def while_starting(host: str, port: int, reason: str) -> Iterator[None]:
+    """Serve ``host:port`` as the module says within the block (not for port 0: the service
+    takes a free port of its own later, which a probe could not know)."""
+    if port == 0:
+        yield
+        return
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(starting_app(reason), handle_signals=False, access_log=None)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, host, port, reuse_address=True).start())
+    thread = threading.Thread(target=loop.run_forever, name="http-while-starting", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(STOP_WAIT_S)
+        loop.run_until_complete(runner.cleanup())  # the port is free again
+        loop.close()
