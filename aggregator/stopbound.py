@@ -109,7 +109,8 @@ def install(worker: Any, role: str, reachable: Callable[[], bool],
     schedule, stop_and_shutdown = worker._schedule_shutdown, worker.stop_and_shutdown
 
     def on_signal(signum: Any) -> None:
-        bound.signalled = True
+        if bound.thread is None:  # a signal during a crash's stop leaves it the crash's (status 1)
+            bound.signalled = True
         bound.arm(getattr(signum, "name", str(signum)))
         schedule(signum)
 

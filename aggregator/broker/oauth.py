@@ -221,7 +221,12 @@ class TokenEndpoint(_Extensions):
                     self.url, data=form, headers={"Authorization": f"Basic {basic}", "Accept": "application/json",
                                                   "Cache-Control": "no-cache"},
                     allow_redirects=False) as resp:
-                body = await resp.content.read(MAX_ANSWER_BYTES)
+                body = b""  # (read(n) gives what has come so far: a token in several packets came short)
+                while len(body) < MAX_ANSWER_BYTES:
+                    chunk = await resp.content.read(MAX_ANSWER_BYTES - len(body))
+                    if not chunk:
+                        break
+                    body += chunk
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             what = f"no answer within {self.timeout_s:g} s" if isinstance(exc, TimeoutError) else _one_line(exc)

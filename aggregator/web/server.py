@@ -112,6 +112,8 @@ class Routes:
             status = exc.status
             raise
         except Exception:  # a bug in a handler: logged with its traceback, answered in JSON like every error
+            if request.writer is not None and request.writer.output_size > 0:
+                raise  # its answer has begun: aiohttp cuts the connection (a second answer would break it)
             log.exception("%s %s: the handler failed", request.method, request.path)
             return error(500, "internal server error: the service logged it")
         finally:

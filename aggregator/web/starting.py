@@ -18,10 +18,13 @@ import orjson
 from aiohttp import web
 
 STOP_WAIT_S = 5.0
+SHUTDOWN_S = 1.0  # requests still open when the wait ends: cut off after this (they are all 503s)
 
 
 def _json(status: int, body: dict[str, str], headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+    resp = web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+    resp.force_close()  # no keep-alive: nothing left open to wait for when the port is handed over
+    return resp
 
 
 def starting_app(reason: str) -> web.Application:
@@ -47,7 +50,10 @@ def while_starting(host: str, port: int, reason: str) -> Iterator[None]:
         yield
         return
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(starting_app(reason), handle_signals=False, access_log=None)
+    # lingering_time 0: a POST whose body is not read (a 503) is not read on for 10 s more,
+    # which held the port closed that long at the handover
+    runner = web.AppRunner(starting_app(reason), handle_signals=False, access_log=None, lingering_time=0,
+                           shutdown_timeout=SHUTDOWN_S)
     loop.run_until_complete(runner.setup())
     loop.run_until_complete(web.TCPSite(runner, host, port, reuse_address=True).start())
     thread = threading.Thread(target=loop.run_forever, name="http-while-starting", daemon=True)
@@ -57,5 +63,6 @@ def while_starting(host: str, port: int, reason: str) -> Iterator[None]:
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(STOP_WAIT_S)
-        loop.run_until_complete(runner.cleanup())  # the port is free again
-        loop.close()
+        if not thread.is_alive():  # (else the loop is stuck: leave it, the service's bind will say so)
+            loop.run_until_complete(runner.cleanup())  # the port is free again
+            loop.close()

@@ -169,3 +169,20 @@ def test_a_log_handler_stuck_on_a_full_pipe_does_not_hold_the_exit():
     p = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=30)
     assert p.returncode == EXIT_UNCLEAN_STOP, p.stderr
     assert time.monotonic() - t0 < 10
+
+
+def test_a_signal_during_a_crashs_stop_leaves_it_the_crashs(caplog):
+    """A pod deleted while a crashed worker is stopping: SIGTERM arrives mid-stop; the stop
+    is still the crash's (status 1 from mode), not a stop on request gone unclean (3)."""
+    w = FakeWorker()
+    inner = w.stop_and_shutdown
+
+    def stop_with_a_signal_midway() -> None:
+        w._schedule_shutdown(signal.SIGTERM)  # the wrapped one: installed below
+        inner()
+
+    w.stop_and_shutdown = stop_with_a_signal_midway
+    bound = stopbound.install(w, "worker", lambda: False, lambda: None, bound_s=60)
+    with caplog.at_level(logging.ERROR, "aggregator"):
+        w.stop_and_shutdown()  # no SystemExit(3)
+    assert w.stopped == 1 and caplog.records == [] and not bound.signalled

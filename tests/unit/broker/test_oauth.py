@@ -7,6 +7,7 @@ tests/integration/test_kafka_oauth.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
@@ -282,3 +283,32 @@ async def test_a_200_without_a_token_never_quotes_the_answer(endpoint: Endpoint)
         await TokenEndpoint(endpoint.url, CLIENT, SECRET).token()
     assert "secret-material" not in str(err.value)
     assert "a JSON object with accessToken, expires" in str(err.value)
+
+
+async def test_a_token_answer_in_several_packets_is_read_whole() -> None:
+    """A multi-KB JWT (Azure AD, Keycloak) comes in pieces over a real network: read(n) gave
+    the first piece only, and the token was "not a JSON object"."""
+    from aiohttp import web
+
+    token = unsigned_jwt("svc", 600, padding="p" * 3000)
+    body = json.dumps({"access_token": token, "expires_in": 600}).encode()
+
+    async def pieces(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[:1400])
+        await asyncio.sleep(0.05)
+        await resp.write(body[1400:])
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/token", pieces)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = closed_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        assert await TokenEndpoint(f"http://127.0.0.1:{port}/token", CLIENT, SECRET).token() == token
+    finally:
+        await runner.cleanup()

@@ -244,3 +244,28 @@ def test_other_errors_still_reach_aiohttps_logger_with_their_traceback(caplog):
     assert [(r.name, r.levelno, bool(r.exc_info)) for r in caplog.records] == [
         ("aiohttp.server", logging.ERROR, True), ("aiohttp.server", logging.DEBUG, False)]
     assert requests(m, "unmatched", "4xx") is None  # not counted: no series made
+
+
+async def half_written(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse()
+    resp.content_length = 10
+    await resp.prepare(request)
+    await resp.write(b'{"a":')
+    raise RuntimeError("a bug after the answer began")
+
+
+async def test_a_handler_failing_after_its_answer_began_gets_its_connection_cut_not_a_second_answer():
+    """A JSON 500 after a begun answer would put a second status line inside the first body,
+    on a connection kept alive: the client would read the next answer from the wrong place."""
+    import asyncio
+
+    client = await client_for(Metrics(), post=half_written)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n[]"
+                     b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # pipelined
+        data = await asyncio.wait_for(reader.read(), 10)  # to EOF: the connection is cut
+        writer.close()
+    finally:
+        await client.close()
+    assert data.count(b"HTTP/1.1 ") == 1 and data.startswith(b"HTTP/1.1 200"), data
