@@ -77,6 +77,9 @@ class WorkerService:
         kafka.wire(tracing.TracedBatches(self.on_batch), self._holding, self._ticks, self._on_revoked)
 
     # ------------------------------------------------------------ readiness
+    def _both(self, partition: int) -> tuple[TP, TP]:  # Faust's type: its resume needs it
+        return TP(self.clicks_topic, partition), TP(self.repart_topic, partition)
+
     def not_ready(self, refusals: bool = True) -> str | None:
         """Why the worker cannot count yet (None: it can); ``refusals`` False: but for partitions
         refused or waiting for the spill disk (the others can be opened)."""
@@ -131,7 +134,7 @@ class WorkerService:
                 return None  # fetched before a rebalance moved it: the new owner reads it
             p = self._open(partition)
             if p is None:  # its stored state is refused, or its spill disk: not fetched here, /readyz says why
-                self.app.consumer.pause_partitions([TP(self.clicks_topic, partition), TP(self.repart_topic, partition)])
+                self.app.consumer.pause_partitions(self._both(partition))
                 return records[0].offset
         now_ms = int(time.time() * 1000)
         if tp.topic == self.repart_topic:
@@ -207,7 +210,7 @@ class WorkerService:
         # the spill disk refused its write: nothing of it is applied; fetch no more of this
         # partition and offer it again every tick, behind any batch held before (contract §6);
         # nor what is forwarded to it: applied now, it would move stream time past the held batch
-        keys = (TP(self.clicks_topic, partition), TP(self.repart_topic, partition))  # Faust's type: its resume needs it
+        keys = self._both(partition)
         if throttle.hold_batch(p, keys, held):
             self.app.consumer.pause_partitions(keys)
         return None
@@ -380,7 +383,7 @@ class WorkerService:
             if partition not in owned:
                 self.throttle.opened(partition)  # revoked: its next owner opens it
             elif self._open(partition) is not None:
-                self.app.consumer.resume_partitions([TP(self.clicks_topic, partition), TP(self.repart_topic, partition)])
+                self.app.consumer.resume_partitions(self._both(partition))
         if self.not_ready(refusals=False) is None:
             # the state of assigned partitions that have no new record (after a restart with
             # nothing new to read, their open windows must still close and publish)

@@ -94,6 +94,14 @@ def test_ingest_has_only_the_bound():
     assert w.stopped == 1
 
 
+def run_child(code: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``code`` (dedented) run by a child Python from the repository: its outcome and seconds."""
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=str(REPO), capture_output=True, text=True,
+                       timeout=30)
+    return p, time.monotonic() - t0
+
+
 def test_a_hung_stop_ends_the_real_process_within_the_bound():
     """os._exit from the bound's thread, while the main thread is stuck in the stop."""
     code = textwrap.dedent("""
@@ -109,9 +117,7 @@ def test_a_hung_stop_ends_the_real_process_within_the_bound():
         w._schedule_shutdown(signal.SIGTERM)
         w.stop_and_shutdown()
     """)
-    t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=30)
-    took = time.monotonic() - t0
+    p, took = run_child(code)
     assert p.returncode == EXIT_UNCLEAN_STOP, p.stderr
     assert took < 10, took
     lines = p.stderr.splitlines()
@@ -165,10 +171,9 @@ def test_a_log_handler_stuck_on_a_full_pipe_does_not_hold_the_exit():
         w._schedule_shutdown(signal.SIGTERM)
         w.stop_and_shutdown()
     """)
-    t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=30)
+    p, took = run_child(code)
     assert p.returncode == EXIT_UNCLEAN_STOP, p.stderr
-    assert time.monotonic() - t0 < 10
+    assert took < 10
 
 
 def test_a_signal_during_a_crashs_stop_leaves_it_the_crashs(caplog):
