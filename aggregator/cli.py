@@ -230,6 +230,7 @@ def quiet_kafka_client() -> Iterator[None]:
 def wait_for_topics(settings: config.Settings) -> None:
     """Create the missing topics, waiting at most AGG_BROKER_WAIT_SECONDS for the broker."""
     from aggregator.broker import BrokerError, ensure_topics
+    from aggregator.broker.security import TokenUnavailable
 
     wait = settings.broker_wait_seconds
 
@@ -248,6 +249,8 @@ def wait_for_topics(settings: config.Settings) -> None:
             asyncio.run(bounded())
         except TimeoutError:
             e = errors[-1] if errors else None
+            if isinstance(e, TokenUnavailable):  # the broker may be fine: the token is what is missing
+                raise Failure(f"{e} (for {wait:g} s, AGG_BROKER_WAIT_SECONDS)") from None
             last = "" if e is None else f" (the last try: {e if type(e).__name__ in str(e) else f'{type(e).__name__}: {e}'})"
             raise Failure(f"AGG_BROKER: no Kafka broker answered at {settings.bootstrap()} within {wait:g} s "
                           f"(AGG_BROKER_WAIT_SECONDS){last}: is it running, is the address right, and does it "

@@ -5,7 +5,7 @@ import asyncio
 from typing import Any
 
 from aggregator.broker.embedded import BrokerError
-from aggregator.broker.security import PLAINTEXT, KafkaSecurity, check_login
+from aggregator.broker.security import PLAINTEXT, KafkaSecurity, TokenUnavailable, check_login
 from aggregator.core.topics import DEFAULT, Topics
 
 VISIBLE_WAIT_S = 10.0  # how long topics just created may take to show in the broker's metadata
@@ -27,7 +27,8 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
 
     ``clicks`` asks for ``LogAppendTime``; brokers that ignore it are handled
     by the worker (it stamps the read time, docs/contract.md §1).  A refused login or an
-    untrusted broker certificate raises ``KafkaLoginError`` at once (no retries).  The names
+    untrusted broker certificate raises ``KafkaLoginError`` at once (no retries); an OAuth
+    token endpoint not up (``TokenUnavailable``) is retried like the broker.  The names
     are those of ``topics`` (AGG_TOPIC_PREFIX before each)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError, for_code
@@ -75,9 +76,9 @@ async def ensure_topics(bootstrap: str, partitions: int, retries: int = 30, *,
                                           f"): {for_code(code).__name__} ({_message(resp, name) or code})")
                 await _visible(admin, [t.name for t in todo])
             return
-        except BrokerError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - broker not up yet: retry
+        except Exception as exc:  # broker (or token endpoint) not up yet: retry
+            if isinstance(exc, BrokerError) and not isinstance(exc, TokenUnavailable):
+                raise
             last = exc
             if errors is not None:
                 errors.append(exc)

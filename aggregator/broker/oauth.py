@@ -69,7 +69,13 @@ ERROR_SETTINGS = {"invalid_client": CLIENT_SETTINGS, "unauthorized_client": CLIE
 
 class OAuthTokenError(KafkaConnectionError):
     """No token to log in with: the token endpoint refused the client or could not be
-    reached, or the token file is missing or empty.  One line naming the setting."""
+    reached, or the token file is missing or empty.  One line naming the setting.
+    ``passing``: the endpoint could not be reached, timed out or answered 429 or 5xx, which
+    asking again later may mend (`run` waits for a token as it waits for its broker)."""
+
+    def __init__(self, message: str, passing: bool = False) -> None:
+        super().__init__(message)
+        self.passing = passing
 
     def __str__(self) -> str:  # KafkaError's would prefix the class name
         return str(self.args[0]) if self.args else ""
@@ -129,7 +135,7 @@ class TokenEndpoint(_Extensions):
         self._clock = clock
         self._token = ""
         self._refresh_at = self._expires_at = self._retry_at = 0.0
-        self._failed: str | None = None  # why the last request failed while no token was valid
+        self._failed: OAuthTokenError | None = None  # why the last request failed while no token was valid
         self._failed_until = 0.0
         self._backoff_s = 0.0
         # the fetch in flight: a thread-safe future, since Faust's consumer runs an event loop
@@ -168,7 +174,7 @@ class TokenEndpoint(_Extensions):
             token = await self._refresh()
         except asyncio.CancelledError:
             if not mine.done():
-                mine.set_exception(OAuthTokenError(f"the token request to {self.url} was cancelled"))
+                mine.set_exception(OAuthTokenError(f"the token request to {self.url} was cancelled", passing=True))
             raise
         except BaseException as exc:
             if not mine.done():
@@ -184,7 +190,7 @@ class TokenEndpoint(_Extensions):
 
     async def _refresh(self) -> str:
         if self._failed is not None and self._clock() < self._failed_until:
-            raise OAuthTokenError(self._failed)  # asked again too soon: the last answer stands
+            raise OAuthTokenError(str(self._failed), self._failed.passing)  # asked again too soon: the last answer stands
         try:
             token, lifetime = await self._fetch()
         except OAuthTokenError as exc:
@@ -194,7 +200,7 @@ class TokenEndpoint(_Extensions):
                 self._retry_at = self._clock() + RETRY_S
                 return self._token
             self._backoff_s = min(MAX_BACKOFF_S, max(RETRY_S, 2 * self._backoff_s))
-            self._failed, self._failed_until = str(exc), self._clock() + self._backoff_s
+            self._failed, self._failed_until = exc, self._clock() + self._backoff_s
             if self._token:  # it had one (at start, a failure is the one line of the refusal)
                 log.error("no Kafka OAuth token (asked again in %.0f s): %s", self._backoff_s, exc)
             raise
@@ -230,10 +236,11 @@ class TokenEndpoint(_Extensions):
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             what = f"no answer within {self.timeout_s:g} s" if isinstance(exc, TimeoutError) else _one_line(exc)
-            raise OAuthTokenError(f"cannot reach {where} ({what}): check {URL_SETTING}") from None
+            raise OAuthTokenError(f"cannot reach {where} ({what}): check {URL_SETTING}", passing=True) from None
         answer = _json(body)
         if status != 200:
-            raise OAuthTokenError(_refusal(where, self.client_id, status, answer, body))
+            raise OAuthTokenError(_refusal(where, self.client_id, status, answer, body),
+                                  passing=status >= 500 or status == 429)
         token = answer.get("access_token") if answer is not None else None
         if not isinstance(token, str) or not token.strip():
             got = f"a JSON object with {', '.join(sorted(answer)) or 'no keys'}" if answer is not None \

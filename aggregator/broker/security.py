@@ -37,6 +37,12 @@ class KafkaLoginError(BrokerError):
     """The broker refused this process's TLS handshake or SASL login: retrying will not help."""
 
 
+class TokenUnavailable(KafkaLoginError):
+    """No OAUTHBEARER token yet: the token endpoint cannot be reached, timed out or answered
+    429 or 5xx.  One-shot commands end on it like on a refusal; ``ensure_topics`` (`run`)
+    asks again until AGG_BROKER_WAIT_SECONDS is over, as for a broker not up yet."""
+
+
 @dataclass(frozen=True)
 class KafkaSecurity:
     """Validated at construction (``ValueError``, one line per problem, naming the
@@ -299,17 +305,17 @@ async def check_login(bootstrap: str, security: KafkaSecurity, timeout_s: float 
 
 async def _check_token(security: KafkaSecurity, timeout_s: float) -> None:
     """A token from the OAUTHBEARER source (then kept for the clients): the token endpoint's
-    refusal, an endpoint not answering, a missing or empty token file end the start in one
-    line (``KafkaLoginError``)."""
+    refusal, a missing or empty token file end the start in one line (``KafkaLoginError``);
+    an endpoint not answering or failing (429, 5xx) is ``TokenUnavailable``."""
     from aggregator.broker.oauth import OAuthTokenError
 
     try:
         await asyncio.wait_for(security.token_provider.token(), timeout_s + 5)
     except OAuthTokenError as exc:
-        raise KafkaLoginError(str(exc)) from None
+        raise (TokenUnavailable if exc.passing else KafkaLoginError)(str(exc)) from None
     except TimeoutError:
-        raise KafkaLoginError(f"no OAUTHBEARER token within {timeout_s + 5:g} s from "
-                              f"{security.oauth_token_endpoint_url or security.oauth_token_file}") from None
+        raise TokenUnavailable(f"no OAUTHBEARER token within {timeout_s + 5:g} s from "
+                               f"{security.oauth_token_endpoint_url or security.oauth_token_file}") from None
 
 
 def _said(exc: BaseException) -> str:

@@ -9,13 +9,15 @@ Every Kafka client of ``aggregator run`` (admin, Faust consumer, producer and ch
 ingest producer, snapshot history), ``gen --kafka`` (here with a token file) and ``audit
 --kafka`` log in with tokens; events sent after several token lifetimes are still counted
 exactly, so the refreshed tokens are the ones used.  A wrong client secret, a token file
-that is missing, and a token the broker refuses each end ``run`` at start in one line.
+that is missing, and a token the broker refuses each end ``run`` at start in one line; a
+token endpoint failing at start is waited for (AGG_BROKER_WAIT_SECONDS).
 
 Runs under ``make test-kafka`` only (it starts an Apache Kafka of its own, like
 tests/integration/test_kafka_security.py); the unit side is tests/unit/broker/test_oauth*.py."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,6 +114,39 @@ def test_a_token_the_broker_refuses_ends_run_in_one_line(oauth_kafka: OAuthKafka
     assert line.startswith(f"error: Kafka at {oauth_kafka.bootstrap} refused the OAUTHBEARER token (SASL_SSL, "
                            f"OAUTHBEARER with the token in {token}; broker said: "), line
     assert "invalid_token" in line
+
+
+def test_run_waits_for_a_token_endpoint_that_is_down_at_start(oauth_kafka: OAuthKafka, tmp_path: Path) -> None:
+    """An identity provider failing (503) when `run` starts is asked again (2, 4, ... s apart)
+    until AGG_BROKER_WAIT_SECONDS is over, as a broker not up yet is: down for the whole
+    wait, `run` ends in one line naming the endpoint and the wait; up again within it, the
+    service starts and counts."""
+    flaky = TokenEndpoint({CLIENT: SECRET}, lifetime_s=LIFETIME_S,
+                          fail_with=(503, {"error": "temporarily_unavailable"})).start_in_thread()
+    try:
+        env = {**oauth_kafka.env(), "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": flaky.url,
+               "AGG_TOPIC_PREFIX": "token-wait."}  # its own topics and group on the module's Kafka
+        line = refused_at_start(oauth_kafka, tmp_path / "down", {**env, "AGG_BROKER_WAIT_SECONDS": "3"})
+        assert line == (f'error: the OAuth token endpoint {flaky.url} failed to answer client "{CLIENT}" '
+                        "(HTTP 503, temporarily_unavailable): check AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL "
+                        "(for 3 s, AGG_BROKER_WAIT_SECONDS)"), line
+        assert flaky.requests >= 2 and not flaky.issued  # asked again within the wait
+
+        asked = flaky.requests
+        svc = Service(f"kafka://{oauth_kafka.bootstrap}", tmp_path / "up", **env, AGG_BROKER_WAIT_SECONDS="60")
+        mended = threading.Timer(4, lambda: setattr(flaky, "fail_with", None))
+        mended.start()
+        try:
+            svc.start(wait_ready=90)
+            assert flaky.requests >= asked + 2 and flaky.issued  # refused at least once, then a token
+            counts: Counts = {}
+            post(svc, counts, "after-the-wait", "eu-west", 5)
+            wait_counted(svc, counts, 30, what="events sent to a service that waited for its token")
+        finally:
+            mended.cancel()
+            svc.stop()
+    finally:
+        flaky.stop_thread()
 
 
 def test_the_broker_ends_a_session_when_its_token_expires(oauth_kafka: OAuthKafka) -> None:

@@ -11,9 +11,9 @@ import pytest
 from aiokafka.abc import AbstractTokenProvider
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from aggregator import config, config_load
+from aggregator import cli, config, config_load
 from aggregator.broker.oauth import TokenEndpoint, TokenFile
-from aggregator.broker.security import KafkaLoginError, KafkaSecurity, check_login
+from aggregator.broker.security import KafkaLoginError, KafkaSecurity, TokenUnavailable, check_login
 from tests.unit.broker.test_oauth import closed_port
 from tools.oauth_endpoint import TokenEndpoint as Endpoint
 
@@ -127,6 +127,52 @@ async def test_check_login_refuses_a_missing_token_file(tmp_path: Path) -> None:
     sec = KafkaSecurity(protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER", oauth_token_file=str(tmp_path / "none"))
     with pytest.raises(KafkaLoginError, match=r"^AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_FILE: cannot read"):
         await check_login(f"127.0.0.1:{closed_port()}", sec, timeout_s=2)
+
+
+async def test_check_login_tells_a_token_endpoint_that_is_down_from_one_that_refuses() -> None:
+    """429 and 5xx answers and an endpoint not listening are ``TokenUnavailable`` (``run``
+    asks again while it waits for its broker); a 4xx refusal is not."""
+    sec = KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism="OAUTHBEARER",
+                        oauth_token_endpoint_url=f"http://127.0.0.1:{closed_port()}/token",
+                        oauth_client_id="svc", oauth_client_secret="s")
+    with pytest.raises(TokenUnavailable, match="cannot reach"):
+        await check_login(f"127.0.0.1:{closed_port()}", sec, timeout_s=2)
+    for status, passing in ((503, True), (500, True), (429, True), (400, False), (403, False)):
+        endpoint = await Endpoint({"svc": "s"}, fail_with=(status, {"error": "some_error"})).start()
+        try:
+            sec = KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism="OAUTHBEARER",
+                                oauth_token_endpoint_url=f"{endpoint.url}?{status}", oauth_client_id="svc",
+                                oauth_client_secret="s")
+            with pytest.raises(KafkaLoginError, match=f"HTTP {status}, some_error") as ei:
+                await check_login(f"127.0.0.1:{closed_port()}", sec, timeout_s=2)
+            assert isinstance(ei.value, TokenUnavailable) is passing, status
+            # asked again too soon (the back-off): the same answer, the same kind
+            with pytest.raises(KafkaLoginError) as again:
+                await check_login(f"127.0.0.1:{closed_port()}", sec, timeout_s=2)
+            assert isinstance(again.value, TokenUnavailable) is passing and endpoint.requests == 1
+        finally:
+            await endpoint.stop()
+
+
+def test_run_waits_for_a_token_as_for_its_broker_then_names_the_token() -> None:
+    """``run``'s start-up wait (``cli.wait_for_topics``) asks a failing token endpoint again
+    until AGG_BROKER_WAIT_SECONDS is over, then ends on the endpoint's line, not on "no
+    broker answered" (no broker is asked without a token)."""
+    from tools.oauth_endpoint import TokenEndpoint as Served
+
+    endpoint = Served({"svc": "s"}, fail_with=(503, {"error": "temporarily_unavailable"})).start_in_thread()
+    try:
+        s = config_load.load(env={**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": endpoint.url + "?wait",
+                                  "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s",
+                                  "AGG_BROKER": f"kafka://127.0.0.1:{closed_port()}", "AGG_BROKER_WAIT_SECONDS": "2.5"})
+        with pytest.raises(cli.Failure) as ei:
+            cli.wait_for_topics(s)
+        assert str(ei.value) == (f'the OAuth token endpoint {endpoint.url}?wait failed to answer client "svc" (HTTP 503, '
+                                 "temporarily_unavailable): check AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL "
+                                 "(for 2.5 s, AGG_BROKER_WAIT_SECONDS)")
+        assert endpoint.requests == 2  # at 0 and 2 s: the back-off, not one a retry
+    finally:
+        endpoint.stop_thread()
 
 
 def test_sasl_extensions_go_with_every_token() -> None:
