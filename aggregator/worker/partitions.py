@@ -284,7 +284,8 @@ class Partitions:
         under other sketch parameters (a state of an earlier version names neither: read as
         before)."""
         was = state.get("window_ms", book.window_ms)
-        if was != book.window_ms and book.holds_open_data():
+        # (a first open window that ``load`` moved to a boundary of this length: made under another)
+        if (was != book.window_ms or book.first_open != int(state["first_open"])) and book.holds_open_data():
             raise self._refuse(partition, SettingChanged(
                 f"partition {partition}: its window state has open windows of {was} ms and AGG_WINDOW_SECONDS "
                 f"makes them {book.window_ms} ms: windows of two lengths would meet; go back to "
