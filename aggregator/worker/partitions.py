@@ -219,7 +219,8 @@ class Partitions:
     def open(self, partition: int) -> PartitionState:
         """The partition's state, recovered from its stored value (if any) and its spill
         reconciled with the ledger.  Raises ``PartitionCountChanged`` when the stored book
-        holds open windows counted with another partition count (docs/contract.md §1), and
+        holds open windows (or spilled events of a region whose home moved) counted with
+        another partition count (docs/contract.md §1), and
         ``StateFormatUnknown`` for a state in a format this version does not read;
         ``SpillDiskError`` when the spill disk refuses to open or reconcile its spill (nothing
         is kept: opened again later, from the stored state)."""
