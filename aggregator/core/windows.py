@@ -11,7 +11,8 @@ milliseconds.  The book is the state machine of docs/contract.md §1:
   reason ``closed_window``; one whose client ``ts`` is more than
   ``late_after`` older than its ingest time goes there with reason
   ``client_delay``.  Late events are attached to the window that is open
-  at stream time when they are processed;
+  at stream time when they are processed (or to the first open window, when
+  that is still ahead: a state re-aligned to a new window length, ``load``);
 * closing a window yields one snapshot per region seen within
   ``region_idle`` of the window end, zero counts included.
 
@@ -258,6 +259,8 @@ class WindowBook:
 
     def _add_late(self, region: str, reason: str, st: int, n: int = 1) -> None:
         ws = st - st % self.window_ms
+        if ws < self.first_open:  # only in a book re-aligned by ``load``: its first window is still ahead
+            ws = self.first_open
         per_window = self.late.get(ws)
         if per_window is None:
             per_window = self.late[ws] = {}
@@ -359,9 +362,17 @@ class WindowBook:
         }
 
     def load(self, d: dict[str, Any]) -> None:
+        """The state ``to_dict`` wrote.  One whose first open window is not on a boundary of
+        this book's window length was made under another (``AGG_WINDOW_SECONDS`` changed;
+        worker.partitions refuses one that still holds open data): its first open window moves
+        up to the next boundary, so no window of this length overlaps one of the other length
+        closed before it (every one of those ends at or before the stored first open window).
+        Events before it are then ``closed_window`` late, in that first window (``_add_late``)."""
         self.next_offset = int(d["next_offset"])
         self.stream_time = int(d["stream_time"])
         self.first_open = int(d["first_open"])
+        if self.first_open >= 0 and self.first_open % self.window_ms:
+            self.first_open += self.window_ms - self.first_open % self.window_ms
         self.close_at = (self.first_open + self.window_ms + self.grace_ms
                          if self.first_open >= 0 else -1)
         self.counts = {int(k): dict(v) for k, v in d["counts"].items()}

@@ -19,6 +19,7 @@ import orjson
 from aggregator.core.aggstate import WindowAggregates
 from aggregator.core.dedup import DEFAULT_MAX_IDS, DedupStore, HorizonClash
 from aggregator.core.recordlog import LeftRecords, Prepared, RecordLog
+from aggregator.core.repartition import home
 from aggregator.core.sketches import SketchParams
 from aggregator.core.sourcelog import CHECK_TRIES, Restart
 from aggregator.core.windows import STATE_FORMAT, WindowBook
@@ -45,9 +46,9 @@ class StateFormatUnknown(Refused):
 
 
 class PartitionCountChanged(Refused):
-    """A stored state holds open windows counted under another partition count of ``clicks``:
-    the homes of regions moved, so continuing would give some (region, window) two final
-    snapshots."""
+    """A stored state holds open windows (or spilled events of a region whose home moved)
+    counted under another partition count of ``clicks``: the homes of regions moved, so
+    continuing would give some (region, window) two final snapshots."""
 
 
 class SettingChanged(Refused):
@@ -218,7 +219,8 @@ class Partitions:
     def open(self, partition: int) -> PartitionState:
         """The partition's state, recovered from its stored value (if any) and its spill
         reconciled with the ledger.  Raises ``PartitionCountChanged`` when the stored book
-        holds open windows counted with another partition count (docs/contract.md §1), and
+        holds open windows (or spilled events of a region whose home moved) counted with
+        another partition count (docs/contract.md §1), and
         ``StateFormatUnknown`` for a state in a format this version does not read;
         ``SpillDiskError`` when the spill disk refuses to open or reconcile its spill (nothing
         is kept: opened again later, from the stored state)."""
@@ -250,12 +252,8 @@ class Partitions:
             elif state.get("aggs") or state.get("aggs_gone"):  # AGG_AGGREGATES turned off: their records go
                 left = LeftRecords(AGGS_TAG, state.get("aggs"), state.get("aggs_gone"))
         n = self.books.partitions
-        if book.partitions and book.partitions != n and book.holds_open_data():
-            raise self._refuse(partition, PartitionCountChanged(
-                f"partition {partition}: its window state has open windows counted when clicks had "
-                f"{book.partitions} partitions, now it has {n}: regions' home partitions moved, and continuing "
-                "would publish two final snapshots for some (region, window); go back to "
-                f"{book.partitions} partitions until every window is published"))
+        if book.partitions and book.partitions != n:
+            self._take_count(partition, book, ledger, n)
         book.partitions = n  # stored with the next state written
         try:
             spill = PartitionSpill(self.spill_root, partition, ledger)
@@ -278,13 +276,37 @@ class Partitions:
             p.source_ts = ts if isinstance(ts, int) else None
         return p
 
+    def _take_count(self, partition: int, book: WindowBook, ledger: SpillLedger, n: int) -> None:
+        """The stored book was counted when clicks had ``book.partitions`` partitions, and it has
+        ``n`` now: homes of regions moved.  ``PartitionCountChanged`` while it holds open windows, or
+        spilled events of a region whose home moved (drained here, they would be counted here);
+        else it is taken over without the regions whose home moved: their new home reports them,
+        kept here they would get zero-count final snapshots of their own for up to
+        AGG_REGION_IDLE_SECONDS beside the new home's."""
+        spilled = {r for r in ledger.backlogged() if home(r, n) != partition}
+        spilled.update(r for r, k in ledger.rebuild.items() if k and home(r, n) != partition)
+        if book.holds_open_data() or spilled:
+            raise self._refuse(partition, PartitionCountChanged(
+                f"partition {partition}: its window state has open windows{' or spilled events' if spilled else ''} "
+                f"counted when clicks had {book.partitions} partitions, now it has {n}: regions' home partitions "
+                "moved, and continuing would publish two final snapshots for some (region, window); go back to "
+                f"{book.partitions} partitions until every window is published and the spill is drained"))
+        moved = [r for r in {*book.last_seen, *book.first_seen} if home(r, n) != partition]
+        for region in moved:
+            book.last_seen.pop(region, None)
+            book.first_seen.pop(region, None)
+        if moved:
+            log.info("partition %d: clicks has %d partitions, it had %d: %d regions whose home moved are left to "
+                     "their new home", partition, n, book.partitions, len(moved))
+
     def _check_settings(self, partition: int, state: dict[str, Any], book: WindowBook) -> None:
         """SettingChanged when the stored state (loaded into ``book``, before its dedup ids and
         aggregates) has open windows made under another window length or aggregates made
         under other sketch parameters (a state of an earlier version names neither: read as
         before)."""
         was = state.get("window_ms", book.window_ms)
-        if was != book.window_ms and book.holds_open_data():
+        # (a first open window that ``load`` moved to a boundary of this length: made under another)
+        if (was != book.window_ms or book.first_open != int(state["first_open"])) and book.holds_open_data():
             raise self._refuse(partition, SettingChanged(
                 f"partition {partition}: its window state has open windows of {was} ms and AGG_WINDOW_SECONDS "
                 f"makes them {book.window_ms} ms: windows of two lengths would meet; go back to "

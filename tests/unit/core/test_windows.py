@@ -191,6 +191,39 @@ def test_state_round_trips_through_json_and_keeps_counting():
     assert restored.outbox == b.outbox
 
 
+def test_a_new_window_length_on_a_published_state_starts_on_its_boundary_after_the_old_windows():
+    """Found by a review: AGG_WINDOW_SECONDS 60 -> 300 on a state with every window published
+    kept the first open window on the old minute.  Events of the rest of that 5-minute window
+    were closed_window late in a window never emitted (lost; open data forever), and the first
+    windows published were not on a 5-minute boundary, one overlapping a published minute."""
+    W5 = 5 * W
+    m = T0 - T0 % W5 + 3 * W  # a minute start that is not a 5-minute start
+    old = book()
+    old.apply([("eu", m - 30_000, None)], 1, m)
+    old.advance_to(m + G + 1)  # a quiet partition: the minute before m closes and is published
+    assert [(s["window_start"], s["window_end"]) for s in old.outbox] == [(m - W, m)]
+    old.published(1)
+    assert not old.holds_open_data() and old.first_open == m
+    new = book(window_ms=W5)  # restarted with AGG_WINDOW_SECONDS=300
+    new.load(orjson.loads(orjson.dumps(old.to_dict())))
+    assert new.first_open == m + 2 * W and new.close_at == m + 2 * W + W5 + G  # the next 5-minute boundary
+    ticks = list(range(m + 20_000, m + 20 * W, 1000))  # an event and a tick a second
+    for t in ticks:
+        new.apply([("eu", t, None)], new.next_offset + 1, t)
+        new.advance_to(t + 500)
+    new.advance_to(m + 25 * W)
+    assert [s["window_start"] for s in new.outbox] == [m + 2 * W + k * W5 for k in range(4)]
+    assert all(s["window_start"] % W5 == 0 and s["window_start"] >= m for s in new.outbox)
+    first = new.outbox[0]  # the events before its start: closed_window late in it, not lost
+    assert first["count"] == W5 // 1000 and first["late_by_reason"][CLOSED_WINDOW] == 100 == first["late"]
+    assert sum(s["count"] + s["late"] for s in new.outbox) == len(ticks)
+    assert not new.holds_open_data()
+    # a length that divides the old one: its boundaries are boundaries of the new one, nothing moves
+    shorter = book(window_ms=W // 2)
+    shorter.load(old.to_dict())
+    assert shorter.first_open == m
+
+
 def test_future_late_events_never_move_stream_time_and_land_in_the_open_window():
     b = book()
     b.apply([("eu", T0 + 1000, None)], 1, 0)

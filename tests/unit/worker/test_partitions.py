@@ -162,9 +162,20 @@ def test_open_windows_made_under_other_settings_are_refused_loudly(tmp_path, cap
     # the same settings: counted as before
     q = Partitions(books, tmp_path / "same", recovered(1, value), Metrics(), record=stored.get).open(1)
     assert q.book.counts == p.book.counts and q.book.aggs is not None and q.book.aggs.cells
-    # once every window is published, a new window length is taken
+    # once every window is published, a new window length is taken, from its first boundary at
+    # or after the old windows' end (p's first open window: 1000; windows of 2000 ms: 2000)
     p.book.counts.clear()
-    Partitions(changed["window"], tmp_path / "later", recovered(1, p.state_value()), Metrics()).open(1)
+    p.book.advance_to(1_150)
+    later = Partitions(changed["window"], tmp_path / "later", recovered(1, p.state_value()), Metrics()).open(1)
+    assert p.book.first_open == 1_000 and later.book.first_open == 2_000 and later.book.close_at == 4_100
+    # a state written before it named its window length: a first open window off this length's
+    # boundaries says it was made under another; refused while it holds open windows
+    p.book.apply([("eu", 1_500, None)], 2, 1_500)
+    old = orjson.loads(p.state_value())
+    del old["window_ms"]
+    parts = Partitions(changed["window"], tmp_path / "old", lambda q: (old, None), Metrics())
+    with caplog.at_level("ERROR"), pytest.raises(SettingChanged):
+        parts.open(1)
 
 
 def test_keep_only_drops_partitions_assigned_elsewhere(tmp_path):

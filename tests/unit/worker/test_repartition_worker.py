@@ -273,6 +273,36 @@ def test_a_state_with_open_windows_under_another_partition_count_refuses(tmp_pat
     assert grown.open(0).book.partitions == 6
 
 
+def test_a_state_taken_over_under_a_new_partition_count_leaves_moved_regions_to_their_home(tmp_path):
+    """Found by a review: a state with every window published took the new count but kept the
+    regions whose home moved, and published zero-count final snapshots of them for up to
+    AGG_REGION_IDLE_SECONDS beside their new home's real ones (two per (region, window))."""
+    moved = next(r for r in REGIONS if home(r, 2) == 0 and home(r, 4) != 0)
+    stays = next(r for r in REGIONS if home(r, 2) == 0 and home(r, 4) == 0)
+    _, parts, _, _ = _setup(tmp_path, partitions=2)
+    p = parts.open(0)
+    p.book.apply([(moved, 1_000, None), (stays, 1_500, None)], 2, 1_000)
+    p.book.advance_to(2_200)  # the window closes: published
+    p.book.published(len(p.book.outbox))
+    assert not p.book.holds_open_data() and set(p.book.last_seen) == {moved, stays}
+    stored = orjson.loads(p.state_value())
+    grown = Partitions(BookSettings(1000, 100, 60_000, 60_000, 10, 4), tmp_path / "b",
+                       lambda q: (stored, None), Metrics())
+    book = grown.open(0).book
+    assert book.partitions == 4 and set(book.last_seen) == {stays} and set(book.first_seen) == {stays}
+    book.advance_to(10_000)
+    assert book.outbox and {s["region"] for s in book.outbox} == {stays}  # the moved one: its new home's
+    # spilled events of a region whose home moved would be counted here when drained: refused
+    stored["spill"] = {moved: [5, 0, 3]}
+    spilled = Partitions(BookSettings(1000, 100, 60_000, 60_000, 10, 4), tmp_path / "c",
+                         lambda q: (stored, None), Metrics())
+    with pytest.raises(PartitionCountChanged, match="or spilled events counted when clicks had 2 partitions"):
+        spilled.open(0)
+    stored["spill"] = {stays: [5, 0, 3]}  # its home stays: drained here as before
+    assert Partitions(BookSettings(1000, 100, 60_000, 60_000, 10, 4), tmp_path / "d",
+                      lambda q: (stored, None), Metrics()).open(0).spill.ledger.backlogged() == [stays]
+
+
 def test_a_state_in_a_format_this_version_does_not_read_refuses(tmp_path):
     _, parts, _, _ = _setup(tmp_path)
     p = parts.open(0)
