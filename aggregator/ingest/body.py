@@ -192,9 +192,17 @@ def decode_slices(body: bytes, content_type: str, slice_bytes: int = SLICE_BYTES
         spans = _json_array_spans(body, slice_bytes, item_max)
         if spans is None:
             whole = _typed(body)
-            return iter([decode_body(body, ct) if whole is None else whole])
+            return _handed(decode_body(body, ct) if whole is None else whole)
         return (_json_part(b"[" + body[a:b] + b"]") for a, b in spans)
-    return iter([decode_body(body, ct)])
+    return _handed(decode_body(body, ct))
+
+
+def _handed(items: list[Any]) -> Iterator[list[Any]]:
+    """``items`` as the one slice, not held once handed out (``iter([items])`` would hold
+    it until the next ``next``: while the handler waits for the broker)."""
+    box = [items]
+    del items
+    yield box.pop()
 
 
 def _check_lines(body: bytes, item_max: int) -> None:
@@ -219,14 +227,17 @@ def _ndjson_slices(body: bytes, slice_bytes: int) -> Iterator[list[Any]]:
     """Slices cut after a newline: every line is parsed as in ``decode_body``, and a line
     number in an error is the line's number in the whole body."""
     pos, n, lineno = 0, len(body), 1
-    while pos < n:
+    while pos < n:  # no local holds a slice handed out (the handler drops it before it waits)
         end = body.find(b"\n", pos + slice_bytes)
         end = n if end < 0 else end + 1
-        part = body[pos:end]
-        fast = _ndjson_objects(part, typed=True)
-        yield fast if fast is not None else _ndjson_lines(part, lineno)
-        lineno += part.count(b"\n")
+        yield _ndjson_part(body[pos:end], lineno)
+        lineno += body.count(b"\n", pos, end)
         pos = end
+
+
+def _ndjson_part(part: bytes, lineno: int) -> list[Any]:
+    fast = _ndjson_objects(part, typed=True)
+    return fast if fast is not None else _ndjson_lines(part, lineno)
 
 
 # "}" "," "{" between two objects of an array, whitespace (newlines too) between
