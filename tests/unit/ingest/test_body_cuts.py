@@ -1,4 +1,5 @@
-"""A slice that ``decode_slices`` has handed out not held by it (docs/contract.md §3)."""
+"""JSON nested too deeply for the parsers (ingest/cuts.py), and a slice that
+``decode_slices`` has handed out not held by it (docs/contract.md §3)."""
 from __future__ import annotations
 
 import gc
@@ -6,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from aggregator.ingest.body import SLICE_BYTES, decode_slices
+from aggregator.ingest.body import SLICE_BYTES, BodyError, decode_body, decode_slices, validate_records
 from tests.unit.ingest.test_body import JSON, NDJSON
 
 # ------------------------------------------------------------------ a slice handed out
@@ -39,3 +40,47 @@ def test_a_slice_handed_out_is_not_held_while_the_handler_waits(body: bytes, ct:
     finally:
         tracemalloc.stop()
     assert held < len(body) // 4
+
+
+# ------------------------------------------------------------------ nested too deeply
+
+EV = b'{"region":"eu","p":[{"a":1},{"b":2}]}'  # a "},{" in a nested array: the first cut fails
+
+
+def deep(depth: int) -> bytes:
+    return b'{"region":"eu","x":' + b"[" * depth + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * (1 << 20),                                                           # not an array, over 512 KiB
+    b'{"a":' + b"[" * 600_000,
+    b"[" + deep(1100) + b"," + b",".join([EV] * 20_000) + b"]",                 # past orjson's 1024
+    b"[" + b",".join([EV] * 9000) + b"," + deep(1100) + b"," + b",".join([EV] * 9000) + b"]",
+], ids=["brackets", "object", "deep-first", "deep-later"])
+def test_json_nested_too_deeply_is_a_400_that_says_so(body: bytes) -> None:
+    """msgspec raises RecursionError, not DecodeError, past some 1000 levels: it escaped as
+    a 500 with a traceback.  Nothing of such a body is produced."""
+    with pytest.raises(BodyError) as ei:
+        decode_slices(body, JSON)
+    # orjson's "depth limit exceeded", or msgspec's depth where it alone reads the body
+    assert ei.value.status == 400
+    assert "too deeply" in ei.value.message or "not valid JSON: depth limit exceeded" in ei.value.message
+
+
+def test_nesting_the_parsers_take_is_taken_in_a_big_body_as_in_a_small_one() -> None:
+    """1000 levels: more than msgspec's skipping parse takes, less than orjson's limit;
+    accepted as a small body with it is (orjson decides the probe msgspec cannot make)."""
+    assert validate_records(decode_body(b"[" + deep(1000) + b"]", JSON))[0]
+    for body in (b"[" + deep(1000) + b"," + b",".join([EV] * 20_000) + b"]",
+                 b"[" + b",".join([EV] * 9000) + b"," + deep(1000) + b"," + b",".join([EV] * 9000) + b"]"):
+        assert sum(len(validate_records(p)[0]) for p in decode_slices(body, JSON)) == body.count(b'"region"')
+    # and too deep for orjson: a 400 in a small body too
+    with pytest.raises(BodyError) as ei:
+        decode_body(b"[" + deep(1100) + b"]", JSON)
+    assert "depth limit exceeded" in ei.value.message
+
+
+def test_an_ndjson_line_nested_too_deeply_is_rejected_alone() -> None:
+    body = b"\n".join([EV, deep(1100), EV])
+    good, errors, reasons = validate_records([i for p in decode_slices(body, NDJSON) for i in p])
+    assert len(good) == 2 and [e["index"] for e in errors] == [1] and reasons == {"bad_json": 1}
