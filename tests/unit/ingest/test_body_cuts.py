@@ -1,14 +1,19 @@
-"""JSON nested too deeply for the parsers (ingest/cuts.py), and a slice that
-``decode_slices`` has handed out not held by it (docs/contract.md §3)."""
+"""Where a big JSON array is cut (ingest/cuts.py), JSON nested too deeply for the parsers,
+and a slice that ``decode_slices`` has handed out not held by it (docs/contract.md §3)."""
 from __future__ import annotations
 
 import gc
 import tracemalloc
 
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aggregator.ingest.body import SLICE_BYTES, BodyError, decode_body, decode_slices, validate_records
-from tests.unit.ingest.test_body import JSON, NDJSON
+from aggregator.ingest.cuts import NEXT_OBJECT, next_cut, outside
+from tests.unit.ingest.test_body import JSON, NDJSON, PROPS
+from tests.unit.ingest.test_bounds import same_as_whole
 
 # ------------------------------------------------------------------ a slice handed out
 
@@ -40,6 +45,85 @@ def test_a_slice_handed_out_is_not_held_while_the_handler_waits(body: bytes, ct:
     finally:
         tracemalloc.stop()
     assert held < len(body) // 4
+
+
+# ------------------------------------------------------------------ cuts inside strings
+
+
+def test_cuts_inside_strings_cost_no_probes() -> None:
+    """A URL that carries a JSON filter list: 15 ``},{`` in each event's strings used up the
+    probes (a re-parse of a part each) and the whole body was refused."""
+    url = "https://shop.example/list?filters=" + orjson.dumps([{"k": f"c{i}", "v": i} for i in range(16)]).decode()
+    for ev in ({"region": "eu", "user_id": "u1", "url": url},
+               {"region": "eu", "url": url, "p": [{"a": url}, {"b": url}]}):  # nested objects too
+        body = orjson.dumps([ev] * 2000)
+        assert len(body) > 3 * SLICE_BYTES
+        parts = list(decode_slices(body, JSON))
+        assert len(parts) > 2 and sum(len(validate_records(p)[0]) for p in parts) == 2000
+
+
+def string_state(body: bytes, a: int, s: int) -> int:
+    """``outside`` byte by byte: what it must give."""
+    i, inside = a, False
+    while i < s:
+        c = body[i]
+        if inside and c == 0x5C:
+            i += 2
+            continue
+        if c == 0x22:
+            inside = not inside
+        i += 1
+    if not inside:
+        return s
+    while i < len(body):
+        c = body[i]
+        if c == 0x5C:
+            i += 2
+            continue
+        if c == 0x22:
+            return i + 1
+        i += 1
+    return len(body)
+
+
+def cut_by_bytes(body: bytes, p: int, limit: int) -> int | None:
+    """``next_cut`` byte by byte: the start of the first ``},{`` outside strings."""
+    i = p
+    while i <= limit:
+        j = string_state(body, p, i)
+        if j != i:
+            i = j
+            continue
+        m = NEXT_OBJECT.match(body, i, limit + 1)
+        if m is not None:
+            return i
+        i += 1
+    return None
+
+
+texts = st.text(alphabet='\\"},{ a\n', max_size=30) | st.sampled_from(["\\" * 20 + '"},{', '"' * 9 + "\\" * 9])
+values = st.recursive(texts | st.integers(0, 99), lambda v: st.lists(v, max_size=3) | st.dictionaries(texts, v, max_size=3),
+                      max_leaves=8)
+
+
+@given(items=st.lists(st.dictionaries(texts, values, max_size=4), min_size=1, max_size=8), data=st.data())
+@PROPS
+def test_string_state_and_cuts_are_those_byte_by_byte(items: list, data: st.DataObject) -> None:
+    body = orjson.dumps(items)
+    s = data.draw(st.integers(2, len(body)))
+    assert outside(body, 1, s) == string_state(body, 1, s)
+    p = string_state(body, 1, s)
+    limit = data.draw(st.integers(p, len(body)))
+    m = next_cut(body, p, limit)
+    assert (None if m is None else m.start()) == cut_by_bytes(body, p, limit)
+
+
+@given(rs=st.lists(st.fixed_dictionaries({"region": st.sampled_from(["eu", "us"])}, optional={
+    "url": texts, "nested": st.lists(st.dictionaries(texts, texts, max_size=2), max_size=3)}), max_size=30),
+    slice_bytes=st.integers(1, 200))
+@PROPS
+def test_bodies_with_escapes_are_cut_as_they_parse_whole(rs: list, slice_bytes: int) -> None:
+    same_as_whole(orjson.dumps(rs), JSON, slice_bytes)
 
 
 # ------------------------------------------------------------------ nested too deeply
