@@ -22,6 +22,7 @@ import msgspec
 import orjson
 
 from aggregator.core.events import LIMITS, TS_MAX, TS_MIN, EventError, validate
+from aggregator.ingest.cuts import JSON_WS, BodyError, json_array_spans
 
 MAX_ERRORS = 100
 # a body is parsed, validated and produced in slices of about this many bytes, so that the
@@ -31,9 +32,6 @@ SLICE_BYTES = 1 << 18
 # size, and an NDJSON line is at most this long, else the body is a 400: parsed into
 # Python objects, a part of a body can be some 40 times its size (docs/contract.md §3)
 ITEM_MAX_BYTES = 1 << 18
-# the probes of cuts that fail (inside a string or a nested value) may read at most this
-# many times the body (msgspec skips JSON some 10 times faster than orjson builds it)
-PROBE_FACTOR = 8
 # a gzip body of more members is a 400 (docs/contract.md §3); its bytes are fed to the
 # decompressor in slices of GZIP_FEED_BYTES (gunzip_bounded)
 GZIP_MAX_MEMBERS = 64
@@ -64,15 +62,8 @@ def _typed(buf: bytes) -> list[Event] | None:
     counts as absent, as in ``validate``); the orjson path then decides."""
     try:
         return _TYPED(buf)
-    except msgspec.DecodeError:  # ValidationError is one too
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError too
         return None
-
-
-class BodyError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def gunzip_bounded(data: bytes, limit: int) -> bytes:
@@ -112,7 +103,6 @@ def gunzip_bounded(data: bytes, limit: int) -> bytes:
 
 # "}" "," "{" within one line, whitespace between: where one line could hold two objects
 _OBJECTS_IN_ONE_LINE = re.compile(rb"\}[ \t\r]*,[ \t\r]*\{")
-_JSON_WS = b" \t\r\n"
 
 
 def _ndjson_objects(body: bytes, typed: bool = False) -> list[Any] | None:
@@ -148,7 +138,7 @@ def _ndjson_objects(body: bytes, typed: bool = False) -> list[Any] | None:
 def _ndjson_array(body: bytes) -> tuple[bytes, int] | None:
     """(the lines of ``body`` joined into a JSON array, the number of lines) when it may
     be parsed so (see ``_ndjson_objects``), else None."""
-    b = body.strip(_JSON_WS)  # blank lines at either end are skipped line by line too
+    b = body.strip(JSON_WS)  # blank lines at either end are skipped line by line too
     if not b or b"\x1e" in b or _OBJECTS_IN_ONE_LINE.search(b):
         return None
     return b"[" + b.replace(b"\n", b",") + b"]", b.count(b"\n") + 1
@@ -189,12 +179,20 @@ def decode_slices(body: bytes, content_type: str, slice_bytes: int = SLICE_BYTES
         _check_lines(body, item_max)
         return _ndjson_slices(body, slice_bytes)
     if ct in ("application/json", ""):
-        spans = _json_array_spans(body, slice_bytes, item_max)
+        spans = json_array_spans(body, slice_bytes, item_max)
         if spans is None:
             whole = _typed(body)
-            return iter([decode_body(body, ct) if whole is None else whole])
+            return _handed(decode_body(body, ct) if whole is None else whole)
         return (_json_part(b"[" + body[a:b] + b"]") for a, b in spans)
-    return iter([decode_body(body, ct)])
+    return _handed(decode_body(body, ct))
+
+
+def _handed(items: list[Any]) -> Iterator[list[Any]]:
+    """``items`` as the one slice, not held once handed out (``iter([items])`` would hold
+    it until the next ``next``: while the handler waits for the broker)."""
+    box = [items]
+    del items
+    yield box.pop()
 
 
 def _check_lines(body: bytes, item_max: int) -> None:
@@ -219,114 +217,17 @@ def _ndjson_slices(body: bytes, slice_bytes: int) -> Iterator[list[Any]]:
     """Slices cut after a newline: every line is parsed as in ``decode_body``, and a line
     number in an error is the line's number in the whole body."""
     pos, n, lineno = 0, len(body), 1
-    while pos < n:
+    while pos < n:  # no local holds a slice handed out (the handler drops it before it waits)
         end = body.find(b"\n", pos + slice_bytes)
         end = n if end < 0 else end + 1
-        part = body[pos:end]
-        fast = _ndjson_objects(part, typed=True)
-        yield fast if fast is not None else _ndjson_lines(part, lineno)
-        lineno += part.count(b"\n")
+        yield _ndjson_part(body[pos:end], lineno)
+        lineno += body.count(b"\n", pos, end)
         pos = end
 
 
-# "}" "," "{" between two objects of an array, whitespace (newlines too) between
-_NEXT_OBJECT = re.compile(rb"\}[ \t\r\n]*,[ \t\r\n]*\{")
-
-
-def _json_array_spans(body: bytes, slice_bytes: int,
-                      item_max: int = ITEM_MAX_BYTES) -> list[tuple[int, int]] | None:
-    """A big JSON array as ``[(start, end)]`` spans whose ``[body[start:end]]`` parse to
-    consecutive parts of the array; None for a body that is parsed whole (small, or not
-    cut into parts, and at most ``slice_bytes`` + ``item_max`` long).  Every part is
-    parsed here once (and its objects dropped), so a body that is not valid JSON is a 400
-    before anything of it is produced; so is a body longer than that which cannot be cut
-    into parts that long (docs/contract.md §3).
-
-    Exact: a cut is made at ``}`` ``,`` ``{``; when ``[`` + the part before it parses, the
-    parser is at the top level of the array after it (it reads the body left to right,
-    in the state the array's own ``[`` leaves it), so the comma separates two elements.
-    A part that does not parse is joined to the next one (the cut was inside a string or
-    a nested value): the next cuts are probed with msgspec's skipping parse (no objects
-    built), within PROBE_FACTOR times the body, and the one it takes is parsed by orjson,
-    whose error, if any, is the body's (the cut is between two elements then)."""
-    if len(body) <= slice_bytes:
-        return None
-    start = 0
-    while start < len(body) and body[start] in _JSON_WS:
-        start += 1
-    end = len(body)
-    while end > start and body[end - 1] in _JSON_WS:
-        end -= 1
-    part_max = slice_bytes + item_max
-    if end - start < 2 or body[start] != 0x5B or body[end - 1] != 0x5D:  # [ ... ]
-        if end - start > part_max:
-            raise _uncut(body, f"a JSON body that is not an array is one event, at most {item_max} bytes")
-        return None
-    start += 1
-    end -= 1
-    probes = PROBE_FACTOR * len(body)  # bytes the probes may still read
-    spans: list[tuple[int, int]] = []
-    a = start
-    while a < end:
-        search_from = a + slice_bytes
-        limit = min(end, a + part_max)
-        probe = False
-        while True:
-            m = _NEXT_OBJECT.search(body, search_from, limit + 1) if search_from < limit else None
-            if m is None:
-                if end > limit:  # no place to cut within part_max
-                    raise _uncut(body, f"no place to cut it between two objects in bytes {a}-{limit}: "
-                                               f"a JSON body of over {slice_bytes} bytes must be an array of "
-                                               f"event objects, each at most {item_max} bytes")
-                if not spans:
-                    return None  # one part: the whole body, parsed once as it is
-            b = m.start() + 1 if m is not None else end
-            buf = b"[" + body[a:b] + b"]"
-            if probe and m is not None:
-                probes -= len(buf)
-                if probes < 0:
-                    raise _uncut(body, f"too many objects nested in arrays to cut it between two of "
-                                               f"its events (bytes {a}-{b}): send it as NDJSON")
-                try:
-                    _SKIP(buf)
-                except msgspec.DecodeError:
-                    search_from = m.end()  # not between two elements: the next cut
-                    continue
-                m = None  # between two elements: orjson's error is the body's
-            try:
-                orjson.loads(buf)
-            except orjson.JSONDecodeError as exc:
-                if m is None:
-                    raise BodyError(400, f"body is not valid JSON: {exc.msg} (near byte {a + max(exc.pos - 1, 0)})"
-                                    ) from None
-                search_from = m.end()  # join the next part
-                probe = True
-                continue
-            break
-        spans.append((a, b))
-        if b == end:
-            break
-        a = body.index(b"{", b)  # the "{" of the next element
-    return spans
-
-
-_SKIP = msgspec.json.Decoder(msgspec.Raw).decode
-
-
-def _uncut(body: bytes, why: str) -> BodyError:
-    """The 400 of a JSON body not cut into parts: its JSON error when it is not valid
-    JSON, else ``why``."""
-    return BodyError(400, _invalid(body) or f"body not taken: {why}")
-
-
-def _invalid(buf: bytes) -> str | None:
-    """"body is not valid JSON: <why>" when ``buf`` is not, else None (msgspec's skipping
-    parse: no objects built)."""
-    try:
-        _SKIP(buf)
-    except msgspec.DecodeError as exc:
-        return f"body is not valid JSON: {exc}"
-    return None
+def _ndjson_part(part: bytes, lineno: int) -> list[Any]:
+    fast = _ndjson_objects(part, typed=True)
+    return fast if fast is not None else _ndjson_lines(part, lineno)
 
 
 def _ndjson_lines(body: bytes, first_line: int = 1) -> list[Any]:
