@@ -85,6 +85,21 @@ class IngestHandler:
         counts, and its sampled context goes into the records' headers."""
         ingest_ts = int(time.time() * 1000)
         t0 = time.perf_counter()
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        key = request.headers.get("Idempotency-Key") if self.dedup else None
+        held = Reservation(self.budget)
+        try:
+            return await self._handle(request, span, held, ingest_ts, t0, key)
+        finally:
+            held.release()
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """The answer to a request its headers alone refuse (token, ``Content-Length``,
+        ``Idempotency-Key``, the budget), else None.  The HTTP layer asks it before it sends
+        ``100 Continue`` (web.server), so a client that waits for one sends no body to be
+        refused."""
         if self.token:
             # the scheme is case-insensitive (RFC 9110 §11.1): ``bearer x`` is ``Bearer x``
             scheme, _, cred = request.headers.get("Authorization", "").partition(" ")
@@ -103,15 +118,11 @@ class IngestHandler:
         if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable()
                                     and " " not in key):
             return error(400, f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters")
-        held = Reservation(self.budget)
-        try:
-            # a body that cannot fit now is refused before a byte of it is read; one that may
-            # takes its bytes as they arrive, so a connection that sends none holds none
-            if not self.budget.fits(request.content_length or 0):
-                return over_budget(self.budget)
-            return await self._handle(request, span, held, ingest_ts, t0, key if self.dedup else None)
-        finally:
-            held.release()
+        # a body that cannot fit now is refused before a byte of it is read; one that may
+        # takes its bytes as they arrive, so a connection that sends none holds none
+        if not self.budget.fits(request.content_length or 0):
+            return over_budget(self.budget)
+        return None
 
     async def _handle(self, request: web.Request, span: Any, held: Reservation, ingest_ts: int,
                       t0: float, key: str | None) -> web.Response:

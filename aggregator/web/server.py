@@ -9,7 +9,9 @@ parts it serves (stopping finishes the requests in flight).
 Every answer is counted by route template and status class (``clickstream_http_requests_total``,
 ``clickstream_http_request_duration_seconds``) in one middleware: the label is the matched
 route's template (``/v1/events``), never the raw path, and ``unmatched`` for paths and methods
-no route serves, so scanners cannot grow the label set.
+no route serves, so scanners cannot grow the label set.  A request with an ``Expect`` header
+is answered first by ``Routes.expect`` (aiohttp runs it before the middleware: it counts what
+it answers itself), which checks ``POST /v1/events``'s headers before ``100 Continue``.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 
 import mode
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger
 from aiohttp.typedefs import Handler as AioHandler
@@ -44,7 +46,9 @@ from aggregator.web.snapshots import (  # noqa: F401 (re-exported: what roles an
 log = logging.getLogger("aggregator.web")
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 UNMATCHED = "unmatched"  # the route label of requests no route serves (404, 405)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class HttpMetrics(Protocol):
@@ -75,6 +79,10 @@ class Routes:
         self.snapshots = snapshots
         self.not_ready = not_ready  # why this process is not ready, or None when it is
         self.post_events = post_events or self.no_ingest
+        # the answer to a POST /v1/events its headers alone refuse, else None: asked before
+        # ``100 Continue`` is sent (the ingest handler's ``refusal``; without ingest: no_ingest's 503)
+        self.post_refusal: Callable[[web.Request], web.Response | None] = (
+            getattr(post_events, "refusal", _never) if post_events is not None else _no_ingest)
         self.gate: ConnectionGate | None = None  # the server's, which learns when a handler runs
         self.snapshot_views = 0  # GET /v1/snapshots answers being built or sent
         self.max_snapshot_views = SNAPSHOT_VIEWS
@@ -82,12 +90,13 @@ class Routes:
 
     def app(self, max_body_bytes: int) -> web.Application:
         app = web.Application(client_max_size=max_body_bytes + 1, middlewares=[self.count_requests])
+        expect = self.expect
         app.add_routes([
-            web.post("/v1/events", self.post),
-            web.get("/metrics", self.get_metrics),
-            web.get("/v1/snapshots", self.get_snapshots),
-            web.get("/healthz", self.healthz),
-            web.get("/readyz", self.readyz),
+            web.post("/v1/events", self.post, expect_handler=expect),
+            web.get("/metrics", self.get_metrics, expect_handler=expect),
+            web.get("/v1/snapshots", self.get_snapshots, expect_handler=expect),
+            web.get("/healthz", self.healthz, expect_handler=expect),
+            web.get("/readyz", self.readyz, expect_handler=expect),
         ])
         self.metrics.http_routes([*(r.canonical for r in app.router.resources()), UNMATCHED])
         return app
@@ -122,13 +131,51 @@ class Routes:
                 gate.end(request.transport)
             self.metrics.http_request(route, status, time.perf_counter() - started)
 
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """The ``expect_handler`` of every route: aiohttp runs it for a request with an
+        ``Expect`` header, before the middleware, so an answer it gives it counts itself.
+        ``POST /v1/events`` is refused first as its headers alone refuse it (token, size,
+        ``Idempotency-Key``, budget): the client that waits for ``100 Continue`` is answered
+        without sending its body.  Then ``100-continue`` is sent ``100 Continue``; any other
+        expectation is a 417 (RFC 9110 §10.1.1).  An HTTP/1.0 request's ``Expect`` is
+        ignored, as aiohttp does."""
+        if request.version != HttpVersion11:
+            return None
+        started = time.perf_counter()
+        expect = request.headers.get(hdrs.EXPECT, "")
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else UNMATCHED
+        resp = self.post_refusal(request) if route == "/v1/events" else None
+        if resp is None:
+            if expect.strip().lower() == "100-continue":
+                await request.writer.write(CONTINUE)
+                request.writer.output_size = 0  # the answer has not begun (as aiohttp's own handler)
+                return None
+            resp = expectation_failed(expect)
+        resp.force_close()  # its body, if the client sends one, is not read
+        self.metrics.http_request(route, resp.status, time.perf_counter() - started)
+        return resp
+
+    def expect_unmatched(self, handle: ServerHandler) -> ServerHandler:
+        """The server's request handler ``handle`` (the app's), answering in JSON, counted, an
+        ``Expect`` other than ``100-continue`` on a path or method no route serves (aiohttp's
+        own expect handler there answers 417 in plain text, before the middleware)."""
+        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+            try:
+                return await handle(request)
+            except web.HTTPExpectationFailed:
+                resp = expectation_failed(request.headers.get(hdrs.EXPECT, ""))
+                resp.force_close()
+                self.metrics.http_request(UNMATCHED, resp.status, None)
+                return resp
+        return handler
+
     async def post(self, request: web.Request) -> web.Response:
         # a coroutine function for aiohttp (a handler object's __call__ is deprecated there)
         return await self.post_events(request)
 
     async def no_ingest(self, request: web.Request) -> web.Response:
-        return error(503, "this process does not serve ingest (AGG_ROLE=worker): send events to an ingest process",
-                     {"Retry-After": "5"})
+        return _no_ingest(request)
 
     async def healthz(self, request: web.Request) -> web.Response:
         reason = self.not_alive()
@@ -271,6 +318,9 @@ class HttpServer(mode.Service):
                                     keepalive_timeout=self.gate.header_timeout,
                                     logger=ServerLog(self.routes.metrics))
         await self.runner.setup()
+        server = self.runner.server
+        assert server is not None
+        server.request_handler = self.routes.expect_unmatched(server.request_handler)
         site = _Site(self.runner, self.host, self.port, self.gate)
         await site.start()
         self.port = site.bound_port() or self.port  # AGG_WEB_PORT=0: the free port the system chose
@@ -287,6 +337,19 @@ class HttpServer(mode.Service):
             log.info("HTTP: stopping (finishing the requests in flight)")
             await self.runner.cleanup()  # stops listening, waits for the handlers in flight
             self.runner = None
+
+
+def _never(request: web.Request) -> None:
+    return None
+
+
+def _no_ingest(request: web.Request) -> web.Response:
+    return error(503, "this process does not serve ingest (AGG_ROLE=worker): send events to an ingest process",
+                 {"Retry-After": "5"})
+
+
+def expectation_failed(expect: str) -> web.Response:
+    return error(417, f"unsupported expectation {expect[:100]!r}: only Expect: 100-continue is")
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
