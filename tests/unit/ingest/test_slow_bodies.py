@@ -93,18 +93,21 @@ async def test_a_body_that_trickles_is_cut_off_like_one_that_stalls() -> None:
         await client.close()
 
 
+async def steady(steps: int, every_s: float) -> Any:
+    """A JSON body of ``steps`` runs of BODY_IDLE_BYTES, one every ``every_s``."""
+    yield b"["
+    for _ in range(steps):
+        await asyncio.sleep(every_s)
+        yield b" " * BODY_IDLE_BYTES
+    yield b"]"
+
+
 async def test_a_body_that_keeps_coming_is_not_cut_by_the_idle_timeout() -> None:
     """BODY_IDLE_BYTES every 0.2 s for 1.2 s, past two idle timeouts of 0.5 s: the timer is
     set again at each step, and the body is read to its end (here: valid JSON, 200)."""
     client, _ = await ingest_client(idle_s=0.5)
     try:
-        async def steady():
-            yield b"["
-            for _ in range(6):
-                await asyncio.sleep(0.2)
-                yield b" " * BODY_IDLE_BYTES
-            yield b"]"
-        r = await client.post("/v1/events", data=steady(), headers=JSON)
+        r = await client.post("/v1/events", data=steady(6, 0.2), headers=JSON)
         assert r.status == 200, await r.text()
     finally:
         await client.close()
@@ -113,13 +116,7 @@ async def test_a_body_that_keeps_coming_is_not_cut_by_the_idle_timeout() -> None
 async def test_the_whole_body_timeout_still_bounds_a_body_that_keeps_coming() -> None:
     client, _ = await ingest_client(idle_s=0.5, body_timeout=0.5)
     try:
-        async def steady():
-            yield b"["
-            for _ in range(10):
-                await asyncio.sleep(0.1)
-                yield b" " * BODY_IDLE_BYTES
-            yield b"]"
-        r = await client.post("/v1/events", data=steady(), headers=JSON)
+        r = await client.post("/v1/events", data=steady(10, 0.1), headers=JSON)
         assert r.status == 408
         assert (await r.json())["error"] == "the body did not arrive within 0.5 s"
     finally:
