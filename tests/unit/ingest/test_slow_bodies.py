@@ -130,7 +130,14 @@ async def test_bodies_still_arriving_hold_three_quarters_of_the_budget_at_most()
     is refused (503) and a normal POST is served."""
     client, h = await ingest_client(idle_s=30.0)  # (the idle timeout out of the way)
     try:
-        crawling = [await stalled_post(client, MAX_BODY - 1, MAX_BODY) for _ in range(4)]
+        crawling = []
+        for n in range(1, 4):  # one after the other (bodies arriving at once could each be cut)
+            crawling.append(await stalled_post(client, MAX_BODY - 1, MAX_BODY))
+            for _ in range(500):
+                if h.budget.used == n * (MAX_BODY - 1):
+                    break
+                await asyncio.sleep(0.01)
+        crawling.append(await stalled_post(client, MAX_BODY - 1, MAX_BODY))
         refused = await asyncio.wait_for(crawling[3][0].readuntil(b"}"), 5)  # the last to come
         assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in refused, refused[:200]
         assert h.budget.used == h.budget.arriving == 3 * (MAX_BODY - 1)
