@@ -65,7 +65,6 @@ class IngestHandler:
         self.regions: dict[str, int] = {}  # region -> time (ms) of the last request that had it
         self._swept_ms = 0
         self.budget = budget or InflightBudget(4 * max_body_bytes)
-        self.budget.keep_for_whole(max_body_bytes)
         self.body_timeout_s = body_timeout_s
         self.body_idle_s = BODY_IDLE_S
         self.dedup = dedup  # events get dedup ids (core.dedup): AGG_DEDUP_SECONDS > 0
@@ -351,8 +350,7 @@ class BodyTimeout(Exception):
 async def read_body(request: web.Request, limit: int, held: Reservation | None = None,
                     timeout_s: float | None = None, idle_s: float | None = None) -> bytes | None:
     """The whole body, refused with 413 as soon as it passes ``limit`` bytes; with ``held``,
-    its bytes are taken from the in-flight budget as they arrive: None when they do not fit
-    (those of a body not yet whole: in the share that bodies still arriving may hold).
+    its bytes are taken from the in-flight budget as they arrive: None when they do not fit.
     BodyTimeout when it has not ended ``timeout_s`` after the read began, or when
     ``idle_s`` pass in which it neither ends nor grows by BODY_IDLE_BYTES: a client that
     stalls (or trickles) mid-body would otherwise keep what it sent of the budget until
@@ -372,9 +370,7 @@ async def read_body(request: web.Request, limit: int, held: Reservation | None =
                 size += len(chunk)
                 if size > limit:
                     raise BodyError(413, f"body exceeds {limit} bytes")
-                # a chunk that leaves the body unfinished must fit in the arriving share
-                whole = size == request.content_length or request.content.is_eof()
-                if held is not None and size > held.held and not held.take(size - held.held, not whole):
+                if held is not None and size > held.held and not held.take(size - held.held):
                     return None
                 chunks.append(chunk)
                 if size - mark >= BODY_IDLE_BYTES and idle_s is not None:  # per 16 KiB at most
@@ -385,8 +381,6 @@ async def read_body(request: web.Request, limit: int, held: Reservation | None =
             raise BodyTimeout(f"the body did not arrive within {timeout_s:g} s") from None
         raise BodyTimeout(f"the body stalled: less than {BODY_IDLE_BYTES} bytes of it came in {idle_s:g} s "
                           f"({size} bytes in all)") from None
-    if held is not None:
-        held.arrived()
     return b"".join(chunks)
 
 
@@ -397,8 +391,7 @@ def _deadline(now: float, end: float | None, idle_s: float | None) -> float | No
 
 def over_budget(budget: InflightBudget) -> web.Response:
     """503 at once: the bodies in flight already fill ``AGG_INGEST_MAX_INFLIGHT_BYTES``."""
-    arriving = f", {budget.arriving_limit} of them still arriving" if budget.arriving_limit < budget.limit else ""
-    resp = error(503, f"ingest is at its in-flight limit ({budget.limit} bytes of bodies{arriving}): retry later",
+    resp = error(503, f"ingest is at its in-flight limit ({budget.limit} bytes of bodies): retry later",
                  {"Retry-After": "1"})
     resp.force_close()  # the body is not read (to its end): do not keep the connection to drain it
     return resp

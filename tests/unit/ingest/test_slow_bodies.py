@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from aggregator.ingest.budget import InflightBudget, Reservation
+from aggregator.ingest.budget import InflightBudget
 from aggregator.ingest.handler import BODY_IDLE_BYTES, IngestHandler
 from aggregator.metrics import Metrics
 from aggregator.web.server import NoSnapshots, Routes
@@ -43,7 +43,6 @@ async def stalled_post(client: TestClient, sent: int, length: int) -> tuple[asyn
 
 async def test_bodies_that_stall_are_cut_off_within_the_idle_timeout_and_others_are_served() -> None:
     client, h = await ingest_client(idle_s=0.5)
-    h.budget.arriving_limit = h.budget.limit  # (the idle timeout alone: no share kept for whole bodies)
     try:
         stalled = [await stalled_post(client, MAX_BODY - 1, MAX_BODY) for _ in range(4)]
         t0 = time.monotonic()
@@ -121,54 +120,3 @@ async def test_the_whole_body_timeout_still_bounds_a_body_that_keeps_coming() ->
         assert (await r.json())["error"] == "the body did not arrive within 0.5 s"
     finally:
         await client.close()
-
-
-async def test_bodies_still_arriving_hold_three_quarters_of_the_budget_at_most() -> None:
-    """A client may keep the idle timer going (16 KiB every 5 s) until the whole-body
-    timeout: what bodies still arriving may hold is capped, so the rest of the budget stays
-    for bodies that come whole.  Four such bodies of 1 MiB in a budget of 4 MiB: the fourth
-    is refused (503) and a normal POST is served."""
-    client, h = await ingest_client(idle_s=30.0)  # (the idle timeout out of the way)
-    try:
-        crawling = []
-        for n in range(1, 4):  # one after the other (bodies arriving at once could each be cut)
-            crawling.append(await stalled_post(client, MAX_BODY - 1, MAX_BODY))
-            for _ in range(500):
-                if h.budget.used == n * (MAX_BODY - 1):
-                    break
-                await asyncio.sleep(0.01)
-        crawling.append(await stalled_post(client, MAX_BODY - 1, MAX_BODY))
-        refused = await asyncio.wait_for(crawling[3][0].readuntil(b"}"), 5)  # the last to come
-        assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in refused, refused[:200]
-        assert h.budget.used == h.budget.arriving == 3 * (MAX_BODY - 1)
-        r = await client.post("/v1/events", data=b"[" + b" " * 60_000 + b"]", headers=JSON)
-        assert r.status == 200 and (await r.json())["accepted"] == 0  # served beside them
-        assert h.budget.used == h.budget.arriving == 3 * (MAX_BODY - 1)
-        for _, w in crawling:
-            w.close()
-        for _ in range(100):
-            if h.budget.used == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert h.budget.used == h.budget.arriving == 0
-    finally:
-        await client.close()
-
-
-def test_the_arriving_share_is_part_of_the_budget_and_given_back() -> None:
-    b = InflightBudget(100)
-    b.keep_for_whole(10)
-    assert b.arriving_limit == 75
-    one, two = Reservation(b), Reservation(b)
-    assert one.take(70, arriving=True) and not two.take(6, arriving=True)
-    assert two.take(30) and b.used == 100 and b.arriving == 70  # whole bodies take the rest
-    two.release()
-    one.arrived()  # whole now: no longer arriving
-    assert b.arriving == 0 and b.used == 70 and two.take(5, arriving=True)
-    one.release()
-    two.release()
-    assert b.used == b.arriving == 0
-    for limit, max_body, share in ((8, 8, 8), (16, 8, 12), (32, 8, 24), (10, 9, 9), (5, 8, 5)):
-        b = InflightBudget(limit)
-        b.keep_for_whole(max_body)  # any body can still arrive, within the budget
-        assert b.arriving_limit == share, (limit, max_body)
