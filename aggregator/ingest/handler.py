@@ -43,6 +43,9 @@ READ_CHUNK = 1 << 16
 BUSY_POLL_S = 0.005  # a slice waits this long between looks at a partition with too many batches waiting
 REGION_SWEEP_S = 1.0  # at the region cap, idle regions are looked for at most this often
 IDEMPOTENCY_KEY_MAX = 255  # characters of an Idempotency-Key (visible ASCII)
+# a body must end, or grow by BODY_IDLE_BYTES, within every BODY_IDLE_S, else 408 (docs/contract.md §3)
+BODY_IDLE_S = 5.0
+BODY_IDLE_BYTES = 16 << 10
 
 
 class IngestHandler:
@@ -63,6 +66,7 @@ class IngestHandler:
         self._swept_ms = 0
         self.budget = budget or InflightBudget(4 * max_body_bytes)
         self.body_timeout_s = body_timeout_s
+        self.body_idle_s = BODY_IDLE_S
         self.dedup = dedup  # events get dedup ids (core.dedup): AGG_DEDUP_SECONDS > 0
         # AGG_AGGREGATES: the clickstream-agg header of each event with a user_id or url
         self.agg = AggHeaders(url_keep_query) if aggregates else None
@@ -81,6 +85,21 @@ class IngestHandler:
         counts, and its sampled context goes into the records' headers."""
         ingest_ts = int(time.time() * 1000)
         t0 = time.perf_counter()
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        key = request.headers.get("Idempotency-Key") if self.dedup else None
+        held = Reservation(self.budget)
+        try:
+            return await self._handle(request, span, held, ingest_ts, t0, key)
+        finally:
+            held.release()
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """The answer to a request its headers alone refuse (token, ``Content-Length``,
+        ``Idempotency-Key``, the budget), else None.  The HTTP layer asks it before it sends
+        ``100 Continue`` (web.server), so a client that waits for one sends no body to be
+        refused."""
         if self.token:
             # the scheme is case-insensitive (RFC 9110 §11.1): ``bearer x`` is ``Bearer x``
             scheme, _, cred = request.headers.get("Authorization", "").partition(" ")
@@ -99,15 +118,11 @@ class IngestHandler:
         if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable()
                                     and " " not in key):
             return error(400, f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters")
-        held = Reservation(self.budget)
-        try:
-            # a body that cannot fit now is refused before a byte of it is read; one that may
-            # takes its bytes as they arrive, so a connection that sends none holds none
-            if not self.budget.fits(request.content_length or 0):
-                return over_budget(self.budget)
-            return await self._handle(request, span, held, ingest_ts, t0, key if self.dedup else None)
-        finally:
-            held.release()
+        # a body that cannot fit now is refused before a byte of it is read; one that may
+        # takes its bytes as they arrive, so a connection that sends none holds none
+        if not self.budget.fits(request.content_length or 0):
+            return over_budget(self.budget)
+        return None
 
     async def _handle(self, request: web.Request, span: Any, held: Reservation, ingest_ts: int,
                       t0: float, key: str | None) -> web.Response:
@@ -116,11 +131,10 @@ class IngestHandler:
         limit = self.max_body_bytes
         try:
             try:
-                async with asyncio.timeout(self.body_timeout_s):
-                    body = await read_body(request, limit, held)
-            except TimeoutError:
+                body = await read_body(request, limit, held, self.body_timeout_s, self.body_idle_s)
+            except BodyTimeout as exc:
                 m.ingest_failed()
-                resp = error(408, f"the body did not arrive within {self.body_timeout_s:g} s")
+                resp = error(408, str(exc))
                 resp.force_close()
                 return resp
             except (ConnectionError, HttpProcessingError) as exc:
@@ -329,23 +343,50 @@ class IngestHandler:
             per_region[region] = per_region.get(region, 0) + len(entry[0])
 
 
-async def read_body(request: web.Request, limit: int, held: Reservation | None = None) -> bytes | None:
+class BodyTimeout(Exception):
+    """A body that did not arrive in time (408); the message says which bound it missed."""
+
+
+async def read_body(request: web.Request, limit: int, held: Reservation | None = None,
+                    timeout_s: float | None = None, idle_s: float | None = None) -> bytes | None:
     """The whole body, refused with 413 as soon as it passes ``limit`` bytes; with ``held``,
-    its bytes are taken from the in-flight budget as they arrive: None when they do not fit."""
+    its bytes are taken from the in-flight budget as they arrive: None when they do not fit.
+    BodyTimeout when it has not ended ``timeout_s`` after the read began, or when
+    ``idle_s`` pass in which it neither ends nor grows by BODY_IDLE_BYTES: a client that
+    stalls (or trickles) mid-body would otherwise keep what it sent of the budget until
+    ``timeout_s``, and a few such could lock every other client out (None: no bound)."""
     # StreamReader.read(n) returns what is buffered, not n bytes: read to EOF
     chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await request.content.read(READ_CHUNK)
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise BodyError(413, f"body exceeds {limit} bytes")
-        if held is not None and size > held.held and not held.take(size - held.held):
-            return None
-        chunks.append(chunk)
+    size = mark = 0  # mark: the size when the idle timer was last set
+    loop = asyncio.get_running_loop()
+    end = None if timeout_s is None else loop.time() + timeout_s
+    when = _deadline(loop.time(), end, idle_s)
+    try:
+        async with asyncio.timeout_at(when) as bound:
+            while True:
+                chunk = await request.content.read(READ_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise BodyError(413, f"body exceeds {limit} bytes")
+                if held is not None and size > held.held and not held.take(size - held.held):
+                    return None
+                chunks.append(chunk)
+                if size - mark >= BODY_IDLE_BYTES and idle_s is not None:  # per 16 KiB at most
+                    mark = size
+                    bound.reschedule(_deadline(loop.time(), end, idle_s))
+    except TimeoutError:
+        if end is not None and bound.when() == end:
+            raise BodyTimeout(f"the body did not arrive within {timeout_s:g} s") from None
+        raise BodyTimeout(f"the body stalled: less than {BODY_IDLE_BYTES} bytes of it came in {idle_s:g} s "
+                          f"({size} bytes in all)") from None
     return b"".join(chunks)
+
+
+def _deadline(now: float, end: float | None, idle_s: float | None) -> float | None:
+    idle = None if idle_s is None else now + idle_s
+    return idle if end is None else end if idle is None else min(end, idle)
 
 
 def over_budget(budget: InflightBudget) -> web.Response:

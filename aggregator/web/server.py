@@ -9,7 +9,9 @@ parts it serves (stopping finishes the requests in flight).
 Every answer is counted by route template and status class (``clickstream_http_requests_total``,
 ``clickstream_http_request_duration_seconds``) in one middleware: the label is the matched
 route's template (``/v1/events``), never the raw path, and ``unmatched`` for paths and methods
-no route serves, so scanners cannot grow the label set.
+no route serves, so scanners cannot grow the label set.  A request with an ``Expect`` header
+is answered first by ``Routes.expect`` (aiohttp runs it before the middleware: it counts what
+it answers itself), which checks ``POST /v1/events``'s headers before ``100 Continue``.
 """
 from __future__ import annotations
 
@@ -22,13 +24,14 @@ from typing import Any, Protocol
 
 import mode
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger
 from aiohttp.typedefs import Handler as AioHandler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
+from aggregator.web.gate import REFUSED, REFUSED_LOG_INTERVAL, ConnectionGate, _Conn  # noqa: F401 (re-exported)
 from aggregator.web.snapshots import (  # noqa: F401 (re-exported: what roles and tests know it by)
     SNAPSHOT_SEND_S,
     SNAPSHOT_VIEWS,
@@ -43,7 +46,9 @@ from aggregator.web.snapshots import (  # noqa: F401 (re-exported: what roles an
 log = logging.getLogger("aggregator.web")
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 UNMATCHED = "unmatched"  # the route label of requests no route serves (404, 405)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class HttpMetrics(Protocol):
@@ -74,6 +79,10 @@ class Routes:
         self.snapshots = snapshots
         self.not_ready = not_ready  # why this process is not ready, or None when it is
         self.post_events = post_events or self.no_ingest
+        # the answer to a POST /v1/events its headers alone refuse, else None: asked before
+        # ``100 Continue`` is sent (the ingest handler's ``refusal``; without ingest: no_ingest's 503)
+        self.post_refusal: Callable[[web.Request], web.Response | None] = (
+            getattr(post_events, "refusal", _never) if post_events is not None else _no_ingest)
         self.gate: ConnectionGate | None = None  # the server's, which learns when a handler runs
         self.snapshot_views = 0  # GET /v1/snapshots answers being built or sent
         self.max_snapshot_views = SNAPSHOT_VIEWS
@@ -81,12 +90,13 @@ class Routes:
 
     def app(self, max_body_bytes: int) -> web.Application:
         app = web.Application(client_max_size=max_body_bytes + 1, middlewares=[self.count_requests])
+        expect = self.expect
         app.add_routes([
-            web.post("/v1/events", self.post),
-            web.get("/metrics", self.get_metrics),
-            web.get("/v1/snapshots", self.get_snapshots),
-            web.get("/healthz", self.healthz),
-            web.get("/readyz", self.readyz),
+            web.post("/v1/events", self.post, expect_handler=expect),
+            web.get("/metrics", self.get_metrics, expect_handler=expect),
+            web.get("/v1/snapshots", self.get_snapshots, expect_handler=expect),
+            web.get("/healthz", self.healthz, expect_handler=expect),
+            web.get("/readyz", self.readyz, expect_handler=expect),
         ])
         self.metrics.http_routes([*(r.canonical for r in app.router.resources()), UNMATCHED])
         return app
@@ -121,13 +131,51 @@ class Routes:
                 gate.end(request.transport)
             self.metrics.http_request(route, status, time.perf_counter() - started)
 
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """The ``expect_handler`` of every route: aiohttp runs it for a request with an
+        ``Expect`` header, before the middleware, so an answer it gives it counts itself.
+        ``POST /v1/events`` is refused first as its headers alone refuse it (token, size,
+        ``Idempotency-Key``, budget): the client that waits for ``100 Continue`` is answered
+        without sending its body.  Then ``100-continue`` is sent ``100 Continue``; any other
+        expectation is a 417 (RFC 9110 §10.1.1).  An HTTP/1.0 request's ``Expect`` is
+        ignored, as aiohttp does."""
+        if request.version != HttpVersion11:
+            return None
+        started = time.perf_counter()
+        expect = request.headers.get(hdrs.EXPECT, "")
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else UNMATCHED
+        resp = self.post_refusal(request) if route == "/v1/events" else None
+        if resp is None:
+            if expect.strip().lower() == "100-continue":
+                await request.writer.write(CONTINUE)
+                request.writer.output_size = 0  # the answer has not begun (as aiohttp's own handler)
+                return None
+            resp = expectation_failed(expect)
+        resp.force_close()  # its body, if the client sends one, is not read
+        self.metrics.http_request(route, resp.status, time.perf_counter() - started)
+        return resp
+
+    def expect_unmatched(self, handle: ServerHandler) -> ServerHandler:
+        """The server's request handler ``handle`` (the app's), answering in JSON, counted, an
+        ``Expect`` other than ``100-continue`` on a path or method no route serves (aiohttp's
+        own expect handler there answers 417 in plain text, before the middleware)."""
+        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+            try:
+                return await handle(request)
+            except web.HTTPExpectationFailed:
+                resp = expectation_failed(request.headers.get(hdrs.EXPECT, ""))
+                resp.force_close()
+                self.metrics.http_request(UNMATCHED, resp.status, None)
+                return resp
+        return handler
+
     async def post(self, request: web.Request) -> web.Response:
         # a coroutine function for aiohttp (a handler object's __call__ is deprecated there)
         return await self.post_events(request)
 
     async def no_ingest(self, request: web.Request) -> web.Response:
-        return error(503, "this process does not serve ingest (AGG_ROLE=worker): send events to an ingest process",
-                     {"Retry-After": "5"})
+        return _no_ingest(request)
 
     async def healthz(self, request: web.Request) -> web.Response:
         reason = self.not_alive()
@@ -182,134 +230,6 @@ class Routes:
             return resp
         finally:
             self.snapshot_views -= 1
-
-
-_REFUSED_BODY = b'{"error":"too many connections: retry in a second"}'
-REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
-           b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_REFUSED_BODY), _REFUSED_BODY))
-
-
-class _Conn(asyncio.Protocol):
-    """One connection: aiohttp's protocol behind a guard that counts it against the cap
-    and notes when it last started or finished a request (for the header timeout)."""
-
-    __slots__ = ("gate", "inner", "transport", "idle_since", "busy", "refused")
-
-    def __init__(self, gate: ConnectionGate, inner: asyncio.Protocol) -> None:
-        self.gate = gate
-        self.inner = inner
-        self.transport: asyncio.BaseTransport | None = None
-        self.idle_since = time.monotonic()
-        self.busy = 0  # requests of this connection in a handler
-        self.refused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        if len(self.gate.conns) >= self.gate.max_connections:
-            self.refused = True
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(REFUSED)
-            transport.close()
-            self.gate.refuse()
-            return
-        self.gate.conns[transport] = self
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if not self.refused:
-            self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return None if self.refused else self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.refused:
-            return
-        if self.transport is not None:
-            self.gate.conns.pop(self.transport, None)
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if not self.refused:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if not self.refused:
-            self.inner.resume_writing()
-
-
-REFUSED_LOG_INTERVAL = 10.0  # seconds: one warning at most per interval while connections are refused
-
-
-class ConnectionGate:
-    """The connection cap and the header timeout of the HTTP server.
-
-    A connection over ``max_connections`` gets a 503 with ``Retry-After`` and is closed
-    before aiohttp sees it: counted (``on_refused``, the metric
-    ``clickstream_http_connections_refused_total``) and logged, one warning per
-    ``REFUSED_LOG_INTERVAL`` at most, with the number refused since the last one.
-    A connection not in a handler (sending a request's headers, or idle between
-    requests) for longer than ``header_timeout`` is closed by a sweep every quarter of it
-    (a byte a second never completes the headers; aborted, its answer dropped, when it has
-    not read the last one); a handler bounds its own body read (ingest:
-    ``AGG_HTTP_BODY_TIMEOUT_SECONDS``)."""
-
-    def __init__(self, max_connections: int, header_timeout: float,
-                 on_refused: Callable[[int], None] | None = None) -> None:
-        self.max_connections = max_connections
-        self.header_timeout = header_timeout
-        self.conns: dict[asyncio.BaseTransport, _Conn] = {}
-        self.refused = 0    # connections refused over the cap
-        self.timed_out = 0  # connections closed by the header timeout
-        self.on_refused = on_refused
-        self._refused_logged = 0   # self.refused at the last warning
-        self._next_refused_log = 0.0  # monotonic time before which no further warning is logged
-
-    def refuse(self) -> None:
-        """A connection over the cap was answered 503 and closed."""
-        self.refused += 1
-        if self.on_refused is not None:
-            self.on_refused(1)
-        now = time.monotonic()
-        if now >= self._next_refused_log:
-            self._next_refused_log = now + REFUSED_LOG_INTERVAL
-            log.warning("HTTP: %d connection(s) refused with 503 since the last such line: %d open, "
-                        "AGG_HTTP_MAX_CONNECTIONS is %d", self.refused - self._refused_logged, len(self.conns),
-                        self.max_connections)
-            self._refused_logged = self.refused
-
-    def protocol(self, make: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        return lambda: _Conn(self, make())
-
-    def begin(self, transport: asyncio.BaseTransport | None) -> None:
-        conn = self.conns.get(transport) if transport is not None else None
-        if conn is not None:
-            conn.busy += 1
-
-    def end(self, transport: asyncio.BaseTransport | None) -> None:
-        conn = self.conns.get(transport) if transport is not None else None
-        if conn is not None:
-            conn.busy -= 1
-            conn.idle_since = time.monotonic()
-
-    def sweep(self, now: float) -> int:
-        """Close the connections idle (not in a handler) past the header timeout."""
-        cutoff = now - self.header_timeout
-        late = [c for c in self.conns.values() if not c.busy and c.idle_since < cutoff]
-        for c in late:
-            assert c.transport is not None
-            # close() would wait for an unflushed answer its client no longer reads
-            if isinstance(c.transport, asyncio.WriteTransport) and c.transport.get_write_buffer_size():
-                c.transport.abort()
-            else:
-                c.transport.close()
-        self.timed_out += len(late)
-        return len(late)
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, self.header_timeout / 4))
-            self.sweep(time.monotonic())
 
 
 class ServerLog(logging.LoggerAdapter):
@@ -398,6 +318,9 @@ class HttpServer(mode.Service):
                                     keepalive_timeout=self.gate.header_timeout,
                                     logger=ServerLog(self.routes.metrics))
         await self.runner.setup()
+        server = self.runner.server
+        assert server is not None
+        server.request_handler = self.routes.expect_unmatched(server.request_handler)
         site = _Site(self.runner, self.host, self.port, self.gate)
         await site.start()
         self.port = site.bound_port() or self.port  # AGG_WEB_PORT=0: the free port the system chose
@@ -414,6 +337,19 @@ class HttpServer(mode.Service):
             log.info("HTTP: stopping (finishing the requests in flight)")
             await self.runner.cleanup()  # stops listening, waits for the handlers in flight
             self.runner = None
+
+
+def _never(request: web.Request) -> None:
+    return None
+
+
+def _no_ingest(request: web.Request) -> web.Response:
+    return error(503, "this process does not serve ingest (AGG_ROLE=worker): send events to an ingest process",
+                 {"Retry-After": "5"})
+
+
+def expectation_failed(expect: str) -> web.Response:
+    return error(417, f"unsupported expectation {expect[:100]!r}: only Expect: 100-continue is")
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
