@@ -204,8 +204,8 @@ class Settings(BaseSettings):
                                  "repeated event_id within this of the first is counted once (0: no dedup; else "
                                  "0.001..604800: 7 days, in whole ms)")
     dedup_max_ids: int = Field(1_000_000, ge=1, description="event ids one partition remembers for dedup at most "
-                               "(about 250 bytes each); beyond, the oldest are forgotten before the horizon, "
-                               "counted in clickstream_dedup_evicted_total")
+                               "(about 250 bytes each; a request key counts by its memory, ~2.3 for one event); "
+                               "beyond, the oldest are forgotten before the horizon, in clickstream_dedup_evicted_total")
     aggregates: bool = Field(True, description="unique users, top URLs and client-delay quantiles per region "
                              "and window in every snapshot (false: counts only; ingest and workers must agree)")
     top_urls: int = Field(10, ge=1, le=20, description="URLs in a snapshot's top_urls at most")

@@ -187,8 +187,8 @@ class Metrics:
                                    "one (idempotency_key or event_id)", ["region", "source"], registry=r)
         self._dedup_ids = Gauge("clickstream_dedup_ids", "Ids the worker remembers for dedup (event ids, and "
                                 "idempotency keys)", ["kind"], registry=r)
-        self._dedup_evicted = Counter("clickstream_dedup_evicted", "Dedup ids forgotten before AGG_DEDUP_SECONDS "
-                                      "passed, because more than AGG_DEDUP_MAX_IDS were remembered", registry=r)
+        self._dedup_evicted = Counter("clickstream_dedup_evicted", "Dedup event ids and request keys forgotten "
+                                      "before AGG_DEDUP_SECONDS passed: over AGG_DEDUP_MAX_IDS ids' worth", registry=r)
         self._forwards_lost = Counter("clickstream_forwards_lost", "Forwarded events the broker did not acknowledge "
                                       "while a later forward to their home was: lost unless it stored them", registry=r)
         self._repartitioned = Counter("clickstream_repartitioned_events", "Events of clicks forwarded to their "

@@ -12,6 +12,13 @@ events costs about 250 bytes, not 1000 ids; an index far past the bitmap's end (
 whose items were mostly refused) goes to a set instead (``keybits.mark``), so a key's memory
 follows the events it brought, never the body's length.
 
+Bounded by ``max_ids`` (AGG_DEDUP_MAX_IDS) whatever the mix: an event id counts as one, a
+request key as the ids its memory would hold (``KEY_MEMORY`` plus ``keybits.cost`` of its
+indices, over ID_MEMORY: a key of one event counts about 2.3).  A key's cost is a function
+of its indices alone, kept in its entry and summed in ``key_bytes`` (recomputed once a
+batch for each key the batch brought indices to), so a store restored from the records
+counts what the original did and the same calls evict the same buckets in both.
+
 Bounded by the horizon: an id belongs to the *bucket* (``horizon / BUCKETS`` of
 ingest time) of the first time it was seen, and a bucket is forgotten once the
 partition's stream time is a whole horizon past its end: a repeat is dropped as long
@@ -33,13 +40,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aggregator.core.dedupid import EVENT_ID, IDEMPOTENCY_KEY, DedupId
-from aggregator.core.keybits import SPARSE_BYTES, mark, runs
+from aggregator.core.keybits import SPARSE_BYTES, cost, mark, runs
 from aggregator.core.recordlog import RecordLog
 
 BUCKETS = 10  # a horizon is this many buckets
 DEFAULT_MAX_IDS = 1_000_000  # event ids one partition remembers at most (AGG_DEDUP_MAX_IDS)
 KEY_BYTES = 38  # a request key's part of a record's JSON, without its indices: "<32 hex>":[],
 ID_BYTES = 250  # worker memory of one remembered event id of ~20 characters, measured (README)
+# worker memory of a remembered request key besides its bitmap's and far set's bytes (digest,
+# entry, its place in its bucket), and of an event id of ~20 characters, measured alike (RSS
+# of a million in a store): 355 bytes a key of one event, 151 an id.  Their ratio weighs a key
+# against AGG_DEDUP_MAX_IDS (``cost``)
+KEY_MEMORY = 350
+ID_MEMORY = 150
 
 # what a pending item holds: an event id, or a run [request key's digest, first, last index]
 PendingId = str | list[int]
@@ -47,18 +60,20 @@ PendingId = str | list[int]
 
 class DedupStore(RecordLog):
     """The ids seen on one partition within the horizon; ``horizon_ms`` 0: no dedup.
-    At most ``max_ids`` event ids (an idempotency key's bitmap costs a bit per index)."""
+    At most ``max_ids`` event ids or their memory's worth of request keys (``cost``)."""
 
     TAG = "d"
 
     def __init__(self, horizon_ms: int, max_ids: int = DEFAULT_MAX_IDS) -> None:
         super().__init__()  # pending: (bucket, id) not written yet
         self.horizon_ms = horizon_ms
-        self.max_ids = max_ids  # event ids remembered at most (memory: about ID_BYTES each)
-        self.evicted = 0  # ids forgotten before their horizon because of max_ids
+        self.max_ids = max_ids  # event ids remembered at most (memory: about ID_BYTES each), keys by ``cost``
+        self.evicted = 0  # event ids and request keys forgotten before their horizon because of max_ids
+        self.key_bytes = 0  # the request keys' memory: KEY_MEMORY + ``keybits.cost`` each (its entry's [3])
         self.bucket_ms = max(1, horizon_ms // BUCKETS)
         self.events: dict[str, int] = {}  # event id -> its bucket
-        # request key -> [its bucket, bytearray bitmap of indices, set of far indices or None (``keybits.mark``)]
+        # request key -> [its bucket, bytearray bitmap of indices, set of far indices or None
+        # (``keybits.mark``), ``keybits.cost`` of them when last counted in ``key_bytes``]
         self.keys: dict[int, list[Any]] = {}
         self.buckets: dict[int, list[Any]] = {}  # bucket -> the event ids and request keys first seen in it
         self.newest = 0  # the newest ingest time seen (ms)
@@ -71,6 +86,11 @@ class DedupStore(RecordLog):
     def size(self) -> tuple[int, int]:
         """-> (event ids, request keys) remembered."""
         return len(self.events), len(self.keys)
+
+    def cost(self) -> int:
+        """-> what is remembered, in event ids: the ids, and the keys by their memory
+        (``key_bytes`` over ID_MEMORY, rounded up); ``expire`` keeps it at most ``max_ids``."""
+        return len(self.events) + -(-self.key_bytes // ID_MEMORY)
 
     # ------------------------------------------------------------------ hot path
     def filter(self, events: Sequence[tuple[Any, int, Any]], ids: Sequence[DedupId | None],
@@ -88,6 +108,7 @@ class DedupStore(RecordLog):
         bucket_ms = self.bucket_ms
         newest = self.newest
         floor = self.floor
+        touched: set[int] = set()  # the keys given indices: their cost counted again at the end
         # the run of a request's indices this call appended last, and its bucket: an index
         # that follows it extends it (only a run of this call: ``undo`` takes this call's
         # items back whole, and a checkpoint may have taken earlier ones)
@@ -120,7 +141,8 @@ class DedupStore(RecordLog):
                         b = its // bucket_ms
                         if b < floor:
                             b = floor
-                        entry = seen_keys[kh] = [b, bytearray(byte + 1) if byte < SPARSE_BYTES else bytearray(), None]
+                        entry = seen_keys[kh] = [b, bytearray(byte + 1) if byte < SPARSE_BYTES else bytearray(), None, 0]
+                        self.key_bytes += KEY_MEMORY
                         ids_of = buckets.get(b)
                         if ids_of is None:
                             ids_of = buckets[b] = []
@@ -147,13 +169,22 @@ class DedupStore(RecordLog):
                         run = [kh, i, i]
                         run_b = b
                         pending.append((b, run))
+                        touched.add(kh)
             kept.append(ev)
             if kept_offsets is not None:
                 kept_offsets.append(offsets[n])  # type: ignore[index]
             if kept_aggs is not None:
                 kept_aggs.append(aggs[n])  # type: ignore[index]
         self.newest = newest
+        for kh in touched:  # a run's work, not an event's
+            self._recount(seen_keys[kh])
         return kept, kept_offsets, dups, kept_aggs
+
+    def _recount(self, entry: list[Any]) -> None:
+        """Count a key's cost again after its indices changed (``filter``, ``undo``, ``load``)."""
+        now = cost(entry)
+        self.key_bytes += now - entry[3]
+        entry[3] = now
 
     def filter_late(self, counts: Mapping[str, int], ids: Sequence[tuple[str, DedupId]], now_ms: int,
                     ) -> tuple[dict[str, int], dict[tuple[Any, str], int]]:
@@ -177,21 +208,33 @@ class DedupStore(RecordLog):
         """Forget what the last ``n`` pending items hold: the ids ``filter`` remembered in
         the call that appended them (their batch was not applied: the spill disk refused it,
         and it is offered again later); ``n`` is how much that call grew ``pending``."""
+        kept: dict[int, list[Any]] = {}  # keys that had indices before: counted again
         for b, did in reversed(self.pending[len(self.pending) - n:]):
             if isinstance(did, str):
                 del self.events[did]
                 self._unlist(b, did)
             else:
                 kh, first, last = did
-                _, bitmap, far = self.keys[kh]
+                entry = self.keys[kh]
+                _, bitmap, far, _ = entry
                 for i in range(first, last + 1):
                     if i >> 3 < len(bitmap):
                         bitmap[i >> 3] &= ~(1 << (i & 7)) & 0xFF
                     else:
                         far.discard(i)
-                if not (any(bitmap) or far):  # the batch brought the key: forget it, and its place in its bucket
+                if any(bitmap) or far:
+                    kept[kh] = entry
+                else:  # the batch brought the key: forget it, and its place in its bucket
+                    self.key_bytes -= KEY_MEMORY + entry[3]
                     del self.keys[kh]
+                    kept.pop(kh, None)
                     self._unlist(b, (kh,))
+        for entry in kept.values():
+            bitmap = entry[1]
+            del bitmap[len(bitmap.rstrip(b"\0")):]  # the memory of indices taken back
+            if not entry[2]:
+                entry[2] = None
+            self._recount(entry)
         del self.pending[len(self.pending) - n:]
 
     def _unlist(self, b: int, entry: DedupId | tuple[int]) -> None:
@@ -208,16 +251,17 @@ class DedupStore(RecordLog):
     # ------------------------------------------------------------------ horizon
     def expire(self, now_ms: int | None = None) -> int:
         """Forget the buckets a whole horizon past their end at ``now_ms`` (default: the
-        newest ingest time seen), then, while more than ``max_ids`` event ids are
-        remembered, the oldest bucket (counted in ``evicted``: repeats of those ids within
-        the horizon are no longer caught); -> ids forgotten.  Their records are deleted
+        newest ingest time seen), then, while what is remembered costs more than ``max_ids``
+        event ids (``cost``: request keys by their memory), the oldest bucket but the newest
+        (its event ids and request keys counted in ``evicted``: repeats of them within the
+        horizon are no longer caught); -> ids and keys forgotten.  Their records are deleted
         after the next durable state (``take_expired``)."""
         now = self.newest if now_ms is None else now_ms
         limit = (now - self.horizon_ms) // self.bucket_ms  # buckets below it ended a horizon ago
         gone = 0
         for b in sorted(b for b in self.buckets if b < limit):
             gone += self._drop(b)
-        while len(self.events) > self.max_ids and len(self.buckets) > 1:
+        while self.cost() > self.max_ids and len(self.buckets) > 1:
             b = min(self.buckets)
             n = self._drop(b)
             self.evicted += n
@@ -234,7 +278,9 @@ class DedupStore(RecordLog):
             if isinstance(did, str):
                 self.events.pop(did, None)
             else:
-                self.keys.pop(did[0], None)
+                entry = self.keys.pop(did[0], None)
+                if entry is not None:
+                    self.key_bytes -= KEY_MEMORY + entry[3]
         n = self.written.pop(b, 0)
         if n:
             self.expiring.append((b, n))
@@ -293,6 +339,9 @@ class DedupStore(RecordLog):
                 self._load_value(b, value, ids_of)
             self.written[b] = int(n)
             self.newest = max(self.newest, (b + 1) * self.bucket_ms - 1)
+        for entry in self.keys.values():
+            self.key_bytes += KEY_MEMORY
+            self._recount(entry)
 
     def _rebucket(self, old: DedupStore, now_ms: int) -> None:
         """Take the ids of ``old`` (restored with its own bucket length) into buckets of this
@@ -324,6 +373,7 @@ class DedupStore(RecordLog):
                 kh = did[0]
                 entry = self.keys[kh] = [nb, *old.keys[kh][1:]]
                 pending += ((nb, run) for run in runs(kh, entry))
+        self.key_bytes = old.key_bytes
         self.newest = newest
         self.floor = floor
         self.expiring += sorted(old.written.items())
@@ -338,7 +388,7 @@ class DedupStore(RecordLog):
             kh = int(kh_text, 16)
             entry = self.keys.get(kh)
             if entry is None:
-                entry = self.keys[kh] = [b, bytearray(), None]
+                entry = self.keys[kh] = [b, bytearray(), None, 0]
                 ids_of.append((kh,))
             bitmap = entry[1]
             for x in indices:

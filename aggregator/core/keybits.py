@@ -2,7 +2,7 @@
 indices seen, one bit each from index 0, and a set of far ones past its end.  Pure:
 standard library only.
 
-An entry is ``[bucket, bitmap, far indices (a _Far) or None]``.  The hot path
+An entry is ``[bucket, bitmap, far indices (a _Far) or None, its cost (``cost``)]``.  The hot path
 (``DedupStore.filter``) tests and sets bits inline and grows the bitmap inline while no
 far set exists and the index is within SPARSE_BYTES of its end; everything else comes
 here (``mark``).
@@ -87,6 +87,20 @@ def _take_in(entry: list[Any], bitmap: bytearray, far: _Far) -> None:
         bitmap[j >> 3] |= 1 << (j & 7)
     if not far:
         entry[2] = None
+
+
+def cost(entry: list[Any]) -> int:
+    """What a key's indices cost against AGG_DEDUP_MAX_IDS (core.dedup), in bytes: a bit
+    each up to the highest, but at most SPARSE_BYTES each (a far one costs FAR_BYTES in the
+    set, or grew the bitmap by less than SPARSE_BYTES: never more).  A function of the
+    indices alone, not of the order they came in or of repeats (which can shape the bitmap
+    and the set otherwise), so a store restored from its records counts what the original
+    did."""
+    bitmap, far = entry[1], entry[2]
+    bits = int.from_bytes(bitmap, "little")
+    n = bits.bit_count() + (len(far) if far else 0)
+    highest = max(far) if far else bits.bit_length() - 1
+    return min((highest >> 3) + 1, SPARSE_BYTES * n) if n else 0
 
 
 def runs(kh: int, entry: list[Any]) -> list[list[int]]:

@@ -373,8 +373,9 @@ class Partitions:
         m.assigned(len(self.owned), len(self.refused))
         for p in self.owned.values():
             if p.dedup.evicted:
-                log.warning("partition %d: %d dedup ids forgotten before AGG_DEDUP_SECONDS passed (more than "
-                            "AGG_DEDUP_MAX_IDS=%d): a repeat of them would be counted again", p.partition,
+                log.warning("partition %d: %d dedup event ids and request keys forgotten before AGG_DEDUP_SECONDS "
+                            "passed (more than AGG_DEDUP_MAX_IDS=%d ids' worth): a repeat of them would be counted "
+                            "again", p.partition,
                             p.dedup.evicted, p.dedup.max_ids)
                 m.dedup_evicted(p.dedup.evicted)
                 p.dedup.evicted = 0

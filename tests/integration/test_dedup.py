@@ -248,3 +248,36 @@ def test_gen_retry_fraction_across_two_ingest_processes_audits_exactly(broker, s
     assert "double counts: 0 (must be 0)" in res.stdout
     dups = _duplicates(svc)
     assert sum(n for (_, source), n in dups.items() if source == "event_id") >= dup["reused_ids"]
+
+
+def _metric(svc, line_start: str) -> float:
+    for line in svc.metrics_text().splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_one_event_requests_with_a_key_each_stay_within_the_dedup_cap(broker, service_factory):
+    """Found by a review: request keys never counted toward AGG_DEDUP_MAX_IDS, so a client
+    sending one event per request with a key each (a beacon per click) grew the worker's
+    dedup memory for the whole horizon.  Keys count by their memory now: the oldest are
+    forgotten beyond the cap (the newest tenth of the horizon kept), reported as evicted,
+    and a retry of a recent one is still a repeat; every count exact."""
+    import asyncio
+    asyncio.run(ensure_topics(broker.bootstrap, 4))
+    # a horizon of 20 s: tenths of 2 s; a cap of 50 ids' worth: about 21 one-event keys
+    svc = service_factory("beacons", AGG_DEDUP_SECONDS="20", AGG_DEDUP_MAX_IDS="50").start()
+    body = _body("beacon", 1)
+    sent = 0
+    until = time.monotonic() + 8
+    while time.monotonic() < until:
+        assert _post(svc.url, body, f"click-{sent}")[0] == 200
+        sent += 1
+        time.sleep(0.02)
+    assert _post(svc.url, body, f"click-{sent - 1}")[0] == 200  # a retry of the last click
+    assert _counted(svc, {"beacon": sent}) == {"beacon": sent}
+    assert _duplicates(svc)[("beacon", "idempotency_key")] == 1
+    evicted = _metric(svc, "clickstream_dedup_evicted_total")
+    keys = _metric(svc, 'clickstream_dedup_ids{kind="idempotency_key"}')
+    assert evicted > 0 and 0 < keys < sent / 2, (sent, evicted, keys)
+    assert "dedup event ids and request keys forgotten before AGG_DEDUP_SECONDS" in svc.log_path.read_text()

@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aggregator.core.contract import OTHER_REGION, ingest_header_value, parse_ingest_header
-from aggregator.core.dedup import DedupStore, HorizonClash
+from aggregator.core.dedup import ID_MEMORY, KEY_MEMORY, DedupStore, HorizonClash
 from aggregator.core.dedupid import (
     EVENT_ID,
     IDEMPOTENCY_KEY,
@@ -187,14 +187,14 @@ def test_undo_forgets_exactly_the_last_batch() -> None:
     store = DedupStore(H)
     kh = request_key("k")
     store.filter(_events(2), [event_key("eu", "a"), (kh, 0)])
-    before = (dict(store.events), {k: (b, bytes(m)) for k, (b, m, _) in store.keys.items()}, list(store.pending))
+    before = (dict(store.events), {k: (b, bytes(m)) for k, (b, m, _, _) in store.keys.items()}, list(store.pending))
     batch = [event_key("eu", "b"), (kh, 1), event_key("eu", "a"), (kh, 9)]
     n_before = len(store.pending)
     kept, _, _, _ = store.filter(_events(4), batch)
     assert len(kept) == 3
     store.undo(len(store.pending) - n_before)
     assert store.events == before[0] and list(store.pending) == before[2]
-    assert {k: (b, bytes(m).rstrip(b"\0")) for k, (b, m, _) in store.keys.items()} == \
+    assert {k: (b, bytes(m).rstrip(b"\0")) for k, (b, m, _, _) in store.keys.items()} == \
         {k: (b, m.rstrip(b"\0")) for k, (b, m) in before[1].items()}
     assert len(store.filter(_events(4), batch)[0]) == 3  # offered again: the same answer
 
@@ -298,7 +298,7 @@ def test_a_key_costs_memory_by_its_events_not_by_its_body_length() -> None:
     store = DedupStore(H)
     far = [2_800_000, 2_800_001, 2_800_002, 5_000_000]
     assert len(store.filter(_events(5), [(kh, 0), *((kh, i) for i in far)])[0]) == 5
-    _, bitmap, spread = store.keys[kh]
+    _, bitmap, spread, _ = store.keys[kh]
     assert len(bitmap) == 1 and spread == set(far)
     assert store.filter(_events(5), [(kh, 0), *((kh, i) for i in far)])[0] == []  # all repeats
     dense = request_key("dense")
@@ -502,6 +502,7 @@ def test_a_changed_horizon_keeps_every_id_for_the_new_horizon_and_rewrites_its_r
     again.load(0, orjson.loads(orjson.dumps(prepared.to_json())), {k: v for k, v in stored.items()
                                                                    if k not in deleted}.get, new.bucket_ms, T0)
     assert again.size() == (3, 1) and again.filter(_events(len(ids), its=again.newest), ids)[0] == []
+    assert again.key_bytes == new.key_bytes  # the moved keys cost what their records restore
     # and forgotten once a whole new horizon has passed the last bucket
     again.expire(T0 + 3 * old.bucket_ms + h_new + 2 * again.bucket_ms)
     assert again.size() == (0, 0)
@@ -555,3 +556,127 @@ def test_the_buckets_a_state_leaves_out_are_deleted_by_the_store_that_restores_i
     for bad in ([[1]], [[1, -1]], [["1", 1]], "x"):
         with pytest.raises(ValueError):
             DedupStore(H).load(0, {}, stored.get, gone=bad)
+
+
+def test_one_event_keyed_requests_are_bounded_by_max_ids_and_a_retry_within_it_is_a_repeat() -> None:
+    """Found by a review (/work/review/review_ingest/repro_keys.py): request keys never
+    counted toward AGG_DEDUP_MAX_IDS, so one-event requests with a key each (a beacon per
+    click) were remembered for the whole horizon whatever the cap: 200,000 keys, 129 MB with
+    ``max_ids=1000``.  A key counts now as the ids its memory would hold (about 2.3 for one
+    event), and keys go with the oldest buckets as ids do, counted in ``evicted``."""
+    store = DedupStore(H, max_ids=1000)
+    step = H // 10
+    for k in range(20):  # 100 one-event keyed requests a tenth of the horizon, for two horizons
+        store.filter(_events(100, its=T0 + k * step), [(request_key(f"beacon-{k}-{j}", b"{}"), 0) for j in range(100)])
+        store.expire()
+        assert store.cost() <= 1000
+    events, keys = store.size()
+    assert events == 0 and 0 < keys < 1000 * ID_MEMORY // KEY_MEMORY
+    assert store.evicted == 2000 - keys  # none lived to the horizon: each forgotten early, and counted
+    assert store.key_bytes == (KEY_MEMORY + 1) * keys  # a byte of bitmap each
+    # a retry of a key still remembered is a repeat; one of a key forgotten early counts again
+    kept, _, dups, _ = store.filter(_events(1, its=T0 + 19 * step), [(request_key("beacon-19-5", b"{}"), 0)])
+    assert kept == [] and dups == {("eu", IDEMPOTENCY_KEY): 1}
+    assert len(store.filter(_events(1, its=T0 + 19 * step), [(request_key("beacon-10-5", b"{}"), 0)])[0]) == 1
+    # event ids and keys share the cap: ids that fill it push the oldest keys out
+    per_tenth = 100 * (KEY_MEMORY + 1) / ID_MEMORY  # in ids
+    assert store.size() == (0, 100 * int(1000 // per_tenth) + 1)  # the newest tenths that fit, and that retry
+    evicted = store.evicted
+    store.filter(_events(800, its=T0 + 20 * step), [event_key("eu", f"id-{i}") for i in range(800)])
+    store.expire()
+    assert store.cost() == 800 and store.size() == (800, 0) and store.evicted == evicted + keys + 1
+
+
+def _checkpoint(store: DedupStore, changelog: dict[str, Any]) -> Any:
+    """What the worker's checkpoint does (worker/checkpoint.py): expire, write, delete."""
+    store.expire()
+    records, prepared = store.take_records(0)
+    changelog.update((key, orjson.loads(orjson.dumps(value))) for key, value in records)
+    store.confirm(prepared)
+    for key in store.record_keys(0, store.take_expired()):
+        changelog.pop(key, None)
+    return orjson.loads(orjson.dumps(prepared.to_json()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_restored_store_evicts_the_same_keys_and_ids_as_the_original(seed: int) -> None:
+    """Eviction by memory is part of the exactly-once state: a store restored from the
+    changelog after a crash, given the same batches, forgets the same buckets, counts the
+    same evictions and drops the same repeats as the store that wrote it.  Keys of one
+    event, of a dense run, and of far indices (a set), with batches undone on the way."""
+    rng = random.Random(seed)
+    step = H // 10
+    keys = [request_key(f"k{n}") for n in range(400)]
+
+    def batch(k: int) -> list[Any]:
+        ids: list[Any] = []
+        for _ in range(150):
+            r = rng.random()
+            if r < 0.4:
+                ids.append((rng.choice(keys), 0))  # a beacon, or its retry
+            elif r < 0.6:
+                kh = rng.choice(keys[:40])
+                ids += [(kh, i) for i in range(rng.randrange(3000), rng.randrange(3000, 6000), 3)][:20]
+            elif r < 0.7:
+                ids.append((rng.choice(keys[:40]), rng.randrange(100_000, 3_000_000)))  # far
+            elif r < 0.8:  # near a bitmap's end or past it: the order of indices shapes bitmap and set
+                ids.append((rng.choice(keys[:40]), rng.choice((0, 2000, 4000, 20_000)) + rng.randrange(3000)))
+            else:
+                ids.append(event_key("eu", f"e{rng.randrange(3000)}"))
+        return ids
+
+    # (its, batch, a batch the spill disk refused first: undone, offered again later)
+    stream = [(T0 + k * step // 3, batch(k), batch(k) if k % 5 == 3 else []) for k in range(60)]
+    crash = 30
+    original = DedupStore(H, max_ids=2000)
+    changelog: dict[str, Any] = {}
+    index: Any = None
+    evicted = 0
+    for k, (its, ids, refused) in enumerate(stream):
+        if k == crash:
+            restored = DedupStore(H, max_ids=2000)
+            restored.load(0, index, changelog.get, original.bucket_ms)
+            assert restored.key_bytes == original.key_bytes and restored.size() == original.size()
+            evicted = original.evicted
+        stores = [original] if k < crash else [original, restored]
+        answers = []
+        for store in stores:
+            n_before = len(store.pending)
+            store.filter(_events(len(refused), its=its), refused)
+            store.undo(len(store.pending) - n_before)
+            kept, _, dups, _ = store.filter(_events(len(ids), its=its), ids, list(range(len(ids))))
+            answers.append((kept, dups))
+            index = _checkpoint(store, changelog if store is original else {})
+            assert store.cost() <= store.max_ids or len(store.buckets) == 1
+        if k >= crash:
+            assert answers[0] == answers[1]
+            assert (restored.key_bytes, restored.size(), sorted(restored.buckets), restored.evicted) == \
+                (original.key_bytes, original.size(), sorted(original.buckets), original.evicted - evicted)
+    assert original.evicted > 0 and original.size()[1] > 0
+
+
+def test_a_keys_cost_follows_its_indices_not_their_order_and_not_far_past_its_memory() -> None:
+    """What a key counts against AGG_DEDUP_MAX_IDS is a function of its indices: the same
+    indices in another order, or with repeats, shape its bitmap and set otherwise but cost
+    the same (a restored store marks them in record order, without the repeats)."""
+    from aggregator.core.keybits import FAR_BYTES, SPARSE_BYTES
+
+    rng = random.Random(3)
+    indices = [0, 1, 2, 2500, 4100, 4101, 20_000, 2_800_000] + [rng.randrange(30_000) for _ in range(40)]
+    costs = set()
+    for _ in range(20):
+        rng.shuffle(indices)
+        store = DedupStore(H)
+        order = indices + rng.sample(indices, 10)  # with repeats
+        store.filter(_events(len(order)), [(request_key("k"), i) for i in order])
+        entry = store.keys[request_key("k")]
+        costs.add(store.key_bytes)
+        memory = len(entry[1]) + FAR_BYTES * len(entry[2] or ())
+        assert memory <= 2 * (store.key_bytes - KEY_MEMORY)  # it counts about what the indices hold
+    assert len(costs) == 1
+    dense = DedupStore(H)
+    dense.filter(_events(1000), [(request_key("d"), i) for i in range(1000)])
+    assert dense.key_bytes == KEY_MEMORY + 125  # a bit an index
+    sparse = DedupStore(H)
+    sparse.filter(_events(2), [(request_key("s"), 0), (request_key("s"), 2_800_000)])
+    assert sparse.key_bytes == KEY_MEMORY + 2 * SPARSE_BYTES  # not the 350 KB a bitmap to 2.8M would take
