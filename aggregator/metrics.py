@@ -121,6 +121,10 @@ class Metrics:
                                           "Times a partition of clicks was found to have started over (topic "
                                           "recreated, broker back empty); its new log is counted from its start",
                                           ["partition"], registry=r)
+        self._offsets_lost = Counter("clickstream_source_offsets_lost", "Offsets of clicks or clicks-repartition "
+                                     "a partition's state had not applied that the log no longer holds (deleted by "
+                                     "retention, or skipped by an offset reset): their events are lost",
+                                     ["topic"], registry=r)
         self._snapshot_overdue = Histogram("clickstream_snapshot_overdue_seconds",
                                            "Window end + grace (when it may close) to snapshot publication, 0 if "
                                            "earlier", buckets=OVERDUE_BUCKETS, registry=r)
@@ -299,6 +303,9 @@ class Metrics:
 
     def source_log_reset(self, partition: int) -> None:  # started over under the worker (core.sourcelog)
         self._source_log_resets.labels(str(partition)).inc()
+
+    def source_offsets_lost(self, topic: str, n: int) -> None:  # skipped from a partition's state (retention, reset)
+        self._offsets_lost.labels(topic).inc(n)
 
     def spill_drained(self, events: int) -> None:
         self._stage_processed.labels("spill").inc(events)
