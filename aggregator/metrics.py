@@ -136,6 +136,9 @@ class Metrics:
         self._consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"], registry=r)
         self._clock_ahead = Gauge("clickstream_worker_clock_ahead_seconds", "How far this worker's clock runs "
                                   "ahead of the records it reads (0: within AGG_MAX_AHEAD_SECONDS)", registry=r)
+        self._clock_behind = Gauge("clickstream_worker_clock_behind_seconds", "How far this worker's clock runs "
+                                   "behind the records' stamps, over AGG_MAX_AHEAD_SECONDS (0: not so): every "
+                                   "event is set aside as future_ts meanwhile", registry=r)
         self._backpressure = Gauge("clickstream_backpressure", "1 while consumption is paused because the spill reached "
                                    "AGG_SPILL_MAX_BYTES or partitions wait for a spill disk that refuses writes", registry=r)
         self._spill_disk_errors = Counter("clickstream_spill_disk_errors",
@@ -351,8 +354,9 @@ class Metrics:
     def partition_gone(self, partition: int) -> None:  # moved: its lag is its new owner's to say
         _drop(self._consumer_lag, str(partition))
 
-    def clock_ahead(self, ms: int) -> None:
+    def clock_ahead(self, ms: int, behind_ms: int = 0) -> None:
         self._clock_ahead.set(ms / 1000)
+        self._clock_behind.set(behind_ms / 1000)
 
     def backpressure(self, on: bool) -> None:
         self._backpressure.set(1 if on else 0)

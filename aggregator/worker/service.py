@@ -93,7 +93,8 @@ class WorkerService:
             return "consumer group rebalancing" + ("" if lasted is None else f" for {lasted:.0f} s")
         if not refusals:
             return self.checkpointer.failing
-        return self.checkpointer.failing or self.throttle.disk_error or self.partitions.refusal()
+        return (self.checkpointer.failing or self.throttle.disk_error or self.partitions.refusal()
+                or self.clock_skew.behind())
 
     def not_alive(self) -> str | None:
         """Why the worker should be restarted (None: it should not): a rebalance that has
@@ -220,11 +221,16 @@ class WorkerService:
         return True
 
     def _watch_clock(self, p: PartitionState, b: HeldBatch, now_ms: int) -> None:
-        """Is this worker's clock ahead of what it reads (``ClockSkew``)?  Said when that changes."""
+        """Is this worker's clock ahead of what it reads, or behind (``ClockSkew``)?  Said when that changes."""
         hw = self.kafka.highwater(p.partition)
         live, p.clock_live = p.clock_live, hw is not None and b.end >= hw
-        skew = self.clock_skew
-        if live and p.clock_live and skew.batch(now_ms, b.end_ts, b.events[-1][1] if b.events else None):
+        skew, its = self.clock_skew, b.events[-1][1] if b.events else None
+        if skew.stamped(now_ms, b.end_ts, its, live and p.clock_live):
+            if skew.behind_ms:
+                log.error("%s; windows count nothing meanwhile", skew.behind())
+            else:
+                log.warning("this worker's clock is no longer behind the records' stamps")
+        if live and p.clock_live and skew.batch(now_ms, b.end_ts, its):
             if skew.ahead_ms:
                 log.error("this worker's clock is %.1f s ahead of the records it reads at the end of their partitions "
                           "(over AGG_MAX_AHEAD_SECONDS=%.1f): quiet partitions' windows now close by the records' "
@@ -342,7 +348,7 @@ class WorkerService:
             if moving and reread_due(p, now_ms, hw, self.kafka):
                 await self.kafka.seek(p.partition, p.reread(now_ms))
         self.throttle.report(partitions, self.checkpointer.held() is not None)  # as of the last checkpoint
-        self.metrics.clock_ahead(self.clock_skew.ahead_ms)
+        self.metrics.clock_ahead(self.clock_skew.ahead_ms, self.clock_skew.behind_ms)
         partitions.report()
         await self.checkpointer.checkpoint(parts, only is None)
 
