@@ -13,13 +13,14 @@ same log after a crash or a rebalance, or a new log).  The log has started over 
 * the batch holds the record at ``next_offset - 1`` and it carries another timestamp than
   the one the state kept (another record at that offset).
 
-A batch that holds neither (a replay from a committed offset more than a fetch below
-``next_offset``, or a new log as long as the old one) is not judged by its stamps: broker
-append times are not monotonic (a leader moved to a broker whose clock is behind, an NTP
-step back), so a record of the same log below ``next_offset`` may be stamped after the
-one at ``next_offset - 1``.  The partition is re-read from ``next_offset - 1`` first
-(``unproven``).  Only where the end offset is not known does the stamp of the batch's
-first record decide (LogAppendTime, later than ``last_ts``: a new log).
+A batch that does not hold that record while the log reaches ``next_offset`` (a replay
+from a committed offset more than a fetch below it, or a new log as long as the old one)
+is not judged by its stamps: broker append times are not monotonic (a leader moved to a
+broker whose clock is behind, an NTP step back), so a record of the same log below
+``next_offset`` may be stamped after the one at ``next_offset - 1``.  The partition is
+re-read from ``next_offset - 1`` first (``unproven``).  Only where the end offset is not
+known does the stamp of the batch's first record decide (LogAppendTime, later than
+``last_ts``: a new log).
 
 A batch that starts exactly at ``next_offset`` cannot tell: a log deleted, created again
 and refilled up to or past that offset between two fetches continues it seamlessly.  So a
