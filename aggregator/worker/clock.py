@@ -70,9 +70,11 @@ class ClockSkew:
     batch (of any age: old records are never stamped in the future) by its newest stamp:
     the clock is behind from the second batch in a row over the tolerance (one odd
     producer's clock is not this worker's), by the latest batch's lead, until a live batch
-    is stamped within it (an old batch within it proves nothing)."""
+    is stamped within it, or any batch is after SKEW_SPAN_MS with none over it (an old
+    batch within it proves little: partitions behind their ends would make it flap; but
+    while none is over it, no event is ``future_ts`` either)."""
 
-    __slots__ = ("tolerance_ms", "spans", "ahead_ms", "behind_ms", "over")
+    __slots__ = ("tolerance_ms", "spans", "ahead_ms", "behind_ms", "over", "over_ms")
 
     def __init__(self, tolerance_ms: int) -> None:
         self.tolerance_ms = tolerance_ms
@@ -80,6 +82,7 @@ class ClockSkew:
         self.ahead_ms = 0  # taken off the wall clock: 0, or the lead over the tolerance
         self.behind_ms = 0  # 0, or how far the records' stamps run ahead of this clock (over the tolerance)
         self.over = 0  # batches in a row stamped over the tolerance ahead of this clock
+        self.over_ms = 0  # when the last such batch was read
 
     def batch(self, now_ms: int, end_ts: int | None, last_its: int | None) -> bool:
         """A live batch (its last record's broker timestamp ``end_ts``, its last event's
@@ -103,12 +106,12 @@ class ClockSkew:
         lead -= now_ms
         was = self.behind_ms > 0
         if lead > self.tolerance_ms:
-            self.over += 1
+            self.over, self.over_ms = self.over + 1, now_ms
             if self.over >= 2:
                 self.behind_ms = lead
         else:
             self.over = 0
-            if live:
+            if live or now_ms - self.over_ms >= SKEW_SPAN_MS:
                 self.behind_ms = 0
         return (self.behind_ms > 0) != was
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
-from aggregator.worker.clock import ClockSkew
+from aggregator.worker.clock import SKEW_SPAN_MS, ClockSkew
 from tests.unit.worker.test_source_check import Log, counted, feed
 from tests.unit.worker.test_source_gaps import _loud, _worker
 
@@ -61,4 +61,10 @@ def test_the_clock_is_behind_from_the_second_batch_in_a_row_and_until_a_live_bat
     assert skew.behind_ms == 9_000
     assert skew.stamped(now + 20, now + 20, None, live=True)  # a fresh record, in agreement
     assert skew.behind_ms == 0 and skew.behind() is None
+    # again behind; then only partitions behind their ends are read, none stamped ahead
+    skew.stamped(now + 100, now + 10_100, None, live=False)
+    assert skew.stamped(now + 200, now + 10_200, None, live=False)
+    assert not skew.stamped(now + 1_000, now - 5_000, None, live=False)
+    assert skew.stamped(now + 200 + SKEW_SPAN_MS, now, None, live=False)  # none ahead for a span
+    assert skew.behind_ms == 0
     assert not skew.stamped(now, None, None, live=True)  # no stamp: nothing
