@@ -147,7 +147,8 @@ def unproven(next_offset: int, last_ts: int | None, records: Sequence[SourceReco
     ``next_offset`` (``log_end``), so only that record, read again, can tell (``restarted``
     on the re-read): its stamps cannot (append times are not monotonic)."""
     return (records[0].offset < next_offset and last_ts is not None and log_end is not None
-            and log_end >= next_offset and _at(records, next_offset - 1) is None)
+            and log_end >= next_offset
+            and (records[-1].offset < next_offset - 1 or _at(records, next_offset - 1) is None))
 
 
 def _at(records: Sequence[SourceRecord], offset: int) -> SourceRecord | None:
