@@ -11,7 +11,6 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
-from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,47 +25,23 @@ from prometheus_client import (
 
 from aggregator.core.contract import LATE_REASONS, Snapshot
 from aggregator.core.dedupid import SOURCES as DEDUP_SOURCES
+from aggregator.metricdefs import (
+    DELAY_QUANTILES,
+    HTTP_BUCKETS,
+    OVERDUE_BUCKETS,
+    STAGE_BUCKETS,
+    STATUS_CLASSES,
+    SWEEP_SECONDS,
+    package_version,
+    snapshot_delay_buckets,
+    status_class,
+)
 from aggregator.quantile_gauge import QuantileGauge
 
 disable_created_metrics()
 
 STAGES = ("ingest", "decode", "window", "spill", "publish")
 SPILL_FAULTS = ("corrupt", "torn", "lost", "excess")
-DIST_NAME = "clickstream-aggregator"
-# Seconds after window end + grace: the snapshot-delay buckets sit at grace + each of these, so
-# the quantiles near the grace are read off buckets a few tenths of a second wide.
-DELAY_OFFSETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
-# clickstream_snapshot_overdue_seconds: the same offsets, independent of the grace, so the
-# freshness SLO (docs/runbooks.md) can name a bucket (le="5") whatever AGG_GRACE_SECONDS is.
-OVERDUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
-STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-STATUS_CLASSES = ("2xx", "4xx", "5xx")
-SWEEP_SECONDS = 60.0  # how often region labels are checked for idleness
-# a snapshot's client_delay_ms key -> the quantile label of clickstream_window_client_delay_seconds
-DELAY_QUANTILES = {"p50": "0.5", "p90": "0.9", "p99": "0.99"}
-
-
-def package_version() -> str:
-    """The installed version of this package (``unknown`` when run from a bare checkout)."""
-    try:
-        return version(DIST_NAME)
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def snapshot_delay_buckets(grace_seconds: float, window_seconds: float) -> tuple[float, ...]:
-    """Buckets of ``clickstream_snapshot_delay_seconds``: a window is published about grace +
-    a second after its end, so the buckets are dense just above the grace, with a few
-    below it (a window can close early when the clock runs ahead) and one at grace + one window."""
-    below = [grace_seconds * f for f in (0.25, 0.5, 0.75, 0.9)]
-    above = [grace_seconds + d for d in DELAY_OFFSETS] + [grace_seconds + window_seconds]
-    return tuple(sorted({round(b, 3) for b in below + above if b > 0}))
-
-
-def status_class(status: int) -> str:
-    """``200`` -> ``2xx``: the ``code`` label of the HTTP metrics (five values at most)."""
-    return f"{min(max(status // 100, 1), 5)}xx"
 
 
 def _add_counts(counter: Counter, counts: Mapping[str, int] | Mapping[tuple[str, ...], int]) -> None:
@@ -146,6 +121,10 @@ class Metrics:
                                           "Times a partition of clicks was found to have started over (topic "
                                           "recreated, broker back empty); its new log is counted from its start",
                                           ["partition"], registry=r)
+        self._offsets_lost = Counter("clickstream_source_offsets_lost", "Offsets of clicks or clicks-repartition "
+                                     "a partition's state had not applied that the log no longer holds (deleted by "
+                                     "retention, or skipped by an offset reset): their events are lost",
+                                     ["topic"], registry=r)
         self._snapshot_overdue = Histogram("clickstream_snapshot_overdue_seconds",
                                            "Window end + grace (when it may close) to snapshot publication, 0 if "
                                            "earlier", buckets=OVERDUE_BUCKETS, registry=r)
@@ -157,6 +136,9 @@ class Metrics:
         self._consumer_lag = Gauge("clickstream_consumer_lag", "Records behind the partition end", ["partition"], registry=r)
         self._clock_ahead = Gauge("clickstream_worker_clock_ahead_seconds", "How far this worker's clock runs "
                                   "ahead of the records it reads (0: within AGG_MAX_AHEAD_SECONDS)", registry=r)
+        self._clock_behind = Gauge("clickstream_worker_clock_behind_seconds", "How far this worker's clock runs "
+                                   "behind the records' stamps, over AGG_MAX_AHEAD_SECONDS (0: not so): every "
+                                   "event is set aside as future_ts meanwhile", registry=r)
         self._backpressure = Gauge("clickstream_backpressure", "1 while consumption is paused because the spill reached "
                                    "AGG_SPILL_MAX_BYTES or partitions wait for a spill disk that refuses writes", registry=r)
         self._spill_disk_errors = Counter("clickstream_spill_disk_errors",
@@ -325,6 +307,9 @@ class Metrics:
     def source_log_reset(self, partition: int) -> None:  # started over under the worker (core.sourcelog)
         self._source_log_resets.labels(str(partition)).inc()
 
+    def source_offsets_lost(self, topic: str, n: int) -> None:  # skipped from a partition's state (retention, reset)
+        self._offsets_lost.labels(topic).inc(n)
+
     def spill_drained(self, events: int) -> None:
         self._stage_processed.labels("spill").inc(events)
 
@@ -369,8 +354,9 @@ class Metrics:
     def partition_gone(self, partition: int) -> None:  # moved: its lag is its new owner's to say
         _drop(self._consumer_lag, str(partition))
 
-    def clock_ahead(self, ms: int) -> None:
+    def clock_ahead(self, ms: int, behind_ms: int = 0) -> None:
         self._clock_ahead.set(ms / 1000)
+        self._clock_behind.set(behind_ms / 1000)
 
     def backpressure(self, on: bool) -> None:
         self._backpressure.set(1 if on else 0)

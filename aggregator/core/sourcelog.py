@@ -11,10 +11,16 @@ same log after a crash or a rebalance, or a new log).  The log has started over 
 
 * the partition's end offset is below ``next_offset`` (a log never shrinks otherwise);
 * the batch holds the record at ``next_offset - 1`` and it carries another timestamp than
-  the one the state kept (another record at that offset); or, when it does not hold it,
-* the batch's first record has a broker-stamped time (LogAppendTime, what the service
-  asks for on ``clicks``) later than ``last_ts``: on the same log every record below
-  ``next_offset`` was appended no later than the one at ``next_offset - 1``.
+  the one the state kept (another record at that offset).
+
+A batch that does not hold that record while the log reaches ``next_offset`` (a replay
+from a committed offset more than a fetch below it, or a new log as long as the old one)
+is not judged by its stamps: broker append times are not monotonic (a leader moved to a
+broker whose clock is behind, an NTP step back), so a record of the same log below
+``next_offset`` may be stamped after the one at ``next_offset - 1``.  The partition is
+re-read from ``next_offset - 1`` first (``unproven``).  Only where the end offset is not
+known does the stamp of the batch's first record decide (LogAppendTime, later than
+``last_ts``: a new log).
 
 A batch that starts exactly at ``next_offset`` cannot tell: a log deleted, created again
 and refilled up to or past that offset between two fetches continues it seamlessly.  So a
@@ -115,7 +121,7 @@ def restarted(partition: int, next_offset: int, last_ts: int | None, records: Se
             return None
         why = f"the record at offset {next_offset - 1} has timestamp {prev.timestamp}, the state recorded {last_ts}"
         behind = prev.timestamp < last_ts
-    elif stamped and first.timestamp > last_ts:
+    elif stamped and log_end is None and first.timestamp > last_ts:  # else re-read first (``unproven``)
         why = (f"the record at offset {first.offset} was appended at {first.timestamp}, after the record at "
                f"{next_offset - 1} the state applied ({last_ts})")
     else:
@@ -133,6 +139,16 @@ def restarted(partition: int, next_offset: int, last_ts: int | None, records: Se
                 return None  # all of it counted before: the new records come later
             count_from = past  # never counted, whatever its stamp says
     return Restart(partition, next_offset, log_end, count_from, why, behind)
+
+
+def unproven(next_offset: int, last_ts: int | None, records: Sequence[SourceRecord], log_end: int | None) -> bool:
+    """Whether a batch from below ``next_offset`` leaves open if its log is the one the state
+    counted: it does not hold the record at ``next_offset - 1`` and the log reaches
+    ``next_offset`` (``log_end``), so only that record, read again, can tell (``restarted``
+    on the re-read): its stamps cannot (append times are not monotonic)."""
+    return (records[0].offset < next_offset and last_ts is not None and log_end is not None
+            and log_end >= next_offset
+            and (records[-1].offset < next_offset - 1 or _at(records, next_offset - 1) is None))
 
 
 def _at(records: Sequence[SourceRecord], offset: int) -> SourceRecord | None:

@@ -62,14 +62,27 @@ class ClockSkew:
     once two spans saw one (one batch of old stamps is not a clock ahead), dropped at once
     when a fresh record shows the clocks agree, and otherwise kept while nothing is read
     (a lead dropped too early would close quiet windows early: late events; one kept too
-    long only holds them open until the next record)."""
+    long only holds them open until the next record).
 
-    __slots__ = ("tolerance_ms", "spans", "ahead_ms")
+    A clock *behind* shows the other way: records stamped more than the tolerance after
+    this clock's now, which the decoder sets aside as ``future_ts`` (every one of them, once
+    the clock is that far behind: windows then count nothing).  ``stamped`` judges each
+    batch (of any age: old records are never stamped in the future) by its newest stamp:
+    the clock is behind from the second batch in a row over the tolerance (one odd
+    producer's clock is not this worker's), by the latest batch's lead, until a live batch
+    is stamped within it, or any batch is after SKEW_SPAN_MS with none over it (an old
+    batch within it proves little: partitions behind their ends would make it flap; but
+    while none is over it, no event is ``future_ts`` either)."""
+
+    __slots__ = ("tolerance_ms", "spans", "ahead_ms", "behind_ms", "over", "over_ms")
 
     def __init__(self, tolerance_ms: int) -> None:
         self.tolerance_ms = tolerance_ms
         self.spans: dict[int, int] = {}  # span (wall time // SKEW_SPAN_MS) -> least lag seen in it
         self.ahead_ms = 0  # taken off the wall clock: 0, or the lead over the tolerance
+        self.behind_ms = 0  # 0, or how far the records' stamps run ahead of this clock (over the tolerance)
+        self.over = 0  # batches in a row stamped over the tolerance ahead of this clock
+        self.over_ms = 0  # when the last such batch was read
 
     def batch(self, now_ms: int, end_ts: int | None, last_its: int | None) -> bool:
         """A live batch (its last record's broker timestamp ``end_ts``, its last event's
@@ -83,6 +96,32 @@ class ClockSkew:
         was = self.ahead_ms > 0
         self.observe(now_ms, stamped)
         return (self.ahead_ms > 0) != was
+
+    def stamped(self, now_ms: int, end_ts: int | None, last_its: int | None, live: bool) -> bool:
+        """Any batch (``batch``'s stamps; ``live``: as there): True when that changed whether
+        this clock is behind (``behind_ms``)."""
+        lead = max(-1 if end_ts is None else end_ts, -1 if last_its is None else last_its)
+        if lead <= 0:
+            return False
+        lead -= now_ms
+        was = self.behind_ms > 0
+        if lead > self.tolerance_ms:
+            self.over, self.over_ms = self.over + 1, now_ms
+            if self.over >= 2:
+                self.behind_ms = lead
+        else:
+            self.over = 0
+            if live or now_ms - self.over_ms >= SKEW_SPAN_MS:
+                self.behind_ms = 0
+        return (self.behind_ms > 0) != was
+
+    def behind(self) -> str | None:
+        """Why the worker cannot count (/readyz) while its clock is behind; None: it is not."""
+        if not self.behind_ms:
+            return None
+        return (f"this worker's clock is {self.behind_ms / 1000:.1f} s behind the records' stamps (over "
+                f"AGG_MAX_AHEAD_SECONDS; or the clocks that stamp them ahead): their events are set aside as "
+                f"future_ts; set the clock right (NTP)")
 
     def observe(self, now_ms: int, stamped_ms: int) -> None:
         lag = now_ms - stamped_ms

@@ -33,14 +33,13 @@ from aggregator.core.contract import FUTURE_TS, BookEvent
 from aggregator.core.ratelimit import RateLimits
 from aggregator.core.regioncap import RegionCap
 from aggregator.core.repartition import Foreign, forward_record, home
-from aggregator.core.sourcelog import needs_check, restarted
 from aggregator.metrics import Metrics
 from aggregator.worker.checkpoint import Checkpointer, SnapshotSink
 from aggregator.worker.clock import ClockSkew, RebalanceWatch, advance_target
 from aggregator.worker.decoder import Record, RecordDecoder
 from aggregator.worker.faust_app import FaustApp
 from aggregator.worker.partitions import BookSettings, Partitions, PartitionState, Refused, SpillDiskError
-from aggregator.worker.sourcecheck import check_source, log_end, positioned, reread_due
+from aggregator.worker.sourcecheck import check_source, forwarded_gap, log_end, positioned, reread_due, vet_batch
 from aggregator.worker.throttle import HeldBatch, Throttle, rebuild_replay, skip_applied
 
 REREAD_TRIES = 4  # batches sent back before a re-read of a damaged spill starts where the source does
@@ -94,7 +93,8 @@ class WorkerService:
             return "consumer group rebalancing" + ("" if lasted is None else f" for {lasted:.0f} s")
         if not refusals:
             return self.checkpointer.failing
-        return self.checkpointer.failing or self.throttle.disk_error or self.partitions.refusal()
+        return (self.checkpointer.failing or self.throttle.disk_error or self.partitions.refusal()
+                or self.clock_skew.behind())
 
     def not_alive(self) -> str | None:
         """Why the worker should be restarted (None: it should not): a rebalance that has
@@ -145,7 +145,6 @@ class WorkerService:
             return None
         quiet_since = p.last_record_ms
         book, spill = p.book, p.spill
-        start = book.next_offset
         last = records[-1].offset
         first = records[0]
         back = spill.rebuild_from
@@ -154,35 +153,9 @@ class WorkerService:
                 spill.rebuild_tries += 1
                 return back  # fetched before the seek back: not counted here
             spill.rebuild_from = None  # the re-read (or the source starts later: what is gone is lost)
-        still_quiet = False
-        # a batch sent back (not counted) or a re-read with nothing new leaves the partition as
-        # quiet as it was: its clock may follow, and its next batch is checked
-        if p.restart_pending is not None and first.offset >= start and p.known_next != first.offset:
-            # the log is to be read from its start first (a seek refused, or lost to a reset)
-            again = p.reread_batch(now_ms, 0)
-            if again is not None:
-                return again
-            p.known_next = first.offset  # what the log gives: it is counted from there
-        if first.offset == start and p.restart_pending is None:
-            if not spill.ledger.rebuild and needs_check(
-                    start, p.source_ts, first, None if p.clicks_ms is None else now_ms - p.clicks_ms):
-                again = p.reread_batch(now_ms)
-                if again is not None:
-                    return again
-        elif first.offset == p.verify_at == start - 1:  # the re-read the check asked for
-            found = restarted(p.partition, start, p.source_ts, records, self.kafka.highwater(p.partition))
-            if found is not None or last >= start:  # else it proves nothing of a batch at start (another fetch)
-                p.verify_at, p.verify_tries = None, 0
-            else:
-                still_quiet = True  # nothing new in it
-            if found is not None and first.offset > 0:  # another log: read it from its start, the restart known
-                p.restart_pending, p.known_next = found, None
-                p.source_checked = p.commit_ok = False  # no clock, no commit till it is counted again
-                return 0
-        if not still_quiet:
-            p.last_record_ms = p.clicks_ms = now_ms
-        if first.offset < start or not p.source_checked:
-            start = self._check_source(p, records, start)
+        start, again = vet_batch(p, records, now_ms, self.kafka, self.metrics)
+        if again is not None:
+            return again
         if spill.ledger.rebuild and records[0].offset >= start:
             spill.rebuild_flush(done=True)  # the source starts past the lost spill: nothing to re-read
         if records[0].offset < start:
@@ -248,11 +221,16 @@ class WorkerService:
         return True
 
     def _watch_clock(self, p: PartitionState, b: HeldBatch, now_ms: int) -> None:
-        """Is this worker's clock ahead of what it reads (``ClockSkew``)?  Said when that changes."""
+        """Is this worker's clock ahead of what it reads, or behind (``ClockSkew``)?  Said when that changes."""
         hw = self.kafka.highwater(p.partition)
         live, p.clock_live = p.clock_live, hw is not None and b.end >= hw
-        skew = self.clock_skew
-        if live and p.clock_live and skew.batch(now_ms, b.end_ts, b.events[-1][1] if b.events else None):
+        skew, its = self.clock_skew, b.events[-1][1] if b.events else None
+        if skew.stamped(now_ms, b.end_ts, its, live and p.clock_live):
+            if skew.behind_ms:
+                log.error("%s; windows count nothing meanwhile", skew.behind())
+            else:
+                log.warning("this worker's clock is no longer behind the records' stamps")
+        if live and p.clock_live and skew.batch(now_ms, b.end_ts, its):
             if skew.ahead_ms:
                 log.error("this worker's clock is %.1f s ahead of the records it reads at the end of their partitions "
                           "(over AGG_MAX_AHEAD_SECONDS=%.1f): quiet partitions' windows now close by the records' "
@@ -316,6 +294,7 @@ class WorkerService:
         (the broker back empty), and then they are new."""
         book = p.book
         p.last_record_ms = now_ms
+        forwarded_gap(p, records[0].offset, self.kafka, self.metrics)  # offsets lost to retention or a reset
         (events, _, rejected, future, ids, aggs), repeats = self.decoder.decode_forwarded(
             records, p.partition, book.forwarded, self.checkpointer.dead, now_ms + self.max_ahead_ms,
             book.forwarded_epochs)
@@ -369,7 +348,7 @@ class WorkerService:
             if moving and reread_due(p, now_ms, hw, self.kafka):
                 await self.kafka.seek(p.partition, p.reread(now_ms))
         self.throttle.report(partitions, self.checkpointer.held() is not None)  # as of the last checkpoint
-        self.metrics.clock_ahead(self.clock_skew.ahead_ms)
+        self.metrics.clock_ahead(self.clock_skew.ahead_ms, self.clock_skew.behind_ms)
         partitions.report()
         await self.checkpointer.checkpoint(parts, only is None)
 

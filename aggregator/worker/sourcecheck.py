@@ -1,17 +1,31 @@
 """The worker's side of core.sourcelog: is a partition of ``clicks`` still the log its
 window book counted, and what to do when it has started over (docs/contract.md §4).
 
-``check_source`` runs on the first batch since a partition was opened, or on one from
-below the book's next offset; ``reread_due`` says when a quiet, caught-up partition is to
-be read again from just before the book's offset to check it (a log refilled to just
-that offset gives no batch to check)."""
+``vet_batch`` decides, per batch of ``clicks``, whether it is counted now or the partition
+is read again first; ``check_source`` runs on the first batch since a partition was opened,
+or on one from below the book's next offset; ``reread_due`` says when a quiet, caught-up
+partition is to be read again from just before the book's offset to check it (a log
+refilled to just that offset gives no batch to check).
+
+Offsets lost (``_gap``, ``forwarded_gap``): a batch that starts above the book's next offset
+``N`` skips offsets the state never applied.  The consumer reads on from where the state
+stands (its commits never pass it), so it gets there only by an offset reset to the log's
+start (what it was to read next was deleted by retention: a worker down or paused longer
+than the retention) -- or over transaction markers, which take an offset each and hold
+no record.  A gap of one offset is taken for a marker.  A longer one is checked: the
+partition is read again from ``N - 1`` (applied, so in the log unless retention deleted it
+too); a re-read that holds it shows the gap is markers only, and is counted on; one that
+comes back above it ``CHECK_TRIES`` times in a row shows the gap deleted: one error line
+names the topic, the partition and the offsets, and ``clickstream_source_offsets_lost_total``
+counts them.  ``clicks-repartition`` is written by the workers alone, without transactions:
+any gap there is reported as it is seen."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from aggregator.core.sourcelog import CHECK_IDLE_MS, restarted
+from aggregator.core.sourcelog import CHECK_IDLE_MS, CHECK_TRIES, needs_check, restarted, unproven
 from aggregator.core.topics import Topics
 from aggregator.metrics import Metrics
 from aggregator.worker.decoder import Record
@@ -30,6 +44,85 @@ class _Kafka(Protocol):
     def position(self, partition: int) -> int | None: ...
 
     def end_seen(self, partition: int, topic: str | None = None) -> tuple[int | None, int] | None: ...
+
+
+def vet_batch(p: PartitionState, records: Sequence[Record], now_ms: int, kafka: _Kafka,
+              metrics: Metrics) -> tuple[int, int | None]:
+    """Whether a batch of ``clicks`` may be counted (core.sourcelog): -> (the book's next
+    offset, None), or (_, an offset to fetch the partition again from, the batch not counted).
+    A batch sent back (not counted) or a re-read with nothing new leaves the partition as
+    quiet as it was: its clock may follow, and its next batch is checked."""
+    start = p.book.next_offset
+    first = records[0]
+    still_quiet = False
+    if p.restart_pending is not None and first.offset >= start and p.known_next != first.offset:
+        # the log is to be read from its start first (a seek refused, or lost to a reset)
+        again = p.reread_batch(now_ms, 0)
+        if again is not None:
+            return start, again
+        p.known_next = first.offset  # what the log gives: it is counted from there
+    if first.offset == start and p.restart_pending is None:
+        if not p.spill.ledger.rebuild and needs_check(
+                start, p.source_ts, first, None if p.clicks_ms is None else now_ms - p.clicks_ms):
+            again = p.reread_batch(now_ms)
+            if again is not None:
+                return start, again
+    elif first.offset == p.verify_at == start - 1:  # the re-read the check asked for
+        found = restarted(p.partition, start, p.source_ts, records, kafka.highwater(p.partition))
+        if found is not None or records[-1].offset >= start:  # else it proves nothing of a batch at start
+            p.verify_at, p.verify_tries = None, 0
+        else:
+            still_quiet = True  # nothing new in it
+        if found is not None and first.offset > 0:  # another log: read it from its start, the restart known
+            p.restart_pending, p.known_next = found, None
+            p.source_checked = p.commit_ok = False  # no clock, no commit till it is counted again
+            return start, 0
+    elif first.offset > start > 0 and p.restart_pending is None:
+        again = _gap(p, first.offset, now_ms, kafka, metrics)
+        if again is not None:
+            return start, again
+    elif (p.restart_pending is None and not p.spill.ledger.rebuild
+          and unproven(start, p.source_ts, records, kafka.highwater(p.partition))):
+        # a replay that does not reach the record before the book's offset: that record tells
+        again = p.reread_batch(now_ms)
+        if again is not None:
+            return start, again
+    if not still_quiet:
+        p.last_record_ms = p.clicks_ms = now_ms
+    if first.offset < start or not p.source_checked:
+        start = check_source(p, records, start, kafka, metrics)
+    return start, None
+
+
+def _gap(p: PartitionState, first: int, now_ms: int, kafka: _Kafka, metrics: Metrics) -> int | None:
+    """A batch of ``clicks`` that starts at ``first``, above the book's next offset: an offset
+    to read the partition again from (whether the record before the gap is still there), or
+    None: count it (a transaction marker, or the gap reported lost)."""
+    n = p.book.next_offset
+    if first - n < 2:
+        return None  # a transaction marker takes one offset and holds no record
+    p.verify_tries = p.verify_tries + 1 if p.verify_at == n - 1 else 1
+    if p.verify_tries <= CHECK_TRIES:
+        return p.reread(now_ms, n - 1)
+    p.verify_at, p.verify_tries = None, 0
+    _lost(kafka.topics.clicks, "clicks", p.partition, n, first, metrics)
+    return None
+
+
+def forwarded_gap(p: PartitionState, first: int, kafka: _Kafka, metrics: Metrics) -> None:
+    """A batch of ``clicks-repartition`` that starts at ``first``: its offsets from the
+    book's ``repart_next`` up to it, if any, are lost (reported)."""
+    n = p.book.repart_next
+    if first > n > 0:
+        _lost(kafka.topics.clicks_repartition, "clicks-repartition", p.partition, n, first, metrics)
+
+
+def _lost(topic: str, label: str, partition: int, n: int, first: int, metrics: Metrics) -> None:
+    log.error("partition %d of %s: offsets %d..%d are no longer in the log (deleted by retention, or skipped by an "
+              "offset reset after the worker was down or paused longer than the retention); the %d events there "
+              "were never counted and are lost; counting on from offset %d", partition, topic, n, first - 1,
+              first - n, first)
+    metrics.source_offsets_lost(label, first - n)
 
 
 def check_source(p: PartitionState, records: Sequence[Record], start: int, kafka: _Kafka, metrics: Metrics) -> int:

@@ -76,6 +76,8 @@ ALERT_METRICS = {
     "clickstream_source_log_resets_total": "counter",
     "clickstream_dedup_evicted_total": "counter",
     "clickstream_worker_clock_ahead_seconds": "gauge",
+    "clickstream_worker_clock_behind_seconds": "gauge",
+    "clickstream_source_offsets_lost_total": "counter",
     "clickstream_refused_partitions": "gauge",
     "clickstream_forwards_lost_total": "counter",
     "clickstream_worker_fenced_total": "counter",
@@ -124,6 +126,8 @@ EXPECTED_ALERTS = {
     "ClickstreamSourceLogReset",
     "ClickstreamDedupEvicting",
     "ClickstreamWorkerClockAhead",
+    "ClickstreamWorkerClockBehind",
+    "ClickstreamSourceOffsetsLost",
     "ClickstreamPartitionRefused",
     "ClickstreamForwardsLost",
     "ClickstreamWorkerFenced",
@@ -500,6 +504,7 @@ def test_alert_expressions(alert_rules):
                            ("ClickstreamDedupEvicting", "clickstream_dedup_evicted_total")):
         assert exprs[alert] == f"sum by (instance) (increase({counter}[5m])) > 0", alert
     assert "increase(clickstream_source_log_resets_total[10m])" in exprs["ClickstreamSourceLogReset"]
+    assert "increase(clickstream_source_offsets_lost_total[10m])" in exprs["ClickstreamSourceOffsetsLost"]
     assert exprs["ClickstreamForwardsLost"] == "sum by (instance) (increase(clickstream_forwards_lost_total[10m])) > 0"
     assert exprs["ClickstreamWorkerFenced"] == "sum by (instance) (increase(clickstream_worker_fenced_total[10m])) > 0"
     assert exprs["ClickstreamTargetMissing"] == 'absent(up{job="clickstream"})'
