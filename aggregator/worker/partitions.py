@@ -25,6 +25,7 @@ from aggregator.core.windows import STATE_FORMAT, WindowBook
 from aggregator.metrics import Metrics
 from aggregator.spill.ledger import SpillLedger
 from aggregator.spill.partition import PartitionSpill, SpillDiskError
+from aggregator.spill.tidy import SWEEP_S, forget_idle
 
 log = logging.getLogger("aggregator.worker")
 
@@ -202,6 +203,7 @@ class Partitions:
         self.metrics = metrics
         self.owned: dict[int, PartitionState] = {}
         self.refused: dict[int, str] = {}  # partition -> why its stored state is not counted (Refused)
+        self.swept = time.monotonic()  # the last sweep of drained regions (spill.tidy.forget_idle)
 
     def __iter__(self) -> Iterator[PartitionState]:
         return iter(list(self.owned.values()))
@@ -330,14 +332,25 @@ class Partitions:
         return sum(p.spill.total_bytes() for p in self.owned.values())
 
     def report(self) -> None:
-        """Per-tick gauges: spill backlog by region, lost spill records, outbox, lag."""
+        """Per-tick gauges: spill backlog by region, lost spill records, outbox, lag; every
+        ``SWEEP_S`` the regions drained and quiet are forgotten (spill.tidy.forget_idle)."""
         m = self.metrics
         total_backlog = 0
+        if time.monotonic() - self.swept >= SWEEP_S:
+            self.swept = time.monotonic()
+            for p in self.owned.values():
+                forget_idle(p.spill)
+        by_label: dict[str, list[int]] = {}  # several regions can have one label (__other__)
         for p in self.owned.values():
             label = p.book.canonical_region
             for region, (backlog, nbytes) in p.spill.backlog_by_region().items():
-                m.spill_backlog(label(region), backlog, nbytes)
+                sums = by_label.setdefault(label(region), [0, 0])
+                sums[0] += backlog
+                sums[1] += nbytes
                 total_backlog += backlog
+        for name, (backlog, nbytes) in by_label.items():
+            m.spill_backlog(name, backlog, nbytes)
+        for p in self.owned.values():
             if p.spill.lost > 0:
                 m.spill_fault("lost", p.spill.lost)
             if p.spill.excess > 0:
