@@ -1,20 +1,99 @@
-"""The spill of owned partitions in the tick report: regions drained and quiet are forgotten,
-and the spill gauges sum the regions one label stands for (docs/contract.md §6)."""
+"""The spill in the worker's hands: what a partition leaves on disk when it is revoked (or
+a previous run left) counts against AGG_SPILL_MAX_BYTES and is deleted once the partition is
+assigned elsewhere; regions drained and quiet are forgotten; the spill gauges sum the
+regions one label stands for (docs/contract.md §6)."""
 from __future__ import annotations
 
+import errno
+import logging
 import os
 
 import orjson
 
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
-from aggregator.worker.partitions import BookSettings, Partitions
+from aggregator.worker.partitions import LEFT_LABEL, BookSettings, Partitions
+from tests.unit.worker.records import recovered
 
 BOOKS = BookSettings(window_ms=60_000, grace_ms=1000, late_after_ms=600_000, idle_ms=3_600_000, max_regions=10)
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
+
+
+def spill(parts: Partitions, partition: int, n: int = 50):
+    """Open ``partition`` and spill all but the first of ``n`` events of eu."""
+    p = parts.open(partition)
+    offsets = list(range(n))
+    split = p.spill.ledger.split([("eu", 1_000 + o, None) for o in offsets], offsets, RateLimits(0, {"eu": 1}),
+                                 now=0.0)
+    assert p.spill.write(split) == n - 1
+    p.book.apply(split.events, n, 1_000 + n)
+    return p
+
+
+def test_a_revoked_partitions_spill_counts_until_it_is_assigned_elsewhere_then_goes(tmp_path):
+    # found by a review (review_spill/stale_disk.py): a revoked partition's spill stayed on
+    # disk but left the budget, and was never deleted: as hot partitions moved around, the
+    # disk filled to several times AGG_SPILL_MAX_BYTES
+    m = Metrics()
+    parts = Partitions(BOOKS, tmp_path, lambda n: None, m)
+    p = spill(parts, 0)
+    owned = parts.spill_bytes()
+    value = p.state_value()  # its last state names this spill directory
+    parts.forget(0)  # revoked
+    assert parts.spill_bytes() >= owned > 0
+    parts.report()
+    assert sample(m, "clickstream_spill_bytes", region=LEFT_LABEL) == parts.spill_bytes()
+    parts.keep_only({0, 1})  # assigned here again (not opened yet): kept
+    assert parts.spill_bytes() >= owned
+    parts.keep_only({1})  # the group settled with partition 0 on another worker
+    assert parts.spill_bytes() == 0
+    assert sorted(os.listdir(tmp_path / "p0")) == ["disk-id", "gone"]  # its records went, its id stays
+    assert os.listdir(tmp_path / "p0" / "gone") == []
+    parts.report()
+    assert sample(m, "clickstream_spill_bytes", region=LEFT_LABEL) is None
+    # back here with the state naming this directory (the next owner wrote none): its backlog
+    # is re-read from clicks, and nothing past it was committed
+    back = Partitions(BOOKS, tmp_path, recovered(0, value), Metrics()).open(0)
+    assert back.spill.disk == p.spill.disk
+    assert back.spill.ledger.rebuild == {"eu": 49} and back.commit_offset() == 1
+
+
+def test_a_spill_an_earlier_run_left_is_counted_from_the_start_and_once_when_opened(tmp_path):
+    was = spill(Partitions(BOOKS, tmp_path, lambda n: None, Metrics()), 3)
+    value = was.state_value()
+    was.spill.close()
+    (tmp_path / "p3" / "gone" / "regions.0").mkdir(parents=True)  # a deletion a crash cut short
+    (tmp_path / "p3" / "gone" / "regions.0" / "x").write_bytes(b"x" * 100)
+    restarted = Partitions(BOOKS, tmp_path, recovered(3, value), Metrics())
+    assert restarted.spill_bytes() > 0
+    assert not (tmp_path / "p3" / "gone").exists()
+    p = restarted.open(3)  # assigned here again: its store counts it, not twice
+    assert restarted.spill_bytes() == p.spill.total_bytes() > 0
+
+
+def test_a_left_spill_the_disk_will_not_delete_is_said_once_and_still_counted(tmp_path, monkeypatch, caplog):
+    parts = Partitions(BOOKS, tmp_path, lambda n: None, Metrics())
+    spill(parts, 0)
+    parts.forget(0)
+    left = parts.spill_bytes()
+
+    def rename(src: str, dst: str) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr("aggregator.spill.tidy.os.rename", rename)
+    with caplog.at_level(logging.ERROR, "aggregator.worker"):
+        parts.keep_only(set())
+        parts.keep_only(set())
+    assert [r.getMessage() for r in caplog.records] == [
+        "spill p0: cannot delete the spill this worker left on disk (the partition is assigned elsewhere): "
+        "[Errno 30] Read-only file system; it counts against AGG_SPILL_MAX_BYTES"]
+    assert parts.spill_bytes() == left
+    monkeypatch.undo()
+    parts.keep_only(set())
+    assert parts.spill_bytes() == 0 and not parts.left_stuck
 
 
 def test_the_spill_gauges_sum_every_region_a_label_stands_for(tmp_path):
