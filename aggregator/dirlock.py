@@ -23,7 +23,8 @@ class DirInUse(RuntimeError):
 
 
 class DirUnusable(RuntimeError):
-    """The directory cannot be made, or its lock file not opened (a bad path, no permission)."""
+    """The directory cannot be made, its lock file not opened or not written (a bad path, no
+    permission, a full disk)."""
 
     def __init__(self, path: Path, exc: OSError) -> None:
         super().__init__(f"cannot use {path} as a state directory: {exc.strerror or exc}")
@@ -49,8 +50,15 @@ class DirLock:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "pid unknown"
             os.close(fd)
             raise DirInUse(self.directory, holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # ENOLCK: a file system that keeps no locks
+            os.close(fd)
+            raise DirUnusable(self.directory, exc) from None
+        try:  # a full disk refuses the pid's bytes (ENOSPC) on a first start: said as such
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise DirUnusable(self.directory, exc) from None
         self.fd = fd
         return self
 
@@ -61,8 +69,8 @@ class DirLock:
 
 
 def lock_dirs(*dirs: str | os.PathLike[str]) -> list[DirLock]:
-    """Locks on every distinct directory, in order; releases those taken if one is in use
-    or unusable."""
+    """Locks on every distinct directory, in order; releases those taken if one is in use,
+    unusable, or fails in any other way."""
     taken: list[DirLock] = []
     seen: set[Path] = set()
     try:
@@ -72,7 +80,7 @@ def lock_dirs(*dirs: str | os.PathLike[str]) -> list[DirLock]:
                 continue
             seen.add(p)
             taken.append(DirLock(p).acquire())
-    except (DirInUse, DirUnusable):
+    except BaseException:
         for lock in taken:
             lock.release()
         raise

@@ -6,6 +6,8 @@ Layout under ``root_dir``::
     regions/r-<escaped region>/cursor             drain cursor {"seq": N, "offset": B}, atomic
     quarantine/<region dir>.<segment>.corrupt     raw bytes of corrupt records found on recovery
     quarantine/<region dir>.<segment>.torn        raw bytes of torn tails cut on recovery
+    gone/                                         directories moved out to be deleted (what a
+                                                  crash left of one is deleted at the next start)
 
 Region names are escaped: every character outside ``[a-z0-9_-]`` (including
 ``.``, ``/``, upper case and non-ASCII) becomes ``%xx`` per UTF-8 byte, and a
@@ -162,6 +164,7 @@ class _Region:
 
 
 DISK_ID = "disk-id"  # in a partition's spill directory: the id a window state names it by
+GONE = "gone"  # in a partition's spill directory: what is being deleted (moved here first, in one rename)
 
 
 def disk_id(root: str, fsync: bool) -> str:

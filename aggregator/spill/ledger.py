@@ -30,6 +30,13 @@ where the new log begins): records below it hold nothing back (``low`` is the of
 the oldest undrained record at or past the fence, -1 while there is none), and if they
 are not on disk after a restart they cannot be rebuilt: they are counted as lost.  The
 fence is stored as a fourth number of the region's entry while records below it remain.
+
+A region drained and quiet for a while is forgotten (``sweep``, ``forget``: the caller
+deletes its spill directory too), so regions that spilled once do not stay in every state
+written.  Sequence numbers are still never given twice: ``next_seq`` is at or past every
+number a forgotten region used, and a region without an entry starts there.  It is stored
+under the key ``""`` (never a region) as ``[next_seq, next_seq, -1]``: what an earlier
+version reads as a region drained long ago, with nothing on disk.
 """
 from __future__ import annotations
 
@@ -66,10 +73,17 @@ class Split:
         self.limited = limited    # region -> events over the token bucket (metric)
 
 
+SEQ_KEY = ""  # the key ``to_dict`` stores ``next_seq`` under (module doc)
+
+
 class SpillLedger:
     def __init__(self) -> None:
         # region -> [spilled, drained, low]
         self.regions: dict[str, list[int]] = {}
+        # the first sequence number of a region without an entry: past every one a forgotten region used
+        self.next_seq = 0
+        # region -> its spilled count when the last ``sweep`` found it drained (not stored)
+        self.quiet: dict[str, int] = {}
         # region -> events still to re-spill from the source log (spill files lost)
         self.rebuild: dict[str, int] = {}
         # region -> spill seq where the current source log begins: records below it were read
@@ -143,7 +157,8 @@ class SpillLedger:
                     lst.append([0, offsets[i], e[1], e[2], spill_agg(agg)])
                 append((SPILLED, e[1], None))
         for region, lst in spills.items():
-            seq = self.regions.get(region, (0,))[0]
+            entry = self.regions.get(region)
+            seq = self.next_seq if entry is None else entry[0]
             for rec in lst:
                 rec[0] = seq
                 seq += 1
@@ -157,7 +172,7 @@ class SpillLedger:
     def spilled(self, region: str, records: list[SpillRecord]) -> None:
         e = self.regions.get(region)
         if e is None:
-            e = self.regions[region] = [0, 0, -1]
+            e = self.regions[region] = [self.next_seq, self.next_seq, -1]
         if e[0] == e[1] or e[2] < 0:  # the first undrained of this log (records of an older one hold nothing)
             e[2] = cast(int, records[0][1])  # the source offset: never None
         e[0] += len(records)
@@ -174,8 +189,9 @@ class SpillLedger:
             if e[1] < fence and e[0] > e[1]:
                 return  # still records of an old log: low stays the current log's (or -1)
             del self.fences[region]
-        # the entry stays (low -1): sequence numbers never restart, so a record
-        # left on disk by a crash before its ack can never pass for a new one
+        # the entry stays (low -1) until it is forgotten, and then ``next_seq`` is past it:
+        # sequence numbers never restart, so a record left on disk by a crash before its
+        # ack can never pass for a new one
         e[2] = -1 if e[0] == e[1] else next_low
 
     def log_restarted(self) -> int:
@@ -205,7 +221,8 @@ class SpillLedger:
         if the disk holds them all they are kept and only the rest is rebuilt; otherwise
         they are lost (``lost``, marked drained) and the rest is reconciled as usual."""
         e = self.regions.get(region)
-        spilled, drained = (e[0], e[1]) if e else (0, 0)
+        # no entry: a region forgotten (its records on disk were all drained) or never spilled
+        spilled, drained = (e[0], e[1]) if e else (self.next_seq, self.next_seq)
         need = spilled - drained
         ack = 0
         if first_seq is not None and first_seq < drained:
@@ -240,21 +257,49 @@ class SpillLedger:
             e[2] = cast(int, records[0][1])
         self.rebuild[region] -= len(records)
 
+    # ------------------------------------------------------------ forgetting
+    def sweep(self) -> list[str]:
+        """Regions drained (no fence, no rebuild) and with nothing spilled since the last
+        sweep found them so: those the caller may ``forget``, once nothing of them is left
+        on disk or waits for an acknowledgement."""
+        now = {r: e[0] for r, e in self.regions.items()
+               if e[0] == e[1] and r not in self.fences and r not in self.rebuild}
+        quiet = [r for r, spilled in now.items() if self.quiet.get(r) == spilled]
+        self.quiet = now
+        return quiet
+
+    def forget(self, region: str) -> None:
+        """Drop a drained region's entry; its sequence numbers stay used (``next_seq``)."""
+        e = self.regions.pop(region)
+        if e[0] != e[1] or region in self.fences or region in self.rebuild:
+            self.regions[region] = e
+            raise ValueError(f"spill ledger: region {region!r} is not drained")
+        self.next_seq = max(self.next_seq, e[0])
+        self.quiet.pop(region, None)
+
     # ---------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, list[int]]:
         fences = self.fences
-        return {r: [*e, fences[r]] if r in fences else list(e) for r, e in self.regions.items()}
+        d = {r: [*e, fences[r]] if r in fences else list(e) for r, e in self.regions.items()}
+        if self.next_seq:
+            d[SEQ_KEY] = [self.next_seq, self.next_seq, -1]
+        return d
 
     def load(self, d: Mapping[str, Iterable[int]] | None) -> None:
         self.regions = {}
         self.fences = {}
+        self.next_seq = 0
         for r, e in (d or {}).items():
             nums = [int(x) for x in e]
+            if str(r) == SEQ_KEY:
+                self.next_seq = nums[0]
+                continue
             self.regions[str(r)] = nums[:3]
             if len(nums) > 3:
                 self.fences[str(r)] = nums[3]
         self.rebuild = {}
         self.lost = {}
+        self.quiet = {}
 
     def rebuild_seq(self, region: str) -> int:
         """Sequence number of the next record a rebuild writes."""

@@ -1,4 +1,5 @@
-"""Recovery of a spill directory when a :class:`~aggregator.spill.store.SpillStore` starts.
+"""Recovery of a spill directory when a :class:`~aggregator.spill.store.SpillStore` starts,
+and the deletion of a region's directory that recovery must never half-see.
 
 Every ``regions/`` entry whose name round-trips through the escaping in layout.py
 becomes a region; per region the drain cursor is read, leftover ``.tmp`` files
@@ -16,9 +17,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import threading
 from typing import TYPE_CHECKING
 
-from .layout import _SEG_RE, _fsync_dir, _Region, _seg_name, _Segment, _write_atomic, escape_region, unescape_region
+from .layout import (
+    _SEG_RE,
+    GONE,
+    _fsync_dir,
+    _Region,
+    _seg_name,
+    _Segment,
+    _write_atomic,
+    escape_region,
+    unescape_region,
+)
 from .segment import scan_bytes
 
 __all__ = ["RecoveryMixin"]
@@ -36,6 +49,7 @@ class RecoveryMixin:
     corrupt_records: dict[str, int]
     torn_tails: dict[str, int]
     _regions: dict[str, _Region]
+    _lock: threading.RLock
 
     if TYPE_CHECKING:
         def _count(self, r: _Region) -> int: ...  # SpillStore's reading path
@@ -52,9 +66,34 @@ class RecoveryMixin:
                 os.fsync(f.fileno())
         return qpath
 
+    def drop_region(self, region: str) -> None:
+        """Forget a region with nothing left to drain and delete its directory.  It is moved
+        out of ``regions/`` first, in one rename, so a crash half-way through the deletion
+        never leaves a region recovery would half-read (what it leaves in ``gone/`` is
+        deleted at the next start).  Raises ``OSError`` when the disk refuses the rename (the
+        region stays, with nothing to drain)."""
+        with self._lock:
+            r = self._regions.get(region)
+            if r is None:
+                return
+            if r.backlog:
+                raise ValueError(f"spill: region {region!r} still has {r.backlog} records to drain")
+            if r.writer is not None:
+                r.writer.close()
+                r.writer = None
+            trash = os.path.join(os.path.dirname(self.regions_dir), GONE)
+            os.makedirs(trash, exist_ok=True)
+            moved = os.path.join(trash, f"{os.path.basename(r.dir)}.{os.urandom(4).hex()}")
+            os.rename(r.dir, moved)
+            del self._regions[region]
+            self.corrupt_records.pop(region, None)
+            self.torn_tails.pop(region, None)
+        shutil.rmtree(moved, ignore_errors=True)  # what stays is deleted at the next start
+
     # --------------------------------------------------------------- recovery
 
     def _recover(self) -> None:
+        shutil.rmtree(os.path.join(os.path.dirname(self.regions_dir), GONE), ignore_errors=True)
         for entry in sorted(os.listdir(self.regions_dir)):
             d = os.path.join(self.regions_dir, entry)
             if not os.path.isdir(d) or os.path.islink(d):

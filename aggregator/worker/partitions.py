@@ -26,6 +26,7 @@ from aggregator.core.windows import STATE_FORMAT, WindowBook
 from aggregator.metrics import Metrics
 from aggregator.spill.ledger import SpillLedger
 from aggregator.spill.partition import PartitionSpill, SpillDiskError
+from aggregator.spill.tidy import SWEEP_S, delete_spill, forget_idle, left_spills, spill_bytes_on_disk
 
 log = logging.getLogger("aggregator.worker")
 
@@ -33,6 +34,8 @@ log = logging.getLogger("aggregator.worker")
 StoredState = Callable[[int], "tuple[dict[str, Any], int | None] | None"]
 # key of a changelog record of the state (a dedup record, core.dedup) -> its JSON value or None
 StoredRecord = Callable[[str], Any]
+# the region label ``clickstream_spill_bytes`` gives the spills of partitions not owned here (never a region)
+LEFT_LABEL = "(left behind)"
 
 
 class Refused(RuntimeError):
@@ -203,6 +206,11 @@ class Partitions:
         self.metrics = metrics
         self.owned: dict[int, PartitionState] = {}
         self.refused: dict[int, str] = {}  # partition -> why its stored state is not counted (Refused)
+        # partition -> bytes of the spill it left on disk here (revoked, or by an earlier run), counted
+        # in spill_bytes() while it is not owned, deleted once it is assigned elsewhere (spill.tidy)
+        self.left: dict[int, int] = left_spills(spill_root)
+        self.left_stuck: set[int] = set()  # those the disk would not let delete (said once)
+        self.swept = time.monotonic()  # the last sweep of drained regions (spill.tidy.forget_idle)
 
     def __iter__(self) -> Iterator[PartitionState]:
         return iter(list(self.owned.values()))
@@ -335,7 +343,8 @@ class Partitions:
             # its regions' last-window and spill gauges are the new owner's to say (not
             # __other__ while another book here holds it too); its lag the same
             gone = p.regions().difference(*(q.regions() for q in self.owned.values()))
-            p.spill.close()  # stays on disk; the next owner reconciles or re-reads it
+            p.spill.close()  # stays on disk (counted) until it is assigned elsewhere: keep_only
+            self.left[partition] = spill_bytes_on_disk(self.spill_root, partition)
             self.metrics.partition_gone(partition)
             self.metrics.regions_gone(gone)
 
@@ -343,23 +352,64 @@ class Partitions:
         """A batch fetched before a rebalance can arrive after the revoke: the state it
         re-created belongs to a partition another worker owns now.  Never write its state
         or publish from it (a stale changelog record would be recovered by a later owner)."""
+        self.delete_left(assigned)  # (before those dropped below: theirs go at the next tick if still elsewhere)
         for partition in [p for p in self.owned if p not in assigned]:
             log.warning("partition %d is not assigned here (any more): dropping its window book", partition)
             self.forget(partition)
         self.refused = {p: why for p, why in self.refused.items() if p in assigned}  # its new owner says it
 
+    def delete_left(self, assigned: set[int]) -> None:
+        """Delete the spills partitions assigned elsewhere left here (``assigned``: this worker's
+        partitions, as the group settled them): whoever opens the partition with a state naming
+        this spill re-reads it from ``clicks``, and once another owner writes a state this spill
+        is never taken again (spill.tidy)."""
+        for partition in [n for n in self.left if n not in assigned and n not in self.owned]:
+            try:
+                delete_spill(self.spill_root, partition)
+            except OSError as e:  # counted still; tried again at the next tick
+                if partition not in self.left_stuck:
+                    log.error("spill p%d: cannot delete the spill this worker left on disk (the partition is "
+                              "assigned elsewhere): %s; it counts against AGG_SPILL_MAX_BYTES", partition, e)
+                    self.left_stuck.add(partition)
+                self.left[partition] = spill_bytes_on_disk(self.spill_root, partition)
+                continue
+            self.left_stuck.discard(partition)
+            if self.left.pop(partition):
+                log.info("spill p%d: deleted the spill left here (the partition is assigned elsewhere)", partition)
+
+    def left_bytes(self) -> int:
+        """Bytes of the spills of partitions not owned here that are still on disk."""
+        return sum(n for partition, n in self.left.items() if partition not in self.owned)
+
     def spill_bytes(self) -> int:
-        return sum(p.spill.total_bytes() for p in self.owned.values())
+        """The spill on disk that counts against AGG_SPILL_MAX_BYTES: owned partitions' and left ones'."""
+        return sum(p.spill.total_bytes() for p in self.owned.values()) + self.left_bytes()
 
     def report(self) -> None:
-        """Per-tick gauges: spill backlog by region, lost spill records, outbox, lag."""
+        """Per-tick gauges: spill backlog by region, lost spill records, outbox, lag; every
+        ``SWEEP_S`` the regions drained and quiet are forgotten (spill.tidy.forget_idle)."""
         m = self.metrics
         total_backlog = 0
+        if time.monotonic() - self.swept >= SWEEP_S:
+            self.swept = time.monotonic()
+            for p in self.owned.values():
+                forget_idle(p.spill)
+        by_label: dict[str, list[int]] = {}  # several regions can have one label (__other__)
         for p in self.owned.values():
             label = p.book.canonical_region
             for region, (backlog, nbytes) in p.spill.backlog_by_region().items():
-                m.spill_backlog(label(region), backlog, nbytes)
+                sums = by_label.setdefault(label(region), [0, 0])
+                sums[0] += backlog
+                sums[1] += nbytes
                 total_backlog += backlog
+        for name, (backlog, nbytes) in by_label.items():
+            m.spill_backlog(name, backlog, nbytes)
+        left = self.left_bytes()
+        if left:  # not this worker's to drain: events 0
+            m.spill_backlog(LEFT_LABEL, 0, left)
+        else:
+            m.regions_gone((LEFT_LABEL,))
+        for p in self.owned.values():
             if p.spill.lost > 0:
                 m.spill_fault("lost", p.spill.lost)
             if p.spill.excess > 0:

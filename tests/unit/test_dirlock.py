@@ -1,6 +1,7 @@
 """One process per state directory: flock, released when the holder goes away."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -52,4 +53,51 @@ def test_a_directory_that_cannot_be_made_is_dir_unusable_and_releases_the_others
         lock_dirs(tmp_path / "data", tmp_path / "file" / "spill")
     assert err.value.path == tmp_path / "file" / "spill"
     assert str(err.value) == f"cannot use {tmp_path / 'file' / 'spill'} as a state directory: Not a directory"
+    DirLock(tmp_path / "data").acquire().release()  # the first lock was given back
+
+
+def _fill(disk) -> None:
+    """Take every free byte of ``disk`` (a small tmpfs)."""
+    import contextlib
+    with open(disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    with open(disk / "filler", "ab", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0")
+
+
+def test_a_first_start_on_a_full_disk_is_dir_unusable_and_releases_the_others(tmp_path):
+    """No ``.lock`` yet: its pid bytes are refused (ENOSPC), said as DirUnusable (the CLI
+    names the setting), not a bare OSError, and the locks taken before are given back."""
+    from aggregator.dirlock import DirUnusable
+    from tests.conftest import small_tmpfs
+    with small_tmpfs(tmp_path / "disk") as disk:
+        (disk / "spill").mkdir()  # the directory exists; its lock file does not
+        _fill(disk)
+        with pytest.raises(DirUnusable) as err:
+            lock_dirs(tmp_path / "data", disk / "spill")
+        assert err.value.path == disk / "spill"
+        assert str(err.value) == f"cannot use {disk / 'spill'} as a state directory: No space left on device"
+        DirLock(tmp_path / "data").acquire().release()  # the first lock was given back
+
+
+def test_a_lock_the_file_system_refuses_is_dir_unusable_and_releases_the_others(tmp_path, monkeypatch):
+    """flock failing otherwise than "held" (ENOLCK: a file system without locks) is said the
+    same way."""
+    import errno
+    import fcntl
+
+    from aggregator.dirlock import DirUnusable
+    real = fcntl.flock
+
+    def flock(fd: int, op: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path / "nfs")):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        real(fd, op)
+
+    monkeypatch.setattr("aggregator.dirlock.fcntl.flock", flock)
+    with pytest.raises(DirUnusable, match="No locks available"):
+        lock_dirs(tmp_path / "data", tmp_path / "nfs")
+    monkeypatch.undo()
     DirLock(tmp_path / "data").acquire().release()  # the first lock was given back

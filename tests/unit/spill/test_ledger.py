@@ -1,7 +1,7 @@
 """Spill accounting (pure ledger) and one partition's spill over a real disk store.
 
 The property test drives the same calls the worker makes (split -> write ->
-apply, drain -> apply -> state write -> ack) through random batches, drains,
+apply, drain -> apply -> state write -> ack, sweeps of drained regions) through random batches, drains,
 crashes at random points, lost spill directories and source logs that start over,
 and checks that every source event is counted exactly once and each region's events
 in order — except spilled events of a log that started over whose spill directory was
@@ -19,6 +19,7 @@ from aggregator.core.ratelimit import RateLimits
 from aggregator.spill.ledger import SPILLED, SpillLedger
 from aggregator.spill.partition import PartitionSpill
 from aggregator.spill.segment import encode_record
+from aggregator.spill.tidy import forget_idle
 
 
 def ev(region: str, its: int) -> tuple:
@@ -459,7 +460,7 @@ def run_sim(root, rnd: random.Random, restarts: bool = False) -> None:
     n_logs, longest = (3, 30) if restarts else (rnd.choice((1, 1, 2, 3)), 120)
     logs = [[rnd.choice(REGIONS) for _ in range(rnd.randint(1, longest))] for _ in range(n_logs)]
     sim = Sim(root, logs, RateLimits(0, {"hot": 2, "eu": 4}))
-    ops = ["batch", "batch", "flush", "crash", "lose", "restart"] + ["batch", "flush", "restart", "lose"] * restarts
+    ops = ["batch", "batch", "flush", "crash", "lose", "restart", "sweep"] + ["batch", "flush", "restart", "lose"] * restarts
     now = 0.0
     for _ in range(rnd.randint(0, 40)):
         now += 0.25
@@ -470,12 +471,15 @@ def run_sim(root, rnd: random.Random, restarts: bool = False) -> None:
             sim.flush(now)
         elif op == "restart":
             sim.restart()
+        elif op == "sweep":  # regions drained and quiet since the last sweep are forgotten
+            forget_idle(sim.spill)
         else:
             sim.crash(lose_disk=op == "lose")
     for _ in range(sum(map(len, logs)) + 5):  # run to the end: everything gets drained
         now += 1.0
         sim.batch(50, now)
         sim.flush(now)
+        forget_idle(sim.spill)
         sim.restart()
     sim.spill.close()
     assert sim.gen == len(logs) - 1
@@ -560,3 +564,44 @@ def test_a_stale_spill_whose_first_record_agrees_is_not_taken_for_another_disks_
     _, sp_b2 = _reopen(tmp_path / "b", state_b)
     assert sp_b2.reconcile(disk_b) == {}
     assert sp_b2.drain(RateLimits(0), now=0.0, unlimited=True) == [ev("eu", o) for o in (1105, 1110, 1115)]
+
+
+def test_a_drained_quiet_region_is_forgotten_and_its_sequence_numbers_are_never_given_again():
+    # found by a review (review_spill/region_churn.py): every region that ever spilled kept
+    # its ledger entry (in every state written) for ever
+    led = SpillLedger()
+    led.spilled("a", [[0, 5, 1, None], [1, 6, 1, None]])
+    assert led.sweep() == []  # not drained
+    led.drained("a", 2, -1)
+    assert led.sweep() == []  # drained: quiet if nothing is spilled before the next sweep
+    assert led.sweep() == ["a"]
+    led.forget("a")
+    assert led.regions == {} and led.next_seq == 2
+    stored = orjson.loads(orjson.dumps(led.to_dict()))
+    assert stored == {"": [2, 2, -1]}  # an earlier version reads it as a region drained long ago
+    again = SpillLedger()
+    again.load(stored)
+    assert again.regions == {} and again.next_seq == 2
+    split = again.split([ev("a", 9)] * 3, [7, 8, 9], RateLimits(0, {"a": 1}), now=0.0)
+    assert [rec[0] for rec in split.spills["a"]] == [2, 3]  # not 0 and 1 again
+    again.commit_split(split)
+    assert again.regions == {"a": [4, 2, 8]} and again.backlog("a") == 2
+    # records of a forgotten region a crash left on disk are acknowledged, not taken as new ones
+    assert again.reconcile("b", first_seq=0, on_disk=2) == (2, 0) and again.rebuild == {}
+
+
+def test_a_region_that_spills_between_sweeps_or_holds_a_fence_is_not_forgotten():
+    led = SpillLedger()
+    led.spilled("a", [[0, 5, 1, None]])
+    led.drained("a", 1, -1)
+    assert led.sweep() == []
+    led.spilled("a", [[1, 9, 1, None]])
+    led.drained("a", 1, -1)
+    assert led.sweep() == []  # spilled since the last sweep
+    led.spilled("b", [[0, 5, 1, None]])
+    led.log_restarted()
+    with pytest.raises(ValueError):
+        led.forget("b")
+    led.regions["b"][1] = 1  # (drained, the fence left in place)
+    assert led.sweep() == ["a"]
+    assert "b" in led.regions and led.next_seq == 0
