@@ -187,25 +187,32 @@ class Throttle:
         self.disk_error = reason
 
     def drain(self, p: PartitionState, now_ms: int) -> None:
-        """Count the oldest spilled events of each backlogged region, at its rate."""
-        backlog = p.spill.ledger.total_backlog()
+        """Count the oldest spilled events of each backlogged region, at its rate since its
+        last drain: DRAIN_MAX of each at a time, each lot applied before the next is read."""
+        spill = p.spill
+        backlog = spill.ledger.total_backlog()
         if not backlog:
             self._read_errors.pop(p.partition, None)
             return
         # a re-read of missing records waits for batches held here (their seek back would skip them)
-        drained, aggs = p.spill.drain_aggs(self.limits, time.monotonic(), reread=not self.held_here(p))
-        if p.spill.ledger.total_backlog() != backlog:
+        reread, now, more = not self.held_here(p), time.monotonic(), False
+        while True:
+            drained, aggs = spill.drain_aggs(self.limits, now, reread=reread, more=more)
+            if drained:
+                if aggs is None and p.book.aggs is not None:  # their client delays, at least
+                    aggs = [None] * len(drained)
+                p.book.apply(drained, p.book.next_offset, now_ms, aggs)
+                self.metrics.spill_drained(len(drained))
+            if not spill.grants:
+                break
+            more = True
+        if spill.ledger.total_backlog() != backlog:
             p.book.dirty = True  # the ledger moved (gaps of a lost log drain without events): write it
-        if p.spill.read_error is not None:  # that region is read again next time
-            self._read_errors[p.partition] = p.spill.read_error
+        if spill.read_error is not None:  # that region is read again next time
+            self._read_errors[p.partition] = spill.read_error
             self.metrics.spill_disk_error("read")
         else:
             self._read_errors.pop(p.partition, None)
-        if drained:
-            if aggs is None and p.book.aggs is not None:  # their client delays, at least
-                aggs = [None] * len(drained)
-            p.book.apply(drained, p.book.next_offset, now_ms, aggs)
-            self.metrics.spill_drained(len(drained))
 
     def report(self, partitions: Partitions, writes_failing: bool = False) -> None:
         """Per tick: tallies to metrics, and release the hold once the spill has drained

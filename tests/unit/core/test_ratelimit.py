@@ -131,3 +131,19 @@ def test_buckets_that_have_refilled_are_dropped_and_no_decision_changes():
     assert set(limits.buckets()) == {"hot"}
     for region in ("r3", "hot"):  # what is granted next is what the untouched limiter grants
         assert limits.take(region, 10, 0.7) == kept.take(region, 10, 0.7)
+
+
+def test_a_drain_takes_the_rate_since_its_last_drain_not_one_burst():
+    """Drains come once per AGG_STATE_FLUSH_SECONDS (up to 60 s): one burst (1 s) a tick
+    would drain at rate / flush seconds."""
+    limits = RateLimits(0, "hot=1000")
+    assert limits.take_drain("hot", 10_000, 0.0) == 1000  # the first: one burst
+    assert limits.take_drain("hot", 10_000, 5.0) == 5000  # 5 s later: 5 s of the rate
+    assert limits.forget_full(64.0) == 0  # filling past its burst for the next drain: kept
+    assert limits.take_drain("hot", 100_000, 65.0) == 60_000
+    # what is left after a drain is at most a burst, for the events that follow
+    assert limits.take_drain("hot", 10, 200.0) == 10
+    assert limits.take("hot", 10_000, 200.0) == 1000
+    # never more than DRAIN_SPAN_MAX of the rate at once
+    assert limits.take_drain("hot", 10**9, 10_000.0) == 120_000
+    assert RateLimits(0, "").take_drain("x", 7, 1.0) == 7  # unlimited
