@@ -428,5 +428,11 @@ class PartitionSpill:
     def total_bytes(self) -> int:
         return self.store.total_bytes()
 
+    def held_bytes(self) -> int:
+        """Bytes that count towards AGG_SPILL_MAX_BYTES: all but those of regions being re-read
+        from the source log (they cannot drain until the re-read, which needs fetches, ends)."""
+        store = self.store
+        return store.total_bytes() - sum(store.bytes(r) for r in self.ledger.rebuild)
+
     def close(self) -> None:
         self.store.close()
