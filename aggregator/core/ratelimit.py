@@ -188,13 +188,17 @@ class RateLimits:
     def take(self, region: str, n: int, now: float) -> int:
         return self.bucket_for(region, now).take(n, now)
 
-    def take_drain(self, region: str, n: int, now: float) -> int:
+    def take_drain(self, region: str, n: int, now: float, most_per_s: int = 0) -> int:
         """Grant up to ``n`` of a region's spilled events to drain: its rate over the time
         since its last drain (up to DRAIN_SPAN_MAX), not just a burst, so that drains
-        ``AGG_STATE_FLUSH_SECONDS`` apart keep up with the rate (contract §6)."""
+        ``AGG_STATE_FLUSH_SECONDS`` apart keep up with the rate (contract §6);
+        ``most_per_s`` (> 0): at most that many a second of it (at least one second's:
+        what one drain may do, whatever the rate)."""
         last = self._drained.get(region)
         self._drained[region] = now
         span = self.burst_seconds if last is None else min(DRAIN_SPAN_MAX, max(0.0, now - last))
+        if most_per_s > 0:
+            n = min(n, int(most_per_s * max(1.0, span)))
         return self.bucket_for(region, now).take_span(n, now, span)
 
     def buckets(self) -> dict[str, TokenBucket]:

@@ -147,3 +147,11 @@ def test_a_drain_takes_the_rate_since_its_last_drain_not_one_burst():
     # never more than DRAIN_SPAN_MAX of the rate at once
     assert limits.take_drain("hot", 10**9, 10_000.0) == 120_000
     assert RateLimits(0, "").take_drain("x", 7, 1.0) == 7  # unlimited
+
+
+def test_a_drain_takes_at_most_so_many_a_second_whatever_the_rate():
+    limits = RateLimits(0, "hot=1000000")
+    assert limits.take_drain("hot", 10**9, 0.0, 50_000) == 50_000  # one second's
+    assert limits.take_drain("hot", 10**9, 0.5, 50_000) == 50_000  # drains 0.5 s apart: still a second's
+    assert limits.take_drain("hot", 10**9, 4.5, 50_000) == 200_000
+    assert RateLimits(0, "").take_drain("x", 10**9, 1.0, 50_000) == 50_000  # unlimited too
