@@ -192,14 +192,16 @@ class RateLimits:
         """Grant up to ``n`` of a region's spilled events to drain: its rate over the time
         since its last drain (up to DRAIN_SPAN_MAX), not just a burst, so that drains
         ``AGG_STATE_FLUSH_SECONDS`` apart keep up with the rate (contract §6);
-        ``most_per_s`` (> 0): at most that many a second of it (at least one second's:
-        what one drain may do, whatever the rate)."""
+        ``most_per_s`` (> 0): at most that many a second of it, or the rate if higher (a
+        second's at least): what one drain may do when the rate does not bound it (0: a
+        limit lifted while a backlog remains)."""
         last = self._drained.get(region)
         self._drained[region] = now
         span = self.burst_seconds if last is None else min(DRAIN_SPAN_MAX, max(0.0, now - last))
+        b = self.bucket_for(region, now)
         if most_per_s > 0:
-            n = min(n, int(most_per_s * max(1.0, span)))
-        return self.bucket_for(region, now).take_span(n, now, span)
+            n = min(n, int(max(most_per_s, b.rate) * max(1.0, span)))
+        return b.take_span(n, now, span)
 
     def buckets(self) -> dict[str, TokenBucket]:
         return dict(self._buckets)

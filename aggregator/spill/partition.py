@@ -36,8 +36,8 @@ from aggregator.spill.store import SpillStore
 log = logging.getLogger("aggregator.spill")
 
 DRAIN_MAX = 50_000  # records per region per drain call (bounds memory of one drain; a tick calls it again)
-# records per region per second since its last drain, at most (and a second's at least): bounds
-# the time a tick spends draining, whatever the rate (a rate of 0 too, a limit lifted)
+# records per region per second since its last drain, at most, unless its rate is higher (and a
+# second's at least): bounds the time a tick spends draining a region with no rate (a limit lifted)
 DRAIN_PER_S = 50_000
 # drained records of a region waiting for a state write (``acked``) beyond which it drains no
 # more until they are acknowledged (state writes failing, or the worker fenced)
@@ -280,8 +280,8 @@ class PartitionSpill:
 
     def _grant(self, limits: RateLimits, now: float, unlimited: bool) -> None:
         """A tick's allowance of each backlogged region: its rate since its last drain
-        (``RateLimits.take_drain``; at most DRAIN_PER_S a second of it, a second's if drains
-        are less than a second apart), none while PENDING_MAX of its drained records wait for
+        (``RateLimits.take_drain``; at most DRAIN_PER_S a second of it or the rate, a second's
+        if drains are less than a second apart), none while PENDING_MAX of its drained records wait for
         a state write (their payloads are not kept, but what is counted and not written must
         stay bounded)."""
         ledger = self.ledger

@@ -149,9 +149,11 @@ def test_a_drain_takes_the_rate_since_its_last_drain_not_one_burst():
     assert RateLimits(0, "").take_drain("x", 7, 1.0) == 7  # unlimited
 
 
-def test_a_drain_takes_at_most_so_many_a_second_whatever_the_rate():
-    limits = RateLimits(0, "hot=1000000")
+def test_a_drain_takes_at_most_so_many_a_second_unless_the_rate_is_higher():
+    limits = RateLimits(0, "")  # a limit lifted while a backlog remains
     assert limits.take_drain("hot", 10**9, 0.0, 50_000) == 50_000  # one second's
     assert limits.take_drain("hot", 10**9, 0.5, 50_000) == 50_000  # drains 0.5 s apart: still a second's
     assert limits.take_drain("hot", 10**9, 4.5, 50_000) == 200_000
-    assert RateLimits(0, "").take_drain("x", 10**9, 1.0, 50_000) == 50_000  # unlimited too
+    fast = RateLimits(0, "hot=200000")  # a rate above it: the rate (a drain keeps up)
+    assert fast.take_drain("hot", 10**9, 0.0, 50_000) == 200_000
+    assert fast.take_drain("hot", 10**9, 0.5, 50_000) == 100_000
