@@ -12,6 +12,9 @@ import math
 __all__ = ["RateLimits", "TokenBucket", "parse_rate_limits"]
 
 _EPS = 1e-9
+# the longest time a drain is given the rate for: the time since the region's last drain,
+# up to this (longer than any AGG_STATE_FLUSH_SECONDS, the time between drains)
+DRAIN_SPAN_MAX = 120.0
 
 
 class TokenBucket:
@@ -59,6 +62,22 @@ class TokenBucket:
         granted = min(n, int(self.tokens + _EPS))
         if granted > 0:
             self.tokens = max(0.0, self.tokens - granted)
+        return granted
+
+    def take_span(self, n: int, now: float, span: float) -> int:
+        """:meth:`take` for a drain that comes every ``span`` seconds: the bucket may have
+        filled past its burst, up to ``span`` of its rate (the tokens were not taken by new
+        events: while a region has a backlog they all go to it); what is left after is at
+        most a burst, as after :meth:`take`."""
+        if n <= 0:
+            return 0
+        if self.rate <= 0:
+            return n
+        if now > self.last:
+            self.tokens = min(max(self.burst, span * self.rate), self.tokens + (now - self.last) * self.rate)
+            self.last = now
+        granted = min(n, int(self.tokens + _EPS))
+        self.tokens = min(self.burst, max(0.0, self.tokens - granted))
         return granted
 
     def seconds_until(self, n: int, now: float) -> float:
@@ -147,6 +166,7 @@ class RateLimits:
             self.per_region = {str(k).lower(): float(v) for k, v in per_region.items()}
         self.burst_seconds = float(burst_seconds)
         self._buckets: dict[str, TokenBucket] = {}
+        self._drained: dict[str, float] = {}  # region -> time of its last drain (``take_drain``)
 
     def rate_for(self, region: str) -> float:
         r = self.per_region.get(region)
@@ -168,6 +188,21 @@ class RateLimits:
     def take(self, region: str, n: int, now: float) -> int:
         return self.bucket_for(region, now).take(n, now)
 
+    def take_drain(self, region: str, n: int, now: float, most_per_s: int = 0) -> int:
+        """Grant up to ``n`` of a region's spilled events to drain: its rate over the time
+        since its last drain (up to DRAIN_SPAN_MAX), not just a burst, so that drains
+        ``AGG_STATE_FLUSH_SECONDS`` apart keep up with the rate (contract §6);
+        ``most_per_s`` (> 0): at most that many a second of it, or the rate if higher (a
+        second's at least): what one drain may do when the rate does not bound it (0: a
+        limit lifted while a backlog remains)."""
+        last = self._drained.get(region)
+        self._drained[region] = now
+        span = self.burst_seconds if last is None else min(DRAIN_SPAN_MAX, max(0.0, now - last))
+        b = self.bucket_for(region, now)
+        if most_per_s > 0:
+            n = min(n, int(max(most_per_s, b.rate) * max(1.0, span)))
+        return b.take_span(n, now, span)
+
     def buckets(self) -> dict[str, TokenBucket]:
         return dict(self._buckets)
 
@@ -177,7 +212,12 @@ class RateLimits:
         keeps the buckets to the regions that are being limited (issue 15, fault 11:
         Kafka-direct producers can name any number of regions over time)."""
         full = []
+        drained = self._drained
+        for region in [r for r, t in drained.items() if now - t > DRAIN_SPAN_MAX]:
+            del drained[region]
         for region, b in self._buckets.items():
+            if region in drained:  # filling past its burst for the next drain: kept
+                continue
             b._refill(now)
             if b.unlimited or b.tokens >= b.burst:
                 full.append(region)

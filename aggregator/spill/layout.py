@@ -135,6 +135,7 @@ class _Region:
         "writer",
         "cache",
         "rpos",
+        "taken",
         "bad",
         "roll",
     )
@@ -148,9 +149,12 @@ class _Region:
         self.backlog = 0  # undrained good records
         self.size_total = 0  # sum of segment sizes
         self.writer: BufferedWriter | None = None  # open append handle on segments[-1]
-        # records read by read_batch but not yet acked: (payload, seq, end)
+        # records read ahead, after the taken ones: (payload, seq, end)
         self.cache: deque[tuple[bytes, int, int]] = deque()
         self.rpos: tuple[int, int] | None = None  # read position after the cache
+        # records taken (drained) but not acked yet, by take(): [count, seq, end] per call,
+        # positions only (their payloads are not kept)
+        self.taken: deque[list[int]] = deque()
         self.bad: set[tuple[int, int]] = set()  # (seq, offset) of records quarantined at runtime
         self.roll = False  # force a new segment on the next append
 

@@ -35,7 +35,13 @@ from aggregator.spill.store import SpillStore
 
 log = logging.getLogger("aggregator.spill")
 
-DRAIN_MAX = 50_000  # records per region per tick (bounds memory of one drain)
+DRAIN_MAX = 50_000  # records per region per drain call (bounds memory of one drain; a tick calls it again)
+# records per region per second since its last drain, at most, unless its rate is higher (and a
+# second's at least): bounds the time a tick spends draining a region with no rate (a limit lifted)
+DRAIN_PER_S = 50_000
+# drained records of a region waiting for a state write (``acked``) beyond which it drains no
+# more until they are acknowledged (state writes failing, or the worker fenced)
+PENDING_MAX = DRAIN_MAX
 
 
 class SpillDiskError(Exception):
@@ -74,6 +80,7 @@ class PartitionSpill:
         # (a failed write's rollback that itself failed): cut off before the next write
         self.uncommitted: dict[str, int] = {}
         self.read_error: SpillDiskError | None = None  # the last drain could not read a region
+        self.grants: dict[str, int] = {}  # region -> records this tick's drain may still take
 
     def _ensure_disk(self) -> None:
         """The directory's id (``layout.disk_id``), made before the first record is written."""
@@ -265,34 +272,61 @@ class PartitionSpill:
 
     # ---------------------------------------------------------------- drain
     def drain(self, limits: RateLimits, now: float, unlimited: bool = False) -> list[Event]:
-        """Take the oldest records of each backlogged region at its rate.
+        """Take the oldest records of each backlogged region at its rate (at most DRAIN_MAX
+        of each: :meth:`drain_aggs` with ``more`` takes the rest of the tick's allowance).
 
         The ledger moves on now; the store acknowledges them in :meth:`acked`."""
         return self.drain_aggs(limits, now, unlimited)[0]
 
-    def drain_aggs(self, limits: RateLimits, now: float, unlimited: bool = False, reread: bool = True,
-                   ) -> tuple[list[Event], list[Agg | None] | None]:
-        """:meth:`drain`, with what each event adds to its cell's aggregates (None: no
-        record had it).  ``reread`` False: records found missing wait to be re-read (the
-        partition holds batches for the spill disk, which must be applied first)."""
-        events: list[Event] = []
-        aggs: list[Agg | None] | None = None
-        ledger, store = self.ledger, self.store
-        loads = orjson.loads
-        self.read_error = None
+    def _grant(self, limits: RateLimits, now: float, unlimited: bool) -> None:
+        """A tick's allowance of each backlogged region: its rate since its last drain
+        (``RateLimits.take_drain``; at most DRAIN_PER_S a second of it or the rate, a second's
+        if drains are less than a second apart), none while PENDING_MAX of its drained records wait for
+        a state write (their payloads are not kept, but what is counted and not written must
+        stay bounded)."""
+        ledger = self.ledger
+        self.grants = grants = {}
         for region in ledger.backlogged():
             if region in ledger.rebuild:
                 continue  # still being re-read from the source log
             backlog = ledger.backlog(region)
-            pending = sum(n for r, n in self.pending_acks if r == region)
-            want = min(backlog, DRAIN_MAX)
-            n = want if unlimited else limits.take(region, want, now)
-            if n <= 0:
+            pending = self.store.taken(region)
+            want = backlog if not pending else min(backlog, PENDING_MAX - pending)
+            if want > 0:
+                n = want if unlimited else limits.take_drain(region, want, now, DRAIN_PER_S)
+                if n > 0:
+                    grants[region] = n
+
+    def drain_aggs(self, limits: RateLimits, now: float, unlimited: bool = False, reread: bool = True,
+                   more: bool = False) -> tuple[list[Event], list[Agg | None] | None]:
+        """:meth:`drain`, with what each event adds to its cell's aggregates (None: no
+        record had it).  ``reread`` False: records found missing wait to be re-read (the
+        partition holds batches for the spill disk, which must be applied first).  ``more``:
+        the next DRAIN_MAX of each region of the allowance the last call without it gave
+        (the caller applies each call's events before the next: memory stays one call's);
+        ``grants`` is empty when there is no more."""
+        events: list[Event] = []
+        aggs: list[Agg | None] | None = None
+        ledger, store = self.ledger, self.store
+        loads = orjson.loads
+        if not more:
+            self.read_error = None
+            self._grant(limits, now, unlimited)
+        grants = self.grants
+        for region in list(grants):
+            if region in ledger.rebuild or not ledger.backlog(region):
+                del grants[region]
                 continue
+            backlog = ledger.backlog(region)
+            n = min(grants[region], DRAIN_MAX, backlog)
+            grants[region] -= n
+            if grants[region] <= 0:
+                del grants[region]
             try:
-                recs = store.read_batch(region, pending + n + 1)[pending:]
+                recs = store.peek(region, n + 1)
             except OSError as e:  # nothing of this region moves: read again at the next drain
                 self.read_error = SpillDiskError("read", self.partition, region, e)
+                grants.pop(region, None)
                 continue
             entry = ledger.regions[region]
             expect = entry[1]  # the sequence number of the oldest undrained record
@@ -322,13 +356,16 @@ class PartitionSpill:
             if taken == n and (n == backlog or next_seq == expect + n):
                 next_low = loads(after)[1] if after is not None else -1
                 ledger.drained(region, n, next_low)
+                store.take(region, n)
                 self.pending_acks.append((region, n))
                 continue
             # records missing: the store found one damaged (quarantined) or cut a torn tail
+            grants.pop(region, None)
             if taken:
                 ledger.drained(region, taken, low)
+                store.take(region, taken)
                 self.pending_acks.append((region, taken))
-            self._missing(region, pending + taken, entry[0] if next_seq is None else next_seq, low, reread)
+            self._missing(region, store.taken(region), entry[0] if next_seq is None else next_seq, low, reread)
         return events, aggs
 
     def _missing(self, region: str, on_disk: int, next_seq: int, low: int, reread: bool = True) -> None:
@@ -394,6 +431,12 @@ class PartitionSpill:
 
     def total_bytes(self) -> int:
         return self.store.total_bytes()
+
+    def held_bytes(self) -> int:
+        """Bytes that count towards AGG_SPILL_MAX_BYTES: all but those of regions being re-read
+        from the source log (they cannot drain until the re-read, which needs fetches, ends)."""
+        store = self.store
+        return store.total_bytes() - sum(store.bytes(r) for r in self.ledger.rebuild)
 
     def close(self) -> None:
         self.store.close()

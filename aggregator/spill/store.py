@@ -17,16 +17,14 @@ import json
 import logging
 import os
 import threading
-import zlib
-from collections.abc import Iterator
+from itertools import islice
 from typing import Literal, overload
 
 from .layout import _fsync_dir, _Region, _seg_name, _Segment, _write_atomic, escape_region, unescape_region
+from .reading import ReadingMixin
 from .recovery import RecoveryMixin
 from .segment import (
-    HEADER,
     HEADER_SIZE,
-    MAX_RECORD_BYTES,
     encode_records,
 )
 
@@ -35,10 +33,9 @@ __all__ = ["DEFAULT_SEGMENT_BYTES", "SpillStore", "escape_region", "unescape_reg
 log = logging.getLogger("aggregator.spill")
 
 DEFAULT_SEGMENT_BYTES = 4 * 1024 * 1024
-_crc32 = zlib.crc32
 
 
-class SpillStore(RecoveryMixin):
+class SpillStore(ReadingMixin, RecoveryMixin):
     """Per-region durable FIFO of byte payloads; see the module docstring (and layout.py).
 
     ``max_bytes <= 0`` means never :meth:`full`.  ``bytes()`` counts the encoded
@@ -97,91 +94,6 @@ class SpillStore(RecoveryMixin):
             self._regions[region] = r
             self.corrupt_records.setdefault(region, 0)
         return r
-
-    # ---------------------------------------------------------------- reading
-
-    def _iter_from(self, r: _Region, seq: int, off: int) -> Iterator[tuple[bytes, int, int]]:
-        """Yield ``(payload, seq, end)`` for good records from position (seq, off)."""
-        for seg in list(r.segments):
-            if seg.seq < seq:
-                continue
-            pos = off if seg.seq == seq else 0
-            if r.segments and seg is r.segments[0] and pos < r.head_off:
-                pos = r.head_off
-            if pos >= seg.size:
-                continue
-            limit = seg.size
-            with open(seg.path, "rb", buffering=1 << 16) as f:
-                f.seek(pos)
-                read = f.read
-                unpack = HEADER.unpack
-                while pos < limit:
-                    hdr = read(HEADER_SIZE)
-                    if len(hdr) < HEADER_SIZE:
-                        self._runtime_torn(r, seg, pos)
-                        break
-                    length, crc = unpack(hdr)
-                    end = pos + HEADER_SIZE + length
-                    if length > MAX_RECORD_BYTES or end > limit:
-                        self._runtime_torn(r, seg, pos)
-                        break
-                    payload = read(length)
-                    if len(payload) < length:
-                        self._runtime_torn(r, seg, pos)
-                        break
-                    if _crc32(payload) != crc:
-                        if (seg.seq, pos) not in r.bad:
-                            self._runtime_corrupt(r, seg, pos, hdr + payload)
-                    else:
-                        yield payload, seg.seq, end
-                    pos = end
-
-    def _runtime_corrupt(self, r: _Region, seg: _Segment, pos: int, raw: bytes) -> None:
-        qpath = self._quarantine(r, seg, "corrupt", [raw])
-        log.warning("spill: region %r: corrupt record (CRC mismatch) at offset %d of %s while "
-                    "draining; quarantined to %s", r.name, pos, seg.path, qpath)
-        self.corrupt_records[r.name] = self.corrupt_records.get(r.name, 0) + 1
-        r.bad.add((seg.seq, pos))
-        r.backlog = max(0, r.backlog - 1)
-
-    def _runtime_torn(self, r: _Region, seg: _Segment, pos: int) -> None:
-        log.error("spill: region %r: segment %s unexpectedly ends or is damaged at offset %d "
-                  "(expected %d bytes); the rest of the segment is skipped", r.name, seg.path,
-                  pos, seg.size)
-        r.size_total -= seg.size - pos
-        seg.size = pos
-        try:  # cut the file there too: what is appended next (a re-read's records) must follow
-            os.truncate(seg.path, pos)  # the good records, not the damaged bytes (appends are O_APPEND)
-        except OSError as e:
-            log.error("spill: region %r: cutting %s at offset %d failed: %s", r.name, seg.path, pos, e)
-        r.backlog = self._count(r)
-
-    def _count(self, r: _Region) -> int:
-        if not r.segments:
-            return 0
-        n = 0
-        for _ in self._iter_from(r, r.segments[0].seq, r.head_off):
-            n += 1
-        return n
-
-    def _fill(self, r: _Region, n: int) -> None:
-        if len(r.cache) >= n:
-            return
-        if r.rpos is None:
-            seq, off = r.cursor()
-        else:
-            seq, off = r.rpos
-        need = n - len(r.cache)
-        cache = r.cache
-        try:
-            for item in self._iter_from(r, seq, off):
-                cache.append(item)
-                need -= 1
-                if need <= 0:
-                    break
-        finally:  # a read error (EIO) half-way: what was read stays cached, never twice
-            if cache:
-                r.rpos = (cache[-1][1], cache[-1][2])
 
     # ------------------------------------------------------------- public API
 
@@ -281,11 +193,39 @@ class SpillStore(RecoveryMixin):
             r = self._regions.get(region)
             if r is None or max_n <= 0 or r.backlog <= 0:
                 return []
-            self._fill(r, max_n)
+            if r.taken:  # records taken are not kept in memory: read from the cursor
+                return [p for p, _, _ in islice(self._iter_from(r, *r.cursor()), max_n)]
+            return self._peek(r, max_n)
+
+    def peek(self, region: str, max_n: int) -> list[bytes]:
+        """The oldest ``max_n`` records after those taken (:meth:`take`), not removed."""
+        with self._lock:
+            r = self._regions.get(region)
+            if r is None or max_n <= 0 or r.backlog <= 0:
+                return []
+            return self._peek(r, max_n)
+
+    def take(self, region: str, n: int) -> None:
+        """The next ``n`` records after those taken are drained, to be acknowledged later:
+        only where they end is kept, not their payloads (a drain's memory is its own)."""
+        with self._lock:
+            r = self._regions.get(region)
+            if r is None or n <= 0:
+                return
+            self._fill(r, n)
+            n = min(n, len(r.cache))
+            if n <= 0:
+                return
             cache = r.cache
-            if len(cache) <= max_n:
-                return [c[0] for c in cache]
-            return [cache[i][0] for i in range(max_n)]
+            for _ in range(n - 1):
+                cache.popleft()
+            last = cache.popleft()
+            r.taken.append([n, last[1], last[2]])
+
+    def taken(self, region: str) -> int:
+        """Records taken and not acknowledged yet."""
+        r = self._regions.get(region)
+        return sum(c[0] for c in r.taken) if r is not None else 0
 
     def ack(self, region: str, n: int) -> None:
         """Mark the oldest ``n`` records drained; persists the cursor, deletes drained segments."""
@@ -298,17 +238,35 @@ class SpillStore(RecoveryMixin):
                     f"spill: cannot ack {n} records of region {region!r}: backlog is "
                     f"{0 if r is None else r.backlog}"
                 )
-            self._fill(r, n)
-            if len(r.cache) < n:  # records vanished (corruption found while reading)
-                n = len(r.cache)
-                if n == 0:
-                    return
-            for _ in range(n - 1):
-                r.cache.popleft()
-            last = r.cache.popleft()  # n >= 1 here
-            if not r.cache:
-                r.rpos = None
-            seq, end = last[1], last[2]
+            # the records taken first (where each take ended), then those read ahead; what
+            # may fail (a read) comes before anything changes
+            pos: tuple[int, int] | None = None
+            k, i, taken = n, 0, r.taken
+            while i < len(taken) and taken[i][0] <= k:
+                k -= taken[i][0]
+                pos = (taken[i][1], taken[i][2])
+                i += 1
+            if k and i < len(taken):  # part of a take: where its last record ends is read again
+                pos = self._position(r, n)
+            elif k:  # records not taken (a restart's reconcile): from the read cache
+                self._fill(r, k)
+                if len(r.cache) < k:  # records vanished (corruption found while reading)
+                    n -= k - len(r.cache)
+                    k = len(r.cache)
+            for _ in range(i):
+                taken.popleft()
+            if k and taken:
+                taken[0][0] -= k
+            elif k:
+                for _ in range(k - 1):
+                    r.cache.popleft()
+                last = r.cache.popleft()
+                pos = (last[1], last[2])
+                if not r.cache:
+                    r.rpos = None
+            if pos is None:
+                return
+            seq, end = pos
             # advance the in-memory cursor, persist it, then delete drained segments
             drained: list[_Segment] = []
             while r.segments and r.segments[0].seq < seq:
@@ -382,6 +340,7 @@ class SpillStore(RecoveryMixin):
                     return
                 if keep >= r.backlog:
                     return
+            self._keep_taken(r, keep, seq, off)
             if r.writer is not None:
                 r.writer.close()
                 r.writer = None

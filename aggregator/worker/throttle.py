@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 from operator import attrgetter
 
-from aggregator.core.contract import Agg, BookEvent, Event
+from aggregator.core.contract import OTHER_REGION, Agg, BookEvent, Event
 from aggregator.core.dedupid import DedupId
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
@@ -43,6 +43,13 @@ def disk_reason(e: SpillDiskError) -> str:
     no = e.error.errno
     kind = "full" if no in (errno.ENOSPC, errno.EDQUOT) else "read-only" if no == errno.EROFS else "failing"
     return f"spill disk {kind}: {e}"
+
+
+def held_bytes(partitions: Partitions) -> int:
+    """The spill's bytes the AGG_SPILL_MAX_BYTES hold is decided on: not those of regions
+    re-read from the source log (re-spilled bytes cannot drain until that ends, and it needs
+    fetches: counted, they would keep a hold set by another partition's spill on forever)."""
+    return sum(p.spill.held_bytes() for p in partitions)
 
 
 class HeldBatch:
@@ -115,7 +122,7 @@ class Throttle:
             r = label(region)
             self.rate_limited[r] = self.rate_limited.get(r, 0) + k
         self.metrics.batch_spilled(n, time.perf_counter() - t0)
-        if self.spill_max_bytes > 0 and not self.hold and partitions.spill_bytes() >= self.spill_max_bytes:
+        if self.spill_max_bytes > 0 and not self.hold and held_bytes(partitions) >= self.spill_max_bytes:
             self.hold = True
             log.warning("spill reached AGG_SPILL_MAX_BYTES (%d bytes): consumption paused until it drains",
                         self.spill_max_bytes)
@@ -187,25 +194,32 @@ class Throttle:
         self.disk_error = reason
 
     def drain(self, p: PartitionState, now_ms: int) -> None:
-        """Count the oldest spilled events of each backlogged region, at its rate."""
-        backlog = p.spill.ledger.total_backlog()
+        """Count the oldest spilled events of each backlogged region, at its rate since its
+        last drain: DRAIN_MAX of each at a time, each lot applied before the next is read."""
+        spill = p.spill
+        backlog = spill.ledger.total_backlog()
         if not backlog:
             self._read_errors.pop(p.partition, None)
             return
         # a re-read of missing records waits for batches held here (their seek back would skip them)
-        drained, aggs = p.spill.drain_aggs(self.limits, time.monotonic(), reread=not self.held_here(p))
-        if p.spill.ledger.total_backlog() != backlog:
+        reread, now, more = not self.held_here(p), time.monotonic(), False
+        while True:
+            drained, aggs = spill.drain_aggs(self.limits, now, reread=reread, more=more)
+            if drained:
+                if aggs is None and p.book.aggs is not None:  # their client delays, at least
+                    aggs = [None] * len(drained)
+                p.book.apply(drained, p.book.next_offset, now_ms, aggs)
+                self.metrics.spill_drained(len(drained))
+            if not spill.grants:
+                break
+            more = True
+        if spill.ledger.total_backlog() != backlog:
             p.book.dirty = True  # the ledger moved (gaps of a lost log drain without events): write it
-        if p.spill.read_error is not None:  # that region is read again next time
-            self._read_errors[p.partition] = p.spill.read_error
+        if spill.read_error is not None:  # that region is read again next time
+            self._read_errors[p.partition] = spill.read_error
             self.metrics.spill_disk_error("read")
         else:
             self._read_errors.pop(p.partition, None)
-        if drained:
-            if aggs is None and p.book.aggs is not None:  # their client delays, at least
-                aggs = [None] * len(drained)
-            p.book.apply(drained, p.book.next_offset, now_ms, aggs)
-            self.metrics.spill_drained(len(drained))
 
     def report(self, partitions: Partitions, writes_failing: bool = False) -> None:
         """Per tick: tallies to metrics, and release the hold once the spill has drained
@@ -214,7 +228,7 @@ class Throttle:
         if self.spilled or self.rate_limited:
             self.metrics.limited(self.spilled, self.rate_limited)
             self.spilled, self.rate_limited = {}, {}
-        if self.hold and partitions.spill_bytes() < self.spill_max_bytes * RESUME_BELOW:
+        if self.hold and held_bytes(partitions) < self.spill_max_bytes * RESUME_BELOW:
             self.hold = False
             log.info("spill below 90%% of AGG_SPILL_MAX_BYTES: consumption resumed")
         for partition in [n for n, h in self.held.items() if partitions.get(n) is not h.p]:
@@ -245,11 +259,21 @@ def rebuild_replay(p: PartitionState, decoder: RecordDecoder, records: Sequence[
     replay = records[:bisect_left(records, start, key=_offset)]
     # bad records went to the dead-letter topic the first time: not again
     # events that were too far ahead were late the first time: never re-spilled
-    events, offsets, _, _, ids, aggs = decoder.decode(replay, now_ms, p.partition, True, None, max_ts)
+    # the region cap is not asked (it may name a region now that was __other__ then, or the
+    # reverse, and the replay must not take places in it): the names are matched below
+    cap, decoder.cap = decoder.cap, None
+    try:
+        events, offsets, _, _, ids, aggs = decoder.decode(replay, now_ms, p.partition, True, None, max_ts)
+    finally:
+        decoder.cap = cap
+    spilled_as: dict[str, str] = {}  # a replayed event's region -> the one it was spilled under
     # a repeat of an event re-spilled here was dropped the first time (core.dedup): not again
     seen = spill.rebuild_ids if ids is not None and p.dedup.horizon_ms else None
     horizon = p.dedup.horizon_ms
-    for n, ((region, its, cts), offset) in enumerate(zip(events, offsets, strict=True)):
+    for n, ((name, its, cts), offset) in enumerate(zip(events, offsets, strict=True)):
+        region = spilled_as.get(name)
+        if region is None:
+            region = spilled_as[name] = _spilled_label(name, rebuild, p.book.last_seen)
         if region in rebuild and offset >= lows[region]:
             if seen is not None and (did := ids[n]) is not None:  # type: ignore[index]
                 first = seen.get(did)
@@ -264,6 +288,17 @@ def rebuild_replay(p: PartitionState, decoder: RecordDecoder, records: Sequence[
             kept = dict(sorted(kept.items(), key=lambda kv: kv[1])[-p.dedup.max_ids:])
         spill.rebuild_ids = kept
     spill.rebuild_flush(done=records[-1].offset + 1 >= start)
+
+
+def _spilled_label(name: str, rebuild: dict[str, int], named: dict[str, int]) -> str:
+    """The region a replayed event of ``name`` was spilled under: its own name when that is
+    being rebuilt, else ``__other__`` (the cap was full then) unless the window book counted
+    it by name (then it was not spilled as __other__).  Without the label of each spilled
+    event this is a guess for a region the cap named at some times and not at others: a
+    rebuild that re-reads more events than a region spilled leaves the last out, loudly."""
+    if name in rebuild or OTHER_REGION not in rebuild or name in named:
+        return name
+    return OTHER_REGION
 
 
 def skip_applied(records: Sequence[Record], start: int) -> Sequence[Record]:

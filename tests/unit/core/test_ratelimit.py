@@ -131,3 +131,29 @@ def test_buckets_that_have_refilled_are_dropped_and_no_decision_changes():
     assert set(limits.buckets()) == {"hot"}
     for region in ("r3", "hot"):  # what is granted next is what the untouched limiter grants
         assert limits.take(region, 10, 0.7) == kept.take(region, 10, 0.7)
+
+
+def test_a_drain_takes_the_rate_since_its_last_drain_not_one_burst():
+    """Drains come once per AGG_STATE_FLUSH_SECONDS (up to 60 s): one burst (1 s) a tick
+    would drain at rate / flush seconds."""
+    limits = RateLimits(0, "hot=1000")
+    assert limits.take_drain("hot", 10_000, 0.0) == 1000  # the first: one burst
+    assert limits.take_drain("hot", 10_000, 5.0) == 5000  # 5 s later: 5 s of the rate
+    assert limits.forget_full(64.0) == 0  # filling past its burst for the next drain: kept
+    assert limits.take_drain("hot", 100_000, 65.0) == 60_000
+    # what is left after a drain is at most a burst, for the events that follow
+    assert limits.take_drain("hot", 10, 200.0) == 10
+    assert limits.take("hot", 10_000, 200.0) == 1000
+    # never more than DRAIN_SPAN_MAX of the rate at once
+    assert limits.take_drain("hot", 10**9, 10_000.0) == 120_000
+    assert RateLimits(0, "").take_drain("x", 7, 1.0) == 7  # unlimited
+
+
+def test_a_drain_takes_at_most_so_many_a_second_unless_the_rate_is_higher():
+    limits = RateLimits(0, "")  # a limit lifted while a backlog remains
+    assert limits.take_drain("hot", 10**9, 0.0, 50_000) == 50_000  # one second's
+    assert limits.take_drain("hot", 10**9, 0.5, 50_000) == 50_000  # drains 0.5 s apart: still a second's
+    assert limits.take_drain("hot", 10**9, 4.5, 50_000) == 200_000
+    fast = RateLimits(0, "hot=200000")  # a rate above it: the rate (a drain keeps up)
+    assert fast.take_drain("hot", 10**9, 0.0, 50_000) == 200_000
+    assert fast.take_drain("hot", 10**9, 0.5, 50_000) == 100_000

@@ -366,3 +366,49 @@ def test_cursor_file_written_atomically(tmp_path):
     s2 = SpillStore(tmp_path, max_bytes=0)
     assert s2.read_batch("eu", 10) == payloads(3)[1:]
     assert "cursor.tmp" not in os.listdir(s.region_dir("eu"))
+
+
+def test_appends_after_a_torn_segment_whose_cut_failed_are_read(tmp_path, monkeypatch, caplog):
+    """A segment found damaged while draining is cut where its good records end; when that
+    cut fails the bytes stay, and the next append (O_APPEND) would land after them while
+    memory says the segment ends at the cut: the next records go to a new segment."""
+    s = SpillStore(tmp_path, max_bytes=0)
+    recs = payloads(6)
+    s.append("eu", recs)
+    seg = os.path.join(s.region_dir("eu"), seg_files(s, "eu")[0])
+    with open(seg, "r+b") as f:  # the 4th record's length: past any record
+        f.seek(sum(len(encode_record(r)) for r in recs[:3]))
+        f.write(struct.pack(">I", MAX_RECORD_BYTES + 1))
+
+    def refuse(path, size):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "truncate", refuse)
+    with caplog.at_level(logging.ERROR, logger="aggregator.spill"):
+        assert s.read_batch("eu", 10) == recs[:3]
+    assert "cutting" in caplog.text
+    monkeypatch.undo()
+    s.append("eu", [b"new-0", b"new-1"])
+    assert s.read_batch("eu", 10) == recs[:3] + [b"new-0", b"new-1"]
+    s.close()
+    again = SpillStore(tmp_path, max_bytes=0)  # and so a restart finds them
+    assert drain_all(again, "eu") == recs[:3] + [b"new-0", b"new-1"]
+    again.close()
+
+
+def test_taken_records_keep_no_payload_and_are_acknowledged_by_position(tmp_path):
+    s = SpillStore(tmp_path, max_bytes=0, segment_bytes=64)
+    s.append("eu", payloads(5))
+    s.append("eu", payloads(5, "b"))
+    assert s.peek("eu", 3) == payloads(3)
+    s.take("eu", 3)
+    assert s.peek("eu", 2) == [b"ev-3", b"ev-4"]  # after the taken ones
+    s.take("eu", 4)
+    assert s.taken("eu") == 7 and len(s._regions["eu"].cache) == 0
+    assert s.read_batch("eu", 2) == payloads(2)  # still the oldest not acknowledged
+    s.ack("eu", 2)  # part of the first take: its position is read again
+    assert s.taken("eu") == 5 and s.read_batch("eu", 1) == [b"ev-2"]
+    s.ack("eu", 5)
+    assert s.taken("eu") == 0 and s.backlog("eu") == 3
+    assert s.peek("eu", 10) == [b"b-2", b"b-3", b"b-4"]
+    s.close()

@@ -128,6 +128,82 @@ def test_rebuild_replay_re_spills_the_lost_backlog(tmp_path):
     assert q.spill.ledger.total_backlog() == backlog
 
 
+def test_a_rebuild_under_way_does_not_keep_the_spill_hold_on(tmp_path):
+    """A partition re-spilling a lost backlog from the source log cannot drain it until the
+    re-read ends, which needs fetches: its bytes neither set the AGG_SPILL_MAX_BYTES hold nor
+    keep one another partition's spill set (before: the whole worker stalled for good)."""
+    m = Metrics()
+    parts = Partitions(BOOKS, tmp_path, lambda p: None, m)
+    a, b = parts.open(0), parts.open(1)
+    n = 6000  # partition 0 took over 6000 spilled 'hot' events whose files are elsewhere
+    a.spill.ledger.regions["hot"] = [n, 0, 0]
+    a.spill.ledger.rebuild["hot"] = n
+    a.book.next_offset = 10_000
+    for i in range(5000):  # the replay so far re-spilled 5000 of them
+        a.spill.rebuild_add("hot", i, 1_700_000_000_000, None)
+    a.spill.rebuild_flush(done=False)
+    rebuilt = a.spill.total_bytes()
+    limit = rebuilt // 8  # the rebuilt bytes alone are far over it
+    throttle = Throttle(RateLimits(0, "b=1"), limit, m)
+    batch, _ = throttle.limit(b, [("b", 1_000, None)] * 2000, list(range(2000)), parts)
+    assert b.spill.total_bytes() >= limit and throttle.hold  # partition 1's spill crosses the bound
+    throttle.limits = RateLimits(0, "")  # partition 1's spill drains
+    for p in (a, b):
+        throttle.drain(p, 2_000)
+        p.spill.acked()
+    throttle.report(parts)
+    assert b.spill.ledger.total_backlog() == 0 and a.spill.ledger.rebuild == {"hot": 1000}
+    assert not throttle.hold  # fetching resumes: the rebuild can end
+    assert value(m, "clickstream_backpressure") == 0
+
+
+def _other_spill_then_rebuild(tmp_path, first_cap, fresh_cap, spill_all=False):
+    """``eu`` events over the rate spilled under what ``first_cap`` named them; the spill is
+    lost and a new owner re-reads them with a worker cap like ``fresh_cap``."""
+    m = Metrics()
+    books = BookSettings(window_ms=60_000, grace_ms=1000, late_after_ms=600_000, idle_ms=3_600_000,
+                         max_regions=1)
+    parts = Partitions(books, tmp_path / "a", lambda p: None, m)
+    p = parts.open(0)
+    throttle = Throttle(RateLimits(2, None), 1 << 30, m)  # AGG_RATE_LIMIT=2
+    if spill_all:  # none counted: the window book does not know the region
+        throttle.limits.take("eu", 2, time.monotonic())
+    recs = fetched([(b"eu", b'{"region": "eu", "ingest_ts": %d}' % (1_000 + i), []) for i in range(8)], base=100)
+    events, offsets, *_ = RecordDecoder(1, first_cap).decode(recs, 0, 0, True, None, 10**15)
+    batch, _ = throttle.limit(p, events, offsets, parts)
+    p.book.apply(batch, 108, 2_000)
+    spilled = dict(p.spill.ledger.regions)
+    other = Partitions(books, tmp_path / "b", recovered(0, p.state_value()), m)
+    q = other.open(0)
+    fresh_cap.hold(q.book.last_seen, 3_000)
+    before = dict(fresh_cap.seen)
+    rebuild_replay(q, RecordDecoder(1, fresh_cap), recs, q.book.next_offset, 3_000, 10**15)
+    assert fresh_cap.seen == before  # the replay takes no place in the live cap
+    return spilled, q
+
+
+def test_a_rebuild_finds_events_spilled_as_other_though_the_cap_names_them_now(tmp_path):
+    from aggregator.core.contract import OTHER_REGION
+    from aggregator.core.regioncap import RegionCap
+    full = RegionCap(1, 3_600_000)
+    full.admit("us", 0)  # the cap is full: "eu" is __other__
+    spilled, q = _other_spill_then_rebuild(tmp_path, full, RegionCap(1, 3_600_000))
+    assert set(spilled) == {OTHER_REGION}
+    assert q.spill.lost == 0 and not q.spill.ledger.rebuild
+    assert q.spill.ledger.backlog(OTHER_REGION) == q.spill.store.backlog(OTHER_REGION) == 6
+    assert [e[0] for e in q.spill.drain(RateLimits(0), 0.0, unlimited=True)] == [OTHER_REGION] * 6
+
+
+def test_a_rebuild_finds_events_spilled_by_name_though_the_cap_is_full_now(tmp_path):
+    from aggregator.core.regioncap import RegionCap
+    full = RegionCap(1, 3_600_000)
+    full.admit("us", 0)  # after the restart the cap is full: the live cap would say __other__
+    spilled, q = _other_spill_then_rebuild(tmp_path, RegionCap(1, 3_600_000), full, spill_all=True)
+    assert set(spilled) == {"eu"}
+    assert q.spill.lost == 0 and not q.spill.ledger.rebuild
+    assert q.spill.ledger.backlog("eu") == q.spill.store.backlog("eu") == 8
+
+
 def _first_pass_then_rebuild(tmp_path, ids: list[str]) -> tuple[object, object, Metrics]:
     """``eu`` events with ``ids`` at offsets 100..., one token (the first is counted, the
     rest spilled), dedup on as the worker applies it; then the spill is lost and a new owner
