@@ -15,13 +15,19 @@ CAUGHT_UP_IDLE_MS = 1000  # end offset unknown: no record for this long counts a
 
 
 def advance_target(now_ms: int, last_record_ms: int | None, highwater: int | None, seen_ms: int | None,
-                   next_offset: int, fetching: bool) -> int | None:
+                   read_to: int, fetching: bool) -> int | None:
     """The stream time to advance the partition to, or None to leave it.
 
     ``last_record_ms``: wall time of its last fetched batch (None: none since assignment);
     ``highwater``: its end offset as of the last fetch answered (None: not known yet);
     ``seen_ms``: when that fetch was sent (None: none answered yet);
-    ``next_offset``: the first offset its state has not applied.
+    ``read_to``: where the partition stands as read (``FaustApp.read_to``): the consumer's
+    position, once its state has applied every record the consumer handed over, else the
+    first offset its state has not applied.  Not the state's offset alone: a transaction's
+    commit or abort marker takes an offset no record is applied at, and a log that ends in
+    one would never count as caught up (its last window waiting for the next record).
+    Records of a transaction still open are past the last stable offset, where a read
+    committed consumer stops: the partition is not caught up until it ends.
 
     The end offset holds what was appended before the fetch was sent, no later: the
     stream time follows the wall clock only up to then.  A worker that stood still (a
@@ -35,7 +41,7 @@ def advance_target(now_ms: int, last_record_ms: int | None, highwater: int | Non
     if highwater is not None:
         # an end below the state's offset is a log that started over (or truncated) before the
         # worker has noticed: its new records are yet to be read, so the clock must wait
-        caught_up = highwater == next_offset
+        caught_up = highwater == read_to
     else:
         caught_up = last_record_ms is not None and now_ms - last_record_ms >= CAUGHT_UP_IDLE_MS
     if not caught_up:

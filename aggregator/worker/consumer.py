@@ -81,8 +81,7 @@ class _PartitionRecords(_fetcher.PartitionRecords):
                  value_deserializer: Any, check_crcs: bool, isolation_level: int) -> None:
         super().__init__(tp, records, aborted, fetch_offset, key_deserializer, value_deserializer,
                          check_crcs, isolation_level)
-        self.raw = (value_deserializer.__class__ is RawTopics and tp.topic in value_deserializer.topics
-                    and isolation_level != _fetcher.READ_COMMITTED)
+        self.raw = value_deserializer.__class__ is RawTopics and tp.topic in value_deserializer.topics
 
     def _consumer_record(self, tp: Any, record: Any) -> Any:
         if self.raw:
@@ -90,15 +89,21 @@ class _PartitionRecords(_fetcher.PartitionRecords):
         return super()._consumer_record(tp, record)
 
     def take_all(self) -> list:
-        """Every record of a raw topic's fetch, a whole record batch at a time (what
-        ``_unpack_records`` does record by record, without transactions: raw topics are
-        read uncommitted)."""
+        """Every record of a raw topic's fetch, a whole record batch at a time: what
+        ``_unpack_records`` gives record by record.  Read committed (the worker's consumer
+        is), the batches of aborted transactions are skipped as aiokafka skips them: a
+        producer is aborting from the first offset of one of the fetch's aborted
+        transactions up to its abort marker.  A fetch without aborted transactions (ingest's
+        producer is idempotent, not transactional) asks nothing of its batches for it."""
         out: list = []
         records = self._records
         next_offset = self.next_fetch_offset
         check = self._check_crcs
         crc = _crc32c if check else None
         raw = None if crc is None else getattr(records, "raw", None)
+        committed = self._isolation_level == _fetcher.READ_COMMITTED
+        aborted = self._aborted_transactions  # (producer id, first offset), by first offset
+        aborting = self._aborted_producers
         at = 0  # where the batch starts in ``raw``: batches follow each other
         while records.has_next():
             batch = records.next_batch()
@@ -111,6 +116,15 @@ class _PartitionRecords(_fetcher.PartitionRecords):
                 ok = not check or batch.validate_crc()
             if not ok:
                 raise _errors.CorruptRecordException(f"Invalid CRC - {self._tp}")
+            if committed and (aborted or aborting) and batch.producer_id is not None:
+                if aborted:
+                    self._consume_aborted_up_to(batch.base_offset)
+                if batch.is_control_batch:
+                    if self._contains_abort_marker(batch):
+                        aborting.discard(batch.producer_id)
+                elif batch.is_transactional and batch.producer_id in aborting:
+                    next_offset = batch.next_offset  # an aborted transaction's: never handed over
+                    continue
             if not batch.is_control_batch:
                 recs = list(batch)
                 if recs and recs[0].offset < next_offset:  # a compressed message set starts before
@@ -129,7 +143,12 @@ class _FetchResult(_fetcher.FetchResult):
         if max_records is None and getattr(records, "raw", False):
             if not self.check_assignment(self._topic_partition):
                 return []
+            fetch_offset = records.next_fetch_offset
             out = records.take_all()
+            state = self._assignment.state_value(self._topic_partition)
+            # the end of what it hands over, before the position moves (``read_to`` reads them
+            # the other way round, in another thread); nothing handed over: none from the fetch on
+            state.data_end = out[-1].offset + 1 if out else min(getattr(state, "data_end", 0), fetch_offset)
             self._update_position()
             self._partition_records = None
             return out
@@ -150,6 +169,11 @@ class _ConsumerThread(AIOKafkaConsumerThread):
         # both are read by the fetcher the consumer builds at start()
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
         consumer._fetch_max_bytes = FETCH_RESPONSE_MAX_BYTES
+        # read committed: a transactional producer's aborted records are never handed over, and
+        # an open transaction's only once it commits (docs/contract.md §1); the fetch stops at
+        # the last stable offset.  Faust's producer (changelogs) and ingest's are not
+        # transactional, so nothing else it reads changes
+        consumer._isolation_level = "read_committed"
         if consumer._value_deserializer is None:
             consumer._value_deserializer = RawTopics(BatchConsumer.batch_topics)
         return consumer
@@ -187,6 +211,26 @@ def unfetch(consumer: Any, fetched_to: Mapping[Any, int | None], first: Mapping[
             consumer.seek(tp, offset)
             back.append(tp)
     return back
+
+
+def read_to(consumer: Any, tp: Any, next_offset: int) -> int:
+    """Where a partition whose records are applied up to ``next_offset`` stands as read:
+    the consumer's position, past the transaction markers and aborted batches it skipped
+    after the last record it handed over, once every record it handed over is applied
+    (``next_offset`` at or past the end of them); else ``next_offset``.  So a partition
+    whose log ends in a marker is caught up when its end offset is reached."""
+    subscription = consumer._subscription.subscription
+    assignment = None if subscription is None else subscription.assignment
+    state = None if assignment is None else assignment.state_value(tp)
+    if state is None:
+        return next_offset
+    # the position first: ``_FetchResult.getall`` (in the consumer's thread) writes ``data_end``
+    # before it, so a position read here is never newer than the ``data_end`` read after it
+    position = state.position if state.has_valid_position else None
+    data_end = getattr(state, "data_end", 0)
+    if position is None or position < next_offset or next_offset < data_end:
+        return next_offset
+    return int(position)
 
 
 def positions(consumer: Any, tps: Any) -> dict[Any, int | None]:

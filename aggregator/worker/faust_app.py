@@ -19,7 +19,7 @@ from faust.tables.recovery import Recovery
 from aggregator.config import Settings
 from aggregator.core.contract import STATE_TABLE
 from aggregator.core.statechunks import decode_state
-from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, positions
+from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, positions, read_to
 from aggregator.worker.stamps import end_seen, member_clock, not_left, not_member
 
 log = logging.getLogger("aggregator.worker")
@@ -233,6 +233,17 @@ class FaustApp:
             return None
         tp = faust.types.TP(self.topics.clicks, partition)
         return positions(consumer, [tp])[tp]
+
+    def read_to(self, partition: int, next_offset: int) -> int:
+        """Where the partition of ``clicks`` stands as read, its records applied up to
+        ``next_offset`` (the book's): the consumer's position once every record it handed
+        over is applied, which is past the transaction markers (and aborted batches) after
+        them; else ``next_offset`` (``consumer.read_to``).  What "caught up" compares with
+        the end offset: a marker takes an offset no record is applied at."""
+        consumer = self._aiokafka()
+        if consumer is None:
+            return next_offset
+        return read_to(consumer, faust.types.TP(self.topics.clicks, partition), next_offset)
 
     # -------------------------------------------------------------------- state
     def stored_state(self, partition: int) -> tuple[dict[str, Any], int | None] | None:

@@ -223,7 +223,7 @@ class WorkerService:
     def _watch_clock(self, p: PartitionState, b: HeldBatch, now_ms: int) -> None:
         """Is this worker's clock ahead of what it reads, or behind (``ClockSkew``)?  Said when that changes."""
         hw = self.kafka.highwater(p.partition)
-        live, p.clock_live = p.clock_live, hw is not None and b.end >= hw
+        live, p.clock_live = p.clock_live, hw is not None and self.kafka.read_to(p.partition, b.end) >= hw
         skew, its = self.clock_skew, b.events[-1][1] if b.events else None
         if skew.stamped(now_ms, b.end_ts, its, live and p.clock_live):
             if skew.behind_ms:
@@ -341,7 +341,8 @@ class WorkerService:
                 self.metrics.counted(tally)
             hw, seen_ms = log_end(p, self.kafka, self.metrics)
             moving = fetching and not self.throttle.held_here(p)
-            target = advance_target(now_ms, p.last_record_ms, hw, seen_ms, book.next_offset,
+            target = advance_target(now_ms, p.last_record_ms, hw, seen_ms,
+                                    self.kafka.read_to(p.partition, book.next_offset),
                                     moving and positioned(p, self.kafka))
             if target is not None:
                 book.advance_to(target - self.clock_skew.ahead_ms)

@@ -43,6 +43,8 @@ class _Kafka(Protocol):
 
     def position(self, partition: int) -> int | None: ...
 
+    def read_to(self, partition: int, next_offset: int) -> int: ...
+
     def end_seen(self, partition: int, topic: str | None = None) -> tuple[int | None, int] | None: ...
 
 
@@ -157,7 +159,7 @@ def check_source(p: PartitionState, records: Sequence[Record], start: int, kafka
 
 def reread_due(p: PartitionState, now_ms: int, highwater: int | None, kafka: _Kafka) -> bool:
     """Whether a quiet, caught-up partition is due for the check of its log."""
-    n = p.book.next_offset
+    n = kafka.read_to(p.partition, p.book.next_offset)  # past a transaction's marker after its last record
     return (highwater == n > 0 and p.source_ts is not None and p.restart_pending is None
             and not p.spill.ledger.rebuild and now_ms - max(p.clicks_ms or 0, p.verify_ms) >= CHECK_IDLE_MS
             and (p.source_checked or kafka.position(p.partition) == n))
@@ -170,11 +172,12 @@ def log_end(p: PartitionState, kafka: _Kafka, metrics: Metrics) -> tuple[int | N
     hw, seen_ms = kafka.end_seen(p.partition) or (None, None)
     forwarded, fseen_ms = kafka.end_seen(p.partition, kafka.topics.clicks_repartition) or (None, None)
     waiting = 0 if forwarded is None else max(0, forwarded - p.book.repart_next)
+    n = kafka.read_to(p.partition, p.book.next_offset)  # past a transaction's marker after its last record
     if hw is not None:
-        p.lag = max(0, hw - p.book.next_offset) + waiting
+        p.lag = max(0, hw - n) + waiting
         metrics.partition_lag(p.partition, p.lag)
     seen_ms = min((t for t in (seen_ms, fseen_ms) if t is not None), default=None)
-    return (p.book.next_offset + waiting if waiting else hw), seen_ms
+    return (n + waiting if waiting else hw), seen_ms
 
 
 def positioned(p: PartitionState, kafka: _Kafka) -> bool:

@@ -16,7 +16,7 @@ from aggregator.worker.clock import (
 NOW = 1_000_000
 
 
-@pytest.mark.parametrize(("last", "highwater", "seen", "next_offset", "fetching", "expected"), [
+@pytest.mark.parametrize(("last", "highwater", "seen", "read_to", "fetching", "expected"), [
     (None, 10, NOW - 50, 10, True, NOW - 50 - ADVANCE_SLACK_MS),    # assigned, nothing new, caught up
     (NOW - ADVANCE_IDLE_MS, 10, NOW, 10, True, NOW - ADVANCE_SLACK_MS),  # quiet long enough
     (NOW - ADVANCE_IDLE_MS + 1, 10, NOW, 10, True, None),           # a record just arrived: stream time rules
@@ -31,8 +31,8 @@ NOW = 1_000_000
     (NOW - CAUGHT_UP_IDLE_MS + 1, None, NOW, 10, True, None),       # end unknown, not idle long enough
     (None, None, None, 0, True, None),                              # nothing known at all
 ])
-def test_advance_target(last, highwater, seen, next_offset, fetching, expected):
-    assert advance_target(NOW, last, highwater, seen, next_offset, fetching) == expected
+def test_advance_target(last, highwater, seen, read_to, fetching, expected):
+    assert advance_target(NOW, last, highwater, seen, read_to, fetching) == expected
 
 
 def test_a_rebalance_that_lasts_is_timed_and_warned_of_every_period():
@@ -145,7 +145,8 @@ def test_the_worker_watches_its_clock_on_live_batches_only(caplog):
     from aggregator.worker.service import WorkerService
     from aggregator.worker.throttle import HeldBatch
 
-    w = SimpleNamespace(kafka=SimpleNamespace(highwater=lambda partition: 100), clock_skew=ClockSkew(5_000),
+    w = SimpleNamespace(kafka=SimpleNamespace(read_to=lambda partition, n: n,
+                                              highwater=lambda partition: 100), clock_skew=ClockSkew(5_000),
                         max_ahead_ms=5_000)
     parts = [SimpleNamespace(partition=n, clock_live=False) for n in range(3)]
 

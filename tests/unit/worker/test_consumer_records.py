@@ -2,15 +2,20 @@
 time (worker/consumer.py); it must give what aiokafka's record-by-record path gives."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import aiokafka.errors as Errors
+import google_crc32c
 import pytest
 from aiokafka.consumer import fetcher
+from aiokafka.consumer.subscription_state import SubscriptionState
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import TopicPartition
 
 from aggregator.worker import consumer
-from aggregator.worker.consumer import RawTopics, _MemoryRecords, _PartitionRecords
+from aggregator.worker.clock import advance_target
+from aggregator.worker.consumer import RawTopics, _FetchResult, _MemoryRecords, _PartitionRecords, read_to
 
 TP = TopicPartition("clicks", 0)
 
@@ -98,3 +103,107 @@ def test_other_topics_keep_consumer_records():
     recs = list(other)
     assert [type(r).__name__ for r in recs] == ["ConsumerRecord"] * 3
     assert [r.value for r in recs] == [b'{"region":"eu","n":%d}' % i for i in range(3)]  # identity "deserializer"
+
+
+# ---------------------------------------------------------------- transactions (read committed)
+PID_A, PID_B = 7, 9  # two transactional producers (Kafka Connect's exactly-once source, Flink's sink)
+
+
+def _txn_batch(base: int, n: int, producer_id: int = -1, transactional: bool = False,
+               marker: int | None = None) -> bytes:
+    """A v2 record batch at ``base``: ``n`` records of ``producer_id`` (-1: a producer that is
+    not idempotent, as ingest's is not transactional), or with ``marker`` (0 abort, 1 commit)
+    the control batch a transaction's end writes, built as the broker builds it."""
+    b = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=int(transactional or marker is not None),
+                                  producer_id=producer_id, producer_epoch=0 if producer_id >= 0 else -1,
+                                  base_sequence=0 if producer_id >= 0 else -1, batch_size=1 << 20)
+    if marker is not None:
+        b.append(0, timestamp=2000, key=(0).to_bytes(2, "big") + marker.to_bytes(2, "big"),
+                 value=(0).to_bytes(2, "big") + (5).to_bytes(4, "big"), headers=[])
+    else:
+        for i in range(n):
+            b.append(i, timestamp=1000 + i, key=b"eu", value=b'{"region":"eu","n":%d}' % (base + i), headers=[])
+    raw = bytearray(b.build())
+    raw[0:8] = base.to_bytes(8, "big")
+    if marker is not None:  # the control flag (attributes bit 5), and the CRC-32C over the attributes on
+        raw[22] |= 0x20
+        raw[17:21] = google_crc32c.value(bytes(raw[21:])).to_bytes(4, "big")
+    return bytes(raw)
+
+
+# offsets 0-2 ingest's; 3-4 A's, aborted (marker 5); 6-7 B's, committed (marker 8); 9-10 ingest's;
+# 11-12 A's retry, committed (13); 14-15 B's (16-17) and A's (18) interleaved, B aborts (19), A commits (20)
+TXN_LOG = [(0, 3, -1, False, None), (3, 2, PID_A, True, None), (5, 0, PID_A, True, 0),
+           (6, 2, PID_B, True, None), (8, 0, PID_B, True, 1), (9, 2, -1, False, None),
+           (11, 2, PID_A, True, None), (13, 0, PID_A, True, 1),
+           (14, 2, PID_B, True, None), (16, 2, PID_B, True, None), (18, 1, PID_A, True, None),
+           (19, 0, PID_B, True, 0), (20, 0, PID_A, True, 1)]
+TXN_ABORTED = [(PID_A, 3, 5), (PID_B, 14, 19)]  # aborted transactions: producer, first offset, its marker's
+COMMITTED = [0, 1, 2, 6, 7, 9, 10, 11, 12, 18]
+
+
+def _txn_records(fetch_offset: int, raw: bool, isolation: int = fetcher.READ_COMMITTED) -> _PartitionRecords:
+    data = b"".join(_txn_batch(*b) for b in TXN_LOG if b[0] + max(b[1], 1) > fetch_offset)
+    deser = RawTopics(frozenset({"clicks"})) if raw else None
+    aborted = [(pid, first) for pid, first, end in TXN_ABORTED if end >= fetch_offset]  # as the broker answers
+    return _PartitionRecords(TP, _MemoryRecords(data), aborted, fetch_offset, None, deser, True, isolation)
+
+
+@pytest.mark.parametrize("fetch_offset", [0, 3, 6, 9, 14, 17])
+def test_take_all_skips_aborted_transactions_as_aiokafka_does(fetch_offset):
+    slow = _txn_records(fetch_offset, raw=False)
+    expected = [r.offset for r in slow]
+    fast = _txn_records(fetch_offset, raw=True)
+    assert fast.raw  # read committed, the raw topics keep the fast path
+    got = fast.take_all()
+    assert [r.offset for r in got] == expected == [o for o in COMMITTED if o >= fetch_offset]
+    assert fast.next_fetch_offset == slow.next_fetch_offset == 21  # past the last marker
+
+
+def test_read_uncommitted_would_count_the_aborted_records():
+    got = [r.offset for r in _txn_records(0, raw=True, isolation=fetcher.READ_UNCOMMITTED).take_all()]
+    assert set(got) - set(COMMITTED) == {3, 4, 14, 15, 16, 17}
+
+
+def test_a_fetch_of_markers_only_hands_nothing_and_moves_past_them():
+    data = _txn_batch(3, 2, PID_A, True) + _txn_batch(5, 0, PID_A, True, marker=0) + \
+        _txn_batch(6, 0, PID_B, True, marker=1)
+    recs = _PartitionRecords(TP, _MemoryRecords(data), [(PID_A, 3)], 3, None, RawTopics(frozenset({"clicks"})),
+                             True, fetcher.READ_COMMITTED)
+    assert recs.take_all() == [] and recs.next_fetch_offset == 7
+
+
+async def test_read_to_is_the_position_past_markers_once_the_records_handed_over_are_applied():
+    """A log ending in a commit marker: the worker's state applies records up to 13 (the
+    marker's offset), the consumer's position is 14, the end offset 14.  Caught up (the
+    clock may close the quiet partition's last window) once the state has applied all it
+    was handed, not before."""
+    subscription = SubscriptionState()
+    subscription.assign_from_user({TP})
+    assignment = subscription.subscription.assignment
+    state = assignment.state_value(TP)
+    state.seek(9)
+    consumer = SimpleNamespace(_subscription=subscription)
+    data = b"".join(_txn_batch(*b) for b in TXN_LOG if 9 <= b[0] < 14)
+    recs = _PartitionRecords(TP, _MemoryRecords(data), [], 9, None, RawTopics(frozenset({"clicks"})), True,
+                             fetcher.READ_COMMITTED)
+    got = _FetchResult(TP, assignment=assignment, partition_records=recs, backoff=0).getall()
+    assert [r.offset for r in got] == [9, 10, 11, 12] and state.position == 14
+    now = 1_000_000
+    end = 14
+    # fetched, not applied yet (the state at 9): not caught up
+    assert read_to(consumer, TP, 9) == 9
+    assert advance_target(now, now - 10_000, end, now, read_to(consumer, TP, 9), True) is None
+    # applied (the state at 13): caught up, though no record is at 13
+    assert read_to(consumer, TP, 13) == 14
+    assert advance_target(now, now - 10_000, end, now, read_to(consumer, TP, 13), True) is not None
+    # a fetch of an aborted transaction (14-15, marker 16) hands nothing: still caught up at 17
+    data = _txn_batch(14, 2, PID_B, True) + _txn_batch(16, 0, PID_B, True, marker=0)
+    recs = _PartitionRecords(TP, _MemoryRecords(data), [(PID_B, 14)], 14, None, RawTopics(frozenset({"clicks"})),
+                             True, fetcher.READ_COMMITTED)
+    assert _FetchResult(TP, assignment=assignment, partition_records=recs, backoff=0).getall() == []
+    assert state.position == 17 and read_to(consumer, TP, 13) == 17
+    # a seek back (a re-read, a log that started over) below the records handed over: the state's offset
+    state.seek(12)
+    assert read_to(consumer, TP, 13) == 13
+    assert read_to(consumer, TopicPartition("clicks", 5), 4) == 4  # not assigned

@@ -45,7 +45,8 @@ def _worker(tmp_path, metrics: Metrics | None = None) -> WorkerService:
                          "AGG_MAX_AHEAD_SECONDS": "5"})
     m = metrics or Metrics()
     w = WorkerService(settings, m, [])
-    w.kafka = SimpleNamespace(highwater=lambda partition, topic=None: None, assigned=lambda: {HOME},
+    w.kafka = SimpleNamespace(read_to=lambda partition, n: n,
+                              highwater=lambda partition, topic=None: None, assigned=lambda: {HOME},
                               log_restarted=lambda tp: None)  # type: ignore[assignment]
     w.app = SimpleNamespace(consumer=Consumer(), rebalancing=False)  # type: ignore[assignment]
     w.partitions = Partitions(w.partitions.books, tmp_path / "spill", lambda p: None, m)

@@ -26,7 +26,8 @@ REGION_AWAY = next(f"r{i}" for i in range(100) if home(f"r{i}", N) == 1)
 def _worker(log_end: int) -> SimpleNamespace:
     """What ``_check_source`` and ``_forward`` use of the service."""
     restarted: list[int] = []
-    kafka = SimpleNamespace(highwater=lambda partition, topic=None: log_end, log_restarted=restarted.append)
+    kafka = SimpleNamespace(read_to=lambda partition, n: n,
+                            highwater=lambda partition, topic=None: log_end, log_restarted=restarted.append)
     return SimpleNamespace(kafka=kafka, metrics=Metrics(), restarted=restarted,
                            decoder=SimpleNamespace(homes={}, partitions=N), checkpointer=SimpleNamespace(forward=[]))
 

@@ -334,7 +334,8 @@ def test_a_refused_state_is_said_once_kept_out_of_counting_and_named_by_readyz(t
     w.partitions = Partitions(w.partitions.books, tmp_path / "w", lambda q: (state, None) if q == 1 else None, m)
     paused: list = []
     w.app = SimpleNamespace(consumer=SimpleNamespace(pause_partitions=paused.extend), rebalancing=False)
-    w.kafka = SimpleNamespace(assigned=lambda: {0, 1}, recovered=lambda: True, highwater=lambda *a: None,
+    w.kafka = SimpleNamespace(read_to=lambda partition, n: n,
+                              assigned=lambda: {0, 1}, recovered=lambda: True, highwater=lambda *a: None,
                               refused=lambda: None)
     w.started = True
     assert w.not_ready() is None

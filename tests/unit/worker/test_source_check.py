@@ -60,7 +60,7 @@ def worker(tmp_path):
     w = WorkerService(settings, Metrics(), [])
     w.end = 0
     w.restarts = []
-    w.kafka = SimpleNamespace(highwater=lambda partition, topic=None: w.end, assigned=lambda: {0},
+    w.kafka = SimpleNamespace(read_to=lambda partition, n: n, highwater=lambda partition, topic=None: w.end, assigned=lambda: {0},
                               log_restarted=w.restarts.append)
     w.partitions = Partitions(w.partitions.books, tmp_path / "spill", lambda p: None, Metrics())
     return w

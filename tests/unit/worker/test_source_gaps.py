@@ -27,7 +27,7 @@ def _worker(tmp_path, sub: str = "spill", stored=lambda p: None) -> WorkerServic
     w = WorkerService(settings, Metrics(), [])
     w.end = 0
     w.restarts = []
-    w.kafka = SimpleNamespace(highwater=lambda partition, topic=None: w.end, assigned=lambda: {0},
+    w.kafka = SimpleNamespace(read_to=lambda partition, n: n, highwater=lambda partition, topic=None: w.end, assigned=lambda: {0},
                               log_restarted=w.restarts.append, topics=Topics(""))
     w.partitions = Partitions(w.partitions.books, tmp_path / sub, stored, Metrics())
     return w
