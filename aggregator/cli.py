@@ -230,6 +230,7 @@ def quiet_kafka_client() -> Iterator[None]:
 def wait_for_topics(settings: config.Settings) -> None:
     """Create the missing topics, waiting at most AGG_BROKER_WAIT_SECONDS for the broker."""
     from aggregator.broker import BrokerError, ensure_topics
+    from aggregator.broker.oauth import URL_SETTING
     from aggregator.broker.security import TokenUnavailable
 
     wait = settings.broker_wait_seconds
@@ -251,6 +252,10 @@ def wait_for_topics(settings: config.Settings) -> None:
             e = errors[-1] if errors else None
             if isinstance(e, TokenUnavailable):  # the broker may be fine: the token is what is missing
                 raise Failure(f"{e} (for {wait:g} s, AGG_BROKER_WAIT_SECONDS)") from None
+            asking = getattr(settings.kafka_security().token_provider, "asking", None)
+            if asking is not None and asking():  # its first request has not been answered yet
+                raise Failure(f"no answer from the OAuth token endpoint {settings.kafka_sasl_oauthbearer_token_endpoint_url} "
+                              f"within {wait:g} s (AGG_BROKER_WAIT_SECONDS): check {URL_SETTING}") from None
             last = "" if e is None else f" (the last try: {e if type(e).__name__ in str(e) else f'{type(e).__name__}: {e}'})"
             raise Failure(f"AGG_BROKER: no Kafka broker answered at {settings.bootstrap()} within {wait:g} s "
                           f"(AGG_BROKER_WAIT_SECONDS){last}: is it running, is the address right, and does it "

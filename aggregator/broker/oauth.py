@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -70,7 +71,7 @@ ERROR_SETTINGS = {"invalid_client": CLIENT_SETTINGS, "unauthorized_client": CLIE
 class OAuthTokenError(KafkaConnectionError):
     """No token to log in with: the token endpoint refused the client or could not be
     reached, or the token file is missing or empty.  One line naming the setting.
-    ``passing``: the endpoint could not be reached, timed out or answered 429 or 5xx, which
+    ``passing``: the endpoint could not be reached, timed out or answered 408, 429 or 5xx, which
     asking again later may mend (`run` waits for a token as it waits for its broker)."""
 
     def __init__(self, message: str, passing: bool = False) -> None:
@@ -143,9 +144,15 @@ class TokenEndpoint(_Extensions):
         self._guard = threading.Lock()
         self._inflight: concurrent.futures.Future[str] | None = None
         self.fetches = 0  # tokens asked for (tests, logs)
+        self._answered = 0  # of those, requests that ended (answered, refused, failed): not cut off waiting
 
     def __repr__(self) -> str:
         return f"TokenEndpoint({self.url!r}, client_id={self.client_id!r})"
+
+    def asking(self) -> bool:
+        """Whether it has no token yet and a request for one is under way (`run`'s start-up
+        wait names the endpoint, not the broker, when it ends meanwhile)."""
+        return not self._token and self.fetches > self._answered
 
     def _current(self) -> str | None:
         """The token when no fetch is due (or one failed a moment ago and it is still valid)."""
@@ -199,7 +206,9 @@ class TokenEndpoint(_Extensions):
                             "%.0f s more): %s", self._expires_at - self._clock(), exc)
                 self._retry_at = self._clock() + RETRY_S
                 return self._token
-            self._backoff_s = min(MAX_BACKOFF_S, max(RETRY_S, 2 * self._backoff_s))
+            # before its first token, only the start-up check asks (every 0.5 s): an endpoint
+            # back within AGG_BROKER_WAIT_SECONDS is asked again within RETRY_S
+            self._backoff_s = min(MAX_BACKOFF_S, max(RETRY_S, 2 * self._backoff_s)) if self._token else RETRY_S
             self._failed, self._failed_until = exc, self._clock() + self._backoff_s
             if self._token:  # it had one (at start, a failure is the one line of the refusal)
                 log.error("no Kafka OAuth token (asked again in %.0f s): %s", self._backoff_s, exc)
@@ -235,12 +244,16 @@ class TokenEndpoint(_Extensions):
                     body += chunk
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._answered += 1
             what = f"no answer within {self.timeout_s:g} s" if isinstance(exc, TimeoutError) else _one_line(exc)
-            raise OAuthTokenError(f"cannot reach {where} ({what}): check {URL_SETTING}", passing=True) from None
+            # an untrusted certificate is a setting to fix, not a failure that passes
+            untrusted = isinstance(exc, (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError))
+            raise OAuthTokenError(f"cannot reach {where} ({what}): check {URL_SETTING}", passing=not untrusted) from None
+        self._answered += 1
         answer = _json(body)
         if status != 200:
             raise OAuthTokenError(_refusal(where, self.client_id, status, answer, body),
-                                  passing=status >= 500 or status == 429)
+                                  passing=status >= 500 or status in (408, 429))
         token = answer.get("access_token") if answer is not None else None
         if not isinstance(token, str) or not token.strip():
             got = f"a JSON object with {', '.join(sorted(answer)) or 'no keys'}" if answer is not None \

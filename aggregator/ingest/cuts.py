@@ -26,6 +26,7 @@ _ORJSON_COST = 10
 # interpreter's recursion limit: its RecursionError) where msgspec alone may read the body
 DEEP = "body not taken: its JSON nests arrays and objects too deeply (some 1000 levels or more)"
 JSON_WS = b" \t\r\n"
+_LEADING_WS = re.compile(rb"[ \t\r\n]*")
 
 
 class BodyError(Exception):
@@ -54,8 +55,10 @@ def json_array_spans(body: bytes, slice_bytes: int, item_max: int) -> list[tuple
     than orjson goes, whatever the cut)."""
     if len(body) <= slice_bytes:
         return None
-    start = len(body) - len(body.lstrip(JSON_WS))
-    end = max(start, len(body.rstrip(JSON_WS)))
+    start = _LEADING_WS.match(body).end()  # type: ignore[union-attr]  # (lstrip would copy the body)
+    end = len(body)
+    while end > start and body[end - 1] in JSON_WS:
+        end -= 1
     part_max = slice_bytes + item_max
     if end - start < 2 or body[start] != 0x5B or body[end - 1] != 0x5D:  # [ ... ]
         if end - start > part_max:

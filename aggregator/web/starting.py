@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 
 STOP_WAIT_S = 5.0
 SHUTDOWN_S = 1.0  # requests still open when the wait ends: cut off after this (they are all 503s)
@@ -37,8 +37,23 @@ def starting_app(reason: str) -> web.Application:
     async def other(request: web.Request) -> web.Response:
         return _json(503, {"error": f"not ready: {reason}"}, {"Retry-After": "5"})
 
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        """As the service's (web.server ``Routes.expect``): a JSON 417 for an expectation other
+        than ``100-continue``, and the 503 before ``100 Continue``, so no body is sent for it."""
+        if request.version != HttpVersion11:
+            return None
+        if request.headers.get(hdrs.EXPECT, "").strip().lower() != "100-continue":
+            return _json(417, {"error": "only Expect: 100-continue is supported"})
+        if request.match_info.handler is other:
+            return await other(request)
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer has not begun (as aiohttp's own handler)
+        return None
+
     app = web.Application()
-    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.route("*", "/{any:.*}", other)])
+    app.add_routes([web.get("/healthz", healthz, expect_handler=expect),
+                    web.get("/readyz", readyz, expect_handler=expect),
+                    web.route("*", "/{any:.*}", other, expect_handler=expect)])
     return app
 
 

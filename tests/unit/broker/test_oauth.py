@@ -312,3 +312,29 @@ async def test_a_token_answer_in_several_packets_is_read_whole() -> None:
         assert await TokenEndpoint(f"http://127.0.0.1:{port}/token", CLIENT, SECRET).token() == token
     finally:
         await runner.cleanup()
+
+
+async def test_before_its_first_token_a_failing_endpoint_is_asked_every_two_seconds(endpoint: Endpoint) -> None:
+    """At start only `run`'s wait asks (every 0.5 s, for AGG_BROKER_WAIT_SECONDS): a back-off
+    of 2, 4, 8 s would ask an identity provider back at 6.5 s next at 14 s, after a 10 s
+    wait has ended the start.  The back-off grows once a token was had (the test above)."""
+    clock = Clock()
+    tokens = TokenEndpoint(endpoint.url, CLIENT, SECRET, clock=clock)
+    endpoint.fail_with = (503, {"error": "temporarily_unavailable"})
+    asked_at, t0 = [], clock.now
+    while clock.now - t0 < 6.5:
+        before = endpoint.requests
+        with pytest.raises(OAuthTokenError) as err:
+            await tokens.token()
+        assert err.value.passing
+        if endpoint.requests > before:
+            asked_at.append(clock.now - t0)
+        clock.now += 0.5
+    assert asked_at == [0.0, 2.0, 4.0, 6.0]
+    endpoint.fail_with = None  # back at 6.5: asked at 8, within a 10 s wait
+    while not endpoint.issued:
+        try:
+            await tokens.token()
+        except OAuthTokenError:
+            clock.now += 0.5
+    assert clock.now - t0 == 8.0

@@ -193,3 +193,55 @@ def test_bad_sasl_extensions_fail_in_one_line(bad: str) -> None:
         config_load.load(env={**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": bad}).kafka_security()
     assert len(ei.value.lines) == 1
     assert ei.value.lines[0].startswith("AGG_KAFKA_SASL_OAUTHBEARER_EXTENSIONS: "), ei.value.lines
+
+
+def test_run_names_a_token_endpoint_that_never_answers_not_the_broker() -> None:
+    """An endpoint that takes the request and never answers (its 10 s bound beyond a shorter
+    wait): the wait ends on the endpoint's line, not on "no Kafka broker answered"."""
+    from tools.oauth_endpoint import TokenEndpoint as Served
+
+    endpoint = Served({"svc": "s"}, delay_s=5).start_in_thread()
+    try:
+        s = config_load.load(env={**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": endpoint.url + "?silent",
+                                  "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s",
+                                  "AGG_BROKER": f"kafka://127.0.0.1:{closed_port()}", "AGG_BROKER_WAIT_SECONDS": "1"})
+        with pytest.raises(cli.Failure) as ei:
+            cli.wait_for_topics(s)
+        assert str(ei.value) == (f"no answer from the OAuth token endpoint {endpoint.url}?silent within 1 s "
+                                 "(AGG_BROKER_WAIT_SECONDS): check AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")
+    finally:
+        endpoint.stop_thread()
+
+
+async def test_an_untrusted_token_endpoint_certificate_is_not_waited_for(tmp_path: Path) -> None:
+    """TLS verification failing at the endpoint is a setting to fix: a refusal at once, not a
+    failure that passes (which `run` would wait out)."""
+    import ssl
+
+    from aiohttp import web
+
+    from tests.conftest import require_tool
+    from tools.kafka import make_test_ca
+
+    require_tool("openssl", "apt-get install openssl")
+    ca = make_test_ca(tmp_path / "ca")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(ca.broker)
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "t"})
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = closed_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
+    try:
+        sec = KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism="OAUTHBEARER",
+                            oauth_token_endpoint_url=f"https://127.0.0.1:{port}/token", oauth_client_id="svc",
+                            oauth_client_secret="s")
+        with pytest.raises(KafkaLoginError, match="cannot reach") as ei:
+            await check_login(f"127.0.0.1:{closed_port()}", sec, timeout_s=2)
+        assert not isinstance(ei.value, TokenUnavailable), ei.value
+    finally:
+        await runner.cleanup()

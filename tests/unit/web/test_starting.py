@@ -43,3 +43,32 @@ def test_a_client_trickling_a_body_does_not_hold_the_port_at_the_handover():
             started = time.monotonic()
         took = time.monotonic() - started
     assert took < 2.0, f"the handover waited {took:.1f}s for a client"
+
+
+def _exchange(port: int, head: bytes) -> bytes:
+    """What the server sends for ``head`` (headers only, no body sent), until it closes or 2 s pass."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+        c.sendall(head)
+        got = b""
+        try:
+            while chunk := c.recv(4096):
+                got += chunk
+                if b"\r\n\r\n" in got and not got.startswith(b"HTTP/1.1 100"):
+                    break
+        except TimeoutError:
+            pass
+    return got
+
+
+def test_expect_is_answered_as_the_service_answers_it():
+    """A JSON 417 for an unknown expectation, and the 503 before any ``100 Continue``: a
+    client that waits for one sends no body to be refused (contract §3)."""
+    port = free_port()
+    with while_starting("127.0.0.1", port, "starting"):
+        got = _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 417") and b"application/json" in got, got
+        got = _exchange(port, b"POST /v1/events HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                              b"Content-Length: 5000\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 503") and b"100 Continue" not in got, got
+        got = _exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503"), got
