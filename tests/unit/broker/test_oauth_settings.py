@@ -5,6 +5,7 @@ no token before it connects to any broker."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import faust
 import pytest
@@ -154,25 +155,32 @@ async def test_check_login_tells_a_token_endpoint_that_is_down_from_one_that_ref
             await endpoint.stop()
 
 
-def test_run_waits_for_a_token_as_for_its_broker_then_names_the_token() -> None:
-    """``run``'s start-up wait (``cli.wait_for_topics``) asks a failing token endpoint again
-    until AGG_BROKER_WAIT_SECONDS is over, then ends on the endpoint's line, not on "no
-    broker answered" (no broker is asked without a token)."""
+def _start_up_wait(wait: str, query: str, **endpoint: Any) -> tuple[str, Any]:
+    """``run``'s start-up wait (``cli.wait_for_topics``) of ``wait`` seconds with a token
+    endpoint served as ``endpoint`` says, and no broker: (the line it ends with, the endpoint)."""
     from tools.oauth_endpoint import TokenEndpoint as Served
 
-    endpoint = Served({"svc": "s"}, fail_with=(503, {"error": "temporarily_unavailable"})).start_in_thread()
+    served = Served({"svc": "s"}, **endpoint).start_in_thread()
     try:
-        s = config_load.load(env={**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": endpoint.url + "?wait",
+        s = config_load.load(env={**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": served.url + query,
                                   "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s",
-                                  "AGG_BROKER": f"kafka://127.0.0.1:{closed_port()}", "AGG_BROKER_WAIT_SECONDS": "2.5"})
+                                  "AGG_BROKER": f"kafka://127.0.0.1:{closed_port()}", "AGG_BROKER_WAIT_SECONDS": wait})
         with pytest.raises(cli.Failure) as ei:
             cli.wait_for_topics(s)
-        assert str(ei.value) == (f'the OAuth token endpoint {endpoint.url}?wait failed to answer client "svc" (HTTP 503, '
-                                 "temporarily_unavailable): check AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL "
-                                 "(for 2.5 s, AGG_BROKER_WAIT_SECONDS)")
-        assert endpoint.requests == 2  # at 0 and 2 s: the back-off, not one a retry
+        return str(ei.value), served
     finally:
-        endpoint.stop_thread()
+        served.stop_thread()
+
+
+def test_run_waits_for_a_token_as_for_its_broker_then_names_the_token() -> None:
+    """``run``'s start-up wait asks a failing token endpoint again until
+    AGG_BROKER_WAIT_SECONDS is over, then ends on the endpoint's line, not on "no broker
+    answered" (no broker is asked without a token)."""
+    line, endpoint = _start_up_wait("2.5", "?wait", fail_with=(503, {"error": "temporarily_unavailable"}))
+    assert line == (f'the OAuth token endpoint {endpoint.url}?wait failed to answer client "svc" (HTTP 503, '
+                    "temporarily_unavailable): check AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL "
+                    "(for 2.5 s, AGG_BROKER_WAIT_SECONDS)")
+    assert endpoint.requests == 2  # at 0 and 2 s: the back-off, not one a retry
 
 
 def test_sasl_extensions_go_with_every_token() -> None:
@@ -198,19 +206,9 @@ def test_bad_sasl_extensions_fail_in_one_line(bad: str) -> None:
 def test_run_names_a_token_endpoint_that_never_answers_not_the_broker() -> None:
     """An endpoint that takes the request and never answers (its 10 s bound beyond a shorter
     wait): the wait ends on the endpoint's line, not on "no Kafka broker answered"."""
-    from tools.oauth_endpoint import TokenEndpoint as Served
-
-    endpoint = Served({"svc": "s"}, delay_s=5).start_in_thread()
-    try:
-        s = config_load.load(env={**ENDPOINT, "AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": endpoint.url + "?silent",
-                                  "AGG_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s",
-                                  "AGG_BROKER": f"kafka://127.0.0.1:{closed_port()}", "AGG_BROKER_WAIT_SECONDS": "1"})
-        with pytest.raises(cli.Failure) as ei:
-            cli.wait_for_topics(s)
-        assert str(ei.value) == (f"no answer from the OAuth token endpoint {endpoint.url}?silent within 1 s "
-                                 "(AGG_BROKER_WAIT_SECONDS): check AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")
-    finally:
-        endpoint.stop_thread()
+    line, endpoint = _start_up_wait("1", "?silent", delay_s=5)
+    assert line == (f"no answer from the OAuth token endpoint {endpoint.url}?silent within 1 s "
+                    "(AGG_BROKER_WAIT_SECONDS): check AGG_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")
 
 
 async def test_an_untrusted_token_endpoint_certificate_is_not_waited_for(tmp_path: Path) -> None:
