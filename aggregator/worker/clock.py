@@ -70,15 +70,20 @@ class ClockSkew:
     (a lead dropped too early would close quiet windows early: late events; one kept too
     long only holds them open until the next record).
 
-    A clock *behind* shows the other way: records stamped more than the tolerance after
+    A clock *behind* shows the other way: events stamped more than the tolerance after
     this clock's now, which the decoder sets aside as ``future_ts`` (every one of them, once
     the clock is that far behind: windows then count nothing).  ``stamped`` judges each
-    batch (of any age: old records are never stamped in the future) by its newest stamp:
-    the clock is behind from the second batch in a row over the tolerance (one odd
-    producer's clock is not this worker's), by the latest batch's lead, until a live batch
-    is stamped within it, or any batch is after SKEW_SPAN_MS with none over it (an old
-    batch within it proves little: partitions behind their ends would make it flap; but
-    while none is over it, no event is ``future_ts`` either)."""
+    batch as the decoder does, by its events' ingest times (not the broker's stamp: a
+    leader's clock ahead makes no event ``future_ts``): a batch with a ``future_ts`` event
+    (of any age: old records are never stamped in the future) is over the tolerance.  The
+    clock is behind from the second such batch in a row (one odd producer's clock is not
+    this worker's), by the latest one's lead, until a live batch is stamped within it.  A
+    batch behind its partition's end within the tolerance neither ends the run nor
+    breaks it: old records always look within it, and a partition replaying a backlog
+    beside live ones (after a rebalance) would hide the clock behind.  Nor does it last
+    while nothing over the tolerance is read: ``expire`` ends it SKEW_SPAN_MS after the
+    last batch over it (no event is ``future_ts`` meanwhile), asked every tick, so that a
+    worker whose clock was set right is ready again without waiting for a record."""
 
     __slots__ = ("tolerance_ms", "spans", "ahead_ms", "behind_ms", "over", "over_ms")
 
@@ -103,23 +108,29 @@ class ClockSkew:
         self.observe(now_ms, stamped)
         return (self.ahead_ms > 0) != was
 
-    def stamped(self, now_ms: int, end_ts: int | None, last_its: int | None, live: bool) -> bool:
-        """Any batch (``batch``'s stamps; ``live``: as there): True when that changed whether
-        this clock is behind (``behind_ms``)."""
-        lead = max(-1 if end_ts is None else end_ts, -1 if last_its is None else last_its)
-        if lead <= 0:
+    def stamped(self, now_ms: int, newest_its: int | None, live: bool) -> bool:
+        """A batch read at ``now_ms``, the newest ingest time of its events ``newest_its``
+        (None: no event of its own), ``live``: as ``batch``'s.  True when that changed
+        whether this clock is behind (``behind_ms``)."""
+        if newest_its is None or newest_its <= 0:
             return False
-        lead -= now_ms
+        lead = newest_its - now_ms
         was = self.behind_ms > 0
-        if lead > self.tolerance_ms:
+        if lead > self.tolerance_ms:  # as the decoder's ``future_ts``: ingest time past now + tolerance
             self.over, self.over_ms = self.over + 1, now_ms
             if self.over >= 2:
                 self.behind_ms = lead
-        else:
-            self.over = 0
-            if live or now_ms - self.over_ms >= SKEW_SPAN_MS:
-                self.behind_ms = 0
+        elif live:
+            self.over = self.behind_ms = 0
         return (self.behind_ms > 0) != was
+
+    def expire(self, now_ms: int) -> bool:
+        """The clock behind ends SKEW_SPAN_MS after the last batch over the tolerance
+        (asked every tick: with no batch at all as well).  True when it ended now."""
+        if self.behind_ms and now_ms - self.over_ms >= SKEW_SPAN_MS:
+            self.behind_ms = 0
+            return True
+        return False
 
     def behind(self) -> str | None:
         """Why the worker cannot count (/readyz) while its clock is behind; None: it is not."""

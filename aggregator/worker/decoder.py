@@ -50,13 +50,16 @@ FAST_MISSES = 8
 
 class FutureCounts(dict[str, int]):
     """Events with an ingest time too far ahead (``future_ts``), by region; ``ids``: the
-    (region, dedup id) of those that have one, for the partition's dedup (core.dedup)."""
+    (region, dedup id) of those that have one, for the partition's dedup (core.dedup);
+    ``newest``: the latest of their ingest times (0: none), how far ahead the batch runs
+    (the worker's clock behind, ``worker.clock.ClockSkew.stamped``)."""
 
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "newest")
 
     def __init__(self) -> None:
         super().__init__()
         self.ids: list[tuple[str, DedupId]] = []
+        self.newest = 0
 
 
 class Decoded(NamedTuple):
@@ -375,6 +378,8 @@ class RecordDecoder:
     def _future(region: str, its: int, max_ts: int, future: FutureCounts, dead: list[DeadLetter] | None,
                 partition: int, offset: int, rec: Record, did: DedupId | None) -> None:
         future[region] = future.get(region, 0) + 1
+        if its > future.newest:
+            future.newest = its
         if did is not None:
             future.ids.append((region, did))
         if dead is not None:

@@ -47,6 +47,14 @@ REREAD_TRIES = 4  # batches sent back before a re-read of a damaged spill starts
 log = logging.getLogger("aggregator.worker")
 
 
+def _said_behind(skew: ClockSkew, changed: bool) -> None:
+    """One line when whether this worker's clock is behind the records' stamps changed."""
+    if changed and skew.behind_ms:
+        log.error("%s; windows count nothing meanwhile", skew.behind())
+    elif changed:
+        log.warning("this worker's clock is no longer behind the records' stamps")
+
+
 class WorkerService:
     def __init__(self, settings: Settings, metrics: Metrics, sinks: Sequence[SnapshotSink]) -> None:
         self.s = settings
@@ -225,11 +233,8 @@ class WorkerService:
         hw = self.kafka.highwater(p.partition)
         live, p.clock_live = p.clock_live, hw is not None and self.kafka.read_to(p.partition, b.end) >= hw
         skew, its = self.clock_skew, b.events[-1][1] if b.events else None
-        if skew.stamped(now_ms, b.end_ts, its, live and p.clock_live):
-            if skew.behind_ms:
-                log.error("%s; windows count nothing meanwhile", skew.behind())
-            else:
-                log.warning("this worker's clock is no longer behind the records' stamps")
+        # behind: judged as ``future_ts`` is, by the events' ingest times, not the broker's stamp
+        _said_behind(skew, skew.stamped(now_ms, getattr(b.future, "newest", 0) or its, live and p.clock_live))
         if live and p.clock_live and skew.batch(now_ms, b.end_ts, its):
             if skew.ahead_ms:
                 log.error("this worker's clock is %.1f s ahead of the records it reads at the end of their partitions "
@@ -312,6 +317,8 @@ class WorkerService:
         book.repart_next = records[-1].offset + 1
         if future:
             self._add_future(p, future, now_ms)
+            skew = self.clock_skew  # forwarded events ahead count as well (judged here, at their home)
+            _said_behind(skew, skew.stamped(now_ms, getattr(future, "newest", 0) or None, False))
         if book.outbox:
             self.wake.set()
         self.metrics.batch_windowed(len(events), time.perf_counter() - t1)
@@ -349,6 +356,7 @@ class WorkerService:
             if moving and reread_due(p, now_ms, hw, self.kafka):
                 await self.kafka.seek(p.partition, p.reread(now_ms))
         self.throttle.report(partitions, self.checkpointer.held() is not None)  # as of the last checkpoint
+        _said_behind(self.clock_skew, self.clock_skew.expire(now_ms))  # a span with no batch over the tolerance
         self.metrics.clock_ahead(self.clock_skew.ahead_ms, self.clock_skew.behind_ms)
         partitions.report()
         await self.checkpointer.checkpoint(parts, only is None)
