@@ -5,13 +5,16 @@ the spills of partitions this worker no longer owns.
   drained and with nothing spilled since the last sweep go from the ledger (which keeps
   their sequence numbers used, ``SpillLedger.next_seq``) and from the disk, so every region
   that spilled once does not stay in each state written and in a directory for ever.
-* ``left_spills(root)``, ``delete_spill(root, partition)``: the spill a revoked partition
-  leaves on disk (or a previous run of the process left) is counted in the spill's size
-  until it is deleted; it is deleted once the partition is assigned to another worker.
-  That is safe: a spill that is missing is re-read from ``clicks`` by whoever opens the
-  partition with a state naming this directory (``PartitionSpill.reconcile``: the consumer
-  never commits past a backlog), and a state the next owner writes names its own directory,
-  after which this one's records are never taken anyway.
+* ``LeftSpills`` (``left_spills(root)``, ``delete_spill(root, partition)``): the spill a
+  revoked partition leaves on disk (or a previous run of the process left) is counted in the
+  spill's size until it is deleted; it is deleted once an assignment this worker received
+  after the partition left (after the revoke; for a spill found at start, after the start)
+  does not give the partition here.  Never before this worker's first assignment: until
+  then what the consumer calls its assignment is empty, not "elsewhere".  That is safe: a
+  spill that is missing is re-read from ``clicks`` by whoever opens the partition with a
+  state naming this directory (``PartitionSpill.reconcile``: the consumer never commits past
+  a backlog), and a state the next owner writes names its own directory, after which this
+  one's records are never taken anyway.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Container
 
 from aggregator.spill.layout import GONE
 from aggregator.spill.partition import PartitionSpill
@@ -100,3 +104,55 @@ def delete_spill(root: str | os.PathLike[str], partition: int) -> None:
     moved = os.path.join(trash, f"regions.{os.urandom(4).hex()}")
     os.rename(regions, moved)
     shutil.rmtree(moved, ignore_errors=True)  # what stays is deleted at the next start
+
+
+class LeftSpills:
+    """The spills on disk here of partitions this worker does not own (revoked, or left by an
+    earlier run): their bytes, counted against AGG_SPILL_MAX_BYTES, and when each may go."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = root
+        self.bytes: dict[int, int] = left_spills(root)  # partition -> bytes of its spill on disk
+        # the partitions of clicks of the last assignment this worker received (the group's,
+        # on_partitions_assigned); None: none yet.  A partition leaves (revoke) while the last
+        # one still gives it here: one that does not was received after it left
+        self.assigned: frozenset[int] | None = None
+        self.stuck: set[int] = set()  # those the disk would not let delete (said once)
+
+    def received(self, partitions: set[int]) -> None:
+        """An assignment of the group reached this worker: ``partitions`` of clicks are its."""
+        self.assigned = frozenset(partitions)
+
+    def left(self, partition: int) -> None:
+        """The partition's spill stays on disk, not owned here any more: counted until it goes."""
+        self.bytes[partition] = spill_bytes_on_disk(self.root, partition)
+
+    def total(self, owned: Container[int]) -> int:
+        return sum(n for partition, n in self.bytes.items() if partition not in owned)
+
+    def elsewhere(self, keep: Container[int]) -> list[int]:
+        """The partitions whose spill may go: the last assignment received (so one received
+        since they left) does not give them here, nor does ``keep`` (owned, or the consumer's
+        assignment now) hold them."""
+        last = self.assigned
+        if last is None:  # no assignment yet: the consumer's, empty, is not the group's word
+            return []
+        return [n for n in self.bytes if n not in last and n not in keep]
+
+    def delete(self, keep: Container[int]) -> None:
+        """Delete the spills of ``elsewhere(keep)``; one the disk refuses stays counted, said
+        once, and is tried again at the next call."""
+        for partition in self.elsewhere(keep):
+            try:
+                delete_spill(self.root, partition)
+            except OSError as e:
+                if partition not in self.stuck:
+                    log.error("spill p%d: cannot delete the spill this worker left on disk (the partition is "
+                              "assigned elsewhere): %s; it counts against AGG_SPILL_MAX_BYTES", partition, e)
+                    self.stuck.add(partition)
+                self.bytes[partition] = spill_bytes_on_disk(self.root, partition)
+                continue
+            self.stuck.discard(partition)
+            if self.bytes.pop(partition):
+                log.info("spill p%d: deleted the spill left here (an assignment received since gives the "
+                         "partition to another worker)", partition)

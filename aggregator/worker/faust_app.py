@@ -107,11 +107,13 @@ class FaustApp:
 
     def wire(self, on_batch: BatchHandler, hold: Callable[[], bool],
              ticks: Callable[[], Coroutine[Any, Any, None]],
-             on_revoked: Callable[..., Coroutine[Any, Any, None]]) -> None:
+             on_revoked: Callable[..., Coroutine[Any, Any, None]],
+             on_assigned: Callable[..., Coroutine[Any, Any, None]]) -> None:
         """Batches of ``clicks`` and ``clicks-repartition`` go to ``on_batch`` (nothing is
         fetched while ``hold()``);
         ``ticks`` runs as the app's task; ``on_revoked(app, revoked)`` before a rebalance
-        takes partitions away."""
+        takes partitions away, ``on_assigned(app, assigned)`` once it gave this worker its
+        partitions (every topic's, the whole assignment)."""
         BatchConsumer.batch_topics = frozenset({self.topics.clicks, self.topics.clicks_repartition})
         BatchConsumer.batch_handler = on_batch
         BatchConsumer.hold = hold
@@ -128,6 +130,7 @@ class FaustApp:
 
         self.app.task(ticks)
         self.app.on_partitions_revoked.connect(on_revoked)
+        self.app.on_partitions_assigned.connect(on_assigned)
 
     # ---------------------------------------------------------------- questions
     def recovered(self) -> bool:

@@ -26,7 +26,7 @@ from aggregator.core.windows import STATE_FORMAT, WindowBook
 from aggregator.metrics import Metrics
 from aggregator.spill.ledger import SpillLedger
 from aggregator.spill.partition import PartitionSpill, SpillDiskError
-from aggregator.spill.tidy import SWEEP_S, delete_spill, forget_idle, left_spills, spill_bytes_on_disk
+from aggregator.spill.tidy import SWEEP_S, LeftSpills, forget_idle
 
 log = logging.getLogger("aggregator.worker")
 
@@ -206,10 +206,9 @@ class Partitions:
         self.metrics = metrics
         self.owned: dict[int, PartitionState] = {}
         self.refused: dict[int, str] = {}  # partition -> why its stored state is not counted (Refused)
-        # partition -> bytes of the spill it left on disk here (revoked, or by an earlier run), counted
-        # in spill_bytes() while it is not owned, deleted once it is assigned elsewhere (spill.tidy)
-        self.left: dict[int, int] = left_spills(spill_root)
-        self.left_stuck: set[int] = set()  # those the disk would not let delete (said once)
+        # the spills partitions left on disk here (revoked, or by an earlier run), counted in
+        # spill_bytes() while not owned, deleted once an assignment since gives them elsewhere (spill.tidy)
+        self.left = LeftSpills(spill_root)
         self.swept = time.monotonic()  # the last sweep of drained regions (spill.tidy.forget_idle)
 
     def __iter__(self) -> Iterator[PartitionState]:
@@ -344,42 +343,24 @@ class Partitions:
             # __other__ while another book here holds it too); its lag the same
             gone = p.regions().difference(*(q.regions() for q in self.owned.values()))
             p.spill.close()  # stays on disk (counted) until it is assigned elsewhere: keep_only
-            self.left[partition] = spill_bytes_on_disk(self.spill_root, partition)
+            self.left.left(partition)
             self.metrics.partition_gone(partition)
             self.metrics.regions_gone(gone)
 
     def keep_only(self, assigned: set[int]) -> None:
         """A batch fetched before a rebalance can arrive after the revoke: the state it
         re-created belongs to a partition another worker owns now.  Never write its state
-        or publish from it (a stale changelog record would be recovered by a later owner)."""
-        self.delete_left(assigned)  # (before those dropped below: theirs go at the next tick if still elsewhere)
+        or publish from it (a stale changelog record would be recovered by a later owner).
+        The spills left here that an assignment received since gives elsewhere go (spill.tidy)."""
+        self.left.delete({*assigned, *self.owned})  # (theirs go at the next tick if still elsewhere)
         for partition in [p for p in self.owned if p not in assigned]:
             log.warning("partition %d is not assigned here (any more): dropping its window book", partition)
             self.forget(partition)
         self.refused = {p: why for p, why in self.refused.items() if p in assigned}  # its new owner says it
 
-    def delete_left(self, assigned: set[int]) -> None:
-        """Delete the spills partitions assigned elsewhere left here (``assigned``: this worker's
-        partitions, as the group settled them): whoever opens the partition with a state naming
-        this spill re-reads it from ``clicks``, and once another owner writes a state this spill
-        is never taken again (spill.tidy)."""
-        for partition in [n for n in self.left if n not in assigned and n not in self.owned]:
-            try:
-                delete_spill(self.spill_root, partition)
-            except OSError as e:  # counted still; tried again at the next tick
-                if partition not in self.left_stuck:
-                    log.error("spill p%d: cannot delete the spill this worker left on disk (the partition is "
-                              "assigned elsewhere): %s; it counts against AGG_SPILL_MAX_BYTES", partition, e)
-                    self.left_stuck.add(partition)
-                self.left[partition] = spill_bytes_on_disk(self.spill_root, partition)
-                continue
-            self.left_stuck.discard(partition)
-            if self.left.pop(partition):
-                log.info("spill p%d: deleted the spill left here (the partition is assigned elsewhere)", partition)
-
     def left_bytes(self) -> int:
         """Bytes of the spills of partitions not owned here that are still on disk."""
-        return sum(n for partition, n in self.left.items() if partition not in self.owned)
+        return self.left.total(self.owned)
 
     def spill_bytes(self) -> int:
         """The spill on disk that counts against AGG_SPILL_MAX_BYTES: owned partitions' and left ones'."""

@@ -81,7 +81,7 @@ class WorkerService:
         self.rebalance = RebalanceWatch(max(30.0, 5 * settings.session_timeout), settings.stuck_rebalance_seconds)
         self.started = False
         # tracing on: a consumer span per batch, linked to the request spans of its records
-        kafka.wire(tracing.TracedBatches(self.on_batch), self._holding, self._ticks, self._on_revoked)
+        kafka.wire(tracing.TracedBatches(self.on_batch), self._holding, self._ticks, self._on_revoked, self._on_assigned)
 
     # ------------------------------------------------------------ readiness
     def _both(self, partition: int) -> tuple[TP, TP]:  # Faust's type: its resume needs it
@@ -360,6 +360,11 @@ class WorkerService:
         self.metrics.clock_ahead(self.clock_skew.ahead_ms, self.clock_skew.behind_ms)
         partitions.report()
         await self.checkpointer.checkpoint(parts, only is None)
+
+    async def _on_assigned(self, app: object, assigned: set[TP], **kwargs: object) -> None:
+        """The group's assignment reached this worker: the spills left here of partitions it
+        does not give back may go at the next tick (spill.tidy.LeftSpills), not before."""
+        self.partitions.left.received({tp.partition for tp in assigned if tp.topic == self.clicks_topic})
 
     def _sync_assignment(self) -> None:
         try:

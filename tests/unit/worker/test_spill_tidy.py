@@ -1,7 +1,8 @@
 """The spill in the worker's hands: what a partition leaves on disk when it is revoked (or
-a previous run left) counts against AGG_SPILL_MAX_BYTES and is deleted once the partition is
-assigned elsewhere; regions drained and quiet are forgotten; the spill gauges sum the
-regions one label stands for (docs/contract.md §6)."""
+a previous run left) counts against AGG_SPILL_MAX_BYTES and is deleted once an assignment this
+worker received since gives the partition elsewhere (never before its first assignment);
+regions drained and quiet are forgotten; the spill gauges sum the regions one label stands
+for (docs/contract.md §6)."""
 from __future__ import annotations
 
 import errno
@@ -9,9 +10,11 @@ import logging
 import os
 
 import orjson
+from faust.types import TP
 
 from aggregator.core.ratelimit import RateLimits
 from aggregator.metrics import Metrics
+from aggregator.spill.tidy import spill_bytes_on_disk
 from aggregator.worker.partitions import LEFT_LABEL, BookSettings, Partitions
 from tests.unit.worker.records import recovered
 
@@ -46,9 +49,13 @@ def test_a_revoked_partitions_spill_counts_until_it_is_assigned_elsewhere_then_g
     assert parts.spill_bytes() >= owned > 0
     parts.report()
     assert sample(m, "clickstream_spill_bytes", region=LEFT_LABEL) == parts.spill_bytes()
-    parts.keep_only({0, 1})  # assigned here again (not opened yet): kept
+    parts.keep_only({1})  # the consumer's assignment in the rebalance: no assignment received since
     assert parts.spill_bytes() >= owned
-    parts.keep_only({1})  # the group settled with partition 0 on another worker
+    parts.left.received({0, 1})  # assigned here again (not opened yet): kept
+    parts.keep_only({0, 1})
+    assert parts.spill_bytes() >= owned
+    parts.left.received({1})  # the next rebalance gives partition 0 to another worker
+    parts.keep_only({1})
     assert parts.spill_bytes() == 0
     assert sorted(os.listdir(tmp_path / "p0")) == ["disk-id", "gone"]  # its records went, its id stays
     assert os.listdir(tmp_path / "p0" / "gone") == []
@@ -84,7 +91,8 @@ def test_a_left_spill_the_disk_will_not_delete_is_said_once_and_still_counted(tm
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr("aggregator.spill.tidy.os.rename", rename)
-    with caplog.at_level(logging.ERROR, "aggregator.worker"):
+    parts.left.received(set())  # this worker's assignment: nothing (more workers than partitions)
+    with caplog.at_level(logging.ERROR, "aggregator.spill"):
         parts.keep_only(set())
         parts.keep_only(set())
     assert [r.getMessage() for r in caplog.records] == [
@@ -93,7 +101,67 @@ def test_a_left_spill_the_disk_will_not_delete_is_said_once_and_still_counted(tm
     assert parts.spill_bytes() == left
     monkeypatch.undo()
     parts.keep_only(set())
-    assert parts.spill_bytes() == 0 and not parts.left_stuck
+    assert parts.spill_bytes() == 0 and not parts.left.stuck
+
+
+async def test_spills_on_disk_at_start_stay_until_an_assignment_received_gives_them_elsewhere(tmp_path):
+    # found by a review: the ticks deleted every left spill not in the consumer's assignment,
+    # which is empty until this worker joined its group: at start (and after a subscription
+    # change) every spill on disk went, those of partitions assigned back moments later too
+    from types import SimpleNamespace
+
+    from aggregator.config_load import load
+    from aggregator.worker.service import WorkerService
+
+    w = WorkerService(load(env={"AGG_SPILL_DIR": str(tmp_path / "spill"), "AGG_PARTITIONS": "3"}), Metrics(), [])
+    root = w.s.spill_path
+    values = {}
+    for n in (0, 1):  # what the previous run left: two spills, and states naming them
+        was = spill(Partitions(BOOKS, root, lambda n: None, Metrics()), n)
+        values[n] = was.state_value()
+        was.spill.close()
+    before = {n: spill_bytes_on_disk(root, n) for n in (0, 1)}
+    stored = {n: recovered(n, v) for n, v in values.items()}
+    w.partitions = Partitions(BOOKS, root, lambda n: stored[n](n) if n in stored else None, Metrics())
+    assignment: set[int] = set()
+    w.kafka = SimpleNamespace(assigned=lambda: set(assignment), recovered=lambda: True, refused=lambda: None)
+    w.started = True
+    assert not w.app.rebalancing  # Faust's, until its first rebalance starts
+    for _ in range(3):  # ticks before the consumer joined: its assignment is empty
+        w._sync_assignment()
+    assert {n: spill_bytes_on_disk(root, n) for n in (0, 1)} == before
+    assert w.partitions.spill_bytes() == sum(before.values())
+    assignment.update({1, 2})  # the group's assignment reaches this worker (Faust's signal)
+    await w.app.on_partitions_assigned.send({TP(w.clicks_topic, 1), TP(w.clicks_topic, 2),
+                                             TP(w.repart_topic, 1), TP(w.repart_topic, 2)})
+    w._sync_assignment()
+    assert spill_bytes_on_disk(root, 0) == 0  # another worker's now: deleted
+    assert spill_bytes_on_disk(root, 1) == before[1]  # back here: kept, and taken by its book
+    p = w.partitions.get(1)
+    assert p is not None and p.spill.ledger.rebuild == {} and p.spill.backlog_by_region()["eu"][0] == 49
+    assert w.partitions.spill_bytes() == p.spill.total_bytes() > 0
+
+
+def test_a_left_spill_waits_for_an_assignment_received_after_it_left(tmp_path):
+    parts = Partitions(BOOKS, tmp_path, lambda n: None, Metrics())
+    parts.left.received({0})
+    spill(parts, 0)
+    parts.forget(0)  # revoked: the last assignment received still gave it here
+    left = parts.spill_bytes()
+    parts.keep_only(set())  # a tick between the revoke and the assignment (or an empty one)
+    assert parts.spill_bytes() == left > 0
+    parts.left.received({0})  # given back: kept
+    parts.keep_only(set())
+    assert parts.spill_bytes() == left
+    parts.left.received({1})
+    parts.keep_only({1})
+    assert parts.spill_bytes() == 0
+    # a book a late batch re-created after the assignment that took it away: its spill goes at once
+    spill(parts, 0)
+    parts.keep_only({1})
+    assert parts.spill_bytes() > 0  # (dropped after the deletion: at the next tick)
+    parts.keep_only({1})
+    assert parts.spill_bytes() == 0
 
 
 def test_the_spill_gauges_sum_every_region_a_label_stands_for(tmp_path):
