@@ -150,12 +150,18 @@ def _counted_600(tmp_path) -> tuple[Log, bytes]:
     return log, w.partitions.get(0).state_value()
 
 
-def test_offsets_deleted_by_retention_are_said_lost_and_counted(tmp_path, caplog):
+def _reopened(tmp_path, caplog, n: int) -> tuple[Log, WorkerService]:
+    """600 counted; ``n`` more appended while the worker was down; a new worker on its state."""
     log, state = _counted_600(tmp_path)
-    log.append(1000, gap_ms=1000)  # the worker down; retention deletes the log up to 1100
+    log.append(n, gap_ms=1000)
     w = _worker(tmp_path, "spill2", recovered(0, state))
     caplog.set_level(logging.INFO)
     w.end = log.end
+    return log, w
+
+
+def test_offsets_deleted_by_retention_are_said_lost_and_counted(tmp_path, caplog):
+    log, w = _reopened(tmp_path, caplog, 1000)  # retention deleted the log up to 1100
     # the committed offset 600 out of range: the consumer resets to the log's start, 1100
     assert deliver(w, log.read(1100)) == 600  # its position jumped over 600: read from there
     assert counted(w) == 0 and not _loud(caplog)
@@ -171,12 +177,18 @@ def _value_batch(w: WorkerService, offset: int, stamp: int, n: int = 10) -> list
     return fetched([(None, orjson.dumps({"region": "r"}), [])] * n, base=offset, timestamp=stamp, log_append=True)
 
 
-def test_a_gap_of_transaction_markers_is_not_a_loss(tmp_path, caplog):
+def _counting(tmp_path, caplog) -> tuple[Log, WorkerService]:
+    """A worker that counted 600 records and counts on."""
     w = _worker(tmp_path)
     log = Log(int(time.time() * 1000) - 60_000)
     log.append(600)
     assert feed(w, log, 0) is None and counted(w) == 600
     caplog.set_level(logging.INFO)
+    return log, w
+
+
+def test_a_gap_of_transaction_markers_is_not_a_loss(tmp_path, caplog):
+    log, w = _counting(tmp_path, caplog)
     stamp = log.stamp + 1
     # the consumer read on from 600: a commit marker there, then records
     assert deliver(w, _value_batch(w, 601, stamp), at=600) is None
@@ -193,11 +205,7 @@ def test_a_gap_of_transaction_markers_is_not_a_loss(tmp_path, caplog):
 def test_a_single_offset_skipped_by_a_reset_is_said_lost(tmp_path, caplog):
     # ingest's producer is idempotent, not transactional: a gap of one offset is no marker
     # unless the consumer read it (retention deleted a one-record segment; a reset to 601)
-    log, state = _counted_600(tmp_path)
-    log.append(100, gap_ms=1000)
-    w = _worker(tmp_path, "spill2", recovered(0, state))
-    caplog.set_level(logging.INFO)
-    w.end = log.end
+    log, w = _reopened(tmp_path, caplog, 100)
     assert deliver(w, log.read(601)) == 600
     assert deliver(w, log.read(601)) is None  # sought to 600, reset to 601 again
     assert counted(w) == 99 and _lost(w) == 1
@@ -208,11 +216,7 @@ def test_a_single_offset_skipped_by_a_reset_is_said_lost(tmp_path, caplog):
 def test_a_single_offset_skipped_by_a_seek_is_read_again(tmp_path, caplog):
     # the position moved past the state's offset (a seek not the worker's): what is still
     # there is read from the state's offset, nothing lost
-    log, state = _counted_600(tmp_path)
-    log.append(100, gap_ms=10)
-    w = _worker(tmp_path, "spill2", recovered(0, state))
-    caplog.set_level(logging.INFO)
-    w.end = log.end
+    log, w = _reopened(tmp_path, caplog, 100)
     assert deliver(w, log.read(601)) == 600
     assert deliver(w, log.read(600)) == 599  # the first batch since opened: the record before first
     assert deliver(w, log.read(599)) is None
@@ -222,11 +226,7 @@ def test_a_single_offset_skipped_by_a_seek_is_read_again(tmp_path, caplog):
 def test_a_re_read_holding_only_the_record_before_is_no_loss(tmp_path, caplog):
     # after a pause, the batch past a marker waits for 599 to be read again; the re-read
     # stops at 599 (a segment ends there): the markers between are read all the same
-    w = _worker(tmp_path)
-    log = Log(int(time.time() * 1000) - 60_000)
-    log.append(600)
-    assert feed(w, log, 0) is None and counted(w) == 600
-    caplog.set_level(logging.INFO)
+    log, w = _counting(tmp_path, caplog)
     stamp = log.stamp + 5_000  # appended well after: a pause
     for _ in range(3):
         assert deliver(w, _value_batch(w, 603, stamp), at=600) == 599
