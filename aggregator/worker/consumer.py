@@ -149,10 +149,36 @@ class _FetchResult(_fetcher.FetchResult):
             # the end of what it hands over, before the position moves (``read_to`` reads them
             # the other way round, in another thread); nothing handed over: none from the fetch on
             state.data_end = out[-1].offset + 1 if out else min(getattr(state, "data_end", 0), fetch_offset)
+            note_read(state, fetch_offset, out, records.next_fetch_offset)
             self._update_position()
             self._partition_records = None
             return out
         return super().getall(max_records)
+
+
+def note_read(state: Any, fetch_offset: int, out: list, end: int) -> None:
+    """Keep in a partition's state, per fetch (from ``fetch_offset``, handing over ``out``,
+    the position now ``end``), from where the consumer read every offset handing no record
+    over (markers, aborted batches) up to the position (``quiet_from``) and up to ``out``'s
+    first record (``clear_from``).  A fetch from inside that (or from the first record last
+    handed over: a batch sent back) reads on; from elsewhere, or not where the worker's
+    last seek went (a reset since): a new run, ``run_sought`` that seek (None: none)."""
+    quiet, sought = getattr(state, "quiet_from", None), getattr(state, "sought", None)
+    if sought is not None and fetch_offset != sought:
+        quiet = None
+    elif quiet is not None and quiet <= fetch_offset <= state.read_end:
+        pass  # read on
+    elif fetch_offset == getattr(state, "last_first", None):
+        quiet = state.clear_from  # read again from the batch it handed over last
+    else:
+        quiet = None
+    if quiet is None:
+        quiet, state.run_sought = fetch_offset, sought
+    state.sought = None
+    if out:
+        state.clear_from, state.last_first = quiet, out[0].offset
+        quiet = out[-1].offset + 1
+    state.quiet_from, state.read_end = quiet, end
 
 
 # The fetcher builds these from its module globals; the subclasses change nothing for
@@ -191,7 +217,9 @@ class _ConsumerThread(AIOKafkaConsumerThread):
         partition's fetched records and wakes its waiter, which is safe only in that thread,
         and the seek cannot fall between :func:`unfetch`'s look at the position and its own
         seek."""
-        self._ensure_consumer().seek(tp, offset)
+        consumer = self._ensure_consumer()
+        consumer.seek(tp, offset)
+        _state(consumer, tp).sought = offset  # assigned (else the seek raised): ``note_read``
 
     async def unfetch(self, first: Mapping[Any, int]) -> list[Any]:
         """:func:`unfetch` the last fetch, run in the consumer's thread (where its seeks run)."""
@@ -213,15 +241,29 @@ def unfetch(consumer: Any, fetched_to: Mapping[Any, int | None], first: Mapping[
     return back
 
 
+def _state(consumer: Any, tp: Any) -> Any:
+    """aiokafka's state of ``tp`` in ``consumer`` (None: not assigned)."""
+    subscription = consumer._subscription.subscription
+    assignment = None if subscription is None else subscription.assignment
+    return None if assignment is None else assignment.state_value(tp)
+
+
+def read_from(consumer: Any, tp: Any) -> tuple[int, int | None] | None:
+    """Of the last batch of ``tp`` handed over (:func:`note_read`): from where the consumer
+    read up to its first record handing nothing over, and the worker's seek that read
+    began with (None: an offset reset, Faust's seek); None: no batch since assigned."""
+    state = _state(consumer, tp)
+    clear = getattr(state, "clear_from", None)
+    return None if clear is None else (clear, state.run_sought)
+
+
 def read_to(consumer: Any, tp: Any, next_offset: int) -> int:
     """Where a partition whose records are applied up to ``next_offset`` stands as read:
     the consumer's position, past the transaction markers and aborted batches it skipped
     after the last record it handed over, once every record it handed over is applied
     (``next_offset`` at or past the end of them); else ``next_offset``.  So a partition
     whose log ends in a marker is caught up when its end offset is reached."""
-    subscription = consumer._subscription.subscription
-    assignment = None if subscription is None else subscription.assignment
-    state = None if assignment is None else assignment.state_value(tp)
+    state = _state(consumer, tp)
     if state is None:
         return next_offset
     # the position first: ``_FetchResult.getall`` (in the consumer's thread) writes ``data_end``
@@ -235,13 +277,8 @@ def read_to(consumer: Any, tp: Any, next_offset: int) -> int:
 
 def positions(consumer: Any, tps: Any) -> dict[Any, int | None]:
     """aiokafka's fetch position of each of ``tps`` (None: not assigned, or not known)."""
-    subscription = consumer._subscription.subscription
-    assignment = None if subscription is None else subscription.assignment
-    out: dict[Any, int | None] = {}
-    for tp in tps:
-        state = None if assignment is None else assignment.state_value(tp)
-        out[tp] = state.position if state is not None and state.has_valid_position else None
-    return out
+    states = {tp: _state(consumer, tp) for tp in tps}
+    return {tp: s.position if s is not None and s.has_valid_position else None for tp, s in states.items()}
 
 
 class _NeverEmpty:

@@ -19,7 +19,7 @@ from faust.tables.recovery import Recovery
 from aggregator.config import Settings
 from aggregator.core.contract import STATE_TABLE
 from aggregator.core.statechunks import decode_state
-from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, positions, read_to
+from aggregator.worker.consumer import BatchConsumer, BatchHandler, BatchTransport, positions, read_from, read_to
 from aggregator.worker.stamps import end_seen, member_clock, not_left, not_member
 
 log = logging.getLogger("aggregator.worker")
@@ -247,6 +247,14 @@ class FaustApp:
         if consumer is None:
             return next_offset
         return read_to(consumer, faust.types.TP(self.topics.clicks, partition), next_offset)
+
+    def read_from(self, partition: int) -> tuple[int, int | None] | None:
+        """Of the last batch of the partition of ``clicks`` handed over: from where the
+        consumer read every offset up to its first record, handing no record over, and the
+        worker's seek that read began with (None: an offset reset, Faust's seek); None: not
+        known (``consumer.read_from``).  Whether offsets before the batch were read."""
+        consumer = self._aiokafka()
+        return None if consumer is None else read_from(consumer, faust.types.TP(self.topics.clicks, partition))
 
     # -------------------------------------------------------------------- state
     def stored_state(self, partition: int) -> tuple[dict[str, Any], int | None] | None:

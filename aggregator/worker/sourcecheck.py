@@ -8,24 +8,24 @@ partition is to be read again from just before the book's offset to check it (a 
 refilled to just that offset gives no batch to check).
 
 Offsets lost (``_gap``, ``forwarded_gap``): a batch that starts above the book's next offset
-``N`` skips offsets the state never applied.  The consumer reads on from where the state
-stands (its commits never pass it), so it gets there only by an offset reset to the log's
-start (what it was to read next was deleted by retention: a worker down or paused longer
-than the retention) -- or over transaction markers, which take an offset each and hold
-no record.  A gap of one offset is taken for a marker.  A longer one is checked: the
-partition is read again from ``N - 1`` (applied, so in the log unless retention deleted it
-too); a re-read that holds it shows the gap is markers only, and is counted on; one that
-comes back above it ``CHECK_TRIES`` times in a row shows the gap deleted: one error line
-names the topic, the partition and the offsets, and ``clickstream_source_offsets_lost_total``
-counts them.  ``clicks-repartition`` is written by the workers alone, without transactions:
-any gap there is reported as it is seen."""
+``N`` skips offsets the state never applied.  The consumer knows which offsets it read
+(``consumer.note_read``): where it read every offset from ``N`` (or below) up to the
+batch's first record and handed none of them over, they hold no record (transaction
+markers, aborted transactions' batches: read committed): the batch continues the book.
+Otherwise its position jumped over ``N`` (an offset reset to the log's start: what it was
+to read next was deleted by retention, a worker down or paused longer than the retention;
+or a seek): the partition is read again from ``N``.  A read that jumps past ``N`` again
+after that seek (the reset again) shows the offsets deleted: one error line names the
+topic, the partition and the offsets, and ``clickstream_source_offsets_lost_total`` counts
+them.  ``clicks-repartition`` is written by the workers alone, without transactions: any
+gap there is reported as it is seen."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from aggregator.core.sourcelog import CHECK_IDLE_MS, CHECK_TRIES, needs_check, restarted, unproven
+from aggregator.core.sourcelog import CHECK_IDLE_MS, needs_check, restarted, unproven
 from aggregator.core.topics import Topics
 from aggregator.metrics import Metrics
 from aggregator.worker.decoder import Record
@@ -45,6 +45,8 @@ class _Kafka(Protocol):
 
     def read_to(self, partition: int, next_offset: int) -> int: ...
 
+    def read_from(self, partition: int) -> tuple[int, int | None] | None: ...
+
     def end_seen(self, partition: int, topic: str | None = None) -> tuple[int | None, int] | None: ...
 
 
@@ -63,15 +65,21 @@ def vet_batch(p: PartitionState, records: Sequence[Record], now_ms: int, kafka: 
         if again is not None:
             return start, again
         p.known_next = first.offset  # what the log gives: it is counted from there
-    if first.offset == start and p.restart_pending is None:
-        if not p.spill.ledger.rebuild and needs_check(
-                start, p.source_ts, first, None if p.clicks_ms is None else now_ms - p.clicks_ms):
-            again = p.reread_batch(now_ms)
-            if again is not None:
-                return start, again
+    if first.offset > start > 0 and p.restart_pending is None:
+        again, read = _gap(p, first.offset, kafka, metrics)
+        if again is None and read:  # over markers only: it continues the book, as a batch at its offset
+            again = _paused(p, first, now_ms)
+        if again is not None:
+            return start, again
+    elif first.offset == start and p.restart_pending is None:
+        again = _paused(p, first, now_ms)
+        if again is not None:
+            return start, again
     elif first.offset == p.verify_at == start - 1:  # the re-read the check asked for
         found = restarted(p.partition, start, p.source_ts, records, kafka.highwater(p.partition))
-        if found is not None or records[-1].offset >= start:  # else it proves nothing of a batch at start
+        # the record before proven, a lost spill's replay goes on from where it needs (it needs no more)
+        rebuild = found is None and bool(p.spill.ledger.rebuild)
+        if found is not None or records[-1].offset >= start or rebuild:  # else it proves nothing of a batch at start
             p.verify_at, p.verify_tries = None, 0
         else:
             still_quiet = True  # nothing new in it
@@ -79,13 +87,13 @@ def vet_batch(p: PartitionState, records: Sequence[Record], now_ms: int, kafka: 
             p.restart_pending, p.known_next = found, None
             p.source_checked = p.commit_ok = False  # no clock, no commit till it is counted again
             return start, 0
-    elif first.offset > start > 0 and p.restart_pending is None:
-        again = _gap(p, first.offset, now_ms, kafka, metrics)
-        if again is not None:
-            return start, again
-    elif (p.restart_pending is None and not p.spill.ledger.rebuild
+        if rebuild and p.commit_offset() < first.offset:
+            p.source_checked = True
+            return start, p.commit_offset()
+    elif (p.restart_pending is None and not (p.spill.ledger.rebuild and p.source_checked)
           and unproven(start, p.source_ts, records, kafka.highwater(p.partition))):
         # a replay that does not reach the record before the book's offset: that record tells
+        # (a lost spill's replay too: read on from where it needs once it is proven)
         again = p.reread_batch(now_ms)
         if again is not None:
             return start, again
@@ -96,19 +104,30 @@ def vet_batch(p: PartitionState, records: Sequence[Record], now_ms: int, kafka: 
     return start, None
 
 
-def _gap(p: PartitionState, first: int, now_ms: int, kafka: _Kafka, metrics: Metrics) -> int | None:
-    """A batch of ``clicks`` that starts at ``first``, above the book's next offset: an offset
-    to read the partition again from (whether the record before the gap is still there), or
-    None: count it (a transaction marker, or the gap reported lost)."""
+def _paused(p: PartitionState, first: Record, now_ms: int) -> int | None:
+    """An offset to read the partition again from before a batch that continues the book
+    (``first``) is counted after a pause (``needs_check``), or None."""
+    if p.spill.ledger.rebuild or not needs_check(
+            first.offset, p.source_ts, first, None if p.clicks_ms is None else now_ms - p.clicks_ms):
+        return None
+    return p.reread_batch(now_ms)
+
+
+def _gap(p: PartitionState, first: int, kafka: _Kafka, metrics: Metrics) -> tuple[int | None, bool]:
+    """A batch of ``clicks`` that starts at ``first``, above the book's next offset ``n``:
+    (an offset to read the partition again from, _): the consumer's position jumped over
+    ``n``; (None, True): the consumer read every offset from ``n`` to ``first`` and they hold
+    no record; (None, False): it jumped over ``n`` again when sought back there: the
+    offsets up to where it read on from are reported lost."""
     n = p.book.next_offset
-    if first - n < 2:
-        return None  # a transaction marker takes one offset and holds no record
-    p.verify_tries = p.verify_tries + 1 if p.verify_at == n - 1 else 1
-    if p.verify_tries <= CHECK_TRIES:
-        return p.reread(now_ms, n - 1)
-    p.verify_at, p.verify_tries = None, 0
-    _lost(kafka.topics.clicks, "clicks", p.partition, n, first, metrics)
-    return None
+    read = kafka.read_from(p.partition)
+    clear, sought = (first, n) if read is None else read  # (not known: said lost, never counted silently)
+    if clear <= n:
+        return None, True
+    if sought is None or sought > n:
+        return n, False  # a reset or another's seek: whatever is still there from n is read
+    _lost(kafka.topics.clicks, "clicks", p.partition, n, clear, metrics)
+    return None, False
 
 
 def forwarded_gap(p: PartitionState, first: int, kafka: _Kafka, metrics: Metrics) -> None:

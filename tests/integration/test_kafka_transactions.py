@@ -109,4 +109,24 @@ def test_aborted_records_are_never_counted_and_a_quiet_partition_ending_in_a_mar
     time.sleep(1.0)
     assert _totals(svc.snapshots(), "ap") == (4, 0)
     assert _totals(svc.snapshots(), "eu") == (5, 0)
+
+    # records after the markers and the aborted batches, the states' offsets well before
+    # them: the consumer read every offset between (docs/contract.md §4), nothing is lost
+    async def after_the_markers() -> None:
+        p = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id="txn-test-a")
+        await p.start()
+        try:
+            async with p.transaction():
+                for region in ("eu", "us"):
+                    for i in range(2):
+                        await p.send(CLICKS, value(region, 200 + i), key=region.encode(), partition=homes[region])
+        finally:
+            await p.stop()
+
+    asyncio.run(after_the_markers())
+    wait_for(lambda: (_totals(svc.snapshots(), "eu")[0] >= 7 and _totals(svc.snapshots(), "us")[0] >= 5) or None,
+             30, what="the records after the markers counted")
+    assert _totals(svc.snapshots(), "eu") == (7, 0) and _totals(svc.snapshots(), "us") == (5, 0)
+    assert "clickstream_source_offsets_lost_total{" not in svc.metrics_text()
+    assert "no longer in the log" not in svc.tail()
     assert svc.proc.poll() is None

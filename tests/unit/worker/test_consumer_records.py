@@ -207,3 +207,52 @@ async def test_read_to_is_the_position_past_markers_once_the_records_handed_over
     state.seek(12)
     assert read_to(consumer, TP, 13) == 13
     assert read_to(consumer, TopicPartition("clicks", 5), 4) == 4  # not assigned
+
+
+def _getall(assignment, data: bytes, fetch_offset: int, aborted: list | None = None) -> list[int]:
+    recs = _PartitionRecords(TP, _MemoryRecords(data), aborted or [], fetch_offset, None,
+                             RawTopics(frozenset({"clicks"})), True, fetcher.READ_COMMITTED)
+    return [r.offset for r in _FetchResult(TP, assignment=assignment, partition_records=recs, backoff=0).getall()]
+
+
+async def test_read_from_says_what_was_read_before_a_batch_and_what_moved_the_position():
+    """The exact rule for a batch past the state's offset (worker.sourcecheck._gap): the
+    offsets the consumer read before it without a record (markers, aborted batches) are
+    explained; a position moved by an offset reset, after the worker's seek or not, is told."""
+    subscription = SubscriptionState()
+    subscription.assign_from_user({TP})
+    assignment = subscription.subscription.assignment
+    state = assignment.state_value(TP)
+    kafka = SimpleNamespace(_subscription=subscription, seek=subscription.seek)
+    thread = SimpleNamespace(_ensure_consumer=lambda: kafka)
+    state.seek(9)
+    assert consumer.read_from(kafka, TP) is None  # nothing handed over yet
+    assert _getall(assignment, b"".join(_txn_batch(*b) for b in TXN_LOG if 9 <= b[0] < 14), 9) == [9, 10, 11, 12]
+    assert consumer.read_from(kafka, TP) == (9, None)
+    # read on: B's aborted batches 14-17, then A's 18: the offsets 13..17 were read, no record
+    data = b"".join(_txn_batch(*b) for b in TXN_LOG if b[0] >= 14)
+    assert _getall(assignment, data, 14, [(PID_B, 14)]) == [18] and state.position == 21
+    assert consumer.read_from(kafka, TP) == (13, None)
+    # a fetch of markers only, then records: read on over it
+    assert _getall(assignment, _txn_batch(21, 0, PID_A, True, marker=1), 21) == []
+    assert _getall(assignment, _txn_batch(22, 3), 22) == [22, 23, 24]
+    assert consumer.read_from(kafka, TP) == (19, None)
+    # an offset reset (out of range) moves the position: nothing before it was read
+    state.await_reset(1)
+    state.reset_to(40)
+    assert _getall(assignment, _txn_batch(40, 3), 40) == [40, 41, 42]
+    assert consumer.read_from(kafka, TP) == (40, None)
+    # the batch sent back to its first record (unfetch, a batch not counted): read as before
+    kafka.seek(TP, 40)
+    assert _getall(assignment, _txn_batch(40, 3), 40) == [40, 41, 42]
+    assert consumer.read_from(kafka, TP) == (40, None)
+    # the worker's seek to 25, and the reset again: the read after that seek jumped
+    await consumer._ConsumerThread.seek_here(thread, TP, 25)
+    state.await_reset(1)
+    state.reset_to(40)
+    assert _getall(assignment, _txn_batch(40, 3), 40) == [40, 41, 42]
+    assert consumer.read_from(kafka, TP) == (40, 25)
+    # the worker's seek that takes: read from there
+    await consumer._ConsumerThread.seek_here(thread, TP, 30)
+    assert _getall(assignment, _txn_batch(30, 0, PID_A, True, marker=1) + _txn_batch(31, 2), 30) == [31, 32]
+    assert consumer.read_from(kafka, TP) == (30, 30)

@@ -18,11 +18,45 @@ import pytest
 
 from aggregator.config_load import load
 from aggregator.metrics import Metrics
+from aggregator.worker.consumer import note_read, read_from
 from aggregator.worker.partitions import Partitions
 from aggregator.worker.service import WorkerService
 from tests.unit.worker.records import fetched
 
 TP0 = SimpleNamespace(topic="clicks", partition=0)
+
+
+class Reads:
+    """The consumer's account of what it read (``consumer.note_read``) over the fetches a test
+    hands over, kept where aiokafka keeps it: the partition's state."""
+
+    def __init__(self) -> None:
+        self.state = SimpleNamespace()
+        assignment = SimpleNamespace(state_value=lambda tp: self.state)
+        self.consumer = SimpleNamespace(_subscription=SimpleNamespace(subscription=SimpleNamespace(
+            assignment=assignment)))
+
+    def read_from(self, partition: int) -> tuple[int, int | None] | None:
+        return read_from(self.consumer, TP0)
+
+
+def kafka(w: WorkerService, **more: object) -> SimpleNamespace:
+    """What ``on_batch`` asks of the Kafka side: the end offset (``w.end``), the assignment,
+    what the consumer read (``w.reads``)."""
+    w.end, w.restarts, w.reads = 0, [], Reads()
+    return SimpleNamespace(read_to=lambda partition, n: n, highwater=lambda partition, topic=None: w.end,
+                           assigned=lambda: {0}, log_restarted=w.restarts.append, read_from=w.reads.read_from,
+                           **more)
+
+
+def deliver(w: WorkerService, records: list, at: int | None = None) -> int | None:
+    """Hand ``records`` over as a fetch from ``at`` (transaction markers before them; by
+    default their first offset), and seek where ``on_batch`` says, as the consumer does."""
+    note_read(w.reads.state, records[0].offset if at is None else at, records, records[-1].offset + 1)
+    again = w.on_batch(TP0, records)
+    if again is not None:
+        w.reads.state.sought = again  # consumer._ConsumerThread.seek_here
+    return again
 
 
 class Log:
@@ -58,17 +92,14 @@ def worker(tmp_path):
     settings = load(env={"AGG_SPILL_DIR": str(tmp_path / "spill"),
                          "AGG_PARTITIONS": "1"})
     w = WorkerService(settings, Metrics(), [])
-    w.end = 0
-    w.restarts = []
-    w.kafka = SimpleNamespace(read_to=lambda partition, n: n, highwater=lambda partition, topic=None: w.end, assigned=lambda: {0},
-                              log_restarted=w.restarts.append)
+    w.kafka = kafka(w)
     w.partitions = Partitions(w.partitions.books, tmp_path / "spill", lambda p: None, Metrics())
     return w
 
 
-def feed(w: WorkerService, log: Log, start: int, end: int | None = None) -> int | None:
+def feed(w: WorkerService, log: Log, start: int, end: int | None = None, at: int | None = None) -> int | None:
     w.end = log.end
-    return w.on_batch(TP0, log.read(start, end))
+    return deliver(w, log.read(start, end), at)
 
 
 def counted(w: WorkerService) -> int:
@@ -118,7 +149,7 @@ def test_a_re_read_that_ends_at_the_record_before_proves_nothing_of_the_next_fet
     pause(worker)
     assert feed(worker, new, 600) == 599
     stale = fetched([(None, orjson.dumps({"region": "r"}), [])], base=599, timestamp=old_599, log_append=True)
-    assert worker.on_batch(TP0, stale) is None
+    assert deliver(worker, stale) is None
     assert feed(worker, new, 600) == 599  # not taken on the stale word
     assert feed(worker, new, 599) == 0
     assert feed(worker, new, 0) is None

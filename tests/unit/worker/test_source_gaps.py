@@ -16,19 +16,17 @@ from aggregator.config_load import load
 from aggregator.core.sourcelog import LOG_APPEND_TIME, restarted, unproven
 from aggregator.core.topics import Topics
 from aggregator.metrics import Metrics
+from aggregator.worker.consumer import note_read
 from aggregator.worker.partitions import Partitions
 from aggregator.worker.service import WorkerService
 from tests.unit.worker.records import fetched, recovered
-from tests.unit.worker.test_source_check import TP0, Log, counted, feed
+from tests.unit.worker.test_source_check import Log, counted, deliver, feed, kafka
 
 
 def _worker(tmp_path, sub: str = "spill", stored=lambda p: None) -> WorkerService:
     settings = load(env={"AGG_SPILL_DIR": str(tmp_path / sub), "AGG_PARTITIONS": "1"})
     w = WorkerService(settings, Metrics(), [])
-    w.end = 0
-    w.restarts = []
-    w.kafka = SimpleNamespace(read_to=lambda partition, n: n, highwater=lambda partition, topic=None: w.end, assigned=lambda: {0},
-                              log_restarted=w.restarts.append, topics=Topics(""))
+    w.kafka = kafka(w, topics=Topics(""))
     w.partitions = Partitions(w.partitions.books, tmp_path / sub, stored, Metrics())
     return w
 
@@ -107,6 +105,42 @@ def test_a_new_log_as_long_as_the_old_one_is_still_found_at_the_record_before(tm
     assert counted(w) == 1500 and w.restarts == [0] and w.partitions.get(0).book.log_epoch == 1
 
 
+def _rebuilding(w: WorkerService) -> None:
+    """The partition's spill files are lost (another host had it): its backlog is to be
+    re-spilled from a replay of the source log (spill.ledger.rebuild)."""
+    p = w._open(0)
+    p.spill.ledger.regions["hot"] = [50, 0, 0]
+    p.spill.ledger.rebuild["hot"] = 50
+
+
+def test_a_new_log_replayed_for_a_lost_spill_is_found_at_the_record_before(tmp_path):
+    _, state = _counted_1200_with_a_clock_step_back(tmp_path)
+    new = Log(int(time.time() * 1000) - 30_000)  # created again, refilled past 1200
+    new.append(1500)
+    w = _worker(tmp_path, "spill2", recovered(0, state))
+    _rebuilding(w)
+    assert feed(w, new, 0, 600) == 1199  # not taken for the same log, rebuild or not
+    assert feed(w, new, 1199) == 0
+    for start in (0, 600, 1200):
+        assert feed(w, new, start, start + 300 if start == 1200 else start + 600) is None
+    assert counted(w) == 1500 and w.restarts == [0] and w.partitions.get(0).book.log_epoch == 1
+
+
+def test_a_replay_for_a_lost_spill_goes_on_from_its_start_once_proven(tmp_path):
+    log, state = _counted_1200_with_a_clock_step_back(tmp_path)
+    w = _worker(tmp_path, "spill2", recovered(0, state))
+    _rebuilding(w)
+    log.append(100)
+    assert feed(w, log, 0, 600) == 1199
+    assert feed(w, log, 1199) == 0  # the same record: the replay the spill needs, from its start
+    p = w.partitions.get(0)
+    assert p.source_checked and w.restarts == []
+    assert feed(w, log, 0, 600) is None and feed(w, log, 600, 1200) is None  # re-spilled, not counted
+    assert counted(w) == 0
+    assert feed(w, log, 1200) is None
+    assert counted(w) == 100 and w.restarts == [] and p.book.next_offset == 1300
+
+
 # ----------------------------------------------------------------------- offsets lost
 def _counted_600(tmp_path) -> tuple[Log, bytes]:
     w = _worker(tmp_path)
@@ -116,45 +150,91 @@ def _counted_600(tmp_path) -> tuple[Log, bytes]:
     return log, w.partitions.get(0).state_value()
 
 
-def test_offsets_deleted_by_retention_are_said_lost_and_counted(tmp_path, caplog):
+def _reopened(tmp_path, caplog, n: int) -> tuple[Log, WorkerService]:
+    """600 counted; ``n`` more appended while the worker was down; a new worker on its state."""
     log, state = _counted_600(tmp_path)
-    log.append(1000, gap_ms=1000)  # the worker down; retention deletes the log up to 1100
+    log.append(n, gap_ms=1000)
     w = _worker(tmp_path, "spill2", recovered(0, state))
     caplog.set_level(logging.INFO)
     w.end = log.end
-    # the committed offset 600 out of range: the consumer resets to the log's start, 1100;
-    # each re-read of 599 is reset there again
-    for _ in range(3):
-        assert w.on_batch(TP0, log.read(1100)) == 599
-        assert counted(w) == 0 and not _loud(caplog)
-    assert w.on_batch(TP0, log.read(1100)) is None
+    return log, w
+
+
+def test_offsets_deleted_by_retention_are_said_lost_and_counted(tmp_path, caplog):
+    log, w = _reopened(tmp_path, caplog, 1000)  # retention deleted the log up to 1100
+    # the committed offset 600 out of range: the consumer resets to the log's start, 1100
+    assert deliver(w, log.read(1100)) == 600  # its position jumped over 600: read from there
+    assert counted(w) == 0 and not _loud(caplog)
+    assert deliver(w, log.read(1100)) is None  # sought to 600, reset to 1100 again: gone
     assert counted(w) == 500 and w.partitions.get(0).book.next_offset == 1600
     loud = _loud(caplog)
     assert len(loud) == 1 and "partition 0 of clicks: offsets 600..1099" in loud[0] and "lost" in loud[0]
     assert _lost(w) == 500
 
 
-def test_a_gap_of_transaction_markers_is_not_a_loss(tmp_path, caplog):
+def _value_batch(w: WorkerService, offset: int, stamp: int, n: int = 10) -> list:
+    w.end = offset + n
+    return fetched([(None, orjson.dumps({"region": "r"}), [])] * n, base=offset, timestamp=stamp, log_append=True)
+
+
+def _counting(tmp_path, caplog) -> tuple[Log, WorkerService]:
+    """A worker that counted 600 records and counts on."""
     w = _worker(tmp_path)
     log = Log(int(time.time() * 1000) - 60_000)
     log.append(600)
     assert feed(w, log, 0) is None and counted(w) == 600
     caplog.set_level(logging.INFO)
-    value = orjson.dumps({"region": "r"})
+    return log, w
+
+
+def test_a_gap_of_transaction_markers_is_not_a_loss(tmp_path, caplog):
+    log, w = _counting(tmp_path, caplog)
     stamp = log.stamp + 1
-
-    def at(offset: int, n: int = 10) -> list:
-        w.end = offset + n
-        return fetched([(None, value, [])] * n, base=offset, timestamp=stamp, log_append=True)
-
-    before = at(601)
-    assert w.on_batch(TP0, before) is None  # a commit marker at 600: one offset, no record
+    # the consumer read on from 600: a commit marker there, then records
+    assert deliver(w, _value_batch(w, 601, stamp), at=600) is None
     assert counted(w) == 10
-    # two markers (two transactions ended together): the record before them is read again
-    assert w.on_batch(TP0, at(613)) == 610
-    assert w.on_batch(TP0, before[-1:] + at(613)) is None  # it is there: nothing deleted
-    assert counted(w) == 10 and w.partitions.get(0).book.next_offset == 623
+    # two markers (two transactions ended together), an aborted transaction's batch: read, no record
+    assert deliver(w, _value_batch(w, 620, stamp), at=611) is None
+    # a fetch of markers only hands nothing over; the next one reads on past them
+    note_read(w.reads.state, 630, [], 633)
+    assert deliver(w, _value_batch(w, 633, stamp), at=633) is None
+    assert counted(w) == 20 and w.partitions.get(0).book.next_offset == 643
     assert not _loud(caplog) and _lost(w) is None
+
+
+def test_a_single_offset_skipped_by_a_reset_is_said_lost(tmp_path, caplog):
+    # ingest's producer is idempotent, not transactional: a gap of one offset is no marker
+    # unless the consumer read it (retention deleted a one-record segment; a reset to 601)
+    log, w = _reopened(tmp_path, caplog, 100)
+    assert deliver(w, log.read(601)) == 600
+    assert deliver(w, log.read(601)) is None  # sought to 600, reset to 601 again
+    assert counted(w) == 99 and _lost(w) == 1
+    loud = _loud(caplog)
+    assert len(loud) == 1 and "offsets 600..600" in loud[0]
+
+
+def test_a_single_offset_skipped_by_a_seek_is_read_again(tmp_path, caplog):
+    # the position moved past the state's offset (a seek not the worker's): what is still
+    # there is read from the state's offset, nothing lost
+    log, w = _reopened(tmp_path, caplog, 100)
+    assert deliver(w, log.read(601)) == 600
+    assert deliver(w, log.read(600)) == 599  # the first batch since opened: the record before first
+    assert deliver(w, log.read(599)) is None
+    assert counted(w) == 100 and _lost(w) is None and not _loud(caplog)
+
+
+def test_a_re_read_holding_only_the_record_before_is_no_loss(tmp_path, caplog):
+    # after a pause, the batch past a marker waits for 599 to be read again; the re-read
+    # stops at 599 (a segment ends there): the markers between are read all the same
+    log, w = _counting(tmp_path, caplog)
+    stamp = log.stamp + 5_000  # appended well after: a pause
+    for _ in range(3):
+        assert deliver(w, _value_batch(w, 603, stamp), at=600) == 599
+        assert feed(w, log, 599, 600) is None  # 599 alone
+    assert counted(w) == 0
+    assert deliver(w, _value_batch(w, 603, stamp), at=600) is None
+    assert counted(w) == 10 and _lost(w) is None
+    assert all("lost" not in m for m in _loud(caplog))
 
 
 def test_offsets_of_clicks_repartition_skipped_are_said_lost(tmp_path, caplog):
