@@ -120,8 +120,14 @@ class LeftSpills:
         self.stuck: set[int] = set()  # those the disk would not let delete (said once)
 
     def received(self, partitions: set[int]) -> None:
-        """An assignment of the group reached this worker: ``partitions`` of clicks are its."""
-        self.assigned = frozenset(partitions)
+        """An assignment of the group reached this worker: ``partitions`` of clicks are its.
+        One without any is not taken for the group's word on clicks: the group's leader
+        leaves out a topic missing from its metadata (clicks deleted and created again, for
+        a moment after a restart), so such an assignment says nothing of where partitions
+        went (a worker of a group with more workers than partitions keeps its left spills,
+        counted, until it is given one)."""
+        if partitions:
+            self.assigned = frozenset(partitions)
 
     def left(self, partition: int) -> None:
         """The partition's spill stays on disk, not owned here any more: counted until it goes."""
