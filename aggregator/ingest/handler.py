@@ -95,11 +95,23 @@ class IngestHandler:
         finally:
             held.release()
 
+    def refusal_before_continue(self, request: web.Request) -> web.Response | None:
+        """``refusal`` as the HTTP layer asks it before it sends ``100 Continue``
+        (web.server): with tracing on, a request refused there is a server span too, like
+        one this handler answers."""
+        resp = self.refusal(request)
+        tracer = tracing.tracer
+        if resp is not None and tracer is not None:
+            with tracing.request_span(tracer, "POST /v1/events", "/v1/events", request.method,
+                                      request.headers) as span:
+                tracing.end_request(span, resp.status)
+        return resp
+
     def refusal(self, request: web.Request) -> web.Response | None:
         """The answer to a request its headers alone refuse (token, ``Content-Length``,
         ``Idempotency-Key``, the budget), else None.  The HTTP layer asks it before it sends
-        ``100 Continue`` (web.server), so a client that waits for one sends no body to be
-        refused."""
+        ``100 Continue`` (``refusal_before_continue``), so a client that waits for one sends
+        no body to be refused."""
         if self.token:
             # the scheme is case-insensitive (RFC 9110 §11.1): ``bearer x`` is ``Bearer x``
             scheme, _, cred = request.headers.get("Authorization", "").partition(" ")

@@ -80,9 +80,10 @@ class Routes:
         self.not_ready = not_ready  # why this process is not ready, or None when it is
         self.post_events = post_events or self.no_ingest
         # the answer to a POST /v1/events its headers alone refuse, else None: asked before
-        # ``100 Continue`` is sent (the ingest handler's ``refusal``; without ingest: no_ingest's 503)
+        # ``100 Continue`` is sent (the ingest handler's ``refusal_before_continue``; without
+        # ingest: no_ingest's 503)
         self.post_refusal: Callable[[web.Request], web.Response | None] = (
-            getattr(post_events, "refusal", _never) if post_events is not None else _no_ingest)
+            getattr(post_events, "refusal_before_continue", _never) if post_events is not None else _no_ingest)
         self.gate: ConnectionGate | None = None  # the server's, which learns when a handler runs
         self.snapshot_views = 0  # GET /v1/snapshots answers being built or sent
         self.max_snapshot_views = SNAPSHOT_VIEWS

@@ -111,3 +111,24 @@ async def test_a_process_without_ingest_refuses_before_100_continue() -> None:
         assert first == b"HTTP/1.1 100 Continue\r\n\r\n" and rest.startswith(b"HTTP/1.1 200 "), (first, rest)
     finally:
         await server.on_stop()
+
+
+async def test_a_refusal_before_100_continue_is_a_request_span(spans) -> None:
+    """With tracing on, a request refused on its headers before ``100 Continue`` gets the
+    server span any answered ``POST /v1/events`` gets, with its status."""
+    from aggregator import tracing
+
+    m = Metrics()
+    server, _ = await server_for(m)
+    try:
+        first, _ = await exchange(server.port, post(b"100-continue", token="wrong"), b"[]")
+        assert first.startswith(b"HTTP/1.1 401 "), first
+        first, rest = await exchange(server.port, post(b"100-continue"), b"[]")
+        assert first == b"HTTP/1.1 100 Continue\r\n\r\n" and rest.startswith(b"HTTP/1.1 200 "), rest
+        tracing.force_flush()
+        done = [(s.name, s.kind.name, s.attributes.get("http.response.status_code"))
+                for s in spans.get_finished_spans()]
+        # one span each: the refused one, and the one let through (not a second for its 100 Continue)
+        assert done == [("POST /v1/events", "SERVER", 401), ("POST /v1/events", "SERVER", 200)], done
+    finally:
+        await server.on_stop()
