@@ -413,7 +413,7 @@ class Partitions:
             aggs = p.book.aggs
             if aggs is not None and aggs.malformed:
                 log.warning("partition %d: %d events with a clickstream-agg header that is not what ingest "
-                            "writes: counted, but not in unique users, top URLs or delays", p.partition,
+                            "writes: counted, delays kept, but not in unique users or top URLs", p.partition,
                             aggs.malformed)
                 aggs.malformed = 0
         sizes = [p.dedup.size() for p in self.owned.values()]
