@@ -165,12 +165,14 @@ class PartitionSpill:
             want = max(0, ledger.rebuild.get(region, 0))
             if len(lst) > want:
                 # more than were spilled: events the first pass did not spill (too far ahead
-                # then, or a repeat of an event before the rebuilt range); which ones is not
+                # then, a repeat of an event before the rebuilt range, or a named region's
+                # forwarded to its home, re-read as __other__: worker.throttle); which ones is not
                 # known, so the count is kept and the last ones are left out, loudly
                 log.error("spill p%d: region %r: the rebuild from the source log re-read %d events more "
-                          "than were spilled (too far ahead, or repeats, the first time): the last ones "
-                          "were left out, so the count is right but some events may sit in a neighbouring "
-                          "window", self.partition, region, len(lst) - want)
+                          "than were spilled (too far ahead, repeats, or forwarded, the first time): the "
+                          "last ones were left out, so the count is right but some events may sit in a "
+                          "neighbouring window and in its aggregates", self.partition, region,
+                          len(lst) - want)
                 self.excess += len(lst) - want
                 del lst[want:]
                 if not lst:

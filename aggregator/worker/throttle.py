@@ -294,8 +294,10 @@ def _spilled_label(name: str, rebuild: dict[str, int], named: dict[str, int]) ->
     """The region a replayed event of ``name`` was spilled under: its own name when that is
     being rebuilt, else ``__other__`` (the cap was full then) unless the window book counted
     it by name (then it was not spilled as __other__).  Without the label of each spilled
-    event this is a guess for a region the cap named at some times and not at others: a
-    rebuild that re-reads more events than a region spilled leaves the last out, loudly."""
+    event this is a guess for a region the cap named at some times and not at others, and
+    for a named region's events a producer wrote here while their home is elsewhere (they
+    were forwarded, not spilled): a rebuild that re-reads more events than a region spilled
+    leaves the last out, loudly (docs/contract.md §6)."""
     if name in rebuild or OTHER_REGION not in rebuild or name in named:
         return name
     return OTHER_REGION
