@@ -3,8 +3,8 @@
 timeout, after a 503 that stored part of the first attempt (the broker stalled with
 SIGSTOP), through a second ingest process, across a SIGKILL of the worker between
 attempt and retry (once after its checkpoint wrote the key, once before any checkpoint,
-so the restart learns the key again from the records it replays) — and every final
-count is exact."""
+so the restart learns the key again from the records it replays), and after a rebalance
+moved the region's partition to another worker process — and every final count is exact."""
 from __future__ import annotations
 
 import asyncio
@@ -22,6 +22,7 @@ import orjson
 import pytest
 
 from aggregator.broker import ensure_topics
+from aggregator.core.repartition import home
 from aggregator.core.topics import DEFAULT
 from tests.conftest import wait_for
 from tests.integration.conftest import read_topic
@@ -221,6 +222,48 @@ def test_a_worker_killed_before_its_checkpoint_learns_the_key_again_from_the_rep
     assert _duplicates(svc)[("replayed", "idempotency_key")] == 400
     # the restarted worker read the first attempt again (a record per event), then the retry and the 30
     assert _metric(svc, 'pipeline_stage_processed_total{stage="decode"}') == 830
+
+
+def _assigned(svc) -> float:
+    return _metric(svc, "clickstream_assigned_partitions")
+
+
+def test_a_retry_after_a_rebalance_moved_the_partition_counts_once(broker, service_factory):
+    """Worker A, alone in the group, counts the first attempts and checkpoints them (the
+    group's offsets committed past them); worker B joins the group (taking some
+    partitions), then A stops (SIGTERM), so B owns every partition; the retries go to B's
+    HTTP and B counts none of them.  One region per partition: the partitions B took when
+    it joined and those it took when A left are all covered."""
+    asyncio.run(ensure_topics(broker.bootstrap, 4))
+    regions: dict[int, str] = {}
+    for i in range(200):
+        regions.setdefault(home(f"moved-{i}", 4), f"moved-{i}")
+    assert len(regions) == 4
+    sizes = {r: 100 + 20 * p for p, r in regions.items()}  # a size per region: no mix-up unseen
+    bodies = {r: _body(r, n) for r, n in sizes.items()}
+    a = service_factory("ra").start()
+    wait_for(lambda: _assigned(a) == 4, 30, what="A with every partition")
+    for r, body in bodies.items():
+        assert _post(a.url, body, f"move-{r}")[0] == 200
+    # A's checkpoint wrote each partition's state (with its key) before it committed past the
+    # attempt (a record per event, a region alone on its partition)
+    ends = {p: sizes[r] for p, r in regions.items()}
+    wait_for(lambda: _committed(broker.bootstrap) == ends, 30, what=f"offsets {ends} committed")
+    b = service_factory("rb").start()
+    wait_for(lambda: _assigned(b) > 0 and _assigned(a) + _assigned(b) == 4, 40, what="B with some partitions")
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(25) == 0
+    wait_for(lambda: _assigned(b) == 4, 40, what="B with every partition")
+    b.wait_ready(30)
+    for r, body in bodies.items():
+        status, answer = _post(b.url, body, f"move-{r}")
+        assert status == 200 and answer["accepted"] == sizes[r]
+        assert _post(b.url, _body(r, 10, ids=f"{r}-after"), None)[0] == 200
+    expected = {r: n + 10 for r, n in sizes.items()}
+    assert _counted(b, expected) == expected
+    dups = _duplicates(b)  # B dropped every retried event: it had each partition's key
+    assert {r: dups.get((r, "idempotency_key")) for r in sizes} == sizes
+    assert _metric(b, "clickstream_state_recovered_partitions_total") >= 4  # A's states, from the changelog
 
 
 def test_a_retry_after_a_503_that_stored_part_of_the_body_counts_once(stoppable_broker, tmp_path):
