@@ -345,6 +345,8 @@ def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: floa
         print(f"\naudit: the generator sent {dup.get('retried_events', 0)} events again in "
               f"{dup.get('retried_bodies', 0)} retried bodies and {dup.get('reused_ids', 0)} events repeating an "
               f"event_id; double counts: {over_counted(truth, snaps)} (must be 0)")
+        if not kafka:
+            print(service_duplicates(url))
     if problems:
         print(f"\nAUDIT FAILED: {len(problems)} mismatches", file=sys.stderr)
         for p in problems:
@@ -352,6 +354,28 @@ def run_audit(truth: Any, url: str, kafka: str, spilled_regions: str, wait: floa
         return 1
     print("\naudit: published snapshots match the ground truth exactly")
     return 0
+
+
+def service_duplicates(url: str) -> str:
+    """One line on what the service at ``url`` dropped as repeats, by source: its own
+    ``clickstream_duplicate_events_total`` (that process's worker since it started, every
+    run's), beside the generator's count, or why it is not shown."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url + "/metrics?name[]=clickstream_duplicate_events_total", timeout=5) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        return f"audit: the service's duplicate count not shown: {url}/metrics: {getattr(exc, 'reason', exc)}"
+    by_source: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "clickstream_duplicate_events_total":
+                source = sample.labels.get("source", "?")
+                by_source[source] = by_source.get(source, 0.0) + sample.value
+    each = ", ".join(f"{n:.0f} by {source}" for source, n in sorted(by_source.items())) or "none"
+    return (f"audit: the service at {url} dropped {sum(by_source.values()):.0f} events as repeats ({each}; "
+            "clickstream_duplicate_events_total: this process's worker since it started, every run's)")
 
 
 def aggregates_note(truth: Any, snaps: list[Snapshot], spilled: frozenset[str],

@@ -1,10 +1,13 @@
 """Retry-safe ingest (docs/contract.md §3, "Retries"): a body retried with its
 ``Idempotency-Key`` and an ``event_id`` sent again are counted once — after a client
 timeout, after a 503 that stored part of the first attempt (the broker stalled with
-SIGSTOP), through a second ingest process, and across a SIGKILL of the worker between
-attempt and retry — and every final count is exact."""
+SIGSTOP), through a second ingest process, across a SIGKILL of the worker between
+attempt and retry (once after its checkpoint wrote the key, once before any checkpoint,
+so the restart learns the key again from the records it replays), and after a rebalance
+moved the region's partition to another worker process — and every final count is exact."""
 from __future__ import annotations
 
+import asyncio
 import gzip
 import os
 import signal
@@ -19,7 +22,10 @@ import orjson
 import pytest
 
 from aggregator.broker import ensure_topics
+from aggregator.core.repartition import home
+from aggregator.core.topics import DEFAULT
 from tests.conftest import wait_for
+from tests.integration.conftest import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -88,8 +94,32 @@ def _duplicates(svc) -> dict[tuple[str, str], float]:
     return out
 
 
+def _metric(svc, line_start: str) -> float:
+    for line in svc.metrics_text().splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _committed(bootstrap: str) -> dict[int, int]:
+    """The consumer group's committed offset of each partition of ``clicks`` (-1: none)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.structs import TopicPartition
+
+    async def run() -> dict[int, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+        await admin.start()
+        try:  # the partitions named: the embedded broker does not answer "all of the group's"
+            got = await admin.list_consumer_group_offsets(
+                DEFAULT.app_id, partitions=[TopicPartition(DEFAULT.clicks, i) for i in range(4)])
+        finally:
+            await admin.close()
+        return {tp.partition: meta.offset for tp, meta in got.items()}
+
+    return asyncio.run(run())
+
+
 def test_retries_and_repeated_event_ids_count_once(broker, service_factory):
-    import asyncio
     asyncio.run(ensure_topics(broker.bootstrap, 4))
     svc = service_factory("a").start()
     second = service_factory("ingest2", AGG_ROLE="ingest").start()
@@ -141,7 +171,6 @@ def test_retries_and_repeated_event_ids_count_once(broker, service_factory):
 def test_the_same_event_ids_of_regions_beyond_the_cap_stay_apart(broker, service_factory):
     """Events of regions over AGG_MAX_REGIONS are counted under ``__other__``; their event ids
     keep the region they came with, so ``b``'s and ``c``'s id ``e-0`` are two events."""
-    import asyncio
     asyncio.run(ensure_topics(broker.bootstrap, 4))
     svc = service_factory("capped", AGG_MAX_REGIONS="1").start()
     assert _post(svc.url, _body("a", 10, ids="e"), None)[0] == 200  # takes the one place
@@ -153,7 +182,6 @@ def test_the_same_event_ids_of_regions_beyond_the_cap_stay_apart(broker, service
 
 
 def test_a_worker_killed_between_attempt_and_retry_counts_once(broker, service_factory):
-    import asyncio
     asyncio.run(ensure_topics(broker.bootstrap, 4))
     svc = service_factory("k").start()
     body = _body("killed", 400)
@@ -169,6 +197,75 @@ def test_a_worker_killed_between_attempt_and_retry_counts_once(broker, service_f
     assert _duplicates(svc)[("killed", "idempotency_key")] == 400
 
 
+def test_a_worker_killed_before_its_checkpoint_learns_the_key_again_from_the_replay(broker, service_factory):
+    """The first attempt is counted in memory only: with AGG_STATE_FLUSH_SECONDS=60 no flush
+    tick comes between counting and the SIGKILL, so neither the window state (with the key)
+    nor an offset is written — checked, not hoped.  The restarted worker reads the attempt's
+    records again from the start of the partition and must learn the key from them: the
+    retry is a repeat."""
+    asyncio.run(ensure_topics(broker.bootstrap, 4))
+    svc = service_factory("replay", AGG_STATE_FLUSH_SECONDS="60").start()
+    body = _body("replayed", 400)
+    assert _post(svc.url, body, "replay-1")[0] == 200
+    wait_for(lambda: _metric(svc, 'pipeline_stage_processed_total{stage="window"}') == 400, 20,
+             what="the attempt counted into a window")
+    # the tally of counted events is reported by the flush tick that checkpoints: none yet
+    assert 'clickstream_events_total{region="replayed"}' not in svc.metrics_text()
+    svc.kill()
+    assert set(_committed(broker.bootstrap).values()) == {-1}  # no offset committed...
+    assert read_topic(broker.bootstrap, DEFAULT.state_changelog, idle=1.0) == []  # ...nor a state written
+    del svc.extra_env["AGG_STATE_FLUSH_SECONDS"]  # the usual ticks again: windows close in time
+    svc.start()
+    assert _post(svc.url, body, "replay-1")[0] == 200
+    assert _post(svc.url, _body("replayed", 30, ids="after"), None)[0] == 200
+    assert _counted(svc, {"replayed": 430}) == {"replayed": 430}
+    assert _duplicates(svc)[("replayed", "idempotency_key")] == 400
+    # the restarted worker read the first attempt again (a record per event), then the retry and the 30
+    assert _metric(svc, 'pipeline_stage_processed_total{stage="decode"}') == 830
+
+
+def _assigned(svc) -> float:
+    return _metric(svc, "clickstream_assigned_partitions")
+
+
+def test_a_retry_after_a_rebalance_moved_the_partition_counts_once(broker, service_factory):
+    """Worker A, alone in the group, counts the first attempts and checkpoints them (the
+    group's offsets committed past them); worker B joins the group (taking some
+    partitions), then A stops (SIGTERM), so B owns every partition; the retries go to B's
+    HTTP and B counts none of them.  One region per partition: the partitions B took when
+    it joined and those it took when A left are all covered."""
+    asyncio.run(ensure_topics(broker.bootstrap, 4))
+    regions: dict[int, str] = {}
+    for i in range(200):
+        regions.setdefault(home(f"moved-{i}", 4), f"moved-{i}")
+    assert len(regions) == 4
+    sizes = {r: 100 + 20 * p for p, r in regions.items()}  # a size per region: no mix-up unseen
+    bodies = {r: _body(r, n) for r, n in sizes.items()}
+    a = service_factory("ra").start()
+    wait_for(lambda: _assigned(a) == 4, 30, what="A with every partition")
+    for r, body in bodies.items():
+        assert _post(a.url, body, f"move-{r}")[0] == 200
+    # A's checkpoint wrote each partition's state (with its key) before it committed past the
+    # attempt (a record per event, a region alone on its partition)
+    ends = {p: sizes[r] for p, r in regions.items()}
+    wait_for(lambda: _committed(broker.bootstrap) == ends, 30, what=f"offsets {ends} committed")
+    b = service_factory("rb").start()
+    wait_for(lambda: _assigned(b) > 0 and _assigned(a) + _assigned(b) == 4, 40, what="B with some partitions")
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(25) == 0
+    wait_for(lambda: _assigned(b) == 4, 40, what="B with every partition")
+    b.wait_ready(30)
+    for r, body in bodies.items():
+        status, answer = _post(b.url, body, f"move-{r}")
+        assert status == 200 and answer["accepted"] == sizes[r]
+        assert _post(b.url, _body(r, 10, ids=f"{r}-after"), None)[0] == 200
+    expected = {r: n + 10 for r, n in sizes.items()}
+    assert _counted(b, expected) == expected
+    dups = _duplicates(b)  # B dropped every retried event: it had each partition's key
+    assert {r: dups.get((r, "idempotency_key")) for r in sizes} == sizes
+    assert _metric(b, "clickstream_state_recovered_partitions_total") >= 4  # A's states, from the changelog
+
+
 def test_a_retry_after_a_503_that_stored_part_of_the_body_counts_once(stoppable_broker, tmp_path):
     """The broker stalls (SIGSTOP) while a big body is being produced: ingest answers 503
     after its timeout with part of the body already stored; the broker comes back and the
@@ -178,8 +275,6 @@ def test_a_retry_after_a_503_that_stored_part_of_the_body_counts_once(stoppable_
     first attempt's ingest time: if their windows closed meanwhile (a loaded machine is slow
     enough) they are late (``closed_window``) and the retry's copies are repeats, so each
     event is counted once in a window or in the late bucket (docs/contract.md §3)."""
-    import asyncio
-
     from tests.integration.conftest import Service
 
     b = stoppable_broker
@@ -223,8 +318,7 @@ def test_a_retry_after_a_503_that_stored_part_of_the_body_counts_once(stoppable_
 def test_gen_retry_fraction_across_two_ingest_processes_audits_exactly(broker, service_factory, tmp_path):
     """``aggregator gen --retry-fraction``: bodies sent again (to the other ingest process,
     at once or later) and event ids repeated; ``aggregator audit`` finds every count exact
-    and reports the duplicates it was sent."""
-    import asyncio
+    and reports the duplicates it was sent, and the service's own count of them."""
     import json
     import subprocess
     import sys
@@ -247,14 +341,12 @@ def test_gen_retry_fraction_across_two_ingest_processes_audits_exactly(broker, s
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "double counts: 0 (must be 0)" in res.stdout
     dups = _duplicates(svc)
-    assert sum(n for (_, source), n in dups.items() if source == "event_id") >= dup["reused_ids"]
-
-
-def _metric(svc, line_start: str) -> float:
-    for line in svc.metrics_text().splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    by_id = sum(n for (_, source), n in dups.items() if source == "event_id")
+    assert by_id >= dup["reused_ids"]
+    # the audit shows the service's own count beside the generator's (the generator's events
+    # all carry an event_id, which wins over the key: every repeat is one by event_id)
+    assert f"the service at {svc.url} dropped {sum(dups.values()):.0f} events as repeats ({by_id:.0f} by event_id;" \
+        in res.stdout, res.stdout[-1500:]
 
 
 def test_one_event_requests_with_a_key_each_stay_within_the_dedup_cap(broker, service_factory):
@@ -263,7 +355,6 @@ def test_one_event_requests_with_a_key_each_stay_within_the_dedup_cap(broker, se
     dedup memory for the whole horizon.  Keys count by their memory now: the oldest are
     forgotten beyond the cap (the newest tenth of the horizon kept), reported as evicted,
     and a retry of a recent one is still a repeat; every count exact."""
-    import asyncio
     asyncio.run(ensure_topics(broker.bootstrap, 4))
     # a horizon of 20 s: tenths of 2 s; a cap of 50 ids' worth: about 21 one-event keys
     svc = service_factory("beacons", AGG_DEDUP_SECONDS="20", AGG_DEDUP_MAX_IDS="50").start()
