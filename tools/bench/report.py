@@ -345,7 +345,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"`{k.get('kafka_dir', '?')}`: the production broker, sharing the same two cores. Its log goes to "
             "tmpfs by default because on this VM's shared disk Kafka's request log showed appends "
             "(`localTime`) of up to 77 ms and the ingest saw produce round trips of 100-300 ms then, which "
-            "every request queued behind them waits out (see the README's Benchmarks section).",
+            "every request queued behind them waits out (docs/performance.md, \"What was found about each broker\").",
             "",
         ] + _split_runs_table(k["runs"])
     s = r.get("snapshots") or r.get("snapshots_kafka")
