@@ -18,7 +18,6 @@ topic holds once compacted, and what a recovering worker reads).
 """
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ import orjson
 
 from aggregator.core.aggstate import window_of
 from aggregator.core.contract import STATE_CHANGELOG
+from aggregator.gen.audit import fetch_topic
 
 KINDS = ("state", "d", "g")
 
@@ -92,37 +92,6 @@ def summarise(records: Iterable[tuple[bytes | None, bytes | None]]) -> Changelog
     return out
 
 
-async def _read(bootstrap: str, topic: str, timeout: float) -> list[tuple[bytes | None, bytes | None]]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                         auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
-    out: list[tuple[bytes | None, bytes | None]] = []
-    try:
-        await c.start()
-        parts = c.partitions_for_topic(topic) or set()
-        if not parts:
-            await c._client.force_metadata_update()
-            parts = c.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
-            raise RuntimeError(f"no topic {topic} to read")
-        c.assign(tps)
-        await c.seek_to_beginning(*tps)
-        end = await c.end_offsets(tps)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not all([await c.position(tp) >= end[tp] for tp in tps]):
-            if loop.time() > deadline:
-                raise RuntimeError(f"{topic}: not read to its end within {timeout:.0f} s")
-            batch = await c.getmany(timeout_ms=500)
-            for recs in batch.values():
-                out.extend((r.key, r.value) for r in recs)
-    finally:
-        await c.stop()
-    return out
-
-
-def read(bootstrap: str, topic: str = STATE_CHANGELOG, timeout: float = 120.0) -> ChangelogBytes:
+def read(bootstrap: str, topic: str = STATE_CHANGELOG) -> ChangelogBytes:
     """``topic`` read from its start to the end offsets seen at the start, summarised."""
-    return summarise(asyncio.run(_read(bootstrap, topic, timeout)))
+    return summarise(fetch_topic(bootstrap, topic))
