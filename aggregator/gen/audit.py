@@ -32,7 +32,7 @@ from aggregator.gen.audit_cells import (
 
 __all__ = ["DELAY_ROUNDING_MS", "DELAY_TOLERANCE", "EXACT_USERS", "UNIQUE_USERS_TOLERANCE", "URL_CAPACITY",
            "URL_COUNT_TOLERANCE", "CellTruthJSON", "TruthJSON", "audit", "audit_aggregates", "check_cell",
-           "fetch_topic_snapshots", "has_aggregates", "missing_windows", "of_this_run", "over_counted", "table",
+           "fetch_topic", "fetch_topic_snapshots", "has_aggregates", "missing_windows", "of_this_run", "over_counted", "table",
            "unambiguous_top"]
 
 
@@ -219,17 +219,23 @@ def table(truth: TruthJSON, snapshots: Iterable[Snapshot]) -> str:
 
 def fetch_topic_snapshots(bootstrap: str, security: KafkaSecurity = PLAINTEXT, idle: float = 2.0,
                           topic: str = SNAPSHOTS) -> list[Snapshot]:
-    """Every snapshot on ``topic`` (the service's ``click-snapshots``), read up to the end
-    offsets seen at the start (or until nothing arrives for ``idle`` seconds), with TLS/SASL
-    as ``security`` says (a refused login raises ``KafkaLoginError``)."""
+    """Every snapshot on ``topic`` (the service's ``click-snapshots``): ``fetch_topic``'s values."""
+    return [json.loads(value) for _, value in fetch_topic(bootstrap, topic, security, idle) if value is not None]
+
+
+def fetch_topic(bootstrap: str, topic: str, security: KafkaSecurity = PLAINTEXT,
+                idle: float = 2.0) -> list[tuple[bytes | None, bytes | None]]:
+    """(key, value) of every record of ``topic``, in each partition's order, read up to the
+    end offsets seen at the start (or until nothing arrives for ``idle`` seconds), with
+    TLS/SASL as ``security`` says (a refused login raises ``KafkaLoginError``)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    async def read() -> list[Snapshot]:
+    async def read() -> list[tuple[bytes | None, bytes | None]]:
         address = bootstrap.split("://", 1)[-1]
         await check_login(address, security)
         c = AIOKafkaConsumer(bootstrap_servers=address, group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", **security.aiokafka_kwargs())
-        out: list[Snapshot] = []
+        out: list[tuple[bytes | None, bytes | None]] = []
         try:
             await c.start()  # in the try: a consumer that could not start is closed too
             parts = c.partitions_for_topic(topic) or set()
@@ -247,7 +253,7 @@ def fetch_topic_snapshots(bootstrap: str, security: KafkaSecurity = PLAINTEXT, i
                 if not batch:
                     break
                 for recs in batch.values():
-                    out.extend(json.loads(r.value) for r in recs)
+                    out.extend((r.key, r.value) for r in recs)
                 positions = {tp: await c.position(tp) for tp in tps}
                 if all(positions[tp] >= end[tp] for tp in tps):
                     break

@@ -40,9 +40,13 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     assert all(mb > 0 for _, mb in res["memory"]["peak_rss"])
     # figure 4b: aggregates on over many regions, counts exact (else the run raises)
     assert res["aggregates_memory"]["regions"] == 300 and [n for n, _, _ in res["aggregates_memory"]["runs"]] == [4000]
+    # ... and the state it wrote per (region, window): its changelog read back (issue 18)
+    st = res["aggregates_memory"]["state"][0]
+    assert st["n"] == 4000 and st["written"]["g"] >= st["live"]["g"] > 0 and st["cells"] >= st["live_cells"] > 100
     i = res["ingest"]
     assert i["exact"] is True and i["runs"][0]["one_exact"] is True
     assert i["dedup_keys"] > 0 and i["worker_rss"] > 0  # the dedup state at the bench rate
+    assert i["runs"][0]["dedup_changelog"] > 0 and i["dedup_changelog_per_key"] > 0  # ... and its records
     run = i["runs"][0]
     phases = ("max_1000", "alone_1000", "max_10", "half_1000", "one_max_1000", "one_half_1000",
               "agg_max_1000", "agg_alone_1000",  # agg_: AGG_AGGREGATES on in both processes
@@ -59,6 +63,7 @@ def test_bench_runs_and_counts_exactly(tmp_path):
     for needle in ("## Machine", "nproc", "Python", "worker throughput", "HTTP ingest", "snapshot delay",
                    "peak RSS", "1b. worker", "1c. worker", "1d. worker", "4b. worker", "worker process stopped",
                    "the same with AGG_AGGREGATES on", "on a fresh broker", "Half rate on a fresh embedded broker",
+                   "aggregates' state written per (region, window)", "dedup records on the changelog",
                    res["machine"]["cpu"]):
         assert needle in md, needle
     assert "worker throughput" in proc.stdout  # the printed table
@@ -103,8 +108,10 @@ def test_bench_ingest_on_apache_kafka_counts_exactly(tmp_path):
         assert res[key]["n"] == 3000 and res[key]["exact"] is True, key
     # figure 4b on Apache Kafka (counts exact, else the run raises)
     assert [n for n, _, _ in res["aggregates_memory_kafka"]["runs"]] == [4000]
+    st = res["aggregates_memory_kafka"]["state"][0]  # its changelog read back: 4 partitions there
+    assert st["written"]["g"] >= st["live"]["g"] > 0 and st["cells"] >= st["live_cells"] > 100
     i = res["ingest_kafka"]
-    assert i["exact"] is True and i["runs"][0]["exact"] is True
+    assert i["exact"] is True and i["runs"][0]["exact"] is True and i["runs"][0]["dedup_changelog"] > 0
     assert all(i["runs"][0][p]["requests"] > 0 for p in ("max_1000", "max_10", "half_1000"))
     assert res["snapshots_kafka"]["metrics_n"] > 0 and res["snapshots_kafka"]["topic_n"] > 0
     assert res["ingest_kafka"]["kafka_dir"] == str(tmp_path)

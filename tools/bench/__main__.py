@@ -27,7 +27,7 @@ import orjson
 
 from aggregator.broker import EmbeddedBroker, ensure_topics
 from aggregator.config import EMBEDDED_PARTITIONS, KAFKA_PARTITIONS
-from tools.bench import common, ingest, report, throughput
+from tools.bench import changelog, common, ingest, report, throughput
 from tools.bench.otlp_sink import OtlpSink
 from tools.kafka import ScriptKafka, kafka_usable
 
@@ -163,7 +163,7 @@ def aggregates_memory_section(a: argparse.Namespace, kafka: bool = False) -> dic
     (Zipf-like), over backlogs of each size in ``a.aggregates_memory_n``, records as ingest
     writes them (agg headers); one run each, on a fresh embedded broker or, with ``kafka``,
     a fresh Apache Kafka.  Counts checked exact."""
-    out = []
+    out, state = [], []
     regions = common.many_regions(a.aggregates_regions)
     for n in a.aggregates_memory_n:
         b: EmbeddedBroker | ScriptKafka = kafka_broker(a) if kafka else fresh_broker(a.partitions_embedded)[0]
@@ -178,12 +178,16 @@ def aggregates_memory_section(a: argparse.Namespace, kafka: bool = False) -> dic
             produced = {k: v for k, v in truth.items() if v}  # regions drawn at least once
             if w.counts != produced:
                 raise RuntimeError("aggregates memory run: counts differ from what was produced")
+            # the state the worker wrote per (region, window): its changelog, read back
+            cl = changelog.read(bootstrap)
             log(f"aggregates memory{' (Apache Kafka)' if kafka else ''}: N={n:,} worker {w.rate:,.0f}/s "
-                f"peak RSS {w.peak_rss_mb:.0f} MB")
+                f"peak RSS {w.peak_rss_mb:.0f} MB; aggregates' records {cl.written['g']:,} bytes written "
+                f"({cl.live['g']:,} live) over {cl.cells:,} (region, window) cells ({cl.live_cells:,} live)")
             out.append((n, w.peak_rss_mb, w.rate))
+            state.append({"n": n, **cl.to_json()})
         finally:
             stop_broker(b)
-    return {"regions": a.aggregates_regions, "runs": out}
+    return {"regions": a.aggregates_regions, "runs": out, "state": state}
 
 
 def _phase_dict(p: ingest.Phase) -> dict:
@@ -227,11 +231,13 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
         try:
             r = ingest.ingest_run(b.url, duration=a.ingest_duration, window_s=a.window_s, grace_s=a.grace_s,
                                   small_concurrency=a.small_concurrency, big_concurrency=a.big_concurrency)
+            cl = changelog.read(b.bootstrap)  # the dedup records the worker wrote for those keys
         finally:
             stop_broker(b)
         run = {name: _phase_dict(p) for name, p in r.phases.items()}
         run["exact"] = r.exact
         run["dedup_keys"], run["worker_rss"] = r.dedup_keys, r.worker_rss_mb  # the loadgen keys every request
+        run["dedup_changelog"] = cl.live["d"]  # bytes; nothing expires within the run (AGG_DEDUP_SECONDS)
         exact &= r.exact
         delays["metrics"] += r.snapshots.metrics_s
         delays["topic"] += r.snapshots.topic_s
@@ -248,7 +254,8 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
             f"p50 {p3.p50_ms:.1f} ms p99 {p3.p99_ms:.1f} ms max {p3.max_ms:.0f} ms (over 100 ms: "
             f"{p3.over_100ms} as sent, {p3.server_over_100ms} in the ingest handler); snapshots seen "
             f"{len(r.snapshots.metrics_s)}/{len(r.snapshots.topic_s)}, delay p99 "
-            f"{run['snapshot_p99_s']['metrics']:.2f}/{run['snapshot_p99_s']['topic']:.2f} s"
+            f"{run['snapshot_p99_s']['metrics']:.2f}/{run['snapshot_p99_s']['topic']:.2f} s; dedup: "
+            f"{r.dedup_keys:,} keys, {cl.live['d']:,} bytes of records"
             + ("" if r.exact else f"; COUNTS NOT EXACT: {r.detail}"))
         if fresh_half:
             h = _another_run(a, new_broker, run, "fresh_", half_rate=p1.rate / 2)
@@ -287,7 +294,9 @@ def ingest_section(a: argparse.Namespace, new_broker: Callable[[], Any] | None =
            "max_10_rate": m("max_10", "rate"), "max_10_p50": m("max_10", "p50_ms"), "max_10_p99": m("max_10", "p99_ms"),
            "half_offered": m("half_1000", "offered"), "half_rate": m("half_1000", "rate"),
            "half_p50": m("half_1000", "p50_ms"), "half_p99": m("half_1000", "p99_ms"),
-           "dedup_keys": med([run["dedup_keys"] for run in runs]), "worker_rss": med([run["worker_rss"] for run in runs])}
+           "dedup_keys": med([run["dedup_keys"] for run in runs]), "worker_rss": med([run["worker_rss"] for run in runs]),
+           "dedup_changelog": med([run["dedup_changelog"] for run in runs]),
+           "dedup_changelog_per_key": med([run["dedup_changelog"] / max(1, run["dedup_keys"]) for run in runs])}
     if all("fresh_half_1000" in run for run in runs):
         res.update(fresh_half_offered=m("fresh_half_1000", "offered"), fresh_half_rate=m("fresh_half_1000", "rate"),
                    fresh_half_p50=m("fresh_half_1000", "p50_ms"), fresh_half_p99=m("fresh_half_1000", "p99_ms"))

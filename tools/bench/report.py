@@ -4,6 +4,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from aggregator.core.sketches.cell import max_serialised_bytes
+
+# a request key's dedup memory per partition, measured in process for 1,000-event bodies
+# (docs/contract.md §3, "Bounded"): the bench's bodies
+KEY_BYTES = (410, 480)
+CELL_MAX_BYTES = max_serialised_bytes()  # a cell's state whole, at the default parameters
+# the "how measured" of a row that results written before it do not have (--render of an older run)
+PREDATES = " (The run reported here predates this row.)"
+
 # result keys of figures 2 and 3 per broker kind, and how the report names the broker
 INGEST_BROKERS = (("ingest", "snapshots", "embedded broker"), ("ingest_kafka", "snapshots_kafka", "Apache Kafka"))
 
@@ -19,6 +28,8 @@ def _num(x: float, unit: str = "") -> str:
         return f"{x:.3f} s"
     if unit == "MB":
         return f"{x:,.0f} MB"
+    if unit == "B":  # bytes, in the unit that reads best
+        return f"{x / 1e6:,.1f} MB" if x >= 1e6 else f"{x:,.0f} B"
     return f"{x:,.2f}"
 
 
@@ -33,6 +44,12 @@ def _ingest_rows(i: dict[str, Any], s: dict[str, Any] | None, on: str) -> list[t
     if "dedup_keys" in i:  # issue 16: the dedup state at the bench rate (the load generator keys every request)
         out.append(("   idempotency keys the worker remembers at the end / its peak RSS",
                     f"{i['dedup_keys']:,.0f} / {_num(i['worker_rss'], 'MB')}", "every request keyed", "", "info"))
+    if "dedup_changelog" in i:  # their records on the changelog; their memory from the contract's measure
+        keys = i["dedup_keys"]
+        out.append(("   ... their dedup records on the changelog (live) / per key and partition",
+                    f"{_num(i['dedup_changelog'], 'B')} / {_num(i['dedup_changelog_per_key'], 'B')}",
+                    f"in memory ~{keys * KEY_BYTES[0] / 1e6:,.0f}-{keys * KEY_BYTES[1] / 1e6:,.0f} MB at "
+                    f"{KEY_BYTES[0]}-{KEY_BYTES[1]} B a key (contract §3)", "", "info"))
     if "alone_rate" in i:
         out.append(("   the same, worker process stopped (the ingest process's own capacity)",
                     _num(i["alone_rate"], "ev/s"), f"p99 {_num(i['alone_p99'], 'ms')}; #16 goal >= 200,000 ev/s",
@@ -91,7 +108,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     w = r.get("worker")
     if w:
         n = f"{w['n']:,}"
-        out.append((f"1. worker throughput, N={n}", _num(w["worker_rate"], "ev/s"),
+        out.append((f"1. worker throughput, aggregates off (beside 1c), N={n}", _num(w["worker_rate"], "ev/s"),
                     f"bare consumer {_num(w['bare_rate'], 'ev/s')}; goal >= 90%",
                     f"{w['ratio']:.0%}", "PASS" if w["ratio"] >= 0.9 else "FAIL"))
         out.append(("   worker incl. start-up and group join", _num(w["worker_rate_from_start"], "ev/s"),
@@ -152,11 +169,23 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     for key, on in (("aggregates_memory", ""), ("aggregates_memory_kafka", ", Apache Kafka")):
         g = r.get(key)
         if g:
+            state = {st["n"]: st for st in g.get("state", ())}  # not in results before 2026-12-06
             for n, mb, rate in g["runs"]:
                 out.append((f"4b. worker peak RSS, aggregates on, {g['regions']:,} regions{on}, N={n:,}",
                             _num(mb, "MB"), f"goal < 300 MB ({rate:,.0f} ev/s)", f"{mb / 300:.0%}",
                             "PASS" if mb < 300 else "FAIL"))
+                if n in state:
+                    out.append(_state_row(state[n]))
     return out
+
+
+def _state_row(st: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    """Figure 4b's aggregates' records per (region, window) cell (tools/bench/changelog.py)."""
+    cells, live_cells = st["cells"] or math.nan, st["live_cells"] or math.nan
+    return ("   aggregates' state written per (region, window)", _num(st["written"]["g"] / cells, "B"),
+            f"{st['cells']:,} cells; live at the end {_num(st['live']['g'] / live_cells, 'B')} a cell "
+            f"(+ {_num(st['live']['state'] / live_cells, 'B')} of the partitions' state records); "
+            f"a cell whole <= {CELL_MAX_BYTES:,} B", "", "info")
 
 
 def table(r: dict[str, Any]) -> str:
@@ -220,7 +249,7 @@ def markdown(r: dict[str, Any]) -> str:
         "move from run to run; each figure is the median of the runs below, and every ratio is to a",
         "baseline measured in the same run on the same broker (the embedded Tansu broker, in memory,",
         "on loopback, sharing the two cores with the service and the load generator)."
-        + (" Figures 1, 1c and 1d are measured on Apache Kafka too, in rows that say so (a fresh "
+        + (f" Figures {_on_kafka(r)} are measured on Apache Kafka too, in rows that say so (a fresh "
            "single-node Kafka per run, its log on tmpfs)." if r.get("worker_kafka") else "")
         + (" Figures 2 and 3 are measured on Apache Kafka too, in rows that say so." if r.get("ingest_kafka") else ""),
         "",
@@ -258,7 +287,9 @@ def markdown(r: dict[str, Any]) -> str:
             "default) on the same records as figure 1, produced straight to Kafka (the worker parses each "
             "value once); **1d** the same with the records as the HTTP ingest writes them (the "
             "`clickstream-ingest` and `clickstream-agg` headers: the worker reads no value); **1e** those "
-            "records with the aggregates off, beside 1d. Issue 18's goal is 1c and 1d at 100 % or more.",
+            "records with the aggregates off, beside 1d, as figure 1 is beside 1c (the same backlog, seed "
+            "for seed: records produced straight to Kafka, the aggregates off). Issue 18's goal is 1c and 1d "
+            "at 100 % or more.",
             "",
             f"The **plain-Faust** reference (`tools/bench/plain_faust.py`: an agent over `clicks`, "
             f"`orjson.loads`, a tumbling 60 s windowed table `table[region] += 1` per event) reads only the first "
@@ -297,7 +328,18 @@ def markdown(r: dict[str, Any]) -> str:
             "with the aggregates on, so ingest hashes each event's user and URL and adds the "
             "`clickstream-agg` header (issue 18's ingest figure, beside the one without). "
             "Every request must answer 200; afterwards the events accepted per region must equal "
-            "`clickstream_events_ingested_total` and the counts in the closed windows' snapshots.",
+            "`clickstream_events_ingested_total` and the counts in the closed windows' snapshots. "
+            "The dedup state (issue 16): the load generator sends an `Idempotency-Key` with every body, "
+            "and none is forgotten within the run (`AGG_DEDUP_SECONDS`, 600 s); at the end of the split "
+            "run (its batch-1000 and batch-10 phases) the worker's "
+            "`clickstream_dedup_ids{kind=\"idempotency_key\"}` (a key counts once per "
+            "partition its body reached) and its peak RSS are read, and after it stops the window-state "
+            "changelog is read back: the bytes of the dedup records (`<partition>/d/...`) it holds at "
+            "the end (the last value of each key). Their memory is not measured apart from the "
+            "worker's RSS (a run without keys beside it would cost another split run each time); the "
+            "row gives it from the keys and the contract's in-process measure of a key of a "
+            "1,000-event body (a key of a batch-10 body takes somewhat less)."
+            + ("" if any("dedup_changelog" in x for x in (i, k) if x) else PREDATES),
             "",
         ]
     if i:
@@ -345,7 +387,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"`{k.get('kafka_dir', '?')}`: the production broker, sharing the same two cores. Its log goes to "
             "tmpfs by default because on this VM's shared disk Kafka's request log showed appends "
             "(`localTime`) of up to 77 ms and the ingest saw produce round trips of 100-300 ms then, which "
-            "every request queued behind them waits out (see the README's Benchmarks section).",
+            "every request queued behind them waits out (docs/performance.md, \"What was found about each broker\").",
             "",
         ] + _split_runs_table(k["runs"])
     s = r.get("snapshots") or r.get("snapshots_kafka")
@@ -375,13 +417,33 @@ def markdown(r: dict[str, Any]) -> str:
             f"**4b. Memory with aggregates.** Peak RSS of the worker with `AGG_AGGREGATES=true` over a backlog "
             f"of {g['regions']:,} regions (Zipf-like, exponent 0.8), records as the HTTP ingest writes them "
             "(every event with a user, a URL and a client `ts`), one run per size, on the embedded broker "
-            f"({_partitions(cfg['partitions'])}) and on Apache Kafka; counts checked exact.",
+            f"({_partitions(cfg['partitions'])}) and on Apache Kafka; counts checked exact. "
+            "The state bytes per (region, window): once the worker has stopped, its window-state changelog "
+            "is read back and the values of the aggregates' records (`<partition>/g/<bucket>/<seq>`: each "
+            "cell's logged input since the checkpoint before, and a window's cells whole once that input "
+            "outgrew them, docs/analytics.md) are summed, as written over the run, divided by the "
+            "(region, window) cells those records name; \"live at the end\" counts only the last value "
+            "of each key not deleted since, over the cells it names: what a worker recovering the "
+            "partition reads. The backlog spans a few seconds of ingest time, so its events fall in one "
+            "or two windows; a window that closes during the run has its "
+            "records deleted (its cells become snapshots in the partition's state), so it counts in the "
+            "written figure only. Beside it: the live state records of the partitions (the counts, the "
+            "indexes naming the records above, the outbox) over the same cells, and the bound of a "
+            "cell's own JSON, whole (`max_serialised_bytes()`)." + ("" if "state" in g else PREDATES),
             "",
         ]
     if r.get("notes"):
         md += ["## Notes", ""] + [f"- {x}" for x in r["notes"]] + [""]
     md += ["## Raw results", "", "```json", r["json"], "```", ""]
     return "\n".join(md)
+
+
+def _on_kafka(r: dict[str, Any]) -> str:
+    """The worker figures a run measured on Apache Kafka too."""
+    figs = [f for key, f in (("worker_kafka", "1"), ("worker_dedup_kafka", "1b"), ("worker_aggs_kafka", "1c"),
+                             ("worker_aggs_ingest_kafka", "1d"), ("worker_ingest_kafka", "1e"),
+                             ("aggregates_memory_kafka", "4b")) if r.get(key)]
+    return ", ".join(figs[:-1]) + " and " + figs[-1] if len(figs) > 1 else figs[0]
 
 
 def _partitions(p: Any) -> str:
