@@ -42,7 +42,7 @@ import time
 import orjson
 import pytest
 
-from aggregator.broker import ensure_topics
+from aggregator.broker import ensure_topics, partition_counts
 from aggregator.core.contract import CLICKS, SNAPSHOTS, STATE_CHANGELOG
 from aggregator.core.statechunks import decode_state
 from aggregator.gen.audit import audit
@@ -143,10 +143,10 @@ class Watcher:
 
         self.c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                                   auto_offset_reset="earliest")
+        counts = await partition_counts(self.bootstrap, [STATE_CHANGELOG, SNAPSHOTS])
+        assert counts.keys() == {STATE_CHANGELOG, SNAPSHOTS}, counts  # the worker is up: it made them
         await self.c.start()
-        await self.c.topics()
-        self.tps = [TopicPartition(t, p) for t in (STATE_CHANGELOG, SNAPSHOTS)
-                    for p in sorted(self.c.partitions_for_topic(t) or ())]
+        self.tps = [TopicPartition(t, p) for t, n in counts.items() for p in range(n)]
         self.c.assign(self.tps)
 
     async def stop(self) -> None:
