@@ -360,20 +360,24 @@ def service_duplicates(url: str) -> str:
     """One line on what the service at ``url`` dropped as repeats, by source: its own
     ``clickstream_duplicate_events_total`` (that process's worker since it started, every
     run's), beside the generator's count, or why it is not shown."""
+    import http.client
+
     from prometheus_client.parser import text_string_to_metric_families
 
+    by_source: dict[str, float] = {}
     try:
         with urllib.request.urlopen(url + "/metrics?name[]=clickstream_duplicate_events_total", timeout=5) as resp:
             text = resp.read().decode()
-    except (urllib.error.URLError, OSError) as exc:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "clickstream_duplicate_events_total":
+                    source = sample.labels.get("source", "?")
+                    by_source[source] = by_source.get(source, 0.0) + sample.value
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
         return f"audit: the service's duplicate count not shown: {url}/metrics: {getattr(exc, 'reason', exc)}"
-    by_source: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "clickstream_duplicate_events_total":
-                source = sample.labels.get("source", "?")
-                by_source[source] = by_source.get(source, 0.0) + sample.value
-    each = ", ".join(f"{n:.0f} by {source}" for source, n in sorted(by_source.items())) or "none"
+    # none: no repeats yet, or no worker in that process (an ingest-only one counts none)
+    each = ", ".join(f"{n:.0f} by {source}" for source, n in sorted(by_source.items())) or \
+        "none: no repeats, or that process runs no worker"
     return (f"audit: the service at {url} dropped {sum(by_source.values()):.0f} events as repeats ({each}; "
             "clickstream_duplicate_events_total: this process's worker since it started, every run's)")
 
