@@ -153,7 +153,7 @@ class WindowAggregates(RecordLog):
         self.cells: dict[int, dict[str, CellAggregates]] = {}  # window start -> region -> cell
         # window start -> region -> what a batch adds to the cell, not added yet (``flush``)
         self.stage: dict[int, dict[str, Staged]] = {}
-        self.malformed = 0  # agg headers that could not be read (their events add nothing)
+        self.malformed = 0  # agg headers that could not be read (their events add no user, no URL)
         self.n_staged = 0  # events staged (``WindowBook.apply`` adds, ``flush`` resets)
         # the ``<url hash>,<url>`` part of agg headers -> (url hash or -1: none, url), of at most
         # TAIL_MAX_BYTES; cleared when full

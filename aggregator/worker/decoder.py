@@ -328,8 +328,8 @@ class RecordDecoder:
                 try:
                     agg = agg_of(raw_agg)  # type: ignore[arg-type]
                 except (ValueError, TypeError, AttributeError):
-                    # not what ingest writes (forwarded as it came): the event still counts, its
-                    # aggregates nothing (core.aggstate counts it malformed), as at its home
+                    # not what ingest writes (forwarded as it came): the event still counts, with
+                    # no user and no URL (core.aggstate counts it malformed), as at its home
                     agg = raw_agg if isinstance(raw_agg, bytes) else None
             if epoch or source in epochs:
                 known = epochs.get(source, 0)
