@@ -46,10 +46,13 @@ def disk_reason(e: SpillDiskError) -> str:
 
 
 def held_bytes(partitions: Partitions) -> int:
-    """The spill's bytes the AGG_SPILL_MAX_BYTES hold is decided on: not those of regions
-    re-read from the source log (re-spilled bytes cannot drain until that ends, and it needs
-    fetches: counted, they would keep a hold set by another partition's spill on forever)."""
-    return sum(p.spill.held_bytes() for p in partitions)
+    """The spill's bytes the AGG_SPILL_MAX_BYTES hold is decided on: those of the owned
+    partitions, and the spill revoked partitions left on this disk (docs/contract.md §6: it
+    counts until it is deleted, at the first tick after an assignment gives the partition
+    elsewhere); not those of regions re-read from the source log (re-spilled bytes cannot
+    drain until that ends, and it needs fetches: counted, they would keep a hold set by
+    another partition's spill on forever)."""
+    return sum(p.spill.held_bytes() for p in partitions) + partitions.left_bytes()
 
 
 class HeldBatch:

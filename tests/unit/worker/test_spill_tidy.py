@@ -212,3 +212,27 @@ def test_regions_drained_and_quiet_are_forgotten_at_the_sweeps_of_the_tick_repor
     m.regions_gone(regions)  # the idle sweep of the metrics
     parts.report()
     assert all(sample(m, "clickstream_spill_backlog_events", region=r) is None for r in regions)
+
+
+def test_a_spill_left_behind_counts_in_the_hold_until_it_is_deleted(tmp_path):
+    """The spill a revoked partition left counts against AGG_SPILL_MAX_BYTES for the hold
+    too (not only in the gauge): a worker that spills on another partition pauses while the
+    two together are over the budget, and resumes once the left spill is deleted."""
+    from aggregator.worker.throttle import Throttle
+
+    m = Metrics()
+    parts = Partitions(BOOKS, tmp_path, lambda n: None, m)
+    spill(parts, 0)
+    parts.forget(0)  # revoked: its spill stays on disk
+    left = parts.left_bytes()
+    assert left > 0
+    p1 = parts.open(1)
+    throttle = Throttle(RateLimits(0, {"eu": 1}), left + 1, m)  # the left spill alone fits
+    throttle.limit(p1, [("eu", 1_000 + i, None) for i in range(10)], list(range(10)), parts)
+    assert p1.spill.held_bytes() < left + 1 <= p1.spill.held_bytes() + left
+    assert throttle.hold  # owned and left spill together are over the budget
+    parts.left.received({1})  # an assignment gives partition 0 elsewhere
+    parts.keep_only({1})
+    assert parts.left_bytes() == 0
+    throttle.report(parts)
+    assert not throttle.hold
