@@ -46,17 +46,14 @@ class DirLock:
             raise DirUnusable(self.directory, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # a full disk refuses the pid's bytes (ENOSPC) on a first start: said as such
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        except BlockingIOError:  # only flock's: another process holds the lock
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "pid unknown"
             os.close(fd)
             raise DirInUse(self.directory, holder) from None
-        except OSError as exc:  # ENOLCK: a file system that keeps no locks
-            os.close(fd)
-            raise DirUnusable(self.directory, exc) from None
-        try:  # a full disk refuses the pid's bytes (ENOSPC) on a first start: said as such
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
-        except OSError as exc:
+        except OSError as exc:  # ENOLCK (a file system that keeps no locks), ENOSPC, EIO
             os.close(fd)
             raise DirUnusable(self.directory, exc) from None
         self.fd = fd

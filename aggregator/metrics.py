@@ -354,7 +354,7 @@ class Metrics:
     def partition_gone(self, partition: int) -> None:  # moved: its lag is its new owner's to say
         _drop(self._consumer_lag, str(partition))
 
-    def clock_ahead(self, ms: int, behind_ms: int = 0) -> None:
+    def clock_ahead(self, ms: int, behind_ms: int) -> None:
         self._clock_ahead.set(ms / 1000)
         self._clock_behind.set(behind_ms / 1000)
 

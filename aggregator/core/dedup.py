@@ -46,7 +46,6 @@ from aggregator.core.recordlog import RecordLog
 BUCKETS = 10  # a horizon is this many buckets
 DEFAULT_MAX_IDS = 1_000_000  # event ids one partition remembers at most (AGG_DEDUP_MAX_IDS)
 KEY_BYTES = 38  # a request key's part of a record's JSON, without its indices: "<32 hex>":[],
-ID_BYTES = 250  # worker memory of one remembered event id of ~20 characters, measured (README)
 # worker memory of a remembered request key besides its bitmap's and far set's bytes (digest,
 # entry, its place in its bucket), and of an event id of ~20 characters, measured alike (RSS
 # of a million in a store): 355 bytes a key of one event, 151 an id.  Their ratio weighs a key
@@ -67,7 +66,7 @@ class DedupStore(RecordLog):
     def __init__(self, horizon_ms: int, max_ids: int = DEFAULT_MAX_IDS) -> None:
         super().__init__()  # pending: (bucket, id) not written yet
         self.horizon_ms = horizon_ms
-        self.max_ids = max_ids  # event ids remembered at most (memory: about ID_BYTES each), keys by ``cost``
+        self.max_ids = max_ids  # event ids remembered at most (memory: about ID_MEMORY each), keys by ``cost``
         self.evicted = 0  # event ids and request keys forgotten before their horizon because of max_ids
         self.key_bytes = 0  # the request keys' memory: KEY_MEMORY + ``keybits.cost`` each (its entry's [3])
         self.bucket_ms = max(1, horizon_ms // BUCKETS)

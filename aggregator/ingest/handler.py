@@ -359,22 +359,21 @@ class BodyTimeout(Exception):
     """A body that did not arrive in time (408); the message says which bound it missed."""
 
 
-async def read_body(request: web.Request, limit: int, held: Reservation | None = None,
-                    timeout_s: float | None = None, idle_s: float | None = None) -> bytes | None:
+async def read_body(request: web.Request, limit: int, held: Reservation | None, timeout_s: float,
+                    idle_s: float) -> bytes | None:
     """The whole body, refused with 413 as soon as it passes ``limit`` bytes; with ``held``,
     its bytes are taken from the in-flight budget as they arrive: None when they do not fit.
     BodyTimeout when it has not ended ``timeout_s`` after the read began, or when
     ``idle_s`` pass in which it neither ends nor grows by BODY_IDLE_BYTES: a client that
     stalls (or trickles) mid-body would otherwise keep what it sent of the budget until
-    ``timeout_s``, and a few such could lock every other client out (None: no bound)."""
+    ``timeout_s``, and a few such could lock every other client out."""
     # StreamReader.read(n) returns what is buffered, not n bytes: read to EOF
     chunks: list[bytes] = []
     size = mark = 0  # mark: the size when the idle timer was last set
     loop = asyncio.get_running_loop()
-    end = None if timeout_s is None else loop.time() + timeout_s
-    when = _deadline(loop.time(), end, idle_s)
+    end = loop.time() + timeout_s
     try:
-        async with asyncio.timeout_at(when) as bound:
+        async with asyncio.timeout_at(min(end, loop.time() + idle_s)) as bound:
             while True:
                 chunk = await request.content.read(READ_CHUNK)
                 if not chunk:
@@ -385,20 +384,15 @@ async def read_body(request: web.Request, limit: int, held: Reservation | None =
                 if held is not None and size > held.held and not held.take(size - held.held):
                     return None
                 chunks.append(chunk)
-                if size - mark >= BODY_IDLE_BYTES and idle_s is not None:  # per 16 KiB at most
+                if size - mark >= BODY_IDLE_BYTES:  # per 16 KiB at most
                     mark = size
-                    bound.reschedule(_deadline(loop.time(), end, idle_s))
+                    bound.reschedule(min(end, loop.time() + idle_s))
     except TimeoutError:
-        if end is not None and bound.when() == end:
+        if bound.when() == end:
             raise BodyTimeout(f"the body did not arrive within {timeout_s:g} s") from None
         raise BodyTimeout(f"the body stalled: less than {BODY_IDLE_BYTES} bytes of it came in {idle_s:g} s "
                           f"({size} bytes in all)") from None
     return b"".join(chunks)
-
-
-def _deadline(now: float, end: float | None, idle_s: float | None) -> float | None:
-    idle = None if idle_s is None else now + idle_s
-    return idle if end is None else end if idle is None else min(end, idle)
 
 
 def over_budget(budget: InflightBudget) -> web.Response:

@@ -31,7 +31,7 @@ from aiohttp.typedefs import Handler as AioHandler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from aggregator.web.gate import REFUSED, REFUSED_LOG_INTERVAL, ConnectionGate, _Conn  # noqa: F401 (re-exported)
+from aggregator.web.gate import REFUSED_LOG_INTERVAL, ConnectionGate, _Conn  # noqa: F401 (re-exported)
 from aggregator.web.snapshots import (  # noqa: F401 (re-exported: what roles and tests know it by)
     SNAPSHOT_SEND_S,
     SNAPSHOT_VIEWS,

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import orjson
 from aiohttp import HttpVersion11, hdrs, web
 
+from aggregator.web.server import CONTINUE, expectation_failed
+
 STOP_WAIT_S = 5.0
 SHUTDOWN_S = 1.0  # requests still open when the wait ends: cut off after this (they are all 503s)
 
@@ -42,11 +44,14 @@ def starting_app(reason: str) -> web.Application:
         than ``100-continue``, and the 503 before ``100 Continue``, so no body is sent for it."""
         if request.version != HttpVersion11:
             return None
-        if request.headers.get(hdrs.EXPECT, "").strip().lower() != "100-continue":
-            return _json(417, {"error": "only Expect: 100-continue is supported"})
+        expectation = request.headers.get(hdrs.EXPECT, "")
+        if expectation.strip().lower() != "100-continue":
+            resp = expectation_failed(expectation)
+            resp.force_close()
+            return resp
         if request.match_info.handler is other:
             return await other(request)
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await request.writer.write(CONTINUE)
         request.writer.output_size = 0  # the answer has not begun (as aiohttp's own handler)
         return None
 

@@ -39,7 +39,7 @@ from aggregator.worker.clock import ClockSkew, RebalanceWatch, advance_target
 from aggregator.worker.decoder import Record, RecordDecoder
 from aggregator.worker.faust_app import FaustApp
 from aggregator.worker.partitions import BookSettings, Partitions, PartitionState, Refused, SpillDiskError
-from aggregator.worker.sourcecheck import check_source, forwarded_gap, log_end, positioned, reread_due, vet_batch
+from aggregator.worker.sourcecheck import forwarded_gap, log_end, positioned, reread_due, vet_batch
 from aggregator.worker.throttle import HeldBatch, Throttle, rebuild_replay, skip_applied
 
 REREAD_TRIES = 4  # batches sent back before a re-read of a damaged spill starts where the source does
@@ -254,12 +254,9 @@ class WorkerService:
         if future:
             p.book.add_late(future, FUTURE_TS)
 
-    def _check_source(self, p: PartitionState, records: Sequence[Record], start: int) -> int:
-        return check_source(p, records, start, self.kafka, self.metrics)
-
     def _mark_safe(self, partition: int, offset: int) -> None:
         """The checkpoint's word that ``offset`` may be committed, unless the partition's log is
-        not checked yet or started over since the state was taken (``_check_source``)."""
+        not checked yet or started over since the state was taken (``sourcecheck.check_source``)."""
         p = self.partitions.get(partition)
         if p is None or p.commit_ok:
             self.kafka.mark_safe(partition, offset)

@@ -1,5 +1,5 @@
 """The worker's side of a partition of ``clicks`` that starts over (docs/contract.md §4
-"When `clicks` starts over"): ``WorkerService._check_source`` and ``_forward`` run on a
+"When `clicks` starts over"): ``sourcecheck.check_source`` and ``WorkerService._forward`` run on a
 real partition state (book, spill on disk, ledger) with the Kafka side replaced by what
 they ask of it.  The new log gets the next log epoch, which its forwarded records carry;
 the spill's old backlog stays to be drained but holds no commit of the new log back; and
@@ -16,6 +16,7 @@ from aggregator.core.repartition import home, parse_source_header
 from aggregator.metrics import Metrics
 from aggregator.worker.partitions import BookSettings, Partitions
 from aggregator.worker.service import WorkerService
+from aggregator.worker.sourcecheck import check_source
 from tests.unit.worker.records import fetched
 
 N = 2
@@ -24,7 +25,7 @@ REGION_AWAY = next(f"r{i}" for i in range(100) if home(f"r{i}", N) == 1)
 
 
 def _worker(log_end: int) -> SimpleNamespace:
-    """What ``_check_source`` and ``_forward`` use of the service."""
+    """What ``check_source`` and ``_forward`` use of the service."""
     restarted: list[int] = []
     kafka = SimpleNamespace(read_to=lambda partition, n: n,
                             highwater=lambda partition, topic=None: log_end, log_restarted=restarted.append)
@@ -51,7 +52,7 @@ def test_a_restart_gives_the_next_epoch_and_frees_commits_from_the_old_spill(tmp
     w = _worker(log_end=3)
     new_log = fetched([(REGION_HERE.encode(), orjson.dumps({"region": REGION_HERE}), [])] * 3, base=0,
                       timestamp=50_000)
-    assert WorkerService._check_source(w, p, new_log, 105) == 0  # type: ignore[arg-type]
+    assert check_source(p, new_log, 105, w.kafka, w.metrics) == 0  # type: ignore[arg-type]
     assert w.restarted == [0] and p.book.next_offset == 0 and p.book.log_epoch == 1 and not p.commit_ok
     # the three spilled events are still to be drained, but their offsets are of the old log
     assert p.spill.ledger.backlog(REGION_HERE) == 3 and p.commit_offset() == 0
@@ -73,7 +74,7 @@ def test_a_state_written_before_the_old_backlog_drained_keeps_it_fenced(tmp_path
     w = _worker(log_end=3)
     new_log = fetched([(REGION_HERE.encode(), orjson.dumps({"region": REGION_HERE}), [])] * 3, base=0,
                       timestamp=50_000)
-    WorkerService._check_source(w, p, new_log, 105)  # type: ignore[arg-type]
+    check_source(p, new_log, 105, w.kafka, w.metrics)  # type: ignore[arg-type]
     p.book.apply([], 3, 2_000)
     stored = orjson.loads(p.state_value())
     assert stored["spill"][REGION_HERE] == [3, 0, -1, 3]  # spilled, drained, low: none, fence
@@ -90,7 +91,7 @@ def test_the_same_log_replayed_is_not_a_restart(tmp_path):
     w = _worker(log_end=105)
     replay = fetched([(REGION_HERE.encode(), orjson.dumps({"region": REGION_HERE}), [])] * 5, base=100,
                      timestamp=9_100)  # offset 104 stamped 9_104, as the state says
-    assert WorkerService._check_source(w, p, replay, 105) == 105  # type: ignore[arg-type]
+    assert check_source(p, replay, 105, w.kafka, w.metrics) == 105  # type: ignore[arg-type]
     assert p.book.log_epoch == 0 and p.commit_offset() == 102 and w.restarted == []
 
 
