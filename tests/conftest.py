@@ -72,6 +72,20 @@ def small_tmpfs(path: Path, size: str = "256k") -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def fill(disk: Path) -> Path:
+    """Take every free byte of ``disk`` with a filler file (delete it to free the space)."""
+    path = disk / "filler"
+    with open(path, "wb", buffering=0) as f:
+        chunk = b"\0" * 4096
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(chunk)
+    with open(path, "ab", buffering=0) as f, contextlib.suppress(OSError):
+        while True:  # the last partial page
+            f.write(b"\0")
+    return path
+
+
 @pytest.fixture
 def spans() -> Iterator[Any]:
     """Tracing on (aggregator.tracing), always sampling, into an in-memory exporter (not the

@@ -56,25 +56,14 @@ def test_a_directory_that_cannot_be_made_is_dir_unusable_and_releases_the_others
     DirLock(tmp_path / "data").acquire().release()  # the first lock was given back
 
 
-def _fill(disk) -> None:
-    """Take every free byte of ``disk`` (a small tmpfs)."""
-    import contextlib
-    with open(disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 4096)
-    with open(disk / "filler", "ab", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0")
-
-
 def test_a_first_start_on_a_full_disk_is_dir_unusable_and_releases_the_others(tmp_path):
     """No ``.lock`` yet: its pid bytes are refused (ENOSPC), said as DirUnusable (the CLI
     names the setting), not a bare OSError, and the locks taken before are given back."""
     from aggregator.dirlock import DirUnusable
-    from tests.conftest import small_tmpfs
+    from tests.conftest import fill, small_tmpfs
     with small_tmpfs(tmp_path / "disk") as disk:
         (disk / "spill").mkdir()  # the directory exists; its lock file does not
-        _fill(disk)
+        fill(disk)
         with pytest.raises(DirUnusable) as err:
             lock_dirs(tmp_path / "data", disk / "spill")
         assert err.value.path == disk / "spill"

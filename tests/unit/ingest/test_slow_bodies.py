@@ -12,24 +12,19 @@ import asyncio
 import time
 from typing import Any
 
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from aggregator.ingest.budget import InflightBudget
 from aggregator.ingest.handler import BODY_IDLE_BYTES, IngestHandler
-from aggregator.metrics import Metrics
-from aggregator.web.server import NoSnapshots, Routes
+from tests.unit.ingest.test_bounds import ingest_client as bounds_client
 
 MAX_BODY = 1 << 20
 JSON = {"Content-Type": "application/json"}
 
 
 async def ingest_client(idle_s: float, body_timeout: float = 30.0) -> tuple[TestClient, IngestHandler]:
-    m = Metrics(5.0, 60.0)
-    h = IngestHandler(None, m, "", MAX_BODY, 10, budget=InflightBudget(4 * MAX_BODY),  # type: ignore[arg-type]
-                      body_timeout_s=body_timeout)
+    """``test_bounds.ingest_client`` with room for four maximum-size bodies and ``idle_s``."""
+    client, h = await bounds_client(4 * MAX_BODY, body_timeout)
     h.body_idle_s = idle_s
-    client = TestClient(TestServer(Routes(m, NoSnapshots(), lambda: None, h).app(MAX_BODY), host="127.0.0.1"))
-    await client.start_server()
     return client, h
 
 

@@ -6,7 +6,6 @@ is applied and every event is counted exactly once.  A read error (EIO), which n
 here can produce on demand, is injected by a small subclass."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import time
@@ -22,7 +21,7 @@ from aggregator.spill.partition import PartitionSpill, SpillDiskError
 from aggregator.spill.store import SpillStore
 from aggregator.worker.partitions import BookSettings, Partitions
 from aggregator.worker.throttle import HeldBatch, Throttle
-from tests.conftest import small_tmpfs
+from tests.conftest import fill, small_tmpfs
 
 BOOKS = BookSettings(window_ms=60_000, grace_ms=1000, late_after_ms=600_000, idle_ms=3_600_000, max_regions=10)
 
@@ -32,20 +31,6 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs: a disk that really fills up."""
     with small_tmpfs(tmp_path / "disk") as d:
         yield d
-
-
-def fill(disk: Path) -> Path:
-    """Take every free byte of ``disk`` with a filler file (delete it to free the space)."""
-    path = disk / "filler"
-    with open(path, "wb", buffering=0) as f:
-        chunk = b"\0" * 4096
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(chunk)
-    with open(path, "ab", buffering=0) as f, contextlib.suppress(OSError):
-        while True:  # the last partial page
-            f.write(b"\0")
-    return path
 
 
 def payloads(n: int, prefix: str = "ev", size: int = 0) -> list[bytes]:
