@@ -68,11 +68,11 @@ class DedupStore(RecordLog):
         self.horizon_ms = horizon_ms
         self.max_ids = max_ids  # event ids remembered at most (memory: about ID_MEMORY each), keys by ``cost``
         self.evicted = 0  # event ids and request keys forgotten before their horizon because of max_ids
-        self.key_bytes = 0  # the request keys' memory: KEY_MEMORY + ``keybits.cost`` each (its entry's [3])
+        self.key_bytes = 0  # the request keys' memory: the sum of their entries' [3]
         self.bucket_ms = max(1, horizon_ms // BUCKETS)
         self.events: dict[str, int] = {}  # event id -> its bucket
         # request key -> [its bucket, bytearray bitmap of indices, set of far indices or None
-        # (``keybits.mark``), ``keybits.cost`` of them when last counted in ``key_bytes``]
+        # (``keybits.mark``), KEY_MEMORY + ``keybits.cost`` of them when last counted in ``key_bytes``]
         self.keys: dict[int, list[Any]] = {}
         self.buckets: dict[int, list[Any]] = {}  # bucket -> the event ids and request keys first seen in it
         self.newest = 0  # the newest ingest time seen (ms)
@@ -140,8 +140,8 @@ class DedupStore(RecordLog):
                         b = its // bucket_ms
                         if b < floor:
                             b = floor
+                        # (its memory is counted with the run it starts below: ``touched``)
                         entry = seen_keys[kh] = [b, bytearray(byte + 1) if byte < SPARSE_BYTES else bytearray(), None, 0]
-                        self.key_bytes += KEY_MEMORY
                         ids_of = buckets.get(b)
                         if ids_of is None:
                             ids_of = buckets[b] = []
@@ -180,8 +180,8 @@ class DedupStore(RecordLog):
         return kept, kept_offsets, dups, kept_aggs
 
     def _recount(self, entry: list[Any]) -> None:
-        """Count a key's cost again after its indices changed (``filter``, ``undo``, ``load``)."""
-        now = cost(entry)
+        """Count a key's memory again after its indices changed (``filter``, ``undo``, ``load``)."""
+        now = KEY_MEMORY + cost(entry)
         self.key_bytes += now - entry[3]
         entry[3] = now
 
@@ -224,7 +224,7 @@ class DedupStore(RecordLog):
                 if any(bitmap) or far:
                     kept[kh] = entry
                 else:  # the batch brought the key: forget it, and its place in its bucket
-                    self.key_bytes -= KEY_MEMORY + entry[3]
+                    self.key_bytes -= entry[3]
                     del self.keys[kh]
                     kept.pop(kh, None)
                     self._unlist(b, (kh,))
@@ -279,7 +279,7 @@ class DedupStore(RecordLog):
             else:
                 entry = self.keys.pop(did[0], None)
                 if entry is not None:
-                    self.key_bytes -= KEY_MEMORY + entry[3]
+                    self.key_bytes -= entry[3]
         n = self.written.pop(b, 0)
         if n:
             self.expiring.append((b, n))
@@ -339,7 +339,6 @@ class DedupStore(RecordLog):
             self.written[b] = int(n)
             self.newest = max(self.newest, (b + 1) * self.bucket_ms - 1)
         for entry in self.keys.values():
-            self.key_bytes += KEY_MEMORY
             self._recount(entry)
 
     def _rebucket(self, old: DedupStore, now_ms: int) -> None:

@@ -2,7 +2,7 @@
 indices seen, one bit each from index 0, and a set of far ones past its end.  Pure:
 standard library only.
 
-An entry is ``[bucket, bitmap, far indices (a _Far) or None, its cost (``cost``)]``.  The hot path
+An entry is ``[bucket, bitmap, far indices (a _Far) or None, its memory as core.dedup counts it]``.  The hot path
 (``DedupStore.filter``) tests and sets bits inline and grows the bitmap inline while no
 far set exists and the index is within SPARSE_BYTES of its end; everything else comes
 here (``mark``).
