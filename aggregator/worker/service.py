@@ -343,14 +343,15 @@ class WorkerService:
                 tally = book.take_tally()
                 self.region_cap.touch(tally, now_ms)  # regions with events keep their place
                 self.metrics.counted(tally)
-            hw, seen_ms = log_end(p, self.kafka, self.metrics)
+            # read once: the consumer's thread moves the position meanwhile (past a transaction's
+            # marker after its last record)
+            read = self.kafka.read_to(p.partition, book.next_offset)
+            hw, seen_ms = log_end(p, read, self.kafka, self.metrics)
             moving = fetching and not self.throttle.held_here(p)
-            target = advance_target(now_ms, p.last_record_ms, hw, seen_ms,
-                                    self.kafka.read_to(p.partition, book.next_offset),
-                                    moving and positioned(p, self.kafka))
+            target = advance_target(now_ms, p.last_record_ms, hw, seen_ms, read, moving and positioned(p, self.kafka))
             if target is not None:
                 book.advance_to(target - self.clock_skew.ahead_ms)
-            if moving and reread_due(p, now_ms, hw, self.kafka):
+            if moving and reread_due(p, now_ms, hw, read, self.kafka):
                 await self.kafka.seek(p.partition, p.reread(now_ms))
         self.throttle.report(partitions, self.checkpointer.held() is not None)  # as of the last checkpoint
         _said_behind(self.clock_skew, self.clock_skew.expire(now_ms))  # a span with no batch over the tolerance

@@ -43,8 +43,6 @@ class _Kafka(Protocol):
 
     def position(self, partition: int) -> int | None: ...
 
-    def read_to(self, partition: int, next_offset: int) -> int: ...
-
     def read_from(self, partition: int) -> tuple[int, int | None] | None: ...
 
     def end_seen(self, partition: int, topic: str | None = None) -> tuple[int | None, int] | None: ...
@@ -176,22 +174,22 @@ def check_source(p: PartitionState, records: Sequence[Record], start: int, kafka
     return n
 
 
-def reread_due(p: PartitionState, now_ms: int, highwater: int | None, kafka: _Kafka) -> bool:
-    """Whether a quiet, caught-up partition is due for the check of its log."""
-    n = kafka.read_to(p.partition, p.book.next_offset)  # past a transaction's marker after its last record
+def reread_due(p: PartitionState, now_ms: int, highwater: int | None, n: int, kafka: _Kafka) -> bool:
+    """Whether a quiet, caught-up partition is due for the check of its log; ``n``: where it
+    stands as read (``kafka.read_to``)."""
     return (highwater == n > 0 and p.source_ts is not None and p.restart_pending is None
             and not p.spill.ledger.rebuild and now_ms - max(p.clicks_ms or 0, p.verify_ms) >= CHECK_IDLE_MS
             and (p.source_checked or kafka.position(p.partition) == n))
 
 
-def log_end(p: PartitionState, kafka: _Kafka, metrics: Metrics) -> tuple[int | None, int | None]:
+def log_end(p: PartitionState, n: int, kafka: _Kafka, metrics: Metrics) -> tuple[int | None, int | None]:
     """The partition's end offset as of the last fetch (None: not known yet) and when that
-    fetch was sent (the older for ``clicks-repartition``; None: none answered); sets the lag.
-    While records forwarded to it wait, the end given is past what it has applied."""
+    fetch was sent (the older for ``clicks-repartition``; None: none answered); sets the lag
+    from ``n``, where it stands as read (``kafka.read_to``).  While records forwarded to it
+    wait, the end given is past what it has applied."""
     hw, seen_ms = kafka.end_seen(p.partition) or (None, None)
     forwarded, fseen_ms = kafka.end_seen(p.partition, kafka.topics.clicks_repartition) or (None, None)
     waiting = 0 if forwarded is None else max(0, forwarded - p.book.repart_next)
-    n = kafka.read_to(p.partition, p.book.next_offset)  # past a transaction's marker after its last record
     if hw is not None:
         p.lag = max(0, hw - n) + waiting
         metrics.partition_lag(p.partition, p.lag)
