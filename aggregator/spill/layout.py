@@ -171,6 +171,18 @@ DISK_ID = "disk-id"  # in a partition's spill directory: the id a window state n
 GONE = "gone"  # in a partition's spill directory: what is being deleted (moved here first, in one rename)
 
 
+def move_to_gone(path: str, partition_dir: str) -> str:
+    """Move ``path`` into ``partition_dir``'s ``gone/`` in one rename, to be deleted there: a
+    crash half-way through the deletion leaves nothing half where it was (what stays in
+    ``gone/`` is deleted at the next start); -> where it went.  Raises ``OSError`` when the
+    disk refuses the rename."""
+    trash = os.path.join(partition_dir, GONE)
+    os.makedirs(trash, exist_ok=True)
+    moved = os.path.join(trash, f"{os.path.basename(path)}.{os.urandom(4).hex()}")
+    os.rename(path, moved)
+    return moved
+
+
 def disk_id(root: str, fsync: bool) -> str:
     """The id of the spill directory ``root`` (16 hex digits), made and stored at its first
     use.  A window state names the directory its spill backlog is on: the records of another

@@ -30,6 +30,7 @@ from .layout import (
     _Segment,
     _write_atomic,
     escape_region,
+    move_to_gone,
     unescape_region,
 )
 from .segment import scan_bytes
@@ -81,10 +82,7 @@ class RecoveryMixin:
             if r.writer is not None:
                 r.writer.close()
                 r.writer = None
-            trash = os.path.join(os.path.dirname(self.regions_dir), GONE)
-            os.makedirs(trash, exist_ok=True)
-            moved = os.path.join(trash, f"{os.path.basename(r.dir)}.{os.urandom(4).hex()}")
-            os.rename(r.dir, moved)
+            moved = move_to_gone(r.dir, os.path.dirname(self.regions_dir))
             del self._regions[region]
             self.corrupt_records.pop(region, None)
             self.torn_tails.pop(region, None)

@@ -24,7 +24,7 @@ import re
 import shutil
 from collections.abc import Container
 
-from aggregator.spill.layout import GONE
+from aggregator.spill.layout import GONE, move_to_gone
 from aggregator.spill.partition import PartitionSpill
 
 log = logging.getLogger("aggregator.spill")
@@ -99,10 +99,7 @@ def delete_spill(root: str | os.PathLike[str], partition: int) -> None:
     regions = os.path.join(d, "regions")
     if not os.path.isdir(regions):
         return
-    trash = os.path.join(d, GONE)
-    os.makedirs(trash, exist_ok=True)
-    moved = os.path.join(trash, f"regions.{os.urandom(4).hex()}")
-    os.rename(regions, moved)
+    moved = move_to_gone(regions, d)
     shutil.rmtree(moved, ignore_errors=True)  # what stays is deleted at the next start
 
 
