@@ -341,6 +341,14 @@ class Metrics:
         self._spill_backlog.labels(region).set(events)
         self._spill_bytes.labels(region).set(nbytes)
 
+    def spill_left(self, label: str, nbytes: int) -> None:
+        """Bytes of the spill partitions not owned here left on disk, under ``label``: no
+        events of it drain here, so it has no backlog series; 0 drops the series."""
+        if nbytes:
+            self._spill_bytes.labels(label).set(nbytes)
+        else:
+            _drop(self._spill_bytes, label)
+
     def spill_fault(self, kind: str, n: int) -> None:  # spill records found corrupt or torn on recovery, or lost
         if n:
             self._spill_faults.labels(kind).inc(n)

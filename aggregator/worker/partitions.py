@@ -385,11 +385,7 @@ class Partitions:
                 total_backlog += backlog
         for name, (backlog, nbytes) in by_label.items():
             m.spill_backlog(name, backlog, nbytes)
-        left = self.left_bytes()
-        if left:  # not this worker's to drain: events 0
-            m.spill_backlog(LEFT_LABEL, 0, left)
-        else:
-            m.regions_gone((LEFT_LABEL,))
+        m.spill_left(LEFT_LABEL, self.left_bytes())
         for p in self.owned.values():
             if p.spill.lost > 0:
                 m.spill_fault("lost", p.spill.lost)

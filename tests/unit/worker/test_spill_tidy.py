@@ -49,6 +49,8 @@ def test_a_revoked_partitions_spill_counts_until_it_is_assigned_elsewhere_then_g
     assert parts.spill_bytes() >= owned > 0
     parts.report()
     assert sample(m, "clickstream_spill_bytes", region=LEFT_LABEL) == parts.spill_bytes()
+    # nothing of it drains here: bytes only (contract §5), no backlog series
+    assert sample(m, "clickstream_spill_backlog_events", region=LEFT_LABEL) is None
     parts.keep_only({1})  # the consumer's assignment in the rebalance: no assignment received since
     assert parts.spill_bytes() >= owned
     parts.left.received({0, 1})  # assigned here again (not opened yet): kept
