@@ -234,12 +234,12 @@ def wait_for_topics(settings: config.Settings) -> None:
     from aggregator.broker.security import TokenUnavailable
 
     wait = settings.broker_wait_seconds
-
+    security = settings.kafka_security()
     errors: list[Exception] = []
 
     async def bounded() -> None:
         await asyncio.wait_for(ensure_topics(settings.bootstrap(), settings.partitions, retries=1_000_000,
-                                             security=settings.kafka_security(),
+                                             security=security,
                                              replication_factor=settings.topic_replication_factor,
                                              min_insync_replicas=settings.topic_min_insync_replicas,
                                              worker=settings.role != "ingest", errors=errors,
@@ -252,7 +252,7 @@ def wait_for_topics(settings: config.Settings) -> None:
             e = errors[-1] if errors else None
             if isinstance(e, TokenUnavailable):  # the broker may be fine: the token is what is missing
                 raise Failure(f"{e} (for {wait:g} s, AGG_BROKER_WAIT_SECONDS)") from None
-            asking = getattr(settings.kafka_security().token_provider, "asking", None)
+            asking = getattr(security.token_provider, "asking", None)
             if asking is not None and asking():  # its first request has not been answered yet
                 raise Failure(f"no answer from the OAuth token endpoint {settings.kafka_sasl_oauthbearer_token_endpoint_url} "
                               f"within {wait:g} s (AGG_BROKER_WAIT_SECONDS): check {URL_SETTING}") from None
