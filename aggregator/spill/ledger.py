@@ -262,18 +262,21 @@ class SpillLedger:
         """Regions drained (no fence, no rebuild) and with nothing spilled since the last
         sweep found them so: those the caller may ``forget``, once nothing of them is left
         on disk or waits for an acknowledgement."""
-        now = {r: e[0] for r, e in self.regions.items()
-               if e[0] == e[1] and r not in self.fences and r not in self.rebuild}
+        now = {r: e[0] for r, e in self.regions.items() if self._drained(r, e)}
         quiet = [r for r, spilled in now.items() if self.quiet.get(r) == spilled]
         self.quiet = now
         return quiet
 
+    def _drained(self, region: str, e: list[int]) -> bool:
+        """Everything spilled of ``region`` drained, and no fence or rebuild on it."""
+        return e[0] == e[1] and region not in self.fences and region not in self.rebuild
+
     def forget(self, region: str) -> None:
         """Drop a drained region's entry; its sequence numbers stay used (``next_seq``)."""
-        e = self.regions.pop(region)
-        if e[0] != e[1] or region in self.fences or region in self.rebuild:
-            self.regions[region] = e
+        e = self.regions[region]
+        if not self._drained(region, e):
             raise ValueError(f"spill ledger: region {region!r} is not drained")
+        del self.regions[region]
         self.next_seq = max(self.next_seq, e[0])
         self.quiet.pop(region, None)
 

@@ -105,8 +105,7 @@ class Routes:
     @web.middleware
     async def count_requests(self, request: web.Request, handler: AioHandler) -> web.StreamResponse:
         started = time.perf_counter()
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else UNMATCHED
+        route = _route(request)
         status = 500  # a handler that raises something else than an HTTP answer: aiohttp answers 500
         gate = self.gate
         if gate is not None:
@@ -144,8 +143,7 @@ class Routes:
             return None
         started = time.perf_counter()
         expect = request.headers.get(hdrs.EXPECT, "")
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else UNMATCHED
+        route = _route(request)
         resp = self.post_refusal(request) if route == "/v1/events" else None
         if resp is None:
             if expect.strip().lower() == "100-continue":
@@ -347,6 +345,12 @@ def _never(request: web.Request) -> None:
 def _no_ingest(request: web.Request) -> web.Response:
     return error(503, "this process does not serve ingest (AGG_ROLE=worker): send events to an ingest process",
                  {"Retry-After": "5"})
+
+
+def _route(request: web.Request) -> str:
+    """The route label of ``request``: its resource's path, or ``unmatched``."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else UNMATCHED
 
 
 def expectation_failed(expect: str) -> web.Response:
