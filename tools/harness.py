@@ -192,3 +192,13 @@ class ServiceProc:
         if status != 200:
             raise AssertionError(f"/metrics answered {status}: {raw[:500]!r}")
         return raw.decode()
+
+    def metric(self, series: str, default: float | None = None) -> float:
+        """The value of one series of ``/metrics``, as exposed (``name`` or ``name{labels}``);
+        ``default`` when it is not there (None: an AssertionError)."""
+        for line in self.metrics_text().splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        if default is None:
+            raise AssertionError(f"{series} is not in /metrics")
+        return default

@@ -94,13 +94,6 @@ def _duplicates(svc) -> dict[tuple[str, str], float]:
     return out
 
 
-def _metric(svc, line_start: str) -> float:
-    for line in svc.metrics_text().splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def _committed(bootstrap: str) -> dict[int, int]:
     """The consumer group's committed offset of each partition of ``clicks`` (-1: none)."""
     from aiokafka.admin import AIOKafkaAdminClient
@@ -207,7 +200,7 @@ def test_a_worker_killed_before_its_checkpoint_learns_the_key_again_from_the_rep
     svc = service_factory("replay", AGG_STATE_FLUSH_SECONDS="60").start()
     body = _body("replayed", 400)
     assert _post(svc.url, body, "replay-1")[0] == 200
-    wait_for(lambda: _metric(svc, 'pipeline_stage_processed_total{stage="window"}') == 400, 20,
+    wait_for(lambda: svc.metric('pipeline_stage_processed_total{stage="window"}', 0.0) == 400, 20,
              what="the attempt counted into a window")
     # the tally of counted events is reported by the flush tick that checkpoints: none yet
     assert 'clickstream_events_total{region="replayed"}' not in svc.metrics_text()
@@ -221,11 +214,11 @@ def test_a_worker_killed_before_its_checkpoint_learns_the_key_again_from_the_rep
     assert _counted(svc, {"replayed": 430}) == {"replayed": 430}
     assert _duplicates(svc)[("replayed", "idempotency_key")] == 400
     # the restarted worker read the first attempt again (a record per event), then the retry and the 30
-    assert _metric(svc, 'pipeline_stage_processed_total{stage="decode"}') == 830
+    assert svc.metric('pipeline_stage_processed_total{stage="decode"}', 0.0) == 830
 
 
 def _assigned(svc) -> float:
-    return _metric(svc, "clickstream_assigned_partitions")
+    return svc.metric("clickstream_assigned_partitions", 0.0)
 
 
 def test_a_retry_after_a_rebalance_moved_the_partition_counts_once(broker, service_factory):
@@ -265,7 +258,7 @@ def test_a_retry_after_a_rebalance_moved_the_partition_counts_once(broker, servi
     assert _counted(b, expected) == expected
     dups = _duplicates(b)  # B dropped every retried event: it had each partition's key
     assert {r: dups.get((r, "idempotency_key")) for r in sizes} == sizes
-    assert _metric(b, "clickstream_state_recovered_partitions_total") >= 4  # A's states, from the changelog
+    assert b.metric("clickstream_state_recovered_partitions_total", 0.0) >= 4  # A's states, from the changelog
 
 
 def test_a_retry_after_a_503_that_stored_part_of_the_body_counts_once(stoppable_broker, tmp_path):
@@ -370,7 +363,7 @@ def test_one_event_requests_with_a_key_each_stay_within_the_dedup_cap(broker, se
     assert _post(svc.url, body, f"click-{sent - 1}")[0] == 200  # a retry of the last click
     assert _counted(svc, {"beacon": sent}) == {"beacon": sent}
     assert _duplicates(svc)[("beacon", "idempotency_key")] == 1
-    evicted = _metric(svc, "clickstream_dedup_evicted_total")
-    keys = _metric(svc, 'clickstream_dedup_ids{kind="idempotency_key"}')
+    evicted = svc.metric("clickstream_dedup_evicted_total", 0.0)
+    keys = svc.metric('clickstream_dedup_ids{kind="idempotency_key"}', 0.0)
     assert evicted > 0 and 0 < keys < sent / 2, (sent, evicted, keys)
     assert "dedup event ids and request keys forgotten before AGG_DEDUP_SECONDS" in svc.log_path.read_text()

@@ -97,10 +97,7 @@ def liveness(service_factory):
 
 def published_by(svc) -> float:
     """Snapshots this worker has published itself (its own metric)."""
-    for line in svc.metrics_text().splitlines():
-        if line.startswith("clickstream_snapshots_published_total "):
-            return float(line.split()[1])
-    raise AssertionError("no clickstream_snapshots_published_total in /metrics")
+    return svc.metric("clickstream_snapshots_published_total")
 
 
 @pytest.mark.timeout(180)

@@ -46,15 +46,8 @@ def set_max_message_bytes(bootstrap: str, topic: str, value: int) -> None:
     asyncio.run(run())
 
 
-def metric(svc, name: str) -> float:
-    for line in svc.metrics_text().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} is not exported")
-
-
 def failures(svc) -> float:
-    return metric(svc, "clickstream_state_write_failures_total")
+    return svc.metric("clickstream_state_write_failures_total")
 
 
 def test_refused_state_writes_hold_commits_and_5000_regions_fit_in_bounded_records(broker, service_factory):
@@ -78,7 +71,7 @@ def test_refused_state_writes_hold_commits_and_5000_regions_fit_in_bounded_recor
     wait_for(refused, 20, what="/readyz 503 with the reason")
     assert failures(svc) > 0
     # it fetches nothing meanwhile (what it fetched would pile up until the writes pass)
-    wait_for(lambda: metric(svc, "clickstream_backpressure") == 1, 10, what="backpressure while writes fail")
+    wait_for(lambda: svc.metric("clickstream_backpressure") == 1, 10, what="backpressure while writes fail")
     assert not [s for s in svc.snapshots() if s["region"] in ("r0000", "r4999") and s["count"]]
 
     set_max_message_bytes(broker.bootstrap, STATE_CHANGELOG, 1_048_588)  # Kafka's default again
@@ -94,7 +87,7 @@ def test_refused_state_writes_hold_commits_and_5000_regions_fit_in_bounded_recor
     counts = wait_for(all_published(svc), 90, what="every region's windows published")
     assert sum(counts[r] for r in REGIONS) == ROUNDS * len(REGIONS)
     wait_for(lambda: http("GET", svc.url + "/readyz")[0] == 200, 20, what="/readyz 200 again")
-    wait_for(lambda: metric(svc, "clickstream_backpressure") == 0, 10, what="fetching again")
+    wait_for(lambda: svc.metric("clickstream_backpressure") == 0, 10, what="fetching again")
 
     # the state records on the changelog: the largest is under the bound, and the
     # state (several MB) survives a SIGKILL: nothing is published twice with other counts

@@ -123,8 +123,7 @@ def test_a_worker_the_group_dropped_while_it_stood_still_writes_nothing_of_its_o
     b = service_factory("b", AGG_ROLE="worker").start()
 
     def assigned(svc) -> float:
-        lines = [ln for ln in svc.metrics_text().splitlines() if ln.startswith("clickstream_assigned_partitions ")]
-        return float(lines[0].split()[1]) if lines else 0.0
+        return svc.metric("clickstream_assigned_partitions", 0.0)
 
     wait_for(lambda: assigned(a) > 0 and assigned(b) > 0, 60, what="both workers with partitions")
     stop, sent = threading.Event(), [0]
